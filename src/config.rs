@@ -1,0 +1,290 @@
+//! `meshd.toml` → validated [`Config`].
+//!
+//! Pure apart from [`Config::load`], which reads the file. The vocabulary is
+//! wg-quick's, in kebab-case; unknown keys are rejected with the file, the
+//! line and the key, so a typo never silently falls back to a default.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::engine::PeerSpec;
+use crate::identity::PublicKey;
+
+pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+pub const DEFAULT_INTERFACE: &str = "mesh0";
+/// Fits a full inner packet into one 1500-byte underlay datagram over IPv6
+/// (40) + UDP (8) + WireGuard (32) with room for the relay header: DESIGN.md "MTU".
+pub const DEFAULT_MTU: u16 = 1380;
+pub const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
+/// IPv6 needs 1280 on every link (RFC 8200 §5); below that the mesh cannot carry it.
+pub const MIN_MTU: u16 = 1280;
+pub const MAX_MTU: u16 = 9000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: `{key}`: {message}")]
+    Invalid { path: PathBuf, key: String, message: String },
+}
+
+/// A validated node configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub private_key_file: PathBuf,
+    pub listen_port: u16,
+    pub interface: String,
+    /// Overlay addresses with the mesh prefix length (`100.72.0.1/16`).
+    pub addresses: Vec<IpNet>,
+    pub mtu: u16,
+    /// The local API socket `meshctl` talks to.
+    pub socket: PathBuf,
+    /// Static peers; a keepalive of 0 is stored as `None` (off), as in wg-quick.
+    pub peers: Vec<PeerSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawConfig {
+    private_key_file: PathBuf,
+    #[serde(default = "default_listen_port")]
+    listen_port: u16,
+    #[serde(default = "default_interface")]
+    interface: String,
+    address: OneOrMany<IpNet>,
+    #[serde(default = "default_mtu")]
+    mtu: u16,
+    #[serde(default = "default_socket")]
+    socket: PathBuf,
+    #[serde(default, rename = "peer")]
+    peers: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawPeer {
+    public_key: PublicKey,
+    endpoint: Option<SocketAddr>,
+    #[serde(default)]
+    allowed_ips: Vec<IpNet>,
+    persistent_keepalive: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+fn default_listen_port() -> u16 {
+    DEFAULT_LISTEN_PORT
+}
+fn default_interface() -> String {
+    DEFAULT_INTERFACE.to_owned()
+}
+fn default_mtu() -> u16 {
+    DEFAULT_MTU
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates config text; `path` only names the file in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+
+        validate_interface_name(&raw.interface).map_err(|m| invalid("interface", m))?;
+        if !(MIN_MTU..=MAX_MTU).contains(&raw.mtu) {
+            return Err(invalid(
+                "mtu",
+                format!("{} is out of range; expected {MIN_MTU}..={MAX_MTU}", raw.mtu),
+            ));
+        }
+        let addresses = match raw.address {
+            OneOrMany::One(a) => vec![a],
+            OneOrMany::Many(v) => v,
+        };
+        if addresses.is_empty() {
+            return Err(invalid("address", "expected at least one overlay address".into()));
+        }
+
+        let mut seen_keys = HashSet::new();
+        let mut seen_nets: Vec<(IpNet, PublicKey)> = Vec::new();
+        let mut peers = Vec::with_capacity(raw.peers.len());
+        for (i, p) in raw.peers.into_iter().enumerate() {
+            let key = |field: &str| format!("peer[{i}].{field}");
+            if !seen_keys.insert(p.public_key) {
+                return Err(invalid(&key("public-key"), format!("{} is listed twice", p.public_key)));
+            }
+            for net in &p.allowed_ips {
+                if net.trunc() != *net {
+                    return Err(invalid(
+                        &key("allowed-ips"),
+                        format!("{net} has host bits set; did you mean {}?", net.trunc()),
+                    ));
+                }
+                if let Some((other, owner)) = seen_nets.iter().find(|(o, _)| o == net) {
+                    return Err(invalid(
+                        &key("allowed-ips"),
+                        format!("{other} is already routed to peer {owner}"),
+                    ));
+                }
+                seen_nets.push((*net, p.public_key));
+            }
+            if let Some(endpoint) = p.endpoint {
+                if endpoint.port() == 0 {
+                    return Err(invalid(&key("endpoint"), "port 0 is not a valid endpoint port".into()));
+                }
+            }
+            peers.push(PeerSpec {
+                public_key: p.public_key,
+                endpoint: p.endpoint,
+                allowed_ips: p.allowed_ips,
+                persistent_keepalive: p.persistent_keepalive.filter(|&s| s > 0),
+            });
+        }
+
+        Ok(Config {
+            private_key_file: raw.private_key_file,
+            listen_port: raw.listen_port,
+            interface: raw.interface,
+            addresses,
+            mtu: raw.mtu,
+            socket: raw.socket,
+            peers,
+        })
+    }
+}
+
+/// Linux interface names: 1..=15 bytes (IFNAMSIZ - 1), no '/', no whitespace.
+fn validate_interface_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!("{name:?} must be 1 to 15 characters long"));
+    }
+    if name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+        return Err(format!("{name:?} is not a valid interface name"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/meshd/meshd.toml"), text)
+    }
+
+    #[test]
+    fn minimal_config_gets_the_defaults() {
+        let c = parse("private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\n").unwrap();
+        assert_eq!(c.listen_port, 51820);
+        assert_eq!(c.interface, "mesh0");
+        assert_eq!(c.mtu, 1380);
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.addresses, vec!["100.72.0.1/16".parse::<IpNet>().unwrap()]);
+    }
+
+    #[test]
+    fn full_peer_parses() {
+        let c = parse(&format!(
+            "private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\n\
+             [[peer]]\npublic-key = \"{KEY}\"\nendpoint = \"203.0.113.2:51820\"\n\
+             allowed-ips = [\"100.72.0.2/32\"]\npersistent-keepalive = 25\n"
+        ))
+        .unwrap();
+        let p = &c.peers[0];
+        assert_eq!(p.public_key.to_string(), KEY);
+        assert_eq!(p.endpoint, Some("203.0.113.2:51820".parse().unwrap()));
+        assert_eq!(p.persistent_keepalive, Some(25));
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_file_and_key() {
+        let err = parse("private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\nlisten-prot = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/etc/meshd/meshd.toml"), "{err}");
+        assert!(err.contains("listen-prot"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_peer_key_says_what_is_expected() {
+        let err = parse(
+            "private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\n[[peer]]\npublic-key = \"xyz\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("public-key") && err.contains("44 base64"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let base = "private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\n";
+        let err = parse(&format!("{base}mtu = 100\n")).unwrap_err().to_string();
+        assert!(err.contains("`mtu`") && err.contains("1280"), "{err}");
+        let err = parse(&format!("{base}interface = \"a/b\"\n")).unwrap_err().to_string();
+        assert!(err.contains("`interface`"), "{err}");
+        let err = parse("private-key-file = \"/k\"\naddress = \"100.72.0.300/16\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("address"), "{err}");
+        let err = parse(&format!(
+            "{base}[[peer]]\npublic-key = \"{KEY}\"\nallowed-ips = [\"100.72.0.2/16\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("peer[0].allowed-ips") && err.contains("100.72.0.0/16"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_peers_are_rejected() {
+        let err = parse(&format!(
+            "private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\n\
+             [[peer]]\npublic-key = \"{KEY}\"\n[[peer]]\npublic-key = \"{KEY}\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("peer[1].public-key") && err.contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn example_configs_in_deploy_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n > 0, "no example configs in {}", dir.display());
+    }
+}

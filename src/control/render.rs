@@ -1,0 +1,126 @@
+//! Human-readable tables for `meshctl`. Pure: data in, text out.
+
+use std::fmt::Write as _;
+
+use super::{PeerInfo, StatusInfo};
+
+/// `meshctl peers`: one line per peer, aligned columns.
+pub fn peers_table(peers: &[PeerInfo]) -> String {
+    let header = ["PEER", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"];
+    let rows: Vec<[String; 6]> = peers
+        .iter()
+        .map(|p| {
+            [
+                p.public_key.chars().take(8).collect(),
+                p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                p.allowed_ips.join(","),
+                p.last_handshake.map_or_else(|| "never".into(), ago),
+                bytes(p.rx_bytes),
+                bytes(p.tx_bytes),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+/// `meshctl status`: key: value lines.
+pub fn status(s: &StatusInfo) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "public key:  {}", s.public_key);
+    let _ = writeln!(out, "interface:   {}", s.interface);
+    let _ = writeln!(out, "addresses:   {}", s.addresses.join(", "));
+    let _ = writeln!(out, "listen port: {}", s.listen_port);
+    let _ = writeln!(out, "peers:       {}", s.peers);
+    if !s.drops.is_empty() {
+        let drops: Vec<String> = s.drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(out, "drops:       {}", drops.join(" "));
+    }
+    out
+}
+
+/// "3s ago", "5m ago", "2h ago", "4d ago".
+pub fn ago(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        3600..=86399 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
+}
+
+/// IEC units, one decimal above bytes.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(key: &str, endpoint: Option<&str>, hs: Option<u64>, rx: u64, tx: u64) -> PeerInfo {
+        PeerInfo {
+            public_key: key.into(),
+            allowed_ips: vec!["100.72.0.2/32".into()],
+            endpoint: endpoint.map(Into::into),
+            last_handshake: hs,
+            rx_bytes: rx,
+            tx_bytes: tx,
+            persistent_keepalive: None,
+        }
+    }
+
+    #[test]
+    fn peers_table_renders_fixed_input() {
+        let peers = [
+            peer("hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=", Some("192.0.2.2:51820"), Some(42), 2048, 100),
+            peer("3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=", None, None, 0, 0),
+        ];
+        let expected = "\
+PEER      ENDPOINT         ALLOWED IPS    HANDSHAKE  RX       TX
+hSDwCYkw  192.0.2.2:51820  100.72.0.2/32  42s ago    2.0 KiB  100 B
+3p7bfXt9  -                100.72.0.2/32  never      0 B      0 B
+";
+        assert_eq!(peers_table(&peers), expected);
+    }
+
+    #[test]
+    fn units_and_ages() {
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(5 * 1024 * 1024), "5.0 MiB");
+        assert_eq!(ago(59), "59s ago");
+        assert_eq!(ago(3600), "1h ago");
+    }
+}

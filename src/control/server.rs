@@ -1,0 +1,157 @@
+//! meshd's side of the local API: a Unix socket that answers [`Request`]s.
+//!
+//! Does I/O. Connections are capped and each gets a deadline, so a stuck
+//! client can't pile up tasks. The server owns no node state: it forwards
+//! each request to the driver, which answers from the engine between
+//! batches (the engine is never shared behind a lock).
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::{Envelope, Request, Response, API_VERSION, MAX_MESSAGE};
+
+/// A request from a client with the slot for its answer.
+pub type Ask = (Request, oneshot::Sender<Response>);
+
+const MAX_CONNECTIONS: usize = 16;
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot create API socket directory {path}: {source}")]
+    Directory { path: PathBuf, source: std::io::Error },
+    #[error("another meshd is already answering on {path}; stop it or choose another --socket")]
+    InUse { path: PathBuf },
+    #[error("{path} exists and is not a socket; remove it or choose another --socket")]
+    NotASocket { path: PathBuf },
+    #[error("cannot bind API socket {path}: {source}")]
+    Bind { path: PathBuf, source: std::io::Error },
+}
+
+/// The bound API socket. Dropping it removes the socket file.
+pub struct ApiSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ApiSocket {
+    /// Binds `path` (mode 0600), replacing a stale socket left by a crashed
+    /// meshd but never one a live meshd answers on.
+    pub async fn bind(path: &Path) -> Result<Self, ServerError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|source| ServerError::Directory { path: dir.to_owned(), source })?;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                if UnixStream::connect(path).await.is_ok() {
+                    return Err(ServerError::InUse { path: path.to_owned() });
+                }
+                let _ = std::fs::remove_file(path);
+            }
+            Ok(_) => return Err(ServerError::NotASocket { path: path.to_owned() }),
+            Err(_) => {}
+        }
+        let bind_err = |source| ServerError::Bind { path: path.to_owned(), source };
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        Ok(Self { listener, path: path.to_owned() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts connections until the driver goes away.
+    pub async fn serve(self, asks: mpsc::Sender<Ask>) {
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let Ok(permit) = limit.clone().acquire_owned().await else { return };
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "API socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if asks.is_closed() {
+                return;
+            }
+            let asks = asks.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, asks)).await.is_err() {
+                    tracing::debug!("API client timed out");
+                }
+            });
+        }
+    }
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn handle(stream: UnixStream, asks: mpsc::Sender<Ask>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read.take(MAX_MESSAGE as u64 + 1));
+    if reader.read_until(b'\n', &mut line).await.is_err() {
+        return;
+    }
+    let response = match parse(&line) {
+        Ok(request) => {
+            let (tx, rx) = oneshot::channel();
+            if asks.send((request, tx)).await.is_err() {
+                return;
+            }
+            match rx.await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+        Err(message) => Response::Error { message },
+    };
+    let Ok(mut out) = serde_json::to_vec(&Envelope::new(response)) else { return };
+    out.push(b'\n');
+    let _ = write.write_all(&out).await;
+}
+
+fn parse(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_MESSAGE {
+        return Err(format!("request longer than {MAX_MESSAGE} bytes"));
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| format!("request is not JSON: {e}"))?;
+    match value.get("version").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(API_VERSION) => {}
+        Some(v) => return Err(format!("API version {v} is not supported; this meshd speaks {API_VERSION}")),
+        None => return Err("request has no version field".into()),
+    }
+    serde_json::from_value::<Envelope<Request>>(value)
+        .map(|e| e.body)
+        .map_err(|e| format!("unknown request: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_requests_get_clear_errors() {
+        assert!(parse(b"hello").unwrap_err().contains("not JSON"));
+        assert!(parse(br#"{"request":"peers"}"#).unwrap_err().contains("version"));
+        assert!(parse(br#"{"version":99,"request":"peers"}"#).unwrap_err().contains("99"));
+        assert!(parse(br#"{"version":1,"request":"dance"}"#).unwrap_err().contains("unknown request"));
+        assert_eq!(parse(br#"{"version":1,"request":"peers"}"#), Ok(Request::Peers));
+    }
+}

@@ -1,0 +1,182 @@
+//! meshd's one event loop: TUN, UDP socket, timers and API requests in, the
+//! engine's outputs out.
+//!
+//! Does I/O. The loop owns the [`Node`] outright (no lock): each wakeup it
+//! drains a bounded batch from the TUN and from the socket into the engine,
+//! runs due timers, then flushes every queued transmit, TUN write and event,
+//! and hands the buffers back to the engine's pool.
+
+use std::future::Future;
+use std::io;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::tun::Tun;
+use super::udp::UdpSocket;
+use crate::control::server::Ask;
+use crate::control::{PeerInfo, Request, Response, StatusInfo};
+use crate::engine::{Event, Node};
+
+/// Packets taken from one source per wakeup before the others get a turn.
+const BATCH: usize = 64;
+/// Big enough for any datagram (a UDP payload is at most 65507 bytes).
+const RECV_BUF: usize = 1 << 16;
+
+/// What the driver reports about itself in `meshctl status`.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub interface: String,
+    pub listen_port: u16,
+    pub addresses: Vec<String>,
+}
+
+pub struct Driver {
+    node: Node,
+    tun: Tun,
+    udp: UdpSocket,
+    asks: mpsc::Receiver<Ask>,
+    info: NodeInfo,
+    buf: Vec<u8>,
+    /// Send errors since the last one logged, so a dead route logs once, not per packet.
+    send_errors: u64,
+}
+
+impl Driver {
+    pub fn new(node: Node, tun: Tun, udp: UdpSocket, asks: mpsc::Receiver<Ask>, info: NodeInfo) -> Self {
+        Self { node, tun, udp, asks, info, buf: vec![0; RECV_BUF], send_errors: 0 }
+    }
+
+    /// Runs until `shutdown` completes or the TUN or socket fails for good.
+    pub async fn run(&mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        tokio::pin!(shutdown);
+        // Peers configured with a keepalive may already have handshakes queued.
+        self.flush().await;
+        loop {
+            let (deadline, reason) = self.node.poll_timeout();
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(()),
+                r = self.tun.readable() => r?,
+                r = self.udp.readable() => r?,
+                Some(ask) = self.asks.recv() => self.answer(ask),
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    tracing::trace!(?reason, "timeout");
+                }
+            }
+            // Whatever woke us, serve both directions: a busy TUN must not
+            // starve the socket, nor the other way round.
+            self.read_tun()?;
+            self.read_udp()?;
+            let now = Instant::now();
+            if now >= deadline {
+                self.node.handle_timeout(now);
+            }
+            self.flush().await;
+        }
+    }
+
+    fn read_tun(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        for _ in 0..BATCH {
+            match self.tun.try_recv(&mut self.buf) {
+                Ok(n) => self.node.handle_tun_packet(&self.buf[..n], now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_udp(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        for _ in 0..BATCH {
+            match self.udp.try_recv_from(&mut self.buf) {
+                Ok((n, from)) => self.node.handle_datagram(from, &self.buf[..n], now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // ICMP port unreachable from a peer that is down surfaces
+                // here as ECONNREFUSED on Linux: not our socket's problem.
+                Err(e) if is_transient(&e) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) {
+        while let Some(t) = self.node.poll_transmit() {
+            let sent = match self.udp.try_send_to(t.payload.as_slice(), t.dst) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.udp.send_to(t.payload.as_slice(), t.dst).await
+                }
+                r => r,
+            };
+            if let Err(e) = sent {
+                self.send_errors += 1;
+                if self.send_errors.is_power_of_two() {
+                    tracing::debug!(dst = %t.dst, error = %e, count = self.send_errors, "send failed");
+                }
+            }
+            self.node.recycle(t.payload);
+        }
+        while let Some(packet) = self.node.poll_tun() {
+            let written = match self.tun.try_send(packet.as_slice()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.tun.send(packet.as_slice()).await,
+                r => r,
+            };
+            if let Err(e) = written {
+                tracing::debug!(error = %e, "TUN write failed");
+            }
+            self.node.recycle(packet);
+        }
+        while let Some(event) = self.node.poll_event() {
+            match event {
+                Event::HandshakeCompleted { peer } => {
+                    tracing::debug!(peer = %peer.short(), "handshake completed");
+                }
+                Event::EndpointChanged { peer, endpoint } => {
+                    tracing::info!(peer = %peer.short(), %endpoint, "peer endpoint changed");
+                }
+                Event::SessionExpired { peer } => {
+                    tracing::info!(peer = %peer.short(), "session expired: no handshake for 9 minutes");
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, (request, reply): Ask) {
+        let response = match request {
+            Request::Peers => {
+                let mut peers: Vec<PeerInfo> = self.node.peers().map(|p| PeerInfo::from(&p)).collect();
+                peers.sort_by(|a, b| a.public_key.cmp(&b.public_key));
+                Response::Peers { peers }
+            }
+            Request::Status => {
+                let stats = self.node.stats();
+                Response::Status(StatusInfo {
+                    public_key: self.node.public_key().to_string(),
+                    interface: self.info.interface.clone(),
+                    listen_port: self.info.listen_port,
+                    addresses: self.info.addresses.clone(),
+                    peers: self.node.peers().count(),
+                    drops: stats
+                        .drops()
+                        .filter(|(_, n)| *n > 0)
+                        .map(|(r, n)| (r.as_str().to_owned(), n))
+                        .collect(),
+                    cookie_replies_sent: stats.cookie_replies_sent,
+                })
+            }
+        };
+        // The client may have gone; nothing to do then.
+        let _ = reply.send(response);
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+    ) || matches!(e.raw_os_error(), Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH))
+}

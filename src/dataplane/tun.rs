@@ -1,0 +1,35 @@
+//! The TUN device behind `mesh0`.
+//!
+//! Does I/O. Creation only: addresses, MTU, up state and routes are set
+//! through rtnetlink by [`crate::netlink`], so there is one path for link
+//! configuration and it can be diffed and undone.
+
+use std::io;
+
+pub use tun_rs::AsyncDevice as Tun;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    #[error("cannot create TUN device {name}: /dev/net/tun is missing (load the `tun` module: `modprobe tun`)")]
+    NoDevice { name: String },
+    #[error("cannot create TUN device {name}: permission denied (meshd needs CAP_NET_ADMIN; run it as root or via its systemd unit)")]
+    Permission { name: String },
+    #[error("cannot create TUN device {name}: an interface with that name exists and is in use (another meshd?)")]
+    Busy { name: String },
+    #[error("cannot create TUN device {name}: {source}")]
+    Other { name: String, source: io::Error },
+}
+
+/// Creates the TUN device `name`, down and unconfigured.
+pub fn open(name: &str) -> Result<Tun, TunError> {
+    let name_owned = || name.to_owned();
+    tun_rs::DeviceBuilder::new()
+        .name(name)
+        .build_async()
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENODEV) => TunError::NoDevice { name: name_owned() },
+            Some(libc::EPERM) | Some(libc::EACCES) => TunError::Permission { name: name_owned() },
+            Some(libc::EBUSY) => TunError::Busy { name: name_owned() },
+            _ => TunError::Other { name: name_owned(), source },
+        })
+}

@@ -1,0 +1,17 @@
+//! The mesh engine: peers, cryptokey routing, WireGuard sessions, timers.
+//!
+//! Pure (sans-IO): see [`Node`]. `peer.rs` is the only file that touches
+//! boringtun; everything else speaks meshd's own types.
+
+mod buf;
+pub mod icmp;
+mod node;
+mod peer;
+pub mod routing;
+
+pub use buf::PacketBuf;
+pub use node::{
+    inner_destination, DropReason, EngineError, Event, Node, NodeConfig, NodeStats, PeerId,
+    PeerSpec, PeerStatus, TimeoutReason, Transmit,
+};
+pub use peer::PeerCounters;

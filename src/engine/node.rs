@@ -1,0 +1,617 @@
+//! [`Node`]: the sans-IO WireGuard mesh state machine of one meshd.
+//!
+//! Pure: no sockets, no clock, no randomness. Inputs are a TUN packet, a
+//! datagram with its source, or a timeout, each with `now`; outputs are
+//! queued [`Transmit`]s, TUN writes, [`Event`]s and the next deadline, in
+//! the shape of quinn-proto:
+//!
+//! ```text
+//!   handle_tun_packet ─┐                  ┌─ poll_transmit  → UDP
+//!   handle_datagram  ──┼──▶  Node  ──────┼─ poll_tun       → TUN
+//!   handle_timeout   ──┘                  ├─ poll_event     → logs, API
+//!                                         └─ poll_timeout   → when to call handle_timeout
+//! ```
+//!
+//! A driver hands it a whole batch of inputs per wakeup, then drains every
+//! output and gives the buffers back with [`Node::recycle`]; in steady state
+//! nothing is allocated per packet.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use ipnet::IpNet;
+
+use super::buf::{BufPool, PacketBuf};
+use super::icmp;
+use super::peer::{Admitted, Decapsulated, Encapsulated, Gate, Peer, PeerCounters, Ticked};
+use super::routing::AllowedIps;
+use crate::identity::{PrivateKey, PublicKey};
+use crate::wire::{classify, DatagramKind};
+
+/// boringtun's timers want a tick about every 250 ms (its own device's
+/// figure); the WireGuard timers themselves are seconds long.
+const TIMER_TICK: Duration = Duration::from_millis(250);
+/// The handshake rate limiter counts per second (WireGuard paper §5.3).
+const RATE_LIMIT_RESET: Duration = Duration::from_secs(1);
+/// WireGuard data overhead: type, index, counter (16) + Poly1305 tag (16).
+const DATA_OVERHEAD: usize = 32;
+/// A handshake initiation is the largest message a tick or encapsulation
+/// may write; boringtun needs at least this much room.
+const MIN_BUF: usize = 148;
+/// Pool buffers hold an underlay-MTU-sized datagram plus the relay header to come.
+const BUF_HEADROOM: usize = 80;
+/// Free buffers kept for reuse; more than a few batches' worth is waste.
+const POOL_KEEP: usize = 1024;
+/// boringtun keeps the peer slot in the top 24 bits of a session index.
+const MAX_PEERS: usize = 1 << 24;
+
+/// Static settings of a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub private_key: PrivateKey,
+    /// Overlay addresses of this node.
+    pub addresses: Vec<IpNet>,
+    pub mtu: u16,
+}
+
+/// A peer as configured: key, where to reach it, what it may send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerSpec {
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    /// Seconds between keepalives; `None` when off.
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// A peer's slot in the node. Stable for the peer's lifetime; may be reused
+/// after the peer is removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerId(u32);
+
+/// One datagram to send.
+#[derive(Debug)]
+pub struct Transmit {
+    pub dst: SocketAddr,
+    pub payload: PacketBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A handshake with `peer` completed; a fresh session is in use.
+    HandshakeCompleted { peer: PublicKey },
+    /// An authenticated packet from `peer` came from a new address (roaming).
+    EndpointChanged { peer: PublicKey, endpoint: SocketAddr },
+    /// No handshake with `peer` for REJECT_AFTER_TIME × 3; its keys are erased.
+    SessionExpired { peer: PublicKey },
+}
+
+/// Why [`Node::poll_timeout`] wants to be woken, for logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutReason {
+    PeerTimers,
+    RateLimiterReset,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EngineError {
+    #[error("peer {0} is already configured")]
+    DuplicatePeer(PublicKey),
+    #[error("peer {0} is this node's own key")]
+    SelfPeer(PublicKey),
+    #[error("too many peers (at most {MAX_PEERS})")]
+    TooManyPeers,
+}
+
+/// Why a packet was dropped. Network input is never an error to the caller:
+/// it is counted here and logged at trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not a WireGuard message (nor anything else this node speaks).
+    NotWireGuard,
+    /// Malformed WireGuard message (wrong length for its type).
+    Malformed,
+    /// MAC1 did not verify: not for our key.
+    InvalidMac,
+    /// A valid handshake from a key that is not a configured peer.
+    UnknownPeer,
+    /// A message naming a session index no peer has.
+    UnknownIndex,
+    /// Handshake failed (stale timestamp, wrong key, unexpected message).
+    HandshakeFailed,
+    /// Data for a session that does not exist (any more).
+    NoSession,
+    /// AEAD tag or counter check failed.
+    DecryptFailed,
+    /// A data counter seen before: a replay.
+    Replayed,
+    /// The inner source is not in the sending peer's allowed IPs.
+    SourceNotAllowed,
+    /// A TUN packet for an address no peer owns.
+    NoRoute,
+    /// A TUN packet for a peer whose endpoint is not known yet.
+    NoEndpoint,
+    /// A packet larger than the node's buffers.
+    Oversized,
+    /// A TUN packet that is not IPv4/IPv6.
+    MalformedInner,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 14] = [
+        DropReason::NotWireGuard,
+        DropReason::Malformed,
+        DropReason::InvalidMac,
+        DropReason::UnknownPeer,
+        DropReason::UnknownIndex,
+        DropReason::HandshakeFailed,
+        DropReason::NoSession,
+        DropReason::DecryptFailed,
+        DropReason::Replayed,
+        DropReason::SourceNotAllowed,
+        DropReason::NoRoute,
+        DropReason::NoEndpoint,
+        DropReason::Oversized,
+        DropReason::MalformedInner,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NotWireGuard => "not_wireguard",
+            DropReason::Malformed => "malformed",
+            DropReason::InvalidMac => "invalid_mac",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::UnknownIndex => "unknown_index",
+            DropReason::HandshakeFailed => "handshake_failed",
+            DropReason::NoSession => "no_session",
+            DropReason::DecryptFailed => "decrypt_failed",
+            DropReason::Replayed => "replayed",
+            DropReason::SourceNotAllowed => "source_not_allowed",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoEndpoint => "no_endpoint",
+            DropReason::Oversized => "oversized",
+            DropReason::MalformedInner => "malformed_inner",
+        }
+    }
+
+    fn from_wireguard(e: &WireGuardError) -> Self {
+        match e {
+            WireGuardError::InvalidMac => DropReason::InvalidMac,
+            WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength => DropReason::Malformed,
+            WireGuardError::DuplicateCounter => DropReason::Replayed,
+            WireGuardError::InvalidAeadTag | WireGuardError::InvalidCounter => DropReason::DecryptFailed,
+            WireGuardError::NoCurrentSession | WireGuardError::ConnectionExpired => DropReason::NoSession,
+            WireGuardError::WrongIndex => DropReason::UnknownIndex,
+            WireGuardError::DestinationBufferTooSmall => DropReason::Oversized,
+            WireGuardError::UnexpectedPacket
+            | WireGuardError::WrongPacketType
+            | WireGuardError::WrongKey
+            | WireGuardError::InvalidTai64nTimestamp
+            | WireGuardError::WrongTai64nTimestamp
+            | WireGuardError::LockFailed
+            | WireGuardError::UnderLoad => DropReason::HandshakeFailed,
+        }
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Node-wide counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    drops: [u64; DropReason::ALL.len()],
+    /// Cookie replies sent because handshakes came in faster than the limit.
+    pub cookie_replies_sent: u64,
+    /// ICMP unreachable messages written to the TUN.
+    pub icmp_unreachable_sent: u64,
+}
+
+impl NodeStats {
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+
+    pub fn dropped_total(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// Every reason with its count, for metrics and the API.
+    pub fn drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|r| (*r, self.drops[*r as usize]))
+    }
+}
+
+/// A snapshot of one peer for the API and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStatus {
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    pub persistent_keepalive: Option<u16>,
+    /// Time since the last completed handshake; `None` if there was none.
+    pub last_handshake: Option<Duration>,
+    pub counters: PeerCounters,
+}
+
+pub struct Node {
+    private_key: PrivateKey,
+    public_key: PublicKey,
+    gate: Gate,
+    peers: Vec<Option<Peer>>,
+    free_slots: Vec<u32>,
+    by_key: HashMap<PublicKey, PeerId>,
+    routes: AllowedIps<PeerId>,
+    pool: BufPool,
+    transmits: VecDeque<Transmit>,
+    tun_out: VecDeque<PacketBuf>,
+    events: VecDeque<Event>,
+    next_tick: Instant,
+    next_reset: Instant,
+    stats: NodeStats,
+    cookie: [u8; 64],
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("public_key", &self.public_key)
+            .field("peers", &self.by_key.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    pub fn new(config: NodeConfig, now: Instant) -> Self {
+        let public_key = config.private_key.public_key();
+        let buf_len = usize::from(config.mtu).max(1500) + DATA_OVERHEAD + BUF_HEADROOM;
+        Self {
+            gate: Gate::new(&config.private_key),
+            private_key: config.private_key,
+            public_key,
+            peers: Vec::new(),
+            free_slots: Vec::new(),
+            by_key: HashMap::new(),
+            routes: AllowedIps::default(),
+            pool: BufPool::new(buf_len, POOL_KEEP),
+            transmits: VecDeque::new(),
+            tun_out: VecDeque::new(),
+            events: VecDeque::new(),
+            next_tick: now + TIMER_TICK,
+            next_reset: now + RATE_LIMIT_RESET,
+            stats: NodeStats::default(),
+            cookie: [0; 64],
+        }
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.public_key
+    }
+
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// Adds a peer. With a known endpoint and a persistent keepalive, the
+    /// handshake starts at once (as `wg set … persistent-keepalive` does), so
+    /// a restarted node is reachable without waiting for traffic.
+    pub fn add_peer(&mut self, spec: PeerSpec, _now: Instant) -> Result<PeerId, EngineError> {
+        if spec.public_key == self.public_key {
+            return Err(EngineError::SelfPeer(spec.public_key));
+        }
+        if self.by_key.contains_key(&spec.public_key) {
+            return Err(EngineError::DuplicatePeer(spec.public_key));
+        }
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None if self.peers.len() < MAX_PEERS => {
+                self.peers.push(None);
+                (self.peers.len() - 1) as u32
+            }
+            None => return Err(EngineError::TooManyPeers),
+        };
+        let id = PeerId(slot);
+        let mut peer = Peer::new(
+            &self.private_key,
+            spec.public_key,
+            slot,
+            spec.endpoint,
+            spec.allowed_ips.clone(),
+            spec.persistent_keepalive,
+            self.gate.passthrough(),
+        );
+        for net in &spec.allowed_ips {
+            // Config validation rejects overlaps; a later peer map may move a
+            // prefix, and like `wg set` the newest owner wins.
+            self.routes.insert(*net, id);
+        }
+        if let (Some(endpoint), Some(_)) = (spec.endpoint, spec.persistent_keepalive) {
+            let mut buf = self.pool.take();
+            match peer.initiate(&mut buf) {
+                Some(len) => self.push_transmit(&mut peer, endpoint, buf, len),
+                None => self.pool.give_back(buf),
+            }
+        }
+        tracing::debug!(peer = %spec.public_key.short(), slot, "peer added");
+        self.by_key.insert(spec.public_key, id);
+        self.peers[slot as usize] = Some(peer);
+        Ok(id)
+    }
+
+    /// Removes a peer, its routes and its sessions. Returns whether it existed.
+    pub fn remove_peer(&mut self, key: &PublicKey) -> bool {
+        let Some(id) = self.by_key.remove(key) else {
+            return false;
+        };
+        self.routes.remove_value(id);
+        self.peers[id.0 as usize] = None;
+        self.free_slots.push(id.0);
+        true
+    }
+
+    /// One packet read from the TUN: route, encrypt, queue for the network.
+    pub fn handle_tun_packet(&mut self, packet: &[u8], _now: Instant) {
+        let Some(dst) = inner_destination(packet) else {
+            return self.drop_packet(DropReason::MalformedInner);
+        };
+        let Some(id) = self.routes.lookup(dst) else {
+            return self.unreachable(packet, dst, DropReason::NoRoute);
+        };
+        let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return self.unreachable(packet, dst, DropReason::NoRoute);
+        };
+        let Some(endpoint) = peer.endpoint else {
+            return self.unreachable(packet, dst, DropReason::NoEndpoint);
+        };
+        if packet.len() + DATA_OVERHEAD > self.pool.buf_len() {
+            return self.drop_packet(DropReason::Oversized);
+        }
+        let mut buf = self.pool.take();
+        match peer.encapsulate(packet, &mut buf) {
+            Encapsulated::Network(len) => {
+                peer.counters.tx_bytes += len as u64;
+                peer.counters.tx_packets += 1;
+                self.transmits.push_back(Transmit { dst: endpoint, payload: self.pool.finish(buf, len) });
+            }
+            Encapsulated::Queued => self.pool.give_back(buf),
+            Encapsulated::Error(e) => {
+                self.pool.give_back(buf);
+                self.drop_packet(DropReason::from_wireguard(&e));
+            }
+        }
+    }
+
+    /// One datagram from the network, with the address it came from.
+    pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], _now: Instant) {
+        match classify(datagram) {
+            DatagramKind::WireGuard => {}
+            DatagramKind::Quic | DatagramKind::Unknown => return self.drop_packet(DropReason::NotWireGuard),
+        }
+        if datagram.len() > self.pool.buf_len() {
+            return self.drop_packet(DropReason::Oversized);
+        }
+        let id = match self.gate.admit(from.ip(), datagram, &mut self.cookie) {
+            Admitted::FromKey(key) => match self.by_key.get(&key) {
+                Some(id) => *id,
+                None => return self.drop_packet(DropReason::UnknownPeer),
+            },
+            Admitted::ForSlot(slot) => PeerId(slot),
+            Admitted::CookieReply(len) => {
+                // Under load: prove the source address first (WireGuard
+                // paper §5.4.7). The endpoint does not move for this.
+                let mut buf = self.pool.take();
+                buf[..len].copy_from_slice(&self.cookie[..len]);
+                self.stats.cookie_replies_sent += 1;
+                self.transmits.push_back(Transmit { dst: from, payload: self.pool.finish(buf, len) });
+                return;
+            }
+            Admitted::Rejected(e) => return self.drop_packet(DropReason::from_wireguard(&e)),
+        };
+        let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return self.drop_packet(DropReason::UnknownIndex);
+        };
+
+        let mut buf = self.pool.take();
+        let authenticated = match peer.decapsulate(from.ip(), datagram, &mut buf) {
+            Decapsulated::Tunnel { len, src } => {
+                // Cryptokey routing, inbound half (WireGuard paper §2): the
+                // inner source must be one this peer may use.
+                if self.routes.lookup(src) != Some(id) {
+                    self.pool.give_back(buf);
+                    return count_drop(&mut self.stats, DropReason::SourceNotAllowed);
+                }
+                self.tun_out.push_back(self.pool.finish(buf, len));
+                true
+            }
+            Decapsulated::Network { len, authenticated } => {
+                if authenticated {
+                    peer.counters.handshakes += 1;
+                    self.events.push_back(Event::HandshakeCompleted { peer: peer.key });
+                }
+                peer.counters.tx_bytes += len as u64;
+                peer.counters.tx_packets += 1;
+                self.transmits.push_back(Transmit { dst: from, payload: self.pool.finish(buf, len) });
+                authenticated
+            }
+            Decapsulated::Done { authenticated } => {
+                self.pool.give_back(buf);
+                authenticated
+            }
+            Decapsulated::Error(e) => {
+                self.pool.give_back(buf);
+                return count_drop(&mut self.stats, DropReason::from_wireguard(&e));
+            }
+        };
+        if !authenticated {
+            return;
+        }
+        peer.counters.rx_bytes += datagram.len() as u64;
+        peer.counters.rx_packets += 1;
+        // Roaming (WireGuard paper §2.1): the endpoint follows the source of
+        // authenticated packets only, never cookie replies or garbage.
+        if peer.endpoint != Some(from) {
+            tracing::debug!(peer = %peer.key.short(), %from, "endpoint changed");
+            peer.endpoint = Some(from);
+            self.events.push_back(Event::EndpointChanged { peer: peer.key, endpoint: from });
+        }
+        // Packets queued behind the handshake can go now.
+        loop {
+            let mut buf = self.pool.take();
+            match peer.flush_queued(&mut buf) {
+                Some(len) => {
+                    peer.counters.tx_bytes += len as u64;
+                    peer.counters.tx_packets += 1;
+                    self.transmits.push_back(Transmit { dst: from, payload: self.pool.finish(buf, len) });
+                }
+                None => {
+                    self.pool.give_back(buf);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Runs the timers that are due: WireGuard's (keepalives, rekeys,
+    /// handshake retries, expiry) and the rate limiter's reset.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.next_reset {
+            self.gate.reset_count();
+            self.next_reset = now + RATE_LIMIT_RESET;
+        }
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TIMER_TICK;
+        for slot in 0..self.peers.len() {
+            let Some(mut peer) = self.peers[slot].take() else { continue };
+            let mut buf = self.pool.take();
+            match peer.tick(&mut buf) {
+                Ticked::Nothing => self.pool.give_back(buf),
+                Ticked::Network(len) => match peer.endpoint {
+                    Some(endpoint) => self.push_transmit(&mut peer, endpoint, buf, len),
+                    None => self.pool.give_back(buf),
+                },
+                Ticked::Expired => {
+                    self.pool.give_back(buf);
+                    tracing::debug!(peer = %peer.key.short(), "session expired");
+                    self.events.push_back(Event::SessionExpired { peer: peer.key });
+                }
+                Ticked::Error(e) => {
+                    self.pool.give_back(buf);
+                    tracing::trace!(peer = %peer.key.short(), error = ?e, "timer error");
+                }
+            }
+            self.peers[slot] = Some(peer);
+        }
+    }
+
+    /// The next datagram to send. Call after every `handle_*` until `None`;
+    /// pass the payload back to [`Node::recycle`] once sent.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next packet to write to the TUN. Call after every `handle_*`
+    /// until `None`; pass it back to [`Node::recycle`] once written.
+    pub fn poll_tun(&mut self) -> Option<PacketBuf> {
+        self.tun_out.pop_front()
+    }
+
+    /// The next event. Call after every `handle_*` until `None`.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Node::handle_timeout`] must be called next, and why. Changes
+    /// only when a `handle_*` call ran, so call it after each batch.
+    pub fn poll_timeout(&self) -> (Instant, TimeoutReason) {
+        if self.next_reset < self.next_tick {
+            (self.next_reset, TimeoutReason::RateLimiterReset)
+        } else {
+            (self.next_tick, TimeoutReason::PeerTimers)
+        }
+    }
+
+    /// Returns an emitted buffer to the pool.
+    #[inline]
+    pub fn recycle(&mut self, buf: PacketBuf) {
+        self.pool.recycle(buf);
+    }
+
+    pub fn peer_status(&self, key: &PublicKey) -> Option<PeerStatus> {
+        let id = self.by_key.get(key)?;
+        self.peers.get(id.0 as usize)?.as_ref().map(status_of)
+    }
+
+    /// Every peer, in no particular order.
+    pub fn peers(&self) -> impl Iterator<Item = PeerStatus> + '_ {
+        self.peers.iter().flatten().map(status_of)
+    }
+
+    fn push_transmit(&mut self, peer: &mut Peer, dst: SocketAddr, buf: Vec<u8>, len: usize) {
+        peer.counters.tx_bytes += len as u64;
+        peer.counters.tx_packets += 1;
+        self.transmits.push_back(Transmit { dst, payload: self.pool.finish(buf, len) });
+    }
+
+    fn drop_packet(&mut self, reason: DropReason) {
+        count_drop(&mut self.stats, reason);
+    }
+
+    /// Drops a TUN packet and tells the sender, as kernel WireGuard does.
+    fn unreachable(&mut self, packet: &[u8], dst: IpAddr, reason: DropReason) {
+        self.drop_packet(reason);
+        if icmp::is_multicast_or_broadcast(dst) {
+            return;
+        }
+        let mut buf = self.pool.take();
+        match icmp::unreachable(packet, &mut buf) {
+            Some(len) => {
+                self.stats.icmp_unreachable_sent += 1;
+                self.tun_out.push_back(self.pool.finish(buf, len));
+            }
+            None => self.pool.give_back(buf),
+        }
+    }
+}
+
+fn count_drop(stats: &mut NodeStats, reason: DropReason) {
+    tracing::trace!(%reason, "dropped packet");
+    stats.drops[reason as usize] += 1;
+}
+
+fn status_of(peer: &Peer) -> PeerStatus {
+    PeerStatus {
+        public_key: peer.key,
+        endpoint: peer.endpoint,
+        allowed_ips: peer.allowed_ips.clone(),
+        persistent_keepalive: peer.persistent_keepalive,
+        last_handshake: peer.last_handshake(),
+        counters: peer.counters,
+    }
+}
+
+/// The destination of an inner IP packet, if it is one.
+#[inline]
+pub fn inner_destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => {
+            let b: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        6 => {
+            let b: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            Some(IpAddr::from(b))
+        }
+        _ => None,
+    }
+}
+
+// Keep the minimum buffer assumption checked at compile time.
+const _: () = assert!(1500 + DATA_OVERHEAD + BUF_HEADROOM >= MIN_BUF);

@@ -1,0 +1,45 @@
+//! Interface configuration: MTU, link state, addresses and routes of `mesh0`
+//! through rtnetlink, never by running `ip`.
+//!
+//! Desired state → diff → apply, as innernet's `shared/netlink.rs` does it:
+//!
+//! - [`diff`] (pure, in `diff.rs`) compares a [`LinkConfig`] with the
+//!   [`LinkState`] read from the kernel and returns [`Change`]s, each with a
+//!   `Display` that reads well in logs. It removes only what meshd added
+//!   ([`Owned`]): the kernel's link-local address and connected routes, and
+//!   anything an operator added, are left alone. [`routes_for`] (pure) turns
+//!   the peers' allowed IPs into the routes the interface needs.
+//! - [`Link`] (I/O, in `link.rs`) holds an rtnetlink connection bound to one
+//!   interface, reads its state, applies the diff and undoes its own
+//!   changes on [`Link::teardown`]. [`overlapping_routes`] (I/O) finds host
+//!   routes that collide with the mesh prefix, so meshd can refuse to start
+//!   and say which route is in the way.
+//!
+//! Everything here needs CAP_NET_ADMIN except reading state.
+
+mod diff;
+mod link;
+
+pub use diff::{diff, routes_for, Change, ChangeOn, LinkConfig, LinkState, Owned};
+pub use link::{overlapping_routes, Link};
+
+/// Errors of the netlink layer.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("cannot open a netlink socket: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("interface {ifname} does not exist; meshd creates it at startup, so it was removed or never created")]
+    LinkNotFound { ifname: String },
+    #[error("cannot read {what} from the kernel: {source}")]
+    Query {
+        what: &'static str,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot {change}: {source} (configuring interfaces needs CAP_NET_ADMIN)")]
+    Request {
+        change: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}

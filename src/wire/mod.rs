@@ -1,0 +1,39 @@
+//! Bytes on the wire: what arrives on meshd's one UDP socket.
+//!
+//! Pure. Everything on the socket is told apart by its first byte
+//! (DESIGN.md "Wire"): WireGuard messages are types 1–4 followed by three
+//! zero bytes; QUIC packets to and from the rendezvous have the fixed bit
+//! (0x40) set (RFC 9000 §17); anything else is dropped and counted.
+
+/// What a datagram on the shared socket is, by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramKind {
+    WireGuard,
+    Quic,
+    Unknown,
+}
+
+#[inline]
+pub fn classify(datagram: &[u8]) -> DatagramKind {
+    match datagram {
+        [1..=4, 0, 0, 0, ..] => DatagramKind::WireGuard,
+        [b, ..] if b & 0x40 != 0 => DatagramKind::Quic,
+        _ => DatagramKind::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demultiplexes_by_first_byte() {
+        assert_eq!(classify(&[4, 0, 0, 0, 1, 2]), DatagramKind::WireGuard);
+        assert_eq!(classify(&[1, 0, 0, 0]), DatagramKind::WireGuard);
+        assert_eq!(classify(&[4, 0, 1, 0]), DatagramKind::Unknown);
+        assert_eq!(classify(&[0xc3, 0, 0, 0, 1]), DatagramKind::Quic);
+        assert_eq!(classify(&[0x41]), DatagramKind::Quic);
+        assert_eq!(classify(&[]), DatagramKind::Unknown);
+        assert_eq!(classify(&[5, 0, 0, 0]), DatagramKind::Unknown);
+    }
+}

@@ -1,0 +1,740 @@
+//! Harness for the integration tests that run the real binaries.
+//!
+//! A [`Lab`] is a throwaway set of network namespaces joined by veth pairs.
+//! It owns everything it creates: its `Drop` stops the processes still
+//! running in it, prints their logs when the test is failing, and deletes
+//! the namespaces, so a failing test leaves nothing behind. Processes are
+//! started through the lab and end before it (they borrow it).
+//!
+//! The lab never touches the host's own namespace: both ends of every veth
+//! pair are created directly inside lab namespaces, the underlay uses the
+//! documentation range 192.0.2.0/24 (RFC 5737) and the overlay 100.72.0.0/16.
+//!
+//! Namespaces are named `mt<pid>-<lab><role>` and wireguard-go interfaces
+//! `mtw<pid>-<lab><role>`, so tests run in parallel, also from several test
+//! binaries at once. A run killed with SIGKILL cannot run `Drop`; the first
+//! lab of every process therefore removes leftovers whose pid is gone.
+//!
+//! Waiting is always "poll for a condition until a deadline" ([`eventually`]);
+//! nothing here sleeps to let something happen.
+
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Mutex, Once};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use nix::sched::{setns, CloneFlags};
+use sha2::{Digest, Sha256};
+
+pub const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
+pub const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
+
+/// How long a tunnel may take to carry its first packet.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+/// How long a daemon may take to come up or to exit after SIGTERM.
+pub const START_STOP_DEADLINE: Duration = Duration::from_secs(20);
+/// No single socket operation of a transfer may block longer than this.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+pub const LISTEN_PORT: u16 = 51820;
+pub const MESH_PREFIX_LEN: u8 = 16;
+pub const MTU: u16 = 1380;
+/// meshd's interface inside each (private) namespace.
+pub const MESH_IFACE: &str = "mesh0";
+
+const NS_PREFIX: &str = "mt";
+const WG_IFACE_PREFIX: &str = "mtw";
+const WG_UAPI_DIR: &str = "/var/run/wireguard";
+
+/// Panics unless the tests run as root: namespace tests are not optional.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and always succeeds.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "needs root: network namespace tests are part of the suite (run `sudo -E cargo test`)"
+    );
+}
+
+/// Retries `attempt` until it succeeds or `within` has passed; then panics
+/// with `what` and the last failure.
+pub fn eventually<T>(
+    what: &str,
+    within: Duration,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> T {
+    let end = Instant::now() + within;
+    loop {
+        match attempt() {
+            Ok(value) => return value,
+            Err(last) if Instant::now() >= end => {
+                panic!("{what}: did not happen within {within:?}; last attempt: {last}")
+            }
+            Err(_) => thread::sleep(POLL_INTERVAL),
+        }
+    }
+}
+
+/// Runs a command to completion and returns its output, whatever its status.
+pub fn output(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{program}`: {e}"))
+}
+
+/// Runs a command that must succeed and returns its stdout.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = output(program, args);
+    assert!(
+        out.status.success(),
+        "`{program} {}` failed with {}:\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command with `input` on stdin; returns its output.
+pub fn output_with_stdin(program: &str, args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{program}`: {e}"));
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    stdin
+        .write_all(input.as_bytes())
+        .unwrap_or_else(|e| panic!("cannot write to `{program}`: {e}"));
+    drop(stdin);
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("cannot wait for `{program}`: {e}"))
+}
+
+/// A WireGuard key pair in wg's base64 encoding.
+#[derive(Clone)]
+pub struct KeyPair {
+    pub private: String,
+    pub public: String,
+}
+
+impl KeyPair {
+    /// A fresh key, clamped as `wg genkey` does.
+    pub fn generate() -> Self {
+        let mut bytes: [u8; 32] = rand::random();
+        bytes[0] &= 248;
+        bytes[31] = (bytes[31] & 127) | 64;
+        let secret = x25519_dalek::StaticSecret::from(bytes);
+        let public = x25519_dalek::PublicKey::from(&secret);
+        KeyPair {
+            private: BASE64.encode(bytes),
+            public: BASE64.encode(public.as_bytes()),
+        }
+    }
+}
+
+/// One machine of the lab: a namespace with an underlay address on `eth0`.
+pub struct Node {
+    pub name: char,
+    pub ns: String,
+    pub underlay: Ipv4Addr,
+    pub overlay: Ipv4Addr,
+    pub key: KeyPair,
+}
+
+impl Node {
+    pub fn endpoint(&self) -> SocketAddr {
+        SocketAddr::from((self.underlay, LISTEN_PORT))
+    }
+
+    /// `ip netns exec <ns> program args…`, to completion.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", self.ns.as_str(), program];
+        full.extend_from_slice(args);
+        output("ip", &full)
+    }
+
+    /// One ping of `to`; `Err` with ping's output when no reply came.
+    pub fn ping_once(&self, to: Ipv4Addr) -> Result<(), String> {
+        let out = self.exec("ping", &["-c", "1", "-W", "1", &to.to_string()]);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ping {to} from node {}: {}{}",
+                self.name,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Pings `to` until a reply comes, or panics at the deadline.
+    pub fn pings(&self, to: Ipv4Addr) {
+        eventually(
+            &format!("node {} ({}) gets a ping reply from {to}", self.name, self.ns),
+            DEADLINE,
+            || self.ping_once(to),
+        )
+    }
+
+    /// Whether `ip link show <iface>` finds the interface in this namespace.
+    pub fn has_link(&self, iface: &str) -> bool {
+        output("ip", &["-n", &self.ns, "link", "show", iface]).status.success()
+    }
+}
+
+static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+static SWEEP: Once = Once::new();
+
+/// A set of namespaces, the files of the test and the logs of its processes.
+pub struct Lab {
+    id: String,
+    dir: tempfile::TempDir,
+    /// Every namespace created so far, nodes and switch, in creation order.
+    namespaces: Vec<String>,
+    nodes: Vec<Node>,
+    /// (label, path) of every process log, dumped when the test fails.
+    logs: Mutex<Vec<(String, PathBuf)>>,
+    /// wireguard-go interfaces, whose UAPI sockets live on the host filesystem.
+    wg_ifaces: Mutex<Vec<String>>,
+}
+
+impl Lab {
+    /// `n` nodes on one underlay subnet: node `i` is `192.0.2.(i+1)` on the
+    /// underlay and `100.72.0.(i+1)` on the overlay. Two nodes are joined by
+    /// one veth pair; more hang off a bridge in a switch namespace.
+    pub fn new(n: usize) -> Self {
+        require_root();
+        assert!((2..=26).contains(&n), "a lab has 2 to 26 nodes");
+        SWEEP.call_once(sweep_leftovers);
+
+        let id = format!(
+            "{NS_PREFIX}{}-{}",
+            std::process::id(),
+            LAB_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{id}-"))
+            .tempdir()
+            .expect("create the lab's temp dir");
+        let mut lab = Lab {
+            id,
+            dir,
+            namespaces: Vec::new(),
+            nodes: Vec::new(),
+            logs: Mutex::new(Vec::new()),
+            wg_ifaces: Mutex::new(Vec::new()),
+        };
+
+        for i in 0..n {
+            let name = char::from(b'a' + i as u8);
+            let ns = lab.add_namespace(name);
+            let host = i as u8 + 1;
+            lab.nodes.push(Node {
+                name,
+                ns,
+                underlay: Ipv4Addr::new(192, 0, 2, host),
+                overlay: Ipv4Addr::new(100, 72, 0, host),
+                key: KeyPair::generate(),
+            });
+        }
+
+        if n == 2 {
+            let (a, b) = (&lab.nodes[0].ns, &lab.nodes[1].ns);
+            run("ip", &["-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b]);
+        } else {
+            let sw = lab.add_namespace('s');
+            run("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"]);
+            run("ip", &["-n", &sw, "link", "set", "br0", "up"]);
+            for node in &lab.nodes {
+                let port = format!("p{}", node.name);
+                run("ip", &["-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &node.ns]);
+                run("ip", &["-n", &sw, "link", "set", &port, "master", "br0"]);
+                run("ip", &["-n", &sw, "link", "set", &port, "up"]);
+            }
+        }
+        for node in &lab.nodes {
+            let addr = format!("{}/24", node.underlay);
+            run("ip", &["-n", &node.ns, "addr", "add", &addr, "dev", "eth0"]);
+            run("ip", &["-n", &node.ns, "link", "set", "eth0", "up"]);
+        }
+        lab
+    }
+
+    fn add_namespace(&mut self, role: char) -> String {
+        let ns = format!("{}{role}", self.id);
+        run("ip", &["netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A fresh log file for `label` (`label.log`, then `label.2.log`, …).
+    fn new_log(&self, label: &str) -> (PathBuf, File) {
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        let runs = logs.iter().filter(|(l, _)| l == label).count();
+        let path = match runs {
+            0 => self.dir().join(format!("{label}.log")),
+            n => self.dir().join(format!("{label}.{}.log", n + 1)),
+        };
+        let file = File::create(&path).expect("create a log file");
+        logs.push((label.to_owned(), path.clone()));
+        (path, file)
+    }
+
+    /// Starts `program args…` inside `node`'s namespace with stdout and
+    /// stderr going to a log the lab prints if the test fails.
+    pub fn spawn(&self, node: &Node, label: &str, program: &str, args: &[&str]) -> Daemon<'_> {
+        let (log, file) = self.new_log(label);
+        let stderr = file.try_clone().expect("clone a log file handle");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.ns, program])
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
+        Daemon { _lab: self, label: label.to_owned(), child: Some(child), log }
+    }
+
+    /// Writes node `i`'s private key (mode 0600) and a meshd config that
+    /// lists `peers` (indices) with their endpoints; returns the config path.
+    pub fn write_meshd_config(&self, i: usize, peers: &[usize]) -> MeshdFiles {
+        let node = self.node(i);
+        let key_file = self.dir().join(format!("{}.key", node.name));
+        write_private_key(&key_file, &node.key.private);
+        let socket = self.dir().join(format!("{}.sock", node.name));
+        let mut toml = format!(
+            "private-key-file = {key_file:?}\n\
+             listen-port = {LISTEN_PORT}\n\
+             interface = \"{MESH_IFACE}\"\n\
+             address = \"{}/{MESH_PREFIX_LEN}\"\n\
+             mtu = {MTU}\n\
+             socket = {socket:?}\n",
+            node.overlay
+        );
+        for &p in peers {
+            let peer = self.node(p);
+            write!(
+                toml,
+                "\n[[peer]]\n\
+                 public-key = \"{}\"\n\
+                 endpoint = \"{}\"\n\
+                 allowed-ips = [\"{}/32\"]\n",
+                peer.key.public,
+                peer.endpoint(),
+                peer.overlay
+            )
+            .expect("format into a String");
+        }
+        let config = self.dir().join(format!("{}.toml", node.name));
+        fs::write(&config, toml).expect("write a meshd config");
+        MeshdFiles { config, socket }
+    }
+
+    /// Starts meshd on node `i` with `files` and waits until it is ready.
+    pub fn start_meshd(&self, i: usize, files: &MeshdFiles) -> Meshd<'_> {
+        let node = self.node(i);
+        let config = files.config.to_str().expect("utf-8 temp path");
+        let socket = files.socket.to_str().expect("utf-8 temp path");
+        let label = format!("meshd-{}", node.name);
+        let daemon = self.spawn(node, &label, MESHD, &["run", "--config", config, "--socket", socket]);
+        let mut meshd = Meshd { daemon, socket: files.socket.clone() };
+        meshd.wait_ready();
+        meshd
+    }
+
+    /// Configures meshd on every node listed in `nodes`, each peering with
+    /// all the others, and starts them.
+    pub fn start_meshd_full_mesh(&self, nodes: &[usize]) -> Vec<Meshd<'_>> {
+        nodes
+            .iter()
+            .map(|&i| {
+                let peers: Vec<usize> = nodes.iter().copied().filter(|&p| p != i).collect();
+                let files = self.write_meshd_config(i, &peers);
+                self.start_meshd(i, &files)
+            })
+            .collect()
+    }
+
+    /// Starts `wireguard-go` on node `i` peering with `peers` (indices),
+    /// configured with `wg` and `ip` the way a wg-quick user would.
+    pub fn start_wireguard_go(&self, i: usize, peers: &[usize]) -> WireguardGo<'_> {
+        let node = self.node(i);
+        let iface = format!("{WG_IFACE_PREFIX}{}", &self.id[NS_PREFIX.len()..]) + &node.name.to_string();
+        assert!(iface.len() <= 15, "interface name {iface} is longer than 15 characters");
+        self.wg_ifaces.lock().unwrap_or_else(|e| e.into_inner()).push(iface.clone());
+
+        let label = format!("wireguard-go-{}", node.name);
+        let mut daemon = self.spawn(node, &label, "wireguard-go", &["-f", &iface]);
+        let uapi = Path::new(WG_UAPI_DIR).join(format!("{iface}.sock"));
+        eventually(&format!("{label} creates {}", uapi.display()), START_STOP_DEADLINE, || {
+            daemon.assert_running();
+            if uapi.exists() && node.has_link(&iface) {
+                Ok(())
+            } else {
+                Err("no UAPI socket or interface yet".into())
+            }
+        });
+
+        let key_file = self.dir().join(format!("{}.wg.key", node.name));
+        write_private_key(&key_file, &node.key.private);
+        let key_file = key_file.to_str().expect("utf-8 temp path").to_owned();
+        let port = LISTEN_PORT.to_string();
+        let mut args = vec!["set", &iface, "private-key", &key_file, "listen-port", &port];
+        let peer_args: Vec<[String; 6]> = peers
+            .iter()
+            .map(|&p| {
+                let peer = self.node(p);
+                [
+                    "peer".into(),
+                    peer.key.public.clone(),
+                    "endpoint".into(),
+                    peer.endpoint().to_string(),
+                    "allowed-ips".into(),
+                    format!("{}/32", peer.overlay),
+                ]
+            })
+            .collect();
+        args.extend(peer_args.iter().flatten().map(String::as_str));
+        assert_success(&node.exec("wg", &args), "wg set");
+        let addr = format!("{}/{MESH_PREFIX_LEN}", node.overlay);
+        run("ip", &["-n", &node.ns, "addr", "add", &addr, "dev", &iface]);
+        run("ip", &["-n", &node.ns, "link", "set", &iface, "mtu", &MTU.to_string(), "up"]);
+        WireguardGo { daemon, iface }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+            for (label, path) in logs.iter() {
+                let text = fs::read_to_string(path).unwrap_or_else(|e| format!("(unreadable: {e})"));
+                eprintln!("===== {label} log ({}) =====\n{text}===== end of {label} log =====", path.display());
+            }
+        }
+        // Daemons borrow the lab and are gone by now; anything still inside a
+        // namespace (a child of a daemon, a ping) is ours and is stopped here.
+        for ns in self.namespaces.iter().rev() {
+            kill_processes_in(ns);
+            let _ = output("ip", &["netns", "del", ns]);
+        }
+        for iface in self.wg_ifaces.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = fs::remove_file(Path::new(WG_UAPI_DIR).join(format!("{iface}.sock")));
+        }
+    }
+}
+
+/// SIGKILLs every process in `ns` except this test process (whose threads
+/// may have entered it).
+fn kill_processes_in(ns: &str) {
+    let me = std::process::id();
+    let pids = output("ip", &["netns", "pids", ns]);
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        match pid.parse::<i32>() {
+            Ok(pid) if pid as u32 != me => {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Removes namespaces and wireguard-go sockets of earlier runs whose test
+/// process no longer exists.
+fn sweep_leftovers() {
+    let dead = |name: &str, prefix: &str| -> bool {
+        let Some(rest) = name.strip_prefix(prefix) else { return false };
+        let Some((pid, _)) = rest.split_once('-') else { return false };
+        !pid.is_empty()
+            && pid.bytes().all(|b| b.is_ascii_digit())
+            && !Path::new("/proc").join(pid).exists()
+    };
+    if let Ok(entries) = fs::read_dir("/run/netns") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if dead(&name, NS_PREFIX) {
+                kill_processes_in(&name);
+                let _ = output("ip", &["netns", "del", &name]);
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir(WG_UAPI_DIR) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".sock") && dead(&name, WG_IFACE_PREFIX) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+pub fn write_private_key(path: &Path, key: &str) {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    writeln!(file, "{key}").unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+pub fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed with {}:\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A process started in the lab; killed when dropped.
+pub struct Daemon<'lab> {
+    _lab: &'lab Lab,
+    label: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon<'_> {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon not yet stopped").id()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics, with the log, if the process has exited.
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("daemon not yet stopped");
+        if let Some(status) = child.try_wait().expect("wait for a daemon") {
+            panic!("{} exited unexpectedly with {status}; its log:\n{}", self.label, self.log());
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon not yet stopped");
+        // SAFETY: kill has no memory-safety preconditions; the child has not
+        // been reaped yet, so its pid is still ours.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let label = self.label.clone();
+        eventually(&format!("{label} exits after SIGTERM"), START_STOP_DEADLINE, || {
+            match child.try_wait() {
+                Ok(Some(status)) => Ok(status),
+                Ok(None) => Err("still running".into()),
+                Err(e) => panic!("cannot wait for {label}: {e}"),
+            }
+        })
+    }
+}
+
+impl Drop for Daemon<'_> {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: as in `terminate`.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let end = Instant::now() + START_STOP_DEADLINE;
+            while Instant::now() < end {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                thread::sleep(POLL_INTERVAL);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Where a meshd's config and API socket are.
+pub struct MeshdFiles {
+    pub config: PathBuf,
+    pub socket: PathBuf,
+}
+
+/// A running meshd.
+pub struct Meshd<'lab> {
+    pub daemon: Daemon<'lab>,
+    pub socket: PathBuf,
+}
+
+impl Meshd<'_> {
+    /// Waits until the API socket exists and answers `meshctl peers --json`.
+    fn wait_ready(&mut self) {
+        let label = self.daemon.label.clone();
+        eventually(&format!("{label} becomes ready"), START_STOP_DEADLINE, || {
+            self.daemon.assert_running();
+            if !self.socket.exists() {
+                return Err(format!("no socket at {}", self.socket.display()));
+            }
+            self.try_peers()
+        });
+    }
+
+    /// `meshctl --socket … peers --json`, parsed.
+    pub fn try_peers(&self) -> Result<Vec<serde_json::Value>, String> {
+        let socket = self.socket.to_str().expect("utf-8 temp path");
+        let out = output(MESHCTL, &["--socket", socket, "peers", "--json"]);
+        if !out.status.success() {
+            return Err(format!(
+                "meshctl peers failed with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!("meshctl peers --json printed no JSON array ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    pub fn peers(&self) -> Vec<serde_json::Value> {
+        self.try_peers().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.daemon.pid()
+    }
+}
+
+/// A running wireguard-go with its interface name.
+pub struct WireguardGo<'lab> {
+    pub daemon: Daemon<'lab>,
+    pub iface: String,
+}
+
+/// Runs `f` on a new thread inside network namespace `ns`.
+fn in_namespace<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // Changes the namespace of this thread only.
+        setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+        f()
+    })
+}
+
+/// Deterministic bytes (splitmix64), so both ends can be checked against
+/// each other without keeping the data.
+struct Stream {
+    state: u64,
+}
+
+impl Stream {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+const CHUNK: usize = 64 * 1024;
+
+/// Sends `len` seeded pseudo-random bytes over TCP from `from` to
+/// `to`'s overlay address and asserts that exactly those bytes arrive
+/// (same length, same SHA-256).
+pub fn assert_tcp_transfer(from: &Node, to: &Node, len: usize, seed: u64) {
+    let what = format!("{len} bytes over TCP from node {} to node {} ({})", from.name, to.name, to.overlay);
+    let addr = SocketAddr::from((to.overlay, 5201));
+    let (bound_tx, bound_rx) = mpsc::channel();
+
+    let receiver = in_namespace(&to.ns, move || -> Result<(usize, Vec<u8>), String> {
+        let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+        let _ = bound_tx.send(());
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let (mut stream, _) = eventually(&format!("a sender connects to {addr}"), DEADLINE, || {
+            listener.accept().map_err(|e| e.to_string())
+        });
+        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+        let mut hash = Sha256::new();
+        let mut received = 0;
+        let mut buf = vec![0; CHUNK];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hash.update(&buf[..n]);
+                    received += n;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("receive after {received} bytes: {e}")),
+            }
+        }
+        Ok((received, hash.finalize().to_vec()))
+    });
+    if bound_rx.recv_timeout(DEADLINE).is_err() {
+        panic!("{what}: the receiver did not listen: {:?}", receiver.join());
+    }
+
+    let sender = in_namespace(&from.ns, move || -> Result<Vec<u8>, String> {
+        let mut stream = eventually(&format!("connect to {addr}"), DEADLINE, || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())
+        });
+        stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+        let mut data = Stream { state: seed };
+        let mut hash = Sha256::new();
+        let mut buf = vec![0; CHUNK];
+        let mut sent = 0;
+        while sent < len {
+            let n = CHUNK.min(len - sent);
+            data.fill(&mut buf[..n]);
+            hash.update(&buf[..n]);
+            stream.write_all(&buf[..n]).map_err(|e| format!("send after {sent} bytes: {e}"))?;
+            sent += n;
+        }
+        stream.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
+        Ok(hash.finalize().to_vec())
+    });
+
+    let sent = sender.join().expect("sender thread").unwrap_or_else(|e| panic!("{what}: {e}"));
+    let (received, got) = receiver.join().expect("receiver thread").unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(received, len, "{what}: wrong number of bytes arrived");
+    assert!(sent == got, "{what}: the bytes that arrived differ from those sent (SHA-256 mismatch)");
+}
