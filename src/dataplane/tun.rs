@@ -25,6 +25,8 @@ pub fn open(name: &str) -> Result<Tun, TunError> {
     let name_owned = || name.to_owned();
     tun_rs::DeviceBuilder::new()
         .name(name)
+        // Down until netlink has given it its address and MTU.
+        .enable(false)
         .build_async()
         .map_err(|source| match source.raw_os_error() {
             Some(libc::ENOENT) | Some(libc::ENODEV) => TunError::NoDevice { name: name_owned() },

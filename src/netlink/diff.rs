@@ -61,7 +61,10 @@ impl Change {
     /// Renders the change with the interface it applies to:
     /// "add address 100.72.0.1/16 to mesh0".
     pub fn on<'a>(&'a self, ifname: &'a str) -> ChangeOn<'a> {
-        ChangeOn { change: self, ifname }
+        ChangeOn {
+            change: self,
+            ifname,
+        }
     }
 }
 
@@ -138,8 +141,18 @@ pub fn diff(current: &LinkState, desired: &LinkConfig, owned: &Owned) -> Vec<Cha
             .into_iter()
             .map(Change::DelAddress),
     );
-    changes.extend(want_addrs.difference(&have_addrs).copied().map(Change::AddAddress));
-    changes.extend(want_routes.difference(&have_routes).copied().map(Change::AddRoute));
+    changes.extend(
+        want_addrs
+            .difference(&have_addrs)
+            .copied()
+            .map(Change::AddAddress),
+    );
+    changes.extend(
+        want_routes
+            .difference(&have_routes)
+            .copied()
+            .map(Change::AddRoute),
+    );
     changes
 }
 
@@ -199,7 +212,13 @@ mod tests {
 
     #[test]
     fn a_fresh_link_gets_mtu_then_up_then_addresses_then_routes() {
-        let fresh = LinkState { index: 7, mtu: 1500, up: false, addresses: vec![], routes: vec![] };
+        let fresh = LinkState {
+            index: 7,
+            mtu: 1500,
+            up: false,
+            addresses: vec![],
+            routes: vec![],
+        };
         let want = desired(&["100.72.0.1/16", "fd00:72::1/64"], &["10.99.0.0/24"]);
         assert_eq!(
             diff(&fresh, &want, &Owned::default()),
@@ -236,12 +255,23 @@ mod tests {
         let want = desired(&["100.72.0.1/16"], &["10.99.0.0/24"]);
         let now = configured(
             &["100.72.0.1/16", "100.73.0.1/16"],
-            &["100.72.0.0/16", "100.73.0.0/16", "10.99.0.0/24", "10.98.0.0/24"],
+            &[
+                "100.72.0.0/16",
+                "100.73.0.0/16",
+                "10.99.0.0/24",
+                "10.98.0.0/24",
+            ],
         );
-        let mine = owned(&["100.72.0.1/16", "100.73.0.1/16"], &["10.99.0.0/24", "10.98.0.0/24"]);
+        let mine = owned(
+            &["100.72.0.1/16", "100.73.0.1/16"],
+            &["10.99.0.0/24", "10.98.0.0/24"],
+        );
         assert_eq!(
             diff(&now, &want, &mine),
-            vec![Change::DelRoute(net("10.98.0.0/24")), Change::DelAddress(net("100.73.0.1/16"))]
+            vec![
+                Change::DelRoute(net("10.98.0.0/24")),
+                Change::DelAddress(net("100.73.0.1/16"))
+            ]
         );
     }
 
@@ -259,7 +289,10 @@ mod tests {
         let mine = owned(&["100.72.0.1/24"], &[]);
         assert_eq!(
             diff(&now, &want, &mine),
-            vec![Change::DelAddress(net("100.72.0.1/24")), Change::AddAddress(net("100.72.0.1/16"))]
+            vec![
+                Change::DelAddress(net("100.72.0.1/24")),
+                Change::AddAddress(net("100.72.0.1/16"))
+            ]
         );
     }
 
@@ -273,23 +306,41 @@ mod tests {
     #[test]
     fn routes_for_clears_host_bits_and_deduplicates() {
         let addrs = nets(&["100.72.0.1/16"]);
-        let allowed = nets(&["10.99.0.7/24", "10.99.0.0/24", "fd00:99::1/64", "100.72.9.9/32"]);
-        assert_eq!(routes_for(&addrs, allowed), nets(&["10.99.0.0/24", "fd00:99::/64"]));
+        let allowed = nets(&[
+            "10.99.0.7/24",
+            "10.99.0.0/24",
+            "fd00:99::1/64",
+            "100.72.9.9/32",
+        ]);
+        assert_eq!(
+            routes_for(&addrs, allowed),
+            nets(&["10.99.0.0/24", "fd00:99::/64"])
+        );
     }
 
     #[test]
     fn a_prefix_wider_than_the_mesh_prefix_still_gets_a_route() {
         let addrs = nets(&["100.72.0.1/16"]);
-        assert_eq!(routes_for(&addrs, nets(&["100.64.0.0/10"])), nets(&["100.64.0.0/10"]));
+        assert_eq!(
+            routes_for(&addrs, nets(&["100.64.0.0/10"])),
+            nets(&["100.64.0.0/10"])
+        );
     }
 
     #[test]
     fn changes_read_well_in_logs() {
         assert_eq!(
-            Change::AddAddress(net("100.72.0.1/16")).on("mesh0").to_string(),
+            Change::AddAddress(net("100.72.0.1/16"))
+                .on("mesh0")
+                .to_string(),
             "add address 100.72.0.1/16 to mesh0"
         );
-        assert_eq!(Change::DelRoute(net("10.99.0.0/24")).on("mesh0").to_string(), "remove route 10.99.0.0/24 dev mesh0");
+        assert_eq!(
+            Change::DelRoute(net("10.99.0.0/24"))
+                .on("mesh0")
+                .to_string(),
+            "remove route 10.99.0.0/24 dev mesh0"
+        );
         assert_eq!(Change::SetMtu(1380).to_string(), "set mtu 1380");
     }
 }

@@ -17,7 +17,7 @@ use rtnetlink::{AddressMessageBuilder, Handle, LinkGetRequest, LinkUnspec, Route
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::{diff, Change, LinkConfig, LinkState, NetlinkError, Owned};
+use super::{diff, errno, Change, LinkConfig, LinkState, NetlinkError, Owned};
 
 /// An rtnetlink connection bound to one interface, remembering which
 /// addresses and routes it added ([`Owned`]) so that it removes only those.
@@ -70,10 +70,15 @@ impl Link {
             .get()
             .set_link_index_filter(self.index)
             .execute()
-            .try_filter_map(|msg| async move { Ok(address_of(&msg.attributes, msg.header.prefix_len)) })
+            .try_filter_map(
+                |msg| async move { Ok(address_of(&msg.attributes, msg.header.prefix_len)) },
+            )
             .try_collect()
             .await
-            .map_err(|source| NetlinkError::Query { what: "addresses", source })?;
+            .map_err(|source| NetlinkError::Query {
+                what: "addresses",
+                source,
+            })?;
 
         let routes = main_routes(handle)
             .await?
@@ -109,7 +114,8 @@ impl Link {
                     applied.push(change);
                 }
                 Err(NetlinkError::Request { source, .. })
-                    if matches!(change, Change::AddRoute(_)) && errno(&source) == Some(libc::EEXIST) =>
+                    if matches!(change, Change::AddRoute(_))
+                        && errno(&source) == Some(libc::EEXIST) =>
                 {
                     warn!(
                         "cannot {}: the host already routes this prefix through another interface",
@@ -167,24 +173,48 @@ impl Link {
                     // kubelet) the moment meshd reports ready.
                     let msg = req.message_mut();
                     msg.header.flags |= AddressHeaderFlags::Nodad;
-                    msg.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+                    msg.attributes
+                        .push(AddressAttribute::Flags(AddressFlags::Nodad));
                 }
                 req.execute().await
             }
-            Change::DelAddress(net) => handle.address().del(address_message(index, net)).execute().await,
-            Change::AddRoute(net) => handle.route().add(route_message(index, net)).execute().await,
-            Change::DelRoute(net) => handle.route().del(route_message(index, net)).execute().await,
+            Change::DelAddress(net) => {
+                handle
+                    .address()
+                    .del(address_message(index, net))
+                    .execute()
+                    .await
+            }
+            Change::AddRoute(net) => {
+                handle
+                    .route()
+                    .add(route_message(index, net))
+                    .execute()
+                    .await
+            }
+            Change::DelRoute(net) => {
+                handle
+                    .route()
+                    .del(route_message(index, net))
+                    .execute()
+                    .await
+            }
         };
         let benign = match change {
             Change::AddAddress(_) => &[libc::EEXIST][..],
             // EADDRNOTAVAIL: no such address; ESRCH: no such route; ENODEV:
             // the link itself is gone, taking its addresses and routes along.
-            Change::DelAddress(_) | Change::DelRoute(_) => &[libc::EADDRNOTAVAIL, libc::ESRCH, libc::ENODEV],
+            Change::DelAddress(_) | Change::DelRoute(_) => {
+                &[libc::EADDRNOTAVAIL, libc::ESRCH, libc::ENODEV]
+            }
             Change::SetMtu(_) | Change::SetUp | Change::AddRoute(_) => &[],
         };
         match result {
             Err(e) if errno(&e).is_some_and(|code| benign.contains(&code)) => Ok(()),
-            Err(source) => Err(NetlinkError::Request { change: change.on(&self.ifname).to_string(), source }),
+            Err(source) => Err(NetlinkError::Request {
+                change: change.on(&self.ifname).to_string(),
+                source,
+            }),
             Ok(()) => Ok(()),
         }
     }
@@ -233,11 +263,17 @@ pub async fn overlapping_routes(
         .map_ok(|link| (link.header.index, name_of(&link)))
         .try_collect()
         .await
-        .map_err(|source| NetlinkError::Query { what: "links", source })?;
+        .map_err(|source| NetlinkError::Query {
+            what: "links",
+            source,
+        })?;
     Ok(overlapping
         .into_iter()
         .map(|(route, oif)| {
-            let name = names.get(&oif).cloned().unwrap_or_else(|| format!("ifindex {oif}"));
+            let name = names
+                .get(&oif)
+                .cloned()
+                .unwrap_or_else(|| format!("ifindex {oif}"));
             (route, name)
         })
         .collect())
@@ -255,7 +291,10 @@ struct Connection {
 impl Connection {
     fn new() -> Result<Self, NetlinkError> {
         let (connection, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
-        Ok(Connection { handle, task: tokio::spawn(connection) })
+        Ok(Connection {
+            handle,
+            task: tokio::spawn(connection),
+        })
     }
 }
 
@@ -267,20 +306,17 @@ impl Drop for Connection {
 
 /// The one link a by-name or by-index request asks for.
 async fn fetch_link(request: LinkGetRequest, ifname: &str) -> Result<LinkMessage, NetlinkError> {
-    let not_found = || NetlinkError::LinkNotFound { ifname: ifname.into() };
+    let not_found = || NetlinkError::LinkNotFound {
+        ifname: ifname.into(),
+    };
     match request.execute().try_next().await {
         Ok(Some(link)) => Ok(link),
         Ok(None) => Err(not_found()),
         Err(e) if errno(&e) == Some(libc::ENODEV) => Err(not_found()),
-        Err(source) => Err(NetlinkError::Query { what: "link", source }),
-    }
-}
-
-/// The errno carried by a kernel NACK.
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(msg) => Some(-msg.raw_code()),
-        _ => None,
+        Err(source) => Err(NetlinkError::Query {
+            what: "link",
+            source,
+        }),
     }
 }
 
@@ -298,9 +334,14 @@ async fn main_routes(handle: &Handle) -> Result<Vec<(IpNet, Option<u32>)>, Netli
         while let Some(msg) = dump
             .try_next()
             .await
-            .map_err(|source| NetlinkError::Query { what: "routes", source })?
+            .map_err(|source| NetlinkError::Query {
+                what: "routes",
+                source,
+            })?
         {
-            if table_of(&msg) == u32::from(RouteHeader::RT_TABLE_MAIN) && msg.header.kind == RouteType::Unicast {
+            if table_of(&msg) == u32::from(RouteHeader::RT_TABLE_MAIN)
+                && msg.header.kind == RouteType::Unicast
+            {
                 if let Some(net) = destination_of(&msg) {
                     let oif = msg.attributes.iter().find_map(|a| match a {
                         RouteAttribute::Oif(i) => Some(*i),
@@ -378,8 +419,14 @@ fn name_of(link: &LinkMessage) -> String {
 
 fn address_message(index: u32, net: IpNet) -> rtnetlink::packet_route::address::AddressMessage {
     match net {
-        IpNet::V4(n) => AddressMessageBuilder::<Ipv4Addr>::new().index(index).address(n.addr(), n.prefix_len()).build(),
-        IpNet::V6(n) => AddressMessageBuilder::<Ipv6Addr>::new().index(index).address(n.addr(), n.prefix_len()).build(),
+        IpNet::V4(n) => AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(n.addr(), n.prefix_len())
+            .build(),
+        IpNet::V6(n) => AddressMessageBuilder::<Ipv6Addr>::new()
+            .index(index)
+            .address(n.addr(), n.prefix_len())
+            .build(),
     }
 }
 

@@ -36,10 +36,26 @@ pub enum NetlinkError {
         #[source]
         source: rtnetlink::Error,
     },
-    #[error("cannot {change}: {source} (configuring interfaces needs CAP_NET_ADMIN)")]
+    #[error("cannot {change}: {source}{}", permission_hint(.source))]
     Request {
         change: String,
         #[source]
         source: rtnetlink::Error,
     },
+}
+
+/// The errno carried by a kernel NACK.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(msg) => Some(-msg.raw_code()),
+        _ => None,
+    }
+}
+
+fn permission_hint(e: &rtnetlink::Error) -> &'static str {
+    if errno(e) == Some(libc::EPERM) {
+        "; meshd needs CAP_NET_ADMIN (run it as root or grant it the capability)"
+    } else {
+        ""
+    }
 }

@@ -49,7 +49,8 @@ pub fn udp_probe_sized(src: IpAddr, dst: IpAddr, seq: u64, payload_len: usize) -
     let mut udp = vec![0u8; UDP_HEADER + payload.len()];
     udp[0..2].copy_from_slice(&PROBE_PORT.to_be_bytes());
     udp[2..4].copy_from_slice(&PROBE_PORT.to_be_bytes());
-    udp[4..6].copy_from_slice(&(udp.len() as u16).to_be_bytes());
+    let udp_len = udp.len() as u16;
+    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
     udp[UDP_HEADER..].copy_from_slice(&payload);
     let sum = match transport_checksum(src, dst, PROTO_UDP, &udp) {
         // RFC 768: a computed zero is sent as all ones.

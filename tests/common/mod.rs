@@ -48,6 +48,7 @@ pub const START_STOP_DEADLINE: Duration = Duration::from_secs(20);
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
+pub const MB: usize = 1_000_000;
 pub const LISTEN_PORT: u16 = 51820;
 pub const MESH_PREFIX_LEN: u8 = 16;
 pub const MTU: u16 = 1380;
@@ -107,6 +108,12 @@ pub fn run(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `ip` with whitespace-separated `args`, which must succeed; returns
+/// its stdout.
+pub fn ip(args: &str) -> String {
+    run("ip", &args.split_whitespace().collect::<Vec<_>>())
 }
 
 /// Runs a command with `input` on stdin; returns its output.
@@ -189,7 +196,10 @@ impl Node {
     /// Pings `to` until a reply comes, or panics at the deadline.
     pub fn pings(&self, to: Ipv4Addr) {
         eventually(
-            &format!("node {} ({}) gets a ping reply from {to}", self.name, self.ns),
+            &format!(
+                "node {} ({}) gets a ping reply from {to}",
+                self.name, self.ns
+            ),
             DEADLINE,
             || self.ping_once(to),
         )
@@ -197,7 +207,9 @@ impl Node {
 
     /// Whether `ip link show <iface>` finds the interface in this namespace.
     pub fn has_link(&self, iface: &str) -> bool {
-        output("ip", &["-n", &self.ns, "link", "show", iface]).status.success()
+        output("ip", &["-n", &self.ns, "link", "show", iface])
+            .status
+            .success()
     }
 }
 
@@ -259,31 +271,37 @@ impl Lab {
 
         if n == 2 {
             let (a, b) = (&lab.nodes[0].ns, &lab.nodes[1].ns);
-            run("ip", &["-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b]);
+            ip(&format!(
+                "-n {a} link add eth0 type veth peer name eth0 netns {b}"
+            ));
         } else {
             let sw = lab.add_namespace('s');
-            run("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"]);
-            run("ip", &["-n", &sw, "link", "set", "br0", "up"]);
+            ip(&format!("-n {sw} link add br0 type bridge"));
+            ip(&format!("-n {sw} link set br0 up"));
             for node in &lab.nodes {
-                let port = format!("p{}", node.name);
-                run("ip", &["-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &node.ns]);
-                run("ip", &["-n", &sw, "link", "set", &port, "master", "br0"]);
-                run("ip", &["-n", &sw, "link", "set", &port, "up"]);
+                let (port, ns) = (format!("p{}", node.name), &node.ns);
+                ip(&format!(
+                    "-n {sw} link add {port} type veth peer name eth0 netns {ns}"
+                ));
+                ip(&format!("-n {sw} link set {port} master br0"));
+                ip(&format!("-n {sw} link set {port} up"));
             }
         }
         for node in &lab.nodes {
-            let addr = format!("{}/24", node.underlay);
-            run("ip", &["-n", &node.ns, "addr", "add", &addr, "dev", "eth0"]);
-            run("ip", &["-n", &node.ns, "link", "set", "eth0", "up"]);
+            ip(&format!(
+                "-n {} addr add {}/24 dev eth0",
+                node.ns, node.underlay
+            ));
+            ip(&format!("-n {} link set eth0 up", node.ns));
         }
         lab
     }
 
     fn add_namespace(&mut self, role: char) -> String {
         let ns = format!("{}{role}", self.id);
-        run("ip", &["netns", "add", &ns]);
+        ip(&format!("netns add {ns}"));
         self.namespaces.push(ns.clone());
-        run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&format!("-n {ns} link set lo up"));
         ns
     }
 
@@ -315,23 +333,43 @@ impl Lab {
     /// Starts `program args…` inside `node`'s namespace with stdout and
     /// stderr going to a log the lab prints if the test fails.
     pub fn spawn(&self, node: &Node, label: &str, program: &str, args: &[&str]) -> Daemon<'_> {
+        self.spawn_with_env(node, label, program, args, &[])
+    }
+
+    fn spawn_with_env(
+        &self,
+        node: &Node,
+        label: &str,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon<'_> {
         let (log, file) = self.new_log(label);
         let stderr = file.try_clone().expect("clone a log file handle");
         let child = Command::new("ip")
             .args(["netns", "exec", &node.ns, program])
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
             .env("RUST_BACKTRACE", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
-        Daemon { _lab: self, label: label.to_owned(), child: Some(child), log }
+        Daemon {
+            _lab: self,
+            label: label.to_owned(),
+            child: Some(child),
+            log,
+        }
     }
 
     /// Writes node `i`'s private key (mode 0600) and a meshd config that
-    /// lists `peers` (indices) with their endpoints; returns the config path.
+    /// lists `peers` (indices) with their endpoints.
     pub fn write_meshd_config(&self, i: usize, peers: &[usize]) -> MeshdFiles {
         let node = self.node(i);
         let key_file = self.dir().join(format!("{}.key", node.name));
@@ -371,10 +409,24 @@ impl Lab {
         let config = files.config.to_str().expect("utf-8 temp path");
         let socket = files.socket.to_str().expect("utf-8 temp path");
         let label = format!("meshd-{}", node.name);
-        let daemon = self.spawn(node, &label, MESHD, &["run", "--config", config, "--socket", socket]);
-        let mut meshd = Meshd { daemon, socket: files.socket.clone() };
+        let daemon = self.spawn(
+            node,
+            &label,
+            MESHD,
+            &["run", "--config", config, "--socket", socket],
+        );
+        let mut meshd = Meshd {
+            daemon,
+            socket: files.socket.clone(),
+        };
         meshd.wait_ready();
         meshd
+    }
+
+    /// Configures meshd on node `i` with `peers` (indices) and starts it.
+    pub fn start_meshd_with_peers(&self, i: usize, peers: &[usize]) -> Meshd<'_> {
+        let files = self.write_meshd_config(i, peers);
+        self.start_meshd(i, &files)
     }
 
     /// Configures meshd on every node listed in `nodes`, each peering with
@@ -384,8 +436,7 @@ impl Lab {
             .iter()
             .map(|&i| {
                 let peers: Vec<usize> = nodes.iter().copied().filter(|&p| p != i).collect();
-                let files = self.write_meshd_config(i, &peers);
-                self.start_meshd(i, &files)
+                self.start_meshd_with_peers(i, &peers)
             })
             .collect()
     }
@@ -394,27 +445,54 @@ impl Lab {
     /// configured with `wg` and `ip` the way a wg-quick user would.
     pub fn start_wireguard_go(&self, i: usize, peers: &[usize]) -> WireguardGo<'_> {
         let node = self.node(i);
-        let iface = format!("{WG_IFACE_PREFIX}{}", &self.id[NS_PREFIX.len()..]) + &node.name.to_string();
-        assert!(iface.len() <= 15, "interface name {iface} is longer than 15 characters");
-        self.wg_ifaces.lock().unwrap_or_else(|e| e.into_inner()).push(iface.clone());
+        let iface = format!(
+            "{WG_IFACE_PREFIX}{}{}",
+            &self.id[NS_PREFIX.len()..],
+            node.name
+        );
+        assert!(
+            iface.len() <= 15,
+            "interface name {iface} is longer than 15 characters"
+        );
+        self.wg_ifaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(iface.clone());
 
         let label = format!("wireguard-go-{}", node.name);
-        let mut daemon = self.spawn(node, &label, "wireguard-go", &["-f", &iface]);
+        let mut daemon = self.spawn_with_env(
+            node,
+            &label,
+            "wireguard-go",
+            &["-f", &iface],
+            &[("LOG_LEVEL", "verbose")],
+        );
         let uapi = Path::new(WG_UAPI_DIR).join(format!("{iface}.sock"));
-        eventually(&format!("{label} creates {}", uapi.display()), START_STOP_DEADLINE, || {
-            daemon.assert_running();
-            if uapi.exists() && node.has_link(&iface) {
-                Ok(())
-            } else {
-                Err("no UAPI socket or interface yet".into())
-            }
-        });
+        eventually(
+            &format!("{label} creates {}", uapi.display()),
+            START_STOP_DEADLINE,
+            || {
+                daemon.assert_running();
+                if uapi.exists() && node.has_link(&iface) {
+                    Ok(())
+                } else {
+                    Err("no UAPI socket or interface yet".into())
+                }
+            },
+        );
 
         let key_file = self.dir().join(format!("{}.wg.key", node.name));
         write_private_key(&key_file, &node.key.private);
         let key_file = key_file.to_str().expect("utf-8 temp path").to_owned();
         let port = LISTEN_PORT.to_string();
-        let mut args = vec!["set", &iface, "private-key", &key_file, "listen-port", &port];
+        let mut args = vec![
+            "set",
+            &iface,
+            "private-key",
+            &key_file,
+            "listen-port",
+            &port,
+        ];
         let peer_args: Vec<[String; 6]> = peers
             .iter()
             .map(|&p| {
@@ -431,9 +509,11 @@ impl Lab {
             .collect();
         args.extend(peer_args.iter().flatten().map(String::as_str));
         assert_success(&node.exec("wg", &args), "wg set");
-        let addr = format!("{}/{MESH_PREFIX_LEN}", node.overlay);
-        run("ip", &["-n", &node.ns, "addr", "add", &addr, "dev", &iface]);
-        run("ip", &["-n", &node.ns, "link", "set", &iface, "mtu", &MTU.to_string(), "up"]);
+        let (ns, overlay) = (&node.ns, node.overlay);
+        ip(&format!(
+            "-n {ns} addr add {overlay}/{MESH_PREFIX_LEN} dev {iface}"
+        ));
+        ip(&format!("-n {ns} link set {iface} mtu {MTU} up"));
         WireguardGo { daemon, iface }
     }
 }
@@ -443,8 +523,12 @@ impl Drop for Lab {
         if thread::panicking() {
             let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
             for (label, path) in logs.iter() {
-                let text = fs::read_to_string(path).unwrap_or_else(|e| format!("(unreadable: {e})"));
-                eprintln!("===== {label} log ({}) =====\n{text}===== end of {label} log =====", path.display());
+                let text =
+                    fs::read_to_string(path).unwrap_or_else(|e| format!("(unreadable: {e})"));
+                eprintln!(
+                    "===== {label} log ({}) =====\n{text}===== end of {label} log =====",
+                    path.display()
+                );
             }
         }
         // Daemons borrow the lab and are gone by now; anything still inside a
@@ -453,7 +537,12 @@ impl Drop for Lab {
             kill_processes_in(ns);
             let _ = output("ip", &["netns", "del", ns]);
         }
-        for iface in self.wg_ifaces.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for iface in self
+            .wg_ifaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let _ = fs::remove_file(Path::new(WG_UAPI_DIR).join(format!("{iface}.sock")));
         }
     }
@@ -475,12 +564,16 @@ fn kill_processes_in(ns: &str) {
     }
 }
 
-/// Removes namespaces and wireguard-go sockets of earlier runs whose test
-/// process no longer exists.
+/// Removes namespaces, temp dirs and wireguard-go sockets of earlier runs
+/// whose test process no longer exists.
 fn sweep_leftovers() {
     let dead = |name: &str, prefix: &str| -> bool {
-        let Some(rest) = name.strip_prefix(prefix) else { return false };
-        let Some((pid, _)) = rest.split_once('-') else { return false };
+        let Some(rest) = name.strip_prefix(prefix) else {
+            return false;
+        };
+        let Some((pid, _)) = rest.split_once('-') else {
+            return false;
+        };
         !pid.is_empty()
             && pid.bytes().all(|b| b.is_ascii_digit())
             && !Path::new("/proc").join(pid).exists()
@@ -491,6 +584,14 @@ fn sweep_leftovers() {
             if dead(&name, NS_PREFIX) {
                 kill_processes_in(&name);
                 let _ = output("ip", &["netns", "del", &name]);
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().is_dir() && dead(&name, NS_PREFIX) {
+                let _ = fs::remove_dir_all(entry.path());
             }
         }
     }
@@ -546,7 +647,11 @@ impl Daemon<'_> {
     pub fn assert_running(&mut self) {
         let child = self.child.as_mut().expect("daemon not yet stopped");
         if let Some(status) = child.try_wait().expect("wait for a daemon") {
-            panic!("{} exited unexpectedly with {status}; its log:\n{}", self.label, self.log());
+            panic!(
+                "{} exited unexpectedly with {status}; its log:\n{}",
+                self.label,
+                self.log()
+            );
         }
     }
 
@@ -557,13 +662,15 @@ impl Daemon<'_> {
         // been reaped yet, so its pid is still ours.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let label = self.label.clone();
-        eventually(&format!("{label} exits after SIGTERM"), START_STOP_DEADLINE, || {
-            match child.try_wait() {
+        eventually(
+            &format!("{label} exits after SIGTERM"),
+            START_STOP_DEADLINE,
+            || match child.try_wait() {
                 Ok(Some(status)) => Ok(status),
                 Ok(None) => Err("still running".into()),
                 Err(e) => panic!("cannot wait for {label}: {e}"),
-            }
-        })
+            },
+        )
     }
 }
 
@@ -601,13 +708,17 @@ impl Meshd<'_> {
     /// Waits until the API socket exists and answers `meshctl peers --json`.
     fn wait_ready(&mut self) {
         let label = self.daemon.label.clone();
-        eventually(&format!("{label} becomes ready"), START_STOP_DEADLINE, || {
-            self.daemon.assert_running();
-            if !self.socket.exists() {
-                return Err(format!("no socket at {}", self.socket.display()));
-            }
-            self.try_peers()
-        });
+        eventually(
+            &format!("{label} becomes ready"),
+            START_STOP_DEADLINE,
+            || {
+                self.daemon.assert_running();
+                if !self.socket.exists() {
+                    return Err(format!("no socket at {}", self.socket.display()));
+                }
+                self.try_peers()
+            },
+        );
     }
 
     /// `meshctl --socket … peers --json`, parsed.
@@ -622,7 +733,10 @@ impl Meshd<'_> {
             ));
         }
         serde_json::from_slice(&out.stdout).map_err(|e| {
-            format!("meshctl peers --json printed no JSON array ({e}): {}", String::from_utf8_lossy(&out.stdout))
+            format!(
+                "meshctl peers --json printed no JSON array ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 
@@ -680,7 +794,10 @@ const CHUNK: usize = 64 * 1024;
 /// `to`'s overlay address and asserts that exactly those bytes arrive
 /// (same length, same SHA-256).
 pub fn assert_tcp_transfer(from: &Node, to: &Node, len: usize, seed: u64) {
-    let what = format!("{len} bytes over TCP from node {} to node {} ({})", from.name, to.name, to.overlay);
+    let what = format!(
+        "{len} bytes over TCP from node {} to node {} ({})",
+        from.name, to.name, to.overlay
+    );
     let addr = SocketAddr::from((to.overlay, 5201));
     let (bound_tx, bound_rx) = mpsc::channel();
 
@@ -692,7 +809,9 @@ pub fn assert_tcp_transfer(from: &Node, to: &Node, len: usize, seed: u64) {
             listener.accept().map_err(|e| e.to_string())
         });
         stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .map_err(|e| e.to_string())?;
         let mut hash = Sha256::new();
         let mut received = 0;
         let mut buf = vec![0; CHUNK];
@@ -717,7 +836,9 @@ pub fn assert_tcp_transfer(from: &Node, to: &Node, len: usize, seed: u64) {
         let mut stream = eventually(&format!("connect to {addr}"), DEADLINE, || {
             TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())
         });
-        stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| e.to_string())?;
+        stream
+            .set_write_timeout(Some(IO_TIMEOUT))
+            .map_err(|e| e.to_string())?;
         let mut data = Stream { state: seed };
         let mut hash = Sha256::new();
         let mut buf = vec![0; CHUNK];
@@ -726,15 +847,28 @@ pub fn assert_tcp_transfer(from: &Node, to: &Node, len: usize, seed: u64) {
             let n = CHUNK.min(len - sent);
             data.fill(&mut buf[..n]);
             hash.update(&buf[..n]);
-            stream.write_all(&buf[..n]).map_err(|e| format!("send after {sent} bytes: {e}"))?;
+            stream
+                .write_all(&buf[..n])
+                .map_err(|e| format!("send after {sent} bytes: {e}"))?;
             sent += n;
         }
-        stream.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())?;
         Ok(hash.finalize().to_vec())
     });
 
-    let sent = sender.join().expect("sender thread").unwrap_or_else(|e| panic!("{what}: {e}"));
-    let (received, got) = receiver.join().expect("receiver thread").unwrap_or_else(|e| panic!("{what}: {e}"));
+    let sent = sender
+        .join()
+        .expect("sender thread")
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let (received, got) = receiver
+        .join()
+        .expect("receiver thread")
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     assert_eq!(received, len, "{what}: wrong number of bytes arrived");
-    assert!(sent == got, "{what}: the bytes that arrived differ from those sent (SHA-256 mismatch)");
+    assert!(
+        sent == got,
+        "{what}: the bytes that arrived differ from those sent (SHA-256 mismatch)"
+    );
 }

@@ -1,0 +1,290 @@
+//! The command line as a user meets it: keys that interoperate with `wg`,
+//! config and key-file mistakes named precisely, errors instead of panics.
+//! Needs no root; needs `wireguard-tools` for `wg`.
+//!
+//! meshd is only ever expected to refuse here. In case it starts anyway,
+//! as root it runs in a fresh, empty network namespace (`unshare --net`) so
+//! that it cannot touch the host's network.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{output, output_with_stdin, write_private_key, MESHCTL, MESHD};
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn wg(args: &[&str], input: &str) -> String {
+    let out = Command::new("wg")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(|mut child| {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin is piped");
+            stdin.write_all(input.as_bytes()).expect("write to wg");
+            drop(stdin);
+            child.wait_with_output().expect("wait for wg")
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `wg` ({e}): install wireguard-tools (apt-get install wireguard-tools)"
+            )
+        });
+    common::assert_success(&out, &format!("wg {}", args.join(" ")));
+    stdout(&out)
+}
+
+fn meshctl_pubkey(private: &str) -> String {
+    let out = output_with_stdin(MESHCTL, &["pubkey"], private);
+    common::assert_success(&out, "meshctl pubkey");
+    stdout(&out)
+}
+
+/// Runs `meshd args…` and waits for it to exit; it must not keep running.
+fn meshd_expecting_exit(args: &[&str]) -> Output {
+    // SAFETY: geteuid has no preconditions and always succeeds.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut command = if root {
+        let mut c = Command::new("unshare");
+        c.args(["--net", MESHD]);
+        c
+    } else {
+        Command::new(MESHD)
+    };
+    let mut child = command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start meshd: {e}"));
+    let end = Instant::now() + common::START_STOP_DEADLINE;
+    loop {
+        if child.try_wait().expect("wait for meshd").is_some() {
+            return child.wait_with_output().expect("collect meshd's output");
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("collect meshd's output");
+            panic!(
+                "`meshd {}` kept running instead of refusing; its stderr:\n{}",
+                args.join(" "),
+                stderr(&out)
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_clear_failure(out: &Output, what: &str) {
+    let err = stderr(out);
+    assert!(
+        !out.status.success(),
+        "{what} fails, but it exited with {}",
+        out.status
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(101),
+        "{what} exits with an error, not a panic:\n{err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "{what} reports an error, not a panic:\n{err}"
+    );
+    assert!(
+        !err.trim().is_empty(),
+        "{what} says on stderr what was wrong"
+    );
+}
+
+/// A node config next to a valid key; `extra` is appended verbatim.
+fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let key = common::KeyPair::generate();
+    let key_file = dir.join("private.key");
+    write_private_key(&key_file, &key.private);
+    let config = dir.join("meshd.toml");
+    let text = format!(
+        "private-key-file = {key_file:?}\n\
+         listen-port = 51820\n\
+         interface = \"mesh0\"\n\
+         address = \"100.72.0.1/16\"\n\
+         socket = {:?}\n\
+         {extra}",
+        dir.join("meshd.sock")
+    );
+    fs::write(&config, text).expect("write a config");
+    config
+}
+
+#[test]
+fn genkey_pubkey_match_wg_pubkey() {
+    let out = output(MESHCTL, &["genkey"]);
+    common::assert_success(&out, "meshctl genkey");
+    let private = stdout(&out);
+    assert!(
+        private.ends_with('\n'),
+        "meshctl genkey ends its key with a newline: {private:?}"
+    );
+    assert_eq!(
+        private.trim().len(),
+        44,
+        "a key is 32 bytes in base64: {private:?}"
+    );
+
+    assert_eq!(
+        meshctl_pubkey(&private),
+        wg(&["pubkey"], &private),
+        "meshctl pubkey and wg pubkey agree on a key from meshctl genkey"
+    );
+
+    let private = wg(&["genkey"], "");
+    assert_eq!(
+        meshctl_pubkey(&private),
+        wg(&["pubkey"], &private),
+        "meshctl pubkey and wg pubkey agree on a key from wg genkey"
+    );
+}
+
+#[test]
+fn genkey_gives_a_new_key_every_time() {
+    let first = output(MESHCTL, &["genkey"]);
+    let second = output(MESHCTL, &["genkey"]);
+    common::assert_success(&first, "meshctl genkey");
+    common::assert_success(&second, "meshctl genkey");
+    assert_ne!(stdout(&first), stdout(&second));
+}
+
+#[test]
+fn meshd_refuses_a_group_readable_key_naming_the_file_and_fix() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), "");
+    let key_file = dir.path().join("private.key");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&key_file, fs::Permissions::from_mode(0o640)).expect("chmod 640");
+    }
+
+    let out = meshd_expecting_exit(&["run", "--config", config.to_str().expect("utf-8 temp path")]);
+
+    assert_clear_failure(&out, "meshd with a group-readable key");
+    let err = stderr(&out);
+    assert!(
+        err.contains(key_file.to_str().expect("utf-8 temp path")),
+        "the error names the key file {}:\n{err}",
+        key_file.display()
+    );
+    assert!(
+        err.contains("chmod 600"),
+        "the error says to `chmod 600` the key:\n{err}"
+    );
+}
+
+#[test]
+fn meshd_rejects_unknown_config_key_naming_file_and_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), "listen-prot = 51821\n");
+
+    let out = meshd_expecting_exit(&["run", "--config", config.to_str().expect("utf-8 temp path")]);
+
+    assert_clear_failure(&out, "meshd with a misspelt config key");
+    let err = stderr(&out);
+    assert!(
+        err.contains(config.to_str().expect("utf-8 temp path")),
+        "the error names the config file {}:\n{err}",
+        config.display()
+    );
+    assert!(
+        err.contains("listen-prot"),
+        "the error names the unknown key `listen-prot`:\n{err}"
+    );
+}
+
+#[test]
+fn meshd_names_a_missing_config_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("absent.toml");
+
+    let out = meshd_expecting_exit(&["run", "--config", config.to_str().expect("utf-8 temp path")]);
+
+    assert_clear_failure(&out, "meshd with a missing config file");
+    let err = stderr(&out);
+    assert!(
+        err.contains(config.to_str().expect("utf-8 temp path")),
+        "the error names the config file {}:\n{err}",
+        config.display()
+    );
+}
+
+#[test]
+fn meshctl_without_meshd_says_where_it_looked() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("meshd.sock");
+    let socket = socket.to_str().expect("utf-8 temp path");
+
+    let out = output(MESHCTL, &["--socket", socket, "peers", "--json"]);
+
+    assert_clear_failure(&out, "meshctl peers without a meshd");
+    let err = stderr(&out);
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "the error is one line:\n{err}"
+    );
+    assert!(
+        err.contains(socket),
+        "the error names the socket {socket}:\n{err}"
+    );
+    assert!(
+        stdout(&out).is_empty(),
+        "nothing on stdout: {}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn bad_arguments_get_a_clear_error_not_a_panic() {
+    for args in [
+        &["--no-such-flag"][..],
+        &["frobnicate"],
+        &["run", "--config"],
+        &["run", "--config", "/dev/null", "--no-such-flag"],
+    ] {
+        let out = meshd_expecting_exit(args);
+        assert_clear_failure(&out, &format!("`meshd {}`", args.join(" ")));
+    }
+    for args in [
+        &["--no-such-flag"][..],
+        &["frobnicate"],
+        &["peers", "--no-such-flag"],
+    ] {
+        let out = output(MESHCTL, args);
+        assert_clear_failure(&out, &format!("`meshctl {}`", args.join(" ")));
+    }
+}
+
+#[test]
+fn meshctl_pubkey_rejects_a_malformed_key() {
+    for input in ["not a key\n", "", "AAAA\n"] {
+        let out = output_with_stdin(MESHCTL, &["pubkey"], input);
+        assert_clear_failure(&out, &format!("`meshctl pubkey` of {input:?}"));
+        assert!(
+            stdout(&out).is_empty(),
+            "no key printed for {input:?}: {}",
+            stdout(&out)
+        );
+    }
+}

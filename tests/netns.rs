@@ -1,0 +1,109 @@
+#![cfg(not(feature = "sim"))]
+//! The real `meshd` binary on a lab of network namespaces: nodes with a
+//! static config find each other, carry traffic, survive a restart of one
+//! side and clean up after themselves. Needs root and `iputils-ping`.
+
+mod common;
+
+use common::{Lab, MB, MESH_IFACE};
+
+#[test]
+fn two_nodes_ping_each_other_over_the_overlay() {
+    let lab = Lab::new(2);
+    let _meshd = lab.start_meshd_full_mesh(&[0, 1]);
+
+    lab.node(0).pings(lab.node(1).overlay);
+    lab.node(1).pings(lab.node(0).overlay);
+}
+
+#[test]
+fn three_nodes_every_node_pings_every_overlay_address() {
+    let lab = Lab::new(3);
+    let _meshd = lab.start_meshd_full_mesh(&[0, 1, 2]);
+
+    for from in lab.nodes() {
+        for to in lab.nodes() {
+            from.pings(to.overlay);
+        }
+    }
+}
+
+#[test]
+fn fifty_megabytes_over_tcp_arrive_byte_identical() {
+    let lab = Lab::new(2);
+    let _meshd = lab.start_meshd_full_mesh(&[0, 1]);
+
+    common::assert_tcp_transfer(lab.node(0), lab.node(1), 50 * MB, 0x6d65_7368);
+}
+
+#[test]
+fn restarting_one_meshd_recovers_the_tunnel_without_touching_the_other() {
+    let lab = Lab::new(2);
+    let (a, b) = (lab.node(0), lab.node(1));
+    let files_a = lab.write_meshd_config(0, &[1]);
+    let files_b = lab.write_meshd_config(1, &[0]);
+    let mut meshd_a = lab.start_meshd(0, &files_a);
+    let mut meshd_b = lab.start_meshd(1, &files_b);
+    a.pings(b.overlay);
+    b.pings(a.overlay);
+    let pid_a = meshd_a.pid();
+
+    let status = meshd_b.daemon.terminate();
+    assert!(
+        status.success(),
+        "meshd on node b exits 0 after SIGTERM, not {status}"
+    );
+    let _meshd_b = lab.start_meshd(1, &files_b);
+
+    b.pings(a.overlay);
+    a.pings(b.overlay);
+    meshd_a.daemon.assert_running();
+    assert_eq!(meshd_a.pid(), pid_a, "node a keeps its meshd process");
+
+    let peers = meshd_a.peers();
+    let peer_b = peers
+        .iter()
+        .find(|p| p["public_key"] == b.key.public.as_str())
+        .unwrap_or_else(|| panic!("meshctl peers on node a lists node b: {peers:#?}"));
+    assert!(
+        !peer_b["last_handshake"].is_null(),
+        "node a has a handshake with node b: {peer_b:#}"
+    );
+    assert!(
+        peer_b["rx_bytes"].as_u64().is_some_and(|n| n > 0),
+        "node a has received bytes from node b: {peer_b:#}"
+    );
+    assert!(
+        peer_b["tx_bytes"].as_u64().is_some_and(|n| n > 0),
+        "node a has sent bytes to node b: {peer_b:#}"
+    );
+}
+
+#[test]
+fn meshd_exit_removes_the_interface() {
+    let lab = Lab::new(2);
+    let a = lab.node(0);
+    let files = lab.write_meshd_config(0, &[1]);
+    let mut meshd = lab.start_meshd(0, &files);
+    let addrs = common::ip(&format!("-n {} -o addr show dev {MESH_IFACE}", a.ns));
+    assert!(
+        addrs.contains(&format!("{}/{}", a.overlay, common::MESH_PREFIX_LEN)),
+        "a ready meshd has its overlay address on {MESH_IFACE}: {addrs}"
+    );
+
+    let status = meshd.daemon.terminate();
+
+    assert!(
+        status.success(),
+        "meshd exits 0 after SIGTERM, not {status}"
+    );
+    assert!(
+        !a.has_link(MESH_IFACE),
+        "{MESH_IFACE} is gone after meshd exits"
+    );
+    assert!(
+        !files.socket.exists(),
+        "meshd removes its API socket {} when it exits",
+        files.socket.display()
+    );
+}
