@@ -298,9 +298,9 @@ impl Node {
         &self.stats
     }
 
-    /// Adds a peer. With a known endpoint and a persistent keepalive, the
-    /// handshake starts at once (as `wg set … persistent-keepalive` does), so
-    /// a restarted node is reachable without waiting for traffic.
+    /// Adds a peer. With a known endpoint the handshake starts at once: a
+    /// mesh node that restarts is reachable again without waiting for the
+    /// other side's KEEPALIVE + REKEY_TIMEOUT (15 s) to notice.
     pub fn add_peer(&mut self, spec: PeerSpec, _now: Instant) -> Result<PeerId, EngineError> {
         if spec.public_key == self.public_key {
             return Err(EngineError::SelfPeer(spec.public_key));
@@ -331,7 +331,7 @@ impl Node {
             // prefix, and like `wg set` the newest owner wins.
             self.routes.insert(*net, id);
         }
-        if let (Some(endpoint), Some(_)) = (spec.endpoint, spec.persistent_keepalive) {
+        if let Some(endpoint) = spec.endpoint {
             let mut buf = self.pool.take();
             match peer.initiate(&mut buf) {
                 Some(len) => self.push_transmit(&mut peer, endpoint, buf, len),
