@@ -241,7 +241,7 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("public-key") && err.contains("44 base64"), "{err}");
+        assert!(err.contains("public-key") && err.contains("44 characters"), "{err}");
     }
 
     #[test]
