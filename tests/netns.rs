@@ -55,8 +55,10 @@ fn restarting_one_meshd_recovers_the_tunnel_without_touching_the_other() {
     );
     let _meshd_b = lab.start_meshd(1, &files_b);
 
-    b.pings(a.overlay);
+    // The untouched side speaks first: the restarted node's eager handshake
+    // must have replaced the session node a still holds.
     a.pings(b.overlay);
+    b.pings(a.overlay);
     meshd_a.daemon.assert_running();
     assert_eq!(meshd_a.pid(), pid_a, "node a keeps its meshd process");
 
