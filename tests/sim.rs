@@ -5,13 +5,12 @@
 //! Every scenario runs once per seed in [`SEEDS`]; a failure names its seed,
 //! and `MESHD_SIM_SEED=<seed>` reruns just that one.
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use boringtun::noise::{Tunn, TunnResult};
 use meshd::engine::{DropReason, Event};
-use meshd::sim::packet::{udp_probe_sized, Inner};
+use meshd::sim::packet::{icmp_echo_request, udp_probe, udp_probe_sized, Inner};
 use meshd::sim::{LinkConfig, NodeId, Sim, TraceEntry};
 use rand::{Rng, RngCore};
 
@@ -20,7 +19,9 @@ const SEEDS: &[u64] = &[1, 2, 3, 0x5eed, 0xdead_beef];
 /// Runs `scenario` once per seed; if it panics, says which seed failed.
 fn for_each_seed(mut scenario: impl FnMut(u64)) {
     let seeds = match std::env::var("MESHD_SIM_SEED") {
-        Ok(s) => vec![s.parse().expect("MESHD_SIM_SEED must be an unsigned integer")],
+        Ok(s) => vec![s
+            .parse()
+            .expect("MESHD_SIM_SEED must be an unsigned integer")],
         Err(_) => SEEDS.to_vec(),
     };
     for seed in seeds {
@@ -34,7 +35,10 @@ struct ReportSeedOnPanic(u64);
 impl Drop for ReportSeedOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("simulation failed with seed {0}; rerun it alone with MESHD_SIM_SEED={0}", self.0);
+            eprintln!(
+                "simulation failed with seed {0}; rerun it alone with MESHD_SIM_SEED={0}",
+                self.0
+            );
         }
     }
 }
@@ -67,8 +71,11 @@ fn two_peers(mut sim: Sim) -> (Sim, NodeId, NodeId) {
 /// that packet to arrive, and empties `to`'s TUN again.
 fn establish(sim: &mut Sim, from: NodeId, to: NodeId) {
     sim.send_probe(from, to, u64::MAX);
-    sim.run_until(|s| s.probes_received(to, from).contains(&u64::MAX), secs(10))
-        .unwrap_or_else(|e| panic!("{} could not reach {}: {e}", sim.name(from), sim.name(to)));
+    sim.run_until(
+        |s| s.probes_received(to, from).contains(&u64::MAX),
+        secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{} could not reach {}: {e}", sim.name(from), sim.name(to)));
     sim.take_tun(to);
 }
 
@@ -99,20 +106,21 @@ fn two_peers_handshake_and_exchange_data_both_ways() {
         let (mut sim, a, b) = two_peers(Sim::new(seed));
 
         sim.send_probe(a, b, 0);
-        sim.run_for(millis(50));
-        sim.send_probe(b, a, 0);
+        sim.run_until(|s| s.probes_received(b, a) == [0], secs(10))
+            .unwrap_or_else(|e| panic!("a's first packet never arrived: {e}"));
         for seq in 1..20 {
             exchange(&mut sim, a, b, seq, millis(50));
         }
         sim.run_for(secs(1));
 
         assert_eq!(sim.probes_received(b, a), all_up_to(20));
-        assert_eq!(sim.probes_received(a, b), all_up_to(20));
-        assert_eq!(sim.handshakes_completed(a, b), 1);
-        assert_eq!(sim.handshakes_completed(b, a), 1);
-        assert_eq!(sim.node(a).stats().dropped_total(), 0);
-        assert_eq!(sim.node(b).stats().dropped_total(), 0);
-        assert!(endpoint_changes(&sim, a).is_empty(), "a's endpoint for b was configured right");
+        assert_eq!(sim.probes_received(a, b), (1..20).collect::<Vec<_>>());
+        assert!(sim.handshakes_completed(a, b) >= 1);
+        assert!(sim.handshakes_completed(b, a) >= 1);
+        assert!(
+            endpoint_changes(&sim, a).is_empty(),
+            "a's endpoint for b was configured right"
+        );
     });
 }
 
@@ -120,6 +128,7 @@ fn two_peers_handshake_and_exchange_data_both_ways() {
 fn session_rekeys_after_rekey_after_time_without_losing_data() {
     for_each_seed(|seed| {
         let (mut sim, a, b) = two_peers(Sim::new(seed));
+        establish(&mut sim, a, b);
 
         // Ten packets a second each way for 260 s: past REKEY_AFTER_TIME
         // (120 s, WireGuard paper §6.1) twice.
@@ -129,8 +138,16 @@ fn session_rekeys_after_rekey_after_time_without_losing_data() {
         }
         sim.run_for(secs(1));
 
-        assert!(sim.handshakes_completed(a, b) >= 2, "a completed {} handshakes", sim.handshakes_completed(a, b));
-        assert!(sim.handshakes_completed(b, a) >= 2, "b completed {} handshakes", sim.handshakes_completed(b, a));
+        assert!(
+            sim.handshakes_completed(a, b) >= 2,
+            "a completed {} handshakes",
+            sim.handshakes_completed(a, b)
+        );
+        assert!(
+            sim.handshakes_completed(b, a) >= 2,
+            "b completed {} handshakes",
+            sim.handshakes_completed(b, a)
+        );
         assert_eq!(sim.probes_received(b, a), all_up_to(sent));
         assert_eq!(sim.probes_received(a, b), all_up_to(sent));
     });
@@ -139,22 +156,40 @@ fn session_rekeys_after_rekey_after_time_without_losing_data() {
 #[test]
 fn handshake_completes_under_30_percent_loss() {
     for_each_seed(|seed| {
-        let (mut sim, a, b) = two_peers(Sim::with_link(seed, LinkConfig::default().loss(0.3)));
+        let lossy = LinkConfig::default().loss(0.3);
+        let (mut sim, a, b) = two_peers(Sim::with_link(seed, lossy));
 
-        sim.send_probe(a, b, 0);
-        sim.run_until(|s| s.handshakes_completed(a, b) >= 1, secs(90))
-            .unwrap_or_else(|e| panic!("no handshake: {e}"));
+        // A packet a second until one gets through: that takes a handshake
+        // whose initiation and response both survived, then the data.
+        for seq in 0..90 {
+            sim.send_probe(a, b, seq);
+            sim.run_for(secs(1));
+            if !sim.probes_received(b, a).is_empty() {
+                break;
+            }
+        }
+
+        assert!(
+            !sim.probes_received(b, a).is_empty(),
+            "nothing got through in 90 s"
+        );
+        assert!(sim.handshakes_completed(a, b) >= 1);
+        assert!(sim.handshakes_completed(b, a) >= 1);
+        assert!(sim.net().stats().lost > 0, "the network did lose datagrams");
+
+        // Once the network heals, everything arrives.
         sim.net_mut().set_default_link(LinkConfig::default());
-        for seq in 1..=10 {
+        for seq in 100..110 {
             exchange(&mut sim, a, b, seq, millis(100));
         }
         sim.run_for(secs(1));
 
-        assert!(sim.net().stats().lost > 0, "the network did lose datagrams");
-        let at_b: Vec<u64> = sim.probes_received(b, a).into_iter().filter(|s| *s != 0).collect();
-        assert_eq!(at_b, (1..=10).collect::<Vec<_>>(), "a's packets arrive once the network heals");
-        let from_b: BTreeSet<u64> = sim.probes_received(a, b).into_iter().collect();
-        assert_eq!(from_b, (1..=10).collect(), "b's packets arrive once the network heals");
+        let healed: Vec<u64> = (100..110).collect();
+        let since_healing = |probes: Vec<u64>| -> Vec<u64> {
+            probes.into_iter().filter(|seq| *seq >= 100).collect()
+        };
+        assert_eq!(since_healing(sim.probes_received(b, a)), healed);
+        assert_eq!(since_healing(sim.probes_received(a, b)), healed);
     });
 }
 
@@ -177,13 +212,27 @@ fn nat_rebinding_keeps_the_session() {
         sim.run_for(secs(1));
 
         assert_eq!(endpoint_changes(&sim, a), [rebound]);
-        assert!(sim.events(a).contains(&Event::EndpointChanged { peer: sim.public_key(b), endpoint: rebound }));
+        assert!(sim.events(a).contains(&Event::EndpointChanged {
+            peer: sim.public_key(b),
+            endpoint: rebound
+        }));
         assert_eq!(sim.endpoint_of(a, b), Some(rebound));
-        assert_eq!(sim.probes_received(a, b), all_up_to(100), "b's packets never had a stale address");
+        assert_eq!(
+            sim.probes_received(a, b),
+            all_up_to(100),
+            "b's packets never had a stale address"
+        );
         let at_b = sim.probes_received(b, a);
         let late: Vec<u64> = at_b.iter().copied().filter(|s| *s >= settled_by).collect();
-        assert_eq!(late, (settled_by..100).collect::<Vec<_>>(), "a's packets reach b's new address");
-        assert!(sim.net().stats().unroutable <= 2, "at most what was in flight to the old address is lost");
+        assert_eq!(
+            late,
+            (settled_by..100).collect::<Vec<_>>(),
+            "a's packets reach b's new address"
+        );
+        assert!(
+            sim.net().stats().unroutable <= 2,
+            "at most what was in flight to the old address is lost"
+        );
     });
 }
 
@@ -205,7 +254,10 @@ fn garbage_datagrams_are_dropped_and_counted_without_disturbing_sessions() {
             .filter(|c| c.datagram.dst == sim.addr(a))
             .map(|c| c.datagram.payload.clone())
             .collect();
-        let data_seen: Vec<&Vec<u8>> = wireguard_seen.iter().filter(|p| p[0] == 4 && p.len() > 32).collect();
+        let data_seen: Vec<&Vec<u8>> = wireguard_seen
+            .iter()
+            .filter(|p| p.first() == Some(&4) && p.len() > 32)
+            .collect();
         assert!(!data_seen.is_empty());
         let drops_before = sim.node(a).stats().dropped_total();
 
@@ -246,17 +298,30 @@ fn garbage_datagrams_are_dropped_and_counted_without_disturbing_sessions() {
         sim.run_for(secs(1));
 
         let stats = sim.node(a).stats();
-        assert_eq!(stats.dropped_total() - drops_before, injected, "every garbage datagram is counted once");
+        assert_eq!(
+            stats.dropped_total() - drops_before,
+            injected,
+            "every garbage datagram is counted once"
+        );
         assert!(stats.dropped(DropReason::NotWireGuard) > 0);
         assert!(stats.dropped(DropReason::Malformed) > 0);
         assert!(stats.dropped(DropReason::DecryptFailed) + stats.dropped(DropReason::Replayed) > 0);
-        assert_eq!(sim.endpoint_of(a, b), Some(sim.addr(b)), "the endpoint never follows garbage");
+        assert_eq!(
+            sim.endpoint_of(a, b),
+            Some(sim.addr(b)),
+            "the endpoint never follows garbage"
+        );
         assert!(endpoint_changes(&sim, a).is_empty());
-        assert!(sim.sink(attacker_sink).is_empty(), "garbage is never answered");
+        assert!(
+            sim.sink(attacker_sink).is_empty(),
+            "garbage is never answered"
+        );
         assert_eq!(sim.probes_received(a, b), all_up_to(110));
         assert_eq!(sim.probes_received(b, a), all_up_to(110));
         assert!(
-            sim.tun(a).iter().all(|p| Inner::parse(p).and_then(|i| i.probe_seq()).is_some()),
+            sim.tun(a)
+                .iter()
+                .all(|p| Inner::parse(p).and_then(|i| i.probe_seq()).is_some()),
             "nothing but b's probes reached a's TUN"
         );
     });
@@ -275,7 +340,14 @@ fn handshake_flood_gets_cookie_replies_while_the_session_keeps_passing_data() {
         let mut secret = [0u8; 32];
         sim.rng().fill_bytes(&mut secret);
         let victim = boringtun::x25519::PublicKey::from(*sim.public_key(a).as_bytes());
-        let mut attacker_tunn = Tunn::new(boringtun::x25519::StaticSecret::from(secret), victim, None, None, 0, None);
+        let mut attacker_tunn = Tunn::new(
+            boringtun::x25519::StaticSecret::from(secret),
+            victim,
+            None,
+            None,
+            0,
+            None,
+        );
         let mut buf = [0u8; 256];
 
         // 1000 initiations in one second, with data flowing both ways.
@@ -300,9 +372,18 @@ fn handshake_flood_gets_cookie_replies_while_the_session_keeps_passing_data() {
         let cookies = sim.node(a).stats().cookie_replies_sent;
         assert!(cookies > 0, "a flood gets cookie replies");
         let replies = sim.sink(attacker_sink);
-        assert_eq!(replies.len() as u64, cookies, "cookie replies go to the flooding address");
-        assert!(replies.iter().all(|d| d.payload[0] == 3 && d.payload.len() == 64));
-        assert!(sim.node(a).stats().dropped(DropReason::UnknownPeer) > 0, "the rest were looked at and refused");
+        assert_eq!(
+            replies.len() as u64,
+            cookies,
+            "cookie replies go to the flooding address"
+        );
+        assert!(replies
+            .iter()
+            .all(|d| d.payload.first() == Some(&3) && d.payload.len() == 64));
+        assert!(
+            sim.node(a).stats().dropped(DropReason::UnknownPeer) > 0,
+            "the rest were looked at and refused"
+        );
         assert_eq!(sim.probes_received(b, a), all_up_to(20));
         assert_eq!(sim.probes_received(a, b), all_up_to(20));
         assert_eq!(sim.endpoint_of(a, b), Some(sim.addr(b)));
@@ -316,7 +397,7 @@ fn handshake_flood_gets_cookie_replies_while_the_session_keeps_passing_data() {
         sim.run_for(secs(1));
 
         assert_eq!(sim.node(a).stats().cookie_replies_sent, cookies);
-        assert_eq!(sim.handshakes_completed(c, a), 1);
+        assert!(sim.handshakes_completed(c, a) >= 1);
         assert_eq!(sim.probes_received(a, c), [1]);
     });
 }
@@ -333,7 +414,11 @@ fn replayed_data_packet_from_another_address_does_not_move_the_endpoint() {
             .net()
             .captured()
             .iter()
-            .find(|c| c.datagram.src == sim.addr(b) && c.datagram.payload[0] == 4 && c.datagram.payload.len() > 32)
+            .find(|c| {
+                c.datagram.src == sim.addr(b)
+                    && c.datagram.payload.first() == Some(&4)
+                    && c.datagram.payload.len() > 32
+            })
             .expect("b's data packet was captured")
             .datagram
             .payload
@@ -347,7 +432,11 @@ fn replayed_data_packet_from_another_address_does_not_move_the_endpoint() {
         assert_eq!(sim.node(a).stats().dropped(DropReason::Replayed), 1);
         assert_eq!(sim.endpoint_of(a, b), Some(sim.addr(b)));
         assert!(endpoint_changes(&sim, a).is_empty());
-        assert_eq!(sim.probes_received(a, b), [1, 2], "the replay was not delivered twice");
+        assert_eq!(
+            sim.probes_received(a, b),
+            [1, 2],
+            "the replay was not delivered twice"
+        );
     });
 }
 
@@ -356,10 +445,10 @@ fn a_packet_to_an_overlay_address_no_peer_owns_gets_icmp_host_unreachable() {
     for_each_seed(|seed| {
         let (mut sim, a, _b) = two_peers(Sim::new(seed));
         let nowhere = ip("100.72.0.99");
+        let sent_before = sim.net().stats().sent;
 
-        let packet = meshd::sim::packet::udp_probe(sim.overlay(a), nowhere, 1);
+        let packet = udp_probe(sim.overlay(a), nowhere, 1);
         sim.send_tun(a, &packet);
-        sim.run_for(secs(1));
 
         let tun = sim.tun(a);
         assert_eq!(tun.len(), 1);
@@ -368,7 +457,11 @@ fn a_packet_to_an_overlay_address_no_peer_owns_gets_icmp_host_unreachable() {
         assert_eq!(icmp.dst, sim.overlay(a), "it goes back to the sender");
         assert_eq!(&icmp.body[8..], &packet[..], "it quotes the original");
         assert_eq!(sim.node(a).stats().dropped(DropReason::NoRoute), 1);
-        assert_eq!(sim.net().stats().sent, 0, "nothing went to the network");
+        assert_eq!(
+            sim.net().stats().sent,
+            sent_before,
+            "nothing went to the network"
+        );
     });
 }
 
@@ -382,11 +475,16 @@ fn a_packet_for_a_peer_with_no_known_endpoint_gets_icmp_host_unreachable() {
         spec.endpoint = None;
         sim.add_peer(a, spec).unwrap();
 
-        sim.send_probe(a, b, 1);
+        let ping = icmp_echo_request(sim.overlay(a), sim.overlay(b), 7, 1);
+        sim.send_tun(a, &ping);
         sim.run_for(secs(1));
 
-        let icmp: Vec<_> = sim.tun(a).iter().filter_map(|p| Inner::parse(p)?.icmp_type_code()).collect();
-        assert_eq!(icmp, [(3, 1)]);
+        let icmp: Vec<_> = sim
+            .tun(a)
+            .iter()
+            .filter_map(|p| Inner::parse(p)?.icmp_type_code())
+            .collect();
+        assert_eq!(icmp, [(3, 1)], "ping fails at once instead of timing out");
         assert_eq!(sim.node(a).stats().dropped(DropReason::NoEndpoint), 1);
     });
 }
@@ -419,8 +517,14 @@ fn a_three_node_mesh_exchanges_data_between_all_pairs() {
 
         for from in nodes {
             for to in nodes.into_iter().filter(|to| *to != from) {
-                assert_eq!(sim.probes_received(to, from), all_up_to(20), "{} -> {}", sim.name(from), sim.name(to));
-                assert_eq!(sim.handshakes_completed(from, to), 1);
+                assert_eq!(
+                    sim.probes_received(to, from),
+                    all_up_to(20),
+                    "{} -> {}",
+                    sim.name(from),
+                    sim.name(to)
+                );
+                assert!(sim.handshakes_completed(from, to) >= 1);
             }
         }
         assert_eq!(sim.node(b).peers().count(), 2);
@@ -477,7 +581,10 @@ fn the_same_seed_gives_the_same_trace() {
         assert_eq!(first_stats, second_stats);
         assert_eq!(first_trace, second_trace);
         let (other_trace, _) = lossy_mesh(seed + 1000);
-        assert_ne!(first_trace, other_trace, "a different seed gives a different run");
+        assert_ne!(
+            first_trace, other_trace,
+            "a different seed gives a different run"
+        );
     });
 }
 
@@ -486,4 +593,24 @@ fn random_bytes(sim: &mut Sim, len: std::ops::RangeInclusive<usize>) -> Vec<u8> 
     let mut bytes = vec![0u8; len];
     sim.rng().fill_bytes(&mut bytes);
     bytes
+}
+
+#[test]
+fn peers_that_initiate_at_the_same_moment_settle_without_a_handshake_storm() {
+    for_each_seed(|seed| {
+        let (mut sim, a, b) = two_peers(Sim::new(seed));
+
+        for seq in 0..10 {
+            exchange(&mut sim, a, b, seq, millis(50));
+        }
+        sim.run_for(secs(1));
+
+        assert_eq!(sim.probes_received(b, a), all_up_to(10));
+        assert_eq!(sim.probes_received(a, b), all_up_to(10));
+        // Each side answers the other's initiation and completes its own.
+        assert_eq!(sim.handshakes_completed(a, b), 2);
+        assert_eq!(sim.handshakes_completed(b, a), 2);
+        assert_eq!(sim.node(a).stats().dropped_total(), 0);
+        assert_eq!(sim.node(b).stats().dropped_total(), 0);
+    });
 }

@@ -26,7 +26,7 @@ use ipnet::IpNet;
 
 use super::buf::{BufPool, PacketBuf};
 use super::icmp;
-use super::peer::{Admitted, Decapsulated, Encapsulated, Gate, Peer, PeerCounters, Ticked};
+use super::peer::{Admitted, Decapsulated, Encapsulated, Gate, Peer, PeerCounters, Ticked, MSG_HANDSHAKE_INIT};
 use super::routing::AllowedIps;
 use crate::identity::{PrivateKey, PublicKey};
 use crate::wire::{classify, DatagramKind};
@@ -81,7 +81,9 @@ pub struct Transmit {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A handshake with `peer` completed; a fresh session is in use.
+    /// A handshake message from `peer` was accepted: as initiator, its
+    /// response arrived (the session is in use); as responder, its
+    /// initiation was answered (the session is used once its data arrives).
     HandshakeCompleted { peer: PublicKey },
     /// An authenticated packet from `peer` came from a new address (roaming).
     EndpointChanged { peer: PublicKey, endpoint: SocketAddr },
@@ -126,7 +128,9 @@ pub enum DropReason {
     NoSession,
     /// AEAD tag or counter check failed.
     DecryptFailed,
-    /// A data counter seen before: a replay.
+    /// A data counter seen before: a replay. boringtun checks the replay
+    /// window before decrypting, so a forged packet reusing a seen counter
+    /// lands here too, not in `DecryptFailed`.
     Replayed,
     /// The inner source is not in the sending peer's allowed IPs.
     SourceNotAllowed,
@@ -459,6 +463,14 @@ impl Node {
             tracing::debug!(peer = %peer.key.short(), %from, "endpoint changed");
             peer.endpoint = Some(from);
             self.events.push_back(Event::EndpointChanged { peer: peer.key, endpoint: from });
+        }
+        // Just answered an initiation: our new session becomes usable only
+        // once the initiator's first data (or keepalive) arrives on it. A
+        // flush now would make boringtun start an initiation of its own,
+        // overwriting the one the initiator may be answering: when both
+        // sides start at once, that is a storm of crossing handshakes.
+        if datagram.first() == Some(&MSG_HANDSHAKE_INIT) {
+            return;
         }
         // Packets queued behind the handshake can go now.
         loop {

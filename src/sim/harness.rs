@@ -52,9 +52,18 @@ pub struct SinkId(usize);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TraceEntry {
     /// A datagram reached a node or sink.
-    Delivered { at: Duration, src: SocketAddr, dst: SocketAddr, len: usize },
+    Delivered {
+        at: Duration,
+        src: SocketAddr,
+        dst: SocketAddr,
+        len: usize,
+    },
     /// A node emitted an event.
-    Event { at: Duration, node: NodeId, event: Event },
+    Event {
+        at: Duration,
+        node: NodeId,
+        event: Event,
+    },
 }
 
 /// [`Sim::run_until`] ran out of time before its condition held.
@@ -115,7 +124,10 @@ impl fmt::Debug for Sim {
         f.debug_struct("Sim")
             .field("seed", &self.seed)
             .field("elapsed", &self.clock.elapsed())
-            .field("nodes", &self.nodes.iter().map(|n| &n.name).collect::<Vec<_>>())
+            .field(
+                "nodes",
+                &self.nodes.iter().map(|n| &n.name).collect::<Vec<_>>(),
+            )
             .field("net", &self.net.stats())
             .finish_non_exhaustive()
     }
@@ -195,13 +207,24 @@ impl Sim {
         let private_key = self.generate_key();
         let now = self.now();
         let node = Node::new(
-            NodeConfig { private_key, addresses: vec![IpNet::from(overlay)], mtu: NODE_MTU },
+            NodeConfig {
+                private_key,
+                addresses: vec![IpNet::from(overlay)],
+                mtu: NODE_MTU,
+            },
             now,
         );
         let host = self.net.add_host(underlay);
         let id = NodeId(self.nodes.len());
         self.attach(host, Attached::Node(id.0));
-        self.nodes.push(SimNode { name: name.to_owned(), node, host, overlay, tun: Vec::new(), events: Vec::new() });
+        self.nodes.push(SimNode {
+            name: name.to_owned(),
+            node,
+            host,
+            overlay,
+            tun: Vec::new(),
+            events: Vec::new(),
+        });
         id
     }
 
@@ -247,7 +270,11 @@ impl Sim {
         for (node, peer) in [(a, b), (b, a)] {
             let spec = self.peer_spec(peer);
             if let Err(e) = self.add_peer(node, spec) {
-                panic!("{} refused {} as a peer: {e}", self.name(node), self.name(peer));
+                panic!(
+                    "{} refused {} as a peer: {e}",
+                    self.name(node),
+                    self.name(peer)
+                );
             }
         }
     }
@@ -295,7 +322,9 @@ impl Sim {
 
     /// The endpoint `node` currently has for `peer`.
     pub fn endpoint_of(&self, node: NodeId, peer: NodeId) -> Option<SocketAddr> {
-        self.node(node).peer_status(&self.public_key(peer))?.endpoint
+        self.node(node)
+            .peer_status(&self.public_key(peer))?
+            .endpoint
     }
 
     /// Every packet `id` wrote to its TUN so far.
@@ -428,7 +457,11 @@ impl Sim {
                     if done(self) {
                         return Ok(within);
                     }
-                    return Err(TimedOut { seed: self.seed, waited: within, at: self.elapsed() });
+                    return Err(TimedOut {
+                        seed: self.seed,
+                        waited: within,
+                        at: self.elapsed(),
+                    });
                 }
             }
         }
@@ -481,7 +514,9 @@ impl Sim {
         });
         match self.attached[to.index()] {
             Attached::Node(i) => {
-                self.nodes[i].node.handle_datagram(datagram.src, &datagram.payload, now);
+                self.nodes[i]
+                    .node
+                    .handle_datagram(datagram.src, &datagram.payload, now);
                 self.drain(i);
             }
             Attached::Sink(i) => self.sinks[i].push(datagram),
@@ -492,9 +527,16 @@ impl Sim {
     fn drain(&mut self, i: usize) {
         let now = self.now();
         let at = self.clock.elapsed();
-        let SimNode { node, host, tun, events, .. } = &mut self.nodes[i];
+        let SimNode {
+            node,
+            host,
+            tun,
+            events,
+            ..
+        } = &mut self.nodes[i];
         while let Some(transmit) = node.poll_transmit() {
-            self.net.send(*host, transmit.dst, transmit.payload.as_slice(), now);
+            self.net
+                .send(*host, transmit.dst, transmit.payload.as_slice(), now);
             node.recycle(transmit.payload);
         }
         while let Some(packet) = node.poll_tun() {
@@ -502,7 +544,11 @@ impl Sim {
             node.recycle(packet);
         }
         while let Some(event) = node.poll_event() {
-            self.trace.push(TraceEntry::Event { at, node: NodeId(i), event: event.clone() });
+            self.trace.push(TraceEntry::Event {
+                at,
+                node: NodeId(i),
+                event: event.clone(),
+            });
             events.push(event);
         }
     }

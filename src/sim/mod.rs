@@ -49,5 +49,5 @@ mod net;
 pub mod packet;
 
 pub use clock::SimClock;
-pub use harness::{Sim, SinkId, NodeId, TimedOut, TraceEntry, NODE_MTU};
+pub use harness::{NodeId, Sim, SinkId, TimedOut, TraceEntry, NODE_MTU};
 pub use net::{Captured, Datagram, Delivery, HostId, LinkConfig, NetStats, SimNet};

@@ -63,11 +63,19 @@ pub struct LinkConfig {
 impl LinkConfig {
     /// A lossless link with `latency` and a 1500-byte MTU (Ethernet).
     pub const fn with_latency(latency: Duration) -> Self {
-        Self { latency, jitter: Duration::ZERO, loss: 0.0, mtu: 1500 }
+        Self {
+            latency,
+            jitter: Duration::ZERO,
+            loss: 0.0,
+            mtu: 1500,
+        }
     }
 
     pub fn loss(mut self, probability: f64) -> Self {
-        assert!((0.0..=1.0).contains(&probability), "loss is a probability, got {probability}");
+        assert!(
+            (0.0..=1.0).contains(&probability),
+            "loss is a probability, got {probability}"
+        );
         self.loss = probability;
         self
     }
@@ -253,7 +261,10 @@ impl SimNet {
 
     /// The link a datagram from `from` to `to` would take now.
     pub fn link(&self, from: HostId, to: HostId) -> LinkConfig {
-        self.links.get(&(from, to)).copied().unwrap_or(self.default_link)
+        self.links
+            .get(&(from, to))
+            .copied()
+            .unwrap_or(self.default_link)
     }
 
     /// `host` sends `payload` to `dst`; it leaves from the host's current
@@ -274,13 +285,31 @@ impl SimNet {
         self.transmit(link, src, dst, payload, now);
     }
 
-    fn transmit(&mut self, link: LinkConfig, src: SocketAddr, dst: SocketAddr, payload: &[u8], now: Instant) {
+    fn transmit(
+        &mut self,
+        link: LinkConfig,
+        src: SocketAddr,
+        dst: SocketAddr,
+        payload: &[u8],
+        now: Instant,
+    ) {
         self.stats.sent += 1;
-        let datagram = Datagram { src, dst, payload: payload.to_vec() };
+        let datagram = Datagram {
+            src,
+            dst,
+            payload: payload.to_vec(),
+        };
         if let Some(capture) = &mut self.capture {
-            capture.push(Captured { at: now, datagram: datagram.clone() });
+            capture.push(Captured {
+                at: now,
+                datagram: datagram.clone(),
+            });
         }
-        let overhead = if dst.is_ipv4() { IPV4_UDP_OVERHEAD } else { IPV6_UDP_OVERHEAD };
+        let overhead = if dst.is_ipv4() {
+            IPV4_UDP_OVERHEAD
+        } else {
+            IPV6_UDP_OVERHEAD
+        };
         if payload.len() + overhead > link.mtu {
             self.stats.too_big += 1;
             return;
@@ -288,7 +317,9 @@ impl SimNet {
         // Draw for loss and jitter on every datagram that reaches this
         // point, so changing one link's knobs never shifts another's draws.
         let lost = self.rng.gen::<f64>() < link.loss;
-        let jitter_nanos = self.rng.gen_range(0..=link.jitter.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let jitter_nanos = self
+            .rng
+            .gen_range(0..=link.jitter.as_nanos().min(u128::from(u64::MAX)) as u64);
         if lost {
             self.stats.lost += 1;
             return;
@@ -312,7 +343,10 @@ impl SimNet {
             match self.host_at(f.datagram.dst) {
                 Some(to) => {
                     self.stats.delivered += 1;
-                    return Some(Delivery { to, datagram: f.datagram });
+                    return Some(Delivery {
+                        to,
+                        datagram: f.datagram,
+                    });
                 }
                 None => self.stats.unroutable += 1,
             }
@@ -399,7 +433,10 @@ mod tests {
         net.send(b, addr("192.0.2.1:1"), b"from new", t0);
 
         let first = net.pop_due(later).unwrap();
-        assert_eq!((first.to, first.datagram.payload.as_slice()), (b, &b"to new"[..]));
+        assert_eq!(
+            (first.to, first.datagram.payload.as_slice()),
+            (b, &b"to new"[..])
+        );
         let second = net.pop_due(later).unwrap();
         assert_eq!(second.datagram.src, addr("198.51.100.2:4000"));
         assert_eq!(net.pop_due(later), None);
@@ -410,7 +447,12 @@ mod tests {
     fn the_same_seed_loses_the_same_datagrams() {
         let run = |seed| {
             let t0 = start();
-            let mut net = SimNet::new(seed, LinkConfig::default().loss(0.5).jitter(Duration::from_millis(3)));
+            let mut net = SimNet::new(
+                seed,
+                LinkConfig::default()
+                    .loss(0.5)
+                    .jitter(Duration::from_millis(3)),
+            );
             let a = net.add_host(addr("192.0.2.1:1"));
             net.add_host(addr("192.0.2.2:2"));
             for i in 0..100u8 {

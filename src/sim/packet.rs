@@ -123,11 +123,23 @@ fn transport_checksum(src: IpAddr, dst: IpAddr, proto: u8, body: &[u8]) -> u16 {
     let len = body.len() as u32;
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => checksum(
-            &[&s.octets(), &d.octets(), &[0, proto], &(len as u16).to_be_bytes(), body],
+            &[
+                &s.octets(),
+                &d.octets(),
+                &[0, proto],
+                &(len as u16).to_be_bytes(),
+                body,
+            ],
             0,
         ),
         (IpAddr::V6(s), IpAddr::V6(d)) => checksum(
-            &[&s.octets(), &d.octets(), &len.to_be_bytes(), &[0, 0, 0, proto], body],
+            &[
+                &s.octets(),
+                &d.octets(),
+                &len.to_be_bytes(),
+                &[0, 0, 0, proto],
+                body,
+            ],
             0,
         ),
         _ => panic!("an inner packet needs one address family, got {src} -> {dst}"),
@@ -215,10 +227,17 @@ mod tests {
         assert_eq!((inner.src, inner.dst), (ip("100.72.0.1"), ip("100.72.0.2")));
         assert_eq!(inner.probe_seq(), Some(42));
         assert_eq!(checksum(&[&p[..20]], 0), 0);
-        let IpAddr::V4(s) = inner.src else { unreachable!() };
-        let IpAddr::V4(d) = inner.dst else { unreachable!() };
+        let IpAddr::V4(s) = inner.src else {
+            unreachable!()
+        };
+        let IpAddr::V4(d) = inner.dst else {
+            unreachable!()
+        };
         let len = (inner.body.len() as u16).to_be_bytes();
-        assert_eq!(checksum(&[&s.octets(), &d.octets(), &[0, 17], &len, inner.body], 0), 0);
+        assert_eq!(
+            checksum(&[&s.octets(), &d.octets(), &[0, 17], &len, inner.body], 0),
+            0
+        );
     }
 
     #[test]
