@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::engine::PeerSpec;
 use crate::identity::PublicKey;
+use crate::rendezvous::tls::CertHash;
 
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 pub const DEFAULT_INTERFACE: &str = "mesh0";
@@ -47,6 +48,23 @@ pub struct Config {
     pub socket: PathBuf,
     /// Static peers; a keepalive of 0 is stored as `None` (off), as in wg-quick.
     pub peers: Vec<PeerSpec>,
+    /// Where a rendezvous-managed node keeps its cache (address, peer map).
+    pub state_dir: Option<PathBuf>,
+    /// The node's name in the mesh (default: the hostname).
+    pub name: Option<String>,
+    /// A public address that reaches this node's UDP port (the 1:1 NAT case).
+    pub advertise_endpoint: Option<SocketAddr>,
+    pub rendezvous: Option<RendezvousConfig>,
+}
+
+/// `[rendezvous]`: the mesh server this node joined.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RendezvousConfig {
+    /// `HOST:PORT`, resolved at every connection attempt.
+    pub address: String,
+    /// SHA-256 of the rendezvous certificate (`sha256:<hex>`).
+    pub ca_hash: CertHash,
 }
 
 #[derive(Deserialize)]
@@ -57,13 +75,18 @@ struct RawConfig {
     listen_port: u16,
     #[serde(default = "default_interface")]
     interface: String,
-    address: OneOrMany<IpNet>,
+    #[serde(default)]
+    address: Option<OneOrMany<IpNet>>,
     #[serde(default = "default_mtu")]
     mtu: u16,
     #[serde(default = "default_socket")]
     socket: PathBuf,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
+    state_dir: Option<PathBuf>,
+    name: Option<String>,
+    advertise_endpoint: Option<SocketAddr>,
+    rendezvous: Option<RendezvousConfig>,
 }
 
 #[derive(Deserialize)]
@@ -124,11 +147,24 @@ impl Config {
             ));
         }
         let addresses = match raw.address {
-            OneOrMany::One(a) => vec![a],
-            OneOrMany::Many(v) => v,
+            Some(OneOrMany::One(a)) => vec![a],
+            Some(OneOrMany::Many(v)) => v,
+            None => Vec::new(),
         };
-        if addresses.is_empty() {
-            return Err(invalid("address", "expected at least one overlay address".into()));
+        if addresses.is_empty() && raw.rendezvous.is_none() {
+            return Err(invalid(
+                "address",
+                "expected this node's overlay address (e.g. \"100.72.0.1/16\"), or a [rendezvous] section that assigns one".into(),
+            ));
+        }
+        if raw.rendezvous.is_some() && raw.state_dir.is_none() {
+            return Err(invalid(
+                "state-dir",
+                "a node with a [rendezvous] needs a state directory for its address and peer cache".into(),
+            ));
+        }
+        if let Some(name) = &raw.name {
+            validate_node_name(name).map_err(|m| invalid("name", m))?;
         }
 
         let mut seen_keys = HashSet::new();
@@ -175,8 +211,23 @@ impl Config {
             mtu: raw.mtu,
             socket: raw.socket,
             peers,
+            state_dir: raw.state_dir,
+            name: raw.name,
+            advertise_endpoint: raw.advertise_endpoint,
+            rendezvous: raw.rendezvous,
         })
     }
+}
+
+/// Node names travel in the peer map and show in tables: printable, short.
+pub fn validate_node_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > crate::wire::control::MAX_NAME {
+        return Err(format!("{name:?} must be 1 to {} characters long", crate::wire::control::MAX_NAME));
+    }
+    if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!("{name:?} must not contain spaces or control characters"));
+    }
+    Ok(())
 }
 
 /// Linux interface names: 1..=15 bytes (IFNAMSIZ - 1), no '/', no whitespace.

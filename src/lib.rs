@@ -30,12 +30,16 @@
 //! | [`control`] | local API types, server, client | yes |
 //! | [`sim`] | simulated clock and network (feature `sim`) | none |
 
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod engine;
 pub mod identity;
+pub mod ipam;
+pub mod join;
 pub mod netlink;
+pub mod rendezvous;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod wire;

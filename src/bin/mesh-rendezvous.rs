@@ -1,15 +1,188 @@
-//! `mesh-rendezvous`: admission, registry, peer maps and relay for a mesh.
-//!
-//! Not built yet: this binary only says so. Until it exists, meshes are
-//! configured with static peers (`[[peer]]` in meshd.toml).
+//! `mesh-rendezvous`: creates a mesh, admits nodes, hands out overlay
+//! addresses and distributes the peer map. Thin: arguments → library.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use ipnet::Ipv4Net;
+use meshd::control::client::{self, ClientError};
+use meshd::rendezvous::admin::{self, AdminRequest, AdminResponse};
+use meshd::rendezvous::{server, setup};
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/mesh-rendezvous";
+
+#[derive(Parser)]
+#[command(name = "mesh-rendezvous", version, about = "Admission, addresses and peer maps for a meshd mesh")]
+struct Cli {
+    /// Where the mesh's keys, certificate and registry live.
+    #[arg(long, global = true, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a mesh: id, address plan, server key and certificate.
+    Init {
+        /// UDP address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// HOST:PORT nodes use to reach this server (printed in join lines).
+        #[arg(long)]
+        public_addr: String,
+        /// IPv4 overlay prefix of the mesh.
+        #[arg(long, default_value = setup::DEFAULT_CIDR)]
+        cidr: Ipv4Net,
+    },
+    /// Run the server until SIGTERM/SIGINT.
+    Serve,
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Registered nodes.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print the `meshd join` line that uses it.
+    Create {
+        /// How long it stays valid (e.g. 30m, 24h, 7d).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// How many nodes may join with it (default: any number until it expires).
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum NodesCommand {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node (by name or key): it leaves every peer map and can no longer connect.
+    Remove { node: String },
+}
 
 fn main() -> ExitCode {
-    eprintln!(
-        "mesh-rendezvous {}: not built yet. Configure static peers in meshd.toml for now \
-         (see deploy/examples/meshd.toml).",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(2)
+    let cli = Cli::parse();
+    meshd::cli::init_logging(meshd::cli::LogFormat::Text);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-rendezvous: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let dir = cli.state_dir.as_path();
+    match cli.command {
+        Command::Init { listen, public_addr, cidr } => {
+            let mesh = setup::init(dir, listen, &public_addr, cidr, &mut rand::rngs::OsRng)?;
+            println!("mesh {} created in {}", mesh.id, dir.display());
+            println!("  IPv4 {}  IPv6 {}", mesh.ipv4, mesh.ipv6);
+            println!("next: mesh-rendezvous serve --state-dir {0}, then mesh-rendezvous token create --state-dir {0}", dir.display());
+        }
+        Command::Serve => {
+            let loaded = setup::load(dir)?;
+            println!("join lines pin this certificate: {}", loaded.cert_hash());
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(server::serve(loaded, meshd::cli::shutdown_signal()))?;
+        }
+        Command::Token(TokenCommand::Create { ttl, uses }) => {
+            let request = AdminRequest::CreateToken { ttl_secs: ttl.as_secs(), max_uses: uses };
+            match admin_request(dir, request)? {
+                AdminResponse::Token { token, .. } => {
+                    let loaded = setup::load(dir)?;
+                    println!(
+                        "meshd join {} --token {token} --ca-hash {}",
+                        loaded.config.public_addr,
+                        loaded.cert_hash()
+                    );
+                }
+                other => unexpected(other)?,
+            }
+        }
+        Command::Token(TokenCommand::List { json }) => match admin_request(dir, AdminRequest::ListTokens)? {
+            AdminResponse::Tokens { tokens } if json => println!("{}", serde_json::to_string_pretty(&tokens)?),
+            AdminResponse::Tokens { tokens } => {
+                println!("{:<10} {:<10} {:<6} {:<22} CREATED", "ID", "STATUS", "USES", "EXPIRES");
+                for t in tokens {
+                    let uses = match t.max_uses {
+                        Some(max) => format!("{}/{max}", t.uses),
+                        None => t.uses.to_string(),
+                    };
+                    println!("{:<10} {:<10} {:<6} {:<22} {}", t.id, t.status, uses, time(t.expires_at), time(t.created_at));
+                }
+            }
+            other => unexpected(other)?,
+        },
+        Command::Token(TokenCommand::Revoke { id }) => match admin_request(dir, AdminRequest::RevokeToken { id })? {
+            AdminResponse::Done { message } => println!("{message}"),
+            other => unexpected(other)?,
+        },
+        Command::Nodes(NodesCommand::List { json }) => match admin_request(dir, AdminRequest::ListNodes)? {
+            AdminResponse::Nodes { nodes } if json => println!("{}", serde_json::to_string_pretty(&nodes)?),
+            AdminResponse::Nodes { nodes } => {
+                println!("{:<20} {:<15} {:<8} {:<10} LAST SEEN", "NAME", "IPV4", "ONLINE", "KEY");
+                for n in nodes {
+                    let key: String = n.public_key.chars().take(8).collect();
+                    let online = if n.online { "yes" } else { "no" };
+                    println!("{:<20} {:<15} {:<8} {:<10} {}", n.name, n.ipv4, online, key, time(n.last_seen));
+                }
+            }
+            other => unexpected(other)?,
+        },
+        Command::Nodes(NodesCommand::Remove { node }) => match admin_request(dir, AdminRequest::RemoveNode { node })? {
+            AdminResponse::Done { message } => println!("{message}"),
+            other => unexpected(other)?,
+        },
+    }
+    Ok(())
+}
+
+/// Asks the running server, or edits the stored state when none runs.
+fn admin_request(dir: &Path, request: AdminRequest) -> anyhow::Result<AdminResponse> {
+    let socket = setup::Layout::new(dir).admin_socket();
+    match client::request("mesh-rendezvous", &socket, request.clone()) {
+        Ok(response) => Ok(response),
+        Err(ClientError::NotRunning { .. } | ClientError::Refused { .. }) => {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            Ok(admin::apply_offline(dir, request, now, &mut rand::rngs::OsRng)?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn unexpected(response: AdminResponse) -> anyhow::Result<()> {
+    match response {
+        AdminResponse::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
+
+fn time(unix: u64) -> String {
+    if unix == 0 {
+        return "-".into();
+    }
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }

@@ -65,12 +65,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let key: PrivateKey = text.trim().parse().context("stdin is not a private key")?;
             writeln!(out, "{}", key.public_key())?;
         }
-        Command::Peers { json } => match client::request(&cli.socket, Request::Peers)? {
+        Command::Peers { json } => match client::request("meshd", &cli.socket, Request::Peers)? {
             Response::Peers { peers } if json => writeln!(out, "{}", serde_json::to_string_pretty(&peers)?)?,
             Response::Peers { peers } => write!(out, "{}", render::peers_table(&peers))?,
             other => unexpected(other)?,
         },
-        Command::Status { json } => match client::request(&cli.socket, Request::Status)? {
+        Command::Status { json } => match client::request("meshd", &cli.socket, Request::Status)? {
             Response::Status(s) if json => writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?,
             Response::Status(s) => write!(out, "{}", render::status(&s))?,
             other => unexpected(other)?,

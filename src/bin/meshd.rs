@@ -1,10 +1,17 @@
 //! `meshd`: the node agent. Thin: arguments → config → [`meshd::dataplane::run`].
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use meshd::cli::{init_logging, shutdown_signal, LogFormat};
+use meshd::config::{Config, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFAULT_SOCKET};
+use meshd::join::{JoinOptions, CONFIG_FILE};
+use meshd::rendezvous::tls::CertHash;
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
 
 #[derive(Parser)]
 #[command(name = "meshd", version, about = "WireGuard mesh node agent")]
@@ -16,22 +23,43 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Bring up the mesh interface and run until SIGTERM/SIGINT.
     Run {
         /// Node configuration (TOML).
-        #[arg(long, short, default_value = "/etc/meshd/meshd.toml")]
-        config: PathBuf,
+        #[arg(long, short, conflicts_with = "state_dir")]
+        config: Option<PathBuf>,
+        /// A state directory written by `meshd join` (its meshd.toml).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Local API socket for meshctl (overrides `socket` in the config).
         #[arg(long)]
         socket: Option<PathBuf>,
+    },
+    /// Enrol this node in a mesh: `meshd join HOST:PORT --token … --ca-hash sha256:…`.
+    Join {
+        /// The rendezvous, HOST:PORT.
+        server: String,
+        #[arg(long)]
+        token: String,
+        /// SHA-256 of the rendezvous certificate, from the join line.
+        #[arg(long)]
+        ca_hash: CertHash,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Name in the mesh (default: the hostname).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value_t = DEFAULT_LISTEN_PORT)]
+        listen_port: u16,
+        /// A public IP:PORT that reaches this node's UDP port (1:1 NAT, port forward).
+        #[arg(long)]
+        advertise_endpoint: Option<SocketAddr>,
+        #[arg(long, default_value = DEFAULT_INTERFACE)]
+        interface: String,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Validate a configuration file and exit.
     CheckConfig {
@@ -55,46 +83,33 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::CheckConfig { config } => {
-            meshd::config::Config::load(&config)?;
+            Config::load(&config)?;
             println!("{}: ok", config.display());
-            Ok(())
         }
-        Command::Run { config, socket } => {
-            let config = meshd::config::Config::load(&config)?;
+        Command::Join { server, token, ca_hash, state_dir, name, listen_port, advertise_endpoint, interface, socket } => {
+            let options =
+                JoinOptions { server, token, ca_hash, state_dir, name, listen_port, advertise_endpoint, interface, socket };
+            let path = meshd::join::join(&options, &mut rand::rngs::OsRng)?;
+            println!("enrolled: {} written", path.display());
+            println!("start the node with: meshd run --state-dir {}", options.state_dir.display());
+        }
+        Command::Run { config, state_dir, socket } => {
+            let path = match (config, state_dir) {
+                (Some(path), _) => path,
+                (None, Some(dir)) => dir.join(CONFIG_FILE),
+                // A node enrolled with the defaults, else a hand-written config.
+                (None, None) => Some(PathBuf::from(DEFAULT_STATE_DIR).join(CONFIG_FILE))
+                    .filter(|p| p.exists())
+                    .unwrap_or_else(|| PathBuf::from("/etc/meshd/meshd.toml")),
+            };
+            let config = Config::load(&path)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
             let options = meshd::dataplane::RunOptions { socket };
             runtime.block_on(meshd::dataplane::run(config, options, shutdown_signal()))?;
-            Ok(())
         }
     }
-}
-
-/// Completes on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers the only way out is SIGKILL; say so.
-        tracing::warn!("cannot install signal handlers; stop meshd with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    Ok(())
 }

@@ -56,7 +56,11 @@ impl<T> Envelope<T> {
 /// interface: scripts depend on them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerInfo {
+    /// The peer's name in the mesh; null for a static peer.
+    pub name: Option<String>,
     pub public_key: String,
+    /// The peer's overlay addresses (its host routes for a static peer).
+    pub overlay_ips: Vec<String>,
     pub allowed_ips: Vec<String>,
     /// `ip:port`, or null while unknown.
     pub endpoint: Option<String>,
@@ -70,7 +74,14 @@ pub struct PeerInfo {
 impl From<&PeerStatus> for PeerInfo {
     fn from(p: &PeerStatus) -> Self {
         Self {
+            name: None,
             public_key: p.public_key.to_string(),
+            overlay_ips: p
+                .allowed_ips
+                .iter()
+                .filter(|n| n.prefix_len() == n.max_prefix_len())
+                .map(|n| n.addr().to_string())
+                .collect(),
             allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
             endpoint: p.endpoint.map(|e| e.to_string()),
             last_handshake: p.last_handshake.map(|d| d.as_secs()),
@@ -84,7 +95,10 @@ impl From<&PeerStatus> for PeerInfo {
 /// This node as `meshctl status --json` prints it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusInfo {
+    pub name: Option<String>,
     pub public_key: String,
+    /// This node's overlay addresses.
+    pub overlay_ips: Vec<String>,
     pub interface: String,
     pub listen_port: u16,
     pub addresses: Vec<String>,
@@ -109,6 +123,8 @@ mod tests {
     #[test]
     fn peer_info_has_the_documented_fields() {
         let info = PeerInfo {
+            name: Some("a".into()),
+            overlay_ips: vec!["100.72.0.2".into()],
             public_key: "k".into(),
             allowed_ips: vec!["100.72.0.2/32".into()],
             endpoint: None,
@@ -118,7 +134,7 @@ mod tests {
             persistent_keepalive: None,
         };
         let v = serde_json::to_value(&info).unwrap();
-        for field in ["public_key", "allowed_ips", "endpoint", "last_handshake", "rx_bytes", "tx_bytes"] {
+        for field in ["name", "public_key", "overlay_ips", "allowed_ips", "endpoint", "last_handshake", "rx_bytes", "tx_bytes"] {
             assert!(v.get(field).is_some(), "missing {field}");
         }
         assert!(v["endpoint"].is_null());

@@ -6,11 +6,12 @@ use super::{PeerInfo, StatusInfo};
 
 /// `meshctl peers`: one line per peer, aligned columns.
 pub fn peers_table(peers: &[PeerInfo]) -> String {
-    let header = ["PEER", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"];
-    let rows: Vec<[String; 6]> = peers
+    let header = ["NAME", "PEER", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"];
+    let rows: Vec<[String; 7]> = peers
         .iter()
         .map(|p| {
             [
+                p.name.clone().unwrap_or_else(|| "-".into()),
                 p.public_key.chars().take(8).collect(),
                 p.endpoint.clone().unwrap_or_else(|| "-".into()),
                 p.allowed_ips.join(","),
@@ -49,6 +50,9 @@ pub fn peers_table(peers: &[PeerInfo]) -> String {
 /// `meshctl status`: key: value lines.
 pub fn status(s: &StatusInfo) -> String {
     let mut out = String::new();
+    if let Some(name) = &s.name {
+        let _ = writeln!(out, "name:        {name}");
+    }
     let _ = writeln!(out, "public key:  {}", s.public_key);
     let _ = writeln!(out, "interface:   {}", s.interface);
     let _ = writeln!(out, "addresses:   {}", s.addresses.join(", "));
@@ -92,6 +96,8 @@ mod tests {
 
     fn peer(key: &str, endpoint: Option<&str>, hs: Option<u64>, rx: u64, tx: u64) -> PeerInfo {
         PeerInfo {
+            name: endpoint.map(|_| "node-b".into()),
+            overlay_ips: vec!["100.72.0.2".into()],
             public_key: key.into(),
             allowed_ips: vec!["100.72.0.2/32".into()],
             endpoint: endpoint.map(Into::into),
@@ -109,9 +115,9 @@ mod tests {
             peer("3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=", None, None, 0, 0),
         ];
         let expected = "\
-PEER      ENDPOINT         ALLOWED IPS    HANDSHAKE  RX       TX
-hSDwCYkw  192.0.2.2:51820  100.72.0.2/32  42s ago    2.0 KiB  100 B
-3p7bfXt9  -                100.72.0.2/32  never      0 B      0 B
+NAME    PEER      ENDPOINT         ALLOWED IPS    HANDSHAKE  RX       TX
+node-b  hSDwCYkw  192.0.2.2:51820  100.72.0.2/32  42s ago    2.0 KiB  100 B
+-       3p7bfXt9  -                100.72.0.2/32  never      0 B      0 B
 ";
         assert_eq!(peers_table(&peers), expected);
     }

@@ -1,10 +1,12 @@
-//! meshd's side of the local API: a Unix socket that answers [`Request`]s.
+//! The server side of a local JSON-lines API on a Unix socket.
 //!
-//! Does I/O. Connections are capped and each gets a deadline, so a stuck
-//! client can't pile up tasks. The server owns no node state: it forwards
-//! each request to the driver, which answers from the engine between
-//! batches (the engine is never shared behind a lock).
+//! Does I/O. meshd serves [`Request`]s on it (its handler forwards each to
+//! the driver, which answers from the engine between batches: the engine is
+//! never shared behind a lock); mesh-rendezvous serves its admin requests
+//! the same way. Connections are capped and each gets a deadline, so a
+//! stuck client can't pile up tasks.
 
+use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,10 +16,24 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 use super::{Envelope, Request, Response, API_VERSION, MAX_MESSAGE};
 
 /// A request from a client with the slot for its answer.
 pub type Ask = (Request, oneshot::Sender<Response>);
+
+/// A response type that can carry an error message back to the client.
+pub trait ErrorResponse {
+    fn error(message: String) -> Self;
+}
+
+impl ErrorResponse for Response {
+    fn error(message: String) -> Self {
+        Response::Error { message }
+    }
+}
 
 const MAX_CONNECTIONS: usize = 16;
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(5);
@@ -68,8 +84,29 @@ impl ApiSocket {
         &self.path
     }
 
-    /// Accepts connections until the driver goes away.
-    pub async fn serve(self, asks: mpsc::Sender<Ask>) {
+    /// Serves meshd's API by forwarding each request to the driver.
+    pub async fn serve_asks(self, asks: mpsc::Sender<Ask>) {
+        self.serve(move |request: Request| {
+            let asks = asks.clone();
+            async move {
+                let (tx, rx) = oneshot::channel();
+                if asks.send((request, tx)).await.is_err() {
+                    return Response::error("meshd is shutting down".into());
+                }
+                rx.await.unwrap_or_else(|_| Response::error("meshd is shutting down".into()))
+            }
+        })
+        .await
+    }
+
+    /// Accepts connections for ever, answering each request with `handler`.
+    pub async fn serve<Req, Resp, F, Fut>(self, handler: F)
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + ErrorResponse + Send + 'static,
+        F: Fn(Req) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = Resp> + Send,
+    {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let Ok(permit) = limit.clone().acquire_owned().await else { return };
@@ -81,13 +118,10 @@ impl ApiSocket {
                     continue;
                 }
             };
-            if asks.is_closed() {
-                return;
-            }
-            let asks = asks.clone();
+            let handler = handler.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, asks)).await.is_err() {
+                if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, handler)).await.is_err() {
                     tracing::debug!("API client timed out");
                 }
             });
@@ -101,7 +135,13 @@ impl Drop for ApiSocket {
     }
 }
 
-async fn handle(stream: UnixStream, asks: mpsc::Sender<Ask>) {
+async fn handle<Req, Resp, F, Fut>(stream: UnixStream, handler: F)
+where
+    Req: DeserializeOwned,
+    Resp: Serialize + ErrorResponse,
+    F: Fn(Req) -> Fut,
+    Fut: Future<Output = Resp>,
+{
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = BufReader::new(read.take(MAX_MESSAGE as u64 + 1));
@@ -109,24 +149,15 @@ async fn handle(stream: UnixStream, asks: mpsc::Sender<Ask>) {
         return;
     }
     let response = match parse(&line) {
-        Ok(request) => {
-            let (tx, rx) = oneshot::channel();
-            if asks.send((request, tx)).await.is_err() {
-                return;
-            }
-            match rx.await {
-                Ok(r) => r,
-                Err(_) => return,
-            }
-        }
-        Err(message) => Response::Error { message },
+        Ok(request) => handler(request).await,
+        Err(message) => Resp::error(message),
     };
     let Ok(mut out) = serde_json::to_vec(&Envelope::new(response)) else { return };
     out.push(b'\n');
     let _ = write.write_all(&out).await;
 }
 
-fn parse(line: &[u8]) -> Result<Request, String> {
+fn parse<Req: DeserializeOwned>(line: &[u8]) -> Result<Req, String> {
     if line.len() > MAX_MESSAGE {
         return Err(format!("request longer than {MAX_MESSAGE} bytes"));
     }
@@ -137,7 +168,7 @@ fn parse(line: &[u8]) -> Result<Request, String> {
         Some(v) => return Err(format!("API version {v} is not supported; this meshd speaks {API_VERSION}")),
         None => return Err("request has no version field".into()),
     }
-    serde_json::from_value::<Envelope<Request>>(value)
+    serde_json::from_value::<Envelope<Req>>(value)
         .map(|e| e.body)
         .map_err(|e| format!("unknown request: {e}"))
 }
@@ -148,6 +179,7 @@ mod tests {
 
     #[test]
     fn bad_requests_get_clear_errors() {
+        let parse = parse::<Request>;
         assert!(parse(b"hello").unwrap_err().contains("not JSON"));
         assert!(parse(br#"{"request":"peers"}"#).unwrap_err().contains("version"));
         assert!(parse(br#"{"version":99,"request":"peers"}"#).unwrap_err().contains("99"));

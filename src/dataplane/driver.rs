@@ -1,22 +1,29 @@
-//! meshd's one event loop: TUN, UDP socket, timers and API requests in, the
-//! engine's outputs out.
+//! meshd's one event loop: TUN, UDP socket, timers, peer-map changes and
+//! API requests in, the engine's outputs out.
 //!
 //! Does I/O. The loop owns the [`Node`] outright (no lock): each wakeup it
 //! drains a bounded batch from the TUN and from the socket into the engine,
 //! runs due timers, then flushes every queued transmit, TUN write and event,
-//! and hands the buffers back to the engine's pool.
+//! and hands the buffers back to the engine's pool. QUIC datagrams on the
+//! shared socket are passed to quinn ([`super::quic`]) untouched.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use super::quic::QuicDatagram;
 use super::tun::Tun;
 use super::udp::UdpSocket;
 use crate::control::server::Ask;
 use crate::control::{PeerInfo, Request, Response, StatusInfo};
-use crate::engine::{Event, Node};
+use crate::engine::{Event, Node, PeerSpec};
+use crate::identity::PublicKey;
+use crate::wire::{classify, DatagramKind};
 
 /// Packets taken from one source per wakeup before the others get a turn.
 const BATCH: usize = 64;
@@ -26,25 +33,71 @@ const RECV_BUF: usize = 1 << 16;
 /// What the driver reports about itself in `meshctl status`.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
+    pub name: Option<String>,
     pub interface: String,
     pub listen_port: u16,
     pub addresses: Vec<String>,
 }
 
+/// A peer from the rendezvous's map, with what the API shows of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshPeer {
+    pub spec: PeerSpec,
+    pub name: String,
+    pub overlay_ips: Vec<IpAddr>,
+}
+
+/// Changes to the driver's peers and identity, from the node agent.
+#[derive(Debug)]
+pub enum DriverCommand {
+    /// The full peer map: mesh peers not in it go (static peers stay).
+    ReplacePeers(Vec<MeshPeer>),
+    UpsertPeer(MeshPeer),
+    RemovePeer(PublicKey),
+    /// This node's name and addresses as the rendezvous assigned them.
+    SetInfo(NodeInfo),
+}
+
+/// The driver's inputs besides the TUN and the socket.
+pub struct Inputs {
+    pub asks: mpsc::Receiver<Ask>,
+    pub commands: mpsc::Receiver<DriverCommand>,
+    /// Where QUIC datagrams go; `None` without a rendezvous.
+    pub quic: Option<mpsc::Sender<QuicDatagram>>,
+}
+
 pub struct Driver {
     node: Node,
     tun: Tun,
-    udp: UdpSocket,
-    asks: mpsc::Receiver<Ask>,
+    udp: Arc<UdpSocket>,
+    inputs: Inputs,
     info: NodeInfo,
+    /// Names and overlay addresses of mesh peers, for the API.
+    meta: HashMap<PublicKey, (String, Vec<IpAddr>)>,
+    /// Peers from the config file: a peer map never removes them.
+    static_peers: HashSet<PublicKey>,
     buf: Vec<u8>,
     /// Send errors since the last one logged, so a dead route logs once, not per packet.
     send_errors: u64,
+    /// QUIC datagrams dropped because quinn was not keeping up.
+    quic_dropped: u64,
 }
 
 impl Driver {
-    pub fn new(node: Node, tun: Tun, udp: UdpSocket, asks: mpsc::Receiver<Ask>, info: NodeInfo) -> Self {
-        Self { node, tun, udp, asks, info, buf: vec![0; RECV_BUF], send_errors: 0 }
+    pub fn new(node: Node, tun: Tun, udp: Arc<UdpSocket>, inputs: Inputs, info: NodeInfo) -> Self {
+        let static_peers = node.peers().map(|p| p.public_key).collect();
+        Self {
+            node,
+            tun,
+            udp,
+            inputs,
+            info,
+            meta: HashMap::new(),
+            static_peers,
+            buf: vec![0; RECV_BUF],
+            send_errors: 0,
+            quic_dropped: 0,
+        }
     }
 
     /// Runs until `shutdown` completes or the TUN or socket fails for good.
@@ -59,7 +112,8 @@ impl Driver {
                 () = &mut shutdown => return Ok(()),
                 r = self.tun.readable() => r?,
                 r = self.udp.readable() => r?,
-                Some(ask) = self.asks.recv() => self.answer(ask),
+                Some(ask) = self.inputs.asks.recv() => self.answer(ask),
+                Some(command) = self.inputs.commands.recv() => self.apply(command),
                 () = tokio::time::sleep_until(deadline.into()) => {
                     tracing::trace!(?reason, "timeout");
                 }
@@ -93,7 +147,18 @@ impl Driver {
         let now = Instant::now();
         for _ in 0..BATCH {
             match self.udp.try_recv_from(&mut self.buf) {
-                Ok((n, from)) => self.node.handle_datagram(from, &self.buf[..n], now),
+                Ok((n, from)) => {
+                    let datagram = &self.buf[..n];
+                    match (classify(datagram), &self.inputs.quic) {
+                        (DatagramKind::Quic, Some(quic)) => {
+                            let d = QuicDatagram { from, data: datagram.to_vec() };
+                            if quic.try_send(d).is_err() {
+                                self.quic_dropped += 1;
+                            }
+                        }
+                        _ => self.node.handle_datagram(from, datagram, now),
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 // ICMP port unreachable from a peer that is down surfaces
                 // here as ECONNREFUSED on Linux: not our socket's problem.
@@ -145,16 +210,74 @@ impl Driver {
         }
     }
 
+    fn apply(&mut self, command: DriverCommand) {
+        let now = Instant::now();
+        match command {
+            DriverCommand::ReplacePeers(peers) => {
+                let keep: HashSet<PublicKey> = peers.iter().map(|p| p.spec.public_key).collect();
+                let gone: Vec<PublicKey> = self
+                    .node
+                    .peers()
+                    .map(|p| p.public_key)
+                    .filter(|k| !keep.contains(k) && !self.static_peers.contains(k))
+                    .collect();
+                for key in gone {
+                    self.remove_peer(key);
+                }
+                for peer in peers {
+                    self.upsert_peer(peer, now);
+                }
+            }
+            DriverCommand::UpsertPeer(peer) => self.upsert_peer(peer, now),
+            DriverCommand::RemovePeer(key) => self.remove_peer(key),
+            DriverCommand::SetInfo(info) => self.info = info,
+        }
+    }
+
+    fn upsert_peer(&mut self, peer: MeshPeer, now: Instant) {
+        let key = peer.spec.public_key;
+        let added = self.node.peer_status(&key).is_none();
+        match self.node.upsert_peer(peer.spec, now) {
+            Ok(_) => {
+                if added {
+                    tracing::info!(peer = %key.short(), name = %peer.name, "peer joined");
+                }
+                self.meta.insert(key, (peer.name, peer.overlay_ips));
+            }
+            Err(e) => tracing::warn!(peer = %key.short(), error = %e, "cannot add peer from the peer map"),
+        }
+    }
+
+    fn remove_peer(&mut self, key: PublicKey) {
+        if self.node.remove_peer(&key) {
+            let name = self.meta.remove(&key).map(|(name, _)| name).unwrap_or_default();
+            tracing::info!(peer = %key.short(), %name, "peer left");
+        }
+    }
+
     fn answer(&mut self, (request, reply): Ask) {
         let response = match request {
             Request::Peers => {
-                let mut peers: Vec<PeerInfo> = self.node.peers().map(|p| PeerInfo::from(&p)).collect();
-                peers.sort_by(|a, b| a.public_key.cmp(&b.public_key));
+                let mut peers: Vec<PeerInfo> = self
+                    .node
+                    .peers()
+                    .map(|p| {
+                        let mut info = PeerInfo::from(&p);
+                        if let Some((name, ips)) = self.meta.get(&p.public_key) {
+                            info.name = Some(name.clone());
+                            info.overlay_ips = ips.iter().map(ToString::to_string).collect();
+                        }
+                        info
+                    })
+                    .collect();
+                peers.sort_by(|a, b| (&a.name, &a.public_key).cmp(&(&b.name, &b.public_key)));
                 Response::Peers { peers }
             }
             Request::Status => {
                 let stats = self.node.stats();
                 Response::Status(StatusInfo {
+                    name: self.info.name.clone(),
+                    overlay_ips: self.info.addresses.iter().map(|a| a.split('/').next().unwrap_or(a).to_owned()).collect(),
                     public_key: self.node.public_key().to_string(),
                     interface: self.info.interface.clone(),
                     listen_port: self.info.listen_port,

@@ -1,27 +1,40 @@
-//! The node shell: brings `mesh0` up, runs the event loop, tears it down.
+//! The node agent: brings `mesh0` up, runs the event loop and the
+//! rendezvous session, applies what the rendezvous says, tears it all down.
 //!
 //! Does I/O. Order matters and is the contract with `meshctl`, systemd and
-//! the tests: key → UDP socket → TUN → link configuration → engine → API
-//! socket. The API socket appears only once `mesh0` has its address, so a
-//! client that reaches it talks to a node that is up. On the way out
-//! everything is undone in reverse.
+//! the tests: key → UDP socket → TUN → engine and driver → (rendezvous
+//! session) → link configuration → API socket. The API socket appears only
+//! once `mesh0` has its address, so a client that reaches it talks to a
+//! node that is up. The address comes from the config, else from the cache
+//! of the last peer map (so a node comes up while the rendezvous is down),
+//! else from the rendezvous's first welcome. On the way out everything is
+//! undone in reverse.
 
+pub mod cache;
+pub mod candidates;
 pub mod driver;
+pub mod quic;
 pub mod tun;
 pub mod udp;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use ipnet::IpNet;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::control::server::{ApiSocket, ServerError};
-use crate::engine::{EngineError, Node, NodeConfig};
+use crate::control::server::{ApiSocket, Ask, ServerError};
+use crate::engine::{EngineError, Node, NodeConfig, PeerSpec};
 use crate::identity::keyfile::{read_private_key, KeyFileError};
 use crate::netlink::{self, Link, LinkConfig, NetlinkError};
+use crate::rendezvous::client::{self, ClientError, Update};
+use crate::wire::control::{Candidate, CandidateKind, NodeEntry};
+use driver::{DriverCommand, MeshPeer, NodeInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -42,9 +55,21 @@ pub enum DataplaneError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Api(#[from] ServerError),
+    #[error(transparent)]
+    Cache(#[from] cache::CacheError),
+    #[error(transparent)]
+    Rendezvous(#[from] ClientError),
+    #[error("cannot read the join token {path}: {source}")]
+    Token { path: PathBuf, source: std::io::Error },
     #[error("packet I/O failed: {0}")]
     Io(#[from] std::io::Error),
 }
+
+/// Keepalive towards mesh peers: keeps NAT mappings open on both sides
+/// (WireGuard's recommendation for peers behind NAT).
+pub const MESH_KEEPALIVE: u16 = 25;
+/// `STATE_DIR/join.token`: the token `meshd join` stored, until admission.
+pub const JOIN_TOKEN_FILE: &str = "join.token";
 
 fn port_hint(e: &std::io::Error) -> &'static str {
     match e.kind() {
@@ -64,84 +89,287 @@ pub struct RunOptions {
 /// it added to the host.
 pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Output = ()>) -> Result<(), DataplaneError> {
     let private_key = read_private_key(&config.private_key_file)?;
-    let udp = udp::UdpSocket::bind(config.listen_port)
-        .map_err(|source| DataplaneError::Udp { port: config.listen_port, source })?;
+    let udp = Arc::new(
+        udp::UdpSocket::bind(config.listen_port)
+            .map_err(|source| DataplaneError::Udp { port: config.listen_port, source })?,
+    );
     let listen_port = udp.local_port()?;
+    let state_dir = config.state_dir.clone().filter(|_| config.rendezvous.is_some());
+    let cached = match &state_dir {
+        Some(dir) => cache::load(dir)?,
+        None => None,
+    };
+    let name = config.name.clone().or_else(hostname);
 
-    check_route_conflicts(&config).await?;
     let tun = tun::open(&config.interface)?;
-    let mut link = Link::open(&config.interface).await?;
-    let desired = LinkConfig {
-        ifname: config.interface.clone(),
-        mtu: config.mtu,
-        addresses: config.addresses.clone(),
-        routes: netlink::routes_for(
-            &config.addresses,
-            config.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()),
-        ),
-    };
-    let result = async {
-        link.apply(&desired).await?;
-
-        let now = Instant::now();
-        let mut node = Node::new(
-            NodeConfig { private_key, addresses: config.addresses.clone(), mtu: config.mtu },
-            now,
-        );
-        for peer in &config.peers {
-            node.add_peer(peer.clone(), now)?;
-        }
-        tracing::info!(
-            interface = %config.interface,
-            public_key = %node.public_key(),
-            addresses = ?config.addresses,
-            listen_port,
-            peers = config.peers.len(),
-            "mesh interface up"
-        );
-
-        let socket_path = options.socket.clone().unwrap_or_else(|| config.socket.clone());
-        let api = ApiSocket::bind(&socket_path).await?;
-        let (ask_tx, ask_rx) = mpsc::channel(16);
-        let info = driver::NodeInfo {
-            interface: config.interface.clone(),
-            listen_port,
-            addresses: config.addresses.iter().map(ToString::to_string).collect(),
-        };
-        let mut driver = driver::Driver::new(node, tun, udp, ask_rx, info);
-        let result = tokio::select! {
-            () = api.serve(ask_tx) => Ok(()),
-            r = driver.run(shutdown) => r.map_err(DataplaneError::from),
-        };
-        // Undo the link configuration while the TUN still exists; the
-        // device itself goes when the driver (its only handle) is dropped.
-        Ok::<_, DataplaneError>((driver, result))
+    let link = Link::open(&config.interface).await?;
+    let now = Instant::now();
+    let mut node = Node::new(
+        NodeConfig { private_key: private_key.clone(), addresses: config.addresses.clone(), mtu: config.mtu },
+        now,
+    );
+    for peer in &config.peers {
+        node.add_peer(peer.clone(), now)?;
     }
-    .await;
-    let (driver, result) = match result {
-        Ok((driver, result)) => (Some(driver), result),
-        Err(e) => (None, Err(e)),
+
+    // The rendezvous session speaks QUIC over the driver's socket.
+    let (updates_tx, updates) = mpsc::channel(64);
+    let (quic, session) = match (&config.rendezvous, &state_dir) {
+        (Some(rendezvous), Some(dir)) => {
+            let (socket, quic_tx) = quic::SharedSocket::new(udp.clone());
+            let endpoint = quinn::Endpoint::new_with_abstract_socket(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )?;
+            let client_config = client::ClientConfig {
+                server: rendezvous.address.clone(),
+                pin: rendezvous.ca_hash,
+                name: name.clone().unwrap_or_else(|| private_key.public_key().short()),
+                listen_port,
+                token: read_join_token(dir)?,
+            };
+            let (interface, advertised) = (config.interface.clone(), config.advertise_endpoint);
+            let mesh_nets: Vec<IpNet> = cached.iter().flat_map(|c| [IpNet::V4(c.mesh.ipv4), IpNet::V6(c.mesh.ipv6)]).collect();
+            let gather = move || candidates::gather(listen_port, &interface, &mesh_nets, advertised);
+            let task = tokio::spawn(client::run(endpoint, client_config, private_key, gather, updates_tx, cached.is_some()));
+            (Some(quic_tx), Some(task))
+        }
+        _ => (None, None),
     };
-    teardown(&mut link, &config.interface).await;
+
+    let (ask_tx, asks) = mpsc::channel(16);
+    let (commands_tx, commands) = mpsc::channel(256);
+    let info = NodeInfo { name: name.clone(), interface: config.interface.clone(), listen_port, addresses: Vec::new() };
+    let mut driver = driver::Driver::new(node, tun, udp, driver::Inputs { asks, commands, quic }, info.clone());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let mut driver_task = tokio::spawn(async move {
+        let result = driver
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await;
+        (driver, result)
+    });
+
+    let mut agent = Agent {
+        socket: options.socket.unwrap_or_else(|| config.socket.clone()),
+        config,
+        state_dir,
+        link,
+        commands: commands_tx,
+        info,
+        asks: Some(ask_tx),
+        api: None,
+        cache: None,
+    };
+    let result = agent.run(cached, updates, session, &mut driver_task, shutdown).await;
+
+    // Undo the link configuration while the TUN still exists; the device
+    // itself goes with the driver, its only handle.
+    let _ = stop.send(());
+    let driver = match driver_task.await {
+        Ok((driver, Err(e))) => {
+            tracing::error!(error = %e, "driver stopped");
+            Some(driver)
+        }
+        Ok((driver, Ok(()))) => Some(driver),
+        Err(_) => None,
+    };
+    if let Some(api) = agent.api.take() {
+        api.abort();
+    }
+    if let Err(e) = agent.link.teardown().await {
+        tracing::warn!(error = %e, "could not remove all addresses and routes");
+    }
     drop(driver);
+    tracing::info!(interface = %agent.config.interface, "mesh interface down");
     result
 }
 
-async fn teardown(link: &mut Link, interface: &str) {
-    if let Err(e) = link.teardown().await {
-        tracing::warn!(error = %e, "could not remove all addresses and routes");
+/// Applies what the rendezvous says to the link, the driver and the cache.
+struct Agent {
+    config: Config,
+    socket: PathBuf,
+    state_dir: Option<PathBuf>,
+    link: Link,
+    commands: mpsc::Sender<DriverCommand>,
+    info: NodeInfo,
+    /// Handed to the API socket once the interface is up.
+    asks: Option<mpsc::Sender<Ask>>,
+    api: Option<JoinHandle<()>>,
+    cache: Option<cache::NodeCache>,
+}
+
+type DriverTask = JoinHandle<(driver::Driver, std::io::Result<()>)>;
+
+impl Agent {
+    async fn run(
+        &mut self,
+        cached: Option<cache::NodeCache>,
+        mut updates: mpsc::Receiver<Update>,
+        mut session: Option<JoinHandle<ClientError>>,
+        driver: &mut DriverTask,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), DataplaneError> {
+        if !self.config.addresses.is_empty() {
+            self.bring_up(self.config.addresses.clone()).await?;
+        }
+        if let Some(cache) = cached {
+            tracing::info!(ipv4 = %cache.node.ipv4, peers = cache.peers.len(), "starting from the cached peer map");
+            self.welcome(cache).await?;
+        }
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                Some(update) = updates.recv() => self.update(update).await?,
+                ended = async { session.as_mut().expect("guarded").await }, if session.is_some() => {
+                    session = None;
+                    if let Ok(error) = ended {
+                        // Refused before ever being admitted: nothing to run.
+                        return Err(error.into());
+                    }
+                }
+                ended = &mut *driver => {
+                    return Err(match ended {
+                        Ok((_, Err(e))) => DataplaneError::Io(e),
+                        _ => DataplaneError::Io(std::io::Error::other("the packet loop stopped")),
+                    });
+                }
+            }
+        }
     }
-    tracing::info!(%interface, "mesh interface down");
+
+    async fn update(&mut self, update: Update) -> Result<(), DataplaneError> {
+        match update {
+            Update::Welcome { node, mesh, observed: _, peers } => {
+                if let Some(dir) = &self.state_dir {
+                    // Registered: the token has done its job.
+                    let _ = std::fs::remove_file(dir.join(JOIN_TOKEN_FILE));
+                }
+                self.welcome(cache::NodeCache { mesh, node, peers }).await?;
+            }
+            Update::Upsert(entry) => {
+                if let Some(cache) = &mut self.cache {
+                    if entry.public_key == cache.node.public_key {
+                        return Ok(());
+                    }
+                    cache.peers.retain(|p| p.public_key != entry.public_key);
+                    cache.peers.push(entry.clone());
+                }
+                self.save_cache();
+                let _ = self.commands.send(DriverCommand::UpsertPeer(mesh_peer(&entry))).await;
+            }
+            Update::Remove(key) => {
+                if let Some(cache) = &mut self.cache {
+                    cache.peers.retain(|p| p.public_key != key);
+                }
+                self.save_cache();
+                let _ = self.commands.send(DriverCommand::RemovePeer(key)).await;
+            }
+            Update::Disconnected => tracing::info!("rendezvous unreachable; tunnels stay up, reconnecting"),
+        }
+        Ok(())
+    }
+
+    /// A full view of the mesh (from the rendezvous or the cache).
+    async fn welcome(&mut self, cache: cache::NodeCache) -> Result<(), DataplaneError> {
+        let addresses = vec![
+            IpNet::new(IpAddr::V4(cache.node.ipv4), cache.mesh.ipv4.prefix_len()).map_err(std::io::Error::other)?,
+            IpNet::new(IpAddr::V6(cache.node.ipv6), cache.mesh.ipv6.prefix_len()).map_err(std::io::Error::other)?,
+        ];
+        self.info.name = Some(cache.node.name.clone());
+        if self.info.addresses != addresses.iter().map(ToString::to_string).collect::<Vec<_>>() {
+            if !self.info.addresses.is_empty() {
+                tracing::warn!(?addresses, "the rendezvous assigned new overlay addresses; moving mesh0");
+            }
+            self.bring_up(addresses).await?;
+        }
+        let peers = cache.peers.iter().map(mesh_peer).collect();
+        let _ = self.commands.send(DriverCommand::ReplacePeers(peers)).await;
+        self.cache = Some(cache);
+        self.save_cache();
+        Ok(())
+    }
+
+    /// Configures the link for `addresses` and, the first time, opens the API.
+    async fn bring_up(&mut self, addresses: Vec<IpNet>) -> Result<(), DataplaneError> {
+        check_route_conflicts(&self.config.interface, &addresses).await?;
+        let desired = LinkConfig {
+            ifname: self.config.interface.clone(),
+            mtu: self.config.mtu,
+            addresses: addresses.clone(),
+            routes: netlink::routes_for(
+                &addresses,
+                self.config.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()),
+            ),
+        };
+        self.link.apply(&desired).await?;
+        self.info.addresses = addresses.iter().map(ToString::to_string).collect();
+        let _ = self.commands.send(DriverCommand::SetInfo(self.info.clone())).await;
+        tracing::info!(interface = %self.config.interface, ?addresses, "mesh interface up");
+        if let Some(asks) = self.asks.take() {
+            let api = ApiSocket::bind(&self.socket).await?;
+            self.api = Some(tokio::spawn(api.serve_asks(asks)));
+        }
+        Ok(())
+    }
+
+    fn save_cache(&self) {
+        if let (Some(dir), Some(cache)) = (&self.state_dir, &self.cache) {
+            if let Err(e) = cache::save(dir, cache) {
+                tracing::warn!(error = %e, "cannot update the peer-map cache");
+            }
+        }
+    }
+}
+
+/// A peer-map entry as the engine wants it.
+fn mesh_peer(entry: &NodeEntry) -> MeshPeer {
+    MeshPeer {
+        spec: PeerSpec {
+            public_key: entry.public_key,
+            endpoint: choose_endpoint(&entry.candidates),
+            allowed_ips: vec![IpNet::from(IpAddr::V4(entry.ipv4)), IpNet::from(IpAddr::V6(entry.ipv6))],
+            persistent_keepalive: Some(MESH_KEEPALIVE),
+        },
+        name: entry.name.clone(),
+        overlay_ips: vec![IpAddr::V4(entry.ipv4), IpAddr::V6(entry.ipv6)],
+    }
+}
+
+/// The endpoint to try first: a configured public address, else what the
+/// rendezvous observed, else a local address.
+fn choose_endpoint(candidates: &[Candidate]) -> Option<SocketAddr> {
+    [CandidateKind::Advertised, CandidateKind::Observed, CandidateKind::Local]
+        .iter()
+        .find_map(|kind| candidates.iter().find(|c| c.kind == *kind))
+        .map(|c| c.addr)
+}
+
+fn read_join_token(dir: &Path) -> Result<Option<String>, DataplaneError> {
+    let path = dir.join(JOIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) => Ok(Some(t.trim().to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(DataplaneError::Token { path, source }),
+    }
+}
+
+fn hostname() -> Option<String> {
+    nix::unistd::gethostname().ok()?.into_string().ok().filter(|h| !h.is_empty())
 }
 
 /// DESIGN.md: meshd refuses to start when a host route already claims part
 /// of the mesh prefix, since traffic for those peers would silently leave
 /// through the wrong interface.
-async fn check_route_conflicts(config: &Config) -> Result<(), DataplaneError> {
-    for address in &config.addresses {
+async fn check_route_conflicts(interface: &str, addresses: &[IpNet]) -> Result<(), DataplaneError> {
+    for address in addresses {
         let mesh = address.trunc();
         for (route, ifname) in netlink::overlapping_routes(mesh, None).await? {
-            if ifname == config.interface {
+            if ifname == interface {
                 continue;
             }
             // A wider route (a default, or a /10 that covers us) loses to

@@ -13,6 +13,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// Kernel socket buffer size asked for (SO_RCVBUFFORCE when permitted).
 const SOCKET_BUFFER: usize = 4 << 20;
 
+#[derive(Debug)]
 pub struct UdpSocket {
     inner: tokio::net::UdpSocket,
     dual_stack: bool,
@@ -58,6 +59,21 @@ impl UdpSocket {
 
     pub async fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<usize> {
         self.inner.send_to(buf, self.socket_addr(dst)).await
+    }
+
+    pub fn poll_send_ready(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        self.inner.poll_send_ready(cx)
+    }
+
+    /// The socket's own address family's spelling of `addr`: v4-mapped on a
+    /// dual-stack socket. quinn wants addresses as its socket spells them.
+    pub fn native_addr(&self, addr: SocketAddr) -> SocketAddr {
+        self.socket_addr(addr)
+    }
+
+    /// The bound address, in the socket's own family.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
     }
 
     #[inline]

@@ -45,6 +45,9 @@ const MIN_BUF: usize = 148;
 const BUF_HEADROOM: usize = 80;
 /// Free buffers kept for reuse; more than a few batches' worth is waste.
 const POOL_KEEP: usize = 1024;
+/// Authenticated traffic within this long proves an endpoint: a peer map
+/// entry does not override it. WireGuard's REJECT_AFTER_TIME.
+const ENDPOINT_PROOF: Duration = Duration::from_secs(180);
 /// boringtun keeps the peer slot in the top 24 bits of a session index.
 const MAX_PEERS: usize = 1 << 24;
 
@@ -348,6 +351,34 @@ impl Node {
         Ok(id)
     }
 
+    /// Adds `spec`, or updates the peer with its key without touching its
+    /// session: allowed IPs are replaced, and the endpoint is replaced only
+    /// when the current one is not proven by recent authenticated traffic
+    /// (a path the peer itself uses beats what a map says).
+    pub fn upsert_peer(&mut self, spec: PeerSpec, now: Instant) -> Result<PeerId, EngineError> {
+        let Some(&id) = self.by_key.get(&spec.public_key) else {
+            return self.add_peer(spec, now);
+        };
+        let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return self.add_peer(spec, now);
+        };
+        if peer.allowed_ips != spec.allowed_ips {
+            self.routes.remove_value(id);
+            for net in &spec.allowed_ips {
+                self.routes.insert(*net, id);
+            }
+            peer.allowed_ips = spec.allowed_ips;
+        }
+        let proven = peer
+            .last_authenticated
+            .is_some_and(|at| now.saturating_duration_since(at) < ENDPOINT_PROOF);
+        if spec.endpoint.is_some() && spec.endpoint != peer.endpoint && !proven {
+            tracing::debug!(peer = %peer.key.short(), endpoint = ?spec.endpoint, "endpoint from peer map");
+            peer.endpoint = spec.endpoint;
+        }
+        Ok(id)
+    }
+
     /// Removes a peer, its routes and its sessions. Returns whether it existed.
     pub fn remove_peer(&mut self, key: &PublicKey) -> bool {
         let Some(id) = self.by_key.remove(key) else {
@@ -392,7 +423,7 @@ impl Node {
     }
 
     /// One datagram from the network, with the address it came from.
-    pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], _now: Instant) {
+    pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
         match classify(datagram) {
             DatagramKind::WireGuard => {}
             DatagramKind::Quic | DatagramKind::Unknown => return self.drop_packet(DropReason::NotWireGuard),
@@ -457,6 +488,7 @@ impl Node {
         }
         peer.counters.rx_bytes += datagram.len() as u64;
         peer.counters.rx_packets += 1;
+        peer.last_authenticated = Some(now);
         // Roaming (WireGuard paper §2.1): the endpoint follows the source of
         // authenticated packets only, never cookie replies or garbage.
         if peer.endpoint != Some(from) {

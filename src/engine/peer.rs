@@ -145,6 +145,8 @@ pub(crate) struct Peer {
     pub(crate) allowed_ips: Vec<IpNet>,
     pub(crate) persistent_keepalive: Option<u16>,
     pub(crate) counters: PeerCounters,
+    /// When an authenticated packet last arrived (the node's clock).
+    pub(crate) last_authenticated: Option<std::time::Instant>,
 }
 
 impl Peer {
@@ -174,6 +176,7 @@ impl Peer {
             allowed_ips,
             persistent_keepalive,
             counters: PeerCounters::default(),
+            last_authenticated: None,
         }
     }
 

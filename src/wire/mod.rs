@@ -4,6 +4,9 @@
 //! (DESIGN.md "Wire"): WireGuard messages are types 1–4 followed by three
 //! zero bytes; QUIC packets to and from the rendezvous have the fixed bit
 //! (0x40) set (RFC 9000 §17); anything else is dropped and counted.
+//! [`control`] is the protocol spoken inside the QUIC connection.
+
+pub mod control;
 
 /// What a datagram on the shared socket is, by its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

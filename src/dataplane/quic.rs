@@ -1,0 +1,107 @@
+//! quinn's view of meshd's one UDP socket.
+//!
+//! Does I/O. The driver reads every datagram and hands the QUIC ones (first
+//! byte with 0x40 set, see [`crate::wire`]) to this adapter through a
+//! bounded channel; quinn sends straight on the shared socket. So the
+//! rendezvous sees exactly the NAT mapping WireGuard uses, and one firewall
+//! port is enough.
+
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::sync::mpsc;
+
+use super::udp::UdpSocket;
+
+/// QUIC datagrams waiting for quinn; beyond this they are dropped (QUIC
+/// recovers) rather than queued without bound.
+pub const INBOX: usize = 256;
+
+/// One QUIC datagram the driver demultiplexed.
+pub struct QuicDatagram {
+    pub from: SocketAddr,
+    pub data: Vec<u8>,
+}
+
+pub struct SharedSocket {
+    udp: Arc<UdpSocket>,
+    inbox: Mutex<mpsc::Receiver<QuicDatagram>>,
+}
+
+impl SharedSocket {
+    /// The adapter, and the sender the driver feeds it with.
+    pub fn new(udp: Arc<UdpSocket>) -> (Arc<Self>, mpsc::Sender<QuicDatagram>) {
+        let (tx, rx) = mpsc::channel(INBOX);
+        (Arc::new(Self { udp, inbox: Mutex::new(rx) }), tx)
+    }
+}
+
+impl fmt::Debug for SharedSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedSocket").finish_non_exhaustive()
+    }
+}
+
+impl AsyncUdpSocket for SharedSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(Writable { udp: self.udp.clone() })
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        self.udp.try_send_to(transmit.contents, transmit.destination).map(|_| ())
+    }
+
+    fn poll_recv(&self, cx: &mut Context, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
+        let Ok(mut inbox) = self.inbox.lock() else {
+            return Poll::Ready(Err(io::Error::other("QUIC inbox lock poisoned")));
+        };
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let datagram = if n == 0 {
+                match inbox.poll_recv(cx) {
+                    Poll::Ready(Some(d)) => d,
+                    Poll::Ready(None) => return Poll::Ready(Err(io::Error::other("meshd driver stopped"))),
+                    Poll::Pending => return Poll::Pending,
+                }
+            } else {
+                match inbox.try_recv() {
+                    Ok(d) => d,
+                    Err(_) => break,
+                }
+            };
+            // A datagram larger than quinn's buffer is not a QUIC packet we sent for.
+            let Some(dst) = bufs[n].get_mut(..datagram.data.len()) else { continue };
+            dst.copy_from_slice(&datagram.data);
+            meta[n] = RecvMeta {
+                addr: self.udp.native_addr(datagram.from),
+                len: datagram.data.len(),
+                stride: datagram.data.len(),
+                ecn: None,
+                dst_ip: None,
+            };
+            n += 1;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+}
+
+#[derive(Debug)]
+struct Writable {
+    udp: Arc<UdpSocket>,
+}
+
+impl UdpPoller for Writable {
+    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        self.udp.poll_send_ready(cx)
+    }
+}

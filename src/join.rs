@@ -1,0 +1,164 @@
+//! `meshd join`: enrols a node by writing its state directory.
+//!
+//! Does file I/O and draws a key. Nothing is sent yet: `meshd run` presents
+//! the token on its first connection, so a token is spent only by a node
+//! that actually comes up. Layout:
+//!
+//! ```text
+//! DIR/meshd.toml    the node's config ([rendezvous] section included)
+//! DIR/private.key   its WireGuard key (created if missing)    0600
+//! DIR/join.token    the join token, deleted once admitted     0600
+//! DIR/cache.json    address and last peer map (written by run)
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use rand::{CryptoRng, RngCore};
+
+use crate::config::{self, RendezvousConfig};
+use crate::dataplane::{cache, JOIN_TOKEN_FILE};
+use crate::identity::keyfile::{read_private_key, write_atomic, write_private_key, KeyFileError};
+use crate::identity::PrivateKey;
+use crate::rendezvous::tls::CertHash;
+
+pub const CONFIG_FILE: &str = "meshd.toml";
+pub const KEY_FILE: &str = "private.key";
+
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// The rendezvous, `HOST:PORT`.
+    pub server: String,
+    pub token: String,
+    pub ca_hash: CertHash,
+    pub state_dir: PathBuf,
+    pub name: Option<String>,
+    pub listen_port: u16,
+    pub advertise_endpoint: Option<SocketAddr>,
+    pub interface: String,
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+}
+
+/// Writes the state directory; returns the config path.
+pub fn join<R: RngCore + CryptoRng>(options: &JoinOptions, rng: &mut R) -> Result<PathBuf, JoinError> {
+    let JoinOptions { server, token, ca_hash, state_dir: dir, name, listen_port, advertise_endpoint, interface, socket } =
+        options;
+    if !token.contains('.') || token.len() > 256 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(JoinError::Invalid(format!(
+            "--token {token:?} is not a join token; copy it from `mesh-rendezvous token create`"
+        )));
+    }
+    if server.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+        return Err(JoinError::Invalid(format!("{server:?} is not HOST:PORT")));
+    }
+    if let Some(name) = name {
+        config::validate_node_name(name).map_err(|m| JoinError::Invalid(format!("--name: {m}")))?;
+    }
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| JoinError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io(dir))?;
+
+    let key_path = dir.join(KEY_FILE);
+    if key_path.exists() {
+        read_private_key(&key_path)?;
+    } else {
+        write_private_key(&key_path, &PrivateKey::generate(rng))?;
+    }
+    let token_path = dir.join(JOIN_TOKEN_FILE);
+    write_atomic(&token_path, format!("{token}\n").as_bytes(), 0o600).map_err(io(&token_path))?;
+
+    let config_path = dir.join(CONFIG_FILE);
+    let rendezvous = RendezvousConfig { address: server.clone(), ca_hash: *ca_hash };
+    // A different mesh: what was cached about the old one is wrong now.
+    if let Ok(old) = config::Config::load(&config_path) {
+        if old.rendezvous.as_ref() != Some(&rendezvous) {
+            let _ = std::fs::remove_file(cache::path(dir));
+        }
+    }
+    let mut table = toml::Table::new();
+    let mut set = |k: &str, v: toml::Value| {
+        table.insert(k.to_owned(), v);
+    };
+    set("private-key-file", key_path.display().to_string().into());
+    set("state-dir", dir.display().to_string().into());
+    if let Some(name) = name {
+        set("name", name.clone().into());
+    }
+    set("listen-port", i64::from(*listen_port).into());
+    set("interface", interface.clone().into());
+    set("socket", socket.display().to_string().into());
+    if let Some(endpoint) = advertise_endpoint {
+        set("advertise-endpoint", endpoint.to_string().into());
+    }
+    set(
+        "rendezvous",
+        toml::Value::try_from(&rendezvous).map_err(|e| JoinError::Invalid(e.to_string()))?,
+    );
+    let text = format!(
+        "# Written by `meshd join`; `meshd run --state-dir {}` reads it.\n{}",
+        dir.display(),
+        toml::to_string(&table).map_err(|e| JoinError::Invalid(e.to_string()))?
+    );
+    write_atomic(&config_path, text.as_bytes(), 0o644).map_err(io(&config_path))?;
+    // Prove the file is what `meshd run` will accept.
+    config::Config::load(&config_path).map_err(|e| JoinError::Invalid(e.to_string()))?;
+    Ok(config_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(dir: &Path) -> JoinOptions {
+        JoinOptions {
+            server: "203.0.113.1:7443".into(),
+            token: "abcd.secret".into(),
+            ca_hash: CertHash::of(b"cert"),
+            state_dir: dir.to_owned(),
+            name: Some("node-a".into()),
+            listen_port: 51820,
+            advertise_endpoint: Some("198.51.100.7:51820".parse().unwrap()),
+            interface: "mesh0".into(),
+            socket: "/run/meshd/meshd.sock".into(),
+        }
+    }
+
+    #[test]
+    fn join_writes_a_config_that_run_accepts_and_keeps_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let path = join(&options(&state), &mut rand::rngs::OsRng).unwrap();
+        let config = config::Config::load(&path).unwrap();
+        assert_eq!(config.name.as_deref(), Some("node-a"));
+        assert_eq!(config.rendezvous.unwrap().address, "203.0.113.1:7443");
+        assert_eq!(config.advertise_endpoint, Some("198.51.100.7:51820".parse().unwrap()));
+        let key = std::fs::read_to_string(state.join(KEY_FILE)).unwrap();
+        join(&options(&state), &mut rand::rngs::OsRng).unwrap();
+        assert_eq!(std::fs::read_to_string(state.join(KEY_FILE)).unwrap(), key, "key kept on re-join");
+        assert_eq!(std::fs::read_to_string(state.join(JOIN_TOKEN_FILE)).unwrap(), "abcd.secret\n");
+    }
+
+    #[test]
+    fn bad_tokens_and_servers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = options(dir.path());
+        o.token = "no-dot".into();
+        assert!(join(&o, &mut rand::rngs::OsRng).unwrap_err().to_string().contains("token create"));
+        let mut o = options(dir.path());
+        o.server = "no-port".into();
+        assert!(join(&o, &mut rand::rngs::OsRng).unwrap_err().to_string().contains("HOST:PORT"));
+    }
+}

@@ -1,0 +1,239 @@
+//! The node's side of the control connection to mesh-rendezvous.
+//!
+//! Does I/O (quinn over meshd's shared UDP socket). [`run`] keeps one
+//! session up for the life of meshd, reconnecting with jittered exponential
+//! backoff; each session proves the node's key, receives the full peer map,
+//! then streams deltas. What it learns goes to the driver as [`Update`]s;
+//! the tunnels never depend on this connection staying up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::mpsc;
+
+use super::admission;
+use super::stream::{read_frame, write_frame, StreamError};
+use super::tls::{self, CertHash};
+use crate::identity::{PrivateKey, PublicKey};
+use crate::wire::control::{
+    Candidate, Hello, MeshInfo, NodeEntry, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
+    MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
+};
+
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Connection setup, hello and welcome must all fit in this.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What the node needs to reach and convince its rendezvous.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `HOST:PORT`, resolved afresh for every session.
+    pub server: String,
+    pub pin: CertHash,
+    pub name: String,
+    pub listen_port: u16,
+    /// The join token, until the node is registered.
+    pub token: Option<String>,
+}
+
+/// What the rendezvous told us, for the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// Admitted: our own entry, the mesh, and the full peer map.
+    Welcome { node: NodeEntry, mesh: MeshInfo, observed: SocketAddr, peers: Vec<NodeEntry> },
+    Upsert(NodeEntry),
+    Remove(PublicKey),
+    /// The session ended; tunnels carry on, a new session is being set up.
+    Disconnected,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the rendezvous at {server}: {reason}")]
+    Connect { server: String, reason: String },
+    #[error("the rendezvous at {server} refused this node ({reason:?}): {message}")]
+    Rejected { server: String, reason: RejectReason, message: String },
+    #[error("the rendezvous at {server} broke the protocol: {reason}")]
+    Protocol { server: String, reason: String },
+    #[error("connection to the rendezvous at {server} lost: {source}")]
+    Lost { server: String, source: StreamError },
+}
+
+impl ClientError {
+    /// Whether retrying can help. A refused node stays refused until an
+    /// operator acts (new token, re-added node, matching versions).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, ClientError::Rejected { .. })
+    }
+}
+
+/// Keeps a session to the rendezvous up until `updates` is closed.
+///
+/// `candidates` is asked afresh before each session, since interface
+/// addresses change. Returns only on a permanent rejection before the node
+/// was ever admitted (the caller should exit: the operator must act).
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    mut config: ClientConfig,
+    key: PrivateKey,
+    candidates: impl Fn() -> Vec<Candidate>,
+    updates: mpsc::Sender<Update>,
+    admitted_before: bool,
+) -> ClientError {
+    let mut admitted = admitted_before;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let mut welcomed = false;
+        let result = session(&endpoint, &config, &key, candidates(), &updates, &mut welcomed).await;
+        if welcomed {
+            admitted = true;
+            // Registered now: the token has done its job.
+            config.token = None;
+            backoff = BACKOFF_MIN;
+        }
+        if updates.is_closed() {
+            return ClientError::Protocol { server: config.server.clone(), reason: "meshd is shutting down".into() };
+        }
+        match result {
+            Err(e) if e.is_permanent() && !admitted => return e,
+            Err(e) if e.is_permanent() => {
+                tracing::error!(error = %e, "rendezvous refuses this node; existing tunnels stay up");
+                backoff = BACKOFF_MAX;
+            }
+            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "rendezvous session ended"),
+            Ok(()) => tracing::info!(retry_in = ?backoff, "rendezvous closed the session"),
+        }
+        if welcomed && updates.send(Update::Disconnected).await.is_err() {
+            return ClientError::Protocol { server: config.server.clone(), reason: "meshd is shutting down".into() };
+        }
+        // Full jitter in [backoff/2, backoff]: a restarted rendezvous is not
+        // hit by every node in the same instant.
+        let jittered = rand::thread_rng().gen_range(backoff / 2..=backoff);
+        tokio::time::sleep(jittered).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One session: connect, prove, receive the map, then relay deltas.
+async fn session(
+    endpoint: &quinn::Endpoint,
+    config: &ClientConfig,
+    key: &PrivateKey,
+    candidates: Vec<Candidate>,
+    updates: &mpsc::Sender<Update>,
+    welcomed: &mut bool,
+) -> Result<(), ClientError> {
+    let server = config.server.as_str();
+    let connect_err = |reason: String| ClientError::Connect { server: server.to_owned(), reason };
+    let lost = |source: StreamError| ClientError::Lost { server: server.to_owned(), source };
+    let protocol = |reason: String| ClientError::Protocol { server: server.to_owned(), reason };
+
+    let client_config = tls::client_config(config.pin).map_err(|e| connect_err(e.to_string()))?;
+    let address = resolve(server).await.map_err(connect_err)?;
+    let setup = async {
+        let connection = endpoint
+            .connect_with(client_config, address, tls::SERVER_NAME)
+            .map_err(|e| connect_err(e.to_string()))?
+            .await
+            .map_err(|e| connect_err(describe_connection_error(&e)))?;
+        let (mut send, mut recv) = connection.accept_bi().await.map_err(|e| connect_err(e.to_string()))?;
+
+        let server_hello: ServerHello = read_frame(&mut recv, MAX_FRAME_UNADMITTED).await.map_err(lost)?;
+        if server_hello.version != PROTOCOL_VERSION {
+            return Err(protocol(format!(
+                "it speaks protocol version {}, this meshd {PROTOCOL_VERSION}: upgrade the older side",
+                server_hello.version
+            )));
+        }
+        let mut exporter = [0u8; 32];
+        connection
+            .export_keying_material(&mut exporter, admission::EXPORTER_LABEL, &[])
+            .map_err(|_| protocol("TLS exporter unavailable".into()))?;
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            public_key: key.public_key(),
+            name: config.name.clone(),
+            listen_port: config.listen_port,
+            token: config.token.clone(),
+            candidates,
+            proof: admission::proof(key, &server_hello.server_key, &exporter),
+        };
+        write_frame(&mut send, &hello).await.map_err(lost)?;
+        let welcome: ServerMessage = read_frame(&mut recv, MAX_FRAME).await.map_err(lost)?;
+        Ok((connection, send, recv, welcome))
+    };
+    // `_send` stays bound: dropping it would finish the stream, which the
+    // rendezvous reads as the node leaving.
+    let (connection, _send, mut recv, welcome) = tokio::time::timeout(HANDSHAKE_DEADLINE, setup)
+        .await
+        .map_err(|_| connect_err(format!("no answer within {HANDSHAKE_DEADLINE:?} (is UDP to it blocked?)")))??;
+
+    match welcome {
+        ServerMessage::Welcome { node, mesh, observed, peers } => {
+            tracing::info!(
+                ipv4 = %node.ipv4, ipv6 = %node.ipv6, %observed, peers = peers.len(),
+                "admitted by the rendezvous"
+            );
+            *welcomed = true;
+            if updates.send(Update::Welcome { node, mesh, observed, peers }).await.is_err() {
+                return Ok(());
+            }
+        }
+        ServerMessage::Rejected { reason, message } => {
+            return Err(ClientError::Rejected { server: server.to_owned(), reason, message });
+        }
+        other => return Err(protocol(format!("expected a welcome, got {other:?}"))),
+    }
+
+    loop {
+        let msg: ServerMessage = match read_frame(&mut recv, MAX_FRAME).await {
+            Ok(m) => m,
+            Err(StreamError::Closed) => return Ok(()),
+            Err(e) => {
+                return Err(match connection.close_reason() {
+                    Some(reason) => connect_err(describe_connection_error(&reason)),
+                    None => lost(e),
+                })
+            }
+        };
+        let update = match msg {
+            ServerMessage::PeerUpsert { peer } => Update::Upsert(peer),
+            ServerMessage::PeerRemove { public_key } => Update::Remove(public_key),
+            ServerMessage::Rejected { reason, message } => {
+                return Err(ClientError::Rejected { server: server.to_owned(), reason, message })
+            }
+            ServerMessage::Welcome { .. } => return Err(protocol("a second welcome".into())),
+        };
+        if updates.send(update).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// `HOST:PORT` → an address, IPv4 first (the common underlay).
+async fn resolve(server: &str) -> Result<SocketAddr, String> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| format!("cannot resolve {server}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{server} resolves to no address"))
+}
+
+fn describe_connection_error(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::TransportError(t)
+            if t.to_string().contains("certificate") || t.to_string().contains("Certificate") =>
+        {
+            "its certificate does not match --ca-hash (wrong hash, or another server at that address)".into()
+        }
+        quinn::ConnectionError::TimedOut => "timed out (is UDP to it blocked?)".into(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,15 @@
+//! mesh-rendezvous: admission, the node registry, peer-map distribution.
+//!
+//! [`registry`] is pure (inputs → commands); [`store`] persists its state;
+//! [`admission`] is the pure proof-of-possession check; [`server`] is the
+//! quinn shell that runs them.
+
+pub mod admin;
+pub mod admission;
+pub mod client;
+pub mod registry;
+pub mod server;
+pub mod setup;
+pub mod store;
+pub mod stream;
+pub mod tls;

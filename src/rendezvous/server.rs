@@ -1,0 +1,275 @@
+//! The mesh-rendezvous server: quinn in front of the pure registry.
+//!
+//! Does I/O. One task owns the [`Registry`] and its [`Store`] and executes
+//! the registry's commands; every QUIC connection gets a task that runs
+//! admission (with a deadline and a small frame limit) and then shuttles
+//! frames between the node and the registry task. Nothing here decides who
+//! gets in or which address a node has: that is the registry's job.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::Instrument as _;
+
+use super::admin::{self, AdminRequest, AdminResponse};
+use crate::control::server::ErrorResponse as _;
+use super::admission;
+use super::registry::{CloseReason, Command, ConnId, Registry};
+use super::setup::{Loaded, SetupError};
+use super::store::Store;
+use super::stream::{read_frame, write_frame};
+use super::tls;
+use crate::dataplane::udp::canonical;
+use crate::identity::PrivateKey;
+use crate::wire::control::{
+    Candidate, Hello, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME_UNADMITTED,
+    PROTOCOL_VERSION,
+};
+
+/// Admission (QUIC handshake, stream, hello) must finish within this.
+const ADMISSION_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections still in admission at once; more are refused outright.
+const MAX_PENDING: usize = 256;
+/// Messages queued for one node before it counts as stuck and is dropped.
+const CONN_QUEUE: usize = 1024;
+/// What a node may send once admitted: candidate lists.
+const MAX_NODE_FRAME: usize = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on UDP {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+}
+
+/// What connection tasks and the admin socket ask the registry task.
+enum ToRegistry {
+    Hello { conn: ConnId, hello: Box<Hello>, observed: SocketAddr, out: mpsc::Sender<ConnOut> },
+    Candidates { conn: ConnId, candidates: Vec<Candidate> },
+    Disconnected { conn: ConnId },
+    Admin { request: AdminRequest, reply: oneshot::Sender<AdminResponse> },
+}
+
+/// What the registry task tells one connection task.
+#[derive(Debug)]
+enum ConnOut {
+    Message(ServerMessage),
+    Close(CloseReason),
+}
+
+/// Runs the rendezvous until `shutdown` completes.
+pub async fn serve(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    let Loaded { layout, config, cert_der, cert_key_der, server_key, store, state } = loaded;
+    let server_config = tls::server_config(cert_der, cert_key_der)?;
+    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+        .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    let admin_socket = admin::AdminSocket::bind(&layout.admin_socket()).await?;
+    tracing::info!(listen = %config.listen, public = %config.public_addr, mesh = %state.mesh.id, "rendezvous serving");
+
+    let mesh_id = state.mesh.id.clone();
+    let (to_registry, inbox) = mpsc::channel(1024);
+    let registry = tokio::spawn(registry_task(Registry::new(state), store, inbox));
+    let admin = tokio::spawn(admin_socket.serve({
+        let to_registry = to_registry.clone();
+        move |request: AdminRequest| {
+            let to_registry = to_registry.clone();
+            async move {
+                let shutting_down = || AdminResponse::error("the server is shutting down".into());
+                let (reply, answer) = oneshot::channel();
+                if to_registry.send(ToRegistry::Admin { request, reply }).await.is_err() {
+                    return shutting_down();
+                }
+                answer.await.unwrap_or_else(|_| shutting_down())
+            }
+        }
+    }));
+
+    let server_key = Arc::new(server_key);
+    let pending = Arc::new(Semaphore::new(MAX_PENDING));
+    let mut next_conn = 0u64;
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            () = &mut shutdown => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            tracing::debug!(remote = %incoming.remote_address(), "too many admissions in flight; refusing");
+            incoming.refuse();
+            continue;
+        };
+        next_conn += 1;
+        let conn = ConnId(next_conn);
+        let (server_key, mesh_id, to_registry) = (server_key.clone(), mesh_id.clone(), to_registry.clone());
+        let span = tracing::debug_span!("conn", id = conn.0, remote = %canonical(incoming.remote_address()));
+        tokio::spawn(
+            async move { connection_task(incoming, conn, &server_key, mesh_id, to_registry, permit).await }
+                .instrument(span),
+        );
+    }
+    tracing::info!("rendezvous shutting down");
+    endpoint.close(0u32.into(), b"rendezvous shutting down");
+    admin.abort();
+    drop(to_registry);
+    let _ = registry.await;
+    endpoint.wait_idle().await;
+    Ok(())
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Owns the registry: applies inputs one at a time (which is what makes a
+/// single-use token admit exactly one node however many race for it) and
+/// executes the resulting commands.
+async fn registry_task(mut registry: Registry, mut store: impl Store, mut inbox: mpsc::Receiver<ToRegistry>) {
+    let mut conns: HashMap<ConnId, mpsc::Sender<ConnOut>> = HashMap::new();
+    while let Some(input) = inbox.recv().await {
+        let now = now_unix();
+        match input {
+            ToRegistry::Hello { conn, hello, observed, out } => {
+                conns.insert(conn, out);
+                registry.handle_hello(conn, &hello, observed, now);
+            }
+            ToRegistry::Candidates { conn, candidates } => registry.handle_candidates(conn, candidates, now),
+            ToRegistry::Disconnected { conn } => {
+                conns.remove(&conn);
+                registry.handle_disconnect(conn, now);
+            }
+            ToRegistry::Admin { request, reply } => {
+                let _ = reply.send(admin::apply(&mut registry, request, now, &mut rand::rngs::OsRng));
+            }
+        }
+        while let Some(command) = registry.poll_command() {
+            match command {
+                Command::Send { conn, msg } => {
+                    let stuck = conns.get(&conn).is_some_and(|tx| tx.try_send(ConnOut::Message(msg)).is_err());
+                    if stuck {
+                        // Dropping its sender ends the connection task.
+                        tracing::warn!(?conn, "node does not keep up with peer-map updates; disconnecting it");
+                        conns.remove(&conn);
+                    }
+                }
+                Command::Close { conn, reason } => {
+                    if let Some(tx) = conns.remove(&conn) {
+                        let _ = tx.try_send(ConnOut::Close(reason));
+                    }
+                }
+                Command::Persist => {
+                    if let Err(e) = store.save(registry.state()) {
+                        tracing::error!(error = %e, "cannot persist the registry; changes since the last save are lost on restart");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn connection_task(
+    incoming: quinn::Incoming,
+    conn: ConnId,
+    server_key: &PrivateKey,
+    mesh_id: String,
+    to_registry: mpsc::Sender<ToRegistry>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let remote = canonical(incoming.remote_address());
+
+    // Admission, all of it under one deadline and the small frame limit.
+    let admitted = tokio::time::timeout(ADMISSION_DEADLINE, async {
+        let connection = incoming.await.ok()?;
+        let (mut send, mut recv) = connection.open_bi().await.ok()?;
+        let hello_msg = ServerHello {
+            version: PROTOCOL_VERSION,
+            mesh_id,
+            server_key: server_key.public_key(),
+        };
+        write_frame(&mut send, &hello_msg).await.ok()?;
+        let hello: Hello = match read_frame(&mut recv, MAX_FRAME_UNADMITTED).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!(error = %e, "bad hello");
+                return None;
+            }
+        };
+        let mut exporter = [0u8; 32];
+        connection.export_keying_material(&mut exporter, admission::EXPORTER_LABEL, &[]).ok()?;
+        if !admission::verify(server_key, &hello.public_key, &exporter, &hello.proof) {
+            tracing::info!(key = %hello.public_key.short(), "admission proof failed");
+            reject(&mut send, RejectReason::BadProof, "this node cannot prove it holds its key").await;
+            return None;
+        }
+        Some((connection, send, recv, hello))
+    })
+    .await
+    .ok()
+    .flatten();
+    drop(permit);
+    let Some((connection, mut send, mut recv, hello)) = admitted else { return };
+
+    let (out, mut outbox) = mpsc::channel(CONN_QUEUE);
+    let hello_sent = to_registry
+        .send(ToRegistry::Hello { conn, hello: Box::new(hello), observed: remote, out })
+        .await;
+    if hello_sent.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            out = outbox.recv() => match out {
+                Some(ConnOut::Message(msg)) => {
+                    if write_frame(&mut send, &msg).await.is_err() {
+                        break;
+                    }
+                }
+                Some(ConnOut::Close(reason)) => {
+                    finish(&mut send).await;
+                    connection.close(reason.code().into(), reason.to_string().as_bytes());
+                    break;
+                }
+                None => break,
+            },
+            frame = read_frame::<NodeMessage>(&mut recv, MAX_NODE_FRAME) => match frame {
+                Ok(NodeMessage::Candidates { candidates }) => {
+                    if to_registry.send(ToRegistry::Candidates { conn, candidates }).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "node left");
+                    break;
+                }
+            },
+        }
+    }
+    connection.close(0u32.into(), b"bye");
+    let _ = to_registry.send(ToRegistry::Disconnected { conn }).await;
+}
+
+async fn reject(send: &mut quinn::SendStream, reason: RejectReason, message: &str) {
+    let msg = ServerMessage::Rejected { reason, message: message.to_owned() };
+    if write_frame(send, &msg).await.is_ok() {
+        finish(send).await;
+    }
+}
+
+/// Ends the stream and gives the node a moment to read what is in it, so a
+/// rejection arrives before the connection closes.
+async fn finish(send: &mut quinn::SendStream) {
+    if send.finish().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    }
+}

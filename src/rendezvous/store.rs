@@ -1,0 +1,291 @@
+//! Persistence of the registry's state across rendezvous restarts.
+//!
+//! Does file I/O ([`FileStore`]). [`Store`] is the seam where a distributed
+//! store (etcd, for several rendezvous servers) can replace the file later;
+//! [`MemoryStore`] keeps the state in memory, for tests of the shell.
+//!
+//! The file is `<state-dir>/registry.json`, mode 0600, replaced atomically on
+//! every save, so a crash leaves the previous state or the new one. A file
+//! that cannot be read or parsed is an error naming it — never a panic, and
+//! never a silent fresh start, which would hand out addresses that existing
+//! nodes already hold.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::registry::RegistryState;
+use crate::identity::keyfile::write_atomic;
+
+/// The file's name inside the state directory.
+pub const FILE_NAME: &str = "registry.json";
+/// The version of the file's layout; bumped on incompatible changes.
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read registry file {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write registry file {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error(
+        "registry file {path} is corrupt ({source}); restore it from a backup. Moving it \
+         away starts an empty registry: every node then needs a new join token and may \
+         get a different address"
+    )]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+    #[error(
+        "registry file {path} has format {found}, but this mesh-rendezvous reads format \
+         {FORMAT}; run the version that wrote it"
+    )]
+    UnsupportedFormat { path: PathBuf, found: u32 },
+}
+
+/// Where the registry state lives between restarts.
+pub trait Store: Send {
+    /// The saved state, or `None` if nothing was ever saved (a new mesh).
+    fn load(&self) -> Result<Option<RegistryState>, StoreError>;
+    /// Replaces the saved state; when this returns `Ok`, it is durable.
+    fn save(&mut self, state: &RegistryState) -> Result<(), StoreError>;
+}
+
+/// The file as written: the state behind a format number, so a later
+/// layout can be told apart instead of misread.
+#[derive(Serialize)]
+struct FileRef<'a> {
+    format: u32,
+    registry: &'a RegistryState,
+}
+
+#[derive(Deserialize)]
+struct FileHeader {
+    format: u32,
+}
+
+#[derive(Deserialize)]
+struct FileBody {
+    registry: RegistryState,
+}
+
+/// The embedded store: one JSON file in the state directory.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    path: PathBuf,
+}
+
+impl FileStore {
+    /// A store for `<state_dir>/registry.json`; touches nothing yet.
+    pub fn new(state_dir: &Path) -> Self {
+        Self { path: state_dir.join(FILE_NAME) }
+    }
+
+    /// The file this store reads and writes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Store for FileStore {
+    fn load(&self) -> Result<Option<RegistryState>, StoreError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StoreError::Read { path: self.path.clone(), source }),
+        };
+        let corrupt = |source| StoreError::Corrupt { path: self.path.clone(), source };
+        let header: FileHeader = serde_json::from_slice(&bytes).map_err(corrupt)?;
+        if header.format != FORMAT {
+            return Err(StoreError::UnsupportedFormat {
+                path: self.path.clone(),
+                found: header.format,
+            });
+        }
+        let body: FileBody = serde_json::from_slice(&bytes).map_err(corrupt)?;
+        Ok(Some(body.registry))
+    }
+
+    fn save(&mut self, state: &RegistryState) -> Result<(), StoreError> {
+        let write_err = |source| StoreError::Write { path: self.path.clone(), source };
+        let mut bytes = serde_json::to_vec_pretty(&FileRef { format: FORMAT, registry: state })
+            .map_err(|e| write_err(io::Error::other(e)))?;
+        bytes.push(b'\n');
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // The state directory holds the mesh's registry: owner only.
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(write_err)?;
+        }
+        write_atomic(&self.path, &bytes, 0o600).map_err(write_err)
+    }
+}
+
+/// A store in memory: the state is lost with the process. For tests.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore {
+    state: Option<RegistryState>,
+    saves: usize,
+}
+
+impl MemoryStore {
+    /// A store that already holds `state`, as after a restart.
+    pub fn with_state(state: RegistryState) -> Self {
+        Self { state: Some(state), saves: 0 }
+    }
+
+    /// The last state saved (or given to [`MemoryStore::with_state`]).
+    pub fn state(&self) -> Option<&RegistryState> {
+        self.state.as_ref()
+    }
+
+    /// How many times [`Store::save`] was called.
+    pub fn saves(&self) -> usize {
+        self.saves
+    }
+}
+
+impl Store for MemoryStore {
+    fn load(&self) -> Result<Option<RegistryState>, StoreError> {
+        Ok(self.state.clone())
+    }
+
+    fn save(&mut self, state: &RegistryState) -> Result<(), StoreError> {
+        self.state = Some(state.clone());
+        self.saves += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::identity::PublicKey;
+    use crate::ipam;
+    use crate::rendezvous::registry::{NodeRecord, TokenRecord};
+    use crate::wire::control::{Candidate, CandidateKind, MeshInfo};
+
+    fn sample_state() -> RegistryState {
+        let mut state = RegistryState::new(MeshInfo {
+            id: "mesh-1".into(),
+            ipv4: "100.72.0.0/16".parse().unwrap(),
+            ipv6: ipam::ula_prefix([1, 2, 3, 4, 5]),
+        });
+        let key = PublicKey::from_bytes([4; 32]);
+        state.nodes.insert(
+            key,
+            NodeRecord {
+                name: "worker-1".into(),
+                ipv4: "100.72.3.4".parse().unwrap(),
+                ipv6: ipam::ipv6_for(&key, state.mesh.ipv6),
+                joined_at: 10,
+                last_seen: 20,
+                candidates: vec![Candidate {
+                    addr: "203.0.113.1:51820".parse().unwrap(),
+                    kind: CandidateKind::Observed,
+                }],
+            },
+        );
+        state.tokens.insert(
+            "abc".into(),
+            TokenRecord {
+                id: "abc".into(),
+                secret_sha256: "00".repeat(32),
+                created_at: 1,
+                expires_at: 2,
+                max_uses: Some(3),
+                uses: 1,
+                revoked: false,
+            },
+        );
+        state.removed.insert(PublicKey::from_bytes([9; 32]));
+        state
+    }
+
+    #[test]
+    fn a_saved_state_loads_back_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = FileStore::new(dir.path());
+        store.save(&sample_state()).unwrap();
+        assert_eq!(store.load().unwrap(), Some(sample_state()));
+        // A second store over the same directory, as after a restart.
+        assert_eq!(FileStore::new(dir.path()).load().unwrap(), Some(sample_state()));
+    }
+
+    #[test]
+    fn the_file_is_owner_only_and_in_the_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("rendezvous");
+        let mut store = FileStore::new(&state_dir);
+        store.save(&sample_state()).unwrap();
+        assert_eq!(store.path(), state_dir.join("registry.json"));
+        let mode = fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dir_mode = fs::metadata(&state_dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dir_mode, 0o700);
+    }
+
+    #[test]
+    fn a_missing_file_means_a_new_mesh() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(FileStore::new(dir.path()).load().unwrap(), None);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        for garbage in
+            [&b""[..], b"{\"format\": 1, \"registry\": {", b"\xff\xfe", b"{\"format\": 1}"]
+        {
+            fs::write(store.path(), garbage).unwrap();
+            let err = store.load().unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+            let text = err.to_string();
+            assert!(text.contains(&store.path().display().to_string()), "{text}");
+            assert!(text.contains("corrupt"), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_file_of_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        fs::write(store.path(), br#"{"format": 2, "registry": "something new"}"#).unwrap();
+        let err = store.load().unwrap_err();
+        assert!(matches!(err, StoreError::UnsupportedFormat { found: 2, .. }), "{err:?}");
+        assert!(err.to_string().contains("registry.json"), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_path_is_a_read_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        // A directory where the file should be.
+        fs::create_dir(store.path()).unwrap();
+        let err = store.load().unwrap_err();
+        assert!(matches!(err, StoreError::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("registry.json"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_save_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("not-a-dir");
+        fs::write(&blocker, b"").unwrap();
+        let mut store = FileStore::new(&blocker);
+        let err = store.save(&sample_state()).unwrap_err();
+        assert!(matches!(err, StoreError::Write { .. }), "{err:?}");
+        assert!(err.to_string().contains("registry.json"), "{err}");
+    }
+
+    #[test]
+    fn the_memory_store_keeps_the_last_save() {
+        let mut store = MemoryStore::default();
+        assert_eq!(store.load().unwrap(), None);
+        store.save(&sample_state()).unwrap();
+        assert_eq!(store.load().unwrap(), Some(sample_state()));
+        assert_eq!(store.saves(), 1);
+    }
+}

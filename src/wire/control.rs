@@ -1,0 +1,264 @@
+//! The control protocol between meshd and mesh-rendezvous (proto/control.md).
+//!
+//! Pure: message types and their framing. Messages travel on one
+//! bidirectional QUIC stream that the rendezvous opens (it speaks first,
+//! and a QUIC stream exists for the peer only once data is sent on it),
+//! each as a frame: a 4-byte
+//! big-endian length, then that many bytes of UTF-8 JSON. The length is
+//! checked against a limit *before* anything is allocated, and the limit is
+//! much smaller until the node is admitted.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::PublicKey;
+
+/// Bumped on any incompatible change; both hellos carry it.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// QUIC ALPN of the control protocol.
+pub const ALPN: &[u8] = b"meshd/1";
+/// Largest frame before admission: a hello is a few hundred bytes.
+pub const MAX_FRAME_UNADMITTED: usize = 16 << 10;
+/// Largest frame once admitted: a full peer map of ~10 000 nodes.
+pub const MAX_FRAME: usize = 8 << 20;
+/// Longest node name accepted (a DNS label is 63; a hostname 253).
+pub const MAX_NAME: usize = 253;
+/// Most candidate endpoints a node may announce.
+pub const MAX_CANDIDATES: usize = 16;
+
+/// Server → node, first message on the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerHello {
+    pub version: u32,
+    pub mesh_id: String,
+    /// The rendezvous's x25519 static key, for the admission proof.
+    pub server_key: PublicKey,
+}
+
+/// Node → server, the answer to [`ServerHello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    pub public_key: PublicKey,
+    pub name: String,
+    /// The node's WireGuard UDP port (the rendezvous sees the NATed one).
+    pub listen_port: u16,
+    /// Needed on first contact only; absent once the node is registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Endpoints the node knows for itself: local interface addresses and
+    /// the configured public address.
+    pub candidates: Vec<Candidate>,
+    /// Proof of possession of `public_key`'s private key, bound to this
+    /// QUIC connection: see [`admission_proof`](crate::rendezvous::admission).
+    pub proof: Proof,
+}
+
+/// A MAC over the connection's TLS exporter value, keyed by the static-static DH.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Proof(pub [u8; 32]);
+
+impl std::fmt::Debug for Proof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Proof(..)")
+    }
+}
+
+impl Serialize for Proof {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Proof {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine as _;
+        let s = String::deserialize(d)?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)?;
+        <[u8; 32]>::try_from(bytes.as_slice())
+            .map(Proof)
+            .map_err(|_| serde::de::Error::custom("proof must be 32 bytes"))
+    }
+}
+
+/// Where a node may be reached, and how it was learnt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Candidate {
+    pub addr: SocketAddr,
+    pub kind: CandidateKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CandidateKind {
+    /// Configured with `--advertise-endpoint` (the 1:1 NAT case).
+    Advertised,
+    /// The source address the rendezvous observed (server-reflexive).
+    Observed,
+    /// An address on one of the node's interfaces.
+    Local,
+}
+
+/// One node as the peer map carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub public_key: PublicKey,
+    pub name: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub candidates: Vec<Candidate>,
+}
+
+/// The mesh's address plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshInfo {
+    pub id: String,
+    pub ipv4: Ipv4Net,
+    pub ipv6: Ipv6Net,
+}
+
+/// Server → node after the hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Admitted: the node's own entry, the mesh, and every other node.
+    Welcome { node: NodeEntry, mesh: MeshInfo, observed: SocketAddr, peers: Vec<NodeEntry> },
+    /// Not admitted; the connection closes after this.
+    Rejected { reason: RejectReason, message: String },
+    /// A node joined, reconnected, or changed its candidates.
+    PeerUpsert { peer: NodeEntry },
+    /// A node was removed from the mesh.
+    PeerRemove { public_key: PublicKey },
+}
+
+/// Node → server once admitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NodeMessage {
+    /// The node's own candidates changed (an interface address came or went).
+    Candidates { candidates: Vec<Candidate> },
+}
+
+/// Why a node was not admitted. Deliberately coarse: a stranger learns
+/// nothing about the mesh from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// Protocol versions differ.
+    Version,
+    /// The proof of key possession did not verify.
+    BadProof,
+    /// Unknown node and no usable token (missing, wrong, expired, revoked, used up).
+    BadToken,
+    /// The node was removed from the mesh.
+    Removed,
+    /// The hello was malformed (name too long, too many candidates…).
+    BadHello,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame is not a valid message: {0}")]
+    Malformed(String),
+}
+
+/// Encodes `msg` as one frame.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing these plain types cannot fail.
+    let body = serde_json::to_vec(msg).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The length a frame header announces, checked against `max`.
+pub fn frame_len(header: [u8; 4], max: usize) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body (without its length header).
+pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Decodes the first frame in `buf` (header included) and returns the
+/// message with the number of bytes it took, so the caller can go on with
+/// whatever follows.
+///
+/// The announced length is checked against `max` before the body is looked
+/// at, so an oversized header is [`FrameError::TooLarge`] even when only its
+/// four bytes are present. A buffer that ends before the header or the body
+/// does is [`FrameError::Malformed`]: this is for a buffer that should hold
+/// whole frames (vectors, fuzzing, a datagram); a stream reader uses
+/// [`frame_len`] and reads exactly that many bytes instead.
+pub fn decode_frame<T: for<'de> Deserialize<'de>>(
+    buf: &[u8],
+    max: usize,
+) -> Result<(T, usize), FrameError> {
+    let Some((header, rest)) = buf.split_first_chunk::<4>() else {
+        return Err(FrameError::Malformed(format!("truncated header: {} of 4 bytes", buf.len())));
+    };
+    let len = frame_len(*header, max)?;
+    let Some(body) = rest.get(..len) else {
+        return Err(FrameError::Malformed(format!(
+            "truncated body: {} of {len} bytes",
+            rest.len()
+        )));
+    };
+    Ok((decode(body)?, 4 + len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidates() -> NodeMessage {
+        NodeMessage::Candidates {
+            candidates: vec![Candidate {
+                addr: "192.0.2.1:51820".parse().unwrap(),
+                kind: CandidateKind::Local,
+            }],
+        }
+    }
+
+    #[test]
+    fn decode_frame_takes_one_frame_and_says_how_much() {
+        let mut buf = encode(&candidates());
+        let one = buf.len();
+        buf.extend_from_slice(&encode(&candidates()));
+        let (msg, used) = decode_frame::<NodeMessage>(&buf, MAX_FRAME_UNADMITTED).unwrap();
+        assert_eq!((msg, used), (candidates(), one));
+    }
+
+    #[test]
+    fn decode_frame_checks_the_limit_before_the_body() {
+        let header = (MAX_FRAME_UNADMITTED as u32 + 1).to_be_bytes();
+        assert_eq!(
+            decode_frame::<NodeMessage>(&header, MAX_FRAME_UNADMITTED),
+            Err(FrameError::TooLarge { len: MAX_FRAME_UNADMITTED + 1, max: MAX_FRAME_UNADMITTED })
+        );
+    }
+
+    #[test]
+    fn decode_frame_calls_short_buffers_malformed() {
+        let frame = encode(&candidates());
+        for end in 0..frame.len() {
+            assert!(matches!(
+                decode_frame::<NodeMessage>(&frame[..end], MAX_FRAME),
+                Err(FrameError::Malformed(_))
+            ));
+        }
+    }
+}
