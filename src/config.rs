@@ -326,6 +326,22 @@ mod tests {
     }
 
     #[test]
+    fn a_rendezvous_node_needs_no_address_but_a_state_dir() {
+        let rendezvous = "[rendezvous]\naddress = \"rv.example:7443\"\n\
+             ca-hash = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\n";
+        let c = parse(&format!("private-key-file = \"/k\"\nstate-dir = \"/var/lib/meshd\"\n{rendezvous}")).unwrap();
+        assert!(c.addresses.is_empty());
+        assert_eq!(c.rendezvous.unwrap().address, "rv.example:7443");
+        let err = parse(&format!("private-key-file = \"/k\"\n{rendezvous}")).unwrap_err().to_string();
+        assert!(err.contains("state-dir"), "{err}");
+        let err = parse("private-key-file = \"/k\"\n").unwrap_err().to_string();
+        assert!(err.contains("`address`") && err.contains("[rendezvous]"), "{err}");
+        let bad_hash = "[rendezvous]\naddress = \"rv:7443\"\nca-hash = \"md5:00\"\n";
+        let err = parse(&format!("private-key-file = \"/k\"\nstate-dir = \"/s\"\n{bad_hash}")).unwrap_err().to_string();
+        assert!(err.contains("ca-hash") && err.contains("sha256:"), "{err}");
+    }
+
+    #[test]
     fn example_configs_in_deploy_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples");
         let mut n = 0;

@@ -47,6 +47,9 @@ const MESH_ID: &str = "9f83c2d1e07a4b65";
 /// `<id>.<base64url, no padding, of the bytes 0x10..=0x2f>`.
 const TOKEN: &str = "k7q2xw.EBESExQVFhcYGRobHB0eHyAhIiMkJSYnKCkqKywtLi8";
 
+/// What the rendezvous accepts from an admitted node (proto/control.md §2).
+const RENDEZVOUS_NODE_FRAME: usize = 64 << 10;
+
 /// What `admission_proof.json` yields, and so what `hello.hex` carries.
 const PROOF_HEX: &str = "ec0043922b4b2d25c4da468e602e8df8fd2b6fd0983cd39a9173396e1c60b61c";
 
@@ -233,8 +236,9 @@ fn welcome_vector_decodes_and_reencodes_byte_for_byte() {
 
 #[test]
 fn rejected_vectors_decode_and_reencode_byte_for_byte() {
-    golden("rejected", MAX_FRAME_UNADMITTED, &rejected());
-    golden("rejected_version", MAX_FRAME_UNADMITTED, &rejected_version());
+    // The node reads the answer to its hello under the admitted limit.
+    golden("rejected", MAX_FRAME, &rejected());
+    golden("rejected_version", MAX_FRAME, &rejected_version());
 }
 
 #[test]
@@ -245,7 +249,7 @@ fn peer_delta_vectors_decode_and_reencode_byte_for_byte() {
 
 #[test]
 fn candidates_vector_decodes_and_reencodes_byte_for_byte() {
-    golden("candidates", MAX_FRAME, &candidates());
+    golden("candidates", RENDEZVOUS_NODE_FRAME, &candidates());
 }
 
 #[test]
@@ -265,18 +269,21 @@ fn every_frame_file_has_a_golden_test() {
         .filter_map(|n| n.strip_suffix(".hex").map(str::to_owned))
         .collect();
     names.sort();
-    let tested = [
-        "candidates",
-        "hello",
-        "hello_registered",
-        "peer_remove",
-        "peer_upsert",
-        "rejected",
-        "rejected_version",
-        "server_hello",
-        "welcome",
-    ];
+    let mut tested = ALL.to_vec();
+    tested.sort();
     assert_eq!(names, tested);
+}
+
+#[test]
+fn vector_keys_and_token_are_the_documented_ones() {
+    let node: PrivateKey = NODE_PRIVATE.parse().unwrap();
+    assert_eq!(node.public_key(), key(NODE_PUBLIC));
+    assert_eq!(PrivateKey::from_bytes([0x11; 32]).public_key(), key(PEER_A));
+    assert_eq!(PrivateKey::from_bytes([0x22; 32]).public_key(), key(PEER_B));
+    let (id, secret) = TOKEN.split_once('.').unwrap();
+    assert_eq!(id, "k7q2xw");
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(secret).unwrap();
+    assert_eq!(secret, (0x10..=0x2f).collect::<Vec<u8>>());
 }
 
 #[test]

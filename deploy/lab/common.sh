@@ -11,6 +11,8 @@ set -euo pipefail
 LAB_PREFIX=mlab
 LAB_DIR=${LAB_DIR:-/run/meshd-lab}
 LAB_NODES=(a b c)
+RENDEZVOUS_IP=192.0.2.2
+RENDEZVOUS_PORT=7443
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BIN=${MESHD_BIN:-$REPO/target/release}
 

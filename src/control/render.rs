@@ -6,15 +6,20 @@ use super::{PeerInfo, StatusInfo};
 
 /// `meshctl peers`: one line per peer, aligned columns.
 pub fn peers_table(peers: &[PeerInfo]) -> String {
-    let header = ["NAME", "PEER", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"];
+    let header = ["NAME", "ADDRESS", "PEER", "ENDPOINT", "HANDSHAKE", "RX", "TX"];
     let rows: Vec<[String; 7]> = peers
         .iter()
         .map(|p| {
             [
                 p.name.clone().unwrap_or_else(|| "-".into()),
+                // The overlay IPv4 when there is one: what operators type.
+                p.overlay_ips
+                    .first()
+                    .or(p.allowed_ips.first())
+                    .cloned()
+                    .unwrap_or_else(|| "-".into()),
                 p.public_key.chars().take(8).collect(),
                 p.endpoint.clone().unwrap_or_else(|| "-".into()),
-                p.allowed_ips.join(","),
                 p.last_handshake.map_or_else(|| "never".into(), ago),
                 bytes(p.rx_bytes),
                 bytes(p.tx_bytes),
@@ -115,9 +120,9 @@ mod tests {
             peer("3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=", None, None, 0, 0),
         ];
         let expected = "\
-NAME    PEER      ENDPOINT         ALLOWED IPS    HANDSHAKE  RX       TX
-node-b  hSDwCYkw  192.0.2.2:51820  100.72.0.2/32  42s ago    2.0 KiB  100 B
--       3p7bfXt9  -                100.72.0.2/32  never      0 B      0 B
+NAME    ADDRESS     PEER      ENDPOINT         HANDSHAKE  RX       TX
+node-b  100.72.0.2  hSDwCYkw  192.0.2.2:51820  42s ago    2.0 KiB  100 B
+-       100.72.0.2  3p7bfXt9  -                never      0 B      0 B
 ";
         assert_eq!(peers_table(&peers), expected);
     }

@@ -53,6 +53,11 @@ pub enum Update {
 pub enum ClientError {
     #[error("cannot reach the rendezvous at {server}: {reason}")]
     Connect { server: String, reason: String },
+    #[error(
+        "the server at {server} is not the rendezvous of this mesh: its certificate does not match \
+         --ca-hash (a mistyped hash, or another server at that address)"
+    )]
+    CertificateMismatch { server: String },
     #[error("the rendezvous at {server} refused this node ({reason:?}): {message}")]
     Rejected { server: String, reason: RejectReason, message: String },
     #[error("the rendezvous at {server} broke the protocol: {reason}")]
@@ -65,7 +70,7 @@ impl ClientError {
     /// Whether retrying can help. A refused node stays refused until an
     /// operator acts (new token, re-added node, matching versions).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, ClientError::Rejected { .. })
+        matches!(self, ClientError::Rejected { .. } | ClientError::CertificateMismatch { .. })
     }
 }
 
@@ -116,7 +121,7 @@ pub async fn run(
     }
 }
 
-/// One session: connect, prove, receive the map, then relay deltas.
+/// One session: admission, then deltas until the connection ends.
 async fn session(
     endpoint: &quinn::Endpoint,
     config: &ClientConfig,
@@ -125,6 +130,37 @@ async fn session(
     updates: &mpsc::Sender<Update>,
     welcomed: &mut bool,
 ) -> Result<(), ClientError> {
+    let (mut session, welcome) = admit(endpoint, config, key, candidates).await?;
+    *welcomed = true;
+    if updates.send(welcome).await.is_err() {
+        return Ok(());
+    }
+    while let Some(update) = session.next().await? {
+        if updates.send(update).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// An admitted control connection.
+pub struct Session {
+    server: String,
+    connection: quinn::Connection,
+    /// Kept open: dropping it would finish the stream, which the
+    /// rendezvous reads as the node leaving.
+    _send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+/// Connects, proves the node's key and returns the session with its
+/// [`Update::Welcome`].
+pub async fn admit(
+    endpoint: &quinn::Endpoint,
+    config: &ClientConfig,
+    key: &PrivateKey,
+    candidates: Vec<Candidate>,
+) -> Result<(Session, Update), ClientError> {
     let server = config.server.as_str();
     let connect_err = |reason: String| ClientError::Connect { server: server.to_owned(), reason };
     let lost = |source: StreamError| ClientError::Lost { server: server.to_owned(), source };
@@ -137,8 +173,8 @@ async fn session(
             .connect_with(client_config, address, tls::SERVER_NAME)
             .map_err(|e| connect_err(e.to_string()))?
             .await
-            .map_err(|e| connect_err(describe_connection_error(&e)))?;
-        let (mut send, mut recv) = connection.accept_bi().await.map_err(|e| connect_err(e.to_string()))?;
+            .map_err(|e| connection_error(server, &e))?;
+        let (mut send, mut recv) = connection.accept_bi().await.map_err(|e| connection_error(server, &e))?;
 
         let server_hello: ServerHello = read_frame(&mut recv, MAX_FRAME_UNADMITTED).await.map_err(lost)?;
         if server_hello.version != PROTOCOL_VERSION {
@@ -164,9 +200,7 @@ async fn session(
         let welcome: ServerMessage = read_frame(&mut recv, MAX_FRAME).await.map_err(lost)?;
         Ok((connection, send, recv, welcome))
     };
-    // `_send` stays bound: dropping it would finish the stream, which the
-    // rendezvous reads as the node leaving.
-    let (connection, _send, mut recv, welcome) = tokio::time::timeout(HANDSHAKE_DEADLINE, setup)
+    let (connection, send, recv, welcome) = tokio::time::timeout(HANDSHAKE_DEADLINE, setup)
         .await
         .map_err(|_| connect_err(format!("no answer within {HANDSHAKE_DEADLINE:?} (is UDP to it blocked?)")))??;
 
@@ -176,38 +210,40 @@ async fn session(
                 ipv4 = %node.ipv4, ipv6 = %node.ipv6, %observed, peers = peers.len(),
                 "admitted by the rendezvous"
             );
-            *welcomed = true;
-            if updates.send(Update::Welcome { node, mesh, observed, peers }).await.is_err() {
-                return Ok(());
-            }
+            let session = Session { server: server.to_owned(), connection, _send: send, recv };
+            Ok((session, Update::Welcome { node, mesh, observed, peers }))
         }
         ServerMessage::Rejected { reason, message } => {
-            return Err(ClientError::Rejected { server: server.to_owned(), reason, message });
+            Err(ClientError::Rejected { server: server.to_owned(), reason, message })
         }
-        other => return Err(protocol(format!("expected a welcome, got {other:?}"))),
+        other => Err(protocol(format!("expected a welcome, got {other:?}"))),
     }
+}
 
-    loop {
-        let msg: ServerMessage = match read_frame(&mut recv, MAX_FRAME).await {
+impl Session {
+    /// The next change to the peer map; `None` when the rendezvous closed
+    /// the session cleanly.
+    pub async fn next(&mut self) -> Result<Option<Update>, ClientError> {
+        let server = || self.server.clone();
+        let msg: ServerMessage = match read_frame(&mut self.recv, MAX_FRAME).await {
             Ok(m) => m,
-            Err(StreamError::Closed) => return Ok(()),
-            Err(e) => {
-                return Err(match connection.close_reason() {
-                    Some(reason) => connect_err(describe_connection_error(&reason)),
-                    None => lost(e),
+            Err(StreamError::Closed) => return Ok(None),
+            Err(source) => {
+                return Err(match self.connection.close_reason() {
+                    Some(reason) => connection_error(&self.server, &reason),
+                    None => ClientError::Lost { server: server(), source },
                 })
             }
         };
-        let update = match msg {
-            ServerMessage::PeerUpsert { peer } => Update::Upsert(peer),
-            ServerMessage::PeerRemove { public_key } => Update::Remove(public_key),
+        match msg {
+            ServerMessage::PeerUpsert { peer } => Ok(Some(Update::Upsert(peer))),
+            ServerMessage::PeerRemove { public_key } => Ok(Some(Update::Remove(public_key))),
             ServerMessage::Rejected { reason, message } => {
-                return Err(ClientError::Rejected { server: server.to_owned(), reason, message })
+                Err(ClientError::Rejected { server: server(), reason, message })
             }
-            ServerMessage::Welcome { .. } => return Err(protocol("a second welcome".into())),
-        };
-        if updates.send(update).await.is_err() {
-            return Ok(());
+            ServerMessage::Welcome { .. } => {
+                Err(ClientError::Protocol { server: server(), reason: "a second welcome".into() })
+            }
         }
     }
 }
@@ -226,14 +262,16 @@ async fn resolve(server: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{server} resolves to no address"))
 }
 
-fn describe_connection_error(e: &quinn::ConnectionError) -> String {
+fn connection_error(server: &str, e: &quinn::ConnectionError) -> ClientError {
+    let server = server.to_owned();
     match e {
-        quinn::ConnectionError::TransportError(t)
-            if t.to_string().contains("certificate") || t.to_string().contains("Certificate") =>
-        {
-            "its certificate does not match --ca-hash (wrong hash, or another server at that address)".into()
+        // rustls reports a failed pin as a TLS alert in the transport error.
+        quinn::ConnectionError::TransportError(t) if t.to_string().to_lowercase().contains("certificate") => {
+            ClientError::CertificateMismatch { server }
         }
-        quinn::ConnectionError::TimedOut => "timed out (is UDP to it blocked?)".into(),
-        other => other.to_string(),
+        quinn::ConnectionError::TimedOut => {
+            ClientError::Connect { server, reason: "timed out (is UDP to it blocked?)".into() }
+        }
+        other => ClientError::Connect { server, reason: other.to_string() },
     }
 }

@@ -68,64 +68,95 @@ enum ConnOut {
 
 /// Runs the rendezvous until `shutdown` completes.
 pub async fn serve(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    let Loaded { layout, config, cert_der, cert_key_der, server_key, store, state } = loaded;
-    let server_config = tls::server_config(cert_der, cert_key_der)?;
-    let endpoint = quinn::Endpoint::server(server_config, config.listen)
-        .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
-    let admin_socket = admin::AdminSocket::bind(&layout.admin_socket()).await?;
-    tracing::info!(listen = %config.listen, public = %config.public_addr, mesh = %state.mesh.id, "rendezvous serving");
+    Server::bind(loaded).await?.run(shutdown).await
+}
 
-    let mesh_id = state.mesh.id.clone();
-    let (to_registry, inbox) = mpsc::channel(1024);
-    let registry = tokio::spawn(registry_task(Registry::new(state), store, inbox));
-    let admin = tokio::spawn(admin_socket.serve({
-        let to_registry = to_registry.clone();
-        move |request: AdminRequest| {
-            let to_registry = to_registry.clone();
-            async move {
-                let shutting_down = || AdminResponse::error("the server is shutting down".into());
-                let (reply, answer) = oneshot::channel();
-                if to_registry.send(ToRegistry::Admin { request, reply }).await.is_err() {
-                    return shutting_down();
-                }
-                answer.await.unwrap_or_else(|_| shutting_down())
-            }
-        }
-    }));
+/// A bound, not yet running server.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    admin_socket: admin::AdminSocket,
+    server_key: PrivateKey,
+    store: super::store::FileStore,
+    state: super::registry::RegistryState,
+}
 
-    let server_key = Arc::new(server_key);
-    let pending = Arc::new(Semaphore::new(MAX_PENDING));
-    let mut next_conn = 0u64;
-    tokio::pin!(shutdown);
-    loop {
-        let incoming = tokio::select! {
-            () = &mut shutdown => break,
-            incoming = endpoint.accept() => match incoming {
-                Some(i) => i,
-                None => break,
-            },
-        };
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            tracing::debug!(remote = %incoming.remote_address(), "too many admissions in flight; refusing");
-            incoming.refuse();
-            continue;
-        };
-        next_conn += 1;
-        let conn = ConnId(next_conn);
-        let (server_key, mesh_id, to_registry) = (server_key.clone(), mesh_id.clone(), to_registry.clone());
-        let span = tracing::debug_span!("conn", id = conn.0, remote = %canonical(incoming.remote_address()));
-        tokio::spawn(
-            async move { connection_task(incoming, conn, &server_key, mesh_id, to_registry, permit).await }
-                .instrument(span),
+impl Server {
+    /// Binds the UDP port and the admin socket.
+    pub async fn bind(loaded: Loaded) -> Result<Self, ServerError> {
+        let Loaded { layout, config, cert_der, cert_key_der, server_key, store, state } = loaded;
+        let server_config = tls::server_config(cert_der, cert_key_der)?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+            .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+        let admin_socket = admin::AdminSocket::bind(&layout.admin_socket()).await?;
+        tracing::info!(
+            listen = %endpoint.local_addr().unwrap_or(config.listen),
+            public = %config.public_addr,
+            mesh = %state.mesh.id,
+            "rendezvous serving"
         );
+        Ok(Self { endpoint, admin_socket, server_key, store, state })
     }
-    tracing::info!("rendezvous shutting down");
-    endpoint.close(0u32.into(), b"rendezvous shutting down");
-    admin.abort();
-    drop(to_registry);
-    let _ = registry.await;
-    endpoint.wait_idle().await;
-    Ok(())
+
+    /// The bound UDP address (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let Server { endpoint, admin_socket, server_key, store, state } = self;
+        let mesh_id = state.mesh.id.clone();
+        let (to_registry, inbox) = mpsc::channel(1024);
+        let registry = tokio::spawn(registry_task(Registry::new(state), store, inbox));
+        let admin = tokio::spawn(admin_socket.serve({
+            let to_registry = to_registry.clone();
+            move |request: AdminRequest| {
+                let to_registry = to_registry.clone();
+                async move {
+                    let shutting_down = || AdminResponse::error("the server is shutting down".into());
+                    let (reply, answer) = oneshot::channel();
+                    if to_registry.send(ToRegistry::Admin { request, reply }).await.is_err() {
+                        return shutting_down();
+                    }
+                    answer.await.unwrap_or_else(|_| shutting_down())
+                }
+            }
+        }));
+
+        let server_key = Arc::new(server_key);
+        let pending = Arc::new(Semaphore::new(MAX_PENDING));
+        let mut next_conn = 0u64;
+        tokio::pin!(shutdown);
+        loop {
+            let incoming = tokio::select! {
+                () = &mut shutdown => break,
+                incoming = endpoint.accept() => match incoming {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                tracing::debug!(remote = %incoming.remote_address(), "too many admissions in flight; refusing");
+                incoming.refuse();
+                continue;
+            };
+            next_conn += 1;
+            let conn = ConnId(next_conn);
+            let (server_key, mesh_id, to_registry) = (server_key.clone(), mesh_id.clone(), to_registry.clone());
+            let span = tracing::debug_span!("conn", id = conn.0, remote = %canonical(incoming.remote_address()));
+            tokio::spawn(
+                async move { connection_task(incoming, conn, &server_key, mesh_id, to_registry, permit).await }
+                    .instrument(span),
+            );
+        }
+        tracing::info!("rendezvous shutting down");
+        endpoint.close(0u32.into(), b"rendezvous shutting down");
+        admin.abort();
+        drop(to_registry);
+        let _ = registry.await;
+        endpoint.wait_idle().await;
+        Ok(())
+    }
 }
 
 fn now_unix() -> u64 {
