@@ -118,7 +118,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
         (Some(rendezvous), Some(dir)) => {
             let (socket, quic_tx) = quic::SharedSocket::new(udp.clone());
             let endpoint = quinn::Endpoint::new_with_abstract_socket(
-                quinn::EndpointConfig::default(),
+                crate::rendezvous::tls::endpoint_config(),
                 None,
                 socket,
                 Arc::new(quinn::TokioRuntime),

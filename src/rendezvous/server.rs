@@ -59,8 +59,10 @@ enum ToRegistry {
     Admin { request: AdminRequest, reply: oneshot::Sender<AdminResponse> },
 }
 
-/// What the registry task tells one connection task.
+/// What the registry task tells one connection task. Messages are the
+/// common case; boxing them would cost an allocation each.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 enum ConnOut {
     Message(ServerMessage),
     Close(CloseReason),
@@ -85,8 +87,15 @@ impl Server {
     pub async fn bind(loaded: Loaded) -> Result<Self, ServerError> {
         let Loaded { layout, config, cert_der, cert_key_der, server_key, store, state } = loaded;
         let server_config = tls::server_config(cert_der, cert_key_der)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
-            .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+        let listen_err = |source| ServerError::Listen { addr: config.listen, source };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(listen_err)?;
+        let endpoint = quinn::Endpoint::new(
+            tls::endpoint_config(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(listen_err)?;
         let admin_socket = admin::AdminSocket::bind(&layout.admin_socket()).await?;
         tracing::info!(
             listen = %endpoint.local_addr().unwrap_or(config.listen),

@@ -98,6 +98,15 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Endpoint settings for both ends. Greasing the QUIC fixed bit (RFC 9287)
+/// is off: meshd tells QUIC from WireGuard on its shared socket by that
+/// very bit, so a greased packet would be dropped as garbage.
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config.grease_quic_bit(false);
+    config
+}
+
 /// The rendezvous's QUIC server configuration.
 pub fn server_config(cert_der: Vec<u8>, key_der: Vec<u8>) -> Result<quinn::ServerConfig, TlsError> {
     let config_err = |e: rustls::Error| TlsError::Config(e.to_string());

@@ -23,8 +23,9 @@
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -178,8 +179,10 @@ impl Node {
         output("ip", &full)
     }
 
-    /// One ping of `to`; `Err` with ping's output when no reply came.
-    pub fn ping_once(&self, to: Ipv4Addr) -> Result<(), String> {
+    /// One ping of `to` (IPv4 or IPv6); `Err` with ping's output when no
+    /// reply came.
+    pub fn ping_once(&self, to: impl Into<IpAddr>) -> Result<(), String> {
+        let to = to.into();
         let out = self.exec("ping", &["-c", "1", "-W", "1", &to.to_string()]);
         if out.status.success() {
             Ok(())
@@ -194,7 +197,8 @@ impl Node {
     }
 
     /// Pings `to` until a reply comes, or panics at the deadline.
-    pub fn pings(&self, to: Ipv4Addr) {
+    pub fn pings(&self, to: impl Into<IpAddr>) {
+        let to = to.into();
         eventually(
             &format!(
                 "node {} ({}) gets a ping reply from {to}",
@@ -723,18 +727,31 @@ impl Meshd<'_> {
 
     /// `meshctl --socket … peers --json`, parsed.
     pub fn try_peers(&self) -> Result<Vec<serde_json::Value>, String> {
+        self.meshctl_json("peers")
+    }
+
+    /// `meshctl --socket … status --json`, parsed.
+    pub fn try_status(&self) -> Result<serde_json::Value, String> {
+        self.meshctl_json("status")
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.try_status().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn meshctl_json<T: serde::de::DeserializeOwned>(&self, command: &str) -> Result<T, String> {
         let socket = self.socket.to_str().expect("utf-8 temp path");
-        let out = output(MESHCTL, &["--socket", socket, "peers", "--json"]);
+        let out = output(MESHCTL, &["--socket", socket, command, "--json"]);
         if !out.status.success() {
             return Err(format!(
-                "meshctl peers failed with {}: {}",
+                "meshctl {command} failed with {}: {}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
         serde_json::from_slice(&out.stdout).map_err(|e| {
             format!(
-                "meshctl peers --json printed no JSON array ({e}): {}",
+                "meshctl {command} --json printed no JSON of the expected shape ({e}): {}",
                 String::from_utf8_lossy(&out.stdout)
             )
         })
@@ -794,11 +811,24 @@ const CHUNK: usize = 64 * 1024;
 /// `to`'s overlay address and asserts that exactly those bytes arrive
 /// (same length, same SHA-256).
 pub fn assert_tcp_transfer(from: &Node, to: &Node, len: usize, seed: u64) {
+    assert_tcp_transfer_to(from, to, to.overlay, len, seed);
+}
+
+/// [`assert_tcp_transfer`] to `to` at `address`, one of its own addresses
+/// (such as an overlay address a rendezvous assigned).
+pub fn assert_tcp_transfer_to(
+    from: &Node,
+    to: &Node,
+    address: impl Into<IpAddr>,
+    len: usize,
+    seed: u64,
+) {
+    let address = address.into();
     let what = format!(
-        "{len} bytes over TCP from node {} to node {} ({})",
-        from.name, to.name, to.overlay
+        "{len} bytes over TCP from node {} to node {} ({address})",
+        from.name, to.name
     );
-    let addr = SocketAddr::from((to.overlay, 5201));
+    let addr = SocketAddr::from((address, 5201));
     let (bound_tx, bound_rx) = mpsc::channel();
 
     let receiver = in_namespace(&to.ns, move || -> Result<(usize, Vec<u8>), String> {
