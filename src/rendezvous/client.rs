@@ -265,8 +265,8 @@ async fn resolve(server: &str) -> Result<SocketAddr, String> {
 fn connection_error(server: &str, e: &quinn::ConnectionError) -> ClientError {
     let server = server.to_owned();
     match e {
-        // rustls reports a failed pin as a TLS alert in the transport error.
-        quinn::ConnectionError::TransportError(t) if t.to_string().to_lowercase().contains("certificate") => {
+        // A failed pin surfaces as a TLS certificate alert (RFC 8446 §6.2).
+        quinn::ConnectionError::TransportError(t) if is_certificate_alert(t.code) => {
             ClientError::CertificateMismatch { server }
         }
         quinn::ConnectionError::TimedOut => {
@@ -274,4 +274,11 @@ fn connection_error(server: &str, e: &quinn::ConnectionError) -> ClientError {
         }
         other => ClientError::Connect { server, reason: other.to_string() },
     }
+}
+
+/// bad_certificate, unsupported_certificate, certificate_revoked,
+/// certificate_expired, certificate_unknown, unknown_ca, and access_denied,
+/// which rustls sends when an application verifier (our pin) says no.
+fn is_certificate_alert(code: quinn::TransportErrorCode) -> bool {
+    [42u8, 43, 44, 45, 46, 48, 49].iter().any(|alert| code == quinn::TransportErrorCode::crypto(*alert))
 }

@@ -160,7 +160,10 @@ impl Server {
         }
         tracing::info!("rendezvous shutting down");
         endpoint.close(0u32.into(), b"rendezvous shutting down");
+        // Wait for the admin task to drop its socket, so a server started
+        // next on the same directory never has its socket file removed.
         admin.abort();
+        let _ = admin.await;
         drop(to_registry);
         let _ = registry.await;
         endpoint.wait_idle().await;

@@ -10,6 +10,11 @@
 //! pair are created directly inside lab namespaces, the underlay uses the
 //! documentation range 192.0.2.0/24 (RFC 5737) and the overlay 100.72.0.0/16.
 //!
+//! Nodes are configured either statically (a config file listing their
+//! peers) or through a rendezvous: a [`Rendezvous`] runs `mesh-rendezvous`
+//! on one machine of the lab, and each [`MeshNode`] is enrolled with the
+//! `meshd join` line it printed, its state directory in the lab's.
+//!
 //! Namespaces are named `mt<pid>-<lab><role>` and wireguard-go interfaces
 //! `mtw<pid>-<lab><role>`, so tests run in parallel, also from several test
 //! binaries at once. A run killed with SIGKILL cannot run `Drop`; the first
@@ -40,11 +45,15 @@ use sha2::{Digest, Sha256};
 
 pub const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
 pub const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
+pub const MESH_RENDEZVOUS: &str = env!("CARGO_BIN_EXE_mesh-rendezvous");
 
 /// How long a tunnel may take to carry its first packet.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 /// How long a daemon may take to come up or to exit after SIGTERM.
 pub const START_STOP_DEADLINE: Duration = Duration::from_secs(20);
+/// How long nodes may take to be online again at a restarted rendezvous:
+/// their reconnect backoff starts at 1 s and doubles, with jitter.
+pub const RECONNECT_DEADLINE: Duration = Duration::from_secs(20);
 /// No single socket operation of a transfer may block longer than this.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -53,6 +62,10 @@ pub const MB: usize = 1_000_000;
 pub const LISTEN_PORT: u16 = 51820;
 pub const MESH_PREFIX_LEN: u8 = 16;
 pub const MTU: u16 = 1380;
+/// The rendezvous's UDP port on the underlay.
+pub const RENDEZVOUS_PORT: u16 = 7443;
+/// The overlay prefix of meshes created through a rendezvous.
+pub const MESH_CIDR: &str = "100.72.0.0/16";
 /// meshd's interface inside each (private) namespace.
 pub const MESH_IFACE: &str = "mesh0";
 
@@ -770,6 +783,335 @@ impl Meshd<'_> {
 pub struct WireguardGo<'lab> {
     pub daemon: Daemon<'lab>,
     pub iface: String,
+}
+
+impl Lab {
+    /// Creates a mesh with `mesh-rendezvous init` on machine `host`, reached
+    /// by the nodes at its underlay address, and starts serving it.
+    pub fn start_rendezvous(&self, host: usize) -> Rendezvous<'_> {
+        let mut rendezvous = Rendezvous {
+            lab: self,
+            host: self.node(host),
+            state_dir: self.dir().join("rendezvous"),
+            daemon: None,
+        };
+        let listen = format!("0.0.0.0:{RENDEZVOUS_PORT}");
+        let public = rendezvous.address().to_string();
+        rendezvous.admin(&[
+            "init",
+            "--listen",
+            &listen,
+            "--public-addr",
+            &public,
+            "--cidr",
+            MESH_CIDR,
+        ]);
+        rendezvous.start();
+        rendezvous
+    }
+
+    /// Enrols machine `i` as `node-<letter>` by running the `join` line it
+    /// was given, with a state directory in the lab's directory. meshd is
+    /// not started.
+    pub fn join(&self, i: usize, join: &JoinLine) -> MeshNode<'_> {
+        let machine = self.node(i);
+        let name = format!("node-{}", machine.name);
+        let state_dir = self.dir().join(&name);
+        let socket = state_dir.join("meshd.sock");
+        let mut args = join.meshd_args();
+        let (dir, sock) = (utf8(&state_dir), utf8(&socket));
+        args.extend(["--state-dir", dir, "--name", &name, "--socket", sock]);
+        assert_success(
+            &machine.exec(MESHD, &args),
+            &format!("`meshd {}` on machine {}", args.join(" "), machine.name),
+        );
+        MeshNode {
+            lab: self,
+            machine,
+            name,
+            state_dir,
+            socket,
+            meshd: None,
+        }
+    }
+
+    /// [`Lab::join`], then starts meshd and waits until it has its address.
+    pub fn join_and_start(&self, i: usize, join: &JoinLine) -> MeshNode<'_> {
+        let mut node = self.join(i, join);
+        node.start();
+        node
+    }
+}
+
+fn utf8(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+/// A mesh's rendezvous on one machine of the lab: its state directory, and
+/// its server while one runs.
+pub struct Rendezvous<'lab> {
+    lab: &'lab Lab,
+    host: &'lab Node,
+    state_dir: PathBuf,
+    daemon: Option<Daemon<'lab>>,
+}
+
+impl Rendezvous<'_> {
+    /// Where the nodes reach it.
+    pub fn address(&self) -> SocketAddr {
+        SocketAddr::from((self.host.underlay, RENDEZVOUS_PORT))
+    }
+
+    /// Runs `mesh-rendezvous serve` and waits until it answers on its admin
+    /// socket, which it binds after its UDP port.
+    pub fn start(&mut self) {
+        assert!(self.daemon.is_none(), "the rendezvous is already running");
+        let mut daemon = self.lab.spawn(
+            self.host,
+            "mesh-rendezvous",
+            MESH_RENDEZVOUS,
+            &["--state-dir", utf8(&self.state_dir), "serve"],
+        );
+        let admin = self.state_dir.join("admin.sock");
+        eventually(
+            "mesh-rendezvous accepts on its admin socket",
+            START_STOP_DEADLINE,
+            || {
+                daemon.assert_running();
+                UnixStream::connect(&admin)
+                    .map(drop)
+                    .map_err(|e| format!("{}: {e}", admin.display()))
+            },
+        );
+        self.daemon = Some(daemon);
+    }
+
+    /// Sends SIGTERM and waits for the server to exit cleanly.
+    pub fn stop(&mut self) {
+        let mut daemon = self.daemon.take().expect("the rendezvous is running");
+        let status = daemon.terminate();
+        assert!(
+            status.success(),
+            "mesh-rendezvous exits 0 after SIGTERM, not {status}"
+        );
+    }
+
+    /// `mesh-rendezvous token create`: a token for `uses` nodes, as the
+    /// `meshd join` line it prints.
+    pub fn create_token(&self, uses: usize) -> JoinLine {
+        let out = self.admin(&[
+            "token",
+            "create",
+            "--ttl",
+            "1h",
+            "--uses",
+            &uses.to_string(),
+        ]);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("meshd join "))
+            .unwrap_or_else(|| panic!("`token create` prints a `meshd join` line: {out}"));
+        JoinLine(line.to_owned())
+    }
+
+    /// `mesh-rendezvous nodes list --json`, parsed.
+    pub fn try_nodes(&self) -> Result<Vec<serde_json::Value>, String> {
+        let out = self.try_admin(&["nodes", "list", "--json"]);
+        if !out.status.success() {
+            return Err(format!(
+                "`nodes list` failed with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "`nodes list --json` printed no JSON array ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    pub fn nodes(&self) -> Vec<serde_json::Value> {
+        self.try_nodes().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `Ok` once `nodes list` shows every one of `nodes` online; otherwise
+    /// says which are not.
+    pub fn all_online(&self, nodes: &[MeshNode<'_>]) -> Result<(), String> {
+        let listed = self.try_nodes()?;
+        let offline: Vec<&str> = nodes
+            .iter()
+            .filter(|node| {
+                let key = node.public_key();
+                !listed
+                    .iter()
+                    .any(|n| n["public_key"] == key.as_str() && n["online"] == true)
+            })
+            .map(|node| node.name.as_str())
+            .collect();
+        if offline.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("not online: {offline:?}; nodes list: {listed:?}"))
+        }
+    }
+
+    /// `mesh-rendezvous nodes remove <name>`.
+    pub fn remove_node(&self, name: &str) {
+        self.admin(&["nodes", "remove", name]);
+    }
+
+    /// `mesh-rendezvous --state-dir … args…` on its machine, to completion.
+    fn try_admin(&self, args: &[&str]) -> Output {
+        let mut full = vec!["--state-dir", utf8(&self.state_dir)];
+        full.extend_from_slice(args);
+        self.host.exec(MESH_RENDEZVOUS, &full)
+    }
+
+    /// [`Rendezvous::try_admin`], which must succeed; returns its stdout.
+    fn admin(&self, args: &[&str]) -> String {
+        let out = self.try_admin(args);
+        assert_success(&out, &format!("`mesh-rendezvous {}`", args.join(" ")));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// The `meshd join HOST:PORT --token … --ca-hash …` line that
+/// `mesh-rendezvous token create` printed.
+pub struct JoinLine(pub String);
+
+impl JoinLine {
+    /// The line's arguments after `meshd`.
+    fn meshd_args(&self) -> Vec<&str> {
+        let mut words = self.0.split_whitespace();
+        assert_eq!(words.next(), Some("meshd"), "a join line: {}", self.0);
+        words.collect()
+    }
+}
+
+/// A node's overlay addresses, as `meshctl status` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverlayIps {
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+/// A machine enrolled with `meshd join`: its state directory, and its meshd
+/// while one runs. Its overlay addresses are whatever the rendezvous
+/// assigned, not the machine's static `overlay`.
+pub struct MeshNode<'lab> {
+    lab: &'lab Lab,
+    pub machine: &'lab Node,
+    /// Its name in the mesh.
+    pub name: String,
+    pub state_dir: PathBuf,
+    socket: PathBuf,
+    meshd: Option<Meshd<'lab>>,
+}
+
+impl MeshNode<'_> {
+    /// `meshd run --state-dir …`; waits until the API socket answers, which
+    /// is once `mesh0` has its address.
+    pub fn start(&mut self) {
+        assert!(
+            self.meshd.is_none(),
+            "meshd on {} is already running",
+            self.name
+        );
+        let daemon = self.lab.spawn(
+            self.machine,
+            &format!("meshd-{}", self.machine.name),
+            MESHD,
+            &["run", "--state-dir", utf8(&self.state_dir)],
+        );
+        let mut meshd = Meshd {
+            daemon,
+            socket: self.socket.clone(),
+        };
+        meshd.wait_ready();
+        self.meshd = Some(meshd);
+    }
+
+    /// Sends meshd SIGTERM and waits for it to exit cleanly.
+    pub fn stop(&mut self) {
+        let mut meshd = self.meshd.take().expect("meshd is running");
+        let status = meshd.daemon.terminate();
+        assert!(
+            status.success(),
+            "meshd on {} exits 0 after SIGTERM, not {status}",
+            self.name
+        );
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start();
+    }
+
+    pub fn meshd(&self) -> &Meshd<'_> {
+        self.meshd.as_ref().expect("meshd is running")
+    }
+
+    /// The log of the meshd running now.
+    pub fn log(&self) -> String {
+        self.meshd().daemon.log()
+    }
+
+    /// The config `meshd join` wrote.
+    pub fn config(&self) -> String {
+        let path = self.state_dir.join("meshd.toml");
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    }
+
+    pub fn public_key(&self) -> String {
+        let status = self.meshd().status();
+        status["public_key"]
+            .as_str()
+            .unwrap_or_else(|| {
+                panic!(
+                    "meshctl status of {} has a public_key: {status:#}",
+                    self.name
+                )
+            })
+            .to_owned()
+    }
+
+    /// The overlay addresses `meshctl status` reports now.
+    pub fn overlay_ips(&self) -> OverlayIps {
+        let status = self.meshd().status();
+        let ips: Vec<IpAddr> = status["overlay_ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.as_str()?.parse().ok())
+            .collect();
+        match ips[..] {
+            [IpAddr::V4(v4), IpAddr::V6(v6)] => OverlayIps { v4, v6 },
+            _ => panic!(
+                "meshctl status of {} lists one IPv4 and one IPv6 overlay address: {status:#}",
+                self.name
+            ),
+        }
+    }
+
+    /// Its peers by public key, from `meshctl peers`.
+    pub fn try_peer_keys(&self) -> Result<Vec<String>, String> {
+        Ok(self
+            .meshd()
+            .try_peers()?
+            .iter()
+            .filter_map(|p| p["public_key"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    pub fn ping_once(&self, to: impl Into<IpAddr>) -> Result<(), String> {
+        self.machine.ping_once(to)
+    }
+
+    pub fn pings(&self, to: impl Into<IpAddr>) {
+        self.machine.pings(to)
+    }
 }
 
 /// Runs `f` on a new thread inside network namespace `ns`.
