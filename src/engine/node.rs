@@ -426,7 +426,9 @@ impl Node {
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
         match classify(datagram) {
             DatagramKind::WireGuard => {}
-            DatagramKind::Quic | DatagramKind::Unknown => return self.drop_packet(DropReason::NotWireGuard),
+            DatagramKind::Quic | DatagramKind::Probe | DatagramKind::Unknown => {
+                return self.drop_packet(DropReason::NotWireGuard)
+            }
         }
         if datagram.len() > self.pool.buf_len() {
             return self.drop_packet(DropReason::Oversized);

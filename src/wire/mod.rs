@@ -4,15 +4,19 @@
 //! (DESIGN.md "Wire"): WireGuard messages are types 1–4 followed by three
 //! zero bytes; QUIC packets to and from the rendezvous have the fixed bit
 //! (0x40) set (RFC 9000 §17); anything else is dropped and counted.
-//! [`control`] is the protocol spoken inside the QUIC connection.
+//! [`control`] is the protocol spoken inside the QUIC connection;
+//! [`probe`] the path probes between nodes.
 
 pub mod control;
+pub mod probe;
 
 /// What a datagram on the shared socket is, by its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatagramKind {
     WireGuard,
     Quic,
+    /// A path probe ([`probe::MAGIC`]).
+    Probe,
     Unknown,
 }
 
@@ -20,6 +24,7 @@ pub enum DatagramKind {
 pub fn classify(datagram: &[u8]) -> DatagramKind {
     match datagram {
         [1..=4, 0, 0, 0, ..] => DatagramKind::WireGuard,
+        [0x00, b'M', b'P', _, ..] => DatagramKind::Probe,
         [b, ..] if b & 0x40 != 0 => DatagramKind::Quic,
         _ => DatagramKind::Unknown,
     }
