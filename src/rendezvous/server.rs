@@ -241,10 +241,26 @@ async fn connection_task(
             server_key: server_key.public_key(),
         };
         write_frame(&mut send, &hello_msg).await.ok()?;
-        let hello: Hello = match read_frame(&mut recv, MAX_FRAME_UNADMITTED).await {
+        // The version first: a newer node whose hello v1 can't parse
+        // still learns why it is turned away.
+        let value: serde_json::Value = match read_frame(&mut recv, MAX_FRAME_UNADMITTED).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(error = %e, "bad hello");
+                return None;
+            }
+        };
+        let version = value.get("version").and_then(serde_json::Value::as_u64);
+        if version != Some(u64::from(PROTOCOL_VERSION)) {
+            let message = format!("this rendezvous speaks protocol version {PROTOCOL_VERSION}, the node {version:?}");
+            reject(&connection, &mut send, RejectReason::Version, &message).await;
+            return None;
+        }
+        let hello: Hello = match serde_json::from_value(value) {
             Ok(h) => h,
             Err(e) => {
                 tracing::debug!(error = %e, "bad hello");
+                reject(&connection, &mut send, RejectReason::BadHello, "malformed hello").await;
                 return None;
             }
         };
@@ -252,7 +268,8 @@ async fn connection_task(
         connection.export_keying_material(&mut exporter, admission::EXPORTER_LABEL, &[]).ok()?;
         if !admission::verify(server_key, &hello.public_key, &exporter, &hello.proof) {
             tracing::info!(key = %hello.public_key.short(), "admission proof failed");
-            reject(&mut send, RejectReason::BadProof, "this node cannot prove it holds its key").await;
+            let message = "this node cannot prove it holds its key";
+            reject(&connection, &mut send, RejectReason::BadProof, message).await;
             return None;
         }
         Some((connection, send, recv, hello))
@@ -302,11 +319,15 @@ async fn connection_task(
     let _ = to_registry.send(ToRegistry::Disconnected { conn }).await;
 }
 
-async fn reject(send: &mut quinn::SendStream, reason: RejectReason, message: &str) {
+/// Refuses a node before the registry ever sees it: the reason, then the
+/// close code that names it (proto/control.md §1).
+async fn reject(connection: &quinn::Connection, send: &mut quinn::SendStream, reason: RejectReason, message: &str) {
     let msg = ServerMessage::Rejected { reason, message: message.to_owned() };
     if write_frame(send, &msg).await.is_ok() {
         finish(send).await;
     }
+    let close = CloseReason::Rejected(reason);
+    connection.close(close.code().into(), close.to_string().as_bytes());
 }
 
 /// Ends the stream and gives the node a moment to read what is in it, so a
