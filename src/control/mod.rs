@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::paths::PathStatus;
 use crate::engine::PeerStatus;
 
 /// Bumped on any incompatible change of [`Request`] or [`Response`].
@@ -62,8 +63,12 @@ pub struct PeerInfo {
     /// The peer's overlay addresses (its host routes for a static peer).
     pub overlay_ips: Vec<String>,
     pub allowed_ips: Vec<String>,
-    /// `ip:port`, or null while unknown.
+    /// `ip:port` of the direct path, or null (relayed, or unknown).
     pub endpoint: Option<String>,
+    /// `direct`, `relay` or `none`.
+    pub path: String,
+    /// Round-trip time of the direct path by probes, when measured.
+    pub rtt_ms: Option<f64>,
     /// Seconds since the last completed handshake, or null if none.
     pub last_handshake: Option<u64>,
     pub rx_bytes: u64,
@@ -83,7 +88,20 @@ impl From<&PeerStatus> for PeerInfo {
                 .map(|n| n.addr().to_string())
                 .collect(),
             allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
-            endpoint: p.endpoint.map(|e| e.to_string()),
+            endpoint: match p.path {
+                PathStatus::Direct { addr, .. } => Some(addr.to_string()),
+                PathStatus::Relay | PathStatus::Unknown => None,
+            },
+            path: match p.path {
+                PathStatus::Direct { .. } => "direct",
+                PathStatus::Relay => "relay",
+                PathStatus::Unknown => "none",
+            }
+            .to_owned(),
+            rtt_ms: match p.path {
+                PathStatus::Direct { rtt: Some(rtt), .. } => Some((rtt.as_secs_f64() * 1e5).round() / 100.0),
+                _ => None,
+            },
             last_handshake: p.last_handshake.map(|d| d.as_secs()),
             rx_bytes: p.counters.rx_bytes,
             tx_bytes: p.counters.tx_bytes,
@@ -128,13 +146,17 @@ mod tests {
             public_key: "k".into(),
             allowed_ips: vec!["100.72.0.2/32".into()],
             endpoint: None,
+            path: "relay".into(),
+            rtt_ms: None,
             last_handshake: Some(3),
             rx_bytes: 1,
             tx_bytes: 2,
             persistent_keepalive: None,
         };
         let v = serde_json::to_value(&info).unwrap();
-        for field in ["name", "public_key", "overlay_ips", "allowed_ips", "endpoint", "last_handshake", "rx_bytes", "tx_bytes"] {
+        for field in
+            ["name", "public_key", "overlay_ips", "allowed_ips", "endpoint", "path", "rtt_ms", "last_handshake", "rx_bytes", "tx_bytes"]
+        {
             assert!(v.get(field).is_some(), "missing {field}");
         }
         assert!(v["endpoint"].is_null());

@@ -6,8 +6,8 @@ use super::{PeerInfo, StatusInfo};
 
 /// `meshctl peers`: one line per peer, aligned columns.
 pub fn peers_table(peers: &[PeerInfo]) -> String {
-    let header = ["NAME", "ADDRESS", "PEER", "ENDPOINT", "HANDSHAKE", "RX", "TX"];
-    let rows: Vec<[String; 7]> = peers
+    let header = ["NAME", "ADDRESS", "PEER", "PATH", "RTT", "HANDSHAKE", "RX", "TX"];
+    let rows: Vec<[String; 8]> = peers
         .iter()
         .map(|p| {
             [
@@ -19,7 +19,11 @@ pub fn peers_table(peers: &[PeerInfo]) -> String {
                     .cloned()
                     .unwrap_or_else(|| "-".into()),
                 p.public_key.chars().take(8).collect(),
-                p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                match (&p.endpoint, p.path.as_str()) {
+                    (Some(endpoint), _) => format!("direct {endpoint}"),
+                    (None, path) => path.to_owned(),
+                },
+                p.rtt_ms.map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
                 p.last_handshake.map_or_else(|| "never".into(), ago),
                 bytes(p.rx_bytes),
                 bytes(p.tx_bytes),
@@ -106,6 +110,8 @@ mod tests {
             public_key: key.into(),
             allowed_ips: vec!["100.72.0.2/32".into()],
             endpoint: endpoint.map(Into::into),
+            path: if endpoint.is_some() { "direct" } else { "relay" }.into(),
+            rtt_ms: endpoint.map(|_| 0.42),
             last_handshake: hs,
             rx_bytes: rx,
             tx_bytes: tx,
@@ -120,9 +126,9 @@ mod tests {
             peer("3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=", None, None, 0, 0),
         ];
         let expected = "\
-NAME    ADDRESS     PEER      ENDPOINT         HANDSHAKE  RX       TX
-node-b  100.72.0.2  hSDwCYkw  192.0.2.2:51820  42s ago    2.0 KiB  100 B
--       100.72.0.2  3p7bfXt9  -                never      0 B      0 B
+NAME    ADDRESS     PEER      PATH                    RTT    HANDSHAKE  RX       TX
+node-b  100.72.0.2  hSDwCYkw  direct 192.0.2.2:51820  0.4ms  42s ago    2.0 KiB  100 B
+-       100.72.0.2  3p7bfXt9  relay                   -      never      0 B      0 B
 ";
         assert_eq!(peers_table(&peers), expected);
     }

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,6 +21,7 @@ use super::tun::Tun;
 use super::udp::UdpSocket;
 use crate::control::server::Ask;
 use crate::control::{PeerInfo, Request, Response, StatusInfo};
+use crate::engine::paths::Source;
 use crate::engine::{Event, Node, PeerSpec};
 use crate::identity::PublicKey;
 use crate::wire::{classify, DatagramKind};
@@ -45,6 +46,8 @@ pub struct MeshPeer {
     pub spec: PeerSpec,
     pub name: String,
     pub overlay_ips: Vec<IpAddr>,
+    /// Where it may be reached; probes pick among them.
+    pub candidates: Vec<(SocketAddr, Source)>,
 }
 
 /// Changes to the driver's peers and identity, from the node agent.
@@ -185,6 +188,11 @@ impl Driver {
             }
             self.node.recycle(t.payload);
         }
+        // The relay is not wired into the driver yet; the engine only
+        // routes through it once told it is available, which it never is.
+        while let Some(t) = self.node.poll_relay() {
+            self.node.recycle(t.payload);
+        }
         while let Some(packet) = self.node.poll_tun() {
             let written = match self.tun.try_send(packet.as_slice()) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.tun.send(packet.as_slice()).await,
@@ -206,6 +214,12 @@ impl Driver {
                 Event::SessionExpired { peer } => {
                     tracing::info!(peer = %peer.short(), "session expired: no handshake for 9 minutes");
                 }
+                Event::PathChanged { peer, path } => {
+                    let name = self.meta.get(&peer).map(|(n, _)| n.as_str()).unwrap_or("");
+                    tracing::info!(peer = %peer.short(), %name, ?path, "path changed");
+                }
+                // Punching needs the rendezvous session (not wired yet).
+                Event::PunchWanted { .. } => {}
             }
         }
     }
@@ -242,6 +256,7 @@ impl Driver {
                 if added {
                     tracing::info!(peer = %key.short(), name = %peer.name, "peer joined");
                 }
+                self.node.set_candidates(&key, peer.candidates, now);
                 self.meta.insert(key, (peer.name, peer.overlay_ips));
             }
             Err(e) => tracing::warn!(peer = %key.short(), error = %e, "cannot add peer from the peer map"),

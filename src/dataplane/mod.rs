@@ -29,6 +29,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::control::server::{ApiSocket, Ask, ServerError};
+use crate::engine::paths::Source;
 use crate::engine::{EngineError, Node, NodeConfig, PeerSpec};
 use crate::identity::keyfile::{read_private_key, KeyFileError};
 use crate::netlink::{self, Link, LinkConfig, NetlinkError};
@@ -337,6 +338,18 @@ fn mesh_peer(entry: &NodeEntry) -> MeshPeer {
         },
         name: entry.name.clone(),
         overlay_ips: vec![IpAddr::V4(entry.ipv4), IpAddr::V6(entry.ipv6)],
+        candidates: entry
+            .candidates
+            .iter()
+            .map(|c| {
+                let source = match c.kind {
+                    CandidateKind::Advertised => Source::Advertised,
+                    CandidateKind::Observed => Source::Observed,
+                    CandidateKind::Local => Source::Local,
+                };
+                (c.addr, source)
+            })
+            .collect(),
     }
 }
 

@@ -6,6 +6,7 @@
 mod buf;
 pub mod icmp;
 mod node;
+pub mod paths;
 mod peer;
 pub mod routing;
 

@@ -26,7 +26,9 @@ use ipnet::IpNet;
 
 use super::buf::{BufPool, PacketBuf};
 use super::icmp;
+use super::paths::{Path, PathSet, PathStatus, Source};
 use super::peer::{Admitted, Decapsulated, Encapsulated, Gate, Peer, PeerCounters, Ticked, MSG_HANDSHAKE_INIT};
+use crate::wire::probe::{self, ProbeKind, PROBE_LEN};
 use super::routing::AllowedIps;
 use crate::identity::{PrivateKey, PublicKey};
 use crate::wire::{classify, DatagramKind};
@@ -45,6 +47,8 @@ const MIN_BUF: usize = 148;
 const BUF_HEADROOM: usize = 80;
 /// Free buffers kept for reuse; more than a few batches' worth is waste.
 const POOL_KEEP: usize = 1024;
+/// How often to ask an unreachable peer, through the rendezvous, to punch.
+const PUNCH_INTERVAL: Duration = Duration::from_secs(10);
 /// Authenticated traffic within this long proves an endpoint: a peer map
 /// entry does not override it. WireGuard's REJECT_AFTER_TIME.
 const ENDPOINT_PROOF: Duration = Duration::from_secs(180);
@@ -75,11 +79,46 @@ pub struct PeerSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerId(u32);
 
-/// One datagram to send.
+/// One datagram to send over UDP.
 #[derive(Debug)]
 pub struct Transmit {
     pub dst: SocketAddr,
     pub payload: PacketBuf,
+}
+
+/// One WireGuard datagram for the relay to carry to `peer`.
+#[derive(Debug)]
+pub struct RelayTransmit {
+    pub peer: PublicKey,
+    pub payload: PacketBuf,
+}
+
+/// Where a datagram came from, and so where its answer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Udp(SocketAddr),
+    /// Through the rendezvous relay, from or to this peer.
+    Relay(PublicKey),
+}
+
+/// Everything the node emits, kept apart from the peers so a peer can be
+/// borrowed while its output is queued.
+struct Outputs {
+    pool: BufPool,
+    transmits: VecDeque<Transmit>,
+    relay: VecDeque<RelayTransmit>,
+    tun: VecDeque<PacketBuf>,
+    events: VecDeque<Event>,
+}
+
+impl Outputs {
+    fn send(&mut self, via: Via, buf: Vec<u8>, len: usize) {
+        let payload = self.pool.finish(buf, len);
+        match via {
+            Via::Udp(dst) => self.transmits.push_back(Transmit { dst, payload }),
+            Via::Relay(peer) => self.relay.push_back(RelayTransmit { peer, payload }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +131,11 @@ pub enum Event {
     EndpointChanged { peer: PublicKey, endpoint: SocketAddr },
     /// No handshake with `peer` for REJECT_AFTER_TIME × 3; its keys are erased.
     SessionExpired { peer: PublicKey },
+    /// Traffic to `peer` now takes `path`.
+    PathChanged { peer: PublicKey, path: Path },
+    /// No direct path to `peer` answers: ask it, through the rendezvous,
+    /// to probe us at the same moment (hole punching).
+    PunchWanted { peer: PublicKey },
 }
 
 /// Why [`Node::poll_timeout`] wants to be woken, for logs.
@@ -145,10 +189,14 @@ pub enum DropReason {
     Oversized,
     /// A TUN packet that is not IPv4/IPv6.
     MalformedInner,
+    /// A probe that is malformed, from an unknown key, or fails its MAC.
+    BadProbe,
+    /// A relayed packet that authenticated as another peer than the relay named.
+    RelayMismatch,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::NotWireGuard,
         DropReason::Malformed,
         DropReason::InvalidMac,
@@ -163,6 +211,8 @@ impl DropReason {
         DropReason::NoEndpoint,
         DropReason::Oversized,
         DropReason::MalformedInner,
+        DropReason::BadProbe,
+        DropReason::RelayMismatch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -181,6 +231,8 @@ impl DropReason {
             DropReason::NoEndpoint => "no_endpoint",
             DropReason::Oversized => "oversized",
             DropReason::MalformedInner => "malformed_inner",
+            DropReason::BadProbe => "bad_probe",
+            DropReason::RelayMismatch => "relay_mismatch",
         }
     }
 
@@ -245,6 +297,8 @@ pub struct PeerStatus {
     /// Time since the last completed handshake; `None` if there was none.
     pub last_handshake: Option<Duration>,
     pub counters: PeerCounters,
+    /// The path traffic takes now.
+    pub path: PathStatus,
 }
 
 pub struct Node {
@@ -255,12 +309,15 @@ pub struct Node {
     free_slots: Vec<u32>,
     by_key: HashMap<PublicKey, PeerId>,
     routes: AllowedIps<PeerId>,
-    pool: BufPool,
-    transmits: VecDeque<Transmit>,
-    tun_out: VecDeque<PacketBuf>,
-    events: VecDeque<Event>,
+    out: Outputs,
+    /// Whether the relay can carry packets now (the rendezvous session is up).
+    relay_available: bool,
+    /// Numbers probe transactions; unique, not secret (probes are MAC'd).
+    next_tx: u64,
     next_tick: Instant,
     next_reset: Instant,
+    /// The latest `now` handed in, for status snapshots.
+    now: Instant,
     stats: NodeStats,
     cookie: [u8; 64],
 }
@@ -286,10 +343,16 @@ impl Node {
             free_slots: Vec::new(),
             by_key: HashMap::new(),
             routes: AllowedIps::default(),
-            pool: BufPool::new(buf_len, POOL_KEEP),
-            transmits: VecDeque::new(),
-            tun_out: VecDeque::new(),
-            events: VecDeque::new(),
+            out: Outputs {
+                pool: BufPool::new(buf_len, POOL_KEEP),
+                transmits: VecDeque::new(),
+                relay: VecDeque::new(),
+                tun: VecDeque::new(),
+                events: VecDeque::new(),
+            },
+            relay_available: false,
+            next_tx: 0,
+            now,
             next_tick: now + TIMER_TICK,
             next_reset: now + RATE_LIMIT_RESET,
             stats: NodeStats::default(),
@@ -339,10 +402,10 @@ impl Node {
             self.routes.insert(*net, id);
         }
         if let Some(endpoint) = spec.endpoint {
-            let mut buf = self.pool.take();
+            let mut buf = self.out.pool.take();
             match peer.initiate(&mut buf) {
-                Some(len) => self.push_transmit(&mut peer, endpoint, buf, len),
-                None => self.pool.give_back(buf),
+                Some(len) => send_to(&mut self.out, &mut peer, Via::Udp(endpoint), buf, len),
+                None => self.out.pool.give_back(buf),
             }
         }
         tracing::debug!(peer = %spec.public_key.short(), slot, "peer added");
@@ -401,22 +464,18 @@ impl Node {
         let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return self.unreachable(packet, dst, DropReason::NoRoute);
         };
-        let Some(endpoint) = peer.endpoint else {
+        let Some(via) = peer.route() else {
             return self.unreachable(packet, dst, DropReason::NoEndpoint);
         };
-        if packet.len() + DATA_OVERHEAD > self.pool.buf_len() {
+        if packet.len() + DATA_OVERHEAD > self.out.pool.buf_len() {
             return self.drop_packet(DropReason::Oversized);
         }
-        let mut buf = self.pool.take();
+        let mut buf = self.out.pool.take();
         match peer.encapsulate(packet, &mut buf) {
-            Encapsulated::Network(len) => {
-                peer.counters.tx_bytes += len as u64;
-                peer.counters.tx_packets += 1;
-                self.transmits.push_back(Transmit { dst: endpoint, payload: self.pool.finish(buf, len) });
-            }
-            Encapsulated::Queued => self.pool.give_back(buf),
+            Encapsulated::Network(len) => send_to(&mut self.out, peer, via, buf, len),
+            Encapsulated::Queued => self.out.pool.give_back(buf),
             Encapsulated::Error(e) => {
-                self.pool.give_back(buf);
+                self.out.pool.give_back(buf);
                 self.drop_packet(DropReason::from_wireguard(&e));
             }
         }
@@ -425,15 +484,34 @@ impl Node {
     /// One datagram from the network, with the address it came from.
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
         match classify(datagram) {
-            DatagramKind::WireGuard => {}
+            DatagramKind::WireGuard => self.receive(Via::Udp(from), datagram, now),
+            DatagramKind::Probe => self.handle_probe(from, datagram, now),
+            DatagramKind::Quic | DatagramKind::Unknown => self.drop_packet(DropReason::NotWireGuard),
+        }
+    }
+
+    /// One WireGuard datagram the relay carried from `peer` (as the
+    /// rendezvous vouches; the WireGuard session is what authenticates it).
+    pub fn handle_relayed(&mut self, peer: PublicKey, datagram: &[u8], now: Instant) {
+        match classify(datagram) {
+            DatagramKind::WireGuard => self.receive(Via::Relay(peer), datagram, now),
             DatagramKind::Quic | DatagramKind::Probe | DatagramKind::Unknown => {
-                return self.drop_packet(DropReason::NotWireGuard)
+                self.drop_packet(DropReason::NotWireGuard)
             }
         }
-        if datagram.len() > self.pool.buf_len() {
+    }
+
+    fn receive(&mut self, origin: Via, datagram: &[u8], now: Instant) {
+        self.now = self.now.max(now);
+        if datagram.len() > self.out.pool.buf_len() {
             return self.drop_packet(DropReason::Oversized);
         }
-        let id = match self.gate.admit(from.ip(), datagram, &mut self.cookie) {
+        // Relayed handshakes share one cookie identity: the relay's.
+        let source_ip = match origin {
+            Via::Udp(from) => from.ip(),
+            Via::Relay(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        };
+        let id = match self.gate.admit(source_ip, datagram, &mut self.cookie) {
             Admitted::FromKey(key) => match self.by_key.get(&key) {
                 Some(id) => *id,
                 None => return self.drop_packet(DropReason::UnknownPeer),
@@ -442,10 +520,10 @@ impl Node {
             Admitted::CookieReply(len) => {
                 // Under load: prove the source address first (WireGuard
                 // paper §5.4.7). The endpoint does not move for this.
-                let mut buf = self.pool.take();
+                let mut buf = self.out.pool.take();
                 buf[..len].copy_from_slice(&self.cookie[..len]);
                 self.stats.cookie_replies_sent += 1;
-                self.transmits.push_back(Transmit { dst: from, payload: self.pool.finish(buf, len) });
+                self.out.send(origin, buf, len);
                 return;
             }
             Admitted::Rejected(e) => return self.drop_packet(DropReason::from_wireguard(&e)),
@@ -453,35 +531,36 @@ impl Node {
         let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return self.drop_packet(DropReason::UnknownIndex);
         };
+        if matches!(origin, Via::Relay(claimed) if claimed != peer.key) {
+            return count_drop(&mut self.stats, DropReason::RelayMismatch);
+        }
 
-        let mut buf = self.pool.take();
-        let authenticated = match peer.decapsulate(from.ip(), datagram, &mut buf) {
+        let mut buf = self.out.pool.take();
+        let authenticated = match peer.decapsulate(source_ip, datagram, &mut buf) {
             Decapsulated::Tunnel { len, src } => {
                 // Cryptokey routing, inbound half (WireGuard paper §2): the
                 // inner source must be one this peer may use.
                 if self.routes.lookup(src) != Some(id) {
-                    self.pool.give_back(buf);
+                    self.out.pool.give_back(buf);
                     return count_drop(&mut self.stats, DropReason::SourceNotAllowed);
                 }
-                self.tun_out.push_back(self.pool.finish(buf, len));
+                self.out.tun.push_back(self.out.pool.finish(buf, len));
                 true
             }
             Decapsulated::Network { len, authenticated } => {
                 if authenticated {
                     peer.counters.handshakes += 1;
-                    self.events.push_back(Event::HandshakeCompleted { peer: peer.key });
+                    self.out.events.push_back(Event::HandshakeCompleted { peer: peer.key });
                 }
-                peer.counters.tx_bytes += len as u64;
-                peer.counters.tx_packets += 1;
-                self.transmits.push_back(Transmit { dst: from, payload: self.pool.finish(buf, len) });
+                send_to(&mut self.out, peer, origin, buf, len);
                 authenticated
             }
             Decapsulated::Done { authenticated } => {
-                self.pool.give_back(buf);
+                self.out.pool.give_back(buf);
                 authenticated
             }
             Decapsulated::Error(e) => {
-                self.pool.give_back(buf);
+                self.out.pool.give_back(buf);
                 return count_drop(&mut self.stats, DropReason::from_wireguard(&e));
             }
         };
@@ -491,12 +570,23 @@ impl Node {
         peer.counters.rx_bytes += datagram.len() as u64;
         peer.counters.rx_packets += 1;
         peer.last_authenticated = Some(now);
-        // Roaming (WireGuard paper §2.1): the endpoint follows the source of
-        // authenticated packets only, never cookie replies or garbage.
-        if peer.endpoint != Some(from) {
-            tracing::debug!(peer = %peer.key.short(), %from, "endpoint changed");
-            peer.endpoint = Some(from);
-            self.events.push_back(Event::EndpointChanged { peer: peer.key, endpoint: from });
+        match (origin, &mut peer.paths) {
+            // A peer with candidate paths: where it sent from is one more
+            // candidate (peer-reflexive), proven by probes before use.
+            (Via::Udp(from), Some(paths)) => {
+                paths.learn(from);
+            }
+            // Roaming (WireGuard paper §2.1): the endpoint follows the
+            // source of authenticated packets only, never cookie replies or
+            // garbage.
+            (Via::Udp(from), None) => {
+                if peer.endpoint != Some(from) {
+                    tracing::debug!(peer = %peer.key.short(), %from, "endpoint changed");
+                    peer.endpoint = Some(from);
+                    self.out.events.push_back(Event::EndpointChanged { peer: peer.key, endpoint: from });
+                }
+            }
+            (Via::Relay(_), _) => {}
         }
         // Just answered an initiation: our new session becomes usable only
         // once the initiator's first data (or keepalive) arrives on it. A
@@ -508,15 +598,11 @@ impl Node {
         }
         // Packets queued behind the handshake can go now.
         loop {
-            let mut buf = self.pool.take();
+            let mut buf = self.out.pool.take();
             match peer.flush_queued(&mut buf) {
-                Some(len) => {
-                    peer.counters.tx_bytes += len as u64;
-                    peer.counters.tx_packets += 1;
-                    self.transmits.push_back(Transmit { dst: from, payload: self.pool.finish(buf, len) });
-                }
+                Some(len) => send_to(&mut self.out, peer, origin, buf, len),
                 None => {
-                    self.pool.give_back(buf);
+                    self.out.pool.give_back(buf);
                     break;
                 }
             }
@@ -526,6 +612,7 @@ impl Node {
     /// Runs the timers that are due: WireGuard's (keepalives, rekeys,
     /// handshake retries, expiry) and the rate limiter's reset.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = self.now.max(now);
         if now >= self.next_reset {
             self.gate.reset_count();
             self.next_reset = now + RATE_LIMIT_RESET;
@@ -536,23 +623,24 @@ impl Node {
         self.next_tick = now + TIMER_TICK;
         for slot in 0..self.peers.len() {
             let Some(mut peer) = self.peers[slot].take() else { continue };
-            let mut buf = self.pool.take();
+            let mut buf = self.out.pool.take();
             match peer.tick(&mut buf) {
-                Ticked::Nothing => self.pool.give_back(buf),
-                Ticked::Network(len) => match peer.endpoint {
-                    Some(endpoint) => self.push_transmit(&mut peer, endpoint, buf, len),
-                    None => self.pool.give_back(buf),
+                Ticked::Nothing => self.out.pool.give_back(buf),
+                Ticked::Network(len) => match peer.route() {
+                    Some(via) => send_to(&mut self.out, &mut peer, via, buf, len),
+                    None => self.out.pool.give_back(buf),
                 },
                 Ticked::Expired => {
-                    self.pool.give_back(buf);
+                    self.out.pool.give_back(buf);
                     tracing::debug!(peer = %peer.key.short(), "session expired");
-                    self.events.push_back(Event::SessionExpired { peer: peer.key });
+                    self.out.events.push_back(Event::SessionExpired { peer: peer.key });
                 }
                 Ticked::Error(e) => {
-                    self.pool.give_back(buf);
+                    self.out.pool.give_back(buf);
                     tracing::trace!(peer = %peer.key.short(), error = ?e, "timer error");
                 }
             }
+            self.probe_peer(&mut peer, now, false);
             self.peers[slot] = Some(peer);
         }
     }
@@ -560,18 +648,18 @@ impl Node {
     /// The next datagram to send. Call after every `handle_*` until `None`;
     /// pass the payload back to [`Node::recycle`] once sent.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        self.out.transmits.pop_front()
     }
 
     /// The next packet to write to the TUN. Call after every `handle_*`
     /// until `None`; pass it back to [`Node::recycle`] once written.
     pub fn poll_tun(&mut self) -> Option<PacketBuf> {
-        self.tun_out.pop_front()
+        self.out.tun.pop_front()
     }
 
     /// The next event. Call after every `handle_*` until `None`.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.out.events.pop_front()
     }
 
     /// When [`Node::handle_timeout`] must be called next, and why. Changes
@@ -587,23 +675,130 @@ impl Node {
     /// Returns an emitted buffer to the pool.
     #[inline]
     pub fn recycle(&mut self, buf: PacketBuf) {
-        self.pool.recycle(buf);
+        self.out.pool.recycle(buf);
     }
 
     pub fn peer_status(&self, key: &PublicKey) -> Option<PeerStatus> {
         let id = self.by_key.get(key)?;
-        self.peers.get(id.0 as usize)?.as_ref().map(status_of)
+        self.peers.get(id.0 as usize)?.as_ref().map(|p| status_of(p, self.now))
     }
 
     /// Every peer, in no particular order.
     pub fn peers(&self) -> impl Iterator<Item = PeerStatus> + '_ {
-        self.peers.iter().flatten().map(status_of)
+        self.peers.iter().flatten().map(|p| status_of(p, self.now))
     }
 
-    fn push_transmit(&mut self, peer: &mut Peer, dst: SocketAddr, buf: Vec<u8>, len: usize) {
-        peer.counters.tx_bytes += len as u64;
-        peer.counters.tx_packets += 1;
-        self.transmits.push_back(Transmit { dst, payload: self.pool.finish(buf, len) });
+    /// Sends the probes that are due to `peer`, re-evaluates its path, and
+    /// asks for a punch when nothing direct answers.
+    fn probe_peer(&mut self, peer: &mut Peer, now: Instant, force: bool) {
+        let (Some(paths), Some(key)) = (peer.paths.as_mut(), peer.probe_key.as_ref()) else { return };
+        let slot = self.by_key.get(&peer.key).map_or(0, |id| id.0);
+        let next_tx = &mut self.next_tx;
+        let pings = paths.due_pings(now, force, || {
+            *next_tx += 1;
+            let mut tx = [0u8; 12];
+            tx[..8].copy_from_slice(&next_tx.to_be_bytes());
+            tx[8..].copy_from_slice(&slot.to_be_bytes());
+            tx
+        });
+        for (to, tx) in pings {
+            let mut buf = self.out.pool.take();
+            let Some(out) = buf.get_mut(..PROBE_LEN).and_then(|b| <&mut [u8; PROBE_LEN]>::try_from(b).ok()) else {
+                continue;
+            };
+            key.seal(ProbeKind::Ping, tx, &self.public_key, out);
+            self.out.send(Via::Udp(to), buf, PROBE_LEN);
+        }
+        if let Some(path) = paths.select(now) {
+            tracing::debug!(peer = %peer.key.short(), ?path, "path changed");
+            if let Path::Direct(addr) = path {
+                peer.endpoint = Some(addr);
+            }
+            self.out.events.push_back(Event::PathChanged { peer: peer.key, path });
+        }
+        let punch_due = peer.last_punch.is_none_or(|t| now.saturating_duration_since(t) >= PUNCH_INTERVAL);
+        if self.relay_available && !paths.has_live_direct(now) && punch_due {
+            peer.last_punch = Some(now);
+            self.out.events.push_back(Event::PunchWanted { peer: peer.key });
+        }
+    }
+
+    /// A probe from `from`: answer a ping, credit a pong.
+    fn handle_probe(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        let Ok(claimed) = probe::peek(datagram) else {
+            return self.drop_packet(DropReason::BadProbe);
+        };
+        let Some(&id) = self.by_key.get(&claimed.sender) else {
+            return self.drop_packet(DropReason::BadProbe);
+        };
+        let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else {
+            return self.drop_packet(DropReason::BadProbe);
+        };
+        match peer.probe_key.as_ref().map(|k| k.open(datagram)) {
+            Some(Ok(probe)) => match probe.kind {
+                ProbeKind::Ping => {
+                    if let Some(paths) = peer.paths.as_mut() {
+                        paths.learn(from);
+                    }
+                    let mut buf = self.out.pool.take();
+                    if let (Some(key), Some(out)) = (
+                        peer.probe_key.as_ref(),
+                        buf.get_mut(..PROBE_LEN).and_then(|b| <&mut [u8; PROBE_LEN]>::try_from(b).ok()),
+                    ) {
+                        key.seal(ProbeKind::Pong { observed: from }, probe.tx, &self.public_key, out);
+                        self.out.send(Via::Udp(from), buf, PROBE_LEN);
+                    }
+                }
+                ProbeKind::Pong { .. } => {
+                    let answered = peer.paths.as_mut().is_some_and(|p| p.on_pong(probe.tx, now));
+                    if answered {
+                        // Re-evaluate at once: an upgrade should not wait a tick.
+                        self.probe_peer(&mut peer, now, false);
+                    }
+                }
+            },
+            Some(Err(_)) | None => count_drop(&mut self.stats, DropReason::BadProbe),
+        }
+        self.peers[id.0 as usize] = Some(peer);
+    }
+
+    /// Gives a peer from the peer map its candidate endpoints; from now on
+    /// probes choose its path (see [`super::paths`]).
+    pub fn set_candidates(&mut self, key: &PublicKey, candidates: Vec<(SocketAddr, Source)>, now: Instant) {
+        let Some(&id) = self.by_key.get(key) else { return };
+        let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else { return };
+        let paths = peer.paths.get_or_insert_with(PathSet::new);
+        paths.set_relay_available(self.relay_available);
+        paths.set_candidates(candidates);
+        self.probe_peer(&mut peer, now, false);
+        self.peers[id.0 as usize] = Some(peer);
+    }
+
+    /// Whether the relay can carry packets (the rendezvous session is up).
+    pub fn set_relay_available(&mut self, available: bool, now: Instant) {
+        self.relay_available = available;
+        for slot in 0..self.peers.len() {
+            let Some(mut peer) = self.peers[slot].take() else { continue };
+            if let Some(paths) = peer.paths.as_mut() {
+                paths.set_relay_available(available);
+            }
+            self.probe_peer(&mut peer, now, false);
+            self.peers[slot] = Some(peer);
+        }
+    }
+
+    /// The peer asked, through the rendezvous, that we probe it now.
+    pub fn punch(&mut self, key: &PublicKey, now: Instant) {
+        let Some(&id) = self.by_key.get(key) else { return };
+        let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else { return };
+        self.probe_peer(&mut peer, now, true);
+        self.peers[id.0 as usize] = Some(peer);
+    }
+
+    /// The next datagram for the relay. Call after every `handle_*` until
+    /// `None`; pass the payload back to [`Node::recycle`] once sent.
+    pub fn poll_relay(&mut self) -> Option<RelayTransmit> {
+        self.out.relay.pop_front()
     }
 
     fn drop_packet(&mut self, reason: DropReason) {
@@ -616,13 +811,13 @@ impl Node {
         if icmp::is_multicast_or_broadcast(dst) {
             return;
         }
-        let mut buf = self.pool.take();
+        let mut buf = self.out.pool.take();
         match icmp::unreachable(packet, &mut buf) {
             Some(len) => {
                 self.stats.icmp_unreachable_sent += 1;
-                self.tun_out.push_back(self.pool.finish(buf, len));
+                self.out.tun.push_back(self.out.pool.finish(buf, len));
             }
-            None => self.pool.give_back(buf),
+            None => self.out.pool.give_back(buf),
         }
     }
 }
@@ -632,8 +827,21 @@ fn count_drop(stats: &mut NodeStats, reason: DropReason) {
     stats.drops[reason as usize] += 1;
 }
 
-fn status_of(peer: &Peer) -> PeerStatus {
+/// Queues a WireGuard datagram to `peer` and counts it.
+fn send_to(out: &mut Outputs, peer: &mut Peer, via: Via, buf: Vec<u8>, len: usize) {
+    peer.counters.tx_bytes += len as u64;
+    peer.counters.tx_packets += 1;
+    out.send(via, buf, len);
+}
+
+fn status_of(peer: &Peer, now: Instant) -> PeerStatus {
+    let path = match (&peer.paths, peer.endpoint) {
+        (Some(paths), _) => paths.status(now),
+        (None, Some(addr)) => PathStatus::Direct { addr, rtt: None },
+        (None, None) => PathStatus::Unknown,
+    };
     PeerStatus {
+        path,
         public_key: peer.key,
         endpoint: peer.endpoint,
         allowed_ips: peer.allowed_ips.clone(),

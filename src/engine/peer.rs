@@ -147,6 +147,13 @@ pub(crate) struct Peer {
     pub(crate) counters: PeerCounters,
     /// When an authenticated packet last arrived (the node's clock).
     pub(crate) last_authenticated: Option<std::time::Instant>,
+    /// Candidate paths, for a peer from the peer map; `None` for a static
+    /// peer, whose endpoint follows roaming as in plain WireGuard.
+    pub(crate) paths: Option<super::paths::PathSet>,
+    /// Authenticates probes to and from this peer (`None` for a low-order key).
+    pub(crate) probe_key: Option<crate::wire::probe::ProbeKey>,
+    /// When we last asked the peer to punch, so we ask at a bounded rate.
+    pub(crate) last_punch: Option<std::time::Instant>,
 }
 
 impl Peer {
@@ -177,6 +184,9 @@ impl Peer {
             persistent_keepalive,
             counters: PeerCounters::default(),
             last_authenticated: None,
+            paths: None,
+            probe_key: crate::wire::probe::ProbeKey::derive(private_key, &key),
+            last_punch: None,
         }
     }
 
@@ -246,6 +256,17 @@ impl Peer {
         match self.tunn.format_handshake_initiation(dst, false) {
             TunnResult::WriteToNetwork(out) => Some(out.len()),
             _ => None,
+        }
+    }
+
+    /// Where traffic to this peer goes now.
+    pub(crate) fn route(&self) -> Option<super::node::Via> {
+        use super::node::Via;
+        use super::paths::Path;
+        match self.paths.as_ref().and_then(|p| p.current()) {
+            Some(Path::Direct(addr)) => Some(Via::Udp(addr)),
+            Some(Path::Relay) => Some(Via::Relay(self.key)),
+            None => self.endpoint.map(Via::Udp),
         }
     }
 
