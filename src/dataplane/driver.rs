@@ -57,6 +57,8 @@ pub enum DriverCommand {
     ReplacePeers(Vec<MeshPeer>),
     UpsertPeer(MeshPeer),
     RemovePeer(PublicKey),
+    /// The peer is probing us: probe it back now.
+    Punch(PublicKey),
     /// This node's name and addresses as the rendezvous assigned them.
     SetInfo(NodeInfo),
 }
@@ -67,6 +69,8 @@ pub struct Inputs {
     pub commands: mpsc::Receiver<DriverCommand>,
     /// Where QUIC datagrams go; `None` without a rendezvous.
     pub quic: Option<mpsc::Sender<QuicDatagram>>,
+    /// Punch requests for the rendezvous session; `None` without one.
+    pub punch: Option<mpsc::Sender<PublicKey>>,
 }
 
 pub struct Driver {
@@ -218,8 +222,12 @@ impl Driver {
                     let name = self.meta.get(&peer).map(|(n, _)| n.as_str()).unwrap_or("");
                     tracing::info!(peer = %peer.short(), %name, ?path, "path changed");
                 }
-                // Punching needs the rendezvous session (not wired yet).
-                Event::PunchWanted { .. } => {}
+                Event::PunchWanted { peer } => {
+                    // Best effort: a full queue means requests are already pending.
+                    if let Some(punch) = &self.inputs.punch {
+                        let _ = punch.try_send(peer);
+                    }
+                }
             }
         }
     }
@@ -244,6 +252,7 @@ impl Driver {
             }
             DriverCommand::UpsertPeer(peer) => self.upsert_peer(peer, now),
             DriverCommand::RemovePeer(key) => self.remove_peer(key),
+            DriverCommand::Punch(key) => self.node.punch(&key, now),
             DriverCommand::SetInfo(info) => self.info = info,
         }
     }

@@ -115,6 +115,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
 
     // The rendezvous session speaks QUIC over the driver's socket.
     let (updates_tx, updates) = mpsc::channel(64);
+    let (punch_tx, punches) = mpsc::channel(64);
     let (quic, session) = match (&config.rendezvous, &state_dir) {
         (Some(rendezvous), Some(dir)) => {
             let (socket, quic_tx) = quic::SharedSocket::new(udp.clone());
@@ -134,7 +135,16 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
             let (interface, advertised) = (config.interface.clone(), config.advertise_endpoint);
             let mesh_nets: Vec<IpNet> = cached.iter().flat_map(|c| [IpNet::V4(c.mesh.ipv4), IpNet::V6(c.mesh.ipv6)]).collect();
             let gather = move || candidates::gather(listen_port, &interface, &mesh_nets, advertised);
-            let task = tokio::spawn(client::run(endpoint, client_config, private_key, gather, updates_tx, cached.is_some()));
+            let admitted_before = cached.is_some();
+            let task = tokio::spawn(client::run(
+                endpoint,
+                client_config,
+                private_key,
+                gather,
+                updates_tx,
+                punches,
+                admitted_before,
+            ));
             (Some(quic_tx), Some(task))
         }
         _ => (None, None),
@@ -143,7 +153,9 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
     let (ask_tx, asks) = mpsc::channel(16);
     let (commands_tx, commands) = mpsc::channel(256);
     let info = NodeInfo { name: name.clone(), interface: config.interface.clone(), listen_port, addresses: Vec::new() };
-    let mut driver = driver::Driver::new(node, tun, udp, driver::Inputs { asks, commands, quic }, info.clone());
+    let punch = quic.is_some().then_some(punch_tx);
+    let inputs = driver::Inputs { asks, commands, quic, punch };
+    let mut driver = driver::Driver::new(node, tun, udp, inputs, info.clone());
     let (stop, stopped) = oneshot::channel::<()>();
     let mut driver_task = tokio::spawn(async move {
         let result = driver
@@ -269,6 +281,9 @@ impl Agent {
                 }
                 self.save_cache();
                 let _ = self.commands.send(DriverCommand::RemovePeer(key)).await;
+            }
+            Update::Punch(peer) => {
+                let _ = self.commands.send(DriverCommand::Punch(peer)).await;
             }
             Update::Disconnected => tracing::info!("rendezvous unreachable; tunnels stay up, reconnecting"),
         }

@@ -717,7 +717,7 @@ impl Node {
             self.out.events.push_back(Event::PathChanged { peer: peer.key, path });
         }
         let punch_due = peer.last_punch.is_none_or(|t| now.saturating_duration_since(t) >= PUNCH_INTERVAL);
-        if self.relay_available && !paths.has_live_direct(now) && punch_due {
+        if !paths.has_live_direct(now) && punch_due {
             peer.last_punch = Some(now);
             self.out.events.push_back(Event::PunchWanted { peer: peer.key });
         }

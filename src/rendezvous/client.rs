@@ -17,7 +17,7 @@ use super::stream::{read_frame, write_frame, StreamError};
 use super::tls::{self, CertHash};
 use crate::identity::{PrivateKey, PublicKey};
 use crate::wire::control::{
-    Candidate, Hello, MeshInfo, NodeEntry, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
+    Candidate, Hello, MeshInfo, NodeEntry, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
     MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
 
@@ -45,6 +45,8 @@ pub enum Update {
     Welcome { node: NodeEntry, mesh: MeshInfo, observed: SocketAddr, peers: Vec<NodeEntry> },
     Upsert(NodeEntry),
     Remove(PublicKey),
+    /// This peer is probing us now: probe it back (hole punching).
+    Punch(PublicKey),
     /// The session ended; tunnels carry on, a new session is being set up.
     Disconnected,
 }
@@ -85,13 +87,15 @@ pub async fn run(
     key: PrivateKey,
     candidates: impl Fn() -> Vec<Candidate>,
     updates: mpsc::Sender<Update>,
+    mut punches: mpsc::Receiver<PublicKey>,
     admitted_before: bool,
 ) -> ClientError {
     let mut admitted = admitted_before;
     let mut backoff = BACKOFF_MIN;
     loop {
         let mut welcomed = false;
-        let result = session(&endpoint, &config, &key, candidates(), &updates, &mut welcomed).await;
+        let result =
+            session(&endpoint, &config, &key, candidates(), &updates, &mut punches, &mut welcomed).await;
         if welcomed {
             admitted = true;
             // Registered now: the token has done its job.
@@ -128,6 +132,7 @@ async fn session(
     key: &PrivateKey,
     candidates: Vec<Candidate>,
     updates: &mpsc::Sender<Update>,
+    punches: &mut mpsc::Receiver<PublicKey>,
     welcomed: &mut bool,
 ) -> Result<(), ClientError> {
     let (mut session, welcome) = admit(endpoint, config, key, candidates).await?;
@@ -135,12 +140,19 @@ async fn session(
     if updates.send(welcome).await.is_err() {
         return Ok(());
     }
-    while let Some(update) = session.next().await? {
-        if updates.send(update).await.is_err() {
-            return Ok(());
+    loop {
+        tokio::select! {
+            update = session.next() => match update? {
+                Some(update) => {
+                    if updates.send(update).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                None => return Ok(()),
+            },
+            Some(peer) = punches.recv() => session.request_punch(peer).await?,
         }
     }
-    Ok(())
 }
 
 /// An admitted control connection.
@@ -149,7 +161,7 @@ pub struct Session {
     connection: quinn::Connection,
     /// Kept open: dropping it would finish the stream, which the
     /// rendezvous reads as the node leaving.
-    _send: quinn::SendStream,
+    send: quinn::SendStream,
     recv: quinn::RecvStream,
 }
 
@@ -210,7 +222,7 @@ pub async fn admit(
                 ipv4 = %node.ipv4, ipv6 = %node.ipv6, %observed, peers = peers.len(),
                 "admitted by the rendezvous"
             );
-            let session = Session { server: server.to_owned(), connection, _send: send, recv };
+            let session = Session { server: server.to_owned(), connection, send, recv };
             Ok((session, Update::Welcome { node, mesh, observed, peers }))
         }
         ServerMessage::Rejected { reason, message } => {
@@ -221,6 +233,18 @@ pub async fn admit(
 }
 
 impl Session {
+    /// Asks the rendezvous to have `peer` probe us now.
+    pub async fn request_punch(&mut self, peer: PublicKey) -> Result<(), ClientError> {
+        write_frame(&mut self.send, &NodeMessage::Punch { peer })
+            .await
+            .map_err(|source| ClientError::Lost { server: self.server.clone(), source })
+    }
+
+    /// The QUIC connection, for the relay.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.connection
+    }
+
     /// The next change to the peer map; `None` when the rendezvous closed
     /// the session cleanly.
     pub async fn next(&mut self) -> Result<Option<Update>, ClientError> {
@@ -238,6 +262,7 @@ impl Session {
         match msg {
             ServerMessage::PeerUpsert { peer } => Ok(Some(Update::Upsert(peer))),
             ServerMessage::PeerRemove { public_key } => Ok(Some(Update::Remove(public_key))),
+            ServerMessage::Punch { peer } => Ok(Some(Update::Punch(peer))),
             ServerMessage::Rejected { reason, message } => {
                 Err(ClientError::Rejected { server: server(), reason, message })
             }

@@ -378,6 +378,18 @@ impl Registry {
         self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
     }
 
+    /// An admitted node asks `peer` to probe it now (hole punching). Passed
+    /// on only between two online members; anything else is ignored.
+    pub fn handle_punch(&mut self, conn: ConnId, peer: &PublicKey) {
+        let Some(session) = self.sessions.get(&conn).copied() else { return };
+        if session.key == *peer {
+            return;
+        }
+        if let Some(&target) = self.online.get(peer) {
+            self.commands.push_back(Command::Send { conn: target, msg: ServerMessage::Punch { peer: session.key } });
+        }
+    }
+
     /// The shell's connection ended (for any reason, including one this
     /// registry asked for). An admitted node goes offline; its peers keep
     /// its last candidates, so nothing is broadcast.

@@ -24,7 +24,7 @@ use super::store::Store;
 use super::stream::{read_frame, write_frame};
 use super::tls;
 use crate::dataplane::udp::canonical;
-use crate::identity::PrivateKey;
+use crate::identity::{PrivateKey, PublicKey};
 use crate::wire::control::{
     Candidate, Hello, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME_UNADMITTED,
     PROTOCOL_VERSION,
@@ -55,6 +55,7 @@ pub enum ServerError {
 enum ToRegistry {
     Hello { conn: ConnId, hello: Box<Hello>, observed: SocketAddr, out: mpsc::Sender<ConnOut> },
     Candidates { conn: ConnId, candidates: Vec<Candidate> },
+    Punch { conn: ConnId, peer: PublicKey },
     Disconnected { conn: ConnId },
     Admin { request: AdminRequest, reply: oneshot::Sender<AdminResponse> },
 }
@@ -188,6 +189,7 @@ async fn registry_task(mut registry: Registry, mut store: impl Store, mut inbox:
                 registry.handle_hello(conn, &hello, observed, now);
             }
             ToRegistry::Candidates { conn, candidates } => registry.handle_candidates(conn, candidates, now),
+            ToRegistry::Punch { conn, peer } => registry.handle_punch(conn, &peer),
             ToRegistry::Disconnected { conn } => {
                 conns.remove(&conn);
                 registry.handle_disconnect(conn, now);
@@ -305,6 +307,11 @@ async fn connection_task(
             frame = read_frame::<NodeMessage>(&mut recv, MAX_NODE_FRAME) => match frame {
                 Ok(NodeMessage::Candidates { candidates }) => {
                     if to_registry.send(ToRegistry::Candidates { conn, candidates }).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(NodeMessage::Punch { peer }) => {
+                    if to_registry.send(ToRegistry::Punch { conn, peer }).await.is_err() {
                         break;
                     }
                 }

@@ -134,6 +134,9 @@ pub enum ServerMessage {
     PeerUpsert { peer: NodeEntry },
     /// A node was removed from the mesh.
     PeerRemove { public_key: PublicKey },
+    /// `peer` cannot reach this node directly and is probing it now: probe
+    /// `peer`'s candidates at once, so both NATs open at the same moment.
+    Punch { peer: PublicKey },
 }
 
 /// Node → server once admitted.
@@ -142,6 +145,8 @@ pub enum ServerMessage {
 pub enum NodeMessage {
     /// The node's own candidates changed (an interface address came or went).
     Candidates { candidates: Vec<Candidate> },
+    /// This node is probing `peer`; ask `peer` to probe back now.
+    Punch { peer: PublicKey },
 }
 
 /// Why a node was not admitted. Deliberately coarse: a stranger learns
