@@ -25,6 +25,7 @@
 //! | [`config`] | TOML → validated config | reads the file |
 //! | [`wire`] | datagram demultiplexing | pure |
 //! | [`engine`] | peers, routing, sessions, timers | pure |
+//! | [`relay`] | relaying between nodes: forwarding, rate limits, counters | pure table |
 //! | [`dataplane`] | TUN, UDP, the event loop | yes |
 //! | [`netlink`] | interface address, MTU, routes | yes |
 //! | [`control`] | local API types, server, client | yes |
@@ -39,6 +40,7 @@ pub mod identity;
 pub mod ipam;
 pub mod join;
 pub mod netlink;
+pub mod relay;
 pub mod rendezvous;
 #[cfg(feature = "sim")]
 pub mod sim;

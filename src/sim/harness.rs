@@ -26,6 +26,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use super::clock::SimClock;
+use super::nat::NatId;
 use super::net::{Datagram, Delivery, HostId, LinkConfig, SimNet};
 use super::packet::{udp_probe, Inner};
 use crate::engine::{EngineError, Event, Node, NodeConfig, PeerId, PeerSpec};
@@ -204,6 +205,26 @@ impl Sim {
     /// A node with a fresh seeded key, overlay address `overlay` and its
     /// UDP socket at `underlay`.
     pub fn add_node(&mut self, name: &str, overlay: IpAddr, underlay: SocketAddr) -> NodeId {
+        let host = self.net.add_host(underlay);
+        self.add_node_on(name, overlay, host)
+    }
+
+    /// Like [`Sim::add_node`], but the node's socket is at the private
+    /// address `underlay` behind `nat` (made with [`SimNet::add_nat`]).
+    /// Its [`Sim::peer_spec`] then names that private address, which only
+    /// hosts behind the same NAT can reach.
+    pub fn add_node_behind(
+        &mut self,
+        nat: NatId,
+        name: &str,
+        overlay: IpAddr,
+        underlay: SocketAddr,
+    ) -> NodeId {
+        let host = self.net.add_host_behind(nat, underlay);
+        self.add_node_on(name, overlay, host)
+    }
+
+    fn add_node_on(&mut self, name: &str, overlay: IpAddr, host: HostId) -> NodeId {
         let private_key = self.generate_key();
         let now = self.now();
         let node = Node::new(
@@ -214,7 +235,6 @@ impl Sim {
             },
             now,
         );
-        let host = self.net.add_host(underlay);
         let id = NodeId(self.nodes.len());
         self.attach(host, Attached::Node(id.0));
         self.nodes.push(SimNode {
@@ -311,7 +331,7 @@ impl Sim {
         self.nodes[id.0].overlay
     }
 
-    /// The address the network sees `id` at now.
+    /// The address `id`'s socket has now (behind a NAT, its private one).
     pub fn addr(&self, id: NodeId) -> SocketAddr {
         self.net.addr(self.nodes[id.0].host)
     }

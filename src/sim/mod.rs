@@ -14,6 +14,9 @@
 //! - [`SimNet`] (`net.rs`) is an in-memory UDP network with seeded latency,
 //!   jitter, loss and path MTU per link, NAT rebinding, spoofed injection,
 //!   capture and counters;
+//! - [`Nat`] (`nat.rs`) puts hosts behind a NAT on that network: RFC 4787
+//!   mapping and filtering behaviours, timeouts, hairpinning, 1:1 NAT,
+//!   several hosts on one private subnet;
 //! - [`Sim`] (`harness.rs`) owns N engine [`crate::engine::Node`]s on that
 //!   network and drives them event by event: it delivers datagrams, fires
 //!   timers at `poll_timeout` deadlines, drains and recycles every output,
@@ -45,9 +48,11 @@
 
 mod clock;
 mod harness;
+mod nat;
 mod net;
 pub mod packet;
 
 pub use clock::SimClock;
 pub use harness::{NodeId, Sim, SinkId, TimedOut, TraceEntry, NODE_MTU};
+pub use nat::{Filtering, Mapping, Nat, NatConfig, NatId, NatStats, OneToOne};
 pub use net::{Captured, Datagram, Delivery, HostId, LinkConfig, NetStats, SimNet};

@@ -1,11 +1,20 @@
 //! [`SimNet`]: an in-memory UDP network with seeded faults.
 //!
-//! No I/O. Hosts are named by the `SocketAddr` the rest of the network sees
-//! them at. A datagram leaves its sender stamped with the sender's current
-//! address, crosses a link, and is handed to whichever host holds the
-//! destination address *when it arrives*, so a datagram in flight to an
-//! address that was just given up is lost, as it is behind a real NAT whose
-//! mapping changed.
+//! No I/O. A host has one `SocketAddr`, either on the public internet or
+//! in the private subnet behind a [`Nat`] (see `nat.rs`). A datagram leaves
+//! its sender stamped with the sender's current address, translated by
+//! each NAT it leaves through, crosses a link, and is handed to whichever
+//! host holds the destination address *when it arrives*, after translation
+//! by each NAT it enters through. So a datagram in flight to an address that
+//! was just given up, or to a NAT mapping that has since expired, is lost,
+//! as it is on a real network.
+//!
+//! Routing is by realm: a private address means something only behind its
+//! own NAT. A host behind a NAT reaches the hosts of its subnet directly, by
+//! private address; any other destination is reached through the NAT,
+//! which then sends from its public side (and from there through an outer
+//! NAT, if it sits behind one). A private address seen from outside its
+//! subnet reaches nobody, even if some other subnet uses the same one.
 //!
 //! What it models, per directed link between two hosts or globally:
 //!
@@ -18,24 +27,32 @@
 //!   new address reach it;
 //! - spoofing ([`SimNet::inject`]): any bytes from any source address, for
 //!   garbage, flood and replay tests;
-//! - capture ([`SimNet::start_capture`]): what an on-path observer sees.
+//! - capture ([`SimNet::start_capture`]): what an on-path observer sees;
+//! - NATs ([`SimNet::add_nat`], [`SimNet::add_host_behind`]): mapping,
+//!   filtering, timeouts, hairpinning and 1:1 NAT per RFC 4787.
 //!
-//! Every random choice comes from one ChaCha20 stream seeded by the caller,
-//! and datagrams due at the same instant arrive in the order they were sent,
-//! so a seed fixes the whole run.
+//! Every random choice comes from ChaCha20 streams of the caller's seed:
+//! one for loss and jitter, one per NAT for its ports. Datagrams due at the
+//! same instant arrive in the order they were sent, so a seed fixes the
+//! whole run.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
+use super::nat::{Nat, NatConfig, NatDrop, NatId, Realm};
+
 /// IPv4 header (20) + UDP header (8).
 const IPV4_UDP_OVERHEAD: usize = 28;
 /// IPv6 header (40) + UDP header (8).
 const IPV6_UDP_OVERHEAD: usize = 48;
+/// NAT `i` draws its ports from stream `NAT_STREAMS + i` of the seed;
+/// stream 0 is loss and jitter.
+const NAT_STREAMS: u64 = 1;
 
 /// A host on the simulated network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -106,14 +123,16 @@ pub struct Datagram {
     pub payload: Vec<u8>,
 }
 
-/// A datagram that arrived at a host.
+/// A datagram that arrived at a host, addressed as that host sees it
+/// (behind a NAT: to its private address).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub to: HostId,
     pub datagram: Datagram,
 }
 
-/// A datagram as an on-path observer saw it leave its sender.
+/// A datagram as an on-path observer saw it enter its link: after the NATs
+/// it left through translated its source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Captured {
     pub at: Instant,
@@ -133,11 +152,14 @@ pub struct NetStats {
     pub too_big: u64,
     /// Arrived at an address no host holds (any more).
     pub unroutable: u64,
+    /// Dropped by a NAT: no mapping, filtered, not hairpinned, or no way
+    /// out. [`Nat::stats`] says which.
+    pub nat_dropped: u64,
 }
 
 impl NetStats {
     pub fn dropped(&self) -> u64 {
-        self.lost + self.too_big + self.unroutable
+        self.lost + self.too_big + self.unroutable + self.nat_dropped
     }
 }
 
@@ -146,6 +168,8 @@ impl NetStats {
 struct InFlight {
     at: Instant,
     seq: u64,
+    /// Where `datagram.dst` is to be looked up.
+    realm: Realm,
     datagram: Datagram,
 }
 
@@ -169,15 +193,43 @@ impl Ord for InFlight {
     }
 }
 
+/// A host's place on the network.
+#[derive(Debug, Clone, Copy)]
+struct Host {
+    realm: Realm,
+    addr: SocketAddr,
+}
+
+/// Where a datagram ends up.
+#[derive(Debug)]
+struct Arrival {
+    to: HostId,
+    /// The destination as the host sees it, after inbound NAT.
+    dst: SocketAddr,
+    /// Mappings the datagram refreshes (`inbound_refresh`) on delivery.
+    refresh: Vec<(NatId, u16)>,
+}
+
+/// Why a datagram reaches nobody.
+#[derive(Debug, Clone, Copy)]
+enum Undeliverable {
+    Unroutable,
+    Nat(NatId, NatDrop),
+}
+
 /// The simulated network. See the module docs.
 #[derive(Debug)]
 pub struct SimNet {
+    seed: u64,
     rng: ChaCha20Rng,
     default_link: LinkConfig,
     links: HashMap<(HostId, HostId), LinkConfig>,
-    /// Each host's current apparent address, by `HostId`.
-    hosts: Vec<SocketAddr>,
-    by_addr: HashMap<SocketAddr, HostId>,
+    /// Each host's current address in its realm, by `HostId`.
+    hosts: Vec<Host>,
+    by_addr: HashMap<(Realm, SocketAddr), HostId>,
+    nats: Vec<Nat>,
+    /// Every NAT's external addresses, in the realm outside it.
+    nat_at: HashMap<(Realm, IpAddr), NatId>,
     in_flight: BinaryHeap<Reverse<InFlight>>,
     next_seq: u64,
     stats: NetStats,
@@ -189,11 +241,14 @@ impl SimNet {
     /// told otherwise.
     pub fn new(seed: u64, default_link: LinkConfig) -> Self {
         Self {
+            seed,
             rng: ChaCha20Rng::seed_from_u64(seed),
             default_link,
             links: HashMap::new(),
             hosts: Vec::new(),
             by_addr: HashMap::new(),
+            nats: Vec::new(),
+            nat_at: HashMap::new(),
             in_flight: BinaryHeap::new(),
             next_seq: 0,
             stats: NetStats::default(),
@@ -201,44 +256,176 @@ impl SimNet {
         }
     }
 
-    /// Attaches a host at `addr`.
+    /// Attaches a host to the public internet at `addr`.
     ///
     /// # Panics
     ///
-    /// When another host already holds `addr` (a mistake in the test).
+    /// When another host or a NAT already holds `addr` (a mistake in the
+    /// test).
     pub fn add_host(&mut self, addr: SocketAddr) -> HostId {
+        self.add_host_in(Realm::Public, addr)
+    }
+
+    /// Attaches a host behind `nat` at the private address `addr`.
+    ///
+    /// # Panics
+    ///
+    /// When `addr` is outside the NAT's subnet, or another host behind the
+    /// same NAT already holds it.
+    pub fn add_host_behind(&mut self, nat: NatId, addr: SocketAddr) -> HostId {
+        self.add_host_in(Realm::Behind(nat), addr)
+    }
+
+    fn add_host_in(&mut self, realm: Realm, addr: SocketAddr) -> HostId {
         let id = HostId(self.hosts.len());
-        self.claim(addr, id);
-        self.hosts.push(addr);
+        self.claim(realm, addr, id);
+        self.hosts.push(Host { realm, addr });
         id
     }
 
-    /// The address other hosts see `host` at.
-    pub fn addr(&self, host: HostId) -> SocketAddr {
-        self.hosts[host.0]
-    }
-
-    /// The host holding `addr`, if any.
-    pub fn host_at(&self, addr: SocketAddr) -> Option<HostId> {
-        self.by_addr.get(&addr).copied()
-    }
-
-    /// NAT rebinding: `host` now appears at `new_addr`. Its old address
-    /// reaches nobody; datagrams already in flight to it are lost.
+    /// Adds a NAT whose outside is the public internet.
     ///
     /// # Panics
     ///
-    /// When another host already holds `new_addr`.
-    pub fn rebind(&mut self, host: HostId, new_addr: SocketAddr) {
-        let old = self.hosts[host.0];
-        self.by_addr.remove(&old);
-        self.claim(new_addr, host);
-        self.hosts[host.0] = new_addr;
+    /// When one of its external addresses is already in use there, or a 1:1
+    /// binding's private address is outside its subnet.
+    pub fn add_nat(&mut self, config: NatConfig) -> NatId {
+        self.add_nat_in(Realm::Public, config)
     }
 
-    fn claim(&mut self, addr: SocketAddr, host: HostId) {
-        if let Some(holder) = self.by_addr.insert(addr, host) {
+    /// Adds a NAT whose outside is the subnet behind `outer`: a home router
+    /// behind a carrier-grade NAT. Its external addresses are private
+    /// addresses of `outer`'s subnet.
+    ///
+    /// # Panics
+    ///
+    /// As [`SimNet::add_nat`], and when an external address is outside
+    /// `outer`'s subnet.
+    pub fn add_nat_behind(&mut self, outer: NatId, config: NatConfig) -> NatId {
+        self.add_nat_in(Realm::Behind(outer), config)
+    }
+
+    fn add_nat_in(&mut self, outside: Realm, config: NatConfig) -> NatId {
+        let id = NatId(self.nats.len());
+        for b in &config.one_to_one {
+            assert!(
+                config.subnet.contains(&b.private),
+                "1:1 binding {} -> {} is outside the NAT's subnet {}",
+                b.public,
+                b.private,
+                config.subnet
+            );
+        }
+        for ip in config.external_ips() {
+            self.check_routable(outside, ip);
+            if let Some(holder) = self
+                .by_addr
+                .keys()
+                .find(|(r, a)| *r == outside && a.ip() == ip)
+            {
+                panic!("{ip} is already a host's address ({})", holder.1);
+            }
+            if let Some(other) = self.nat_at.insert((outside, ip), id) {
+                panic!("{ip} is already an external address of NAT {}", other.0);
+            }
+        }
+        let mut rng = ChaCha20Rng::seed_from_u64(self.seed);
+        rng.set_stream(NAT_STREAMS + id.0 as u64);
+        self.nats.push(Nat::new(config, outside, rng));
+        id
+    }
+
+    /// The address `host` has on its own network: the address every host
+    /// sees it at if it is on the public internet, its private address if it
+    /// is behind a NAT.
+    pub fn addr(&self, host: HostId) -> SocketAddr {
+        self.hosts[host.0].addr
+    }
+
+    /// The NAT `host` is directly behind, if any.
+    pub fn nat_of(&self, host: HostId) -> Option<NatId> {
+        match self.hosts[host.0].realm {
+            Realm::Public => None,
+            Realm::Behind(nat) => Some(nat),
+        }
+    }
+
+    pub fn nat(&self, nat: NatId) -> &Nat {
+        &self.nats[nat.0]
+    }
+
+    /// A NAT's state, to [`Nat::flush`] it.
+    pub fn nat_mut(&mut self, nat: NatId) -> &mut Nat {
+        &mut self.nats[nat.0]
+    }
+
+    /// The source address `dst` would see a datagram from `host` come from
+    /// if it were sent at `now`: `host`'s own address if no NAT is on the
+    /// way, its external address if every NAT on the way already has a live
+    /// mapping for it, otherwise `None`. Changes nothing.
+    pub fn apparent_addr(&self, host: HostId, dst: SocketAddr, now: Instant) -> Option<SocketAddr> {
+        let Host {
+            mut realm,
+            addr: mut src,
+        } = self.hosts[host.0];
+        while let Some(nat) = self.exit_nat(realm, dst) {
+            let nat = &self.nats[nat.0];
+            src = nat.peek_outbound(src, dst, now)?;
+            realm = nat.outside();
+        }
+        Some(src)
+    }
+
+    /// The host on the public internet at `addr`, if any (a NAT's external
+    /// address is no host's).
+    pub fn host_at(&self, addr: SocketAddr) -> Option<HostId> {
+        self.by_addr.get(&(Realm::Public, addr)).copied()
+    }
+
+    /// NAT rebinding: `host` now appears at `new_addr`, on the same network
+    /// as before. Its old address reaches nobody; datagrams already in
+    /// flight to it are lost.
+    ///
+    /// # Panics
+    ///
+    /// When another host already holds `new_addr`, or `host` is behind a
+    /// NAT and `new_addr` is outside its subnet.
+    pub fn rebind(&mut self, host: HostId, new_addr: SocketAddr) {
+        let Host { realm, addr: old } = self.hosts[host.0];
+        self.by_addr.remove(&(realm, old));
+        self.claim(realm, new_addr, host);
+        self.hosts[host.0].addr = new_addr;
+    }
+
+    fn claim(&mut self, realm: Realm, addr: SocketAddr, host: HostId) {
+        self.check_routable(realm, addr.ip());
+        if let Some(nat) = self.nat_at.get(&(realm, addr.ip())) {
+            panic!("{addr} is an external address of NAT {}", nat.0);
+        }
+        if let Some(holder) = self.by_addr.insert((realm, addr), host) {
             panic!("{addr} is already held by host {}", holder.0);
+        }
+    }
+
+    /// Panics unless `ip` can be reached within `realm`.
+    fn check_routable(&self, realm: Realm, ip: IpAddr) {
+        if let Realm::Behind(nat) = realm {
+            let subnet = self.nats[nat.0].config().subnet;
+            assert!(
+                subnet.contains(&ip),
+                "{ip} is outside the subnet {subnet} behind NAT {}",
+                nat.0
+            );
+        }
+    }
+
+    /// The NAT a datagram in `realm` leaves through to reach `dst`: the
+    /// realm's own NAT, unless `dst` is in the realm's subnet.
+    fn exit_nat(&self, realm: Realm, dst: SocketAddr) -> Option<NatId> {
+        match realm {
+            Realm::Public => None,
+            Realm::Behind(nat) if self.nats[nat.0].config().subnet.contains(&dst.ip()) => None,
+            Realm::Behind(nat) => Some(nat),
         }
     }
 
@@ -248,7 +435,8 @@ impl SimNet {
         self.default_link = link;
     }
 
-    /// The link from `from` to `to` (one direction).
+    /// The link from `from` to `to` (one direction), whatever NATs lie
+    /// between them.
     pub fn set_link(&mut self, from: HostId, to: HostId, link: LinkConfig) {
         self.links.insert((from, to), link);
     }
@@ -267,27 +455,48 @@ impl SimNet {
             .unwrap_or(self.default_link)
     }
 
-    /// `host` sends `payload` to `dst`; it leaves from the host's current
-    /// address over the link to whoever holds `dst` now.
+    /// `host` sends `payload` to `dst`. It leaves from the host's current
+    /// address, through every NAT between the host and `dst` (each creating
+    /// or refreshing a mapping now), over the link to whoever `dst` would
+    /// reach now.
     pub fn send(&mut self, from: HostId, dst: SocketAddr, payload: &[u8], now: Instant) {
-        let link = match self.host_at(dst) {
-            Some(to) => self.link(from, to),
-            None => self.default_link,
+        let Host {
+            mut realm,
+            addr: mut src,
+        } = self.hosts[from.0];
+        while let Some(nat) = self.exit_nat(realm, dst) {
+            let nat = &mut self.nats[nat.0];
+            match nat.outbound(src, dst, now) {
+                Ok(external) => {
+                    src = external;
+                    realm = nat.outside();
+                }
+                Err(_) => {
+                    // The NAT counted why.
+                    self.stats.sent += 1;
+                    self.stats.nat_dropped += 1;
+                    return;
+                }
+            }
+        }
+        let link = match self.resolve(realm, src, dst, now) {
+            Ok(arrival) => self.link(from, arrival.to),
+            Err(_) => self.default_link,
         };
-        let src = self.hosts[from.0];
-        self.transmit(link, src, dst, payload, now);
+        self.transmit(link, realm, src, dst, payload, now);
     }
 
-    /// A datagram from an arbitrary (possibly spoofed) source, over the
-    /// default link.
+    /// A datagram from an arbitrary (possibly spoofed) source on the public
+    /// internet, over the default link.
     pub fn inject(&mut self, src: SocketAddr, dst: SocketAddr, payload: &[u8], now: Instant) {
         let link = self.default_link;
-        self.transmit(link, src, dst, payload, now);
+        self.transmit(link, Realm::Public, src, dst, payload, now);
     }
 
     fn transmit(
         &mut self,
         link: LinkConfig,
+        realm: Realm,
         src: SocketAddr,
         dst: SocketAddr,
         payload: &[u8],
@@ -327,7 +536,41 @@ impl SimNet {
         let at = now + link.latency + Duration::from_nanos(jitter_nanos);
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.in_flight.push(Reverse(InFlight { at, seq, datagram }));
+        self.in_flight.push(Reverse(InFlight {
+            at,
+            seq,
+            realm,
+            datagram,
+        }));
+    }
+
+    /// Who a datagram from `src` to `dst` in `realm` reaches at `at`,
+    /// entering through every NAT on the way in. Changes nothing.
+    fn resolve(
+        &self,
+        mut realm: Realm,
+        src: SocketAddr,
+        mut dst: SocketAddr,
+        at: Instant,
+    ) -> Result<Arrival, Undeliverable> {
+        let mut refresh = Vec::new();
+        // Each round enters one NAT further in, and NATs nest only one way
+        // (a NAT can only be put behind one that exists already).
+        for _ in 0..=self.nats.len() {
+            if let Some(&to) = self.by_addr.get(&(realm, dst)) {
+                return Ok(Arrival { to, dst, refresh });
+            }
+            let Some(&nat) = self.nat_at.get(&(realm, dst.ip())) else {
+                return Err(Undeliverable::Unroutable);
+            };
+            let inbound = self.nats[nat.0]
+                .inbound(src, dst, at)
+                .map_err(|why| Undeliverable::Nat(nat, why))?;
+            refresh.extend(inbound.refresh.map(|port| (nat, port)));
+            dst = inbound.to;
+            realm = Realm::Behind(nat);
+        }
+        Err(Undeliverable::Unroutable)
     }
 
     /// When the next datagram arrives, if any is in flight.
@@ -335,20 +578,31 @@ impl SimNet {
         self.in_flight.peek().map(|Reverse(f)| f.at)
     }
 
-    /// The next datagram due at or before `now` that reaches a host.
-    /// Datagrams to addresses nobody holds are counted and skipped.
+    /// The next datagram due at or before `now` that reaches a host, with
+    /// its destination as that host sees it. Datagrams that reach nobody
+    /// (unroutable, or dropped by a NAT as they arrive) are counted and
+    /// skipped.
     pub fn pop_due(&mut self, now: Instant) -> Option<Delivery> {
         while self.in_flight.peek().is_some_and(|Reverse(f)| f.at <= now) {
             let Reverse(f) = self.in_flight.pop()?;
-            match self.host_at(f.datagram.dst) {
-                Some(to) => {
+            let mut datagram = f.datagram;
+            match self.resolve(f.realm, datagram.src, datagram.dst, f.at) {
+                Ok(arrival) => {
+                    for (nat, port) in arrival.refresh {
+                        self.nats[nat.0].refresh_inbound(port, datagram.src, f.at);
+                    }
                     self.stats.delivered += 1;
+                    datagram.dst = arrival.dst;
                     return Some(Delivery {
-                        to,
-                        datagram: f.datagram,
+                        to: arrival.to,
+                        datagram,
                     });
                 }
-                None => self.stats.unroutable += 1,
+                Err(Undeliverable::Unroutable) => self.stats.unroutable += 1,
+                Err(Undeliverable::Nat(nat, why)) => {
+                    self.nats[nat.0].count(why);
+                    self.stats.nat_dropped += 1;
+                }
             }
         }
         None
@@ -364,7 +618,8 @@ impl SimNet {
     }
 
     /// Starts recording every datagram handed to the network from now on,
-    /// including those later lost.
+    /// including those later lost (but not those a NAT refused to let
+    /// out).
     pub fn start_capture(&mut self) {
         self.capture.get_or_insert_with(Vec::new);
     }

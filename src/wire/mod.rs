@@ -5,10 +5,12 @@
 //! zero bytes; QUIC packets to and from the rendezvous have the fixed bit
 //! (0x40) set (RFC 9000 §17); anything else is dropped and counted.
 //! [`control`] is the protocol spoken inside the QUIC connection;
-//! [`probe`] the path probes between nodes.
+//! [`probe`] the path probes between nodes; [`relay`] the frames that carry
+//! WireGuard packets between nodes through the rendezvous.
 
 pub mod control;
 pub mod probe;
+pub mod relay;
 
 /// What a datagram on the shared socket is, by its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

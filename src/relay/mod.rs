@@ -1,0 +1,17 @@
+//! The rendezvous relay: carries WireGuard packets between admitted nodes that
+//! have no direct path (DESIGN.md "Wire" → Relay).
+//!
+//! [`table`] is pure: it takes a relay frame with the connection it came in
+//! on and `now`, and answers with one [`Command`] — forward these bytes to
+//! that connection, or drop and say why — while it enforces per-node rate
+//! limits and counts traffic per (source, destination) pair. The quinn shell
+//! that reads DATAGRAM frames and relay streams and executes the commands
+//! sits next to it. The frame layout is [`crate::wire::relay`].
+//!
+//! Node ids ([`NodeId`]) are defined in [`crate::wire::relay`], since both
+//! ends of the wire must agree on them, and re-exported here.
+
+pub mod table;
+
+pub use crate::wire::relay::NodeId;
+pub use table::{Command, DropReason, LimitsError, PairStats, RelayLimits, RelayStats, RelayTable};
