@@ -14,7 +14,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::quic::QuicDatagram;
 use super::tun::Tun;
@@ -24,6 +25,7 @@ use crate::control::{PeerInfo, Request, Response, StatusInfo};
 use crate::engine::paths::Source;
 use crate::engine::{Event, Node, PeerSpec};
 use crate::identity::PublicKey;
+use crate::wire::relay::{self, NodeId, RelayHeader, RelayKind};
 use crate::wire::{classify, DatagramKind};
 
 /// Packets taken from one source per wakeup before the others get a turn.
@@ -71,7 +73,17 @@ pub struct Inputs {
     pub quic: Option<mpsc::Sender<QuicDatagram>>,
     /// Punch requests for the rendezvous session; `None` without one.
     pub punch: Option<mpsc::Sender<PublicKey>>,
+    /// The rendezvous connection while a session is up (for the relay);
+    /// `None` without a rendezvous.
+    pub relay_connection: Option<watch::Receiver<Option<quinn::Connection>>>,
+    /// Frames relayed to us (header naming the source, then the packet).
+    pub relay_frames: Option<mpsc::Receiver<Bytes>>,
 }
+
+/// Relayed frames queued for the driver before they are dropped.
+pub const RELAY_INBOX: usize = 1024;
+
+
 
 pub struct Driver {
     node: Node,
@@ -88,6 +100,13 @@ pub struct Driver {
     send_errors: u64,
     /// QUIC datagrams dropped because quinn was not keeping up.
     quic_dropped: u64,
+    /// The rendezvous connection the relay uses now.
+    relay_connection: Option<quinn::Connection>,
+    /// Relay ids (overlay IPv4) of mesh peers, both ways.
+    relay_ids: HashMap<NodeId, PublicKey>,
+    /// Bounds oversized relay frames in flight on streams.
+    relay_streams: Arc<Semaphore>,
+    relay_dropped: u64,
 }
 
 impl Driver {
@@ -104,6 +123,10 @@ impl Driver {
             buf: vec![0; RECV_BUF],
             send_errors: 0,
             quic_dropped: 0,
+            relay_connection: None,
+            relay_ids: HashMap::new(),
+            relay_streams: Arc::new(Semaphore::new(RELAY_STREAMS)),
+            relay_dropped: 0,
         }
     }
 
@@ -121,6 +144,12 @@ impl Driver {
                 r = self.udp.readable() => r?,
                 Some(ask) = self.inputs.asks.recv() => self.answer(ask),
                 Some(command) = self.inputs.commands.recv() => self.apply(command),
+                Some(frame) = recv_frame(&mut self.inputs.relay_frames) => self.relayed(frame),
+                Some(connection) = relay_changed(&mut self.inputs.relay_connection) => {
+                    tracing::info!(available = connection.is_some(), "relay");
+                    self.node.set_relay_available(connection.is_some(), Instant::now());
+                    self.relay_connection = connection;
+                }
                 () = tokio::time::sleep_until(deadline.into()) => {
                     tracing::trace!(?reason, "timeout");
                 }
@@ -192,9 +221,8 @@ impl Driver {
             }
             self.node.recycle(t.payload);
         }
-        // The relay is not wired into the driver yet; the engine only
-        // routes through it once told it is available, which it never is.
         while let Some(t) = self.node.poll_relay() {
+            self.send_relayed(t.peer, t.payload.as_slice());
             self.node.recycle(t.payload);
         }
         while let Some(packet) = self.node.poll_tun() {
@@ -232,6 +260,55 @@ impl Driver {
         }
     }
 
+    /// A frame the rendezvous relayed to us: header naming the source peer.
+    fn relayed(&mut self, frame: Bytes) {
+        let Ok((header, payload)) = relay::parse(&frame) else {
+            self.relay_dropped += 1;
+            return;
+        };
+        match self.relay_ids.get(&header.node) {
+            Some(&peer) => self.node.handle_relayed(peer, payload, Instant::now()),
+            None => self.relay_dropped += 1,
+        }
+    }
+
+    /// One WireGuard packet to `peer` through the relay: a datagram when it
+    /// fits, else its own stream, so no packet is dropped for its size.
+    fn send_relayed(&mut self, peer: PublicKey, packet: &[u8]) {
+        let (Some(connection), Some(node)) = (&self.relay_connection, self.relay_id_of(&peer)) else {
+            self.relay_dropped += 1;
+            return;
+        };
+        let header = RelayHeader { kind: RelayKind::Packet, node };
+        let mut frame = Vec::with_capacity(relay::HEADER_LEN + packet.len());
+        if relay::encode_frame(header, packet, &mut frame).is_err() {
+            self.relay_dropped += 1;
+            return;
+        }
+        let frame = Bytes::from(frame);
+        if relay::fits_datagram(packet.len(), connection.max_datagram_size()) {
+            match connection.send_datagram(frame.clone()) {
+                Ok(()) => return,
+                Err(quinn::SendDatagramError::TooLarge) => {}
+                Err(_) => {
+                    self.relay_dropped += 1;
+                    return;
+                }
+            }
+        }
+        if !crate::relay::stream::send_on_stream(connection, &self.relay_streams, frame) {
+            self.relay_dropped += 1;
+        }
+    }
+
+    fn relay_id_of(&self, peer: &PublicKey) -> Option<NodeId> {
+        let (_, ips) = self.meta.get(peer)?;
+        ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => NodeId::of_overlay(*v4),
+            IpAddr::V6(_) => None,
+        })
+    }
+
     fn apply(&mut self, command: DriverCommand) {
         let now = Instant::now();
         match command {
@@ -267,6 +344,9 @@ impl Driver {
                 }
                 self.node.set_candidates(&key, peer.candidates, now);
                 self.meta.insert(key, (peer.name, peer.overlay_ips));
+                if let Some(id) = self.relay_id_of(&key) {
+                    self.relay_ids.insert(id, key);
+                }
             }
             Err(e) => tracing::warn!(peer = %key.short(), error = %e, "cannot add peer from the peer map"),
         }
@@ -274,6 +354,7 @@ impl Driver {
 
     fn remove_peer(&mut self, key: PublicKey) {
         if self.node.remove_peer(&key) {
+            self.relay_ids.retain(|_, k| *k != key);
             let name = self.meta.remove(&key).map(|(name, _)| name).unwrap_or_default();
             tracing::info!(peer = %key.short(), %name, "peer left");
         }
@@ -318,6 +399,29 @@ impl Driver {
         };
         // The client may have gone; nothing to do then.
         let _ = reply.send(response);
+    }
+}
+
+/// Relay streams in flight at once from this node.
+const RELAY_STREAMS: usize = 64;
+
+async fn recv_frame(frames: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
+    match frames {
+        Some(frames) => frames.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The relay connection after it changed (`None` inside: the session ended).
+async fn relay_changed(
+    connection: &mut Option<watch::Receiver<Option<quinn::Connection>>>,
+) -> Option<Option<quinn::Connection>> {
+    match connection {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().clone()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

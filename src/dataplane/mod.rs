@@ -116,6 +116,9 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
     // The rendezvous session speaks QUIC over the driver's socket.
     let (updates_tx, updates) = mpsc::channel(64);
     let (punch_tx, punches) = mpsc::channel(64);
+    let (relay_conn_tx, relay_conn) = tokio::sync::watch::channel(None);
+    let (relay_frames_tx, relay_frames) = mpsc::channel(driver::RELAY_INBOX);
+    let relay_link = client::RelayLink { connection: relay_conn_tx, frames: relay_frames_tx };
     let (quic, session) = match (&config.rendezvous, &state_dir) {
         (Some(rendezvous), Some(dir)) => {
             let (socket, quic_tx) = quic::SharedSocket::new(udp.clone());
@@ -143,6 +146,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
                 gather,
                 updates_tx,
                 punches,
+                relay_link,
                 admitted_before,
             ));
             (Some(quic_tx), Some(task))
@@ -153,8 +157,15 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
     let (ask_tx, asks) = mpsc::channel(16);
     let (commands_tx, commands) = mpsc::channel(256);
     let info = NodeInfo { name: name.clone(), interface: config.interface.clone(), listen_port, addresses: Vec::new() };
-    let punch = quic.is_some().then_some(punch_tx);
-    let inputs = driver::Inputs { asks, commands, quic, punch };
+    let has_rendezvous = quic.is_some();
+    let inputs = driver::Inputs {
+        asks,
+        commands,
+        quic,
+        punch: has_rendezvous.then_some(punch_tx),
+        relay_connection: has_rendezvous.then_some(relay_conn),
+        relay_frames: has_rendezvous.then_some(relay_frames),
+    };
     let mut driver = driver::Driver::new(node, tun, udp, inputs, info.clone());
     let (stop, stopped) = oneshot::channel::<()>();
     let mut driver_task = tokio::spawn(async move {

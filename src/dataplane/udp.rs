@@ -31,7 +31,7 @@ impl UdpSocket {
                 (s, false)
             }
         };
-        size_buffers(&socket);
+        size_buffers(socket2::SockRef::from(&socket));
         socket.set_nonblocking(true)?;
         let inner = tokio::net::UdpSocket::from_std(socket.into())?;
         Ok(Self { inner, dual_stack })
@@ -94,13 +94,16 @@ fn dual_stack_socket(port: u16) -> io::Result<Socket> {
     Ok(s)
 }
 
-fn size_buffers(s: &Socket) {
+/// Asks for [`SOCKET_BUFFER`]-sized kernel buffers on a UDP socket (the
+/// rendezvous's relay socket too): a burst the kernel drops is a TCP stall
+/// inside the tunnel, the usual cause of low relay ceilings.
+pub fn size_buffers(s: socket2::SockRef<'_>) {
     // The FORCE options ignore net.core.{r,w}mem_max but need CAP_NET_ADMIN,
     // which meshd has; without it, take what the sysctl allows.
-    if set_int_option(s, libc::SO_RCVBUFFORCE, SOCKET_BUFFER).is_err() {
+    if set_int_option(&s, libc::SO_RCVBUFFORCE, SOCKET_BUFFER).is_err() {
         let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     }
-    if set_int_option(s, libc::SO_SNDBUFFORCE, SOCKET_BUFFER).is_err() {
+    if set_int_option(&s, libc::SO_SNDBUFFORCE, SOCKET_BUFFER).is_err() {
         let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     }
 }

@@ -11,6 +11,8 @@
 //! Node ids ([`NodeId`]) are defined in [`crate::wire::relay`], since both
 //! ends of the wire must agree on them, and re-exported here.
 
+pub mod server;
+pub mod stream;
 pub mod table;
 
 pub use crate::wire::relay::NodeId;

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::admission;
 use super::stream::{read_frame, write_frame, StreamError};
@@ -25,6 +25,14 @@ const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Connection setup, hello and welcome must all fit in this.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The node's end of the relay: the live connection (or none) for sending,
+/// and the frames the rendezvous relayed to us.
+#[derive(Debug, Clone)]
+pub struct RelayLink {
+    pub connection: watch::Sender<Option<quinn::Connection>>,
+    pub frames: mpsc::Sender<bytes::Bytes>,
+}
 
 /// What the node needs to reach and convince its rendezvous.
 #[derive(Debug, Clone)]
@@ -88,6 +96,7 @@ pub async fn run(
     candidates: impl Fn() -> Vec<Candidate>,
     updates: mpsc::Sender<Update>,
     mut punches: mpsc::Receiver<PublicKey>,
+    relay: RelayLink,
     admitted_before: bool,
 ) -> ClientError {
     let mut admitted = admitted_before;
@@ -95,7 +104,8 @@ pub async fn run(
     loop {
         let mut welcomed = false;
         let result =
-            session(&endpoint, &config, &key, candidates(), &updates, &mut punches, &mut welcomed).await;
+            session(&endpoint, &config, &key, candidates(), &updates, &mut punches, &relay, &mut welcomed).await;
+        relay.connection.send_replace(None);
         if welcomed {
             admitted = true;
             // Registered now: the token has done its job.
@@ -133,6 +143,7 @@ async fn session(
     candidates: Vec<Candidate>,
     updates: &mpsc::Sender<Update>,
     punches: &mut mpsc::Receiver<PublicKey>,
+    relay: &RelayLink,
     welcomed: &mut bool,
 ) -> Result<(), ClientError> {
     let (mut session, welcome) = admit(endpoint, config, key, candidates).await?;
@@ -140,8 +151,26 @@ async fn session(
     if updates.send(welcome).await.is_err() {
         return Ok(());
     }
+    let connection = session.connection().clone();
+    relay.connection.send_replace(Some(connection.clone()));
     loop {
         tokio::select! {
+            datagram = connection.read_datagram() => match datagram {
+                // A full queue drops the frame, as a full router queue would.
+                Ok(frame) => { let _ = relay.frames.try_send(frame); }
+                Err(_) => return Ok(()),
+            },
+            stream = connection.accept_uni() => match stream {
+                Ok(mut stream) => {
+                    let frames = relay.frames.clone();
+                    tokio::spawn(async move {
+                        if let Some(frame) = crate::relay::stream::read_stream_frame(&mut stream).await {
+                            let _ = frames.send(frame).await;
+                        }
+                    });
+                }
+                Err(_) => return Ok(()),
+            },
             update = session.next() => match update? {
                 Some(update) => {
                     if updates.send(update).await.is_err() {

@@ -23,6 +23,8 @@ use super::setup::{Loaded, SetupError};
 use super::store::Store;
 use super::stream::{read_frame, write_frame};
 use super::tls;
+use crate::relay::server::RelayInput;
+use crate::relay::NodeId;
 use crate::dataplane::udp::canonical;
 use crate::identity::{PrivateKey, PublicKey};
 use crate::wire::control::{
@@ -36,6 +38,8 @@ const ADMISSION_DEADLINE: Duration = Duration::from_secs(10);
 const MAX_PENDING: usize = 256;
 /// Messages queued for one node before it counts as stuck and is dropped.
 const CONN_QUEUE: usize = 1024;
+/// Relay frames queued for the relay task before they are dropped.
+const RELAY_QUEUE: usize = 4096;
 /// What a node may send once admitted: candidate lists.
 const MAX_NODE_FRAME: usize = 64 << 10;
 
@@ -90,6 +94,7 @@ impl Server {
         let server_config = tls::server_config(cert_der, cert_key_der)?;
         let listen_err = |source| ServerError::Listen { addr: config.listen, source };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(listen_err)?;
+        crate::dataplane::udp::size_buffers(socket2::SockRef::from(&socket));
         let endpoint = quinn::Endpoint::new(
             tls::endpoint_config(),
             Some(server_config),
@@ -116,6 +121,13 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let Server { endpoint, admin_socket, server_key, store, state } = self;
         let mesh_id = state.mesh.id.clone();
+        let (to_relay, relay_inbox) = mpsc::channel(RELAY_QUEUE);
+        for record in state.nodes.values() {
+            if let Some(node) = NodeId::of_overlay(record.ipv4) {
+                let _ = to_relay.try_send(RelayInput::Register(node));
+            }
+        }
+        let relay = tokio::spawn(crate::relay::server::run(relay_inbox));
         let (to_registry, inbox) = mpsc::channel(1024);
         let registry = tokio::spawn(registry_task(Registry::new(state), store, inbox));
         let admin = tokio::spawn(admin_socket.serve({
@@ -153,9 +165,12 @@ impl Server {
             next_conn += 1;
             let conn = ConnId(next_conn);
             let (server_key, mesh_id, to_registry) = (server_key.clone(), mesh_id.clone(), to_registry.clone());
+            let to_relay = to_relay.clone();
             let span = tracing::debug_span!("conn", id = conn.0, remote = %canonical(incoming.remote_address()));
             tokio::spawn(
-                async move { connection_task(incoming, conn, &server_key, mesh_id, to_registry, permit).await }
+                async move {
+                    connection_task(incoming, conn, &server_key, mesh_id, to_registry, to_relay, permit).await
+                }
                     .instrument(span),
             );
         }
@@ -167,6 +182,8 @@ impl Server {
         let _ = admin.await;
         drop(to_registry);
         let _ = registry.await;
+        drop(to_relay);
+        let _ = relay.await;
         endpoint.wait_idle().await;
         Ok(())
     }
@@ -229,6 +246,7 @@ async fn connection_task(
     server_key: &PrivateKey,
     mesh_id: String,
     to_registry: mpsc::Sender<ToRegistry>,
+    to_relay: mpsc::Sender<RelayInput>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let remote = canonical(incoming.remote_address());
@@ -289,10 +307,19 @@ async fn connection_task(
     if hello_sent.is_err() {
         return;
     }
+    // Relaying starts once the registry admitted the node: the welcome
+    // names its overlay address, which is its relay id.
+    let mut relaying = false;
     loop {
         tokio::select! {
             out = outbox.recv() => match out {
                 Some(ConnOut::Message(msg)) => {
+                    if let ServerMessage::Welcome { node, .. } = &msg {
+                        if let Some(id) = NodeId::of_overlay(node.ipv4) {
+                            let connection = connection.clone();
+                            relaying = to_relay.send(RelayInput::Connect { node: id, conn, connection }).await.is_ok();
+                        }
+                    }
                     if write_frame(&mut send, &msg).await.is_err() {
                         break;
                     }
@@ -320,7 +347,28 @@ async fn connection_task(
                     break;
                 }
             },
+            datagram = connection.read_datagram(), if relaying => match datagram {
+                Ok(frame) => {
+                    // Full relay queue: drop, like a full router queue.
+                    let _ = to_relay.try_send(RelayInput::Frame { conn, frame });
+                }
+                Err(_) => break,
+            },
+            stream = connection.accept_uni(), if relaying => match stream {
+                Ok(mut stream) => {
+                    let to_relay = to_relay.clone();
+                    tokio::spawn(async move {
+                        if let Some(frame) = crate::relay::stream::read_stream_frame(&mut stream).await {
+                            let _ = to_relay.send(RelayInput::Frame { conn, frame }).await;
+                        }
+                    });
+                }
+                Err(_) => break,
+            },
         }
+    }
+    if relaying {
+        let _ = to_relay.send(RelayInput::Disconnect { conn }).await;
     }
     connection.close(0u32.into(), b"bye");
     let _ = to_registry.send(ToRegistry::Disconnected { conn }).await;

@@ -25,6 +25,8 @@ pub const SERVER_NAME: &str = "mesh-rendezvous";
 /// (30 s), so the mapping WireGuard shares with QUIC stays open.
 pub const KEEPALIVE: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Relay streams open at once in each direction (one per oversized frame).
+const RELAY_STREAMS: u32 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -124,10 +126,11 @@ pub fn server_config(cert_der: Vec<u8>, key_der: Vec<u8>) -> Result<quinn::Serve
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    // The server opens the one control stream; a node may open none.
+    // The server opens the one control stream; a node may open none, and
+    // unidirectional streams only for relay frames too big for a datagram.
     transport
         .max_concurrent_bidi_streams(0u32.into())
-        .max_concurrent_uni_streams(0u32.into())
+        .max_concurrent_uni_streams(RELAY_STREAMS.into())
         .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(|_| TlsError::Config("idle timeout".into()))?));
     config.transport_config(Arc::new(transport));
     Ok(config)
@@ -149,9 +152,10 @@ pub fn client_config(pin: CertHash) -> Result<quinn::ClientConfig, TlsError> {
     let mut transport = quinn::TransportConfig::default();
     transport
         .keep_alive_interval(Some(KEEPALIVE))
-        // The rendezvous opens the control stream (it speaks first).
+        // The rendezvous opens the control stream (it speaks first), and
+        // relay streams for frames too big for a datagram.
         .max_concurrent_bidi_streams(1u32.into())
-        .max_concurrent_uni_streams(0u32.into())
+        .max_concurrent_uni_streams(RELAY_STREAMS.into())
         .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(|_| TlsError::Config("idle timeout".into()))?));
     config.transport_config(Arc::new(transport));
     Ok(config)

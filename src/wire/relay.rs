@@ -65,8 +65,9 @@ pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_PAYLOAD;
 /// Bytes of length prefix before each stream frame.
 pub const STREAM_PREFIX_LEN: usize = 4;
 
-/// A node's small relay id, assigned by the rendezvous registry. Never 0:
-/// zero is not a node, so a zeroed header never names one.
+/// A node's relay id: its overlay IPv4 address as a number, which the
+/// registry keeps unique within a mesh, so every peer map already carries
+/// it. Never 0: zero is not a node, so a zeroed header never names one.
 ///
 /// It lives here because the wire is where it has to mean the same thing at
 /// both ends; [`crate::relay`] re-exports it.
@@ -85,6 +86,11 @@ impl NodeId {
 
     pub const fn get(self) -> u32 {
         self.0.get()
+    }
+
+    /// The id of the node with this overlay IPv4 address.
+    pub fn of_overlay(ip: std::net::Ipv4Addr) -> Option<Self> {
+        Self::new(u32::from(ip))
     }
 }
 
