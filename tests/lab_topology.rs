@@ -93,7 +93,9 @@ impl NatLab {
 
     /// Runs `deploy/lab/<name>` on this lab.
     fn script(&self, name: &str) -> Output {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/lab").join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/lab")
+            .join(name);
         Command::new(&path)
             .env("LAB_PREFIX", &self.prefix)
             .env("LAB_DIR", &self.dir)
@@ -130,8 +132,7 @@ impl NatLab {
             let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
             // Moves this short-lived thread only; the socket keeps the
             // namespace it was created in.
-            setns(&file, CloneFlags::CLONE_NEWNET)
-                .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
             UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
                 .unwrap_or_else(|e| panic!("bind UDP port {port} in {ns}: {e}"))
         })
@@ -207,7 +208,9 @@ fn receive_exactly(socket: &UdpSocket, expected: &str, what: &str) -> SocketAddr
 /// a packet it delivered to itself and not through to a node.
 fn assert_kept_by_the_router(socket: &UdpSocket, to: SocketAddrV4, what: &str) {
     socket.connect(to).expect("connect a UDP socket");
-    socket.send(what.as_bytes()).expect("send an unsolicited datagram");
+    socket
+        .send(what.as_bytes())
+        .expect("send an unsolicited datagram");
     let mut buf = [0u8; 1500];
     match socket.recv(&mut buf) {
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
@@ -244,7 +247,11 @@ fn the_cone_nat_keeps_one_mapping_for_every_destination() {
         receive_exactly(&pub2_a, "to pub2:a", "cone -> pub2:a"),
     ];
 
-    assert_eq!(seen[0].ip(), CONE_PUBLIC, "the cone node is seen as its router");
+    assert_eq!(
+        seen[0].ip(),
+        CONE_PUBLIC,
+        "the cone node is seen as its router"
+    );
     assert!(
         seen.iter().all(|s| *s == seen[0]),
         "one socket behind the cone NAT is seen from one address and port by \
@@ -414,14 +421,22 @@ fn every_node_reaches_the_rendezvous_and_hears_its_answer() {
     for (node_name, public) in NODES {
         let node = lab.socket(node_name, 51820);
         send(&node, node_name, v4(RENDEZVOUS, RENDEZVOUS_PORT));
-        let from = receive_exactly(&rendezvous, node_name, &format!("{node_name} -> rendezvous"));
+        let from = receive_exactly(
+            &rendezvous,
+            node_name,
+            &format!("{node_name} -> rendezvous"),
+        );
         assert_eq!(
             from.ip(),
             public,
             "the rendezvous sees {node_name} as {public}"
         );
         send(&rendezvous, "welcome", from);
-        receive_exactly(&node, "welcome", &format!("the rendezvous's answer to {node_name}"));
+        receive_exactly(
+            &node,
+            "welcome",
+            &format!("the rendezvous's answer to {node_name}"),
+        );
     }
 }
 
@@ -434,10 +449,7 @@ fn up_refuses_to_build_over_a_lab_that_is_up() {
 
     assert!(!again.status.success(), "a second up fails");
     let stderr = String::from_utf8_lossy(&again.stderr);
-    assert!(
-        stderr.contains("already up"),
-        "and says why, not: {stderr}"
-    );
+    assert!(stderr.contains("already up"), "and says why, not: {stderr}");
     assert_eq!(lab.namespaces(), before, "and leaves the lab as it was");
 }
 
@@ -455,7 +467,11 @@ fn down_removes_every_namespace() {
     let out = lab.down();
 
     assert_success(&out, "deploy/lab/down");
-    assert_eq!(lab.namespaces(), Vec::<String>::new(), "no namespace is left");
+    assert_eq!(
+        lab.namespaces(),
+        Vec::<String>::new(),
+        "no namespace is left"
+    );
     assert!(!lab.dir.exists(), "{} is removed", lab.dir.display());
     assert_success(&lab.script("down"), "a second deploy/lab/down");
 }
