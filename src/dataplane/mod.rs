@@ -144,9 +144,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
                 client_config,
                 private_key,
                 gather,
-                updates_tx,
-                punches,
-                relay_link,
+                client::Channels { updates: updates_tx, punches, relay: relay_link },
                 admitted_before,
             ));
             (Some(quic_tx), Some(task))

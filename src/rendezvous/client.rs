@@ -34,6 +34,16 @@ pub struct RelayLink {
     pub frames: mpsc::Sender<bytes::Bytes>,
 }
 
+/// How a session talks to the rest of meshd.
+#[derive(Debug)]
+pub struct Channels {
+    /// Peer-map changes, for the node agent.
+    pub updates: mpsc::Sender<Update>,
+    /// Peers to ask to punch, from the driver.
+    pub punches: mpsc::Receiver<PublicKey>,
+    pub relay: RelayLink,
+}
+
 /// What the node needs to reach and convince its rendezvous.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -94,18 +104,16 @@ pub async fn run(
     mut config: ClientConfig,
     key: PrivateKey,
     candidates: impl Fn() -> Vec<Candidate>,
-    updates: mpsc::Sender<Update>,
-    mut punches: mpsc::Receiver<PublicKey>,
-    relay: RelayLink,
+    mut channels: Channels,
     admitted_before: bool,
 ) -> ClientError {
     let mut admitted = admitted_before;
     let mut backoff = BACKOFF_MIN;
     loop {
         let mut welcomed = false;
-        let result =
-            session(&endpoint, &config, &key, candidates(), &updates, &mut punches, &relay, &mut welcomed).await;
-        relay.connection.send_replace(None);
+        let result = session(&endpoint, &config, &key, candidates(), &mut channels, &mut welcomed).await;
+        channels.relay.connection.send_replace(None);
+        let updates = &channels.updates;
         if welcomed {
             admitted = true;
             // Registered now: the token has done its job.
@@ -141,11 +149,10 @@ async fn session(
     config: &ClientConfig,
     key: &PrivateKey,
     candidates: Vec<Candidate>,
-    updates: &mpsc::Sender<Update>,
-    punches: &mut mpsc::Receiver<PublicKey>,
-    relay: &RelayLink,
+    channels: &mut Channels,
     welcomed: &mut bool,
 ) -> Result<(), ClientError> {
+    let Channels { updates, punches, relay } = channels;
     let (mut session, welcome) = admit(endpoint, config, key, candidates).await?;
     *welcomed = true;
     if updates.send(welcome).await.is_err() {
