@@ -16,19 +16,30 @@
 //! Besides nodes, a simulation can hold *sinks*: bare addresses that only
 //! collect what is sent to them, such as an attacker waiting for cookie
 //! replies.
+//!
+//! The rendezvous is modelled by what nodes see of it: a host at
+//! [`RENDEZVOUS_ADDR`] whose view of each node's address is that node's
+//! observed candidate ([`Sim::introduce`]), a relay that carries every
+//! [`Node::poll_relay`] datagram to the named peer's
+//! [`Node::handle_relayed`] after [`RelayConfig::latency`] (losing
+//! [`RelayConfig::loss`] of them), and punch requests
+//! ([`Event::PunchWanted`]) handed to the other side's [`Node::punch`]
+//! after the same latency.
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use super::clock::SimClock;
 use super::nat::NatId;
 use super::net::{Datagram, Delivery, HostId, LinkConfig, SimNet};
 use super::packet::{udp_probe, Inner};
+use crate::engine::paths::Source;
 use crate::engine::{EngineError, Event, Node, NodeConfig, PeerId, PeerSpec};
 use crate::identity::{PrivateKey, PublicKey};
 
@@ -40,6 +51,65 @@ pub const NODE_MTU: u16 = 1380;
 const STREAM_NET: u64 = 0;
 const STREAM_KEYS: u64 = 1;
 const STREAM_TEST: u64 = 2;
+const STREAM_RELAY: u64 = 3;
+
+/// Where the simulated rendezvous listens: nodes register here so that
+/// their NATs map them, and what it sees of a node is the node's observed
+/// address. Benchmarking space (RFC 2544), so it meets no test's hosts.
+pub const RENDEZVOUS_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 443));
+
+/// What a node sends the rendezvous to register. Not WireGuard, not a probe.
+const REGISTER: &[u8] = b"meshd-sim register";
+
+/// How the simulated relay (and the punch requests it passes on) behaves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RelayConfig {
+    /// From a node's `poll_relay` (or `PunchWanted`) to the other node.
+    pub latency: Duration,
+    /// Fraction of relayed datagrams lost (punch requests travel on the
+    /// node's reliable rendezvous stream and are never lost).
+    pub loss: f64,
+}
+
+impl Default for RelayConfig {
+    /// Two hops to a nearby region: 40 ms, nothing lost.
+    fn default() -> Self {
+        Self {
+            latency: Duration::from_millis(40),
+            loss: 0.0,
+        }
+    }
+}
+
+impl RelayConfig {
+    pub fn latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    pub fn loss(mut self, probability: f64) -> Self {
+        assert!(
+            (0.0..=1.0).contains(&probability),
+            "loss is a probability, got {probability}"
+        );
+        self.loss = probability;
+        self
+    }
+}
+
+/// Something the rendezvous carries between two nodes.
+#[derive(Debug)]
+enum Carried {
+    /// A WireGuard datagram through the relay.
+    Packet {
+        from: usize,
+        to: usize,
+        payload: Vec<u8>,
+    },
+    /// `from` asks `to` to punch.
+    Punch { from: usize, to: usize },
+}
 
 /// A node in a [`Sim`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -64,6 +134,19 @@ pub enum TraceEntry {
         at: Duration,
         node: NodeId,
         event: Event,
+    },
+    /// The relay handed a datagram from `from` to `to`.
+    Relayed {
+        at: Duration,
+        from: NodeId,
+        to: NodeId,
+        len: usize,
+    },
+    /// `to` was asked, through the rendezvous, to punch towards `from`.
+    Punched {
+        at: Duration,
+        from: NodeId,
+        to: NodeId,
     },
 }
 
@@ -104,6 +187,8 @@ struct SimNode {
 enum Attached {
     Node(usize),
     Sink(usize),
+    /// The rendezvous: registrations end here.
+    Rendezvous,
 }
 
 /// N nodes, a network and a clock. See the module docs.
@@ -118,6 +203,14 @@ pub struct Sim {
     /// By `HostId` index.
     attached: Vec<Attached>,
     trace: Vec<TraceEntry>,
+    relay: RelayConfig,
+    relay_rng: ChaCha20Rng,
+    /// What the rendezvous is carrying, by arrival time then send order.
+    in_relay: BTreeMap<(Instant, u64), Carried>,
+    relay_seq: u64,
+    /// Relayed datagrams lost or addressed to no node.
+    relay_dropped: u64,
+    rendezvous: Option<HostId>,
 }
 
 impl fmt::Debug for Sim {
@@ -159,6 +252,12 @@ impl Sim {
             sinks: Vec::new(),
             attached: Vec::new(),
             trace: Vec::new(),
+            relay: RelayConfig::default(),
+            relay_rng: stream(STREAM_RELAY),
+            in_relay: BTreeMap::new(),
+            relay_seq: 0,
+            relay_dropped: 0,
+            rendezvous: None,
         }
     }
 
@@ -425,6 +524,59 @@ impl Sim {
         self.net.set_links_between(a, b, link);
     }
 
+    /// How the relay behaves from now on (what is in flight keeps its
+    /// arrival time).
+    pub fn set_relay(&mut self, relay: RelayConfig) {
+        self.relay = relay;
+    }
+
+    /// Relayed datagrams lost on the way or addressed to no node so far.
+    pub fn relay_dropped(&self) -> u64 {
+        self.relay_dropped
+    }
+
+    /// What the rendezvous sees of `id` now: `id` registers (sends it a
+    /// datagram, so that every NAT on the way maps it) and the address
+    /// that datagram leaves the last NAT with is returned.
+    pub fn observed_addr(&mut self, id: NodeId) -> SocketAddr {
+        if self.rendezvous.is_none() {
+            let host = self.net.add_host(RENDEZVOUS_ADDR);
+            self.attach(host, Attached::Rendezvous);
+            self.rendezvous = Some(host);
+        }
+        let now = self.now();
+        let host = self.host(id);
+        self.net.send(host, RENDEZVOUS_ADDR, REGISTER, now);
+        match self.net.apparent_addr(host, RENDEZVOUS_ADDR, now) {
+            Some(addr) => addr,
+            // A NAT that refuses to map it (e.g. a 1:1 NAT's other hosts):
+            // the rendezvous would see nothing; the private address is
+            // the best it could announce.
+            None => self.addr(id),
+        }
+    }
+
+    /// Does for the connected pair `a`, `b` what the rendezvous does for
+    /// mesh peers: the relay is up for both, and each gets the other's
+    /// candidates, its observed address ([`Sim::observed_addr`]) and its
+    /// own (local) address.
+    pub fn introduce(&mut self, a: NodeId, b: NodeId) {
+        let candidates = |sim: &mut Sim, id: NodeId| {
+            vec![
+                (sim.observed_addr(id), Source::Observed),
+                (sim.addr(id), Source::Local),
+            ]
+        };
+        let (of_a, of_b) = (candidates(self, a), candidates(self, b));
+        for (node, peer, cands) in [(a, b, of_b), (b, a, of_a)] {
+            let key = self.public_key(peer);
+            self.with_node(node, |n, now| {
+                n.set_relay_available(true, now);
+                n.set_candidates(&key, cands, now);
+            });
+        }
+    }
+
     /// NAT rebinding: `id` appears at `new_addr` from now on.
     pub fn rebind(&mut self, id: NodeId, new_addr: SocketAddr) {
         let host = self.nodes[id.0].host;
@@ -487,10 +639,11 @@ impl Sim {
         }
     }
 
-    /// The earliest datagram arrival or node deadline.
+    /// The earliest datagram arrival (network or relay) or node deadline.
     fn next_wakeup(&self) -> Option<Instant> {
         let timers = self.nodes.iter().map(|n| n.node.poll_timeout().0);
-        timers.chain(self.net.next_delivery()).min()
+        let relay = self.in_relay.keys().next().map(|(at, _)| *at);
+        timers.chain(self.net.next_delivery()).chain(relay).min()
     }
 
     /// Delivers every datagram and fires every timer due now, including
@@ -501,6 +654,14 @@ impl Sim {
             let mut progressed = false;
             while let Some(delivery) = self.net.pop_due(now) {
                 self.deliver(delivery, now);
+                progressed = true;
+            }
+            while let Some(entry) = self.in_relay.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                let carried = entry.remove();
+                self.deliver_carried(carried, now);
                 progressed = true;
             }
             for i in 0..self.nodes.len() {
@@ -540,13 +701,54 @@ impl Sim {
                 self.drain(i);
             }
             Attached::Sink(i) => self.sinks[i].push(datagram),
+            Attached::Rendezvous => {}
         }
+    }
+
+    fn deliver_carried(&mut self, carried: Carried, now: Instant) {
+        let at = self.clock.elapsed();
+        match carried {
+            Carried::Packet { from, to, payload } => {
+                self.trace.push(TraceEntry::Relayed {
+                    at,
+                    from: NodeId(from),
+                    to: NodeId(to),
+                    len: payload.len(),
+                });
+                let key = self.nodes[from].node.public_key();
+                self.nodes[to].node.handle_relayed(key, &payload, now);
+                self.drain(to);
+            }
+            Carried::Punch { from, to } => {
+                self.trace.push(TraceEntry::Punched {
+                    at,
+                    from: NodeId(from),
+                    to: NodeId(to),
+                });
+                let key = self.nodes[from].node.public_key();
+                self.nodes[to].node.punch(&key, now);
+                self.drain(to);
+            }
+        }
+    }
+
+    fn node_with_key(&self, key: &PublicKey) -> Option<usize> {
+        self.nodes.iter().position(|n| n.node.public_key() == *key)
+    }
+
+    /// Hands `carried` to the rendezvous, to arrive after the relay latency.
+    fn carry(&mut self, carried: Carried, now: Instant) {
+        self.relay_seq += 1;
+        self.in_relay
+            .insert((now + self.relay.latency, self.relay_seq), carried);
     }
 
     /// Collects every output of node `i`, as a driver does after each input.
     fn drain(&mut self, i: usize) {
         let now = self.now();
         let at = self.clock.elapsed();
+        let mut relayed = Vec::new();
+        let mut punches = Vec::new();
         let SimNode {
             node,
             host,
@@ -559,17 +761,43 @@ impl Sim {
                 .send(*host, transmit.dst, transmit.payload.as_slice(), now);
             node.recycle(transmit.payload);
         }
+        while let Some(transmit) = node.poll_relay() {
+            relayed.push((transmit.peer, transmit.payload.as_slice().to_vec()));
+            node.recycle(transmit.payload);
+        }
         while let Some(packet) = node.poll_tun() {
             tun.push(packet.as_slice().to_vec());
             node.recycle(packet);
         }
         while let Some(event) = node.poll_event() {
+            if let Event::PunchWanted { peer } = &event {
+                punches.push(*peer);
+            }
             self.trace.push(TraceEntry::Event {
                 at,
                 node: NodeId(i),
                 event: event.clone(),
             });
             events.push(event);
+        }
+        for (peer, payload) in relayed {
+            let lost = self.relay.loss > 0.0 && self.relay_rng.gen_bool(self.relay.loss);
+            match self.node_with_key(&peer) {
+                Some(to) if !lost => self.carry(
+                    Carried::Packet {
+                        from: i,
+                        to,
+                        payload,
+                    },
+                    now,
+                ),
+                Some(_) | None => self.relay_dropped += 1,
+            }
+        }
+        for peer in punches {
+            if let Some(to) = self.node_with_key(&peer) {
+                self.carry(Carried::Punch { from: i, to }, now);
+            }
         }
     }
 }

@@ -20,7 +20,10 @@
 //! - [`Sim`] (`harness.rs`) owns N engine [`crate::engine::Node`]s on that
 //!   network and drives them event by event: it delivers datagrams, fires
 //!   timers at `poll_timeout` deadlines, drains and recycles every output,
-//!   and records a [`TraceEntry`] history that a seed fully determines;
+//!   and records a [`TraceEntry`] history that a seed fully determines. It
+//!   also stands in for the rendezvous: observed addresses
+//!   ([`RENDEZVOUS_ADDR`]), a relay with [`RelayConfig`] latency and loss,
+//!   and punch requests passed between peers;
 //! - `packet.rs` builds numbered inner UDP probes and ICMP echo requests
 //!   and parses what comes out of a node's TUN, so a test can say exactly
 //!   which packets arrived.
@@ -53,6 +56,8 @@ mod net;
 pub mod packet;
 
 pub use clock::SimClock;
-pub use harness::{NodeId, Sim, SinkId, TimedOut, TraceEntry, NODE_MTU};
+pub use harness::{
+    NodeId, RelayConfig, Sim, SinkId, TimedOut, TraceEntry, NODE_MTU, RENDEZVOUS_ADDR,
+};
 pub use nat::{Filtering, Mapping, Nat, NatConfig, NatId, NatStats, OneToOne};
 pub use net::{Captured, Datagram, Delivery, HostId, LinkConfig, NetStats, SimNet};
