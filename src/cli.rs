@@ -10,10 +10,12 @@ pub enum LogFormat {
     Json,
 }
 
-/// `RUST_LOG` or `info`, to stderr; colours only on a terminal.
+/// `RUST_LOG`, or `info` with boringtun's handshake retries (protocol
+/// routine, logged by it at warn) kept out; to stderr, colours only on a
+/// terminal.
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,boringtun=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
