@@ -2,7 +2,7 @@
 //! Simulation scenarios: whole meshes of engine nodes on a simulated network,
 //! in simulated time (`cargo test --features sim --test sim`).
 //!
-//! Every scenario runs once per seed in [`SEEDS`]; a failure names its seed,
+//! Every scenario runs once per seed in [`meshd::sim::SEEDS`]; a failure names its seed,
 //! and `MESHD_SIM_SEED=<seed>` reruns just that one.
 
 use std::net::{IpAddr, SocketAddr};
@@ -11,37 +11,8 @@ use std::time::Duration;
 use boringtun::noise::{Tunn, TunnResult};
 use meshd::engine::{DropReason, Event};
 use meshd::sim::packet::{icmp_echo_request, udp_probe, udp_probe_sized, Inner};
-use meshd::sim::{LinkConfig, NodeId, Sim, TraceEntry};
+use meshd::sim::{for_each_seed, LinkConfig, NodeId, Sim, TraceEntry};
 use rand::{Rng, RngCore};
-
-const SEEDS: &[u64] = &[1, 2, 3, 0x5eed, 0xdead_beef];
-
-/// Runs `scenario` once per seed; if it panics, says which seed failed.
-fn for_each_seed(mut scenario: impl FnMut(u64)) {
-    let seeds = match std::env::var("MESHD_SIM_SEED") {
-        Ok(s) => vec![s
-            .parse()
-            .expect("MESHD_SIM_SEED must be an unsigned integer")],
-        Err(_) => SEEDS.to_vec(),
-    };
-    for seed in seeds {
-        let _report = ReportSeedOnPanic(seed);
-        scenario(seed);
-    }
-}
-
-struct ReportSeedOnPanic(u64);
-
-impl Drop for ReportSeedOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "simulation failed with seed {0}; rerun it alone with MESHD_SIM_SEED={0}",
-                self.0
-            );
-        }
-    }
-}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

@@ -4,7 +4,7 @@
 //! without touching the WireGuard session
 //! (`cargo test --features sim --test sim_nat`).
 //!
-//! Every scenario runs once per seed in [`SEEDS`]; a failure names its seed,
+//! Every scenario runs once per seed in [`meshd::sim::SEEDS`]; a failure names its seed,
 //! and `MESHD_SIM_SEED=<seed>` reruns just that one.
 
 use std::net::{IpAddr, SocketAddr};
@@ -13,36 +13,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use meshd::engine::paths::{Path, PathStatus};
 use meshd::engine::Event;
-use meshd::sim::{LinkConfig, NatConfig, NodeId, RelayConfig, Sim, TraceEntry};
-
-const SEEDS: &[u64] = &[1, 2, 3, 0x5eed, 0xdead_beef];
-
-/// Runs `scenario` once per seed; if it panics, says which seed failed.
-fn for_each_seed(mut scenario: impl FnMut(u64)) {
-    let seeds = match std::env::var("MESHD_SIM_SEED") {
-        Ok(s) => vec![s
-            .parse()
-            .expect("MESHD_SIM_SEED must be an unsigned integer")],
-        Err(_) => SEEDS.to_vec(),
-    };
-    for seed in seeds {
-        let _report = ReportSeedOnPanic(seed);
-        scenario(seed);
-    }
-}
-
-struct ReportSeedOnPanic(u64);
-
-impl Drop for ReportSeedOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "simulation failed with seed {0}; rerun it alone with MESHD_SIM_SEED={0}",
-                self.0
-            );
-        }
-    }
-}
+use meshd::sim::{for_each_seed, LinkConfig, NatConfig, NodeId, RelayConfig, Sim, TraceEntry};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

@@ -54,8 +54,10 @@ mod harness;
 mod nat;
 mod net;
 pub mod packet;
+mod seeds;
 
 pub use clock::SimClock;
+pub use seeds::{for_each_seed, SEEDS};
 pub use harness::{
     NodeId, RelayConfig, Sim, SinkId, TimedOut, TraceEntry, NODE_MTU, RENDEZVOUS_ADDR,
 };
