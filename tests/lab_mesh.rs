@@ -19,8 +19,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Once};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Once};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -371,6 +371,31 @@ impl MeshLab {
         }
     }
 
+    /// Runs `args` in `machine`'s namespace and asserts it succeeded.
+    fn run_in(&self, machine: &str, args: &[&str]) {
+        let ns = self.ns(machine);
+        let mut all = vec!["netns", "exec", &ns];
+        all.extend_from_slice(args);
+        assert_success(&output("ip", &all), &format!("`{}` in {machine}", args.join(" ")));
+    }
+
+    /// Waits until `a` and `b` can ping each other over the overlay.
+    fn wait_for_reach(&self, a: &str, b: &str) {
+        for (from, to) in [(a, b), (b, a)] {
+            eventually(
+                &format!("{from} pings {to} over the overlay"),
+                REACH_DEADLINE,
+                || self.ping_once(from, to, &[]),
+            );
+        }
+    }
+
+    /// Waits until `a` and `b` both report the path `expected` to each other.
+    fn wait_for_paths(&self, a: &str, b: &str, expected: &str) {
+        self.wait_for_path(a, b, expected);
+        self.wait_for_path(b, a, expected);
+    }
+
     /// The last lines of every daemon's log.
     fn logs(&self) -> String {
         let mut all = String::new();
@@ -508,6 +533,76 @@ fn a_full_size_ping_with_df_passes_direct_and_relayed() {
     }
 }
 
+#[test]
+fn blocking_the_direct_path_moves_a_pair_to_the_relay_and_back_without_breaking_tcp() {
+    let lab = MeshLab::with_mesh_of(&["pub1", "pub2"]);
+    lab.wait_for_reach("pub1", "pub2");
+    lab.wait_for_paths("pub1", "pub2", "direct");
+    let transfer = TcpTransfer::start(&lab, "pub1", "pub2", Amount::Paced(16 << 10), 0x5eed_0002);
+    let moving = |what: &str, since: usize| {
+        eventually(what, REACH_DEADLINE, || match transfer.received() {
+            now if now > since => Ok(now),
+            now => Err(format!("{now} bytes so far")),
+        })
+    };
+    let before = moving("the transfer is under way on the direct path", 0);
+
+    // A firewall between the two, in both directions, for their WireGuard
+    // port only: the rendezvous and so the relay stay reachable.
+    let pub2 = "203.0.113.12";
+    let block = |action: &str| {
+        for rule in [["INPUT", "-s"], ["OUTPUT", "-d"]] {
+            lab.run_in(
+                "pub1",
+                &["iptables", action, rule[0], rule[1], pub2, "-p", "udp", "-j", "DROP"],
+            );
+        }
+    };
+    block("-I");
+    lab.wait_for_paths("pub1", "pub2", "relay");
+    let relayed = moving("the transfer carries on over the relay", before);
+    lab.ping_once("pub2", "pub1", &[])
+        .unwrap_or_else(|e| panic!("pings pass over the relay: {e}"));
+
+    block("-D");
+    lab.wait_for_paths("pub1", "pub2", "direct");
+    moving("the transfer carries on over the direct path again", relayed);
+
+    let sent = transfer.finish();
+    assert!(sent > relayed, "{sent} bytes sent, {relayed} before the return");
+}
+
+#[test]
+fn a_flushed_nat_mapping_recovers() {
+    let lab = MeshLab::with_mesh_of(&["pub1", "cone", "sym1"]);
+    for node in ["cone", "sym1"] {
+        lab.wait_for_reach(node, "pub1");
+        lab.wait_for_paths(node, "pub1", "direct");
+    }
+    let old_endpoint = |node: &str| lab.path("pub1", node).unwrap_or_else(|e| panic!("{e}")).1;
+    let sym1_before = old_endpoint("sym1");
+
+    // Every mapping of both routers is gone at once, as after a router
+    // reboot: packets from pub1 to the old public ports now die at the
+    // router, and the symmetric NAT picks a new random port.
+    for router in ["r-cone", "r-sym1"] {
+        lab.run_in(router, &["conntrack", "-F"]);
+    }
+
+    for node in ["cone", "sym1"] {
+        lab.wait_for_reach("pub1", node);
+        lab.wait_for_paths(node, "pub1", "direct");
+    }
+    eventually(
+        "pub1 follows sym1 to its new public port",
+        SETTLE_DEADLINE,
+        || match lab.path("pub1", "sym1")? {
+            (path, endpoint) if path == "direct" && endpoint != sym1_before => Ok(()),
+            (path, endpoint) => Err(format!("{path} via {endpoint:?}, before {sym1_before:?}")),
+        },
+    );
+}
+
 /// Runs `f` on a new thread inside network namespace `ns`.
 fn in_namespace<T: Send + 'static>(
     ns: &str,
@@ -543,87 +638,151 @@ impl Stream {
 
 const CHUNK: usize = 64 * 1024;
 
-/// Sends `len` seeded pseudo-random bytes over TCP from node `from` to
-/// node `to`'s overlay address and asserts that exactly those bytes arrive
-/// (same length, same SHA-256).
-fn assert_tcp_transfer(lab: &MeshLab, from: &str, to: &str, len: usize, seed: u64) {
-    let address = IpAddr::V4(lab.overlay(to));
-    let what = format!("{len} bytes over TCP from {from} to {to} ({address})");
-    let addr = SocketAddr::from((address, 5201));
-    let (bound_tx, bound_rx) = mpsc::channel();
+/// How much a [`TcpTransfer`] sends.
+#[derive(Debug, Clone, Copy)]
+enum Amount {
+    /// This many bytes, as fast as TCP goes.
+    Bytes(usize),
+    /// One chunk of this size every `PACE` until [`TcpTransfer::finish`]:
+    /// a long-lived connection that keeps a path busy without taking the
+    /// machine's CPU from the daemons.
+    Paced(usize),
+}
 
-    let receiver = in_namespace(&lab.ns(to), move || -> Result<(usize, Vec<u8>), String> {
-        let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
-        let _ = bound_tx.send(());
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let (mut stream, _) = eventually(
-            &format!("a sender connects to {addr}"),
-            REACH_DEADLINE,
-            || listener.accept().map_err(|e| e.to_string()),
-        );
-        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-        stream
-            .set_read_timeout(Some(IO_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        let mut hash = Sha256::new();
-        let mut received = 0;
-        let mut buf = vec![0; CHUNK];
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    hash.update(&buf[..n]);
-                    received += n;
+/// The gap between two chunks of an [`Amount::Paced`] transfer.
+const PACE: Duration = Duration::from_millis(10);
+
+/// One TCP connection from node `from` to node `to`'s overlay address
+/// carrying seeded pseudo-random bytes, hashed at both ends.
+struct TcpTransfer {
+    what: String,
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicUsize>,
+    sender: thread::JoinHandle<Result<(usize, Vec<u8>), String>>,
+    receiver: thread::JoinHandle<Result<(usize, Vec<u8>), String>>,
+}
+
+impl TcpTransfer {
+    /// Connects and starts sending; returns once the receiver listens.
+    fn start(lab: &MeshLab, from: &str, to: &str, amount: Amount, seed: u64) -> Self {
+        let address = IpAddr::V4(lab.overlay(to));
+        let what = format!("{amount:?} over TCP from {from} to {to} ({address})");
+        let addr = SocketAddr::from((address, 5201));
+        let (bound_tx, bound_rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicUsize::new(0));
+
+        let progress = received.clone();
+        let receiver = in_namespace(&lab.ns(to), move || -> Result<(usize, Vec<u8>), String> {
+            let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+            let _ = bound_tx.send(());
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let (mut stream, _) = eventually(
+                &format!("a sender connects to {addr}"),
+                REACH_DEADLINE,
+                || listener.accept().map_err(|e| e.to_string()),
+            );
+            stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+            stream
+                .set_read_timeout(Some(IO_TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            let mut hash = Sha256::new();
+            let mut total = 0;
+            let mut buf = vec![0; CHUNK];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        hash.update(&buf[..n]);
+                        total += n;
+                        progress.store(total, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("receive after {total} bytes: {e}")),
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("receive after {received} bytes: {e}")),
             }
+            Ok((total, hash.finalize().to_vec()))
+        });
+        if bound_rx.recv_timeout(REACH_DEADLINE).is_err() {
+            panic!("{what}: the receiver did not listen: {:?}", receiver.join());
         }
-        Ok((received, hash.finalize().to_vec()))
-    });
-    if bound_rx.recv_timeout(REACH_DEADLINE).is_err() {
-        panic!("{what}: the receiver did not listen: {:?}", receiver.join());
+
+        let stopped = stop.clone();
+        let sender = in_namespace(&lab.ns(from), move || -> Result<(usize, Vec<u8>), String> {
+            let mut stream = eventually(&format!("connect to {addr}"), REACH_DEADLINE, || {
+                TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())
+            });
+            stream
+                .set_write_timeout(Some(IO_TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            let mut data = Stream { state: seed };
+            let mut hash = Sha256::new();
+            let mut buf = vec![0; CHUNK];
+            let mut sent = 0;
+            loop {
+                let n = match amount {
+                    Amount::Bytes(len) if sent < len => CHUNK.min(len - sent),
+                    Amount::Paced(chunk) if !stopped.load(Ordering::Relaxed) => {
+                        thread::sleep(PACE);
+                        chunk.min(CHUNK)
+                    }
+                    Amount::Bytes(_) | Amount::Paced(_) => break,
+                };
+                data.fill(&mut buf[..n]);
+                hash.update(&buf[..n]);
+                stream
+                    .write_all(&buf[..n])
+                    .map_err(|e| format!("send after {sent} bytes: {e}"))?;
+                sent += n;
+            }
+            stream
+                .shutdown(std::net::Shutdown::Write)
+                .map_err(|e| e.to_string())?;
+            Ok((sent, hash.finalize().to_vec()))
+        });
+        Self {
+            what,
+            stop,
+            received,
+            sender,
+            receiver,
+        }
     }
 
-    let sender = in_namespace(&lab.ns(from), move || -> Result<Vec<u8>, String> {
-        let mut stream = eventually(&format!("connect to {addr}"), REACH_DEADLINE, || {
-            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())
-        });
-        stream
-            .set_write_timeout(Some(IO_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        let mut data = Stream { state: seed };
-        let mut hash = Sha256::new();
-        let mut buf = vec![0; CHUNK];
-        let mut sent = 0;
-        while sent < len {
-            let n = CHUNK.min(len - sent);
-            data.fill(&mut buf[..n]);
-            hash.update(&buf[..n]);
-            stream
-                .write_all(&buf[..n])
-                .map_err(|e| format!("send after {sent} bytes: {e}"))?;
-            sent += n;
-        }
-        stream
-            .shutdown(std::net::Shutdown::Write)
-            .map_err(|e| e.to_string())?;
-        Ok(hash.finalize().to_vec())
-    });
+    /// Bytes that have arrived so far.
+    fn received(&self) -> usize {
+        self.received.load(Ordering::Relaxed)
+    }
 
-    let sent = sender
-        .join()
-        .expect("sender thread")
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let (received, got) = receiver
-        .join()
-        .expect("receiver thread")
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(received, len, "{what}: wrong number of bytes arrived");
-    assert!(
-        sent == got,
-        "{what}: the bytes that arrived differ from those sent (SHA-256 mismatch)"
-    );
+    /// Stops a paced transfer, waits for both ends and asserts that exactly
+    /// the bytes sent arrived (same length, same SHA-256); returns how many.
+    fn finish(self) -> usize {
+        let what = self.what;
+        self.stop.store(true, Ordering::Relaxed);
+        let (sent, sent_hash) = self
+            .sender
+            .join()
+            .expect("sender thread")
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (received, received_hash) = self
+            .receiver
+            .join()
+            .expect("receiver thread")
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(received, sent, "{what}: wrong number of bytes arrived");
+        assert!(
+            sent_hash == received_hash,
+            "{what}: the bytes that arrived differ from those sent (SHA-256 mismatch)"
+        );
+        sent
+    }
+}
+
+/// Sends `len` seeded pseudo-random bytes over TCP from node `from` to
+/// node `to`'s overlay address and asserts that exactly those bytes arrive.
+fn assert_tcp_transfer(lab: &MeshLab, from: &str, to: &str, len: usize, seed: u64) {
+    let sent = TcpTransfer::start(lab, from, to, Amount::Bytes(len), seed).finish();
+    assert_eq!(sent, len, "the sender sent everything");
 }
 
 /// Retries `attempt` until it succeeds or `within` has passed; then panics

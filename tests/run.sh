@@ -13,7 +13,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-packages=(iproute2 iputils-ping iptables procps wireguard-go wireguard-tools iperf3)
+packages=(iproute2 iputils-ping iptables conntrack procps wireguard-go wireguard-tools iperf3)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
