@@ -21,6 +21,9 @@ pub const DEFAULT_INTERFACE: &str = "mesh0";
 /// (40) + UDP (8) + WireGuard (32) with room for the relay header: DESIGN.md "MTU".
 pub const DEFAULT_MTU: u16 = 1380;
 pub const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
+/// Where wg(8) looks for userspace WireGuard interfaces' UAPI sockets
+/// (<https://www.wireguard.com/xplatform/>).
+pub const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
 /// IPv6 needs 1280 on every link (RFC 8200 §5); below that the mesh cannot carry it.
 pub const MIN_MTU: u16 = 1280;
 pub const MAX_MTU: u16 = 9000;
@@ -46,6 +49,9 @@ pub struct Config {
     pub mtu: u16,
     /// The local API socket `meshctl` talks to.
     pub socket: PathBuf,
+    /// The directory of the WireGuard UAPI socket `<interface>.sock` that
+    /// `wg show` reads; only tests move it away from [`DEFAULT_UAPI_DIR`].
+    pub uapi_dir: PathBuf,
     /// Static peers; a keepalive of 0 is stored as `None` (off), as in wg-quick.
     pub peers: Vec<PeerSpec>,
     /// Where a rendezvous-managed node keeps its cache (address, peer map).
@@ -81,6 +87,8 @@ struct RawConfig {
     mtu: u16,
     #[serde(default = "default_socket")]
     socket: PathBuf,
+    #[serde(default = "default_uapi_dir")]
+    uapi_dir: PathBuf,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
     state_dir: Option<PathBuf>,
@@ -117,6 +125,9 @@ fn default_mtu() -> u16 {
 }
 fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
+}
+fn default_uapi_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_UAPI_DIR)
 }
 
 impl Config {
@@ -210,6 +221,7 @@ impl Config {
             addresses,
             mtu: raw.mtu,
             socket: raw.socket,
+            uapi_dir: raw.uapi_dir,
             peers,
             state_dir: raw.state_dir,
             name: raw.name,
@@ -258,7 +270,14 @@ mod tests {
         assert_eq!(c.interface, "mesh0");
         assert_eq!(c.mtu, 1380);
         assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.uapi_dir, PathBuf::from("/var/run/wireguard"));
         assert_eq!(c.addresses, vec!["100.72.0.1/16".parse::<IpNet>().unwrap()]);
+    }
+
+    #[test]
+    fn the_wireguard_socket_directory_can_be_moved() {
+        let c = parse("private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\nuapi-dir = \"/tmp/wg\"\n").unwrap();
+        assert_eq!(c.uapi_dir, PathBuf::from("/tmp/wg"));
     }
 
     #[test]

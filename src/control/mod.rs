@@ -9,6 +9,7 @@
 pub mod client;
 pub mod render;
 pub mod server;
+pub mod uapi;
 
 use std::collections::BTreeMap;
 

@@ -3,12 +3,12 @@
 //!
 //! Does I/O. Order matters and is the contract with `meshctl`, systemd and
 //! the tests: key → UDP socket → TUN → engine and driver → (rendezvous
-//! session) → link configuration → API socket. The API socket appears only
-//! once `mesh0` has its address, so a client that reaches it talks to a
-//! node that is up. The address comes from the config, else from the cache
-//! of the last peer map (so a node comes up while the rendezvous is down),
-//! else from the rendezvous's first welcome. On the way out everything is
-//! undone in reverse.
+//! session) → link configuration → WireGuard UAPI socket (for `wg show`)
+//! → API socket. The sockets appear only once `mesh0` has its address, so
+//! a client that reaches them talks to a node that is up. The address
+//! comes from the config, else from the cache of the last peer map (so a
+//! node comes up while the rendezvous is down), else from the rendezvous's
+//! first welcome. On the way out everything is undone in reverse.
 
 pub mod cache;
 pub mod candidates;
@@ -29,9 +29,11 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::control::server::{ApiSocket, Ask, ServerError};
+use crate::control::uapi::UapiSocket;
 use crate::engine::paths::Source;
 use crate::engine::{EngineError, Node, NodeConfig, PeerSpec};
 use crate::identity::keyfile::{read_private_key, KeyFileError};
+use crate::identity::PrivateKey;
 use crate::netlink::{self, Link, LinkConfig, NetlinkError};
 use crate::rendezvous::client::{self, ClientError, Update};
 use crate::wire::control::{Candidate, CandidateKind, NodeEntry};
@@ -90,6 +92,8 @@ pub struct RunOptions {
 /// it added to the host.
 pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Output = ()>) -> Result<(), DataplaneError> {
     let private_key = read_private_key(&config.private_key_file)?;
+    // For `wg showconf`, over the 0600 UAPI socket only; never logged.
+    let uapi_key = private_key.clone();
     let udp = Arc::new(
         udp::UdpSocket::bind(config.listen_port)
             .map_err(|source| DataplaneError::Udp { port: config.listen_port, source })?,
@@ -184,6 +188,8 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
         info,
         asks: Some(ask_tx),
         api: None,
+        uapi_key: Some(uapi_key),
+        uapi: None,
         cache: None,
     };
     let result = agent.run(cached, updates, session, &mut driver_task, shutdown).await;
@@ -201,6 +207,11 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
     };
     if let Some(api) = agent.api.take() {
         api.abort();
+    }
+    if let Some(uapi) = agent.uapi.take() {
+        // Awaited, so the socket file is gone before meshd exits.
+        uapi.abort();
+        let _ = uapi.await;
     }
     if let Err(e) = agent.link.teardown().await {
         tracing::warn!(error = %e, "could not remove all addresses and routes");
@@ -221,6 +232,9 @@ struct Agent {
     /// Handed to the API socket once the interface is up.
     asks: Option<mpsc::Sender<Ask>>,
     api: Option<JoinHandle<()>>,
+    /// Handed to the UAPI socket once the interface is up.
+    uapi_key: Option<PrivateKey>,
+    uapi: Option<JoinHandle<()>>,
     cache: Option<cache::NodeCache>,
 }
 
@@ -336,6 +350,9 @@ impl Agent {
         let _ = self.commands.send(DriverCommand::SetInfo(self.info.clone())).await;
         tracing::info!(interface = %self.config.interface, ?addresses, "mesh interface up");
         if let Some(asks) = self.asks.take() {
+            if let Some(key) = self.uapi_key.take() {
+                self.uapi = serve_uapi(&self.config, key, asks.clone()).await;
+            }
             let api = ApiSocket::bind(&self.socket).await?;
             self.api = Some(tokio::spawn(api.serve_asks(asks)));
         }
@@ -347,6 +364,21 @@ impl Agent {
             if let Err(e) = cache::save(dir, cache) {
                 tracing::warn!(error = %e, "cannot update the peer-map cache");
             }
+        }
+    }
+}
+
+/// Opens the WireGuard UAPI socket for `wg show`. Without it the node
+/// still works, so a failure is a warning, not an error.
+async fn serve_uapi(config: &Config, key: PrivateKey, asks: mpsc::Sender<Ask>) -> Option<JoinHandle<()>> {
+    match UapiSocket::bind(&config.uapi_dir, &config.interface).await {
+        Ok(socket) => {
+            tracing::debug!(path = %socket.path().display(), "answering wg(8) on the WireGuard UAPI socket");
+            Some(tokio::spawn(socket.serve(key, asks)))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, interface = %config.interface, "`wg show` cannot list this node's peers");
+            None
         }
     }
 }
