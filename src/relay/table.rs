@@ -38,8 +38,12 @@
 //! node's frames draw on their own buckets and keep flowing. Buckets belong
 //! to the node, not the connection: reconnecting does not refill them.
 //!
-//! The table holds no packets, so it has no queue to bound. The bounded
-//! per-destination queues are in the shell, which executes each
+//! The table holds no packets, so it has no queue to bound. The queue in
+//! front of it is the shell's, and every connection has its own bounded
+//! share of it, so a flooder's frames, which its rate limit refuses only
+//! here, cannot crowd out other nodes' frames on the way in
+//! ([`DropReason::InboundFull`], see [`crate::relay::server`]). The bounded
+//! per-destination queues are in the shell too, which executes each
 //! [`Command::Forward`] at once: a frame that fits the destination's current
 //! datagram size ([`crate::wire::relay::fits_datagram`]) goes into quinn's
 //! datagram send buffer for that connection (`datagram_send_buffer_size`,
@@ -70,8 +74,9 @@ use crate::wire::relay::{self, NodeId, HEADER_LEN, MAX_PAYLOAD};
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
 
-/// Per-node rate limits. Valid by construction: every rate and the burst
-/// are greater than zero.
+/// Per-node rate limits, set by the operator under `[relay]` in
+/// `rendezvous.toml` ([`crate::rendezvous::setup`]). Valid by construction:
+/// every rate and the burst are greater than zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayLimits {
     bytes_per_sec: u64,
@@ -185,10 +190,14 @@ pub enum DropReason {
     /// The shell's queue towards the destination was full (counted by the
     /// shell through [`RelayTable::count_drop`]).
     QueueFull,
+    /// The source's share of the shell's queue into the table was full: it
+    /// sends faster than the relay forwards (counted by the shell through
+    /// [`RelayTable::count_drops`]).
+    InboundFull,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::NotAdmitted,
         DropReason::Malformed,
         DropReason::SelfAddressed,
@@ -196,6 +205,7 @@ impl DropReason {
         DropReason::DestinationOffline,
         DropReason::RateLimited,
         DropReason::QueueFull,
+        DropReason::InboundFull,
     ];
 
     /// A stable name for metrics labels and logs.
@@ -208,6 +218,7 @@ impl DropReason {
             DropReason::DestinationOffline => "destination_offline",
             DropReason::RateLimited => "rate_limited",
             DropReason::QueueFull => "queue_full",
+            DropReason::InboundFull => "inbound_full",
         }
     }
 }
@@ -460,7 +471,14 @@ impl RelayTable {
     /// under it: [`DropReason::DestinationOffline`]). The frame stays in its
     /// pair's counters, which count what the table handed over.
     pub fn count_drop(&mut self, reason: DropReason) {
-        self.stats.drops[reason as usize] += 1;
+        self.count_drops(reason, 1);
+    }
+
+    /// Counts `count` frames the shell dropped before they reached the
+    /// table ([`DropReason::InboundFull`]), or after, as [`Self::count_drop`].
+    pub fn count_drops(&mut self, reason: DropReason, count: u64) {
+        let counter = &mut self.stats.drops[reason as usize];
+        *counter = counter.saturating_add(count);
     }
 
     pub fn stats(&self) -> &RelayStats {
@@ -786,8 +804,12 @@ mod tests {
     fn shell_drops_are_counted_with_the_tables() {
         let mut table = table_with(1, RelayLimits::default());
         table.count_drop(DropReason::QueueFull);
+        table.count_drops(DropReason::InboundFull, 40);
+        table.count_drops(DropReason::InboundFull, 2);
+        table.count_drops(DropReason::Malformed, 0);
         let drops: Vec<_> = table.stats().drops().filter(|(_, n)| *n > 0).collect();
-        assert_eq!(drops, vec![(DropReason::QueueFull, 1)]);
+        assert_eq!(drops, vec![(DropReason::QueueFull, 1), (DropReason::InboundFull, 42)]);
+        assert_eq!(table.stats().dropped_total(), 43);
     }
 
     #[test]

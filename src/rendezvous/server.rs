@@ -23,7 +23,7 @@ use super::setup::{Loaded, SetupError};
 use super::store::Store;
 use super::stream::{read_frame, write_frame};
 use super::tls;
-use crate::relay::server::RelayInput;
+use crate::relay::server::{Inlet, Relay};
 use crate::relay::NodeId;
 use crate::dataplane::udp::canonical;
 use crate::identity::{PrivateKey, PublicKey};
@@ -38,8 +38,6 @@ const ADMISSION_DEADLINE: Duration = Duration::from_secs(10);
 const MAX_PENDING: usize = 256;
 /// Messages queued for one node before it counts as stuck and is dropped.
 const CONN_QUEUE: usize = 1024;
-/// Relay frames queued for the relay task before they are dropped.
-const RELAY_QUEUE: usize = 4096;
 /// What a node may send once admitted: candidate lists.
 const MAX_NODE_FRAME: usize = 64 << 10;
 
@@ -85,6 +83,7 @@ pub struct Server {
     server_key: PrivateKey,
     store: super::store::FileStore,
     state: super::registry::RegistryState,
+    relay_limits: crate::relay::RelayLimits,
 }
 
 impl Server {
@@ -109,7 +108,7 @@ impl Server {
             mesh = %state.mesh.id,
             "rendezvous serving"
         );
-        Ok(Self { endpoint, admin_socket, server_key, store, state })
+        Ok(Self { endpoint, admin_socket, server_key, store, state, relay_limits: config.relay })
     }
 
     /// The bound UDP address (useful with port 0).
@@ -119,15 +118,14 @@ impl Server {
 
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Server { endpoint, admin_socket, server_key, store, state } = self;
+        let Server { endpoint, admin_socket, server_key, store, state, relay_limits } = self;
         let mesh_id = state.mesh.id.clone();
-        let (to_relay, relay_inbox) = mpsc::channel(RELAY_QUEUE);
+        let (relay, relay_task) = Relay::spawn(relay_limits);
         for record in state.nodes.values() {
             if let Some(node) = NodeId::of_overlay(record.ipv4) {
-                let _ = to_relay.try_send(RelayInput::Register(node));
+                relay.register(node);
             }
         }
-        let relay = tokio::spawn(crate::relay::server::run(relay_inbox));
         let (to_registry, inbox) = mpsc::channel(1024);
         let registry = tokio::spawn(registry_task(Registry::new(state), store, inbox));
         let admin = tokio::spawn(admin_socket.serve({
@@ -165,11 +163,11 @@ impl Server {
             next_conn += 1;
             let conn = ConnId(next_conn);
             let (server_key, mesh_id, to_registry) = (server_key.clone(), mesh_id.clone(), to_registry.clone());
-            let to_relay = to_relay.clone();
+            let relay = relay.clone();
             let span = tracing::debug_span!("conn", id = conn.0, remote = %canonical(incoming.remote_address()));
             tokio::spawn(
                 async move {
-                    connection_task(incoming, conn, &server_key, mesh_id, to_registry, to_relay, permit).await
+                    connection_task(incoming, conn, &server_key, mesh_id, to_registry, relay, permit).await
                 }
                     .instrument(span),
             );
@@ -182,8 +180,8 @@ impl Server {
         let _ = admin.await;
         drop(to_registry);
         let _ = registry.await;
-        drop(to_relay);
-        let _ = relay.await;
+        drop(relay);
+        let _ = relay_task.await;
         endpoint.wait_idle().await;
         Ok(())
     }
@@ -246,7 +244,7 @@ async fn connection_task(
     server_key: &PrivateKey,
     mesh_id: String,
     to_registry: mpsc::Sender<ToRegistry>,
-    to_relay: mpsc::Sender<RelayInput>,
+    relay: Relay,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let remote = canonical(incoming.remote_address());
@@ -308,16 +306,17 @@ async fn connection_task(
         return;
     }
     // Relaying starts once the registry admitted the node: the welcome
-    // names its overlay address, which is its relay id.
-    let mut relaying = false;
+    // names its overlay address, which is its relay id. Until then the
+    // node's datagrams and streams stay unread (quinn bounds both), and
+    // a connection that is never admitted never reaches the relay.
+    let mut inlet: Option<Inlet> = None;
     loop {
         tokio::select! {
             out = outbox.recv() => match out {
                 Some(ConnOut::Message(msg)) => {
                     if let ServerMessage::Welcome { node, .. } = &msg {
                         if let Some(id) = NodeId::of_overlay(node.ipv4) {
-                            let connection = connection.clone();
-                            relaying = to_relay.send(RelayInput::Connect { node: id, conn, connection }).await.is_ok();
+                            inlet = Some(relay.connect(id, conn, connection.clone()));
                         }
                     }
                     if write_frame(&mut send, &msg).await.is_err() {
@@ -347,29 +346,40 @@ async fn connection_task(
                     break;
                 }
             },
-            datagram = connection.read_datagram(), if relaying => match datagram {
-                Ok(frame) => {
-                    // Full relay queue: drop, like a full router queue.
-                    let _ = to_relay.try_send(RelayInput::Frame { conn, frame });
+            datagram = connection.read_datagram(), if inlet.is_some() => match (datagram, inlet.as_mut()) {
+                (Ok(frame), Some(inlet)) => {
+                    // Dropped if this connection's share of the relay queue
+                    // is full, like a full router queue.
+                    inlet.datagram(frame);
+                    // quinn hands out queued datagrams without yielding
+                    // to the runtime, so under a flood this loop would
+                    // never yield, and the relay task and other nodes'
+                    // connections waiting on this worker would starve.
+                    tokio::task::consume_budget().await;
                 }
-                Err(_) => break,
+                (Ok(_), None) => {}
+                (Err(_), _) => break,
             },
-            stream = connection.accept_uni(), if relaying => match stream {
-                Ok(mut stream) => {
-                    let to_relay = to_relay.clone();
+            stream = connection.accept_uni(), if inlet.is_some() => match (stream, inlet.as_ref()) {
+                (Ok(mut stream), Some(inlet)) => {
+                    let frames = inlet.streams();
                     tokio::spawn(async move {
-                        if let Some(frame) = crate::relay::stream::read_stream_frame(&mut stream).await {
-                            let _ = to_relay.send(RelayInput::Frame { conn, frame }).await;
+                        // Frames follow each other back to back until the
+                        // stream ends (proto/control.md §13).
+                        while let Some(frame) = crate::relay::stream::read_stream_frame(&mut stream).await {
+                            if !frames.frame(frame).await {
+                                break;
+                            }
                         }
                     });
                 }
-                Err(_) => break,
+                (Ok(_), None) => {}
+                (Err(_), _) => break,
             },
         }
     }
-    if relaying {
-        let _ = to_relay.send(RelayInput::Disconnect { conn }).await;
-    }
+    // Disconnects it from the relay.
+    drop(inlet);
     connection.close(0u32.into(), b"bye");
     let _ = to_registry.send(ToRegistry::Disconnected { conn }).await;
 }

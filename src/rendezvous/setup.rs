@@ -3,7 +3,7 @@
 //! Does file I/O and draws randomness (mesh id, keys, certificate). Layout:
 //!
 //! ```text
-//! DIR/rendezvous.toml   listen address, public address
+//! DIR/rendezvous.toml   listen address, public address, [relay] limits
 //! DIR/cert.der          self-signed certificate (nodes pin its SHA-256)
 //! DIR/cert.key          its private key                       0600
 //! DIR/server.key        x25519 static key, admission proofs   0600
@@ -13,6 +13,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use rand::{CryptoRng, RngCore};
@@ -24,6 +25,7 @@ use super::tls::{self, CertHash, TlsError};
 use crate::identity::keyfile::{read_private_key, write_atomic, write_private_key, KeyFileError};
 use crate::identity::PrivateKey;
 use crate::ipam::{self, IpamError};
+use crate::relay::RelayLimits;
 use crate::wire::control::MeshInfo;
 
 pub const DEFAULT_CIDR: &str = "100.72.0.0/16";
@@ -56,6 +58,69 @@ pub struct RendezvousConfig {
     pub listen: SocketAddr,
     /// How nodes reach it (`HOST:PORT`), printed in join lines.
     pub public_addr: String,
+    /// Per-node relay rate limits, the optional `[relay]` table; a key left
+    /// out keeps its default. Not written by `init`, so a mesh that never
+    /// set them follows the defaults of the running version.
+    #[serde(default, skip_serializing_if = "is_default", with = "relay_section")]
+    pub relay: RelayLimits,
+}
+
+fn is_default(limits: &RelayLimits) -> bool {
+    *limits == RelayLimits::default()
+}
+
+/// `[relay]` in `rendezvous.toml`:
+///
+/// ```toml
+/// [relay]
+/// bytes-per-second = 50000000   # payload bytes a node may relay per second
+/// packets-per-second = 50000
+/// burst-ms = 100                # each bucket holds this long's worth of its rate
+/// ```
+///
+/// Validated as it is read ([`RelayLimits::new`]): a zero would stop all
+/// relaying and is refused with the line it is on.
+mod relay_section {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "kebab-case", deny_unknown_fields)]
+    struct RelaySection {
+        #[serde(default = "default_bytes")]
+        bytes_per_second: u64,
+        #[serde(default = "default_packets")]
+        packets_per_second: u64,
+        #[serde(default = "default_burst_ms")]
+        burst_ms: u64,
+    }
+
+    fn default_bytes() -> u64 {
+        RelayLimits::DEFAULT_BYTES_PER_SEC
+    }
+
+    fn default_packets() -> u64 {
+        RelayLimits::DEFAULT_PACKETS_PER_SEC
+    }
+
+    fn default_burst_ms() -> u64 {
+        u64::try_from(RelayLimits::DEFAULT_BURST.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub fn serialize<S: Serializer>(limits: &RelayLimits, s: S) -> Result<S::Ok, S::Error> {
+        RelaySection {
+            bytes_per_second: limits.bytes_per_sec(),
+            packets_per_second: limits.packets_per_sec(),
+            burst_ms: u64::try_from(limits.burst().as_millis()).unwrap_or(u64::MAX),
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<RelayLimits, D::Error> {
+        let section = RelaySection::deserialize(d)?;
+        RelayLimits::new(section.bytes_per_second, section.packets_per_second, Duration::from_millis(section.burst_ms))
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// Paths inside a state directory.
@@ -136,7 +201,7 @@ pub fn init<R: RngCore + CryptoRng>(
     write(layout.cert_key(), &key, 0o600)?;
     FileStore::new(dir).save(&RegistryState::new(mesh.clone()))?;
     // Written last: its presence means the directory is complete.
-    let config = RendezvousConfig { listen, public_addr: public_addr.to_owned() };
+    let config = RendezvousConfig { listen, public_addr: public_addr.to_owned(), relay: RelayLimits::default() };
     let text = toml::to_string(&config).map_err(|e| SetupError::Config {
         path: layout.config(),
         message: e.to_string(),
@@ -174,4 +239,52 @@ pub fn load(dir: &Path) -> Result<Loaded, SetupError> {
 /// The default mesh prefix.
 pub fn default_cidr() -> Ipv4Net {
     DEFAULT_CIDR.parse().unwrap_or_else(|_| unreachable!("constant"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "listen = \"0.0.0.0:7443\"\npublic-addr = \"rv.example.com:7443\"\n";
+
+    fn parse(text: &str) -> Result<RendezvousConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn relay_limits_default_when_the_relay_table_is_absent() {
+        let config = parse(BASE).unwrap();
+        assert_eq!(config.relay, RelayLimits::default());
+    }
+
+    #[test]
+    fn relay_limits_are_read_from_the_relay_table_and_missing_keys_keep_their_defaults() {
+        let config = parse(&format!("{BASE}[relay]\npackets-per-second = 200\nburst-ms = 50\n")).unwrap();
+        let expected =
+            RelayLimits::new(RelayLimits::DEFAULT_BYTES_PER_SEC, 200, Duration::from_millis(50)).unwrap();
+        assert_eq!(config.relay, expected);
+    }
+
+    #[test]
+    fn relay_limits_that_would_stop_relaying_or_unknown_relay_keys_are_refused_with_their_line() {
+        let zero = parse(&format!("{BASE}[relay]\nbytes-per-second = 0\n")).unwrap_err();
+        assert!(zero.contains("line 3") && zero.contains("bytes per second is zero"), "{zero}");
+        let unknown = parse(&format!("{BASE}[relay]\npackets-per-sec = 10\n")).unwrap_err();
+        assert!(unknown.contains("unknown field `packets-per-sec`"), "{unknown}");
+        let negative = parse(&format!("{BASE}[relay]\nburst-ms = -1\n")).unwrap_err();
+        assert!(negative.contains("line 4") && negative.contains("expected u64"), "{negative}");
+    }
+
+    #[test]
+    fn relay_limits_are_left_out_of_a_new_config_and_written_back_when_set() {
+        let new = RendezvousConfig {
+            listen: "0.0.0.0:7443".parse().unwrap(),
+            public_addr: "rv.example.com:7443".into(),
+            relay: RelayLimits::default(),
+        };
+        let text = toml::to_string(&new).unwrap();
+        assert!(!text.contains("relay"), "{text}");
+        let tuned = RendezvousConfig { relay: RelayLimits::new(1_000, 10, Duration::from_millis(20)).unwrap(), ..new };
+        assert_eq!(parse(&toml::to_string(&tuned).unwrap()).unwrap(), tuned);
+    }
 }
