@@ -495,6 +495,35 @@ fn every_node_reaches_every_other_and_each_pair_settles_on_its_expected_path() {
             }
         },
     );
+
+    // Each node tells its NAT from where the others see it, and a relayed
+    // pair says why it is relayed in the words of both sides' NATs.
+    for (node, nat) in [
+        ("pub1", "none"),
+        ("sym1", "endpoint_dependent"),
+        ("sym2", "endpoint_dependent"),
+    ] {
+        eventually(&format!("{node} knows its NAT is {nat}"), SETTLE_DEADLINE, || {
+            let status = lab.meshctl(node, "status")?;
+            match status["nat"].as_str() {
+                Some(got) if got == nat => Ok(()),
+                got => Err(format!("nat {got:?} in {status}")),
+            }
+        });
+    }
+    eventually("sym1 says why sym2 is relayed", SETTLE_DEADLINE, || {
+        let peers = lab.meshctl("sym1", "peers")?;
+        let sym2 = peers
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == "node-sym2")
+            .ok_or("sym1 does not list sym2")?;
+        match sym2["relay_reason"].as_str() {
+            Some(r) if r.starts_with("both sides are behind endpoint-dependent (symmetric) NAT") => Ok(()),
+            other => Err(format!("relay_reason {other:?}")),
+        }
+    });
 }
 
 #[test]

@@ -23,7 +23,7 @@ use blake2::digest::Mac;
 use meshd::identity::{PrivateKey, PublicKey};
 use meshd::rendezvous::admission;
 use meshd::wire::control::{
-    decode, decode_frame, encode, Candidate, CandidateKind, FrameError, Hello, MeshInfo, NodeEntry,
+    decode, decode_frame, encode, Candidate, CandidateKind, FrameError, Hello, MeshInfo, NatMapping, NodeEntry,
     NodeMessage, Proof, RejectReason, ServerHello, ServerMessage, MAX_FRAME, MAX_FRAME_UNADMITTED,
     PROTOCOL_VERSION,
 };
@@ -97,6 +97,7 @@ fn node_c() -> NodeEntry {
             cand("198.51.100.23:40112", CandidateKind::Observed),
             cand("203.0.113.7:51820", CandidateKind::Advertised),
         ],
+        nat: NatMapping::Unknown,
     }
 }
 
@@ -110,6 +111,7 @@ fn node_a() -> NodeEntry {
             cand("192.0.2.10:51820", CandidateKind::Advertised),
             cand("192.0.2.10:51820", CandidateKind::Observed),
         ],
+        nat: NatMapping::Unknown,
     }
 }
 
@@ -123,6 +125,7 @@ fn node_b() -> NodeEntry {
             cand("192.168.1.20:51820", CandidateKind::Local),
             cand("[2001:db8:2::b]:51820", CandidateKind::Observed),
         ],
+        nat: NatMapping::Unknown,
     }
 }
 
@@ -162,6 +165,14 @@ fn peer_upsert() -> ServerMessage {
     ServerMessage::PeerUpsert { peer }
 }
 
+fn peer_upsert_nat() -> ServerMessage {
+    let ServerMessage::PeerUpsert { mut peer } = peer_upsert() else {
+        unreachable!("peer_upsert is an upsert")
+    };
+    peer.nat = NatMapping::EndpointDependent;
+    ServerMessage::PeerUpsert { peer }
+}
+
 fn peer_remove() -> ServerMessage {
     ServerMessage::PeerRemove { public_key: key(PEER_A) }
 }
@@ -172,6 +183,12 @@ fn candidates() -> NodeMessage {
             cand("10.0.0.6:51820", CandidateKind::Local),
             cand("203.0.113.7:51820", CandidateKind::Advertised),
         ],
+    }
+}
+
+fn nat() -> NodeMessage {
+    NodeMessage::Nat {
+        mapping: NatMapping::EndpointDependent,
     }
 }
 
@@ -245,11 +262,14 @@ fn rejected_vectors_decode_and_reencode_byte_for_byte() {
 fn peer_delta_vectors_decode_and_reencode_byte_for_byte() {
     golden("peer_upsert", MAX_FRAME, &peer_upsert());
     golden("peer_remove", MAX_FRAME, &peer_remove());
+    // A node's NAT behaviour rides its entry, and is absent while unknown.
+    golden("peer_upsert_nat", MAX_FRAME, &peer_upsert_nat());
 }
 
 #[test]
 fn candidates_vector_decodes_and_reencodes_byte_for_byte() {
     golden("candidates", RENDEZVOUS_NODE_FRAME, &candidates());
+    golden("nat", RENDEZVOUS_NODE_FRAME, &nat());
 }
 
 #[test]
@@ -542,7 +562,7 @@ fn framed(body: &[u8]) -> Vec<u8> {
     f
 }
 
-const ALL: [&str; 9] = [
+const ALL: [&str; 11] = [
     "server_hello",
     "hello",
     "hello_registered",
@@ -551,7 +571,9 @@ const ALL: [&str; 9] = [
     "rejected_version",
     "peer_upsert",
     "peer_remove",
+    "peer_upsert_nat",
     "candidates",
+    "nat",
 ];
 
 #[test]

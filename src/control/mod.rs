@@ -7,6 +7,7 @@
 //! apart instead of misreading it.
 
 pub mod client;
+pub mod diagnose;
 pub mod render;
 pub mod server;
 pub mod uapi;
@@ -15,8 +16,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::paths::PathStatus;
+use crate::engine::paths::{CandidateStatus, PathStatus, Source};
 use crate::engine::PeerStatus;
+use crate::wire::control::NatMapping;
 
 /// Bumped on any incompatible change of [`Request`] or [`Response`].
 pub const API_VERSION: u32 = 1;
@@ -36,7 +38,7 @@ pub enum Request {
 #[serde(tag = "response", rename_all = "snake_case")]
 pub enum Response {
     Peers { peers: Vec<PeerInfo> },
-    Status(StatusInfo),
+    Status(Box<StatusInfo>),
     Error { message: String },
 }
 
@@ -56,7 +58,7 @@ impl<T> Envelope<T> {
 
 /// One peer as `meshctl peers --json` prints it. Field names are a public
 /// interface: scripts depend on them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeerInfo {
     /// The peer's name in the mesh; null for a static peer.
     pub name: Option<String>,
@@ -75,7 +77,55 @@ pub struct PeerInfo {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub persistent_keepalive: Option<u16>,
+    /// A handshake completed within the last 3 minutes (WireGuard's
+    /// REJECT_AFTER_TIME): the peer is there.
+    pub online: bool,
+    /// The peer's NAT mapping behaviour as it reported it.
+    pub nat: NatMapping,
+    /// Every candidate endpoint and what probing it found.
+    pub candidates: Vec<CandidateInfo>,
+    /// For a relayed peer: why, what was tried, what would make it direct.
+    pub relay_reason: Option<String>,
 }
+
+/// One candidate endpoint of a peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateInfo {
+    pub endpoint: String,
+    /// `advertised`, `observed`, `local` or `learned`.
+    pub source: String,
+    pub alive: bool,
+    pub rtt_ms: Option<f64>,
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+}
+
+impl From<&CandidateStatus> for CandidateInfo {
+    fn from(c: &CandidateStatus) -> Self {
+        Self {
+            endpoint: c.addr.to_string(),
+            source: match c.source {
+                Source::Advertised => "advertised",
+                Source::Observed => "observed",
+                Source::Local => "local",
+                Source::Learned => "learned",
+            }
+            .to_owned(),
+            alive: c.alive,
+            rtt_ms: c.rtt.map(millis),
+            probes_sent: c.pings,
+            probes_answered: c.pongs,
+        }
+    }
+}
+
+/// Milliseconds with two decimals.
+fn millis(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
+}
+
+/// A peer is online while its last handshake is younger than this.
+pub const ONLINE_WITHIN: u64 = 180;
 
 impl From<&PeerStatus> for PeerInfo {
     fn from(p: &PeerStatus) -> Self {
@@ -100,19 +150,23 @@ impl From<&PeerStatus> for PeerInfo {
             }
             .to_owned(),
             rtt_ms: match p.path {
-                PathStatus::Direct { rtt: Some(rtt), .. } => Some((rtt.as_secs_f64() * 1e5).round() / 100.0),
-                _ => None,
+                PathStatus::Direct { rtt, .. } => rtt.map(millis),
+                PathStatus::Relay | PathStatus::Unknown => None,
             },
             last_handshake: p.last_handshake.map(|d| d.as_secs()),
             rx_bytes: p.counters.rx_bytes,
             tx_bytes: p.counters.tx_bytes,
             persistent_keepalive: p.persistent_keepalive,
+            online: p.last_handshake.is_some_and(|d| d.as_secs() < ONLINE_WITHIN),
+            nat: NatMapping::Unknown,
+            candidates: p.candidates.iter().map(CandidateInfo::from).collect(),
+            relay_reason: None,
         }
     }
 }
 
 /// This node as `meshctl status --json` prints it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusInfo {
     pub name: Option<String>,
     pub public_key: String,
@@ -122,9 +176,28 @@ pub struct StatusInfo {
     pub listen_port: u16,
     pub addresses: Vec<String>,
     pub peers: usize,
+    /// Peers by the path they take now, and those with no recent handshake.
+    pub peers_direct: usize,
+    pub peers_relayed: usize,
+    pub peers_offline: usize,
+    /// This node's NAT mapping behaviour, inferred from where the
+    /// rendezvous and peers see it.
+    pub nat: NatMapping,
+    /// Where others see this node's socket, e.g. `203.0.113.41:3947 (rendezvous)`.
+    pub seen_at: Vec<String>,
+    /// The rendezvous session; null for a node with static peers only.
+    pub rendezvous: Option<RendezvousInfo>,
     /// Dropped packets by reason (only reasons seen at least once).
     pub drops: BTreeMap<String, u64>,
     pub cookie_replies_sent: u64,
+}
+
+/// The node's session with its rendezvous.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RendezvousInfo {
+    pub connected: bool,
+    /// The QUIC connection's smoothed RTT while connected.
+    pub rtt_ms: Option<f64>,
 }
 
 #[cfg(test)]
@@ -153,13 +226,21 @@ mod tests {
             rx_bytes: 1,
             tx_bytes: 2,
             persistent_keepalive: None,
+            online: true,
+            nat: NatMapping::EndpointDependent,
+            candidates: vec![],
+            relay_reason: Some("both sides are behind endpoint-dependent NAT".into()),
         };
         let v = serde_json::to_value(&info).unwrap();
         for field in
-            ["name", "public_key", "overlay_ips", "allowed_ips", "endpoint", "path", "rtt_ms", "last_handshake", "rx_bytes", "tx_bytes"]
+            [
+            "name", "public_key", "overlay_ips", "allowed_ips", "endpoint", "path", "rtt_ms", "last_handshake", "rx_bytes",
+            "tx_bytes", "online", "nat", "candidates", "relay_reason",
+        ]
         {
             assert!(v.get(field).is_some(), "missing {field}");
         }
         assert!(v["endpoint"].is_null());
+        assert_eq!(v["nat"], "endpoint_dependent");
     }
 }

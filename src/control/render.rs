@@ -2,12 +2,13 @@
 
 use std::fmt::Write as _;
 
-use super::{PeerInfo, StatusInfo};
+use super::{PeerInfo, RendezvousInfo, StatusInfo};
 
-/// `meshctl peers`: one line per peer, aligned columns.
+/// `meshctl peers`: one line per peer, aligned columns, then for every
+/// relayed peer the reason it is relayed.
 pub fn peers_table(peers: &[PeerInfo]) -> String {
-    let header = ["NAME", "ADDRESS", "PEER", "PATH", "RTT", "HANDSHAKE", "RX", "TX"];
-    let rows: Vec<[String; 8]> = peers
+    let header = ["NAME", "ADDRESS", "PEER", "PATH", "RTT", "HANDSHAKE", "RX", "TX", "STATUS"];
+    let rows: Vec<[String; 9]> = peers
         .iter()
         .map(|p| {
             [
@@ -27,6 +28,7 @@ pub fn peers_table(peers: &[PeerInfo]) -> String {
                 p.last_handshake.map_or_else(|| "never".into(), ago),
                 bytes(p.rx_bytes),
                 bytes(p.tx_bytes),
+                if p.online { "online" } else { "offline" }.to_owned(),
             ]
         })
         .collect();
@@ -53,6 +55,12 @@ pub fn peers_table(peers: &[PeerInfo]) -> String {
     for row in &rows {
         line(&row.each_ref().map(String::as_str));
     }
+    for p in peers {
+        if let Some(reason) = &p.relay_reason {
+            let name = p.name.as_deref().unwrap_or(&p.public_key);
+            let _ = write!(out, "\n{name} is relayed: {reason}.\n");
+        }
+    }
     out
 }
 
@@ -66,7 +74,25 @@ pub fn status(s: &StatusInfo) -> String {
     let _ = writeln!(out, "interface:   {}", s.interface);
     let _ = writeln!(out, "addresses:   {}", s.addresses.join(", "));
     let _ = writeln!(out, "listen port: {}", s.listen_port);
-    let _ = writeln!(out, "peers:       {}", s.peers);
+    let _ = writeln!(out, "NAT:         {}", s.nat.describe());
+    if !s.seen_at.is_empty() {
+        let _ = writeln!(out, "seen at:     {}", s.seen_at.join(", "));
+    }
+    match &s.rendezvous {
+        Some(RendezvousInfo { connected: true, rtt_ms }) => {
+            let rtt = rtt_ms.map_or_else(String::new, |ms| format!(", rtt {ms:.1}ms"));
+            let _ = writeln!(out, "rendezvous:  connected{rtt}");
+        }
+        Some(RendezvousInfo { connected: false, .. }) => {
+            let _ = writeln!(out, "rendezvous:  not connected (tunnels stay up; reconnecting)");
+        }
+        None => {}
+    }
+    let _ = writeln!(
+        out,
+        "peers:       {} ({} direct, {} relayed, {} offline)",
+        s.peers, s.peers_direct, s.peers_relayed, s.peers_offline
+    );
     if !s.drops.is_empty() {
         let drops: Vec<String> = s.drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = writeln!(out, "drops:       {}", drops.join(" "));
@@ -116,6 +142,10 @@ mod tests {
             rx_bytes: rx,
             tx_bytes: tx,
             persistent_keepalive: None,
+            online: hs.is_some(),
+            nat: crate::wire::control::NatMapping::Unknown,
+            candidates: vec![],
+            relay_reason: endpoint.is_none().then(|| "both sides are behind endpoint-dependent (symmetric) NAT".into()),
         }
     }
 
@@ -126,9 +156,11 @@ mod tests {
             peer("3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=", None, None, 0, 0),
         ];
         let expected = "\
-NAME    ADDRESS     PEER      PATH                    RTT    HANDSHAKE  RX       TX
-node-b  100.72.0.2  hSDwCYkw  direct 192.0.2.2:51820  0.4ms  42s ago    2.0 KiB  100 B
--       100.72.0.2  3p7bfXt9  relay                   -      never      0 B      0 B
+NAME    ADDRESS     PEER      PATH                    RTT    HANDSHAKE  RX       TX     STATUS
+node-b  100.72.0.2  hSDwCYkw  direct 192.0.2.2:51820  0.4ms  42s ago    2.0 KiB  100 B  online
+-       100.72.0.2  3p7bfXt9  relay                   -      never      0 B      0 B    offline
+
+3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08= is relayed: both sides are behind endpoint-dependent (symmetric) NAT.
 ";
         assert_eq!(peers_table(&peers), expected);
     }

@@ -69,6 +69,7 @@ mod tests {
                 ipv4: "100.72.0.5".parse().unwrap(),
                 ipv6: "fd00:1::5".parse().unwrap(),
                 candidates: vec![],
+                nat: crate::wire::control::NatMapping::Unknown,
             },
             peers: vec![],
         };

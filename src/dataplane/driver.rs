@@ -21,8 +21,11 @@ use super::quic::QuicDatagram;
 use super::tun::Tun;
 use super::udp::UdpSocket;
 use crate::control::server::Ask;
-use crate::control::{PeerInfo, Request, Response, StatusInfo};
-use crate::engine::paths::Source;
+use crate::control::diagnose::{self, Side};
+use crate::control::{PeerInfo, RendezvousInfo, Request, Response, StatusInfo};
+use crate::engine::nat::{MappingObserver, Observer};
+use crate::engine::paths::{PathStatus, Source};
+use crate::wire::control::NatMapping;
 use crate::engine::{Event, Node, PeerSpec};
 use crate::identity::PublicKey;
 use crate::wire::relay::{self, NodeId, RelayHeader, RelayKind};
@@ -40,6 +43,9 @@ pub struct NodeInfo {
     pub interface: String,
     pub listen_port: u16,
     pub addresses: Vec<String>,
+    /// Addresses on the node's other interfaces: being seen at one of
+    /// them means there is no NAT.
+    pub underlay_ips: Vec<IpAddr>,
 }
 
 /// A peer from the rendezvous's map, with what the API shows of it.
@@ -50,6 +56,18 @@ pub struct MeshPeer {
     pub overlay_ips: Vec<IpAddr>,
     /// Where it may be reached; probes pick among them.
     pub candidates: Vec<(SocketAddr, Source)>,
+    /// Its NAT's mapping behaviour, as it reported it.
+    pub nat: NatMapping,
+}
+
+/// What the API shows of a mesh peer besides the engine's state.
+#[derive(Debug, Clone)]
+struct PeerMeta {
+    name: String,
+    overlay_ips: Vec<IpAddr>,
+    nat: NatMapping,
+    /// The port of its local candidates: where its meshd listens.
+    port: Option<u16>,
 }
 
 /// Changes to the driver's peers and identity, from the node agent.
@@ -63,6 +81,8 @@ pub enum DriverCommand {
     Punch(PublicKey),
     /// This node's name and addresses as the rendezvous assigned them.
     SetInfo(NodeInfo),
+    /// The rendezvous sees this node's socket at this address.
+    SeenByRendezvous(SocketAddr),
 }
 
 /// The driver's inputs besides the TUN and the socket.
@@ -78,6 +98,9 @@ pub struct Inputs {
     pub relay_connection: Option<watch::Receiver<Option<quinn::Connection>>>,
     /// Frames relayed to us (header naming the source, then the packet).
     pub relay_frames: Option<mpsc::Receiver<Bytes>>,
+    /// Where this node's NAT mapping goes for the rendezvous session;
+    /// `None` without a rendezvous.
+    pub nat: Option<watch::Sender<NatMapping>>,
 }
 
 /// Relayed frames queued for the driver before they are dropped.
@@ -91,8 +114,10 @@ pub struct Driver {
     udp: Arc<UdpSocket>,
     inputs: Inputs,
     info: NodeInfo,
-    /// Names and overlay addresses of mesh peers, for the API.
-    meta: HashMap<PublicKey, (String, Vec<IpAddr>)>,
+    /// Names, overlay addresses and NAT behaviour of mesh peers.
+    meta: HashMap<PublicKey, PeerMeta>,
+    /// Where others see our socket: our NAT's mapping behaviour.
+    observer: MappingObserver,
     /// Peers from the config file: a peer map never removes them.
     static_peers: HashSet<PublicKey>,
     buf: Vec<u8>,
@@ -119,6 +144,7 @@ impl Driver {
             inputs,
             info,
             meta: HashMap::new(),
+            observer: MappingObserver::new(),
             static_peers,
             buf: vec![0; RECV_BUF],
             send_errors: 0,
@@ -247,7 +273,7 @@ impl Driver {
                     tracing::info!(peer = %peer.short(), "session expired: no handshake for 9 minutes");
                 }
                 Event::PathChanged { peer, path } => {
-                    let name = self.meta.get(&peer).map(|(n, _)| n.as_str()).unwrap_or("");
+                    let name = self.meta.get(&peer).map(|m| m.name.as_str()).unwrap_or("");
                     tracing::info!(peer = %peer.short(), %name, ?path, "path changed");
                 }
                 Event::PunchWanted { peer } => {
@@ -256,6 +282,7 @@ impl Driver {
                         let _ = punch.try_send(peer);
                     }
                 }
+                Event::SeenAt { peer, seen_at } => self.seen(Observer::Peer(peer), seen_at),
             }
         }
     }
@@ -301,8 +328,30 @@ impl Driver {
         }
     }
 
+    /// Records where `observer` sees us, and reports a change of our NAT
+    /// mapping behaviour to the rendezvous session.
+    fn seen(&mut self, observer: Observer, seen_at: SocketAddr) {
+        let now = Instant::now();
+        self.observer.observe(observer, seen_at, now);
+        let mapping = self.nat_mapping(now);
+        if let Some(nat) = &self.inputs.nat {
+            nat.send_if_modified(|reported| {
+                let changed = *reported != mapping;
+                if changed {
+                    tracing::info!(nat = mapping.describe(), "NAT mapping behaviour");
+                    *reported = mapping;
+                }
+                changed
+            });
+        }
+    }
+
+    fn nat_mapping(&self, now: Instant) -> NatMapping {
+        self.observer.mapping(&self.info.underlay_ips, now)
+    }
+
     fn relay_id_of(&self, peer: &PublicKey) -> Option<NodeId> {
-        let (_, ips) = self.meta.get(peer)?;
+        let ips = &self.meta.get(peer)?.overlay_ips;
         ips.iter().find_map(|ip| match ip {
             IpAddr::V4(v4) => NodeId::of_overlay(*v4),
             IpAddr::V6(_) => None,
@@ -331,6 +380,7 @@ impl Driver {
             DriverCommand::RemovePeer(key) => self.remove_peer(key),
             DriverCommand::Punch(key) => self.node.punch(&key, now),
             DriverCommand::SetInfo(info) => self.info = info,
+            DriverCommand::SeenByRendezvous(addr) => self.seen(Observer::Rendezvous, addr),
         }
     }
 
@@ -342,8 +392,10 @@ impl Driver {
                 if added {
                     tracing::info!(peer = %key.short(), name = %peer.name, "peer joined");
                 }
+                let port = peer.candidates.iter().find(|(_, s)| *s == Source::Local).map(|(a, _)| a.port());
                 self.node.set_candidates(&key, peer.candidates, now);
-                self.meta.insert(key, (peer.name, peer.overlay_ips));
+                let meta = PeerMeta { name: peer.name, overlay_ips: peer.overlay_ips, nat: peer.nat, port };
+                self.meta.insert(key, meta);
                 if let Some(id) = self.relay_id_of(&key) {
                     self.relay_ids.insert(id, key);
                 }
@@ -355,46 +407,87 @@ impl Driver {
     fn remove_peer(&mut self, key: PublicKey) {
         if self.node.remove_peer(&key) {
             self.relay_ids.retain(|_, k| *k != key);
-            let name = self.meta.remove(&key).map(|(name, _)| name).unwrap_or_default();
+            let name = self.meta.remove(&key).map(|m| m.name).unwrap_or_default();
             tracing::info!(peer = %key.short(), %name, "peer left");
         }
     }
 
+    /// Every peer as the API shows it, sorted by name; relayed mesh peers
+    /// say why.
+    fn peer_infos(&self) -> Vec<PeerInfo> {
+        let this = Side {
+            name: "this node",
+            nat: self.nat_mapping(Instant::now()),
+            port: self.info.listen_port,
+        };
+        let mut peers: Vec<PeerInfo> = self
+            .node
+            .peers()
+            .map(|p| {
+                let mut info = PeerInfo::from(&p);
+                if let Some(meta) = self.meta.get(&p.public_key) {
+                    info.name = Some(meta.name.clone());
+                    info.overlay_ips = meta.overlay_ips.iter().map(ToString::to_string).collect();
+                    info.nat = meta.nat;
+                    if p.path == PathStatus::Relay {
+                        let peer = Side {
+                            name: &meta.name,
+                            nat: meta.nat,
+                            port: meta.port.unwrap_or(crate::config::DEFAULT_LISTEN_PORT),
+                        };
+                        info.relay_reason = Some(diagnose::relay_reason(this, peer, &p.candidates));
+                    }
+                }
+                info
+            })
+            .collect();
+        peers.sort_by(|a, b| (&a.name, &a.public_key).cmp(&(&b.name, &b.public_key)));
+        peers
+    }
+
     fn answer(&mut self, (request, reply): Ask) {
         let response = match request {
-            Request::Peers => {
-                let mut peers: Vec<PeerInfo> = self
-                    .node
-                    .peers()
-                    .map(|p| {
-                        let mut info = PeerInfo::from(&p);
-                        if let Some((name, ips)) = self.meta.get(&p.public_key) {
-                            info.name = Some(name.clone());
-                            info.overlay_ips = ips.iter().map(ToString::to_string).collect();
-                        }
-                        info
-                    })
-                    .collect();
-                peers.sort_by(|a, b| (&a.name, &a.public_key).cmp(&(&b.name, &b.public_key)));
-                Response::Peers { peers }
-            }
+            Request::Peers => Response::Peers { peers: self.peer_infos() },
             Request::Status => {
+                let now = Instant::now();
                 let stats = self.node.stats();
-                Response::Status(StatusInfo {
+                let peers = self.peer_infos();
+                let count = |f: fn(&PeerInfo) -> bool| peers.iter().filter(|p| f(p)).count();
+                Response::Status(Box::new(StatusInfo {
+                    peers_direct: count(|p| p.path == "direct"),
+                    peers_relayed: count(|p| p.path == "relay"),
+                    peers_offline: count(|p| !p.online),
+                    nat: self.nat_mapping(now),
+                    seen_at: self
+                        .observer
+                        .seen_at(now)
+                        .into_iter()
+                        .map(|(by, addr)| match by {
+                            Observer::Rendezvous => format!("{addr} (rendezvous)"),
+                            Observer::Peer(key) => {
+                                let name = self.meta.get(&key).map_or_else(|| key.short(), |m| m.name.clone());
+                                format!("{addr} ({name})")
+                            }
+                        })
+                        .collect(),
+                    rendezvous: self.inputs.nat.is_some().then(|| RendezvousInfo {
+                        connected: self.relay_connection.is_some(),
+                        rtt_ms: self.relay_connection.as_ref().map(|c| (c.rtt().as_secs_f64() * 1e5).round() / 100.0),
+                    }),
                     name: self.info.name.clone(),
                     overlay_ips: self.info.addresses.iter().map(|a| a.split('/').next().unwrap_or(a).to_owned()).collect(),
                     public_key: self.node.public_key().to_string(),
                     interface: self.info.interface.clone(),
                     listen_port: self.info.listen_port,
                     addresses: self.info.addresses.clone(),
-                    peers: self.node.peers().count(),
+                    peers: peers.len(),
                     drops: stats
                         .drops()
                         .filter(|(_, n)| *n > 0)
                         .map(|(r, n)| (r.as_str().to_owned(), n))
                         .collect(),
                     cookie_replies_sent: stats.cookie_replies_sent,
-                })
+                }))
             }
         };
         // The client may have gone; nothing to do then.

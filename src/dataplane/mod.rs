@@ -36,7 +36,7 @@ use crate::identity::keyfile::{read_private_key, KeyFileError};
 use crate::identity::PrivateKey;
 use crate::netlink::{self, Link, LinkConfig, NetlinkError};
 use crate::rendezvous::client::{self, ClientError, Update};
-use crate::wire::control::{Candidate, CandidateKind, NodeEntry};
+use crate::wire::control::{Candidate, CandidateKind, NatMapping, NodeEntry};
 use driver::{DriverCommand, MeshPeer, NodeInfo};
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +122,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
     let (punch_tx, punches) = mpsc::channel(64);
     let (relay_conn_tx, relay_conn) = tokio::sync::watch::channel(None);
     let (relay_frames_tx, relay_frames) = mpsc::channel(driver::RELAY_INBOX);
+    let (nat_tx, nat) = tokio::sync::watch::channel(NatMapping::Unknown);
     let relay_link = client::RelayLink { connection: relay_conn_tx, frames: relay_frames_tx };
     let (quic, session) = match (&config.rendezvous, &state_dir) {
         (Some(rendezvous), Some(dir)) => {
@@ -148,7 +149,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
                 client_config,
                 private_key,
                 gather,
-                client::Channels { updates: updates_tx, punches, relay: relay_link },
+                client::Channels { updates: updates_tx, punches, relay: relay_link, nat },
                 admitted_before,
             ));
             (Some(quic_tx), Some(task))
@@ -158,7 +159,15 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
 
     let (ask_tx, asks) = mpsc::channel(16);
     let (commands_tx, commands) = mpsc::channel(256);
-    let info = NodeInfo { name: name.clone(), interface: config.interface.clone(), listen_port, addresses: Vec::new() };
+    let underlay_ips =
+        candidates::gather(listen_port, &config.interface, &[], None).into_iter().map(|c| c.addr.ip()).collect();
+    let info = NodeInfo {
+        name: name.clone(),
+        interface: config.interface.clone(),
+        listen_port,
+        addresses: Vec::new(),
+        underlay_ips,
+    };
     let has_rendezvous = quic.is_some();
     let inputs = driver::Inputs {
         asks,
@@ -167,6 +176,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
         punch: has_rendezvous.then_some(punch_tx),
         relay_connection: has_rendezvous.then_some(relay_conn),
         relay_frames: has_rendezvous.then_some(relay_frames),
+        nat: has_rendezvous.then_some(nat_tx),
     };
     let mut driver = driver::Driver::new(node, tun, udp, inputs, info.clone());
     let (stop, stopped) = oneshot::channel::<()>();
@@ -280,7 +290,8 @@ impl Agent {
 
     async fn update(&mut self, update: Update) -> Result<(), DataplaneError> {
         match update {
-            Update::Welcome { node, mesh, observed: _, peers } => {
+            Update::Welcome { node, mesh, observed, peers } => {
+                let _ = self.commands.send(DriverCommand::SeenByRendezvous(observed)).await;
                 if let Some(dir) = &self.state_dir {
                     // Registered: the token has done its job.
                     let _ = std::fs::remove_file(dir.join(JOIN_TOKEN_FILE));
@@ -394,6 +405,7 @@ fn mesh_peer(entry: &NodeEntry) -> MeshPeer {
         },
         name: entry.name.clone(),
         overlay_ips: vec![IpAddr::V4(entry.ipv4), IpAddr::V6(entry.ipv6)],
+        nat: entry.nat,
         candidates: entry
             .candidates
             .iter()

@@ -5,6 +5,7 @@
 
 mod buf;
 pub mod icmp;
+pub mod nat;
 mod node;
 pub mod paths;
 mod peer;

@@ -26,7 +26,7 @@ use ipnet::IpNet;
 
 use super::buf::{BufPool, PacketBuf};
 use super::icmp;
-use super::paths::{Path, PathSet, PathStatus, Source};
+use super::paths::{CandidateStatus, Path, PathSet, PathStatus, Source};
 use super::peer::{Admitted, Decapsulated, Encapsulated, Gate, Peer, PeerCounters, Ticked, MSG_HANDSHAKE_INIT};
 use crate::wire::probe::{self, ProbeKind, PROBE_LEN};
 use super::routing::AllowedIps;
@@ -136,6 +136,9 @@ pub enum Event {
     /// No direct path to `peer` answers: ask it, through the rendezvous,
     /// to probe us at the same moment (hole punching).
     PunchWanted { peer: PublicKey },
+    /// An authenticated pong from `peer` says it saw our socket at
+    /// `seen_at`: an observation of our NAT's mapping (see [`super::nat`]).
+    SeenAt { peer: PublicKey, seen_at: SocketAddr },
 }
 
 /// Why [`Node::poll_timeout`] wants to be woken, for logs.
@@ -299,6 +302,8 @@ pub struct PeerStatus {
     pub counters: PeerCounters,
     /// The path traffic takes now.
     pub path: PathStatus,
+    /// Every candidate endpoint and what probing it found.
+    pub candidates: Vec<CandidateStatus>,
 }
 
 pub struct Node {
@@ -749,9 +754,10 @@ impl Node {
                         self.out.send(Via::Udp(from), buf, PROBE_LEN);
                     }
                 }
-                ProbeKind::Pong { .. } => {
+                ProbeKind::Pong { observed } => {
                     let answered = peer.paths.as_mut().is_some_and(|p| p.on_pong(probe.tx, now));
                     if answered {
+                        self.out.events.push_back(Event::SeenAt { peer: peer.key, seen_at: observed });
                         // Re-evaluate at once: an upgrade should not wait a tick.
                         self.probe_peer(&mut peer, now, false);
                     }
@@ -848,6 +854,7 @@ fn status_of(peer: &Peer, now: Instant) -> PeerStatus {
         persistent_keepalive: peer.persistent_keepalive,
         last_handshake: peer.last_handshake(),
         counters: peer.counters,
+        candidates: peer.paths.as_ref().map(|p| p.candidates(now)).unwrap_or_default(),
     }
 }
 

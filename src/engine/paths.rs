@@ -61,11 +61,14 @@ struct Candidate {
     last_pong: Option<Instant>,
     /// Smoothed RTT (RFC 6298 style, α = 1/8).
     rtt: Option<Duration>,
+    /// Pings sent and pongs received, for diagnostics.
+    pings: u64,
+    pongs: u64,
 }
 
 impl Candidate {
     fn new(addr: SocketAddr, source: Source) -> Self {
-        Self { addr, source, last_ping: None, pending: Vec::new(), last_pong: None, rtt: None }
+        Self { addr, source, last_ping: None, pending: Vec::new(), last_pong: None, rtt: None, pings: 0, pongs: 0 }
     }
 
     fn alive(&self, now: Instant) -> bool {
@@ -84,12 +87,24 @@ impl Candidate {
     }
 }
 
-fn is_private(ip: IpAddr) -> bool {
+pub(crate) fn is_private(ip: IpAddr) -> bool {
     match ip {
         // RFC 1918, and RFC 6598 shared space (carrier NAT, some VPCs).
         IpAddr::V4(a) => a.is_private() || (a.octets()[0] == 100 && (a.octets()[1] & 0xc0) == 64),
         IpAddr::V6(a) => (a.segments()[0] & 0xfe00) == 0xfc00,
     }
+}
+
+/// One candidate as diagnostics show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CandidateStatus {
+    pub addr: SocketAddr,
+    pub source: Source,
+    /// Answered a probe within [`DEAD_AFTER`].
+    pub alive: bool,
+    pub rtt: Option<Duration>,
+    pub pings: u64,
+    pub pongs: u64,
 }
 
 /// What the path state of a peer looks like to the API.
@@ -183,6 +198,7 @@ impl PathSet {
             }
             c.pending.push((tx, now));
             c.last_ping = Some(now);
+            c.pings += 1;
             out.push((c.addr, tx));
         }
         out
@@ -204,6 +220,7 @@ impl PathSet {
             Some(srtt) => (srtt * 7 + sample) / 8,
         });
         c.last_pong = Some(now);
+        c.pongs += 1;
         true
     }
 
@@ -260,6 +277,21 @@ impl PathSet {
             Some(Path::Relay) => PathStatus::Relay,
             None => PathStatus::Unknown,
         }
+    }
+
+    /// Every candidate with what probing it found.
+    pub fn candidates(&self, now: Instant) -> Vec<CandidateStatus> {
+        self.candidates
+            .iter()
+            .map(|c| CandidateStatus {
+                addr: c.addr,
+                source: c.source,
+                alive: c.alive(now),
+                rtt: c.rtt,
+                pings: c.pings,
+                pongs: c.pongs,
+            })
+            .collect()
     }
 
     /// Whether any candidate answered recently: worth asking the peer to

@@ -17,7 +17,7 @@ use super::stream::{read_frame, write_frame, StreamError};
 use super::tls::{self, CertHash};
 use crate::identity::{PrivateKey, PublicKey};
 use crate::wire::control::{
-    Candidate, Hello, MeshInfo, NodeEntry, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
+    Candidate, Hello, MeshInfo, NatMapping, NodeEntry, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
     MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
 
@@ -42,6 +42,9 @@ pub struct Channels {
     /// Peers to ask to punch, from the driver.
     pub punches: mpsc::Receiver<PublicKey>,
     pub relay: RelayLink,
+    /// This node's NAT mapping as the driver infers it; reported to the
+    /// rendezvous at the start of every session and whenever it changes.
+    pub nat: watch::Receiver<NatMapping>,
 }
 
 /// What the node needs to reach and convince its rendezvous.
@@ -152,7 +155,7 @@ async fn session(
     channels: &mut Channels,
     welcomed: &mut bool,
 ) -> Result<(), ClientError> {
-    let Channels { updates, punches, relay } = channels;
+    let Channels { updates, punches, relay, nat } = channels;
     let (mut session, welcome) = admit(endpoint, config, key, candidates).await?;
     *welcomed = true;
     if updates.send(welcome).await.is_err() {
@@ -160,19 +163,31 @@ async fn session(
     }
     let connection = session.connection().clone();
     relay.connection.send_replace(Some(connection.clone()));
+    let mapping = *nat.borrow_and_update();
+    if !mapping.is_unknown() {
+        session.report_nat(mapping).await?;
+    }
     loop {
         tokio::select! {
             datagram = connection.read_datagram() => match datagram {
-                // A full queue drops the frame, as a full router queue would.
-                Ok(frame) => { let _ = relay.frames.try_send(frame); }
+                Ok(frame) => {
+                    // A full queue drops the frame, as a full router queue would.
+                    let _ = relay.frames.try_send(frame);
+                    // quinn hands out queued datagrams without ever pausing:
+                    // under a burst, let the driver and the control stream run.
+                    tokio::task::consume_budget().await;
+                }
                 Err(_) => return Ok(()),
             },
             stream = connection.accept_uni() => match stream {
                 Ok(mut stream) => {
                     let frames = relay.frames.clone();
                     tokio::spawn(async move {
-                        if let Some(frame) = crate::relay::stream::read_stream_frame(&mut stream).await {
-                            let _ = frames.send(frame).await;
+                        // Frames follow each other until the stream ends (proto/control.md §13).
+                        while let Some(frame) = crate::relay::stream::read_stream_frame(&mut stream).await {
+                            if frames.send(frame).await.is_err() {
+                                return;
+                            }
                         }
                     });
                 }
@@ -187,6 +202,10 @@ async fn session(
                 None => return Ok(()),
             },
             Some(peer) = punches.recv() => session.request_punch(peer).await?,
+            Ok(()) = nat.changed() => {
+                let mapping = *nat.borrow_and_update();
+                session.report_nat(mapping).await?;
+            }
         }
     }
 }
@@ -272,6 +291,13 @@ impl Session {
     /// Asks the rendezvous to have `peer` probe us now.
     pub async fn request_punch(&mut self, peer: PublicKey) -> Result<(), ClientError> {
         write_frame(&mut self.send, &NodeMessage::Punch { peer })
+            .await
+            .map_err(|source| ClientError::Lost { server: self.server.clone(), source })
+    }
+
+    /// Tells the rendezvous how this node's NAT maps, for its peers.
+    pub async fn report_nat(&mut self, mapping: NatMapping) -> Result<(), ClientError> {
+        write_frame(&mut self.send, &NodeMessage::Nat { mapping })
             .await
             .map_err(|source| ClientError::Lost { server: self.server.clone(), source })
     }

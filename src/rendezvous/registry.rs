@@ -42,7 +42,7 @@ use subtle::ConstantTimeEq;
 use crate::identity::PublicKey;
 use crate::ipam;
 use crate::wire::control::{
-    Candidate, CandidateKind, Hello, MeshInfo, NodeEntry, RejectReason, ServerMessage,
+    Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeEntry, RejectReason, ServerMessage,
     MAX_CANDIDATES, MAX_NAME, PROTOCOL_VERSION,
 };
 
@@ -93,6 +93,9 @@ pub struct NodeRecord {
     /// Last known candidates, so that peers connecting while this node is
     /// offline still learn where it was last reachable.
     pub candidates: Vec<Candidate>,
+    /// The NAT mapping behaviour the node last reported.
+    #[serde(default, skip_serializing_if = "NatMapping::is_unknown")]
+    pub nat: NatMapping,
 }
 
 /// A join token, as stored: the secret itself is never kept.
@@ -378,6 +381,26 @@ impl Registry {
         self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
     }
 
+    /// An admitted node reports its NAT's mapping behaviour. A change is
+    /// persisted and sent to every other online node, like candidates.
+    pub fn handle_nat(&mut self, conn: ConnId, mapping: NatMapping, now_unix: u64) {
+        let Some(session) = self.sessions.get(&conn).copied() else {
+            tracing::trace!(%conn, "NAT report from a connection that is not admitted");
+            return;
+        };
+        let Some(record) = self.state.nodes.get_mut(&session.key) else {
+            return;
+        };
+        record.last_seen = now_unix;
+        if record.nat == mapping {
+            return;
+        }
+        record.nat = mapping;
+        let entry = node_entry(&session.key, record);
+        self.persist();
+        self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
+    }
+
     /// An admitted node asks `peer` to probe it now (hole punching). Passed
     /// on only between two online members; anything else is ignored.
     pub fn handle_punch(&mut self, conn: ConnId, peer: &PublicKey) {
@@ -581,6 +604,7 @@ impl Registry {
                 joined_at: now_unix,
                 last_seen: now_unix,
                 candidates: Vec::new(),
+                nat: NatMapping::Unknown,
             },
         );
         Ok(())
@@ -676,6 +700,7 @@ fn node_entry(key: &PublicKey, record: &NodeRecord) -> NodeEntry {
         ipv4: record.ipv4,
         ipv6: record.ipv6,
         candidates: record.candidates.clone(),
+        nat: record.nat,
     }
 }
 
@@ -1134,6 +1159,7 @@ mod tests {
                 joined_at: NOW,
                 last_seen: NOW,
                 candidates: Vec::new(),
+                nat: NatMapping::Unknown,
             },
         );
         let (e, _) = welcome(&join(&mut reg, 1, &token));
@@ -1215,6 +1241,31 @@ mod tests {
         // The same list again changes nothing.
         reg.handle_candidates(ConnId(1), vec![new], NOW + 20);
         assert!(drain(&mut reg).is_empty());
+    }
+
+    #[test]
+    fn a_nat_report_reaches_the_other_nodes_once_and_is_kept() {
+        let (mut reg, token) = with_token();
+        join(&mut reg, 1, &token);
+        join(&mut reg, 2, &token);
+        drain(&mut reg);
+        reg.handle_nat(ConnId(1), NatMapping::EndpointDependent, NOW + 1);
+        let cmds = drain(&mut reg);
+        assert!(cmds.iter().any(|c| matches!(c, Command::Persist)), "{cmds:?}");
+        let upserts: Vec<_> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                Command::Send { conn, msg: ServerMessage::PeerUpsert { peer } } => Some((*conn, peer.nat)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(upserts, vec![(ConnId(2), NatMapping::EndpointDependent)]);
+        reg.handle_nat(ConnId(1), NatMapping::EndpointDependent, NOW + 2);
+        assert!(drain(&mut reg).is_empty(), "the same report again changes nothing");
+        reg.handle_nat(ConnId(42), NatMapping::None, NOW + 3);
+        assert!(drain(&mut reg).is_empty(), "a connection that is not admitted is ignored");
+        let (_, peers) = welcome(&join(&mut reg, 3, &token));
+        assert_eq!(peers[0].nat, NatMapping::EndpointDependent, "a later joiner learns it too");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::relay::NodeId;
 use crate::dataplane::udp::canonical;
 use crate::identity::{PrivateKey, PublicKey};
 use crate::wire::control::{
-    Candidate, Hello, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME_UNADMITTED,
+    Candidate, Hello, NatMapping, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME_UNADMITTED,
     PROTOCOL_VERSION,
 };
 
@@ -57,6 +57,7 @@ pub enum ServerError {
 enum ToRegistry {
     Hello { conn: ConnId, hello: Box<Hello>, observed: SocketAddr, out: mpsc::Sender<ConnOut> },
     Candidates { conn: ConnId, candidates: Vec<Candidate> },
+    Nat { conn: ConnId, mapping: NatMapping },
     Punch { conn: ConnId, peer: PublicKey },
     Disconnected { conn: ConnId },
     Admin { request: AdminRequest, reply: oneshot::Sender<AdminResponse> },
@@ -204,6 +205,7 @@ async fn registry_task(mut registry: Registry, mut store: impl Store, mut inbox:
                 registry.handle_hello(conn, &hello, observed, now);
             }
             ToRegistry::Candidates { conn, candidates } => registry.handle_candidates(conn, candidates, now),
+            ToRegistry::Nat { conn, mapping } => registry.handle_nat(conn, mapping, now),
             ToRegistry::Punch { conn, peer } => registry.handle_punch(conn, &peer),
             ToRegistry::Disconnected { conn } => {
                 conns.remove(&conn);
@@ -331,6 +333,11 @@ async fn connection_task(
                 None => break,
             },
             frame = read_frame::<NodeMessage>(&mut recv, MAX_NODE_FRAME) => match frame {
+                Ok(NodeMessage::Nat { mapping }) => {
+                    if to_registry.send(ToRegistry::Nat { conn, mapping }).await.is_err() {
+                        break;
+                    }
+                }
                 Ok(NodeMessage::Candidates { candidates }) => {
                     if to_registry.send(ToRegistry::Candidates { conn, candidates }).await.is_err() {
                         break;

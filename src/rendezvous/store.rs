@@ -185,6 +185,7 @@ mod tests {
                     addr: "203.0.113.1:51820".parse().unwrap(),
                     kind: CandidateKind::Observed,
                 }],
+                nat: crate::wire::control::NatMapping::Unknown,
             },
         );
         state.tokens.insert(

@@ -112,6 +112,46 @@ pub struct NodeEntry {
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
     pub candidates: Vec<Candidate>,
+    /// How the node's NAT maps its socket, as the node last reported it;
+    /// left out of the message while unknown.
+    #[serde(default, skip_serializing_if = "NatMapping::is_unknown")]
+    pub nat: NatMapping,
+}
+
+/// How a node's NAT maps its UDP socket to public addresses (RFC 4787
+/// §4.1), as the node infers it from where the rendezvous and its peers see
+/// it. It decides whether hole punching can work, and `meshctl` uses it to
+/// explain why a pair of nodes is relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatMapping {
+    /// Not enough observations yet.
+    #[default]
+    Unknown,
+    /// Seen at an address on its own interface: no NAT at all.
+    None,
+    /// One public address and port whatever the destination (a "cone"):
+    /// peers can reach the address the rendezvous saw.
+    EndpointIndependent,
+    /// A different public port per destination (a "symmetric" NAT): the
+    /// address the rendezvous saw is useless to anyone else.
+    EndpointDependent,
+}
+
+impl NatMapping {
+    pub fn is_unknown(&self) -> bool {
+        *self == NatMapping::Unknown
+    }
+
+    /// Plain words for operators.
+    pub fn describe(self) -> &'static str {
+        match self {
+            NatMapping::Unknown => "not known yet",
+            NatMapping::None => "no NAT (public address on the interface)",
+            NatMapping::EndpointIndependent => "endpoint-independent (cone)",
+            NatMapping::EndpointDependent => "endpoint-dependent (symmetric)",
+        }
+    }
 }
 
 /// The mesh's address plan.
@@ -147,6 +187,9 @@ pub enum NodeMessage {
     Candidates { candidates: Vec<Candidate> },
     /// This node is probing `peer`; ask `peer` to probe back now.
     Punch { peer: PublicKey },
+    /// What this node has learnt of its NAT's mapping behaviour; the
+    /// rendezvous passes it on in the node's peer-map entry.
+    Nat { mapping: NatMapping },
 }
 
 /// Why a node was not admitted. Deliberately coarse: a stranger learns

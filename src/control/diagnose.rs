@@ -1,0 +1,177 @@
+//! Why a peer is relayed, in plain words. Pure: the two sides' NAT mapping
+//! behaviour and what probing each candidate found in, one sentence out.
+//!
+//! The reasoning follows RFC 4787: a hole can be punched when at least one
+//! side's NAT keeps one public port for every destination
+//! (endpoint-independent mapping), because then the other side knows where
+//! to aim. Two endpoint-dependent ("symmetric") NATs can't be punched
+//! through; one symmetric NAT facing a NAT that only admits answers from
+//! where it sent (port-restricted) can't either. A forwarded port plus
+//! `--advertise-endpoint` on either side always makes the pair direct.
+
+use std::fmt::Write as _;
+
+use crate::engine::paths::{CandidateStatus, Source};
+use crate::wire::control::NatMapping;
+
+/// Candidates listed in a reason; more are summarised by count.
+const LISTED: usize = 4;
+
+/// What we know of one side of the pair.
+#[derive(Debug, Clone, Copy)]
+pub struct Side<'a> {
+    pub name: &'a str,
+    pub nat: NatMapping,
+    /// The UDP port meshd listens on there.
+    pub port: u16,
+}
+
+/// Why traffic between `this` node and `peer` goes through the relay, what
+/// was tried, and what would make it direct.
+pub fn relay_reason(this: Side<'_>, peer: Side<'_>, candidates: &[CandidateStatus]) -> String {
+    use NatMapping::{EndpointDependent as Edm, EndpointIndependent as Eim, None as Public, Unknown};
+    let mut out = String::new();
+    let _ = match (this.nat, peer.nat) {
+        (Edm, Edm) => write!(
+            out,
+            "both sides are behind endpoint-dependent (symmetric) NAT: each NAT picks a new port per \
+             destination, so neither side can aim at the other"
+        ),
+        (Edm, Eim) | (Eim, Edm) => {
+            let (symmetric, cone) = if this.nat == Edm { (this, peer) } else { (peer, this) };
+            write!(
+                out,
+                "{}'s NAT is endpoint-dependent (symmetric) and {}'s NAT admits only answers from \
+                 addresses it sent to: the port {}'s NAT picks for {} can't be predicted",
+                symmetric.name, cone.name, symmetric.name, cone.name
+            )
+        }
+        (Public, _) | (_, Public) => {
+            let public = if this.nat == Public { this } else { peer };
+            write!(
+                out,
+                "{} has a public address but its probes go unanswered: a firewall on the way drops \
+                 UDP {}",
+                public.name, public.port
+            )
+        }
+        (Eim, Eim) => write!(
+            out,
+            "both NATs are endpoint-independent (cone), yet hole punching has not worked: a \
+             firewall filters, or a NAT re-mapped when the other side's probes arrived first"
+        ),
+        (Unknown, _) | (_, Unknown) => write!(
+            out,
+            "no direct path answered; NAT behaviour is not known yet ({}: {}, {}: {})",
+            this.name,
+            this.nat.describe(),
+            peer.name,
+            peer.nat.describe()
+        ),
+    };
+    out.push_str("; ");
+    tried(&mut out, candidates);
+    let _ = write!(out, "; to make it direct, {}", remedy(this, peer));
+    out
+}
+
+fn tried(out: &mut String, candidates: &[CandidateStatus]) {
+    if candidates.is_empty() {
+        out.push_str("the peer announced no address to try");
+        return;
+    }
+    let listed: Vec<String> = candidates
+        .iter()
+        .take(LISTED)
+        .map(|c| {
+            let how = match c.source {
+                Source::Advertised => "advertised",
+                Source::Observed => "seen by the rendezvous",
+                Source::Local => "its interface",
+                Source::Learned => "seen in its packets",
+            };
+            let answered = match (c.pongs, c.alive) {
+                (0, _) => format!("{} probes, no answer", c.pings),
+                (n, true) => format!("{n} of {} probes answered", c.pings),
+                (n, false) => format!("answered {n} of {} probes, then went silent", c.pings),
+            };
+            format!("{} ({how}): {answered}", c.addr)
+        })
+        .collect();
+    let _ = write!(out, "tried {}", listed.join(", "));
+    if candidates.len() > LISTED {
+        let _ = write!(out, " and {} more", candidates.len() - LISTED);
+    }
+}
+
+fn remedy(this: Side<'_>, peer: Side<'_>) -> String {
+    let forward = |side: Side<'_>| {
+        format!(
+            "forward UDP {} on {}'s router to it and start its meshd with --advertise-endpoint \
+             PUBLIC-IP:{}",
+            side.port, side.name, side.port
+        )
+    };
+    match (this.nat, peer.nat) {
+        // Fix the side that breaks punching; when both do, either will do.
+        (NatMapping::EndpointDependent, NatMapping::EndpointDependent) => {
+            format!("{} (or the same on {})", forward(peer), this.name)
+        }
+        (NatMapping::EndpointDependent, _) => forward(this),
+        (_, NatMapping::EndpointDependent) => forward(peer),
+        (NatMapping::None, _) => format!("allow UDP {} in to {}", this.port, this.name),
+        (_, NatMapping::None) => format!("allow UDP {} in to {}", peer.port, peer.name),
+        _ => forward(peer),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn side(name: &str, nat: NatMapping) -> Side<'_> {
+        Side { name, nat, port: 51820 }
+    }
+
+    fn silent(addr: &str, source: Source) -> CandidateStatus {
+        CandidateStatus { addr: addr.parse().unwrap(), source, alive: false, rtt: None, pings: 12, pongs: 0 }
+    }
+
+    #[test]
+    fn two_symmetric_nats_are_named_with_what_was_tried_and_the_fix() {
+        let reason = relay_reason(
+            side("this node", NatMapping::EndpointDependent),
+            side("node-sym2", NatMapping::EndpointDependent),
+            &[silent("203.0.113.42:60260", Source::Observed), silent("10.42.0.2:51820", Source::Local)],
+        );
+        assert_eq!(
+            reason,
+            "both sides are behind endpoint-dependent (symmetric) NAT: each NAT picks a new port per \
+             destination, so neither side can aim at the other; tried 203.0.113.42:60260 (seen by the \
+             rendezvous): 12 probes, no answer, 10.42.0.2:51820 (its interface): 12 probes, no answer; \
+             to make it direct, forward UDP 51820 on node-sym2's router to it and start its meshd with \
+             --advertise-endpoint PUBLIC-IP:51820 (or the same on this node)"
+        );
+    }
+
+    #[test]
+    fn symmetric_against_cone_blames_the_symmetric_side() {
+        let reason = relay_reason(
+            side("this node", NatMapping::EndpointIndependent),
+            side("node-sym1", NatMapping::EndpointDependent),
+            &[],
+        );
+        assert!(reason.starts_with("node-sym1's NAT is endpoint-dependent"), "{reason}");
+        assert!(reason.contains("the peer announced no address"), "{reason}");
+        assert!(reason.ends_with("forward UDP 51820 on node-sym1's router to it and start its meshd with --advertise-endpoint PUBLIC-IP:51820"), "{reason}");
+    }
+
+    #[test]
+    fn unknown_behaviour_says_so_and_long_lists_are_cut() {
+        let many: Vec<CandidateStatus> =
+            (1..=6).map(|i| silent(&format!("198.51.100.{i}:51820"), Source::Learned)).collect();
+        let reason = relay_reason(side("this node", NatMapping::Unknown), side("node-b", NatMapping::EndpointIndependent), &many);
+        assert!(reason.contains("not known yet (this node: not known yet, node-b: endpoint-independent (cone))"), "{reason}");
+        assert!(reason.contains("and 2 more"), "{reason}");
+    }
+}

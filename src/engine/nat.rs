@@ -1,0 +1,173 @@
+//! This node's NAT mapping behaviour (RFC 4787 §4.1), inferred from where
+//! others see its one UDP socket.
+//!
+//! Pure. Every authenticated pong names the address the peer saw our ping
+//! come from, and the rendezvous's welcome names the address it sees; each
+//! is an observation by one destination. If two destinations saw the same
+//! public IP with different ports, the NAT picks a port per destination
+//! (endpoint-dependent: no peer can use what another observed). If several
+//! saw the same address, the mapping is endpoint-independent. An
+//! observation of one of our own interface addresses means no NAT at all.
+//! Observations by peers on our private network (they see a private
+//! address, from inside the NAT) say nothing about the NAT and are ignored,
+//! and old ones expire, since NATs forget and re-map.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::identity::PublicKey;
+use crate::wire::control::NatMapping;
+
+/// Observations older than this no longer count: a NAT's UDP mapping
+/// lives two minutes at least (RFC 4787 REQ-5), so an older one may have
+/// been replaced.
+pub const OBSERVATION_TTL: Duration = Duration::from_secs(120);
+/// Observers remembered; the oldest is forgotten beyond this.
+const MAX_OBSERVERS: usize = 32;
+
+/// Who saw us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observer {
+    Rendezvous,
+    Peer(PublicKey),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Observation {
+    observer: Observer,
+    seen_at: SocketAddr,
+    at: Instant,
+}
+
+/// Collects observations and derives the [`NatMapping`] from them.
+#[derive(Debug, Clone, Default)]
+pub struct MappingObserver {
+    observations: Vec<Observation>,
+}
+
+impl MappingObserver {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `observer` saw our socket at `seen_at`. Private addresses (seen from
+    /// inside our own network) are ignored.
+    pub fn observe(&mut self, observer: Observer, seen_at: SocketAddr, now: Instant) {
+        let seen_at = SocketAddr::new(seen_at.ip().to_canonical(), seen_at.port());
+        if crate::engine::paths::is_private(seen_at.ip()) {
+            return;
+        }
+        self.observations.retain(|o| o.observer != observer);
+        if self.observations.len() >= MAX_OBSERVERS {
+            if let Some(oldest) = (0..self.observations.len()).min_by_key(|&i| self.observations[i].at) {
+                self.observations.remove(oldest);
+            }
+        }
+        self.observations.push(Observation { observer, seen_at, at: now });
+    }
+
+    /// The mapping behaviour the fresh observations show. `local` are the
+    /// addresses on this node's own interfaces.
+    pub fn mapping(&self, local: &[IpAddr], now: Instant) -> NatMapping {
+        let fresh: Vec<SocketAddr> = self
+            .observations
+            .iter()
+            .filter(|o| now.saturating_duration_since(o.at) < OBSERVATION_TTL)
+            .map(|o| o.seen_at)
+            .collect();
+        if fresh.iter().any(|a| local.contains(&a.ip())) {
+            return NatMapping::None;
+        }
+        let differs = fresh.iter().any(|a| fresh.iter().any(|b| a.ip() == b.ip() && a.port() != b.port()));
+        match fresh.len() {
+            _ if differs => NatMapping::EndpointDependent,
+            0 | 1 => NatMapping::Unknown,
+            _ => NatMapping::EndpointIndependent,
+        }
+    }
+
+    /// Where the observers saw us, most recent first: for diagnostics.
+    pub fn seen_at(&self, now: Instant) -> Vec<(Observer, SocketAddr)> {
+        let mut fresh: Vec<&Observation> = self
+            .observations
+            .iter()
+            .filter(|o| now.saturating_duration_since(o.at) < OBSERVATION_TTL)
+            .collect();
+        fresh.sort_by_key(|o| std::cmp::Reverse(o.at));
+        fresh.into_iter().map(|o| (o.observer, o.seen_at)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn peer(n: u8) -> Observer {
+        Observer::Peer(PublicKey::from_bytes([n; 32]))
+    }
+
+    #[test]
+    fn one_observation_is_not_enough() {
+        let now = Instant::now();
+        let mut o = MappingObserver::new();
+        assert_eq!(o.mapping(&[], now), NatMapping::Unknown);
+        o.observe(Observer::Rendezvous, addr("203.0.113.30:51820"), now);
+        assert_eq!(o.mapping(&[], now), NatMapping::Unknown);
+    }
+
+    #[test]
+    fn the_same_port_for_every_destination_is_endpoint_independent() {
+        let now = Instant::now();
+        let mut o = MappingObserver::new();
+        o.observe(Observer::Rendezvous, addr("203.0.113.30:51820"), now);
+        o.observe(peer(1), addr("203.0.113.30:51820"), now);
+        assert_eq!(o.mapping(&[], now), NatMapping::EndpointIndependent);
+    }
+
+    #[test]
+    fn a_port_per_destination_is_endpoint_dependent() {
+        let now = Instant::now();
+        let mut o = MappingObserver::new();
+        o.observe(Observer::Rendezvous, addr("203.0.113.41:3947"), now);
+        o.observe(peer(1), addr("203.0.113.41:60260"), now);
+        assert_eq!(o.mapping(&[], now), NatMapping::EndpointDependent);
+    }
+
+    #[test]
+    fn being_seen_at_an_own_address_means_no_nat() {
+        let now = Instant::now();
+        let mut o = MappingObserver::new();
+        o.observe(Observer::Rendezvous, addr("203.0.113.11:51820"), now);
+        assert_eq!(o.mapping(&["203.0.113.11".parse().unwrap()], now), NatMapping::None);
+    }
+
+    #[test]
+    fn private_observations_and_old_ones_do_not_count() {
+        let now = Instant::now();
+        let mut o = MappingObserver::new();
+        o.observe(Observer::Rendezvous, addr("203.0.113.50:9915"), now);
+        o.observe(peer(2), addr("192.168.50.12:51820"), now);
+        assert_eq!(o.mapping(&[], now), NatMapping::Unknown, "a LAN peer sees us from inside");
+        o.observe(peer(1), addr("203.0.113.50:51820"), now);
+        assert_eq!(o.mapping(&[], now), NatMapping::EndpointDependent);
+        assert_eq!(o.mapping(&[], now + OBSERVATION_TTL), NatMapping::Unknown, "all expired");
+    }
+
+    #[test]
+    fn a_new_observation_replaces_the_observers_last_and_the_list_is_bounded() {
+        let now = Instant::now();
+        let mut o = MappingObserver::new();
+        o.observe(Observer::Rendezvous, addr("203.0.113.41:1000"), now);
+        o.observe(Observer::Rendezvous, addr("203.0.113.41:2000"), now);
+        assert_eq!(o.seen_at(now).len(), 1);
+        for n in 0..100 {
+            o.observe(peer(n), addr("203.0.113.41:2000"), now + Duration::from_millis(u64::from(n)));
+        }
+        assert!(o.observations.len() <= MAX_OBSERVERS);
+        assert_eq!(o.mapping(&[], now + Duration::from_secs(1)), NatMapping::EndpointIndependent);
+    }
+}
