@@ -296,9 +296,18 @@ impl MeshLab {
 
     /// `meshctl --socket … <command> --json` for `node`, parsed.
     fn meshctl(&self, node: &str, command: &str) -> Result<serde_json::Value, String> {
+        self.meshctl_with(node, &[command])
+    }
+
+    /// `meshctl --socket … <args…> --json` for `node`, parsed.
+    fn meshctl_with(&self, node: &str, args: &[&str]) -> Result<serde_json::Value, String> {
         self.assert_all_running();
         let socket = self.socket(node);
-        let out = output(MESHCTL, &["--socket", utf8(&socket), command, "--json"]);
+        let mut all = vec!["--socket", utf8(&socket)];
+        all.extend_from_slice(args);
+        all.push("--json");
+        let command = args.join(" ");
+        let out = output(MESHCTL, &all);
         if !out.status.success() {
             return Err(format!(
                 "meshctl {command} on {node} failed with {}: {}",
@@ -559,7 +568,44 @@ fn a_full_size_ping_with_df_passes_direct_and_relayed() {
             REACH_DEADLINE,
             || lab.ping_once(from, to, &full_size),
         );
+        // meshctl ping answers over the same path, by name.
+        let name = format!("node-{to}");
+        eventually(&format!("meshctl ping {name} on {from} answers via {path}"), REACH_DEADLINE, || {
+            let pong = lab.meshctl_with(from, &["ping", &name, "-c", "1"])?;
+            match pong["path"].as_str() {
+                Some(got) if got == path && pong["rtt_ms"].as_f64().is_some() => Ok(()),
+                _ => Err(format!("{pong}")),
+            }
+        });
     }
+}
+
+#[test]
+fn netcheck_tells_a_cone_nat_from_a_symmetric_one() {
+    let lab = MeshLab::with_mesh_of(&["cone", "sym1"]);
+    for (node, mapping, punching) in [
+        ("cone", "endpoint_independent", "likely"),
+        ("sym1", "endpoint_dependent", "unlikely"),
+    ] {
+        eventually(&format!("netcheck on {node} finds {mapping}"), REACH_DEADLINE, || {
+            let report = lab.meshctl(node, "netcheck")?;
+            match (report["mapping"].as_str(), report["hole_punching"].as_str()) {
+                (Some(m), Some(p)) if m == mapping && p == punching => Ok(()),
+                _ => Err(format!("{report}")),
+            }
+        });
+    }
+}
+
+#[test]
+fn meshctl_ping_of_an_unknown_peer_fails_with_one_clear_line() {
+    let lab = MeshLab::with_mesh_of(&["pub1"]);
+    let socket = lab.socket("pub1");
+    let out = output(MESHCTL, &["--socket", utf8(&socket), "ping", "node-nowhere", "-c", "1"]);
+    assert!(!out.status.success(), "exit status {}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no peer matches 'node-nowhere'"), "{stderr}");
 }
 
 #[test]

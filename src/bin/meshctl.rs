@@ -33,6 +33,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Probe a peer (name, overlay address or start of its key) and show
+    /// the path each answer took and its round-trip time.
+    Ping {
+        peer: String,
+        /// Number of probes.
+        #[arg(short = 'c', long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        count: u32,
+        /// One JSON object per answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check UDP reachability of the rendezvous and this node's NAT behaviour.
+    Netcheck {
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a new private key (like `wg genkey`).
     Genkey,
     /// Read a private key on stdin, print its public key (like `wg pubkey`).
@@ -68,6 +84,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Peers { json } => match client::request("meshd", &cli.socket, Request::Peers)? {
             Response::Peers { peers } if json => writeln!(out, "{}", serde_json::to_string_pretty(&peers)?)?,
             Response::Peers { peers } => write!(out, "{}", render::peers_table(&peers))?,
+            other => unexpected(other)?,
+        },
+        Command::Ping { peer, count, json } => {
+            let mut previous: Option<String> = None;
+            let mut answered = 0;
+            for i in 0..count {
+                if i > 0 {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                let reply = match client::request("meshd", &cli.socket, Request::Ping { peer: peer.clone() })? {
+                    Response::Pong(reply) => reply,
+                    other => return unexpected(other),
+                };
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(&reply)?)?;
+                } else {
+                    write!(out, "{}", render::ping_line(&reply, previous.as_deref()))?;
+                }
+                out.flush()?;
+                if reply.path.is_some() {
+                    answered += 1;
+                    previous = reply.path;
+                }
+            }
+            if answered == 0 {
+                bail!("no answer from {peer} to {count} probe(s)");
+            }
+        }
+        Command::Netcheck { json } => match client::request("meshd", &cli.socket, Request::Netcheck)? {
+            Response::Netcheck(n) if json => writeln!(out, "{}", serde_json::to_string_pretty(&n)?)?,
+            Response::Netcheck(n) => write!(out, "{}", render::netcheck(&n))?,
             other => unexpected(other)?,
         },
         Command::Status { json } => match client::request("meshd", &cli.socket, Request::Status)? {

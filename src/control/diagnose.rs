@@ -10,6 +10,7 @@
 //! `--advertise-endpoint` on either side always makes the pair direct.
 
 use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::engine::paths::{CandidateStatus, Source};
 use crate::wire::control::NatMapping;
@@ -125,6 +126,69 @@ fn remedy(this: Side<'_>, peer: Side<'_>) -> String {
     }
 }
 
+/// What `meshctl netcheck` concludes from where the rendezvous's two ports
+/// see this node: the mapping behaviour, whether hole punching is likely to
+/// work (`likely`, `unlikely`, `not needed`, `unknown`), and why.
+pub fn netcheck_verdict(
+    quic_seen: Option<SocketAddr>,
+    reflector_seen: Option<SocketAddr>,
+    local: &[IpAddr],
+) -> (NatMapping, &'static str, String) {
+    match (quic_seen, reflector_seen) {
+        (_, Some(r)) if local.contains(&r.ip()) => (
+            NatMapping::None,
+            "not needed",
+            format!(
+                "the rendezvous sees this node at {r}, an address on its own interface: no NAT, peers \
+                 reach it directly as long as no firewall drops UDP {}",
+                r.port()
+            ),
+        ),
+        (Some(q), Some(r)) if q.ip() == r.ip() && q.port() == r.port() => (
+            NatMapping::EndpointIndependent,
+            "likely",
+            format!(
+                "both rendezvous ports see this node at {q}: its NAT keeps one public port for every \
+                 destination (endpoint-independent), so peers can aim at that address and hole punching \
+                 should work"
+            ),
+        ),
+        (Some(q), Some(r)) if q.ip() == r.ip() => (
+            NatMapping::EndpointDependent,
+            "unlikely",
+            format!(
+                "the rendezvous's two ports see this node at {q} and {r}: its NAT picks a new public port \
+                 for every destination (endpoint-dependent, \"symmetric\"), so peers behind NAT cannot \
+                 aim at it; public peers still reach it directly, the others go through the relay. \
+                 Forwarding a UDP port to this node and passing --advertise-endpoint makes every pair direct"
+            ),
+        ),
+        (Some(q), Some(r)) => (
+            NatMapping::EndpointDependent,
+            "unlikely",
+            format!(
+                "the rendezvous's two ports see this node from different public addresses ({q} and {r}): \
+                 the traffic leaves through several NATs or addresses, so peers cannot know where to aim"
+            ),
+        ),
+        (None, Some(r)) => (
+            NatMapping::Unknown,
+            "unknown",
+            format!(
+                "the NAT-check port sees this node at {r}, but there is no QUIC session to compare it \
+                 with: the rendezvous's main port is unreachable (UDP blocked on the way?)"
+            ),
+        ),
+        (_, None) => (
+            NatMapping::Unknown,
+            "unknown",
+            "the rendezvous's NAT-check port (its QUIC port + 1) did not answer: UDP to it is blocked on \
+             the way or at the rendezvous, or the rendezvous is down"
+                .to_owned(),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +228,25 @@ mod tests {
         assert!(reason.starts_with("node-sym1's NAT is endpoint-dependent"), "{reason}");
         assert!(reason.contains("the peer announced no address"), "{reason}");
         assert!(reason.ends_with("forward UDP 51820 on node-sym1's router to it and start its meshd with --advertise-endpoint PUBLIC-IP:51820"), "{reason}");
+    }
+
+    #[test]
+    fn netcheck_tells_cone_from_symmetric_from_public() {
+        let at = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        let cone = netcheck_verdict(at("203.0.113.30:51820"), at("203.0.113.30:51820"), &[]);
+        assert_eq!((cone.0, cone.1), (NatMapping::EndpointIndependent, "likely"));
+        let symmetric = netcheck_verdict(at("203.0.113.41:3947"), at("203.0.113.41:60260"), &[]);
+        assert_eq!((symmetric.0, symmetric.1), (NatMapping::EndpointDependent, "unlikely"));
+        assert!(symmetric.2.contains("203.0.113.41:3947 and 203.0.113.41:60260"), "{}", symmetric.2);
+        let public = netcheck_verdict(
+            at("203.0.113.11:51820"),
+            at("203.0.113.11:51820"),
+            &["203.0.113.11".parse().unwrap()],
+        );
+        assert_eq!((public.0, public.1), (NatMapping::None, "not needed"));
+        let silent = netcheck_verdict(at("203.0.113.11:51820"), None, &[]);
+        assert_eq!((silent.0, silent.1), (NatMapping::Unknown, "unknown"));
+        assert!(silent.2.contains("did not answer"), "{}", silent.2);
     }
 
     #[test]

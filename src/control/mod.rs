@@ -32,6 +32,11 @@ pub enum Request {
     Peers,
     /// This node.
     Status,
+    /// One probe to a peer (by name, overlay address or the start of its
+    /// key) over its current path; answered by [`Response::Pong`].
+    Ping { peer: String },
+    /// Reachability of the rendezvous and this node's NAT behaviour.
+    Netcheck,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,7 +44,49 @@ pub enum Request {
 pub enum Response {
     Peers { peers: Vec<PeerInfo> },
     Status(Box<StatusInfo>),
+    Pong(PingInfo),
+    Netcheck(Box<NetcheckInfo>),
     Error { message: String },
+}
+
+/// The answer to one `meshctl ping`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PingInfo {
+    /// The peer's name, or its short key for a static peer.
+    pub peer: String,
+    pub overlay_ip: Option<String>,
+    /// `direct` or `relay`: the path the answer came back on; null when
+    /// no answer came in time.
+    pub path: Option<String>,
+    /// The direct endpoint that answered.
+    pub endpoint: Option<String>,
+    pub rtt_ms: Option<f64>,
+}
+
+/// `meshctl netcheck`: what the rendezvous sees of this node, from two of
+/// its ports, and what that means for direct paths.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetcheckInfo {
+    /// The rendezvous's QUIC address; null for a node without one.
+    pub rendezvous: Option<String>,
+    /// Whether the QUIC session (control and relay) is up, and its RTT.
+    pub quic_connected: bool,
+    pub quic_rtt_ms: Option<f64>,
+    /// Where the rendezvous's QUIC port sees this node.
+    pub quic_seen_at: Option<String>,
+    /// The rendezvous's second port, which answers NAT checks over UDP.
+    pub reflector: Option<String>,
+    /// Where that port sees this node; null when it did not answer.
+    pub reflector_seen_at: Option<String>,
+    pub reflector_rtt_ms: Option<f64>,
+    /// The NAT mapping behaviour the two ports show.
+    pub mapping: NatMapping,
+    /// What all observations (rendezvous and peers) show.
+    pub mapping_from_peers: NatMapping,
+    /// `likely`, `unlikely`, `not needed` or `unknown`.
+    pub hole_punching: String,
+    /// What it all means, in plain words.
+    pub explanation: String,
 }
 
 /// A message on the socket: the payload with the protocol version.

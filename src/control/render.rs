@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{PeerInfo, RendezvousInfo, StatusInfo};
+use super::{NetcheckInfo, PeerInfo, PingInfo, RendezvousInfo, StatusInfo};
 
 /// `meshctl peers`: one line per peer, aligned columns, then for every
 /// relayed peer the reason it is relayed.
@@ -100,6 +100,52 @@ pub fn status(s: &StatusInfo) -> String {
     out
 }
 
+/// One line of `meshctl ping`; `previous` is the path of the last reply,
+/// so that an upgrade from the relay to a direct path is called out.
+pub fn ping_line(p: &PingInfo, previous: Option<&str>) -> String {
+    let who = match &p.overlay_ip {
+        Some(ip) => format!("{} ({ip})", p.peer),
+        None => p.peer.clone(),
+    };
+    let (Some(path), Some(rtt)) = (&p.path, p.rtt_ms) else {
+        return format!("no answer from {who} within 2s\n");
+    };
+    let via = match &p.endpoint {
+        Some(endpoint) => format!("{path} {endpoint}"),
+        None => path.clone(),
+    };
+    let mut line = format!("pong from {who} via {via} in {rtt:.1}ms\n");
+    if previous == Some("relay") && path == "direct" {
+        line.push_str(&format!("path upgraded: relay -> {via}\n"));
+    }
+    line
+}
+
+/// `meshctl netcheck`: key: value lines, then the explanation.
+pub fn netcheck(n: &NetcheckInfo) -> String {
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let ms = |v: Option<f64>| v.map_or_else(String::new, |ms| format!(", rtt {ms:.1}ms"));
+    let mut out = String::new();
+    let _ = writeln!(out, "rendezvous:         {}", or_dash(&n.rendezvous));
+    let _ = writeln!(
+        out,
+        "QUIC (UDP):         {}{}",
+        if n.quic_connected { "connected" } else { "not connected" },
+        ms(n.quic_rtt_ms)
+    );
+    let _ = writeln!(out, "seen by QUIC port:  {}", or_dash(&n.quic_seen_at));
+    let answered = match &n.reflector_seen_at {
+        Some(at) => format!("{at}{}", ms(n.reflector_rtt_ms)),
+        None => "no answer".into(),
+    };
+    let _ = writeln!(out, "seen by check port: {answered} (port {})", or_dash(&n.reflector));
+    let _ = writeln!(out, "NAT mapping:        {}", n.mapping.describe());
+    let _ = writeln!(out, "seen by peers:      {}", n.mapping_from_peers.describe());
+    let _ = writeln!(out, "hole punching:      {}", n.hole_punching);
+    let _ = writeln!(out, "\n{}.", n.explanation);
+    out
+}
+
 /// "3s ago", "5m ago", "2h ago", "4d ago".
 pub fn ago(secs: u64) -> String {
     match secs {
@@ -163,6 +209,55 @@ node-b  100.72.0.2  hSDwCYkw  direct 192.0.2.2:51820  0.4ms  42s ago    2.0 KiB 
 3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08= is relayed: both sides are behind endpoint-dependent (symmetric) NAT.
 ";
         assert_eq!(peers_table(&peers), expected);
+    }
+
+    #[test]
+    fn ping_lines_name_the_path_and_call_out_an_upgrade() {
+        let relayed = PingInfo {
+            peer: "node-b".into(),
+            overlay_ip: Some("100.72.0.2".into()),
+            path: Some("relay".into()),
+            endpoint: None,
+            rtt_ms: Some(4.25),
+        };
+        assert_eq!(ping_line(&relayed, None), "pong from node-b (100.72.0.2) via relay in 4.2ms\n");
+        let direct = PingInfo { path: Some("direct".into()), endpoint: Some("203.0.113.12:51820".into()), rtt_ms: Some(1.0), ..relayed.clone() };
+        assert_eq!(
+            ping_line(&direct, Some("relay")),
+            "pong from node-b (100.72.0.2) via direct 203.0.113.12:51820 in 1.0ms\n\
+             path upgraded: relay -> direct 203.0.113.12:51820\n"
+        );
+        let lost = PingInfo { path: None, rtt_ms: None, endpoint: None, ..relayed };
+        assert_eq!(ping_line(&lost, Some("relay")), "no answer from node-b (100.72.0.2) within 2s\n");
+    }
+
+    #[test]
+    fn netcheck_renders_fixed_input() {
+        let n = NetcheckInfo {
+            rendezvous: Some("203.0.113.2:7443".into()),
+            quic_connected: true,
+            quic_rtt_ms: Some(1.5),
+            quic_seen_at: Some("203.0.113.41:3947".into()),
+            reflector: Some("203.0.113.2:7444".into()),
+            reflector_seen_at: Some("203.0.113.41:60260".into()),
+            reflector_rtt_ms: Some(0.8),
+            mapping: crate::wire::control::NatMapping::EndpointDependent,
+            mapping_from_peers: crate::wire::control::NatMapping::Unknown,
+            hole_punching: "unlikely".into(),
+            explanation: "a new port per destination".into(),
+        };
+        let expected = "\
+rendezvous:         203.0.113.2:7443
+QUIC (UDP):         connected, rtt 1.5ms
+seen by QUIC port:  203.0.113.41:3947
+seen by check port: 203.0.113.41:60260, rtt 0.8ms (port 203.0.113.2:7444)
+NAT mapping:        endpoint-dependent (symmetric)
+seen by peers:      not known yet
+hole punching:      unlikely
+
+a new port per destination.
+";
+        assert_eq!(netcheck(&n), expected);
     }
 
     #[test]

@@ -15,16 +15,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use super::quic::QuicDatagram;
 use super::tun::Tun;
-use super::udp::UdpSocket;
+use super::udp::{canonical, UdpSocket};
 use crate::control::server::Ask;
 use crate::control::diagnose::{self, Side};
-use crate::control::{PeerInfo, RendezvousInfo, Request, Response, StatusInfo};
+use crate::control::{NetcheckInfo, PeerInfo, PingInfo, RendezvousInfo, Request, Response, StatusInfo};
 use crate::engine::nat::{MappingObserver, Observer};
-use crate::engine::paths::{PathStatus, Source};
+use crate::engine::paths::{Path, PathStatus, Source};
+use crate::wire::reflect::{self, Reflect};
 use crate::wire::control::NatMapping;
 use crate::engine::{Event, Node, PeerSpec};
 use crate::identity::PublicKey;
@@ -118,6 +119,14 @@ pub struct Driver {
     meta: HashMap<PublicKey, PeerMeta>,
     /// Where others see our socket: our NAT's mapping behaviour.
     observer: MappingObserver,
+    /// The rendezvous's QUIC address, once a session was up.
+    rendezvous_addr: Option<SocketAddr>,
+    /// The NAT check in flight, and where the last answer saw us (and how fast).
+    reflecting: Option<Reflecting>,
+    reflector_seen: Option<(SocketAddr, std::time::Duration)>,
+    pending_pings: Vec<PendingPing>,
+    /// `meshctl netcheck`s waiting, with their deadlines.
+    pending_netcheck: Vec<(Instant, oneshot::Sender<Response>)>,
     /// Peers from the config file: a peer map never removes them.
     static_peers: HashSet<PublicKey>,
     buf: Vec<u8>,
@@ -145,6 +154,11 @@ impl Driver {
             info,
             meta: HashMap::new(),
             observer: MappingObserver::new(),
+            rendezvous_addr: None,
+            reflecting: None,
+            reflector_seen: None,
+            pending_pings: Vec::new(),
+            pending_netcheck: Vec::new(),
             static_peers,
             buf: vec![0; RECV_BUF],
             send_errors: 0,
@@ -163,6 +177,7 @@ impl Driver {
         self.flush().await;
         loop {
             let (deadline, reason) = self.node.poll_timeout();
+            let pending = self.pending_deadline();
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
@@ -173,9 +188,16 @@ impl Driver {
                 Some(frame) = recv_frame(&mut self.inputs.relay_frames) => self.relayed(frame),
                 Some(connection) = relay_changed(&mut self.inputs.relay_connection) => {
                     tracing::info!(available = connection.is_some(), "relay");
-                    self.node.set_relay_available(connection.is_some(), Instant::now());
+                    let now = Instant::now();
+                    self.node.set_relay_available(connection.is_some(), now);
+                    if let Some(c) = &connection {
+                        // A new session: check the NAT from the rendezvous's second port too.
+                        self.rendezvous_addr = Some(canonical(c.remote_address()));
+                        self.send_reflect(now);
+                    }
                     self.relay_connection = connection;
                 }
+                () = sleep_until_opt(pending) => self.expire_pending(Instant::now()),
                 () = tokio::time::sleep_until(deadline.into()) => {
                     tracing::trace!(?reason, "timeout");
                 }
@@ -212,6 +234,10 @@ impl Driver {
                 Ok((n, from)) => {
                     let datagram = &self.buf[..n];
                     match (classify(datagram), &self.inputs.quic) {
+                        (DatagramKind::Reflect, _) => {
+                            let answer = Reflect::parse(datagram);
+                            self.reflected(from, answer);
+                        }
                         (DatagramKind::Quic, Some(quic)) => {
                             let d = QuicDatagram { from, data: datagram.to_vec() };
                             if quic.try_send(d).is_err() {
@@ -283,6 +309,7 @@ impl Driver {
                     }
                 }
                 Event::SeenAt { peer, seen_at } => self.seen(Observer::Peer(peer), seen_at),
+                Event::PingReply { peer, path, rtt } => self.ping_replied(peer, path, rtt),
             }
         }
     }
@@ -464,6 +491,7 @@ impl Driver {
                         .into_iter()
                         .map(|(by, addr)| match by {
                             Observer::Rendezvous => format!("{addr} (rendezvous)"),
+                            Observer::Reflector => format!("{addr} (rendezvous NAT check)"),
                             Observer::Peer(key) => {
                                 let name = self.meta.get(&key).map_or_else(|| key.short(), |m| m.name.clone());
                                 format!("{addr} ({name})")
@@ -489,14 +517,222 @@ impl Driver {
                     cookie_replies_sent: stats.cookie_replies_sent,
                 }))
             }
+            Request::Ping { peer } => return self.start_ping(&peer, reply),
+            Request::Netcheck => return self.start_netcheck(reply),
         };
         // The client may have gone; nothing to do then.
         let _ = reply.send(response);
     }
+
+    /// The peer a user means: its name, an overlay address, or the start
+    /// of its key (at least four characters).
+    fn resolve(&self, query: &str) -> Result<PublicKey, String> {
+        let query = query.trim();
+        let ip: Option<IpAddr> = query.parse().ok();
+        let matches: Vec<PublicKey> = self
+            .node
+            .peers()
+            .map(|p| p.public_key)
+            .filter(|key| {
+                let meta = self.meta.get(key);
+                meta.is_some_and(|m| m.name == query || ip.is_some_and(|ip| m.overlay_ips.contains(&ip)))
+                    || (query.len() >= 4 && key.to_string().starts_with(query))
+            })
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(format!(
+                "no peer matches '{query}': give a name, an overlay address or the start of a key (see meshctl peers)"
+            )),
+            many => Err(format!(
+                "'{query}' matches {} peers ({}); be more specific",
+                many.len(),
+                many.iter().map(|k| self.display_name(k)).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+
+    fn display_name(&self, key: &PublicKey) -> String {
+        self.meta.get(key).map_or_else(|| key.short(), |m| m.name.clone())
+    }
+
+    /// `meshctl ping`: probes the peer now; the reply waits for its pong
+    /// ([`Event::PingReply`]) or [`PING_TIMEOUT`].
+    fn start_ping(&mut self, query: &str, reply: oneshot::Sender<Response>) {
+        let key = match self.resolve(query) {
+            Ok(key) => key,
+            Err(message) => {
+                let _ = reply.send(Response::Error { message });
+                return;
+            }
+        };
+        let now = Instant::now();
+        let info = PingInfo {
+            peer: self.display_name(&key),
+            overlay_ip: self.meta.get(&key).and_then(|m| m.overlay_ips.first()).map(ToString::to_string),
+            ..PingInfo::default()
+        };
+        if !self.node.ping(&key, now) {
+            // Nowhere to send: answer at once, as a timeout would.
+            let _ = reply.send(Response::Pong(info));
+            return;
+        }
+        self.pending_pings.push(PendingPing { peer: key, deadline: now + PING_TIMEOUT, reply, info });
+    }
+
+    fn ping_replied(&mut self, peer: PublicKey, path: Path, rtt: std::time::Duration) {
+        let Some(i) = self.pending_pings.iter().position(|p| p.peer == peer) else { return };
+        let mut pending = self.pending_pings.swap_remove(i);
+        let (name, endpoint) = match path {
+            Path::Direct(addr) => ("direct", Some(addr.to_string())),
+            Path::Relay => ("relay", None),
+        };
+        pending.info.path = Some(name.to_owned());
+        pending.info.endpoint = endpoint;
+        pending.info.rtt_ms = Some(millis(rtt));
+        let _ = pending.reply.send(Response::Pong(pending.info));
+    }
+
+    /// `meshctl netcheck`: asks the rendezvous's NAT-check port where it
+    /// sees us; the reply waits for the answer or [`NETCHECK_TIMEOUT`].
+    fn start_netcheck(&mut self, reply: oneshot::Sender<Response>) {
+        if self.inputs.nat.is_none() {
+            let message = "this node has no rendezvous (static peers only): nothing to check against".into();
+            let _ = reply.send(Response::Error { message });
+            return;
+        }
+        let now = Instant::now();
+        self.reflector_seen = None;
+        self.send_reflect(now);
+        self.pending_netcheck.push((now + NETCHECK_TIMEOUT, reply));
+        if self.reflecting.is_none() {
+            // No rendezvous address known yet: answer with what we have.
+            self.finish_netchecks();
+        }
+    }
+
+    /// Sends a NAT check to the rendezvous's second port, if its address is known.
+    fn send_reflect(&mut self, now: Instant) {
+        let Some(rendezvous) = self.rendezvous_addr else { return };
+        let target = SocketAddr::new(rendezvous.ip(), rendezvous.port().wrapping_add(reflect::PORT_OFFSET));
+        let tx: reflect::TxId = rand::random();
+        let request = Reflect::Request { tx }.encode();
+        if let Err(e) = self.udp.try_send_to(&request, target) {
+            tracing::debug!(%target, error = %e, "NAT check not sent");
+        }
+        self.reflecting = Some(Reflecting { tx, target, sent: now, retried: false });
+    }
+
+    /// A NAT check answer on the shared socket.
+    fn reflected(&mut self, from: SocketAddr, answer: Result<Reflect, reflect::ReflectError>) {
+        let now = Instant::now();
+        let Ok(Reflect::Response { tx, observed }) = answer else { return };
+        let Some(pending) = self.reflecting.filter(|r| r.tx == tx && canonical(r.target) == canonical(from)) else {
+            return;
+        };
+        self.reflecting = None;
+        self.reflector_seen = Some((observed, now.saturating_duration_since(pending.sent)));
+        self.seen(Observer::Reflector, observed);
+        self.finish_netchecks();
+    }
+
+    /// Answers every waiting `meshctl netcheck` with what is known now.
+    fn finish_netchecks(&mut self) {
+        if self.pending_netcheck.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let quic_seen = self.observer.seen_at(now).into_iter().find_map(|(by, addr)| {
+            matches!(by, Observer::Rendezvous).then_some(addr)
+        });
+        let reflector_seen = self.reflector_seen.map(|(addr, _)| addr);
+        let (mapping, punching, explanation) =
+            diagnose::netcheck_verdict(quic_seen, reflector_seen, &self.info.underlay_ips);
+        let info = NetcheckInfo {
+            rendezvous: self.rendezvous_addr.map(|a| a.to_string()),
+            quic_connected: self.relay_connection.is_some(),
+            quic_rtt_ms: self.relay_connection.as_ref().map(|c| millis(c.rtt())),
+            quic_seen_at: quic_seen.map(|a| a.to_string()),
+            reflector: self
+                .rendezvous_addr
+                .map(|a| SocketAddr::new(a.ip(), a.port().wrapping_add(reflect::PORT_OFFSET)).to_string()),
+            reflector_seen_at: reflector_seen.map(|a| a.to_string()),
+            reflector_rtt_ms: self.reflector_seen.map(|(_, rtt)| millis(rtt)),
+            mapping,
+            mapping_from_peers: self.nat_mapping(now),
+            hole_punching: punching.to_owned(),
+            explanation,
+        };
+        for (_, reply) in self.pending_netcheck.drain(..) {
+            let _ = reply.send(Response::Netcheck(Box::new(info.clone())));
+        }
+    }
+
+    /// The earliest moment a waiting ping or netcheck needs attention.
+    fn pending_deadline(&self) -> Option<Instant> {
+        let pings = self.pending_pings.iter().map(|p| p.deadline);
+        let netchecks = self.pending_netcheck.iter().map(|(d, _)| *d);
+        let retry = self.reflecting.filter(|r| !r.retried).map(|r| r.sent + REFLECT_RETRY);
+        pings.chain(netchecks).chain(retry).min()
+    }
+
+    /// Times out pings and netchecks, and sends a lost NAT check once more.
+    fn expire_pending(&mut self, now: Instant) {
+        let (expired, waiting): (Vec<PendingPing>, Vec<PendingPing>) =
+            self.pending_pings.drain(..).partition(|p| p.deadline <= now);
+        self.pending_pings = waiting;
+        for p in expired {
+            let _ = p.reply.send(Response::Pong(p.info));
+        }
+        if let Some(r) = self.reflecting.filter(|r| !r.retried && now >= r.sent + REFLECT_RETRY) {
+            let request = Reflect::Request { tx: r.tx }.encode();
+            let _ = self.udp.try_send_to(&request, r.target);
+            self.reflecting = Some(Reflecting { retried: true, ..r });
+        }
+        if self.pending_netcheck.iter().any(|(d, _)| *d <= now) {
+            self.finish_netchecks();
+        }
+    }
+}
+
+/// How long `meshctl ping` waits for one pong.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long `meshctl netcheck` waits for the NAT-check port.
+const NETCHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// A NAT check unanswered this long is sent once more.
+const REFLECT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A `meshctl ping` waiting for its pong.
+struct PendingPing {
+    peer: PublicKey,
+    deadline: Instant,
+    reply: oneshot::Sender<Response>,
+    info: PingInfo,
+}
+
+/// The NAT check in flight.
+#[derive(Debug, Clone, Copy)]
+struct Reflecting {
+    tx: reflect::TxId,
+    target: SocketAddr,
+    sent: Instant,
+    retried: bool,
+}
+
+/// Milliseconds with two decimals, as the API shows them.
+fn millis(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
 }
 
 /// Relay streams in flight at once from this node.
 const RELAY_STREAMS: usize = 64;
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
 
 async fn recv_frame(frames: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
     match frames {

@@ -28,7 +28,10 @@ const MAX_OBSERVERS: usize = 32;
 /// Who saw us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Observer {
+    /// The rendezvous's QUIC port.
     Rendezvous,
+    /// The rendezvous's NAT-check port (`wire::reflect`).
+    Reflector,
     Peer(PublicKey),
 }
 

@@ -28,7 +28,7 @@ use super::buf::{BufPool, PacketBuf};
 use super::icmp;
 use super::paths::{CandidateStatus, Path, PathSet, PathStatus, Source};
 use super::peer::{Admitted, Decapsulated, Encapsulated, Gate, Peer, PeerCounters, Ticked, MSG_HANDSHAKE_INIT};
-use crate::wire::probe::{self, ProbeKind, PROBE_LEN};
+use crate::wire::probe::{self, ProbeKind, TxId, PROBE_LEN};
 use super::routing::AllowedIps;
 use crate::identity::{PrivateKey, PublicKey};
 use crate::wire::{classify, DatagramKind};
@@ -139,7 +139,20 @@ pub enum Event {
     /// An authenticated pong from `peer` says it saw our socket at
     /// `seen_at`: an observation of our NAT's mapping (see [`super::nat`]).
     SeenAt { peer: PublicKey, seen_at: SocketAddr },
+    /// The answer to a [`Node::ping`]: which path it came back on, how fast.
+    PingReply { peer: PublicKey, path: Path, rtt: Duration },
 }
+
+/// A [`Node::ping`] waiting for its pong.
+#[derive(Debug, Clone, Copy)]
+struct UserPing {
+    tx: TxId,
+    peer: PublicKey,
+    sent: Instant,
+}
+
+/// Unanswered user pings kept; the oldest is forgotten beyond this.
+const MAX_USER_PINGS: usize = 64;
 
 /// Why [`Node::poll_timeout`] wants to be woken, for logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,6 +332,8 @@ pub struct Node {
     relay_available: bool,
     /// Numbers probe transactions; unique, not secret (probes are MAC'd).
     next_tx: u64,
+    /// `meshctl ping`s waiting for their pong.
+    user_pings: Vec<UserPing>,
     next_tick: Instant,
     next_reset: Instant,
     /// The latest `now` handed in, for status snapshots.
@@ -357,6 +372,7 @@ impl Node {
             },
             relay_available: false,
             next_tx: 0,
+            user_pings: Vec::new(),
             now,
             next_tick: now + TIMER_TICK,
             next_reset: now + RATE_LIMIT_RESET,
@@ -490,8 +506,10 @@ impl Node {
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
         match classify(datagram) {
             DatagramKind::WireGuard => self.receive(Via::Udp(from), datagram, now),
-            DatagramKind::Probe => self.handle_probe(from, datagram, now),
-            DatagramKind::Quic | DatagramKind::Unknown => self.drop_packet(DropReason::NotWireGuard),
+            DatagramKind::Probe => self.handle_probe(Via::Udp(from), datagram, now),
+            DatagramKind::Quic | DatagramKind::Reflect | DatagramKind::Unknown => {
+                self.drop_packet(DropReason::NotWireGuard)
+            }
         }
     }
 
@@ -500,7 +518,8 @@ impl Node {
     pub fn handle_relayed(&mut self, peer: PublicKey, datagram: &[u8], now: Instant) {
         match classify(datagram) {
             DatagramKind::WireGuard => self.receive(Via::Relay(peer), datagram, now),
-            DatagramKind::Quic | DatagramKind::Probe | DatagramKind::Unknown => {
+            DatagramKind::Probe => self.handle_probe(Via::Relay(peer), datagram, now),
+            DatagramKind::Quic | DatagramKind::Reflect | DatagramKind::Unknown => {
                 self.drop_packet(DropReason::NotWireGuard)
             }
         }
@@ -728,11 +747,17 @@ impl Node {
         }
     }
 
-    /// A probe from `from`: answer a ping, credit a pong.
-    fn handle_probe(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+    /// A probe that arrived by `origin`: answer a ping, credit a pong.
+    /// Through the relay, the rendezvous vouches for the sender, so a probe
+    /// claiming another sender is dropped; such probes answer `meshctl ping`
+    /// on a relayed path and teach nothing about addresses.
+    fn handle_probe(&mut self, origin: Via, datagram: &[u8], now: Instant) {
         let Ok(claimed) = probe::peek(datagram) else {
             return self.drop_packet(DropReason::BadProbe);
         };
+        if matches!(origin, Via::Relay(peer) if peer != claimed.sender) {
+            return self.drop_packet(DropReason::BadProbe);
+        }
         let Some(&id) = self.by_key.get(&claimed.sender) else {
             return self.drop_packet(DropReason::BadProbe);
         };
@@ -742,20 +767,39 @@ impl Node {
         match peer.probe_key.as_ref().map(|k| k.open(datagram)) {
             Some(Ok(probe)) => match probe.kind {
                 ProbeKind::Ping => {
-                    if let Some(paths) = peer.paths.as_mut() {
-                        paths.learn(from);
-                    }
+                    let observed = match origin {
+                        Via::Udp(from) => {
+                            if let Some(paths) = peer.paths.as_mut() {
+                                paths.learn(from);
+                            }
+                            from
+                        }
+                        // Nothing was observed: the relay hides the source.
+                        Via::Relay(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+                    };
                     let mut buf = self.out.pool.take();
                     if let (Some(key), Some(out)) = (
                         peer.probe_key.as_ref(),
                         buf.get_mut(..PROBE_LEN).and_then(|b| <&mut [u8; PROBE_LEN]>::try_from(b).ok()),
                     ) {
-                        key.seal(ProbeKind::Pong { observed: from }, probe.tx, &self.public_key, out);
-                        self.out.send(Via::Udp(from), buf, PROBE_LEN);
+                        key.seal(ProbeKind::Pong { observed }, probe.tx, &self.public_key, out);
+                        self.out.send(origin, buf, PROBE_LEN);
+                    } else {
+                        self.out.pool.give_back(buf);
                     }
                 }
                 ProbeKind::Pong { observed } => {
-                    let answered = peer.paths.as_mut().is_some_and(|p| p.on_pong(probe.tx, now));
+                    if let Some(i) = self.user_pings.iter().position(|p| p.tx == probe.tx && p.peer == peer.key) {
+                        let ping = self.user_pings.swap_remove(i);
+                        let path = match origin {
+                            Via::Udp(from) => Path::Direct(from),
+                            Via::Relay(_) => Path::Relay,
+                        };
+                        let rtt = now.saturating_duration_since(ping.sent);
+                        self.out.events.push_back(Event::PingReply { peer: peer.key, path, rtt });
+                    }
+                    let answered = matches!(origin, Via::Udp(_))
+                        && peer.paths.as_mut().is_some_and(|p| p.on_pong(probe.tx, now));
                     if answered {
                         self.out.events.push_back(Event::SeenAt { peer: peer.key, seen_at: observed });
                         // Re-evaluate at once: an upgrade should not wait a tick.
@@ -766,6 +810,48 @@ impl Node {
             Some(Err(_)) | None => count_drop(&mut self.stats, DropReason::BadProbe),
         }
         self.peers[id.0 as usize] = Some(peer);
+    }
+
+    /// `meshctl ping`: one probe to `key` over the path its traffic takes
+    /// now (direct or relayed), answered by [`Event::PingReply`], and a
+    /// round of probes to every candidate, so that a better path is found
+    /// (and reported by [`Event::PathChanged`]) while the user watches.
+    /// Returns false for an unknown peer or one with nowhere to send.
+    pub fn ping(&mut self, key: &PublicKey, now: Instant) -> bool {
+        let Some(&id) = self.by_key.get(key) else { return false };
+        let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else { return false };
+        let via = match peer.paths.as_ref().and_then(PathSet::current) {
+            Some(Path::Direct(addr)) => Some(Via::Udp(addr)),
+            Some(Path::Relay) => Some(Via::Relay(peer.key)),
+            None => peer.endpoint.map(Via::Udp),
+        };
+        let sent = match (via, peer.probe_key.as_ref()) {
+            (Some(via), Some(key)) => {
+                self.next_tx += 1;
+                let mut tx = [0xffu8; 12];
+                tx[..8].copy_from_slice(&self.next_tx.to_be_bytes());
+                let mut buf = self.out.pool.take();
+                match buf.get_mut(..PROBE_LEN).and_then(|b| <&mut [u8; PROBE_LEN]>::try_from(b).ok()) {
+                    Some(out) => {
+                        key.seal(ProbeKind::Ping, tx, &self.public_key, out);
+                        self.out.send(via, buf, PROBE_LEN);
+                        if self.user_pings.len() >= MAX_USER_PINGS {
+                            self.user_pings.remove(0);
+                        }
+                        self.user_pings.push(UserPing { tx, peer: peer.key, sent: now });
+                        true
+                    }
+                    None => {
+                        self.out.pool.give_back(buf);
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        self.probe_peer(&mut peer, now, true);
+        self.peers[id.0 as usize] = Some(peer);
+        sent
     }
 
     /// Gives a peer from the peer map its candidate endpoints; from now on

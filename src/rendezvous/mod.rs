@@ -8,6 +8,7 @@ pub mod admin;
 pub mod admission;
 pub mod client;
 pub mod registry;
+pub mod reflector;
 pub mod server;
 pub mod setup;
 pub mod store;

@@ -85,6 +85,7 @@ pub struct Server {
     store: super::store::FileStore,
     state: super::registry::RegistryState,
     relay_limits: crate::relay::RelayLimits,
+    reflector: Option<super::reflector::Reflector>,
 }
 
 impl Server {
@@ -103,13 +104,23 @@ impl Server {
         )
         .map_err(listen_err)?;
         let admin_socket = admin::AdminSocket::bind(&layout.admin_socket()).await?;
+        // The NAT-check port is a diagnostic: without it nodes still join,
+        // relay and punch, so a failure to bind it is logged, not fatal.
+        let local = endpoint.local_addr().unwrap_or(config.listen);
+        let reflector = match super::reflector::Reflector::bind(local).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(port = local.port().wrapping_add(1), error = %e, "NAT-check port unavailable; meshctl netcheck will say so");
+                None
+            }
+        };
         tracing::info!(
             listen = %endpoint.local_addr().unwrap_or(config.listen),
             public = %config.public_addr,
             mesh = %state.mesh.id,
             "rendezvous serving"
         );
-        Ok(Self { endpoint, admin_socket, server_key, store, state, relay_limits: config.relay })
+        Ok(Self { endpoint, admin_socket, server_key, store, state, relay_limits: config.relay, reflector })
     }
 
     /// The bound UDP address (useful with port 0).
@@ -119,7 +130,8 @@ impl Server {
 
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Server { endpoint, admin_socket, server_key, store, state, relay_limits } = self;
+        let Server { endpoint, admin_socket, server_key, store, state, relay_limits, reflector } = self;
+        let reflector = reflector.map(|r| tokio::spawn(r.serve()));
         let mesh_id = state.mesh.id.clone();
         let (relay, relay_task) = Relay::spawn(relay_limits);
         for record in state.nodes.values() {
@@ -179,6 +191,10 @@ impl Server {
         // next on the same directory never has its socket file removed.
         admin.abort();
         let _ = admin.await;
+        if let Some(reflector) = reflector {
+            reflector.abort();
+            let _ = reflector.await;
+        }
         drop(to_registry);
         let _ = registry.await;
         drop(relay);

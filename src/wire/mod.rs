@@ -5,11 +5,13 @@
 //! zero bytes; QUIC packets to and from the rendezvous have the fixed bit
 //! (0x40) set (RFC 9000 §17); anything else is dropped and counted.
 //! [`control`] is the protocol spoken inside the QUIC connection;
-//! [`probe`] the path probes between nodes; [`relay`] the frames that carry
-//! WireGuard packets between nodes through the rendezvous.
+//! [`probe`] the path probes between nodes; [`reflect`] the NAT checks a
+//! node asks of the rendezvous; [`relay`] the frames that carry WireGuard
+//! packets between nodes through the rendezvous.
 
 pub mod control;
 pub mod probe;
+pub mod reflect;
 pub mod relay;
 
 /// What a datagram on the shared socket is, by its first bytes.
@@ -19,6 +21,8 @@ pub enum DatagramKind {
     Quic,
     /// A path probe ([`probe::MAGIC`]).
     Probe,
+    /// A NAT check answer from the rendezvous ([`reflect::MAGIC`]).
+    Reflect,
     Unknown,
 }
 
@@ -27,6 +31,7 @@ pub fn classify(datagram: &[u8]) -> DatagramKind {
     match datagram {
         [1..=4, 0, 0, 0, ..] => DatagramKind::WireGuard,
         [0x00, b'M', b'P', _, ..] => DatagramKind::Probe,
+        [0x00, b'M', b'R', _, ..] => DatagramKind::Reflect,
         [b, ..] if b & 0x40 != 0 => DatagramKind::Quic,
         _ => DatagramKind::Unknown,
     }
@@ -45,5 +50,6 @@ mod tests {
         assert_eq!(classify(&[0x41]), DatagramKind::Quic);
         assert_eq!(classify(&[]), DatagramKind::Unknown);
         assert_eq!(classify(&[5, 0, 0, 0]), DatagramKind::Unknown);
+        assert_eq!(classify(&reflect::Reflect::Request { tx: [0; 12] }.encode()), DatagramKind::Reflect);
     }
 }

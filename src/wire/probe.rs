@@ -155,7 +155,8 @@ impl ProbeKey {
 }
 
 /// family (4 or 6), port, 16 address bytes (IPv4 as v4-mapped).
-fn encode_addr(addr: SocketAddr, out: &mut [u8]) {
+/// Writes `addr` in the 19-byte form of probes: family, port, v6 bytes.
+pub(crate) fn encode_addr(addr: SocketAddr, out: &mut [u8]) {
     out[0] = if addr.is_ipv4() { 4 } else { 6 };
     out[1..3].copy_from_slice(&addr.port().to_be_bytes());
     let v6 = match addr.ip() {
@@ -165,7 +166,8 @@ fn encode_addr(addr: SocketAddr, out: &mut [u8]) {
     out[3..19].copy_from_slice(&v6.octets());
 }
 
-fn decode_addr(bytes: &[u8]) -> Result<SocketAddr, ProbeError> {
+/// Reads the 19-byte form [`encode_addr`] writes.
+pub(crate) fn decode_addr(bytes: &[u8]) -> Result<SocketAddr, ProbeError> {
     let octets: [u8; 16] = bytes.get(3..19).and_then(|b| b.try_into().ok()).ok_or(ProbeError::Address)?;
     let port = u16::from_be_bytes([bytes[1], bytes[2]]);
     let ip = Ipv6Addr::from(octets);
