@@ -256,6 +256,28 @@ fn meshctl_without_meshd_says_where_it_looked() {
 }
 
 #[test]
+fn meshctl_against_a_dead_meshd_says_it_is_not_running() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("meshd.sock");
+    // What a meshd killed with SIGKILL leaves: a socket nobody listens on.
+    drop(std::os::unix::net::UnixListener::bind(&path).expect("bind a socket"));
+    let socket = path.to_str().expect("utf-8 temp path");
+
+    for command in [&["status"][..], &["ping", "node-b", "-c", "1"], &["netcheck"]] {
+        let mut args = vec!["--socket", socket];
+        args.extend_from_slice(command);
+        let out = output(MESHCTL, &args);
+        assert_clear_failure(&out, "meshctl against a dead meshd");
+        let err = stderr(&out);
+        assert_eq!(err.trim().lines().count(), 1, "the error is one line:\n{err}");
+        assert!(
+            err.contains("not running") && err.contains(socket),
+            "the error says meshd is not running and where it looked:\n{err}"
+        );
+    }
+}
+
+#[test]
 fn bad_arguments_get_a_clear_error_not_a_panic() {
     for args in [
         &["--no-such-flag"][..],
