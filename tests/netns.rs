@@ -5,7 +5,51 @@
 
 mod common;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use common::{Lab, MB, MESH_IFACE};
+
+#[test]
+fn json_logs_at_trace_level_never_show_key_material() {
+    let lab = Lab::new(2);
+    let env = [("RUST_LOG", "trace")];
+    let files: Vec<_> = [(0, 1), (1, 0)]
+        .into_iter()
+        .map(|(i, peer)| lab.write_meshd_config(i, &[peer]))
+        .collect();
+    let mut daemons: Vec<_> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| lab.start_meshd_with(i, f, &["--log-format", "json"], &env))
+        .collect();
+    lab.node(0).pings(lab.node(1).overlay);
+    lab.node(1).pings(lab.node(0).overlay);
+    for meshd in &mut daemons {
+        meshd.daemon.terminate();
+    }
+
+    for (i, meshd) in daemons.iter().enumerate() {
+        let log = meshd.daemon.log();
+        assert!(log.lines().count() > 10, "meshd {i} logged at trace level:\n{log}");
+        for line in log.lines() {
+            assert!(
+                serde_json::from_str::<serde_json::Value>(line).is_ok(),
+                "every line of meshd {i}'s log is JSON: {line}"
+            );
+        }
+        for node in lab.nodes() {
+            let secret = BASE64.decode(&node.key.private).expect("a base64 key");
+            let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            for (form, text) in [("base64", node.key.private.as_str()), ("hex", hex.as_str())] {
+                assert!(
+                    !log.contains(text),
+                    "meshd {i}'s log shows node {}'s private key ({form})",
+                    node.name
+                );
+            }
+        }
+    }
+}
 
 #[test]
 fn two_nodes_ping_each_other_over_the_overlay() {

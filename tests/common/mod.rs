@@ -422,16 +422,26 @@ impl Lab {
 
     /// Starts meshd on node `i` with `files` and waits until it is ready.
     pub fn start_meshd(&self, i: usize, files: &MeshdFiles) -> Meshd<'_> {
+        self.start_meshd_with(i, files, &[], &[])
+    }
+
+    /// As [`Lab::start_meshd`], with `global` options before `run` (such
+    /// as `--log-format json`) and extra environment variables.
+    #[allow(dead_code)] // not every test file that shares this module uses it
+    pub fn start_meshd_with(
+        &self,
+        i: usize,
+        files: &MeshdFiles,
+        global: &[&str],
+        env: &[(&str, &str)],
+    ) -> Meshd<'_> {
         let node = self.node(i);
         let config = files.config.to_str().expect("utf-8 temp path");
         let socket = files.socket.to_str().expect("utf-8 temp path");
         let label = format!("meshd-{}", node.name);
-        let daemon = self.spawn(
-            node,
-            &label,
-            MESHD,
-            &["run", "--config", config, "--socket", socket],
-        );
+        let mut args = global.to_vec();
+        args.extend(["run", "--config", config, "--socket", socket]);
+        let daemon = self.spawn_with_env(node, &label, MESHD, &args, env);
         let mut meshd = Meshd {
             daemon,
             socket: files.socket.clone(),
