@@ -60,6 +60,9 @@ pub struct Config {
     pub name: Option<String>,
     /// A public address that reaches this node's UDP port (the 1:1 NAT case).
     pub advertise_endpoint: Option<SocketAddr>,
+    /// Where Prometheus metrics are served over HTTP (`GET /metrics`), e.g.
+    /// `127.0.0.1:9586`; off when absent.
+    pub metrics_address: Option<SocketAddr>,
     pub rendezvous: Option<RendezvousConfig>,
 }
 
@@ -94,6 +97,7 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     name: Option<String>,
     advertise_endpoint: Option<SocketAddr>,
+    metrics_address: Option<SocketAddr>,
     rendezvous: Option<RendezvousConfig>,
 }
 
@@ -226,6 +230,7 @@ impl Config {
             state_dir: raw.state_dir,
             name: raw.name,
             advertise_endpoint: raw.advertise_endpoint,
+            metrics_address: raw.metrics_address,
             rendezvous: raw.rendezvous,
         })
     }
@@ -278,6 +283,16 @@ mod tests {
     fn the_wireguard_socket_directory_can_be_moved() {
         let c = parse("private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\nuapi-dir = \"/tmp/wg\"\n").unwrap();
         assert_eq!(c.uapi_dir, PathBuf::from("/tmp/wg"));
+    }
+
+    #[test]
+    fn metrics_are_off_unless_an_address_is_given() {
+        let base = "private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\n";
+        assert_eq!(parse(base).unwrap().metrics_address, None);
+        let c = parse(&format!("{base}metrics-address = \"127.0.0.1:9586\"\n")).unwrap();
+        assert_eq!(c.metrics_address, Some("127.0.0.1:9586".parse().unwrap()));
+        let err = parse(&format!("{base}metrics-address = \"9586\"\n")).unwrap_err().to_string();
+        assert!(err.contains("metrics-address") && err.contains("line 3"), "{err}");
     }
 
     #[test]

@@ -40,7 +40,12 @@ enum Command {
         cidr: Ipv4Net,
     },
     /// Run the server until SIGTERM/SIGINT.
-    Serve,
+    Serve {
+        /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9587
+        /// (overrides `metrics-address` in rendezvous.toml).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
+    },
     /// Join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -98,8 +103,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("  IPv4 {}  IPv6 {}", mesh.ipv4, mesh.ipv6);
             println!("next: mesh-rendezvous serve --state-dir {0}, then mesh-rendezvous token create --state-dir {0}", dir.display());
         }
-        Command::Serve => {
-            let loaded = setup::load(dir)?;
+        Command::Serve { metrics } => {
+            let mut loaded = setup::load(dir)?;
+            if metrics.is_some() {
+                loaded.config.metrics_address = metrics;
+            }
             println!("join lines pin this certificate: {}", loaded.cert_hash());
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -36,6 +36,10 @@ enum Command {
         /// Local API socket for meshctl (overrides `socket` in the config).
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9586
+        /// (overrides `metrics-address` in the config).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// Enrol this node in a mesh: `meshd join HOST:PORT --token … --ca-hash sha256:…`.
     Join {
@@ -93,7 +97,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("enrolled: {} written", path.display());
             println!("start the node with: meshd run --state-dir {}", options.state_dir.display());
         }
-        Command::Run { config, state_dir, socket } => {
+        Command::Run { config, state_dir, socket, metrics } => {
             let path = match (config, state_dir) {
                 (Some(path), _) => path,
                 (None, Some(dir)) => dir.join(CONFIG_FILE),
@@ -107,7 +111,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            let options = meshd::dataplane::RunOptions { socket };
+            let options = meshd::dataplane::RunOptions { socket, metrics };
             runtime.block_on(meshd::dataplane::run(config, options, shutdown_signal()))?;
         }
     }

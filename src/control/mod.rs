@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod diagnose;
+pub mod metrics;
 pub mod render;
 pub mod server;
 pub mod uapi;
@@ -123,6 +124,14 @@ pub struct PeerInfo {
     pub last_handshake: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// WireGuard datagrams received (authenticated) and sent; handshakes
+    /// completed. Absent from an older meshd, read as 0.
+    #[serde(default)]
+    pub rx_packets: u64,
+    #[serde(default)]
+    pub tx_packets: u64,
+    #[serde(default)]
+    pub handshakes: u64,
     pub persistent_keepalive: Option<u16>,
     /// A handshake completed within the last 3 minutes (WireGuard's
     /// REJECT_AFTER_TIME): the peer is there.
@@ -203,6 +212,9 @@ impl From<&PeerStatus> for PeerInfo {
             last_handshake: p.last_handshake.map(|d| d.as_secs()),
             rx_bytes: p.counters.rx_bytes,
             tx_bytes: p.counters.tx_bytes,
+            rx_packets: p.counters.rx_packets,
+            tx_packets: p.counters.tx_packets,
+            handshakes: p.counters.handshakes,
             persistent_keepalive: p.persistent_keepalive,
             online: p.last_handshake.is_some_and(|d| d.as_secs() < ONLINE_WITHIN),
             nat: NatMapping::Unknown,
@@ -260,6 +272,16 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_from_an_older_meshd_without_packet_counters_reads_as_zero() {
+        let mut v = serde_json::to_value(PeerInfo { rx_packets: 5, handshakes: 2, ..PeerInfo::default() }).unwrap();
+        for field in ["rx_packets", "tx_packets", "handshakes"] {
+            v.as_object_mut().unwrap().remove(field);
+        }
+        let back: PeerInfo = serde_json::from_value(v).unwrap();
+        assert_eq!((back.rx_packets, back.tx_packets, back.handshakes), (0, 0, 0));
+    }
+
+    #[test]
     fn peer_info_has_the_documented_fields() {
         let info = PeerInfo {
             name: Some("a".into()),
@@ -272,6 +294,9 @@ mod tests {
             last_handshake: Some(3),
             rx_bytes: 1,
             tx_bytes: 2,
+            rx_packets: 3,
+            tx_packets: 4,
+            handshakes: 1,
             persistent_keepalive: None,
             online: true,
             nat: NatMapping::EndpointDependent,
@@ -282,7 +307,7 @@ mod tests {
         for field in
             [
             "name", "public_key", "overlay_ips", "allowed_ips", "endpoint", "path", "rtt_ms", "last_handshake", "rx_bytes",
-            "tx_bytes", "online", "nat", "candidates", "relay_reason",
+            "tx_bytes", "rx_packets", "tx_packets", "handshakes", "online", "nat", "candidates", "relay_reason",
         ]
         {
             assert!(v.get(field).is_some(), "missing {field}");

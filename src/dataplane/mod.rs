@@ -4,11 +4,12 @@
 //! Does I/O. Order matters and is the contract with `meshctl`, systemd and
 //! the tests: key → UDP socket → TUN → engine and driver → (rendezvous
 //! session) → link configuration → WireGuard UAPI socket (for `wg show`)
-//! → API socket. The sockets appear only once `mesh0` has its address, so
-//! a client that reaches them talks to a node that is up. The address
-//! comes from the config, else from the cache of the last peer map (so a
-//! node comes up while the rendezvous is down), else from the rendezvous's
-//! first welcome. On the way out everything is undone in reverse.
+//! → (metrics listener) → API socket. The sockets appear only once `mesh0`
+//! has its address, so a client that reaches them talks to a node that is
+//! up. The address comes from the config, else from the cache of the last
+//! peer map (so a node comes up while the rendezvous is down), else from
+//! the rendezvous's first welcome. On the way out everything is undone in
+//! reverse.
 
 pub mod cache;
 pub mod candidates;
@@ -28,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::control::metrics::{MetricsError, MetricsServer};
 use crate::control::server::{ApiSocket, Ask, ServerError};
 use crate::control::uapi::UapiSocket;
 use crate::engine::paths::Source;
@@ -59,6 +61,8 @@ pub enum DataplaneError {
     #[error(transparent)]
     Api(#[from] ServerError),
     #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
     Cache(#[from] cache::CacheError),
     #[error(transparent)]
     Rendezvous(#[from] ClientError),
@@ -86,6 +90,8 @@ fn port_hint(e: &std::io::Error) -> &'static str {
 pub struct RunOptions {
     /// Overrides `socket` from the config.
     pub socket: Option<PathBuf>,
+    /// Overrides `metrics-address` from the config.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Runs a node from `config` until `shutdown` completes, then removes what
@@ -191,6 +197,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
 
     let mut agent = Agent {
         socket: options.socket.unwrap_or_else(|| config.socket.clone()),
+        metrics_address: options.metrics.or(config.metrics_address),
         config,
         state_dir,
         link,
@@ -200,6 +207,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
         api: None,
         uapi_key: Some(uapi_key),
         uapi: None,
+        metrics: None,
         cache: None,
     };
     let result = agent.run(cached, updates, session, &mut driver_task, shutdown).await;
@@ -218,6 +226,9 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
     if let Some(api) = agent.api.take() {
         api.abort();
     }
+    if let Some(metrics) = agent.metrics.take() {
+        metrics.abort();
+    }
     if let Some(uapi) = agent.uapi.take() {
         // Awaited, so the socket file is gone before meshd exits.
         uapi.abort();
@@ -235,6 +246,8 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
 struct Agent {
     config: Config,
     socket: PathBuf,
+    /// Where to serve metrics, if anywhere.
+    metrics_address: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
     link: Link,
     commands: mpsc::Sender<DriverCommand>,
@@ -245,6 +258,7 @@ struct Agent {
     /// Handed to the UAPI socket once the interface is up.
     uapi_key: Option<PrivateKey>,
     uapi: Option<JoinHandle<()>>,
+    metrics: Option<JoinHandle<()>>,
     cache: Option<cache::NodeCache>,
 }
 
@@ -363,6 +377,11 @@ impl Agent {
         if let Some(asks) = self.asks.take() {
             if let Some(key) = self.uapi_key.take() {
                 self.uapi = serve_uapi(&self.config, key, asks.clone()).await;
+            }
+            if let Some(addr) = self.metrics_address {
+                let metrics = MetricsServer::bind(addr).await?;
+                tracing::info!(addr = %metrics.local_addr().unwrap_or(addr), "serving Prometheus metrics at /metrics");
+                self.metrics = Some(tokio::spawn(metrics.serve_node(asks.clone())));
             }
             let api = ApiSocket::bind(&self.socket).await?;
             self.api = Some(tokio::spawn(api.serve_asks(asks)));

@@ -32,11 +32,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::stream::send_on_stream;
-use super::{Command, DropReason, NodeId, RelayLimits, RelayTable};
+use super::{Command, DropReason, NodeId, PairStats, RelayLimits, RelayStats, RelayTable};
 use crate::rendezvous::registry::ConnId;
 use crate::wire::relay::{fits_datagram, HEADER_LEN};
 
@@ -62,6 +62,24 @@ enum Input {
     /// relay task has dealt with it; `dropped_before` datagrams refused
     /// since the connection's last frame.
     Frame { conn: ConnId, frame: Bytes, share: OwnedSemaphorePermit, dropped_before: u64 },
+    /// The table's counters, for metrics.
+    Snapshot(oneshot::Sender<RelaySnapshot>),
+}
+
+/// The relay's counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelaySnapshot {
+    /// Everything forwarded, and drops by reason.
+    pub stats: RelayStats,
+    /// Forwarded traffic per (source, destination) that carried something,
+    /// ordered by source then destination.
+    pub pairs: Vec<((NodeId, NodeId), PairStats)>,
+}
+
+impl RelaySnapshot {
+    pub fn of(table: &RelayTable) -> Self {
+        Self { stats: table.stats().clone(), pairs: table.pair_stats().collect() }
+    }
 }
 
 /// The rendezvous's handle on the relay task. Cheap to clone; the task runs
@@ -100,6 +118,14 @@ impl Relay {
     pub fn connect(&self, node: NodeId, conn: ConnId, connection: quinn::Connection) -> Inlet {
         let _ = self.inputs.send(Input::Connect { node, conn, connection });
         self.inlet(conn)
+    }
+
+    /// The relay's counters, once the relay task has dealt with what was
+    /// queued before; `None` if it has stopped.
+    pub async fn snapshot(&self) -> Option<RelaySnapshot> {
+        let (reply, answer) = oneshot::channel();
+        self.inputs.send(Input::Snapshot(reply)).ok()?;
+        answer.await.ok()
     }
 
     fn inlet(&self, conn: ConnId) -> Inlet {
@@ -215,6 +241,9 @@ async fn run(mut inputs: mpsc::UnboundedReceiver<Input>, limits: RelayLimits) {
                 // The frame has left the queue: its room is the connection's again.
                 drop(share);
             }
+            Input::Snapshot(reply) => {
+                let _ = reply.send(RelaySnapshot::of(&table));
+            }
         }
     }
 }
@@ -312,6 +341,20 @@ mod tests {
         drop(inlet);
         let last = std::iter::from_fn(|| inbox.try_recv().ok()).last();
         assert!(matches!(last, Some(Input::Disconnect { conn: ConnId(3), dropped: 5 })), "{last:?}");
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_counts_every_frame_queued_before_it() {
+        let (relay, task) = Relay::spawn(RelayLimits::default());
+        let mut stranger = relay.inlet(ConnId(9));
+        stranger.datagram(frame(10));
+        stranger.datagram(frame(10));
+        let snapshot = relay.snapshot().await.expect("the relay runs");
+        assert_eq!(snapshot.stats.dropped(DropReason::NotAdmitted), 2);
+        assert_eq!(snapshot.stats.forwarded, PairStats::default());
+        assert!(snapshot.pairs.is_empty());
+        drop((stranger, relay));
+        task.await.unwrap();
     }
 
     #[test]

@@ -267,6 +267,29 @@ pub struct Registry {
     /// A [`Command::Persist`] is queued and not yet polled: one is enough,
     /// since it saves the state as of when it is polled.
     persist_queued: bool,
+    /// Hellos refused since this registry was made, indexed as
+    /// [`REJECT_REASONS`]; for metrics, not persisted.
+    rejections: [u64; REJECT_REASONS.len()],
+}
+
+/// Every [`RejectReason`], in the order metrics list them.
+pub const REJECT_REASONS: [RejectReason; 5] = [
+    RejectReason::Version,
+    RejectReason::BadProof,
+    RejectReason::BadToken,
+    RejectReason::Removed,
+    RejectReason::BadHello,
+];
+
+/// Where `reason` is in [`REJECT_REASONS`].
+fn reject_index(reason: RejectReason) -> usize {
+    match reason {
+        RejectReason::Version => 0,
+        RejectReason::BadProof => 1,
+        RejectReason::BadToken => 2,
+        RejectReason::Removed => 3,
+        RejectReason::BadHello => 4,
+    }
 }
 
 impl Registry {
@@ -278,6 +301,7 @@ impl Registry {
             online: BTreeMap::new(),
             commands: VecDeque::new(),
             persist_queued: false,
+            rejections: [0; REJECT_REASONS.len()],
         }
     }
 
@@ -309,6 +333,7 @@ impl Registry {
         let key = hello.public_key;
         if let Err(refusal) = self.admit(hello, now_unix) {
             tracing::info!(%conn, node = %key.short(), cause = %refusal.cause, "hello rejected");
+            self.count_rejection(refusal.reason);
             self.push(Command::Send {
                 conn,
                 msg: ServerMessage::Rejected { reason: refusal.reason, message: refusal.message },
@@ -529,6 +554,21 @@ impl Registry {
                 candidates: r.candidates.clone(),
             })
             .collect()
+    }
+
+    /// Counts a hello refused for `reason`. The registry counts its own
+    /// refusals; the shell reports those it makes before the registry sees
+    /// the hello (a version it cannot read, a malformed hello, a failed
+    /// proof), so that one place has them all.
+    pub fn count_rejection(&mut self, reason: RejectReason) {
+        if let Some(count) = self.rejections.get_mut(reject_index(reason)) {
+            *count = count.saturating_add(1);
+        }
+    }
+
+    /// Hellos refused since this registry was made, for every reason.
+    pub fn rejections(&self) -> impl Iterator<Item = (RejectReason, u64)> + '_ {
+        REJECT_REASONS.iter().zip(&self.rejections).map(|(reason, count)| (*reason, *count))
     }
 
     /// Whether `key` has an admitted connection now.
@@ -979,6 +1019,31 @@ mod tests {
             assert_eq!(reg.state(), &before, "{what} changed the state");
             assert!(!reg.is_online(&h.public_key), "{what}");
         }
+    }
+
+    #[test]
+    fn refused_hellos_are_counted_by_reason_and_admissions_are_not() {
+        let (mut reg, token) = with_token();
+        join(&mut reg, 1, &token);
+        reg.handle_hello(ConnId(2), &hello(2, None), observed(2), NOW);
+        reg.handle_hello(ConnId(3), &hello(3, Some("nosuch.AAAA")), observed(3), NOW);
+        let mut newer = hello(4, Some(&token));
+        newer.version = PROTOCOL_VERSION + 1;
+        reg.handle_hello(ConnId(4), &newer, observed(4), NOW);
+        // One the shell refused before the registry saw it.
+        reg.count_rejection(RejectReason::BadProof);
+        drain(&mut reg);
+        let counts: Vec<(RejectReason, u64)> = reg.rejections().collect();
+        assert_eq!(
+            counts,
+            vec![
+                (RejectReason::Version, 1),
+                (RejectReason::BadProof, 1),
+                (RejectReason::BadToken, 2),
+                (RejectReason::Removed, 0),
+                (RejectReason::BadHello, 0),
+            ]
+        );
     }
 
     #[test]

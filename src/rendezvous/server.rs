@@ -4,7 +4,9 @@
 //! the registry's commands; every QUIC connection gets a task that runs
 //! admission (with a deadline and a small frame limit) and then shuttles
 //! frames between the node and the registry task. Nothing here decides who
-//! gets in or which address a node has: that is the registry's job.
+//! gets in or which address a node has: that is the registry's job. When a
+//! metrics address is configured, each scrape asks the registry and relay
+//! tasks for their counters ([`crate::control::metrics`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,12 +18,13 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::Instrument as _;
 
 use super::admin::{self, AdminRequest, AdminResponse};
+use crate::control::metrics::{self, MetricsError, MetricsServer, RendezvousMetrics};
 use crate::control::server::ErrorResponse as _;
 use super::admission;
-use super::registry::{CloseReason, Command, ConnId, Registry};
+use super::registry::{CloseReason, Command, ConnId, NodeStatus, Registry};
 use super::setup::{Loaded, SetupError};
 use super::store::Store;
-use super::stream::{read_frame, write_frame};
+use super::stream::{read_frame, write_frame, StreamError};
 use super::tls;
 use crate::relay::server::{Inlet, Relay};
 use crate::relay::NodeId;
@@ -51,6 +54,8 @@ pub enum ServerError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// What connection tasks and the admin socket ask the registry task.
@@ -61,7 +66,14 @@ enum ToRegistry {
     Punch { conn: ConnId, peer: PublicKey },
     Disconnected { conn: ConnId },
     Admin { request: AdminRequest, reply: oneshot::Sender<AdminResponse> },
+    /// A hello the connection task refused before the registry saw it.
+    Refused { reason: RejectReason },
+    /// The registry's part of a metrics scrape.
+    Metrics { reply: oneshot::Sender<RegistryMetrics> },
 }
+
+/// Every registered node, and hellos refused by reason.
+type RegistryMetrics = (Vec<NodeStatus>, Vec<(RejectReason, u64)>);
 
 /// What the registry task tells one connection task. Messages are the
 /// common case; boxing them would cost an allocation each.
@@ -86,6 +98,7 @@ pub struct Server {
     state: super::registry::RegistryState,
     relay_limits: crate::relay::RelayLimits,
     reflector: Option<super::reflector::Reflector>,
+    metrics: Option<MetricsServer>,
 }
 
 impl Server {
@@ -104,6 +117,10 @@ impl Server {
         )
         .map_err(listen_err)?;
         let admin_socket = admin::AdminSocket::bind(&layout.admin_socket()).await?;
+        let metrics = match config.metrics_address {
+            Some(addr) => Some(MetricsServer::bind(addr).await?),
+            None => None,
+        };
         // The NAT-check port is a diagnostic: without it nodes still join,
         // relay and punch, so a failure to bind it is logged, not fatal.
         let local = endpoint.local_addr().unwrap_or(config.listen);
@@ -120,7 +137,10 @@ impl Server {
             mesh = %state.mesh.id,
             "rendezvous serving"
         );
-        Ok(Self { endpoint, admin_socket, server_key, store, state, relay_limits: config.relay, reflector })
+        if let Some(addr) = metrics.as_ref().and_then(|m| m.local_addr().ok()) {
+            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        }
+        Ok(Self { endpoint, admin_socket, server_key, store, state, relay_limits: config.relay, reflector, metrics })
     }
 
     /// The bound UDP address (useful with port 0).
@@ -128,9 +148,14 @@ impl Server {
         self.endpoint.local_addr()
     }
 
+    /// The bound metrics address, when metrics are on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
+    }
+
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Server { endpoint, admin_socket, server_key, store, state, relay_limits, reflector } = self;
+        let Server { endpoint, admin_socket, server_key, store, state, relay_limits, reflector, metrics } = self;
         let reflector = reflector.map(|r| tokio::spawn(r.serve()));
         let mesh_id = state.mesh.id.clone();
         let (relay, relay_task) = Relay::spawn(relay_limits);
@@ -155,6 +180,13 @@ impl Server {
                 }
             }
         }));
+        let metrics = metrics.map(|server| {
+            let (to_registry, relay) = (to_registry.clone(), relay.clone());
+            tokio::spawn(server.serve(move || {
+                let (to_registry, relay) = (to_registry.clone(), relay.clone());
+                async move { scrape(&to_registry, &relay).await }
+            }))
+        });
 
         let server_key = Arc::new(server_key);
         let pending = Arc::new(Semaphore::new(MAX_PENDING));
@@ -191,6 +223,12 @@ impl Server {
         // next on the same directory never has its socket file removed.
         admin.abort();
         let _ = admin.await;
+        // It holds handles on the registry and relay tasks, which run until
+        // every handle is gone.
+        if let Some(metrics) = metrics {
+            metrics.abort();
+            let _ = metrics.await;
+        }
         if let Some(reflector) = reflector {
             reflector.abort();
             let _ = reflector.await;
@@ -202,6 +240,15 @@ impl Server {
         endpoint.wait_idle().await;
         Ok(())
     }
+}
+
+/// The text of one metrics scrape; `None` once the server is shutting down.
+async fn scrape(to_registry: &mpsc::Sender<ToRegistry>, relay: &Relay) -> Option<String> {
+    let (reply, answer) = oneshot::channel();
+    to_registry.send(ToRegistry::Metrics { reply }).await.ok()?;
+    let (nodes, admission_failures) = answer.await.ok()?;
+    let relay = relay.snapshot().await?;
+    Some(metrics::render_rendezvous(&RendezvousMetrics { nodes, admission_failures, relay }))
 }
 
 fn now_unix() -> u64 {
@@ -229,6 +276,10 @@ async fn registry_task(mut registry: Registry, mut store: impl Store, mut inbox:
             }
             ToRegistry::Admin { request, reply } => {
                 let _ = reply.send(admin::apply(&mut registry, request, now, &mut rand::rngs::OsRng));
+            }
+            ToRegistry::Refused { reason } => registry.count_rejection(reason),
+            ToRegistry::Metrics { reply } => {
+                let _ = reply.send((registry.nodes(), registry.rejections().collect()));
             }
         }
         while let Some(command) = registry.poll_command() {
@@ -283,12 +334,17 @@ async fn connection_task(
             Ok(v) => v,
             Err(e) => {
                 tracing::debug!(error = %e, "bad hello");
+                if matches!(e, StreamError::Frame(_)) {
+                    // Too large or not JSON; a node that merely left is no failure.
+                    refused(&to_registry, RejectReason::BadHello).await;
+                }
                 return None;
             }
         };
         let version = value.get("version").and_then(serde_json::Value::as_u64);
         if version != Some(u64::from(PROTOCOL_VERSION)) {
             let message = format!("this rendezvous speaks protocol version {PROTOCOL_VERSION}, the node {version:?}");
+            refused(&to_registry, RejectReason::Version).await;
             reject(&connection, &mut send, RejectReason::Version, &message).await;
             return None;
         }
@@ -296,6 +352,7 @@ async fn connection_task(
             Ok(h) => h,
             Err(e) => {
                 tracing::debug!(error = %e, "bad hello");
+                refused(&to_registry, RejectReason::BadHello).await;
                 reject(&connection, &mut send, RejectReason::BadHello, "malformed hello").await;
                 return None;
             }
@@ -305,6 +362,7 @@ async fn connection_task(
         if !admission::verify(server_key, &hello.public_key, &exporter, &hello.proof) {
             tracing::info!(key = %hello.public_key.short(), "admission proof failed");
             let message = "this node cannot prove it holds its key";
+            refused(&to_registry, RejectReason::BadProof).await;
             reject(&connection, &mut send, RejectReason::BadProof, message).await;
             return None;
         }
@@ -405,6 +463,11 @@ async fn connection_task(
     drop(inlet);
     connection.close(0u32.into(), b"bye");
     let _ = to_registry.send(ToRegistry::Disconnected { conn }).await;
+}
+
+/// Tells the registry task of a hello refused here, for its counters.
+async fn refused(to_registry: &mpsc::Sender<ToRegistry>, reason: RejectReason) {
+    let _ = to_registry.send(ToRegistry::Refused { reason }).await;
 }
 
 /// Refuses a node before the registry ever sees it: the reason, then the

@@ -3,7 +3,7 @@
 //! Does file I/O and draws randomness (mesh id, keys, certificate). Layout:
 //!
 //! ```text
-//! DIR/rendezvous.toml   listen address, public address, [relay] limits
+//! DIR/rendezvous.toml   listen address, public address, metrics address, [relay] limits
 //! DIR/cert.der          self-signed certificate (nodes pin its SHA-256)
 //! DIR/cert.key          its private key                       0600
 //! DIR/server.key        x25519 static key, admission proofs   0600
@@ -58,6 +58,10 @@ pub struct RendezvousConfig {
     pub listen: SocketAddr,
     /// How nodes reach it (`HOST:PORT`), printed in join lines.
     pub public_addr: String,
+    /// Where Prometheus metrics are served over HTTP (`GET /metrics`), e.g.
+    /// `127.0.0.1:9587`; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<SocketAddr>,
     /// Per-node relay rate limits, the optional `[relay]` table; a key left
     /// out keeps its default. Not written by `init`, so a mesh that never
     /// set them follows the defaults of the running version.
@@ -201,7 +205,12 @@ pub fn init<R: RngCore + CryptoRng>(
     write(layout.cert_key(), &key, 0o600)?;
     FileStore::new(dir).save(&RegistryState::new(mesh.clone()))?;
     // Written last: its presence means the directory is complete.
-    let config = RendezvousConfig { listen, public_addr: public_addr.to_owned(), relay: RelayLimits::default() };
+    let config = RendezvousConfig {
+        listen,
+        public_addr: public_addr.to_owned(),
+        metrics_address: None,
+        relay: RelayLimits::default(),
+    };
     let text = toml::to_string(&config).map_err(|e| SetupError::Config {
         path: layout.config(),
         message: e.to_string(),
@@ -276,10 +285,23 @@ mod tests {
     }
 
     #[test]
+    fn metrics_are_off_unless_an_address_is_given_before_the_relay_table() {
+        assert_eq!(parse(BASE).unwrap().metrics_address, None);
+        let config = parse(&format!("{BASE}metrics-address = \"127.0.0.1:9587\"\n[relay]\nburst-ms = 50\n")).unwrap();
+        assert_eq!(config.metrics_address, Some("127.0.0.1:9587".parse().unwrap()));
+        assert_eq!(parse(&toml::to_string(&config).unwrap()).unwrap(), config);
+        let bad = parse(&format!("{BASE}metrics-address = \"localhost\"\n")).unwrap_err();
+        assert!(bad.contains("line 3") && bad.contains("metrics-address"), "{bad}");
+        let typo = parse(&format!("{BASE}metrics-adress = \"127.0.0.1:9587\"\n")).unwrap_err();
+        assert!(typo.contains("unknown field `metrics-adress`"), "{typo}");
+    }
+
+    #[test]
     fn relay_limits_are_left_out_of_a_new_config_and_written_back_when_set() {
         let new = RendezvousConfig {
             listen: "0.0.0.0:7443".parse().unwrap(),
             public_addr: "rv.example.com:7443".into(),
+            metrics_address: None,
             relay: RelayLimits::default(),
         };
         let text = toml::to_string(&new).unwrap();

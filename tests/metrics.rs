@@ -1,0 +1,552 @@
+//! Prometheus metrics over HTTP, scraped the way Prometheus would: the
+//! rendezvous on loopback (no root) counts its nodes, the hellos it refused
+//! and the bytes it relayed; meshd in a network namespace (root) counts
+//! each peer's traffic. Every scrape is parsed as Prometheus's text parser
+//! reads it, so a malformed line fails the test.
+//!
+//! Nothing waits on time: relayed frames are resent until the receiver has
+//! one (datagrams may be lost), and the relay counts a frame before it
+//! forwards it, so a scrape after a delivery sees it. meshd's counters are
+//! polled until they grow ([`common::eventually`]); [`DEADLINE`] only turns
+//! a hang into a failure.
+
+#[cfg(not(feature = "sim"))]
+mod common;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use meshd::identity::PrivateKey;
+use meshd::rendezvous::admin::{self, AdminRequest, AdminResponse};
+use meshd::rendezvous::client::{self, ClientConfig, ClientError, Session, Update};
+use meshd::rendezvous::server::{Server, ServerError};
+use meshd::rendezvous::setup;
+use meshd::rendezvous::tls::CertHash;
+use meshd::wire::control::RejectReason;
+use meshd::wire::relay::{encode_frame, parse, NodeId, RelayHeader, RelayKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Hang protection for a whole test; no test should come near it.
+const DEADLINE: Duration = Duration::from_secs(60);
+const HOUR: u64 = 3600;
+const LISTEN_PORT: u16 = 51820;
+/// How often an undelivered frame is sent again; only a lost datagram
+/// makes a second one necessary.
+const RESEND: Duration = Duration::from_millis(50);
+
+// ---------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rendezvous_counts_nodes_refused_hellos_and_relayed_bytes_that_grow_with_traffic() {
+    within_deadline(async {
+        let mesh = Mesh::init();
+        let token = mesh.token(HOUR);
+        let rendezvous = mesh.serve().await;
+
+        let before = rendezvous.scrape().await;
+        assert_eq!(before.value("mesh_rendezvous_nodes", &[]), Some(0.0));
+        assert_eq!(before.value("mesh_rendezvous_relay_bytes_total", &[]), Some(0.0));
+        assert_eq!(
+            before.value("mesh_rendezvous_admission_failures_total", &[("reason", "bad_token")]),
+            Some(0.0)
+        );
+
+        let a = Member::join(&rendezvous, "a", Some(&token))
+            .await
+            .expect("a is admitted");
+        let b = Member::join(&rendezvous, "b", Some(&token))
+            .await
+            .expect("b is admitted");
+        match Member::join(&rendezvous, "stranger", None).await {
+            Err(ClientError::Rejected { reason: RejectReason::BadToken, .. }) => {}
+            Err(other) => panic!("a node without a token is refused for it, not {other}"),
+            Ok(_) => panic!("a node without a token is refused"),
+        }
+
+        let (address_a, address_b) = (a.address(), b.address());
+        let to_b = [("source", address_a.as_str()), ("destination", address_b.as_str())];
+        let to_a = [("source", address_b.as_str()), ("destination", address_a.as_str())];
+        relay_until_delivered(&a, &b, 100).await;
+        let first = rendezvous.scrape().await;
+        assert_eq!(first.value("mesh_rendezvous_nodes", &[]), Some(2.0));
+        assert_eq!(first.value("mesh_rendezvous_nodes_connected", &[]), Some(2.0));
+        for member in [&a, &b] {
+            assert_eq!(
+                first.value("mesh_rendezvous_node_connected", &[("address", &member.address())]),
+                Some(1.0),
+                "node {} is listed as connected",
+                member.address()
+            );
+        }
+        assert_eq!(
+            first.value("mesh_rendezvous_admission_failures_total", &[("reason", "bad_token")]),
+            Some(1.0)
+        );
+        let relayed = first
+            .value("mesh_rendezvous_relay_pair_bytes_total", &to_b)
+            .expect("the pair a → b is listed once it carried something");
+        assert!(relayed >= 100.0, "a's 100-byte frame is counted: {relayed}");
+        assert!(first.value("mesh_rendezvous_relay_pair_packets_total", &to_b) >= Some(1.0));
+        assert_eq!(first.value("mesh_rendezvous_relay_pair_bytes_total", &to_a), None);
+        let total = first
+            .value("mesh_rendezvous_relay_bytes_total", &[])
+            .expect("relayed bytes in total");
+        assert!(total >= relayed, "the total {total} covers the pair's {relayed}");
+
+        relay_until_delivered(&a, &b, 600).await;
+        relay_until_delivered(&b, &a, 10).await;
+        let second = rendezvous.scrape().await;
+        let grown = second
+            .value("mesh_rendezvous_relay_pair_bytes_total", &to_b)
+            .expect("the pair a → b is still listed");
+        assert!(grown >= relayed + 600.0, "a → b grew by the 600-byte frame: {relayed} → {grown}");
+        assert!(second.value("mesh_rendezvous_relay_pair_bytes_total", &to_a) >= Some(10.0));
+        assert!(second.value("mesh_rendezvous_relay_bytes_total", &[]) >= Some(total + 610.0));
+
+        rendezvous.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_serves_get_of_metrics_only() {
+    within_deadline(async {
+        let mesh = Mesh::init();
+        let rendezvous = mesh.serve().await;
+        for (request, status) in [
+            ("GET /metrics HTTP/1.1\r\nHost: rv\r\n\r\n", "200"),
+            ("GET / HTTP/1.1\r\nHost: rv\r\n\r\n", "404"),
+            ("POST /metrics HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", "405"),
+            ("hello\r\n\r\n", "400"),
+        ] {
+            let answer = http(rendezvous.metrics, request).await;
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{request:?} is answered with {status}: {answer}"
+            );
+        }
+        rendezvous.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_metrics_address_in_use_is_refused_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = taken.local_addr().expect("its address");
+    let mesh = Mesh::init();
+    let config = setup::Layout::new(mesh.path()).config();
+    let text = std::fs::read_to_string(&config).expect("read rendezvous.toml");
+    let text = text.replace("metrics-address = \"127.0.0.1:0\"", &format!("metrics-address = \"{addr}\""));
+    std::fs::write(&config, text).expect("write rendezvous.toml");
+    let loaded = setup::load(mesh.path()).expect("load the state directory");
+    let Err(error) = Server::bind(loaded).await else {
+        panic!("the rendezvous cannot serve metrics on {addr}, which is taken");
+    };
+    let message = error.to_string();
+    assert!(
+        message.contains(&addr.to_string()) && message.contains("choose another metrics address"),
+        "{message}"
+    );
+}
+
+#[cfg(not(feature = "sim"))]
+#[test]
+fn meshd_counts_each_peers_traffic_and_the_counters_grow_after_a_ping() {
+    use common::{eventually, Lab, DEADLINE};
+
+    const METRICS: &str = "127.0.0.1:9586";
+    let started = unix_now();
+    let lab = Lab::new(2);
+    let (a, b) = (lab.node(0), lab.node(1));
+    let files = lab.write_meshd_config(0, &[1]);
+    let config = std::fs::read_to_string(&files.config).expect("read node a's config");
+    // Top-level keys go before the [[peer]] tables.
+    std::fs::write(&files.config, format!("metrics-address = \"{METRICS}\"\n{config}"))
+        .expect("write node a's config");
+    let _meshd_a = lab.start_meshd(0, &files);
+    let _meshd_b = lab.start_meshd_with_peers(1, &[0]);
+
+    a.pings(b.overlay);
+    let address = b.overlay.to_string();
+    let peer_b = [("public_key", &b.key.public[..8]), ("address", address.as_str())];
+    let scrape = || {
+        let text = scrape_in_namespace(&a.ns, METRICS.parse().expect("an address"));
+        Scrape::parse(&text)
+    };
+    let first = scrape();
+    assert_eq!(first.value("meshd_peers", &[]), Some(1.0));
+    assert_eq!(first.value("meshd_peer_online", &peer_b), Some(1.0));
+    let direct = [peer_b[0], peer_b[1], ("path", "direct")];
+    assert_eq!(first.value("meshd_peer_path", &direct), Some(1.0), "node b is reached directly");
+    assert!(first.value("meshd_peer_handshakes_total", &peer_b) >= Some(1.0));
+    let handshake = first
+        .value("meshd_peer_last_handshake_timestamp_seconds", &peer_b)
+        .expect("a handshake happened");
+    assert!(
+        (started as f64..=unix_now() as f64).contains(&handshake),
+        "the handshake happened during this test (unix time {started}..): {handshake}"
+    );
+    let counters = [
+        "meshd_peer_rx_bytes_total",
+        "meshd_peer_tx_bytes_total",
+        "meshd_peer_rx_packets_total",
+        "meshd_peer_tx_packets_total",
+    ];
+    let before: Vec<f64> = counters
+        .iter()
+        .map(|name| first.value(name, &peer_b).unwrap_or_else(|| panic!("{name} for node b")))
+        .collect();
+    assert!(before.iter().all(|v| *v > 0.0), "the first ping was counted: {before:?}");
+    assert!(!first.text.contains(&b.key.public[..9]), "node b's key appears only cut to 8 characters");
+
+    a.pings(b.overlay);
+    eventually("node b's counters grow after a ping", DEADLINE, || {
+        let now = scrape();
+        let after: Vec<f64> = counters
+            .iter()
+            .map(|name| now.value(name, &peer_b).unwrap_or_default())
+            .collect();
+        if after.iter().zip(&before).all(|(now, then)| now > then) {
+            Ok(())
+        } else {
+            Err(format!("{counters:?}: before the ping {before:?}, now {after:?}"))
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Scraping and parsing
+// ---------------------------------------------------------------------------
+
+/// One sample: name, unescaped labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// A parsed scrape.
+struct Scrape {
+    text: String,
+    samples: Vec<Sample>,
+}
+
+impl Scrape {
+    /// Parses the body of a scrape; panics, with the text, on a line that is
+    /// not a comment, a blank or a sample.
+    fn parse(text: &str) -> Self {
+        assert!(text.ends_with('\n'), "the text ends with a line feed:\n{text}");
+        let samples: Vec<Sample> = text
+            .lines()
+            .filter_map(|line| parse_line(line).unwrap_or_else(|e| panic!("{e}\n{text}")))
+            .collect();
+        for (name, ..) in &samples {
+            assert!(text.contains(&format!("\n# TYPE {name} ")), "{name} has a TYPE line");
+        }
+        Self { text: text.to_owned(), samples }
+    }
+
+    /// The value of the one sample of `name` whose labels include `labels`;
+    /// `None` if there is none, a panic if there are several.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut matching = self.samples.iter().filter(|(n, have, _)| {
+            n == name && labels.iter().all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+        });
+        let found = matching.next().map(|(_, _, v)| *v);
+        assert!(matching.next().is_none(), "several samples of {name} match {labels:?}:\n{}", self.text);
+        found
+    }
+}
+
+fn is_name(s: &str, colon: bool) -> bool {
+    s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
+}
+
+/// One line as Prometheus's text parser reads it: `Ok(None)` for a blank
+/// line or a `# HELP`/`# TYPE` comment, else the sample.
+fn parse_line(line: &str) -> Result<Option<Sample>, String> {
+    if line.is_empty() {
+        return Ok(None);
+    }
+    if let Some(comment) = line.strip_prefix("# ") {
+        let mut words = comment.splitn(3, ' ');
+        return match (words.next(), words.next(), words.next()) {
+            (Some("HELP"), Some(name), Some(_)) if is_name(name, true) => Ok(None),
+            (Some("TYPE"), Some(name), Some("counter" | "gauge")) if is_name(name, true) => Ok(None),
+            _ => Err(format!("not a HELP or TYPE comment: {line:?}")),
+        };
+    }
+    let chars: Vec<char> = line.chars().collect();
+    let mut i = chars
+        .iter()
+        .take_while(|c| c.is_ascii_alphanumeric() || **c == '_' || **c == ':')
+        .count();
+    let name: String = chars[..i].iter().collect();
+    if !is_name(&name, true) {
+        return Err(format!("bad metric name in {line:?}"));
+    }
+    let mut labels = Vec::new();
+    if chars.get(i) == Some(&'{') {
+        i += 1;
+        loop {
+            let start = i;
+            while chars.get(i).is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_') {
+                i += 1;
+            }
+            let label: String = chars[start..i].iter().collect();
+            if !is_name(&label, false) || chars.get(i..i + 2) != Some(&['=', '"'][..]) {
+                return Err(format!("expected label=\"…\" at {start} in {line:?}"));
+            }
+            i += 2;
+            let mut value = String::new();
+            loop {
+                match chars.get(i) {
+                    Some('\\') => {
+                        value.push(match chars.get(i + 1) {
+                            Some('\\') => '\\',
+                            Some('"') => '"',
+                            Some('n') => '\n',
+                            other => return Err(format!("bad escape {other:?} in {line:?}")),
+                        });
+                        i += 2;
+                    }
+                    Some('"') => break,
+                    None => return Err(format!("unterminated label value in {line:?}")),
+                    Some(c) => {
+                        value.push(*c);
+                        i += 1;
+                    }
+                }
+            }
+            labels.push((label, value));
+            i += 1;
+            match chars.get(i) {
+                Some(',') => i += 1,
+                Some('}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return Err(format!("expected ',' or '}}' at {i} in {line:?}")),
+            }
+        }
+    }
+    if chars.get(i) != Some(&' ') {
+        return Err(format!("expected a space before the value in {line:?}"));
+    }
+    let value: String = chars[i + 1..].iter().collect();
+    let value = match value.as_str() {
+        "NaN" => f64::NAN,
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse::<f64>().map_err(|e| format!("value {v:?} in {line:?}: {e}"))?,
+    };
+    Ok(Some((name, labels, value)))
+}
+
+/// Sends `request` and reads the whole answer (the server closes after one).
+async fn http(addr: SocketAddr, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the metrics address {addr}: {e}"));
+    stream.write_all(request.as_bytes()).await.expect("send a request");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read the answer");
+    String::from_utf8(answer).expect("a UTF-8 answer")
+}
+
+/// The body of a successful scrape, after checking the status and type.
+fn body_of(answer: &str) -> &str {
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "the scrape succeeds: {answer}");
+    assert!(
+        head.contains("\r\nContent-Type: text/plain; version=0.0.4"),
+        "the answer is in the text format: {head}"
+    );
+    body
+}
+
+/// Scrapes `addr` from inside network namespace `ns`, on a thread of its own.
+#[cfg(not(feature = "sim"))]
+fn scrape_in_namespace(ns: &str, addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // Changes the namespace of this thread only.
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect to meshd's metrics at {addr}: {e}"));
+        stream.set_read_timeout(Some(Duration::from_secs(20))).expect("a read timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: meshd\r\n\r\n")
+            .expect("send a scrape");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("read the scrape");
+        body_of(&answer).to_owned()
+    })
+    .join()
+    .expect("the scraping thread")
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+// ---------------------------------------------------------------------------
+// Harness (the pieces of tests/relay.rs these tests need)
+// ---------------------------------------------------------------------------
+
+/// Fails the test instead of hanging it.
+async fn within_deadline(test: impl Future<Output = ()>) {
+    if tokio::time::timeout(DEADLINE, test).await.is_err() {
+        panic!("the test did not finish within {DEADLINE:?}");
+    }
+}
+
+/// A mesh in a temporary state directory, as `mesh-rendezvous init` makes
+/// it, with metrics on an ephemeral loopback port.
+struct Mesh {
+    dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    fn init() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let listen: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        setup::init(dir.path(), listen, "127.0.0.1:0", setup::default_cidr(), &mut rand::rngs::OsRng)
+            .expect("init a mesh");
+        let config = setup::Layout::new(dir.path()).config();
+        let mut text = std::fs::read_to_string(&config).expect("read rendezvous.toml");
+        text.push_str("metrics-address = \"127.0.0.1:0\"\n");
+        std::fs::write(&config, text).expect("write rendezvous.toml");
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A join token for any number of nodes, created on the stored state.
+    fn token(&self, ttl_secs: u64) -> String {
+        let request = AdminRequest::CreateToken { ttl_secs, max_uses: None };
+        match admin::apply_offline(self.path(), request, unix_now(), &mut rand::rngs::OsRng) {
+            Ok(AdminResponse::Token { token, .. }) => token,
+            other => panic!("creating a token: {other:?}"),
+        }
+    }
+
+    /// Loads the state directory and serves it on ephemeral ports.
+    async fn serve(&self) -> Rendezvous {
+        let loaded = setup::load(self.path()).expect("load the state directory");
+        let pin = loaded.cert_hash();
+        let server = Server::bind(loaded).await.expect("bind the rendezvous");
+        let addr = server.local_addr().expect("the bound address");
+        let metrics = server.metrics_addr().expect("metrics are on");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Rendezvous { addr, pin, metrics, stop, task }
+    }
+}
+
+/// A running rendezvous.
+struct Rendezvous {
+    addr: SocketAddr,
+    pin: CertHash,
+    metrics: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl Rendezvous {
+    async fn scrape(&self) -> Scrape {
+        let answer = http(self.metrics, "GET /metrics HTTP/1.1\r\nHost: rv\r\n\r\n").await;
+        Scrape::parse(body_of(&answer))
+    }
+
+    /// Shuts the server down and waits until it has.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .expect("the rendezvous task panicked")
+            .expect("the rendezvous stops cleanly");
+    }
+}
+
+/// An admitted node: its own QUIC endpoint and its session, kept open.
+struct Member {
+    id: NodeId,
+    session: Session,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Member {
+    async fn join(rendezvous: &Rendezvous, name: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        let key = PrivateKey::generate(&mut rand::rngs::OsRng);
+        let endpoint =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("an address")).expect("a client endpoint");
+        let config = ClientConfig {
+            server: rendezvous.addr.to_string(),
+            pin: rendezvous.pin,
+            name: name.to_owned(),
+            listen_port: LISTEN_PORT,
+            token: token.map(str::to_owned),
+        };
+        let (session, update) = client::admit(&endpoint, &config, &key, Vec::new()).await?;
+        let Update::Welcome { node, .. } = update else {
+            panic!("admission should yield a welcome, got {update:?}");
+        };
+        Ok(Self {
+            id: NodeId::of_overlay(node.ipv4).expect("an overlay address is a relay id"),
+            session,
+            _endpoint: endpoint,
+        })
+    }
+
+    /// The overlay address, which is also the relay id.
+    fn address(&self) -> String {
+        std::net::Ipv4Addr::from(self.id.get()).to_string()
+    }
+}
+
+/// Has `from` send a `len`-byte payload to `to` through the relay until
+/// `to` has received one: then the relay has counted it. Each call uses
+/// its own length, so a resent frame of an earlier call that arrives late
+/// is not taken for this one's.
+async fn relay_until_delivered(from: &Member, to: &Member, len: usize) {
+    let mut frame = Vec::new();
+    encode_frame(RelayHeader { kind: RelayKind::Packet, node: to.id }, &vec![7; len], &mut frame)
+        .expect("a valid frame");
+    let frame = Bytes::from(frame);
+    let receiving = async {
+        loop {
+            let datagram = to.session.connection().read_datagram().await.expect("the connection stays up");
+            let (header, payload) = parse(&datagram).expect("the relay forwards only frames that parse");
+            if header.node == from.id && payload.len() == len {
+                return;
+            }
+        }
+    };
+    tokio::pin!(receiving);
+    // The first tick is at once; later ones only when a frame was lost.
+    let mut resend = tokio::time::interval(RESEND);
+    loop {
+        tokio::select! {
+            () = &mut receiving => return,
+            _ = resend.tick() => from
+                .session
+                .connection()
+                .send_datagram(frame.clone())
+                .expect("the connection takes datagrams"),
+        }
+    }
+}
