@@ -49,6 +49,9 @@ pub struct Config {
     pub mtu: u16,
     /// The local API socket `meshctl` talks to.
     pub socket: PathBuf,
+    /// A group whose members may use the API socket too (mode 0660); only
+    /// root when absent (mode 0600).
+    pub socket_group: Option<String>,
     /// The directory of the WireGuard UAPI socket `<interface>.sock` that
     /// `wg show` reads; only tests move it away from [`DEFAULT_UAPI_DIR`].
     pub uapi_dir: PathBuf,
@@ -90,6 +93,7 @@ struct RawConfig {
     mtu: u16,
     #[serde(default = "default_socket")]
     socket: PathBuf,
+    socket_group: Option<String>,
     #[serde(default = "default_uapi_dir")]
     uapi_dir: PathBuf,
     #[serde(default, rename = "peer")]
@@ -225,6 +229,7 @@ impl Config {
             addresses,
             mtu: raw.mtu,
             socket: raw.socket,
+            socket_group: raw.socket_group,
             uapi_dir: raw.uapi_dir,
             peers,
             state_dir: raw.state_dir,

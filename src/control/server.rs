@@ -48,6 +48,10 @@ pub enum ServerError {
     NotASocket { path: PathBuf },
     #[error("cannot bind API socket {path}: {source}")]
     Bind { path: PathBuf, source: std::io::Error },
+    #[error("socket-group {group:?} does not exist on this host (create it with `groupadd {group}`, or remove socket-group)")]
+    UnknownGroup { group: String },
+    #[error("cannot give API socket {path} to group {group:?}: {source}")]
+    Chown { path: PathBuf, group: String, source: std::io::Error },
 }
 
 /// The bound API socket. Dropping it removes the socket file.
@@ -78,6 +82,21 @@ impl ApiSocket {
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
         Ok(Self { listener, path: path.to_owned() })
+    }
+
+    /// As [`ApiSocket::bind`], and with a `group` whose members may use the
+    /// socket too: it is handed to that group with mode 0660.
+    pub async fn bind_for_group(path: &Path, group: Option<&str>) -> Result<Self, ServerError> {
+        let socket = Self::bind(path).await?;
+        let Some(group) = group else { return Ok(socket) };
+        let gid = match nix::unistd::Group::from_name(group) {
+            Ok(Some(g)) => g.gid,
+            Ok(None) | Err(_) => return Err(ServerError::UnknownGroup { group: group.to_owned() }),
+        };
+        let chown_err = |source| ServerError::Chown { path: path.to_owned(), group: group.to_owned(), source };
+        std::os::unix::fs::chown(path, None, Some(gid.as_raw())).map_err(chown_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(chown_err)?;
+        Ok(socket)
     }
 
     pub fn path(&self) -> &Path {
@@ -176,6 +195,28 @@ fn parse<Req: DeserializeOwned>(line: &[u8]) -> Result<Req, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[tokio::test]
+    async fn the_socket_is_root_only_or_shared_with_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("private.sock");
+        let _p = ApiSocket::bind_for_group(&private, None).await.unwrap();
+        assert_eq!(std::fs::metadata(&private).unwrap().mode() & 0o777, 0o600);
+
+        // The process's own group: always ours to hand a file to.
+        let own = nix::unistd::Group::from_gid(nix::unistd::getgid()).unwrap().unwrap();
+        let shared = dir.path().join("shared.sock");
+        let _s = ApiSocket::bind_for_group(&shared, Some(&own.name)).await.unwrap();
+        let meta = std::fs::metadata(&shared).unwrap();
+        assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, own.gid.as_raw()));
+
+        let err = ApiSocket::bind_for_group(&dir.path().join("x.sock"), Some("no-such-group-meshd"))
+            .await
+            .err()
+            .expect("an unknown group is refused");
+        assert!(err.to_string().contains("no-such-group-meshd"), "{err}");
+    }
 
     #[test]
     fn bad_requests_get_clear_errors() {

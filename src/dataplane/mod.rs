@@ -383,7 +383,7 @@ impl Agent {
                 tracing::info!(addr = %metrics.local_addr().unwrap_or(addr), "serving Prometheus metrics at /metrics");
                 self.metrics = Some(tokio::spawn(metrics.serve_node(asks.clone())));
             }
-            let api = ApiSocket::bind(&self.socket).await?;
+            let api = ApiSocket::bind_for_group(&self.socket, self.config.socket_group.as_deref()).await?;
             self.api = Some(tokio::spawn(api.serve_asks(asks)));
         }
         Ok(())
