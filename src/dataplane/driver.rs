@@ -288,6 +288,9 @@ impl Driver {
             self.node.recycle(packet);
         }
         while let Some(event) = self.node.poll_event() {
+            // Every event concerns one peer: its log lines carry the peer's
+            // span (short key and name), so an operator can follow one peer.
+            let _span = self.peer_span(event.peer()).entered();
             match event {
                 Event::HandshakeCompleted { peer } => {
                     tracing::debug!(peer = %peer.short(), "handshake completed");
@@ -371,6 +374,11 @@ impl Driver {
                 changed
             });
         }
+    }
+
+    fn peer_span(&self, peer: &PublicKey) -> tracing::Span {
+        let name = self.meta.get(peer).map_or("", |m| m.name.as_str());
+        tracing::info_span!("peer", key = %peer.short(), %name)
     }
 
     fn nat_mapping(&self, now: Instant) -> NatMapping {

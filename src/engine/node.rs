@@ -143,6 +143,21 @@ pub enum Event {
     PingReply { peer: PublicKey, path: Path, rtt: Duration },
 }
 
+impl Event {
+    /// The peer the event is about.
+    pub fn peer(&self) -> &PublicKey {
+        match self {
+            Event::HandshakeCompleted { peer }
+            | Event::EndpointChanged { peer, .. }
+            | Event::SessionExpired { peer }
+            | Event::PathChanged { peer, .. }
+            | Event::PunchWanted { peer }
+            | Event::SeenAt { peer, .. }
+            | Event::PingReply { peer, .. } => peer,
+        }
+    }
+}
+
 /// A [`Node::ping`] waiting for its pong.
 #[derive(Debug, Clone, Copy)]
 struct UserPing {
