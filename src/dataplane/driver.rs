@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use super::quic::QuicDatagram;
 use super::tun::Tun;
-use super::udp::{canonical, UdpSocket};
+use super::udp::{canonical, gso_run, UdpSocket};
 use crate::control::server::Ask;
 use crate::control::diagnose::{self, Side};
 use crate::control::{NetcheckInfo, PeerInfo, PingInfo, RendezvousInfo, Request, Response, StatusInfo};
@@ -27,7 +27,8 @@ use crate::engine::nat::{MappingObserver, Observer};
 use crate::engine::paths::{Path, PathStatus, Source};
 use crate::wire::reflect::{self, Reflect};
 use crate::wire::control::NatMapping;
-use crate::engine::{Event, Node, PeerSpec};
+use crate::engine::{Event, Node, PeerSpec, Transmit, TUN_HEADROOM};
+use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use crate::identity::PublicKey;
 use crate::wire::relay::{self, NodeId, RelayHeader, RelayKind};
 use crate::wire::{classify, DatagramKind};
@@ -141,7 +142,37 @@ pub struct Driver {
     /// Bounds oversized relay frames in flight on streams.
     relay_streams: Arc<Semaphore>,
     relay_dropped: u64,
+    /// The transmits of one flush, kept to reuse the allocation.
+    tx_batch: Vec<Transmit>,
+    tun_buffers: TunBuffers,
 }
+
+/// Buffers of the TUN's batched reads and writes, allocated once.
+struct TunBuffers {
+    /// One raw read: virtio header and a packet of up to 64 KiB.
+    read: Vec<u8>,
+    /// The read split into segments, and their lengths.
+    segments: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    /// Packets of one flush on their way to the TUN.
+    write: Vec<Vec<u8>>,
+    gro: GROTable,
+}
+
+impl TunBuffers {
+    fn new() -> Self {
+        Self {
+            read: vec![0; VIRTIO_NET_HDR_LEN + usize::from(u16::MAX)],
+            segments: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; TUN_SEGMENT]).collect(),
+            sizes: vec![0; IDEAL_BATCH_SIZE],
+            write: Vec::new(),
+            gro: GROTable::default(),
+        }
+    }
+}
+
+/// Room for one segment of a TUN read: the largest MTU meshd accepts.
+const TUN_SEGMENT: usize = crate::config::MAX_MTU as usize;
 
 impl Driver {
     pub fn new(node: Node, tun: Tun, udp: Arc<UdpSocket>, inputs: Inputs, info: NodeInfo) -> Self {
@@ -167,6 +198,8 @@ impl Driver {
             relay_ids: HashMap::new(),
             relay_streams: Arc::new(Semaphore::new(RELAY_STREAMS)),
             relay_dropped: 0,
+            tx_batch: Vec::new(),
+            tun_buffers: TunBuffers::new(),
         }
     }
 
@@ -214,13 +247,27 @@ impl Driver {
         }
     }
 
+    /// Reads the TUN: with offloads one read may be a TCP super-packet
+    /// of up to 64 KiB, which the device splits into MTU-sized segments.
     fn read_tun(&mut self) -> io::Result<()> {
         let now = Instant::now();
         for _ in 0..BATCH {
-            match self.tun.try_recv(&mut self.buf) {
-                Ok(n) => self.node.handle_tun_packet(&self.buf[..n], now),
+            let TunBuffers { read, segments, sizes, .. } = &mut self.tun_buffers;
+            match self.tun.try_recv_multiple(read, segments, sizes, 0) {
+                Ok(n) => {
+                    for (segment, &len) in segments.iter().zip(sizes.iter()).take(n) {
+                        if let Some(packet) = segment.get(..len) {
+                            self.node.handle_tun_packet(packet, now);
+                        }
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // A read the device could not split (a malformed virtio
+                // header): that packet is lost, the device is fine.
+                Err(e) if matches!(e.kind(), io::ErrorKind::Other | io::ErrorKind::InvalidInput) => {
+                    tracing::debug!(error = %e, "TUN read dropped");
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -230,21 +277,15 @@ impl Driver {
     fn read_udp(&mut self) -> io::Result<()> {
         let now = Instant::now();
         for _ in 0..BATCH {
-            match self.udp.try_recv_from(&mut self.buf) {
-                Ok((n, from)) => {
-                    let datagram = &self.buf[..n];
-                    match (classify(datagram), &self.inputs.quic) {
-                        (DatagramKind::Reflect, _) => {
-                            let answer = Reflect::parse(datagram);
-                            self.reflected(from, answer);
-                        }
-                        (DatagramKind::Quic, Some(quic)) => {
-                            let d = QuicDatagram { from, data: datagram.to_vec() };
-                            if quic.try_send(d).is_err() {
-                                self.quic_dropped += 1;
-                            }
-                        }
-                        _ => self.node.handle_datagram(from, datagram, now),
+            match self.udp.try_recv_batch(&mut self.buf) {
+                Ok(received) => {
+                    // With UDP GRO one receive may hold several datagrams of
+                    // one flow, `stride` bytes each.
+                    let mut start = 0;
+                    while start < received.len {
+                        let end = received.len.min(start + received.stride.max(1));
+                        self.udp_datagram(received.from, start..end, now);
+                        start = end;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -257,36 +298,99 @@ impl Driver {
         Ok(())
     }
 
-    async fn flush(&mut self) {
-        while let Some(t) = self.node.poll_transmit() {
-            let sent = match self.udp.try_send_to(t.payload.as_slice(), t.dst) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.udp.send_to(t.payload.as_slice(), t.dst).await
+    /// Sends what the engine queued for the network: each run of
+    /// equal-sized datagrams to one destination (a TCP stream's segments)
+    /// as one GSO send, anything else one by one.
+    async fn send_transmits(&mut self) {
+        let mut batch = std::mem::take(&mut self.tx_batch);
+        batch.extend(std::iter::from_fn(|| self.node.poll_transmit()));
+        let mut start = 0;
+        while start < batch.len() {
+            let run = &batch[start..];
+            let n = if self.udp.gso() { gso_run(run, |t| (t.dst, t.payload.len())) } else { 1 };
+            let dst = run[0].dst;
+            let sent = if n > 1 {
+                let segments: Vec<IoSlice<'_>> = run[..n].iter().map(|t| IoSlice::new(t.payload.as_slice())).collect();
+                let segment_len = u16::try_from(run[0].payload.len()).unwrap_or(u16::MAX);
+                match send_segments(&self.udp, &segments, segment_len, dst).await {
+                    Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                        // GSO just turned out unavailable: this run one by one.
+                        let mut last = Ok(0);
+                        for t in &run[..n] {
+                            last = send_one(&self.udp, t.payload.as_slice(), t.dst).await;
+                        }
+                        last
+                    }
+                    other => other,
                 }
-                r => r,
+            } else {
+                send_one(&self.udp, run[0].payload.as_slice(), dst).await
             };
             if let Err(e) = sent {
                 self.send_errors += 1;
                 if self.send_errors.is_power_of_two() {
-                    tracing::debug!(dst = %t.dst, error = %e, count = self.send_errors, "send failed");
+                    tracing::debug!(%dst, error = %e, count = self.send_errors, "send failed");
                 }
             }
+            start += n;
+        }
+        for t in batch.drain(..) {
             self.node.recycle(t.payload);
         }
+        self.tx_batch = batch;
+    }
+
+    /// Writes what the engine decrypted to the TUN. With offloads, the
+    /// segments of one TCP flow are coalesced into super-packets first
+    /// (GRO), so the kernel's stack sees a few big packets, not many small
+    /// ones; the virtio header goes into each packet's headroom.
+    async fn write_tun(&mut self) {
+        let mut frames = std::mem::take(&mut self.tun_buffers.write);
+        while let Some(packet) = self.node.poll_tun() {
+            let (frame, start) = packet.into_framed();
+            // Every packet for the TUN is built behind TUN_HEADROOM.
+            if start == TUN_HEADROOM {
+                frames.push(frame);
+            } else {
+                self.node.recycle_vec(frame);
+            }
+        }
+        if !frames.is_empty() {
+            if let Err(e) = self.tun.send_multiple(&mut self.tun_buffers.gro, &mut frames, TUN_HEADROOM).await {
+                tracing::debug!(error = %e, "TUN write failed");
+            }
+        }
+        for frame in frames.drain(..) {
+            self.node.recycle_vec(frame);
+        }
+        self.tun_buffers.write = frames;
+    }
+
+    /// One datagram of the receive buffer, demultiplexed by its first bytes.
+    fn udp_datagram(&mut self, from: SocketAddr, range: std::ops::Range<usize>, now: Instant) {
+        let Some(datagram) = self.buf.get(range) else { return };
+        match (classify(datagram), &self.inputs.quic) {
+            (DatagramKind::Reflect, _) => {
+                let answer = Reflect::parse(datagram);
+                self.reflected(from, answer);
+            }
+            (DatagramKind::Quic, Some(quic)) => {
+                let d = QuicDatagram { from, data: datagram.to_vec() };
+                if quic.try_send(d).is_err() {
+                    self.quic_dropped += 1;
+                }
+            }
+            _ => self.node.handle_datagram(from, datagram, now),
+        }
+    }
+
+    async fn flush(&mut self) {
+        self.send_transmits().await;
         while let Some(t) = self.node.poll_relay() {
             self.send_relayed(t.peer, t.payload.as_slice());
             self.node.recycle(t.payload);
         }
-        while let Some(packet) = self.node.poll_tun() {
-            let written = match self.tun.try_send(packet.as_slice()) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.tun.send(packet.as_slice()).await,
-                r => r,
-            };
-            if let Err(e) = written {
-                tracing::debug!(error = %e, "TUN write failed");
-            }
-            self.node.recycle(packet);
-        }
+        self.write_tun().await;
         while let Some(event) = self.node.poll_event() {
             // Every event concerns one peer: its log lines carry the peer's
             // span (short key and name), so an operator can follow one peer.
@@ -734,6 +838,23 @@ fn millis(d: std::time::Duration) -> f64 {
 
 /// Relay streams in flight at once from this node.
 const RELAY_STREAMS: usize = 64;
+
+async fn send_one(udp: &UdpSocket, datagram: &[u8], dst: SocketAddr) -> io::Result<usize> {
+    match udp.try_send_to(datagram, dst) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => udp.send_to(datagram, dst).await,
+        r => r,
+    }
+}
+
+/// A GSO send, waiting while the socket buffer is full.
+async fn send_segments(udp: &UdpSocket, segments: &[IoSlice<'_>], segment_len: u16, dst: SocketAddr) -> io::Result<usize> {
+    loop {
+        match udp.try_send_segments(segments, segment_len, dst) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => udp.writable().await?,
+            r => return r,
+        }
+    }
+}
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {

@@ -20,11 +20,27 @@ pub enum TunError {
     Other { name: String, source: io::Error },
 }
 
-/// Creates the TUN device `name`, down and unconfigured.
+/// Creates the TUN device `name`, down and unconfigured, with offloads
+/// (`IFF_VNET_HDR` + `TUNSETOFFLOAD`: TSO4/6, USO where the kernel has it)
+/// where the kernel allows, so that the stack hands meshd TCP super-packets
+/// of up to 64 KiB and takes coalesced ones back; without them, one packet
+/// per read and write.
 pub fn open(name: &str) -> Result<Tun, TunError> {
+    match build(name, true) {
+        Ok(tun) => Ok(tun),
+        Err(e @ (TunError::NoDevice { .. } | TunError::Permission { .. } | TunError::Busy { .. })) => Err(e),
+        Err(e) => {
+            tracing::info!(error = %e, "TUN offloads unavailable; one packet per read");
+            build(name, false)
+        }
+    }
+}
+
+fn build(name: &str, offload: bool) -> Result<Tun, TunError> {
     let name_owned = || name.to_owned();
     tun_rs::DeviceBuilder::new()
         .name(name)
+        .offload(offload)
         // Down until netlink has given it its address and MTU.
         .enable(false)
         .build_async()

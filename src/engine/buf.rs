@@ -6,21 +6,37 @@
 
 use std::fmt;
 
-/// One packet's bytes: a pooled buffer and the length in use.
+/// Bytes kept free in front of every packet bound for the TUN, so the
+/// driver can prepend the virtio-net header (10 bytes) of an offloading TUN
+/// device in place, without a copy.
+pub const TUN_HEADROOM: usize = 16;
+
+/// One packet's bytes: a pooled buffer and the range in use.
 pub struct PacketBuf {
     data: Vec<u8>,
+    start: usize,
     len: usize,
 }
 
 impl PacketBuf {
     #[inline]
     pub fn as_slice(&self) -> &[u8] {
-        &self.data[..self.len]
+        &self.data[self.start..self.start + self.len]
     }
 
     #[inline]
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.data[..self.len]
+        &mut self.data[self.start..self.start + self.len]
+    }
+
+    /// The buffer cut right after the packet, and where the packet starts
+    /// in it: bytes before that are free to write a header into. Give the
+    /// buffer back with [`crate::engine::Node::recycle_vec`].
+    #[inline]
+    pub fn into_framed(self) -> (Vec<u8>, usize) {
+        let PacketBuf { mut data, start, len } = self;
+        data.truncate(start + len);
+        (data, start)
     }
 
     #[inline]
@@ -35,7 +51,7 @@ impl PacketBuf {
 
     /// Builds a buffer outside any pool (tests, the simulation).
     pub fn from_slice(bytes: &[u8]) -> Self {
-        Self { data: bytes.to_vec(), len: bytes.len() }
+        Self { data: bytes.to_vec(), start: 0, len: bytes.len() }
     }
 }
 
@@ -67,13 +83,24 @@ impl BufPool {
 
     #[inline]
     pub(crate) fn finish(&self, data: Vec<u8>, len: usize) -> PacketBuf {
-        debug_assert!(len <= data.len());
-        PacketBuf { len: len.min(data.len()), data }
+        self.finish_at(data, 0, len)
     }
 
+    /// A packet written at `start` of the buffer, `len` bytes long.
     #[inline]
-    pub(crate) fn give_back(&mut self, data: Vec<u8>) {
-        if self.free.len() < self.max_free && data.len() == self.buf_len {
+    pub(crate) fn finish_at(&self, data: Vec<u8>, start: usize, len: usize) -> PacketBuf {
+        debug_assert!(start + len <= data.len());
+        let start = start.min(data.len());
+        PacketBuf { len: len.min(data.len() - start), start, data }
+    }
+
+    /// Keeps a buffer for reuse. One that was cut or grown (a packet handed
+    /// out with [`PacketBuf::into_framed`], coalesced with others) is brought
+    /// back to the pool's size first.
+    #[inline]
+    pub(crate) fn give_back(&mut self, mut data: Vec<u8>) {
+        if self.free.len() < self.max_free && data.capacity() >= self.buf_len {
+            data.resize(self.buf_len, 0);
             self.free.push(data);
         }
     }
@@ -85,5 +112,30 @@ impl BufPool {
 
     pub(crate) fn buf_len(&self) -> usize {
         self.buf_len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_framed_packet_keeps_its_headroom_and_its_buffer_returns_to_size() {
+        let mut pool = BufPool::new(64, 4);
+        let mut data = pool.take();
+        data[TUN_HEADROOM..TUN_HEADROOM + 3].copy_from_slice(b"abc");
+        let packet = pool.finish_at(data, TUN_HEADROOM, 3);
+        assert_eq!(packet.as_slice(), b"abc");
+        let (frame, start) = packet.into_framed();
+        assert_eq!((frame.len(), start), (TUN_HEADROOM + 3, TUN_HEADROOM));
+        // Coalescing may grow a frame past the pool's size; it still comes back.
+        let mut grown = frame;
+        grown.resize(200, 7);
+        pool.give_back(grown);
+        let again = pool.take();
+        assert_eq!(again.len(), 64, "back to the pool's size");
+        // A buffer too small to be one of ours is not kept.
+        pool.give_back(vec![0; 8]);
+        assert_eq!(pool.take().len(), 64);
     }
 }

@@ -11,7 +11,7 @@ pub mod paths;
 mod peer;
 pub mod routing;
 
-pub use buf::PacketBuf;
+pub use buf::{PacketBuf, TUN_HEADROOM};
 pub use node::{
     inner_destination, DropReason, EngineError, Event, Node, NodeConfig, NodeStats, PeerId,
     PeerSpec, PeerStatus, TimeoutReason, Transmit,

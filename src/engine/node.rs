@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use boringtun::noise::errors::WireGuardError;
 use ipnet::IpNet;
 
-use super::buf::{BufPool, PacketBuf};
+use super::buf::{BufPool, PacketBuf, TUN_HEADROOM};
 use super::icmp;
 use super::paths::{CandidateStatus, Path, PathSet, PathStatus, Source};
 use super::peer::{Admitted, Decapsulated, Encapsulated, Gate, Peer, PeerCounters, Ticked, MSG_HANDSHAKE_INIT};
@@ -114,6 +114,10 @@ struct Outputs {
 impl Outputs {
     fn send(&mut self, via: Via, buf: Vec<u8>, len: usize) {
         let payload = self.pool.finish(buf, len);
+        self.send_packet(via, payload);
+    }
+
+    fn send_packet(&mut self, via: Via, payload: PacketBuf) {
         match via {
             Via::Udp(dst) => self.transmits.push_back(Transmit { dst, payload }),
             Via::Relay(peer) => self.relay.push_back(RelayTransmit { peer, payload }),
@@ -542,7 +546,7 @@ impl Node {
 
     fn receive(&mut self, origin: Via, datagram: &[u8], now: Instant) {
         self.now = self.now.max(now);
-        if datagram.len() > self.out.pool.buf_len() {
+        if datagram.len() + TUN_HEADROOM > self.out.pool.buf_len() {
             return self.drop_packet(DropReason::Oversized);
         }
         // Relayed handshakes share one cookie identity: the relay's.
@@ -575,7 +579,13 @@ impl Node {
         }
 
         let mut buf = self.out.pool.take();
-        let authenticated = match peer.decapsulate(source_ip, datagram, &mut buf) {
+        // Decrypted packets land behind TUN_HEADROOM, where the driver can
+        // put a TUN header without moving them.
+        let Some(room) = buf.get_mut(TUN_HEADROOM..) else {
+            self.out.pool.give_back(buf);
+            return self.drop_packet(DropReason::Oversized);
+        };
+        let authenticated = match peer.decapsulate(source_ip, datagram, room) {
             Decapsulated::Tunnel { len, src } => {
                 // Cryptokey routing, inbound half (WireGuard paper §2): the
                 // inner source must be one this peer may use.
@@ -583,7 +593,7 @@ impl Node {
                     self.out.pool.give_back(buf);
                     return count_drop(&mut self.stats, DropReason::SourceNotAllowed);
                 }
-                self.out.tun.push_back(self.out.pool.finish(buf, len));
+                self.out.tun.push_back(self.out.pool.finish_at(buf, TUN_HEADROOM, len));
                 true
             }
             Decapsulated::Network { len, authenticated } => {
@@ -591,7 +601,8 @@ impl Node {
                     peer.counters.handshakes += 1;
                     self.out.events.push_back(Event::HandshakeCompleted { peer: peer.key });
                 }
-                send_to(&mut self.out, peer, origin, buf, len);
+                let reply = self.out.pool.finish_at(buf, TUN_HEADROOM, len);
+                send_packet(&mut self.out, peer, origin, reply);
                 authenticated
             }
             Decapsulated::Done { authenticated } => {
@@ -715,6 +726,13 @@ impl Node {
     #[inline]
     pub fn recycle(&mut self, buf: PacketBuf) {
         self.out.pool.recycle(buf);
+    }
+
+    /// Returns the buffer of a packet taken apart with
+    /// [`PacketBuf::into_framed`] (and perhaps grown by coalescing).
+    #[inline]
+    pub fn recycle_vec(&mut self, buf: Vec<u8>) {
+        self.out.pool.give_back(buf);
     }
 
     pub fn peer_status(&self, key: &PublicKey) -> Option<PeerStatus> {
@@ -919,10 +937,10 @@ impl Node {
             return;
         }
         let mut buf = self.out.pool.take();
-        match icmp::unreachable(packet, &mut buf) {
+        match buf.get_mut(TUN_HEADROOM..).and_then(|room| icmp::unreachable(packet, room)) {
             Some(len) => {
                 self.stats.icmp_unreachable_sent += 1;
-                self.out.tun.push_back(self.out.pool.finish(buf, len));
+                self.out.tun.push_back(self.out.pool.finish_at(buf, TUN_HEADROOM, len));
             }
             None => self.out.pool.give_back(buf),
         }
@@ -936,9 +954,15 @@ fn count_drop(stats: &mut NodeStats, reason: DropReason) {
 
 /// Queues a WireGuard datagram to `peer` and counts it.
 fn send_to(out: &mut Outputs, peer: &mut Peer, via: Via, buf: Vec<u8>, len: usize) {
-    peer.counters.tx_bytes += len as u64;
+    let payload = out.pool.finish(buf, len);
+    send_packet(out, peer, via, payload);
+}
+
+/// Queues a finished WireGuard datagram to `peer` and counts it.
+fn send_packet(out: &mut Outputs, peer: &mut Peer, via: Via, payload: PacketBuf) {
+    peer.counters.tx_bytes += payload.len() as u64;
     peer.counters.tx_packets += 1;
-    out.send(via, buf, len);
+    out.send_packet(via, payload);
 }
 
 fn status_of(peer: &Peer, now: Instant) -> PeerStatus {
