@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 use super::quic::QuicDatagram;
@@ -30,7 +30,7 @@ use crate::wire::control::NatMapping;
 use crate::engine::{Event, Node, PeerSpec, Transmit, TUN_HEADROOM};
 use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use crate::identity::PublicKey;
-use crate::wire::relay::{self, NodeId, RelayHeader, RelayKind};
+use crate::wire::relay::{self, NodeId, RelayKind};
 use crate::wire::{classify, DatagramKind};
 
 /// Packets taken from one source per wakeup before the others get a turn.
@@ -145,7 +145,12 @@ pub struct Driver {
     /// The transmits of one flush, kept to reuse the allocation.
     tx_batch: Vec<Transmit>,
     tun_buffers: TunBuffers,
+    /// Where relay frames are written before they go to quinn.
+    relay_chunk: BytesMut,
 }
+
+/// Bytes allocated at a time for outgoing relay frames.
+const RELAY_CHUNK: usize = 64 << 10;
 
 /// Buffers of the TUN's batched reads and writes, allocated once.
 struct TunBuffers {
@@ -200,6 +205,7 @@ impl Driver {
             relay_dropped: 0,
             tx_batch: Vec::new(),
             tun_buffers: TunBuffers::new(),
+            relay_chunk: BytesMut::new(),
         }
     }
 
@@ -440,13 +446,22 @@ impl Driver {
             self.relay_dropped += 1;
             return;
         };
-        let header = RelayHeader { kind: RelayKind::Packet, node };
-        let mut frame = Vec::with_capacity(relay::HEADER_LEN + packet.len());
-        if relay::encode_frame(header, packet, &mut frame).is_err() {
+        if packet.is_empty() || packet.len() > relay::MAX_PAYLOAD {
             self.relay_dropped += 1;
             return;
         }
-        let frame = Bytes::from(frame);
+        // Frames are cut from one shared chunk: quinn needs an owned
+        // `Bytes` per datagram, and this makes that one allocation per
+        // chunk (about 45 full-size packets), not one per packet.
+        let needed = relay::HEADER_LEN + packet.len();
+        if self.relay_chunk.capacity() - self.relay_chunk.len() < needed {
+            self.relay_chunk.reserve(RELAY_CHUNK.max(needed));
+        }
+        let mut header = [0u8; relay::HEADER_LEN];
+        relay::encode_header(RelayKind::Packet, node, &mut header);
+        self.relay_chunk.extend_from_slice(&header);
+        self.relay_chunk.extend_from_slice(packet);
+        let frame = self.relay_chunk.split().freeze();
         if relay::fits_datagram(packet.len(), connection.max_datagram_size()) {
             match connection.send_datagram(frame.clone()) {
                 Ok(()) => return,
