@@ -7,37 +7,22 @@
 //! Nothing waits on time: relayed frames are resent until the receiver has
 //! one (datagrams may be lost), and the relay counts a frame before it
 //! forwards it, so a scrape after a delivery sees it. meshd's counters are
-//! polled until they grow ([`common::eventually`]); [`DEADLINE`] only turns
-//! a hang into a failure.
+//! polled until they grow ([`common::eventually`]); [`quic::DEADLINE`] only
+//! turns a hang into a failure.
 
 #[cfg(not(feature = "sim"))]
 mod common;
 
-use std::future::Future;
+mod quic;
+
 use std::net::SocketAddr;
-use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use meshd::identity::PrivateKey;
-use meshd::rendezvous::admin::{self, AdminRequest, AdminResponse};
-use meshd::rendezvous::client::{self, ClientConfig, ClientError, Session, Update};
-use meshd::rendezvous::server::{Server, ServerError};
+use meshd::rendezvous::client::ClientError;
+use meshd::rendezvous::server::Server;
 use meshd::rendezvous::setup;
-use meshd::rendezvous::tls::CertHash;
 use meshd::wire::control::RejectReason;
-use meshd::wire::relay::{encode_frame, parse, NodeId, RelayHeader, RelayKind};
+use quic::{frame, resend_until, within_deadline, Member, Mesh, Rendezvous, HOUR};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-/// Hang protection for a whole test; no test should come near it.
-const DEADLINE: Duration = Duration::from_secs(60);
-const HOUR: u64 = 3600;
-const LISTEN_PORT: u16 = 51820;
-/// How often an undelivered frame is sent again; only a lost datagram
-/// makes a second one necessary.
-const RESEND: Duration = Duration::from_millis(50);
 
 // ---------------------------------------------------------------------------
 // The tests
@@ -46,8 +31,8 @@ const RESEND: Duration = Duration::from_millis(50);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rendezvous_counts_nodes_refused_hellos_and_relayed_bytes_that_grow_with_traffic() {
     within_deadline(async {
-        let mesh = Mesh::init();
-        let token = mesh.token(HOUR);
+        let mesh = Mesh::with_metrics();
+        let token = mesh.token(HOUR, None);
         let rendezvous = mesh.serve().await;
 
         let before = rendezvous.scrape().await;
@@ -58,12 +43,8 @@ async fn the_rendezvous_counts_nodes_refused_hellos_and_relayed_bytes_that_grow_
             Some(0.0)
         );
 
-        let a = Member::join(&rendezvous, "a", Some(&token))
-            .await
-            .expect("a is admitted");
-        let b = Member::join(&rendezvous, "b", Some(&token))
-            .await
-            .expect("b is admitted");
+        let a = Member::admit(&rendezvous, "a", &token).await;
+        let b = Member::admit(&rendezvous, "b", &token).await;
         match Member::join(&rendezvous, "stranger", None).await {
             Err(ClientError::Rejected { reason: RejectReason::BadToken, .. }) => {}
             Err(other) => panic!("a node without a token is refused for it, not {other}"),
@@ -118,7 +99,7 @@ async fn the_rendezvous_counts_nodes_refused_hellos_and_relayed_bytes_that_grow_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_serves_get_of_metrics_only() {
     within_deadline(async {
-        let mesh = Mesh::init();
+        let mesh = Mesh::with_metrics();
         let rendezvous = mesh.serve().await;
         for (request, status) in [
             ("GET /metrics HTTP/1.1\r\nHost: rv\r\n\r\n", "200"),
@@ -126,7 +107,7 @@ async fn the_metrics_endpoint_serves_get_of_metrics_only() {
             ("POST /metrics HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", "405"),
             ("hello\r\n\r\n", "400"),
         ] {
-            let answer = http(rendezvous.metrics, request).await;
+            let answer = http(rendezvous.metrics(), request).await;
             assert!(
                 answer.starts_with(&format!("HTTP/1.1 {status} ")),
                 "{request:?} is answered with {status}: {answer}"
@@ -141,7 +122,7 @@ async fn the_metrics_endpoint_serves_get_of_metrics_only() {
 async fn a_metrics_address_in_use_is_refused_naming_it() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
     let addr = taken.local_addr().expect("its address");
-    let mesh = Mesh::init();
+    let mesh = Mesh::with_metrics();
     let config = setup::Layout::new(mesh.path()).config();
     let text = std::fs::read_to_string(&config).expect("read rendezvous.toml");
     let text = text.replace("metrics-address = \"127.0.0.1:0\"", &format!("metrics-address = \"{addr}\""));
@@ -161,9 +142,10 @@ async fn a_metrics_address_in_use_is_refused_naming_it() {
 #[test]
 fn meshd_counts_each_peers_traffic_and_the_counters_grow_after_a_ping() {
     use common::{eventually, Lab, DEADLINE};
+    use quic::now_unix;
 
     const METRICS: &str = "127.0.0.1:9586";
-    let started = unix_now();
+    let started = now_unix();
     let lab = Lab::new(2);
     let (a, b) = (lab.node(0), lab.node(1));
     let files = lab.write_meshd_config(0, &[1]);
@@ -191,7 +173,7 @@ fn meshd_counts_each_peers_traffic_and_the_counters_grow_after_a_ping() {
         .value("meshd_peer_last_handshake_timestamp_seconds", &peer_b)
         .expect("a handshake happened");
     assert!(
-        (started as f64..=unix_now() as f64).contains(&handshake),
+        (started as f64..=now_unix() as f64).contains(&handshake),
         "the handshake happened during this test (unix time {started}..): {handshake}"
     );
     let counters = [
@@ -374,6 +356,7 @@ fn body_of(answer: &str) -> &str {
 #[cfg(not(feature = "sim"))]
 fn scrape_in_namespace(ns: &str, addr: SocketAddr) -> String {
     use std::io::{Read, Write};
+    use std::time::Duration;
 
     let path = format!("/run/netns/{ns}");
     std::thread::spawn(move || {
@@ -395,123 +378,18 @@ fn scrape_in_namespace(ns: &str, addr: SocketAddr) -> String {
     .expect("the scraping thread")
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 // ---------------------------------------------------------------------------
-// Harness (the pieces of tests/relay.rs these tests need)
+// Harness (the rest is in tests/quic)
 // ---------------------------------------------------------------------------
-
-/// Fails the test instead of hanging it.
-async fn within_deadline(test: impl Future<Output = ()>) {
-    if tokio::time::timeout(DEADLINE, test).await.is_err() {
-        panic!("the test did not finish within {DEADLINE:?}");
-    }
-}
-
-/// A mesh in a temporary state directory, as `mesh-rendezvous init` makes
-/// it, with metrics on an ephemeral loopback port.
-struct Mesh {
-    dir: tempfile::TempDir,
-}
-
-impl Mesh {
-    fn init() -> Self {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let listen: SocketAddr = "127.0.0.1:0".parse().expect("an address");
-        setup::init(dir.path(), listen, "127.0.0.1:0", setup::default_cidr(), &mut rand::rngs::OsRng)
-            .expect("init a mesh");
-        let config = setup::Layout::new(dir.path()).config();
-        let mut text = std::fs::read_to_string(&config).expect("read rendezvous.toml");
-        text.push_str("metrics-address = \"127.0.0.1:0\"\n");
-        std::fs::write(&config, text).expect("write rendezvous.toml");
-        Self { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// A join token for any number of nodes, created on the stored state.
-    fn token(&self, ttl_secs: u64) -> String {
-        let request = AdminRequest::CreateToken { ttl_secs, max_uses: None };
-        match admin::apply_offline(self.path(), request, unix_now(), &mut rand::rngs::OsRng) {
-            Ok(AdminResponse::Token { token, .. }) => token,
-            other => panic!("creating a token: {other:?}"),
-        }
-    }
-
-    /// Loads the state directory and serves it on ephemeral ports.
-    async fn serve(&self) -> Rendezvous {
-        let loaded = setup::load(self.path()).expect("load the state directory");
-        let pin = loaded.cert_hash();
-        let server = Server::bind(loaded).await.expect("bind the rendezvous");
-        let addr = server.local_addr().expect("the bound address");
-        let metrics = server.metrics_addr().expect("metrics are on");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async {
-            let _ = stopped.await;
-        }));
-        Rendezvous { addr, pin, metrics, stop, task }
-    }
-}
-
-/// A running rendezvous.
-struct Rendezvous {
-    addr: SocketAddr,
-    pin: CertHash,
-    metrics: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ServerError>>,
-}
 
 impl Rendezvous {
     async fn scrape(&self) -> Scrape {
-        let answer = http(self.metrics, "GET /metrics HTTP/1.1\r\nHost: rv\r\n\r\n").await;
+        let answer = http(self.metrics(), "GET /metrics HTTP/1.1\r\nHost: rv\r\n\r\n").await;
         Scrape::parse(body_of(&answer))
     }
-
-    /// Shuts the server down and waits until it has.
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task
-            .await
-            .expect("the rendezvous task panicked")
-            .expect("the rendezvous stops cleanly");
-    }
-}
-
-/// An admitted node: its own QUIC endpoint and its session, kept open.
-struct Member {
-    id: NodeId,
-    session: Session,
-    _endpoint: quinn::Endpoint,
 }
 
 impl Member {
-    async fn join(rendezvous: &Rendezvous, name: &str, token: Option<&str>) -> Result<Self, ClientError> {
-        let key = PrivateKey::generate(&mut rand::rngs::OsRng);
-        let endpoint =
-            quinn::Endpoint::client("127.0.0.1:0".parse().expect("an address")).expect("a client endpoint");
-        let config = ClientConfig {
-            server: rendezvous.addr.to_string(),
-            pin: rendezvous.pin,
-            name: name.to_owned(),
-            listen_port: LISTEN_PORT,
-            token: token.map(str::to_owned),
-        };
-        let (session, update) = client::admit(&endpoint, &config, &key, Vec::new()).await?;
-        let Update::Welcome { node, .. } = update else {
-            panic!("admission should yield a welcome, got {update:?}");
-        };
-        Ok(Self {
-            id: NodeId::of_overlay(node.ipv4).expect("an overlay address is a relay id"),
-            session,
-            _endpoint: endpoint,
-        })
-    }
-
     /// The overlay address, which is also the relay id.
     fn address(&self) -> String {
         std::net::Ipv4Addr::from(self.id.get()).to_string()
@@ -523,30 +401,13 @@ impl Member {
 /// its own length, so a resent frame of an earlier call that arrives late
 /// is not taken for this one's.
 async fn relay_until_delivered(from: &Member, to: &Member, len: usize) {
-    let mut frame = Vec::new();
-    encode_frame(RelayHeader { kind: RelayKind::Packet, node: to.id }, &vec![7; len], &mut frame)
-        .expect("a valid frame");
-    let frame = Bytes::from(frame);
     let receiving = async {
         loop {
-            let datagram = to.session.connection().read_datagram().await.expect("the connection stays up");
-            let (header, payload) = parse(&datagram).expect("the relay forwards only frames that parse");
-            if header.node == from.id && payload.len() == len {
+            let (source, payload) = to.receive().await;
+            if source == from.id && payload.len() == len {
                 return;
             }
         }
     };
-    tokio::pin!(receiving);
-    // The first tick is at once; later ones only when a frame was lost.
-    let mut resend = tokio::time::interval(RESEND);
-    loop {
-        tokio::select! {
-            () = &mut receiving => return,
-            _ = resend.tick() => from
-                .session
-                .connection()
-                .send_datagram(frame.clone())
-                .expect("the connection takes datagrams"),
-        }
-    }
+    resend_until(from, frame(to.id, &vec![7; len]), receiving).await
 }

@@ -14,43 +14,22 @@
 //! from a given sender; frames ride QUIC datagrams, which may be lost, so
 //! the marker is resent until the receiver has read it, and each sender's
 //! frames reach the receiver in the order it sent them (one connection in,
-//! one relay queue, one connection out). [`DEADLINE`] only turns a hang
-//! into a failure.
+//! one relay queue, one connection out). [`quic::DEADLINE`] only turns a
+//! hang into a failure.
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::path::Path;
+mod quic;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
-use meshd::identity::{PrivateKey, PublicKey};
-use meshd::rendezvous::admin::{self, AdminRequest, AdminResponse};
 use meshd::rendezvous::admission;
-use meshd::rendezvous::client::{self, ClientConfig, Session, Update};
-use meshd::rendezvous::server::{Server, ServerError};
-use meshd::rendezvous::setup;
-use meshd::rendezvous::stream::{read_frame, write_frame};
-use meshd::rendezvous::tls::{self, CertHash};
-use meshd::wire::control::{
-    Hello, Proof, RejectReason, ServerHello, ServerMessage, MAX_FRAME, MAX_FRAME_UNADMITTED,
-    PROTOCOL_VERSION,
-};
-use meshd::wire::relay::{
-    encode_frame, parse, stream_prefix, NodeId, RelayHeader, RelayKind, HEADER_LEN,
-};
+use meshd::wire::control::{RejectReason, ServerMessage};
+use meshd::wire::relay::{stream_prefix, NodeId, HEADER_LEN};
+use quic::{frame, hello, resend_until, within_deadline, Member, Mesh, Node, RawConnection, HOUR};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-
-/// Hang protection for a whole test; no test should come near it.
-const DEADLINE: Duration = Duration::from_secs(60);
-/// A token lifetime no test outlives.
-const HOUR: u64 = 3600;
-const LISTEN_PORT: u16 = 51820;
-/// How often an unanswered marker is sent again. Only a lost datagram
-/// makes a second one necessary.
-const MARKER_RESEND: Duration = Duration::from_millis(50);
 
 /// The first payload byte says what a frame is; the relay never reads
 /// payloads (they would be WireGuard), the receivers of these tests do.
@@ -69,33 +48,33 @@ async fn a_stranger_cannot_relay_to_a_member() {
         let mesh = Mesh::init();
         let token = mesh.token(HOUR, None);
         let rendezvous = mesh.serve().await;
-        let a = Member::join(&rendezvous, "a", &token).await;
-        let b = Member::join(&rendezvous, "b", &token).await;
+        let a = Member::admit(&rendezvous, "a", &token).await;
+        let b = Member::admit(&rendezvous, "b", &token).await;
 
         // One stranger completes the QUIC handshake against the pinned
         // certificate and reads the server's hello, but never says hello.
-        let silent = Stranger::new();
+        let silent = Node::new("silent");
         let silent_conn = RawConnection::open(&silent.endpoint, &rendezvous).await;
         send_stranger_frames(&silent_conn.connection, b.id).await;
 
         // Another claims to be member a with a proof it cannot make, and
         // relays before and after its hello. Its rejection comes after the
         // rendezvous has read everything it sent before the hello.
-        let impostor = Stranger::new();
+        let impostor = Node::new("impostor");
         let mut raw = RawConnection::open(&impostor.endpoint, &rendezvous).await;
         send_stranger_frames(&raw.connection, b.id).await;
         let forged = admission::proof(&impostor.key, &raw.server_hello.server_key, &raw.exporter);
-        raw.send_hello(&hello(a.public_key, forged, Some(&token)))
+        raw.send_hello(&hello(a.node.public_key(), forged, Some(&token)))
             .await;
         send_stranger_frames(&raw.connection, b.id).await;
         assert_rejected(raw.answer().await, RejectReason::BadProof, "a forged proof");
 
         // A third proves its own key but has no token.
-        let tokenless = Stranger::new();
+        let tokenless = Node::new("tokenless");
         let mut raw = RawConnection::open(&tokenless.endpoint, &rendezvous).await;
         send_stranger_frames(&raw.connection, b.id).await;
         let proof = admission::proof(&tokenless.key, &raw.server_hello.server_key, &raw.exporter);
-        raw.send_hello(&hello(tokenless.key.public_key(), proof, None))
+        raw.send_hello(&hello(tokenless.public_key(), proof, None))
             .await;
         send_stranger_frames(&raw.connection, b.id).await;
         assert_rejected(raw.answer().await, RejectReason::BadToken, "no token");
@@ -130,9 +109,9 @@ async fn a_member_cannot_send_as_another_node() {
         let mesh = Mesh::init();
         let token = mesh.token(HOUR, None);
         let rendezvous = mesh.serve().await;
-        let a = Member::join(&rendezvous, "a", &token).await;
-        let b = Member::join(&rendezvous, "b", &token).await;
-        let m = Member::join(&rendezvous, "mallory", &token).await;
+        let a = Member::admit(&rendezvous, "a", &token).await;
+        let b = Member::admit(&rendezvous, "b", &token).await;
+        let m = Member::admit(&rendezvous, "mallory", &token).await;
 
         // The only id a node writes is the destination's: naming a, hoping
         // b takes the frame for a's, sends it to a, labelled m.
@@ -204,9 +183,9 @@ async fn a_flood_from_one_node_does_not_starve_the_others() {
         mesh.set_relay_limits("packets-per-second = 1000\nburst-ms = 100\n");
         let token = mesh.token(HOUR, None);
         let rendezvous = mesh.serve().await;
-        let a = Member::join(&rendezvous, "a", &token).await;
-        let b = Member::join(&rendezvous, "b", &token).await;
-        let f = Member::join(&rendezvous, "flooder", &token).await;
+        let a = Member::admit(&rendezvous, "a", &token).await;
+        let b = Member::admit(&rendezvous, "b", &token).await;
+        let f = Member::admit(&rendezvous, "flooder", &token).await;
 
         let mut flood = Flood::start(&f, b.id);
         flood.started().await;
@@ -251,21 +230,6 @@ async fn a_flood_from_one_node_does_not_starve_the_others() {
 // Relay frames
 // ---------------------------------------------------------------------------
 
-/// A relay frame as a node writes it: addressed to `to`.
-fn frame(to: NodeId, payload: &[u8]) -> Bytes {
-    let mut out = Vec::new();
-    encode_frame(
-        RelayHeader {
-            kind: RelayKind::Packet,
-            node: to,
-        },
-        payload,
-        &mut out,
-    )
-    .expect("a valid frame");
-    out.into()
-}
-
 /// A payload: the tag, then a sequence number.
 fn numbered(tag: u8, seq: u32) -> Vec<u8> {
     let mut payload = vec![tag];
@@ -294,16 +258,19 @@ impl Received {
 /// Has `from` send its marker to `to` until `to` reads it; returns what
 /// `to` read before it.
 async fn deliver_marker(from: &Member, to: &Member) -> Vec<Received> {
-    let marker = frame(to.id, &[MARKER]);
-    let receiving = to.receive_until_marker(from.id);
-    tokio::pin!(receiving);
-    // The first tick is at once; later ones only when a marker was lost.
-    let mut resend = tokio::time::interval(MARKER_RESEND);
+    let receiving = receive_until_marker(to, from.id);
+    resend_until(from, frame(to.id, &[MARKER]), receiving).await
+}
+
+/// Relay frames as they arrive at `to`, up to the first marker from `from`.
+async fn receive_until_marker(to: &Member, from: NodeId) -> Vec<Received> {
+    let mut received = Vec::new();
     loop {
-        tokio::select! {
-            received = &mut receiving => return received,
-            _ = resend.tick() => from.send_raw(marker.clone()),
+        let (source, payload) = to.receive().await;
+        if source == from && payload == [MARKER] {
+            return received;
         }
+        received.push(Received { source, payload });
     }
 }
 
@@ -386,262 +353,12 @@ impl Flood {
 }
 
 // ---------------------------------------------------------------------------
-// Harness (the pieces of tests/rendezvous.rs these tests need)
+// Harness (the rest is in tests/quic)
 // ---------------------------------------------------------------------------
-
-/// Fails the test instead of hanging it.
-async fn within_deadline(test: impl Future<Output = ()>) {
-    if tokio::time::timeout(DEADLINE, test).await.is_err() {
-        panic!("the test did not finish within {DEADLINE:?}");
-    }
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// A mesh in a temporary state directory, as `mesh-rendezvous init` makes it.
-struct Mesh {
-    dir: tempfile::TempDir,
-}
-
-impl Mesh {
-    fn init() -> Self {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let listen: SocketAddr = "127.0.0.1:0".parse().expect("an address");
-        setup::init(
-            dir.path(),
-            listen,
-            "127.0.0.1:0",
-            setup::default_cidr(),
-            &mut rand::rngs::OsRng,
-        )
-        .expect("init a mesh");
-        Self { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Adds a `[relay]` table with these keys to `rendezvous.toml`.
-    fn set_relay_limits(&self, keys: &str) {
-        let path = setup::Layout::new(self.path()).config();
-        let mut text = std::fs::read_to_string(&path).expect("read rendezvous.toml");
-        text.push_str("\n[relay]\n");
-        text.push_str(keys);
-        std::fs::write(&path, text).expect("write rendezvous.toml");
-    }
-
-    /// A join token, created on the stored state (no server running).
-    fn token(&self, ttl_secs: u64, max_uses: Option<u32>) -> String {
-        let request = AdminRequest::CreateToken { ttl_secs, max_uses };
-        match admin::apply_offline(self.path(), request, now_unix(), &mut rand::rngs::OsRng) {
-            Ok(AdminResponse::Token { token, .. }) => token,
-            other => panic!("creating a token: {other:?}"),
-        }
-    }
-
-    /// Loads the state directory and serves it on an ephemeral port.
-    async fn serve(&self) -> Rendezvous {
-        let loaded = setup::load(self.path()).expect("load the state directory");
-        let pin = loaded.cert_hash();
-        let server = Server::bind(loaded).await.expect("bind the rendezvous");
-        let addr = server.local_addr().expect("the bound address");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async {
-            let _ = stopped.await;
-        }));
-        Rendezvous {
-            addr,
-            pin,
-            stop,
-            task,
-        }
-    }
-}
-
-/// A running rendezvous.
-struct Rendezvous {
-    addr: SocketAddr,
-    pin: CertHash,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ServerError>>,
-}
-
-impl Rendezvous {
-    /// Shuts the server down and waits until it has.
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task
-            .await
-            .expect("the rendezvous task panicked")
-            .expect("the rendezvous stops cleanly");
-    }
-}
-
-/// An admitted node: its own QUIC endpoint and its session, kept open (a
-/// dropped session reads as the node leaving).
-struct Member {
-    id: NodeId,
-    public_key: PublicKey,
-    session: Session,
-    _endpoint: quinn::Endpoint,
-}
-
-impl Member {
-    async fn join(rendezvous: &Rendezvous, name: &str, token: &str) -> Self {
-        let key = PrivateKey::generate(&mut rand::rngs::OsRng);
-        let endpoint = client_endpoint();
-        let config = ClientConfig {
-            server: rendezvous.addr.to_string(),
-            pin: rendezvous.pin,
-            name: name.to_owned(),
-            listen_port: LISTEN_PORT,
-            token: Some(token.to_owned()),
-        };
-        let (session, update) = client::admit(&endpoint, &config, &key, Vec::new())
-            .await
-            .unwrap_or_else(|e| panic!("{name} is admitted: {e}"));
-        let Update::Welcome { node, .. } = update else {
-            panic!("admission should yield a welcome, got {update:?}");
-        };
-        Self {
-            id: NodeId::of_overlay(node.ipv4).expect("an overlay address is a relay id"),
-            public_key: key.public_key(),
-            session,
-            _endpoint: endpoint,
-        }
-    }
-
-    fn connection(&self) -> &quinn::Connection {
-        self.session.connection()
-    }
-
-    /// One relay frame to `to`, as a datagram.
-    fn send(&self, to: NodeId, payload: &[u8]) {
-        self.send_raw(frame(to, payload));
-    }
-
-    /// Any bytes, as one datagram.
-    fn send_raw(&self, datagram: Bytes) {
-        self.connection()
-            .send_datagram(datagram)
-            .expect("the connection takes datagrams");
-    }
-
-    /// Relay frames as they arrive, up to the first marker from `from`.
-    async fn receive_until_marker(&self, from: NodeId) -> Vec<Received> {
-        let mut received = Vec::new();
-        loop {
-            let datagram = self
-                .connection()
-                .read_datagram()
-                .await
-                .expect("the connection stays up");
-            let (header, payload) =
-                parse(&datagram).expect("the relay forwards only frames that parse");
-            if header.node == from && payload == [MARKER] {
-                return received;
-            }
-            received.push(Received {
-                source: header.node,
-                payload: payload.to_vec(),
-            });
-        }
-    }
-}
-
-/// Someone with a key of their own and a QUIC endpoint, and no place in
-/// the mesh.
-struct Stranger {
-    key: PrivateKey,
-    endpoint: quinn::Endpoint,
-}
-
-impl Stranger {
-    fn new() -> Self {
-        Self {
-            key: PrivateKey::generate(&mut rand::rngs::OsRng),
-            endpoint: client_endpoint(),
-        }
-    }
-}
-
-fn client_endpoint() -> quinn::Endpoint {
-    quinn::Endpoint::client("127.0.0.1:0".parse().expect("an address")).expect("a client endpoint")
-}
-
-/// A hello as a node would send it, with whatever key and proof the test picks.
-fn hello(public_key: PublicKey, proof: Proof, token: Option<&str>) -> Hello {
-    Hello {
-        version: PROTOCOL_VERSION,
-        public_key,
-        name: "hand-written".into(),
-        listen_port: LISTEN_PORT,
-        token: token.map(str::to_owned),
-        candidates: Vec::new(),
-        proof,
-    }
-}
 
 fn assert_rejected(answer: ServerMessage, expected: RejectReason, what: &str) {
     match answer {
         ServerMessage::Rejected { reason, .. } if reason == expected => {}
         other => panic!("{what}: expected a {expected:?} rejection, got {other:?}"),
-    }
-}
-
-/// A control connection driven by hand, up to the point where the node
-/// speaks: the server's hello has been read and the exporter value taken.
-struct RawConnection {
-    connection: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    server_hello: ServerHello,
-    exporter: [u8; 32],
-}
-
-impl RawConnection {
-    async fn open(endpoint: &quinn::Endpoint, rendezvous: &Rendezvous) -> Self {
-        let config = tls::client_config(rendezvous.pin).expect("a client configuration");
-        let connection = endpoint
-            .connect_with(config, rendezvous.addr, tls::SERVER_NAME)
-            .expect("connect")
-            .await
-            .expect("the QUIC handshake");
-        // The rendezvous opens the control stream and speaks first.
-        let (send, mut recv) = connection
-            .accept_bi()
-            .await
-            .expect("the server's control stream");
-        let server_hello: ServerHello = read_frame(&mut recv, MAX_FRAME_UNADMITTED)
-            .await
-            .expect("the server's hello");
-        let mut exporter = [0u8; 32];
-        connection
-            .export_keying_material(&mut exporter, admission::EXPORTER_LABEL, &[])
-            .expect("the TLS exporter");
-        Self {
-            connection,
-            send,
-            recv,
-            server_hello,
-            exporter,
-        }
-    }
-
-    async fn send_hello(&mut self, hello: &Hello) {
-        write_frame(&mut self.send, hello)
-            .await
-            .expect("send the hello");
-    }
-
-    async fn answer(&mut self) -> ServerMessage {
-        read_frame(&mut self.recv, MAX_FRAME)
-            .await
-            .expect("the server's answer")
     }
 }

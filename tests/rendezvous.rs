@@ -7,33 +7,20 @@
 //! ephemeral port and plays nodes with their own QUIC endpoints. Nodes use
 //! the library's client ([`client::admit`]); the attacks speak the protocol
 //! by hand. Nothing here waits on time: every step waits for a message, and
-//! [`DEADLINE`] only turns a hang into a failure.
+//! [`quic::DEADLINE`] only turns a hang into a failure.
 
-use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod quic;
 
-use meshd::identity::{PrivateKey, PublicKey};
-use meshd::rendezvous::admin::{self, AdminRequest, AdminResponse, NodeStatusInfo, TokenInfo};
+use std::net::IpAddr;
+
+use meshd::identity::PublicKey;
+use meshd::rendezvous::admin::{AdminRequest, AdminResponse};
 use meshd::rendezvous::admission;
-use meshd::rendezvous::client::{self, ClientConfig, ClientError, Session, Update};
-use meshd::rendezvous::server::{Server, ServerError};
-use meshd::rendezvous::setup::{self, Layout};
-use meshd::rendezvous::stream::{read_frame, write_frame};
-use meshd::rendezvous::tls::{self, CertHash};
-use meshd::wire::control::{
-    Hello, MeshInfo, NodeEntry, Proof, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
-    MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
-};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-/// Hang protection for a whole test; no test should come near it.
-const DEADLINE: Duration = Duration::from_secs(60);
-/// A token lifetime no test outlives.
-const HOUR: u64 = 3600;
-const LISTEN_PORT: u16 = 51820;
+use meshd::rendezvous::client::{self, ClientError, Session, Update};
+use meshd::rendezvous::stream::read_frame;
+use meshd::rendezvous::tls::CertHash;
+use meshd::wire::control::{MeshInfo, NodeEntry, RejectReason, ServerMessage, MAX_FRAME};
+use quic::{hello, welcomed, within_deadline, Mesh, Node, RawConnection, HOUR};
 
 // ---------------------------------------------------------------------------
 // The tests
@@ -517,83 +504,8 @@ async fn an_unadmitted_connection_cannot_send_a_huge_frame() {
 }
 
 // ---------------------------------------------------------------------------
-// Harness
+// Harness (the rest is in tests/quic)
 // ---------------------------------------------------------------------------
-
-/// Fails the test instead of hanging it.
-async fn within_deadline(test: impl Future<Output = ()>) {
-    if tokio::time::timeout(DEADLINE, test).await.is_err() {
-        panic!("the test did not finish within {DEADLINE:?}");
-    }
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// A mesh in a temporary state directory, as `mesh-rendezvous init` makes it.
-struct Mesh {
-    dir: tempfile::TempDir,
-    info: MeshInfo,
-}
-
-impl Mesh {
-    fn init() -> Self {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let listen: SocketAddr = "127.0.0.1:0".parse().expect("an address");
-        let info = setup::init(
-            dir.path(),
-            listen,
-            "127.0.0.1:0",
-            setup::default_cidr(),
-            &mut rand::rngs::OsRng,
-        )
-        .expect("init a mesh");
-        Self { dir, info }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// A join token, created on the stored state (no server running).
-    fn token(&self, ttl_secs: u64, max_uses: Option<u32>) -> String {
-        let request = AdminRequest::CreateToken { ttl_secs, max_uses };
-        match admin::apply_offline(self.path(), request, now_unix(), &mut rand::rngs::OsRng) {
-            Ok(AdminResponse::Token { token, .. }) => token,
-            other => panic!("creating a token: {other:?}"),
-        }
-    }
-
-    fn revoke(&self, id: &str) {
-        let request = AdminRequest::RevokeToken { id: id.to_owned() };
-        match admin::apply_offline(self.path(), request, now_unix(), &mut rand::rngs::OsRng) {
-            Ok(AdminResponse::Done { .. }) => {}
-            other => panic!("revoking token {id}: {other:?}"),
-        }
-    }
-
-    /// Loads the state directory and serves it on an ephemeral port.
-    async fn serve(&self) -> Rendezvous {
-        let loaded = setup::load(self.path()).expect("load the state directory");
-        let pin = loaded.cert_hash();
-        let server = Server::bind(loaded).await.expect("bind the rendezvous");
-        let addr = server.local_addr().expect("the bound address");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async {
-            let _ = stopped.await;
-        }));
-        Rendezvous {
-            addr,
-            pin,
-            layout: Layout::new(self.path()),
-            stop,
-            task,
-        }
-    }
-}
 
 fn token_id(token: &str) -> &str {
     token.split_once('.').map_or(token, |(id, _)| id)
@@ -605,134 +517,6 @@ fn flip_last_char(secret: &str) -> String {
     // Both stay in the unpadded base64url alphabet.
     s.push(if last == 'A' { 'B' } else { 'A' });
     s
-}
-
-/// A running rendezvous.
-struct Rendezvous {
-    addr: SocketAddr,
-    pin: CertHash,
-    layout: Layout,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ServerError>>,
-}
-
-impl Rendezvous {
-    fn client_config(&self, node: &Node, token: Option<&str>) -> ClientConfig {
-        ClientConfig {
-            server: self.addr.to_string(),
-            pin: self.pin,
-            name: node.name.clone(),
-            listen_port: LISTEN_PORT,
-            token: token.map(str::to_owned),
-        }
-    }
-
-    /// One request through the running server's admin socket.
-    async fn admin(&self, request: AdminRequest) -> AdminResponse {
-        let socket = self.layout.admin_socket();
-        tokio::task::spawn_blocking(move || {
-            meshd::control::client::request::<_, AdminResponse>("mesh-rendezvous", &socket, request)
-        })
-        .await
-        .expect("the admin request task")
-        .expect("the admin socket answers")
-    }
-
-    async fn nodes(&self) -> Vec<NodeStatusInfo> {
-        match self.admin(AdminRequest::ListNodes).await {
-            AdminResponse::Nodes { nodes } => nodes,
-            other => panic!("nodes list: {other:?}"),
-        }
-    }
-
-    async fn tokens(&self) -> Vec<TokenInfo> {
-        match self.admin(AdminRequest::ListTokens).await {
-            AdminResponse::Tokens { tokens } => tokens,
-            other => panic!("token list: {other:?}"),
-        }
-    }
-
-    /// Shuts the server down and waits until it has.
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task
-            .await
-            .expect("the rendezvous task panicked")
-            .expect("the rendezvous stops cleanly");
-    }
-}
-
-/// A simulated node: its key and its own UDP socket.
-struct Node {
-    name: String,
-    key: PrivateKey,
-    endpoint: quinn::Endpoint,
-}
-
-impl Node {
-    fn new(name: &str) -> Self {
-        Self::with_key(name, PrivateKey::generate(&mut rand::rngs::OsRng))
-    }
-
-    fn with_key(name: &str, key: PrivateKey) -> Self {
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("an address"))
-            .expect("a client endpoint");
-        Self {
-            name: name.to_owned(),
-            key,
-            endpoint,
-        }
-    }
-
-    /// The same node on a fresh socket.
-    fn with_new_endpoint(&self) -> Self {
-        Self::with_key(&self.name, self.key.clone())
-    }
-
-    fn public_key(&self) -> PublicKey {
-        self.key.public_key()
-    }
-
-    fn local_addr(&self) -> SocketAddr {
-        self.endpoint.local_addr().expect("the endpoint's address")
-    }
-
-    async fn join(
-        &self,
-        rendezvous: &Rendezvous,
-        token: Option<&str>,
-    ) -> Result<(Session, Welcomed), ClientError> {
-        let config = rendezvous.client_config(self, token);
-        let (session, update) =
-            client::admit(&self.endpoint, &config, &self.key, Vec::new()).await?;
-        Ok((session, welcomed(update)))
-    }
-}
-
-/// The fields of an [`Update::Welcome`].
-#[derive(Debug)]
-struct Welcomed {
-    node: NodeEntry,
-    mesh: MeshInfo,
-    observed: SocketAddr,
-    peers: Vec<NodeEntry>,
-}
-
-fn welcomed(update: Update) -> Welcomed {
-    match update {
-        Update::Welcome {
-            node,
-            mesh,
-            observed,
-            peers,
-        } => Welcomed {
-            node,
-            mesh,
-            observed,
-            peers,
-        },
-        other => panic!("admission should yield a welcome, got {other:?}"),
-    }
 }
 
 async fn next_update(session: &mut Session) -> Update {
@@ -777,69 +561,4 @@ fn assert_learns_nothing(message: &str, mesh: &MeshInfo, member: &NodeEntry, wha
         addresses.is_empty(),
         "{what}: the rejection names addresses {addresses:?}: {message}"
     );
-}
-
-/// A hello as a node would send it, with whatever key and proof the test picks.
-fn hello(public_key: PublicKey, proof: Proof, token: Option<&str>) -> Hello {
-    Hello {
-        version: PROTOCOL_VERSION,
-        public_key,
-        name: "hand-written".into(),
-        listen_port: LISTEN_PORT,
-        token: token.map(str::to_owned),
-        candidates: Vec::new(),
-        proof,
-    }
-}
-
-/// A control connection driven by hand, up to the point where the node
-/// speaks: the server's hello has been read and the exporter value taken.
-struct RawConnection {
-    connection: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    server_hello: ServerHello,
-    exporter: [u8; 32],
-}
-
-impl RawConnection {
-    async fn open(endpoint: &quinn::Endpoint, rendezvous: &Rendezvous) -> Self {
-        let config = tls::client_config(rendezvous.pin).expect("a client configuration");
-        let connection = endpoint
-            .connect_with(config, rendezvous.addr, tls::SERVER_NAME)
-            .expect("connect")
-            .await
-            .expect("the QUIC handshake");
-        // The rendezvous opens the control stream and speaks first.
-        let (send, mut recv) = connection
-            .accept_bi()
-            .await
-            .expect("the server's control stream");
-        let server_hello: ServerHello = read_frame(&mut recv, MAX_FRAME_UNADMITTED)
-            .await
-            .expect("the server's hello");
-        let mut exporter = [0u8; 32];
-        connection
-            .export_keying_material(&mut exporter, admission::EXPORTER_LABEL, &[])
-            .expect("the TLS exporter");
-        Self {
-            connection,
-            send,
-            recv,
-            server_hello,
-            exporter,
-        }
-    }
-
-    async fn send_hello(&mut self, hello: &Hello) {
-        write_frame(&mut self.send, hello)
-            .await
-            .expect("send the hello");
-    }
-
-    async fn answer(&mut self) -> ServerMessage {
-        read_frame(&mut self.recv, MAX_FRAME)
-            .await
-            .expect("the server's answer")
-    }
 }
