@@ -55,6 +55,9 @@ pub struct Config {
     /// The directory of the WireGuard UAPI socket `<interface>.sock` that
     /// `wg show` reads; only tests move it away from [`DEFAULT_UAPI_DIR`].
     pub uapi_dir: PathBuf,
+    /// The environment file (`MESH_IP=`…) written while the interface is
+    /// up, for kubelet's `EnvironmentFile=`: [`crate::kube::env`].
+    pub env_file: PathBuf,
     /// Static peers; a keepalive of 0 is stored as `None` (off), as in wg-quick.
     pub peers: Vec<PeerSpec>,
     /// Where a rendezvous-managed node keeps its cache (address, peer map).
@@ -96,6 +99,8 @@ struct RawConfig {
     socket_group: Option<String>,
     #[serde(default = "default_uapi_dir")]
     uapi_dir: PathBuf,
+    #[serde(default = "default_env_file")]
+    env_file: PathBuf,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
     state_dir: Option<PathBuf>,
@@ -136,6 +141,9 @@ fn default_socket() -> PathBuf {
 }
 fn default_uapi_dir() -> PathBuf {
     PathBuf::from(DEFAULT_UAPI_DIR)
+}
+fn default_env_file() -> PathBuf {
+    PathBuf::from(crate::kube::env::DEFAULT_ENV_FILE)
 }
 
 impl Config {
@@ -185,6 +193,12 @@ impl Config {
         if let Some(name) = &raw.name {
             validate_node_name(name).map_err(|m| invalid("name", m))?;
         }
+        if raw.env_file.file_name().is_none() {
+            return Err(invalid(
+                "env-file",
+                format!("{:?} names a directory; expected a file such as \"/run/meshd/env\"", raw.env_file),
+            ));
+        }
 
         let mut seen_keys = HashSet::new();
         let mut seen_nets: Vec<(IpNet, PublicKey)> = Vec::new();
@@ -231,6 +245,7 @@ impl Config {
             socket: raw.socket,
             socket_group: raw.socket_group,
             uapi_dir: raw.uapi_dir,
+            env_file: raw.env_file,
             peers,
             state_dir: raw.state_dir,
             name: raw.name,
@@ -281,6 +296,7 @@ mod tests {
         assert_eq!(c.mtu, 1380);
         assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.uapi_dir, PathBuf::from("/var/run/wireguard"));
+        assert_eq!(c.env_file, PathBuf::from("/run/meshd/env"));
         assert_eq!(c.addresses, vec!["100.72.0.1/16".parse::<IpNet>().unwrap()]);
     }
 
@@ -288,6 +304,15 @@ mod tests {
     fn the_wireguard_socket_directory_can_be_moved() {
         let c = parse("private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\nuapi-dir = \"/tmp/wg\"\n").unwrap();
         assert_eq!(c.uapi_dir, PathBuf::from("/tmp/wg"));
+    }
+
+    #[test]
+    fn the_env_file_can_be_moved_but_must_name_a_file() {
+        let base = "private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\n";
+        let c = parse(&format!("{base}env-file = \"/run/mesh/env\"\n")).unwrap();
+        assert_eq!(c.env_file, PathBuf::from("/run/mesh/env"));
+        let err = parse(&format!("{base}env-file = \"/run/meshd/..\"\n")).unwrap_err().to_string();
+        assert!(err.contains("`env-file`"), "{err}");
     }
 
     #[test]

@@ -29,6 +29,8 @@
 //! | [`dataplane`] | TUN, UDP, the event loop | yes |
 //! | [`netlink`] | interface address, MTU, routes | yes |
 //! | [`control`] | local API types, server, client | yes |
+//! | [`kube`] | kubelet's env file, `meshctl kube` outputs | writes the env file |
+//! | [`systemd`] | sd_notify: ready, status, stopping | one datagram each |
 //! | [`sim`] | simulated clock and network (feature `sim`) | none |
 
 pub mod cli;
@@ -39,9 +41,11 @@ pub mod engine;
 pub mod identity;
 pub mod ipam;
 pub mod join;
+pub mod kube;
 pub mod netlink;
 pub mod relay;
 pub mod rendezvous;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod systemd;
 pub mod wire;

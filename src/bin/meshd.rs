@@ -40,6 +40,10 @@ enum Command {
         /// (overrides `metrics-address` in the config).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
+        /// Where to write MESH_IP=… while the interface is up (overrides
+        /// `env-file` in the config).
+        #[arg(long, value_name = "PATH")]
+        env_file: Option<PathBuf>,
     },
     /// Enrol this node in a mesh: `meshd join HOST:PORT --token … --ca-hash sha256:…`.
     Join {
@@ -97,7 +101,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("enrolled: {} written", path.display());
             println!("start the node with: meshd run --state-dir {}", options.state_dir.display());
         }
-        Command::Run { config, state_dir, socket, metrics } => {
+        Command::Run { config, state_dir, socket, metrics, env_file } => {
             let path = match (config, state_dir) {
                 (Some(path), _) => path,
                 (None, Some(dir)) => dir.join(CONFIG_FILE),
@@ -111,7 +115,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            let options = meshd::dataplane::RunOptions { socket, metrics };
+            let notify = meshd::systemd::NotifySocket::from_env();
+            let options = meshd::dataplane::RunOptions { socket, metrics, env_file, notify };
             runtime.block_on(meshd::dataplane::run(config, options, shutdown_signal()))?;
         }
     }

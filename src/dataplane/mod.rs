@@ -3,13 +3,15 @@
 //!
 //! Does I/O. Order matters and is the contract with `meshctl`, systemd and
 //! the tests: key → UDP socket → TUN → engine and driver → (rendezvous
-//! session) → link configuration → WireGuard UAPI socket (for `wg show`)
-//! → (metrics listener) → API socket. The sockets appear only once `mesh0`
-//! has its address, so a client that reaches them talks to a node that is
-//! up. The address comes from the config, else from the cache of the last
+//! session) → link configuration → env file ([`crate::kube::env`]) →
+//! WireGuard UAPI socket (for `wg show`) → (metrics listener) → API socket
+//! → `READY=1` to systemd ([`crate::systemd`]). The files and sockets
+//! appear only once `mesh0` has its address, so a client that reaches them
+//! talks to a node that is up; the env file is replaced when the address
+//! changes. The address comes from the config, else from the cache of the last
 //! peer map (so a node comes up while the rendezvous is down), else from
-//! the rendezvous's first welcome. On the way out everything is undone in
-//! reverse.
+//! the rendezvous's first welcome. On the way out (`STOPPING=1`)
+//! everything is undone in reverse.
 
 pub mod cache;
 pub mod candidates;
@@ -36,8 +38,10 @@ use crate::engine::paths::Source;
 use crate::engine::{EngineError, Node, NodeConfig, PeerSpec};
 use crate::identity::keyfile::{read_private_key, KeyFileError};
 use crate::identity::PrivateKey;
+use crate::kube::env::{self as env_file, EnvError, MeshEnv};
 use crate::netlink::{self, Link, LinkConfig, NetlinkError};
 use crate::rendezvous::client::{self, ClientError, Update};
+use crate::systemd::{Notice, Notifier, NotifySocket};
 use crate::wire::control::{Candidate, CandidateKind, NatMapping, NodeEntry};
 use driver::{DriverCommand, MeshPeer, NodeInfo};
 
@@ -64,6 +68,8 @@ pub enum DataplaneError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Cache(#[from] cache::CacheError),
+    #[error(transparent)]
+    Env(#[from] EnvError),
     #[error(transparent)]
     Rendezvous(#[from] ClientError),
     #[error("cannot read the join token {path}: {source}")]
@@ -92,6 +98,10 @@ pub struct RunOptions {
     pub socket: Option<PathBuf>,
     /// Overrides `metrics-address` from the config.
     pub metrics: Option<SocketAddr>,
+    /// Overrides `env-file` from the config.
+    pub env_file: Option<PathBuf>,
+    /// systemd's notification socket (`$NOTIFY_SOCKET`), if any.
+    pub notify: Option<NotifySocket>,
 }
 
 /// Runs a node from `config` until `shutdown` completes, then removes what
@@ -197,6 +207,9 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
 
     let mut agent = Agent {
         socket: options.socket.unwrap_or_else(|| config.socket.clone()),
+        env_file: options.env_file.unwrap_or_else(|| config.env_file.clone()),
+        env_written: false,
+        notifier: Notifier::new(options.notify.as_ref()),
         metrics_address: options.metrics.or(config.metrics_address),
         config,
         state_dir,
@@ -211,6 +224,14 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
         cache: None,
     };
     let result = agent.run(cached, updates, session, &mut driver_task, shutdown).await;
+    agent.notifier.notify(&Notice::Stopping);
+    // Gone before the address is, so the file never names an address that
+    // mesh0 no longer has.
+    if agent.env_written {
+        if let Err(e) = env_file::remove(&agent.env_file) {
+            tracing::warn!(error = %e, "kubelet may read a stale overlay address");
+        }
+    }
 
     // Undo the link configuration while the TUN still exists; the device
     // itself goes with the driver, its only handle.
@@ -246,6 +267,10 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
 struct Agent {
     config: Config,
     socket: PathBuf,
+    env_file: PathBuf,
+    /// Whether this meshd wrote `env_file` (and so removes it on the way out).
+    env_written: bool,
+    notifier: Notifier,
     /// Where to serve metrics, if anywhere.
     metrics_address: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
@@ -279,6 +304,9 @@ impl Agent {
         if let Some(cache) = cached {
             tracing::info!(ipv4 = %cache.node.ipv4, peers = cache.peers.len(), "starting from the cached peer map");
             self.welcome(cache).await?;
+        }
+        if self.info.addresses.is_empty() {
+            self.notifier.notify(&Notice::Status("waiting for the rendezvous to assign an overlay address".into()));
         }
         tokio::pin!(shutdown);
         loop {
@@ -370,10 +398,25 @@ impl Agent {
                 self.config.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()),
             ),
         };
+        if self.env_written {
+            // Moving: the file must never name an address mesh0 no longer has.
+            if let Err(e) = env_file::remove(&self.env_file) {
+                tracing::warn!(error = %e, "kubelet may read a stale overlay address");
+            }
+            self.env_written = false;
+        }
         self.link.apply(&desired).await?;
         self.info.addresses = addresses.iter().map(ToString::to_string).collect();
         let _ = self.commands.send(DriverCommand::SetInfo(self.info.clone())).await;
         tracing::info!(interface = %self.config.interface, ?addresses, "mesh interface up");
+        let first = self.asks.is_some();
+        match env_file::write(&self.env_file, &MeshEnv::new(&addresses, &self.config.interface, self.config.mtu)) {
+            Ok(()) => self.env_written = true,
+            // kubelet cannot start without it: refuse to start rather than
+            // report ready.
+            Err(e) if first => return Err(e.into()),
+            Err(e) => tracing::warn!(error = %e, "kubelet may read a stale overlay address"),
+        }
         if let Some(asks) = self.asks.take() {
             if let Some(key) = self.uapi_key.take() {
                 self.uapi = serve_uapi(&self.config, key, asks.clone()).await;
@@ -386,6 +429,8 @@ impl Agent {
             let api = ApiSocket::bind_for_group(&self.socket, self.config.socket_group.as_deref()).await?;
             self.api = Some(tokio::spawn(api.serve_asks(asks)));
         }
+        let status = format!("{} up: {}", self.config.interface, self.info.addresses.join(" "));
+        self.notifier.notify(&if first { Notice::Ready { status } } else { Notice::Status(status) });
         Ok(())
     }
 

@@ -439,8 +439,11 @@ impl Lab {
         let config = files.config.to_str().expect("utf-8 temp path");
         let socket = files.socket.to_str().expect("utf-8 temp path");
         let label = format!("meshd-{}", node.name);
+        let env_file = files.env_file();
         let mut args = global.to_vec();
         args.extend(["run", "--config", config, "--socket", socket]);
+        // In the lab's directory, not the host's /run/meshd.
+        args.extend(["--env-file", utf8(&env_file)]);
         let daemon = self.spawn_with_env(node, &label, MESHD, &args, env);
         let mut meshd = Meshd {
             daemon,
@@ -701,6 +704,24 @@ impl Daemon<'_> {
     }
 }
 
+impl Daemon<'_> {
+    /// Waits for the process to exit on its own (after a signal sent to
+    /// one of its children, say); returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon not yet stopped");
+        let label = self.label.clone();
+        eventually(
+            &format!("{label} exits"),
+            START_STOP_DEADLINE,
+            || match child.try_wait() {
+                Ok(Some(status)) => Ok(status),
+                Ok(None) => Err("still running".into()),
+                Err(e) => panic!("cannot wait for {label}: {e}"),
+            },
+        )
+    }
+}
+
 impl Drop for Daemon<'_> {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -723,6 +744,14 @@ impl Drop for Daemon<'_> {
 pub struct MeshdFiles {
     pub config: PathBuf,
     pub socket: PathBuf,
+}
+
+impl MeshdFiles {
+    /// Where [`Lab::start_meshd`] has meshd write its env file: next to
+    /// the API socket (`a.sock` → `a.env`).
+    pub fn env_file(&self) -> PathBuf {
+        self.socket.with_extension("env")
+    }
 }
 
 /// A running meshd.
@@ -1029,11 +1058,18 @@ impl MeshNode<'_> {
             "meshd on {} is already running",
             self.name
         );
+        let env_file = self.env_file();
         let daemon = self.lab.spawn(
             self.machine,
             &format!("meshd-{}", self.machine.name),
             MESHD,
-            &["run", "--state-dir", utf8(&self.state_dir)],
+            &[
+                "run",
+                "--state-dir",
+                utf8(&self.state_dir),
+                "--env-file",
+                utf8(&env_file),
+            ],
         );
         let mut meshd = Meshd {
             daemon,
@@ -1061,6 +1097,12 @@ impl MeshNode<'_> {
 
     pub fn meshd(&self) -> &Meshd<'_> {
         self.meshd.as_ref().expect("meshd is running")
+    }
+
+    /// Where its meshd writes the env file: in its state directory, not
+    /// the host's /run/meshd.
+    pub fn env_file(&self) -> PathBuf {
+        self.state_dir.join("env")
     }
 
     /// The log of the meshd running now.

@@ -1,0 +1,1 @@
+//! `meshctl kube …` generators: kubelet drop-in, flannel, calico, kubeadm, kubespray (pure).
