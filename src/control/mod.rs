@@ -232,6 +232,9 @@ pub struct StatusInfo {
     /// This node's overlay addresses.
     pub overlay_ips: Vec<String>,
     pub interface: String,
+    /// mesh0's MTU; 0 from an older meshd that did not say.
+    #[serde(default)]
+    pub mtu: u16,
     pub listen_port: u16,
     pub addresses: Vec<String>,
     pub peers: usize,

@@ -43,6 +43,7 @@ const RECV_BUF: usize = 1 << 16;
 pub struct NodeInfo {
     pub name: Option<String>,
     pub interface: String,
+    pub mtu: u16,
     pub listen_port: u16,
     pub addresses: Vec<String>,
     /// Addresses on the node's other interfaces: being seen at one of
@@ -633,6 +634,7 @@ impl Driver {
                     overlay_ips: self.info.addresses.iter().map(|a| a.split('/').next().unwrap_or(a).to_owned()).collect(),
                     public_key: self.node.public_key().to_string(),
                     interface: self.info.interface.clone(),
+                    mtu: self.info.mtu,
                     listen_port: self.info.listen_port,
                     addresses: self.info.addresses.clone(),
                     peers: peers.len(),

@@ -180,6 +180,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
     let info = NodeInfo {
         name: name.clone(),
         interface: config.interface.clone(),
+        mtu: config.mtu,
         listen_port,
         addresses: Vec::new(),
         underlay_ips,

@@ -159,7 +159,7 @@ impl Mesh {
                 reachable: seen_by_rendezvous(&status.seen_at).map(|ip| (ip, Reach::Observed)),
             },
             interface: status.interface.clone(),
-            mtu: overrides.mtu.unwrap_or(DEFAULT_MTU),
+            mtu: overrides.mtu.or(Some(status.mtu).filter(|&m| m != 0)).unwrap_or(DEFAULT_MTU),
         };
         let mut notes = Vec::new();
         let mut members = Vec::new();
