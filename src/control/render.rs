@@ -71,11 +71,10 @@ pub fn status(s: &StatusInfo) -> String {
         let _ = writeln!(out, "name:        {name}");
     }
     let _ = writeln!(out, "public key:  {}", s.public_key);
-    match s.mtu {
+    let _ = match s.mtu {
         0 => writeln!(out, "interface:   {}", s.interface),
         mtu => writeln!(out, "interface:   {} (MTU {mtu})", s.interface),
-    }
-    .unwrap_or_default();
+    };
     let _ = writeln!(out, "addresses:   {}", s.addresses.join(", "));
     let _ = writeln!(out, "listen port: {}", s.listen_port);
     let _ = writeln!(out, "NAT:         {}", s.nat.describe());
