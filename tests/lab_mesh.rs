@@ -9,27 +9,27 @@
 //! the `mt` of tests/common), with the daemons' state directories inside
 //! its `LAB_DIR`; a guard runs `deploy/lab/down` when the test ends, failed
 //! or not, after printing the daemons' logs if it failed. A run killed
-//! before that is swept by the next.
+//! before that is swept by the next. The helpers it shares with the
+//! namespace tests (commands, polling, TCP transfers) are tests/common's.
+
+mod common;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Once};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::sched::{setns, CloneFlags};
-use sha2::{Digest, Sha256};
-
-const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
-const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
-const MESH_RENDEZVOUS: &str = env!("CARGO_BIN_EXE_mesh-rendezvous");
+use common::{
+    assert_success, eventually_every, output, utf8, Amount, TcpTransfer, MESHCTL, MESHD,
+    MESH_RENDEZVOUS,
+};
 
 // The lab's addresses, as deploy/lab/common.sh sets them.
 const RENDEZVOUS: &str = "203.0.113.2:7443";
@@ -51,8 +51,6 @@ const REACH_DEADLINE: Duration = Duration::from_secs(60);
 /// How long the paths may take to settle once every pair has talked:
 /// hole punching, probes and the switch from relay to direct.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(90);
-/// No single socket operation of a transfer may block longer than this.
-const IO_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The prefix of this file's namespaces.
@@ -380,6 +378,15 @@ impl MeshLab {
         }
     }
 
+    /// A TCP connection from `from` to `to`'s overlay address carrying
+    /// `amount` seeded pseudo-random bytes, hashed at both ends.
+    fn tcp_transfer(&self, from: &str, to: &str, amount: Amount, seed: u64) -> TcpTransfer {
+        let address = IpAddr::V4(self.overlay(to));
+        let what = format!("{amount:?} over TCP from {from} to {to} ({address})");
+        let (from, to) = (self.ns(from), self.ns(to));
+        TcpTransfer::start(what, &from, &to, address, amount, seed, REACH_DEADLINE)
+    }
+
     /// Runs `args` in `machine`'s namespace and asserts it succeeded.
     fn run_in(&self, machine: &str, args: &[&str]) {
         let ns = self.ns(machine);
@@ -613,7 +620,7 @@ fn blocking_the_direct_path_moves_a_pair_to_the_relay_and_back_without_breaking_
     let lab = MeshLab::with_mesh_of(&["pub1", "pub2"]);
     lab.wait_for_reach("pub1", "pub2");
     lab.wait_for_paths("pub1", "pub2", "direct");
-    let transfer = TcpTransfer::start(&lab, "pub1", "pub2", Amount::Paced(16 << 10), 0x5eed_0002);
+    let transfer = lab.tcp_transfer("pub1", "pub2", Amount::Paced(16 << 10), 0x5eed_0002);
     let moving = |what: &str, since: usize| {
         eventually(what, REACH_DEADLINE, || match transfer.received() {
             now if now > since => Ok(now),
@@ -678,205 +685,17 @@ fn a_flushed_nat_mapping_recovers() {
     );
 }
 
-/// Runs `f` on a new thread inside network namespace `ns`.
-fn in_namespace<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> thread::JoinHandle<T> {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        // Changes the namespace of this thread only.
-        setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
-        f()
-    })
-}
-
-/// Deterministic bytes (splitmix64), so both ends can be checked against
-/// each other without keeping the data.
-struct Stream {
-    state: u64,
-}
-
-impl Stream {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
-        }
-    }
-}
-
-const CHUNK: usize = 64 * 1024;
-
-/// How much a [`TcpTransfer`] sends.
-#[derive(Debug, Clone, Copy)]
-enum Amount {
-    /// This many bytes, as fast as TCP goes.
-    Bytes(usize),
-    /// One chunk of this size every `PACE` until [`TcpTransfer::finish`]:
-    /// a long-lived connection that keeps a path busy without taking the
-    /// machine's CPU from the daemons.
-    Paced(usize),
-}
-
-/// The gap between two chunks of an [`Amount::Paced`] transfer.
-const PACE: Duration = Duration::from_millis(10);
-
-/// One TCP connection from node `from` to node `to`'s overlay address
-/// carrying seeded pseudo-random bytes, hashed at both ends.
-struct TcpTransfer {
-    what: String,
-    stop: Arc<AtomicBool>,
-    received: Arc<AtomicUsize>,
-    sender: thread::JoinHandle<Result<(usize, Vec<u8>), String>>,
-    receiver: thread::JoinHandle<Result<(usize, Vec<u8>), String>>,
-}
-
-impl TcpTransfer {
-    /// Connects and starts sending; returns once the receiver listens.
-    fn start(lab: &MeshLab, from: &str, to: &str, amount: Amount, seed: u64) -> Self {
-        let address = IpAddr::V4(lab.overlay(to));
-        let what = format!("{amount:?} over TCP from {from} to {to} ({address})");
-        let addr = SocketAddr::from((address, 5201));
-        let (bound_tx, bound_rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let received = Arc::new(AtomicUsize::new(0));
-
-        let progress = received.clone();
-        let receiver = in_namespace(&lab.ns(to), move || -> Result<(usize, Vec<u8>), String> {
-            let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
-            let _ = bound_tx.send(());
-            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-            let (mut stream, _) = eventually(
-                &format!("a sender connects to {addr}"),
-                REACH_DEADLINE,
-                || listener.accept().map_err(|e| e.to_string()),
-            );
-            stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-            stream
-                .set_read_timeout(Some(IO_TIMEOUT))
-                .map_err(|e| e.to_string())?;
-            let mut hash = Sha256::new();
-            let mut total = 0;
-            let mut buf = vec![0; CHUNK];
-            loop {
-                match stream.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        hash.update(&buf[..n]);
-                        total += n;
-                        progress.store(total, Ordering::Relaxed);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(format!("receive after {total} bytes: {e}")),
-                }
-            }
-            Ok((total, hash.finalize().to_vec()))
-        });
-        if bound_rx.recv_timeout(REACH_DEADLINE).is_err() {
-            panic!("{what}: the receiver did not listen: {:?}", receiver.join());
-        }
-
-        let stopped = stop.clone();
-        let sender = in_namespace(&lab.ns(from), move || -> Result<(usize, Vec<u8>), String> {
-            let mut stream = eventually(&format!("connect to {addr}"), REACH_DEADLINE, || {
-                TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())
-            });
-            stream
-                .set_write_timeout(Some(IO_TIMEOUT))
-                .map_err(|e| e.to_string())?;
-            let mut data = Stream { state: seed };
-            let mut hash = Sha256::new();
-            let mut buf = vec![0; CHUNK];
-            let mut sent = 0;
-            loop {
-                let n = match amount {
-                    Amount::Bytes(len) if sent < len => CHUNK.min(len - sent),
-                    Amount::Paced(chunk) if !stopped.load(Ordering::Relaxed) => {
-                        thread::sleep(PACE);
-                        chunk.min(CHUNK)
-                    }
-                    Amount::Bytes(_) | Amount::Paced(_) => break,
-                };
-                data.fill(&mut buf[..n]);
-                hash.update(&buf[..n]);
-                stream
-                    .write_all(&buf[..n])
-                    .map_err(|e| format!("send after {sent} bytes: {e}"))?;
-                sent += n;
-            }
-            stream
-                .shutdown(std::net::Shutdown::Write)
-                .map_err(|e| e.to_string())?;
-            Ok((sent, hash.finalize().to_vec()))
-        });
-        Self {
-            what,
-            stop,
-            received,
-            sender,
-            receiver,
-        }
-    }
-
-    /// Bytes that have arrived so far.
-    fn received(&self) -> usize {
-        self.received.load(Ordering::Relaxed)
-    }
-
-    /// Stops a paced transfer, waits for both ends and asserts that exactly
-    /// the bytes sent arrived (same length, same SHA-256); returns how many.
-    fn finish(self) -> usize {
-        let what = self.what;
-        self.stop.store(true, Ordering::Relaxed);
-        let (sent, sent_hash) = self
-            .sender
-            .join()
-            .expect("sender thread")
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let (received, received_hash) = self
-            .receiver
-            .join()
-            .expect("receiver thread")
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(received, sent, "{what}: wrong number of bytes arrived");
-        assert!(
-            sent_hash == received_hash,
-            "{what}: the bytes that arrived differ from those sent (SHA-256 mismatch)"
-        );
-        sent
-    }
-}
-
 /// Sends `len` seeded pseudo-random bytes over TCP from node `from` to
 /// node `to`'s overlay address and asserts that exactly those bytes arrive.
 fn assert_tcp_transfer(lab: &MeshLab, from: &str, to: &str, len: usize, seed: u64) {
-    let sent = TcpTransfer::start(lab, from, to, Amount::Bytes(len), seed).finish();
-    assert_eq!(sent, len, "the sender sent everything");
+    let transfer = lab.tcp_transfer(from, to, Amount::Bytes(len), seed);
+    assert_eq!(transfer.finish(), len, "the sender sent everything");
 }
 
-/// Retries `attempt` until it succeeds or `within` has passed; then panics
-/// with `what` and the last failure.
-fn eventually<T>(
-    what: &str,
-    within: Duration,
-    mut attempt: impl FnMut() -> Result<T, String>,
-) -> T {
-    let end = Instant::now() + within;
-    loop {
-        match attempt() {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= end => {
-                panic!("{what}: did not happen within {within:?}; last attempt: {last}")
-            }
-            Err(_) => thread::sleep(POLL_INTERVAL),
-        }
-    }
+/// [`common::eventually`], trying again every [`POLL_INTERVAL`] of this
+/// file's (a lab runs many daemons; it is polled less often).
+fn eventually<T>(what: &str, within: Duration, attempt: impl FnMut() -> Result<T, String>) -> T {
+    eventually_every(what, within, POLL_INTERVAL, attempt)
 }
 
 /// Panics unless the tests run as root: the lab is not optional.
@@ -886,29 +705,6 @@ fn require_root() {
     assert!(
         euid == 0,
         "needs root: the NAT lab is built of network namespaces (run `sudo -E cargo test`)"
-    );
-}
-
-fn utf8(path: &Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
-
-/// Runs a command to completion and returns its output, whatever its status.
-fn output(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{program}`: {e}"))
-}
-
-fn assert_success(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed with {}:\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 

@@ -33,8 +33,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Mutex, Once};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Once};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -88,6 +88,16 @@ pub fn require_root() {
 pub fn eventually<T>(
     what: &str,
     within: Duration,
+    attempt: impl FnMut() -> Result<T, String>,
+) -> T {
+    eventually_every(what, within, POLL_INTERVAL, attempt)
+}
+
+/// [`eventually`], trying again every `every`.
+pub fn eventually_every<T>(
+    what: &str,
+    within: Duration,
+    every: Duration,
     mut attempt: impl FnMut() -> Result<T, String>,
 ) -> T {
     let end = Instant::now() + within;
@@ -97,7 +107,7 @@ pub fn eventually<T>(
             Err(last) if Instant::now() >= end => {
                 panic!("{what}: did not happen within {within:?}; last attempt: {last}")
             }
-            Err(_) => thread::sleep(POLL_INTERVAL),
+            Err(_) => thread::sleep(every),
         }
     }
 }
@@ -882,7 +892,7 @@ impl Lab {
     }
 }
 
-fn utf8(path: &Path) -> &str {
+pub fn utf8(path: &Path) -> &str {
     path.to_str().expect("utf-8 temp path")
 }
 
@@ -1167,7 +1177,7 @@ impl MeshNode<'_> {
 }
 
 /// Runs `f` on a new thread inside network namespace `ns`.
-fn in_namespace<T: Send + 'static>(
+pub fn in_namespace<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> thread::JoinHandle<T> {
@@ -1222,77 +1232,155 @@ pub fn assert_tcp_transfer_to(
         "{len} bytes over TCP from node {} to node {} ({address})",
         from.name, to.name
     );
-    let addr = SocketAddr::from((address, 5201));
-    let (bound_tx, bound_rx) = mpsc::channel();
+    let amount = Amount::Bytes(len);
+    let transfer = TcpTransfer::start(what, &from.ns, &to.ns, address, amount, seed, DEADLINE);
+    assert_eq!(transfer.finish(), len, "the sender sent everything");
+}
 
-    let receiver = in_namespace(&to.ns, move || -> Result<(usize, Vec<u8>), String> {
-        let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
-        let _ = bound_tx.send(());
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let (mut stream, _) = eventually(&format!("a sender connects to {addr}"), DEADLINE, || {
-            listener.accept().map_err(|e| e.to_string())
-        });
-        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-        stream
-            .set_read_timeout(Some(IO_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        let mut hash = Sha256::new();
-        let mut received = 0;
-        let mut buf = vec![0; CHUNK];
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    hash.update(&buf[..n]);
-                    received += n;
+/// How much a [`TcpTransfer`] sends.
+#[derive(Debug, Clone, Copy)]
+pub enum Amount {
+    /// This many bytes, as fast as TCP goes.
+    Bytes(usize),
+    /// One chunk of this size every `PACE` until [`TcpTransfer::finish`]:
+    /// a long-lived connection that keeps a path busy without taking the
+    /// machine's CPU from the daemons.
+    Paced(usize),
+}
+
+/// The gap between two chunks of an [`Amount::Paced`] transfer.
+const PACE: Duration = Duration::from_millis(10);
+
+/// One TCP connection from namespace `from_ns` to `address`, port 5201, in
+/// namespace `to_ns`, carrying seeded pseudo-random bytes, hashed at both
+/// ends.
+pub struct TcpTransfer {
+    what: String,
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicUsize>,
+    sender: thread::JoinHandle<Result<(usize, Vec<u8>), String>>,
+    receiver: thread::JoinHandle<Result<(usize, Vec<u8>), String>>,
+}
+
+impl TcpTransfer {
+    /// Connects and starts sending; returns once the receiver listens.
+    /// `what` names the transfer in failures; `within` bounds the wait for
+    /// the receiver to listen and for the connection.
+    pub fn start(
+        what: String,
+        from_ns: &str,
+        to_ns: &str,
+        address: IpAddr,
+        amount: Amount,
+        seed: u64,
+        within: Duration,
+    ) -> Self {
+        let addr = SocketAddr::from((address, 5201));
+        let (bound_tx, bound_rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicUsize::new(0));
+
+        let progress = received.clone();
+        let receiver = in_namespace(to_ns, move || -> Result<(usize, Vec<u8>), String> {
+            let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+            let _ = bound_tx.send(());
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let (mut stream, _) =
+                eventually(&format!("a sender connects to {addr}"), within, || {
+                    listener.accept().map_err(|e| e.to_string())
+                });
+            stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+            stream
+                .set_read_timeout(Some(IO_TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            let mut hash = Sha256::new();
+            let mut total = 0;
+            let mut buf = vec![0; CHUNK];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        hash.update(&buf[..n]);
+                        total += n;
+                        progress.store(total, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("receive after {total} bytes: {e}")),
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("receive after {received} bytes: {e}")),
             }
+            Ok((total, hash.finalize().to_vec()))
+        });
+        if bound_rx.recv_timeout(within).is_err() {
+            panic!("{what}: the receiver did not listen: {:?}", receiver.join());
         }
-        Ok((received, hash.finalize().to_vec()))
-    });
-    if bound_rx.recv_timeout(DEADLINE).is_err() {
-        panic!("{what}: the receiver did not listen: {:?}", receiver.join());
+
+        let stopped = stop.clone();
+        let sender = in_namespace(from_ns, move || -> Result<(usize, Vec<u8>), String> {
+            let mut stream = eventually(&format!("connect to {addr}"), within, || {
+                TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())
+            });
+            stream
+                .set_write_timeout(Some(IO_TIMEOUT))
+                .map_err(|e| e.to_string())?;
+            let mut data = Stream { state: seed };
+            let mut hash = Sha256::new();
+            let mut buf = vec![0; CHUNK];
+            let mut sent = 0;
+            loop {
+                let n = match amount {
+                    Amount::Bytes(len) if sent < len => CHUNK.min(len - sent),
+                    Amount::Paced(chunk) if !stopped.load(Ordering::Relaxed) => {
+                        thread::sleep(PACE);
+                        chunk.min(CHUNK)
+                    }
+                    Amount::Bytes(_) | Amount::Paced(_) => break,
+                };
+                data.fill(&mut buf[..n]);
+                hash.update(&buf[..n]);
+                stream
+                    .write_all(&buf[..n])
+                    .map_err(|e| format!("send after {sent} bytes: {e}"))?;
+                sent += n;
+            }
+            stream
+                .shutdown(std::net::Shutdown::Write)
+                .map_err(|e| e.to_string())?;
+            Ok((sent, hash.finalize().to_vec()))
+        });
+        Self {
+            what,
+            stop,
+            received,
+            sender,
+            receiver,
+        }
     }
 
-    let sender = in_namespace(&from.ns, move || -> Result<Vec<u8>, String> {
-        let mut stream = eventually(&format!("connect to {addr}"), DEADLINE, || {
-            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())
-        });
-        stream
-            .set_write_timeout(Some(IO_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        let mut data = Stream { state: seed };
-        let mut hash = Sha256::new();
-        let mut buf = vec![0; CHUNK];
-        let mut sent = 0;
-        while sent < len {
-            let n = CHUNK.min(len - sent);
-            data.fill(&mut buf[..n]);
-            hash.update(&buf[..n]);
-            stream
-                .write_all(&buf[..n])
-                .map_err(|e| format!("send after {sent} bytes: {e}"))?;
-            sent += n;
-        }
-        stream
-            .shutdown(std::net::Shutdown::Write)
-            .map_err(|e| e.to_string())?;
-        Ok(hash.finalize().to_vec())
-    });
+    /// Bytes that have arrived so far.
+    pub fn received(&self) -> usize {
+        self.received.load(Ordering::Relaxed)
+    }
 
-    let sent = sender
-        .join()
-        .expect("sender thread")
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let (received, got) = receiver
-        .join()
-        .expect("receiver thread")
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(received, len, "{what}: wrong number of bytes arrived");
-    assert!(
-        sent == got,
-        "{what}: the bytes that arrived differ from those sent (SHA-256 mismatch)"
-    );
+    /// Stops a paced transfer, waits for both ends and asserts that exactly
+    /// the bytes sent arrived (same length, same SHA-256); returns how many.
+    pub fn finish(self) -> usize {
+        let what = self.what;
+        self.stop.store(true, Ordering::Relaxed);
+        let (sent, sent_hash) = self
+            .sender
+            .join()
+            .expect("sender thread")
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (received, received_hash) = self
+            .receiver
+            .join()
+            .expect("receiver thread")
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(received, sent, "{what}: wrong number of bytes arrived");
+        assert!(
+            sent_hash == received_hash,
+            "{what}: the bytes that arrived differ from those sent (SHA-256 mismatch)"
+        );
+        sent
+    }
 }
