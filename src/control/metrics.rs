@@ -29,14 +29,13 @@
 use std::fmt::{self, Write as _};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
-use super::server::Ask;
+use super::server::{serve_connections, Ask};
 use super::{PeerInfo, Request, Response, StatusInfo};
 use crate::relay::server::RelaySnapshot;
 use crate::rendezvous::registry::NodeStatus;
@@ -631,26 +630,8 @@ impl MetricsServer {
         F: Fn() -> Fut + Clone + Send + 'static,
         Fut: Future<Output = Option<String>> + Send,
     {
-        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let Ok(permit) = limit.clone().acquire_owned().await else { return };
-            let stream = match self.listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    // Out of descriptors, typically: give others a moment to close.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let render = render.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, render)).await.is_err() {
-                    tracing::debug!("metrics client timed out");
-                }
-            });
-        }
+        let answer = move |stream| handle(stream, render);
+        serve_connections(&self.listener, "metrics", MAX_CONNECTIONS, CONNECTION_DEADLINE, answer).await
     }
 }
 
@@ -709,6 +690,7 @@ async fn ask(asks: &mpsc::Sender<Ask>, request: Request) -> Option<Response> {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::sync::Arc;
 
     use super::*;
     use crate::control::RendezvousInfo;

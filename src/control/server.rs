@@ -4,7 +4,8 @@
 //! the driver, which answers from the engine between batches: the engine is
 //! never shared behind a lock); mesh-rendezvous serves its admin requests
 //! the same way. Connections are capped and each gets a deadline, so a
-//! stuck client can't pile up tasks.
+//! stuck client can't pile up tasks: [`serve_connections`], the accept loop
+//! of this socket, of WireGuard's UAPI socket and of the metrics port.
 
 use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use serde::de::DeserializeOwned;
@@ -37,6 +38,9 @@ impl ErrorResponse for Response {
 
 const MAX_CONNECTIONS: usize = 16;
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(5);
+/// The pause after a failed accept: out of descriptors, typically, so
+/// others get a moment to close theirs.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -126,25 +130,68 @@ impl ApiSocket {
         F: Fn(Req) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = Resp> + Send,
     {
-        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let Ok(permit) = limit.clone().acquire_owned().await else { return };
-            let stream = match self.listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "API socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, handler)).await.is_err() {
-                    tracing::debug!("API client timed out");
-                }
-            });
-        }
+        let answer = move |stream| handle(stream, handler);
+        serve_connections(&self.listener, "API socket", MAX_CONNECTIONS, CONNECTION_DEADLINE, answer).await
+    }
+}
+
+/// A listener that [`serve_connections`] accepts from.
+pub(super) trait Listener {
+    type Stream: Send + 'static;
+
+    fn accept_stream(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+
+    async fn accept_stream(&self) -> std::io::Result<UnixStream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+
+    async fn accept_stream(&self) -> std::io::Result<TcpStream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+/// Accepts connections for ever, each served by a clone of `handle` on a
+/// task of its own: at most `limit` at once (more wait in the listen
+/// queue), each for at most `deadline`, so a stuck client can't pile up
+/// tasks. A failed accept is logged and followed by a short pause. `what`
+/// names the listener in the logs.
+pub(super) async fn serve_connections<L, F, Fut>(
+    listener: &L,
+    what: &'static str,
+    limit: usize,
+    deadline: Duration,
+    handle: F,
+) where
+    L: Listener,
+    F: FnOnce(L::Stream) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let limit = Arc::new(Semaphore::new(limit));
+    loop {
+        let Ok(permit) = limit.clone().acquire_owned().await else { return };
+        let stream = match listener.accept_stream().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if tokio::time::timeout(deadline, handle(stream)).await.is_err() {
+                tracing::debug!("{what} client timed out");
+            }
+        });
     }
 }
 

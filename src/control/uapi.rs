@@ -33,9 +33,9 @@ use base64::Engine as _;
 use ipnet::IpNet;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
-use super::server::Ask;
+use super::server::{serve_connections, Ask};
 use super::{PeerInfo, Request, Response};
 use crate::identity::{PrivateKey, PublicKey};
 
@@ -334,26 +334,9 @@ impl UapiSocket {
     /// Accepts connections for ever, answering from the driver through `asks`.
     pub async fn serve(self, private_key: PrivateKey, asks: mpsc::Sender<Ask>) {
         let private_key = Arc::new(private_key);
-        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let Ok(permit) = limit.clone().acquire_owned().await else { return };
-            let stream = match self.listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "WireGuard UAPI socket accept failed");
-                    // Out of descriptors, typically: give others a moment to close.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let (private_key, asks) = (private_key.clone(), asks.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, &private_key, &asks)).await.is_err() {
-                    tracing::debug!("WireGuard UAPI client timed out");
-                }
-            });
-        }
+        let answer = move |stream| async move { handle(stream, &private_key, &asks).await };
+        serve_connections(&self.listener, "WireGuard UAPI socket", MAX_CONNECTIONS, CONNECTION_DEADLINE, answer)
+            .await
     }
 }
 
