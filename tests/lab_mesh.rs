@@ -269,7 +269,14 @@ impl MeshLab {
             &output(MESHD, &args),
             &format!("`meshd {}`", args.join(" ")),
         );
-        self.spawn(node, node, MESHD, &["run", "--state-dir", utf8(&state_dir)]);
+        // The env file goes into the lab too, never the host's /run/meshd.
+        let env_file = self.dir.join(format!("{node}.env"));
+        self.spawn(
+            node,
+            node,
+            MESHD,
+            &["run", "--state-dir", utf8(&state_dir), "--env-file", utf8(&env_file)],
+        );
     }
 
     /// Waits until `node`'s meshd answers `meshctl status` with an overlay
