@@ -14,8 +14,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # systemd: `systemd-analyze verify` of the units (tests/systemd.rs, offline,
-# no systemd as PID 1); strace: the system calls the confined daemons make.
-packages=(iproute2 iputils-ping iptables conntrack procps wireguard-go wireguard-tools iperf3 systemd strace)
+# no systemd as PID 1); strace: the system calls the confined daemons make;
+# shellcheck: deploy/install.sh (tests/install.rs).
+packages=(iproute2 iputils-ping iptables conntrack procps wireguard-go wireguard-tools iperf3 systemd strace shellcheck)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,587 @@
+#![cfg(not(feature = "sim"))]
+//! `deploy/install.sh`, run as a user runs it but into a root directory
+//! (`DESTDIR`), with the binaries this build made (`--bin-dir`):
+//!
+//! - a rendezvous and a node installed together put the binaries, the
+//!   units, the kubelet drop-in and both state directories where the units
+//!   expect them, with their modes; `systemd-analyze verify --root` passes
+//!   and loads each unit with the `ExecStart=` and `StateDirectory=` that
+//!   match the install; the node joins with the line the rendezvous install
+//!   printed;
+//! - a second run changes no file (contents, modes, modification times
+//!   outside the state), `--dry-run` changes nothing, `--uninstall` leaves
+//!   the state directories only and `--purge` nothing;
+//! - `PREFIX` moves the binaries and the units' `ExecStart=` with them;
+//! - bad arguments exit 2 with a usage message and install nothing;
+//! - shellcheck passes on the script.
+//!
+//! The node's enrolment needs no running rendezvous: `meshd join` only
+//! writes the state directory, and the token is presented when `meshd run`
+//! first connects (tests/netns_rendezvous.rs and the lab cover that part).
+//! No systemd runs here, and a `DESTDIR` install never calls systemctl.
+//! Needs `systemd-analyze` (Debian's `systemd`) and `shellcheck`, which
+//! tests/run.sh installs; no root.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const BINARIES: [(&str, &str); 3] = [
+    ("meshd", env!("CARGO_BIN_EXE_meshd")),
+    ("meshctl", env!("CARGO_BIN_EXE_meshctl")),
+    ("mesh-rendezvous", env!("CARGO_BIN_EXE_mesh-rendezvous")),
+];
+
+/// Where the rendezvous of these tests says it is. Nothing listens there:
+/// no test starts a server.
+const PUBLIC_ADDR: &str = "127.0.0.1:17443";
+const NODE_STATE: &str = "var/lib/meshd";
+const RENDEZVOUS_STATE: &str = "var/lib/mesh-rendezvous";
+
+fn script() -> PathBuf {
+    Path::new(REPO).join("deploy/install.sh")
+}
+
+/// A bin directory with this build's binaries and an empty DESTDIR.
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("create a temp dir");
+        let bin = dir.path().join("bin");
+        fs::create_dir_all(&bin).expect("create bin");
+        fs::create_dir_all(dir.path().join("root")).expect("create root");
+        for (name, built) in BINARIES {
+            // A link to this build's file, or a copy: cargo building again
+            // meanwhile must not change what a second install sees.
+            let to = bin.join(name);
+            if fs::hard_link(built, &to).is_err() {
+                fs::copy(built, &to).unwrap_or_else(|e| panic!("copy {built}: {e}"));
+            }
+        }
+        Setup { dir }
+    }
+
+    fn bin(&self) -> PathBuf {
+        self.dir.path().join("bin")
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn path(&self, relative: &str) -> PathBuf {
+        self.root().join(relative)
+    }
+
+    /// `DESTDIR=root [PREFIX=…] deploy/install.sh args…`.
+    fn run(&self, prefix: Option<&str>, args: &[&str]) -> Output {
+        let mut command = Command::new(script());
+        command.args(args).env("DESTDIR", self.root()).env_remove("PREFIX").env_remove("CARGO_TARGET_DIR");
+        if let Some(prefix) = prefix {
+            command.env("PREFIX", prefix);
+        }
+        command.output().expect("run deploy/install.sh")
+    }
+
+    /// An install that must succeed; its stdout.
+    fn install(&self, args: &[&str]) -> String {
+        self.install_with_prefix(None, args)
+    }
+
+    fn install_with_prefix(&self, prefix: Option<&str>, args: &[&str]) -> String {
+        let bin = self.bin();
+        let mut all = args.to_vec();
+        if !args.contains(&"--uninstall") {
+            all.extend(["--bin-dir", bin.to_str().expect("a UTF-8 temp path")]);
+        }
+        let out = self.run(prefix, &all);
+        assert!(
+            out.status.success(),
+            "install.sh {} succeeds; it exited {} with\n{}{}",
+            all.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The rendezvous install; the join line it printed.
+    fn install_rendezvous(&self) -> String {
+        let out = self.install(&["rendezvous", "--public-addr", PUBLIC_ADDR, "--listen", PUBLIC_ADDR]);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("meshd join "))
+            .unwrap_or_else(|| panic!("the rendezvous install prints a join line:\n{out}"));
+        assert!(
+            out.contains("UDP 17443") && out.contains("UDP 17444"),
+            "it names the firewall ports, QUIC and NAT check:\n{out}"
+        );
+        line.to_owned()
+    }
+
+    fn install_node(&self, join: &str) -> String {
+        self.install(&[
+            "node",
+            "--join",
+            join,
+            "--name",
+            "node-a",
+            "--advertise-endpoint",
+            "198.51.100.7:51820",
+            "--kubelet",
+        ])
+    }
+
+    /// Every entry under the root: what it is, its mode, and for files a
+    /// checksum and, outside the state directories (which `meshd join`
+    /// rewrites with the same content), the modification time.
+    fn snapshot(&self) -> BTreeMap<String, String> {
+        let mut entries = BTreeMap::new();
+        let mut files = Vec::new();
+        walk(&self.root(), &self.root(), &mut entries, &mut files);
+        if !files.is_empty() {
+            let out = Command::new("sha256sum").args(&files).output().expect("run sha256sum");
+            assert!(out.status.success(), "sha256sum: {}", String::from_utf8_lossy(&out.stderr));
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let (sum, path) = line.split_once("  ").expect("sha256sum's format");
+                let relative = Path::new(path).strip_prefix(self.root()).expect("under the root");
+                let entry = entries.get_mut(&relative.display().to_string()).expect("walked");
+                entry.push_str(&format!(" sha256:{sum}"));
+            }
+        }
+        entries
+    }
+
+    /// Regular files under the root, relative.
+    fn files(&self) -> Vec<String> {
+        self.snapshot().into_iter().filter(|(_, e)| e.starts_with("file")).map(|(p, _)| p).collect()
+    }
+}
+
+fn walk(root: &Path, dir: &Path, entries: &mut BTreeMap<String, String>, files: &mut Vec<PathBuf>) {
+    let mut children: Vec<_> = fs::read_dir(dir).expect("read a directory").map(|e| e.expect("an entry").path()).collect();
+    children.sort();
+    for path in children {
+        let meta = fs::symlink_metadata(&path).expect("stat");
+        let relative = path.strip_prefix(root).expect("under the root").display().to_string();
+        let mode = meta.permissions().mode() & 0o7777;
+        let kind = if meta.is_dir() {
+            "dir"
+        } else if meta.file_type().is_symlink() {
+            "symlink"
+        } else {
+            "file"
+        };
+        let mut entry = format!("{kind} {mode:04o}");
+        if meta.is_file() {
+            files.push(path.clone());
+            if !relative.starts_with("var/lib/") {
+                entry.push_str(&format!(" mtime:{}.{:09}", meta.mtime(), meta.mtime_nsec()));
+            }
+        }
+        entries.insert(relative, entry);
+        if meta.is_dir() {
+            walk(root, &path, entries, files);
+        }
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o7777
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn same_content(a: &Path, b: &Path) -> bool {
+    fs::read(a).expect("read") == fs::read(b).expect("read")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// systemd-analyze verify of the installed units
+// ---------------------------------------------------------------------------
+
+/// `systemd-analyze verify --root` on a copy of the install with the host's
+/// units (verify resolves sysinit.target and friends inside the root),
+/// /bin/mkdir for meshd.service's `ExecStartPre=`, and a kubelet.service
+/// for the drop-in (see tests/systemd.rs for how verify behaves offline).
+struct Verify {
+    dir: tempfile::TempDir,
+}
+
+impl Verify {
+    fn of(setup: &Setup) -> Self {
+        let probe = Command::new("systemd-analyze").arg("--version").output();
+        assert!(
+            probe.is_ok_and(|o| o.status.success()),
+            "systemd-analyze is missing: install Debian's `systemd` package (tests/run.sh does)"
+        );
+        let dir = tempfile::tempdir().expect("create a temp dir");
+        let root = dir.path().to_str().expect("a UTF-8 temp path").to_owned();
+        let copy = |args: &[&str]| {
+            let out = Command::new("cp").args(args).output().expect("run cp");
+            assert!(out.status.success(), "cp {args:?}: {}", stderr(&out));
+        };
+        copy(&["-a", &format!("{}/.", setup.root().display()), &root]);
+        for d in ["usr/lib/systemd", "bin", "usr/bin", "etc/systemd/system"] {
+            fs::create_dir_all(dir.path().join(d)).expect("create a directory");
+        }
+        copy(&["-a", "/usr/lib/systemd/system", &format!("{root}/usr/lib/systemd")]);
+        copy(&["/bin/mkdir", &format!("{root}/bin/mkdir")]);
+        fs::write(dir.path().join("usr/bin/kubelet"), "#!/bin/sh\n").expect("write kubelet");
+        fs::set_permissions(dir.path().join("usr/bin/kubelet"), fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs::write(
+            dir.path().join("etc/systemd/system/kubelet.service"),
+            "[Unit]\nDescription=kubelet\n\n[Service]\nExecStart=/usr/bin/kubelet\nRestart=always\n\n\
+             [Install]\nWantedBy=multi-user.target\n",
+        )
+        .expect("write kubelet.service");
+        Verify { dir }
+    }
+
+    fn analyze(&self, units: &[&str], debug: bool) -> Output {
+        let mut command = Command::new("systemd-analyze");
+        command.arg("verify").arg(format!("--root={}", self.dir.path().display())).args(units);
+        if debug {
+            command.env("SYSTEMD_LOG_LEVEL", "debug");
+        }
+        command.output().expect("run systemd-analyze")
+    }
+
+    /// Must succeed without a word: verify exits 0 after unknown keys.
+    fn passes(&self, units: &[&str]) {
+        let out = self.analyze(units, false);
+        let printed = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(
+            out.status.success() && printed.trim().is_empty(),
+            "`systemd-analyze verify {}` passes on the install; it exited {} and printed:\n{printed}",
+            units.join(" "),
+            out.status
+        );
+    }
+
+    /// `unit` as systemd loaded it: `Key: value` lines, and the command
+    /// line of each `-> ExecStart:` and friends under that name.
+    fn dump(&self, unit: &str) -> Vec<(String, String)> {
+        let text = stdout(&self.analyze(&[unit], true));
+        let header = format!("-> Unit {unit}:");
+        let start = text.find(&header).unwrap_or_else(|| panic!("verify dumps {unit}:\n{text}"));
+        let mut properties = Vec::new();
+        let mut exec = String::new();
+        for line in text[start + header.len()..].lines() {
+            if line.contains("-> Unit ") {
+                break;
+            }
+            if let Some(command) = line.strip_prefix("\t\t\tCommand Line: ") {
+                properties.push((exec.clone(), command.to_owned()));
+            } else if let Some(rest) = line.strip_prefix("\t\t") {
+                if let Some(name) = rest.strip_prefix("-> ").and_then(|r| r.strip_suffix(':')) {
+                    exec = name.to_owned();
+                } else if let Some((key, value)) = rest.split_once(": ") {
+                    properties.push((key.to_owned(), value.to_owned()));
+                }
+            }
+        }
+        properties
+    }
+}
+
+fn value<'a>(dump: &'a [(String, String)], key: &str) -> &'a str {
+    match dump.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect::<Vec<_>>()[..] {
+        [v] => v,
+        ref other => panic!("the dump has one {key}, not {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+#[test]
+fn rendezvous_and_node_install_where_their_units_expect_them_and_pass_systemd_analyze_verify() {
+    let setup = Setup::new();
+
+    let line = setup.install_rendezvous();
+    let out = setup.install_node(&line);
+
+    assert!(out.contains("systemctl enable --now meshd"), "a DESTDIR install says how to start it:\n{out}");
+    for (name, built) in BINARIES {
+        let installed = setup.path(&format!("usr/local/bin/{name}"));
+        assert_eq!(mode(&installed), 0o755, "{name}");
+        assert!(same_content(&installed, Path::new(built)), "{name} is this build's");
+    }
+    for (installed, source) in [
+        ("etc/systemd/system/meshd.service", "deploy/systemd/meshd.service"),
+        ("etc/systemd/system/mesh-rendezvous.service", "deploy/systemd/mesh-rendezvous.service"),
+        ("etc/systemd/system/kubelet.service.d/kubelet-meshd.conf", "deploy/kubernetes/kubelet-meshd.conf"),
+    ] {
+        assert_eq!(mode(&setup.path(installed)), 0o644, "{installed}");
+        assert!(same_content(&setup.path(installed), &Path::new(REPO).join(source)), "{installed} is {source}");
+    }
+
+    // The node: enrolled in the mesh the rendezvous install created, with
+    // the paths of the installed system (not the DESTDIR's) in its config.
+    let ca_hash = line.split_whitespace().skip_while(|w| *w != "--ca-hash").nth(1).expect("a --ca-hash in the line");
+    assert_eq!(mode(&setup.path(NODE_STATE)), 0o700);
+    assert_eq!(mode(&setup.path("var/lib/meshd/private.key")), 0o600);
+    assert_eq!(mode(&setup.path("var/lib/meshd/join.token")), 0o600);
+    let config = read(&setup.path("var/lib/meshd/meshd.toml"));
+    for wanted in [
+        "name = \"node-a\"".to_owned(),
+        "advertise-endpoint = \"198.51.100.7:51820\"".to_owned(),
+        "private-key-file = \"/var/lib/meshd/private.key\"".to_owned(),
+        format!("address = \"{PUBLIC_ADDR}\""),
+        format!("ca-hash = \"{ca_hash}\""),
+    ] {
+        assert!(config.contains(&wanted), "meshd.toml has {wanted}:\n{config}");
+    }
+    let root = setup.root();
+    assert!(!config.contains(root.to_str().expect("UTF-8")), "no DESTDIR path in meshd.toml:\n{config}");
+    let check = Command::new(BINARIES[0].1)
+        .args(["check-config", "--config"])
+        .arg(setup.path("var/lib/meshd/meshd.toml"))
+        .output()
+        .expect("run meshd check-config");
+    assert!(check.status.success(), "meshd accepts the config: {}", stderr(&check));
+
+    // The rendezvous: a mesh, and one token for ten nodes.
+    assert_eq!(mode(&setup.path(RENDEZVOUS_STATE)), 0o700);
+    for key in ["cert.key", "server.key", "registry.json"] {
+        assert_eq!(mode(&setup.path(&format!("{RENDEZVOUS_STATE}/{key}"))), 0o600, "{key}");
+    }
+    let toml = read(&setup.path("var/lib/mesh-rendezvous/rendezvous.toml"));
+    assert!(toml.contains(&format!("public-addr = \"{PUBLIC_ADDR}\"")), "{toml}");
+    let tokens = Command::new(BINARIES[2].1)
+        .arg("--state-dir")
+        .arg(setup.path(RENDEZVOUS_STATE))
+        .args(["token", "list", "--json"])
+        .output()
+        .expect("run mesh-rendezvous token list");
+    let tokens: serde_json::Value = serde_json::from_slice(&tokens.stdout).expect("token list --json is JSON");
+    let tokens = tokens.as_array().expect("a list of tokens");
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    assert_eq!(tokens[0]["max_uses"], 10);
+    let ttl = tokens[0]["expires_at"].as_u64().unwrap_or(0) - tokens[0]["created_at"].as_u64().unwrap_or(0);
+    assert_eq!(ttl, 24 * 3600);
+
+    // systemd loads the installed units with paths that match the install.
+    let verify = Verify::of(&setup);
+    verify.passes(&["meshd.service", "mesh-rendezvous.service", "kubelet.service"]);
+    let meshd = verify.dump("meshd.service");
+    assert_eq!(value(&meshd, "ExecStart"), "/usr/local/bin/meshd run");
+    assert_eq!(value(&meshd, "StateDirectory"), "meshd");
+    // `meshd run` without arguments reads /var/lib/meshd/meshd.toml.
+    assert!(setup.path("var/lib/meshd/meshd.toml").is_file());
+    let rendezvous = verify.dump("mesh-rendezvous.service");
+    assert_eq!(value(&rendezvous, "ExecStart"), "/usr/local/bin/mesh-rendezvous --state-dir /var/lib/mesh-rendezvous serve");
+    assert_eq!(value(&rendezvous, "StateDirectory"), "mesh-rendezvous");
+    let kubelet = verify.dump("kubelet.service");
+    assert!(
+        value(&kubelet, "DropIn Path").ends_with("/etc/systemd/system/kubelet.service.d/kubelet-meshd.conf"),
+        "{kubelet:?}"
+    );
+    assert_eq!(value(&kubelet, "EnvironmentFile"), "/run/meshd/env");
+}
+
+#[test]
+fn a_second_install_changes_nothing_and_uninstall_leaves_only_the_state_directories() {
+    let setup = Setup::new();
+    let line = setup.install_rendezvous();
+    setup.install_node(line.strip_prefix("meshd join ").expect("a join line"));
+    let first = setup.snapshot();
+
+    // Again, with the join line as printed ("meshd join" in front).
+    let again = setup.install_rendezvous();
+    let out = setup.install_node(&line);
+    let second = setup.snapshot();
+
+    assert!(out.contains("meshd: up to date"), "{out}");
+    // Every file as it was, but the registry: each run creates a token to print.
+    let registry = format!("{RENDEZVOUS_STATE}/registry.json");
+    let without = |s: &BTreeMap<String, String>| {
+        s.iter().filter(|(p, _)| **p != registry).map(|(p, e)| (p.clone(), e.clone())).collect::<BTreeMap<_, _>>()
+    };
+    assert_eq!(without(&first), without(&second), "a second install changed files");
+    assert_eq!(first[&registry].split(' ').nth(1), second[&registry].split(' ').nth(1), "registry mode");
+    let hash = |l: &str| l.split_whitespace().skip_while(|w| *w != "--ca-hash").nth(1).map(str::to_owned);
+    assert_eq!(hash(&line), hash(&again), "the same mesh, the same certificate");
+
+    // A dry run of anything changes nothing.
+    let installed = setup.snapshot();
+    for args in [
+        &["node", "--uninstall", "--purge", "--dry-run"][..],
+        &["rendezvous", "--uninstall", "--purge", "--dry-run"],
+        &["node", "--no-join", "--dry-run"],
+    ] {
+        let out = setup.run(None, args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    assert_eq!(setup.snapshot(), installed, "a dry run changed files");
+
+    // Uninstall: the state directories stay, as they were.
+    let state = |s: &BTreeMap<String, String>| {
+        s.iter().filter(|(p, _)| p.starts_with("var/lib/")).map(|(p, e)| (p.clone(), e.clone())).collect::<BTreeMap<_, _>>()
+    };
+    let out = setup.install(&["node", "--uninstall"]);
+    assert!(out.contains("--purge removes it"), "{out}");
+    setup.install(&["rendezvous", "--uninstall"]);
+    let files = setup.files();
+    assert!(
+        files.iter().all(|f| f.starts_with(&format!("{NODE_STATE}/")) || f.starts_with(&format!("{RENDEZVOUS_STATE}/"))),
+        "only the state is left: {files:?}"
+    );
+    assert!(!setup.path("etc/systemd/system/kubelet.service.d").exists(), "the empty drop-in directory is gone");
+    assert_eq!(state(&setup.snapshot()), state(&installed));
+
+    // Twice is fine, and --purge takes the state too.
+    setup.install(&["node", "--uninstall"]);
+    setup.install(&["node", "--uninstall", "--purge"]);
+    setup.install(&["rendezvous", "--uninstall", "--purge"]);
+    assert_eq!(setup.files(), Vec::<String>::new(), "nothing is left after --purge");
+}
+
+#[test]
+fn prefix_moves_the_binaries_and_the_units_exec_start_with_them() {
+    let setup = Setup::new();
+
+    setup.install_with_prefix(Some("/opt/mesh"), &["node", "--no-join"]);
+
+    for name in ["meshd", "meshctl"] {
+        assert_eq!(mode(&setup.path(&format!("opt/mesh/bin/{name}"))), 0o755, "{name}");
+    }
+    assert!(!setup.path("usr/local/bin/meshd").exists());
+    assert!(!setup.path(NODE_STATE).exists(), "--no-join enrols nothing");
+    let verify = Verify::of(&setup);
+    verify.passes(&["meshd.service"]);
+    assert_eq!(value(&verify.dump("meshd.service"), "ExecStart"), "/opt/mesh/bin/meshd run");
+
+    setup.install_with_prefix(Some("/opt/mesh"), &["node", "--uninstall"]);
+    assert_eq!(setup.files(), Vec::<String>::new());
+}
+
+#[test]
+fn a_dry_run_prints_every_action_and_changes_nothing() {
+    let setup = Setup::new();
+    let bin = setup.bin();
+    let bin = bin.to_str().expect("UTF-8");
+    let join = "rv.example.com:7443 --token abcd.secret --ca-hash sha256:00";
+
+    let rendezvous = setup.run(None, &["rendezvous", "--public-addr", PUBLIC_ADDR, "--bin-dir", bin, "--dry-run"]);
+    let node = setup.run(None, &["node", "--join", join, "--kubelet", "--bin-dir", bin, "--dry-run"]);
+
+    assert!(rendezvous.status.success(), "{}", stderr(&rendezvous));
+    assert!(node.status.success(), "{}", stderr(&node));
+    let (rendezvous, node) = (stdout(&rendezvous), stdout(&node));
+    for wanted in ["usr/local/bin/mesh-rendezvous", "etc/systemd/system/mesh-rendezvous.service"] {
+        assert!(rendezvous.contains("would run: install -D -m") && rendezvous.contains(wanted), "{rendezvous}");
+    }
+    assert!(rendezvous.contains(" init --listen 0.0.0.0:17443 --public-addr 127.0.0.1:17443"), "{rendezvous}");
+    assert!(rendezvous.contains(" token create --ttl 24h --uses 10"), "{rendezvous}");
+    for wanted in [
+        "usr/local/bin/meshd",
+        "usr/local/bin/meshctl",
+        "etc/systemd/system/meshd.service",
+        "kubelet.service.d/kubelet-meshd.conf",
+        "bin/meshd join rv.example.com:7443 --token abcd.secret --ca-hash sha256:00 --state-dir",
+    ] {
+        assert!(node.contains(wanted), "the dry run names {wanted}:\n{node}");
+    }
+    assert_eq!(setup.snapshot(), BTreeMap::new(), "a dry run wrote files");
+}
+
+#[test]
+fn on_this_system_a_dry_run_says_how_meshd_would_be_started() {
+    // No DESTDIR: the install this system would get, printed, not done.
+    let setup = Setup::new();
+    let bin = setup.bin();
+    let out = Command::new(script())
+        .args(["node", "--join", "rv.example.com:7443 --token abcd.secret --ca-hash sha256:00", "--dry-run", "--bin-dir"])
+        .arg(&bin)
+        .env_remove("DESTDIR")
+        .env_remove("PREFIX")
+        .output()
+        .expect("run deploy/install.sh");
+
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = stdout(&out);
+    assert!(out.contains("--state-dir /var/lib/meshd"), "{out}");
+    if Path::new("/run/systemd/system").exists() {
+        assert!(out.contains("would run: systemctl enable --now meshd"), "{out}");
+    } else {
+        assert!(out.contains("systemd is not PID 1 here") && out.contains("/usr/local/bin/meshd run --state-dir /var/lib/meshd"), "{out}");
+    }
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_usage_message_and_install_nothing() {
+    let setup = Setup::new();
+    let join = "rv.example.com:7443 --token abcd.secret --ca-hash sha256:00";
+
+    for (args, says) in [
+        (&[][..], "say what to install"),
+        (&["server"], "unknown role 'server'"),
+        (&["node"], "node needs --join"),
+        (&["node", "--join"], "--join needs a value"),
+        (&["node", "--join", "--kubelet"], "--join needs a value"),
+        (&["node", "--join", "rv.example.com --token t --ca-hash h"], "must start with the rendezvous HOST:PORT"),
+        (&["node", "--join", "rv.example.com:7443 --token t"], "needs --token and --ca-hash"),
+        (&["node", "--join", &format!("{join} --state-dir /tmp/x")], "must not set --state-dir"),
+        (&["node", "--join", join, "--no-join"], "exclude each other"),
+        (&["node", "--join", join, "--advertise-endpoint", "example.com:51820"], "is not IP:PORT"),
+        (&["node", "--join", join, "--name", "two words"], "must not contain spaces"),
+        (&["node", "--join", join, "--public-addr", PUBLIC_ADDR], "--public-addr is for 'install.sh rendezvous'"),
+        (&["node", "--join", join, "--frobnicate"], "unknown option '--frobnicate'"),
+        (&["node", "--join", join, "--purge"], "--purge goes with --uninstall"),
+        (&["node", "--join", join, "--bin-dir", "/nonexistent"], "is not a directory"),
+        (&["node", "--uninstall", "--kubelet"], "--uninstall takes no other options"),
+        (&["rendezvous"], "rendezvous needs --public-addr"),
+        (&["rendezvous", "--public-addr", "rv.example.com"], "is not HOST:PORT"),
+        (&["rendezvous", "--public-addr", PUBLIC_ADDR, "--listen", "anywhere"], "is not IP:PORT"),
+        (&["rendezvous", "--public-addr", PUBLIC_ADDR, "--token-uses", "0"], "is not a positive number"),
+        (&["rendezvous", "--public-addr", PUBLIC_ADDR, "--kubelet"], "--kubelet is for 'install.sh node'"),
+    ] {
+        let out = setup.run(None, args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?} exits 2:\n{err}");
+        assert!(err.contains(says) && err.contains("usage: install.sh node"), "{args:?} says {says:?} and the usage:\n{err}");
+    }
+    // An empty bin dir is a bad --bin-dir too.
+    let empty = tempfile::tempdir().expect("a temp dir");
+    let out = setup.run(None, &["node", "--no-join", "--bin-dir", empty.path().to_str().expect("UTF-8")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("has no executable meshd"), "{}", stderr(&out));
+
+    let out = setup.run(Some("opt/relative"), &["node", "--no-join"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("must be an absolute path"), "{}", stderr(&out));
+
+    assert_eq!(setup.snapshot(), BTreeMap::new(), "bad arguments installed something");
+}
+
+#[test]
+fn install_sh_passes_shellcheck() {
+    let out = Command::new("shellcheck").arg(script()).output();
+    let out = out.unwrap_or_else(|e| panic!("shellcheck is missing ({e}): install Debian's `shellcheck` (tests/run.sh does)"));
+    assert!(
+        out.status.success(),
+        "shellcheck deploy/install.sh finds nothing; it says:\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
