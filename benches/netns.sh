@@ -39,6 +39,11 @@
 #   --no-install   skip what is missing instead of installing it
 #   --bin DIR      where meshd, meshctl and mesh-rendezvous are (target/release)
 #   --logs DIR     keep the daemons' logs, configs and iperf3 JSON there
+#   --idle-wait S  before each tunnel, wait up to S seconds (default 300) for
+#                  the machine to be idle: on a shared machine a compile
+#                  running alongside halves what a tunnel gets. The table's
+#                  "machine busy" column shows what the whole machine used
+#                  during the runs, ours included
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -50,6 +55,7 @@ ONLY=()
 INSTALL=1
 BIN=$REPO/target/release
 LOGS=""
+IDLE_WAIT=300
 
 usage() {
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
@@ -69,12 +75,14 @@ while [ $# -gt 0 ]; do
         --no-install) INSTALL=0; shift ;;
         --bin) BIN=${2:?--bin needs a directory}; shift 2 ;;
         --logs) LOGS=${2:?--logs needs a directory}; shift 2 ;;
+        --idle-wait) IDLE_WAIT=${2:?--idle-wait needs a number}; shift 2 ;;
         -h | --help) usage 0 ;;
         *) echo "unknown argument: $1" >&2; usage ;;
     esac
 done
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || { echo "--runs: a positive number, not '$RUNS'" >&2; exit 2; }
 [[ $SECONDS_PER_RUN =~ ^[1-9][0-9]*$ ]] || { echo "--seconds: a positive number, not '$SECONDS_PER_RUN'" >&2; exit 2; }
+[[ $IDLE_WAIT =~ ^[0-9]+$ ]] || { echo "--idle-wait: a number of seconds, not '$IDLE_WAIT'" >&2; exit 2; }
 for name in "${ONLY[@]}"; do
     [[ " ${ALL_TUNNELS[*]} rss " == *" $name "* ]] || { echo "--only: unknown name '$name'" >&2; usage; }
 done
@@ -122,7 +130,7 @@ cleanup() {
     trap - EXIT INT TERM HUP
     kill_namespaces
     if [ -n "$LOGS" ]; then
-        mkdir -p "$LOGS" && cp -r "$WORK"/. "$LOGS"/ && echo "logs and configs: $LOGS" >&2
+        rm -rf "$WORK/bin" && mkdir -p "$LOGS" && cp -r "$WORK"/. "$LOGS"/ && echo "logs and configs: $LOGS" >&2
     fi
     rm -rf "$WORK"
     exit "$status"
@@ -269,6 +277,36 @@ drop_note() { # drop_note LABEL NS...: "; drops LABEL: …" when any were counte
     return 0
 }
 
+cpu_jiffies() { # cpu_jiffies: "busy total" jiffies of all CPUs since boot
+    awk '/^cpu / {busy = $2 + $3 + $4 + $7 + $8 + $9; print busy, busy + $5 + $6}' /proc/stat
+}
+
+busy_pct() { # busy_pct "BUSY TOTAL" "BUSY TOTAL": % of all CPUs busy between two samples
+    awk -v a="$1" -v b="$2" 'BEGIN {split(a, x, " "); split(b, y, " ");
+        t = y[2] - x[2]; printf "%.0f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0)}'
+}
+
+wait_idle() { # waits up to IDLE_WAIT s for 2 s in a row under 15 % busy
+    local deadline=$((SECONDS + IDLE_WAIT)) quiet=0 a b pct said=0
+    while [ "$quiet" -lt 2 ]; do
+        a=$(cpu_jiffies)
+        sleep 1
+        b=$(cpu_jiffies)
+        pct=$(busy_pct "$a" "$b")
+        if [ "$pct" -lt 15 ]; then
+            quiet=$((quiet + 1))
+        else
+            quiet=0
+            [ "$said" = 1 ] || log "waiting for the machine to be idle (${pct}% busy)"
+            said=1
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            log "the machine is still busy (${pct}%): measuring anyway"
+            return
+        fi
+    done
+}
+
 median() { sort -g | awk '{v[NR] = $1} END {if (NR == 0) exit; print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
 ping_avg() { # ping_avg FROM_NS TO: average RTT in ms of 20 pings
@@ -298,10 +336,12 @@ measure() {
     wait_for 10 "iperf3 server" in_ns "$to_ns" sh -c "ss -Hltn 'sport = :5201' | grep -q ." || true
 
     local gbits=() retrs=() before=() after=() run start end total_wall=0 i
+    local busy=0 total=0 j0 j1
     local ticks=()
     for i in "${!pids[@]}"; do ticks[i]=0; done
     for run in $(seq "$RUNS"); do
         for i in "${!pids[@]}"; do before[i]=$(cpu_ticks "${pids[i]}"); done
+        j0=$(cpu_jiffies)
         start=$(date +%s.%N)
         local json="$WORK/iperf3-$name-$run.json"
         if ! in_ns "$from" timeout --foreground $((SECONDS_PER_RUN + 30)) \
@@ -310,6 +350,9 @@ measure() {
             continue
         fi
         end=$(date +%s.%N)
+        j1=$(cpu_jiffies)
+        busy=$((busy + ${j1% *} - ${j0% *}))
+        total=$((total + ${j1#* } - ${j0#* }))
         for i in "${!pids[@]}"; do
             after[i]=$(cpu_ticks "${pids[i]}")
             ticks[i]=$((ticks[i] + after[i] - before[i]))
@@ -348,12 +391,14 @@ measure() {
     if [ -n "$BASELINE_PING" ] && [ -n "$rtt" ]; then
         added=$(awk -v r="$rtt" -v b="$BASELINE_PING" 'BEGIN {printf "%+.3f", r - b}')
     fi
-    RESULTS+=("| $name | $med | ${gbits[*]} | $ratio | $retr | ${cpu:-–} | ${rtt:-–} | $added | $note |")
+    local machine
+    machine=$(busy_pct "0 0" "$busy $total")
+    RESULTS+=("| $name | $med | ${gbits[*]} | $ratio | $retr | ${cpu:-–} | $machine | ${rtt:-–} | $added | $note |")
 }
 
 skip() { # skip NAME WHY
     log "skipping $1: $2"
-    RESULTS+=("| $1 | – | – | – | – | – | – | – | skipped: $2 |")
+    RESULTS+=("| $1 | – | – | – | – | – | – | – | – | skipped: $2 |")
 }
 
 # --- tunnels -------------------------------------------------------------
@@ -637,10 +682,22 @@ bench_rss() {
 
 # --- the run -------------------------------------------------------------
 
+# A private copy of the binaries: a rebuild during the run (cargo build by
+# someone else) must not change what is measured halfway through.
+built=$(date -u -r "$BIN/meshd" '+%Y-%m-%d %H:%M UTC' 2>/dev/null || echo '?')
+if [ -x "$BIN/meshd" ]; then
+    mkdir -p "$WORK/bin"
+    for b in meshd meshctl mesh-rendezvous; do
+        [ -x "$BIN/$b" ] && cp "$BIN/$b" "$WORK/bin/$b"
+    done
+    BIN=$WORK/bin
+fi
+
 started=$(date -u '+%Y-%m-%d %H:%M UTC')
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 for tunnel in "${ALL_TUNNELS[@]}"; do
     selected "$tunnel" || continue
+    wait_idle
     log "== $tunnel"
     case $tunnel in
         veth) bench_veth ;;
@@ -654,6 +711,7 @@ for tunnel in "${ALL_TUNNELS[@]}"; do
     kill_namespaces
 done
 if selected rss; then
+    wait_idle
     log "== meshd with 1000 peers"
     bench_rss
 fi
@@ -662,13 +720,12 @@ mb() { [ -n "$1" ] && awk -v k="$1" 'BEGIN {printf "%.1f MB", k / 1024}' || echo
 commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')
 dirty=$(git -C "$REPO" status --porcelain --untracked-files=no -- src Cargo.toml 2>/dev/null | head -1)
 
-built=$(date -u -r "$BIN/meshd" '+%Y-%m-%d %H:%M UTC' 2>/dev/null || echo '?')
 echo "Machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), Linux $(uname -r); load average $load_before before, $(cut -d' ' -f1-3 /proc/loadavg) after"
-echo "Date: $started; meshd at $commit${dirty:+ (with uncommitted changes)}, binary built $built; iperf3 $(iperf3 --version | awk 'NR == 1 {print $2}'), one TCP stream a → b, $SECONDS_PER_RUN s × $RUNS runs, inner MTU $MTU"
+echo "Date: $started; meshd binary built $built (repository at $commit${dirty:+ with uncommitted changes}); iperf3 $(iperf3 --version | awk 'NR == 1 {print $2}'), one TCP stream a → b, $SECONDS_PER_RUN s × $RUNS runs, inner MTU $MTU"
 echo
 if [ ${#RESULTS[@]} -gt 0 ]; then
-    echo "| tunnel | Gbit/s (median) | runs (Gbit/s) | × veth | TCP retransmits per run (median) | daemon CPU a / b (% of a core) | ping avg (ms) | added RTT (ms) | note |"
-    echo "|---|---:|---|---:|---:|---|---:|---:|---|"
+    echo "| tunnel | Gbit/s (median) | runs (Gbit/s) | × veth | TCP retransmits per run (median) | daemon CPU a / b (% of a core) | machine busy (% of all CPUs) | ping avg (ms) | added RTT (ms) | note |"
+    echo "|---|---:|---|---:|---:|---|---:|---:|---:|---|"
     printf '%s\n' "${RESULTS[@]}"
 fi
 if selected meshd || selected rss; then
