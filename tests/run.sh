@@ -15,8 +15,10 @@ fi
 
 # systemd: `systemd-analyze verify` of the units (tests/systemd.rs, offline,
 # no systemd as PID 1); strace: the system calls the confined daemons make;
-# shellcheck: deploy/install.sh (tests/install.rs).
-packages=(iproute2 iputils-ping iptables conntrack procps wireguard-go wireguard-tools iperf3 systemd strace shellcheck)
+# shellcheck: deploy/install.sh (tests/install.rs); etcd-server and
+# etcd-client: a three-member etcd over overlay addresses, run inside the
+# NAT lab's namespaces only (tests/lab_kube.rs).
+packages=(iproute2 iputils-ping iptables conntrack procps wireguard-go wireguard-tools iperf3 systemd strace shellcheck etcd-server etcd-client)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
