@@ -32,7 +32,7 @@
 # run creates is removed on any exit, Ctrl-C included.
 #
 # Usage: sudo benches/netns.sh [--runs N] [--seconds S] [--only NAME...]
-#                              [--no-install] [--bin DIR] [--logs DIR]
+#                              [--no-install] [--bin DIR] [--logs DIR] [--idle-wait S]
 #   --runs N       iperf3 runs per tunnel (default 3); the table shows the median
 #   --seconds S    length of each run (default 10)
 #   --only NAME…   just these tunnels (names above; "rss" for the 1000-peer figure)
@@ -44,6 +44,9 @@
 #                  running alongside halves what a tunnel gets. The table's
 #                  "machine busy" column shows what the whole machine used
 #                  during the runs, ours included
+
+# Functions run through traps, wait_for and "$start" are not unreachable.
+# shellcheck disable=SC2317
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -58,7 +61,7 @@ LOGS=""
 IDLE_WAIT=300
 
 usage() {
-    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
+    sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
     echo "tunnels: ${ALL_TUNNELS[*]} (and rss for the memory figures)" >&2
     exit "${1:-2}"
 }
@@ -130,7 +133,7 @@ cleanup() {
     trap - EXIT INT TERM HUP
     kill_namespaces
     if [ -n "$LOGS" ]; then
-        rm -rf "$WORK/bin" && mkdir -p "$LOGS" && cp -r "$WORK"/. "$LOGS"/ && echo "logs and configs: $LOGS" >&2
+        rm -rf "${WORK:?}/bin" && mkdir -p "$LOGS" && cp -r "$WORK"/. "$LOGS"/ && echo "logs and configs: $LOGS" >&2
     fi
     rm -rf "$WORK"
     exit "$status"
@@ -473,8 +476,8 @@ bench_meshd() {
     RESULTS[-1]="${RESULTS[-1]% |}$(drop_note meshd "$A" "$B") |"
 }
 
-# wg_tunnel NAME NS IFACE KEY LOCAL_OVERLAY PEER_KEY PEER_IP PEER_OVERLAY: configures
-# a wireguard-go/boringtun interface with wg, as wg-quick would.
+# wg_configure NS IFACE KEY LOCAL_OVERLAY PEER_KEY PEER_IP PEER_OVERLAY: configures
+# a wireguard-go/boringtun interface with wg and ip, as wg-quick would.
 wg_configure() {
     local ns=$1 iface=$2 key=$3 overlay=$4 peer=$5 peer_ip=$6 peer_overlay=$7
     in_ns "$ns" wg set "$iface" private-key "$WORK/$key.key" listen-port $PORT \
@@ -685,6 +688,8 @@ bench_rss() {
 # A private copy of the binaries: a rebuild during the run (cargo build by
 # someone else) must not change what is measured halfway through.
 built=$(date -u -r "$BIN/meshd" '+%Y-%m-%d %H:%M UTC' 2>/dev/null || echo '?')
+commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')
+dirty=$(git -C "$REPO" status --porcelain --untracked-files=no -- src Cargo.toml 2>/dev/null | head -1)
 if [ -x "$BIN/meshd" ]; then
     mkdir -p "$WORK/bin"
     for b in meshd meshctl mesh-rendezvous; do
@@ -717,8 +722,6 @@ if selected rss; then
 fi
 
 mb() { [ -n "$1" ] && awk -v k="$1" 'BEGIN {printf "%.1f MB", k / 1024}' || echo "–"; }
-commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')
-dirty=$(git -C "$REPO" status --porcelain --untracked-files=no -- src Cargo.toml 2>/dev/null | head -1)
 
 echo "Machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), Linux $(uname -r); load average $load_before before, $(cut -d' ' -f1-3 /proc/loadavg) after"
 echo "Date: $started; meshd binary built $built (repository at $commit${dirty:+ with uncommitted changes}); iperf3 $(iperf3 --version | awk 'NR == 1 {print $2}'), one TCP stream a → b, $SECONDS_PER_RUN s × $RUNS runs, inner MTU $MTU"
