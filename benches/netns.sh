@@ -291,6 +291,7 @@ busy_pct() { # busy_pct "BUSY TOTAL" "BUSY TOTAL": % of all CPUs busy between tw
 
 wait_idle() { # waits up to IDLE_WAIT s for 2 s in a row under 15 % busy
     local deadline=$((SECONDS + IDLE_WAIT)) quiet=0 a b pct said=0
+    [ "$IDLE_WAIT" -gt 0 ] || return 0
     while [ "$quiet" -lt 2 ]; do
         a=$(cpu_jiffies)
         sleep 1
@@ -304,7 +305,7 @@ wait_idle() { # waits up to IDLE_WAIT s for 2 s in a row under 15 % busy
             said=1
         fi
         if [ "$SECONDS" -ge "$deadline" ]; then
-            log "the machine is still busy (${pct}%): measuring anyway"
+            [ "$quiet" -gt 0 ] || log "the machine is still busy (${pct}%): measuring anyway"
             return
         fi
     done
