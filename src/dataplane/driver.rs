@@ -227,7 +227,7 @@ impl Driver {
                 Some(command) = self.inputs.commands.recv() => self.apply(command),
                 Some(frame) = recv_frame(&mut self.inputs.relay_frames) => self.relayed(frame),
                 Some(connection) = relay_changed(&mut self.inputs.relay_connection) => {
-                    tracing::info!(available = connection.is_some(), "relay");
+                    tracing::info!(available = connection.is_some(), max_datagram = ?connection.as_ref().and_then(|c| c.max_datagram_size()), "relay");
                     let now = Instant::now();
                     self.node.set_relay_available(connection.is_some(), now);
                     if let Some(c) = &connection {

@@ -43,10 +43,12 @@ use crate::wire::relay::{fits_datagram, HEADER_LEN};
 /// Stream sends in flight per destination before frames are dropped.
 const STREAM_QUEUE: usize = 64;
 /// Units of queue one connection may fill towards the relay task (see the
-/// module docs): 256 datagrams, or about 300 KB.
-pub const INBOUND_SHARE: u32 = 256;
-/// Bytes of frame per unit of [`INBOUND_SHARE`]: about one datagram.
-pub const SHARE_UNIT: usize = 1200;
+/// module docs): 512 full-size datagrams, or about 750 KB: a TCP window
+/// through the relay in flight without drops.
+pub const INBOUND_SHARE: u32 = 512;
+/// Bytes of frame per unit of [`INBOUND_SHARE`]: one full-size relay frame
+/// (a 1380-byte mesh0 packet in WireGuard and relay headers) is one unit.
+pub const SHARE_UNIT: usize = 1500;
 
 /// What the relay task is told.
 #[derive(Debug)]
@@ -316,13 +318,17 @@ mod tests {
         let (relay, mut inbox) = Relay::unstarted();
         let mut inlet = relay.inlet(ConnId(1));
         let streams = inlet.streams();
-        // Frames of about 5 KB take 5 units each: 51 of them fit, leaving
-        // one unit, less than the 2 of a 2 KB frame.
-        for _ in 0..64 {
+        // Frames of about 5 KB take several units each: as many fit as the
+        // share allows, and what is left is less than a 2 KB frame needs.
+        let (big, small) = (cost(&frame(5_000)), cost(&frame(2_000)));
+        assert!(big > 1 && small > 1, "both take more than one unit");
+        let fit = INBOUND_SHARE / big;
+        assert!(INBOUND_SHARE - fit * big < small, "the rest cannot take a 2 KB frame");
+        for _ in 0..fit + 13 {
             inlet.datagram(frame(5_000));
         }
         let held: Vec<Input> = std::iter::from_fn(|| inbox.try_recv().ok()).collect();
-        assert_eq!(held.len(), 51);
+        assert_eq!(held.len(), fit as usize);
 
         let mut stream_frame = Box::pin(streams.frame(frame(2_000)));
         assert!((&mut stream_frame).now_or_never().is_none(), "a full share holds the stream frame back");
@@ -364,7 +370,9 @@ mod tests {
         assert_eq!(of_len(HEADER_LEN + 1), 1);
         assert_eq!(of_len(SHARE_UNIT), 1);
         assert_eq!(of_len(SHARE_UNIT + 1), 2);
-        assert_eq!(of_len(MAX_FRAME_LEN), 55);
+        assert_eq!(of_len(MAX_FRAME_LEN) as usize, MAX_FRAME_LEN.div_ceil(SHARE_UNIT));
+        // A full-size mesh0 packet (1380) in WireGuard (32) and relay headers is one unit.
+        assert_eq!(of_len(1380 + 32 + HEADER_LEN), 1);
         assert!(of_len(MAX_FRAME_LEN) <= INBOUND_SHARE);
     }
 }

@@ -27,6 +27,16 @@ pub const KEEPALIVE: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Relay streams open at once in each direction (one per oversized frame).
 const RELAY_STREAMS: u32 = 64;
+/// The largest UDP payload a 1500-byte underlay carries over IPv6 (1500 −
+/// 40 − 8), and QUIC's packet size from the start instead of 1200. A relay
+/// frame of a full `mesh0` packet (1380 + 32 of WireGuard + 5 of relay
+/// header) then fits one DATAGRAM frame; at 1200 every full-size packet
+/// would take a stream of its own. The node's end cannot run path-MTU
+/// discovery (its socket is shared with WireGuard, which must be allowed to
+/// fragment on narrower paths), so a narrower path fragments these packets
+/// rather than losing them; the rendezvous's end discovers and, on loss,
+/// falls back to 1200 (quinn's black-hole detection).
+const INITIAL_MTU: u16 = 1452;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -106,8 +116,17 @@ fn provider() -> Arc<CryptoProvider> {
 pub fn endpoint_config() -> quinn::EndpointConfig {
     let mut config = quinn::EndpointConfig::default();
     config.grease_quic_bit(false);
+    // 4-byte connection ids instead of 8: every relayed packet carries one,
+    // and with them a full mesh0 packet fits one DATAGRAM frame at
+    // INITIAL_MTU (see there). quinn never hands out an id already in use,
+    // so the smaller space costs nothing but a few retries at very large
+    // meshes.
+    config.cid_generator(|| Box::new(quinn_proto::RandomConnectionIdGenerator::new(CID_LEN)));
     config
 }
+
+/// Length of the connection ids either end chooses.
+const CID_LEN: usize = 4;
 
 /// The rendezvous's QUIC server configuration.
 pub fn server_config(cert_der: Vec<u8>, key_der: Vec<u8>) -> Result<quinn::ServerConfig, TlsError> {
@@ -129,9 +148,17 @@ pub fn server_config(cert_der: Vec<u8>, key_der: Vec<u8>) -> Result<quinn::Serve
     // The server opens the one control stream; a node may open none, and
     // unidirectional streams only for relay frames too big for a datagram.
     transport
+        // Discover up to what an IPv4 path of 1500 bytes carries; an IPv6
+        // path settles at INITIAL_MTU.
+        .mtu_discovery_config(Some({
+            let mut mtud = quinn::MtuDiscoveryConfig::default();
+            mtud.upper_bound(1472);
+            mtud
+        }))
         .max_concurrent_bidi_streams(0u32.into())
         .max_concurrent_uni_streams(RELAY_STREAMS.into())
-        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(|_| TlsError::Config("idle timeout".into()))?));
+        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(|_| TlsError::Config("idle timeout".into()))?))
+        .initial_mtu(INITIAL_MTU);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -156,7 +183,8 @@ pub fn client_config(pin: CertHash) -> Result<quinn::ClientConfig, TlsError> {
         // relay streams for frames too big for a datagram.
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(RELAY_STREAMS.into())
-        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(|_| TlsError::Config("idle timeout".into()))?));
+        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(|_| TlsError::Config("idle timeout".into()))?))
+        .initial_mtu(INITIAL_MTU);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
