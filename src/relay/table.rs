@@ -85,11 +85,11 @@ pub struct RelayLimits {
 }
 
 impl RelayLimits {
-    /// 50 MB/s: more than a relayed path usually carries, so a limit only
+    /// 100 MB/s: more than one relayed TCP stream carries here, so a limit only
     /// ever bites on a flood.
-    pub const DEFAULT_BYTES_PER_SEC: u64 = 50_000_000;
-    /// 50 000 packets/s: 50 MB/s of 1 000-byte packets.
-    pub const DEFAULT_PACKETS_PER_SEC: u64 = 50_000;
+    pub const DEFAULT_BYTES_PER_SEC: u64 = 100_000_000;
+    /// 100 000 packets/s: 100 MB/s of 1 000-byte packets.
+    pub const DEFAULT_PACKETS_PER_SEC: u64 = 100_000;
     /// A bucket holds this long's worth of its rate.
     pub const DEFAULT_BURST: Duration = Duration::from_millis(100);
 
@@ -819,7 +819,7 @@ mod tests {
         assert_eq!(RelayLimits::new(1, 0, second), Err(LimitsError::Zero { what: "packets per second" }));
         assert_eq!(RelayLimits::new(1, 1, Duration::ZERO), Err(LimitsError::Zero { what: "burst" }));
         let defaults = RelayLimits::default();
-        assert_eq!((defaults.bytes_per_sec(), defaults.packets_per_sec()), (50_000_000, 50_000));
+        assert_eq!((defaults.bytes_per_sec(), defaults.packets_per_sec()), (100_000_000, 100_000));
     }
 
     #[test]
