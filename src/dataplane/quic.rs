@@ -26,7 +26,7 @@ pub const INBOX: usize = 256;
 /// One QUIC datagram the driver demultiplexed.
 pub struct QuicDatagram {
     pub from: SocketAddr,
-    pub data: Vec<u8>,
+    pub data: bytes::Bytes,
 }
 
 pub struct SharedSocket {

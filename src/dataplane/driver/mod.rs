@@ -24,7 +24,7 @@ mod requests;
 use requests::{PendingPing, Reflecting};
 use super::quic::QuicDatagram;
 use super::tun::Tun;
-use super::udp::{canonical, gso_run, UdpSocket};
+use super::udp::{canonical, gso_run, UdpSocket, MAX_GSO_SEGMENTS};
 use crate::control::server::Ask;
 use crate::control::Response;
 use crate::engine::nat::{MappingObserver, Observer};
@@ -152,10 +152,26 @@ pub struct Driver {
     tun_buffers: TunBuffers,
     /// Where relay frames are written before they go to quinn.
     relay_chunk: BytesMut,
+    /// Where QUIC packets from the socket are copied before they go to quinn.
+    quic_chunk: BytesMut,
 }
 
-/// Bytes allocated at a time for outgoing relay frames.
-const RELAY_CHUNK: usize = 64 << 10;
+/// Bytes allocated at a time for the owned packets quinn wants.
+const CHUNK: usize = 64 << 10;
+
+/// Copies `parts` into `chunk` and cuts them off as one owned [`Bytes`]:
+/// quinn needs an owned buffer per datagram, and this costs one allocation
+/// per [`CHUNK`] bytes (about 45 full-size packets) instead of one per packet.
+fn cut_from_chunk(chunk: &mut BytesMut, parts: &[&[u8]]) -> Bytes {
+    let needed = parts.iter().map(|p| p.len()).sum::<usize>();
+    if chunk.capacity() - chunk.len() < needed {
+        chunk.reserve(CHUNK.max(needed));
+    }
+    for part in parts {
+        chunk.extend_from_slice(part);
+    }
+    chunk.split().freeze()
+}
 
 /// Buffers of the TUN's batched reads and writes, allocated once.
 struct TunBuffers {
@@ -211,6 +227,7 @@ impl Driver {
             tx_batch: Vec::new(),
             tun_buffers: TunBuffers::new(),
             relay_chunk: BytesMut::new(),
+            quic_chunk: BytesMut::new(),
         }
     }
 
@@ -321,9 +338,13 @@ impl Driver {
             let n = if self.udp.gso() { gso_run(run, |t| (t.dst, t.payload.len())) } else { 1 };
             let dst = run[0].dst;
             let sent = if n > 1 {
-                let segments: Vec<IoSlice<'_>> = run[..n].iter().map(|t| IoSlice::new(t.payload.as_slice())).collect();
+                // On the stack: gso_run never makes a run longer than this.
+                let mut segments = [IoSlice::new(&[]); MAX_GSO_SEGMENTS];
+                for (slot, t) in segments.iter_mut().zip(&run[..n]) {
+                    *slot = IoSlice::new(t.payload.as_slice());
+                }
                 let segment_len = u16::try_from(run[0].payload.len()).unwrap_or(u16::MAX);
-                match send_segments(&self.udp, &segments, segment_len, dst).await {
+                match send_segments(&self.udp, &segments[..n.min(MAX_GSO_SEGMENTS)], segment_len, dst).await {
                     Err(e) if e.kind() == io::ErrorKind::Unsupported => {
                         // GSO just turned out unavailable: this run one by one.
                         let mut last = Ok(0);
@@ -386,7 +407,7 @@ impl Driver {
                 self.reflected(from, answer);
             }
             (DatagramKind::Quic, Some(quic)) => {
-                let d = QuicDatagram { from, data: datagram.to_vec() };
+                let d = QuicDatagram { from, data: cut_from_chunk(&mut self.quic_chunk, &[datagram]) };
                 if quic.try_send(d).is_err() {
                     self.quic_dropped += 1;
                 }
@@ -455,18 +476,9 @@ impl Driver {
             self.relay_dropped += 1;
             return;
         }
-        // Frames are cut from one shared chunk: quinn needs an owned
-        // `Bytes` per datagram, and this makes that one allocation per
-        // chunk (about 45 full-size packets), not one per packet.
-        let needed = relay::HEADER_LEN + packet.len();
-        if self.relay_chunk.capacity() - self.relay_chunk.len() < needed {
-            self.relay_chunk.reserve(RELAY_CHUNK.max(needed));
-        }
         let mut header = [0u8; relay::HEADER_LEN];
         relay::encode_header(RelayKind::Packet, node, &mut header);
-        self.relay_chunk.extend_from_slice(&header);
-        self.relay_chunk.extend_from_slice(packet);
-        let frame = self.relay_chunk.split().freeze();
+        let frame = cut_from_chunk(&mut self.relay_chunk, &[&header, packet]);
         if relay::fits_datagram(packet.len(), connection.max_datagram_size()) {
             match connection.send_datagram(frame.clone()) {
                 Ok(()) => return,
