@@ -176,7 +176,7 @@ impl From<&CandidateStatus> for CandidateInfo {
 }
 
 /// Milliseconds with two decimals.
-fn millis(d: std::time::Duration) -> f64 {
+pub(crate) fn millis(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 100.0
 }
 

@@ -14,7 +14,7 @@ use super::Driver;
 use crate::dataplane::udp::canonical;
 use crate::control::diagnose::{self, Side};
 use crate::control::server::Ask;
-use crate::control::{NetcheckInfo, PeerInfo, PingInfo, RendezvousInfo, Request, Response, StatusInfo};
+use crate::control::{millis, NetcheckInfo, PeerInfo, PingInfo, RendezvousInfo, Request, Response, StatusInfo};
 use crate::engine::nat::Observer;
 use crate::engine::paths::{Path, PathStatus};
 use crate::identity::PublicKey;
@@ -82,7 +82,7 @@ impl Driver {
                         .collect(),
                     rendezvous: self.inputs.nat.is_some().then(|| RendezvousInfo {
                         connected: self.relay_connection.is_some(),
-                        rtt_ms: self.relay_connection.as_ref().map(|c| (c.rtt().as_secs_f64() * 1e5).round() / 100.0),
+                        rtt_ms: self.relay_connection.as_ref().map(|c| millis(c.rtt())),
                     }),
                     name: self.info.name.clone(),
                     overlay_ips: self.info.addresses.iter().map(|a| a.split('/').next().unwrap_or(a).to_owned()).collect(),
@@ -303,7 +303,3 @@ pub(super) struct Reflecting {
     retried: bool,
 }
 
-/// Milliseconds with two decimals, as the API shows them.
-fn millis(d: std::time::Duration) -> f64 {
-    (d.as_secs_f64() * 1e5).round() / 100.0
-}
