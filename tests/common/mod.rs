@@ -666,6 +666,31 @@ pub fn assert_success(out: &Output, what: &str) {
     );
 }
 
+/// `meshctl --socket SOCKET <args…> --json`, parsed; `Err` says which
+/// command failed and why (its stderr, or the output that was not JSON).
+pub fn meshctl_json<T: serde::de::DeserializeOwned>(socket: &Path, args: &[&str]) -> Result<T, String> {
+    let mut all = vec!["--socket", utf8(socket)];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let command = args.join(" ");
+    let out = output(MESHCTL, &all);
+    if !out.status.success() {
+        return Err(format!(
+            "meshctl {command} on {} failed with {}: {}",
+            socket.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "meshctl {command} --json on {} printed no JSON of the expected shape ({e}): {}",
+            socket.display(),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
 /// A process started in the lab; killed when dropped.
 pub struct Daemon<'lab> {
     _lab: &'lab Lab,
@@ -802,21 +827,7 @@ impl Meshd<'_> {
     }
 
     fn meshctl_json<T: serde::de::DeserializeOwned>(&self, command: &str) -> Result<T, String> {
-        let socket = self.socket.to_str().expect("utf-8 temp path");
-        let out = output(MESHCTL, &["--socket", socket, command, "--json"]);
-        if !out.status.success() {
-            return Err(format!(
-                "meshctl {command} failed with {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| {
-            format!(
-                "meshctl {command} --json printed no JSON of the expected shape ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        meshctl_json(&self.socket, &[command])
     }
 
     pub fn peers(&self) -> Vec<serde_json::Value> {

@@ -33,7 +33,7 @@ use std::thread;
 use std::time::Duration;
 
 use crate::common::{
-    assert_success, eventually_every, output, utf8, Amount, TcpTransfer, MESHCTL, MESHD,
+    assert_success, eventually_every, meshctl_json, output, utf8, Amount, TcpTransfer, MESHD,
     MESH_RENDEZVOUS,
 };
 
@@ -351,25 +351,7 @@ impl MeshLab {
     /// `meshctl --socket … <args…> --json` for `node`, parsed.
     pub fn meshctl_with(&self, node: &str, args: &[&str]) -> Result<serde_json::Value, String> {
         self.assert_all_running();
-        let socket = self.socket(node);
-        let mut all = vec!["--socket", utf8(&socket)];
-        all.extend_from_slice(args);
-        all.push("--json");
-        let command = args.join(" ");
-        let out = output(MESHCTL, &all);
-        if !out.status.success() {
-            return Err(format!(
-                "meshctl {command} on {node} failed with {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| {
-            format!(
-                "meshctl {command} --json on {node} printed no JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        meshctl_json(&self.socket(node), args)
     }
 
     /// What `from` reports about its peer `to`: (path, endpoint).
