@@ -28,7 +28,7 @@ use super::buf::{BufPool, PacketBuf, TUN_HEADROOM};
 use super::icmp;
 use super::paths::{CandidateStatus, Path, PathSet, PathStatus, Source};
 use super::peer::{Admitted, Decapsulated, Encapsulated, Gate, Peer, PeerCounters, Ticked, MSG_HANDSHAKE_INIT};
-use crate::wire::probe::{self, ProbeKind, TxId, PROBE_LEN};
+use crate::wire::probe::{self, ProbeKey, ProbeKind, TxId, PROBE_LEN};
 use super::routing::AllowedIps;
 use crate::identity::{PrivateKey, PublicKey};
 use crate::wire::{classify, DatagramKind};
@@ -122,6 +122,19 @@ impl Outputs {
             Via::Udp(dst) => self.transmits.push_back(Transmit { dst, payload }),
             Via::Relay(peer) => self.relay.push_back(RelayTransmit { peer, payload }),
         }
+    }
+
+    /// Seals a probe from `sender` into a pooled buffer and queues it `via`.
+    /// False only if a pool buffer could not hold a probe (it always can).
+    fn send_probe(&mut self, key: &ProbeKey, kind: ProbeKind, tx: TxId, sender: &PublicKey, via: Via) -> bool {
+        let mut buf = self.pool.take();
+        let Some(out) = buf.get_mut(..PROBE_LEN).and_then(|b| <&mut [u8; PROBE_LEN]>::try_from(b).ok()) else {
+            self.pool.give_back(buf);
+            return false;
+        };
+        key.seal(kind, tx, sender, out);
+        self.send(via, buf, PROBE_LEN);
+        true
     }
 }
 
@@ -759,12 +772,7 @@ impl Node {
             tx
         });
         for (to, tx) in pings {
-            let mut buf = self.out.pool.take();
-            let Some(out) = buf.get_mut(..PROBE_LEN).and_then(|b| <&mut [u8; PROBE_LEN]>::try_from(b).ok()) else {
-                continue;
-            };
-            key.seal(ProbeKind::Ping, tx, &self.public_key, out);
-            self.out.send(Via::Udp(to), buf, PROBE_LEN);
+            self.out.send_probe(key, ProbeKind::Ping, tx, &self.public_key, Via::Udp(to));
         }
         if let Some(path) = paths.select(now) {
             tracing::debug!(peer = %peer.key.short(), ?path, "path changed");
@@ -810,15 +818,8 @@ impl Node {
                         // Nothing was observed: the relay hides the source.
                         Via::Relay(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
                     };
-                    let mut buf = self.out.pool.take();
-                    if let (Some(key), Some(out)) = (
-                        peer.probe_key.as_ref(),
-                        buf.get_mut(..PROBE_LEN).and_then(|b| <&mut [u8; PROBE_LEN]>::try_from(b).ok()),
-                    ) {
-                        key.seal(ProbeKind::Pong { observed }, probe.tx, &self.public_key, out);
-                        self.out.send(origin, buf, PROBE_LEN);
-                    } else {
-                        self.out.pool.give_back(buf);
+                    if let Some(key) = peer.probe_key.as_ref() {
+                        self.out.send_probe(key, ProbeKind::Pong { observed }, probe.tx, &self.public_key, origin);
                     }
                 }
                 ProbeKind::Pong { observed } => {
@@ -863,22 +864,14 @@ impl Node {
                 self.next_tx += 1;
                 let mut tx = [0xffu8; 12];
                 tx[..8].copy_from_slice(&self.next_tx.to_be_bytes());
-                let mut buf = self.out.pool.take();
-                match buf.get_mut(..PROBE_LEN).and_then(|b| <&mut [u8; PROBE_LEN]>::try_from(b).ok()) {
-                    Some(out) => {
-                        key.seal(ProbeKind::Ping, tx, &self.public_key, out);
-                        self.out.send(via, buf, PROBE_LEN);
-                        if self.user_pings.len() >= MAX_USER_PINGS {
-                            self.user_pings.remove(0);
-                        }
-                        self.user_pings.push(UserPing { tx, peer: peer.key, sent: now });
-                        true
+                let sent = self.out.send_probe(key, ProbeKind::Ping, tx, &self.public_key, via);
+                if sent {
+                    if self.user_pings.len() >= MAX_USER_PINGS {
+                        self.user_pings.remove(0);
                     }
-                    None => {
-                        self.out.pool.give_back(buf);
-                        false
-                    }
+                    self.user_pings.push(UserPing { tx, peer: peer.key, sent: now });
                 }
+                sent
             }
             _ => false,
         };
