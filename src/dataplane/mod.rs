@@ -16,6 +16,7 @@
 pub mod cache;
 pub mod candidates;
 pub mod driver;
+pub mod gro;
 pub mod quic;
 pub mod tun;
 pub mod udp;

@@ -31,8 +31,9 @@ use crate::engine::nat::{MappingObserver, Observer};
 use crate::engine::paths::Source;
 use crate::wire::reflect::Reflect;
 use crate::wire::control::NatMapping;
-use crate::engine::{Event, Node, PeerSpec, Transmit, TUN_HEADROOM};
-use tun_rs::{GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use crate::engine::{Event, Node, PeerSpec, Transmit};
+use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use super::gro::Coalescer;
 use crate::identity::PublicKey;
 use crate::wire::relay::{self, NodeId, RelayKind};
 use crate::wire::{classify, DatagramKind};
@@ -180,9 +181,10 @@ struct TunBuffers {
     /// The read split into segments, and their lengths.
     segments: Vec<Vec<u8>>,
     sizes: Vec<usize>,
-    /// Packets of one flush on their way to the TUN.
-    write: Vec<Vec<u8>>,
-    gro: GROTable,
+    /// Joins the TCP segments of one flush into super-packets.
+    gro: Coalescer,
+    /// Failed TUN writes (logged at powers of two).
+    write_errors: u64,
 }
 
 impl TunBuffers {
@@ -191,8 +193,8 @@ impl TunBuffers {
             read: vec![0; VIRTIO_NET_HDR_LEN + usize::from(u16::MAX)],
             segments: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; TUN_SEGMENT]).collect(),
             sizes: vec![0; IDEAL_BATCH_SIZE],
-            write: Vec::new(),
-            gro: GROTable::default(),
+            gro: Coalescer::new(),
+            write_errors: 0,
         }
     }
 }
@@ -373,29 +375,33 @@ impl Driver {
     }
 
     /// Writes what the engine decrypted to the TUN. With offloads, the
-    /// segments of one TCP flow are coalesced into super-packets first
-    /// (GRO), so the kernel's stack sees a few big packets, not many small
-    /// ones; the virtio header goes into each packet's headroom.
-    async fn write_tun(&mut self) {
-        let mut frames = std::mem::take(&mut self.tun_buffers.write);
+    /// segments of one TCP stream are joined into super-packets first
+    /// ([`Coalescer`]), so the kernel's stack sees a few big packets, not
+    /// many small ones; the virtio header goes into each packet's headroom.
+    /// A TUN write does not block (the device's send buffer is unbounded),
+    /// so one that fails is a lost packet, counted and logged.
+    fn write_tun(&mut self) {
+        let offload = self.tun.tcp_gso();
+        let TunBuffers { gro, write_errors, .. } = &mut self.tun_buffers;
+        let tun = &self.tun;
+        let mut write = |bytes: &[u8]| {
+            if let Err(e) = tun.try_send(bytes) {
+                *write_errors += 1;
+                if write_errors.is_power_of_two() {
+                    tracing::debug!(error = %e, count = *write_errors, "TUN write failed");
+                }
+            }
+        };
         while let Some(packet) = self.node.poll_tun() {
-            let (frame, start) = packet.into_framed();
-            // Every packet for the TUN is built behind TUN_HEADROOM.
-            if start == TUN_HEADROOM {
-                frames.push(frame);
-            } else {
-                self.node.recycle_vec(frame);
+            let (mut frame, start) = packet.into_framed();
+            if offload {
+                gro.push(&mut frame, start, &mut write);
+            } else if let Some(bytes) = frame.get(start..) {
+                write(bytes);
             }
-        }
-        if !frames.is_empty() {
-            if let Err(e) = self.tun.send_multiple(&mut self.tun_buffers.gro, &mut frames, TUN_HEADROOM).await {
-                tracing::debug!(error = %e, "TUN write failed");
-            }
-        }
-        for frame in frames.drain(..) {
             self.node.recycle_vec(frame);
         }
-        self.tun_buffers.write = frames;
+        gro.finish(&mut write);
     }
 
     /// One datagram of the receive buffer, demultiplexed by its first bytes.
@@ -422,7 +428,7 @@ impl Driver {
             self.send_relayed(t.peer, t.payload.as_slice());
             self.node.recycle(t.payload);
         }
-        self.write_tun().await;
+        self.write_tun();
         while let Some(event) = self.node.poll_event() {
             // Every event concerns one peer: its log lines carry the peer's
             // span (short key and name), so an operator can follow one peer.
