@@ -254,6 +254,28 @@ pub fn render_node(status: &StatusInfo, peers: &[PeerInfo], now_unix: u64) -> St
     }
     out.family("meshd_cookie_replies_sent_total", Kind::Counter, "WireGuard cookie replies sent while under load.")
         .sample(&[], status.cookie_replies_sent);
+    let io = &status.io;
+    let ops = [
+        ("tun_read", io.tun_reads, io.tun_read_packets),
+        ("tun_write", io.tun_writes, io.tun_written_packets),
+        ("udp_send", io.udp_sends, io.udp_sent_datagrams),
+        ("udp_receive", io.udp_receives, io.udp_received_datagrams),
+    ];
+    let mut calls = out.family(
+        "meshd_io_calls_total",
+        Kind::Counter,
+        "System calls of the packet path, by operation (packets per call shows the offloads at work).",
+    );
+    for (op, n, _) in ops {
+        calls.sample(&[("op", op)], n);
+    }
+    let mut packets = out.family("meshd_io_packets_total", Kind::Counter, "Packets the packet path's system calls carried, by operation.");
+    for (op, _, n) in ops {
+        packets.sample(&[("op", op)], n);
+    }
+    out.family("meshd_io_errors_total", Kind::Counter, "Failed TUN writes and UDP sends (each a lost packet or batch).")
+        .sample(&[("op", "tun_write")], io.tun_write_errors)
+        .sample(&[("op", "udp_send")], io.udp_send_errors);
 
     let labels: Vec<PeerLabels> = peers.iter().map(peer_labels).collect();
     let by_peer = PerPeer { peers, labels: &labels };
@@ -693,7 +715,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::control::RendezvousInfo;
+    use crate::control::{IoCounters, RendezvousInfo};
     use crate::identity::PublicKey;
     use crate::relay::{DropReason, NodeId, RelayLimits, RelayTable};
     use crate::rendezvous::registry::ConnId;
@@ -714,6 +736,18 @@ mod tests {
             rendezvous: Some(RendezvousInfo { connected: true, rtt_ms: Some(12.5) }),
             drops: BTreeMap::from([("no_route".to_owned(), 3), ("bad_packet".to_owned(), 1)]),
             cookie_replies_sent: 0,
+            io: IoCounters {
+                tun_reads: 2,
+                tun_read_packets: 90,
+                tun_writes: 3,
+                tun_written_packets: 120,
+                tun_write_errors: 0,
+                udp_sends: 4,
+                udp_sent_datagrams: 100,
+                udp_send_errors: 1,
+                udp_receives: 5,
+                udp_received_datagrams: 130,
+            },
             nat: NatMapping::Unknown,
             ..StatusInfo::default()
         }
@@ -768,6 +802,22 @@ meshd_dropped_packets_total{reason="no_route"} 3
 # HELP meshd_cookie_replies_sent_total WireGuard cookie replies sent while under load.
 # TYPE meshd_cookie_replies_sent_total counter
 meshd_cookie_replies_sent_total 0
+# HELP meshd_io_calls_total System calls of the packet path, by operation (packets per call shows the offloads at work).
+# TYPE meshd_io_calls_total counter
+meshd_io_calls_total{op="tun_read"} 2
+meshd_io_calls_total{op="tun_write"} 3
+meshd_io_calls_total{op="udp_send"} 4
+meshd_io_calls_total{op="udp_receive"} 5
+# HELP meshd_io_packets_total Packets the packet path's system calls carried, by operation.
+# TYPE meshd_io_packets_total counter
+meshd_io_packets_total{op="tun_read"} 90
+meshd_io_packets_total{op="tun_write"} 120
+meshd_io_packets_total{op="udp_send"} 100
+meshd_io_packets_total{op="udp_receive"} 130
+# HELP meshd_io_errors_total Failed TUN writes and UDP sends (each a lost packet or batch).
+# TYPE meshd_io_errors_total counter
+meshd_io_errors_total{op="tun_write"} 0
+meshd_io_errors_total{op="udp_send"} 1
 # HELP meshd_peer_rx_bytes_total Bytes of authenticated WireGuard datagrams received from the peer.
 # TYPE meshd_peer_rx_bytes_total counter
 meshd_peer_rx_bytes_total{peer="node-b",public_key="3p7bfXt9",address="100.72.0.2"} 2048

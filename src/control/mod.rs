@@ -252,6 +252,27 @@ pub struct StatusInfo {
     /// Dropped packets by reason (only reasons seen at least once).
     pub drops: BTreeMap<String, u64>,
     pub cookie_replies_sent: u64,
+    /// How well the packet path batches; zeros from an older meshd.
+    #[serde(default)]
+    pub io: IoCounters,
+}
+
+/// The packet path's system calls and the packets they carried: packets per
+/// call shows whether the offloads work (TUN reads of TSO super-packets,
+/// coalesced TUN writes, UDP GSO sends and GRO receives). Counted since
+/// meshd started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoCounters {
+    pub tun_reads: u64,
+    pub tun_read_packets: u64,
+    pub tun_writes: u64,
+    pub tun_written_packets: u64,
+    pub tun_write_errors: u64,
+    pub udp_sends: u64,
+    pub udp_sent_datagrams: u64,
+    pub udp_send_errors: u64,
+    pub udp_receives: u64,
+    pub udp_received_datagrams: u64,
 }
 
 /// The node's session with its rendezvous.

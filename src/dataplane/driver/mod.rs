@@ -26,7 +26,7 @@ use super::quic::QuicDatagram;
 use super::tun::Tun;
 use super::udp::{canonical, gso_run, UdpSocket, MAX_GSO_SEGMENTS};
 use crate::control::server::Ask;
-use crate::control::Response;
+use crate::control::{IoCounters, Response};
 use crate::engine::nat::{MappingObserver, Observer};
 use crate::engine::paths::Source;
 use crate::wire::reflect::Reflect;
@@ -138,7 +138,8 @@ pub struct Driver {
     static_peers: HashSet<PublicKey>,
     buf: Vec<u8>,
     /// Send errors since the last one logged, so a dead route logs once, not per packet.
-    send_errors: u64,
+    /// System calls of the packet path and the packets they carried.
+    io: IoCounters,
     /// QUIC datagrams dropped because quinn was not keeping up.
     quic_dropped: u64,
     /// The rendezvous connection the relay uses now.
@@ -183,8 +184,6 @@ struct TunBuffers {
     sizes: Vec<usize>,
     /// Joins the TCP segments of one flush into super-packets.
     gro: Coalescer,
-    /// Failed TUN writes (logged at powers of two).
-    write_errors: u64,
 }
 
 impl TunBuffers {
@@ -194,7 +193,6 @@ impl TunBuffers {
             segments: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; TUN_SEGMENT]).collect(),
             sizes: vec![0; IDEAL_BATCH_SIZE],
             gro: Coalescer::new(),
-            write_errors: 0,
         }
     }
 }
@@ -220,7 +218,7 @@ impl Driver {
             pending_netcheck: Vec::new(),
             static_peers,
             buf: vec![0; RECV_BUF],
-            send_errors: 0,
+            io: IoCounters::default(),
             quic_dropped: 0,
             relay_connection: None,
             relay_ids: HashMap::new(),
@@ -285,6 +283,8 @@ impl Driver {
             let TunBuffers { read, segments, sizes, .. } = &mut self.tun_buffers;
             match self.tun.try_recv_multiple(read, segments, sizes, 0) {
                 Ok(n) => {
+                    self.io.tun_reads += 1;
+                    self.io.tun_read_packets += n as u64;
                     for (segment, &len) in segments.iter().zip(sizes.iter()).take(n) {
                         if let Some(packet) = segment.get(..len) {
                             self.node.handle_tun_packet(packet, now);
@@ -311,9 +311,11 @@ impl Driver {
                 Ok(received) => {
                     // With UDP GRO one receive may hold several datagrams of
                     // one flow, `stride` bytes each.
+                    self.io.udp_receives += 1;
                     let mut start = 0;
                     while start < received.len {
                         let end = received.len.min(start + received.stride.max(1));
+                        self.io.udp_received_datagrams += 1;
                         self.udp_datagram(received.from, start..end, now);
                         start = end;
                     }
@@ -339,6 +341,8 @@ impl Driver {
             let run = &batch[start..];
             let n = if self.udp.gso() { gso_run(run, |t| (t.dst, t.payload.len())) } else { 1 };
             let dst = run[0].dst;
+            self.io.udp_sends += 1;
+            self.io.udp_sent_datagrams += n as u64;
             let sent = if n > 1 {
                 // On the stack: gso_run never makes a run longer than this.
                 let mut segments = [IoSlice::new(&[]); MAX_GSO_SEGMENTS];
@@ -349,6 +353,7 @@ impl Driver {
                 match send_segments(&self.udp, &segments[..n.min(MAX_GSO_SEGMENTS)], segment_len, dst).await {
                     Err(e) if e.kind() == io::ErrorKind::Unsupported => {
                         // GSO just turned out unavailable: this run one by one.
+                        self.io.udp_sends += n as u64 - 1;
                         let mut last = Ok(0);
                         for t in &run[..n] {
                             last = send_one(&self.udp, t.payload.as_slice(), t.dst).await;
@@ -361,9 +366,9 @@ impl Driver {
                 send_one(&self.udp, run[0].payload.as_slice(), dst).await
             };
             if let Err(e) = sent {
-                self.send_errors += 1;
-                if self.send_errors.is_power_of_two() {
-                    tracing::debug!(%dst, error = %e, count = self.send_errors, "send failed");
+                self.io.udp_send_errors += 1;
+                if self.io.udp_send_errors.is_power_of_two() {
+                    tracing::debug!(%dst, error = %e, count = self.io.udp_send_errors, "send failed");
                 }
             }
             start += n;
@@ -382,17 +387,19 @@ impl Driver {
     /// so one that fails is a lost packet, counted and logged.
     fn write_tun(&mut self) {
         let offload = self.tun.tcp_gso();
-        let TunBuffers { gro, write_errors, .. } = &mut self.tun_buffers;
-        let tun = &self.tun;
+        let gro = &mut self.tun_buffers.gro;
+        let (tun, io) = (&self.tun, &mut self.io);
         let mut write = |bytes: &[u8]| {
+            io.tun_writes += 1;
             if let Err(e) = tun.try_send(bytes) {
-                *write_errors += 1;
-                if write_errors.is_power_of_two() {
-                    tracing::debug!(error = %e, count = *write_errors, "TUN write failed");
+                io.tun_write_errors += 1;
+                if io.tun_write_errors.is_power_of_two() {
+                    tracing::debug!(error = %e, count = io.tun_write_errors, "TUN write failed");
                 }
             }
         };
         while let Some(packet) = self.node.poll_tun() {
+            io.tun_written_packets += 1;
             let (mut frame, start) = packet.into_framed();
             if offload {
                 gro.push(&mut frame, start, &mut write);

@@ -98,6 +98,7 @@ impl Driver {
                         .map(|(r, n)| (r.as_str().to_owned(), n))
                         .collect(),
                     cookie_replies_sent: stats.cookie_replies_sent,
+                    io: self.io,
                 }))
             }
             Request::Ping { peer } => return self.start_ping(&peer, reply),
