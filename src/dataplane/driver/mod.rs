@@ -253,7 +253,17 @@ impl Driver {
                 r = self.udp.readable() => r?,
                 Some(ask) = self.inputs.asks.recv() => self.answer(ask),
                 Some(command) = self.inputs.commands.recv() => self.apply(command),
-                Some(frame) = recv_frame(&mut self.inputs.relay_frames) => self.relayed(frame),
+                Some(frame) = recv_frame(&mut self.inputs.relay_frames) => {
+                    self.relayed(frame);
+                    // The rest that is waiting, as one batch: one flush and
+                    // coalesced TUN writes for all of them.
+                    for _ in 1..UDP_BUDGET {
+                        let Some(frame) = self.inputs.relay_frames.as_mut().and_then(|rx| rx.try_recv().ok()) else {
+                            break;
+                        };
+                        self.relayed(frame);
+                    }
+                }
                 Some(connection) = relay_changed(&mut self.inputs.relay_connection) => {
                     tracing::info!(available = connection.is_some(), max_datagram = ?connection.as_ref().and_then(|c| c.max_datagram_size()), "relay");
                     let now = Instant::now();
