@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{NetcheckInfo, PeerInfo, PingInfo, RendezvousInfo, StatusInfo};
+use super::{IoCounters, NetcheckInfo, PeerInfo, PingInfo, RendezvousInfo, StatusInfo};
 
 /// `meshctl peers`: one line per peer, aligned columns, then for every
 /// relayed peer the reason it is relayed.
@@ -100,7 +100,34 @@ pub fn status(s: &StatusInfo) -> String {
         let drops: Vec<String> = s.drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = writeln!(out, "drops:       {}", drops.join(" "));
     }
+    if let Some(line) = batching(&s.io) {
+        let _ = writeln!(out, "batching:    {line}");
+    }
     out
+}
+
+/// Packets per system call on the packet path (about 1 everywhere means
+/// the offloads are off), and failed writes if any.
+fn batching(io: &IoCounters) -> Option<String> {
+    let ops = [
+        ("TUN read", io.tun_read_packets, io.tun_reads),
+        ("TUN write", io.tun_written_packets, io.tun_writes),
+        ("UDP send", io.udp_sent_datagrams, io.udp_sends),
+        ("UDP receive", io.udp_received_datagrams, io.udp_receives),
+    ];
+    let parts: Vec<String> = ops
+        .iter()
+        .filter(|(_, _, calls)| *calls > 0)
+        .map(|(op, packets, calls)| format!("{op} {:.1}", *packets as f64 / *calls as f64))
+        .collect();
+    if parts.is_empty() {
+        return None;
+    }
+    let mut line = format!("{} packets per call", parts.join(", "));
+    if io.tun_write_errors + io.udp_send_errors > 0 {
+        line += &format!(" (failed: {} TUN writes, {} UDP sends)", io.tun_write_errors, io.udp_send_errors);
+    }
+    Some(line)
 }
 
 /// One line of `meshctl ping`; `previous` is the path of the last reply,
@@ -264,6 +291,25 @@ hole punching:      unlikely
 a new port per destination.
 ";
         assert_eq!(netcheck(&n), expected);
+    }
+
+    #[test]
+    fn status_shows_packets_per_call_once_there_is_traffic() {
+        let mut s = StatusInfo { public_key: "k".into(), interface: "mesh0".into(), ..StatusInfo::default() };
+        assert!(!status(&s).contains("batching"));
+        s.io = IoCounters {
+            tun_reads: 10,
+            tun_read_packets: 445,
+            udp_sends: 4,
+            udp_sent_datagrams: 130,
+            udp_send_errors: 2,
+            ..IoCounters::default()
+        };
+        assert!(
+            status(&s).contains("batching:    TUN read 44.5, UDP send 32.5 packets per call (failed: 0 TUN writes, 2 UDP sends)\n"),
+            "{}",
+            status(&s)
+        );
     }
 
     #[test]
