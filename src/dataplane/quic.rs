@@ -7,7 +7,7 @@
 //! port is enough.
 
 use std::fmt;
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,7 @@ use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
 
-use super::udp::UdpSocket;
+use super::udp::{UdpSocket, MAX_GSO_SEGMENTS};
 
 /// QUIC datagrams waiting for quinn; beyond this they are dropped (QUIC
 /// recovers) rather than queued without bound.
@@ -53,8 +53,34 @@ impl AsyncUdpSocket for SharedSocket {
         Box::pin(Writable { udp: self.udp.clone() })
     }
 
+    /// quinn may hand over several equal-sized QUIC packets at once (the
+    /// relay's datagrams, mostly): one GSO send for all of them.
+    fn max_transmit_segments(&self) -> usize {
+        if self.udp.gso() {
+            MAX_GSO_SEGMENTS
+        } else {
+            1
+        }
+    }
+
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        self.udp.try_send_to(transmit.contents, transmit.destination).map(|_| ())
+        let dst = transmit.destination;
+        let Some(size) = transmit.segment_size.filter(|&s| s < transmit.contents.len()) else {
+            return self.udp.try_send_to(transmit.contents, dst).map(|_| ());
+        };
+        let segment_len = u16::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        match self.udp.try_send_segments(&[IoSlice::new(transmit.contents)], segment_len, dst) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                // GSO just turned out unavailable: one by one. A WouldBlock
+                // half-way makes quinn send the whole transmit again; QUIC
+                // discards the duplicates.
+                for packet in transmit.contents.chunks(size) {
+                    self.udp.try_send_to(packet, dst)?;
+                }
+                Ok(())
+            }
+            other => other.map(|_| ()),
+        }
     }
 
     fn poll_recv(&self, cx: &mut Context, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
