@@ -85,8 +85,10 @@ pub struct RelayLimits {
 }
 
 impl RelayLimits {
-    /// 100 MB/s: more than one relayed TCP stream carries here, so a limit only
-    /// ever bites on a flood.
+    /// 100 MB/s (≈ 0.8 Gbit/s) per node: a relayed TCP stream can carry
+    /// more on a fast machine (benches/netns.sh: ≈ 1.5 Gbit/s with the limit
+    /// raised), but a relay on a shared VPS link should not give one node
+    /// more; `[relay] bytes-per-second` in rendezvous.toml raises it.
     pub const DEFAULT_BYTES_PER_SEC: u64 = 100_000_000;
     /// 100 000 packets/s: 100 MB/s of 1 000-byte packets.
     pub const DEFAULT_PACKETS_PER_SEC: u64 = 100_000;
