@@ -68,7 +68,7 @@ fn every_ping_between_nodes_is_answered(nodes: &[MeshNode<'_>], ips: &[OverlayIp
 }
 
 #[test]
-fn three_nodes_join_with_only_the_join_line_and_ping_each_other() {
+fn three_nodes_join_with_only_the_join_line_ping_each_other_and_carry_tcp_over_both_families() {
     let lab = lab();
     let (_rendezvous, nodes) = mesh(&lab);
 
@@ -90,6 +90,12 @@ fn three_nodes_join_with_only_the_join_line_and_ping_each_other() {
         }
     }
     every_node_pings_every_other(&nodes);
+    // Bulk TCP over both families arrives intact: the sender splits the
+    // kernel's TSO super-packets of each family, the receiver coalesces
+    // them back into GSO_TCPV4 and GSO_TCPV6 super-packets for its kernel.
+    for (address, seed) in [(IpAddr::V4(ips[1].v4), 0x7634), (IpAddr::V6(ips[1].v6), 0x7636)] {
+        common::assert_tcp_transfer_to(nodes[0].machine, nodes[1].machine, address, 20 * MB, seed);
+    }
 }
 
 #[test]
