@@ -18,6 +18,7 @@ pub mod candidates;
 pub mod driver;
 pub mod gro;
 pub mod quic;
+pub mod tso;
 pub mod tun;
 pub mod udp;
 

@@ -32,8 +32,9 @@ use crate::engine::paths::Source;
 use crate::wire::reflect::Reflect;
 use crate::wire::control::NatMapping;
 use crate::engine::{Event, Node, PeerSpec, Transmit};
-use tun_rs::{IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::VIRTIO_NET_HDR_LEN;
 use super::gro::Coalescer;
+use super::tso;
 use crate::identity::PublicKey;
 use crate::wire::relay::{self, NodeId, RelayKind};
 use crate::wire::{classify, DatagramKind};
@@ -182,13 +183,10 @@ fn cut_from_chunk(chunk: &mut BytesMut, parts: &[&[u8]]) -> Bytes {
     chunk.split().freeze()
 }
 
-/// Buffers of the TUN's batched reads and writes, allocated once.
+/// Buffers of the TUN's reads and writes, allocated once.
 struct TunBuffers {
     /// One raw read: virtio header and a packet of up to 64 KiB.
     read: Vec<u8>,
-    /// The read split into segments, and their lengths.
-    segments: Vec<Vec<u8>>,
-    sizes: Vec<usize>,
     /// Joins the TCP segments of one flush into super-packets.
     gro: Coalescer,
 }
@@ -197,15 +195,10 @@ impl TunBuffers {
     fn new() -> Self {
         Self {
             read: vec![0; VIRTIO_NET_HDR_LEN + usize::from(u16::MAX)],
-            segments: (0..IDEAL_BATCH_SIZE).map(|_| vec![0; TUN_SEGMENT]).collect(),
-            sizes: vec![0; IDEAL_BATCH_SIZE],
             gro: Coalescer::new(),
         }
     }
 }
-
-/// Room for one segment of a TUN read: the largest MTU meshd accepts.
-const TUN_SEGMENT: usize = crate::config::MAX_MTU as usize;
 
 impl Driver {
     pub fn new(node: Node, tun: Tun, udp: Arc<UdpSocket>, inputs: Inputs, info: NodeInfo) -> Self {
@@ -292,33 +285,37 @@ impl Driver {
         }
     }
 
-    /// Reads the TUN: with offloads one read may be a TCP super-packet
-    /// of up to 64 KiB, which the device splits into MTU-sized segments.
+    /// Reads the TUN: with offloads one read may be a TCP or UDP
+    /// super-packet of up to 64 KiB, cut into MTU-sized segments in place
+    /// ([`tso::split`]) and each handed to the engine.
     fn read_tun(&mut self) -> io::Result<()> {
         let now = Instant::now();
+        let offload = self.tun.tcp_gso();
         let until = self.io.tun_read_packets + TUN_BUDGET;
         for _ in 0..BATCH {
             if self.io.tun_read_packets >= until {
                 break;
             }
-            let TunBuffers { read, segments, sizes, .. } = &mut self.tun_buffers;
-            match self.tun.try_recv_multiple(read, segments, sizes, 0) {
-                Ok(n) => {
+            let read = &mut self.tun_buffers.read;
+            match self.tun.try_recv(read) {
+                Ok(len) => {
                     self.io.tun_reads += 1;
-                    self.io.tun_read_packets += n as u64;
-                    for (segment, &len) in segments.iter().zip(sizes.iter()).take(n) {
-                        if let Some(packet) = segment.get(..len) {
-                            self.node.handle_tun_packet(packet, now);
-                        }
+                    let Some(read) = read.get_mut(..len) else { continue };
+                    let node = &mut self.node;
+                    if !offload {
+                        self.io.tun_read_packets += 1;
+                        node.handle_tun_packet(read, now);
+                        continue;
+                    }
+                    match tso::split(read, |packet| node.handle_tun_packet(packet, now)) {
+                        Ok(n) => self.io.tun_read_packets += n as u64,
+                        // A read the kernel should never produce: that packet
+                        // is lost, the device is fine.
+                        Err(e) => tracing::debug!(error = %e, "TUN read dropped"),
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // A read the device could not split (a malformed virtio
-                // header): that packet is lost, the device is fine.
-                Err(e) if matches!(e.kind(), io::ErrorKind::Other | io::ErrorKind::InvalidInput) => {
-                    tracing::debug!(error = %e, "TUN read dropped");
-                }
                 Err(e) => return Err(e),
             }
         }
