@@ -16,9 +16,8 @@
 pub mod cache;
 pub mod candidates;
 pub mod driver;
-pub mod gro;
+pub mod offload;
 pub mod quic;
-pub mod tso;
 pub mod tun;
 pub mod udp;
 

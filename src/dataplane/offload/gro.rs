@@ -24,8 +24,7 @@
 
 use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_LEN};
 
-/// virtio-net header flag: the checksum field holds the pseudo-header sum.
-const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+use super::{be16, be32, fold, pseudo_header, put16, IPPROTO_TCP, TCP_ACK, TCP_PSH, VIRTIO_NET_HDR_F_NEEDS_CSUM};
 
 /// Streams coalesced at once; a further one flushes the oldest.
 const MAX_FLOWS: usize = 8;
@@ -34,9 +33,6 @@ const MAX_PACKET: usize = u16::MAX as usize;
 /// Segments in one super-packet at most (the kernel's own GRO stops at 64).
 const MAX_SEGMENTS: u16 = 64;
 
-const IPPROTO_TCP: u8 = 6;
-const TCP_ACK: u8 = 0x10;
-const TCP_PSH: u8 = 0x08;
 const IPV4_DF: u8 = 0x40;
 
 /// Joins TCP segments into super-packets; see the module documentation.
@@ -158,13 +154,12 @@ impl Flow {
             } else {
                 put16(pkt, 2, total as u16);
                 put16(pkt, 10, 0);
-                let sum = !fold(sum16(&pkt[..l.ip_len], 0));
+                let sum = !tun_rs::checksum(&pkt[..l.ip_len], 0);
                 put16(pkt, 10, sum);
             }
             // CHECKSUM_PARTIAL: the checksum field holds the pseudo-header
             // sum, the kernel (or nobody, on local delivery) adds the rest.
-            let tcp_bytes = (total - l.ip_len) as u32;
-            let pseudo = sum16(&pkt[l.addresses()], u32::from(IPPROTO_TCP) + tcp_bytes);
+            let pseudo = pseudo_header(&pkt[l.addresses()], IPPROTO_TCP, (total - l.ip_len) as u16);
             put16(pkt, l.ip_len + 16, fold(pseudo));
             hdr.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
             hdr.gso_type = if l.v6 { VIRTIO_NET_HDR_GSO_TCPV6 } else { VIRTIO_NET_HDR_GSO_TCPV4 };
@@ -309,39 +304,6 @@ fn ip_fields_match(a: &[u8], b: &[u8], v6: bool) -> bool {
     }
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
-}
-
-/// The one's-complement sum of `bytes` as 16-bit words (headers only: a
-/// few dozen bytes, so a u32 can't overflow), plus `initial`.
-fn sum16(bytes: &[u8], initial: u32) -> u32 {
-    let mut words = bytes.chunks_exact(2);
-    let mut sum = initial;
-    for w in &mut words {
-        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    if let [last] = words.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,7 +330,7 @@ mod tests {
             p[9] = IPPROTO_TCP;
             p[12..16].copy_from_slice(&[100, 72, 0, 1]);
             p[16..20].copy_from_slice(&[100, 72, 0, 2]);
-            let c = !fold(sum16(&p[..20], 0));
+            let c = !tun_rs::checksum(&p[..20], 0);
             put16(&mut p, 10, c);
         }
         let t = ip_len;
@@ -383,8 +345,8 @@ mod tests {
         p[t + tcp_len..].copy_from_slice(payload);
         // A full TCP checksum, as the sender's stack computes it.
         let a = if v6 { 8..40 } else { 12..20 };
-        let pseudo = sum16(&p[a], u32::from(IPPROTO_TCP) + (total - ip_len) as u32);
-        let c = !fold(sum16(&p[t..], pseudo));
+        let pseudo = pseudo_header(&p[a], IPPROTO_TCP, (total - ip_len) as u16);
+        let c = !tun_rs::checksum(&p[t..], pseudo);
         put16(&mut p, t + 16, c);
         p
     }
@@ -416,8 +378,8 @@ mod tests {
         (0..len).map(|j| (i * 31 + j) as u8).collect()
     }
 
-    /// Segments a super-packet back the way the kernel would (tun-rs's
-    /// splitter, the one meshd's own TUN reads use) into plain packets.
+    /// Segments a super-packet back the way the kernel would (with
+    /// tun-rs's splitter, independent of this crate) into plain packets.
     fn split(w: &[u8]) -> Vec<Vec<u8>> {
         let hdr = header(w);
         if hdr.gso_type == 0 {
@@ -454,7 +416,7 @@ mod tests {
             let pkt = &out[0][VIRTIO_NET_HDR_LEN..];
             if !v6 {
                 assert_eq!(usize::from(be16(pkt, 2)), pkt.len());
-                assert_eq!(fold(sum16(&pkt[..20], 0)), 0xffff, "IPv4 header checksum");
+                assert_eq!(tun_rs::checksum(&pkt[..20], 0), 0xffff, "IPv4 header checksum");
             } else {
                 assert_eq!(usize::from(be16(pkt, 4)), pkt.len() - 40);
             }

@@ -12,13 +12,12 @@
 
 use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4, VIRTIO_NET_HDR_LEN};
 
-const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+use super::{
+    be16, be32, pseudo_header, put16, put32, IPPROTO_TCP, IPPROTO_UDP, TCP_CWR, TCP_FIN, TCP_PSH,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+};
+
 const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const TCP_FIN: u8 = 0x01;
-const TCP_PSH: u8 = 0x08;
-const TCP_CWR: u8 = 0x80;
 /// IP plus transport headers of one segment, at most (IPv4 with options
 /// and TCP with options: 60 + 60; IPv6 with extension headers up to this).
 const MAX_HEADERS: usize = 192;
@@ -149,29 +148,9 @@ fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> Result<(), 
     Ok(())
 }
 
-fn pseudo_header(addresses: &[u8], proto: u8, len: u16) -> u64 {
-    let words: u64 = addresses.chunks_exact(2).map(|w| u64::from(u16::from_be_bytes([w[0], w[1]]))).sum();
-    words + u64::from(proto) + u64::from(len)
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
-}
-
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::fold;
     use super::*;
 
     /// A super-packet as the kernel hands it over: headers of the first
@@ -217,12 +196,8 @@ mod tests {
                 *b = (i * 7 + i / 251) as u8;
             }
             let addresses = if v6 { 8..40 } else { 12..20 };
-            let partial = pseudo_header(&q[addresses], proto, (total - ip_len) as u16);
-            let mut folded = partial;
-            while folded > 0xffff {
-                folded = (folded & 0xffff) + (folded >> 16);
-            }
-            put16(q, ip_len + if tcp { 16 } else { 6 }, folded as u16);
+            let partial = fold(pseudo_header(&q[addresses], proto, (total - ip_len) as u16));
+            put16(q, ip_len + if tcp { 16 } else { 6 }, partial);
         }
         let hdr = VirtioNetHdr {
             flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
