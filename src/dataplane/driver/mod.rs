@@ -144,8 +144,9 @@ pub struct Driver {
     /// Peers from the config file: a peer map never removes them.
     static_peers: HashSet<PublicKey>,
     buf: Vec<u8>,
-    /// Send errors since the last one logged, so a dead route logs once, not per packet.
-    /// System calls of the packet path and the packets they carried.
+    /// System calls of the packet path and the packets they carried; the
+    /// errors among them are logged at powers of two, so a dead route logs
+    /// a few lines, not one per packet.
     io: IoCounters,
     /// QUIC datagrams dropped because quinn was not keeping up.
     quic_dropped: u64,
