@@ -17,6 +17,10 @@
 #                        iptables so every packet goes through the relay; the
 #                        relay's per-node rate limits raised out of the way
 #   meshd-relay-default  the same with the rendezvous's default rate limits
+#   veth-vxlan           a flannel-style VXLAN (VNI 1, UDP 8472, inner MTU
+#                        1330) over the bare veth: the baseline of the next
+#   meshd-vxlan          the same VXLAN over meshd's mesh0, as flannel runs
+#                        on a mesh node (pod traffic is UDP to meshd)
 #
 # and meshd's resident memory: idle with one peer, after the transfers, and
 # idle with 1000 configured peers (random keys, /32 allowed IPs, no
@@ -50,7 +54,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-ALL_TUNNELS=(veth meshd wireguard-go boringtun nebula meshd-relay meshd-relay-default)
+ALL_TUNNELS=(veth meshd wireguard-go boringtun nebula meshd-relay meshd-relay-default veth-vxlan meshd-vxlan)
 
 RUNS=3
 SECONDS_PER_RUN=10
@@ -322,6 +326,8 @@ ping_avg() { # ping_avg FROM_NS TO: average RTT in ms of 20 pings
 # CPU of each PID; appends a result line.
 RESULTS=()
 BASELINE=""
+LAST_MED=""
+VXLAN_BASELINE=""
 BASELINE_PING=""
 measure() {
     local name=$1 from=$2 to=$3 note=$4
@@ -388,6 +394,7 @@ measure() {
         BASELINE=$med
         BASELINE_PING=$rtt
     fi
+    LAST_MED=$med
     local ratio="–" added="–"
     if [ -n "$BASELINE" ]; then
         ratio=$(awk -v m="$med" -v b="$BASELINE" 'BEGIN {printf "%.3f", m / b}')
@@ -475,6 +482,44 @@ bench_meshd() {
     measure meshd "$A" $B_OV "static config" "$pa" "$pb"
     MESHD_RSS_AFTER=$(rss_kb "$pa")
     RESULTS[-1]="${RESULTS[-1]% |}$(drop_note meshd "$A" "$B") |"
+}
+
+# vxlan_up DEV A_LOCAL B_LOCAL: a flannel-style VXLAN between a and b over DEV.
+A_VX=10.244.0.1 B_VX=10.244.0.2
+vxlan_up() {
+    ip -n "$A" link add vx0 type vxlan id 1 local "$2" remote "$3" dstport 8472 dev "$1"
+    ip -n "$B" link add vx0 type vxlan id 1 local "$3" remote "$2" dstport 8472 dev "$1"
+    ip -n "$A" addr add $A_VX/24 dev vx0
+    ip -n "$B" addr add $B_VX/24 dev vx0
+    ip -n "$A" link set vx0 mtu $((MTU - 50)) up
+    ip -n "$B" link set vx0 mtu $((MTU - 50)) up
+}
+
+bench_veth_vxlan() {
+    pair_up
+    vxlan_up eth0 $A_IP $B_IP
+    measure veth-vxlan "$A" $B_VX "VXLAN over the bare veth"
+    VXLAN_BASELINE=$LAST_MED
+}
+
+bench_meshd_vxlan() {
+    [ -x "$BIN/meshd" ] || { skip meshd-vxlan "no $BIN/meshd"; return; }
+    pair_up
+    keypair ma
+    keypair mb
+    meshd_config ma $A_OV mb "$B_IP:$PORT" $B_OV
+    meshd_config mb $B_OV ma "$A_IP:$PORT" $A_OV
+    local pa pb
+    start_meshd "$A" ma || { skip meshd-vxlan "meshd did not start"; return; }
+    pa=$SPAWNED
+    start_meshd "$B" mb || { skip meshd-vxlan "meshd did not start"; return; }
+    pb=$SPAWNED
+    wait_for 30 "meshd tunnel" in_ns "$A" ping -n -c 1 -W 1 $B_OV || true
+    vxlan_up mesh0 $A_OV $B_OV
+    measure meshd-vxlan "$A" $B_VX "VXLAN over meshd's mesh0" "$pa" "$pb"
+    if [ -n "$VXLAN_BASELINE" ]; then
+        RESULTS[-1]="${RESULTS[-1]% |}; $(awk -v m="$LAST_MED" -v b="$VXLAN_BASELINE" 'BEGIN {printf "%.3f", m / b}') × veth-vxlan |"
+    fi
 }
 
 # wg_configure NS IFACE KEY LOCAL_OVERLAY PEER_KEY PEER_IP PEER_OVERLAY: configures
@@ -713,6 +758,8 @@ for tunnel in "${ALL_TUNNELS[@]}"; do
         nebula) bench_nebula ;;
         meshd-relay) bench_relay meshd-relay raised ;;
         meshd-relay-default) bench_relay meshd-relay-default default ;;
+        veth-vxlan) bench_veth_vxlan ;;
+        meshd-vxlan) bench_meshd_vxlan ;;
     esac
     kill_namespaces
 done

@@ -125,7 +125,7 @@ fn header(read: &[u8]) -> VirtioNetHdr {
 
 fn coalesce_benches(c: &mut Criterion) {
     let mut frames = decrypted_segments();
-    let mut coalescer = Coalescer::new();
+    let mut coalescer = Coalescer::new(true);
     // Checked once, untimed: one write holding every payload byte.
     let mut writes = Vec::new();
     for f in &mut frames {

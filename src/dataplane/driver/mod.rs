@@ -192,10 +192,11 @@ struct TunBuffers {
 }
 
 impl TunBuffers {
-    fn new() -> Self {
+    fn new(tun: &Tun) -> Self {
         Self {
             read: vec![0; VIRTIO_NET_HDR_LEN + usize::from(u16::MAX)],
-            gro: Coalescer::new(),
+            // UDP too where the device takes UDP super-packets.
+            gro: Coalescer::new(tun.udp_gso()),
         }
     }
 }
@@ -203,6 +204,7 @@ impl TunBuffers {
 impl Driver {
     pub fn new(node: Node, tun: Tun, udp: Arc<UdpSocket>, inputs: Inputs, info: NodeInfo) -> Self {
         let static_peers = node.peers().map(|p| p.public_key).collect();
+        let tun_buffers = TunBuffers::new(&tun);
         Self {
             node,
             tun,
@@ -225,7 +227,7 @@ impl Driver {
             relay_streams: Arc::new(Semaphore::new(RELAY_STREAMS)),
             relay_dropped: 0,
             tx_batch: Vec::new(),
-            tun_buffers: TunBuffers::new(),
+            tun_buffers,
             relay_chunk: BytesMut::new(),
             quic_chunk: BytesMut::new(),
         }

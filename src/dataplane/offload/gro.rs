@@ -1,30 +1,41 @@
-//! TCP receive coalescing (GRO) for an offloading TUN device.
+//! Receive coalescing (GRO) for an offloading TUN device: TCP, and UDP
+//! where the kernel takes UDP super-packets (USO).
 //!
-//! Pure. The kernel's TCP stack costs about the same per packet whatever
-//! the packet's size, so the decrypted segments of one TCP stream are
-//! joined back into super-packets of up to 64 KiB before they are written
-//! to the TUN: one write, one pass through the stack and one ACK per
-//! super-packet instead of per segment. Each write carries a virtio-net
-//! header: `GSO_TCPV4`/`GSO_TCPV6` with `NEEDS_CSUM` for a super-packet,
-//! an all-zero header (checksum checked by the kernel) for anything else.
+//! Pure. The kernel's stack costs about the same per packet whatever the
+//! packet's size, so the decrypted segments of one TCP stream are joined
+//! back into super-packets of up to 64 KiB before they are written to the
+//! TUN: one write, one pass through the stack and one ACK per super-packet
+//! instead of per segment. Datagrams of one UDP flow (a VXLAN overlay such
+//! as flannel's runs over mesh0 this way) are joined the same way; the
+//! kernel cuts them apart again for a socket that did not ask for GRO, but
+//! after one write instead of many. Each write carries a virtio-net header:
+//! `GSO_TCPV4`/`GSO_TCPV6`/`GSO_UDP_L4` with `NEEDS_CSUM` for a
+//! super-packet, an all-zero header (checksum checked by the kernel) for
+//! anything else.
 //!
 //! Rules, those of the kernel's own GRO (`tcp_gro_receive`): segments join
 //! when they continue the stream exactly (next sequence number), are no
 //! longer than the first, carry only ACK (PSH on the last), and agree on
 //! addresses, ports, acknowledgment, TCP options, TOS/traffic class, TTL/hop
 //! limit and (IPv4) the DF bit; a shorter or a PSH segment ends the
-//! super-packet. Anything else is written as it is, and a TCP packet that
-//! can't join first flushes its stream's pending super-packet, so a stream
-//! is never reordered.
+//! super-packet. UDP datagrams join when they agree on addresses, ports
+//! and those IP fields and are no longer than the first; a shorter one ends
+//! the super-packet. Anything else is written as it is, and a TCP or UDP
+//! packet that can't join first flushes its flow's pending super-packet, so
+//! a flow is never reordered.
 //!
 //! Segments are not checksum-verified before they are joined: they were
-//! authenticated by the tunnel's AEAD, which makes the TCP checksum
+//! authenticated by the tunnel's AEAD, which makes the TCP/UDP checksum
 //! redundant (the kernel's WireGuard marks decrypted packets
 //! `CHECKSUM_UNNECESSARY` for the same reason).
 
-use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_LEN};
+use tun_rs::{
+    VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4, VIRTIO_NET_HDR_LEN,
+};
 
-use super::{be16, be32, fold, pseudo_header, put16, IPPROTO_TCP, TCP_ACK, TCP_PSH, VIRTIO_NET_HDR_F_NEEDS_CSUM};
+use super::{
+    be16, be32, fold, pseudo_header, put16, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_PSH, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+};
 
 /// Streams coalesced at once; a further one flushes the oldest.
 const MAX_FLOWS: usize = 8;
@@ -35,22 +46,26 @@ const MAX_SEGMENTS: u16 = 64;
 
 const IPV4_DF: u8 = 0x40;
 
-/// Joins TCP segments into super-packets; see the module documentation.
-/// Every output goes to a `write` callback as one TUN write: the virtio-net
-/// header followed by the packet.
+/// Joins TCP segments (and UDP datagrams) into super-packets; see the
+/// module documentation. Every output goes to a `write` callback as one TUN
+/// write: the virtio-net header followed by the packet.
 pub struct Coalescer {
     /// Streams with a super-packet under construction, oldest first.
     flows: Vec<Flow>,
     /// Buffers of finished super-packets, kept for the next ones.
     spare: Vec<Vec<u8>>,
+    /// UDP datagrams are joined too (the TUN takes `GSO_UDP_L4`).
+    udp: bool,
 }
 
-/// Where a TCP packet's headers are.
+/// Where a TCP or UDP packet's headers are.
 #[derive(Clone, Copy, Debug)]
 struct Layout {
     v6: bool,
+    udp: bool,
     ip_len: usize,
-    tcp_len: usize,
+    /// The transport header: TCP with its options, or UDP's 8 bytes.
+    l4_len: usize,
 }
 
 impl Layout {
@@ -63,7 +78,7 @@ impl Layout {
     }
 
     fn headers(&self) -> usize {
-        self.ip_len + self.tcp_len
+        self.ip_len + self.l4_len
     }
 
     fn seq(&self, pkt: &[u8]) -> u32 {
@@ -77,10 +92,11 @@ impl Layout {
 
 /// What a packet is to the coalescer.
 enum Kind {
-    /// A TCP segment that may join a super-packet.
+    /// A TCP segment or UDP datagram that may join a super-packet.
     Segment(Layout),
-    /// A well-formed TCP packet that may not (SYN, FIN, a bare ACK, …).
-    Tcp(Layout),
+    /// A well-formed TCP or UDP packet that may not (SYN, FIN, a bare ACK,
+    /// an empty datagram, UDP while UDP is not joined, …).
+    Unjoinable(Layout),
     /// Anything else, malformed packets included.
     Other,
 }
@@ -106,6 +122,7 @@ impl Flow {
     fn same_stream(&self, pkt: &[u8], layout: &Layout) -> bool {
         let own = self.packet();
         self.layout.v6 == layout.v6
+            && self.layout.udp == layout.udp
             && own[self.layout.addresses()] == pkt[layout.addresses()]
             && own[self.layout.ip_len..self.layout.ip_len + 4] == pkt[layout.ip_len..layout.ip_len + 4]
     }
@@ -115,16 +132,19 @@ impl Flow {
         let own = self.packet();
         let payload = pkt.len() - layout.headers();
         let l = &self.layout;
-        self.open
+        let fits = self.open
             && self.segments < MAX_SEGMENTS
-            && layout.seq(pkt) == self.next_seq
             && payload <= self.gso_size
             && own.len() + payload <= MAX_PACKET
-            && layout.tcp_len == l.tcp_len
+            && ip_fields_match(own, pkt, l.v6);
+        if l.udp {
+            return fits;
+        }
+        fits && layout.seq(pkt) == self.next_seq
+            && layout.l4_len == l.l4_len
             // Acknowledgment number, then the options.
             && own[l.ip_len + 8..l.ip_len + 12] == pkt[layout.ip_len + 8..layout.ip_len + 12]
             && own[l.ip_len + 20..l.headers()] == pkt[layout.ip_len + 20..layout.headers()]
-            && ip_fields_match(own, pkt, l.v6)
     }
 
     fn append(&mut self, pkt: &[u8], layout: &Layout) {
@@ -132,7 +152,7 @@ impl Flow {
         self.buf.extend_from_slice(payload);
         self.segments += 1;
         self.next_seq = self.next_seq.wrapping_add(payload.len() as u32);
-        let psh = layout.flags(pkt) & TCP_PSH != 0;
+        let psh = !layout.udp && layout.flags(pkt) & TCP_PSH != 0;
         if psh {
             let at = VIRTIO_NET_HDR_LEN + self.layout.ip_len + 13;
             self.buf[at] |= TCP_PSH;
@@ -159,29 +179,34 @@ impl Flow {
             }
             // CHECKSUM_PARTIAL: the checksum field holds the pseudo-header
             // sum, the kernel (or nobody, on local delivery) adds the rest.
-            let pseudo = pseudo_header(&pkt[l.addresses()], IPPROTO_TCP, (total - l.ip_len) as u16);
-            put16(pkt, l.ip_len + 16, fold(pseudo));
+            let l4_total = (total - l.ip_len) as u16;
+            let (proto, csum_offset, gso_type) = match (l.udp, l.v6) {
+                (true, _) => (IPPROTO_UDP, 6, VIRTIO_NET_HDR_GSO_UDP_L4),
+                (false, false) => (IPPROTO_TCP, 16, VIRTIO_NET_HDR_GSO_TCPV4),
+                (false, true) => (IPPROTO_TCP, 16, VIRTIO_NET_HDR_GSO_TCPV6),
+            };
+            if l.udp {
+                put16(pkt, l.ip_len + 4, l4_total);
+            }
+            let pseudo = pseudo_header(&pkt[l.addresses()], proto, l4_total);
+            put16(pkt, l.ip_len + csum_offset, fold(pseudo));
             hdr.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-            hdr.gso_type = if l.v6 { VIRTIO_NET_HDR_GSO_TCPV6 } else { VIRTIO_NET_HDR_GSO_TCPV4 };
+            hdr.gso_type = gso_type;
             hdr.hdr_len = l.headers() as u16;
             hdr.gso_size = self.gso_size as u16;
             hdr.csum_start = l.ip_len as u16;
-            hdr.csum_offset = 16;
+            hdr.csum_offset = csum_offset as u16;
         }
         // Ten bytes into a ten-byte slice: can't fail.
         let _ = hdr.encode(&mut self.buf[..VIRTIO_NET_HDR_LEN]);
     }
 }
 
-impl Default for Coalescer {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Coalescer {
-    pub fn new() -> Self {
-        Self { flows: Vec::with_capacity(MAX_FLOWS), spare: Vec::new() }
+    /// `udp`: join UDP datagrams too; only for a TUN that takes UDP
+    /// super-packets (`GSO_UDP_L4`, Linux 6.2 and later).
+    pub fn new(udp: bool) -> Self {
+        Self { flows: Vec::with_capacity(MAX_FLOWS), spare: Vec::new(), udp }
     }
 
     /// Offers the packet at `frame[start..]`; `start` must leave room for
@@ -191,7 +216,7 @@ impl Coalescer {
     pub fn push(&mut self, frame: &mut [u8], start: usize, write: &mut impl FnMut(&[u8])) {
         let Some(header_at) = start.checked_sub(VIRTIO_NET_HDR_LEN) else { return };
         let Some(pkt) = frame.get(start..) else { return };
-        match classify(pkt) {
+        match classify(pkt, self.udp) {
             Kind::Segment(layout) => {
                 if let Some(i) = self.flows.iter().position(|f| f.same_stream(pkt, &layout)) {
                     if self.flows[i].can_append(pkt, &layout) {
@@ -202,7 +227,7 @@ impl Coalescer {
                 }
                 self.start_flow(pkt, layout, write);
             }
-            Kind::Tcp(layout) => {
+            Kind::Unjoinable(layout) => {
                 if let Some(i) = self.flows.iter().position(|f| f.same_stream(pkt, &layout)) {
                     self.flush(i, write);
                 }
@@ -228,15 +253,12 @@ impl Coalescer {
         buf.resize(VIRTIO_NET_HDR_LEN, 0);
         buf.extend_from_slice(pkt);
         let payload = pkt.len() - layout.headers();
-        let flags = layout.flags(pkt);
-        self.flows.push(Flow {
-            buf,
-            layout,
-            gso_size: payload,
-            segments: 1,
-            next_seq: layout.seq(pkt).wrapping_add(payload as u32),
-            open: flags & TCP_PSH == 0,
-        });
+        let (next_seq, open) = if layout.udp {
+            (0, true)
+        } else {
+            (layout.seq(pkt).wrapping_add(payload as u32), layout.flags(pkt) & TCP_PSH == 0)
+        };
+        self.flows.push(Flow { buf, layout, gso_size: payload, segments: 1, next_seq, open });
     }
 
     fn flush(&mut self, i: usize, write: &mut impl FnMut(&[u8])) {
@@ -253,43 +275,56 @@ fn write_plain(framed: &mut [u8], write: &mut impl FnMut(&[u8])) {
     write(framed);
 }
 
-fn classify(pkt: &[u8]) -> Kind {
+/// `udp`: whether UDP datagrams may join (else they are unjoinable).
+fn classify(pkt: &[u8], udp: bool) -> Kind {
     let Some(&first) = pkt.first() else { return Kind::Other };
-    let (v6, ip_len) = match first >> 4 {
+    let (v6, ip_len, proto) = match first >> 4 {
         4 => {
-            // No IP options, a whole (unfragmented) TCP packet.
-            if first & 0x0f != 5
-                || pkt.len() < 20
-                || usize::from(be16(pkt, 2)) != pkt.len()
-                || pkt[9] != IPPROTO_TCP
-                || be16(pkt, 6) & 0x3fff != 0
+            // No IP options, a whole (unfragmented) packet.
+            if first & 0x0f != 5 || pkt.len() < 20 || usize::from(be16(pkt, 2)) != pkt.len() || be16(pkt, 6) & 0x3fff != 0
             {
                 return Kind::Other;
             }
-            (false, 20)
+            (false, 20, pkt[9])
         }
         6 => {
-            if pkt.len() < 40 || usize::from(be16(pkt, 4)) != pkt.len() - 40 || pkt[6] != IPPROTO_TCP {
+            if pkt.len() < 40 || usize::from(be16(pkt, 4)) != pkt.len() - 40 {
                 return Kind::Other;
             }
-            (true, 40)
+            (true, 40, pkt[6])
         }
         _ => return Kind::Other,
     };
-    if pkt.len() < ip_len + 20 {
-        return Kind::Other;
-    }
-    let tcp_len = usize::from(pkt[ip_len + 12] >> 4) * 4;
-    if tcp_len < 20 || pkt.len() < ip_len + tcp_len {
-        return Kind::Other;
-    }
-    let layout = Layout { v6, ip_len, tcp_len };
-    let flags = layout.flags(pkt);
-    let payload = pkt.len() - layout.headers();
-    if payload > 0 && (flags == TCP_ACK || flags == TCP_ACK | TCP_PSH) {
-        Kind::Segment(layout)
-    } else {
-        Kind::Tcp(layout)
+    match proto {
+        IPPROTO_TCP => {
+            if pkt.len() < ip_len + 20 {
+                return Kind::Other;
+            }
+            let l4_len = usize::from(pkt[ip_len + 12] >> 4) * 4;
+            if l4_len < 20 || pkt.len() < ip_len + l4_len {
+                return Kind::Other;
+            }
+            let layout = Layout { v6, udp: false, ip_len, l4_len };
+            let flags = layout.flags(pkt);
+            let payload = pkt.len() - layout.headers();
+            if payload > 0 && (flags == TCP_ACK || flags == TCP_ACK | TCP_PSH) {
+                Kind::Segment(layout)
+            } else {
+                Kind::Unjoinable(layout)
+            }
+        }
+        IPPROTO_UDP => {
+            if pkt.len() < ip_len + 8 || usize::from(be16(pkt, ip_len + 4)) != pkt.len() - ip_len {
+                return Kind::Other;
+            }
+            let layout = Layout { v6, udp: true, ip_len, l4_len: 8 };
+            if udp && pkt.len() > layout.headers() {
+                Kind::Segment(layout)
+            } else {
+                Kind::Unjoinable(layout)
+            }
+        }
+        _ => Kind::Other,
     }
 }
 
@@ -351,6 +386,33 @@ mod tests {
         p
     }
 
+    /// A UDP datagram a → b (VXLAN's port) with valid headers.
+    fn datagram(v6: bool, sport: u16, payload: &[u8]) -> Vec<u8> {
+        // A TCP segment's IP header, then UDP in place of TCP.
+        let ip_len = if v6 { 40 } else { 20 };
+        let mut p = segment(v6, sport, 0, &[], TCP_ACK)[..ip_len].to_vec();
+        let total = ip_len + 8 + payload.len();
+        p[if v6 { 6 } else { 9 }] = IPPROTO_UDP;
+        if v6 {
+            put16(&mut p, 4, (total - 40) as u16);
+        } else {
+            put16(&mut p, 2, total as u16);
+            put16(&mut p, 10, 0);
+            let c = !tun_rs::checksum(&p[..20], 0);
+            put16(&mut p, 10, c);
+        }
+        p.extend_from_slice(&sport.to_be_bytes());
+        p.extend_from_slice(&8472u16.to_be_bytes());
+        p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+        p.extend_from_slice(payload);
+        let a = if v6 { 8..40 } else { 12..20 };
+        let pseudo = pseudo_header(&p[a], IPPROTO_UDP, (total - ip_len) as u16);
+        let c = !tun_rs::checksum(&p[ip_len..], pseudo);
+        put16(&mut p, ip_len + 6, c);
+        p
+    }
+
     fn framed(pkt: &[u8]) -> Vec<u8> {
         let mut f = vec![0xee; 16];
         f.extend_from_slice(pkt);
@@ -359,7 +421,11 @@ mod tests {
 
     /// Pushes every packet as one batch; returns each write.
     fn run(packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
-        let mut c = Coalescer::new();
+        run_with(packets, true)
+    }
+
+    fn run_with(packets: &[Vec<u8>], udp: bool) -> Vec<Vec<u8>> {
+        let mut c = Coalescer::new(udp);
         let mut out = Vec::new();
         let mut write = |w: &[u8]| out.push(w.to_vec());
         for p in packets {
@@ -512,6 +578,35 @@ mod tests {
     }
 
     #[test]
+    fn a_udp_flow_becomes_one_super_packet_where_the_tun_takes_them() {
+        for v6 in [false, true] {
+            let mut datagrams: Vec<_> = (0..10).map(|i| datagram(v6, 40000, &payload(i, 1200))).collect();
+            datagrams.push(datagram(v6, 40000, &payload(10, 300)));
+            // A shorter datagram ends it: this one goes on its own.
+            datagrams.push(datagram(v6, 40000, &payload(11, 1200)));
+            let out = run(&datagrams);
+            assert_eq!(out.len(), 2, "v6={v6}");
+            let hdr = header(&out[0]);
+            assert_eq!(hdr.gso_type, VIRTIO_NET_HDR_GSO_UDP_L4);
+            assert_eq!((hdr.gso_size, hdr.csum_offset, hdr.flags), (1200, 6, VIRTIO_NET_HDR_F_NEEDS_CSUM));
+            let ip = if v6 { 40 } else { 20 };
+            let pkt = &out[0][VIRTIO_NET_HDR_LEN..];
+            assert_eq!(usize::from(be16(pkt, ip + 4)), pkt.len() - ip, "UDP length of the whole");
+            let back = split(&out[0]);
+            assert_eq!(back.len(), 11);
+            for (b, d) in back.iter().zip(&datagrams) {
+                assert_eq!(b[ip..ip + 6], d[ip..ip + 6], "ports and length");
+                assert_eq!(b[ip + 8..], d[ip + 8..]);
+            }
+            assert_eq!(&out[1][VIRTIO_NET_HDR_LEN..], &datagrams[11][..]);
+            // Without USO on the device, each datagram is written as it is.
+            let plain = run_with(&datagrams, false);
+            assert_eq!(plain.len(), datagrams.len());
+            assert!(plain.iter().zip(&datagrams).all(|(w, d)| w[VIRTIO_NET_HDR_LEN..] == d[..]));
+        }
+    }
+
+    #[test]
     fn a_single_segment_is_written_unchanged() {
         let s = segment(false, 1, 0, &payload(0, 1000), TCP_ACK);
         let out = run(std::slice::from_ref(&s));
@@ -559,8 +654,12 @@ mod tests {
             for _ in 0..next(150) + 1 {
                 let stream = next(5) as usize;
                 if stream == 4 {
-                    let mut udp = segment(false, 9, 0, &payload(packets.len(), 1 + next(1300) as usize), TCP_ACK);
-                    udp[9] = 17;
+                    // A datagram of a UDP flow, or (one time in three) a
+                    // packet of another protocol.
+                    let mut udp = datagram(false, 9, &payload(packets.len(), next(1300) as usize));
+                    if next(3) == 0 {
+                        udp[9] = 1;
+                    }
                     packets.push(udp);
                     continue;
                 }
@@ -581,8 +680,9 @@ mod tests {
             // the same order; only the PSH flag may move to a later segment
             // of its super-packet, so flags are left out of the comparison.
             let key = |p: &[u8]| {
-                let ip = if p[0] >> 4 == 6 { 40 } else { 20 };
-                (p[0] >> 4, be16(p, ip))
+                let v6 = p[0] >> 4 == 6;
+                let ip = if v6 { 40 } else { 20 };
+                (p[0] >> 4, p[if v6 { 6 } else { 9 }], be16(p, ip))
             };
             let strip = |p: &[u8]| {
                 let v6 = p[0] >> 4 == 6;
@@ -590,9 +690,13 @@ mod tests {
                 let mut q = p.to_vec();
                 // The splitter numbers IPv4 ids from the first segment and
                 // recomputes checksums; PSH may have moved.
-                if p[if v6 { 6 } else { 9 }] == IPPROTO_TCP {
-                    q[ip + 13] &= !TCP_PSH;
-                    q[ip + 16..ip + 18].fill(0);
+                match p[if v6 { 6 } else { 9 }] {
+                    IPPROTO_TCP => {
+                        q[ip + 13] &= !TCP_PSH;
+                        q[ip + 16..ip + 18].fill(0);
+                    }
+                    IPPROTO_UDP => q[ip + 6..ip + 8].fill(0),
+                    _ => {}
                 }
                 if ip == 20 {
                     q[4..6].fill(0);
@@ -600,7 +704,7 @@ mod tests {
                 }
                 q
             };
-            for k in [(4, 1000), (6, 1001), (4, 1002), (6, 1003), (4, 9)] {
+            for k in [(4, 6, 1000), (6, 6, 1001), (4, 6, 1002), (6, 6, 1003), (4, 17, 9), (4, 1, 9)] {
                 let sent: Vec<_> = packets.iter().filter(|p| key(p) == k).map(|p| strip(p)).collect();
                 let got: Vec<_> = back.iter().filter(|p| key(p) == k).map(|p| strip(p)).collect();
                 assert_eq!(got, sent, "stream {k:?}");
@@ -633,7 +737,7 @@ mod tests {
             assert_eq!(&out[0][VIRTIO_NET_HDR_LEN..], &case[..]);
         }
         // No headroom for the header: nothing written.
-        let mut c = Coalescer::new();
+        let mut c = Coalescer::new(true);
         let mut n = 0;
         c.push(&mut good.clone(), 4, &mut |_| n += 1);
         assert_eq!(n, 0);
