@@ -461,22 +461,29 @@ bench_veth() {
     measure veth "$A" "$B_IP" "kernel only"
 }
 
-bench_meshd() {
+# meshd_pair NAME: meshd on a and b (static config, each the other's peer),
+# their pids in PA and PB; skips NAME and fails if either can't be had.
+PA="" PB=""
+meshd_pair() {
     if [ ! -x "$BIN/meshd" ]; then
-        skip meshd "no $BIN/meshd: cargo build --release --locked --bins"
-        return
+        skip "$1" "no $BIN/meshd: cargo build --release --locked --bins"
+        return 1
     fi
     pair_up
     keypair ma
     keypair mb
     meshd_config ma $A_OV mb "$B_IP:$PORT" $B_OV
     meshd_config mb $B_OV ma "$A_IP:$PORT" $A_OV
-    local pa pb
-    start_meshd "$A" ma || { skip meshd "meshd did not start"; return; }
-    pa=$SPAWNED
-    start_meshd "$B" mb || { skip meshd "meshd did not start"; return; }
-    pb=$SPAWNED
+    start_meshd "$A" ma || { skip "$1" "meshd did not start"; return 1; }
+    PA=$SPAWNED
+    start_meshd "$B" mb || { skip "$1" "meshd did not start"; return 1; }
+    PB=$SPAWNED
     wait_for 30 "meshd tunnel" in_ns "$A" ping -n -c 1 -W 1 $B_OV || true
+}
+
+bench_meshd() {
+    meshd_pair meshd || return 0
+    local pa=$PA pb=$PB
     sleep 1
     MESHD_RSS_IDLE=$(rss_kb "$pa")
     measure meshd "$A" $B_OV "static config" "$pa" "$pb"
@@ -503,20 +510,9 @@ bench_veth_vxlan() {
 }
 
 bench_meshd_vxlan() {
-    [ -x "$BIN/meshd" ] || { skip meshd-vxlan "no $BIN/meshd"; return; }
-    pair_up
-    keypair ma
-    keypair mb
-    meshd_config ma $A_OV mb "$B_IP:$PORT" $B_OV
-    meshd_config mb $B_OV ma "$A_IP:$PORT" $A_OV
-    local pa pb
-    start_meshd "$A" ma || { skip meshd-vxlan "meshd did not start"; return; }
-    pa=$SPAWNED
-    start_meshd "$B" mb || { skip meshd-vxlan "meshd did not start"; return; }
-    pb=$SPAWNED
-    wait_for 30 "meshd tunnel" in_ns "$A" ping -n -c 1 -W 1 $B_OV || true
+    meshd_pair meshd-vxlan || return 0
     vxlan_up mesh0 $A_OV $B_OV
-    measure meshd-vxlan "$A" $B_VX "VXLAN over meshd's mesh0" "$pa" "$pb"
+    measure meshd-vxlan "$A" $B_VX "VXLAN over meshd's mesh0" "$PA" "$PB"
     if [ -n "$VXLAN_BASELINE" ]; then
         RESULTS[-1]="${RESULTS[-1]% |}; $(awk -v m="$LAST_MED" -v b="$VXLAN_BASELINE" 'BEGIN {printf "%.3f", m / b}') × veth-vxlan |"
     fi
