@@ -255,23 +255,18 @@ pub fn render_node(status: &StatusInfo, peers: &[PeerInfo], now_unix: u64) -> St
     out.family("meshd_cookie_replies_sent_total", Kind::Counter, "WireGuard cookie replies sent while under load.")
         .sample(&[], status.cookie_replies_sent);
     let io = &status.io;
-    let ops = [
-        ("tun_read", io.tun_reads, io.tun_read_packets),
-        ("tun_write", io.tun_writes, io.tun_written_packets),
-        ("udp_send", io.udp_sends, io.udp_sent_datagrams),
-        ("udp_receive", io.udp_receives, io.udp_received_datagrams),
-    ];
+    let ops = io.ops();
     let mut calls = out.family(
         "meshd_io_calls_total",
         Kind::Counter,
         "System calls of the packet path, by operation (packets per call shows the offloads at work).",
     );
-    for (op, n, _) in ops {
-        calls.sample(&[("op", op)], n);
+    for op in &ops {
+        calls.sample(&[("op", op.name)], op.calls);
     }
     let mut packets = out.family("meshd_io_packets_total", Kind::Counter, "Packets the packet path's system calls carried, by operation.");
-    for (op, _, n) in ops {
-        packets.sample(&[("op", op)], n);
+    for op in &ops {
+        packets.sample(&[("op", op.name)], op.packets);
     }
     out.family("meshd_io_errors_total", Kind::Counter, "Failed TUN writes and UDP sends (each a lost packet or batch).")
         .sample(&[("op", "tun_write")], io.tun_write_errors)

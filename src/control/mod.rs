@@ -275,6 +275,32 @@ pub struct IoCounters {
     pub udp_received_datagrams: u64,
 }
 
+/// One operation of [`IoCounters`], as the metrics and `meshctl status`
+/// show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoOp {
+    /// The metrics label, e.g. `tun_read`.
+    pub name: &'static str,
+    /// For people, e.g. `TUN read`.
+    pub label: &'static str,
+    pub calls: u64,
+    pub packets: u64,
+}
+
+impl IoCounters {
+    /// The four operations with their calls and packets: one list for
+    /// every view, so none misses one.
+    pub fn ops(&self) -> [IoOp; 4] {
+        let op = |name, label, calls, packets| IoOp { name, label, calls, packets };
+        [
+            op("tun_read", "TUN read", self.tun_reads, self.tun_read_packets),
+            op("tun_write", "TUN write", self.tun_writes, self.tun_written_packets),
+            op("udp_send", "UDP send", self.udp_sends, self.udp_sent_datagrams),
+            op("udp_receive", "UDP receive", self.udp_receives, self.udp_received_datagrams),
+        ]
+    }
+}
+
 /// The node's session with its rendezvous.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RendezvousInfo {

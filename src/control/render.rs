@@ -109,16 +109,11 @@ pub fn status(s: &StatusInfo) -> String {
 /// Packets per system call on the packet path (about 1 everywhere means
 /// the offloads are off), and failed writes if any.
 fn batching(io: &IoCounters) -> Option<String> {
-    let ops = [
-        ("TUN read", io.tun_read_packets, io.tun_reads),
-        ("TUN write", io.tun_written_packets, io.tun_writes),
-        ("UDP send", io.udp_sent_datagrams, io.udp_sends),
-        ("UDP receive", io.udp_received_datagrams, io.udp_receives),
-    ];
-    let parts: Vec<String> = ops
+    let parts: Vec<String> = io
+        .ops()
         .iter()
-        .filter(|(_, _, calls)| *calls > 0)
-        .map(|(op, packets, calls)| format!("{op} {:.1}", *packets as f64 / *calls as f64))
+        .filter(|op| op.calls > 0)
+        .map(|op| format!("{} {:.1}", op.label, op.packets as f64 / op.calls as f64))
         .collect();
     if parts.is_empty() {
         return None;
