@@ -67,7 +67,9 @@ impl Pair {
                     addresses: vec![host(overlay)],
                     mtu: MTU,
                 },
+                [7; 32],
                 now,
+                std::time::Duration::from_secs(1_764_864_000),
             )
         };
         let mut pair = Pair {

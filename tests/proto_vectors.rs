@@ -714,3 +714,54 @@ fn proof_must_be_32_bytes_of_padded_standard_base64() {
         assert!(matches!(with_proof(bad), Err(FrameError::Malformed(_))), "{bad:?}");
     }
 }
+
+fn probe_vectors() -> serde_json::Value {
+    let text = std::fs::read_to_string(vectors_dir().join("probe.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// proto/probe.md "Authentication", written out independently of
+/// `meshd::wire::probe`: key = BLAKE2s-256("meshd probe v1" ‖ X25519(own,
+/// peer)); MAC = BLAKE2s-128 keyed with it (RFC 7693) over bytes 0..71.
+fn spec_probe_mac(own_private: [u8; 32], peer_public: [u8; 32], body: &[u8]) -> [u8; 16] {
+    use blake2::Digest as _;
+    let shared = x25519_dalek::StaticSecret::from(own_private).diffie_hellman(&x25519_dalek::PublicKey::from(peer_public));
+    let mut h = blake2::Blake2s256::new();
+    h.update(b"meshd probe v1");
+    h.update(shared.as_bytes());
+    let key: [u8; 32] = h.finalize().into();
+    let mut mac = <blake2::Blake2sMac<blake2::digest::consts::U16> as blake2::digest::KeyInit>::new_from_slice(&key).unwrap();
+    mac.update(body);
+    mac.finalize().into_bytes().into()
+}
+
+#[test]
+fn probe_vectors_match_the_specification_and_the_code() {
+    use meshd::wire::probe::{self, ProbeKey, ProbeKind, PROBE_LEN};
+    let v = probe_vectors();
+    let sender: PrivateKey = v["sender_private"].as_str().unwrap().parse().unwrap();
+    let receiver = key(v["receiver_public"].as_str().unwrap());
+    let tx: [u8; 12] = hex(v["tx"].as_str().unwrap()).try_into().unwrap();
+    let observed = |name: &str| v[name]["observed"].as_str().unwrap().parse().unwrap();
+    let cases = [
+        ("ping", ProbeKind::Ping { sent_ms: v["ping"]["sent_ms"].as_u64() }),
+        ("ping_0_1", ProbeKind::Ping { sent_ms: None }),
+        ("pong", ProbeKind::Pong { observed: observed("pong") }),
+        ("pong_v6", ProbeKind::Pong { observed: observed("pong_v6") }),
+    ];
+    let seal_key = ProbeKey::derive(&sender, &receiver).unwrap();
+    for (name, kind) in cases {
+        let wire = hex(v[name]["hex"].as_str().unwrap());
+        assert_eq!(wire.len(), PROBE_LEN, "{name}");
+        // The MAC as the specification computes it.
+        let private = base64::engine::general_purpose::STANDARD.decode(v["sender_private"].as_str().unwrap()).unwrap();
+        let spec = spec_probe_mac(bytes32(&private), *receiver.as_bytes(), &wire[..71]);
+        assert_eq!(wire[71..], spec, "{name}: MAC");
+        // The code seals exactly these bytes…
+        let mut buf = [0u8; PROBE_LEN];
+        assert_eq!(seal_key.seal(kind, tx, &sender.public_key(), &mut buf), &wire[..], "{name}: sealed");
+        // …and the receiver, deriving its key from its own side, reads them back.
+        let probe = probe::peek(&wire).unwrap();
+        assert_eq!((probe.kind, probe.tx, probe.sender), (kind, tx, sender.public_key()), "{name}");
+    }
+}

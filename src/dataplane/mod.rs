@@ -128,7 +128,9 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
     let now = Instant::now();
     let mut node = Node::new(
         NodeConfig { private_key: private_key.clone(), addresses: config.addresses.clone(), mtu: config.mtu },
+        rand::random(),
         now,
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default(),
     );
     for peer in &config.peers {
         node.add_peer(peer.clone(), now)?;

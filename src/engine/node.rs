@@ -26,8 +26,8 @@ use ipnet::IpNet;
 
 use super::buf::{BufPool, PacketBuf, TUN_HEADROOM};
 use super::icmp;
-use super::paths::{CandidateStatus, Path, PathSet, PathStatus, Source};
-use super::peer::{Admitted, Decapsulated, Encapsulated, Gate, Peer, PeerCounters, Ticked, MSG_HANDSHAKE_INIT};
+use super::paths::{self, CandidateStatus, Path, PathSet, PathStatus};
+use super::peer::{Admitted, Decapsulated, Encapsulated, Gate, Peer, PeerCounters, Source, Ticked, MSG_HANDSHAKE_INIT};
 use crate::wire::probe::{self, ProbeKey, ProbeKind, TxId, PROBE_LEN};
 use super::routing::AllowedIps;
 use crate::identity::{PrivateKey, PublicKey};
@@ -49,6 +49,11 @@ const BUF_HEADROOM: usize = 80;
 const POOL_KEEP: usize = 1024;
 /// How often to ask an unreachable peer, through the rendezvous, to punch.
 const PUNCH_INTERVAL: Duration = Duration::from_secs(10);
+/// A punch request for a peer probed in full this recently is ignored: the
+/// probes it asks for are already on their way, and a member replaying
+/// punch requests must not turn each into a round of probes.
+const PUNCH_COOLDOWN: Duration = Duration::from_secs(2);
+
 /// Authenticated traffic within this long proves an endpoint: a peer map
 /// entry does not override it. WireGuard's REJECT_AFTER_TIME.
 const ENDPOINT_PROOF: Duration = Duration::from_secs(180);
@@ -180,6 +185,8 @@ impl Event {
 struct UserPing {
     tx: TxId,
     peer: PublicKey,
+    /// Where it went: only an answer from there counts.
+    via: Via,
     sent: Instant,
 }
 
@@ -235,16 +242,22 @@ pub enum DropReason {
     NoEndpoint,
     /// A packet larger than the node's buffers.
     Oversized,
+    /// A handshake message from a source over its per-second share.
+    HandshakeRateLimited,
     /// A TUN packet that is not IPv4/IPv6.
     MalformedInner,
     /// A probe that is malformed, from an unknown key, or fails its MAC.
     BadProbe,
+    /// An authentic ping already seen, or older than the peer's recent ones.
+    ReplayedProbe,
+    /// A pong that answers no ping of ours to the address it came from.
+    UnmatchedPong,
     /// A relayed packet that authenticated as another peer than the relay named.
     RelayMismatch,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::NotWireGuard,
         DropReason::Malformed,
         DropReason::InvalidMac,
@@ -258,8 +271,11 @@ impl DropReason {
         DropReason::NoRoute,
         DropReason::NoEndpoint,
         DropReason::Oversized,
+        DropReason::HandshakeRateLimited,
         DropReason::MalformedInner,
         DropReason::BadProbe,
+        DropReason::ReplayedProbe,
+        DropReason::UnmatchedPong,
         DropReason::RelayMismatch,
     ];
 
@@ -278,8 +294,11 @@ impl DropReason {
             DropReason::NoRoute => "no_route",
             DropReason::NoEndpoint => "no_endpoint",
             DropReason::Oversized => "oversized",
+            DropReason::HandshakeRateLimited => "handshake_rate_limited",
             DropReason::MalformedInner => "malformed_inner",
             DropReason::BadProbe => "bad_probe",
+            DropReason::ReplayedProbe => "replayed_probe",
+            DropReason::UnmatchedPong => "unmatched_pong",
             DropReason::RelayMismatch => "relay_mismatch",
         }
     }
@@ -362,8 +381,14 @@ pub struct Node {
     out: Outputs,
     /// Whether the relay can carry packets now (the rendezvous session is up).
     relay_available: bool,
-    /// Numbers probe transactions; unique, not secret (probes are MAC'd).
-    next_tx: u64,
+    /// Probe transaction ids: unpredictable, so that no pong recorded
+    /// earlier (before a restart, say) answers a ping of ours.
+    rng: rand::rngs::StdRng,
+    /// This node's clock against the Unix epoch: `now` at construction and
+    /// the milliseconds since the epoch then. Pings carry the sum.
+    epoch: (Instant, u64),
+    /// The networks of this node's overlay addresses: never an endpoint.
+    mesh_prefixes: Vec<IpNet>,
     /// `meshctl ping`s waiting for their pong.
     user_pings: Vec<UserPing>,
     next_tick: Instant,
@@ -384,11 +409,18 @@ impl fmt::Debug for Node {
 }
 
 impl Node {
-    pub fn new(config: NodeConfig, now: Instant) -> Self {
+    /// A node at `now`, which is `unix_time` since the Unix epoch on the
+    /// wall clock (pings carry it; see [`super::paths::PingWindow`]). `seed` feeds every
+    /// random choice the node makes: probe ids and the per-source
+    /// handshake buckets. The shell passes fresh OS randomness; a simulation
+    /// passes its seed.
+    pub fn new(config: NodeConfig, seed: [u8; 32], now: Instant, unix_time: Duration) -> Self {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut rng = rand::rngs::StdRng::from_seed(seed);
         let public_key = config.private_key.public_key();
         let buf_len = usize::from(config.mtu).max(1500) + DATA_OVERHEAD + BUF_HEADROOM;
         Self {
-            gate: Gate::new(&config.private_key),
+            gate: Gate::new(&config.private_key, (rng.gen(), rng.gen())),
             private_key: config.private_key,
             public_key,
             peers: Vec::new(),
@@ -403,7 +435,9 @@ impl Node {
                 events: VecDeque::new(),
             },
             relay_available: false,
-            next_tx: 0,
+            rng,
+            epoch: (now, u64::try_from(unix_time.as_millis()).unwrap_or(u64::MAX)),
+            mesh_prefixes: config.addresses.iter().map(IpNet::trunc).collect(),
             user_pings: Vec::new(),
             now,
             next_tick: now + TIMER_TICK,
@@ -562,12 +596,13 @@ impl Node {
         if datagram.len() + TUN_HEADROOM > self.out.pool.buf_len() {
             return self.drop_packet(DropReason::Oversized);
         }
-        // Relayed handshakes share one cookie identity: the relay's.
-        let source_ip = match origin {
-            Via::Udp(from) => from.ip(),
-            Via::Relay(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        // Relayed handshakes share one cookie identity: the relay's; their
+        // share of handshakes is counted per peer the relay vouches for.
+        let (source_ip, source) = match origin {
+            Via::Udp(from) => (from.ip(), Source::Addr(from.ip())),
+            Via::Relay(peer) => (IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), Source::Relayed(peer)),
         };
-        let id = match self.gate.admit(source_ip, datagram, &mut self.cookie) {
+        let id = match self.gate.admit(source_ip, source, datagram, &mut self.cookie) {
             Admitted::FromKey(key) => match self.by_key.get(&key) {
                 Some(id) => *id,
                 None => return self.drop_packet(DropReason::UnknownPeer),
@@ -582,6 +617,7 @@ impl Node {
                 self.out.send(origin, buf, len);
                 return;
             }
+            Admitted::Throttled => return self.drop_packet(DropReason::HandshakeRateLimited),
             Admitted::Rejected(e) => return self.drop_packet(DropReason::from_wireguard(&e)),
         };
         let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) else {
@@ -612,6 +648,8 @@ impl Node {
             Decapsulated::Network { len, authenticated } => {
                 if authenticated {
                     peer.counters.handshakes += 1;
+                    peer.expired = false;
+                    peer.pings_seen.restart();
                     self.out.events.push_back(Event::HandshakeCompleted { peer: peer.key });
                 }
                 let reply = self.out.pool.finish_at(buf, TUN_HEADROOM, len);
@@ -637,7 +675,11 @@ impl Node {
             // A peer with candidate paths: where it sent from is one more
             // candidate (peer-reflexive), proven by probes before use.
             (Via::Udp(from), Some(paths)) => {
-                paths.learn(from);
+                if super::paths::is_routable_endpoint(from)
+                    && !self.mesh_prefixes.iter().any(|net| net.contains(&from.ip()))
+                {
+                    paths.learn(from, now);
+                }
             }
             // Roaming (WireGuard paper §2.1): the endpoint follows the
             // source of authenticated packets only, never cookie replies or
@@ -695,8 +737,13 @@ impl Node {
                 },
                 Ticked::Expired => {
                     self.out.pool.give_back(buf);
-                    tracing::debug!(peer = %peer.key.short(), "session expired");
-                    self.out.events.push_back(Event::SessionExpired { peer: peer.key });
+                    // boringtun says so on every tick until a new handshake:
+                    // the event is for the change of state only.
+                    if !peer.expired {
+                        peer.expired = true;
+                        tracing::debug!(peer = %peer.key.short(), "session keys erased");
+                        self.out.events.push_back(Event::SessionExpired { peer: peer.key });
+                    }
                 }
                 Ticked::Error(e) => {
                     self.out.pool.give_back(buf);
@@ -762,17 +809,14 @@ impl Node {
     /// asks for a punch when nothing direct answers.
     fn probe_peer(&mut self, peer: &mut Peer, now: Instant, force: bool) {
         let (Some(paths), Some(key)) = (peer.paths.as_mut(), peer.probe_key.as_ref()) else { return };
-        let slot = self.by_key.get(&peer.key).map_or(0, |id| id.0);
-        let next_tx = &mut self.next_tx;
-        let pings = paths.due_pings(now, force, || {
-            *next_tx += 1;
-            let mut tx = [0u8; 12];
-            tx[..8].copy_from_slice(&next_tx.to_be_bytes());
-            tx[8..].copy_from_slice(&slot.to_be_bytes());
-            tx
-        });
+        if force {
+            peer.last_forced = Some(now);
+        }
+        let rng = &mut self.rng;
+        let pings = paths.due_pings(now, force, || rand::Rng::gen(rng));
+        let ping = ProbeKind::Ping { sent_ms: Some(unix_ms(self.epoch, now)) };
         for (to, tx) in pings {
-            self.out.send_probe(key, ProbeKind::Ping, tx, &self.public_key, Via::Udp(to));
+            self.out.send_probe(key, ping, tx, &self.public_key, Via::Udp(to));
         }
         if let Some(path) = paths.select(now) {
             tracing::debug!(peer = %peer.key.short(), ?path, "path changed");
@@ -806,12 +850,18 @@ impl Node {
             return self.drop_packet(DropReason::BadProbe);
         };
         match peer.probe_key.as_ref().map(|k| k.open(datagram)) {
+            // A stale or repeated ping is a recording: neither answered nor
+            // learnt from (proto/probe.md, "Replay").
             Some(Ok(probe)) => match probe.kind {
-                ProbeKind::Ping => {
+                ProbeKind::Ping { sent_ms } if !peer.pings_seen.accept(sent_ms, probe.tx) => {
+                    count_drop(&mut self.stats, DropReason::ReplayedProbe);
+                }
+                ProbeKind::Ping { .. } => {
                     let observed = match origin {
                         Via::Udp(from) => {
-                            if let Some(paths) = peer.paths.as_mut() {
-                                paths.learn(from);
+                            // Unconfirmed until a ping of ours is answered from it.
+                            if let Some(paths) = peer.paths.as_mut().filter(|_| self.may_be_endpoint(from)) {
+                                paths.learn(from, now);
                             }
                             from
                         }
@@ -823,7 +873,9 @@ impl Node {
                     }
                 }
                 ProbeKind::Pong { observed } => {
-                    if let Some(i) = self.user_pings.iter().position(|p| p.tx == probe.tx && p.peer == peer.key) {
+                    let user_ping = (self.user_pings.iter())
+                        .position(|p| p.tx == probe.tx && p.peer == peer.key && p.via == origin);
+                    if let Some(i) = user_ping {
                         let ping = self.user_pings.swap_remove(i);
                         let path = match origin {
                             Via::Udp(from) => Path::Direct(from),
@@ -832,12 +884,17 @@ impl Node {
                         let rtt = now.saturating_duration_since(ping.sent);
                         self.out.events.push_back(Event::PingReply { peer: peer.key, path, rtt });
                     }
-                    let answered = matches!(origin, Via::Udp(_))
-                        && peer.paths.as_mut().is_some_and(|p| p.on_pong(probe.tx, now));
+                    // Only from the address pinged: the relay proves no path.
+                    let answered = match origin {
+                        Via::Udp(from) => peer.paths.as_mut().is_some_and(|p| p.on_pong(probe.tx, from, now)),
+                        Via::Relay(_) => false,
+                    };
                     if answered {
                         self.out.events.push_back(Event::SeenAt { peer: peer.key, seen_at: observed });
                         // Re-evaluate at once: an upgrade should not wait a tick.
                         self.probe_peer(&mut peer, now, false);
+                    } else if user_ping.is_none() {
+                        count_drop(&mut self.stats, DropReason::UnmatchedPong);
                     }
                 }
             },
@@ -861,15 +918,14 @@ impl Node {
         };
         let sent = match (via, peer.probe_key.as_ref()) {
             (Some(via), Some(key)) => {
-                self.next_tx += 1;
-                let mut tx = [0xffu8; 12];
-                tx[..8].copy_from_slice(&self.next_tx.to_be_bytes());
-                let sent = self.out.send_probe(key, ProbeKind::Ping, tx, &self.public_key, via);
+                let tx = rand::Rng::gen(&mut self.rng);
+                let ping = ProbeKind::Ping { sent_ms: Some(unix_ms(self.epoch, now)) };
+                let sent = self.out.send_probe(key, ping, tx, &self.public_key, via);
                 if sent {
                     if self.user_pings.len() >= MAX_USER_PINGS {
                         self.user_pings.remove(0);
                     }
-                    self.user_pings.push(UserPing { tx, peer: peer.key, sent: now });
+                    self.user_pings.push(UserPing { tx, peer: peer.key, via, sent: now });
                 }
                 sent
             }
@@ -882,9 +938,10 @@ impl Node {
 
     /// Gives a peer from the peer map its candidate endpoints; from now on
     /// probes choose its path (see [`super::paths`]).
-    pub fn set_candidates(&mut self, key: &PublicKey, candidates: Vec<(SocketAddr, Source)>, now: Instant) {
+    pub fn set_candidates(&mut self, key: &PublicKey, candidates: Vec<(SocketAddr, paths::Source)>, now: Instant) {
         let Some(&id) = self.by_key.get(key) else { return };
         let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else { return };
+        let candidates = candidates.into_iter().filter(|(addr, _)| self.may_be_endpoint(*addr));
         let paths = peer.paths.get_or_insert_with(PathSet::new);
         paths.set_relay_available(self.relay_available);
         paths.set_candidates(candidates);
@@ -906,11 +963,24 @@ impl Node {
     }
 
     /// The peer asked, through the rendezvous, that we probe it now.
-    pub fn punch(&mut self, key: &PublicKey, now: Instant) {
-        let Some(&id) = self.by_key.get(key) else { return };
-        let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else { return };
-        self.probe_peer(&mut peer, now, true);
+    /// Ignored (returns false) when a full round went to it within
+    /// [`PUNCH_COOLDOWN`]: those probes are already on their way.
+    pub fn punch(&mut self, key: &PublicKey, now: Instant) -> bool {
+        let Some(&id) = self.by_key.get(key) else { return false };
+        let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else { return false };
+        let recent = peer.last_forced.is_some_and(|t| now.saturating_duration_since(t) < PUNCH_COOLDOWN);
+        if !recent {
+            self.probe_peer(&mut peer, now, true);
+        }
         self.peers[id.0 as usize] = Some(peer);
+        !recent
+    }
+
+    /// Whether `addr` may be a peer's endpoint: a routable address
+    /// ([`super::paths::is_routable_endpoint`]) outside the mesh's own
+    /// prefixes, which only ever exist inside the tunnel.
+    fn may_be_endpoint(&self, addr: SocketAddr) -> bool {
+        super::paths::is_routable_endpoint(addr) && !self.mesh_prefixes.iter().any(|net| net.contains(&addr.ip()))
     }
 
     /// The next datagram for the relay. Call after every `handle_*` until
@@ -938,6 +1008,14 @@ impl Node {
             None => self.out.pool.give_back(buf),
         }
     }
+}
+
+/// `now` on the wall clock, in milliseconds since the Unix epoch, from the
+/// node's `epoch`: monotonic for the life of the node, whatever the system
+/// clock does meanwhile.
+fn unix_ms(epoch: (Instant, u64), now: Instant) -> u64 {
+    let since = u64::try_from(now.saturating_duration_since(epoch.0).as_millis()).unwrap_or(u64::MAX);
+    epoch.1.saturating_add(since)
 }
 
 fn count_drop(stats: &mut NodeStats, reason: DropReason) {

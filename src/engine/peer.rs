@@ -26,6 +26,22 @@ pub(crate) const MSG_DATA: u8 = 4;
 /// Handshakes per second the interface answers before it demands cookies
 /// (WireGuard paper §5.3); the figure boringtun's own device uses.
 pub(crate) const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshake messages one source may have checked per second while the
+/// interface is under load (kernel WireGuard's per-IP figure): one source
+/// holding a valid cookie can't spend all of the interface's handshake work.
+const HANDSHAKES_PER_SOURCE: u16 = 20;
+/// Buckets of the per-source count (a keyed hash picks one), so its memory
+/// is fixed however many sources there are.
+const SOURCE_BUCKETS: usize = 4096;
+
+/// Who a handshake message is counted against.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Source {
+    /// Its source address, which under load carries a cookie for it.
+    Addr(IpAddr),
+    /// The peer the relay vouches for.
+    Relayed(PublicKey),
+}
 
 /// The interface-wide first look at a WireGuard datagram, before any peer
 /// is known: MAC1, the one shared handshake rate limiter, and which peer the
@@ -37,6 +53,11 @@ pub(crate) struct Gate {
     passthrough: Arc<RateLimiter>,
     secret: x25519_dalek::StaticSecret,
     public: x25519_dalek::PublicKey,
+    /// Handshake messages past MAC1 this second, all sources, and per
+    /// source by keyed hash bucket (reset with the limiter).
+    handshakes: u64,
+    by_source: Box<[u16; SOURCE_BUCKETS]>,
+    source_key: (u64, u64),
 }
 
 /// Where [`Gate::admit`] sends a datagram.
@@ -48,11 +69,15 @@ pub(crate) enum Admitted {
     ForSlot(u32),
     /// Under load: `len` bytes of cookie reply to send back to the source.
     CookieReply(usize),
+    /// Under load, and this source had its share of handshakes this second.
+    Throttled,
     Rejected(WireGuardError),
 }
 
 impl Gate {
-    pub(crate) fn new(private_key: &PrivateKey) -> Self {
+    /// `source_key` keys the hash of the per-source count: random, so that
+    /// nobody can aim many sources at one bucket.
+    pub(crate) fn new(private_key: &PrivateKey, source_key: (u64, u64)) -> Self {
         let secret = private_key.to_dalek();
         let public = x25519_dalek::PublicKey::from(&secret);
         Self {
@@ -60,6 +85,9 @@ impl Gate {
             passthrough: Arc::new(RateLimiter::new(&public, u64::MAX)),
             secret,
             public,
+            handshakes: 0,
+            by_source: Box::new([0; SOURCE_BUCKETS]),
+            source_key,
         }
     }
 
@@ -69,25 +97,56 @@ impl Gate {
 
     /// Must run every second: a limiter whose count is never reset stays
     /// "under load" for good and every handshake then needs a cookie.
-    pub(crate) fn reset_count(&self) {
+    pub(crate) fn reset_count(&mut self) {
         self.limiter.reset_count();
+        self.handshakes = 0;
+        self.by_source.fill(0);
+    }
+
+    /// Counts a handshake message that passed MAC1 (and, under load, its
+    /// cookie) against its source's share. The share is enforced only while
+    /// the interface is under load: more such messages came this second
+    /// than the cookie limit, so boringtun's limiter (which counts the same
+    /// messages and more) demands cookies, and every message here carried a
+    /// valid one for its source address: nobody spends another source's
+    /// share by spoofing it.
+    fn within_share(&mut self, source: Source) -> bool {
+        #[allow(deprecated)] // SipHash keyed from the node's seed; std's is enough here.
+        let mut h = std::hash::SipHasher::new_with_keys(self.source_key.0, self.source_key.1);
+        match source {
+            Source::Addr(ip) => std::hash::Hash::hash(&ip, &mut h),
+            Source::Relayed(peer) => std::hash::Hash::hash(peer.as_bytes(), &mut h),
+        }
+        let bucket = (std::hash::Hasher::finish(&h) % SOURCE_BUCKETS as u64) as usize;
+        let count = &mut self.by_source[bucket];
+        *count = count.saturating_add(1);
+        self.handshakes += 1;
+        *count <= HANDSHAKES_PER_SOURCE || self.handshakes <= HANDSHAKE_RATE_LIMIT
     }
 
     /// `cookie_dst` needs 64 bytes.
-    pub(crate) fn admit(&self, from: IpAddr, datagram: &[u8], cookie_dst: &mut [u8]) -> Admitted {
-        match self.limiter.verify_packet(Some(from), datagram, cookie_dst) {
-            Err(TunnResult::WriteToNetwork(cookie)) => Admitted::CookieReply(cookie.len()),
-            Err(TunnResult::Err(e)) => Admitted::Rejected(e),
-            Err(_) => Admitted::Rejected(WireGuardError::UnexpectedPacket),
-            // The DH in parse_handshake_anon runs only after MAC1 and the
-            // rate limiter passed: that ordering is the flood defence.
-            Ok(Packet::HandshakeInit(p)) => match parse_handshake_anon(&self.secret, &self.public, &p) {
+    pub(crate) fn admit(&mut self, from: IpAddr, source: Source, datagram: &[u8], cookie_dst: &mut [u8]) -> Admitted {
+        let packet = match self.limiter.verify_packet(Some(from), datagram, cookie_dst) {
+            Err(TunnResult::WriteToNetwork(cookie)) => return Admitted::CookieReply(cookie.len()),
+            Err(TunnResult::Err(e)) => return Admitted::Rejected(e),
+            Err(_) => return Admitted::Rejected(WireGuardError::UnexpectedPacket),
+            Ok(packet) => packet,
+        };
+        let handshake = matches!(packet, Packet::HandshakeInit(_) | Packet::HandshakeResponse(_));
+        if handshake && !self.within_share(source) {
+            return Admitted::Throttled;
+        }
+        match packet {
+            // The DH in parse_handshake_anon runs only after MAC1, the rate
+            // limiter and the source's share passed: that ordering is the
+            // flood defence.
+            Packet::HandshakeInit(p) => match parse_handshake_anon(&self.secret, &self.public, &p) {
                 Ok(half) => Admitted::FromKey(PublicKey::from_bytes(half.peer_static_public)),
                 Err(e) => Admitted::Rejected(e),
             },
-            Ok(Packet::HandshakeResponse(p)) => Admitted::ForSlot(p.receiver_idx >> 8),
-            Ok(Packet::PacketCookieReply(p)) => Admitted::ForSlot(p.receiver_idx >> 8),
-            Ok(Packet::PacketData(p)) => Admitted::ForSlot(p.receiver_idx >> 8),
+            Packet::HandshakeResponse(p) => Admitted::ForSlot(p.receiver_idx >> 8),
+            Packet::PacketCookieReply(p) => Admitted::ForSlot(p.receiver_idx >> 8),
+            Packet::PacketData(p) => Admitted::ForSlot(p.receiver_idx >> 8),
         }
     }
 }
@@ -154,6 +213,12 @@ pub(crate) struct Peer {
     pub(crate) probe_key: Option<crate::wire::probe::ProbeKey>,
     /// When we last asked the peer to punch, so we ask at a bounded rate.
     pub(crate) last_punch: Option<std::time::Instant>,
+    /// When we last probed every candidate at once (a punch, `meshctl ping`).
+    pub(crate) last_forced: Option<std::time::Instant>,
+    /// Which of the peer's pings were seen: replays are refused.
+    pub(crate) pings_seen: super::paths::PingWindow,
+    /// Whether boringtun erased the session keys and no handshake came since.
+    pub(crate) expired: bool,
 }
 
 impl Peer {
@@ -187,6 +252,9 @@ impl Peer {
             paths: None,
             probe_key: crate::wire::probe::ProbeKey::derive(private_key, &key),
             last_punch: None,
+            last_forced: None,
+            pings_seen: super::paths::PingWindow::default(),
+            expired: false,
         }
     }
 

@@ -52,6 +52,11 @@ const STREAM_NET: u64 = 0;
 const STREAM_KEYS: u64 = 1;
 const STREAM_TEST: u64 = 2;
 const STREAM_RELAY: u64 = 3;
+/// Each node's own seed (probe ids), apart from the keys so that adding it
+/// changed no scenario's keys.
+const STREAM_NODES: u64 = 4;
+/// The simulated wall clock's Unix time at the start of every run.
+const SIM_EPOCH: Duration = Duration::from_secs(1_764_864_000);
 
 /// Where the simulated rendezvous listens: nodes register here so that
 /// their NATs map them, and what it sees of a node is the node's observed
@@ -174,6 +179,7 @@ impl std::error::Error for TimedOut {}
 
 struct SimNode {
     name: String,
+    private_key: PrivateKey,
     node: Node,
     host: HostId,
     overlay: IpAddr,
@@ -197,6 +203,7 @@ pub struct Sim {
     clock: SimClock,
     net: SimNet,
     keys: ChaCha20Rng,
+    node_rng: ChaCha20Rng,
     test_rng: ChaCha20Rng,
     nodes: Vec<SimNode>,
     sinks: Vec<Vec<Datagram>>,
@@ -247,6 +254,7 @@ impl Sim {
             clock: SimClock::new(),
             net,
             keys: stream(STREAM_KEYS),
+            node_rng: stream(STREAM_NODES),
             test_rng: stream(STREAM_TEST),
             nodes: Vec::new(),
             sinks: Vec::new(),
@@ -325,19 +333,12 @@ impl Sim {
 
     fn add_node_on(&mut self, name: &str, overlay: IpAddr, host: HostId) -> NodeId {
         let private_key = self.generate_key();
-        let now = self.now();
-        let node = Node::new(
-            NodeConfig {
-                private_key,
-                addresses: vec![IpNet::from(overlay)],
-                mtu: NODE_MTU,
-            },
-            now,
-        );
+        let node = self.fresh_node(&private_key, overlay);
         let id = NodeId(self.nodes.len());
         self.attach(host, Attached::Node(id.0));
         self.nodes.push(SimNode {
             name: name.to_owned(),
+            private_key,
             node,
             host,
             overlay,
@@ -345,6 +346,24 @@ impl Sim {
             events: Vec::new(),
         });
         id
+    }
+
+    /// A node as meshd starts one: its key, a fresh seed, the clock now.
+    fn fresh_node(&mut self, private_key: &PrivateKey, overlay: IpAddr) -> Node {
+        let config = NodeConfig { private_key: private_key.clone(), addresses: vec![IpNet::from(overlay)], mtu: NODE_MTU };
+        // The simulated wall clock: the Unix time the run starts at is
+        // arbitrary, only its progress matters (ping freshness).
+        Node::new(config, rand::Rng::gen(&mut self.node_rng), self.now(), SIM_EPOCH + self.elapsed())
+    }
+
+    /// meshd restarts on `id`: same key, address and socket, but a new
+    /// process that remembers nothing (no peers, sessions or probes; its
+    /// events start afresh). Configure its peers again, as its peer-map
+    /// cache and the rendezvous would.
+    pub fn restart(&mut self, id: NodeId) {
+        let (key, overlay) = (self.nodes[id.0].private_key.clone(), self.nodes[id.0].overlay);
+        self.nodes[id.0].node = self.fresh_node(&key, overlay);
+        self.nodes[id.0].events.clear();
     }
 
     /// An address that collects what is sent to it.

@@ -6,7 +6,8 @@
 //! are authenticated with a key derived from the two nodes' static-static
 //! X25519 secret, so nobody else can forge a pong that makes a dead path
 //! look alive; a pong answers one outstanding ping by its random id, so a
-//! replayed pong proves nothing either. See proto/probe.md.
+//! replayed pong proves nothing either, and a ping carries the time it was
+//! sent, so an old one can be told from a fresh one. See proto/probe.md.
 //!
 //! Layout (all probes are [`PROBE_LEN`] bytes):
 //!
@@ -22,8 +23,11 @@
 //! ```
 //!
 //! The magic's first byte is 0x00: neither a WireGuard type (1–4) nor a
-//! QUIC packet (fixed bit 0x40). `observed` is zero in a ping; in a pong it
-//! is the address the ping came from, as the answering node saw it.
+//! QUIC packet (fixed bit 0x40). In a pong, the 19 bytes at 52 are the
+//! address the ping came from, as the answering node saw it; in a ping they
+//! are a flag byte (1: a timestamp follows) and the sender's clock in
+//! milliseconds since the Unix epoch (big-endian u64), or all zero from a
+//! node of release 0.1.0, whose pings carry no time.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
@@ -43,9 +47,14 @@ type Blake2sMac128 = Blake2sMac<blake2::digest::consts::U16>;
 /// A random id that pairs a pong with its ping.
 pub type TxId = [u8; 12];
 
+/// The flag byte at offset 52 of a ping that carries its send time.
+const PING_TIMESTAMPED: u8 = 1;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeKind {
-    Ping,
+    /// `sent_ms`: the pinger's clock when it sent the ping, in milliseconds
+    /// since the Unix epoch; `None` from a 0.1.0 node (see [`super::probe`]).
+    Ping { sent_ms: Option<u64> },
     /// `observed`: where the ping came from, as the answering node saw it.
     Pong { observed: SocketAddr },
 }
@@ -90,7 +99,7 @@ pub fn peek(datagram: &[u8]) -> Result<Probe, ProbeError> {
     let mut sender = [0u8; 32];
     sender.copy_from_slice(&bytes[20..52]);
     let kind = match bytes[4] {
-        1 => ProbeKind::Ping,
+        1 => ProbeKind::Ping { sent_ms: decode_sent(&bytes[52..71]) },
         2 => ProbeKind::Pong { observed: decode_addr(&bytes[52..71])? },
         other => return Err(ProbeError::Type(other)),
     };
@@ -128,7 +137,13 @@ impl ProbeKey {
         out[8..20].copy_from_slice(&tx);
         out[20..52].copy_from_slice(sender.as_bytes());
         match kind {
-            ProbeKind::Ping => out[4] = 1,
+            ProbeKind::Ping { sent_ms } => {
+                out[4] = 1;
+                if let Some(ms) = sent_ms {
+                    out[52] = PING_TIMESTAMPED;
+                    out[53..61].copy_from_slice(&ms.to_be_bytes());
+                }
+            }
             ProbeKind::Pong { observed } => {
                 out[4] = 2;
                 encode_addr(observed, &mut out[52..71]);
@@ -152,6 +167,13 @@ impl ProbeKey {
     fn mac(&self) -> Blake2sMac128 {
         <Blake2sMac128 as KeyInit>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!("32-byte key"))
     }
+}
+
+/// A ping's send time, if its flag says it carries one. Other flag values
+/// are left for later versions and read as "no time".
+fn decode_sent(field: &[u8]) -> Option<u64> {
+    let ms: [u8; 8] = field.get(1..9)?.try_into().ok()?;
+    (field.first() == Some(&PING_TIMESTAMPED)).then(|| u64::from_be_bytes(ms))
 }
 
 /// family (4 or 6), port, 16 address bytes (IPv4 as v4-mapped).
@@ -207,13 +229,33 @@ mod tests {
         let forged_key = ProbeKey::derive(&mallory, &b.public_key()).unwrap();
         let mut buf = [0u8; PROBE_LEN];
         // Mallory claims to be a.
-        let wire = forged_key.seal(ProbeKind::Ping, [1; 12], &a.public_key(), &mut buf).to_vec();
+        let ping = ProbeKind::Ping { sent_ms: Some(1_700_000_000_000) };
+        let wire = forged_key.seal(ping, [1; 12], &a.public_key(), &mut buf).to_vec();
         assert_eq!(kb.open(&wire), Err(ProbeError::Mac));
         // A genuine probe with one bit flipped.
         let ka = ProbeKey::derive(&a, &b.public_key()).unwrap();
-        let mut wire = ka.seal(ProbeKind::Ping, [1; 12], &a.public_key(), &mut buf).to_vec();
+        let mut wire = ka.seal(ping, [1; 12], &a.public_key(), &mut buf).to_vec();
         wire[10] ^= 1;
         assert_eq!(kb.open(&wire), Err(ProbeError::Mac));
+        // Nor its send time: the timestamp is inside the MAC.
+        let mut wire = ka.seal(ping, [1; 12], &a.public_key(), &mut buf).to_vec();
+        wire[60] ^= 1;
+        assert_eq!(kb.open(&wire), Err(ProbeError::Mac));
+    }
+
+    #[test]
+    fn a_ping_carries_its_send_time_and_a_0_1_ping_reads_as_untimed() {
+        let (a, b) = keys();
+        let ka = ProbeKey::derive(&a, &b.public_key()).unwrap();
+        let kb = ProbeKey::derive(&b, &a.public_key()).unwrap();
+        let mut buf = [0u8; PROBE_LEN];
+        let ping = ProbeKind::Ping { sent_ms: Some(1_764_864_000_123) };
+        let wire = ka.seal(ping, [4; 12], &a.public_key(), &mut buf).to_vec();
+        assert_eq!(kb.open(&wire).unwrap().kind, ping);
+        // Release 0.1.0 left bytes 52..71 of a ping zero.
+        let old = ka.seal(ProbeKind::Ping { sent_ms: None }, [4; 12], &a.public_key(), &mut buf).to_vec();
+        assert!(old[52..71].iter().all(|b| *b == 0));
+        assert_eq!(kb.open(&old).unwrap().kind, ProbeKind::Ping { sent_ms: None });
     }
 
     #[test]

@@ -586,7 +586,11 @@ impl Driver {
             }
             DriverCommand::UpsertPeer(peer) => self.upsert_peer(peer, now),
             DriverCommand::RemovePeer(key) => self.remove_peer(key),
-            DriverCommand::Punch(key) => self.node.punch(&key, now),
+            DriverCommand::Punch(key) => {
+                if !self.node.punch(&key, now) {
+                    tracing::debug!(peer = %key.short(), "punch request ignored: probed it moments ago");
+                }
+            }
             DriverCommand::SetInfo(info) => self.info = info,
             DriverCommand::SeenByRendezvous(addr) => self.seen(Observer::Rendezvous, addr),
         }
