@@ -585,3 +585,77 @@ fn peers_that_initiate_at_the_same_moment_settle_without_a_handshake_storm() {
         assert_eq!(sim.node(b).stats().dropped_total(), 0);
     });
 }
+
+#[test]
+fn a_source_holding_a_valid_cookie_is_held_to_its_share_of_handshakes() {
+    for_each_seed(|seed| {
+        let (mut sim, a, b) = two_peers(Sim::new(seed));
+        establish(&mut sim, a, b);
+        let attacker = addr("203.0.113.66:6666");
+        let attacker_sink = sim.add_sink(attacker);
+        let mut secret = [0u8; 32];
+        sim.rng().fill_bytes(&mut secret);
+        let victim = boringtun::x25519::PublicKey::from(*sim.public_key(a).as_bytes());
+        let mut attacker_tunn =
+            Tunn::new(boringtun::x25519::StaticSecret::from(secret), victim, None, None, 0, None);
+        let mut buf = [0u8; 256];
+        let mut initiation = |tunn: &mut Tunn| match tunn.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(init) => init.to_vec(),
+            _ => panic!("boringtun formats an initiation"),
+        };
+
+        // The attacker first earns a cookie for its address, as anyone can:
+        // it pushes a over its limit, and takes the cookie reply to its
+        // last initiation.
+        for _ in 0..=100 {
+            let init = initiation(&mut attacker_tunn);
+            sim.inject(attacker, sim.addr(a), &init);
+        }
+        sim.run_for(millis(200));
+        let cookie_reply = sim.sink(attacker_sink).last().expect("a cookie reply").payload.clone();
+        let mut out = [0u8; 256];
+        assert!(
+            matches!(attacker_tunn.decapsulate(None, &cookie_reply, &mut out), TunnResult::Done),
+            "the attacker holds a valid cookie (seed {seed})"
+        );
+
+        // Then 1000 initiations a second for 8 s, each with a valid MAC2,
+        // while a and b exchange data and a new peer c joins.
+        let before = sim.node(a).stats().dropped(DropReason::UnknownPeer);
+        let c = sim.add_node("c", ip("100.72.0.3"), addr("192.0.2.3:51820"));
+        sim.connect(a, c);
+        for i in 0..8000u64 {
+            let init = initiation(&mut attacker_tunn);
+            sim.inject(attacker, sim.addr(a), &init);
+            if i % 100 == 0 {
+                sim.send_probe(a, b, i / 100);
+                sim.send_probe(b, a, i / 100);
+                sim.send_probe(c, a, i / 100);
+            }
+            sim.run_for(millis(1));
+        }
+        sim.run_for(secs(1));
+
+        // Each second, the interface's own budget (100) reaches the DH and
+        // the key lookup; past it, this source gets no more.
+        let looked_at = sim.node(a).stats().dropped(DropReason::UnknownPeer) - before;
+        assert!(looked_at <= 9 * 120, "{looked_at} of 8000 initiations cost a DH (seed {seed})");
+        assert!(sim.node(a).stats().dropped(DropReason::HandshakeRateLimited) >= 6000, "seed {seed}");
+        assert_eq!(sim.probes_received(b, a), all_up_to(80), "seed {seed}");
+        assert!(sim.handshakes_completed(c, a) >= 1, "a new peer still gets in (seed {seed})");
+        assert!(!sim.probes_received(a, c).is_empty(), "seed {seed}");
+    });
+}
+
+#[test]
+fn a_peer_that_stays_offline_expires_once_not_on_every_tick() {
+    for_each_seed(|seed| {
+        let (mut sim, a, b) = two_peers(Sim::new(seed));
+        // b is unreachable from the start: a's handshakes go unanswered.
+        sim.set_link_between(a, b, LinkConfig::default().loss(1.0));
+        sim.send_probe(a, b, 1);
+        sim.run_for(secs(600));
+        let expiries = (sim.events(a).iter()).filter(|e| matches!(e, Event::SessionExpired { .. })).count();
+        assert_eq!(expiries, 1, "seed {seed}");
+    });
+}

@@ -151,7 +151,9 @@ pub enum Event {
     HandshakeCompleted { peer: PublicKey },
     /// An authenticated packet from `peer` came from a new address (roaming).
     EndpointChanged { peer: PublicKey, endpoint: SocketAddr },
-    /// No handshake with `peer` for REJECT_AFTER_TIME × 3; its keys are erased.
+    /// The session with `peer` is gone and its keys erased: handshakes went
+    /// unanswered for REKEY_ATTEMPT_TIME, or none succeeded for
+    /// REJECT_AFTER_TIME × 3. Emitted once per expiry, not on every tick.
     SessionExpired { peer: PublicKey },
     /// Traffic to `peer` now takes `path`.
     PathChanged { peer: PublicKey, path: Path },

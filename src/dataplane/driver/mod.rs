@@ -472,7 +472,12 @@ impl Driver {
                     tracing::info!(peer = %peer.short(), %endpoint, "peer endpoint changed");
                 }
                 Event::SessionExpired { peer } => {
-                    tracing::info!(peer = %peer.short(), "session expired: no handshake for 9 minutes");
+                    // Once per expiry (the node says so on the change only).
+                    tracing::info!(
+                        peer = %peer.short(),
+                        "no WireGuard session: handshakes went unanswered for 90 s or none succeeded for 9 minutes; \
+                         keys erased, the next packet for this peer starts a new handshake"
+                    );
                 }
                 Event::PathChanged { peer, path } => {
                     let name = self.meta.get(&peer).map(|m| m.name.as_str()).unwrap_or("");
