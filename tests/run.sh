@@ -40,6 +40,29 @@ else
     echo "cargo audit skipped: the RustSec advisory database (github.com) is unreachable from here"
 fi
 
+# The previous release, for tests/lab_upgrade.rs: a live mesh of it is
+# upgraded one machine at a time to this tree (DESIGN.md, "Rolling
+# upgrades"). Built once from its commit into target/previous/, kept there.
+previous_release="v0.1.0"
+previous_commit=58aeff4
+previous="$PWD/target/previous"
+if [ "$(cat "$previous/release" 2>/dev/null)" != "$previous_release ($previous_commit)" ]; then
+    if git cat-file -e "$previous_commit^{commit}" 2>/dev/null; then
+        echo "building the previous release, $previous_release ($previous_commit), for the upgrade test"
+        rm -rf "$previous"
+        mkdir -p "$previous/src"
+        git archive "$previous_commit" | tar -x -C "$previous/src"
+        CARGO_TARGET_DIR="$previous/target" cargo build --locked --bins --manifest-path "$previous/src/Cargo.toml"
+        cp "$previous/target/debug/meshd" "$previous/target/debug/meshctl" "$previous/target/debug/mesh-rendezvous" "$previous/"
+        echo "$previous_release ($previous_commit)" >"$previous/release"
+    else
+        echo "NOTE: commit $previous_commit ($previous_release) is not in this clone; tests/lab_upgrade.rs will say it was skipped"
+    fi
+fi
+if [ -f "$previous/release" ]; then
+    export MESHD_PREVIOUS_RELEASE="$previous"
+fi
+
 cargo test --locked
 # Its own target directory: a sim build of the binaries (mock clock) must
 # never replace the real ones that the namespace tests start.

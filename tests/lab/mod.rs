@@ -52,6 +52,31 @@ pub const SETTLE_DEADLINE: Duration = Duration::from_secs(90);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Which build of the daemons to run: this tree's, or a previous release's
+/// (DESIGN.md, "Rolling upgrades").
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub name: String,
+    pub meshd: PathBuf,
+    pub rendezvous: PathBuf,
+}
+
+impl Release {
+    /// The binaries of this tree.
+    pub fn current() -> Self {
+        Release { name: "current".into(), meshd: MESHD.into(), rendezvous: MESH_RENDEZVOUS.into() }
+    }
+
+    /// The previous release's binaries, from the directory that
+    /// `MESHD_PREVIOUS_RELEASE` names (tests/run.sh builds them from the
+    /// release's commit into `target/previous/`); `None` when unset.
+    pub fn previous() -> Option<Self> {
+        let dir = PathBuf::from(std::env::var_os("MESHD_PREVIOUS_RELEASE")?);
+        let name = fs::read_to_string(dir.join("release")).unwrap_or_else(|_| "previous".into());
+        Some(Release { name: name.trim().to_owned(), meshd: dir.join("meshd"), rendezvous: dir.join("mesh-rendezvous") })
+    }
+}
 static SWEEP: Once = Once::new();
 
 /// One lab built by `deploy/lab/up`, with a rendezvous and meshd on some of
@@ -73,6 +98,15 @@ impl MeshLab {
     /// --env-file <lab dir>/<node>.env` for every node. Returns once every
     /// node has its overlay address.
     pub fn with_mesh_of(stem: &'static str, nodes: &[&'static str]) -> Self {
+        Self::build(stem, nodes, &Release::current())
+    }
+
+    /// [`MeshLab::with_mesh_of`], every daemon started from `release`.
+    pub fn with_mesh_of_release(stem: &'static str, nodes: &[&'static str], release: &Release) -> Self {
+        Self::build(stem, nodes, release)
+    }
+
+    fn build(stem: &'static str, nodes: &[&'static str], release: &Release) -> Self {
         require_root();
         SWEEP.call_once(|| sweep_leftovers(stem));
         let prefix = format!(
@@ -90,10 +124,10 @@ impl MeshLab {
         let out = lab.script("up");
         assert_success(&out, "deploy/lab/up");
         fs::create_dir_all(&lab.dir).expect("create the lab directory");
-        lab.start_rendezvous();
-        let join = lab.create_token(nodes.len());
+        lab.start_rendezvous(release);
+        let join = lab.create_token(nodes.len(), release);
         for &node in nodes {
-            lab.start_meshd(node, &join);
+            lab.start_meshd(node, &join, release);
         }
         for &node in nodes {
             let ip = lab.wait_for_overlay_ip(node);
@@ -195,11 +229,11 @@ impl MeshLab {
         }
     }
 
-    fn start_rendezvous(&mut self) {
+    fn start_rendezvous(&mut self, release: &Release) {
         let dir = self.state_dir("rv");
         let dir = utf8(&dir);
         let out = output(
-            MESH_RENDEZVOUS,
+            utf8(&release.rendezvous),
             &[
                 "--state-dir",
                 dir,
@@ -211,12 +245,14 @@ impl MeshLab {
             ],
         );
         assert_success(&out, "mesh-rendezvous init");
-        self.spawn(
-            "rv",
-            "rendezvous",
-            MESH_RENDEZVOUS,
-            &["--state-dir", dir, "serve"],
-        );
+        self.serve_rendezvous(release);
+    }
+
+    /// `mesh-rendezvous serve` on the lab's rendezvous state directory;
+    /// returns once its admin socket answers.
+    fn serve_rendezvous(&self, release: &Release) {
+        let dir = self.state_dir("rv");
+        self.spawn("rv", "rendezvous", utf8(&release.rendezvous), &["--state-dir", utf8(&dir), "serve"]);
         let admin = self.state_dir("rv").join("admin.sock");
         eventually(
             "mesh-rendezvous accepts on its admin socket",
@@ -232,11 +268,11 @@ impl MeshLab {
 
     /// `mesh-rendezvous token create` for `uses` nodes: the arguments of
     /// the `meshd join` line it prints, after `meshd`.
-    fn create_token(&self, uses: usize) -> Vec<String> {
+    fn create_token(&self, uses: usize, release: &Release) -> Vec<String> {
         let dir = self.state_dir("rv");
         let uses = uses.to_string();
         let out = output(
-            MESH_RENDEZVOUS,
+            utf8(&release.rendezvous),
             &[
                 "--state-dir",
                 utf8(&dir),
@@ -259,10 +295,9 @@ impl MeshLab {
 
     /// `meshd join` with the token's line, then `meshd run --state-dir …
     /// --env-file …`.
-    fn start_meshd(&mut self, node: &str, join: &[String]) {
+    fn start_meshd(&mut self, node: &str, join: &[String], release: &Release) {
         let state_dir = self.state_dir(node);
         let socket = self.socket(node);
-        let env_file = self.env_file(node);
         let name = format!("node-{node}");
         let mut args: Vec<&str> = join.iter().map(String::as_str).collect();
         args.extend([
@@ -278,21 +313,50 @@ impl MeshLab {
             args.extend(["--advertise-endpoint", NAT11_ADVERTISED]);
         }
         assert_success(
-            &output(MESHD, &args),
+            &output(utf8(&release.meshd), &args),
             &format!("`meshd {}`", args.join(" ")),
         );
-        self.spawn(
-            node,
-            node,
-            MESHD,
-            &[
-                "run",
-                "--state-dir",
-                utf8(&state_dir),
-                "--env-file",
-                utf8(&env_file),
-            ],
-        );
+        self.run_meshd(node, release);
+    }
+
+    /// `meshd run` on `node`'s state directory (after `meshd join`).
+    fn run_meshd(&self, node: &str, release: &Release) {
+        let (state_dir, env_file) = (self.state_dir(node), self.env_file(node));
+        let args = ["run", "--state-dir", utf8(&state_dir), "--env-file", utf8(&env_file)];
+        self.spawn(node, node, utf8(&release.meshd), &args);
+    }
+
+    /// Stops the daemon `label` as systemd would (SIGTERM, then waits for
+    /// it to exit) and forgets it; its log is kept as `<label>.<n>.log`.
+    pub fn stop(&self, label: &str) {
+        let mut daemons = self.daemons.borrow_mut();
+        let i = daemons.iter().position(|(l, _)| l == label).unwrap_or_else(|| panic!("no daemon {label}"));
+        let (_, mut child) = daemons.remove(i);
+        drop(daemons);
+        let pid = child.id().to_string();
+        let _ = output("kill", &["-TERM", &pid]);
+        eventually(&format!("{label} exits on SIGTERM"), START_DEADLINE, || match child.try_wait() {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err("still running".into()),
+            Err(e) => Err(e.to_string()),
+        });
+        let n = (0..).find(|n| !self.dir.join(format!("{label}.{n}.log")).exists()).unwrap_or(0);
+        let _ = fs::rename(self.log_path(label), self.dir.join(format!("{label}.{n}.log")));
+    }
+
+    /// Upgrades (or downgrades) the rendezvous in place: stops it and
+    /// serves the same state directory with `release`.
+    pub fn restart_rendezvous(&self, release: &Release) {
+        self.stop("rendezvous");
+        self.serve_rendezvous(release);
+    }
+
+    /// Upgrades meshd on `node` in place: stops it and runs `release` on
+    /// the same state directory; returns once it has its address again.
+    pub fn restart_meshd(&self, node: &str, release: &Release) {
+        self.stop(node);
+        self.run_meshd(node, release);
+        self.wait_for_overlay_ip(node);
     }
 
     /// Waits until `node`'s meshd answers `meshctl status` with an overlay
