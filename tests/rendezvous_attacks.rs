@@ -299,7 +299,7 @@ impl Attacker {
         }
         let mut held = Vec::new();
         while let Some(result) = tries.join_next().await {
-            held.extend(result.expect("a connection attempt").into_iter());
+            held.extend(result.expect("a connection attempt"));
         }
         held
     }
