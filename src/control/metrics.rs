@@ -22,9 +22,12 @@
 //! ([`short_key`]), the prefix `meshctl` and the logs show.
 //!
 //! The HTTP side is small on purpose: one request per connection, a head
-//! of at most [`MAX_REQUEST_HEAD`] bytes, [`CONNECTION_DEADLINE`] for the
-//! whole exchange, at most [`MAX_CONNECTIONS`] at once; 404 for any other
-//! path, 405 for any other method than GET, 400 for what does not parse.
+//! of at most [`MAX_REQUEST_HEAD`] bytes within [`HEAD_DEADLINE`],
+//! [`CONNECTION_DEADLINE`] for the whole exchange, at most
+//! [`MAX_PER_SOURCE`] connections from one source and [`MAX_CONNECTIONS`]
+//! in all (more are closed at once, so idle connections from one client
+//! can't starve the scrapes of another); 404 for any other path, 405 for
+//! any other method than GET, 400 for what does not parse.
 
 use std::fmt::{self, Write as _};
 use std::future::Future;
@@ -35,19 +38,27 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
-use super::server::{serve_connections, Ask};
+use super::server::Ask;
 use super::{PeerInfo, Request, Response, StatusInfo};
 use crate::relay::server::RelaySnapshot;
+use crate::rendezvous::pending::{AdmissionCounts, Decision, Limits, Pending, Source};
 use crate::rendezvous::registry::NodeStatus;
 use crate::wire::control::RejectReason;
 
 /// A request head (request line and headers) longer than this is refused
 /// with 431 before more is read.
 pub const MAX_REQUEST_HEAD: usize = 8 << 10;
-/// Scrapes served at once; more wait in the listen queue.
-pub const MAX_CONNECTIONS: usize = 8;
+/// Connections served at once, all sources together; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Connections served at once from one source (an IPv4 address or an IPv6
+/// /64); more from it are closed at once. A Prometheus server needs one.
+pub const MAX_PER_SOURCE: usize = 4;
+/// A client has this long to send its request head.
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(2);
 /// A client has this long to send its request and read the answer.
 pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(5);
+/// The pause after a failed accept (out of file descriptors, mostly).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// What is read and discarded after the answer, so that a client that sent
 /// more than a head (a body nobody asked for) is not reset before it has
 /// read the answer.
@@ -406,6 +417,8 @@ pub struct RendezvousMetrics {
     pub nodes: Vec<NodeStatus>,
     /// Hellos refused since the server started, by reason.
     pub admission_failures: Vec<(RejectReason, u64)>,
+    /// Connections turned away before admission started, and Retries.
+    pub admission: AdmissionCounts,
     pub relay: RelaySnapshot,
 }
 
@@ -446,6 +459,22 @@ pub fn render_rendezvous(metrics: &RendezvousMetrics) -> String {
     for (reason, count) in &metrics.admission_failures {
         failures.sample(&[("reason", reject_label(*reason))], *count);
     }
+    let admission = &metrics.admission;
+    out.family("mesh_rendezvous_admissions_pending", Kind::Gauge, "Connections in admission now.")
+        .sample(&[], admission.pending);
+    out.family(
+        "mesh_rendezvous_connections_refused_total",
+        Kind::Counter,
+        "Connections refused before admission: their source had too many pending, or the table was full.",
+    )
+    .sample(&[("reason", "per_source")], admission.refused_per_source)
+    .sample(&[("reason", "table_full")], admission.refused_table_full);
+    out.family(
+        "mesh_rendezvous_address_validations_total",
+        Kind::Counter,
+        "QUIC Retry packets sent because many admissions were pending.",
+    )
+    .sample(&[], admission.validations);
     let stats = &metrics.relay.stats;
     out.family("mesh_rendezvous_relay_packets_total", Kind::Counter, "Packets relayed between nodes.")
         .sample(&[], stats.forwarded.packets);
@@ -641,14 +670,46 @@ impl MetricsServer {
     }
 
     /// Accepts connections for ever, answering each scrape with what
-    /// `render` returns; `None` answers 503.
+    /// `render` returns; `None` answers 503. A connection past
+    /// [`MAX_PER_SOURCE`] or [`MAX_CONNECTIONS`] is closed unanswered.
     pub async fn serve<F, Fut>(self, render: F)
     where
         F: Fn() -> Fut + Clone + Send + 'static,
         Fut: Future<Output = Option<String>> + Send,
     {
-        let answer = move |stream| handle(stream, render);
-        serve_connections(&self.listener, "metrics", MAX_CONNECTIONS, CONNECTION_DEADLINE, answer).await
+        // The rendezvous's admission table, without Retry: every TCP
+        // client has completed its handshake, so its address is real.
+        let limits = Limits { per_source: MAX_PER_SOURCE, validate_above: usize::MAX, max: MAX_CONNECTIONS };
+        let mut serving = Pending::new(limits);
+        let (done_tx, mut done) = mpsc::unbounded_channel::<Source>();
+        loop {
+            let (stream, peer) = tokio::select! {
+                Some(source) = done.recv() => {
+                    serving.done(source);
+                    continue;
+                }
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            let source = Source::of(peer);
+            if let Decision::Refuse(why) = serving.offer(source, true) {
+                tracing::trace!(%peer, ?why, "metrics connection refused");
+                continue;
+            }
+            let (render, done_tx) = (render.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, render)).await.is_err() {
+                    tracing::debug!(%peer, "metrics client timed out");
+                }
+                let _ = done_tx.send(source);
+            });
+        }
     }
 }
 
@@ -659,17 +720,20 @@ where
 {
     let mut received = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    let asked = loop {
-        if let Some(asked) = parse_head(&received) {
-            break asked;
-        }
-        let room = MAX_REQUEST_HEAD.saturating_sub(received.len()).min(chunk.len());
-        let Some(buf) = chunk.get_mut(..room) else { return };
-        match stream.read(buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => received.extend_from_slice(buf.get(..n).unwrap_or_default()),
+    let head = async {
+        loop {
+            if let Some(asked) = parse_head(&received) {
+                return Some(asked);
+            }
+            let room = MAX_REQUEST_HEAD.saturating_sub(received.len()).min(chunk.len());
+            let buf = chunk.get_mut(..room)?;
+            match stream.read(buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => received.extend_from_slice(buf.get(..n).unwrap_or_default()),
+            }
         }
     };
+    let Ok(Some(asked)) = tokio::time::timeout(HEAD_DEADLINE, head).await else { return };
     let answer = match asked {
         Asked::Metrics => match render().await {
             Some(text) => response(Status::Ok, &text),
@@ -897,6 +961,7 @@ meshd_peer_path{peer="YCZ0bo7Q",public_key="YCZ0bo7Q",address="100.72.0.3",path=
         RendezvousMetrics {
             nodes: vec![node(KEY_A, "node-a", 1, true), node(KEY_B, "say \"hi\"\\\n", 2, false)],
             admission_failures: vec![(RejectReason::BadToken, 2), (RejectReason::BadProof, 1)],
+            admission: AdmissionCounts { pending: 3, refused_per_source: 40, refused_table_full: 0, validations: 5 },
             relay: RelaySnapshot::of(&table),
         }
     }
@@ -918,6 +983,16 @@ mesh_rendezvous_node_connected{node="say \"hi\"\\\n",public_key="3p7bfXt9",addre
 # TYPE mesh_rendezvous_admission_failures_total counter
 mesh_rendezvous_admission_failures_total{reason="bad_token"} 2
 mesh_rendezvous_admission_failures_total{reason="bad_proof"} 1
+# HELP mesh_rendezvous_admissions_pending Connections in admission now.
+# TYPE mesh_rendezvous_admissions_pending gauge
+mesh_rendezvous_admissions_pending 3
+# HELP mesh_rendezvous_connections_refused_total Connections refused before admission: their source had too many pending, or the table was full.
+# TYPE mesh_rendezvous_connections_refused_total counter
+mesh_rendezvous_connections_refused_total{reason="per_source"} 40
+mesh_rendezvous_connections_refused_total{reason="table_full"} 0
+# HELP mesh_rendezvous_address_validations_total QUIC Retry packets sent because many admissions were pending.
+# TYPE mesh_rendezvous_address_validations_total counter
+mesh_rendezvous_address_validations_total 5
 # HELP mesh_rendezvous_relay_packets_total Packets relayed between nodes.
 # TYPE mesh_rendezvous_relay_packets_total counter
 mesh_rendezvous_relay_packets_total 3

@@ -143,6 +143,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
     let (relay_frames_tx, relay_frames) = mpsc::channel(driver::RELAY_INBOX);
     let (nat_tx, nat) = tokio::sync::watch::channel(NatMapping::Unknown);
     let relay_link = client::RelayLink { connection: relay_conn_tx, frames: relay_frames_tx };
+    let quic_source = Arc::new(quic::QuicSource::default());
     let (quic, session) = match (&config.rendezvous, &state_dir) {
         (Some(rendezvous), Some(dir)) => {
             let (socket, quic_tx) = quic::SharedSocket::new(udp.clone());
@@ -168,7 +169,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
                 client_config,
                 private_key,
                 gather,
-                client::Channels { updates: updates_tx, punches, relay: relay_link, nat },
+                client::Channels { updates: updates_tx, punches, relay: relay_link, nat, quic_source: quic_source.clone() },
                 admitted_before,
             ));
             (Some(quic_tx), Some(task))
@@ -193,6 +194,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
         asks,
         commands,
         quic,
+        quic_source,
         punch: has_rendezvous.then_some(punch_tx),
         relay_connection: has_rendezvous.then_some(relay_conn),
         relay_frames: has_rendezvous.then_some(relay_frames),

@@ -13,16 +13,20 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
 use super::admission;
-use super::stream::{read_frame, write_frame, StreamError};
+use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls::{self, CertHash};
+use crate::dataplane::quic::QuicSource;
 use crate::identity::{PrivateKey, PublicKey};
+use crate::wire::untrusted::bounded;
 use crate::wire::control::{
     Candidate, Hello, MeshInfo, NatMapping, NodeEntry, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
     MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// The longest wait between sessions. A rendezvous that refused a node
+/// (busy, or under a flood) sees it again within this, never later.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Connection setup, hello and welcome must all fit in this.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -45,6 +49,9 @@ pub struct Channels {
     /// This node's NAT mapping as the driver infers it; reported to the
     /// rendezvous at the start of every session and whenever it changes.
     pub nat: watch::Receiver<NatMapping>,
+    /// Set to the rendezvous's address before each session connects: the
+    /// driver hands the QUIC endpoint datagrams from there only.
+    pub quic_source: std::sync::Arc<QuicSource>,
 }
 
 /// What the node needs to reach and convince its rendezvous.
@@ -155,8 +162,8 @@ async fn session(
     channels: &mut Channels,
     welcomed: &mut bool,
 ) -> Result<(), ClientError> {
-    let Channels { updates, punches, relay, nat } = channels;
-    let (mut session, welcome) = admit(endpoint, config, key, candidates).await?;
+    let Channels { updates, punches, relay, nat, quic_source } = channels;
+    let (mut session, welcome) = admit_from(endpoint, config, key, candidates, Some(quic_source)).await?;
     *welcomed = true;
     if updates.send(welcome).await.is_err() {
         return Ok(());
@@ -217,7 +224,8 @@ pub struct Session {
     /// Kept open: dropping it would finish the stream, which the
     /// rendezvous reads as the node leaving.
     send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    /// Keeps a frame that is half read when [`Session::next`] is dropped.
+    frames: FrameReader,
 }
 
 /// Connects, proves the node's key and returns the session with its
@@ -228,6 +236,18 @@ pub async fn admit(
     key: &PrivateKey,
     candidates: Vec<Candidate>,
 ) -> Result<(Session, Update), ClientError> {
+    admit_from(endpoint, config, key, candidates, None).await
+}
+
+/// [`admit`], first pointing `source` (the shared socket's filter) at the
+/// address the rendezvous's name resolves to.
+async fn admit_from(
+    endpoint: &quinn::Endpoint,
+    config: &ClientConfig,
+    key: &PrivateKey,
+    candidates: Vec<Candidate>,
+    source: Option<&QuicSource>,
+) -> Result<(Session, Update), ClientError> {
     let server = config.server.as_str();
     let connect_err = |reason: String| ClientError::Connect { server: server.to_owned(), reason };
     let lost = |source: StreamError| ClientError::Lost { server: server.to_owned(), source };
@@ -235,15 +255,19 @@ pub async fn admit(
 
     let client_config = tls::client_config(config.pin).map_err(|e| connect_err(e.to_string()))?;
     let address = resolve(server).await.map_err(connect_err)?;
+    if let Some(source) = source {
+        source.set(address);
+    }
     let setup = async {
         let connection = endpoint
             .connect_with(client_config, address, tls::SERVER_NAME)
             .map_err(|e| connect_err(e.to_string()))?
             .await
             .map_err(|e| connection_error(server, &e))?;
-        let (mut send, mut recv) = connection.accept_bi().await.map_err(|e| connection_error(server, &e))?;
+        let (mut send, recv) = connection.accept_bi().await.map_err(|e| connection_error(server, &e))?;
+        let mut frames = FrameReader::new(recv, MAX_FRAME_UNADMITTED);
 
-        let server_hello: ServerHello = read_frame(&mut recv, MAX_FRAME_UNADMITTED).await.map_err(lost)?;
+        let server_hello: ServerHello = frames.next().await.map_err(lost)?;
         if server_hello.version != PROTOCOL_VERSION {
             return Err(protocol(format!(
                 "it speaks protocol version {}, this meshd {PROTOCOL_VERSION}: upgrade the older side",
@@ -264,10 +288,11 @@ pub async fn admit(
             proof: admission::proof(key, &server_hello.server_key, &exporter),
         };
         write_frame(&mut send, &hello).await.map_err(lost)?;
-        let welcome: ServerMessage = read_frame(&mut recv, MAX_FRAME).await.map_err(lost)?;
-        Ok((connection, send, recv, welcome))
+        frames.set_limit(MAX_FRAME);
+        let welcome: ServerMessage = frames.next().await.map_err(lost)?;
+        Ok((connection, send, frames, welcome))
     };
-    let (connection, send, recv, welcome) = tokio::time::timeout(HANDSHAKE_DEADLINE, setup)
+    let (connection, send, frames, welcome) = tokio::time::timeout(HANDSHAKE_DEADLINE, setup)
         .await
         .map_err(|_| connect_err(format!("no answer within {HANDSHAKE_DEADLINE:?} (is UDP to it blocked?)")))??;
 
@@ -277,13 +302,14 @@ pub async fn admit(
                 ipv4 = %node.ipv4, ipv6 = %node.ipv6, %observed, peers = peers.len(),
                 "admitted by the rendezvous"
             );
-            let session = Session { server: server.to_owned(), connection, send, recv };
+            let session = Session { server: server.to_owned(), connection, send, frames };
             Ok((session, Update::Welcome { node, mesh, observed, peers }))
         }
         ServerMessage::Rejected { reason, message } => {
             Err(ClientError::Rejected { server: server.to_owned(), reason, message })
         }
-        other => Err(protocol(format!("expected a welcome, got {other:?}"))),
+        // Not the whole message: a peer map is megabytes.
+        other => Err(protocol(format!("expected a welcome, got {}", bounded(&format!("{other:?}"))))),
     }
 }
 
@@ -308,10 +334,11 @@ impl Session {
     }
 
     /// The next change to the peer map; `None` when the rendezvous closed
-    /// the session cleanly.
+    /// the session cleanly. Cancel-safe: a frame half read when this is
+    /// dropped is completed by the next call.
     pub async fn next(&mut self) -> Result<Option<Update>, ClientError> {
         let server = || self.server.clone();
-        let msg: ServerMessage = match read_frame(&mut self.recv, MAX_FRAME).await {
+        let msg: ServerMessage = match self.frames.next().await {
             Ok(m) => m,
             Err(StreamError::Closed) => return Ok(None),
             Err(source) => {

@@ -2,11 +2,13 @@
 //!
 //! [`registry`] is pure (inputs → commands); [`store`] persists its state;
 //! [`admission`] is the pure proof-of-possession check; [`server`] is the
-//! quinn shell that runs them.
+//! quinn shell that runs them, with [`pending`] deciding which connections
+//! may start an admission.
 
 pub mod admin;
 pub mod admission;
 pub mod client;
+pub mod pending;
 pub mod registry;
 pub mod reflector;
 pub mod server;

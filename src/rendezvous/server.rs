@@ -1,9 +1,11 @@
 //! The mesh-rendezvous server: quinn in front of the pure registry.
 //!
 //! Does I/O. One task owns the [`Registry`] and its [`Store`] and executes
-//! the registry's commands; every QUIC connection gets a task that runs
-//! admission (with a deadline and a small frame limit) and then shuttles
-//! frames between the node and the registry task. Nothing here decides who
+//! the registry's commands; the accept loop asks [`Pending`] whether an
+//! incoming connection may start an admission (per-source cap, Retry under
+//! load); every admitted connection gets a task that runs admission (with
+//! deadlines and a small frame limit) and then shuttles frames between the
+//! node and the registry task. Nothing here decides who
 //! gets in or which address a node has: that is the registry's job. When a
 //! metrics address is configured, each scrape asks the registry and relay
 //! tasks for their counters ([`crate::control::metrics`]).
@@ -14,31 +16,35 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument as _;
 
 use super::admin::{self, AdminRequest, AdminResponse};
 use crate::control::metrics::{self, MetricsError, MetricsServer, RendezvousMetrics};
 use crate::control::server::ErrorResponse as _;
 use super::admission;
+use super::pending::{AdmissionCounts, Decision, Limits, Pending, Source};
 use super::registry::{CloseReason, Command, ConnId, NodeStatus, Registry};
 use super::setup::{Loaded, SetupError};
 use super::store::Store;
-use super::stream::{read_frame, write_frame, StreamError};
+use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls;
 use crate::relay::server::{Inlet, Relay};
 use crate::relay::NodeId;
 use crate::dataplane::udp::canonical;
 use crate::identity::{PrivateKey, PublicKey};
 use crate::wire::control::{
-    Candidate, Hello, NatMapping, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME_UNADMITTED,
-    PROTOCOL_VERSION,
+    decode_hello, Candidate, Hello, HelloError, NatMapping, NodeMessage, RejectReason, ServerHello, ServerMessage,
+    MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
+use crate::wire::untrusted::Untrusted;
 
 /// Admission (QUIC handshake, stream, hello) must finish within this.
 const ADMISSION_DEADLINE: Duration = Duration::from_secs(10);
-/// Connections still in admission at once; more are refused outright.
-const MAX_PENDING: usize = 256;
+/// Once the QUIC handshake is done, the node's hello must arrive within
+/// this: a real node sends it one round trip after the handshake, and a
+/// connection that says nothing gives its slot back soon.
+const HELLO_DEADLINE: Duration = Duration::from_secs(4);
 /// Messages queued for one node before it counts as stuck and is dropped.
 const CONN_QUEUE: usize = 1024;
 /// What a node may send once admitted: candidate lists.
@@ -180,31 +186,54 @@ impl Server {
                 }
             }
         }));
+        let mut pending = Pending::new(Limits::default());
+        let (counts_tx, counts) = watch::channel(pending.counts());
         let metrics = metrics.map(|server| {
             let (to_registry, relay) = (to_registry.clone(), relay.clone());
             tokio::spawn(server.serve(move || {
-                let (to_registry, relay) = (to_registry.clone(), relay.clone());
-                async move { scrape(&to_registry, &relay).await }
+                let (to_registry, relay, counts) = (to_registry.clone(), relay.clone(), counts.clone());
+                async move { scrape(&to_registry, &relay, &counts).await }
             }))
         });
 
         let server_key = Arc::new(server_key);
-        let pending = Arc::new(Semaphore::new(MAX_PENDING));
+        // Connection tasks say here when their admission ended.
+        let (done_tx, mut done) = mpsc::unbounded_channel::<Source>();
         let mut next_conn = 0u64;
         tokio::pin!(shutdown);
         loop {
             let incoming = tokio::select! {
                 () = &mut shutdown => break,
+                Some(source) = done.recv() => {
+                    pending.done(source);
+                    counts_tx.send_replace(pending.counts());
+                    continue;
+                }
                 incoming = endpoint.accept() => match incoming {
                     Some(i) => i,
                     None => break,
                 },
             };
-            let Ok(permit) = pending.clone().try_acquire_owned() else {
-                tracing::debug!(remote = %incoming.remote_address(), "too many admissions in flight; refusing");
-                incoming.refuse();
-                continue;
-            };
+            let remote = canonical(incoming.remote_address());
+            let source = Source::of(remote);
+            let decision = pending.offer(source, incoming.remote_address_validated());
+            counts_tx.send_replace(pending.counts());
+            match decision {
+                Decision::Admit => {}
+                Decision::Validate => {
+                    tracing::trace!(%remote, "many admissions in flight; asking the address to validate");
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().refuse();
+                    }
+                    continue;
+                }
+                Decision::Refuse(why) => {
+                    tracing::trace!(%remote, ?why, "admission refused");
+                    incoming.refuse();
+                    continue;
+                }
+            }
+            let permit = PendingSlot { source, done: done_tx.clone() };
             next_conn += 1;
             let conn = ConnId(next_conn);
             let (server_key, mesh_id, to_registry) = (server_key.clone(), mesh_id.clone(), to_registry.clone());
@@ -243,12 +272,31 @@ impl Server {
 }
 
 /// The text of one metrics scrape; `None` once the server is shutting down.
-async fn scrape(to_registry: &mpsc::Sender<ToRegistry>, relay: &Relay) -> Option<String> {
+async fn scrape(
+    to_registry: &mpsc::Sender<ToRegistry>,
+    relay: &Relay,
+    admission: &watch::Receiver<AdmissionCounts>,
+) -> Option<String> {
     let (reply, answer) = oneshot::channel();
     to_registry.send(ToRegistry::Metrics { reply }).await.ok()?;
     let (nodes, admission_failures) = answer.await.ok()?;
     let relay = relay.snapshot().await?;
-    Some(metrics::render_rendezvous(&RendezvousMetrics { nodes, admission_failures, relay }))
+    let admission = *admission.borrow();
+    Some(metrics::render_rendezvous(&RendezvousMetrics { nodes, admission_failures, admission, relay }))
+}
+
+/// A connection's place in the admission table, given back when dropped
+/// (also when its task ends early).
+struct PendingSlot {
+    source: Source,
+    done: mpsc::UnboundedSender<Source>,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        // The accept loop is gone once the server stops: nothing to free.
+        let _ = self.done.send(self.source);
+    }
 }
 
 fn now_unix() -> u64 {
@@ -314,43 +362,50 @@ async fn connection_task(
     mesh_id: String,
     to_registry: mpsc::Sender<ToRegistry>,
     relay: Relay,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: PendingSlot,
 ) {
     let remote = canonical(incoming.remote_address());
 
-    // Admission, all of it under one deadline and the small frame limit.
+    // Admission, all of it under one deadline and the small frame limit,
+    // the hello under a shorter one once the handshake is done.
     let admitted = tokio::time::timeout(ADMISSION_DEADLINE, async {
         let connection = incoming.await.ok()?;
-        let (mut send, mut recv) = connection.open_bi().await.ok()?;
+        let (mut send, recv) = connection.open_bi().await.ok()?;
+        let mut frames = FrameReader::new(recv, MAX_FRAME_UNADMITTED);
         let hello_msg = ServerHello {
             version: PROTOCOL_VERSION,
             mesh_id,
             server_key: server_key.public_key(),
         };
         write_frame(&mut send, &hello_msg).await.ok()?;
-        // The version first: a newer node whose hello v1 can't parse
-        // still learns why it is turned away.
-        let value: serde_json::Value = match read_frame(&mut recv, MAX_FRAME_UNADMITTED).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::debug!(error = %e, "bad hello");
+        let body = match tokio::time::timeout(HELLO_DEADLINE, frames.next_body()).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %Untrusted(&e.to_string()), "bad hello");
                 if matches!(e, StreamError::Frame(_)) {
-                    // Too large or not JSON; a node that merely left is no failure.
+                    // Too large; a node that merely left is no failure.
                     refused(&to_registry, RejectReason::BadHello).await;
                 }
                 return None;
             }
+            Err(_) => {
+                tracing::debug!("no hello within {HELLO_DEADLINE:?} of the handshake");
+                connection.close(0u32.into(), b"no hello");
+                return None;
+            }
         };
-        let version = value.get("version").and_then(serde_json::Value::as_u64);
-        if version != Some(u64::from(PROTOCOL_VERSION)) {
-            let message = format!("this rendezvous speaks protocol version {PROTOCOL_VERSION}, the node {version:?}");
-            refused(&to_registry, RejectReason::Version).await;
-            reject(&connection, &mut send, RejectReason::Version, &message).await;
-            return None;
-        }
-        let hello: Hello = match serde_json::from_value(value) {
+        // The version first: a newer node whose hello v1 can't parse
+        // still learns why it is turned away.
+        let hello: Hello = match decode_hello(&body) {
             Ok(h) => h,
-            Err(e) => {
+            Err(HelloError::Version { theirs }) => {
+                let message = format!("this rendezvous speaks protocol version {PROTOCOL_VERSION}, the node {theirs:?}");
+                refused(&to_registry, RejectReason::Version).await;
+                reject(&connection, &mut send, RejectReason::Version, &message).await;
+                return None;
+            }
+            Err(e @ HelloError::Malformed(_)) => {
+                // Bounded already: the decoder quotes no more of the peer's text.
                 tracing::debug!(error = %e, "bad hello");
                 refused(&to_registry, RejectReason::BadHello).await;
                 reject(&connection, &mut send, RejectReason::BadHello, "malformed hello").await;
@@ -366,13 +421,14 @@ async fn connection_task(
             reject(&connection, &mut send, RejectReason::BadProof, message).await;
             return None;
         }
-        Some((connection, send, recv, hello))
+        frames.set_limit(MAX_NODE_FRAME);
+        Some((connection, send, frames, hello))
     })
     .await
     .ok()
     .flatten();
     drop(permit);
-    let Some((connection, mut send, mut recv, hello)) = admitted else { return };
+    let Some((connection, mut send, mut frames, hello)) = admitted else { return };
 
     let (out, mut outbox) = mpsc::channel(CONN_QUEUE);
     let hello_sent = to_registry
@@ -406,7 +462,9 @@ async fn connection_task(
                 }
                 None => break,
             },
-            frame = read_frame::<NodeMessage>(&mut recv, MAX_NODE_FRAME) => match frame {
+            // Cancel-safe: a frame half read when another branch wins stays
+            // in `frames` for the next turn of the loop.
+            frame = frames.next::<NodeMessage>() => match frame {
                 Ok(NodeMessage::Nat { mapping }) => {
                     if to_registry.send(ToRegistry::Nat { conn, mapping }).await.is_err() {
                         break;
@@ -423,7 +481,7 @@ async fn connection_task(
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "node left");
+                    tracing::debug!(error = %Untrusted(&e.to_string()), "node left");
                     break;
                 }
             },

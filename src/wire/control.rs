@@ -268,6 +268,107 @@ pub fn decode_frame<T: for<'de> Deserialize<'de>>(
     Ok((decode(body)?, 4 + len))
 }
 
+/// Why a hello was refused before anything else was looked at.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HelloError {
+    /// The node speaks another version (`None`: it names none, or not as a
+    /// number). Checked before the rest, so a newer node whose hello this
+    /// version cannot read still learns why it is turned away.
+    #[error("the node speaks protocol version {theirs:?}, not {PROTOCOL_VERSION}")]
+    Version { theirs: Option<u64> },
+    /// Not one JSON object, a duplicate key anywhere in it, or not a hello.
+    #[error("malformed hello: {0}")]
+    Malformed(String),
+}
+
+/// Decodes a `Hello` frame body (proto/control.md §5, §6): the version
+/// first, then the whole hello, refusing a key that appears twice in any
+/// object (serde_json's `Value` would keep the last one silently, so two
+/// readers could disagree on what was said).
+pub fn decode_hello(body: &[u8]) -> Result<Hello, HelloError> {
+    /// Only the version; other fields are skipped unread.
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        #[serde(default)]
+        version: Option<serde_json::Value>,
+    }
+    // serde quotes the peer's text in some errors ("unknown variant …").
+    let malformed = |e: serde_json::Error| HelloError::Malformed(super::untrusted::bounded(&e.to_string()));
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(HelloError::Malformed("not a JSON object".into()));
+    }
+    let probe: VersionOnly = serde_json::from_slice(body).map_err(malformed)?;
+    let theirs = probe.version.as_ref().and_then(serde_json::Value::as_u64);
+    if theirs != Some(u64::from(PROTOCOL_VERSION)) {
+        return Err(HelloError::Version { theirs });
+    }
+    serde_json::from_slice::<UniqueKeys>(body).map_err(malformed)?;
+    serde_json::from_slice(body).map_err(malformed)
+}
+
+/// Any JSON value, accepted only if no object in it repeats a key. Depth
+/// stays within serde_json's recursion limit (128).
+struct UniqueKeys;
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueKeysVisitor)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
+    type Value = UniqueKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_unit<E>(self) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueKeys, A::Error> {
+        while seq.next_element::<UniqueKeys>()?.is_some() {}
+        Ok(UniqueKeys)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                // The key is the peer's text: only its length goes in the error.
+                let len = key.len();
+                return Err(serde::de::Error::custom(format!("a key of {len} bytes appears twice in one object")));
+            }
+            map.next_value::<UniqueKeys>()?;
+            seen.insert(key);
+        }
+        Ok(UniqueKeys)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,5 +409,61 @@ mod tests {
                 Err(FrameError::Malformed(_))
             ));
         }
+    }
+
+    fn hello_json() -> String {
+        let proof = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32]);
+        let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [9u8; 32]);
+        format!(
+            r#"{{"version":1,"public_key":"{key}","name":"node-a","listen_port":51820,"candidates":[],"proof":"{proof}"}}"#
+        )
+    }
+
+    #[test]
+    fn a_hello_decodes_with_its_fields() {
+        let hello = decode_hello(hello_json().as_bytes()).unwrap();
+        assert_eq!((hello.version, hello.name.as_str(), hello.listen_port), (1, "node-a", 51820));
+    }
+
+    #[test]
+    fn a_duplicate_key_is_refused_at_the_top_and_inside_a_candidate() {
+        let twice = hello_json().replace(r#""name":"node-a","#, r#""name":"node-a","name":"node-b","#);
+        assert!(matches!(decode_hello(twice.as_bytes()), Err(HelloError::Malformed(_))), "{twice}");
+        let candidate = r#"{"addr":"192.0.2.1:1","kind":"local","addr":"192.0.2.9:1"}"#;
+        let nested = hello_json().replace(r#""candidates":[]"#, &format!(r#""candidates":[{candidate}]"#));
+        assert!(matches!(decode_hello(nested.as_bytes()), Err(HelloError::Malformed(_))), "{nested}");
+        let unknown = hello_json().replace(r#""version":1,"#, r#""version":1,"extra":1,"extra":2,"#);
+        assert!(matches!(decode_hello(unknown.as_bytes()), Err(HelloError::Malformed(_))), "{unknown}");
+    }
+
+    #[test]
+    fn an_unknown_field_once_is_ignored() {
+        let newer = hello_json().replace(r#""version":1,"#, r#""version":1,"capabilities":["x"],"#);
+        assert!(decode_hello(newer.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn the_version_is_read_before_the_rest_of_the_hello() {
+        let v2 = r#"{"version":2,"something":"this version cannot read"}"#;
+        assert_eq!(decode_hello(v2.as_bytes()), Err(HelloError::Version { theirs: Some(2) }));
+        assert_eq!(decode_hello(br#"{"name":"x"}"#), Err(HelloError::Version { theirs: None }));
+        assert_eq!(decode_hello(br#"{"version":"1"}"#), Err(HelloError::Version { theirs: None }));
+    }
+
+    #[test]
+    fn what_is_not_one_json_object_is_malformed() {
+        for body in [&b""[..], b"[1]", b"{", b"{} {}", b"\xff", b"null"] {
+            assert!(matches!(decode_hello(body), Err(HelloError::Malformed(_))), "{body:?}");
+        }
+        let twice = br#"{"version":1,"version":1}"#;
+        assert!(matches!(decode_hello(twice), Err(HelloError::Malformed(_))));
+    }
+
+    #[test]
+    fn a_refusal_does_not_repeat_the_peers_text() {
+        let long = "k".repeat(10_000);
+        let body = hello_json().replace(r#""version":1,"#, &format!(r#""version":1,"{long}":1,"{long}":2,"#));
+        let Err(HelloError::Malformed(message)) = decode_hello(body.as_bytes()) else { panic!("refused") };
+        assert!(message.len() < 200, "{message}");
     }
 }

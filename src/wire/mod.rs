@@ -7,12 +7,14 @@
 //! [`control`] is the protocol spoken inside the QUIC connection;
 //! [`probe`] the path probes between nodes; [`reflect`] the NAT checks a
 //! node asks of the rendezvous; [`relay`] the frames that carry WireGuard
-//! packets between nodes through the rendezvous.
+//! packets between nodes through the rendezvous; [`untrusted`] bounds
+//! what a peer's text can put in a log line.
 
 pub mod control;
 pub mod probe;
 pub mod reflect;
 pub mod relay;
+pub mod untrusted;
 
 /// What a datagram on the shared socket is, by its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

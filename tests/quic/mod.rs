@@ -221,6 +221,18 @@ impl Node {
         }
     }
 
+    /// A node whose socket is on `ip` (any of 127.0.0.0/8): to the
+    /// rendezvous, a source of its own, with its own share of pending
+    /// admissions.
+    pub fn on(name: &str, ip: std::net::Ipv4Addr) -> Self {
+        let endpoint = quinn::Endpoint::client(SocketAddr::from((ip, 0))).expect("a client endpoint");
+        Self {
+            name: name.to_owned(),
+            key: PrivateKey::generate(&mut rand::rngs::OsRng),
+            endpoint,
+        }
+    }
+
     /// The same node on a fresh socket.
     pub fn with_new_endpoint(&self) -> Self {
         Self::with_key(&self.name, self.key.clone())

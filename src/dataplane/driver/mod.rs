@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 mod requests;
 
 use requests::{PendingPing, Reflecting};
-use super::quic::QuicDatagram;
+use super::quic::{QuicDatagram, QuicSource};
 use super::tun::Tun;
 use super::udp::{canonical, gso_run, UdpSocket, MAX_GSO_SEGMENTS};
 use crate::control::server::Ask;
@@ -106,6 +106,8 @@ pub struct Inputs {
     pub commands: mpsc::Receiver<DriverCommand>,
     /// Where QUIC datagrams go; `None` without a rendezvous.
     pub quic: Option<mpsc::Sender<QuicDatagram>>,
+    /// The one source whose QUIC datagrams go there (the rendezvous).
+    pub quic_source: Arc<QuicSource>,
     /// Punch requests for the rendezvous session; `None` without one.
     pub punch: Option<mpsc::Sender<PublicKey>>,
     /// The rendezvous connection while a session is up (for the relay);
@@ -150,6 +152,9 @@ pub struct Driver {
     io: IoCounters,
     /// QUIC datagrams dropped because quinn was not keeping up.
     quic_dropped: u64,
+    /// QUIC-looking datagrams dropped because they did not come from the
+    /// rendezvous.
+    quic_foreign: u64,
     /// The rendezvous connection the relay uses now.
     relay_connection: Option<quinn::Connection>,
     /// Relay ids (overlay IPv4) of mesh peers, both ways.
@@ -222,6 +227,7 @@ impl Driver {
             buf: vec![0; RECV_BUF],
             io: IoCounters::default(),
             quic_dropped: 0,
+            quic_foreign: 0,
             relay_connection: None,
             relay_ids: HashMap::new(),
             relay_streams: Arc::new(Semaphore::new(RELAY_STREAMS)),
@@ -443,6 +449,7 @@ impl Driver {
                 let answer = Reflect::parse(datagram);
                 self.reflected(from, answer);
             }
+            (DatagramKind::Quic, Some(_)) if !self.inputs.quic_source.admits(from) => self.quic_foreign += 1,
             (DatagramKind::Quic, Some(quic)) => {
                 let d = QuicDatagram { from, data: cut_from_chunk(&mut self.quic_chunk, &[datagram]) };
                 if quic.try_send(d).is_err() {

@@ -94,8 +94,10 @@ impl Driver {
                     peers: peers.len(),
                     drops: stats
                         .drops()
+                        .map(|(r, n)| (r.as_str(), n))
+                        .chain([("quic_not_rendezvous", self.quic_foreign), ("quic_queue_full", self.quic_dropped)])
                         .filter(|(_, n)| *n > 0)
-                        .map(|(r, n)| (r.as_str().to_owned(), n))
+                        .map(|(r, n)| (r.to_owned(), n))
                         .collect(),
                     cookie_replies_sent: stats.cookie_replies_sent,
                     io: self.io,
