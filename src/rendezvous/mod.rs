@@ -1,12 +1,14 @@
 //! mesh-rendezvous: admission, the node registry, peer-map distribution.
 //!
-//! [`registry`] is pure (inputs → commands); [`store`] persists its state;
+//! [`registry`] is pure (inputs → commands), with [`limits`] for what a node
+//! may send; [`store`] persists its state;
 //! [`admission`] is the pure proof-of-possession check; [`server`] is the
 //! quinn shell that runs them.
 
 pub mod admin;
 pub mod admission;
 pub mod client;
+pub mod limits;
 pub mod registry;
 pub mod reflector;
 pub mod server;

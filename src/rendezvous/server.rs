@@ -21,9 +21,9 @@ use super::admin::{self, AdminRequest, AdminResponse};
 use crate::control::metrics::{self, MetricsError, MetricsServer, RendezvousMetrics};
 use crate::control::server::ErrorResponse as _;
 use super::admission;
-use super::registry::{CloseReason, Command, ConnId, NodeStatus, Registry};
+use super::registry::{CloseReason, Command, ConnId, Counters, NodeStatus, Now, Registry};
 use super::setup::{Loaded, SetupError};
-use super::store::Store;
+use super::store::{Store, StoreWriter};
 use super::stream::{read_frame, write_frame, StreamError};
 use super::tls;
 use crate::relay::server::{Inlet, Relay};
@@ -72,8 +72,19 @@ enum ToRegistry {
     Metrics { reply: oneshot::Sender<RegistryMetrics> },
 }
 
-/// Every registered node, and hellos refused by reason.
-type RegistryMetrics = (Vec<NodeStatus>, Vec<(RejectReason, u64)>);
+/// How long a presence, candidate or NAT change may wait to be saved: a
+/// storm of them costs one write per interval. What a node is told and
+/// must survive a crash (its new address, a token's use) is saved before
+/// it is told, whatever this says.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// The registry task's part of a scrape.
+struct RegistryMetrics {
+    nodes: Vec<NodeStatus>,
+    rejections: Vec<(RejectReason, u64)>,
+    counters: Counters,
+    store_writes: u64,
+}
 
 /// What the registry task tells one connection task. Messages are the
 /// common case; boxing them would cost an allocation each.
@@ -165,7 +176,7 @@ impl Server {
             }
         }
         let (to_registry, inbox) = mpsc::channel(1024);
-        let registry = tokio::spawn(registry_task(Registry::new(state), store, inbox));
+        let registry = tokio::spawn(registry_task(Registry::new(state), store, inbox, PERSIST_EVERY));
         let admin = tokio::spawn(admin_socket.serve({
             let to_registry = to_registry.clone();
             move |request: AdminRequest| {
@@ -246,9 +257,15 @@ impl Server {
 async fn scrape(to_registry: &mpsc::Sender<ToRegistry>, relay: &Relay) -> Option<String> {
     let (reply, answer) = oneshot::channel();
     to_registry.send(ToRegistry::Metrics { reply }).await.ok()?;
-    let (nodes, admission_failures) = answer.await.ok()?;
+    let RegistryMetrics { nodes, rejections, counters, store_writes } = answer.await.ok()?;
     let relay = relay.snapshot().await?;
-    Some(metrics::render_rendezvous(&RendezvousMetrics { nodes, admission_failures, relay }))
+    Some(metrics::render_rendezvous(&RendezvousMetrics {
+        nodes,
+        admission_failures: rejections,
+        relay,
+        registry: counters,
+        store_writes,
+    }))
 }
 
 fn now_unix() -> u64 {
@@ -257,11 +274,42 @@ fn now_unix() -> u64 {
 
 /// Owns the registry: applies inputs one at a time (which is what makes a
 /// single-use token admit exactly one node however many race for it) and
-/// executes the resulting commands.
-async fn registry_task(mut registry: Registry, mut store: impl Store, mut inbox: mpsc::Receiver<ToRegistry>) {
+/// executes the resulting commands. Saves go through a [`StoreWriter`], off
+/// this task: a [`Command::Persist`] is waited for before the commands
+/// after it run; a [`Command::PersistSoon`] is written at most
+/// `persist_every` later, together with whatever else changed meanwhile,
+/// and on the way out.
+async fn registry_task(
+    mut registry: Registry,
+    store: impl Store + 'static,
+    mut inbox: mpsc::Receiver<ToRegistry>,
+    persist_every: Duration,
+) {
+    let writer = StoreWriter::spawn(store);
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnOut>> = HashMap::new();
-    while let Some(input) = inbox.recv().await {
-        let now = now_unix();
+    // When the oldest change not saved yet is to be written.
+    let mut save_due: Option<tokio::time::Instant> = None;
+    // What the registry queued on its own (a migrated state).
+    execute(&mut registry, &mut conns, &writer, &mut save_due, persist_every).await;
+    loop {
+        let due = async {
+            match save_due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let input = tokio::select! {
+            input = inbox.recv() => match input {
+                Some(input) => input,
+                None => break,
+            },
+            () = due => {
+                save_due = None;
+                writer.save(Arc::new(registry.state().clone())).await;
+                continue;
+            }
+        };
+        let now = Now { unix: now_unix(), instant: tokio::time::Instant::now().into_std() };
         match input {
             ToRegistry::Hello { conn, hello, observed, out } => {
                 conns.insert(conn, out);
@@ -269,39 +317,62 @@ async fn registry_task(mut registry: Registry, mut store: impl Store, mut inbox:
             }
             ToRegistry::Candidates { conn, candidates } => registry.handle_candidates(conn, candidates, now),
             ToRegistry::Nat { conn, mapping } => registry.handle_nat(conn, mapping, now),
-            ToRegistry::Punch { conn, peer } => registry.handle_punch(conn, &peer),
+            ToRegistry::Punch { conn, peer } => registry.handle_punch(conn, &peer, now),
             ToRegistry::Disconnected { conn } => {
                 conns.remove(&conn);
                 registry.handle_disconnect(conn, now);
             }
             ToRegistry::Admin { request, reply } => {
-                let _ = reply.send(admin::apply(&mut registry, request, now, &mut rand::rngs::OsRng));
+                let _ = reply.send(admin::apply(&mut registry, request, now.unix, &mut rand::rngs::OsRng));
             }
             ToRegistry::Refused { reason } => registry.count_rejection(reason),
             ToRegistry::Metrics { reply } => {
-                let _ = reply.send((registry.nodes(), registry.rejections().collect()));
+                let _ = reply.send(RegistryMetrics {
+                    nodes: registry.nodes(),
+                    rejections: registry.rejections().collect(),
+                    counters: registry.counters().clone(),
+                    store_writes: writer.writes(),
+                });
             }
         }
-        while let Some(command) = registry.poll_command() {
-            match command {
-                Command::Send { conn, msg } => {
-                    let stuck = conns.get(&conn).is_some_and(|tx| tx.try_send(ConnOut::Message(msg)).is_err());
-                    if stuck {
-                        // Dropping its sender ends the connection task.
-                        tracing::warn!(?conn, "node does not keep up with peer-map updates; disconnecting it");
-                        conns.remove(&conn);
-                    }
+        execute(&mut registry, &mut conns, &writer, &mut save_due, persist_every).await;
+    }
+    if save_due.is_some() {
+        writer.save_durable(Arc::new(registry.state().clone())).await;
+    }
+    writer.close().await;
+}
+
+/// Runs the registry's queued commands, in order.
+async fn execute(
+    registry: &mut Registry,
+    conns: &mut HashMap<ConnId, mpsc::Sender<ConnOut>>,
+    writer: &StoreWriter,
+    save_due: &mut Option<tokio::time::Instant>,
+    persist_every: Duration,
+) {
+    while let Some(command) = registry.poll_command() {
+        match command {
+            Command::Send { conn, msg } => {
+                let stuck = conns.get(&conn).is_some_and(|tx| tx.try_send(ConnOut::Message(msg)).is_err());
+                if stuck {
+                    // Dropping its sender ends the connection task.
+                    tracing::warn!(?conn, "node does not keep up with peer-map updates; disconnecting it");
+                    conns.remove(&conn);
                 }
-                Command::Close { conn, reason } => {
-                    if let Some(tx) = conns.remove(&conn) {
-                        let _ = tx.try_send(ConnOut::Close(reason));
-                    }
+            }
+            Command::Close { conn, reason } => {
+                if let Some(tx) = conns.remove(&conn) {
+                    let _ = tx.try_send(ConnOut::Close(reason));
                 }
-                Command::Persist => {
-                    if let Err(e) = store.save(registry.state()) {
-                        tracing::error!(error = %e, "cannot persist the registry; changes since the last save are lost on restart");
-                    }
-                }
+            }
+            Command::Persist => {
+                // It saves everything, including what waited to be saved.
+                *save_due = None;
+                writer.save_durable(Arc::new(registry.state().clone())).await;
+            }
+            Command::PersistSoon => {
+                save_due.get_or_insert_with(|| tokio::time::Instant::now() + persist_every);
             }
         }
     }
