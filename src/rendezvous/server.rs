@@ -559,3 +559,112 @@ async fn finish(send: &mut quinn::SendStream) {
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::identity::PublicKey;
+    use crate::rendezvous::registry::{Limits, Rate, RegistryState};
+    use crate::rendezvous::store::StoreError;
+    use crate::wire::control::{CandidateKind, MeshInfo, Proof};
+
+    /// Counts saves and keeps the last state, shared with the test.
+    #[derive(Clone, Default)]
+    struct CountingStore {
+        saves: Arc<AtomicUsize>,
+        last: Arc<Mutex<Option<RegistryState>>>,
+    }
+
+    impl Store for CountingStore {
+        fn load(&self) -> Result<Option<RegistryState>, StoreError> {
+            Ok(self.last.lock().ok().and_then(|s| s.clone()))
+        }
+
+        fn save(&mut self, state: &RegistryState) -> Result<(), StoreError> {
+            self.saves.fetch_add(1, Ordering::SeqCst);
+            if let Ok(mut last) = self.last.lock() {
+                *last = Some(state.clone());
+            }
+            Ok(())
+        }
+    }
+
+    fn hello(n: u8, token: &str) -> Box<Hello> {
+        Box::new(Hello {
+            version: PROTOCOL_VERSION,
+            public_key: PublicKey::from_bytes([n; 32]),
+            name: format!("node-{n}"),
+            listen_port: 51820,
+            token: Some(token.to_owned()),
+            candidates: Vec::new(),
+            proof: Proof([0; 32]),
+        })
+    }
+
+    async fn store_writes(to_registry: &mpsc::Sender<ToRegistry>) -> u64 {
+        let (reply, answer) = oneshot::channel();
+        to_registry.send(ToRegistry::Metrics { reply }).await.unwrap();
+        answer.await.unwrap().store_writes
+    }
+
+    #[tokio::test]
+    async fn a_members_candidate_storm_costs_one_debounced_write_and_closes_the_member() {
+        let hour = Duration::from_secs(3600);
+        // Nothing refills within the test, so the counts are exact.
+        let limits = Limits { candidates: Rate::new(10, hour), tolerance: Rate::new(50, hour), ..Limits::default() };
+        let mesh = MeshInfo {
+            id: "test-mesh".into(),
+            ipv4: "100.72.0.0/16".parse().unwrap(),
+            ipv6: crate::ipam::ula_prefix([1, 2, 3, 4, 5]),
+        };
+        let mut registry = Registry::with_limits(RegistryState::new(mesh), limits);
+        let token = registry.create_token([7; 32], "storm".into(), 3600, None, now_unix()).unwrap();
+        let store = CountingStore::default();
+        let (to_registry, inbox) = mpsc::channel(4096);
+        // Presence and candidates are saved an hour late: within this test,
+        // only on the way out.
+        let task = tokio::spawn(registry_task(registry, store.clone(), inbox, hour));
+
+        let mut outs = Vec::new();
+        for n in 1..=2u8 {
+            let (out, outbox) = mpsc::channel(CONN_QUEUE);
+            let observed = SocketAddr::from(([198, 51, 100, n], 40000));
+            let hello = ToRegistry::Hello { conn: ConnId(n.into()), hello: hello(n, &token), observed, out };
+            to_registry.send(hello).await.unwrap();
+            outs.push(outbox);
+        }
+        // The token, then each new node: durable before it is welcomed.
+        assert_eq!(store_writes(&to_registry).await, 3);
+
+        for i in 0..2_000u16 {
+            let addr = SocketAddr::from(([192, 0, 2, 1], 1000 + i % 2));
+            let candidates = vec![Candidate { addr, kind: CandidateKind::Local }];
+            to_registry.send(ToRegistry::Candidates { conn: ConnId(1), candidates }).await.unwrap();
+        }
+        assert_eq!(store_writes(&to_registry).await, 3, "no write for the storm yet");
+
+        let mut attacker = outs.remove(0);
+        assert!(matches!(attacker.recv().await, Some(ConnOut::Message(ServerMessage::Welcome { .. }))));
+        // Node 2's join, then the close.
+        assert!(matches!(attacker.recv().await, Some(ConnOut::Message(ServerMessage::PeerUpsert { .. }))));
+        assert!(matches!(attacker.recv().await, Some(ConnOut::Close(CloseReason::Flooding))));
+        let mut observer = outs.remove(0);
+        let mut upserts = 0;
+        while let Ok(out) = observer.try_recv() {
+            if matches!(out, ConnOut::Message(ServerMessage::PeerUpsert { .. })) {
+                upserts += 1;
+            }
+        }
+        assert_eq!(upserts, 10, "the candidates budget, and no more");
+
+        drop(to_registry);
+        task.await.unwrap();
+        assert_eq!(store.saves.load(Ordering::SeqCst), 4, "one write for the whole storm, on the way out");
+        let saved = store.last.lock().unwrap().clone().unwrap();
+        let node = &saved.nodes[&PublicKey::from_bytes([1; 32])];
+        assert!(node.candidates.iter().any(|c| c.addr.port() == 1001), "the last accepted list is saved: {node:?}");
+    }
+}
