@@ -404,6 +404,54 @@ mod tests {
         writer.close().await;
     }
 
+    /// A registry.json as mesh-rendezvous v0.1.0 wrote it: no quarantine,
+    /// names as the hellos said them (two nodes calling themselves alike).
+    const V0_1_0: &str = r#"{
+  "format": 1,
+  "registry": {
+    "mesh": { "id": "mesh-1", "ipv4": "100.72.0.0/16", "ipv6": "fd01:203:405::/48" },
+    "nodes": {
+      "BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=": {
+        "name": "worker-1", "ipv4": "100.72.3.4", "ipv6": "fd01:203:405::4",
+        "joined_at": 10, "last_seen": 20,
+        "candidates": [{ "addr": "203.0.113.1:51820", "kind": "observed" }]
+      },
+      "BQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQU=": {
+        "name": "Worker-1.example.com", "ipv4": "100.72.3.5", "ipv6": "fd01:203:405::5",
+        "joined_at": 11, "last_seen": 21, "candidates": [], "nat": "endpoint_dependent"
+      }
+    },
+    "tokens": {
+      "abc": {
+        "id": "abc", "secret_sha256": "0000000000000000000000000000000000000000000000000000000000000000",
+        "created_at": 1, "expires_at": 2, "max_uses": 3, "uses": 1, "revoked": false
+      }
+    },
+    "removed": ["CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk="]
+  }
+}
+"#;
+
+    #[test]
+    fn a_v0_1_0_registry_file_loads_and_its_names_become_unique_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        fs::write(store.path(), V0_1_0).unwrap();
+        let state = store.load().unwrap().expect("a v0.1.0 file loads");
+        assert_eq!(state.nodes.len(), 2);
+        assert!(state.quarantine.is_empty());
+        assert_eq!(state.removed.len(), 1);
+        assert_eq!(state.tokens["abc"].uses, 1);
+        let mut registry = crate::rendezvous::registry::Registry::new(state);
+        let names: Vec<String> = registry.nodes().into_iter().map(|n| n.name).collect();
+        assert_eq!(names, vec!["worker-1", "worker-1-2"]);
+        assert_eq!(registry.poll_command(), Some(crate::rendezvous::registry::Command::Persist));
+        // What this version writes, the same version reads back.
+        let mut store = store;
+        store.save(registry.state()).unwrap();
+        assert_eq!(store.load().unwrap().as_ref(), Some(registry.state()));
+    }
+
     #[test]
     fn the_memory_store_keeps_the_last_save() {
         let mut store = MemoryStore::default();
