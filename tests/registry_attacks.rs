@@ -1,7 +1,9 @@
 //! What an admitted member can make the rendezvous do, tried as an attacker
 //! would, over real QUIC on loopback: a storm of candidate messages is held
 //! to its rate, costs a bounded number of store writes and peer-map
-//! updates, and ends with the storming connection closed. No root needed.
+//! updates, and ends with the storming connection closed; a taken name is
+//! not shared; a removed node's address is not handed out again. No root
+//! needed.
 //!
 //! Nothing here waits on time: every step waits for a message, and
 //! [`quic::DEADLINE`] only turns a hang into a failure.
@@ -11,6 +13,7 @@ mod quic;
 use std::net::SocketAddr;
 
 use meshd::identity::PublicKey;
+use meshd::rendezvous::admin::{AdminRequest, AdminResponse};
 use meshd::rendezvous::admission;
 use meshd::rendezvous::client::{Session, Update};
 use meshd::rendezvous::stream::write_frame;
@@ -69,6 +72,84 @@ async fn a_members_candidate_storm_is_rate_limited_and_closed() {
         rendezvous.stop().await;
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_name_is_not_shared_and_only_the_operator_renames() {
+    within_deadline(async {
+        let mesh = Mesh::init();
+        let token = mesh.token(HOUR, None);
+        let rendezvous = mesh.serve().await;
+        let (first, first_welcome) = join_as(&rendezvous, "node-a", &token).await;
+        let (second, second_welcome) = join_as(&rendezvous, "node-a", &token).await;
+        assert_eq!(first_welcome.node.name, "node-a");
+        assert_eq!(second_welcome.node.name, "node-a-2", "the welcome says which name the node got");
+        let (_odd, odd_welcome) = join_as(&rendezvous, "Node_A.example.com", &token).await;
+        assert_eq!(odd_welcome.node.name, "node-a-3", "names are DNS labels");
+
+        // The first node comes back calling itself like the second: it keeps its own name.
+        let again = quic::Node::with_key("node-a-2", first.key.clone());
+        let (_again_session, again_welcome) = again.join(&rendezvous, None).await.expect("a member reconnects");
+        assert_eq!(again_welcome.node.name, "node-a");
+
+        let refused = rendezvous.admin(AdminRequest::RenameNode { node: "node-a".into(), name: "node-a-2".into() }).await;
+        assert!(matches!(&refused, AdminResponse::Error { message } if message.contains("belongs to another node")), "{refused:?}");
+        let removed = rendezvous.admin(AdminRequest::RemoveNode { node: "node-a".into(), release: false }).await;
+        assert!(matches!(removed, AdminResponse::Done { .. }), "a name names one node: {removed:?}");
+        let nodes = rendezvous.nodes().await;
+        let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(!nodes.iter().any(|n| n.public_key == first.public_key().to_string()), "the first node is gone");
+        let renamed = rendezvous.admin(AdminRequest::RenameNode { node: "node-a-2".into(), name: "node-a".into() }).await;
+        assert!(matches!(renamed, AdminResponse::Done { .. }), "{renamed:?}");
+        let (_s, welcome) = second.with_new_endpoint().join(&rendezvous, None).await.expect("the renamed node reconnects");
+        assert_eq!(welcome.node.name, "node-a", "the operator's name wins");
+        rendezvous.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_nodes_address_is_quarantined_until_released() {
+    within_deadline(async {
+        let mesh = Mesh::init();
+        let token = mesh.token(HOUR, None);
+        let rendezvous = mesh.serve().await;
+        let (victim, victim_welcome) = join_as(&rendezvous, "victim", &token).await;
+        let removed = rendezvous.admin(AdminRequest::RemoveNode { node: "victim".into(), release: false }).await;
+        assert!(matches!(removed, AdminResponse::Done { .. }), "{removed:?}");
+        drop(victim);
+
+        let held = addresses(&rendezvous).await;
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert_eq!(held[0].status, "quarantined");
+        assert_eq!(held[0].ipv4, victim_welcome.node.ipv4.to_string());
+
+        // Released, the address is free again: the admin request names it.
+        let address = Some(std::net::IpAddr::V4(victim_welcome.node.ipv4));
+        let released = rendezvous.admin(AdminRequest::ReleaseAddresses { address }).await;
+        assert!(matches!(released, AdminResponse::Done { .. }), "{released:?}");
+        assert!(addresses(&rendezvous).await.is_empty());
+        let again = rendezvous.admin(AdminRequest::ReleaseAddresses { address }).await;
+        assert!(matches!(again, AdminResponse::Error { .. }), "{again:?}");
+        rendezvous.stop().await;
+    })
+    .await;
+}
+
+async fn join_as(rendezvous: &quic::Rendezvous, name: &str, token: &str) -> (Node, quic::Welcomed) {
+    let node = Node::new(name);
+    let (session, welcome) = node.join(rendezvous, Some(token)).await.unwrap_or_else(|e| panic!("{name} joins: {e}"));
+    // Online or not, a registered node keeps its name and addresses.
+    drop(session);
+    (node, welcome)
+}
+
+async fn addresses(rendezvous: &quic::Rendezvous) -> Vec<meshd::rendezvous::admin::AddressInfo> {
+    match rendezvous.admin(AdminRequest::ListAddresses).await {
+        AdminResponse::Addresses { addresses } => addresses.into_iter().filter(|a| a.status != "in_use").collect(),
+        other => panic!("addresses list: {other:?}"),
+    }
 }
 
 /// Counts the observer's updates for `attacker` until `sentinel` arrives.
