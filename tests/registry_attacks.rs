@@ -42,7 +42,8 @@ async fn a_members_candidate_storm_is_rate_limited_and_closed() {
         let mut sent = 0;
         for i in 0..STORM {
             let port = 1000 + u16::try_from(i % 2).expect("0 or 1");
-            let candidates = vec![Candidate { addr: SocketAddr::from(([192, 0, 2, 1], port)), kind: CandidateKind::Local }];
+            let addr = SocketAddr::from(([192, 0, 2, 1], port));
+            let candidates = vec![Candidate { addr, kind: CandidateKind::Local }];
             if write_frame(&mut raw.send, &NodeMessage::Candidates { candidates }).await.is_err() {
                 break;
             }
@@ -92,17 +93,20 @@ async fn a_taken_name_is_not_shared_and_only_the_operator_renames() {
         let (_again_session, again_welcome) = again.join(&rendezvous, None).await.expect("a member reconnects");
         assert_eq!(again_welcome.node.name, "node-a");
 
-        let refused = rendezvous.admin(AdminRequest::RenameNode { node: "node-a".into(), name: "node-a-2".into() }).await;
-        assert!(matches!(&refused, AdminResponse::Error { message } if message.contains("belongs to another node")), "{refused:?}");
+        let rename = |node: &str, name: &str| AdminRequest::RenameNode { node: node.into(), name: name.into() };
+        let refused = rendezvous.admin(rename("node-a", "node-a-2")).await;
+        let taken = matches!(&refused, AdminResponse::Error { message } if message.contains("belongs to another node"));
+        assert!(taken, "{refused:?}");
         let removed = rendezvous.admin(AdminRequest::RemoveNode { node: "node-a".into(), release: false }).await;
         assert!(matches!(removed, AdminResponse::Done { .. }), "a name names one node: {removed:?}");
         let nodes = rendezvous.nodes().await;
         let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(!nodes.iter().any(|n| n.public_key == first.public_key().to_string()), "the first node is gone");
-        let renamed = rendezvous.admin(AdminRequest::RenameNode { node: "node-a-2".into(), name: "node-a".into() }).await;
+        let renamed = rendezvous.admin(rename("node-a-2", "node-a")).await;
         assert!(matches!(renamed, AdminResponse::Done { .. }), "{renamed:?}");
-        let (_s, welcome) = second.with_new_endpoint().join(&rendezvous, None).await.expect("the renamed node reconnects");
+        let renamed_node = second.with_new_endpoint();
+        let (_s, welcome) = renamed_node.join(&rendezvous, None).await.expect("the renamed node reconnects");
         assert_eq!(welcome.node.name, "node-a", "the operator's name wins");
         rendezvous.stop().await;
     })

@@ -141,7 +141,11 @@ mod tests {
             nat: crate::wire::control::NatMapping::Unknown,
         };
         NodeCache {
-            mesh: MeshInfo { id: "m".into(), ipv4: "100.72.0.0/16".parse().unwrap(), ipv6: "fd00:1::/48".parse().unwrap() },
+            mesh: MeshInfo {
+                id: "m".into(),
+                ipv4: "100.72.0.0/16".parse().unwrap(),
+                ipv6: "fd00:1::/48".parse().unwrap(),
+            },
             node: entry(1),
             peers: (0..peers).map(|n| entry(u8::try_from(n % 200).unwrap_or(0) + 2)).collect(),
         }

@@ -2144,7 +2144,8 @@ mod tests {
         for n in 1..=3 {
             join(&mut reg, n, &token);
         }
-        let punch = |to: u64, from: u8| Command::Send { conn: ConnId(to), msg: ServerMessage::Punch { peer: key(from) } };
+        let punch =
+            |to: u64, from: u8| Command::Send { conn: ConnId(to), msg: ServerMessage::Punch { peer: key(from) } };
         for _ in 0..5 {
             reg.handle_punch(ConnId(1), &key(2), at(NOW));
         }
