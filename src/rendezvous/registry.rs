@@ -842,7 +842,7 @@ impl Registry {
     /// peers hear of it now, the node itself at its next `Welcome`.
     pub fn rename_node(&mut self, key: &PublicKey, name: &str) -> Result<(), RegistryError> {
         if !is_dns_label(name) {
-            return Err(RegistryError::InvalidName { name: for_log(name) });
+            return Err(RegistryError::InvalidName { name: name.to_owned() });
         }
         if self.state.nodes.iter().any(|(k, r)| k != key && r.name == name) {
             return Err(RegistryError::NameTaken { name: name.to_owned() });
