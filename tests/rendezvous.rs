@@ -371,6 +371,7 @@ async fn peers_hear_of_joins_and_removals() {
         match rendezvous
             .admin(AdminRequest::RemoveNode {
                 node: b.public_key().to_string(),
+                release: false,
             })
             .await
         {

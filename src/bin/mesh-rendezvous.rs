@@ -1,7 +1,7 @@
 //! `mesh-rendezvous`: creates a mesh, admits nodes, hands out overlay
 //! addresses and distributes the peer map. Thin: arguments → library.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -52,6 +52,9 @@ enum Command {
     /// Registered nodes.
     #[command(subcommand)]
     Nodes(NodesCommand),
+    /// Overlay addresses, and those of removed nodes held back from new ones.
+    #[command(subcommand)]
+    Addresses(AddressesCommand),
 }
 
 #[derive(Subcommand)]
@@ -79,7 +82,32 @@ enum NodesCommand {
         json: bool,
     },
     /// Remove a node (by name or key): it leaves every peer map and can no longer connect.
-    Remove { node: String },
+    /// Its overlay addresses stay quarantined (given to no new node) until released.
+    Remove {
+        node: String,
+        /// Free its addresses at once instead.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Give a node (by name or key) another name: a DNS label no other node has.
+    Rename { node: String, name: String },
+}
+
+#[derive(Subcommand)]
+enum AddressesCommand {
+    /// Every overlay address held: by a node, or quarantined after its removal.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hand a removed node's addresses (either one names both) back to the pool.
+    Release {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        address: Option<IpAddr>,
+        /// Release every quarantined address.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -160,10 +188,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             other => unexpected(other)?,
         },
-        Command::Nodes(NodesCommand::Remove { node }) => match admin_request(dir, AdminRequest::RemoveNode { node })? {
-            AdminResponse::Done { message } => println!("{message}"),
+        Command::Nodes(NodesCommand::Remove { node, release }) => {
+            match admin_request(dir, AdminRequest::RemoveNode { node, release })? {
+                AdminResponse::Done { message } => println!("{message}"),
+                other => unexpected(other)?,
+            }
+        }
+        Command::Nodes(NodesCommand::Rename { node, name }) => {
+            match admin_request(dir, AdminRequest::RenameNode { node, name })? {
+                AdminResponse::Done { message } => println!("{message}"),
+                other => unexpected(other)?,
+            }
+        }
+        Command::Addresses(AddressesCommand::List { json }) => match admin_request(dir, AdminRequest::ListAddresses)? {
+            AdminResponse::Addresses { addresses } if json => println!("{}", serde_json::to_string_pretty(&addresses)?),
+            AdminResponse::Addresses { addresses } => {
+                println!("{:<15} {:<40} {:<12} {:<20} REMOVED", "IPV4", "IPV6", "STATUS", "NODE");
+                for a in addresses {
+                    let removed = a.removed_at.map_or_else(|| "-".to_owned(), time);
+                    println!("{:<15} {:<40} {:<12} {:<20} {removed}", a.ipv4, a.ipv6, a.status, a.name);
+                }
+            }
             other => unexpected(other)?,
         },
+        Command::Addresses(AddressesCommand::Release { address, all: _ }) => {
+            match admin_request(dir, AdminRequest::ReleaseAddresses { address })? {
+                AdminResponse::Done { message } => println!("{message}"),
+                other => unexpected(other)?,
+            }
+        }
     }
     Ok(())
 }

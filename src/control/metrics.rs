@@ -42,7 +42,7 @@ use super::server::Ask;
 use super::{PeerInfo, Request, Response, StatusInfo};
 use crate::relay::server::RelaySnapshot;
 use crate::rendezvous::pending::{AdmissionCounts, Decision, Limits, Pending, Source};
-use crate::rendezvous::registry::NodeStatus;
+use crate::rendezvous::registry::{Counters, NodeStatus};
 use crate::wire::control::RejectReason;
 
 /// A request head (request line and headers) longer than this is refused
@@ -420,6 +420,10 @@ pub struct RendezvousMetrics {
     /// Connections turned away before admission started, and Retries.
     pub admission: AdmissionCounts,
     pub relay: RelaySnapshot,
+    /// The registry's rate limits and refused candidates.
+    pub registry: Counters,
+    /// Saves of the registry to its store.
+    pub store_writes: u64,
 }
 
 /// A rejection reason as a label value: its name on the wire.
@@ -512,7 +516,43 @@ pub fn render_rendezvous(metrics: &RendezvousMetrics) -> String {
     for (reason, count) in stats.drops() {
         drops.sample(&[("reason", reason.as_str())], count);
     }
+    render_registry_counters(&mut out, metrics);
     out.finish()
+}
+
+/// The registry's write and rate-limit counters.
+fn render_registry_counters(out: &mut Exposition, metrics: &RendezvousMetrics) {
+    let counters = &metrics.registry;
+    out.family("mesh_rendezvous_store_writes_total", Kind::Counter, "Saves of the registry to its store.")
+        .sample(&[], metrics.store_writes);
+    let mut over = out.family(
+        "mesh_rendezvous_messages_over_rate_total",
+        Kind::Counter,
+        "Node messages dropped for being over their rate, by kind.",
+    );
+    for (kind, count) in counters.over_rate() {
+        over.sample(&[("kind", kind.as_str())], count);
+    }
+    out.family(
+        "mesh_rendezvous_punches_pair_limited_total",
+        Kind::Counter,
+        "Punches dropped by the rate per (requester, target) pair.",
+    )
+    .sample(&[], counters.punch_pair_limited);
+    out.family(
+        "mesh_rendezvous_connections_closed_flooding_total",
+        Kind::Counter,
+        "Node connections closed for sending messages over their rate.",
+    )
+    .sample(&[], counters.closed_flooding);
+    let mut refused = out.family(
+        "mesh_rendezvous_candidates_refused_total",
+        Kind::Counter,
+        "Candidates announced by nodes and dropped, by reason.",
+    );
+    for (reason, count) in counters.candidates_refused() {
+        refused.sample(&[("reason", reason.as_str())], count);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -963,6 +1003,8 @@ meshd_peer_path{peer="YCZ0bo7Q",public_key="YCZ0bo7Q",address="100.72.0.3",path=
             admission_failures: vec![(RejectReason::BadToken, 2), (RejectReason::BadProof, 1)],
             admission: AdmissionCounts { pending: 3, refused_per_source: 40, refused_table_full: 0, validations: 5 },
             relay: RelaySnapshot::of(&table),
+            registry: Counters::default(),
+            store_writes: 5,
         }
     }
 
@@ -1017,6 +1059,30 @@ mesh_rendezvous_relay_dropped_packets_total{reason="destination_offline"} 0
 mesh_rendezvous_relay_dropped_packets_total{reason="rate_limited"} 0
 mesh_rendezvous_relay_dropped_packets_total{reason="queue_full"} 0
 mesh_rendezvous_relay_dropped_packets_total{reason="inbound_full"} 7
+# HELP mesh_rendezvous_store_writes_total Saves of the registry to its store.
+# TYPE mesh_rendezvous_store_writes_total counter
+mesh_rendezvous_store_writes_total 5
+# HELP mesh_rendezvous_messages_over_rate_total Node messages dropped for being over their rate, by kind.
+# TYPE mesh_rendezvous_messages_over_rate_total counter
+mesh_rendezvous_messages_over_rate_total{kind="candidates"} 0
+mesh_rendezvous_messages_over_rate_total{kind="nat"} 0
+mesh_rendezvous_messages_over_rate_total{kind="punch"} 0
+# HELP mesh_rendezvous_punches_pair_limited_total Punches dropped by the rate per (requester, target) pair.
+# TYPE mesh_rendezvous_punches_pair_limited_total counter
+mesh_rendezvous_punches_pair_limited_total 0
+# HELP mesh_rendezvous_connections_closed_flooding_total Node connections closed for sending messages over their rate.
+# TYPE mesh_rendezvous_connections_closed_flooding_total counter
+mesh_rendezvous_connections_closed_flooding_total 0
+# HELP mesh_rendezvous_candidates_refused_total Candidates announced by nodes and dropped, by reason.
+# TYPE mesh_rendezvous_candidates_refused_total counter
+mesh_rendezvous_candidates_refused_total{reason="port_zero"} 0
+mesh_rendezvous_candidates_refused_total{reason="unspecified"} 0
+mesh_rendezvous_candidates_refused_total{reason="loopback"} 0
+mesh_rendezvous_candidates_refused_total{reason="link_local"} 0
+mesh_rendezvous_candidates_refused_total{reason="multicast"} 0
+mesh_rendezvous_candidates_refused_total{reason="broadcast"} 0
+mesh_rendezvous_candidates_refused_total{reason="mesh_prefix"} 0
+mesh_rendezvous_candidates_refused_total{reason="claimed_observed"} 0
 "#;
         assert_eq!(text, expected);
     }

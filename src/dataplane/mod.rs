@@ -211,6 +211,7 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
         (driver, result)
     });
 
+    let agent_state_dir = state_dir.clone();
     let mut agent = Agent {
         socket: options.socket.unwrap_or_else(|| config.socket.clone()),
         env_file: options.env_file.unwrap_or_else(|| config.env_file.clone()),
@@ -227,9 +228,14 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
         uapi_key: Some(uapi_key),
         uapi: None,
         metrics: None,
+        cache_writer: agent_state_dir.map(|dir| cache::Writer::spawn(dir, cache::WRITE_EVERY)),
         cache: None,
     };
     let result = agent.run(cached, updates, session, &mut driver_task, shutdown).await;
+    if let Some(writer) = agent.cache_writer.take() {
+        // The last peer map reaches the disk before meshd exits.
+        writer.close().await;
+    }
     agent.notifier.notify(&Notice::Stopping);
     // Gone before the address is, so the file never names an address that
     // mesh0 no longer has.
@@ -290,6 +296,8 @@ struct Agent {
     uapi_key: Option<PrivateKey>,
     uapi: Option<JoinHandle<()>>,
     metrics: Option<JoinHandle<()>>,
+    /// Writes `cache` off the packet loop's thread (this runtime has one).
+    cache_writer: Option<cache::Writer>,
     cache: Option<cache::NodeCache>,
 }
 
@@ -440,11 +448,11 @@ impl Agent {
         Ok(())
     }
 
+    /// Hands the cache to its writer, which writes it soon on another
+    /// thread, at most once a second (a storm of updates costs one write).
     fn save_cache(&self) {
-        if let (Some(dir), Some(cache)) = (&self.state_dir, &self.cache) {
-            if let Err(e) = cache::save(dir, cache) {
-                tracing::warn!(error = %e, "cannot update the peer-map cache");
-            }
+        if let (Some(writer), Some(cache)) = (&self.cache_writer, &self.cache) {
+            writer.save(cache.clone());
         }
     }
 }

@@ -1,14 +1,16 @@
-//! Operator requests: tokens and nodes.
+//! Operator requests: tokens, nodes and quarantined addresses.
 //!
 //! [`apply`] is pure (a request, `now` and a random source in; a response
 //! out) and serves both ways the CLI reaches the registry: through the
 //! running server's admin socket (`DIR/admin.sock`, so a removed node is cut
 //! off at once) or, when no server runs, directly on the stored state.
 
+use std::net::IpAddr;
+
 use rand::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
 
-use super::registry::{NodeStatus, Registry};
+use super::registry::{NodeStatus, Quarantined, Registry};
 use crate::control::server::ErrorResponse;
 use crate::identity::PublicKey;
 
@@ -21,8 +23,20 @@ pub enum AdminRequest {
     ListTokens,
     RevokeToken { id: String },
     ListNodes,
-    /// By name, full public key, or an unambiguous key prefix.
-    RemoveNode { node: String },
+    /// By name, full public key, or an unambiguous key prefix. Its
+    /// addresses stay quarantined unless `release`.
+    RemoveNode {
+        node: String,
+        #[serde(default)]
+        release: bool,
+    },
+    /// Gives a node (as for `RemoveNode`) another name.
+    RenameNode { node: String, name: String },
+    /// Every overlay address held: by a node, or quarantined.
+    ListAddresses,
+    /// Releases one quarantined address (with its removed node's other
+    /// one), or every one when `None`.
+    ReleaseAddresses { address: Option<IpAddr> },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +45,7 @@ pub enum AdminResponse {
     Token { token: String, id: String, expires_at: u64 },
     Tokens { tokens: Vec<TokenInfo> },
     Nodes { nodes: Vec<NodeStatusInfo> },
+    Addresses { addresses: Vec<AddressInfo> },
     Done { message: String },
     Error { message: String },
 }
@@ -59,6 +74,33 @@ pub struct NodeStatusInfo {
     pub ipv6: String,
     pub online: bool,
     pub last_seen: u64,
+}
+
+/// An overlay address pair as `addresses list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressInfo {
+    pub ipv4: String,
+    pub ipv6: String,
+    /// `in_use` or `quarantined`.
+    pub status: String,
+    /// The node that holds (or held) them.
+    pub name: String,
+    pub public_key: String,
+    /// When its node was removed; `None` while in use.
+    pub removed_at: Option<u64>,
+}
+
+impl From<&Quarantined> for AddressInfo {
+    fn from(q: &Quarantined) -> Self {
+        Self {
+            ipv4: q.ipv4.to_string(),
+            ipv6: q.ipv6.to_string(),
+            status: "quarantined".into(),
+            name: q.name.clone(),
+            public_key: q.public_key.to_string(),
+            removed_at: Some(q.removed_at),
+        }
+    }
 }
 
 impl From<NodeStatus> for NodeStatusInfo {
@@ -109,22 +151,57 @@ pub fn apply<R: RngCore + CryptoRng>(registry: &mut Registry, request: AdminRequ
             }
         }
         AdminRequest::ListNodes => AdminResponse::Nodes { nodes: registry.nodes().into_iter().map(Into::into).collect() },
-        AdminRequest::RemoveNode { node } => match find_node(registry, &node) {
+        AdminRequest::RemoveNode { node, release } => match find_node(registry, &node) {
             Ok(key) => {
-                registry.remove_node(&key);
-                AdminResponse::Done { message: format!("node {node} ({}) removed", key.short()) }
+                registry.remove_node(&key, release, now_unix);
+                let addresses = if release {
+                    "its addresses are free again"
+                } else {
+                    "its addresses stay quarantined until `addresses release`"
+                };
+                AdminResponse::Done { message: format!("node {node} ({}) removed; {addresses}", key.short()) }
             }
             Err(message) => AdminResponse::Error { message },
         },
+        AdminRequest::RenameNode { node, name } => match find_node(registry, &node) {
+            Ok(key) => match registry.rename_node(&key, &name) {
+                Ok(()) => AdminResponse::Done { message: format!("node {} is now called {name}", key.short()) },
+                Err(e) => AdminResponse::Error { message: e.to_string() },
+            },
+            Err(message) => AdminResponse::Error { message },
+        },
+        AdminRequest::ListAddresses => {
+            let in_use = registry.nodes().into_iter().map(|n| AddressInfo {
+                ipv4: n.ipv4.to_string(),
+                ipv6: n.ipv6.to_string(),
+                status: "in_use".into(),
+                name: n.name,
+                public_key: n.public_key.to_string(),
+                removed_at: None,
+            });
+            let held = registry.quarantined().iter().map(AddressInfo::from);
+            AdminResponse::Addresses { addresses: in_use.chain(held).collect() }
+        }
+        AdminRequest::ReleaseAddresses { address: Some(address) } => match registry.release_address(address) {
+            Ok(q) => AdminResponse::Done {
+                message: format!("released {} and {} (held for removed node {})", q.ipv4, q.ipv6, q.name),
+            },
+            Err(e) => AdminResponse::Error { message: e.to_string() },
+        },
+        AdminRequest::ReleaseAddresses { address: None } => {
+            let count = registry.release_all_addresses();
+            AdminResponse::Done { message: format!("released the addresses of {count} removed nodes") }
+        }
     }
 }
 
+/// A node by its name (unique) or else its full key or a key prefix.
 fn find_node(registry: &Registry, query: &str) -> Result<PublicKey, String> {
     let nodes = registry.nodes();
-    let matches: Vec<&NodeStatus> = nodes
-        .iter()
-        .filter(|n| n.name == query || n.public_key.to_string().starts_with(query))
-        .collect();
+    if let Some(named) = nodes.iter().find(|n| n.name == query) {
+        return Ok(named.public_key);
+    }
+    let matches: Vec<&NodeStatus> = nodes.iter().filter(|n| n.public_key.to_string().starts_with(query)).collect();
     match matches.as_slice() {
         [one] => Ok(one.public_key),
         [] => Err(format!("no node named {query:?} or with a key starting so (see `nodes list`)")),
@@ -150,7 +227,7 @@ pub fn apply_offline<R: RngCore + CryptoRng>(
     let response = apply(&mut registry, request, now_unix, rng);
     while let Some(command) = registry.poll_command() {
         match command {
-            Command::Persist => store.save(registry.state())?,
+            Command::Persist | Command::PersistSoon => store.save(registry.state())?,
             // No connections exist without a server.
             Command::Send { .. } | Command::Close { .. } => {}
         }

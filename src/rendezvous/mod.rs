@@ -1,6 +1,7 @@
 //! mesh-rendezvous: admission, the node registry, peer-map distribution.
 //!
-//! [`registry`] is pure (inputs → commands); [`store`] persists its state;
+//! [`registry`] is pure (inputs → commands), with [`limits`] for what a node
+//! may send; [`store`] persists its state;
 //! [`admission`] is the pure proof-of-possession check; [`server`] is the
 //! quinn shell that runs them, with [`pending`] deciding which connections
 //! may start an admission.
@@ -8,6 +9,7 @@
 pub mod admin;
 pub mod admission;
 pub mod client;
+pub mod limits;
 pub mod pending;
 pub mod registry;
 pub mod reflector;

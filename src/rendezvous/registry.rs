@@ -20,6 +20,32 @@
 //! SHA-256 of the secret is stored, and a presented secret is compared with
 //! it in constant time.
 //!
+//! # What a member can make the rendezvous do
+//!
+//! Every message kind an admitted node sends has a rate per connection
+//! ([`Limits`]): a message over it is dropped and counted, and a connection
+//! that keeps going past a tolerance is closed ([`CloseReason::Flooding`]).
+//! A punch is passed on at most at the per-(source, target) rate. A message
+//! that changes nothing is neither saved nor broadcast, and what only says
+//! where a node is (presence, candidates, NAT) is saved late
+//! ([`Command::PersistSoon`], which the shell debounces), while what a node
+//! is told must survive a crash (a new node's address, a token's use) is
+//! saved before the node hears of it ([`Command::Persist`]). Announced
+//! candidates nobody else can use (loopback, link-local, unspecified,
+//! multicast, broadcast, inside the mesh's own prefixes) are dropped and
+//! counted.
+//!
+//! # Names and addresses
+//!
+//! A node's name is a DNS label, bound to its key at first admission and
+//! unique in the mesh: a hello's name is made a label (lowercase, the first
+//! dot-separated part, other characters as `-`), and a name already taken
+//! gets `-2`, `-3`… as Tailscale does; the `Welcome` says which name the
+//! node got. A node admitted again keeps its bound name whatever its hello
+//! says; only the operator renames ([`Registry::rename_node`]). A removed
+//! node's overlay addresses stay quarantined until the operator releases
+//! them, so a token holder cannot grind a key onto them.
+//!
 //! # What a rejected node learns
 //!
 //! Only a [`ServerMessage::Rejected`] and a close, never mesh information.
@@ -31,7 +57,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Instant;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -39,6 +66,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+pub use super::limits::{Limits, MessageKind, Rate};
+use super::limits::Bucket;
 use crate::identity::PublicKey;
 use crate::ipam;
 use crate::wire::control::{
@@ -48,6 +77,21 @@ use crate::wire::control::{
 
 /// Longest token id accepted.
 pub const MAX_TOKEN_ID: usize = 32;
+/// Longest node name: a DNS label (RFC 1035 §2.3.4).
+pub const MAX_LABEL: usize = 63;
+/// The most of a stranger's string (a token id, a name) a log line shows.
+pub const MAX_LOGGED: usize = 64;
+/// Punch pairs a connection remembers before forgetting those whose bucket
+/// is full again (which then hold no information).
+const MAX_PUNCH_PAIRS: usize = 256;
+
+/// The time as the shell read it: wall-clock seconds for what is stored
+/// (join and last-seen times, token expiry), a monotonic instant for rates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub unix: u64,
+    pub instant: Instant,
+}
 
 /// A QUIC connection in the shell; the shell picks the numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -71,13 +115,33 @@ pub struct RegistryState {
     pub tokens: BTreeMap<String, TokenRecord>,
     /// Keys removed by an operator; refused forever, token or not.
     pub removed: BTreeSet<PublicKey>,
+    /// Removed nodes' overlay addresses, handed to no one until the
+    /// operator releases them. Absent in a v0.1.0 file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantine: Vec<Quarantined>,
 }
 
 impl RegistryState {
     /// A new mesh with no nodes, tokens or removals.
     pub fn new(mesh: MeshInfo) -> Self {
-        Self { mesh, nodes: BTreeMap::new(), tokens: BTreeMap::new(), removed: BTreeSet::new() }
+        Self {
+            mesh,
+            nodes: BTreeMap::new(),
+            tokens: BTreeMap::new(),
+            removed: BTreeSet::new(),
+            quarantine: Vec::new(),
+        }
     }
+}
+
+/// A removed node's addresses, held back from new nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    pub public_key: PublicKey,
+    pub name: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub removed_at: u64,
 }
 
 /// A registered node.
@@ -176,6 +240,10 @@ pub enum Command {
     /// before executing the commands after it, so that no node is told an
     /// address that a crash could forget.
     Persist,
+    /// The state changed in a way a crash may lose without harm (presence,
+    /// candidates, NAT: nodes say them again when they reconnect): save it
+    /// soon. The shell may debounce these and write only the latest state.
+    PersistSoon,
 }
 
 /// Why the registry closes a connection.
@@ -187,6 +255,8 @@ pub enum CloseReason {
     Superseded,
     /// An operator removed the node.
     Removed,
+    /// The node kept sending messages over their rate.
+    Flooding,
 }
 
 impl CloseReason {
@@ -195,6 +265,7 @@ impl CloseReason {
         match self {
             CloseReason::Superseded => 1,
             CloseReason::Removed => 2,
+            CloseReason::Flooding => 3,
             CloseReason::Rejected(RejectReason::Version) => 10,
             CloseReason::Rejected(RejectReason::BadProof) => 11,
             CloseReason::Rejected(RejectReason::BadToken) => 12,
@@ -210,6 +281,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Rejected(reason) => write!(f, "rejected ({reason:?})"),
             CloseReason::Superseded => f.write_str("superseded by a newer connection"),
             CloseReason::Removed => f.write_str("node removed"),
+            CloseReason::Flooding => f.write_str("too many messages"),
         }
     }
 }
@@ -226,13 +298,148 @@ pub enum RegistryError {
     DuplicateTokenId { id: String },
     #[error("a token usable zero times admits no one; leave the use limit unset for unlimited")]
     ZeroUses,
+    #[error(
+        "{name:?} is not a valid node name: use 1 to {MAX_LABEL} characters from a-z, 0-9 and '-', \
+         not starting or ending with '-'"
+    )]
+    InvalidName { name: String },
+    #[error("the name {name:?} belongs to another node; rename or remove that one first")]
+    NameTaken { name: String },
+    #[error("no registered node has the key {key}")]
+    UnknownNode { key: String },
+    #[error("{address} is not quarantined (see `addresses list`)")]
+    NotQuarantined { address: IpAddr },
 }
 
-/// An admitted connection.
-#[derive(Debug, Clone, Copy)]
+/// An admitted connection, with what it may still send.
+#[derive(Debug, Clone)]
 struct Session {
     key: PublicKey,
     observed: SocketAddr,
+    /// Per [`MessageKind`], as [`MessageKind::ALL`].
+    buckets: [Bucket; MessageKind::ALL.len()],
+    /// Punches towards each target.
+    pairs: HashMap<PublicKey, Bucket>,
+    /// Messages over their rate this connection may still send.
+    tolerance: Bucket,
+}
+
+impl Session {
+    fn new(key: PublicKey, observed: SocketAddr, limits: &Limits, now: Instant) -> Self {
+        Self {
+            key,
+            observed,
+            buckets: MessageKind::ALL.map(|kind| Bucket::full(limits.of(kind), now)),
+            pairs: HashMap::new(),
+            tolerance: Bucket::full(limits.tolerance, now),
+        }
+    }
+}
+
+/// Why an announced candidate was dropped, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateRefusal {
+    /// Port 0.
+    PortZero,
+    /// `0.0.0.0` or `::`.
+    Unspecified,
+    /// `127.0.0.0/8` or `::1`: the peer itself.
+    Loopback,
+    /// `169.254.0.0/16` or `fe80::/10`: meaningless off the link.
+    LinkLocal,
+    Multicast,
+    /// `255.255.255.255`.
+    Broadcast,
+    /// Inside the mesh's own IPv4 prefix or ULA: a path through the mesh
+    /// cannot carry the mesh.
+    MeshPrefix,
+    /// Announced as `observed`, which only the rendezvous may say.
+    ClaimedObserved,
+}
+
+impl CandidateRefusal {
+    pub const ALL: [CandidateRefusal; 8] = [
+        CandidateRefusal::PortZero,
+        CandidateRefusal::Unspecified,
+        CandidateRefusal::Loopback,
+        CandidateRefusal::LinkLocal,
+        CandidateRefusal::Multicast,
+        CandidateRefusal::Broadcast,
+        CandidateRefusal::MeshPrefix,
+        CandidateRefusal::ClaimedObserved,
+    ];
+
+    /// A stable name for metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CandidateRefusal::PortZero => "port_zero",
+            CandidateRefusal::Unspecified => "unspecified",
+            CandidateRefusal::Loopback => "loopback",
+            CandidateRefusal::LinkLocal => "link_local",
+            CandidateRefusal::Multicast => "multicast",
+            CandidateRefusal::Broadcast => "broadcast",
+            CandidateRefusal::MeshPrefix => "mesh_prefix",
+            CandidateRefusal::ClaimedObserved => "claimed_observed",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            CandidateRefusal::PortZero => 0,
+            CandidateRefusal::Unspecified => 1,
+            CandidateRefusal::Loopback => 2,
+            CandidateRefusal::LinkLocal => 3,
+            CandidateRefusal::Multicast => 4,
+            CandidateRefusal::Broadcast => 5,
+            CandidateRefusal::MeshPrefix => 6,
+            CandidateRefusal::ClaimedObserved => 7,
+        }
+    }
+}
+
+/// What the registry counted since it was made; for metrics, not persisted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Messages dropped for being over their kind's rate, as [`MessageKind::ALL`].
+    over_rate: [u64; MessageKind::ALL.len()],
+    /// Punches dropped by the per-(source, target) rate.
+    pub punch_pair_limited: u64,
+    /// Connections closed as [`CloseReason::Flooding`].
+    pub closed_flooding: u64,
+    /// Announced candidates dropped, as [`CandidateRefusal::ALL`].
+    refused: [u64; CandidateRefusal::ALL.len()],
+}
+
+impl Counters {
+    /// Messages dropped for being over their rate, by kind.
+    pub fn over_rate(&self) -> impl Iterator<Item = (MessageKind, u64)> + '_ {
+        MessageKind::ALL.iter().copied().zip(self.over_rate.iter().copied())
+    }
+
+    /// Announced candidates dropped, by reason.
+    pub fn candidates_refused(&self) -> impl Iterator<Item = (CandidateRefusal, u64)> + '_ {
+        CandidateRefusal::ALL.iter().copied().zip(self.refused.iter().copied())
+    }
+
+    fn refuse(&mut self, why: CandidateRefusal) {
+        if let Some(count) = self.refused.get_mut(why.index()) {
+            *count = count.saturating_add(1);
+        }
+    }
+
+    fn limit(&mut self, kind: MessageKind) {
+        if let Some(count) = self.over_rate.get_mut(kind_index(kind)) {
+            *count = count.saturating_add(1);
+        }
+    }
+}
+
+fn kind_index(kind: MessageKind) -> usize {
+    match kind {
+        MessageKind::Candidates => 0,
+        MessageKind::Nat => 1,
+        MessageKind::Punch => 2,
+    }
 }
 
 /// Why a hello was refused, for the node and for the log.
@@ -267,9 +474,13 @@ pub struct Registry {
     /// A [`Command::Persist`] is queued and not yet polled: one is enough,
     /// since it saves the state as of when it is polled.
     persist_queued: bool,
+    /// Likewise for [`Command::PersistSoon`].
+    persist_soon_queued: bool,
     /// Hellos refused since this registry was made, indexed as
     /// [`REJECT_REASONS`]; for metrics, not persisted.
     rejections: [u64; REJECT_REASONS.len()],
+    limits: Limits,
+    counters: Counters,
 }
 
 /// Every [`RejectReason`], in the order metrics list them.
@@ -293,16 +504,58 @@ fn reject_index(reason: RejectReason) -> usize {
 }
 
 impl Registry {
-    /// A registry over loaded (or fresh) state; every node starts offline.
+    /// A registry over loaded (or fresh) state with the default
+    /// [`Limits`]; every node starts offline.
+    ///
+    /// A state from before names were labels and unique (v0.1.0) gets them
+    /// here, in key order (the first node keeps a shared name), and a
+    /// [`Command::Persist`] is queued to save that.
     pub fn new(state: RegistryState) -> Self {
-        Self {
+        Self::with_limits(state, Limits::default())
+    }
+
+    /// [`Registry::new`] with other rates.
+    pub fn with_limits(state: RegistryState, limits: Limits) -> Self {
+        let mut registry = Self {
             state,
             sessions: HashMap::new(),
             online: BTreeMap::new(),
             commands: VecDeque::new(),
             persist_queued: false,
+            persist_soon_queued: false,
             rejections: [0; REJECT_REASONS.len()],
+            limits,
+            counters: Counters::default(),
+        };
+        registry.migrate_names();
+        registry
+    }
+
+    /// Makes every stored name a label and unique.
+    fn migrate_names(&mut self) {
+        let mut taken = HashSet::new();
+        let mut renamed = Vec::new();
+        for (key, record) in &self.state.nodes {
+            let base = dns_label(&record.name);
+            let name = unique(&base, |n| taken.contains(n));
+            taken.insert(name.clone());
+            if name != record.name {
+                renamed.push((*key, name));
+            }
         }
+        if renamed.is_empty() {
+            return;
+        }
+        for (key, name) in renamed {
+            if let Some(record) = self.state.nodes.get_mut(&key) {
+                tracing::warn!(
+                    node = %key.short(), old = %for_log(&record.name), new = %name,
+                    "node name made a unique DNS label; `mesh-rendezvous nodes rename` picks another"
+                );
+                record.name = name;
+            }
+        }
+        self.persist();
     }
 
     /// Everything to persist.
@@ -315,41 +568,48 @@ impl Registry {
     /// exporter, which only the shell has): this takes it as given.
     /// `observed` is the source address the connection comes from.
     ///
-    /// Queues either a `Rejected` and a close, or (admitted) a persist, the
-    /// `Welcome` for `conn`, and a `PeerUpsert` for every other online node;
-    /// an older connection of the same node is closed as superseded.
-    /// A second hello on an already admitted connection is ignored.
-    pub fn handle_hello(
-        &mut self,
-        conn: ConnId,
-        hello: &Hello,
-        observed: SocketAddr,
-        now_unix: u64,
-    ) {
+    /// Queues either a `Rejected` and a close, or (admitted) a persist —
+    /// [`Command::Persist`] for a new node, whose address and token use
+    /// must be durable before it hears of them, [`Command::PersistSoon`]
+    /// for a known one — the `Welcome` for `conn`, and a `PeerUpsert` for
+    /// every other online node; an older connection of the same node is
+    /// closed as superseded. A second hello on an already admitted
+    /// connection is ignored.
+    pub fn handle_hello(&mut self, conn: ConnId, hello: &Hello, observed: SocketAddr, now: Now) {
         if self.sessions.contains_key(&conn) {
             tracing::debug!(%conn, "second hello on an admitted connection ignored");
             return;
         }
         let key = hello.public_key;
-        if let Err(refusal) = self.admit(hello, now_unix) {
-            tracing::info!(%conn, node = %key.short(), cause = %refusal.cause, "hello rejected");
-            self.count_rejection(refusal.reason);
-            self.push(Command::Send {
-                conn,
-                msg: ServerMessage::Rejected { reason: refusal.reason, message: refusal.message },
-            });
-            self.push(Command::Close { conn, reason: CloseReason::Rejected(refusal.reason) });
-            return;
-        }
+        let joined = match self.admit(hello, now.unix) {
+            Ok(joined) => joined,
+            Err(refusal) => {
+                tracing::info!(%conn, node = %key.short(), cause = %refusal.cause, "hello rejected");
+                self.count_rejection(refusal.reason);
+                self.push(Command::Send {
+                    conn,
+                    msg: ServerMessage::Rejected { reason: refusal.reason, message: refusal.message },
+                });
+                self.push(Command::Close { conn, reason: CloseReason::Rejected(refusal.reason) });
+                return;
+            }
+        };
 
-        // Admitted: the record exists now. Refresh what the hello says.
+        // Admitted: the record exists now. Refresh where the node is; its
+        // name stays the one bound to its key.
         let observed = SocketAddr::new(observed.ip().to_canonical(), observed.port());
+        let candidates = self.merge_candidates(&hello.candidates, observed);
         let Some(record) = self.state.nodes.get_mut(&key) else {
             return;
         };
-        record.name.clone_from(&hello.name);
-        record.candidates = merge_candidates(&hello.candidates, observed);
-        record.last_seen = now_unix;
+        record.candidates = candidates;
+        record.last_seen = now.unix;
+        if !joined && record.name != dns_label(&hello.name) {
+            tracing::debug!(
+                node = %key.short(), asked = %for_log(&hello.name), name = %record.name,
+                "a known node keeps its bound name"
+            );
+        }
         let entry = node_entry(&key, record);
 
         if let Some(old) = self.online.insert(key, conn) {
@@ -357,8 +617,12 @@ impl Registry {
             tracing::debug!(node = %key.short(), %old, new = %conn, "connection superseded");
             self.push(Command::Close { conn: old, reason: CloseReason::Superseded });
         }
-        self.sessions.insert(conn, Session { key, observed });
-        self.persist();
+        self.sessions.insert(conn, Session::new(key, observed, &self.limits, now.instant));
+        if joined {
+            self.persist();
+        } else {
+            self.persist_soon();
+        }
 
         let peers = self
             .state
@@ -380,68 +644,91 @@ impl Registry {
     }
 
     /// An admitted node's new candidate list. Ignored from a connection
-    /// that is not admitted, and when the list is longer than
-    /// [`MAX_CANDIDATES`]. A change is persisted and sent to every other
-    /// online node.
-    pub fn handle_candidates(&mut self, conn: ConnId, candidates: Vec<Candidate>, now_unix: u64) {
-        let Some(session) = self.sessions.get(&conn).copied() else {
-            tracing::trace!(%conn, "candidates from a connection that is not admitted");
+    /// that is not admitted, over the rate ([`Limits::candidates`]), and
+    /// when the list is longer than [`MAX_CANDIDATES`]. A change is saved
+    /// soon and sent to every other online node; the same list again
+    /// changes nothing.
+    pub fn handle_candidates(&mut self, conn: ConnId, candidates: Vec<Candidate>, now: Now) {
+        if !self.within_rate(conn, MessageKind::Candidates, now) {
+            return;
+        }
+        let Some(session) = self.sessions.get(&conn) else {
             return;
         };
+        let (key, observed) = (session.key, session.observed);
         if candidates.len() > MAX_CANDIDATES {
             tracing::debug!(%conn, count = candidates.len(), "too many candidates; ignored");
             return;
         }
-        let Some(record) = self.state.nodes.get_mut(&session.key) else {
+        let merged = self.merge_candidates(&candidates, observed);
+        let Some(record) = self.state.nodes.get_mut(&key) else {
             return;
         };
-        record.last_seen = now_unix;
-        let merged = merge_candidates(&candidates, session.observed);
+        record.last_seen = now.unix;
         if merged == record.candidates {
             return;
         }
         record.candidates = merged;
-        let entry = node_entry(&session.key, record);
-        self.persist();
+        let entry = node_entry(&key, record);
+        self.persist_soon();
         self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
     }
 
-    /// An admitted node reports its NAT's mapping behaviour. A change is
-    /// persisted and sent to every other online node, like candidates.
-    pub fn handle_nat(&mut self, conn: ConnId, mapping: NatMapping, now_unix: u64) {
-        let Some(session) = self.sessions.get(&conn).copied() else {
-            tracing::trace!(%conn, "NAT report from a connection that is not admitted");
+    /// An admitted node reports its NAT's mapping behaviour. Within the rate
+    /// ([`Limits::nat`]), a change is saved soon and sent to every other
+    /// online node, like candidates.
+    pub fn handle_nat(&mut self, conn: ConnId, mapping: NatMapping, now: Now) {
+        if !self.within_rate(conn, MessageKind::Nat, now) {
+            return;
+        }
+        let Some(key) = self.sessions.get(&conn).map(|s| s.key) else {
             return;
         };
-        let Some(record) = self.state.nodes.get_mut(&session.key) else {
+        let Some(record) = self.state.nodes.get_mut(&key) else {
             return;
         };
-        record.last_seen = now_unix;
+        record.last_seen = now.unix;
         if record.nat == mapping {
             return;
         }
         record.nat = mapping;
-        let entry = node_entry(&session.key, record);
-        self.persist();
+        let entry = node_entry(&key, record);
+        self.persist_soon();
         self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
     }
 
     /// An admitted node asks `peer` to probe it now (hole punching). Passed
-    /// on only between two online members; anything else is ignored.
-    pub fn handle_punch(&mut self, conn: ConnId, peer: &PublicKey) {
-        let Some(session) = self.sessions.get(&conn).copied() else { return };
+    /// on only between two online members, within the connection's punch
+    /// rate ([`Limits::punch`]) and the pair's ([`Limits::punch_pair`]):
+    /// each punch makes `peer` probe every candidate of the requester.
+    /// Anything else is ignored.
+    pub fn handle_punch(&mut self, conn: ConnId, peer: &PublicKey, now: Now) {
+        if !self.within_rate(conn, MessageKind::Punch, now) {
+            return;
+        }
+        let rate = self.limits.punch_pair;
+        let Some(session) = self.sessions.get_mut(&conn) else { return };
         if session.key == *peer {
             return;
         }
-        if let Some(&target) = self.online.get(peer) {
-            self.commands.push_back(Command::Send { conn: target, msg: ServerMessage::Punch { peer: session.key } });
+        let Some(&target) = self.online.get(peer) else { return };
+        if session.pairs.len() >= MAX_PUNCH_PAIRS {
+            session.pairs.retain(|_, bucket| !bucket.is_full(rate, now.instant));
         }
+        let bucket = session.pairs.entry(*peer).or_insert_with(|| Bucket::full(rate, now.instant));
+        if !bucket.take(rate, now.instant) {
+            tracing::debug!(%conn, peer = %peer.short(), "punch over the pair's rate; dropped");
+            self.counters.punch_pair_limited = self.counters.punch_pair_limited.saturating_add(1);
+            return;
+        }
+        let from = session.key;
+        self.push(Command::Send { conn: target, msg: ServerMessage::Punch { peer: from } });
     }
 
     /// The shell's connection ended (for any reason, including one this
     /// registry asked for). An admitted node goes offline; its peers keep
     /// its last candidates, so nothing is broadcast.
-    pub fn handle_disconnect(&mut self, conn: ConnId, now_unix: u64) {
+    pub fn handle_disconnect(&mut self, conn: ConnId, now: Now) {
         let Some(session) = self.sessions.remove(&conn) else {
             return;
         };
@@ -449,20 +736,58 @@ impl Registry {
             self.online.remove(&session.key);
         }
         if let Some(record) = self.state.nodes.get_mut(&session.key) {
-            record.last_seen = now_unix;
-            self.persist();
+            record.last_seen = now.unix;
+            self.persist_soon();
         }
+    }
+
+    /// Spends one message of `kind` from `conn`'s budget. `false` (and the
+    /// message is to be dropped) when the connection is not admitted or
+    /// over the rate; past the tolerance the connection is closed too.
+    fn within_rate(&mut self, conn: ConnId, kind: MessageKind, now: Now) -> bool {
+        let (rate, tolerance) = (self.limits.of(kind), self.limits.tolerance);
+        let Some(session) = self.sessions.get_mut(&conn) else {
+            tracing::trace!(%conn, %kind, "message from a connection that is not admitted");
+            return false;
+        };
+        let Some(bucket) = session.buckets.get_mut(kind_index(kind)) else { return false };
+        if bucket.take(rate, now.instant) {
+            return true;
+        }
+        self.counters.limit(kind);
+        if session.tolerance.take(tolerance, now.instant) {
+            tracing::debug!(%conn, %kind, "message over its rate; dropped");
+            return false;
+        }
+        tracing::warn!(
+            %conn, node = %session.key.short(), %kind,
+            "node keeps sending messages over their rate; closing its connection"
+        );
+        self.counters.closed_flooding = self.counters.closed_flooding.saturating_add(1);
+        self.handle_disconnect(conn, now);
+        self.push(Command::Close { conn, reason: CloseReason::Flooding });
+        false
     }
 
     /// Removes a node for good: its record goes, its key is refused from now
     /// on, every online node gets a `PeerRemove`, and the node itself, if
-    /// online, a `Rejected { Removed }` and a close. Its addresses become
-    /// free. `false` (and nothing queued) if `key` is not a registered node.
-    pub fn remove_node(&mut self, key: &PublicKey) -> bool {
-        if self.state.nodes.remove(key).is_none() {
+    /// online, a `Rejected { Removed }` and a close. Its addresses stay
+    /// quarantined ([`Registry::release_address`]) unless `release`.
+    /// `false` (and nothing queued) if `key` is not a registered node.
+    pub fn remove_node(&mut self, key: &PublicKey, release: bool, now_unix: u64) -> bool {
+        let Some(record) = self.state.nodes.remove(key) else {
             return false;
-        }
+        };
         self.state.removed.insert(*key);
+        if !release {
+            self.state.quarantine.push(Quarantined {
+                public_key: *key,
+                name: record.name,
+                ipv4: record.ipv4,
+                ipv6: record.ipv6,
+                removed_at: now_unix,
+            });
+        }
         self.persist();
         if let Some(conn) = self.online.remove(key) {
             self.sessions.remove(&conn);
@@ -481,6 +806,63 @@ impl Registry {
             self.push(Command::Send { conn, msg: msg.clone() });
         }
         true
+    }
+
+    /// Removed nodes' addresses that no new node gets, oldest removal first.
+    pub fn quarantined(&self) -> &[Quarantined] {
+        &self.state.quarantine
+    }
+
+    /// Hands a quarantined address (IPv4 or IPv6) back to the pool, with
+    /// the other address of the same removed node.
+    pub fn release_address(&mut self, address: IpAddr) -> Result<Quarantined, RegistryError> {
+        let position = self.state.quarantine.iter().position(|q| match address {
+            IpAddr::V4(v4) => q.ipv4 == v4,
+            IpAddr::V6(v6) => q.ipv6 == v6,
+        });
+        let Some(position) = position else {
+            return Err(RegistryError::NotQuarantined { address });
+        };
+        let released = self.state.quarantine.remove(position);
+        self.persist();
+        Ok(released)
+    }
+
+    /// Releases every quarantined address; how many removed nodes' worth.
+    pub fn release_all_addresses(&mut self) -> usize {
+        let count = self.state.quarantine.len();
+        if count > 0 {
+            self.state.quarantine.clear();
+            self.persist();
+        }
+        count
+    }
+
+    /// Gives a node another name: a DNS label no other node has. The node's
+    /// peers hear of it now, the node itself at its next `Welcome`.
+    pub fn rename_node(&mut self, key: &PublicKey, name: &str) -> Result<(), RegistryError> {
+        if !is_dns_label(name) {
+            return Err(RegistryError::InvalidName { name: name.to_owned() });
+        }
+        if self.state.nodes.iter().any(|(k, r)| k != key && r.name == name) {
+            return Err(RegistryError::NameTaken { name: name.to_owned() });
+        }
+        let Some(record) = self.state.nodes.get_mut(key) else {
+            return Err(RegistryError::UnknownNode { key: key.to_string() });
+        };
+        if record.name == name {
+            return Ok(());
+        }
+        tracing::info!(node = %key.short(), old = %record.name, new = %name, "node renamed");
+        record.name = name.to_owned();
+        let msg = ServerMessage::PeerUpsert { peer: node_entry(key, record) };
+        self.persist();
+        let own = self.online.get(key).copied();
+        let conns: Vec<ConnId> = self.online.values().copied().filter(|c| Some(*c) != own).collect();
+        for conn in conns {
+            self.push(Command::Send { conn, msg: msg.clone() });
+        }
+        Ok(())
     }
 
     /// Creates a join token and returns it in full (`<id>.<secret>`, the
@@ -571,6 +953,11 @@ impl Registry {
         REJECT_REASONS.iter().zip(&self.rejections).map(|(reason, count)| (*reason, *count))
     }
 
+    /// Rate limits and refused candidates, counted since this registry was made.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
     /// Whether `key` has an admitted connection now.
     pub fn is_online(&self, key: &PublicKey) -> bool {
         self.online.contains_key(key)
@@ -581,16 +968,19 @@ impl Registry {
     /// `None`, executing commands in the order returned.
     pub fn poll_command(&mut self) -> Option<Command> {
         let cmd = self.commands.pop_front()?;
-        if cmd == Command::Persist {
-            self.persist_queued = false;
+        match cmd {
+            Command::Persist => self.persist_queued = false,
+            Command::PersistSoon => self.persist_soon_queued = false,
+            Command::Send { .. } | Command::Close { .. } => {}
         }
         Some(cmd)
     }
 
     /// Checks the hello and, for a new node, the token and a free address;
     /// on success the node's record exists (created for a new node, with
-    /// the token's use counted). On failure nothing has changed.
-    fn admit(&mut self, hello: &Hello, now_unix: u64) -> Result<(), Refusal> {
+    /// the token's use counted and its name bound), and the answer says
+    /// whether it was created. On failure nothing has changed.
+    fn admit(&mut self, hello: &Hello, now_unix: u64) -> Result<bool, Refusal> {
         if hello.version != PROTOCOL_VERSION {
             return Err(Refusal::new(
                 RejectReason::Version,
@@ -623,7 +1013,7 @@ impl Registry {
         }
         if self.state.nodes.contains_key(&key) {
             // Known node: no token needed, and one sent anyway is not spent.
-            return Ok(());
+            return Ok(false);
         }
 
         let token_id = self.check_token(hello.token.as_deref(), now_unix)?;
@@ -631,14 +1021,15 @@ impl Registry {
         if let Some(token) = self.state.tokens.get_mut(&token_id) {
             token.uses = token.uses.saturating_add(1);
         }
-        tracing::info!(
-            node = %key.short(), name = %hello.name, %ipv4, %ipv6, token = %token_id,
-            "node joined"
-        );
+        let name = unique(&dns_label(&hello.name), |n| self.state.nodes.values().any(|r| r.name == n));
+        if name != hello.name {
+            tracing::info!(node = %key.short(), asked = %for_log(&hello.name), %name, "node name adjusted");
+        }
+        tracing::info!(node = %key.short(), %name, %ipv4, %ipv6, token = %token_id, "node joined");
         self.state.nodes.insert(
             key,
             NodeRecord {
-                name: hello.name.clone(),
+                name,
                 ipv4,
                 ipv6,
                 joined_at: now_unix,
@@ -647,7 +1038,7 @@ impl Registry {
                 nat: NatMapping::Unknown,
             },
         );
-        Ok(())
+        Ok(true)
     }
 
     /// The id of the usable token `presented` names, or why not.
@@ -660,7 +1051,7 @@ impl Registry {
             return Err(refused("malformed token".into()));
         };
         let Some(record) = self.state.tokens.get(id) else {
-            return Err(refused(format!("unknown token id {id:?}")));
+            return Err(refused(format!("unknown token id {}", for_log(id))));
         };
         // A secret that is not base64 hashes as empty and cannot match.
         let secret = URL_SAFE_NO_PAD.decode(secret).unwrap_or_default();
@@ -684,15 +1075,16 @@ impl Registry {
         }
     }
 
-    /// The first IPv4 candidate of `key` that no other node holds, and
-    /// likewise for IPv6 (where a collision is a 2^-80 event, checked all
-    /// the same).
+    /// The first IPv4 candidate of `key` that no other node holds and no
+    /// quarantine holds back, and likewise for IPv6 (where a collision is a
+    /// 2^-80 event, checked all the same).
     fn allocate(&self, key: &PublicKey) -> Result<(Ipv4Addr, Ipv6Addr), Refusal> {
-        let others = self.state.nodes.iter().filter(|(k, _)| *k != key).map(|(_, r)| r);
+        let others = self.state.nodes.iter().filter(|(k, _)| *k != key).map(|(_, r)| (r.ipv4, r.ipv6));
+        let held = self.state.quarantine.iter().map(|q| (q.ipv4, q.ipv6));
         let (mut taken4, mut taken6) = (HashSet::new(), HashSet::new());
-        for r in others {
-            taken4.insert(r.ipv4);
-            taken6.insert(r.ipv6);
+        for (v4, v6) in others.chain(held) {
+            taken4.insert(v4);
+            taken6.insert(v6);
         }
         let mesh = &self.state.mesh;
         let ipv4 = ipam::ipv4_candidates(key, mesh.ipv4).find(|a| !taken4.contains(a));
@@ -706,7 +1098,7 @@ impl Registry {
                 RejectReason::BadToken,
                 format!(
                     "the mesh has no free overlay address in {}; the operator must remove \
-                     nodes before more can join",
+                     nodes (and release their addresses) before more can join",
                     mesh.ipv4
                 ),
                 format!("mesh {} full", mesh.ipv4),
@@ -728,6 +1120,42 @@ impl Registry {
         }
     }
 
+    fn persist_soon(&mut self) {
+        if !self.persist_soon_queued {
+            self.persist_soon_queued = true;
+            self.commands.push_back(Command::PersistSoon);
+        }
+    }
+
+    /// The node's announced candidates plus the observed one, ordered
+    /// Advertised, Observed, Local (stable within a kind), one per address.
+    /// "Observed" is the rendezvous's to say, so the node's own claims of
+    /// that kind are dropped, as are addresses no peer can use; each
+    /// dropped one is counted.
+    fn merge_candidates(&mut self, announced: &[Candidate], observed: SocketAddr) -> Vec<Candidate> {
+        let mut all = Vec::with_capacity(announced.len() + 1);
+        for c in announced {
+            let addr = canonical(c.addr);
+            let refusal = if c.kind == CandidateKind::Observed {
+                Some(CandidateRefusal::ClaimedObserved)
+            } else {
+                refuse_candidate(addr, &self.state.mesh)
+            };
+            match refusal {
+                Some(why) => {
+                    tracing::trace!(%addr, reason = why.as_str(), "announced candidate dropped");
+                    self.counters.refuse(why);
+                }
+                None => all.push(Candidate { addr, kind: c.kind }),
+            }
+        }
+        all.push(Candidate { addr: observed, kind: CandidateKind::Observed });
+        all.sort_by_key(|c| c.kind);
+        let mut seen = HashSet::new();
+        all.retain(|c| seen.insert(c.addr));
+        all
+    }
+
     fn push(&mut self, cmd: Command) {
         self.commands.push_back(cmd);
     }
@@ -744,29 +1172,101 @@ fn node_entry(key: &PublicKey, record: &NodeRecord) -> NodeEntry {
     }
 }
 
-/// The node's announced candidates plus the observed one, ordered
-/// Advertised, Observed, Local (stable within a kind), one per address.
-/// "Observed" is the rendezvous's to say, so the node's own claims of that
-/// kind are dropped, as are addresses nobody can send to.
-fn merge_candidates(announced: &[Candidate], observed: SocketAddr) -> Vec<Candidate> {
-    let mut all: Vec<Candidate> = announced
-        .iter()
-        .filter(|c| c.kind != CandidateKind::Observed && reachable(c.addr))
-        .map(|c| Candidate { addr: canonical(c.addr), kind: c.kind })
-        .collect();
-    all.push(Candidate { addr: observed, kind: CandidateKind::Observed });
-    all.sort_by_key(|c| c.kind);
-    let mut seen = HashSet::new();
-    all.retain(|c| seen.insert(c.addr));
-    all
-}
-
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-fn reachable(addr: SocketAddr) -> bool {
-    addr.port() != 0 && !addr.ip().is_unspecified() && !addr.ip().is_multicast()
+/// Why no peer can use `addr` (already canonical), if so.
+fn refuse_candidate(addr: SocketAddr, mesh: &MeshInfo) -> Option<CandidateRefusal> {
+    let ip = addr.ip();
+    if addr.port() == 0 {
+        return Some(CandidateRefusal::PortZero);
+    }
+    if ip.is_unspecified() {
+        return Some(CandidateRefusal::Unspecified);
+    }
+    if ip.is_loopback() {
+        return Some(CandidateRefusal::Loopback);
+    }
+    if ip.is_multicast() {
+        return Some(CandidateRefusal::Multicast);
+    }
+    let (link_local, broadcast, in_mesh) = match ip {
+        IpAddr::V4(v4) => (v4.is_link_local(), v4.is_broadcast(), mesh.ipv4.contains(&v4)),
+        // fe80::/10 (RFC 4291 §2.5.6).
+        IpAddr::V6(v6) => ((v6.segments()[0] & 0xffc0) == 0xfe80, false, mesh.ipv6.contains(&v6)),
+    };
+    if link_local {
+        Some(CandidateRefusal::LinkLocal)
+    } else if broadcast {
+        Some(CandidateRefusal::Broadcast)
+    } else if in_mesh {
+        Some(CandidateRefusal::MeshPrefix)
+    } else {
+        None
+    }
+}
+
+/// `name` made a DNS label (RFC 1035 §2.3.1, lowercase): its first
+/// dot-separated part, lowercased, every other character as `-`, runs of
+/// `-` as one, none at either end, at most [`MAX_LABEL`] characters;
+/// `node` if nothing is left.
+pub fn dns_label(name: &str) -> String {
+    let first = name.split('.').find(|part| !part.is_empty()).unwrap_or("");
+    let mut label = String::with_capacity(first.len().min(MAX_LABEL));
+    for c in first.chars() {
+        let c = c.to_ascii_lowercase();
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' };
+        if c == '-' && (label.is_empty() || label.ends_with('-')) {
+            continue;
+        }
+        if label.len() == MAX_LABEL {
+            break;
+        }
+        label.push(c);
+    }
+    while label.ends_with('-') {
+        label.pop();
+    }
+    if label.is_empty() {
+        label.push_str("node");
+    }
+    label
+}
+
+/// Whether `name` is already a DNS label as [`dns_label`] makes them.
+pub fn is_dns_label(name: &str) -> bool {
+    !name.is_empty() && dns_label(name) == name
+}
+
+/// `base`, or `base-2`, `base-3`… (shortened to stay a label), whichever
+/// `taken` says is free first.
+fn unique(base: &str, taken: impl Fn(&str) -> bool) -> String {
+    if !taken(base) {
+        return base.to_owned();
+    }
+    (2u64..)
+        .map(|n| {
+            let suffix = format!("-{n}");
+            let keep = base.len().min(MAX_LABEL - suffix.len());
+            // A label is ASCII, so any byte index is a character boundary.
+            format!("{}{suffix}", base.get(..keep).unwrap_or(base).trim_end_matches('-'))
+        })
+        .find(|candidate| !taken(candidate))
+        .unwrap_or_else(|| base.to_owned())
+}
+
+/// Untrusted text as a log line may show it: escaped, and at most
+/// [`MAX_LOGGED`] characters of it with the length of the rest.
+pub fn for_log(text: &str) -> String {
+    let escaped: String = text.chars().flat_map(char::escape_debug).take(MAX_LOGGED).collect();
+    let shown = escaped.chars().count();
+    let total: usize = text.chars().map(|c| c.escape_debug().count()).sum();
+    if total > shown {
+        format!("\"{escaped}\"… ({} bytes)", text.len())
+    } else {
+        format!("\"{escaped}\"")
+    }
 }
 
 fn check_name(name: &str) -> Result<(), String> {
@@ -808,6 +1308,14 @@ mod tests {
 
     const NOW: u64 = 1_700_000_000;
     const DAY: u64 = 86_400;
+
+    /// `unix` as the shell would hand it over, on one monotonic clock
+    /// that reads `NOW` at its start.
+    fn at(unix: u64) -> Now {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let start = *START.get_or_init(Instant::now);
+        Now { unix, instant: start + std::time::Duration::from_secs(unix.saturating_sub(NOW)) }
+    }
 
     fn key(n: u8) -> PublicKey {
         PublicKey::from_bytes([n; 32])
@@ -858,7 +1366,7 @@ mod tests {
 
     /// Admits node `n` on `ConnId(n)` and drains the commands.
     fn join(reg: &mut Registry, n: u8, token: &str) -> Vec<Command> {
-        reg.handle_hello(ConnId(n.into()), &hello(n, Some(token)), observed(n), NOW);
+        reg.handle_hello(ConnId(n.into()), &hello(n, Some(token)), observed(n), at(NOW));
         let cmds = drain(reg);
         let conn = ConnId(n.into());
         assert!(
@@ -897,7 +1405,7 @@ mod tests {
     #[test]
     fn a_new_node_with_a_good_token_is_persisted_then_welcomed() {
         let (mut reg, token) = with_token();
-        reg.handle_hello(ConnId(1), &hello(1, Some(&token)), observed(1), NOW);
+        reg.handle_hello(ConnId(1), &hello(1, Some(&token)), observed(1), at(NOW));
         let cmds = drain(&mut reg);
         assert_eq!(cmds.len(), 2, "{cmds:?}");
         assert_eq!(cmds[0], Command::Persist);
@@ -928,7 +1436,7 @@ mod tests {
         let (mut reg, token) = with_token();
         join(&mut reg, 1, &token);
         join(&mut reg, 2, &token);
-        reg.handle_disconnect(ConnId(2), NOW + 5);
+        reg.handle_disconnect(ConnId(2), at(NOW + 5));
         drain(&mut reg);
         let (me, peers) = welcome(&join(&mut reg, 3, &token));
         assert_eq!(me.public_key, key(3));
@@ -974,7 +1482,7 @@ mod tests {
         drain(&mut reg);
         join(&mut reg, 1, &used);
         join(&mut reg, 2, &unlimited);
-        reg.remove_node(&key(2));
+        reg.remove_node(&key(2), false, NOW);
         drain(&mut reg);
         let wrong_secret = format!("open.{}", URL_SAFE_NO_PAD.encode([9u8; 32]));
 
@@ -1009,7 +1517,7 @@ mod tests {
 
         let before = reg.state().clone();
         for (what, h, reason) in cases {
-            reg.handle_hello(ConnId(99), &h, observed(10), NOW);
+            reg.handle_hello(ConnId(99), &h, observed(10), at(NOW));
             let cmds = drain(&mut reg);
             let message = assert_rejected_only(&cmds, ConnId(99), reason);
             assert!(
@@ -1025,11 +1533,11 @@ mod tests {
     fn refused_hellos_are_counted_by_reason_and_admissions_are_not() {
         let (mut reg, token) = with_token();
         join(&mut reg, 1, &token);
-        reg.handle_hello(ConnId(2), &hello(2, None), observed(2), NOW);
-        reg.handle_hello(ConnId(3), &hello(3, Some("nosuch.AAAA")), observed(3), NOW);
+        reg.handle_hello(ConnId(2), &hello(2, None), observed(2), at(NOW));
+        reg.handle_hello(ConnId(3), &hello(3, Some("nosuch.AAAA")), observed(3), at(NOW));
         let mut newer = hello(4, Some(&token));
         newer.version = PROTOCOL_VERSION + 1;
-        reg.handle_hello(ConnId(4), &newer, observed(4), NOW);
+        reg.handle_hello(ConnId(4), &newer, observed(4), at(NOW));
         // One the shell refused before the registry saw it.
         reg.count_rejection(RejectReason::BadProof);
         drain(&mut reg);
@@ -1051,9 +1559,9 @@ mod tests {
         let (mut reg, _) = with_token();
         let wrong = format!("abc123.{}", URL_SAFE_NO_PAD.encode([9u8; 32]));
         let unknown = format!("zzz999.{}", URL_SAFE_NO_PAD.encode([9u8; 32]));
-        reg.handle_hello(ConnId(1), &hello(1, Some(&wrong)), observed(1), NOW);
+        reg.handle_hello(ConnId(1), &hello(1, Some(&wrong)), observed(1), at(NOW));
         let a = assert_rejected_only(&drain(&mut reg), ConnId(1), RejectReason::BadToken);
-        reg.handle_hello(ConnId(2), &hello(2, Some(&unknown)), observed(2), NOW);
+        reg.handle_hello(ConnId(2), &hello(2, Some(&unknown)), observed(2), at(NOW));
         let b = assert_rejected_only(&drain(&mut reg), ConnId(2), RejectReason::BadToken);
         assert_eq!(a, b);
         assert!(!a.contains("abc123"));
@@ -1064,10 +1572,10 @@ mod tests {
         let mut reg = registry();
         let token = reg.create_token([5; 32], "short".into(), 60, None, NOW).unwrap();
         drain(&mut reg);
-        reg.handle_hello(ConnId(1), &hello(1, Some(&token)), observed(1), NOW + 60);
+        reg.handle_hello(ConnId(1), &hello(1, Some(&token)), observed(1), at(NOW + 60));
         let message = assert_rejected_only(&drain(&mut reg), ConnId(1), RejectReason::BadToken);
         assert_eq!(message, TOKEN_EXPIRED);
-        reg.handle_hello(ConnId(2), &hello(1, Some(&token)), observed(1), NOW + 59);
+        reg.handle_hello(ConnId(2), &hello(1, Some(&token)), observed(1), at(NOW + 59));
         assert_eq!(welcome(&drain(&mut reg)).0.public_key, key(1));
     }
 
@@ -1075,9 +1583,9 @@ mod tests {
     fn a_removed_node_is_refused_even_with_a_valid_token() {
         let (mut reg, token) = with_token();
         join(&mut reg, 1, &token);
-        assert!(reg.remove_node(&key(1)));
+        assert!(reg.remove_node(&key(1), false, NOW));
         drain(&mut reg);
-        reg.handle_hello(ConnId(5), &hello(1, Some(&token)), observed(1), NOW);
+        reg.handle_hello(ConnId(5), &hello(1, Some(&token)), observed(1), at(NOW));
         assert_rejected_only(&drain(&mut reg), ConnId(5), RejectReason::Removed);
         assert_eq!(reg.state().tokens["abc123"].uses, 1);
     }
@@ -1088,7 +1596,7 @@ mod tests {
         let token = reg.create_token([8; 32], "once".into(), DAY, Some(1), NOW).unwrap();
         drain(&mut reg);
         for n in 1..=20u8 {
-            reg.handle_hello(ConnId(n.into()), &hello(n, Some(&token)), observed(n), NOW);
+            reg.handle_hello(ConnId(n.into()), &hello(n, Some(&token)), observed(n), at(NOW));
         }
         let cmds = drain(&mut reg);
         let welcomes = cmds
@@ -1113,24 +1621,25 @@ mod tests {
             join(&mut reg, n, &token);
         }
         assert_eq!(reg.state().tokens["three"].status(NOW), TokenStatus::UsedUp);
-        reg.handle_hello(ConnId(4), &hello(4, Some(&token)), observed(4), NOW);
+        reg.handle_hello(ConnId(4), &hello(4, Some(&token)), observed(4), at(NOW));
         assert_rejected_only(&drain(&mut reg), ConnId(4), RejectReason::BadToken);
     }
 
     #[test]
-    fn a_known_node_rejoins_without_a_token_and_keeps_its_address() {
+    fn a_known_node_rejoins_without_a_token_and_keeps_its_address_and_name() {
         let (mut reg, token) = with_token();
         let (first, _) = welcome(&join(&mut reg, 1, &token));
-        reg.handle_disconnect(ConnId(1), NOW + 1);
+        reg.handle_disconnect(ConnId(1), at(NOW + 1));
         drain(&mut reg);
         reg.revoke_token("abc123");
         drain(&mut reg);
         let mut again = hello(1, None);
         again.name = "renamed".into();
-        reg.handle_hello(ConnId(7), &again, observed(1), NOW + 2);
+        reg.handle_hello(ConnId(7), &again, observed(1), at(NOW + 2));
         let (second, _) = welcome(&drain(&mut reg));
         assert_eq!((second.ipv4, second.ipv6), (first.ipv4, first.ipv6));
-        assert_eq!(second.name, "renamed");
+        assert_eq!(second.name, "node-1", "the name is bound to the key at first admission");
+        assert_eq!(reg.state().nodes[&key(1)].name, "node-1");
         assert_eq!(reg.state().tokens["abc123"].uses, 1);
         assert_eq!(reg.state().nodes[&key(1)].joined_at, NOW);
     }
@@ -1141,7 +1650,7 @@ mod tests {
         let token = reg.create_token([8; 32], "two".into(), DAY, Some(2), NOW).unwrap();
         drain(&mut reg);
         join(&mut reg, 1, &token);
-        reg.handle_hello(ConnId(9), &hello(1, Some(&token)), observed(1), NOW);
+        reg.handle_hello(ConnId(9), &hello(1, Some(&token)), observed(1), at(NOW));
         drain(&mut reg);
         assert_eq!(reg.state().tokens["two"].uses, 1);
     }
@@ -1165,7 +1674,7 @@ mod tests {
                 ConnId(100 + u64::from(n)),
                 &hello(n, None),
                 observed(n),
-                NOW + 60,
+                at(NOW + 60),
             );
             let (e, _) = welcome(&drain(&mut restarted));
             assert_eq!((e.ipv4, e.ipv6), addrs[usize::from(n - 1)]);
@@ -1198,14 +1707,14 @@ mod tests {
             assert!(taken.insert(e.ipv4), "node {n} got a taken address");
         }
         assert_eq!(taken.len(), 6);
-        reg.handle_hello(ConnId(7), &hello(7, Some(&token)), observed(7), NOW);
+        reg.handle_hello(ConnId(7), &hello(7, Some(&token)), observed(7), at(NOW));
         let message = assert_rejected_only(&drain(&mut reg), ConnId(7), RejectReason::BadToken);
         assert!(message.contains("no free overlay address"), "{message}");
         assert_eq!(reg.state().tokens["many"].uses, 6);
 
-        // Removing a node frees its address for the next one.
+        // Removing a node and releasing its address frees it for the next one.
         let freed = reg.state().nodes[&key(3)].ipv4;
-        reg.remove_node(&key(3));
+        reg.remove_node(&key(3), true, NOW);
         drain(&mut reg);
         let (e, _) = welcome(&join(&mut reg, 7, &token));
         assert_eq!(e.ipv4, freed);
@@ -1238,7 +1747,7 @@ mod tests {
         for n in 1..=3 {
             join(&mut reg, n, &token);
         }
-        assert!(reg.remove_node(&key(2)));
+        assert!(reg.remove_node(&key(2), false, NOW));
         let cmds = drain(&mut reg);
         assert_eq!(
             cmds,
@@ -1267,10 +1776,10 @@ mod tests {
         assert!(!reg.is_online(&key(2)));
 
         // Its connection no longer counts as admitted.
-        reg.handle_candidates(ConnId(2), Vec::new(), NOW);
+        reg.handle_candidates(ConnId(2), Vec::new(), at(NOW));
         assert!(drain(&mut reg).is_empty());
         // And it is not in later welcomes.
-        reg.handle_hello(ConnId(9), &hello(1, None), observed(1), NOW);
+        reg.handle_hello(ConnId(9), &hello(1, None), observed(1), at(NOW));
         let (_, peers) = welcome(&drain(&mut reg));
         assert_eq!(peers.iter().map(|p| p.public_key).collect::<Vec<_>>(), vec![key(3)]);
     }
@@ -1278,13 +1787,13 @@ mod tests {
     #[test]
     fn removing_an_unknown_node_does_nothing() {
         let mut reg = registry();
-        assert!(!reg.remove_node(&key(1)));
+        assert!(!reg.remove_node(&key(1), false, NOW));
         assert!(drain(&mut reg).is_empty());
         assert!(reg.state().removed.is_empty());
     }
 
     #[test]
-    fn a_candidate_change_is_persisted_and_announced_to_the_others() {
+    fn a_candidate_change_is_saved_soon_and_announced_to_the_others() {
         let (mut reg, token) = with_token();
         join(&mut reg, 1, &token);
         join(&mut reg, 2, &token);
@@ -1292,19 +1801,19 @@ mod tests {
             addr: SocketAddr::from(([192, 0, 2, 1], 51820)),
             kind: CandidateKind::Advertised,
         };
-        reg.handle_candidates(ConnId(1), vec![new], NOW + 10);
+        reg.handle_candidates(ConnId(1), vec![new], at(NOW + 10));
         let cmds = drain(&mut reg);
         let expected = vec![new, Candidate { addr: observed(1), kind: CandidateKind::Observed }];
         let upsert =
             |peer| Command::Send { conn: ConnId(2), msg: ServerMessage::PeerUpsert { peer } };
         let mut entry = node_entry(&key(1), &reg.state().nodes[&key(1)]);
         entry.candidates.clone_from(&expected);
-        assert_eq!(cmds, vec![Command::Persist, upsert(entry)]);
+        assert_eq!(cmds, vec![Command::PersistSoon, upsert(entry)]);
         assert_eq!(reg.state().nodes[&key(1)].candidates, expected);
         assert_eq!(reg.state().nodes[&key(1)].last_seen, NOW + 10);
 
         // The same list again changes nothing.
-        reg.handle_candidates(ConnId(1), vec![new], NOW + 20);
+        reg.handle_candidates(ConnId(1), vec![new], at(NOW + 20));
         assert!(drain(&mut reg).is_empty());
     }
 
@@ -1314,9 +1823,9 @@ mod tests {
         join(&mut reg, 1, &token);
         join(&mut reg, 2, &token);
         drain(&mut reg);
-        reg.handle_nat(ConnId(1), NatMapping::EndpointDependent, NOW + 1);
+        reg.handle_nat(ConnId(1), NatMapping::EndpointDependent, at(NOW + 1));
         let cmds = drain(&mut reg);
-        assert!(cmds.iter().any(|c| matches!(c, Command::Persist)), "{cmds:?}");
+        assert!(cmds.iter().any(|c| matches!(c, Command::PersistSoon)), "{cmds:?}");
         let upserts: Vec<_> = cmds
             .iter()
             .filter_map(|c| match c {
@@ -1325,9 +1834,9 @@ mod tests {
             })
             .collect();
         assert_eq!(upserts, vec![(ConnId(2), NatMapping::EndpointDependent)]);
-        reg.handle_nat(ConnId(1), NatMapping::EndpointDependent, NOW + 2);
+        reg.handle_nat(ConnId(1), NatMapping::EndpointDependent, at(NOW + 2));
         assert!(drain(&mut reg).is_empty(), "the same report again changes nothing");
-        reg.handle_nat(ConnId(42), NatMapping::None, NOW + 3);
+        reg.handle_nat(ConnId(42), NatMapping::None, at(NOW + 3));
         assert!(drain(&mut reg).is_empty(), "a connection that is not admitted is ignored");
         let (_, peers) = welcome(&join(&mut reg, 3, &token));
         assert_eq!(peers[0].nat, NatMapping::EndpointDependent, "a later joiner learns it too");
@@ -1340,10 +1849,10 @@ mod tests {
         let before = reg.state().clone();
         let c =
             Candidate { addr: SocketAddr::from(([192, 0, 2, 1], 1)), kind: CandidateKind::Local };
-        reg.handle_candidates(ConnId(42), vec![c], NOW);
-        reg.handle_hello(ConnId(43), &hello(9, Some("bad.token")), observed(9), NOW);
+        reg.handle_candidates(ConnId(42), vec![c], at(NOW));
+        reg.handle_hello(ConnId(43), &hello(9, Some("bad.token")), observed(9), at(NOW));
         drain(&mut reg);
-        reg.handle_candidates(ConnId(43), vec![c], NOW);
+        reg.handle_candidates(ConnId(43), vec![c], at(NOW));
         assert!(drain(&mut reg).is_empty());
         assert_eq!(reg.state(), &before);
     }
@@ -1359,7 +1868,7 @@ mod tests {
                 kind: CandidateKind::Local,
             })
             .collect();
-        reg.handle_candidates(ConnId(1), many, NOW);
+        reg.handle_candidates(ConnId(1), many, at(NOW));
         assert!(drain(&mut reg).is_empty());
         assert_eq!(reg.state(), &before);
     }
@@ -1385,7 +1894,7 @@ mod tests {
             local([10, 0, 0, 2], 0),
             local([172, 16, 0, 1], 51820),
         ];
-        let merged = merge_candidates(&announced, obs);
+        let merged = registry().merge_candidates(&announced, obs);
         assert_eq!(
             merged,
             vec![
@@ -1404,7 +1913,7 @@ mod tests {
     fn an_ipv4_mapped_observed_address_is_reported_as_ipv4() {
         let (mut reg, token) = with_token();
         let mapped: SocketAddr = "[::ffff:198.51.100.7]:4000".parse().unwrap();
-        reg.handle_hello(ConnId(1), &hello(1, Some(&token)), mapped, NOW);
+        reg.handle_hello(ConnId(1), &hello(1, Some(&token)), mapped, at(NOW));
         let cmds = drain(&mut reg);
         let obs = cmds.iter().find_map(|c| match c {
             Command::Send { msg: ServerMessage::Welcome { observed, .. }, .. } => Some(*observed),
@@ -1418,7 +1927,7 @@ mod tests {
         let (mut reg, token) = with_token();
         join(&mut reg, 1, &token);
         join(&mut reg, 2, &token);
-        reg.handle_hello(ConnId(11), &hello(1, None), observed(1), NOW + 1);
+        reg.handle_hello(ConnId(11), &hello(1, None), observed(1), at(NOW + 1));
         let cmds = drain(&mut reg);
         assert_eq!(cmds[0], Command::Close { conn: ConnId(1), reason: CloseReason::Superseded });
         assert!(cmds.iter().any(|c| matches!(
@@ -1432,11 +1941,11 @@ mod tests {
         assert!(!cmds.iter().any(|c| matches!(c, Command::Send { conn: ConnId(1), .. })));
 
         // The old connection's end does not take the node offline.
-        reg.handle_disconnect(ConnId(1), NOW + 2);
+        reg.handle_disconnect(ConnId(1), at(NOW + 2));
         assert!(drain(&mut reg).is_empty());
         assert!(reg.is_online(&key(1)));
         // And it no longer speaks for the node.
-        reg.handle_candidates(ConnId(1), Vec::new(), NOW + 3);
+        reg.handle_candidates(ConnId(1), Vec::new(), at(NOW + 3));
         assert!(drain(&mut reg).is_empty());
     }
 
@@ -1445,14 +1954,14 @@ mod tests {
         let (mut reg, token) = with_token();
         join(&mut reg, 1, &token);
         join(&mut reg, 2, &token);
-        reg.handle_disconnect(ConnId(1), NOW + 30);
-        assert_eq!(drain(&mut reg), vec![Command::Persist]);
+        reg.handle_disconnect(ConnId(1), at(NOW + 30));
+        assert_eq!(drain(&mut reg), vec![Command::PersistSoon], "presence may be saved late");
         assert!(!reg.is_online(&key(1)));
         assert_eq!(reg.state().nodes[&key(1)].last_seen, NOW + 30);
         let listed: Vec<_> = reg.nodes().into_iter().map(|n| (n.public_key, n.online)).collect();
         assert_eq!(listed, vec![(key(1), false), (key(2), true)]);
         // A rejected connection's end is nothing.
-        reg.handle_disconnect(ConnId(77), NOW + 31);
+        reg.handle_disconnect(ConnId(77), at(NOW + 31));
         assert!(drain(&mut reg).is_empty());
     }
 
@@ -1460,7 +1969,7 @@ mod tests {
     fn a_second_hello_on_an_admitted_connection_is_ignored() {
         let (mut reg, token) = with_token();
         join(&mut reg, 1, &token);
-        reg.handle_hello(ConnId(1), &hello(2, Some(&token)), observed(2), NOW);
+        reg.handle_hello(ConnId(1), &hello(2, Some(&token)), observed(2), at(NOW));
         assert!(drain(&mut reg).is_empty());
         assert!(!reg.state().nodes.contains_key(&key(2)));
     }
@@ -1517,7 +2026,7 @@ mod tests {
     fn state_serializes_public_keys_as_json_object_keys() {
         let (mut reg, token) = with_token();
         join(&mut reg, 1, &token);
-        reg.remove_node(&key(1));
+        reg.remove_node(&key(1), false, NOW);
         drain(&mut reg);
         join(&mut reg, 2, &token);
         let value = serde_json::to_value(reg.state()).unwrap();
@@ -1536,8 +2045,340 @@ mod tests {
             CloseReason::Rejected(RejectReason::BadToken),
             CloseReason::Rejected(RejectReason::Removed),
             CloseReason::Rejected(RejectReason::BadHello),
+            CloseReason::Flooding,
         ];
         let codes: BTreeSet<_> = all.iter().map(|r| r.code()).collect();
         assert_eq!(codes.len(), all.len());
+    }
+
+    // -----------------------------------------------------------------------
+    // What a member can make the rendezvous do
+    // -----------------------------------------------------------------------
+
+    /// The default limits, except that nothing refills within a test: each
+    /// budget is exactly its burst.
+    fn no_refill() -> Limits {
+        let hour = std::time::Duration::from_secs(3600);
+        let d = Limits::default();
+        Limits {
+            candidates: Rate::new(d.candidates.burst, hour),
+            nat: Rate::new(d.nat.burst, hour),
+            punch: Rate::new(d.punch.burst, hour),
+            punch_pair: Rate::new(d.punch_pair.burst, hour),
+            tolerance: Rate::new(d.tolerance.burst, hour),
+        }
+    }
+
+    fn with_limits(limits: Limits) -> (Registry, String) {
+        let mut reg = Registry::with_limits(RegistryState::new(mesh("100.72.0.0/16")), limits);
+        let token = reg.create_token([7; 32], "abc123".into(), DAY, None, NOW).unwrap();
+        drain(&mut reg);
+        (reg, token)
+    }
+
+    fn local(port: u16) -> Candidate {
+        Candidate { addr: SocketAddr::from(([192, 0, 2, 1], port)), kind: CandidateKind::Local }
+    }
+
+    #[test]
+    fn a_candidate_storm_is_held_to_its_rate_and_the_flooder_is_closed() {
+        let limits = no_refill();
+        let (mut reg, token) = with_limits(limits);
+        join(&mut reg, 1, &token);
+        join(&mut reg, 2, &token);
+        let (mut saves, mut upserts, mut closes, mut handled) = (0, 0, Vec::new(), 0);
+        for i in 0..2_000u16 {
+            // Each list differs from the one before: every one is a change.
+            reg.handle_candidates(ConnId(1), vec![local(1000 + i % 2)], at(NOW));
+            handled += 1;
+            for cmd in drain(&mut reg) {
+                match cmd {
+                    Command::Persist | Command::PersistSoon => saves += 1,
+                    Command::Send { conn: ConnId(2), msg: ServerMessage::PeerUpsert { .. } } => upserts += 1,
+                    Command::Close { conn, reason } => closes.push((conn, reason)),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            if !closes.is_empty() {
+                break;
+            }
+        }
+        let burst = limits.candidates.burst as usize;
+        // One save per message within the rate, and one for going offline.
+        assert_eq!((saves, upserts), (burst + 1, burst), "only the messages within the rate are saved and sent");
+        assert_eq!(closes, vec![(ConnId(1), CloseReason::Flooding)]);
+        assert_eq!(handled, burst + limits.tolerance.burst as usize + 1, "closed once past the tolerance");
+        assert!(!reg.is_online(&key(1)), "its connection is gone");
+        reg.handle_candidates(ConnId(1), vec![local(7)], at(NOW));
+        assert!(drain(&mut reg).is_empty(), "and speaks for no one any more");
+        let over: Vec<_> = reg.counters().over_rate().collect();
+        let dropped = (limits.tolerance.burst + 1).into();
+        assert_eq!(over, vec![(MessageKind::Candidates, dropped), (MessageKind::Nat, 0), (MessageKind::Punch, 0)]);
+        assert_eq!(reg.counters().closed_flooding, 1);
+    }
+
+    #[test]
+    fn messages_over_the_rate_are_dropped_and_the_budget_refills() {
+        let (mut reg, token) = with_token();
+        join(&mut reg, 1, &token);
+        join(&mut reg, 2, &token);
+        let rate = Limits::default().nat;
+        let mappings = [NatMapping::EndpointDependent, NatMapping::EndpointIndependent];
+        for i in 0..rate.burst {
+            reg.handle_nat(ConnId(1), mappings[i as usize % 2], at(NOW));
+        }
+        assert_eq!(drain(&mut reg).iter().filter(|c| matches!(c, Command::Send { .. })).count(), rate.burst as usize);
+        reg.handle_nat(ConnId(1), NatMapping::None, at(NOW));
+        assert!(drain(&mut reg).is_empty(), "over the rate: dropped");
+        assert_eq!(reg.state().nodes[&key(1)].nat, mappings[(rate.burst as usize - 1) % 2]);
+        reg.handle_nat(ConnId(1), NatMapping::None, at(NOW + rate.every.as_secs()));
+        assert!(!drain(&mut reg).is_empty(), "one more once the interval passed");
+        assert_eq!(reg.state().nodes[&key(1)].nat, NatMapping::None);
+        assert!(reg.is_online(&key(1)), "a few over the rate do not close the connection");
+    }
+
+    #[test]
+    fn punches_are_passed_on_at_the_pair_rate_and_a_punch_storm_is_closed() {
+        let limits = no_refill();
+        let (mut reg, token) = with_limits(limits);
+        for n in 1..=3 {
+            join(&mut reg, n, &token);
+        }
+        let punch =
+            |to: u64, from: u8| Command::Send { conn: ConnId(to), msg: ServerMessage::Punch { peer: key(from) } };
+        for _ in 0..5 {
+            reg.handle_punch(ConnId(1), &key(2), at(NOW));
+        }
+        let pair = limits.punch_pair.burst as usize;
+        assert_eq!(drain(&mut reg), vec![punch(2, 1); pair], "the pair's burst, then nothing");
+        assert_eq!(reg.counters().punch_pair_limited, 5 - pair as u64);
+        reg.handle_punch(ConnId(1), &key(3), at(NOW));
+        assert_eq!(drain(&mut reg), vec![punch(3, 1)], "another target has a budget of its own");
+        reg.handle_punch(ConnId(2), &key(1), at(NOW));
+        assert_eq!(drain(&mut reg), vec![punch(1, 2)], "and so has another requester");
+
+        // A storm of 2,000 punches at one target: still the pair's burst
+        // (spent above), and the connection closed once past its budget.
+        let mut forwarded = 0;
+        let mut closed = false;
+        for _ in 0..2_000 {
+            reg.handle_punch(ConnId(1), &key(2), at(NOW));
+            for cmd in drain(&mut reg) {
+                match cmd {
+                    Command::Send { msg: ServerMessage::Punch { .. }, .. } => forwarded += 1,
+                    Command::Close { conn: ConnId(1), reason: CloseReason::Flooding } => closed = true,
+                    Command::PersistSoon => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        assert_eq!(forwarded, 0);
+        assert!(closed, "a punch storm closes the connection");
+    }
+
+    #[test]
+    fn the_pair_rate_lets_a_node_punch_every_ten_seconds() {
+        let (mut reg, token) = with_token();
+        join(&mut reg, 1, &token);
+        join(&mut reg, 2, &token);
+        for t in (0..120).step_by(10) {
+            reg.handle_punch(ConnId(1), &key(2), at(NOW + t));
+            assert_eq!(drain(&mut reg).len(), 1, "punch at +{t}s");
+        }
+        assert_eq!(reg.counters().punch_pair_limited, 0);
+    }
+
+    #[test]
+    fn candidates_nobody_can_use_are_dropped_and_counted() {
+        let (mut reg, token) = with_token();
+        join(&mut reg, 1, &token);
+        let mesh_v4 = SocketAddr::from((reg.state().mesh.ipv4.network(), 51820));
+        let mesh_v6 = SocketAddr::new(IpAddr::V6(reg.state().mesh.ipv6.network()), 51820);
+        let announced: Vec<Candidate> = [
+            "127.0.0.1:51820",
+            "[::1]:51820",
+            "169.254.10.1:51820",
+            "[fe80::1]:51820",
+            "0.0.0.0:51820",
+            "[::]:51820",
+            "224.0.0.1:51820",
+            "[ff02::1]:51820",
+            "255.255.255.255:51820",
+            "[::ffff:127.0.0.1]:51820",
+            "192.0.2.7:0",
+            &mesh_v4.to_string(),
+            &mesh_v6.to_string(),
+            "10.1.2.3:51820",
+            "[2001:db8::7]:51820",
+        ]
+        .iter()
+        .map(|a| Candidate { addr: a.parse().unwrap(), kind: CandidateKind::Local })
+        .collect();
+        reg.handle_candidates(ConnId(1), announced, at(NOW));
+        drain(&mut reg);
+        let kept: Vec<String> = reg.state().nodes[&key(1)].candidates.iter().map(|c| c.addr.to_string()).collect();
+        assert_eq!(kept, vec![observed(1).to_string(), "10.1.2.3:51820".into(), "[2001:db8::7]:51820".into()]);
+        let refused: Vec<(&str, u64)> = reg.counters().candidates_refused().map(|(r, n)| (r.as_str(), n)).collect();
+        assert_eq!(
+            refused,
+            vec![
+                ("port_zero", 1),
+                ("unspecified", 2),
+                ("loopback", 3),
+                ("link_local", 2),
+                ("multicast", 2),
+                ("broadcast", 1),
+                ("mesh_prefix", 2),
+                ("claimed_observed", 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn names_are_made_dns_labels() {
+        for (asked, label) in [
+            ("node-1", "node-1"),
+            ("Worker_01.example.com", "worker-01"),
+            ("--a  b--", "a-b"),
+            ("日本", "node"),
+            (".hidden", "hidden"),
+            ("...", "node"),
+        ] {
+            assert_eq!(dns_label(asked), label, "{asked:?}");
+        }
+        let long = "x".repeat(300);
+        assert_eq!(dns_label(&long).len(), MAX_LABEL);
+        assert!(is_dns_label("node-2") && !is_dns_label("Node") && !is_dns_label("-a") && !is_dns_label(""));
+    }
+
+    #[test]
+    fn a_taken_name_gets_a_suffix_and_the_welcome_says_which() {
+        let (mut reg, token) = with_token();
+        let named = |reg: &mut Registry, n: u8, name: &str| {
+            let mut h = hello(n, Some(&token));
+            h.name = name.into();
+            reg.handle_hello(ConnId(n.into()), &h, observed(n), at(NOW));
+            welcome(&drain(reg)).0.name
+        };
+        assert_eq!(named(&mut reg, 1, "node-a"), "node-a");
+        assert_eq!(named(&mut reg, 2, "node-a"), "node-a-2");
+        assert_eq!(named(&mut reg, 3, "NODE-A.lab"), "node-a-3");
+        assert_eq!(named(&mut reg, 4, &"y".repeat(70)), "y".repeat(MAX_LABEL));
+        assert_eq!(named(&mut reg, 5, &"y".repeat(70)), format!("{}-2", "y".repeat(MAX_LABEL - 2)));
+        let names: BTreeSet<String> = reg.nodes().into_iter().map(|n| n.name).collect();
+        assert_eq!(names.len(), 5, "{names:?}");
+    }
+
+    #[test]
+    fn a_readmitted_node_keeps_its_bound_name_and_only_the_operator_renames() {
+        let (mut reg, token) = with_token();
+        join(&mut reg, 1, &token);
+        join(&mut reg, 2, &token);
+        let mut claim = hello(1, None);
+        claim.name = "node-2".into();
+        reg.handle_hello(ConnId(11), &claim, observed(1), at(NOW + 1));
+        assert_eq!(welcome(&drain(&mut reg)).0.name, "node-1", "a hello cannot take another's name");
+
+        assert_eq!(reg.rename_node(&key(1), "node-2"), Err(RegistryError::NameTaken { name: "node-2".into() }));
+        assert!(matches!(reg.rename_node(&key(1), "Bad Name"), Err(RegistryError::InvalidName { .. })));
+        assert!(drain(&mut reg).is_empty(), "a refused rename changes nothing");
+        reg.rename_node(&key(1), "db-1").unwrap();
+        let cmds = drain(&mut reg);
+        assert_eq!(cmds[0], Command::Persist);
+        assert!(matches!(&cmds[1..], [Command::Send { conn: ConnId(2), msg: ServerMessage::PeerUpsert { peer } }]
+            if peer.name == "db-1"), "{cmds:?}");
+
+        // The operator's rename wins over the next hello too.
+        reg.handle_hello(ConnId(12), &hello(1, None), observed(1), at(NOW + 2));
+        assert_eq!(welcome(&drain(&mut reg)).0.name, "db-1");
+    }
+
+    #[test]
+    fn a_state_with_shared_or_odd_names_loads_with_unique_labels() {
+        let (mut reg, token) = with_token();
+        join(&mut reg, 1, &token);
+        join(&mut reg, 2, &token);
+        join(&mut reg, 3, &token);
+        let mut state = reg.state().clone();
+        // As v0.1.0 kept them: whatever each hello said.
+        for (n, name) in [(1, "Node-A"), (2, "node-a"), (3, "node-a.lab")] {
+            state.nodes.get_mut(&key(n)).unwrap().name = name.into();
+        }
+        let mut loaded = Registry::new(state);
+        assert_eq!(drain(&mut loaded), vec![Command::Persist], "the new names are saved");
+        let names: Vec<String> = loaded.nodes().into_iter().map(|n| n.name).collect();
+        assert_eq!(names, vec!["node-a", "node-a-2", "node-a-3"], "in key order");
+        let mut again = Registry::new(loaded.state().clone());
+        assert!(drain(&mut again).is_empty(), "a second load changes nothing");
+    }
+
+    /// A key whose first address choice in `mesh` is `wanted`, as a token
+    /// holder would grind one.
+    fn ground_key(wanted: Ipv4Addr, mesh: ipnet::Ipv4Net) -> PublicKey {
+        (0..=u16::MAX)
+            .map(|i| {
+                let mut bytes = [0xee; 32];
+                bytes[..2].copy_from_slice(&i.to_be_bytes());
+                PublicKey::from_bytes(bytes)
+            })
+            .find(|k| ipam::ipv4_candidates(k, mesh).next() == Some(wanted))
+            .expect("a /24 is quick to grind")
+    }
+
+    #[test]
+    fn a_removed_nodes_addresses_are_quarantined_until_the_operator_releases_them() {
+        let mut reg = Registry::new(RegistryState::new(mesh("10.9.8.0/24")));
+        let token = reg.create_token([8; 32], "many".into(), DAY, None, NOW).unwrap();
+        drain(&mut reg);
+        let (victim, _) = welcome(&join(&mut reg, 1, &token));
+        assert!(reg.remove_node(&key(1), false, NOW + 5));
+        drain(&mut reg);
+        assert_eq!(
+            reg.quarantined(),
+            &[Quarantined {
+                public_key: key(1),
+                name: "node-1".into(),
+                ipv4: victim.ipv4,
+                ipv6: victim.ipv6,
+                removed_at: NOW + 5
+            }]
+        );
+
+        let grinder = ground_key(victim.ipv4, reg.state().mesh.ipv4);
+        let mut h = hello(0, Some(&token));
+        h.public_key = grinder;
+        reg.handle_hello(ConnId(20), &h, observed(20), at(NOW + 6));
+        let (got, _) = welcome(&drain(&mut reg));
+        assert_ne!(got.ipv4, victim.ipv4, "a ground key does not get the removed node's address");
+        assert_ne!(got.ipv6, victim.ipv6);
+
+        assert_eq!(
+            reg.release_address(IpAddr::V4(got.ipv4)),
+            Err(RegistryError::NotQuarantined { address: IpAddr::V4(got.ipv4) })
+        );
+        let released = reg.release_address(IpAddr::V6(victim.ipv6)).unwrap();
+        assert_eq!(released.ipv4, victim.ipv4, "either address releases both");
+        assert_eq!(drain(&mut reg), vec![Command::Persist]);
+        assert!(reg.quarantined().is_empty());
+        reg.remove_node(&grinder, true, NOW + 7);
+        drain(&mut reg);
+        assert!(reg.quarantined().is_empty(), "removed with release: nothing held");
+        let mut h = hello(0, Some(&token));
+        h.public_key = grinder;
+        h.name = "again".into();
+        reg.handle_hello(ConnId(21), &h, observed(20), at(NOW + 8));
+        assert_rejected_only(&drain(&mut reg), ConnId(21), RejectReason::Removed);
+    }
+
+    #[test]
+    fn a_strangers_token_id_is_logged_bounded() {
+        let huge = "x".repeat(15_000);
+        let shown = for_log(&huge);
+        assert!(shown.len() < 100, "{} bytes", shown.len());
+        assert!(shown.ends_with("(15000 bytes)"), "{shown}");
+        assert_eq!(for_log("id\n1"), "\"id\\n1\"");
+        let (reg, _) = with_token();
+        let refusal = reg.check_token(Some(&format!("{huge}.secret")), NOW).err().unwrap();
+        assert!(refusal.cause.len() < 150, "{}", refusal.cause);
     }
 }

@@ -24,9 +24,9 @@ use crate::control::metrics::{self, MetricsError, MetricsServer, RendezvousMetri
 use crate::control::server::ErrorResponse as _;
 use super::admission;
 use super::pending::{AdmissionCounts, Decision, Limits, Pending, Source};
-use super::registry::{CloseReason, Command, ConnId, NodeStatus, Registry};
+use super::registry::{CloseReason, Command, ConnId, Counters, NodeStatus, Now, Registry};
 use super::setup::{Loaded, SetupError};
-use super::store::Store;
+use super::store::{Store, StoreWriter};
 use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls;
 use crate::relay::server::{Inlet, Relay};
@@ -78,8 +78,19 @@ enum ToRegistry {
     Metrics { reply: oneshot::Sender<RegistryMetrics> },
 }
 
-/// Every registered node, and hellos refused by reason.
-type RegistryMetrics = (Vec<NodeStatus>, Vec<(RejectReason, u64)>);
+/// How long a presence, candidate or NAT change may wait to be saved: a
+/// storm of them costs one write per interval. What a node is told and
+/// must survive a crash (its new address, a token's use) is saved before
+/// it is told, whatever this says.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// The registry task's part of a scrape.
+struct RegistryMetrics {
+    nodes: Vec<NodeStatus>,
+    rejections: Vec<(RejectReason, u64)>,
+    counters: Counters,
+    store_writes: u64,
+}
 
 /// What the registry task tells one connection task. Messages are the
 /// common case; boxing them would cost an allocation each.
@@ -171,7 +182,7 @@ impl Server {
             }
         }
         let (to_registry, inbox) = mpsc::channel(1024);
-        let registry = tokio::spawn(registry_task(Registry::new(state), store, inbox));
+        let registry = tokio::spawn(registry_task(Registry::new(state), store, inbox, PERSIST_EVERY));
         let admin = tokio::spawn(admin_socket.serve({
             let to_registry = to_registry.clone();
             move |request: AdminRequest| {
@@ -279,10 +290,17 @@ async fn scrape(
 ) -> Option<String> {
     let (reply, answer) = oneshot::channel();
     to_registry.send(ToRegistry::Metrics { reply }).await.ok()?;
-    let (nodes, admission_failures) = answer.await.ok()?;
+    let RegistryMetrics { nodes, rejections, counters, store_writes } = answer.await.ok()?;
     let relay = relay.snapshot().await?;
     let admission = *admission.borrow();
-    Some(metrics::render_rendezvous(&RendezvousMetrics { nodes, admission_failures, admission, relay }))
+    Some(metrics::render_rendezvous(&RendezvousMetrics {
+        nodes,
+        admission_failures: rejections,
+        admission,
+        relay,
+        registry: counters,
+        store_writes,
+    }))
 }
 
 /// A connection's place in the admission table, given back when dropped
@@ -305,11 +323,42 @@ fn now_unix() -> u64 {
 
 /// Owns the registry: applies inputs one at a time (which is what makes a
 /// single-use token admit exactly one node however many race for it) and
-/// executes the resulting commands.
-async fn registry_task(mut registry: Registry, mut store: impl Store, mut inbox: mpsc::Receiver<ToRegistry>) {
+/// executes the resulting commands. Saves go through a [`StoreWriter`], off
+/// this task: a [`Command::Persist`] is waited for before the commands
+/// after it run; a [`Command::PersistSoon`] is written at most
+/// `persist_every` later, together with whatever else changed meanwhile,
+/// and on the way out.
+async fn registry_task(
+    mut registry: Registry,
+    store: impl Store + 'static,
+    mut inbox: mpsc::Receiver<ToRegistry>,
+    persist_every: Duration,
+) {
+    let writer = StoreWriter::spawn(store);
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnOut>> = HashMap::new();
-    while let Some(input) = inbox.recv().await {
-        let now = now_unix();
+    // When the oldest change not saved yet is to be written.
+    let mut save_due: Option<tokio::time::Instant> = None;
+    // What the registry queued on its own (a migrated state).
+    execute(&mut registry, &mut conns, &writer, &mut save_due, persist_every).await;
+    loop {
+        let due = async {
+            match save_due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let input = tokio::select! {
+            input = inbox.recv() => match input {
+                Some(input) => input,
+                None => break,
+            },
+            () = due => {
+                save_due = None;
+                writer.save(Arc::new(registry.state().clone())).await;
+                continue;
+            }
+        };
+        let now = Now { unix: now_unix(), instant: tokio::time::Instant::now().into_std() };
         match input {
             ToRegistry::Hello { conn, hello, observed, out } => {
                 conns.insert(conn, out);
@@ -317,39 +366,62 @@ async fn registry_task(mut registry: Registry, mut store: impl Store, mut inbox:
             }
             ToRegistry::Candidates { conn, candidates } => registry.handle_candidates(conn, candidates, now),
             ToRegistry::Nat { conn, mapping } => registry.handle_nat(conn, mapping, now),
-            ToRegistry::Punch { conn, peer } => registry.handle_punch(conn, &peer),
+            ToRegistry::Punch { conn, peer } => registry.handle_punch(conn, &peer, now),
             ToRegistry::Disconnected { conn } => {
                 conns.remove(&conn);
                 registry.handle_disconnect(conn, now);
             }
             ToRegistry::Admin { request, reply } => {
-                let _ = reply.send(admin::apply(&mut registry, request, now, &mut rand::rngs::OsRng));
+                let _ = reply.send(admin::apply(&mut registry, request, now.unix, &mut rand::rngs::OsRng));
             }
             ToRegistry::Refused { reason } => registry.count_rejection(reason),
             ToRegistry::Metrics { reply } => {
-                let _ = reply.send((registry.nodes(), registry.rejections().collect()));
+                let _ = reply.send(RegistryMetrics {
+                    nodes: registry.nodes(),
+                    rejections: registry.rejections().collect(),
+                    counters: registry.counters().clone(),
+                    store_writes: writer.writes(),
+                });
             }
         }
-        while let Some(command) = registry.poll_command() {
-            match command {
-                Command::Send { conn, msg } => {
-                    let stuck = conns.get(&conn).is_some_and(|tx| tx.try_send(ConnOut::Message(msg)).is_err());
-                    if stuck {
-                        // Dropping its sender ends the connection task.
-                        tracing::warn!(?conn, "node does not keep up with peer-map updates; disconnecting it");
-                        conns.remove(&conn);
-                    }
+        execute(&mut registry, &mut conns, &writer, &mut save_due, persist_every).await;
+    }
+    if save_due.is_some() {
+        writer.save_durable(Arc::new(registry.state().clone())).await;
+    }
+    writer.close().await;
+}
+
+/// Runs the registry's queued commands, in order.
+async fn execute(
+    registry: &mut Registry,
+    conns: &mut HashMap<ConnId, mpsc::Sender<ConnOut>>,
+    writer: &StoreWriter,
+    save_due: &mut Option<tokio::time::Instant>,
+    persist_every: Duration,
+) {
+    while let Some(command) = registry.poll_command() {
+        match command {
+            Command::Send { conn, msg } => {
+                let stuck = conns.get(&conn).is_some_and(|tx| tx.try_send(ConnOut::Message(msg)).is_err());
+                if stuck {
+                    // Dropping its sender ends the connection task.
+                    tracing::warn!(?conn, "node does not keep up with peer-map updates; disconnecting it");
+                    conns.remove(&conn);
                 }
-                Command::Close { conn, reason } => {
-                    if let Some(tx) = conns.remove(&conn) {
-                        let _ = tx.try_send(ConnOut::Close(reason));
-                    }
+            }
+            Command::Close { conn, reason } => {
+                if let Some(tx) = conns.remove(&conn) {
+                    let _ = tx.try_send(ConnOut::Close(reason));
                 }
-                Command::Persist => {
-                    if let Err(e) = store.save(registry.state()) {
-                        tracing::error!(error = %e, "cannot persist the registry; changes since the last save are lost on restart");
-                    }
-                }
+            }
+            Command::Persist => {
+                // It saves everything, including what waited to be saved.
+                *save_due = None;
+                writer.save_durable(Arc::new(registry.state().clone())).await;
+            }
+            Command::PersistSoon => {
+                save_due.get_or_insert_with(|| tokio::time::Instant::now() + persist_every);
             }
         }
     }
@@ -544,5 +616,114 @@ async fn reject(connection: &quinn::Connection, send: &mut quinn::SendStream, re
 async fn finish(send: &mut quinn::SendStream) {
     if send.finish().is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::identity::PublicKey;
+    use crate::rendezvous::registry::{Limits, Rate, RegistryState};
+    use crate::rendezvous::store::StoreError;
+    use crate::wire::control::{CandidateKind, MeshInfo, Proof};
+
+    /// Counts saves and keeps the last state, shared with the test.
+    #[derive(Clone, Default)]
+    struct CountingStore {
+        saves: Arc<AtomicUsize>,
+        last: Arc<Mutex<Option<RegistryState>>>,
+    }
+
+    impl Store for CountingStore {
+        fn load(&self) -> Result<Option<RegistryState>, StoreError> {
+            Ok(self.last.lock().ok().and_then(|s| s.clone()))
+        }
+
+        fn save(&mut self, state: &RegistryState) -> Result<(), StoreError> {
+            self.saves.fetch_add(1, Ordering::SeqCst);
+            if let Ok(mut last) = self.last.lock() {
+                *last = Some(state.clone());
+            }
+            Ok(())
+        }
+    }
+
+    fn hello(n: u8, token: &str) -> Box<Hello> {
+        Box::new(Hello {
+            version: PROTOCOL_VERSION,
+            public_key: PublicKey::from_bytes([n; 32]),
+            name: format!("node-{n}"),
+            listen_port: 51820,
+            token: Some(token.to_owned()),
+            candidates: Vec::new(),
+            proof: Proof([0; 32]),
+        })
+    }
+
+    async fn store_writes(to_registry: &mpsc::Sender<ToRegistry>) -> u64 {
+        let (reply, answer) = oneshot::channel();
+        to_registry.send(ToRegistry::Metrics { reply }).await.unwrap();
+        answer.await.unwrap().store_writes
+    }
+
+    #[tokio::test]
+    async fn a_members_candidate_storm_costs_one_debounced_write_and_closes_the_member() {
+        let hour = Duration::from_secs(3600);
+        // Nothing refills within the test, so the counts are exact.
+        let limits = Limits { candidates: Rate::new(10, hour), tolerance: Rate::new(50, hour), ..Limits::default() };
+        let mesh = MeshInfo {
+            id: "test-mesh".into(),
+            ipv4: "100.72.0.0/16".parse().unwrap(),
+            ipv6: crate::ipam::ula_prefix([1, 2, 3, 4, 5]),
+        };
+        let mut registry = Registry::with_limits(RegistryState::new(mesh), limits);
+        let token = registry.create_token([7; 32], "storm".into(), 3600, None, now_unix()).unwrap();
+        let store = CountingStore::default();
+        let (to_registry, inbox) = mpsc::channel(4096);
+        // Presence and candidates are saved an hour late: within this test,
+        // only on the way out.
+        let task = tokio::spawn(registry_task(registry, store.clone(), inbox, hour));
+
+        let mut outs = Vec::new();
+        for n in 1..=2u8 {
+            let (out, outbox) = mpsc::channel(CONN_QUEUE);
+            let observed = SocketAddr::from(([198, 51, 100, n], 40000));
+            let hello = ToRegistry::Hello { conn: ConnId(n.into()), hello: hello(n, &token), observed, out };
+            to_registry.send(hello).await.unwrap();
+            outs.push(outbox);
+        }
+        // The token, then each new node: durable before it is welcomed.
+        assert_eq!(store_writes(&to_registry).await, 3);
+
+        for i in 0..2_000u16 {
+            let addr = SocketAddr::from(([192, 0, 2, 1], 1000 + i % 2));
+            let candidates = vec![Candidate { addr, kind: CandidateKind::Local }];
+            to_registry.send(ToRegistry::Candidates { conn: ConnId(1), candidates }).await.unwrap();
+        }
+        assert_eq!(store_writes(&to_registry).await, 3, "no write for the storm yet");
+
+        let mut attacker = outs.remove(0);
+        assert!(matches!(attacker.recv().await, Some(ConnOut::Message(ServerMessage::Welcome { .. }))));
+        // Node 2's join, then the close.
+        assert!(matches!(attacker.recv().await, Some(ConnOut::Message(ServerMessage::PeerUpsert { .. }))));
+        assert!(matches!(attacker.recv().await, Some(ConnOut::Close(CloseReason::Flooding))));
+        let mut observer = outs.remove(0);
+        let mut upserts = 0;
+        while let Ok(out) = observer.try_recv() {
+            if matches!(out, ConnOut::Message(ServerMessage::PeerUpsert { .. })) {
+                upserts += 1;
+            }
+        }
+        assert_eq!(upserts, 10, "the candidates budget, and no more");
+
+        drop(to_registry);
+        task.await.unwrap();
+        assert_eq!(store.saves.load(Ordering::SeqCst), 4, "one write for the whole storm, on the way out");
+        let saved = store.last.lock().unwrap().clone().unwrap();
+        let node = &saved.nodes[&PublicKey::from_bytes([1; 32])];
+        assert!(node.candidates.iter().any(|c| c.addr.port() == 1001), "the last accepted list is saved: {node:?}");
     }
 }

@@ -5,7 +5,10 @@
 //! [`MemoryStore`] keeps the state in memory, for tests of the shell.
 //!
 //! The file is `<state-dir>/registry.json`, mode 0600, replaced atomically on
-//! every save, so a crash leaves the previous state or the new one. A file
+//! every save, so a crash leaves the previous state or the new one. The
+//! server saves through a [`StoreWriter`]: a task that writes on tokio's
+//! blocking threads, never on the ones that run connections, and always the
+//! latest state it was given, so a burst of changes costs one write. A file
 //! that cannot be read or parsed is an error naming it — never a panic, and
 //! never a silent fresh start, which would hand out addresses that existing
 //! nodes already hold.
@@ -14,8 +17,12 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use super::registry::RegistryState;
 use crate::identity::keyfile::write_atomic;
@@ -117,6 +124,105 @@ impl Store for FileStore {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(write_err)?;
         }
         write_atomic(&self.path, &bytes, 0o600).map_err(write_err)
+    }
+}
+
+/// Saves queued before the writer falls behind and [`StoreWriter::save`]
+/// waits; each queued save is a whole state, and the writer skips all but
+/// the latest.
+const WRITER_QUEUE: usize = 16;
+
+/// One save for the writer task.
+struct Job {
+    state: Arc<RegistryState>,
+    /// Told once the state (or a later one) is written or failed to be.
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// Saves the registry off the task that runs it: every save runs on a
+/// blocking thread, one at a time, and a save that waits behind another is
+/// skipped when a later one waits too (the later state has all its
+/// changes). A failed save is logged, like the server always did: the
+/// rendezvous keeps serving with the state in memory.
+#[derive(Debug)]
+pub struct StoreWriter {
+    jobs: mpsc::Sender<Job>,
+    task: JoinHandle<()>,
+    writes: Arc<AtomicU64>,
+}
+
+impl StoreWriter {
+    /// Starts the writer task on the current tokio runtime.
+    pub fn spawn<S: Store + 'static>(store: S) -> Self {
+        let (jobs, mut queue) = mpsc::channel::<Job>(WRITER_QUEUE);
+        let writes = Arc::new(AtomicU64::new(0));
+        let counter = writes.clone();
+        let task = tokio::spawn(async move {
+            let mut store = Some(store);
+            while let Some(first) = queue.recv().await {
+                let mut latest = first.state;
+                let mut waiting: Vec<oneshot::Sender<()>> = first.done.into_iter().collect();
+                while let Ok(job) = queue.try_recv() {
+                    latest = job.state;
+                    waiting.extend(job.done);
+                }
+                let Some(mut owned) = store.take() else { break };
+                let saved = tokio::task::spawn_blocking(move || {
+                    let result = owned.save(&latest);
+                    (owned, result)
+                })
+                .await;
+                match saved {
+                    Ok((owned, result)) => {
+                        store = Some(owned);
+                        match result {
+                            Ok(()) => {
+                                counter.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => tracing::error!(
+                                error = %e,
+                                "cannot persist the registry; changes since the last save are lost on restart"
+                            ),
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "the registry writer failed; nothing more is saved"),
+                }
+                for done in waiting {
+                    let _ = done.send(());
+                }
+            }
+        });
+        Self { jobs, task, writes }
+    }
+
+    /// Queues `state` to be written; returns at once unless the queue is full.
+    pub async fn save(&self, state: Arc<RegistryState>) {
+        let _ = self.jobs.send(Job { state, done: None }).await;
+    }
+
+    /// Writes `state` and returns once it is durable (or the write failed,
+    /// which is logged).
+    pub async fn save_durable(&self, state: Arc<RegistryState>) {
+        let (done, written) = oneshot::channel();
+        if self.jobs.send(Job { state, done: Some(done) }).await.is_ok() {
+            let _ = written.await;
+        }
+    }
+
+    /// Saves that succeeded so far.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// A handle on the count of [`StoreWriter::writes`], for metrics.
+    pub fn write_counter(&self) -> Arc<AtomicU64> {
+        self.writes.clone()
+    }
+
+    /// Finishes every queued save, then ends the task.
+    pub async fn close(self) {
+        drop(self.jobs);
+        let _ = self.task.await;
     }
 }
 
@@ -279,6 +385,71 @@ mod tests {
         let err = store.save(&sample_state()).unwrap_err();
         assert!(matches!(err, StoreError::Write { .. }), "{err:?}");
         assert!(err.to_string().contains("registry.json"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_durable_save_through_the_writer_is_on_disk_when_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = StoreWriter::spawn(FileStore::new(dir.path()));
+        let mut state = sample_state();
+        for seen in 0..2_000u64 {
+            state.nodes.values_mut().for_each(|r| r.last_seen = seen);
+            writer.save(Arc::new(state.clone())).await;
+        }
+        writer.save_durable(Arc::new(state.clone())).await;
+        // Durable: on disk when save_durable returns, and it is the last.
+        assert_eq!(FileStore::new(dir.path()).load().unwrap(), Some(state));
+        let writes = writer.writes();
+        assert!((1..=2_001).contains(&writes), "{writes} writes for 2,001 saves");
+        writer.close().await;
+    }
+
+    /// A registry.json as mesh-rendezvous v0.1.0 wrote it: no quarantine,
+    /// names as the hellos said them (two nodes calling themselves alike).
+    const V0_1_0: &str = r#"{
+  "format": 1,
+  "registry": {
+    "mesh": { "id": "mesh-1", "ipv4": "100.72.0.0/16", "ipv6": "fd01:203:405::/48" },
+    "nodes": {
+      "BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=": {
+        "name": "worker-1", "ipv4": "100.72.3.4", "ipv6": "fd01:203:405::4",
+        "joined_at": 10, "last_seen": 20,
+        "candidates": [{ "addr": "203.0.113.1:51820", "kind": "observed" }]
+      },
+      "BQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQU=": {
+        "name": "Worker-1.example.com", "ipv4": "100.72.3.5", "ipv6": "fd01:203:405::5",
+        "joined_at": 11, "last_seen": 21, "candidates": [], "nat": "endpoint_dependent"
+      }
+    },
+    "tokens": {
+      "abc": {
+        "id": "abc", "secret_sha256": "0000000000000000000000000000000000000000000000000000000000000000",
+        "created_at": 1, "expires_at": 2, "max_uses": 3, "uses": 1, "revoked": false
+      }
+    },
+    "removed": ["CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk="]
+  }
+}
+"#;
+
+    #[test]
+    fn a_v0_1_0_registry_file_loads_and_its_names_become_unique_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        fs::write(store.path(), V0_1_0).unwrap();
+        let state = store.load().unwrap().expect("a v0.1.0 file loads");
+        assert_eq!(state.nodes.len(), 2);
+        assert!(state.quarantine.is_empty());
+        assert_eq!(state.removed.len(), 1);
+        assert_eq!(state.tokens["abc"].uses, 1);
+        let mut registry = crate::rendezvous::registry::Registry::new(state);
+        let names: Vec<String> = registry.nodes().into_iter().map(|n| n.name).collect();
+        assert_eq!(names, vec!["worker-1", "worker-1-2"]);
+        assert_eq!(registry.poll_command(), Some(crate::rendezvous::registry::Command::Persist));
+        // What this version writes, the same version reads back.
+        let mut store = store;
+        store.save(registry.state()).unwrap();
+        assert_eq!(store.load().unwrap().as_ref(), Some(registry.state()));
     }
 
     #[test]
