@@ -70,6 +70,7 @@ pub use super::limits::{Limits, MessageKind, Rate};
 use super::limits::Bucket;
 use crate::identity::PublicKey;
 use crate::ipam;
+use crate::wire::untrusted::Untrusted;
 use crate::wire::control::{
     Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeEntry, RejectReason, ServerMessage,
     MAX_CANDIDATES, MAX_NAME, PROTOCOL_VERSION,
@@ -79,8 +80,6 @@ use crate::wire::control::{
 pub const MAX_TOKEN_ID: usize = 32;
 /// Longest node name: a DNS label (RFC 1035 §2.3.4).
 pub const MAX_LABEL: usize = 63;
-/// The most of a stranger's string (a token id, a name) a log line shows.
-pub const MAX_LOGGED: usize = 64;
 /// Punch pairs a connection remembers before forgetting those whose bucket
 /// is full again (which then hold no information).
 const MAX_PUNCH_PAIRS: usize = 256;
@@ -549,7 +548,7 @@ impl Registry {
         for (key, name) in renamed {
             if let Some(record) = self.state.nodes.get_mut(&key) {
                 tracing::warn!(
-                    node = %key.short(), old = %for_log(&record.name), new = %name,
+                    node = %key.short(), old = %Untrusted(&record.name), new = %name,
                     "node name made a unique DNS label; `mesh-rendezvous nodes rename` picks another"
                 );
                 record.name = name;
@@ -606,7 +605,7 @@ impl Registry {
         record.last_seen = now.unix;
         if !joined && record.name != dns_label(&hello.name) {
             tracing::debug!(
-                node = %key.short(), asked = %for_log(&hello.name), name = %record.name,
+                node = %key.short(), asked = %Untrusted(&hello.name), name = %record.name,
                 "a known node keeps its bound name"
             );
         }
@@ -1023,7 +1022,7 @@ impl Registry {
         }
         let name = unique(&dns_label(&hello.name), |n| self.state.nodes.values().any(|r| r.name == n));
         if name != hello.name {
-            tracing::info!(node = %key.short(), asked = %for_log(&hello.name), %name, "node name adjusted");
+            tracing::info!(node = %key.short(), asked = %Untrusted(&hello.name), %name, "node name adjusted");
         }
         tracing::info!(node = %key.short(), %name, %ipv4, %ipv6, token = %token_id, "node joined");
         self.state.nodes.insert(
@@ -1051,7 +1050,7 @@ impl Registry {
             return Err(refused("malformed token".into()));
         };
         let Some(record) = self.state.tokens.get(id) else {
-            return Err(refused(format!("unknown token id {}", for_log(id))));
+            return Err(refused(format!("unknown token id \"{}\"", Untrusted(id))));
         };
         // A secret that is not base64 hashes as empty and cannot match.
         let secret = URL_SAFE_NO_PAD.decode(secret).unwrap_or_default();
@@ -1254,19 +1253,6 @@ fn unique(base: &str, taken: impl Fn(&str) -> bool) -> String {
         })
         .find(|candidate| !taken(candidate))
         .unwrap_or_else(|| base.to_owned())
-}
-
-/// Untrusted text as a log line may show it: escaped, and at most
-/// [`MAX_LOGGED`] characters of it with the length of the rest.
-pub fn for_log(text: &str) -> String {
-    let escaped: String = text.chars().flat_map(char::escape_debug).take(MAX_LOGGED).collect();
-    let shown = escaped.chars().count();
-    let total: usize = text.chars().map(|c| c.escape_debug().count()).sum();
-    if total > shown {
-        format!("\"{escaped}\"… ({} bytes)", text.len())
-    } else {
-        format!("\"{escaped}\"")
-    }
 }
 
 fn check_name(name: &str) -> Result<(), String> {
@@ -2373,10 +2359,6 @@ mod tests {
     #[test]
     fn a_strangers_token_id_is_logged_bounded() {
         let huge = "x".repeat(15_000);
-        let shown = for_log(&huge);
-        assert!(shown.len() < 100, "{} bytes", shown.len());
-        assert!(shown.ends_with("(15000 bytes)"), "{shown}");
-        assert_eq!(for_log("id\n1"), "\"id\\n1\"");
         let (reg, _) = with_token();
         let refusal = reg.check_token(Some(&format!("{huge}.secret")), NOW).err().unwrap();
         assert!(refusal.cause.len() < 150, "{}", refusal.cause);
