@@ -80,6 +80,10 @@ fn is_default(limits: &RelayLimits) -> bool {
 /// bytes-per-second = 50000000   # payload bytes a node may relay per second
 /// packets-per-second = 50000
 /// burst-ms = 100                # each bucket holds this long's worth of its rate
+/// # What may be relayed towards one node, all sources together; by default
+/// # the same as what one node may send.
+/// destination-bytes-per-second = 50000000
+/// destination-packets-per-second = 50000
 /// ```
 ///
 /// Validated as it is read ([`RelayLimits::new`]): a zero would stop all
@@ -97,6 +101,10 @@ mod relay_section {
         packets_per_second: u64,
         #[serde(default = "default_burst_ms")]
         burst_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        destination_bytes_per_second: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        destination_packets_per_second: Option<u64>,
     }
 
     fn default_bytes() -> u64 {
@@ -116,13 +124,24 @@ mod relay_section {
             bytes_per_second: limits.bytes_per_sec(),
             packets_per_second: limits.packets_per_sec(),
             burst_ms: u64::try_from(limits.burst().as_millis()).unwrap_or(u64::MAX),
+            destination_bytes_per_second: Some(limits.destination_bytes_per_sec())
+                .filter(|rate| *rate != limits.bytes_per_sec()),
+            destination_packets_per_second: Some(limits.destination_packets_per_sec())
+                .filter(|rate| *rate != limits.packets_per_sec()),
         }
         .serialize(s)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<RelayLimits, D::Error> {
         let section = RelaySection::deserialize(d)?;
-        RelayLimits::new(section.bytes_per_second, section.packets_per_second, Duration::from_millis(section.burst_ms))
+        let limits =
+            RelayLimits::new(section.bytes_per_second, section.packets_per_second, Duration::from_millis(section.burst_ms))
+                .map_err(serde::de::Error::custom)?;
+        limits
+            .with_destination(
+                section.destination_bytes_per_second.unwrap_or(section.bytes_per_second),
+                section.destination_packets_per_second.unwrap_or(section.packets_per_second),
+            )
             .map_err(serde::de::Error::custom)
     }
 }
@@ -272,6 +291,22 @@ mod tests {
         let expected =
             RelayLimits::new(RelayLimits::DEFAULT_BYTES_PER_SEC, 200, Duration::from_millis(50)).unwrap();
         assert_eq!(config.relay, expected);
+    }
+
+    #[test]
+    fn destination_relay_limits_follow_the_per_node_ones_unless_set() {
+        let config = parse(&format!("{BASE}[relay]\npackets-per-second = 200\n")).unwrap();
+        assert_eq!(config.relay.destination_packets_per_sec(), 200);
+        assert_eq!(config.relay.destination_bytes_per_sec(), RelayLimits::DEFAULT_BYTES_PER_SEC);
+        let config = parse(&format!("{BASE}[relay]\ndestination-packets-per-second = 300\n")).unwrap();
+        assert_eq!(config.relay.packets_per_sec(), RelayLimits::DEFAULT_PACKETS_PER_SEC);
+        assert_eq!(config.relay.destination_packets_per_sec(), 300);
+        let text = toml::to_string(&config).unwrap();
+        assert!(text.contains("destination-packets-per-second = 300"), "{text}");
+        assert!(!text.contains("destination-bytes-per-second"), "{text}");
+        assert_eq!(parse(&text).unwrap(), config);
+        let zero = parse(&format!("{BASE}[relay]\ndestination-bytes-per-second = 0\n")).unwrap_err();
+        assert!(zero.contains("destination bytes per second is zero"), "{zero}");
     }
 
     #[test]
