@@ -310,3 +310,75 @@ fn meshctl_pubkey_rejects_a_malformed_key() {
         );
     }
 }
+
+/// `meshd join` with everything but the token; `--state-dir` in `dir`.
+fn join_args(dir: &Path) -> Vec<String> {
+    [
+        "join",
+        "203.0.113.1:7443",
+        "--ca-hash",
+        "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        "--name",
+        "node-a",
+        "--state-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([dir.join("state").display().to_string()])
+    .collect()
+}
+
+#[test]
+fn join_reads_the_token_from_a_file_or_stdin_so_it_never_sits_in_argv() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let token_file = dir.path().join("token");
+    fs::write(&token_file, "abcd.from-file\n").expect("write the token file");
+
+    let mut args = join_args(dir.path());
+    args.extend(["--token-file".to_string(), token_file.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = output(MESHD, &args);
+    common::assert_success(&out, "meshd join --token-file FILE");
+    assert!(!args.iter().any(|a| a.contains("from-file")));
+    assert_eq!(fs::read_to_string(state.join("join.token")).expect("join.token"), "abcd.from-file\n");
+
+    let mut args = join_args(dir.path());
+    args.extend(["--token-file".to_string(), "-".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = output_with_stdin(MESHD, &args, "abcd.from-stdin\n");
+    common::assert_success(&out, "meshd join --token-file -");
+    assert_eq!(fs::read_to_string(state.join("join.token")).expect("join.token"), "abcd.from-stdin\n");
+
+    // --token keeps working.
+    let mut args = join_args(dir.path());
+    args.extend(["--token".to_string(), "abcd.from-argv".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    common::assert_success(&output(MESHD, &args), "meshd join --token");
+    assert_eq!(fs::read_to_string(state.join("join.token")).expect("join.token"), "abcd.from-argv\n");
+}
+
+#[test]
+fn join_needs_exactly_one_token_source_and_refuses_an_empty_token_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    fs::write(&token_file, "\n").expect("write the token file");
+    let base = join_args(dir.path());
+    let with = |extra: &[&str]| -> Output {
+        let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        output_with_stdin(MESHD, &args, "")
+    };
+    let token_file = token_file.display().to_string();
+    for (extra, wanted) in [
+        (&[][..], "--token-file"),
+        (&["--token", "abcd.x", "--token-file", token_file.as_str()], "cannot be used with"),
+        (&["--token-file", token_file.as_str()], "holds no token"),
+        (&["--token-file", "-"], "standard input holds no token"),
+    ] {
+        let out = with(extra);
+        assert_clear_failure(&out, &format!("`meshd join {}`", extra.join(" ")));
+        assert!(stderr(&out).contains(wanted), "`meshd join {}` says {wanted:?}:\n{}", extra.join(" "), stderr(&out));
+    }
+    assert!(!dir.path().join("state").join("join.token").exists(), "nothing enrolled");
+}
