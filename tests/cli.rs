@@ -382,3 +382,76 @@ fn join_needs_exactly_one_token_source_and_refuses_an_empty_token_file() {
     }
     assert!(!dir.path().join("state").join("join.token").exists(), "nothing enrolled");
 }
+
+/// A `mesh-rendezvous serve` this test started; killed when dropped.
+struct Serving(std::process::Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rendezvous(state: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["--state-dir", state.to_str().expect("a UTF-8 temp path")];
+    all.extend_from_slice(args);
+    output(common::MESH_RENDEZVOUS, &all)
+}
+
+#[test]
+fn a_serving_rendezvous_locks_its_state_directory_against_a_second_server_and_offline_edits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("rv");
+    // A free loopback port (the NAT check takes the next one, if it can).
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free port").port();
+    let listen = format!("127.0.0.1:{port}");
+    common::assert_success(
+        &rendezvous(&state, &["init", "--listen", &listen, "--public-addr", &listen]),
+        "mesh-rendezvous init",
+    );
+    // Offline, with no server: the CLI edits registry.json itself.
+    common::assert_success(&rendezvous(&state, &["token", "create", "--uses", "1"]), "an offline token create");
+
+    let server = Command::new(common::MESH_RENDEZVOUS)
+        .args(["--state-dir", state.to_str().expect("UTF-8"), "serve"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mesh-rendezvous serve");
+    let _server = Serving(server);
+    let socket = state.join("admin.sock");
+    common::eventually("the server's admin socket answers", common::DEADLINE, || {
+        let out = rendezvous(&state, &["token", "list", "--json"]);
+        match (socket.exists(), out.status.success()) {
+            (true, true) => Ok(()),
+            _ => Err(stderr(&out)),
+        }
+    });
+
+    // A second server on the same directory refuses, naming the first.
+    let second = rendezvous(&state, &["serve"]);
+    assert_clear_failure(&second, "a second `mesh-rendezvous serve`");
+    assert!(stderr(&second).contains("in use by a running mesh-rendezvous serve (pid "), "{}", stderr(&second));
+
+    // Online, through the admin socket, the CLI still works.
+    common::assert_success(&rendezvous(&state, &["token", "create", "--uses", "1"]), "an online token create");
+
+    // With the admin socket gone, the CLI used to edit registry.json under
+    // the running server; now it refuses and says what to do.
+    let registry = fs::read(state.join("registry.json")).expect("registry.json");
+    fs::rename(&socket, dir.path().join("moved.sock")).expect("move the admin socket away");
+    let refused = rendezvous(&state, &["token", "create", "--uses", "1"]);
+    assert_clear_failure(&refused, "`token create` while the server runs without its socket");
+    assert!(
+        stderr(&refused).contains("its admin socket does not answer") && stderr(&refused).contains("restart it"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(fs::read(state.join("registry.json")).expect("registry.json"), registry, "registry.json untouched");
+
+    // Once the server is gone, so is its lock: offline edits work again.
+    drop(_server);
+    common::assert_success(&rendezvous(&state, &["token", "create", "--uses", "1"]), "an offline edit after the server");
+}
