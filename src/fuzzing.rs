@@ -31,9 +31,12 @@ use crate::wire::probe::{self, ProbeKey};
 use crate::wire::reflect::{self, Reflect};
 use crate::wire::relay::{self, HEADER_LEN, MAX_FRAME_LEN, STREAM_PREFIX_LEN};
 
+/// A fuzz target's harness: arbitrary bytes in, a panic for a bug.
+pub type Harness = fn(&[u8]);
+
 /// Every fuzz target: its name (the `fuzz/fuzz_targets/<name>.rs` file and
 /// the `fuzz/corpus/<name>/` directory) and its harness.
-pub const TARGETS: [(&str, fn(&[u8])); 10] = [
+pub const TARGETS: [(&str, Harness); 10] = [
     ("probe_open", probe_open),
     ("reflect", reflect),
     ("relay_frame", relay_frame),
@@ -55,10 +58,14 @@ fn keys() -> (PrivateKey, PrivateKey) {
 /// a node that shares a probe key with the claimed sender. Only the public
 /// functions, so a change of the probe layout keeps the target valid.
 pub fn probe_open(data: &[u8]) {
-    let (a, b) = keys();
+    // Derived once: an X25519 per input would be most of the run's time.
+    static KEY: std::sync::OnceLock<Option<ProbeKey>> = std::sync::OnceLock::new();
     let peeked = probe::peek(data);
     let _ = probe::is_probe(data);
-    let Some(key) = ProbeKey::derive(&b, &a.public_key()) else {
+    let Some(key) = KEY.get_or_init(|| {
+        let (a, b) = keys();
+        ProbeKey::derive(&b, &a.public_key())
+    }) else {
         unreachable!("fixed keys are not low order")
     };
     if let Ok(opened) = key.open(data) {
@@ -214,7 +221,7 @@ impl EnginePair {
     }
 
     /// A's datagrams towards B, as they would cross the wire.
-    fn from_a(&mut self) -> Vec<Vec<u8>> {
+    fn sent_by_a(&mut self) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         while let Some(t) = self.a.poll_transmit() {
             out.push(t.payload.as_slice().to_vec());
@@ -287,7 +294,7 @@ pub fn engine_datagram(data: &[u8]) {
     // A's real traffic: its handshake initiation, and once B answered,
     // data packets of a few sizes.
     pair.a.handle_tun_packet(&a_to_b_packet(64), now);
-    let mut real = pair.from_a();
+    let mut real = pair.sent_by_a();
     let mut rest = data;
     let mut next_real = 0usize;
     while let Some((&op, after)) = rest.split_first() {
@@ -329,7 +336,7 @@ pub fn engine_datagram(data: &[u8]) {
         pair.drain_b(now);
         // What A sent since, once B's response reached it: its queued data
         // packet first. Kept up to a bound, as material for later steps.
-        let more = pair.from_a();
+        let more = pair.sent_by_a();
         if real.len() < MAX_REAL {
             real.extend(more);
         }
