@@ -30,7 +30,7 @@ UNIT_BIN_DIR=/usr/local/bin
 
 usage() {
     cat <<EOF
-usage: $SCRIPT node --join "HOST:PORT --token TOKEN --ca-hash sha256:HASH"
+usage: $SCRIPT node --join "HOST:PORT --token TOKEN --ca-hash sha256:HASH"|-
                   [--name NAME] [--advertise-endpoint IP:PORT] [--kubelet]
        $SCRIPT node --no-join [--kubelet]
        $SCRIPT rendezvous --public-addr HOST:PORT [--listen ADDR:PORT]
@@ -39,7 +39,9 @@ usage: $SCRIPT node --join "HOST:PORT --token TOKEN --ca-hash sha256:HASH"
 
   node         meshd and meshctl, meshd.service, enrolment with the join
                line that \`mesh-rendezvous token create\` prints ("meshd join"
-               in front is fine); state in $NODE_STATE
+               in front is fine); state in $NODE_STATE. \`--join -\` reads
+               the line from standard input, so the token never sits in a
+               command line; meshd join gets the token on its standard input
     --name NAME                  name in the mesh (default: the hostname)
     --advertise-endpoint IP:PORT a public address that reaches UDP 51820 here
                                  (1:1 NAT cloud VM, port forward)
@@ -164,6 +166,10 @@ HOST_PORT='^([^[:space:]/]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$'
 IP_PORT='^([0-9]{1,3}(\.[0-9]{1,3}){3}|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$'
 
 JOIN_ARGS=()
+JOIN_TOKEN=
+if [ "$JOIN" = - ]; then
+    IFS= read -r JOIN || [ -n "$JOIN" ] || bad_usage "--join -: no join line on standard input"
+fi
 if [ "$UNINSTALL" = 1 ]; then
     for given in "$JOIN" "$NAME" "$ADVERTISE" "$PUBLIC_ADDR" "$LISTEN" "$CIDR" "$TOKEN_TTL" "$TOKEN_USES" "$BIN_DIR"; do
         [ -z "$given" ] || bad_usage "--uninstall takes no other options than --purge and --dry-run"
@@ -188,14 +194,27 @@ elif [ "$ROLE" = node ]; then
         fi
         [[ ${JOIN_ARGS[0]:-} =~ $HOST_PORT ]] ||
             bad_usage "--join must start with the rendezvous HOST:PORT, got '${JOIN_ARGS[0]:-}'"
-        has_token=0 has_hash=0
+        # The token is taken out of the arguments: meshd join reads it on
+        # its standard input (--token-file -), not from its command line,
+        # where every local user could see it.
+        has_token=0 has_hash=0 next_is_token=0 rest=()
         for word in "${JOIN_ARGS[@]}"; do
+            if [ "$next_is_token" = 1 ]; then
+                JOIN_TOKEN=$word next_is_token=0
+                continue
+            fi
             case $word in
-                --token | --token=*) has_token=1 ;;
+                --token) has_token=1 next_is_token=1; continue ;;
+                --token=*) has_token=1 JOIN_TOKEN=${word#--token=}; continue ;;
+                --token-file | --token-file=*) has_token=1 ;;
                 --ca-hash | --ca-hash=*) has_hash=1 ;;
                 --state-dir | --state-dir=*) bad_usage "--join must not set --state-dir: the service uses $NODE_STATE" ;;
             esac
+            rest+=("$word")
         done
+        [ "$next_is_token" = 0 ] || bad_usage "--join: --token needs a value"
+        JOIN_ARGS=("${rest[@]}")
+        [ -z "$JOIN_TOKEN" ] || JOIN_ARGS+=(--token-file -)
         if [ "$has_token" = 0 ] || [ "$has_hash" = 0 ]; then
             bad_usage "--join needs --token and --ca-hash: paste the whole line \`mesh-rendezvous token create\` printed"
         fi
@@ -359,7 +378,7 @@ install_node() {
         # join only writes the state directory (key kept, token saved); the
         # token is presented, and spent, when meshd first connects. A node
         # the rendezvous knows needs no token, so joining again is harmless.
-        act_quietly "$meshd" join "${args[@]}" --state-dir "$DESTDIR$NODE_STATE"
+        act_quietly "$meshd" join "${args[@]}" --state-dir "$DESTDIR$NODE_STATE" <<<"$JOIN_TOKEN"
         if [ -n "$DESTDIR" ] && [ "$DRY_RUN" = 0 ]; then
             # Paths in the config are the installed system's, not DESTDIR's.
             local text from=$DESTDIR$NODE_STATE to=$NODE_STATE

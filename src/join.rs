@@ -49,13 +49,44 @@ pub enum JoinError {
     Key(#[from] KeyFileError),
 }
 
+/// The longest token file read: a token is well under 256 bytes.
+const MAX_TOKEN_FILE: u64 = 4096;
+
+/// The join token from `--token-file FILE`: its first line, without the
+/// line end or surrounding blanks; `-` reads standard input. The token is
+/// checked by [`join`].
+pub fn read_token(file: &Path) -> Result<String, JoinError> {
+    use std::io::Read as _;
+    let stdin = file == Path::new("-");
+    let path = if stdin { PathBuf::from("standard input") } else { file.to_owned() };
+    let io = |source| JoinError::Io { path: path.clone(), source };
+    let mut text = Vec::new();
+    if stdin {
+        std::io::stdin().lock().take(MAX_TOKEN_FILE).read_to_end(&mut text).map_err(io)?;
+    } else {
+        std::fs::File::open(file).and_then(|f| f.take(MAX_TOKEN_FILE).read_to_end(&mut text)).map_err(io)?;
+    }
+    let text = String::from_utf8_lossy(&text);
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        return Err(JoinError::Invalid(format!(
+            "--token-file: {} holds no token; put the token from `mesh-rendezvous token create` on its first line",
+            path.display()
+        )));
+    }
+    Ok(token.to_owned())
+}
+
 /// Writes the state directory; returns the config path.
 pub fn join<R: RngCore + CryptoRng>(options: &JoinOptions, rng: &mut R) -> Result<PathBuf, JoinError> {
     let JoinOptions { server, token, ca_hash, state_dir: dir, name, listen_port, advertise_endpoint, interface, socket } =
         options;
     if !token.contains('.') || token.len() > 256 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        // Shown only in part: it may be a real token pasted wrongly.
+        let shown: String = token.chars().take(8).collect();
         return Err(JoinError::Invalid(format!(
-            "--token {token:?} is not a join token; copy it from `mesh-rendezvous token create`"
+            "the token ({shown:?}…, {} bytes) is not a join token; copy it from `mesh-rendezvous token create`",
+            token.len()
         )));
     }
     if server.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
@@ -149,6 +180,19 @@ mod tests {
         join(&options(&state), &mut rand::rngs::OsRng).unwrap();
         assert_eq!(std::fs::read_to_string(state.join(KEY_FILE)).unwrap(), key, "key kept on re-join");
         assert_eq!(std::fs::read_to_string(state.join(JOIN_TOKEN_FILE)).unwrap(), "abcd.secret\n");
+    }
+
+    #[test]
+    fn a_token_file_gives_its_first_line_trimmed_and_an_empty_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "abcd.secret\r\nignored\n").unwrap();
+        assert_eq!(read_token(&file).unwrap(), "abcd.secret");
+        std::fs::write(&file, "  \n").unwrap();
+        let empty = read_token(&file).unwrap_err().to_string();
+        assert!(empty.contains("holds no token") && empty.contains(&file.display().to_string()), "{empty}");
+        let missing = read_token(&dir.path().join("absent")).unwrap_err().to_string();
+        assert!(missing.contains("absent"), "{missing}");
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod ipam;
 pub mod join;

@@ -310,3 +310,148 @@ fn meshctl_pubkey_rejects_a_malformed_key() {
         );
     }
 }
+
+/// `meshd join` with everything but the token; `--state-dir` in `dir`.
+fn join_args(dir: &Path) -> Vec<String> {
+    [
+        "join",
+        "203.0.113.1:7443",
+        "--ca-hash",
+        "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        "--name",
+        "node-a",
+        "--state-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([dir.join("state").display().to_string()])
+    .collect()
+}
+
+#[test]
+fn join_reads_the_token_from_a_file_or_stdin_so_it_never_sits_in_argv() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let token_file = dir.path().join("token");
+    fs::write(&token_file, "abcd.from-file\n").expect("write the token file");
+
+    let mut args = join_args(dir.path());
+    args.extend(["--token-file".to_string(), token_file.display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = output(MESHD, &args);
+    common::assert_success(&out, "meshd join --token-file FILE");
+    assert!(!args.iter().any(|a| a.contains("from-file")));
+    assert_eq!(fs::read_to_string(state.join("join.token")).expect("join.token"), "abcd.from-file\n");
+
+    let mut args = join_args(dir.path());
+    args.extend(["--token-file".to_string(), "-".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = output_with_stdin(MESHD, &args, "abcd.from-stdin\n");
+    common::assert_success(&out, "meshd join --token-file -");
+    assert_eq!(fs::read_to_string(state.join("join.token")).expect("join.token"), "abcd.from-stdin\n");
+
+    // --token keeps working.
+    let mut args = join_args(dir.path());
+    args.extend(["--token".to_string(), "abcd.from-argv".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    common::assert_success(&output(MESHD, &args), "meshd join --token");
+    assert_eq!(fs::read_to_string(state.join("join.token")).expect("join.token"), "abcd.from-argv\n");
+}
+
+#[test]
+fn join_needs_exactly_one_token_source_and_refuses_an_empty_token_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    fs::write(&token_file, "\n").expect("write the token file");
+    let base = join_args(dir.path());
+    let with = |extra: &[&str]| -> Output {
+        let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        output_with_stdin(MESHD, &args, "")
+    };
+    let token_file = token_file.display().to_string();
+    for (extra, wanted) in [
+        (&[][..], "--token-file"),
+        (&["--token", "abcd.x", "--token-file", token_file.as_str()], "cannot be used with"),
+        (&["--token-file", token_file.as_str()], "holds no token"),
+        (&["--token-file", "-"], "standard input holds no token"),
+    ] {
+        let out = with(extra);
+        assert_clear_failure(&out, &format!("`meshd join {}`", extra.join(" ")));
+        assert!(stderr(&out).contains(wanted), "`meshd join {}` says {wanted:?}:\n{}", extra.join(" "), stderr(&out));
+    }
+    assert!(!dir.path().join("state").join("join.token").exists(), "nothing enrolled");
+}
+
+/// A `mesh-rendezvous serve` this test started; killed when dropped.
+struct Serving(std::process::Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rendezvous(state: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["--state-dir", state.to_str().expect("a UTF-8 temp path")];
+    all.extend_from_slice(args);
+    output(common::MESH_RENDEZVOUS, &all)
+}
+
+#[test]
+fn a_serving_rendezvous_locks_its_state_directory_against_a_second_server_and_offline_edits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("rv");
+    // A free loopback port (the NAT check takes the next one, if it can).
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free port").port();
+    let listen = format!("127.0.0.1:{port}");
+    common::assert_success(
+        &rendezvous(&state, &["init", "--listen", &listen, "--public-addr", &listen]),
+        "mesh-rendezvous init",
+    );
+    // Offline, with no server: the CLI edits registry.json itself.
+    common::assert_success(&rendezvous(&state, &["token", "create", "--uses", "1"]), "an offline token create");
+
+    let server = Command::new(common::MESH_RENDEZVOUS)
+        .args(["--state-dir", state.to_str().expect("UTF-8"), "serve"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mesh-rendezvous serve");
+    let _server = Serving(server);
+    let socket = state.join("admin.sock");
+    common::eventually("the server's admin socket answers", common::DEADLINE, || {
+        let out = rendezvous(&state, &["token", "list", "--json"]);
+        match (socket.exists(), out.status.success()) {
+            (true, true) => Ok(()),
+            _ => Err(stderr(&out)),
+        }
+    });
+
+    // A second server on the same directory refuses, naming the first.
+    let second = rendezvous(&state, &["serve"]);
+    assert_clear_failure(&second, "a second `mesh-rendezvous serve`");
+    assert!(stderr(&second).contains("in use by a running mesh-rendezvous serve (pid "), "{}", stderr(&second));
+
+    // Online, through the admin socket, the CLI still works.
+    common::assert_success(&rendezvous(&state, &["token", "create", "--uses", "1"]), "an online token create");
+
+    // With the admin socket gone, the CLI used to edit registry.json under
+    // the running server; now it refuses and says what to do.
+    let registry = fs::read(state.join("registry.json")).expect("registry.json");
+    fs::rename(&socket, dir.path().join("moved.sock")).expect("move the admin socket away");
+    let refused = rendezvous(&state, &["token", "create", "--uses", "1"]);
+    assert_clear_failure(&refused, "`token create` while the server runs without its socket");
+    assert!(
+        stderr(&refused).contains("its admin socket does not answer") && stderr(&refused).contains("restart it"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(fs::read(state.join("registry.json")).expect("registry.json"), registry, "registry.json untouched");
+
+    // Once the server is gone, so is its lock: offline edits work again.
+    drop(_server);
+    common::assert_success(&rendezvous(&state, &["token", "create", "--uses", "1"]), "an offline edit after the server");
+}

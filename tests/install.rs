@@ -498,11 +498,64 @@ fn a_dry_run_prints_every_action_and_changes_nothing() {
         "usr/local/bin/meshctl",
         "etc/systemd/system/meshd.service",
         "kubelet.service.d/kubelet-meshd.conf",
-        "bin/meshd join rv.example.com:7443 --token abcd.secret --ca-hash sha256:00 --state-dir",
+        "bin/meshd join rv.example.com:7443 --ca-hash sha256:00 --token-file - --state-dir",
     ] {
         assert!(node.contains(wanted), "the dry run names {wanted}:\n{node}");
     }
+    assert!(!node.contains("abcd.secret"), "the dry run does not print the token:\n{node}");
     assert_eq!(setup.snapshot(), BTreeMap::new(), "a dry run wrote files");
+}
+
+/// A certificate hash as the join line carries it.
+const HASH: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Replaces `meshd` in the setup's bin directory by a script that records
+/// its arguments in `argv.log` next to it, then runs the real one.
+fn record_meshd_argv(setup: &Setup) -> PathBuf {
+    let bin = setup.bin();
+    let real = bin.join("meshd.real");
+    fs::rename(bin.join("meshd"), &real).expect("move meshd aside");
+    let log = setup.dir.path().join("argv.log");
+    let wrapper = format!("#!/bin/sh\nprintf '%s\\n' \"$*\" >>'{}'\nexec '{}' \"$@\"\n", log.display(), real.display());
+    fs::write(bin.join("meshd"), wrapper).expect("write the wrapper");
+    fs::set_permissions(bin.join("meshd"), fs::Permissions::from_mode(0o755)).expect("chmod the wrapper");
+    log
+}
+
+#[test]
+fn the_node_install_hands_meshd_join_the_token_on_stdin_never_in_argv() {
+    let setup = Setup::new();
+    let log = record_meshd_argv(&setup);
+    let join = format!("rv.example.com:7443 --token abcd.secret-in-argv --ca-hash {HASH}");
+    setup.install(&["node", "--join", &join, "--name", "node-a"]);
+    let argv = read(&log);
+    assert!(argv.contains(&format!("join rv.example.com:7443 --ca-hash {HASH} --token-file - --name node-a")), "{argv}");
+    assert!(!argv.contains("abcd.secret-in-argv"), "the token was on meshd's command line: {argv}");
+    assert_eq!(read(&setup.path("var/lib/meshd/join.token")), "abcd.secret-in-argv\n");
+    assert_eq!(mode(&setup.path("var/lib/meshd/join.token")), 0o600);
+}
+
+#[test]
+fn the_join_line_can_come_on_stdin_so_the_token_is_in_no_command_line() {
+    use std::io::Write as _;
+    let setup = Setup::new();
+    let log = record_meshd_argv(&setup);
+    let mut child = Command::new(script())
+        .args(["node", "--join", "-", "--bin-dir"])
+        .arg(setup.bin())
+        .env("DESTDIR", setup.root())
+        .env_remove("PREFIX")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run deploy/install.sh");
+    let line = format!("meshd join rv.example.com:7443 --token=abcd.from-stdin --ca-hash {HASH}\n");
+    child.stdin.take().expect("stdin").write_all(line.as_bytes()).expect("write the join line");
+    let out = child.wait_with_output().expect("wait for install.sh");
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(!read(&log).contains("abcd.from-stdin"), "{}", read(&log));
+    assert_eq!(read(&setup.path("var/lib/meshd/join.token")), "abcd.from-stdin\n");
 }
 
 #[test]
@@ -541,6 +594,8 @@ fn bad_arguments_exit_2_with_a_usage_message_and_install_nothing() {
         (&["node", "--join", "--kubelet"], "--join needs a value"),
         (&["node", "--join", "rv.example.com --token t --ca-hash h"], "must start with the rendezvous HOST:PORT"),
         (&["node", "--join", "rv.example.com:7443 --token t"], "needs --token and --ca-hash"),
+        (&["node", "--join", "rv.example.com:7443 --ca-hash h --token"], "--token needs a value"),
+        (&["node", "--join", "-"], "no join line on standard input"),
         (&["node", "--join", &format!("{join} --state-dir /tmp/x")], "must not set --state-dir"),
         (&["node", "--join", join, "--no-join"], "exclude each other"),
         (&["node", "--join", join, "--advertise-endpoint", "example.com:51820"], "is not IP:PORT"),

@@ -14,6 +14,11 @@ use meshd::rendezvous::admin::{self, AdminRequest, AdminResponse};
 use meshd::rendezvous::{server, setup};
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/mesh-rendezvous";
+/// Who holds the state directory's lock, as its lock file says.
+const SERVER_HOLDER: &str = "a running mesh-rendezvous serve";
+const OFFLINE_HOLDER: &str = "an offline mesh-rendezvous edit of registry.json";
+/// How long `serve` waits for an offline edit to finish.
+const OFFLINE_EDIT_PATIENCE: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
 #[command(name = "mesh-rendezvous", version, about = "Admission, addresses and peer maps for a meshd mesh")]
@@ -132,6 +137,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("next: mesh-rendezvous serve --state-dir {0}, then mesh-rendezvous token create --state-dir {0}", dir.display());
         }
         Command::Serve { metrics } => {
+            // Held until the process ends: no other server and no offline
+            // edit writes registry.json meanwhile.
+            let _lock = lock_for_serve(dir)?;
             let mut loaded = setup::load(dir)?;
             if metrics.is_some() {
                 loaded.config.metrics_address = metrics;
@@ -221,12 +229,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Asks the running server, or edits the stored state when none runs.
+/// The state directory's lock for `serve`: refused at once while another
+/// server holds it, waited for while an offline edit does.
+fn lock_for_serve(dir: &Path) -> anyhow::Result<setup::StateLock> {
+    let end = std::time::Instant::now() + OFFLINE_EDIT_PATIENCE;
+    loop {
+        match setup::lock(dir, SERVER_HOLDER) {
+            Err(setup::SetupError::Locked { holder, .. })
+                if holder.starts_with(OFFLINE_HOLDER) && std::time::Instant::now() < end =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(setup::SetupError::Locked { holder, .. }) => bail!(
+                "{} is in use by {holder}: stop that first, or give this server its own --state-dir",
+                dir.display()
+            ),
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Asks the running server, or edits the stored state when none runs. The
+/// offline edit holds the state directory's lock, and refuses while a
+/// server holds it (a server whose admin socket is gone or does not answer):
+/// editing registry.json under a running server would be lost or undo its
+/// changes.
 fn admin_request(dir: &Path, request: AdminRequest) -> anyhow::Result<AdminResponse> {
     let socket = setup::Layout::new(dir).admin_socket();
     match client::request("mesh-rendezvous", &socket, request.clone()) {
         Ok(response) => Ok(response),
-        Err(ClientError::NotRunning { .. } | ClientError::Refused { .. }) => {
+        Err(unreachable @ (ClientError::NotRunning { .. } | ClientError::Refused { .. })) => {
+            let _lock = match setup::lock(dir, OFFLINE_HOLDER) {
+                Ok(lock) => Some(lock),
+                // Let the offline edit say so, as before.
+                Err(setup::SetupError::NotInitialised { .. }) => None,
+                Err(setup::SetupError::Locked { holder, .. }) => bail!(
+                    "{} is in use by {holder}, but its admin socket does not answer ({unreachable}); \
+                     registry.json is not edited under a running server: restart it (systemctl restart \
+                     mesh-rendezvous) and try again",
+                    dir.display()
+                ),
+                Err(other) => return Err(other.into()),
+            };
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
             Ok(admin::apply_offline(dir, request, now, &mut rand::rngs::OsRng)?)
         }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
 use meshd::cli::{init_logging, shutdown_signal, LogFormat};
 use meshd::config::{Config, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFAULT_SOCKET};
 use meshd::join::{JoinOptions, CONFIG_FILE};
@@ -46,11 +46,18 @@ enum Command {
         env_file: Option<PathBuf>,
     },
     /// Enrol this node in a mesh: `meshd join HOST:PORT --token … --ca-hash sha256:…`.
+    #[command(group(ArgGroup::new("token_source").required(true).args(["token", "token_file"])))]
     Join {
         /// The rendezvous, HOST:PORT.
         server: String,
+        /// The join token. Every local user can read it in `ps` while join
+        /// runs: prefer --token-file.
         #[arg(long)]
-        token: String,
+        token: Option<String>,
+        /// Read the join token from FILE (its first line), or from standard
+        /// input with `-`, so that it never appears on a command line.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         /// SHA-256 of the rendezvous certificate, from the join line.
         #[arg(long)]
         ca_hash: CertHash,
@@ -94,7 +101,23 @@ fn run(command: Command) -> anyhow::Result<()> {
             Config::load(&config)?;
             println!("{}: ok", config.display());
         }
-        Command::Join { server, token, ca_hash, state_dir, name, listen_port, advertise_endpoint, interface, socket } => {
+        Command::Join {
+            server,
+            token,
+            token_file,
+            ca_hash,
+            state_dir,
+            name,
+            listen_port,
+            advertise_endpoint,
+            interface,
+            socket,
+        } => {
+            let token = match (token, token_file) {
+                (Some(token), _) => token,
+                (None, Some(file)) => meshd::join::read_token(&file)?,
+                (None, None) => anyhow::bail!("give the join token with --token-file FILE (or - for stdin) or --token"),
+            };
             let options =
                 JoinOptions { server, token, ca_hash, state_dir, name, listen_port, advertise_endpoint, interface, socket };
             let path = meshd::join::join(&options, &mut rand::rngs::OsRng)?;

@@ -1057,6 +1057,7 @@ mesh_rendezvous_relay_dropped_packets_total{reason="self_addressed"} 1
 mesh_rendezvous_relay_dropped_packets_total{reason="unknown_destination"} 0
 mesh_rendezvous_relay_dropped_packets_total{reason="destination_offline"} 0
 mesh_rendezvous_relay_dropped_packets_total{reason="rate_limited"} 0
+mesh_rendezvous_relay_dropped_packets_total{reason="destination_limited"} 0
 mesh_rendezvous_relay_dropped_packets_total{reason="queue_full"} 0
 mesh_rendezvous_relay_dropped_packets_total{reason="inbound_full"} 7
 # HELP mesh_rendezvous_store_writes_total Saves of the registry to its store.

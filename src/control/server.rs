@@ -223,7 +223,9 @@ where
     let _ = write.write_all(&out).await;
 }
 
-fn parse<Req: DeserializeOwned>(line: &[u8]) -> Result<Req, String> {
+/// One request line into a request, or the error to answer with (also the
+/// local-API fuzz target's entry, through [`crate::fuzzing`]).
+pub(crate) fn parse<Req: DeserializeOwned>(line: &[u8]) -> Result<Req, String> {
     if line.len() > MAX_MESSAGE {
         return Err(format!("request longer than {MAX_MESSAGE} bytes"));
     }

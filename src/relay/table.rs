@@ -26,17 +26,43 @@
 //! ([`DropReason::SelfAddressed`]); the destination is a registered node
 //! ([`DropReason::UnknownDestination`]) that is connected now
 //! ([`DropReason::DestinationOffline`]); the source is within its rate
-//! limits ([`DropReason::RateLimited`]). Only a frame that passes everything
-//! spends rate-limit tokens and counts towards its (source, destination) pair.
+//! limits ([`DropReason::RateLimited`]); the destination is within what it
+//! may receive ([`DropReason::DestinationLimited`]). Only a frame that passes
+//! everything spends rate-limit tokens, the source's and the destination's,
+//! and counts towards its (source, destination) pair.
 //!
 //! # Rate limits and queues
 //!
-//! Every node has two token buckets, bytes (of payload) per second and
-//! packets per second ([`RelayLimits`]), each holding up to `burst` worth of
-//! its rate. A frame is forwarded only if both buckets can pay for it, so a
-//! node flooding the relay gets its rate and no more, while every other
-//! node's frames draw on their own buckets and keep flowing. Buckets belong
-//! to the node, not the connection: reconnecting does not refill them.
+//! Every node has two token buckets for what it sends, bytes (of payload)
+//! per second and packets per second ([`RelayLimits`]), each holding up to
+//! `burst` worth of its rate. A frame is forwarded only if both buckets can
+//! pay for it, so a node flooding the relay gets its rate and no more, while
+//! every other node's frames draw on their own buckets and keep flowing.
+//!
+//! Every node also has two buckets for what it receives, at the
+//! destination rates ([`RelayLimits::destination_bytes_per_sec`], by default
+//! the same as a source's). Without them, several members each within their
+//! own limit could aim their sum at one node, and the relay would deliver
+//! n × the per-node rate to it. With them, everything relayed towards one
+//! node is held to its destination rate ([`DropReason::DestinationLimited`]),
+//! whoever sends it, and other destinations are not affected.
+//!
+//! So that one source flooding a node cannot take that node's whole budget
+//! and starve the others that relay to it, the destination budget is shared
+//! fairly: every source that sent towards a node in the last
+//! [`SENDER_ACTIVE`] has a share of it, refilled at the destination's rates
+//! divided by the number of such sources and holding that fraction of its
+//! burst (never less than one largest payload). Shares only matter once the
+//! destination's budget is under half full: above that a frame passes if
+//! its source's budget and the destination's can pay, below it its source's
+//! share must pay too; every forwarded frame spends from all three. So the
+//! destination's whole rate is used (a lone source, or one whose co-senders
+//! send little, gets all of it that they leave), while a flooder drains it
+//! to half and then gets its share only, and every other source still finds
+//! its own share of the lower half.
+//!
+//! Buckets belong to the node, not the connection: reconnecting does not
+//! refill them.
 //!
 //! The table holds no packets, so it has no queue to bound. The queue in
 //! front of it is the shell's, and every connection has its own bounded
@@ -51,10 +77,9 @@
 //! right for tunnelled IP); a larger frame goes into a bounded queue in
 //! front of that connection's relay stream, and when that queue is full the
 //! shell drops the frame and reports it with
-//! [`RelayTable::count_drop`]`(`[`DropReason::QueueFull`]`)`. The rate limit
-//! bounds how much of any destination's queue one source can fill. It does
-//! not share a congested destination fairly among several sources; each
-//! source is only capped at its own rate.
+//! [`RelayTable::count_drop`]`(`[`DropReason::QueueFull`]`)`. The source's
+//! rate limit bounds how much of any destination's queue one source can
+//! fill, and the destination's bounds what all sources together can.
 //!
 //! # Counters
 //!
@@ -74,6 +99,10 @@ use crate::wire::relay::{self, NodeId, HEADER_LEN, MAX_PAYLOAD};
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
 
+/// How long a source counts among a destination's senders, sharing its
+/// budget, after it last sent a frame towards it (forwarded or not).
+pub const SENDER_ACTIVE: Duration = Duration::from_secs(1);
+
 /// Per-node rate limits, set by the operator under `[relay]` in
 /// `rendezvous.toml` ([`crate::rendezvous::setup`]). Valid by construction:
 /// every rate and the burst are greater than zero.
@@ -81,6 +110,9 @@ const NANOS_PER_SEC: u128 = 1_000_000_000;
 pub struct RelayLimits {
     bytes_per_sec: u64,
     packets_per_sec: u64,
+    /// What may be relayed towards one node, from all sources together.
+    destination_bytes_per_sec: u64,
+    destination_packets_per_sec: u64,
     burst: Duration,
 }
 
@@ -95,6 +127,7 @@ impl RelayLimits {
     /// A bucket holds this long's worth of its rate.
     pub const DEFAULT_BURST: Duration = Duration::from_millis(100);
 
+    /// Limits with the destination rates equal to the source rates.
     pub fn new(bytes_per_sec: u64, packets_per_sec: u64, burst: Duration) -> Result<Self, LimitsError> {
         if bytes_per_sec == 0 {
             return Err(LimitsError::Zero { what: "bytes per second" });
@@ -105,7 +138,25 @@ impl RelayLimits {
         if burst.is_zero() {
             return Err(LimitsError::Zero { what: "burst" });
         }
-        Ok(Self { bytes_per_sec, packets_per_sec, burst })
+        Ok(Self {
+            bytes_per_sec,
+            packets_per_sec,
+            destination_bytes_per_sec: bytes_per_sec,
+            destination_packets_per_sec: packets_per_sec,
+            burst,
+        })
+    }
+
+    /// These limits with other rates towards one node (from all sources
+    /// together) than from one node.
+    pub fn with_destination(self, bytes_per_sec: u64, packets_per_sec: u64) -> Result<Self, LimitsError> {
+        if bytes_per_sec == 0 {
+            return Err(LimitsError::Zero { what: "destination bytes per second" });
+        }
+        if packets_per_sec == 0 {
+            return Err(LimitsError::Zero { what: "destination packets per second" });
+        }
+        Ok(Self { destination_bytes_per_sec: bytes_per_sec, destination_packets_per_sec: packets_per_sec, ..self })
     }
 
     pub fn bytes_per_sec(&self) -> u64 {
@@ -116,17 +167,28 @@ impl RelayLimits {
         self.packets_per_sec
     }
 
+    /// Payload bytes per second relayed towards one node, all sources together.
+    pub fn destination_bytes_per_sec(&self) -> u64 {
+        self.destination_bytes_per_sec
+    }
+
+    /// Packets per second relayed towards one node, all sources together.
+    pub fn destination_packets_per_sec(&self) -> u64 {
+        self.destination_packets_per_sec
+    }
+
     pub fn burst(&self) -> Duration {
         self.burst
     }
 
-    /// Never less than one largest payload, or a large packet could never pass.
-    fn byte_capacity(&self) -> u64 {
-        burst_of(self.bytes_per_sec, self.burst).max(MAX_PAYLOAD as u64)
+    /// What one node may send.
+    fn source_budget(&self) -> Budget {
+        Budget::full(self.bytes_per_sec, self.packets_per_sec, self.burst)
     }
 
-    fn packet_capacity(&self) -> u64 {
-        burst_of(self.packets_per_sec, self.burst).max(1)
+    /// What may be sent to one node.
+    fn destination_budget(&self) -> Budget {
+        Budget::full(self.destination_bytes_per_sec, self.destination_packets_per_sec, self.burst)
     }
 }
 
@@ -135,6 +197,8 @@ impl Default for RelayLimits {
         Self {
             bytes_per_sec: Self::DEFAULT_BYTES_PER_SEC,
             packets_per_sec: Self::DEFAULT_PACKETS_PER_SEC,
+            destination_bytes_per_sec: Self::DEFAULT_BYTES_PER_SEC,
+            destination_packets_per_sec: Self::DEFAULT_PACKETS_PER_SEC,
             burst: Self::DEFAULT_BURST,
         }
     }
@@ -189,6 +253,9 @@ pub enum DropReason {
     DestinationOffline,
     /// The source is over its bytes or packets rate.
     RateLimited,
+    /// The destination is over what may be relayed to it per second, from
+    /// all sources together.
+    DestinationLimited,
     /// The shell's queue towards the destination was full (counted by the
     /// shell through [`RelayTable::count_drop`]).
     QueueFull,
@@ -199,13 +266,14 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::NotAdmitted,
         DropReason::Malformed,
         DropReason::SelfAddressed,
         DropReason::UnknownDestination,
         DropReason::DestinationOffline,
         DropReason::RateLimited,
+        DropReason::DestinationLimited,
         DropReason::QueueFull,
         DropReason::InboundFull,
     ];
@@ -219,6 +287,7 @@ impl DropReason {
             DropReason::UnknownDestination => "unknown_destination",
             DropReason::DestinationOffline => "destination_offline",
             DropReason::RateLimited => "rate_limited",
+            DropReason::DestinationLimited => "destination_limited",
             DropReason::QueueFull => "queue_full",
             DropReason::InboundFull => "inbound_full",
         }
@@ -307,35 +376,116 @@ impl TokenBucket {
     }
 }
 
+/// A bytes bucket and a packets bucket: a frame passes only if both can pay.
+#[derive(Debug, Clone)]
+struct Budget {
+    bytes: TokenBucket,
+    packets: TokenBucket,
+}
+
+impl Budget {
+    /// A byte bucket never holds less than one largest payload, or a large
+    /// packet could never pass.
+    fn full(bytes_per_sec: u64, packets_per_sec: u64, burst: Duration) -> Self {
+        Self {
+            bytes: TokenBucket::full(bytes_per_sec, burst_of(bytes_per_sec, burst).max(MAX_PAYLOAD as u64)),
+            packets: TokenBucket::full(packets_per_sec, burst_of(packets_per_sec, burst).max(1)),
+        }
+    }
+
+    /// Refills to `now`; whether one payload of `len` bytes can be paid for.
+    fn can_pay(&mut self, len: u64, now: Instant) -> bool {
+        self.bytes.refill(now);
+        self.packets.refill(now);
+        self.bytes.can_take(len) && self.packets.can_take(1)
+    }
+
+    fn pay(&mut self, len: u64) {
+        self.bytes.take(len);
+        self.packets.take(1);
+    }
+}
+
+/// One source's share of a destination's budget (see the module docs), in
+/// nano-tokens as [`TokenBucket`].
+#[derive(Debug, Clone)]
+struct Share {
+    source: NodeId,
+    bytes_nanos: u128,
+    packets_nanos: u128,
+    /// When the source last sent towards the destination, and the share
+    /// was last refilled.
+    last: Instant,
+}
+
 /// A registered node.
 #[derive(Debug, Clone)]
 struct NodeState {
     /// Its current connection, while it is online.
     conn: Option<ConnId>,
-    bytes: TokenBucket,
-    packets: TokenBucket,
+    /// What it may send through the relay.
+    sent: Budget,
+    /// What may be relayed to it, from all sources together.
+    received: Budget,
+    /// The sources that sent towards it in the last [`SENDER_ACTIVE`], each
+    /// with its share of `received`. At most one per registered node.
+    senders: Vec<Share>,
 }
 
 impl NodeState {
     fn new(limits: &RelayLimits) -> Self {
         Self {
             conn: None,
-            bytes: TokenBucket::full(limits.bytes_per_sec, limits.byte_capacity()),
-            packets: TokenBucket::full(limits.packets_per_sec, limits.packet_capacity()),
+            sent: limits.source_budget(),
+            received: limits.destination_budget(),
+            senders: Vec::new(),
         }
     }
 
-    /// Spends the tokens for one payload if both buckets have them.
-    fn admit(&mut self, payload_len: usize, now: Instant) -> bool {
-        self.bytes.refill(now);
-        self.packets.refill(now);
-        let len = payload_len as u64;
-        if !(self.bytes.can_take(len) && self.packets.can_take(1)) {
-            return false;
+    /// Refills this node's budget and `source`'s share of it to `now`
+    /// (forgetting sources quiet for [`SENDER_ACTIVE`]); the share's index if
+    /// both can pay for a payload of `len` bytes.
+    fn can_receive(&mut self, limits: &RelayLimits, source: NodeId, len: u64, now: Instant) -> Option<usize> {
+        // A clock that steps back keeps everyone (saturating: zero elapsed).
+        self.senders.retain(|s| s.source == source || now.saturating_duration_since(s.last) <= SENDER_ACTIVE);
+        let index = match self.senders.iter().position(|s| s.source == source) {
+            Some(index) => index,
+            None => {
+                // A newcomer starts with a full share, so it gets through as
+                // soon as the destination's budget has room.
+                self.senders.push(Share { source, bytes_nanos: u128::MAX, packets_nanos: u128::MAX, last: now });
+                self.senders.len() - 1
+            }
+        };
+        let senders = self.senders.len() as u128;
+        let bytes_rate = u128::from(limits.destination_bytes_per_sec) / senders;
+        let packets_rate = u128::from(limits.destination_packets_per_sec) / senders;
+        let bytes_cap = (self.received.bytes.capacity_nanos / senders).max(MAX_PAYLOAD as u128 * NANOS_PER_SEC);
+        let packets_cap = (self.received.packets.capacity_nanos / senders).max(NANOS_PER_SEC);
+        let can_pay = self.received.can_pay(len, now);
+        let uncontended = self.received.bytes.nanos >= self.received.bytes.capacity_nanos / 2
+            && self.received.packets.nanos >= self.received.packets.capacity_nanos / 2;
+        let share = self.senders.get_mut(index)?;
+        if now > share.last {
+            let elapsed = (now - share.last).as_nanos();
+            share.bytes_nanos = share.bytes_nanos.saturating_add(elapsed.saturating_mul(bytes_rate));
+            share.packets_nanos = share.packets_nanos.saturating_add(elapsed.saturating_mul(packets_rate));
+            share.last = now;
         }
-        self.bytes.take(len);
-        self.packets.take(1);
-        true
+        share.bytes_nanos = share.bytes_nanos.min(bytes_cap);
+        share.packets_nanos = share.packets_nanos.min(packets_cap);
+        let share_can_pay =
+            share.bytes_nanos >= u128::from(len) * NANOS_PER_SEC && share.packets_nanos >= NANOS_PER_SEC;
+        (can_pay && (uncontended || share_can_pay)).then_some(index)
+    }
+
+    /// Spends what [`Self::can_receive`] found room for.
+    fn receive(&mut self, share: usize, len: u64) {
+        self.received.pay(len);
+        if let Some(share) = self.senders.get_mut(share) {
+            share.bytes_nanos = share.bytes_nanos.saturating_sub(u128::from(len) * NANOS_PER_SEC);
+            share.packets_nanos = share.packets_nanos.saturating_sub(NANOS_PER_SEC);
+        }
     }
 }
 
@@ -417,6 +567,9 @@ impl RelayTable {
                 self.conns.remove(&conn);
             }
         }
+        for state in self.nodes.values_mut() {
+            state.senders.retain(|share| share.source != node);
+        }
         self.pairs.retain(|(src, dst), _| *src != node && *dst != node);
     }
 
@@ -455,12 +608,26 @@ impl RelayTable {
             }
             Some(NodeState { conn: Some(to), .. }) => *to,
         };
+        // Both budgets must be able to pay before either does, so a frame
+        // one of them refuses costs the other nothing.
+        let len = payload_len as u64;
         let Some(sender) = self.nodes.get_mut(&source) else {
             // `conns` only names registered nodes; stay safe if that ever breaks.
             return self.drop_frame(from, DropReason::NotAdmitted);
         };
-        if !sender.admit(payload_len, now) {
+        if !sender.sent.can_pay(len, now) {
             return self.drop_frame(from, DropReason::RateLimited);
+        }
+        let limits = self.limits;
+        let Some(receiver) = self.nodes.get_mut(&destination) else {
+            return self.drop_frame(from, DropReason::UnknownDestination);
+        };
+        let Some(share) = receiver.can_receive(&limits, source, len, now) else {
+            return self.drop_frame(from, DropReason::DestinationLimited);
+        };
+        receiver.receive(share, len);
+        if let Some(sender) = self.nodes.get_mut(&source) {
+            sender.sent.pay(len);
         }
         self.pairs.entry((source, destination)).or_default().add(payload_len);
         self.stats.forwarded.add(payload_len);
@@ -680,10 +847,12 @@ mod tests {
             }
         }
         assert_eq!(flood_forwarded, 100, "one burst: 100 ms of 1 000 packets/s");
-        // At the same instant node 2 still gets every packet through.
+        // At the same instant node 2 still gets every packet through (to
+        // another node: node 3 has just received its own burst, see
+        // `a_flooder_aimed_at_a_node_gets_its_share_and_other_sources_still_reach_it`).
         for _ in 0..50 {
-            let (to, header, _) = forwarded(table.handle_frame(ConnId(2), frame_to(3, &p), start));
-            assert_eq!((to, header), (ConnId(3), source(2)));
+            let (to, header, _) = forwarded(table.handle_frame(ConnId(2), frame_to(1, &p), start));
+            assert_eq!((to, header), (ConnId(1), source(2)));
         }
         // And node 1's bucket refills with time: 10 ms buys 10 packets.
         let later = start + Duration::from_millis(10);
@@ -692,6 +861,129 @@ mod tests {
             .count();
         assert_eq!(refilled, 10);
         assert_eq!(table.stats().dropped(DropReason::RateLimited), 900 + 90);
+    }
+
+    #[test]
+    fn a_flooder_aimed_at_a_node_gets_its_share_and_other_sources_still_reach_it() {
+        // 1 000 packets/s per source and per destination, 100 ms bursts.
+        let limits = RelayLimits::new(1_000_000, 1_000, Duration::from_millis(100)).unwrap();
+        let start = Instant::now();
+        let mut table = table_with(3, limits);
+        let p = payload(100);
+        // For one second node 1 sends node 3 ten packets every millisecond,
+        // ten times its rate and first every time; node 2 sends node 3 one
+        // packet every 4 ms (250 packets/s), within its half of node 3's rate.
+        let (mut flooder, mut other) = (0, 0);
+        for ms in 0..1_000u64 {
+            let now = start + Duration::from_millis(ms);
+            for _ in 0..10 {
+                if matches!(table.handle_frame(ConnId(1), frame_to(3, &p), now), Command::Forward { .. }) {
+                    flooder += 1;
+                }
+            }
+            if ms % 4 == 0 && matches!(table.handle_frame(ConnId(2), frame_to(3, &p), now), Command::Forward { .. }) {
+                other += 1;
+            }
+        }
+        // Node 3 received its rate and one burst, no more.
+        assert!(flooder + other <= 1_000 + 100, "{flooder} + {other}");
+        // Node 2 got (nearly) everything through: a destination budget
+        // alone, drained by node 1 first every millisecond, let 3 through.
+        assert!(other >= 240, "node 2 got {other} of 250 through");
+        // And node 1 had what node 2 left, not only half: nothing is wasted.
+        assert!(flooder >= 1_000 - 250, "node 1 got {flooder}");
+    }
+
+    #[test]
+    fn three_sources_each_within_their_limit_are_held_to_the_destinations_limit_and_others_are_not_affected() {
+        // 1 000 packets/s with a 100 ms burst: 100 packets at once, from one
+        // node and, by default, towards one node.
+        let limits = RelayLimits::new(1_000_000, 1_000, Duration::from_millis(100)).unwrap();
+        let start = Instant::now();
+        let mut table = table_with(5, limits);
+        let p = payload(100);
+        // Nodes 1, 2 and 3 each send node 4 sixty packets at once: each well
+        // within its own burst, 180 together.
+        let mut to_4 = 0;
+        for _ in 0..60 {
+            for src in 1..=3u32 {
+                match table.handle_frame(ConnId(src.into()), frame_to(4, &p), start) {
+                    Command::Forward { to, .. } => {
+                        assert_eq!(to, ConnId(4));
+                        to_4 += 1;
+                    }
+                    Command::Drop { reason } => assert_eq!(reason, DropReason::DestinationLimited),
+                }
+            }
+        }
+        assert_eq!(to_4, 100, "node 4 receives one burst, whoever sends it");
+        assert_eq!(table.stats().dropped(DropReason::DestinationLimited), 80);
+        assert_eq!(table.stats().dropped(DropReason::RateLimited), 0, "no source was over its own limit");
+        // At the same instant the same sources still reach node 5: what node 4
+        // refused cost them nothing.
+        for _ in 0..30 {
+            for src in 1..=3u32 {
+                let (to, header, _) = forwarded(table.handle_frame(ConnId(src.into()), frame_to(5, &p), start));
+                assert_eq!((to, header), (ConnId(5), source(src)));
+            }
+        }
+        // Node 4's budget refills with time: 10 ms buys 10 packets, from all
+        // sources together.
+        let later = start + Duration::from_millis(10);
+        let refilled = (0..30u32)
+            .filter(|i| {
+                let src = ConnId((1 + i % 3).into());
+                matches!(table.handle_frame(src, frame_to(4, &p), later), Command::Forward { .. })
+            })
+            .count();
+        assert_eq!(refilled, 10);
+    }
+
+    #[test]
+    fn the_destination_limit_can_differ_from_the_source_limit_and_is_counted_in_bytes_too() {
+        // A source may send 10 000 packets/s, a node receive 500 packets/s
+        // and 100 000 bytes/s (the byte burst is at least one largest payload).
+        let limits = RelayLimits::new(100_000_000, 10_000, Duration::from_millis(100))
+            .unwrap()
+            .with_destination(100_000, 500)
+            .unwrap();
+        assert_eq!((limits.destination_bytes_per_sec(), limits.destination_packets_per_sec()), (100_000, 500));
+        let start = Instant::now();
+        let mut table = table_with(3, limits);
+        let small = (0..100)
+            .filter(|_| matches!(table.handle_frame(ConnId(1), frame_to(2, &payload(10)), start), Command::Forward { .. }))
+            .count();
+        assert_eq!(small, 50, "100 ms of 500 packets/s");
+        // Node 3's budget in bytes: MAX_PAYLOAD (65 535) pays for six 10 000-byte packets.
+        let large = (0..20)
+            .filter(|_| {
+                matches!(table.handle_frame(ConnId(1), frame_to(3, &payload(10_000)), start), Command::Forward { .. })
+            })
+            .count();
+        assert_eq!(large, 6);
+    }
+
+    #[test]
+    fn a_source_over_its_own_limit_spends_nothing_of_the_destinations() {
+        let limits = RelayLimits::new(1_000_000, 1_000, Duration::from_millis(100))
+            .unwrap()
+            .with_destination(1_000_000, 1_500)
+            .unwrap();
+        let start = Instant::now();
+        let mut table = table_with(3, limits);
+        let p = payload(100);
+        // Node 1 tries 1 000 packets to node 3: 100 pass (its own burst).
+        let flood = (0..1_000)
+            .filter(|_| matches!(table.handle_frame(ConnId(1), frame_to(3, &p), start), Command::Forward { .. }))
+            .count();
+        assert_eq!(flood, 100);
+        assert_eq!(table.stats().dropped(DropReason::RateLimited), 900);
+        // Node 3's budget of 150 paid for node 1's 100 only: 50 left for node 2.
+        let rest = (0..100)
+            .filter(|_| matches!(table.handle_frame(ConnId(2), frame_to(3, &p), start), Command::Forward { .. }))
+            .count();
+        assert_eq!(rest, 50);
+        assert_eq!(table.stats().dropped(DropReason::DestinationLimited), 50);
     }
 
     #[test]
@@ -820,8 +1112,16 @@ mod tests {
         assert_eq!(RelayLimits::new(0, 1, second), Err(LimitsError::Zero { what: "bytes per second" }));
         assert_eq!(RelayLimits::new(1, 0, second), Err(LimitsError::Zero { what: "packets per second" }));
         assert_eq!(RelayLimits::new(1, 1, Duration::ZERO), Err(LimitsError::Zero { what: "burst" }));
+        let limits = RelayLimits::new(1, 1, second).unwrap();
+        assert_eq!(limits.with_destination(0, 1), Err(LimitsError::Zero { what: "destination bytes per second" }));
+        assert_eq!(limits.with_destination(1, 0), Err(LimitsError::Zero { what: "destination packets per second" }));
         let defaults = RelayLimits::default();
         assert_eq!((defaults.bytes_per_sec(), defaults.packets_per_sec()), (100_000_000, 100_000));
+        assert_eq!(
+            (defaults.destination_bytes_per_sec(), defaults.destination_packets_per_sec()),
+            (100_000_000, 100_000),
+            "a node may receive what one node may send"
+        );
     }
 
     #[test]

@@ -9,7 +9,14 @@
 //! DIR/server.key        x25519 static key, admission proofs   0600
 //! DIR/registry.json     nodes, addresses, tokens (the Store)  0600
 //! DIR/admin.sock        the running server's admin socket     0600
+//! DIR/rendezvous.lock   flock: held by `serve` for its life, and by an
+//!                       offline edit of registry.json while it lasts     0600
 //! ```
+//!
+//! The lock ([`lock`]) keeps two writers of `registry.json` apart: a second
+//! `serve` on the same directory refuses to start, and the CLI, which edits
+//! the registry through the running server's admin socket, refuses to edit
+//! the file itself while a server holds the directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -48,6 +55,8 @@ pub enum SetupError {
     Cidr(#[from] IpamError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{dir} is in use by {holder}")]
+    Locked { dir: PathBuf, holder: String },
 }
 
 /// `DIR/rendezvous.toml`.
@@ -80,6 +89,10 @@ fn is_default(limits: &RelayLimits) -> bool {
 /// bytes-per-second = 50000000   # payload bytes a node may relay per second
 /// packets-per-second = 50000
 /// burst-ms = 100                # each bucket holds this long's worth of its rate
+/// # What may be relayed towards one node, all sources together; by default
+/// # the same as what one node may send.
+/// destination-bytes-per-second = 50000000
+/// destination-packets-per-second = 50000
 /// ```
 ///
 /// Validated as it is read ([`RelayLimits::new`]): a zero would stop all
@@ -97,6 +110,10 @@ mod relay_section {
         packets_per_second: u64,
         #[serde(default = "default_burst_ms")]
         burst_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        destination_bytes_per_second: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        destination_packets_per_second: Option<u64>,
     }
 
     fn default_bytes() -> u64 {
@@ -116,13 +133,24 @@ mod relay_section {
             bytes_per_second: limits.bytes_per_sec(),
             packets_per_second: limits.packets_per_sec(),
             burst_ms: u64::try_from(limits.burst().as_millis()).unwrap_or(u64::MAX),
+            destination_bytes_per_second: Some(limits.destination_bytes_per_sec())
+                .filter(|rate| *rate != limits.bytes_per_sec()),
+            destination_packets_per_second: Some(limits.destination_packets_per_sec())
+                .filter(|rate| *rate != limits.packets_per_sec()),
         }
         .serialize(s)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<RelayLimits, D::Error> {
         let section = RelaySection::deserialize(d)?;
-        RelayLimits::new(section.bytes_per_second, section.packets_per_second, Duration::from_millis(section.burst_ms))
+        let limits =
+            RelayLimits::new(section.bytes_per_second, section.packets_per_second, Duration::from_millis(section.burst_ms))
+                .map_err(serde::de::Error::custom)?;
+        limits
+            .with_destination(
+                section.destination_bytes_per_second.unwrap_or(section.bytes_per_second),
+                section.destination_packets_per_second.unwrap_or(section.packets_per_second),
+            )
             .map_err(serde::de::Error::custom)
     }
 }
@@ -152,6 +180,58 @@ impl Layout {
     pub fn admin_socket(&self) -> PathBuf {
         self.dir.join("admin.sock")
     }
+    pub fn lock(&self) -> PathBuf {
+        self.dir.join("rendezvous.lock")
+    }
+}
+
+/// An exclusive hold on a state directory (`DIR/rendezvous.lock`, flock),
+/// released when dropped or when the process ends, however it ends.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+/// What a lock file says about its holder, at most this long in an error.
+const MAX_HOLDER: usize = 200;
+
+/// Takes the state directory's lock, or says who holds it
+/// ([`SetupError::Locked`]) without waiting. `holder` names the taker in
+/// the lock file (with its pid), for whoever finds the lock held.
+pub fn lock(dir: &Path, holder: &str) -> Result<StateLock, SetupError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let layout = Layout::new(dir);
+    if !layout.config().exists() {
+        return Err(SetupError::NotInitialised { dir: dir.to_owned() });
+    }
+    let path = layout.lock();
+    let io = |source| SetupError::Io { path: path.clone(), source };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    // SAFETY: flock on a file descriptor this function owns, open for the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(io(error));
+        }
+        let mut text = String::new();
+        let _ = (&file).take(MAX_HOLDER as u64).read_to_string(&mut text);
+        let text = text.trim();
+        let holder = if text.is_empty() { "another process".to_owned() } else { text.to_owned() };
+        return Err(SetupError::Locked { dir: dir.to_owned(), holder });
+    }
+    let record = format!("{holder} (pid {})\n", std::process::id());
+    file.set_len(0).and_then(|()| file.rewind()).and_then(|()| file.write_all(record.as_bytes())).map_err(io)?;
+    Ok(StateLock { _file: file })
 }
 
 /// Everything a running server needs.
@@ -260,6 +340,36 @@ mod tests {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
+    fn initialised() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(Layout::new(dir.path()).config(), BASE).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_held_state_directory_cannot_be_locked_again_and_the_refusal_names_the_holder() {
+        let dir = initialised();
+        let held = lock(dir.path(), "mesh-rendezvous serve").unwrap();
+        match lock(dir.path(), "an offline edit") {
+            Err(SetupError::Locked { holder, .. }) => {
+                assert_eq!(holder, format!("mesh-rendezvous serve (pid {})", std::process::id()));
+            }
+            other => panic!("expected the directory to be locked, got {other:?}"),
+        }
+        drop(held);
+        let again = lock(dir.path(), "an offline edit").unwrap();
+        let text = std::fs::read_to_string(Layout::new(dir.path()).lock()).unwrap();
+        assert!(text.starts_with("an offline edit (pid "), "{text}");
+        drop(again);
+    }
+
+    #[test]
+    fn an_uninitialised_directory_is_not_locked_but_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(lock(dir.path(), "x"), Err(SetupError::NotInitialised { .. })));
+        assert!(!Layout::new(dir.path()).lock().exists());
+    }
+
     #[test]
     fn relay_limits_default_when_the_relay_table_is_absent() {
         let config = parse(BASE).unwrap();
@@ -272,6 +382,22 @@ mod tests {
         let expected =
             RelayLimits::new(RelayLimits::DEFAULT_BYTES_PER_SEC, 200, Duration::from_millis(50)).unwrap();
         assert_eq!(config.relay, expected);
+    }
+
+    #[test]
+    fn destination_relay_limits_follow_the_per_node_ones_unless_set() {
+        let config = parse(&format!("{BASE}[relay]\npackets-per-second = 200\n")).unwrap();
+        assert_eq!(config.relay.destination_packets_per_sec(), 200);
+        assert_eq!(config.relay.destination_bytes_per_sec(), RelayLimits::DEFAULT_BYTES_PER_SEC);
+        let config = parse(&format!("{BASE}[relay]\ndestination-packets-per-second = 300\n")).unwrap();
+        assert_eq!(config.relay.packets_per_sec(), RelayLimits::DEFAULT_PACKETS_PER_SEC);
+        assert_eq!(config.relay.destination_packets_per_sec(), 300);
+        let text = toml::to_string(&config).unwrap();
+        assert!(text.contains("destination-packets-per-second = 300"), "{text}");
+        assert!(!text.contains("destination-bytes-per-second"), "{text}");
+        assert_eq!(parse(&text).unwrap(), config);
+        let zero = parse(&format!("{BASE}[relay]\ndestination-bytes-per-second = 0\n")).unwrap_err();
+        assert!(zero.contains("destination bytes per second is zero"), "{zero}");
     }
 
     #[test]
