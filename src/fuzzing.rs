@@ -204,7 +204,9 @@ impl EnginePair {
         let a_addr = SocketAddr::from(([192, 0, 2, 1], 51820));
         let b_addr = SocketAddr::from(([198, 51, 100, 2], 51820));
         let node = |private_key, overlay| {
-            Node::new(NodeConfig { private_key, addresses: vec![host(overlay)], mtu: 1380 }, now)
+            let config = NodeConfig { private_key, addresses: vec![host(overlay)], mtu: 1380 };
+            // A fixed seed and wall clock: a crashing input reproduces.
+            Node::new(config, [0x5e; 32], now, std::time::Duration::from_secs(1_764_864_000))
         };
         let mut pair = Self { a: node(ka, A_OVERLAY), b: node(kb, B_OVERLAY), a_key, a_addr, b_addr };
         let spec = |public_key, endpoint, overlay| PeerSpec {
@@ -514,7 +516,7 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
         "probe_open" => {
             let Some(key) = ProbeKey::derive(&a, &b.public_key()) else { return Vec::new() };
             let mut ping = [0u8; probe::PROBE_LEN];
-            let ping = key.seal(probe::ProbeKind::Ping, [7; 12], &a.public_key(), &mut ping).to_vec();
+            let ping = key.seal(probe::ProbeKind::Ping { sent_ms: Some(1_764_864_000_000) }, [7; 12], &a.public_key(), &mut ping).to_vec();
             let mut pong = [0u8; probe::PROBE_LEN];
             let observed = SocketAddr::from(([198, 51, 100, 7], 51820));
             let pong = key.seal(probe::ProbeKind::Pong { observed }, [8; 12], &a.public_key(), &mut pong).to_vec();
