@@ -4,7 +4,9 @@
 #   1. the plain build: unit tests, CLI tests, and the network-namespace
 #      tests with the real binaries (including interop with wireguard-go);
 #   2. the simulation build (`--features sim`, boringtun on a mock clock):
-#      deterministic mesh scenarios.
+#      deterministic mesh scenarios;
+#   3. a few seconds of every fuzz target (fuzz/run.sh).
+# The upgrade test runs the previous release's binaries, built here once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,3 +69,7 @@ cargo test --locked
 # Its own target directory: a sim build of the binaries (mock clock) must
 # never replace the real ones that the namespace tests start.
 CARGO_TARGET_DIR=target/sim cargo test --locked --features sim
+
+# A short run of every fuzz target from its checked-in corpus (libFuzzer on
+# the stable toolchain; longer runs: fuzz/README.md).
+bash fuzz/run.sh 5
