@@ -14,11 +14,10 @@ use std::net::SocketAddr;
 
 use meshd::identity::PublicKey;
 use meshd::rendezvous::admin::{AdminRequest, AdminResponse};
-use meshd::rendezvous::admission;
 use meshd::rendezvous::client::{Session, Update};
 use meshd::rendezvous::stream::write_frame;
 use meshd::wire::control::{Candidate, CandidateKind, NodeMessage, ServerMessage};
-use quic::{hello, within_deadline, Member, Mesh, Node, RawConnection, HOUR};
+use quic::{within_deadline, Member, Mesh, Node, RawConnection, HOUR};
 
 /// The storm: 2,000 candidate lists, each different from the one before.
 const STORM: usize = 2_000;
@@ -33,10 +32,8 @@ async fn a_members_candidate_storm_is_rate_limited_and_closed() {
 
         // The attacker speaks the protocol by hand, as a member may.
         let attacker = Node::new("attacker");
-        let mut raw = RawConnection::open(&attacker.endpoint, &rendezvous).await;
-        let proof = admission::proof(&attacker.key, &raw.server_hello.server_key, &raw.exporter);
-        raw.send_hello(&hello(attacker.public_key(), proof, Some(&token))).await;
-        assert!(matches!(raw.answer().await, ServerMessage::Welcome { .. }), "the attacker is a member");
+        let (mut raw, answer) = RawConnection::admit(&attacker, &rendezvous, &token).await;
+        assert!(matches!(answer, ServerMessage::Welcome { .. }), "the attacker is a member");
         let writes_before = store_writes(&rendezvous).await;
 
         let mut sent = 0;

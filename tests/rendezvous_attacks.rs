@@ -55,10 +55,8 @@ async fn a_node_message_split_across_packets_reaches_the_rendezvous_whole_while_
 
         // The splitter is admitted by hand, so the test writes its bytes.
         let splitter = Node::new("splitter");
-        let mut raw = RawConnection::open(&splitter.endpoint, &rendezvous).await;
-        let proof = admission::proof(&splitter.key, &raw.server_hello.server_key, &raw.exporter);
-        raw.send_hello(&quic::hello(splitter.public_key(), proof, Some(&token))).await;
-        let own_id = match raw.answer().await {
+        let (mut raw, answer) = RawConnection::admit(&splitter, &rendezvous, &token).await;
+        let own_id = match answer {
             ServerMessage::Welcome { node, .. } => NodeId::of_overlay(node.ipv4).expect("a relay id"),
             other => panic!("the splitter should be admitted, got {other:?}"),
         };

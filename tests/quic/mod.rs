@@ -435,6 +435,17 @@ impl RawConnection {
         }
     }
 
+    /// `node` proves its own key and joins with `token`, speaking the
+    /// protocol by hand as any member may; returns the connection and the
+    /// rendezvous's answer to the hello.
+    pub async fn admit(node: &Node, rendezvous: &Rendezvous, token: &str) -> (Self, ServerMessage) {
+        let mut raw = Self::open(&node.endpoint, rendezvous).await;
+        let proof = admission::proof(&node.key, &raw.server_hello.server_key, &raw.exporter);
+        raw.send_hello(&hello(node.public_key(), proof, Some(token))).await;
+        let answer = raw.answer().await;
+        (raw, answer)
+    }
+
     pub async fn send_hello(&mut self, hello: &Hello) {
         write_frame(&mut self.send, hello)
             .await
