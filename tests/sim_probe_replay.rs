@@ -143,6 +143,7 @@ fn a_recorded_ping_replayed_from_many_ports_adds_no_candidate_and_bounded_probes
         // towards the attacker is bounded however long the replay goes on.
         let replayed = sim.node(a).stats().dropped(DropReason::ReplayedProbe);
         assert!(replayed * 2 >= injected, "only {replayed} of {injected} refused as replays (seed {seed})");
+        eprintln!("seed {seed}: {replayed} of {injected} replayed pings refused");
         let to_attacker = sim
             .net()
             .captured()
@@ -152,6 +153,7 @@ fn a_recorded_ping_replayed_from_many_ports_adds_no_candidate_and_bounded_probes
         // At most one pong per recorded ping (each is fresh once, to a node
         // that just started), and a few probes per unconfirmed address.
         let bound = 3 * pings.len() + MAX_UNCONFIRMED * 3;
+        eprintln!("seed {seed}: {to_attacker} datagrams to the attacker's addresses (bound {bound})");
         assert!(to_attacker <= bound, "{to_attacker} datagrams to the attacker, bound {bound} (seed {seed})");
     });
 }
@@ -185,6 +187,7 @@ fn a_punch_storm_costs_a_bounded_number_of_probes() {
             sim.run_for(Duration::from_millis(100));
         }
         let stormy = probes_from_a(&sim) - before;
+        eprintln!("seed {seed}: {honoured} of 1000 punches honoured; {stormy} probes in the storm, {quiet} in a quiet 10 s");
         // b has two candidates for a (observed and local: the same address
         // here), so each honoured punch is a round of one or two pings.
         assert!(honoured <= 6, "{honoured} punches honoured in 10 s (seed {seed})");
