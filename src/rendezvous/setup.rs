@@ -189,7 +189,17 @@ impl Layout {
 /// released when dropped or when the process ends, however it ends.
 #[derive(Debug)]
 pub struct StateLock {
-    _file: std::fs::File,
+    file: std::fs::File,
+}
+
+impl Drop for StateLock {
+    /// Empties the holder's record before the lock goes, so that a command
+    /// that only held it for a moment leaves the directory as it found it
+    /// (what `install.sh` run twice checks). A holder that dies leaves its
+    /// record, which says nothing once the flock is gone.
+    fn drop(&mut self) {
+        let _ = self.file.set_len(0);
+    }
 }
 
 /// What a lock file says about its holder, at most this long in an error.
@@ -231,7 +241,7 @@ pub fn lock(dir: &Path, holder: &str) -> Result<StateLock, SetupError> {
     }
     let record = format!("{holder} (pid {})\n", std::process::id());
     file.set_len(0).and_then(|()| file.rewind()).and_then(|()| file.write_all(record.as_bytes())).map_err(io)?;
-    Ok(StateLock { _file: file })
+    Ok(StateLock { file })
 }
 
 /// Everything a running server needs.
