@@ -435,8 +435,19 @@ fn a_serving_rendezvous_locks_its_state_directory_against_a_second_server_and_of
     assert_clear_failure(&second, "a second `mesh-rendezvous serve`");
     assert!(stderr(&second).contains("in use by a running mesh-rendezvous serve (pid "), "{}", stderr(&second));
 
-    // Online, through the admin socket, the CLI still works.
-    common::assert_success(&rendezvous(&state, &["token", "create", "--uses", "1"]), "an online token create");
+    // Online, through the admin socket, the CLI still works, and what it
+    // printed is on disk by the time it returns.
+    let online = rendezvous(&state, &["token", "create", "--uses", "1"]);
+    common::assert_success(&online, "an online token create");
+    let printed = String::from_utf8_lossy(&online.stdout).into_owned();
+    let token_id = (printed.split_whitespace())
+        .skip_while(|w| *w != "--token")
+        .nth(1)
+        .and_then(|t| t.split_once('.'))
+        .map(|(id, _)| id.to_owned())
+        .unwrap_or_else(|| panic!("a join line with --token ID.SECRET: {printed}"));
+    let saved = fs::read_to_string(state.join("registry.json")).expect("registry.json");
+    assert!(saved.contains(&format!("\"{token_id}\"")), "token {token_id} saved before the CLI returned");
 
     // With the admin socket gone, the CLI used to edit registry.json under
     // the running server; now it refuses and says what to do.

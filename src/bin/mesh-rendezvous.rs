@@ -230,13 +230,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// The state directory's lock for `serve`: refused at once while another
-/// server holds it, waited for while an offline edit does.
+/// server holds it, waited for while anything else does (an offline edit,
+/// or a command that has taken the lock and not yet written who it is).
 fn lock_for_serve(dir: &Path) -> anyhow::Result<setup::StateLock> {
     let end = std::time::Instant::now() + OFFLINE_EDIT_PATIENCE;
     loop {
         match setup::lock(dir, SERVER_HOLDER) {
             Err(setup::SetupError::Locked { holder, .. })
-                if holder.starts_with(OFFLINE_HOLDER) && std::time::Instant::now() < end =>
+                if !holder.starts_with(SERVER_HOLDER) && std::time::Instant::now() < end =>
             {
                 std::thread::sleep(Duration::from_millis(100));
             }

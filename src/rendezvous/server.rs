@@ -372,7 +372,12 @@ async fn registry_task(
                 registry.handle_disconnect(conn, now);
             }
             ToRegistry::Admin { request, reply } => {
-                let _ = reply.send(admin::apply(&mut registry, request, now.unix, &mut rand::rngs::OsRng));
+                let response = admin::apply(&mut registry, request, now.unix, &mut rand::rngs::OsRng);
+                // An operator's change is on disk before the operator hears
+                // it is done (a token printed is a token that survives a
+                // crash).
+                execute(&mut registry, &mut conns, &writer, &mut save_due, persist_every).await;
+                let _ = reply.send(response);
             }
             ToRegistry::Refused { reason } => registry.count_rejection(reason),
             ToRegistry::Metrics { reply } => {
