@@ -298,6 +298,24 @@ fn garbage_datagrams_are_dropped_and_counted_without_disturbing_sessions() {
     });
 }
 
+/// An attacker with a key of its own that knows `victim`'s public key: its
+/// initiations carry a valid MAC1 and would each cost the victim a DH.
+fn attacker_of(sim: &mut Sim, victim: NodeId) -> Tunn {
+    let mut secret = [0u8; 32];
+    sim.rng().fill_bytes(&mut secret);
+    let victim = boringtun::x25519::PublicKey::from(*sim.public_key(victim).as_bytes());
+    Tunn::new(boringtun::x25519::StaticSecret::from(secret), victim, None, None, 0, None)
+}
+
+/// A fresh handshake initiation from `tunn`.
+fn initiation(tunn: &mut Tunn) -> Vec<u8> {
+    let mut buf = [0u8; 256];
+    match tunn.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(init) => init.to_vec(),
+        _ => panic!("boringtun formats an initiation"),
+    }
+}
+
 #[test]
 fn handshake_flood_gets_cookie_replies_while_the_session_keeps_passing_data() {
     for_each_seed(|seed| {
@@ -306,27 +324,11 @@ fn handshake_flood_gets_cookie_replies_while_the_session_keeps_passing_data() {
         let attacker = addr("203.0.113.66:6666");
         let attacker_sink = sim.add_sink(attacker);
 
-        // The attacker has a key of its own and knows a's public key, so
-        // its initiations carry a valid MAC1 and would each cost a a DH.
-        let mut secret = [0u8; 32];
-        sim.rng().fill_bytes(&mut secret);
-        let victim = boringtun::x25519::PublicKey::from(*sim.public_key(a).as_bytes());
-        let mut attacker_tunn = Tunn::new(
-            boringtun::x25519::StaticSecret::from(secret),
-            victim,
-            None,
-            None,
-            0,
-            None,
-        );
-        let mut buf = [0u8; 256];
+        let mut attacker_tunn = attacker_of(&mut sim, a);
 
         // 1000 initiations in one second, with data flowing both ways.
         for i in 0..1000u64 {
-            let init = match attacker_tunn.format_handshake_initiation(&mut buf, true) {
-                TunnResult::WriteToNetwork(init) => init.to_vec(),
-                _ => panic!("boringtun formats an initiation"),
-            };
+            let init = initiation(&mut attacker_tunn);
             sim.inject(attacker, sim.addr(a), &init);
             if i % 100 == 0 {
                 sim.send_probe(a, b, i / 100);
@@ -593,16 +595,7 @@ fn a_source_holding_a_valid_cookie_is_held_to_its_share_of_handshakes() {
         establish(&mut sim, a, b);
         let attacker = addr("203.0.113.66:6666");
         let attacker_sink = sim.add_sink(attacker);
-        let mut secret = [0u8; 32];
-        sim.rng().fill_bytes(&mut secret);
-        let victim = boringtun::x25519::PublicKey::from(*sim.public_key(a).as_bytes());
-        let mut attacker_tunn =
-            Tunn::new(boringtun::x25519::StaticSecret::from(secret), victim, None, None, 0, None);
-        let mut buf = [0u8; 256];
-        let mut initiation = |tunn: &mut Tunn| match tunn.format_handshake_initiation(&mut buf, true) {
-            TunnResult::WriteToNetwork(init) => init.to_vec(),
-            _ => panic!("boringtun formats an initiation"),
-        };
+        let mut attacker_tunn = attacker_of(&mut sim, a);
 
         // The attacker first earns a cookie for its address, as anyone can:
         // it pushes a over its limit, and takes the cookie reply to its
