@@ -26,6 +26,8 @@
 //! | [`wire`] | datagram demultiplexing | pure |
 //! | [`engine`] | peers, routing, sessions, timers | pure |
 //! | [`relay`] | relaying between nodes: forwarding, rate limits, counters | pure table |
+//! | [`rendezvous`] | registry, admission limits and rates, store, the quinn server, the node's client | pure registry, limits; shells do I/O |
+//! | `fuzzing` | harnesses of the fuzz targets in `fuzz/` (hidden) | none |
 //! | [`dataplane`] | TUN, UDP, the event loop | yes |
 //! | [`netlink`] | interface address, MTU, routes | yes |
 //! | [`control`] | local API types, server, client | yes |
