@@ -677,9 +677,7 @@ impl Node {
             // A peer with candidate paths: where it sent from is one more
             // candidate (peer-reflexive), proven by probes before use.
             (Via::Udp(from), Some(paths)) => {
-                if super::paths::is_routable_endpoint(from)
-                    && !self.mesh_prefixes.iter().any(|net| net.contains(&from.ip()))
-                {
+                if may_be_endpoint(&self.mesh_prefixes, from) {
                     paths.learn(from, now);
                 }
             }
@@ -862,7 +860,7 @@ impl Node {
                     let observed = match origin {
                         Via::Udp(from) => {
                             // Unconfirmed until a ping of ours is answered from it.
-                            if let Some(paths) = peer.paths.as_mut().filter(|_| self.may_be_endpoint(from)) {
+                            if let Some(paths) = peer.paths.as_mut().filter(|_| may_be_endpoint(&self.mesh_prefixes, from)) {
                                 paths.learn(from, now);
                             }
                             from
@@ -943,7 +941,7 @@ impl Node {
     pub fn set_candidates(&mut self, key: &PublicKey, candidates: Vec<(SocketAddr, paths::Source)>, now: Instant) {
         let Some(&id) = self.by_key.get(key) else { return };
         let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else { return };
-        let candidates = candidates.into_iter().filter(|(addr, _)| self.may_be_endpoint(*addr));
+        let candidates = candidates.into_iter().filter(|(addr, _)| may_be_endpoint(&self.mesh_prefixes, *addr));
         let paths = peer.paths.get_or_insert_with(PathSet::new);
         paths.set_relay_available(self.relay_available);
         paths.set_candidates(candidates);
@@ -978,12 +976,6 @@ impl Node {
         !recent
     }
 
-    /// Whether `addr` may be a peer's endpoint: a routable address
-    /// ([`super::paths::is_routable_endpoint`]) outside the mesh's own
-    /// prefixes, which only ever exist inside the tunnel.
-    fn may_be_endpoint(&self, addr: SocketAddr) -> bool {
-        super::paths::is_routable_endpoint(addr) && !self.mesh_prefixes.iter().any(|net| net.contains(&addr.ip()))
-    }
 
     /// The next datagram for the relay. Call after every `handle_*` until
     /// `None`; pass the payload back to [`Node::recycle`] once sent.
@@ -1010,6 +1002,13 @@ impl Node {
             None => self.out.pool.give_back(buf),
         }
     }
+}
+
+/// Whether `addr` may be a peer's endpoint: a routable address
+/// ([`super::paths::is_routable_endpoint`]) outside the mesh's own
+/// prefixes, which only ever exist inside the tunnel.
+fn may_be_endpoint(mesh_prefixes: &[IpNet], addr: SocketAddr) -> bool {
+    super::paths::is_routable_endpoint(addr) && !mesh_prefixes.iter().any(|net| net.contains(&addr.ip()))
 }
 
 /// `now` on the wall clock, in milliseconds since the Unix epoch, from the

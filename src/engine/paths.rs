@@ -131,24 +131,13 @@ impl Candidate {
 }
 
 /// Whether an address can be a peer's endpoint at all: never loopback,
-/// link-local, unspecified, multicast, broadcast or port 0. A peer map or a
-/// spoofed source naming one would otherwise aim this node's probes at
-/// itself, its LAN's link or a whole group. (The mesh's own prefixes are
-/// refused by the node, which knows them.)
+/// link-local, unspecified, multicast, broadcast or port 0
+/// ([`crate::wire::endpoint`], the rule the rendezvous applies too). A peer
+/// map or a spoofed source naming one would otherwise aim this node's
+/// probes at itself, its LAN's link or a whole group. (The mesh's own
+/// prefixes are refused by the node, which knows them.)
 pub fn is_routable_endpoint(addr: SocketAddr) -> bool {
-    if addr.port() == 0 {
-        return false;
-    }
-    match addr.ip() {
-        IpAddr::V4(a) => !(a.is_loopback() || a.is_link_local() || a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
-        IpAddr::V6(a) => {
-            if let Some(v4) = a.to_ipv4_mapped() {
-                return is_routable_endpoint(SocketAddr::new(v4.into(), addr.port()));
-            }
-            let link_local = (a.segments()[0] & 0xffc0) == 0xfe80;
-            !(a.is_loopback() || a.is_unspecified() || a.is_multicast() || link_local)
-        }
-    }
+    crate::wire::endpoint::unusable(addr).is_none()
 }
 
 pub(crate) fn is_private(ip: IpAddr) -> bool {

@@ -70,6 +70,7 @@ pub use super::limits::{Limits, MessageKind, Rate};
 use super::limits::Bucket;
 use crate::identity::PublicKey;
 use crate::ipam;
+use crate::wire::endpoint::{self, Unusable};
 use crate::wire::untrusted::Untrusted;
 use crate::wire::control::{
     Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeEntry, RejectReason, ServerMessage,
@@ -1177,33 +1178,21 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 /// Why no peer can use `addr` (already canonical), if so.
 fn refuse_candidate(addr: SocketAddr, mesh: &MeshInfo) -> Option<CandidateRefusal> {
-    let ip = addr.ip();
-    if addr.port() == 0 {
-        return Some(CandidateRefusal::PortZero);
+    if let Some(unusable) = endpoint::unusable(addr) {
+        return Some(match unusable {
+            Unusable::PortZero => CandidateRefusal::PortZero,
+            Unusable::Unspecified => CandidateRefusal::Unspecified,
+            Unusable::Loopback => CandidateRefusal::Loopback,
+            Unusable::Multicast => CandidateRefusal::Multicast,
+            Unusable::LinkLocal => CandidateRefusal::LinkLocal,
+            Unusable::Broadcast => CandidateRefusal::Broadcast,
+        });
     }
-    if ip.is_unspecified() {
-        return Some(CandidateRefusal::Unspecified);
-    }
-    if ip.is_loopback() {
-        return Some(CandidateRefusal::Loopback);
-    }
-    if ip.is_multicast() {
-        return Some(CandidateRefusal::Multicast);
-    }
-    let (link_local, broadcast, in_mesh) = match ip {
-        IpAddr::V4(v4) => (v4.is_link_local(), v4.is_broadcast(), mesh.ipv4.contains(&v4)),
-        // fe80::/10 (RFC 4291 §2.5.6).
-        IpAddr::V6(v6) => ((v6.segments()[0] & 0xffc0) == 0xfe80, false, mesh.ipv6.contains(&v6)),
+    let in_mesh = match addr.ip() {
+        IpAddr::V4(v4) => mesh.ipv4.contains(&v4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(mesh.ipv6.contains(&v6), |v4| mesh.ipv4.contains(&v4)),
     };
-    if link_local {
-        Some(CandidateRefusal::LinkLocal)
-    } else if broadcast {
-        Some(CandidateRefusal::Broadcast)
-    } else if in_mesh {
-        Some(CandidateRefusal::MeshPrefix)
-    } else {
-        None
-    }
+    in_mesh.then_some(CandidateRefusal::MeshPrefix)
 }
 
 /// `name` made a DNS label (RFC 1035 §2.3.1, lowercase): its first

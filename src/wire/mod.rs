@@ -8,9 +8,11 @@
 //! [`probe`] the path probes between nodes; [`reflect`] the NAT checks a
 //! node asks of the rendezvous; [`relay`] the frames that carry WireGuard
 //! packets between nodes through the rendezvous; [`untrusted`] bounds
-//! what a peer's text can put in a log line.
+//! what a peer's text can put in a log line; [`endpoint`] says which
+//! addresses can never be a node's endpoint.
 
 pub mod control;
+pub mod endpoint;
 pub mod probe;
 pub mod reflect;
 pub mod relay;
