@@ -91,10 +91,19 @@ fn split_benches(c: &mut Criterion) {
     tso::split(&mut read.clone(), |s| ours.push(s.to_vec())).expect("a valid super-packet");
     let mut bufs = vec![vec![0u8; 1500]; 64];
     let mut sizes = vec![0; 64];
-    let n = tun_rs::gso_split(&mut read[VIRTIO_NET_HDR_LEN..].to_vec(), header(&read), &mut bufs, &mut sizes, 0, false)
-        .expect("tun-rs splits it");
+    let n = tun_rs::gso_split(
+        &mut read[VIRTIO_NET_HDR_LEN..].to_vec(),
+        header(&read),
+        &mut bufs,
+        &mut sizes,
+        0,
+        false,
+    )
+    .expect("tun-rs splits it");
     assert_eq!(ours.len(), SEGMENTS);
-    assert!((0..n).map(|i| &bufs[i][..sizes[i]]).eq(ours.iter().map(Vec::as_slice)));
+    assert!((0..n)
+        .map(|i| &bufs[i][..sizes[i]])
+        .eq(ours.iter().map(Vec::as_slice)));
 
     let mut group = c.benchmark_group("split");
     group.throughput(Throughput::Bytes((SEGMENTS * MSS) as u64));
@@ -112,7 +121,12 @@ fn split_benches(c: &mut Criterion) {
     group.bench_function("tun-rs gso_split (baseline)", |b| {
         b.iter_batched_ref(
             || read[VIRTIO_NET_HDR_LEN..].to_vec(),
-            |input| black_box(tun_rs::gso_split(input, header(&read), &mut bufs, &mut sizes, 0, false).expect("valid")),
+            |input| {
+                black_box(
+                    tun_rs::gso_split(input, header(&read), &mut bufs, &mut sizes, 0, false)
+                        .expect("valid"),
+                )
+            },
             BatchSize::SmallInput,
         )
     });

@@ -29,7 +29,10 @@ pub fn init_logging(format: LogFormat) {
 /// Completes on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without handlers the only way out is SIGKILL; say so.
         tracing::warn!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;

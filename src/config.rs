@@ -31,11 +31,18 @@ pub const MAX_MTU: u16 = 9000;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config file {path}: `{key}`: {message}")]
-    Invalid { path: PathBuf, key: String, message: String },
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
 }
 
 /// A validated node configuration.
@@ -149,8 +156,10 @@ fn default_env_file() -> PathBuf {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
@@ -170,7 +179,10 @@ impl Config {
         if !(MIN_MTU..=MAX_MTU).contains(&raw.mtu) {
             return Err(invalid(
                 "mtu",
-                format!("{} is out of range; expected {MIN_MTU}..={MAX_MTU}", raw.mtu),
+                format!(
+                    "{} is out of range; expected {MIN_MTU}..={MAX_MTU}",
+                    raw.mtu
+                ),
             ));
         }
         let addresses = match raw.address {
@@ -187,7 +199,8 @@ impl Config {
         if raw.rendezvous.is_some() && raw.state_dir.is_none() {
             return Err(invalid(
                 "state-dir",
-                "a node with a [rendezvous] needs a state directory for its address and peer cache".into(),
+                "a node with a [rendezvous] needs a state directory for its address and peer cache"
+                    .into(),
             ));
         }
         if let Some(name) = &raw.name {
@@ -196,7 +209,10 @@ impl Config {
         if raw.env_file.file_name().is_none() {
             return Err(invalid(
                 "env-file",
-                format!("{:?} names a directory; expected a file such as \"/run/meshd/env\"", raw.env_file),
+                format!(
+                    "{:?} names a directory; expected a file such as \"/run/meshd/env\"",
+                    raw.env_file
+                ),
             ));
         }
 
@@ -206,7 +222,10 @@ impl Config {
         for (i, p) in raw.peers.into_iter().enumerate() {
             let key = |field: &str| format!("peer[{i}].{field}");
             if !seen_keys.insert(p.public_key) {
-                return Err(invalid(&key("public-key"), format!("{} is listed twice", p.public_key)));
+                return Err(invalid(
+                    &key("public-key"),
+                    format!("{} is listed twice", p.public_key),
+                ));
             }
             for net in &p.allowed_ips {
                 if net.trunc() != *net {
@@ -225,7 +244,10 @@ impl Config {
             }
             if let Some(endpoint) = p.endpoint {
                 if endpoint.port() == 0 {
-                    return Err(invalid(&key("endpoint"), "port 0 is not a valid endpoint port".into()));
+                    return Err(invalid(
+                        &key("endpoint"),
+                        "port 0 is not a valid endpoint port".into(),
+                    ));
                 }
             }
             peers.push(PeerSpec {
@@ -259,10 +281,15 @@ impl Config {
 /// Node names travel in the peer map and show in tables: printable, short.
 pub fn validate_node_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > crate::wire::control::MAX_NAME {
-        return Err(format!("{name:?} must be 1 to {} characters long", crate::wire::control::MAX_NAME));
+        return Err(format!(
+            "{name:?} must be 1 to {} characters long",
+            crate::wire::control::MAX_NAME
+        ));
     }
     if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(format!("{name:?} must not contain spaces or control characters"));
+        return Err(format!(
+            "{name:?} must not contain spaces or control characters"
+        ));
     }
     Ok(())
 }
@@ -272,7 +299,12 @@ fn validate_interface_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 15 {
         return Err(format!("{name:?} must be 1 to 15 characters long"));
     }
-    if name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+    if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
         return Err(format!("{name:?} is not a valid interface name"));
     }
     Ok(())
@@ -302,7 +334,10 @@ mod tests {
 
     #[test]
     fn the_wireguard_socket_directory_can_be_moved() {
-        let c = parse("private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\nuapi-dir = \"/tmp/wg\"\n").unwrap();
+        let c = parse(
+            "private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\nuapi-dir = \"/tmp/wg\"\n",
+        )
+        .unwrap();
         assert_eq!(c.uapi_dir, PathBuf::from("/tmp/wg"));
     }
 
@@ -311,7 +346,9 @@ mod tests {
         let base = "private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\n";
         let c = parse(&format!("{base}env-file = \"/run/mesh/env\"\n")).unwrap();
         assert_eq!(c.env_file, PathBuf::from("/run/mesh/env"));
-        let err = parse(&format!("{base}env-file = \"/run/meshd/..\"\n")).unwrap_err().to_string();
+        let err = parse(&format!("{base}env-file = \"/run/meshd/..\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`env-file`"), "{err}");
     }
 
@@ -321,8 +358,13 @@ mod tests {
         assert_eq!(parse(base).unwrap().metrics_address, None);
         let c = parse(&format!("{base}metrics-address = \"127.0.0.1:9586\"\n")).unwrap();
         assert_eq!(c.metrics_address, Some("127.0.0.1:9586".parse().unwrap()));
-        let err = parse(&format!("{base}metrics-address = \"9586\"\n")).unwrap_err().to_string();
-        assert!(err.contains("metrics-address") && err.contains("line 3"), "{err}");
+        let err = parse(&format!("{base}metrics-address = \"9586\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("metrics-address") && err.contains("line 3"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -341,9 +383,10 @@ mod tests {
 
     #[test]
     fn unknown_key_is_rejected_with_file_and_key() {
-        let err = parse("private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\nlisten-prot = 1\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            parse("private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\nlisten-prot = 1\n")
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("/etc/meshd/meshd.toml"), "{err}");
         assert!(err.contains("listen-prot"), "{err}");
         assert!(err.contains("line 3"), "{err}");
@@ -356,15 +399,22 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("public-key") && err.contains("44 characters"), "{err}");
+        assert!(
+            err.contains("public-key") && err.contains("44 characters"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_values_are_named() {
         let base = "private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\n";
-        let err = parse(&format!("{base}mtu = 100\n")).unwrap_err().to_string();
+        let err = parse(&format!("{base}mtu = 100\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`mtu`") && err.contains("1280"), "{err}");
-        let err = parse(&format!("{base}interface = \"a/b\"\n")).unwrap_err().to_string();
+        let err = parse(&format!("{base}interface = \"a/b\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`interface`"), "{err}");
         let err = parse("private-key-file = \"/k\"\naddress = \"100.72.0.300/16\"\n")
             .unwrap_err()
@@ -375,7 +425,10 @@ mod tests {
         ))
         .unwrap_err()
         .to_string();
-        assert!(err.contains("peer[0].allowed-ips") && err.contains("100.72.0.0/16"), "{err}");
+        assert!(
+            err.contains("peer[0].allowed-ips") && err.contains("100.72.0.0/16"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -386,22 +439,39 @@ mod tests {
         ))
         .unwrap_err()
         .to_string();
-        assert!(err.contains("peer[1].public-key") && err.contains("twice"), "{err}");
+        assert!(
+            err.contains("peer[1].public-key") && err.contains("twice"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_rendezvous_node_needs_no_address_but_a_state_dir() {
         let rendezvous = "[rendezvous]\naddress = \"rv.example:7443\"\n\
              ca-hash = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\n";
-        let c = parse(&format!("private-key-file = \"/k\"\nstate-dir = \"/var/lib/meshd\"\n{rendezvous}")).unwrap();
+        let c = parse(&format!(
+            "private-key-file = \"/k\"\nstate-dir = \"/var/lib/meshd\"\n{rendezvous}"
+        ))
+        .unwrap();
         assert!(c.addresses.is_empty());
         assert_eq!(c.rendezvous.unwrap().address, "rv.example:7443");
-        let err = parse(&format!("private-key-file = \"/k\"\n{rendezvous}")).unwrap_err().to_string();
+        let err = parse(&format!("private-key-file = \"/k\"\n{rendezvous}"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("state-dir"), "{err}");
-        let err = parse("private-key-file = \"/k\"\n").unwrap_err().to_string();
-        assert!(err.contains("`address`") && err.contains("[rendezvous]"), "{err}");
+        let err = parse("private-key-file = \"/k\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`address`") && err.contains("[rendezvous]"),
+            "{err}"
+        );
         let bad_hash = "[rendezvous]\naddress = \"rv:7443\"\nca-hash = \"md5:00\"\n";
-        let err = parse(&format!("private-key-file = \"/k\"\nstate-dir = \"/s\"\n{bad_hash}")).unwrap_err().to_string();
+        let err = parse(&format!(
+            "private-key-file = \"/k\"\nstate-dir = \"/s\"\n{bad_hash}"
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("ca-hash") && err.contains("sha256:"), "{err}");
     }
 

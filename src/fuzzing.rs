@@ -51,7 +51,10 @@ pub const TARGETS: [(&str, Harness); 10] = [
 
 /// Two fixed static keys: node A (`a`) and node B (`b`).
 fn keys() -> (PrivateKey, PrivateKey) {
-    (PrivateKey::from_bytes([0x11; 32]), PrivateKey::from_bytes([0x22; 32]))
+    (
+        PrivateKey::from_bytes([0x11; 32]),
+        PrivateKey::from_bytes([0x22; 32]),
+    )
 }
 
 /// Probes (`wire/probe.rs`): the unauthenticated peek and the MAC check of
@@ -78,11 +81,18 @@ pub fn probe_open(data: &[u8]) {
 /// The NAT check (`wire/reflect.rs`): parse, and the reflector's answer.
 pub fn reflect(data: &[u8]) {
     if let Ok(parsed) = Reflect::parse(data) {
-        assert_eq!(Reflect::parse(&parsed.encode()), Ok(parsed), "a parsed NAT check re-encodes to itself");
+        assert_eq!(
+            Reflect::parse(&parsed.encode()),
+            Ok(parsed),
+            "a parsed NAT check re-encodes to itself"
+        );
     }
     let from = SocketAddr::from(([198, 51, 100, 7], 40_000));
     if let Some(reply) = reflect::answer(data, from) {
-        assert!(matches!(Reflect::parse(data), Ok(Reflect::Request { .. })), "only a request is answered");
+        assert!(
+            matches!(Reflect::parse(data), Ok(Reflect::Request { .. })),
+            "only a request is answered"
+        );
         match Reflect::parse(&reply) {
             Ok(Reflect::Response { observed, .. }) => assert_eq!(observed, from),
             other => panic!("the reflector's answer does not parse as a response: {other:?}"),
@@ -99,7 +109,9 @@ pub fn relay_frame(data: &[u8]) {
         assert!(relay::encode_frame(header, payload, &mut out).is_ok());
         assert_eq!(out, data, "a parsed relay frame re-encodes to its bytes");
     }
-    let Some((&conn, frame)) = data.split_first() else { return };
+    let Some((&conn, frame)) = data.split_first() else {
+        return;
+    };
     let mut table = RelayTable::new(RelayLimits::default());
     for id in 1..=3u32 {
         if let Some(node) = relay::NodeId::new(id) {
@@ -108,11 +120,23 @@ pub fn relay_frame(data: &[u8]) {
     }
     let from = ConnId(u64::from(conn % 5));
     match table.handle_frame(from, Bytes::copy_from_slice(frame), Instant::now()) {
-        Command::Forward { to, frame: forwarded } => {
-            let (header, payload) = relay::parse(&forwarded).unwrap_or_else(|e| panic!("forwarded frame: {e}"));
-            assert_eq!(Some(header.node), table.node_of(from), "a forwarded frame names its sender");
+        Command::Forward {
+            to,
+            frame: forwarded,
+        } => {
+            let (header, payload) =
+                relay::parse(&forwarded).unwrap_or_else(|e| panic!("forwarded frame: {e}"));
+            assert_eq!(
+                Some(header.node),
+                table.node_of(from),
+                "a forwarded frame names its sender"
+            );
             assert!(table.node_of(to).is_some());
-            assert_eq!(payload, &frame[HEADER_LEN..], "the payload is passed on unchanged");
+            assert_eq!(
+                payload,
+                &frame[HEADER_LEN..],
+                "the payload is passed on unchanged"
+            );
         }
         Command::Drop { .. } => {}
     }
@@ -125,7 +149,9 @@ pub fn relay_frame(data: &[u8]) {
 /// is allocated, then the frame. The first byte picks where the input is
 /// cut into reads.
 pub fn stream_framing(data: &[u8]) {
-    let Some((&cut, stream)) = data.split_first() else { return };
+    let Some((&cut, stream)) = data.split_first() else {
+        return;
+    };
     // Relay: a buffered reader, fed in reads of `cut` bytes (at least one).
     let step = usize::from(cut).max(1);
     let mut buf = Vec::new();
@@ -137,7 +163,10 @@ pub fn stream_framing(data: &[u8]) {
         loop {
             match relay::decode_stream_frame(&buf) {
                 Ok(Some(frame)) => {
-                    assert!(frame.consumed > STREAM_PREFIX_LEN + HEADER_LEN && frame.consumed <= buf.len());
+                    assert!(
+                        frame.consumed > STREAM_PREFIX_LEN + HEADER_LEN
+                            && frame.consumed <= buf.len()
+                    );
                     assert!(frame.consumed <= STREAM_PREFIX_LEN + MAX_FRAME_LEN);
                     buf.drain(..frame.consumed);
                 }
@@ -156,7 +185,9 @@ pub fn stream_framing(data: &[u8]) {
     // The same stream read with read_exact: prefix, check, then the body.
     let mut rest = stream;
     while let Some((prefix, after)) = rest.split_first_chunk::<STREAM_PREFIX_LEN>() {
-        let Ok(len) = relay::stream_frame_len(*prefix) else { break };
+        let Ok(len) = relay::stream_frame_len(*prefix) else {
+            break;
+        };
         assert!(len <= MAX_FRAME_LEN);
         let Some(frame) = after.get(..len) else { break };
         let _ = relay::parse(frame);
@@ -167,8 +198,13 @@ pub fn stream_framing(data: &[u8]) {
     for max in [MAX_FRAME_UNADMITTED, MAX_FRAME] {
         let mut rest = stream;
         while let Some((header, after)) = rest.split_first_chunk::<4>() {
-            let Ok(len) = control_wire::frame_len(*header, max) else { break };
-            assert!(len <= max, "frame_len let {len} bytes through a limit of {max}");
+            let Ok(len) = control_wire::frame_len(*header, max) else {
+                break;
+            };
+            assert!(
+                len <= max,
+                "frame_len let {len} bytes through a limit of {max}"
+            );
             let Some(body) = after.get(..len) else { break };
             let _ = control_wire::decode::<control_wire::NodeMessage>(body);
             let _ = control_wire::decode::<control_wire::ServerMessage>(body);
@@ -204,11 +240,26 @@ impl EnginePair {
         let a_addr = SocketAddr::from(([192, 0, 2, 1], 51820));
         let b_addr = SocketAddr::from(([198, 51, 100, 2], 51820));
         let node = |private_key, overlay| {
-            let config = NodeConfig { private_key, addresses: vec![host(overlay)], mtu: 1380 };
+            let config = NodeConfig {
+                private_key,
+                addresses: vec![host(overlay)],
+                mtu: 1380,
+            };
             // A fixed seed and wall clock: a crashing input reproduces.
-            Node::new(config, [0x5e; 32], now, std::time::Duration::from_secs(1_764_864_000))
+            Node::new(
+                config,
+                [0x5e; 32],
+                now,
+                std::time::Duration::from_secs(1_764_864_000),
+            )
         };
-        let mut pair = Self { a: node(ka, A_OVERLAY), b: node(kb, B_OVERLAY), a_key, a_addr, b_addr };
+        let mut pair = Self {
+            a: node(ka, A_OVERLAY),
+            b: node(kb, B_OVERLAY),
+            a_key,
+            a_addr,
+            b_addr,
+        };
         let spec = |public_key, endpoint, overlay| PeerSpec {
             public_key,
             endpoint,
@@ -216,7 +267,10 @@ impl EnginePair {
             persistent_keepalive: None,
         };
         // Fixed keys and addresses: a failure here is a harness bug.
-        let added = pair.a.add_peer(spec(b_key, Some(b_addr), B_OVERLAY), now).is_ok()
+        let added = pair
+            .a
+            .add_peer(spec(b_key, Some(b_addr), B_OVERLAY), now)
+            .is_ok()
             && pair.b.add_peer(spec(a_key, None, A_OVERLAY), now).is_ok();
         assert!(added, "the engine harness cannot configure its peers");
         pair
@@ -238,13 +292,18 @@ impl EnginePair {
     fn drain_b(&mut self, now: Instant) {
         while let Some(t) = self.b.poll_transmit() {
             if t.dst == self.a_addr {
-                self.a.handle_datagram(self.b_addr, t.payload.as_slice(), now);
+                self.a
+                    .handle_datagram(self.b_addr, t.payload.as_slice(), now);
             }
             self.b.recycle(t.payload);
         }
         while let Some(packet) = self.b.poll_tun() {
             let source = inner_source(packet.as_slice());
-            assert_eq!(source, Some(IpAddr::from(A_OVERLAY)), "B's TUN got a packet not from A's allowed IPs");
+            assert_eq!(
+                source,
+                Some(IpAddr::from(A_OVERLAY)),
+                "B's TUN got a packet not from A's allowed IPs"
+            );
             self.b.recycle(packet);
         }
         while self.b.poll_relay().is_some() {}
@@ -259,8 +318,14 @@ impl EnginePair {
 
 fn inner_source(packet: &[u8]) -> Option<IpAddr> {
     match packet.first()? >> 4 {
-        4 => packet.get(12..16).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(IpAddr::from),
-        6 => packet.get(8..24).and_then(|b| <[u8; 16]>::try_from(b).ok()).map(IpAddr::from),
+        4 => packet
+            .get(12..16)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(IpAddr::from),
+        6 => packet
+            .get(8..24)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .map(IpAddr::from),
         _ => None,
     }
 }
@@ -300,13 +365,17 @@ pub fn engine_datagram(data: &[u8]) {
     let mut rest = data;
     let mut next_real = 0usize;
     while let Some((&op, after)) = rest.split_first() {
-        let Some((len, after)) = after.split_first_chunk::<2>() else { break };
+        let Some((len, after)) = after.split_first_chunk::<2>() else {
+            break;
+        };
         let len = usize::from(u16::from_le_bytes(*len)).min(after.len());
         let (chunk, after) = after.split_at(len);
         rest = after;
         match op % 8 {
             0 => pair.b.handle_datagram(pair.a_addr, chunk, now),
-            1 => pair.b.handle_datagram(SocketAddr::from(([203, 0, 113, 9], 4444)), chunk, now),
+            1 => pair
+                .b
+                .handle_datagram(SocketAddr::from(([203, 0, 113, 9], 4444)), chunk, now),
             2 => pair.b.handle_relayed(pair.a_key, chunk, now),
             3 | 4 if !real.is_empty() => {
                 let mut datagram = real[next_real % real.len()].clone();
@@ -324,14 +393,17 @@ pub fn engine_datagram(data: &[u8]) {
                 pair.b.handle_datagram(pair.a_addr, &datagram, now);
             }
             5 => {
-                let ms = chunk.iter().fold(0u64, |acc, &b| acc.wrapping_mul(256).wrapping_add(u64::from(b)));
+                let ms = chunk.iter().fold(0u64, |acc, &b| {
+                    acc.wrapping_mul(256).wrapping_add(u64::from(b))
+                });
                 now += Duration::from_millis(ms % 200_000);
                 pair.b.handle_timeout(now);
                 pair.a.handle_timeout(now);
             }
             6 => {
                 // More real traffic from A: data once the session is up.
-                pair.a.handle_tun_packet(&a_to_b_packet(chunk.len().min(1300)), now);
+                pair.a
+                    .handle_tun_packet(&a_to_b_packet(chunk.len().min(1300)), now);
             }
             _ => pair.b.handle_datagram(pair.a_addr, chunk, now),
         }
@@ -355,17 +427,23 @@ pub fn gro(data: &[u8]) {
         VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
         VIRTIO_NET_HDR_GSO_UDP_L4, VIRTIO_NET_HDR_LEN,
     };
-    let Some((&mode, mut rest)) = data.split_first() else { return };
+    let Some((&mode, mut rest)) = data.split_first() else {
+        return;
+    };
     let mut coalescer = Coalescer::new(mode & 1 == 1);
     let mut inputs: HashMap<Vec<u8>, usize> = HashMap::new();
     let mut pushed = 0usize;
     let mut written = 0usize;
     let mut check = |out: &[u8], inputs: &mut HashMap<Vec<u8>, usize>| {
         assert!(out.len() > VIRTIO_NET_HDR_LEN, "a write without a packet");
-        let hdr = VirtioNetHdr::decode(&out[..VIRTIO_NET_HDR_LEN]).unwrap_or_else(|_| panic!("virtio header"));
+        let hdr = VirtioNetHdr::decode(&out[..VIRTIO_NET_HDR_LEN])
+            .unwrap_or_else(|_| panic!("virtio header"));
         let pkt = &out[VIRTIO_NET_HDR_LEN..];
         if hdr.gso_type == 0 {
-            assert!(out[..VIRTIO_NET_HDR_LEN].iter().all(|&b| b == 0), "a plain write's header is all zero");
+            assert!(
+                out[..VIRTIO_NET_HDR_LEN].iter().all(|&b| b == 0),
+                "a plain write's header is all zero"
+            );
             // A packet written alone is written as it came.
             match inputs.get_mut(pkt) {
                 Some(n) if *n > 0 => *n -= 1,
@@ -384,24 +462,47 @@ pub fn gro(data: &[u8]) {
                 assert!(v6);
                 (40, 16)
             }
-            VIRTIO_NET_HDR_GSO_UDP_L4 => (if v6 { 40 } else { usize::from(pkt[0] & 0x0f) * 4 }, 6),
+            VIRTIO_NET_HDR_GSO_UDP_L4 => (
+                if v6 {
+                    40
+                } else {
+                    usize::from(pkt[0] & 0x0f) * 4
+                },
+                6,
+            ),
             other => panic!("unknown GSO type {other}"),
         };
         let hdr_len = usize::from(hdr.hdr_len);
         let gso_size = usize::from(hdr.gso_size);
-        assert_eq!(usize::from(hdr.csum_start), ip_len, "csum_start is the transport header");
+        assert_eq!(
+            usize::from(hdr.csum_start),
+            ip_len,
+            "csum_start is the transport header"
+        );
         assert_eq!(usize::from(hdr.csum_offset), csum_offset);
-        assert!(hdr_len > ip_len && hdr_len < pkt.len(), "hdr_len {hdr_len} of a {}-byte packet", pkt.len());
+        assert!(
+            hdr_len > ip_len && hdr_len < pkt.len(),
+            "hdr_len {hdr_len} of a {}-byte packet",
+            pkt.len()
+        );
         assert!(gso_size > 0, "a super-packet with gso_size 0");
         let ip_total = if v6 {
             40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]]))
         } else {
             usize::from(u16::from_be_bytes([pkt[2], pkt[3]]))
         };
-        assert_eq!(ip_total, pkt.len(), "the IP length field is the super-packet's length");
+        assert_eq!(
+            ip_total,
+            pkt.len(),
+            "the IP length field is the super-packet's length"
+        );
         if hdr.gso_type == VIRTIO_NET_HDR_GSO_UDP_L4 {
             let udp_len = usize::from(u16::from_be_bytes([pkt[ip_len + 4], pkt[ip_len + 5]]));
-            assert_eq!(udp_len, pkt.len() - ip_len, "the UDP length field is the super-packet's");
+            assert_eq!(
+                udp_len,
+                pkt.len() - ip_len,
+                "the UDP length field is the super-packet's"
+            );
         }
         let payload = pkt.len() - hdr_len;
         let segments = payload.div_ceil(gso_size);
@@ -424,7 +525,9 @@ pub fn gro(data: &[u8]) {
         frame.resize(VIRTIO_NET_HDR_LEN, 0xee);
         frame.extend_from_slice(pkt);
         let mut outs: Vec<Vec<u8>> = Vec::new();
-        coalescer.push(&mut frame, VIRTIO_NET_HDR_LEN, &mut |out: &[u8]| outs.push(out.to_vec()));
+        coalescer.push(&mut frame, VIRTIO_NET_HDR_LEN, &mut |out: &[u8]| {
+            outs.push(out.to_vec())
+        });
         for out in outs {
             check(&out, &mut inputs);
         }
@@ -444,7 +547,11 @@ pub fn tso_split(data: &[u8]) {
     let mut handed = 0usize;
     let max = data.len();
     let result = tso::split(&mut read, |pkt| {
-        assert!(!pkt.is_empty() && pkt.len() <= max, "a {}-byte packet out of a {max}-byte read", pkt.len());
+        assert!(
+            !pkt.is_empty() && pkt.len() <= max,
+            "a {}-byte packet out of a {max}-byte read",
+            pkt.len()
+        );
         handed += 1;
     });
     if let Ok(count) = result {
@@ -458,7 +565,11 @@ pub fn uapi_request(data: &[u8]) {
     let mut parser = RequestParser::new();
     let mut rest = data;
     while !rest.is_empty() {
-        let end = rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |i| i + 1).min(MAX_LINE + 1);
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(rest.len(), |i| i + 1)
+            .min(MAX_LINE + 1);
         let (line, after) = rest.split_at(end);
         rest = after;
         match parser.push_line(line) {
@@ -484,7 +595,9 @@ pub fn local_api(data: &[u8]) {
 /// The metrics endpoint's request head (`control/metrics.rs`), as received
 /// so far: every prefix of the input is a possible read.
 pub fn metrics_head(data: &[u8]) {
-    let data = data.get(..data.len().min(metrics::MAX_REQUEST_HEAD + 16)).unwrap_or(data);
+    let data = data
+        .get(..data.len().min(metrics::MAX_REQUEST_HEAD + 16))
+        .unwrap_or(data);
     let mut first = None;
     // Up to 64 reads (each parse is linear in what arrived), the whole last.
     let step = (data.len() / 64).max(1);
@@ -494,11 +607,17 @@ pub fn metrics_head(data: &[u8]) {
             first = asked;
         }
         if end >= metrics::MAX_REQUEST_HEAD {
-            assert!(asked.is_some(), "a head of {end} bytes still waits for more");
+            assert!(
+                asked.is_some(),
+                "a head of {end} bytes still waits for more"
+            );
         }
     }
     if let Some(Asked::Metrics) = first {
-        assert!(data.starts_with(b"GET "), "metrics served for a head that is not a GET");
+        assert!(
+            data.starts_with(b"GET "),
+            "metrics served for a head that is not a GET"
+        );
     }
 }
 
@@ -514,44 +633,96 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
     };
     match target {
         "probe_open" => {
-            let Some(key) = ProbeKey::derive(&a, &b.public_key()) else { return Vec::new() };
+            let Some(key) = ProbeKey::derive(&a, &b.public_key()) else {
+                return Vec::new();
+            };
             let mut ping = [0u8; probe::PROBE_LEN];
-            let ping = key.seal(probe::ProbeKind::Ping { sent_ms: Some(1_764_864_000_000) }, [7; 12], &a.public_key(), &mut ping).to_vec();
+            let ping = key
+                .seal(
+                    probe::ProbeKind::Ping {
+                        sent_ms: Some(1_764_864_000_000),
+                    },
+                    [7; 12],
+                    &a.public_key(),
+                    &mut ping,
+                )
+                .to_vec();
             let mut pong = [0u8; probe::PROBE_LEN];
             let observed = SocketAddr::from(([198, 51, 100, 7], 51820));
-            let pong = key.seal(probe::ProbeKind::Pong { observed }, [8; 12], &a.public_key(), &mut pong).to_vec();
+            let pong = key
+                .seal(
+                    probe::ProbeKind::Pong { observed },
+                    [8; 12],
+                    &a.public_key(),
+                    &mut pong,
+                )
+                .to_vec();
             let mut bad_mac = ping.clone();
             if let Some(last) = bad_mac.last_mut() {
                 *last ^= 1;
             }
-            vec![("ping", ping), ("pong", pong), ("bad-mac", bad_mac), ("magic-only", probe::MAGIC.to_vec())]
+            vec![
+                ("ping", ping),
+                ("pong", pong),
+                ("bad-mac", bad_mac),
+                ("magic-only", probe::MAGIC.to_vec()),
+            ]
         }
         "reflect" => {
             let request = Reflect::Request { tx: [3; 12] }.encode().to_vec();
             let observed = SocketAddr::from((Ipv4Addr::new(203, 0, 113, 5), 40_000));
-            let response = Reflect::Response { tx: [4; 12], observed }.encode().to_vec();
-            vec![("request", request), ("response", response), ("short", reflect::MAGIC.to_vec())]
+            let response = Reflect::Response {
+                tx: [4; 12],
+                observed,
+            }
+            .encode()
+            .to_vec();
+            vec![
+                ("request", request),
+                ("response", response),
+                ("short", reflect::MAGIC.to_vec()),
+            ]
         }
         "relay_frame" => {
-            let Some(to) = relay::NodeId::new(2) else { return Vec::new() };
-            let header = relay::RelayHeader { kind: relay::RelayKind::Packet, node: to };
+            let Some(to) = relay::NodeId::new(2) else {
+                return Vec::new();
+            };
+            let header = relay::RelayHeader {
+                kind: relay::RelayKind::Packet,
+                node: to,
+            };
             let mut frame = vec![1u8];
             let _ = relay::encode_frame(header, &[4, 0, 0, 0, 1, 2, 3, 4], &mut frame);
             let mut self_addressed = vec![2u8];
             self_addressed.extend_from_slice(&frame[1..]);
-            vec![("forwarded", frame), ("self-addressed", self_addressed), ("header-only", vec![1, 0x11, 0, 0, 0, 2])]
+            vec![
+                ("forwarded", frame),
+                ("self-addressed", self_addressed),
+                ("header-only", vec![1, 0x11, 0, 0, 0, 2]),
+            ]
         }
         "stream_framing" => {
-            let Some(to) = relay::NodeId::new(7) else { return Vec::new() };
-            let header = relay::RelayHeader { kind: relay::RelayKind::Packet, node: to };
+            let Some(to) = relay::NodeId::new(7) else {
+                return Vec::new();
+            };
+            let header = relay::RelayHeader {
+                kind: relay::RelayKind::Packet,
+                node: to,
+            };
             let mut two = vec![3u8];
             let _ = relay::encode_stream_frame(header, &[4; 40], &mut two);
             let _ = relay::encode_stream_frame(header, &[1; 3], &mut two);
             let mut control = vec![5u8];
-            control.extend_from_slice(&control_wire::encode(&control_wire::NodeMessage::Candidates {
-                candidates: Vec::new(),
-            }));
-            vec![("two-relay-frames", two), ("control-frame", control), ("huge-length", vec![1, 0xff, 0xff, 0xff, 0xff])]
+            control.extend_from_slice(&control_wire::encode(
+                &control_wire::NodeMessage::Candidates {
+                    candidates: Vec::new(),
+                },
+            ));
+            vec![
+                ("two-relay-frames", two),
+                ("control-frame", control),
+                ("huge-length", vec![1, 0xff, 0xff, 0xff, 0xff]),
+            ]
         }
         "engine_datagram" => {
             // A's handshake initiation replayed, then mutated; data once up.
@@ -592,16 +763,36 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
                 }
                 out
             };
-            let stream = packets(vec![tcp(1, 100, 0x10), tcp(101, 100, 0x10), tcp(201, 50, 0x18)], 0);
-            let gap = packets(vec![tcp(1, 100, 0x10), tcp(500, 100, 0x10), tcp(600, 100, 0x10)], 0);
-            let udp = packets(vec![a_to_b_packet(200), a_to_b_packet(200), a_to_b_packet(120)], 1);
+            let stream = packets(
+                vec![tcp(1, 100, 0x10), tcp(101, 100, 0x10), tcp(201, 50, 0x18)],
+                0,
+            );
+            let gap = packets(
+                vec![tcp(1, 100, 0x10), tcp(500, 100, 0x10), tcp(600, 100, 0x10)],
+                0,
+            );
+            let udp = packets(
+                vec![a_to_b_packet(200), a_to_b_packet(200), a_to_b_packet(120)],
+                1,
+            );
             vec![("tcp-stream", stream), ("tcp-gap", gap), ("udp-flow", udp)]
         }
         "tso_split" => {
             let mut plain = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN];
             plain.extend_from_slice(&a_to_b_packet(20));
             // A TCPv4 super-packet of three 100-byte segments.
-            let mut tso = vec![1u8, tun_rs::VIRTIO_NET_HDR_GSO_TCPV4, 40, 0, 100, 0, 20, 0, 16, 0];
+            let mut tso = vec![
+                1u8,
+                tun_rs::VIRTIO_NET_HDR_GSO_TCPV4,
+                40,
+                0,
+                100,
+                0,
+                20,
+                0,
+                16,
+                0,
+            ];
             let mut p = vec![0u8; 340];
             p[0] = 0x45;
             p[2..4].copy_from_slice(&340u16.to_be_bytes());
@@ -620,7 +811,10 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
             ("bad", b"frob=1\n".to_vec()),
         ],
         "local_api" => vec![
-            ("status", br#"{"version":1,"body":{"type":"status"}}"#.to_vec()),
+            (
+                "status",
+                br#"{"version":1,"body":{"type":"status"}}"#.to_vec(),
+            ),
             ("peers", br#"{"version":1,"body":"peers"}"#.to_vec()),
             ("old-version", br#"{"version":0}"#.to_vec()),
         ],

@@ -59,7 +59,10 @@ pub fn validate_mesh_cidr(net: Ipv4Net) -> Result<(), IpamError> {
         return Err(IpamError::TooSmall { net });
     }
     if net.addr() != net.network() {
-        return Err(IpamError::HostBitsSet { net, network: net.trunc() });
+        return Err(IpamError::HostBitsSet {
+            net,
+            network: net.trunc(),
+        });
     }
     Ok(())
 }
@@ -81,7 +84,11 @@ pub fn usable_hosts(net: Ipv4Net) -> u64 {
 /// `net`; empty when `net` has no usable address.
 pub fn ipv4_candidates(key: &PublicKey, net: Ipv4Net) -> impl Iterator<Item = Ipv4Addr> {
     let usable = usable_hosts(net);
-    let start = if usable == 0 { 0 } else { hash_u64(V4_DOMAIN, key) % usable };
+    let start = if usable == 0 {
+        0
+    } else {
+        hash_u64(V4_DOMAIN, key) % usable
+    };
     // The first usable host is network + 1; network + usable is the last one
     // below broadcast. Both fit in u32 because usable <= 2^32 - 2.
     let first = u64::from(u32::from(net.network())) + 1;
@@ -135,7 +142,10 @@ fn derive_v6(key: &PublicKey, prefix: Ipv6Net, counter: u32) -> Ipv6Addr {
 }
 
 fn hash_u64(domain: &[u8], key: &PublicKey) -> u64 {
-    let digest = Sha256::new().chain_update(domain).chain_update(key.as_bytes()).finalize();
+    let digest = Sha256::new()
+        .chain_update(domain)
+        .chain_update(key.as_bytes())
+        .finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     u64::from_be_bytes(first)
@@ -171,7 +181,12 @@ mod tests {
         let first = ipv4_candidates(&key(1), net("100.72.0.0/16")).next();
         assert_eq!(first, Some(Ipv4Addr::new(100, 72, 198, 160)));
         let v6 = ipv6_for(&key(1), ula_prefix([0x12, 0x34, 0x56, 0x78, 0x9a]));
-        assert_eq!(v6, "fd12:3456:789a:fb39:616f:f5cb:7444:225b".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            v6,
+            "fd12:3456:789a:fb39:616f:f5cb:7444:225b"
+                .parse::<Ipv6Addr>()
+                .unwrap()
+        );
     }
 
     #[test]
@@ -198,7 +213,11 @@ mod tests {
 
     #[test]
     fn network_and_broadcast_are_never_returned() {
-        for mesh in [net("192.168.7.0/30"), net("10.0.0.0/28"), net("100.72.0.0/16")] {
+        for mesh in [
+            net("192.168.7.0/30"),
+            net("10.0.0.0/28"),
+            net("100.72.0.0/16"),
+        ] {
             let net_addr = mesh.network();
             let broadcast = mesh.broadcast();
             for k in 0..=255u8 {
@@ -253,7 +272,10 @@ mod tests {
         let p64: Ipv6Net = "fd00:1:2:3::/64".parse().unwrap();
         assert!(p64.contains(&ipv6_for(&key(1), p64)));
         let p128: Ipv6Net = "fd00::7/128".parse().unwrap();
-        assert_eq!(ipv6_for(&key(1), p128), "fd00::7".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            ipv6_for(&key(1), p128),
+            "fd00::7".parse::<Ipv6Addr>().unwrap()
+        );
     }
 
     #[test]
@@ -267,13 +289,25 @@ mod tests {
         assert_eq!(validate_mesh_cidr(net("100.72.0.0/16")), Ok(()));
         assert_eq!(validate_mesh_cidr(net("10.0.0.0/8")), Ok(()));
         assert_eq!(validate_mesh_cidr(net("10.0.0.4/30")), Ok(()));
-        assert!(matches!(validate_mesh_cidr(net("10.0.0.0/7")), Err(IpamError::TooLarge { .. })));
-        assert!(matches!(validate_mesh_cidr(net("10.0.0.0/31")), Err(IpamError::TooSmall { .. })));
+        assert!(matches!(
+            validate_mesh_cidr(net("10.0.0.0/7")),
+            Err(IpamError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            validate_mesh_cidr(net("10.0.0.0/31")),
+            Err(IpamError::TooSmall { .. })
+        ));
         let err = validate_mesh_cidr(net("100.72.1.0/16")).unwrap_err();
         assert_eq!(
             err,
-            IpamError::HostBitsSet { net: net("100.72.1.0/16"), network: net("100.72.0.0/16") }
+            IpamError::HostBitsSet {
+                net: net("100.72.1.0/16"),
+                network: net("100.72.0.0/16")
+            }
         );
-        assert!(err.to_string().contains("did you mean 100.72.0.0/16"), "{err}");
+        assert!(
+            err.to_string().contains("did you mean 100.72.0.0/16"),
+            "{err}"
+        );
     }
 }

@@ -44,7 +44,10 @@ pub enum JoinError {
     #[error("{0}")]
     Invalid(String),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Key(#[from] KeyFileError),
 }
@@ -58,13 +61,26 @@ const MAX_TOKEN_FILE: u64 = 4096;
 pub fn read_token(file: &Path) -> Result<String, JoinError> {
     use std::io::Read as _;
     let stdin = file == Path::new("-");
-    let path = if stdin { PathBuf::from("standard input") } else { file.to_owned() };
-    let io = |source| JoinError::Io { path: path.clone(), source };
+    let path = if stdin {
+        PathBuf::from("standard input")
+    } else {
+        file.to_owned()
+    };
+    let io = |source| JoinError::Io {
+        path: path.clone(),
+        source,
+    };
     let mut text = Vec::new();
     if stdin {
-        std::io::stdin().lock().take(MAX_TOKEN_FILE).read_to_end(&mut text).map_err(io)?;
+        std::io::stdin()
+            .lock()
+            .take(MAX_TOKEN_FILE)
+            .read_to_end(&mut text)
+            .map_err(io)?;
     } else {
-        std::fs::File::open(file).and_then(|f| f.take(MAX_TOKEN_FILE).read_to_end(&mut text)).map_err(io)?;
+        std::fs::File::open(file)
+            .and_then(|f| f.take(MAX_TOKEN_FILE).read_to_end(&mut text))
+            .map_err(io)?;
     }
     let text = String::from_utf8_lossy(&text);
     let token = text.lines().next().unwrap_or("").trim();
@@ -78,10 +94,25 @@ pub fn read_token(file: &Path) -> Result<String, JoinError> {
 }
 
 /// Writes the state directory; returns the config path.
-pub fn join<R: RngCore + CryptoRng>(options: &JoinOptions, rng: &mut R) -> Result<PathBuf, JoinError> {
-    let JoinOptions { server, token, ca_hash, state_dir: dir, name, listen_port, advertise_endpoint, interface, socket } =
-        options;
-    if !token.contains('.') || token.len() > 256 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+pub fn join<R: RngCore + CryptoRng>(
+    options: &JoinOptions,
+    rng: &mut R,
+) -> Result<PathBuf, JoinError> {
+    let JoinOptions {
+        server,
+        token,
+        ca_hash,
+        state_dir: dir,
+        name,
+        listen_port,
+        advertise_endpoint,
+        interface,
+        socket,
+    } = options;
+    if !token.contains('.')
+        || token.len() > 256
+        || token.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
         // Shown only in part: it may be a real token pasted wrongly.
         let shown: String = token.chars().take(8).collect();
         return Err(JoinError::Invalid(format!(
@@ -89,7 +120,11 @@ pub fn join<R: RngCore + CryptoRng>(options: &JoinOptions, rng: &mut R) -> Resul
             token.len()
         )));
     }
-    if server.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+    if server
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .is_none()
+    {
         return Err(JoinError::Invalid(format!("{server:?} is not HOST:PORT")));
     }
     if let Some(name) = name {
@@ -100,7 +135,8 @@ pub fn join<R: RngCore + CryptoRng>(options: &JoinOptions, rng: &mut R) -> Resul
         move |source| JoinError::Io { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io(dir))?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(io(dir))?;
 
     let key_path = dir.join(KEY_FILE);
     if key_path.exists() {
@@ -112,7 +148,10 @@ pub fn join<R: RngCore + CryptoRng>(options: &JoinOptions, rng: &mut R) -> Resul
     write_atomic(&token_path, format!("{token}\n").as_bytes(), 0o600).map_err(io(&token_path))?;
 
     let config_path = dir.join(CONFIG_FILE);
-    let rendezvous = RendezvousConfig { address: server.clone(), ca_hash: *ca_hash };
+    let rendezvous = RendezvousConfig {
+        address: server.clone(),
+        ca_hash: *ca_hash,
+    };
     // A different mesh: what was cached about the old one is wrong now.
     if let Ok(old) = config::Config::load(&config_path) {
         if old.rendezvous.as_ref() != Some(&rendezvous) {
@@ -175,11 +214,21 @@ mod tests {
         let config = config::Config::load(&path).unwrap();
         assert_eq!(config.name.as_deref(), Some("node-a"));
         assert_eq!(config.rendezvous.unwrap().address, "203.0.113.1:7443");
-        assert_eq!(config.advertise_endpoint, Some("198.51.100.7:51820".parse().unwrap()));
+        assert_eq!(
+            config.advertise_endpoint,
+            Some("198.51.100.7:51820".parse().unwrap())
+        );
         let key = std::fs::read_to_string(state.join(KEY_FILE)).unwrap();
         join(&options(&state), &mut rand::rngs::OsRng).unwrap();
-        assert_eq!(std::fs::read_to_string(state.join(KEY_FILE)).unwrap(), key, "key kept on re-join");
-        assert_eq!(std::fs::read_to_string(state.join(JOIN_TOKEN_FILE)).unwrap(), "abcd.secret\n");
+        assert_eq!(
+            std::fs::read_to_string(state.join(KEY_FILE)).unwrap(),
+            key,
+            "key kept on re-join"
+        );
+        assert_eq!(
+            std::fs::read_to_string(state.join(JOIN_TOKEN_FILE)).unwrap(),
+            "abcd.secret\n"
+        );
     }
 
     #[test]
@@ -190,8 +239,13 @@ mod tests {
         assert_eq!(read_token(&file).unwrap(), "abcd.secret");
         std::fs::write(&file, "  \n").unwrap();
         let empty = read_token(&file).unwrap_err().to_string();
-        assert!(empty.contains("holds no token") && empty.contains(&file.display().to_string()), "{empty}");
-        let missing = read_token(&dir.path().join("absent")).unwrap_err().to_string();
+        assert!(
+            empty.contains("holds no token") && empty.contains(&file.display().to_string()),
+            "{empty}"
+        );
+        let missing = read_token(&dir.path().join("absent"))
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("absent"), "{missing}");
     }
 
@@ -200,9 +254,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut o = options(dir.path());
         o.token = "no-dot".into();
-        assert!(join(&o, &mut rand::rngs::OsRng).unwrap_err().to_string().contains("token create"));
+        assert!(join(&o, &mut rand::rngs::OsRng)
+            .unwrap_err()
+            .to_string()
+            .contains("token create"));
         let mut o = options(dir.path());
         o.server = "no-port".into();
-        assert!(join(&o, &mut rand::rngs::OsRng).unwrap_err().to_string().contains("HOST:PORT"));
+        assert!(join(&o, &mut rand::rngs::OsRng)
+            .unwrap_err()
+            .to_string()
+            .contains("HOST:PORT"));
     }
 }

@@ -51,7 +51,9 @@ impl NotifySocket {
             None => Err(NotifyError::Empty),
             Some(b'@') if bytes.len() > 1 => Ok(NotifySocket::Abstract(bytes[1..].to_vec())),
             Some(b'/') => Ok(NotifySocket::Path(PathBuf::from(value))),
-            Some(_) => Err(NotifyError::Unsupported { value: value.to_string_lossy().into_owned() }),
+            Some(_) => Err(NotifyError::Unsupported {
+                value: value.to_string_lossy().into_owned(),
+            }),
         }
     }
 
@@ -109,7 +111,9 @@ pub struct Notifier {
 impl Notifier {
     /// A notifier for `socket`; one that does nothing for `None`.
     pub fn new(socket: Option<&NotifySocket>) -> Self {
-        let Some(socket) = socket else { return Notifier::default() };
+        let Some(socket) = socket else {
+            return Notifier::default();
+        };
         let target = socket.address().and_then(|addr| {
             let datagram = UnixDatagram::unbound()?;
             // A stalled service manager must never stall the node.
@@ -117,7 +121,9 @@ impl Notifier {
             Ok((datagram, addr))
         });
         match target {
-            Ok(target) => Notifier { target: Some(target) },
+            Ok(target) => Notifier {
+                target: Some(target),
+            },
             Err(e) => {
                 tracing::warn!(error = %e, ?socket, "cannot notify systemd");
                 Notifier::default()
@@ -127,7 +133,9 @@ impl Notifier {
 
     /// Sends `notice`; a failure is logged, never returned.
     pub fn notify(&self, notice: &Notice) {
-        let Some((datagram, addr)) = &self.target else { return };
+        let Some((datagram, addr)) = &self.target else {
+            return;
+        };
         match datagram.send_to_addr(notice.message().as_bytes(), addr) {
             Ok(_) => tracing::debug!(?notice, "notified systemd"),
             Err(e) => tracing::warn!(error = %e, ?notice, "cannot notify systemd"),
@@ -148,7 +156,9 @@ mod tests {
         );
         assert_eq!(
             NotifySocket::parse(OsStr::new("@/org/freedesktop/systemd1/notify/42")),
-            Ok(NotifySocket::Abstract(b"/org/freedesktop/systemd1/notify/42".to_vec()))
+            Ok(NotifySocket::Abstract(
+                b"/org/freedesktop/systemd1/notify/42".to_vec()
+            ))
         );
     }
 
@@ -163,17 +173,26 @@ mod tests {
 
     #[test]
     fn notices_are_key_value_lines_with_one_line_of_status() {
-        let ready = Notice::Ready { status: "mesh0 up:\n100.72.0.1/16".into() };
+        let ready = Notice::Ready {
+            status: "mesh0 up:\n100.72.0.1/16".into(),
+        };
         assert_eq!(ready.message(), "READY=1\nSTATUS=mesh0 up: 100.72.0.1/16\n");
-        assert_eq!(Notice::Status("waiting".into()).message(), "STATUS=waiting\n");
+        assert_eq!(
+            Notice::Status("waiting".into()).message(),
+            "STATUS=waiting\n"
+        );
         assert!(Notice::Stopping.message().starts_with("STOPPING=1\n"));
     }
 
     #[test]
     fn a_notice_arrives_at_an_abstract_socket() {
         let name = format!("meshd-test-notify-{}", std::process::id());
-        let receiver = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
-        let socket = NotifySocket::parse(&std::ffi::OsString::from_vec(format!("@{name}").into_bytes())).unwrap();
+        let receiver =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
+        let socket = NotifySocket::parse(&std::ffi::OsString::from_vec(
+            format!("@{name}").into_bytes(),
+        ))
+        .unwrap();
 
         Notifier::new(Some(&socket)).notify(&Notice::Stopping);
 

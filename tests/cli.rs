@@ -263,13 +263,21 @@ fn meshctl_against_a_dead_meshd_says_it_is_not_running() {
     drop(std::os::unix::net::UnixListener::bind(&path).expect("bind a socket"));
     let socket = path.to_str().expect("utf-8 temp path");
 
-    for command in [&["status"][..], &["ping", "node-b", "-c", "1"], &["netcheck"]] {
+    for command in [
+        &["status"][..],
+        &["ping", "node-b", "-c", "1"],
+        &["netcheck"],
+    ] {
         let mut args = vec!["--socket", socket];
         args.extend_from_slice(command);
         let out = output(MESHCTL, &args);
         assert_clear_failure(&out, "meshctl against a dead meshd");
         let err = stderr(&out);
-        assert_eq!(err.trim().lines().count(), 1, "the error is one line:\n{err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "the error is one line:\n{err}"
+        );
         assert!(
             err.contains("not running") && err.contains(socket),
             "the error says meshd is not running and where it looked:\n{err}"
@@ -341,21 +349,30 @@ fn join_reads_the_token_from_a_file_or_stdin_so_it_never_sits_in_argv() {
     let out = output(MESHD, &args);
     common::assert_success(&out, "meshd join --token-file FILE");
     assert!(!args.iter().any(|a| a.contains("from-file")));
-    assert_eq!(fs::read_to_string(state.join("join.token")).expect("join.token"), "abcd.from-file\n");
+    assert_eq!(
+        fs::read_to_string(state.join("join.token")).expect("join.token"),
+        "abcd.from-file\n"
+    );
 
     let mut args = join_args(dir.path());
     args.extend(["--token-file".to_string(), "-".to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = output_with_stdin(MESHD, &args, "abcd.from-stdin\n");
     common::assert_success(&out, "meshd join --token-file -");
-    assert_eq!(fs::read_to_string(state.join("join.token")).expect("join.token"), "abcd.from-stdin\n");
+    assert_eq!(
+        fs::read_to_string(state.join("join.token")).expect("join.token"),
+        "abcd.from-stdin\n"
+    );
 
     // --token keeps working.
     let mut args = join_args(dir.path());
     args.extend(["--token".to_string(), "abcd.from-argv".to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     common::assert_success(&output(MESHD, &args), "meshd join --token");
-    assert_eq!(fs::read_to_string(state.join("join.token")).expect("join.token"), "abcd.from-argv\n");
+    assert_eq!(
+        fs::read_to_string(state.join("join.token")).expect("join.token"),
+        "abcd.from-argv\n"
+    );
 }
 
 #[test]
@@ -372,15 +389,26 @@ fn join_needs_exactly_one_token_source_and_refuses_an_empty_token_file() {
     let token_file = token_file.display().to_string();
     for (extra, wanted) in [
         (&[][..], "--token-file"),
-        (&["--token", "abcd.x", "--token-file", token_file.as_str()], "cannot be used with"),
+        (
+            &["--token", "abcd.x", "--token-file", token_file.as_str()],
+            "cannot be used with",
+        ),
         (&["--token-file", token_file.as_str()], "holds no token"),
         (&["--token-file", "-"], "standard input holds no token"),
     ] {
         let out = with(extra);
         assert_clear_failure(&out, &format!("`meshd join {}`", extra.join(" ")));
-        assert!(stderr(&out).contains(wanted), "`meshd join {}` says {wanted:?}:\n{}", extra.join(" "), stderr(&out));
+        assert!(
+            stderr(&out).contains(wanted),
+            "`meshd join {}` says {wanted:?}:\n{}",
+            extra.join(" "),
+            stderr(&out)
+        );
     }
-    assert!(!dir.path().join("state").join("join.token").exists(), "nothing enrolled");
+    assert!(
+        !dir.path().join("state").join("join.token").exists(),
+        "nothing enrolled"
+    );
 }
 
 /// A `mesh-rendezvous serve` this test started; killed when dropped.
@@ -404,14 +432,23 @@ fn a_serving_rendezvous_locks_its_state_directory_against_a_second_server_and_of
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("rv");
     // A free loopback port (the NAT check takes the next one, if it can).
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free port").port();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
     let listen = format!("127.0.0.1:{port}");
     common::assert_success(
-        &rendezvous(&state, &["init", "--listen", &listen, "--public-addr", &listen]),
+        &rendezvous(
+            &state,
+            &["init", "--listen", &listen, "--public-addr", &listen],
+        ),
         "mesh-rendezvous init",
     );
     // Offline, with no server: the CLI edits registry.json itself.
-    common::assert_success(&rendezvous(&state, &["token", "create", "--uses", "1"]), "an offline token create");
+    common::assert_success(
+        &rendezvous(&state, &["token", "create", "--uses", "1"]),
+        "an offline token create",
+    );
 
     let server = Command::new(common::MESH_RENDEZVOUS)
         .args(["--state-dir", state.to_str().expect("UTF-8"), "serve"])
@@ -422,18 +459,26 @@ fn a_serving_rendezvous_locks_its_state_directory_against_a_second_server_and_of
         .expect("start mesh-rendezvous serve");
     let _server = Serving(server);
     let socket = state.join("admin.sock");
-    common::eventually("the server's admin socket answers", common::DEADLINE, || {
-        let out = rendezvous(&state, &["token", "list", "--json"]);
-        match (socket.exists(), out.status.success()) {
-            (true, true) => Ok(()),
-            _ => Err(stderr(&out)),
-        }
-    });
+    common::eventually(
+        "the server's admin socket answers",
+        common::DEADLINE,
+        || {
+            let out = rendezvous(&state, &["token", "list", "--json"]);
+            match (socket.exists(), out.status.success()) {
+                (true, true) => Ok(()),
+                _ => Err(stderr(&out)),
+            }
+        },
+    );
 
     // A second server on the same directory refuses, naming the first.
     let second = rendezvous(&state, &["serve"]);
     assert_clear_failure(&second, "a second `mesh-rendezvous serve`");
-    assert!(stderr(&second).contains("in use by a running mesh-rendezvous serve (pid "), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("in use by a running mesh-rendezvous serve (pid "),
+        "{}",
+        stderr(&second)
+    );
 
     // Online, through the admin socket, the CLI still works, and what it
     // printed is on disk by the time it returns.
@@ -447,22 +492,36 @@ fn a_serving_rendezvous_locks_its_state_directory_against_a_second_server_and_of
         .map(|(id, _)| id.to_owned())
         .unwrap_or_else(|| panic!("a join line with --token ID.SECRET: {printed}"));
     let saved = fs::read_to_string(state.join("registry.json")).expect("registry.json");
-    assert!(saved.contains(&format!("\"{token_id}\"")), "token {token_id} saved before the CLI returned");
+    assert!(
+        saved.contains(&format!("\"{token_id}\"")),
+        "token {token_id} saved before the CLI returned"
+    );
 
     // With the admin socket gone, the CLI used to edit registry.json under
     // the running server; now it refuses and says what to do.
     let registry = fs::read(state.join("registry.json")).expect("registry.json");
     fs::rename(&socket, dir.path().join("moved.sock")).expect("move the admin socket away");
     let refused = rendezvous(&state, &["token", "create", "--uses", "1"]);
-    assert_clear_failure(&refused, "`token create` while the server runs without its socket");
+    assert_clear_failure(
+        &refused,
+        "`token create` while the server runs without its socket",
+    );
     assert!(
-        stderr(&refused).contains("its admin socket does not answer") && stderr(&refused).contains("restart it"),
+        stderr(&refused).contains("its admin socket does not answer")
+            && stderr(&refused).contains("restart it"),
         "{}",
         stderr(&refused)
     );
-    assert_eq!(fs::read(state.join("registry.json")).expect("registry.json"), registry, "registry.json untouched");
+    assert_eq!(
+        fs::read(state.join("registry.json")).expect("registry.json"),
+        registry,
+        "registry.json untouched"
+    );
 
     // Once the server is gone, so is its lock: offline edits work again.
     drop(_server);
-    common::assert_success(&rendezvous(&state, &["token", "create", "--uses", "1"]), "an offline edit after the server");
+    common::assert_success(
+        &rendezvous(&state, &["token", "create", "--uses", "1"]),
+        "an offline edit after the server",
+    );
 }

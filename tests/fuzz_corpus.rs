@@ -41,8 +41,15 @@ fn every_target_has_a_fuzz_target_file_and_a_bin_in_the_fuzz_manifest() {
     for (name, _) in TARGETS {
         let file = fuzz_dir().join("fuzz_targets").join(format!("{name}.rs"));
         let text = fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        assert!(text.contains(&format!("meshd::fuzzing::{name}(")), "{} calls its harness", file.display());
-        assert!(manifest.contains(&format!("name = \"{name}\"")), "fuzz/Cargo.toml has a [[bin]] {name}");
+        assert!(
+            text.contains(&format!("meshd::fuzzing::{name}(")),
+            "{} calls its harness",
+            file.display()
+        );
+        assert!(
+            manifest.contains(&format!("name = \"{name}\"")),
+            "fuzz/Cargo.toml has a [[bin]] {name}"
+        );
     }
 }
 

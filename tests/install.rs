@@ -82,7 +82,11 @@ impl Setup {
     /// `DESTDIR=root [PREFIX=…] deploy/install.sh args…`.
     fn run(&self, prefix: Option<&str>, args: &[&str]) -> Output {
         let mut command = Command::new(script());
-        command.args(args).env("DESTDIR", self.root()).env_remove("PREFIX").env_remove("CARGO_TARGET_DIR");
+        command
+            .args(args)
+            .env("DESTDIR", self.root())
+            .env_remove("PREFIX")
+            .env_remove("CARGO_TARGET_DIR");
         if let Some(prefix) = prefix {
             command.env("PREFIX", prefix);
         }
@@ -114,7 +118,13 @@ impl Setup {
 
     /// The rendezvous install; the join line it printed.
     fn install_rendezvous(&self) -> String {
-        let out = self.install(&["rendezvous", "--public-addr", PUBLIC_ADDR, "--listen", PUBLIC_ADDR]);
+        let out = self.install(&[
+            "rendezvous",
+            "--public-addr",
+            PUBLIC_ADDR,
+            "--listen",
+            PUBLIC_ADDR,
+        ]);
         let line = out
             .lines()
             .find(|l| l.starts_with("meshd join "))
@@ -147,12 +157,23 @@ impl Setup {
         let mut files = Vec::new();
         walk(&self.root(), &self.root(), &mut entries, &mut files);
         if !files.is_empty() {
-            let out = Command::new("sha256sum").args(&files).output().expect("run sha256sum");
-            assert!(out.status.success(), "sha256sum: {}", String::from_utf8_lossy(&out.stderr));
+            let out = Command::new("sha256sum")
+                .args(&files)
+                .output()
+                .expect("run sha256sum");
+            assert!(
+                out.status.success(),
+                "sha256sum: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 let (sum, path) = line.split_once("  ").expect("sha256sum's format");
-                let relative = Path::new(path).strip_prefix(self.root()).expect("under the root");
-                let entry = entries.get_mut(&relative.display().to_string()).expect("walked");
+                let relative = Path::new(path)
+                    .strip_prefix(self.root())
+                    .expect("under the root");
+                let entry = entries
+                    .get_mut(&relative.display().to_string())
+                    .expect("walked");
                 entry.push_str(&format!(" sha256:{sum}"));
             }
         }
@@ -161,16 +182,27 @@ impl Setup {
 
     /// Regular files under the root, relative.
     fn files(&self) -> Vec<String> {
-        self.snapshot().into_iter().filter(|(_, e)| e.starts_with("file")).map(|(p, _)| p).collect()
+        self.snapshot()
+            .into_iter()
+            .filter(|(_, e)| e.starts_with("file"))
+            .map(|(p, _)| p)
+            .collect()
     }
 }
 
 fn walk(root: &Path, dir: &Path, entries: &mut BTreeMap<String, String>, files: &mut Vec<PathBuf>) {
-    let mut children: Vec<_> = fs::read_dir(dir).expect("read a directory").map(|e| e.expect("an entry").path()).collect();
+    let mut children: Vec<_> = fs::read_dir(dir)
+        .expect("read a directory")
+        .map(|e| e.expect("an entry").path())
+        .collect();
     children.sort();
     for path in children {
         let meta = fs::symlink_metadata(&path).expect("stat");
-        let relative = path.strip_prefix(root).expect("under the root").display().to_string();
+        let relative = path
+            .strip_prefix(root)
+            .expect("under the root")
+            .display()
+            .to_string();
         let mode = meta.permissions().mode() & 0o7777;
         let kind = if meta.is_dir() {
             "dir"
@@ -194,7 +226,11 @@ fn walk(root: &Path, dir: &Path, entries: &mut BTreeMap<String, String>, files: 
 }
 
 fn mode(path: &Path) -> u32 {
-    fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o7777
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
 }
 
 fn read(path: &Path) -> String {
@@ -242,10 +278,18 @@ impl Verify {
         for d in ["usr/lib/systemd", "bin", "usr/bin", "etc/systemd/system"] {
             fs::create_dir_all(dir.path().join(d)).expect("create a directory");
         }
-        copy(&["-a", "/usr/lib/systemd/system", &format!("{root}/usr/lib/systemd")]);
+        copy(&[
+            "-a",
+            "/usr/lib/systemd/system",
+            &format!("{root}/usr/lib/systemd"),
+        ]);
         copy(&["/bin/mkdir", &format!("{root}/bin/mkdir")]);
         fs::write(dir.path().join("usr/bin/kubelet"), "#!/bin/sh\n").expect("write kubelet");
-        fs::set_permissions(dir.path().join("usr/bin/kubelet"), fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs::set_permissions(
+            dir.path().join("usr/bin/kubelet"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
         fs::write(
             dir.path().join("etc/systemd/system/kubelet.service"),
             "[Unit]\nDescription=kubelet\n\n[Service]\nExecStart=/usr/bin/kubelet\nRestart=always\n\n\
@@ -257,7 +301,10 @@ impl Verify {
 
     fn analyze(&self, units: &[&str], debug: bool) -> Output {
         let mut command = Command::new("systemd-analyze");
-        command.arg("verify").arg(format!("--root={}", self.dir.path().display())).args(units);
+        command
+            .arg("verify")
+            .arg(format!("--root={}", self.dir.path().display()))
+            .args(units);
         if debug {
             command.env("SYSTEMD_LOG_LEVEL", "debug");
         }
@@ -281,7 +328,9 @@ impl Verify {
     fn dump(&self, unit: &str) -> Vec<(String, String)> {
         let text = stdout(&self.analyze(&[unit], true));
         let header = format!("-> Unit {unit}:");
-        let start = text.find(&header).unwrap_or_else(|| panic!("verify dumps {unit}:\n{text}"));
+        let start = text
+            .find(&header)
+            .unwrap_or_else(|| panic!("verify dumps {unit}:\n{text}"));
         let mut properties = Vec::new();
         let mut exec = String::new();
         for line in text[start + header.len()..].lines() {
@@ -303,7 +352,12 @@ impl Verify {
 }
 
 fn value<'a>(dump: &'a [(String, String)], key: &str) -> &'a str {
-    match dump.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect::<Vec<_>>()[..] {
+    match dump
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .collect::<Vec<_>>()[..]
+    {
         [v] => v,
         ref other => panic!("the dump has one {key}, not {other:?}"),
     }
@@ -320,24 +374,46 @@ fn rendezvous_and_node_install_where_their_units_expect_them_and_pass_systemd_an
     let line = setup.install_rendezvous();
     let out = setup.install_node(&line);
 
-    assert!(out.contains("systemctl enable --now meshd"), "a DESTDIR install says how to start it:\n{out}");
+    assert!(
+        out.contains("systemctl enable --now meshd"),
+        "a DESTDIR install says how to start it:\n{out}"
+    );
     for (name, built) in BINARIES {
         let installed = setup.path(&format!("usr/local/bin/{name}"));
         assert_eq!(mode(&installed), 0o755, "{name}");
-        assert!(same_content(&installed, Path::new(built)), "{name} is this build's");
+        assert!(
+            same_content(&installed, Path::new(built)),
+            "{name} is this build's"
+        );
     }
     for (installed, source) in [
-        ("etc/systemd/system/meshd.service", "deploy/systemd/meshd.service"),
-        ("etc/systemd/system/mesh-rendezvous.service", "deploy/systemd/mesh-rendezvous.service"),
-        ("etc/systemd/system/kubelet.service.d/kubelet-meshd.conf", "deploy/kubernetes/kubelet-meshd.conf"),
+        (
+            "etc/systemd/system/meshd.service",
+            "deploy/systemd/meshd.service",
+        ),
+        (
+            "etc/systemd/system/mesh-rendezvous.service",
+            "deploy/systemd/mesh-rendezvous.service",
+        ),
+        (
+            "etc/systemd/system/kubelet.service.d/kubelet-meshd.conf",
+            "deploy/kubernetes/kubelet-meshd.conf",
+        ),
     ] {
         assert_eq!(mode(&setup.path(installed)), 0o644, "{installed}");
-        assert!(same_content(&setup.path(installed), &Path::new(REPO).join(source)), "{installed} is {source}");
+        assert!(
+            same_content(&setup.path(installed), &Path::new(REPO).join(source)),
+            "{installed} is {source}"
+        );
     }
 
     // The node: enrolled in the mesh the rendezvous install created, with
     // the paths of the installed system (not the DESTDIR's) in its config.
-    let ca_hash = line.split_whitespace().skip_while(|w| *w != "--ca-hash").nth(1).expect("a --ca-hash in the line");
+    let ca_hash = line
+        .split_whitespace()
+        .skip_while(|w| *w != "--ca-hash")
+        .nth(1)
+        .expect("a --ca-hash in the line");
     assert_eq!(mode(&setup.path(NODE_STATE)), 0o700);
     assert_eq!(mode(&setup.path("var/lib/meshd/private.key")), 0o600);
     assert_eq!(mode(&setup.path("var/lib/meshd/join.token")), 0o600);
@@ -349,51 +425,78 @@ fn rendezvous_and_node_install_where_their_units_expect_them_and_pass_systemd_an
         format!("address = \"{PUBLIC_ADDR}\""),
         format!("ca-hash = \"{ca_hash}\""),
     ] {
-        assert!(config.contains(&wanted), "meshd.toml has {wanted}:\n{config}");
+        assert!(
+            config.contains(&wanted),
+            "meshd.toml has {wanted}:\n{config}"
+        );
     }
     let root = setup.root();
-    assert!(!config.contains(root.to_str().expect("UTF-8")), "no DESTDIR path in meshd.toml:\n{config}");
+    assert!(
+        !config.contains(root.to_str().expect("UTF-8")),
+        "no DESTDIR path in meshd.toml:\n{config}"
+    );
     let check = Command::new(BINARIES[0].1)
         .args(["check-config", "--config"])
         .arg(setup.path("var/lib/meshd/meshd.toml"))
         .output()
         .expect("run meshd check-config");
-    assert!(check.status.success(), "meshd accepts the config: {}", stderr(&check));
+    assert!(
+        check.status.success(),
+        "meshd accepts the config: {}",
+        stderr(&check)
+    );
 
     // The rendezvous: a mesh, and one token for ten nodes.
     assert_eq!(mode(&setup.path(RENDEZVOUS_STATE)), 0o700);
     for key in ["cert.key", "server.key", "registry.json"] {
-        assert_eq!(mode(&setup.path(&format!("{RENDEZVOUS_STATE}/{key}"))), 0o600, "{key}");
+        assert_eq!(
+            mode(&setup.path(&format!("{RENDEZVOUS_STATE}/{key}"))),
+            0o600,
+            "{key}"
+        );
     }
     let toml = read(&setup.path("var/lib/mesh-rendezvous/rendezvous.toml"));
-    assert!(toml.contains(&format!("public-addr = \"{PUBLIC_ADDR}\"")), "{toml}");
+    assert!(
+        toml.contains(&format!("public-addr = \"{PUBLIC_ADDR}\"")),
+        "{toml}"
+    );
     let tokens = Command::new(BINARIES[2].1)
         .arg("--state-dir")
         .arg(setup.path(RENDEZVOUS_STATE))
         .args(["token", "list", "--json"])
         .output()
         .expect("run mesh-rendezvous token list");
-    let tokens: serde_json::Value = serde_json::from_slice(&tokens.stdout).expect("token list --json is JSON");
+    let tokens: serde_json::Value =
+        serde_json::from_slice(&tokens.stdout).expect("token list --json is JSON");
     let tokens = tokens.as_array().expect("a list of tokens");
     assert_eq!(tokens.len(), 1, "{tokens:?}");
     assert_eq!(tokens[0]["max_uses"], 10);
-    let ttl = tokens[0]["expires_at"].as_u64().unwrap_or(0) - tokens[0]["created_at"].as_u64().unwrap_or(0);
+    let ttl = tokens[0]["expires_at"].as_u64().unwrap_or(0)
+        - tokens[0]["created_at"].as_u64().unwrap_or(0);
     assert_eq!(ttl, 24 * 3600);
 
     // systemd loads the installed units with paths that match the install.
     let verify = Verify::of(&setup);
-    verify.passes(&["meshd.service", "mesh-rendezvous.service", "kubelet.service"]);
+    verify.passes(&[
+        "meshd.service",
+        "mesh-rendezvous.service",
+        "kubelet.service",
+    ]);
     let meshd = verify.dump("meshd.service");
     assert_eq!(value(&meshd, "ExecStart"), "/usr/local/bin/meshd run");
     assert_eq!(value(&meshd, "StateDirectory"), "meshd");
     // `meshd run` without arguments reads /var/lib/meshd/meshd.toml.
     assert!(setup.path("var/lib/meshd/meshd.toml").is_file());
     let rendezvous = verify.dump("mesh-rendezvous.service");
-    assert_eq!(value(&rendezvous, "ExecStart"), "/usr/local/bin/mesh-rendezvous --state-dir /var/lib/mesh-rendezvous serve");
+    assert_eq!(
+        value(&rendezvous, "ExecStart"),
+        "/usr/local/bin/mesh-rendezvous --state-dir /var/lib/mesh-rendezvous serve"
+    );
     assert_eq!(value(&rendezvous, "StateDirectory"), "mesh-rendezvous");
     let kubelet = verify.dump("kubelet.service");
     assert!(
-        value(&kubelet, "DropIn Path").ends_with("/etc/systemd/system/kubelet.service.d/kubelet-meshd.conf"),
+        value(&kubelet, "DropIn Path")
+            .ends_with("/etc/systemd/system/kubelet.service.d/kubelet-meshd.conf"),
         "{kubelet:?}"
     );
     assert_eq!(value(&kubelet, "EnvironmentFile"), "/run/meshd/env");
@@ -415,12 +518,32 @@ fn a_second_install_changes_nothing_and_uninstall_leaves_only_the_state_director
     // Every file as it was, but the registry: each run creates a token to print.
     let registry = format!("{RENDEZVOUS_STATE}/registry.json");
     let without = |s: &BTreeMap<String, String>| {
-        s.iter().filter(|(p, _)| **p != registry).map(|(p, e)| (p.clone(), e.clone())).collect::<BTreeMap<_, _>>()
+        s.iter()
+            .filter(|(p, _)| **p != registry)
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect::<BTreeMap<_, _>>()
     };
-    assert_eq!(without(&first), without(&second), "a second install changed files");
-    assert_eq!(first[&registry].split(' ').nth(1), second[&registry].split(' ').nth(1), "registry mode");
-    let hash = |l: &str| l.split_whitespace().skip_while(|w| *w != "--ca-hash").nth(1).map(str::to_owned);
-    assert_eq!(hash(&line), hash(&again), "the same mesh, the same certificate");
+    assert_eq!(
+        without(&first),
+        without(&second),
+        "a second install changed files"
+    );
+    assert_eq!(
+        first[&registry].split(' ').nth(1),
+        second[&registry].split(' ').nth(1),
+        "registry mode"
+    );
+    let hash = |l: &str| {
+        l.split_whitespace()
+            .skip_while(|w| *w != "--ca-hash")
+            .nth(1)
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        hash(&line),
+        hash(&again),
+        "the same mesh, the same certificate"
+    );
 
     // A dry run of anything changes nothing.
     let installed = setup.snapshot();
@@ -436,24 +559,37 @@ fn a_second_install_changes_nothing_and_uninstall_leaves_only_the_state_director
 
     // Uninstall: the state directories stay, as they were.
     let state = |s: &BTreeMap<String, String>| {
-        s.iter().filter(|(p, _)| p.starts_with("var/lib/")).map(|(p, e)| (p.clone(), e.clone())).collect::<BTreeMap<_, _>>()
+        s.iter()
+            .filter(|(p, _)| p.starts_with("var/lib/"))
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect::<BTreeMap<_, _>>()
     };
     let out = setup.install(&["node", "--uninstall"]);
     assert!(out.contains("--purge removes it"), "{out}");
     setup.install(&["rendezvous", "--uninstall"]);
     let files = setup.files();
     assert!(
-        files.iter().all(|f| f.starts_with(&format!("{NODE_STATE}/")) || f.starts_with(&format!("{RENDEZVOUS_STATE}/"))),
+        files
+            .iter()
+            .all(|f| f.starts_with(&format!("{NODE_STATE}/"))
+                || f.starts_with(&format!("{RENDEZVOUS_STATE}/"))),
         "only the state is left: {files:?}"
     );
-    assert!(!setup.path("etc/systemd/system/kubelet.service.d").exists(), "the empty drop-in directory is gone");
+    assert!(
+        !setup.path("etc/systemd/system/kubelet.service.d").exists(),
+        "the empty drop-in directory is gone"
+    );
     assert_eq!(state(&setup.snapshot()), state(&installed));
 
     // Twice is fine, and --purge takes the state too.
     setup.install(&["node", "--uninstall"]);
     setup.install(&["node", "--uninstall", "--purge"]);
     setup.install(&["rendezvous", "--uninstall", "--purge"]);
-    assert_eq!(setup.files(), Vec::<String>::new(), "nothing is left after --purge");
+    assert_eq!(
+        setup.files(),
+        Vec::<String>::new(),
+        "nothing is left after --purge"
+    );
 }
 
 #[test]
@@ -463,13 +599,20 @@ fn prefix_moves_the_binaries_and_the_units_exec_start_with_them() {
     setup.install_with_prefix(Some("/opt/mesh"), &["node", "--no-join"]);
 
     for name in ["meshd", "meshctl"] {
-        assert_eq!(mode(&setup.path(&format!("opt/mesh/bin/{name}"))), 0o755, "{name}");
+        assert_eq!(
+            mode(&setup.path(&format!("opt/mesh/bin/{name}"))),
+            0o755,
+            "{name}"
+        );
     }
     assert!(!setup.path("usr/local/bin/meshd").exists());
     assert!(!setup.path(NODE_STATE).exists(), "--no-join enrols nothing");
     let verify = Verify::of(&setup);
     verify.passes(&["meshd.service"]);
-    assert_eq!(value(&verify.dump("meshd.service"), "ExecStart"), "/opt/mesh/bin/meshd run");
+    assert_eq!(
+        value(&verify.dump("meshd.service"), "ExecStart"),
+        "/opt/mesh/bin/meshd run"
+    );
 
     setup.install_with_prefix(Some("/opt/mesh"), &["node", "--uninstall"]);
     assert_eq!(setup.files(), Vec::<String>::new());
@@ -482,17 +625,50 @@ fn a_dry_run_prints_every_action_and_changes_nothing() {
     let bin = bin.to_str().expect("UTF-8");
     let join = "rv.example.com:7443 --token abcd.secret --ca-hash sha256:00";
 
-    let rendezvous = setup.run(None, &["rendezvous", "--public-addr", PUBLIC_ADDR, "--bin-dir", bin, "--dry-run"]);
-    let node = setup.run(None, &["node", "--join", join, "--kubelet", "--bin-dir", bin, "--dry-run"]);
+    let rendezvous = setup.run(
+        None,
+        &[
+            "rendezvous",
+            "--public-addr",
+            PUBLIC_ADDR,
+            "--bin-dir",
+            bin,
+            "--dry-run",
+        ],
+    );
+    let node = setup.run(
+        None,
+        &[
+            "node",
+            "--join",
+            join,
+            "--kubelet",
+            "--bin-dir",
+            bin,
+            "--dry-run",
+        ],
+    );
 
     assert!(rendezvous.status.success(), "{}", stderr(&rendezvous));
     assert!(node.status.success(), "{}", stderr(&node));
     let (rendezvous, node) = (stdout(&rendezvous), stdout(&node));
-    for wanted in ["usr/local/bin/mesh-rendezvous", "etc/systemd/system/mesh-rendezvous.service"] {
-        assert!(rendezvous.contains("would run: install -D -m") && rendezvous.contains(wanted), "{rendezvous}");
+    for wanted in [
+        "usr/local/bin/mesh-rendezvous",
+        "etc/systemd/system/mesh-rendezvous.service",
+    ] {
+        assert!(
+            rendezvous.contains("would run: install -D -m") && rendezvous.contains(wanted),
+            "{rendezvous}"
+        );
     }
-    assert!(rendezvous.contains(" init --listen 0.0.0.0:17443 --public-addr 127.0.0.1:17443"), "{rendezvous}");
-    assert!(rendezvous.contains(" token create --ttl 24h --uses 10"), "{rendezvous}");
+    assert!(
+        rendezvous.contains(" init --listen 0.0.0.0:17443 --public-addr 127.0.0.1:17443"),
+        "{rendezvous}"
+    );
+    assert!(
+        rendezvous.contains(" token create --ttl 24h --uses 10"),
+        "{rendezvous}"
+    );
     for wanted in [
         "usr/local/bin/meshd",
         "usr/local/bin/meshctl",
@@ -502,7 +678,10 @@ fn a_dry_run_prints_every_action_and_changes_nothing() {
     ] {
         assert!(node.contains(wanted), "the dry run names {wanted}:\n{node}");
     }
-    assert!(!node.contains("abcd.secret"), "the dry run does not print the token:\n{node}");
+    assert!(
+        !node.contains("abcd.secret"),
+        "the dry run does not print the token:\n{node}"
+    );
     assert_eq!(setup.snapshot(), BTreeMap::new(), "a dry run wrote files");
 }
 
@@ -516,9 +695,14 @@ fn record_meshd_argv(setup: &Setup) -> PathBuf {
     let real = bin.join("meshd.real");
     fs::rename(bin.join("meshd"), &real).expect("move meshd aside");
     let log = setup.dir.path().join("argv.log");
-    let wrapper = format!("#!/bin/sh\nprintf '%s\\n' \"$*\" >>'{}'\nexec '{}' \"$@\"\n", log.display(), real.display());
+    let wrapper = format!(
+        "#!/bin/sh\nprintf '%s\\n' \"$*\" >>'{}'\nexec '{}' \"$@\"\n",
+        log.display(),
+        real.display()
+    );
     fs::write(bin.join("meshd"), wrapper).expect("write the wrapper");
-    fs::set_permissions(bin.join("meshd"), fs::Permissions::from_mode(0o755)).expect("chmod the wrapper");
+    fs::set_permissions(bin.join("meshd"), fs::Permissions::from_mode(0o755))
+        .expect("chmod the wrapper");
     log
 }
 
@@ -529,9 +713,20 @@ fn the_node_install_hands_meshd_join_the_token_on_stdin_never_in_argv() {
     let join = format!("rv.example.com:7443 --token abcd.secret-in-argv --ca-hash {HASH}");
     setup.install(&["node", "--join", &join, "--name", "node-a"]);
     let argv = read(&log);
-    assert!(argv.contains(&format!("join rv.example.com:7443 --ca-hash {HASH} --token-file - --name node-a")), "{argv}");
-    assert!(!argv.contains("abcd.secret-in-argv"), "the token was on meshd's command line: {argv}");
-    assert_eq!(read(&setup.path("var/lib/meshd/join.token")), "abcd.secret-in-argv\n");
+    assert!(
+        argv.contains(&format!(
+            "join rv.example.com:7443 --ca-hash {HASH} --token-file - --name node-a"
+        )),
+        "{argv}"
+    );
+    assert!(
+        !argv.contains("abcd.secret-in-argv"),
+        "the token was on meshd's command line: {argv}"
+    );
+    assert_eq!(
+        read(&setup.path("var/lib/meshd/join.token")),
+        "abcd.secret-in-argv\n"
+    );
     assert_eq!(mode(&setup.path("var/lib/meshd/join.token")), 0o600);
 }
 
@@ -551,11 +746,19 @@ fn the_join_line_can_come_on_stdin_so_the_token_is_in_no_command_line() {
         .spawn()
         .expect("run deploy/install.sh");
     let line = format!("meshd join rv.example.com:7443 --token=abcd.from-stdin --ca-hash {HASH}\n");
-    child.stdin.take().expect("stdin").write_all(line.as_bytes()).expect("write the join line");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(line.as_bytes())
+        .expect("write the join line");
     let out = child.wait_with_output().expect("wait for install.sh");
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert!(!read(&log).contains("abcd.from-stdin"), "{}", read(&log));
-    assert_eq!(read(&setup.path("var/lib/meshd/join.token")), "abcd.from-stdin\n");
+    assert_eq!(
+        read(&setup.path("var/lib/meshd/join.token")),
+        "abcd.from-stdin\n"
+    );
 }
 
 #[test]
@@ -564,7 +767,13 @@ fn on_this_system_a_dry_run_says_how_meshd_would_be_started() {
     let setup = Setup::new();
     let bin = setup.bin();
     let out = Command::new(script())
-        .args(["node", "--join", "rv.example.com:7443 --token abcd.secret --ca-hash sha256:00", "--dry-run", "--bin-dir"])
+        .args([
+            "node",
+            "--join",
+            "rv.example.com:7443 --token abcd.secret --ca-hash sha256:00",
+            "--dry-run",
+            "--bin-dir",
+        ])
         .arg(&bin)
         .env_remove("DESTDIR")
         .env_remove("PREFIX")
@@ -575,9 +784,16 @@ fn on_this_system_a_dry_run_says_how_meshd_would_be_started() {
     let out = stdout(&out);
     assert!(out.contains("--state-dir /var/lib/meshd"), "{out}");
     if Path::new("/run/systemd/system").exists() {
-        assert!(out.contains("would run: systemctl enable --now meshd"), "{out}");
+        assert!(
+            out.contains("would run: systemctl enable --now meshd"),
+            "{out}"
+        );
     } else {
-        assert!(out.contains("systemd is not PID 1 here") && out.contains("/usr/local/bin/meshd run --state-dir /var/lib/meshd"), "{out}");
+        assert!(
+            out.contains("systemd is not PID 1 here")
+                && out.contains("/usr/local/bin/meshd run --state-dir /var/lib/meshd"),
+            "{out}"
+        );
     }
 }
 
@@ -592,47 +808,135 @@ fn bad_arguments_exit_2_with_a_usage_message_and_install_nothing() {
         (&["node"], "node needs --join"),
         (&["node", "--join"], "--join needs a value"),
         (&["node", "--join", "--kubelet"], "--join needs a value"),
-        (&["node", "--join", "rv.example.com --token t --ca-hash h"], "must start with the rendezvous HOST:PORT"),
-        (&["node", "--join", "rv.example.com:7443 --token t"], "needs --token and --ca-hash"),
-        (&["node", "--join", "rv.example.com:7443 --ca-hash h --token"], "--token needs a value"),
+        (
+            &["node", "--join", "rv.example.com --token t --ca-hash h"],
+            "must start with the rendezvous HOST:PORT",
+        ),
+        (
+            &["node", "--join", "rv.example.com:7443 --token t"],
+            "needs --token and --ca-hash",
+        ),
+        (
+            &["node", "--join", "rv.example.com:7443 --ca-hash h --token"],
+            "--token needs a value",
+        ),
         (&["node", "--join", "-"], "no join line on standard input"),
-        (&["node", "--join", &format!("{join} --state-dir /tmp/x")], "must not set --state-dir"),
+        (
+            &["node", "--join", &format!("{join} --state-dir /tmp/x")],
+            "must not set --state-dir",
+        ),
         (&["node", "--join", join, "--no-join"], "exclude each other"),
-        (&["node", "--join", join, "--advertise-endpoint", "example.com:51820"], "is not IP:PORT"),
-        (&["node", "--join", join, "--name", "two words"], "must not contain spaces"),
-        (&["node", "--join", join, "--public-addr", PUBLIC_ADDR], "--public-addr is for 'install.sh rendezvous'"),
-        (&["node", "--join", join, "--frobnicate"], "unknown option '--frobnicate'"),
-        (&["node", "--join", join, "--purge"], "--purge goes with --uninstall"),
-        (&["node", "--join", join, "--bin-dir", "/nonexistent"], "is not a directory"),
-        (&["node", "--uninstall", "--kubelet"], "--uninstall takes no other options"),
+        (
+            &[
+                "node",
+                "--join",
+                join,
+                "--advertise-endpoint",
+                "example.com:51820",
+            ],
+            "is not IP:PORT",
+        ),
+        (
+            &["node", "--join", join, "--name", "two words"],
+            "must not contain spaces",
+        ),
+        (
+            &["node", "--join", join, "--public-addr", PUBLIC_ADDR],
+            "--public-addr is for 'install.sh rendezvous'",
+        ),
+        (
+            &["node", "--join", join, "--frobnicate"],
+            "unknown option '--frobnicate'",
+        ),
+        (
+            &["node", "--join", join, "--purge"],
+            "--purge goes with --uninstall",
+        ),
+        (
+            &["node", "--join", join, "--bin-dir", "/nonexistent"],
+            "is not a directory",
+        ),
+        (
+            &["node", "--uninstall", "--kubelet"],
+            "--uninstall takes no other options",
+        ),
         (&["rendezvous"], "rendezvous needs --public-addr"),
-        (&["rendezvous", "--public-addr", "rv.example.com"], "is not HOST:PORT"),
-        (&["rendezvous", "--public-addr", PUBLIC_ADDR, "--listen", "anywhere"], "is not IP:PORT"),
-        (&["rendezvous", "--public-addr", PUBLIC_ADDR, "--token-uses", "0"], "is not a positive number"),
-        (&["rendezvous", "--public-addr", PUBLIC_ADDR, "--kubelet"], "--kubelet is for 'install.sh node'"),
+        (
+            &["rendezvous", "--public-addr", "rv.example.com"],
+            "is not HOST:PORT",
+        ),
+        (
+            &[
+                "rendezvous",
+                "--public-addr",
+                PUBLIC_ADDR,
+                "--listen",
+                "anywhere",
+            ],
+            "is not IP:PORT",
+        ),
+        (
+            &[
+                "rendezvous",
+                "--public-addr",
+                PUBLIC_ADDR,
+                "--token-uses",
+                "0",
+            ],
+            "is not a positive number",
+        ),
+        (
+            &["rendezvous", "--public-addr", PUBLIC_ADDR, "--kubelet"],
+            "--kubelet is for 'install.sh node'",
+        ),
     ] {
         let out = setup.run(None, args);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{args:?} exits 2:\n{err}");
-        assert!(err.contains(says) && err.contains("usage: install.sh node"), "{args:?} says {says:?} and the usage:\n{err}");
+        assert!(
+            err.contains(says) && err.contains("usage: install.sh node"),
+            "{args:?} says {says:?} and the usage:\n{err}"
+        );
     }
     // An empty bin dir is a bad --bin-dir too.
     let empty = tempfile::tempdir().expect("a temp dir");
-    let out = setup.run(None, &["node", "--no-join", "--bin-dir", empty.path().to_str().expect("UTF-8")]);
+    let out = setup.run(
+        None,
+        &[
+            "node",
+            "--no-join",
+            "--bin-dir",
+            empty.path().to_str().expect("UTF-8"),
+        ],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("has no executable meshd"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("has no executable meshd"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = setup.run(Some("opt/relative"), &["node", "--no-join"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("must be an absolute path"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("must be an absolute path"),
+        "{}",
+        stderr(&out)
+    );
 
-    assert_eq!(setup.snapshot(), BTreeMap::new(), "bad arguments installed something");
+    assert_eq!(
+        setup.snapshot(),
+        BTreeMap::new(),
+        "bad arguments installed something"
+    );
 }
 
 #[test]
 fn install_sh_passes_shellcheck() {
     let out = Command::new("shellcheck").arg(script()).output();
-    let out = out.unwrap_or_else(|e| panic!("shellcheck is missing ({e}): install Debian's `shellcheck` (tests/run.sh does)"));
+    let out = out.unwrap_or_else(|e| {
+        panic!("shellcheck is missing ({e}): install Debian's `shellcheck` (tests/run.sh does)")
+    });
     assert!(
         out.status.success(),
         "shellcheck deploy/install.sh finds nothing; it says:\n{}{}",

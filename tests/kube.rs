@@ -45,11 +45,23 @@ impl Files {
             probes_answered: 1,
         };
         let peers = vec![
-            peer("node-b", "100.72.0.6", vec![candidate("192.0.2.6:51820", "advertised")]),
+            peer(
+                "node-b",
+                "100.72.0.6",
+                vec![candidate("192.0.2.6:51820", "advertised")],
+            ),
             peer("node-c", "100.72.0.7", vec![]),
         ];
-        std::fs::write(dir.path().join("status.json"), serde_json::to_string_pretty(&status).unwrap()).unwrap();
-        std::fs::write(dir.path().join("peers.json"), serde_json::to_string_pretty(&peers).unwrap()).unwrap();
+        std::fs::write(
+            dir.path().join("status.json"),
+            serde_json::to_string_pretty(&status).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("peers.json"),
+            serde_json::to_string_pretty(&peers).unwrap(),
+        )
+        .unwrap();
         Self { dir }
     }
 
@@ -105,13 +117,21 @@ fn stderr(out: &Output) -> String {
 }
 
 fn succeeded(out: &Output, what: &str) -> String {
-    assert!(out.status.success(), "{what} failed: {}\n{}", stderr(out), stdout(out));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        stderr(out),
+        stdout(out)
+    );
     stdout(out)
 }
 
 fn yaml_documents(text: &str) -> Vec<serde_norway::Value> {
     serde_norway::Deserializer::from_str(text)
-        .map(|d| serde_norway::Value::deserialize(d).unwrap_or_else(|e| panic!("not YAML ({e}):\n{text}")))
+        .map(|d| {
+            serde_norway::Value::deserialize(d)
+                .unwrap_or_else(|e| panic!("not YAML ({e}):\n{text}"))
+        })
         .collect()
 }
 
@@ -135,8 +155,20 @@ fn every_yaml_generator_prints_yaml_that_parses_back_with_the_overlay_address() 
         (&["flannel"][..], 1),
         (&["calico"][..], 1),
         (&["calico", "--manifest", "--dual-stack"][..], 1),
-        (&["kubeadm", "--control-plane-endpoint", "k8s.example.com"][..], 2),
-        (&["kubespray-inventory", "--control-plane", "node-a", "node-b", "node-c"][..], 1),
+        (
+            &["kubeadm", "--control-plane-endpoint", "k8s.example.com"][..],
+            2,
+        ),
+        (
+            &[
+                "kubespray-inventory",
+                "--control-plane",
+                "node-a",
+                "node-b",
+                "node-c",
+            ][..],
+            1,
+        ),
     ] {
         let text = succeeded(&files.kube(args), &args.join(" "));
         let docs = yaml_documents(&text);
@@ -149,8 +181,14 @@ fn every_yaml_generator_prints_yaml_that_parses_back_with_the_overlay_address() 
 fn the_kubeadm_config_advertises_the_overlay_address() {
     let files = Files::new();
     let docs = yaml_documents(&succeeded(&files.kube(&["kubeadm"]), "kubeadm"));
-    assert_eq!(docs[0]["localAPIEndpoint"]["advertiseAddress"].as_str(), Some("100.72.0.5"));
-    assert_eq!(docs[1]["apiServer"]["certSANs"][0].as_str(), Some("100.72.0.5"));
+    assert_eq!(
+        docs[0]["localAPIEndpoint"]["advertiseAddress"].as_str(),
+        Some("100.72.0.5")
+    );
+    assert_eq!(
+        docs[1]["apiServer"]["certSANs"][0].as_str(),
+        Some("100.72.0.5")
+    );
 }
 
 #[test]
@@ -162,33 +200,52 @@ fn the_kubespray_inventory_covers_the_peers_and_notes_go_to_stderr() {
     assert_eq!(hosts["node-b"]["ansible_host"].as_str(), Some("192.0.2.6"));
     assert_eq!(hosts["node-b"]["etcd_address"].as_str(), Some("100.72.0.6"));
     assert!(hosts["node-c"].get("ansible_host").is_none());
-    assert!(stderr(&out).contains("node-c: no reachable address known"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("node-c: no reachable address known"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn the_mtu_option_sets_the_cni_mtu() {
     let files = Files::new();
-    let docs = yaml_documents(&succeeded(&files.kube(&["--mtu", "1420", "calico"]), "calico --mtu"));
+    let docs = yaml_documents(&succeeded(
+        &files.kube(&["--mtu", "1420", "calico"]),
+        "calico --mtu",
+    ));
     assert_eq!(docs[0]["spec"]["calicoNetwork"]["mtu"].as_u64(), Some(1370));
 }
 
 #[test]
 fn the_kubelet_dropin_sets_node_ip() {
     let files = Files::new();
-    let text = succeeded(&files.kube(&["kubelet-dropin", "--dual-stack"]), "kubelet-dropin");
+    let text = succeeded(
+        &files.kube(&["kubelet-dropin", "--dual-stack"]),
+        "kubelet-dropin",
+    );
     assert!(text.contains("\nAfter=meshd.service\n"), "{text}");
-    assert!(text.contains(" --node-ip=100.72.0.5,fd7a:1:2::5\n"), "{text}");
+    assert!(
+        text.contains(" --node-ip=100.72.0.5,fd7a:1:2::5\n"),
+        "{text}"
+    );
 }
 
 /// A systemd unit's (section, key, value) entries, sorted.
 fn unit_entries(text: &str) -> Vec<(String, String, String)> {
     let mut section = String::new();
     let mut entries = Vec::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         match line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             Some(name) => section = name.to_owned(),
             None => {
-                let (key, value) = line.split_once('=').unwrap_or_else(|| panic!("not key=value: {line}"));
+                let (key, value) = line
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("not key=value: {line}"));
                 entries.push((section.clone(), key.to_owned(), value.to_owned()));
             }
         }
@@ -201,10 +258,17 @@ fn unit_entries(text: &str) -> Vec<(String, String, String)> {
 fn the_kubelet_dropin_is_the_shipped_one_with_the_address_written_in() {
     let files = Files::new();
     let generated = succeeded(&files.kube(&["kubelet-dropin"]), "kubelet-dropin");
-    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/kubelet-meshd.conf"))
-        .unwrap()
-        .replace("${MESH_IP}", "100.72.0.5");
-    assert_eq!(unit_entries(&generated), unit_entries(&shipped), "{generated}");
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/kubelet-meshd.conf"
+    ))
+    .unwrap()
+    .replace("${MESH_IP}", "100.72.0.5");
+    assert_eq!(
+        unit_entries(&generated),
+        unit_entries(&shipped),
+        "{generated}"
+    );
 }
 
 #[test]
@@ -213,17 +277,30 @@ fn check_of_a_node_on_the_overlay_address_succeeds() {
     let node = files.write("node.json", &node_json("100.72.0.5", "100.72.0.5"));
     let out = files.kube(&["check", "--node-json", node.to_str().unwrap()]);
     let text = succeeded(&out, "check");
-    assert!(text.contains("ok        InternalIP (IPv4): 100.72.0.5"), "{text}");
+    assert!(
+        text.contains("ok        InternalIP (IPv4): 100.72.0.5"),
+        "{text}"
+    );
 }
 
 #[test]
 fn check_of_a_node_on_its_private_address_fails_and_prints_the_fixes() {
     let files = Files::new();
-    let out = files.kube_with(&["check", "--node-json", "-"], Some(&node_json("10.0.0.4", "203.0.113.5")), None);
+    let out = files.kube_with(
+        &["check", "--node-json", "-"],
+        Some(&node_json("10.0.0.4", "203.0.113.5")),
+        None,
+    );
     assert!(!out.status.success());
     let text = stdout(&out);
-    assert!(text.contains("MISMATCH  InternalIP (IPv4): 10.0.0.4, the overlay address is 100.72.0.5"), "{text}");
-    assert!(text.contains("fix: on node-a: meshctl kube kubelet-dropin"), "{text}");
+    assert!(
+        text.contains("MISMATCH  InternalIP (IPv4): 10.0.0.4, the overlay address is 100.72.0.5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fix: on node-a: meshctl kube kubelet-dropin"),
+        "{text}"
+    );
     assert!(text.contains("fix: meshctl kube flannel >"), "{text}");
     assert!(stderr(&out).contains("2 mismatch(es)"), "{}", stderr(&out));
 }
@@ -247,7 +324,11 @@ fn check_without_kubectl_says_to_pass_node_json() {
     std::fs::create_dir(&empty).unwrap();
     let out = files.kube_with(&["check"], None, Some(&empty));
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("kubectl is not on PATH: pass --node-json FILE"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("kubectl is not on PATH: pass --node-json FILE"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -260,14 +341,27 @@ fn without_status_files_it_asks_meshd_and_says_when_it_is_not_running() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("meshd is not running"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("meshd is not running"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn a_status_file_that_is_not_status_json_is_named() {
     let files = Files::new();
     let bad = files.write("bad.json", "[]");
-    let out = Command::new(MESHCTL).args(["kube", "--status-json"]).arg(&bad).arg("flannel").output().unwrap();
+    let out = Command::new(MESHCTL)
+        .args(["kube", "--status-json"])
+        .arg(&bad)
+        .arg("flannel")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("is not `meshctl status --json` output"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not `meshctl status --json` output"),
+        "{}",
+        stderr(&out)
+    );
 }

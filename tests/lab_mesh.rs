@@ -94,13 +94,17 @@ fn every_node_reaches_every_other_and_each_pair_settles_on_its_expected_path() {
         ("sym1", "endpoint_dependent"),
         ("sym2", "endpoint_dependent"),
     ] {
-        eventually(&format!("{node} knows its NAT is {nat}"), SETTLE_DEADLINE, || {
-            let status = lab.meshctl(node, "status")?;
-            match status["nat"].as_str() {
-                Some(got) if got == nat => Ok(()),
-                got => Err(format!("nat {got:?} in {status}")),
-            }
-        });
+        eventually(
+            &format!("{node} knows its NAT is {nat}"),
+            SETTLE_DEADLINE,
+            || {
+                let status = lab.meshctl(node, "status")?;
+                match status["nat"].as_str() {
+                    Some(got) if got == nat => Ok(()),
+                    got => Err(format!("nat {got:?} in {status}")),
+                }
+            },
+        );
     }
     eventually("sym1 says why sym2 is relayed", SETTLE_DEADLINE, || {
         let peers = lab.meshctl("sym1", "peers")?;
@@ -111,7 +115,11 @@ fn every_node_reaches_every_other_and_each_pair_settles_on_its_expected_path() {
             .find(|p| p["name"] == "node-sym2")
             .ok_or("sym1 does not list sym2")?;
         match sym2["relay_reason"].as_str() {
-            Some(r) if r.starts_with("both sides are behind endpoint-dependent (symmetric) NAT") => Ok(()),
+            Some(r)
+                if r.starts_with("both sides are behind endpoint-dependent (symmetric) NAT") =>
+            {
+                Ok(())
+            }
             other => Err(format!("relay_reason {other:?}")),
         }
     });
@@ -152,13 +160,17 @@ fn a_full_size_ping_with_df_passes_direct_and_relayed() {
         );
         // meshctl ping answers over the same path, by name.
         let name = format!("node-{to}");
-        eventually(&format!("meshctl ping {name} on {from} answers via {path}"), REACH_DEADLINE, || {
-            let pong = lab.meshctl_with(from, &["ping", &name, "-c", "1"])?;
-            match pong["path"].as_str() {
-                Some(got) if got == path && pong["rtt_ms"].as_f64().is_some() => Ok(()),
-                _ => Err(format!("{pong}")),
-            }
-        });
+        eventually(
+            &format!("meshctl ping {name} on {from} answers via {path}"),
+            REACH_DEADLINE,
+            || {
+                let pong = lab.meshctl_with(from, &["ping", &name, "-c", "1"])?;
+                match pong["path"].as_str() {
+                    Some(got) if got == path && pong["rtt_ms"].as_f64().is_some() => Ok(()),
+                    _ => Err(format!("{pong}")),
+                }
+            },
+        );
     }
 }
 
@@ -169,13 +181,17 @@ fn netcheck_tells_a_cone_nat_from_a_symmetric_one() {
         ("cone", "endpoint_independent", "likely"),
         ("sym1", "endpoint_dependent", "unlikely"),
     ] {
-        eventually(&format!("netcheck on {node} finds {mapping}"), REACH_DEADLINE, || {
-            let report = lab.meshctl(node, "netcheck")?;
-            match (report["mapping"].as_str(), report["hole_punching"].as_str()) {
-                (Some(m), Some(p)) if m == mapping && p == punching => Ok(()),
-                _ => Err(format!("{report}")),
-            }
-        });
+        eventually(
+            &format!("netcheck on {node} finds {mapping}"),
+            REACH_DEADLINE,
+            || {
+                let report = lab.meshctl(node, "netcheck")?;
+                match (report["mapping"].as_str(), report["hole_punching"].as_str()) {
+                    (Some(m), Some(p)) if m == mapping && p == punching => Ok(()),
+                    _ => Err(format!("{report}")),
+                }
+            },
+        );
     }
 }
 
@@ -183,11 +199,17 @@ fn netcheck_tells_a_cone_nat_from_a_symmetric_one() {
 fn meshctl_ping_of_an_unknown_peer_fails_with_one_clear_line() {
     let lab = MeshLab::with_mesh_of(PREFIX, &["pub1"]);
     let socket = lab.socket("pub1");
-    let out = output(MESHCTL, &["--socket", utf8(&socket), "ping", "node-nowhere", "-c", "1"]);
+    let out = output(
+        MESHCTL,
+        &["--socket", utf8(&socket), "ping", "node-nowhere", "-c", "1"],
+    );
     assert!(!out.status.success(), "exit status {}", out.status);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("no peer matches 'node-nowhere'"), "{stderr}");
+    assert!(
+        stderr.contains("no peer matches 'node-nowhere'"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -211,7 +233,9 @@ fn blocking_the_direct_path_moves_a_pair_to_the_relay_and_back_without_breaking_
         for rule in [["INPUT", "-s"], ["OUTPUT", "-d"]] {
             lab.run_in(
                 "pub1",
-                &["iptables", action, rule[0], rule[1], pub2, "-p", "udp", "-j", "DROP"],
+                &[
+                    "iptables", action, rule[0], rule[1], pub2, "-p", "udp", "-j", "DROP",
+                ],
             );
         }
     };
@@ -223,10 +247,16 @@ fn blocking_the_direct_path_moves_a_pair_to_the_relay_and_back_without_breaking_
 
     block("-D");
     lab.wait_for_paths("pub1", "pub2", "direct");
-    moving("the transfer carries on over the direct path again", relayed);
+    moving(
+        "the transfer carries on over the direct path again",
+        relayed,
+    );
 
     let sent = transfer.finish();
-    assert!(sent > relayed, "{sent} bytes sent, {relayed} before the return");
+    assert!(
+        sent > relayed,
+        "{sent} bytes sent, {relayed} before the return"
+    );
 }
 
 #[test]

@@ -26,7 +26,11 @@ const PREFIX: &str = "mlu";
 fn every_pair_reaches(lab: &MeshLab, step: &str) {
     for from in NODES {
         for to in NODES.iter().copied().filter(|&to| to != from) {
-            eventually(&format!("{step}: {from} pings {to}"), REACH_DEADLINE, || lab.ping_once(from, to, &[]));
+            eventually(
+                &format!("{step}: {from} pings {to}"),
+                REACH_DEADLINE,
+                || lab.ping_once(from, to, &[]),
+            );
         }
     }
 }

@@ -37,37 +37,61 @@ async fn the_rendezvous_counts_nodes_refused_hellos_and_relayed_bytes_that_grow_
 
         let before = rendezvous.scrape().await;
         assert_eq!(before.value("mesh_rendezvous_nodes", &[]), Some(0.0));
-        assert_eq!(before.value("mesh_rendezvous_relay_bytes_total", &[]), Some(0.0));
         assert_eq!(
-            before.value("mesh_rendezvous_admission_failures_total", &[("reason", "bad_token")]),
+            before.value("mesh_rendezvous_relay_bytes_total", &[]),
+            Some(0.0)
+        );
+        assert_eq!(
+            before.value(
+                "mesh_rendezvous_admission_failures_total",
+                &[("reason", "bad_token")]
+            ),
             Some(0.0)
         );
 
         let a = Member::admit(&rendezvous, "a", &token).await;
         let b = Member::admit(&rendezvous, "b", &token).await;
         match Member::join(&rendezvous, "stranger", None).await {
-            Err(ClientError::Rejected { reason: RejectReason::BadToken, .. }) => {}
+            Err(ClientError::Rejected {
+                reason: RejectReason::BadToken,
+                ..
+            }) => {}
             Err(other) => panic!("a node without a token is refused for it, not {other}"),
             Ok(_) => panic!("a node without a token is refused"),
         }
 
         let (address_a, address_b) = (a.address(), b.address());
-        let to_b = [("source", address_a.as_str()), ("destination", address_b.as_str())];
-        let to_a = [("source", address_b.as_str()), ("destination", address_a.as_str())];
+        let to_b = [
+            ("source", address_a.as_str()),
+            ("destination", address_b.as_str()),
+        ];
+        let to_a = [
+            ("source", address_b.as_str()),
+            ("destination", address_a.as_str()),
+        ];
         relay_until_delivered(&a, &b, 100).await;
         let first = rendezvous.scrape().await;
         assert_eq!(first.value("mesh_rendezvous_nodes", &[]), Some(2.0));
-        assert_eq!(first.value("mesh_rendezvous_nodes_connected", &[]), Some(2.0));
+        assert_eq!(
+            first.value("mesh_rendezvous_nodes_connected", &[]),
+            Some(2.0)
+        );
         for member in [&a, &b] {
             assert_eq!(
-                first.value("mesh_rendezvous_node_connected", &[("address", &member.address())]),
+                first.value(
+                    "mesh_rendezvous_node_connected",
+                    &[("address", &member.address())]
+                ),
                 Some(1.0),
                 "node {} is listed as connected",
                 member.address()
             );
         }
         assert_eq!(
-            first.value("mesh_rendezvous_admission_failures_total", &[("reason", "bad_token")]),
+            first.value(
+                "mesh_rendezvous_admission_failures_total",
+                &[("reason", "bad_token")]
+            ),
             Some(1.0)
         );
         let relayed = first
@@ -75,11 +99,17 @@ async fn the_rendezvous_counts_nodes_refused_hellos_and_relayed_bytes_that_grow_
             .expect("the pair a → b is listed once it carried something");
         assert!(relayed >= 100.0, "a's 100-byte frame is counted: {relayed}");
         assert!(first.value("mesh_rendezvous_relay_pair_packets_total", &to_b) >= Some(1.0));
-        assert_eq!(first.value("mesh_rendezvous_relay_pair_bytes_total", &to_a), None);
+        assert_eq!(
+            first.value("mesh_rendezvous_relay_pair_bytes_total", &to_a),
+            None
+        );
         let total = first
             .value("mesh_rendezvous_relay_bytes_total", &[])
             .expect("relayed bytes in total");
-        assert!(total >= relayed, "the total {total} covers the pair's {relayed}");
+        assert!(
+            total >= relayed,
+            "the total {total} covers the pair's {relayed}"
+        );
 
         relay_until_delivered(&a, &b, 600).await;
         relay_until_delivered(&b, &a, 10).await;
@@ -87,7 +117,10 @@ async fn the_rendezvous_counts_nodes_refused_hellos_and_relayed_bytes_that_grow_
         let grown = second
             .value("mesh_rendezvous_relay_pair_bytes_total", &to_b)
             .expect("the pair a → b is still listed");
-        assert!(grown >= relayed + 600.0, "a → b grew by the 600-byte frame: {relayed} → {grown}");
+        assert!(
+            grown >= relayed + 600.0,
+            "a → b grew by the 600-byte frame: {relayed} → {grown}"
+        );
         assert!(second.value("mesh_rendezvous_relay_pair_bytes_total", &to_a) >= Some(10.0));
         assert!(second.value("mesh_rendezvous_relay_bytes_total", &[]) >= Some(total + 610.0));
 
@@ -104,7 +137,10 @@ async fn the_metrics_endpoint_serves_get_of_metrics_only() {
         for (request, status) in [
             ("GET /metrics HTTP/1.1\r\nHost: rv\r\n\r\n", "200"),
             ("GET / HTTP/1.1\r\nHost: rv\r\n\r\n", "404"),
-            ("POST /metrics HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", "405"),
+            (
+                "POST /metrics HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+                "405",
+            ),
             ("hello\r\n\r\n", "400"),
         ] {
             let answer = http(rendezvous.metrics(), request).await;
@@ -125,7 +161,10 @@ async fn a_metrics_address_in_use_is_refused_naming_it() {
     let mesh = Mesh::with_metrics();
     let config = setup::Layout::new(mesh.path()).config();
     let text = std::fs::read_to_string(&config).expect("read rendezvous.toml");
-    let text = text.replace("metrics-address = \"127.0.0.1:0\"", &format!("metrics-address = \"{addr}\""));
+    let text = text.replace(
+        "metrics-address = \"127.0.0.1:0\"",
+        &format!("metrics-address = \"{addr}\""),
+    );
     std::fs::write(&config, text).expect("write rendezvous.toml");
     let loaded = setup::load(mesh.path()).expect("load the state directory");
     let Err(error) = Server::bind(loaded).await else {
@@ -151,14 +190,20 @@ fn meshd_counts_each_peers_traffic_and_the_counters_grow_after_a_ping() {
     let files = lab.write_meshd_config(0, &[1]);
     let config = std::fs::read_to_string(&files.config).expect("read node a's config");
     // Top-level keys go before the [[peer]] tables.
-    std::fs::write(&files.config, format!("metrics-address = \"{METRICS}\"\n{config}"))
-        .expect("write node a's config");
+    std::fs::write(
+        &files.config,
+        format!("metrics-address = \"{METRICS}\"\n{config}"),
+    )
+    .expect("write node a's config");
     let _meshd_a = lab.start_meshd(0, &files);
     let _meshd_b = lab.start_meshd_with_peers(1, &[0]);
 
     a.pings(b.overlay);
     let address = b.overlay.to_string();
-    let peer_b = [("public_key", &b.key.public[..8]), ("address", address.as_str())];
+    let peer_b = [
+        ("public_key", &b.key.public[..8]),
+        ("address", address.as_str()),
+    ];
     let scrape = || {
         let text = scrape_in_namespace(&a.ns, METRICS.parse().expect("an address"));
         Scrape::parse(&text)
@@ -167,7 +212,11 @@ fn meshd_counts_each_peers_traffic_and_the_counters_grow_after_a_ping() {
     assert_eq!(first.value("meshd_peers", &[]), Some(1.0));
     assert_eq!(first.value("meshd_peer_online", &peer_b), Some(1.0));
     let direct = [peer_b[0], peer_b[1], ("path", "direct")];
-    assert_eq!(first.value("meshd_peer_path", &direct), Some(1.0), "node b is reached directly");
+    assert_eq!(
+        first.value("meshd_peer_path", &direct),
+        Some(1.0),
+        "node b is reached directly"
+    );
     assert!(first.value("meshd_peer_handshakes_total", &peer_b) >= Some(1.0));
     let handshake = first
         .value("meshd_peer_last_handshake_timestamp_seconds", &peer_b)
@@ -184,10 +233,20 @@ fn meshd_counts_each_peers_traffic_and_the_counters_grow_after_a_ping() {
     ];
     let before: Vec<f64> = counters
         .iter()
-        .map(|name| first.value(name, &peer_b).unwrap_or_else(|| panic!("{name} for node b")))
+        .map(|name| {
+            first
+                .value(name, &peer_b)
+                .unwrap_or_else(|| panic!("{name} for node b"))
+        })
         .collect();
-    assert!(before.iter().all(|v| *v > 0.0), "the first ping was counted: {before:?}");
-    assert!(!first.text.contains(&b.key.public[..9]), "node b's key appears only cut to 8 characters");
+    assert!(
+        before.iter().all(|v| *v > 0.0),
+        "the first ping was counted: {before:?}"
+    );
+    assert!(
+        !first.text.contains(&b.key.public[..9]),
+        "node b's key appears only cut to 8 characters"
+    );
 
     a.pings(b.overlay);
     eventually("node b's counters grow after a ping", DEADLINE, || {
@@ -199,7 +258,9 @@ fn meshd_counts_each_peers_traffic_and_the_counters_grow_after_a_ping() {
         if after.iter().zip(&before).all(|(now, then)| now > then) {
             Ok(())
         } else {
-            Err(format!("{counters:?}: before the ping {before:?}, now {after:?}"))
+            Err(format!(
+                "{counters:?}: before the ping {before:?}, now {after:?}"
+            ))
         }
     });
 }
@@ -221,32 +282,51 @@ impl Scrape {
     /// Parses the body of a scrape; panics, with the text, on a line that is
     /// not a comment, a blank or a sample.
     fn parse(text: &str) -> Self {
-        assert!(text.ends_with('\n'), "the text ends with a line feed:\n{text}");
+        assert!(
+            text.ends_with('\n'),
+            "the text ends with a line feed:\n{text}"
+        );
         let samples: Vec<Sample> = text
             .lines()
             .filter_map(|line| parse_line(line).unwrap_or_else(|e| panic!("{e}\n{text}")))
             .collect();
         for (name, ..) in &samples {
-            assert!(text.contains(&format!("\n# TYPE {name} ")), "{name} has a TYPE line");
+            assert!(
+                text.contains(&format!("\n# TYPE {name} ")),
+                "{name} has a TYPE line"
+            );
         }
-        Self { text: text.to_owned(), samples }
+        Self {
+            text: text.to_owned(),
+            samples,
+        }
     }
 
     /// The value of the one sample of `name` whose labels include `labels`;
     /// `None` if there is none, a panic if there are several.
     fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let mut matching = self.samples.iter().filter(|(n, have, _)| {
-            n == name && labels.iter().all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
         });
         let found = matching.next().map(|(_, _, v)| *v);
-        assert!(matching.next().is_none(), "several samples of {name} match {labels:?}:\n{}", self.text);
+        assert!(
+            matching.next().is_none(),
+            "several samples of {name} match {labels:?}:\n{}",
+            self.text
+        );
         found
     }
 }
 
 fn is_name(s: &str, colon: bool) -> bool {
-    s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
+    s.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
 }
 
 /// One line as Prometheus's text parser reads it: `Ok(None)` for a blank
@@ -259,7 +339,9 @@ fn parse_line(line: &str) -> Result<Option<Sample>, String> {
         let mut words = comment.splitn(3, ' ');
         return match (words.next(), words.next(), words.next()) {
             (Some("HELP"), Some(name), Some(_)) if is_name(name, true) => Ok(None),
-            (Some("TYPE"), Some(name), Some("counter" | "gauge")) if is_name(name, true) => Ok(None),
+            (Some("TYPE"), Some(name), Some("counter" | "gauge")) if is_name(name, true) => {
+                Ok(None)
+            }
             _ => Err(format!("not a HELP or TYPE comment: {line:?}")),
         };
     }
@@ -277,7 +359,10 @@ fn parse_line(line: &str) -> Result<Option<Sample>, String> {
         i += 1;
         loop {
             let start = i;
-            while chars.get(i).is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_') {
+            while chars
+                .get(i)
+                .is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_')
+            {
                 i += 1;
             }
             let label: String = chars[start..i].iter().collect();
@@ -325,7 +410,9 @@ fn parse_line(line: &str) -> Result<Option<Sample>, String> {
         "NaN" => f64::NAN,
         "+Inf" => f64::INFINITY,
         "-Inf" => f64::NEG_INFINITY,
-        v => v.parse::<f64>().map_err(|e| format!("value {v:?} in {line:?}: {e}"))?,
+        v => v
+            .parse::<f64>()
+            .map_err(|e| format!("value {v:?} in {line:?}: {e}"))?,
     };
     Ok(Some((name, labels, value)))
 }
@@ -335,16 +422,25 @@ async fn http(addr: SocketAddr, request: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("connect to the metrics address {addr}: {e}"));
-    stream.write_all(request.as_bytes()).await.expect("send a request");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send a request");
     let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.expect("read the answer");
+    stream
+        .read_to_end(&mut answer)
+        .await
+        .expect("read the answer");
     String::from_utf8(answer).expect("a UTF-8 answer")
 }
 
 /// The body of a successful scrape, after checking the status and type.
 fn body_of(answer: &str) -> &str {
     let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
-    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "the scrape succeeds: {answer}");
+    assert!(
+        head.starts_with("HTTP/1.1 200 OK\r\n"),
+        "the scrape succeeds: {answer}"
+    );
     assert!(
         head.contains("\r\nContent-Type: text/plain; version=0.0.4"),
         "the answer is in the text format: {head}"
@@ -366,7 +462,9 @@ fn scrape_in_namespace(ns: &str, addr: SocketAddr) -> String {
             .unwrap_or_else(|e| panic!("setns {path}: {e}"));
         let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("connect to meshd's metrics at {addr}: {e}"));
-        stream.set_read_timeout(Some(Duration::from_secs(20))).expect("a read timeout");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("a read timeout");
         stream
             .write_all(b"GET /metrics HTTP/1.1\r\nHost: meshd\r\n\r\n")
             .expect("send a scrape");

@@ -30,7 +30,10 @@ fn json_logs_at_trace_level_never_show_key_material() {
 
     for (i, meshd) in daemons.iter().enumerate() {
         let log = meshd.daemon.log();
-        assert!(log.lines().count() > 10, "meshd {i} logged at trace level:\n{log}");
+        assert!(
+            log.lines().count() > 10,
+            "meshd {i} logged at trace level:\n{log}"
+        );
         for line in log.lines() {
             assert!(
                 serde_json::from_str::<serde_json::Value>(line).is_ok(),
@@ -85,18 +88,44 @@ fn fifty_megabytes_over_tcp_arrive_byte_identical_and_batched() {
     // is 1 (a bulk stream averages well above 2 on every kernel with them).
     let io = |i: usize| meshd[i].status()["io"].clone();
     let ratio = |io: &serde_json::Value, packets: &str, calls: &str| {
-        let (p, c) = (io[packets].as_u64().unwrap_or(0), io[calls].as_u64().unwrap_or(0));
+        let (p, c) = (
+            io[packets].as_u64().unwrap_or(0),
+            io[calls].as_u64().unwrap_or(0),
+        );
         p as f64 / c.max(1) as f64
     };
     let (sender, receiver) = (io(0), io(1));
     for (what, io, packets, calls) in [
-        ("sender's TUN reads", &sender, "tun_read_packets", "tun_reads"),
-        ("sender's UDP sends", &sender, "udp_sent_datagrams", "udp_sends"),
-        ("receiver's UDP receives", &receiver, "udp_received_datagrams", "udp_receives"),
-        ("receiver's TUN writes", &receiver, "tun_written_packets", "tun_writes"),
+        (
+            "sender's TUN reads",
+            &sender,
+            "tun_read_packets",
+            "tun_reads",
+        ),
+        (
+            "sender's UDP sends",
+            &sender,
+            "udp_sent_datagrams",
+            "udp_sends",
+        ),
+        (
+            "receiver's UDP receives",
+            &receiver,
+            "udp_received_datagrams",
+            "udp_receives",
+        ),
+        (
+            "receiver's TUN writes",
+            &receiver,
+            "tun_written_packets",
+            "tun_writes",
+        ),
     ] {
         let r = ratio(io, packets, calls);
-        assert!(r >= 2.0, "{what}: {r:.2} packets per call, want ≥ 2 (counters: {io})");
+        assert!(
+            r >= 2.0,
+            "{what}: {r:.2} packets per call, want ≥ 2 (counters: {io})"
+        );
     }
     assert_eq!(receiver["tun_write_errors"], 0, "{receiver}");
 }

@@ -93,7 +93,10 @@ fn three_nodes_join_with_only_the_join_line_ping_each_other_and_carry_tcp_over_b
     // Bulk TCP over both families arrives intact: the sender splits the
     // kernel's TSO super-packets of each family, the receiver coalesces
     // them back into GSO_TCPV4 and GSO_TCPV6 super-packets for its kernel.
-    for (address, seed) in [(IpAddr::V4(ips[1].v4), 0x7634), (IpAddr::V6(ips[1].v6), 0x7636)] {
+    for (address, seed) in [
+        (IpAddr::V4(ips[1].v4), 0x7634),
+        (IpAddr::V6(ips[1].v6), 0x7636),
+    ] {
         common::assert_tcp_transfer_to(nodes[0].machine, nodes[1].machine, address, 20 * MB, seed);
     }
 }

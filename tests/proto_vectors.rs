@@ -23,9 +23,9 @@ use blake2::digest::Mac;
 use meshd::identity::{PrivateKey, PublicKey};
 use meshd::rendezvous::admission;
 use meshd::wire::control::{
-    decode, decode_frame, encode, Candidate, CandidateKind, FrameError, Hello, MeshInfo, NatMapping, NodeEntry,
-    NodeMessage, Proof, RejectReason, ServerHello, ServerMessage, MAX_FRAME, MAX_FRAME_UNADMITTED,
-    PROTOCOL_VERSION,
+    decode, decode_frame, encode, Candidate, CandidateKind, FrameError, Hello, MeshInfo,
+    NatMapping, NodeEntry, NodeMessage, Proof, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
+    MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -58,11 +58,18 @@ fn key(s: &str) -> PublicKey {
 }
 
 fn cand(addr: &str, kind: CandidateKind) -> Candidate {
-    Candidate { addr: addr.parse().unwrap(), kind }
+    Candidate {
+        addr: addr.parse().unwrap(),
+        kind,
+    }
 }
 
 fn server_hello() -> ServerHello {
-    ServerHello { version: 1, mesh_id: MESH_ID.into(), server_key: key(SERVER_PUBLIC) }
+    ServerHello {
+        version: 1,
+        mesh_id: MESH_ID.into(),
+        server_key: key(SERVER_PUBLIC),
+    }
 }
 
 fn hello() -> Hello {
@@ -83,7 +90,11 @@ fn hello() -> Hello {
 
 /// A reconnect: the node is registered, so no token.
 fn hello_registered() -> Hello {
-    Hello { token: None, candidates: vec![cand("10.0.0.5:51820", CandidateKind::Local)], ..hello() }
+    Hello {
+        token: None,
+        candidates: vec![cand("10.0.0.5:51820", CandidateKind::Local)],
+        ..hello()
+    }
 }
 
 fn node_c() -> NodeEntry {
@@ -161,7 +172,8 @@ fn rejected_version() -> ServerMessage {
 
 fn peer_upsert() -> ServerMessage {
     let mut peer = node_b();
-    peer.candidates.push(cand("198.51.100.77:61002", CandidateKind::Observed));
+    peer.candidates
+        .push(cand("198.51.100.77:61002", CandidateKind::Observed));
     ServerMessage::PeerUpsert { peer }
 }
 
@@ -174,7 +186,9 @@ fn peer_upsert_nat() -> ServerMessage {
 }
 
 fn peer_remove() -> ServerMessage {
-    ServerMessage::PeerRemove { public_key: key(PEER_A) }
+    ServerMessage::PeerRemove {
+        public_key: key(PEER_A),
+    }
 }
 
 fn candidates() -> NodeMessage {
@@ -224,7 +238,11 @@ where
     let (msg, used) = decode_frame::<T>(&frame, max).unwrap_or_else(|e| panic!("{name}.hex: {e}"));
     assert_eq!(&msg, expected, "{name}.hex decodes to something else");
     assert_eq!(used, frame.len(), "{name}.hex has bytes after its frame");
-    assert_eq!(encode(&msg), frame, "{name}.hex: re-encoding gives other bytes");
+    assert_eq!(
+        encode(&msg),
+        frame,
+        "{name}.hex: re-encoding gives other bytes"
+    );
 
     let readable = std::fs::read_to_string(vectors_dir().join(format!("{name}.json"))).unwrap();
     let readable: serde_json::Value = serde_json::from_str(&readable).unwrap();
@@ -243,7 +261,11 @@ fn server_hello_vector_decodes_and_reencodes_byte_for_byte() {
 #[test]
 fn hello_vector_decodes_and_reencodes_byte_for_byte() {
     golden("hello", MAX_FRAME_UNADMITTED, &hello());
-    golden("hello_registered", MAX_FRAME_UNADMITTED, &hello_registered());
+    golden(
+        "hello_registered",
+        MAX_FRAME_UNADMITTED,
+        &hello_registered(),
+    );
 }
 
 #[test]
@@ -302,7 +324,9 @@ fn vector_keys_and_token_are_the_documented_ones() {
     assert_eq!(PrivateKey::from_bytes([0x22; 32]).public_key(), key(PEER_B));
     let (id, secret) = TOKEN.split_once('.').unwrap();
     assert_eq!(id, "k7q2xw");
-    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(secret).unwrap();
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(secret)
+        .unwrap();
     assert_eq!(secret, (0x10..=0x2f).collect::<Vec<u8>>());
 }
 
@@ -340,7 +364,9 @@ fn proof_vector() -> serde_json::Value {
 }
 
 fn field_hex(v: &serde_json::Value, name: &str) -> Vec<u8> {
-    hex(v[name].as_str().unwrap_or_else(|| panic!("admission_proof.json lacks {name}")))
+    hex(v[name]
+        .as_str()
+        .unwrap_or_else(|| panic!("admission_proof.json lacks {name}")))
 }
 
 fn bytes32(b: &[u8]) -> [u8; 32] {
@@ -417,11 +443,19 @@ fn admission_module_agrees_with_the_vector() {
     let server_private: PrivateKey = v["server_private_key"].as_str().unwrap().parse().unwrap();
     let exporter = bytes32(&field_hex(&v, "exporter_hex"));
     let expected = Proof(bytes32(&field_hex(&v, "proof_hex")));
-    assert_eq!(admission::EXPORTER_LABEL, v["exporter_label"].as_str().unwrap().as_bytes());
+    assert_eq!(
+        admission::EXPORTER_LABEL,
+        v["exporter_label"].as_str().unwrap().as_bytes()
+    );
 
     let made = admission::proof(&node_private, &server_private.public_key(), &exporter);
     assert_eq!(made, expected);
-    assert!(admission::verify(&server_private, &node_private.public_key(), &exporter, &made));
+    assert!(admission::verify(
+        &server_private,
+        &node_private.public_key(),
+        &exporter,
+        &made
+    ));
 
     let mut other_connection = exporter;
     other_connection[0] ^= 0x80;
@@ -499,8 +533,17 @@ fn oversized_header_is_refused_before_allocating() {
         PEAK.with(|p| p.set(0));
         let result = decode_frame::<ServerMessage>(&header, max);
         let peak = PEAK.with(|p| p.get());
-        assert_eq!(result.unwrap_err(), FrameError::TooLarge { len: announced, max });
-        assert!(peak < 1024, "refusing a {announced}-byte header allocated {peak} bytes");
+        assert_eq!(
+            result.unwrap_err(),
+            FrameError::TooLarge {
+                len: announced,
+                max
+            }
+        );
+        assert!(
+            peak < 1024,
+            "refusing a {announced}-byte header allocated {peak} bytes"
+        );
     }
 }
 
@@ -521,23 +564,46 @@ fn frame_of_exactly_the_limit_is_accepted() {
     over.extend_from_slice(&body);
     assert_eq!(
         decode_frame::<NodeMessage>(&over, MAX_FRAME_UNADMITTED),
-        Err(FrameError::TooLarge { len: MAX_FRAME_UNADMITTED + 1, max: MAX_FRAME_UNADMITTED })
+        Err(FrameError::TooLarge {
+            len: MAX_FRAME_UNADMITTED + 1,
+            max: MAX_FRAME_UNADMITTED
+        })
     );
 }
 
 #[test]
 fn large_peer_map_needs_the_admitted_limit() {
-    let peers =
-        (0..200u32).map(|i| NodeEntry { name: format!("node-{i:04}"), ..node_a() }).collect();
-    let ServerMessage::Welcome { node, mesh, observed, .. } = welcome() else { unreachable!() };
-    let big = ServerMessage::Welcome { node, mesh, observed, peers };
+    let peers = (0..200u32)
+        .map(|i| NodeEntry {
+            name: format!("node-{i:04}"),
+            ..node_a()
+        })
+        .collect();
+    let ServerMessage::Welcome {
+        node,
+        mesh,
+        observed,
+        ..
+    } = welcome()
+    else {
+        unreachable!()
+    };
+    let big = ServerMessage::Welcome {
+        node,
+        mesh,
+        observed,
+        peers,
+    };
     let frame = encode(&big);
     assert!(frame.len() > MAX_FRAME_UNADMITTED);
     assert!(matches!(
         decode_frame::<ServerMessage>(&frame, MAX_FRAME_UNADMITTED),
         Err(FrameError::TooLarge { .. })
     ));
-    assert_eq!(decode_frame::<ServerMessage>(&frame, MAX_FRAME).unwrap(), (big, frame.len()));
+    assert_eq!(
+        decode_frame::<ServerMessage>(&frame, MAX_FRAME).unwrap(),
+        (big, frame.len())
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -583,12 +649,18 @@ fn truncated_frames_are_malformed() {
         for end in 0..frame.len() {
             // Cut off mid-stream: the header promises more than is there.
             for r in decode_as_anything(&frame[..end]) {
-                assert!(matches!(r, Err(FrameError::Malformed(_))), "{name}[..{end}]: {r:?}");
+                assert!(
+                    matches!(r, Err(FrameError::Malformed(_))),
+                    "{name}[..{end}]: {r:?}"
+                );
             }
             // Cut off and re-framed: a consistent header around half a body.
             if end > 4 {
                 for r in decode_as_anything(&framed(&frame[4..end])) {
-                    assert!(matches!(r, Err(FrameError::Malformed(_))), "{name} body[..{end}]");
+                    assert!(
+                        matches!(r, Err(FrameError::Malformed(_))),
+                        "{name} body[..{end}]"
+                    );
                 }
             }
         }
@@ -666,10 +738,16 @@ fn body_of(name: &str) -> serde_json::Value {
 fn unknown_fields_are_ignored() {
     let mut v = body_of("hello");
     v["future_field"] = serde_json::json!({"anything": [1, 2, 3]});
-    assert_eq!(decode::<Hello>(&serde_json::to_vec(&v).unwrap()).unwrap(), hello());
+    assert_eq!(
+        decode::<Hello>(&serde_json::to_vec(&v).unwrap()).unwrap(),
+        hello()
+    );
     let mut v = body_of("welcome");
     v["peers"][0]["future_field"] = serde_json::json!(true);
-    assert_eq!(decode::<ServerMessage>(&serde_json::to_vec(&v).unwrap()).unwrap(), welcome());
+    assert_eq!(
+        decode::<ServerMessage>(&serde_json::to_vec(&v).unwrap()).unwrap(),
+        welcome()
+    );
 }
 
 #[test]
@@ -684,9 +762,19 @@ fn another_version_still_decodes_so_it_can_be_rejected_politely() {
 fn absent_or_null_token_means_none() {
     let mut v = body_of("hello");
     v["token"] = serde_json::Value::Null;
-    assert_eq!(decode::<Hello>(&serde_json::to_vec(&v).unwrap()).unwrap().token, None);
+    assert_eq!(
+        decode::<Hello>(&serde_json::to_vec(&v).unwrap())
+            .unwrap()
+            .token,
+        None
+    );
     v.as_object_mut().unwrap().remove("token");
-    assert_eq!(decode::<Hello>(&serde_json::to_vec(&v).unwrap()).unwrap().token, None);
+    assert_eq!(
+        decode::<Hello>(&serde_json::to_vec(&v).unwrap())
+            .unwrap()
+            .token,
+        None
+    );
     let frame = encode(&hello_registered());
     assert!(!String::from_utf8_lossy(&frame[4..]).contains("token"));
 }
@@ -694,7 +782,10 @@ fn absent_or_null_token_means_none() {
 #[test]
 fn type_tag_may_come_anywhere_and_whitespace_is_free() {
     let body = format!("{{ \"public_key\" : \"{PEER_A}\" ,\n \"type\" : \"peer_remove\" }}");
-    assert_eq!(decode::<ServerMessage>(body.as_bytes()).unwrap(), peer_remove());
+    assert_eq!(
+        decode::<ServerMessage>(body.as_bytes()).unwrap(),
+        peer_remove()
+    );
 }
 
 #[test]
@@ -709,9 +800,21 @@ fn proof_must_be_32_bytes_of_padded_standard_base64() {
     let short = base64::engine::general_purpose::STANDARD.encode([0u8; 31]);
     let unpadded = good.trim_end_matches('=');
     let url_safe = base64::engine::general_purpose::URL_SAFE.encode(hex(PROOF_HEX));
-    assert_ne!(url_safe, good, "the vector proof should exercise the URL-safe alphabet");
-    for bad in [short.as_str(), unpadded, url_safe.as_str(), "", "not base64"] {
-        assert!(matches!(with_proof(bad), Err(FrameError::Malformed(_))), "{bad:?}");
+    assert_ne!(
+        url_safe, good,
+        "the vector proof should exercise the URL-safe alphabet"
+    );
+    for bad in [
+        short.as_str(),
+        unpadded,
+        url_safe.as_str(),
+        "",
+        "not base64",
+    ] {
+        assert!(
+            matches!(with_proof(bad), Err(FrameError::Malformed(_))),
+            "{bad:?}"
+        );
     }
 }
 
@@ -725,7 +828,8 @@ fn probe_vectors() -> serde_json::Value {
 /// peer)); MAC = BLAKE2s-128 keyed with it (RFC 7693) over bytes 0..71.
 fn spec_probe_mac(own_private: [u8; 32], peer_public: [u8; 32], body: &[u8]) -> [u8; 16] {
     use blake2::Digest as _;
-    let shared = x25519_dalek::StaticSecret::from(own_private).diffie_hellman(&x25519_dalek::PublicKey::from(peer_public));
+    let shared = x25519_dalek::StaticSecret::from(own_private)
+        .diffie_hellman(&x25519_dalek::PublicKey::from(peer_public));
     let mut h = blake2::Blake2s256::new();
     h.update(b"meshd probe v1");
     h.update(shared.as_bytes());
@@ -744,24 +848,49 @@ fn probe_vectors_match_the_specification_and_the_code() {
     let tx: [u8; 12] = hex(v["tx"].as_str().unwrap()).try_into().unwrap();
     let observed = |name: &str| v[name]["observed"].as_str().unwrap().parse().unwrap();
     let cases = [
-        ("ping", ProbeKind::Ping { sent_ms: v["ping"]["sent_ms"].as_u64() }),
+        (
+            "ping",
+            ProbeKind::Ping {
+                sent_ms: v["ping"]["sent_ms"].as_u64(),
+            },
+        ),
         ("ping_0_1", ProbeKind::Ping { sent_ms: None }),
-        ("pong", ProbeKind::Pong { observed: observed("pong") }),
-        ("pong_v6", ProbeKind::Pong { observed: observed("pong_v6") }),
+        (
+            "pong",
+            ProbeKind::Pong {
+                observed: observed("pong"),
+            },
+        ),
+        (
+            "pong_v6",
+            ProbeKind::Pong {
+                observed: observed("pong_v6"),
+            },
+        ),
     ];
     let seal_key = ProbeKey::derive(&sender, &receiver).unwrap();
     for (name, kind) in cases {
         let wire = hex(v[name]["hex"].as_str().unwrap());
         assert_eq!(wire.len(), PROBE_LEN, "{name}");
         // The MAC as the specification computes it.
-        let private = base64::engine::general_purpose::STANDARD.decode(v["sender_private"].as_str().unwrap()).unwrap();
+        let private = base64::engine::general_purpose::STANDARD
+            .decode(v["sender_private"].as_str().unwrap())
+            .unwrap();
         let spec = spec_probe_mac(bytes32(&private), *receiver.as_bytes(), &wire[..71]);
         assert_eq!(wire[71..], spec, "{name}: MAC");
         // The code seals exactly these bytes…
         let mut buf = [0u8; PROBE_LEN];
-        assert_eq!(seal_key.seal(kind, tx, &sender.public_key(), &mut buf), &wire[..], "{name}: sealed");
+        assert_eq!(
+            seal_key.seal(kind, tx, &sender.public_key(), &mut buf),
+            &wire[..],
+            "{name}: sealed"
+        );
         // …and the receiver, deriving its key from its own side, reads them back.
         let probe = probe::peek(&wire).unwrap();
-        assert_eq!((probe.kind, probe.tx, probe.sender), (kind, tx, sender.public_key()), "{name}");
+        assert_eq!(
+            (probe.kind, probe.tx, probe.sender),
+            (kind, tx, sender.public_key()),
+            "{name}"
+        );
     }
 }

@@ -117,7 +117,12 @@ async fn a_removed_nodes_address_is_quarantined_until_released() {
         let token = mesh.token(HOUR, None);
         let rendezvous = mesh.serve().await;
         let (victim, victim_welcome) = join_as(&rendezvous, "victim", &token).await;
-        let removed = rendezvous.admin(AdminRequest::RemoveNode { node: "victim".into(), release: false }).await;
+        let removed = rendezvous
+            .admin(AdminRequest::RemoveNode {
+                node: "victim".into(),
+                release: false,
+            })
+            .await;
         assert!(matches!(removed, AdminResponse::Done { .. }), "{removed:?}");
         drop(victim);
 
@@ -128,10 +133,17 @@ async fn a_removed_nodes_address_is_quarantined_until_released() {
 
         // Released, the address is free again: the admin request names it.
         let address = Some(std::net::IpAddr::V4(victim_welcome.node.ipv4));
-        let released = rendezvous.admin(AdminRequest::ReleaseAddresses { address }).await;
-        assert!(matches!(released, AdminResponse::Done { .. }), "{released:?}");
+        let released = rendezvous
+            .admin(AdminRequest::ReleaseAddresses { address })
+            .await;
+        assert!(
+            matches!(released, AdminResponse::Done { .. }),
+            "{released:?}"
+        );
         assert!(addresses(&rendezvous).await.is_empty());
-        let again = rendezvous.admin(AdminRequest::ReleaseAddresses { address }).await;
+        let again = rendezvous
+            .admin(AdminRequest::ReleaseAddresses { address })
+            .await;
         assert!(matches!(again, AdminResponse::Error { .. }), "{again:?}");
         rendezvous.stop().await;
     })
@@ -140,7 +152,10 @@ async fn a_removed_nodes_address_is_quarantined_until_released() {
 
 async fn join_as(rendezvous: &quic::Rendezvous, name: &str, token: &str) -> (Node, quic::Welcomed) {
     let node = Node::new(name);
-    let (session, welcome) = node.join(rendezvous, Some(token)).await.unwrap_or_else(|e| panic!("{name} joins: {e}"));
+    let (session, welcome) = node
+        .join(rendezvous, Some(token))
+        .await
+        .unwrap_or_else(|e| panic!("{name} joins: {e}"));
     // Online or not, a registered node keeps its name and addresses.
     drop(session);
     (node, welcome)
@@ -148,7 +163,10 @@ async fn join_as(rendezvous: &quic::Rendezvous, name: &str, token: &str) -> (Nod
 
 async fn addresses(rendezvous: &quic::Rendezvous) -> Vec<meshd::rendezvous::admin::AddressInfo> {
     match rendezvous.admin(AdminRequest::ListAddresses).await {
-        AdminResponse::Addresses { addresses } => addresses.into_iter().filter(|a| a.status != "in_use").collect(),
+        AdminResponse::Addresses { addresses } => addresses
+            .into_iter()
+            .filter(|a| a.status != "in_use")
+            .collect(),
         other => panic!("addresses list: {other:?}"),
     }
 }
@@ -157,7 +175,11 @@ async fn addresses(rendezvous: &quic::Rendezvous) -> Vec<meshd::rendezvous::admi
 async fn upserts_of(session: &mut Session, attacker: PublicKey, sentinel: PublicKey) -> usize {
     let mut count = 0;
     loop {
-        match session.next().await.expect("the observer's session stays up") {
+        match session
+            .next()
+            .await
+            .expect("the observer's session stays up")
+        {
             Some(Update::Upsert(peer)) if peer.public_key == sentinel => return count,
             Some(Update::Upsert(peer)) if peer.public_key == attacker => count += 1,
             Some(_) => {}
@@ -169,10 +191,18 @@ async fn upserts_of(session: &mut Session, attacker: PublicKey, sentinel: Public
 /// `mesh_rendezvous_store_writes_total` from a scrape.
 async fn store_writes(rendezvous: &quic::Rendezvous) -> u64 {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(rendezvous.metrics()).await.expect("connect to the metrics");
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: rv\r\n\r\n").await.expect("send a scrape");
+    let mut stream = tokio::net::TcpStream::connect(rendezvous.metrics())
+        .await
+        .expect("connect to the metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: rv\r\n\r\n")
+        .await
+        .expect("send a scrape");
     let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.expect("read the scrape");
+    stream
+        .read_to_string(&mut answer)
+        .await
+        .expect("read the scrape");
     answer
         .lines()
         .find_map(|l| l.strip_prefix("mesh_rendezvous_store_writes_total "))

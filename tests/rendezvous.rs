@@ -91,7 +91,10 @@ async fn twenty_concurrent_joins_with_one_single_use_token_admit_exactly_one() {
         for i in 0..20u8 {
             // Each racer from an address of its own: one source may have
             // only a few admissions pending at once (rendezvous::pending).
-            let node = Node::on(&format!("racer-{i}"), std::net::Ipv4Addr::new(127, 0, 1, i + 1));
+            let node = Node::on(
+                &format!("racer-{i}"),
+                std::net::Ipv4Addr::new(127, 0, 1, i + 1),
+            );
             let config = rendezvous.client_config(&node, Some(&token));
             joins.spawn(async move {
                 let result = client::admit(&node.endpoint, &config, &node.key, Vec::new()).await;

@@ -26,11 +26,13 @@ use meshd::rendezvous::client::{self, Channels, ClientConfig, RelayLink, Update}
 use meshd::rendezvous::stream::{read_frame, write_frame};
 use meshd::rendezvous::tls::{self, CertHash};
 use meshd::wire::control::{
-    encode, Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeEntry, NodeMessage, RejectReason, ServerHello,
-    ServerMessage, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
+    encode, Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeEntry, NodeMessage,
+    RejectReason, ServerHello, ServerMessage, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
 use meshd::wire::relay::NodeId;
-use quic::{frame, within_deadline, Member, Mesh, Node, RawConnection, Rendezvous, HOUR, LISTEN_PORT};
+use quic::{
+    frame, within_deadline, Member, Mesh, Node, RawConnection, Rendezvous, HOUR, LISTEN_PORT,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
@@ -46,7 +48,8 @@ const PIECE_GAP: Duration = Duration::from_millis(2);
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_message_split_across_packets_reaches_the_rendezvous_whole_while_relay_datagrams_arrive() {
+async fn a_node_message_split_across_packets_reaches_the_rendezvous_whole_while_relay_datagrams_arrive(
+) {
     within_deadline(async {
         let mesh = Mesh::init();
         let token = mesh.token(HOUR, None);
@@ -57,12 +60,19 @@ async fn a_node_message_split_across_packets_reaches_the_rendezvous_whole_while_
         let splitter = Node::new("splitter");
         let (mut raw, answer) = RawConnection::admit(&splitter, &rendezvous, &token).await;
         let own_id = match answer {
-            ServerMessage::Welcome { node, .. } => NodeId::of_overlay(node.ipv4).expect("a relay id"),
+            ServerMessage::Welcome { node, .. } => {
+                NodeId::of_overlay(node.ipv4).expect("a relay id")
+            }
             other => panic!("the splitter should be admitted, got {other:?}"),
         };
 
         let moved: SocketAddr = "203.0.113.7:51820".parse().expect("an address");
-        let message = NodeMessage::Candidates { candidates: vec![Candidate { addr: moved, kind: CandidateKind::Local }] };
+        let message = NodeMessage::Candidates {
+            candidates: vec![Candidate {
+                addr: moved,
+                kind: CandidateKind::Local,
+            }],
+        };
         let bytes = encode(&message);
         // Between the pieces, relay datagrams (addressed to itself, so the
         // relay drops them) wake the rendezvous's connection loop, whose
@@ -71,7 +81,9 @@ async fn a_node_message_split_across_packets_reaches_the_rendezvous_whole_while_
             for piece in bytes.chunks(1) {
                 raw.send.write_all(piece).await.expect("the piece goes out");
                 tokio::time::sleep(PIECE_GAP).await;
-                raw.connection.send_datagram(frame(own_id, b"busy")).expect("a datagram goes out");
+                raw.connection
+                    .send_datagram(frame(own_id, b"busy"))
+                    .expect("a datagram goes out");
                 tokio::time::sleep(PIECE_GAP).await;
             }
         };
@@ -103,7 +115,8 @@ async fn a_node_message_split_across_packets_reaches_the_rendezvous_whole_while_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_message_split_across_packets_reaches_the_node_whole_while_relay_datagrams_arrive() {
+async fn a_server_message_split_across_packets_reaches_the_node_whole_while_relay_datagrams_arrive()
+{
     within_deadline(async {
         let fake = FakeRendezvous::bind().await;
         let node = Node::new("node");
@@ -116,7 +129,10 @@ async fn a_server_message_split_across_packets_reaches_the_node_whole_while_rela
         let channels = Channels {
             updates: updates_tx,
             punches,
-            relay: RelayLink { connection: relay_conn, frames: relay_frames },
+            relay: RelayLink {
+                connection: relay_conn,
+                frames: relay_frames,
+            },
             nat,
             quic_source: Arc::new(QuicSource::default()),
         };
@@ -127,27 +143,42 @@ async fn a_server_message_split_across_packets_reaches_the_node_whole_while_rela
             listen_port: LISTEN_PORT,
             token: Some("k7q2xw.EBESExQVFhcYGRobHB0eHyAhIiMkJSYnKCkqKywtLi8".into()),
         };
-        let session = tokio::spawn(client::run(node.endpoint.clone(), config, node.key.clone(), Vec::new, channels, true));
+        let session = tokio::spawn(client::run(
+            node.endpoint.clone(),
+            config,
+            node.key.clone(),
+            Vec::new,
+            channels,
+            true,
+        ));
 
         let (connection, mut send, _recv) = fake.admit(&node).await;
         match updates.recv().await {
             Some(Update::Welcome { .. }) => {}
             other => panic!("the node should be welcomed first, got {other:?}"),
         }
-        let peer = entry(&PrivateKey::generate(&mut rand::rngs::OsRng), "far-away-peer", 9);
+        let peer = entry(
+            &PrivateKey::generate(&mut rand::rngs::OsRng),
+            "far-away-peer",
+            9,
+        );
         let bytes = encode(&ServerMessage::PeerUpsert { peer: peer.clone() });
         let splitting = async {
             for piece in bytes.chunks(1) {
                 send.write_all(piece).await.expect("the piece goes out");
                 tokio::time::sleep(PIECE_GAP).await;
-                connection.send_datagram(frame(NodeId::new(9).expect("an id"), b"relayed")).expect("a datagram");
+                connection
+                    .send_datagram(frame(NodeId::new(9).expect("an id"), b"relayed"))
+                    .expect("a datagram");
                 tokio::time::sleep(PIECE_GAP).await;
             }
         };
         splitting.await;
         match updates.recv().await {
             Some(Update::Upsert(got)) => assert_eq!(got, peer),
-            other => panic!("the node should hear of the peer whole, got {other:?} (the frame lost bytes)"),
+            other => panic!(
+                "the node should hear of the peer whole, got {other:?} (the frame lost bytes)"
+            ),
         }
         session.abort();
     })
@@ -169,14 +200,27 @@ async fn one_source_holding_hundreds_of_pending_connections_does_not_keep_a_memb
         let attacker = Attacker::on(Ipv4Addr::new(127, 0, 0, 2));
         let held = attacker.hold(&rendezvous, ATTEMPTS).await;
         let open = held.iter().filter(|c| c.close_reason().is_none()).count();
-        assert!(open <= PER_SOURCE, "one source holds {open} pending admissions");
+        assert!(
+            open <= PER_SOURCE,
+            "one source holds {open} pending admissions"
+        );
         assert!(open > 0, "a source gets its share");
 
         let member = Node::new("member");
-        let (_session, welcome) = member.join(&rendezvous, Some(&token)).await.expect("the member is admitted");
+        let (_session, welcome) = member
+            .join(&rendezvous, Some(&token))
+            .await
+            .expect("the member is admitted");
         assert!(mesh.info.ipv4.contains(&welcome.node.ipv4));
-        let refused = scrape(&rendezvous, "mesh_rendezvous_connections_refused_total{reason=\"per_source\"}").await;
-        assert!(refused >= (ATTEMPTS - PER_SOURCE) as f64, "refusals counted: {refused}");
+        let refused = scrape(
+            &rendezvous,
+            "mesh_rendezvous_connections_refused_total{reason=\"per_source\"}",
+        )
+        .await;
+        assert!(
+            refused >= (ATTEMPTS - PER_SOURCE) as f64,
+            "refusals counted: {refused}"
+        );
         drop(held);
         rendezvous.stop().await;
     })
@@ -200,7 +244,10 @@ async fn past_the_threshold_new_addresses_are_validated_with_a_retry_and_a_membe
             attackers.push(attacker);
         }
         let member = Node::new("member");
-        member.join(&rendezvous, Some(&token)).await.expect("the member is admitted after a Retry");
+        member
+            .join(&rendezvous, Some(&token))
+            .await
+            .expect("the member is admitted after a Retry");
         let retries = scrape(&rendezvous, "mesh_rendezvous_address_validations_total").await;
         assert!(retries >= 1.0, "Retries sent: {retries}");
         drop(held);
@@ -222,16 +269,29 @@ async fn a_hello_that_names_the_node_twice_is_refused_as_malformed() {
         let node = Node::new("node-a");
         let mut raw = RawConnection::open(&node.endpoint, &rendezvous).await;
         let proof = admission::proof(&node.key, &raw.server_hello.server_key, &raw.exporter);
-        let hello = Hello { name: "node-a".into(), ..quic::hello(node.public_key(), proof, Some(&token)) };
+        let hello = Hello {
+            name: "node-a".into(),
+            ..quic::hello(node.public_key(), proof, Some(&token))
+        };
         // Valid in every other way: only the second "name" is wrong.
         let json = serde_json::to_string(&hello).expect("a hello serializes");
-        let twice = json.replacen(r#""name":"node-a","#, r#""name":"node-a","name":"node-b","#, 1);
+        let twice = json.replacen(
+            r#""name":"node-a","#,
+            r#""name":"node-a","name":"node-b","#,
+            1,
+        );
         assert_ne!(json, twice);
         let mut bytes = (twice.len() as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(twice.as_bytes());
-        raw.send.write_all(&bytes).await.expect("the hello goes out");
+        raw.send
+            .write_all(&bytes)
+            .await
+            .expect("the hello goes out");
         match raw.answer().await {
-            ServerMessage::Rejected { reason: RejectReason::BadHello, .. } => {}
+            ServerMessage::Rejected {
+                reason: RejectReason::BadHello,
+                ..
+            } => {}
             other => panic!("a hello with two names got {other:?}"),
         }
         assert!(rendezvous.nodes().await.is_empty(), "nobody was registered");
@@ -257,7 +317,9 @@ async fn idle_connections_from_one_source_do_not_starve_the_metrics_endpoint() {
         let mut idle = Vec::new();
         for _ in 0..IDLE {
             let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
-            socket.bind("127.0.0.2:0".parse().expect("an address")).expect("bind 127.0.0.2");
+            socket
+                .bind("127.0.0.2:0".parse().expect("an address"))
+                .expect("bind 127.0.0.2");
             idle.push(socket.connect(rendezvous.metrics()).await.expect("connect"));
         }
         let answer = tokio::time::timeout(PATIENCE, http_get(rendezvous.metrics(), "/metrics"))
@@ -281,7 +343,8 @@ struct Attacker {
 
 impl Attacker {
     fn on(ip: Ipv4Addr) -> Self {
-        let endpoint = quinn::Endpoint::client(SocketAddr::from((ip, 0))).expect("an attacker endpoint");
+        let endpoint =
+            quinn::Endpoint::client(SocketAddr::from((ip, 0))).expect("an attacker endpoint");
         Self { endpoint }
     }
 
@@ -291,8 +354,10 @@ impl Attacker {
         let config = tls::client_config(rendezvous.pin).expect("a client configuration");
         let mut tries = tokio::task::JoinSet::new();
         for _ in 0..attempts {
-            let connecting =
-                self.endpoint.connect_with(config.clone(), rendezvous.addr, tls::SERVER_NAME).expect("connect");
+            let connecting = self
+                .endpoint
+                .connect_with(config.clone(), rendezvous.addr, tls::SERVER_NAME)
+                .expect("connect");
             tries.spawn(async move { connecting.await.ok() });
         }
         let mut held = Vec::new();
@@ -317,24 +382,43 @@ impl FakeRendezvous {
         let pin = CertHash::of(&cert);
         let config = tls::server_config(cert, cert_key).expect("a server configuration");
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP socket");
-        let endpoint =
-            quinn::Endpoint::new(tls::endpoint_config(), Some(config), socket, Arc::new(quinn::TokioRuntime))
-                .expect("a server endpoint");
+        let endpoint = quinn::Endpoint::new(
+            tls::endpoint_config(),
+            Some(config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .expect("a server endpoint");
         let addr = endpoint.local_addr().expect("its address");
-        Self { endpoint, addr, pin, key: PrivateKey::generate(&mut rand::rngs::OsRng) }
+        Self {
+            endpoint,
+            addr,
+            pin,
+            key: PrivateKey::generate(&mut rand::rngs::OsRng),
+        }
     }
 
     /// Accepts `node`, reads its hello and welcomes it; the connection and
     /// the control stream, for the test's own frames (dropping the
     /// receiving side would stop the node's sending side).
-    async fn admit(&self, node: &Node) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    async fn admit(
+        &self,
+        node: &Node,
+    ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
         let incoming = self.endpoint.accept().await.expect("the node connects");
         let connection = incoming.await.expect("the handshake");
         let (mut send, mut recv) = connection.open_bi().await.expect("the control stream");
-        let hello =
-            ServerHello { version: PROTOCOL_VERSION, mesh_id: "0123456789abcdef".into(), server_key: self.key.public_key() };
-        write_frame(&mut send, &hello).await.expect("the server hello");
-        let hello: Hello = read_frame(&mut recv, MAX_FRAME_UNADMITTED).await.expect("the node's hello");
+        let hello = ServerHello {
+            version: PROTOCOL_VERSION,
+            mesh_id: "0123456789abcdef".into(),
+            server_key: self.key.public_key(),
+        };
+        write_frame(&mut send, &hello)
+            .await
+            .expect("the server hello");
+        let hello: Hello = read_frame(&mut recv, MAX_FRAME_UNADMITTED)
+            .await
+            .expect("the node's hello");
         assert_eq!(hello.public_key, node.public_key());
         let welcome = ServerMessage::Welcome {
             node: entry(&node.key, "node", 5),
@@ -358,7 +442,10 @@ fn entry(key: &PrivateKey, name: &str, last: u8) -> NodeEntry {
         name: name.into(),
         ipv4: Ipv4Addr::new(100, 72, 0, last),
         ipv6: format!("fd00:1:2::{last}").parse().expect("an address"),
-        candidates: vec![Candidate { addr: "198.51.100.4:51820".parse().expect("an address"), kind: CandidateKind::Local }],
+        candidates: vec![Candidate {
+            addr: "198.51.100.4:51820".parse().expect("an address"),
+            kind: CandidateKind::Local,
+        }],
         nat: NatMapping::Unknown,
     }
 }
@@ -368,16 +455,27 @@ async fn scrape(rendezvous: &Rendezvous, sample: &str) -> f64 {
     let answer = http_get(rendezvous.metrics(), "/metrics").await;
     answer
         .lines()
-        .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|line| {
+            line.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or_else(|| panic!("no sample {sample} in:\n{answer}"))
 }
 
 /// One GET from 127.0.0.1; the whole answer.
 async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the metrics endpoint");
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: rv\r\n\r\n").as_bytes()).await.expect("send a request");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics endpoint");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: rv\r\n\r\n").as_bytes())
+        .await
+        .expect("send a request");
     let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.expect("read the answer");
+    stream
+        .read_to_string(&mut answer)
+        .await
+        .expect("read the answer");
     answer
 }

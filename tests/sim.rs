@@ -304,7 +304,14 @@ fn attacker_of(sim: &mut Sim, victim: NodeId) -> Tunn {
     let mut secret = [0u8; 32];
     sim.rng().fill_bytes(&mut secret);
     let victim = boringtun::x25519::PublicKey::from(*sim.public_key(victim).as_bytes());
-    Tunn::new(boringtun::x25519::StaticSecret::from(secret), victim, None, None, 0, None)
+    Tunn::new(
+        boringtun::x25519::StaticSecret::from(secret),
+        victim,
+        None,
+        None,
+        0,
+        None,
+    )
 }
 
 /// A fresh handshake initiation from `tunn`.
@@ -605,10 +612,18 @@ fn a_source_holding_a_valid_cookie_is_held_to_its_share_of_handshakes() {
             sim.inject(attacker, sim.addr(a), &init);
         }
         sim.run_for(millis(200));
-        let cookie_reply = sim.sink(attacker_sink).last().expect("a cookie reply").payload.clone();
+        let cookie_reply = sim
+            .sink(attacker_sink)
+            .last()
+            .expect("a cookie reply")
+            .payload
+            .clone();
         let mut out = [0u8; 256];
         assert!(
-            matches!(attacker_tunn.decapsulate(None, &cookie_reply, &mut out), TunnResult::Done),
+            matches!(
+                attacker_tunn.decapsulate(None, &cookie_reply, &mut out),
+                TunnResult::Done
+            ),
             "the attacker holds a valid cookie (seed {seed})"
         );
 
@@ -632,10 +647,22 @@ fn a_source_holding_a_valid_cookie_is_held_to_its_share_of_handshakes() {
         // Each second, the interface's own budget (100) reaches the DH and
         // the key lookup; past it, this source gets no more.
         let looked_at = sim.node(a).stats().dropped(DropReason::UnknownPeer) - before;
-        assert!(looked_at <= 9 * 120, "{looked_at} of 8000 initiations cost a DH (seed {seed})");
-        assert!(sim.node(a).stats().dropped(DropReason::HandshakeRateLimited) >= 6000, "seed {seed}");
+        assert!(
+            looked_at <= 9 * 120,
+            "{looked_at} of 8000 initiations cost a DH (seed {seed})"
+        );
+        assert!(
+            sim.node(a)
+                .stats()
+                .dropped(DropReason::HandshakeRateLimited)
+                >= 6000,
+            "seed {seed}"
+        );
         assert_eq!(sim.probes_received(b, a), all_up_to(80), "seed {seed}");
-        assert!(sim.handshakes_completed(c, a) >= 1, "a new peer still gets in (seed {seed})");
+        assert!(
+            sim.handshakes_completed(c, a) >= 1,
+            "a new peer still gets in (seed {seed})"
+        );
         assert!(!sim.probes_received(a, c).is_empty(), "seed {seed}");
     });
 }
@@ -648,7 +675,9 @@ fn a_peer_that_stays_offline_expires_once_not_on_every_tick() {
         sim.set_link_between(a, b, LinkConfig::default().loss(1.0));
         sim.send_probe(a, b, 1);
         sim.run_for(secs(600));
-        let expiries = (sim.events(a).iter()).filter(|e| matches!(e, Event::SessionExpired { .. })).count();
+        let expiries = (sim.events(a).iter())
+            .filter(|e| matches!(e, Event::SessionExpired { .. }))
+            .count();
         assert_eq!(expiries, 1, "seed {seed}");
     });
 }

@@ -30,8 +30,16 @@ const ATTACKER: &str = "203.0.113.66";
 /// each other, with every datagram between them recorded.
 fn direct_pair_recorded(seed: u64) -> (Sim, NodeId, NodeId, Vec<Datagram>) {
     let mut sim = Sim::new(seed);
-    let a = sim.add_node("node-a", "100.72.0.1".parse().unwrap(), addr("198.51.100.1:51820"));
-    let b = sim.add_node("node-b", "100.72.0.2".parse().unwrap(), addr("198.51.100.2:51820"));
+    let a = sim.add_node(
+        "node-a",
+        "100.72.0.1".parse().unwrap(),
+        addr("198.51.100.1:51820"),
+    );
+    let b = sim.add_node(
+        "node-b",
+        "100.72.0.2".parse().unwrap(),
+        addr("198.51.100.2:51820"),
+    );
     sim.connect(a, b);
     sim.introduce(a, b);
     sim.net_mut().start_capture();
@@ -39,7 +47,12 @@ fn direct_pair_recorded(seed: u64) -> (Sim, NodeId, NodeId, Vec<Datagram>) {
         .unwrap_or_else(|e| panic!("never direct: {e} (seed {seed})"));
     // Several rounds of probes on the live path to record.
     sim.run_for(secs(20));
-    let recorded = sim.net().captured().iter().map(|c| c.datagram.clone()).collect();
+    let recorded = sim
+        .net()
+        .captured()
+        .iter()
+        .map(|c| c.datagram.clone())
+        .collect();
     (sim, a, b, recorded)
 }
 
@@ -48,7 +61,9 @@ fn is_direct(sim: &Sim, node: NodeId, peer: NodeId) -> bool {
 }
 
 fn path(sim: &Sim, node: NodeId, peer: NodeId) -> PathStatus {
-    sim.node(node).peer_status(&sim.public_key(peer)).map_or(PathStatus::Unknown, |s| s.path)
+    sim.node(node)
+        .peer_status(&sim.public_key(peer))
+        .map_or(PathStatus::Unknown, |s| s.path)
 }
 
 /// Probes among `recorded` sent to `to`, pings if `pings`, else pongs.
@@ -57,7 +72,11 @@ fn probes_to(recorded: &[Datagram], to: SocketAddr, pings: bool) -> Vec<Datagram
         Ok(p) => matches!(p.kind, probe::ProbeKind::Ping { .. }) == pings,
         Err(_) => false,
     };
-    recorded.iter().filter(|d| d.dst == to && want(d)).cloned().collect()
+    recorded
+        .iter()
+        .filter(|d| d.dst == to && want(d))
+        .cloned()
+        .collect()
 }
 
 /// `node` restarts and comes back with the peer map it had: `peer` with
@@ -74,7 +93,10 @@ fn direct_paths_taken(sim: &Sim, node: NodeId, peer: NodeId) -> Vec<SocketAddr> 
     sim.events(node)
         .iter()
         .filter_map(|e| match e {
-            Event::PathChanged { peer, path: Path::Direct(addr) } if *peer == key => Some(*addr),
+            Event::PathChanged {
+                peer,
+                path: Path::Direct(addr),
+            } if *peer == key => Some(*addr),
             _ => None,
         })
         .collect()
@@ -86,7 +108,11 @@ fn replayed_pongs_after_a_restart_move_no_path() {
         let (mut sim, a, b, recorded) = direct_pair_recorded(seed);
         let addr_a = sim.addr(a);
         let pongs = probes_to(&recorded, addr_a, false);
-        assert!(pongs.len() >= 10, "recorded {} pongs (seed {seed})", pongs.len());
+        assert!(
+            pongs.len() >= 10,
+            "recorded {} pongs (seed {seed})",
+            pongs.len()
+        );
 
         // The direct path dies for good, and node-a restarts: from now on
         // only the relay can carry a's traffic to b.
@@ -104,10 +130,17 @@ fn replayed_pongs_after_a_restart_move_no_path() {
             sim.run_for(Duration::from_millis(250));
         }
 
-        assert_eq!(direct_paths_taken(&sim, a, b), [], "a dead path was taken for alive (seed {seed})");
+        assert_eq!(
+            direct_paths_taken(&sim, a, b),
+            [],
+            "a dead path was taken for alive (seed {seed})"
+        );
         assert_eq!(path(&sim, a, b), PathStatus::Relay, "seed {seed}");
         let unmatched = sim.node(a).stats().dropped(DropReason::UnmatchedPong);
-        assert!(unmatched >= 120 * pongs.len() as u64, "{unmatched} pongs counted as unmatched (seed {seed})");
+        assert!(
+            unmatched >= 120 * pongs.len() as u64,
+            "{unmatched} pongs counted as unmatched (seed {seed})"
+        );
     });
 }
 
@@ -134,15 +167,33 @@ fn a_recorded_ping_replayed_from_many_ports_adds_no_candidate_and_bounded_probes
         }
         sim.run_for(secs(60));
 
-        let status = sim.node(a).peer_status(&sim.public_key(b)).expect("b is a peer");
+        let status = sim
+            .node(a)
+            .peer_status(&sim.public_key(b))
+            .expect("b is a peer");
         let attacker_ip = ATTACKER.parse::<std::net::IpAddr>().unwrap();
-        let shown: Vec<_> = status.candidates.iter().filter(|c| c.addr.ip() == attacker_ip).collect();
-        assert!(shown.is_empty(), "attacker addresses became candidates: {shown:?} (seed {seed})");
-        assert!(direct_paths_taken(&sim, a, b).iter().all(|p| p.ip() != attacker_ip), "seed {seed}");
+        let shown: Vec<_> = status
+            .candidates
+            .iter()
+            .filter(|c| c.addr.ip() == attacker_ip)
+            .collect();
+        assert!(
+            shown.is_empty(),
+            "attacker addresses became candidates: {shown:?} (seed {seed})"
+        );
+        assert!(
+            direct_paths_taken(&sim, a, b)
+                .iter()
+                .all(|p| p.ip() != attacker_ip),
+            "seed {seed}"
+        );
         // Most copies are refused as replays; what a answered or probed
         // towards the attacker is bounded however long the replay goes on.
         let replayed = sim.node(a).stats().dropped(DropReason::ReplayedProbe);
-        assert!(replayed * 2 >= injected, "only {replayed} of {injected} refused as replays (seed {seed})");
+        assert!(
+            replayed * 2 >= injected,
+            "only {replayed} of {injected} refused as replays (seed {seed})"
+        );
         eprintln!("seed {seed}: {replayed} of {injected} replayed pings refused");
         let to_attacker = sim
             .net()
@@ -153,8 +204,13 @@ fn a_recorded_ping_replayed_from_many_ports_adds_no_candidate_and_bounded_probes
         // At most one pong per recorded ping (each is fresh once, to a node
         // that just started), and a few probes per unconfirmed address.
         let bound = 3 * pings.len() + MAX_UNCONFIRMED * 3;
-        eprintln!("seed {seed}: {to_attacker} datagrams to the attacker's addresses (bound {bound})");
-        assert!(to_attacker <= bound, "{to_attacker} datagrams to the attacker, bound {bound} (seed {seed})");
+        eprintln!(
+            "seed {seed}: {to_attacker} datagrams to the attacker's addresses (bound {bound})"
+        );
+        assert!(
+            to_attacker <= bound,
+            "{to_attacker} datagrams to the attacker, bound {bound} (seed {seed})"
+        );
     });
 }
 
@@ -190,7 +246,13 @@ fn a_punch_storm_costs_a_bounded_number_of_probes() {
         eprintln!("seed {seed}: {honoured} of 1000 punches honoured; {stormy} probes in the storm, {quiet} in a quiet 10 s");
         // b has two candidates for a (observed and local: the same address
         // here), so each honoured punch is a round of one or two pings.
-        assert!(honoured <= 6, "{honoured} punches honoured in 10 s (seed {seed})");
-        assert!(stormy <= quiet + 12, "{stormy} probes in the storm, {quiet} in a quiet 10 s (seed {seed})");
+        assert!(
+            honoured <= 6,
+            "{honoured} punches honoured in 10 s (seed {seed})"
+        );
+        assert!(
+            stormy <= quiet + 12,
+            "{stormy} probes in the storm, {quiet} in a quiet 10 s (seed {seed})"
+        );
     });
 }

@@ -71,15 +71,25 @@ impl UnitRoot {
         assert_success(
             &output(
                 "cp",
-                &["-a", "/usr/lib/systemd/system", path_str(&root.path("usr/lib/systemd"))],
+                &[
+                    "-a",
+                    "/usr/lib/systemd/system",
+                    path_str(&root.path("usr/lib/systemd")),
+                ],
             ),
             "copying the host's systemd units",
         );
         root.install_executable(Path::new(MESHD), "usr/local/bin/meshd");
-        root.install_executable(Path::new(common::MESH_RENDEZVOUS), "usr/local/bin/mesh-rendezvous");
+        root.install_executable(
+            Path::new(common::MESH_RENDEZVOUS),
+            "usr/local/bin/mesh-rendezvous",
+        );
         root.install_executable(Path::new("/bin/mkdir"), "bin/mkdir");
         for unit in ["meshd.service", "mesh-rendezvous.service"] {
-            root.install(&Path::new(REPO).join("deploy/systemd").join(unit), &format!("etc/systemd/system/{unit}"));
+            root.install(
+                &Path::new(REPO).join("deploy/systemd").join(unit),
+                &format!("etc/systemd/system/{unit}"),
+            );
         }
         root
     }
@@ -90,8 +100,10 @@ impl UnitRoot {
 
     fn install(&self, from: &Path, to: &str) {
         let to = self.path(to);
-        fs::create_dir_all(to.parent().expect("a path in the root")).expect("create a directory in the root");
-        fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
+        fs::create_dir_all(to.parent().expect("a path in the root"))
+            .expect("create a directory in the root");
+        fs::copy(from, &to)
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
     }
 
     fn install_executable(&self, from: &Path, to: &str) {
@@ -101,7 +113,8 @@ impl UnitRoot {
 
     fn write(&self, to: &str, text: &str) {
         let to = self.path(to);
-        fs::create_dir_all(to.parent().expect("a path in the root")).expect("create a directory in the root");
+        fs::create_dir_all(to.parent().expect("a path in the root"))
+            .expect("create a directory in the root");
         fs::write(&to, text).unwrap_or_else(|e| panic!("write {}: {e}", to.display()));
     }
 
@@ -111,13 +124,21 @@ impl UnitRoot {
         self.write("etc/systemd/system/kubelet.service", KUBELET_SERVICE);
         self.write("usr/bin/kubelet", "#!/bin/sh\n");
         let kubelet = self.path("usr/bin/kubelet");
-        fs::set_permissions(&kubelet, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod kubelet");
+        fs::set_permissions(
+            &kubelet,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod kubelet");
     }
 
     /// `systemd-analyze verify --root … units`: must succeed and print nothing.
     fn verify(&self, units: &[&str]) {
         let out = self.analyze(units, false);
-        let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(
             out.status.success() && printed.trim().is_empty(),
             "`systemd-analyze verify {}` passes without a word; it exited {} and printed:\n{printed}",
@@ -149,7 +170,10 @@ impl UnitRoot {
             } else if let Some(rest) = line.strip_prefix("\t\t") {
                 if let Some(name) = rest.strip_prefix("-> ").and_then(|r| r.strip_suffix(':')) {
                     exec = name.to_owned();
-                } else if let Some((key, value)) = rest.split_once(": ").or_else(|| rest.strip_suffix(':').map(|k| (k, ""))) {
+                } else if let Some((key, value)) = rest
+                    .split_once(": ")
+                    .or_else(|| rest.strip_suffix(':').map(|k| (k, "")))
+                {
                     properties.push((key.to_owned(), value.to_owned()));
                 }
             }
@@ -159,7 +183,10 @@ impl UnitRoot {
 
     fn analyze(&self, units: &[&str], debug: bool) -> std::process::Output {
         let mut command = Command::new("systemd-analyze");
-        command.arg("verify").arg(format!("--root={}", self.dir.path().display())).args(units);
+        command
+            .arg("verify")
+            .arg(format!("--root={}", self.dir.path().display()))
+            .args(units);
         if debug {
             command.env("SYSTEMD_LOG_LEVEL", "debug");
         }
@@ -169,7 +196,10 @@ impl UnitRoot {
 
 /// Every value of `key` in a dump.
 fn values<'a>(dump: &'a [(String, String)], key: &str) -> Vec<&'a str> {
-    dump.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect()
+    dump.iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .collect()
 }
 
 /// The one value of `key` in a dump.
@@ -184,7 +214,10 @@ fn value<'a>(dump: &'a [(String, String)], key: &str) -> &'a str {
 /// expanded it.
 fn allowed_system_calls(dump: &[(String, String)]) -> BTreeSet<String> {
     let filter = value(dump, "SystemCallFilter");
-    assert!(!filter.starts_with('~'), "the filter is an allow-list: {filter}");
+    assert!(
+        !filter.starts_with('~'),
+        "the filter is an allow-list: {filter}"
+    );
     filter.split_whitespace().map(str::to_owned).collect()
 }
 
@@ -253,13 +286,21 @@ fn meshd_unit_is_ready_by_notification_and_holds_cap_net_admin_and_the_tun_devic
     assert_eq!(value(&unit, "StateDirectoryMode"), "0700");
     assert_eq!(value(&unit, "RuntimeDirectory"), "meshd");
     assert_eq!(value(&unit, "DevicePolicy"), "closed");
-    assert!(values(&unit, "DeviceAllow").contains(&"/dev/net/tun rw"), "{unit:?}");
+    assert!(
+        values(&unit, "DeviceAllow").contains(&"/dev/net/tun rw"),
+        "{unit:?}"
+    );
     // A private /dev has no /dev/net/tun; a private network or user
     // namespace would configure the wrong mesh0.
     for off in ["PrivateDevices", "PrivateNetwork", "PrivateUsers"] {
         assert_eq!(value(&unit, off), "no", "{off}");
     }
-    for on in ["ProtectKernelModules", "ProtectControlGroups", "LockPersonality", "MemoryDenyWriteExecute"] {
+    for on in [
+        "ProtectKernelModules",
+        "ProtectControlGroups",
+        "LockPersonality",
+        "MemoryDenyWriteExecute",
+    ] {
         assert_eq!(value(&unit, on), "yes", "{on}");
     }
     assert_eq!(value(&unit, "SystemCallArchitectures"), "native");
@@ -292,7 +333,10 @@ fn rendezvous_unit_runs_as_a_dynamic_user_without_capabilities() {
 fn kubelet_with_kubeadms_dropin_gets_the_overlay_node_ip_after_meshd_is_ready() {
     let root = UnitRoot::new();
     root.install_kubelet();
-    root.write("usr/lib/systemd/system/kubelet.service.d/10-kubeadm.conf", KUBEADM_DROPIN);
+    root.write(
+        "usr/lib/systemd/system/kubelet.service.d/10-kubeadm.conf",
+        KUBEADM_DROPIN,
+    );
     root.install(&meshd_dropin(), KUBELET_DROPIN);
 
     root.verify(&["kubelet.service"]);
@@ -317,8 +361,14 @@ fn kubelet_with_kubeadms_dropin_gets_the_overlay_node_ip_after_meshd_is_ready() 
     );
     for dependency in ["After", "Wants"] {
         // "meshd.service (origin-file)"
-        let units: Vec<&str> = values(&unit, dependency).iter().filter_map(|v| v.split_whitespace().next()).collect();
-        assert!(units.contains(&"meshd.service"), "kubelet is {dependency} meshd: {units:?}");
+        let units: Vec<&str> = values(&unit, dependency)
+            .iter()
+            .filter_map(|v| v.split_whitespace().next())
+            .collect();
+        assert!(
+            units.contains(&"meshd.service"),
+            "kubelet is {dependency} meshd: {units:?}"
+        );
     }
 }
 
@@ -332,7 +382,10 @@ fn kubelet_without_kubeadm_gets_the_overlay_node_ip_too() {
     let unit = root.dump("kubelet.service");
 
     let exec = value(&unit, "ExecStart");
-    assert!(exec.starts_with("/usr/bin/kubelet ") && exec.ends_with("\"--node-ip=\\${MESH_IP}\""), "{exec}");
+    assert!(
+        exec.starts_with("/usr/bin/kubelet ") && exec.ends_with("\"--node-ip=\\${MESH_IP}\""),
+        "{exec}"
+    );
     assert_eq!(values(&unit, "EnvironmentFile"), ["/run/meshd/env"]);
 }
 
@@ -350,7 +403,10 @@ fn a_shell_reads_the_env_file_as_meshd_wrote_it() {
         interface: "m\"e$h`\\0".into(),
         mtu: 1380,
     };
-    for env in [MeshEnv::new(&["100.72.0.7/16".parse().expect("a prefix")], "mesh0", 1380), odd] {
+    for env in [
+        MeshEnv::new(&["100.72.0.7/16".parse().expect("a prefix")], "mesh0", 1380),
+        odd,
+    ] {
         env_file::write(&path, &env).expect("write the env file");
 
         let out = output(
@@ -392,7 +448,11 @@ struct Files {
 fn static_node(lab: &Lab, i: usize, peers: &[usize]) -> Files {
     let files = lab.write_meshd_config(i, peers);
     let env = files.env_file();
-    Files { config: files.config, socket: files.socket, env }
+    Files {
+        config: files.config,
+        socket: files.socket,
+        env,
+    }
 }
 
 fn run_args(files: &Files) -> Vec<&str> {
@@ -423,7 +483,10 @@ fn api_answers(socket: &Path) -> Result<(), String> {
 /// `ip -o addr show dev mesh0` in `node`'s namespace; empty when there is
 /// no mesh0 yet.
 fn mesh0_addresses(node: &Node) -> String {
-    let out = output("ip", &["-n", &node.ns, "-o", "addr", "show", "dev", MESH_IFACE]);
+    let out = output(
+        "ip",
+        &["-n", &node.ns, "-o", "addr", "show", "dev", MESH_IFACE],
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -435,11 +498,16 @@ fn observe_env_file(path: &Path, node: &Node) -> Option<MeshEnv> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => panic!("read {}: {e}", path.display()),
     };
-    let env = MeshEnv::parse(&text).unwrap_or_else(|e| panic!("the env file parses completely ({e}):\n{text}"));
+    let env = MeshEnv::parse(&text)
+        .unwrap_or_else(|e| panic!("the env file parses completely ({e}):\n{text}"));
     assert_eq!(env.interface, MESH_IFACE, "{text}");
     assert_eq!(env.mtu, MTU, "{text}");
     let on_mesh0 = mesh0_addresses(node);
-    let ips = env.ipv4.map(|a| a.to_string()).into_iter().chain(env.ipv6.map(|a| a.to_string()));
+    let ips = env
+        .ipv4
+        .map(|a| a.to_string())
+        .into_iter()
+        .chain(env.ipv6.map(|a| a.to_string()));
     for ip in ips {
         assert!(
             on_mesh0.contains(&format!(" {ip}/")),
@@ -475,24 +543,43 @@ fn meshd_notifies_ready_once_mesh0_has_its_address_and_stopping_on_sigterm() {
     let files = static_node(&lab, 0, &[1]);
     let notify_path = lab.dir().join("notify");
     let notify = UnixDatagram::bind(&notify_path).expect("bind the notification socket");
-    notify.set_read_timeout(Some(START_STOP_DEADLINE)).expect("set a read timeout");
-    let mut args = vec![format!("NOTIFY_SOCKET={}", notify_path.display()), MESHD.to_owned()];
+    notify
+        .set_read_timeout(Some(START_STOP_DEADLINE))
+        .expect("set a read timeout");
+    let mut args = vec![
+        format!("NOTIFY_SOCKET={}", notify_path.display()),
+        MESHD.to_owned(),
+    ];
     args.extend(run_args(&files).into_iter().map(str::to_owned));
 
-    let mut meshd = lab.spawn(a, "meshd-a", "env", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut meshd = lab.spawn(
+        a,
+        "meshd-a",
+        "env",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     let before_ready = notices_until(&notify, "READY=1", &meshd);
 
     let on_mesh0 = mesh0_addresses(a);
     let overlay = format!("{}/{MESH_PREFIX_LEN}", a.overlay);
-    assert!(on_mesh0.contains(&overlay), "{MESH_IFACE} has {overlay} when READY=1 arrives: {on_mesh0:?}");
+    assert!(
+        on_mesh0.contains(&overlay),
+        "{MESH_IFACE} has {overlay} when READY=1 arrives: {on_mesh0:?}"
+    );
     let env = observe_env_file(&files.env, a).expect("the env file exists when READY=1 arrives");
     assert_eq!(env.ipv4, Some(a.overlay));
     api_answers(&files.socket).expect("meshctl gets an answer once meshd is ready");
     let ready = before_ready.last().expect("the READY=1 notice");
-    assert!(ready.contains(&format!("STATUS={MESH_IFACE} up: {overlay}")), "{ready:?}");
+    assert!(
+        ready.contains(&format!("STATUS={MESH_IFACE} up: {overlay}")),
+        "{ready:?}"
+    );
 
     let status = meshd.terminate();
-    assert!(status.success(), "meshd exits 0 after SIGTERM, not {status}");
+    assert!(
+        status.success(),
+        "meshd exits 0 after SIGTERM, not {status}"
+    );
     let after_ready = notices_until(&notify, "STOPPING=1", &meshd);
     assert!(
         !after_ready.iter().any(|n| n.contains("READY=1")),
@@ -520,19 +607,30 @@ fn the_env_file_appears_only_once_mesh0_is_up_and_is_never_half_written() {
             break;
         }
         meshd.assert_running();
-        assert!(Instant::now() < deadline, "meshd answers within {START_STOP_DEADLINE:?}");
+        assert!(
+            Instant::now() < deadline,
+            "meshd answers within {START_STOP_DEADLINE:?}"
+        );
         std::thread::yield_now();
     }
     let env = observe_env_file(&files.env, a).expect("a ready meshd has written its env file");
     assert_eq!(env.ipv4, Some(a.overlay));
     assert_eq!(env.ipv6, None, "this node has no IPv6 overlay address");
-    let mode = fs::metadata(&files.env).expect("stat the env file").permissions();
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o644);
+    let mode = fs::metadata(&files.env)
+        .expect("stat the env file")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o644
+    );
     eprintln!("before meshd answered: no env file {absent} times, a complete one {present} times");
 
     let status = meshd.terminate();
 
-    assert!(status.success(), "meshd exits 0 after SIGTERM, not {status}");
+    assert!(
+        status.success(),
+        "meshd exits 0 after SIGTERM, not {status}"
+    );
     assert!(!files.env.exists(), "the env file is gone after SIGTERM");
     let leftovers: Vec<_> = fs::read_dir(lab.dir())
         .expect("list the lab's directory")
@@ -540,7 +638,10 @@ fn the_env_file_appears_only_once_mesh0_is_up_and_is_never_half_written() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|name| name.contains(".tmp"))
         .collect();
-    assert!(leftovers.is_empty(), "no temporary file is left behind: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "no temporary file is left behind: {leftovers:?}"
+    );
 }
 
 #[test]
@@ -551,11 +652,15 @@ fn a_joined_node_names_both_overlay_addresses_in_its_env_file_until_it_stops() {
 
     let mut node = lab.join_and_start(1, &join);
 
-    let env = observe_env_file(&node.env_file(), node.machine).expect("a ready meshd has written its env file");
+    let env = observe_env_file(&node.env_file(), node.machine)
+        .expect("a ready meshd has written its env file");
     let ips = node.overlay_ips();
     assert_eq!((env.ipv4, env.ipv6), (Some(ips.v4), Some(ips.v6)));
     node.stop();
-    assert!(!node.env_file().exists(), "the env file is gone after SIGTERM");
+    assert!(
+        !node.env_file().exists(),
+        "the env file is gone after SIGTERM"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -571,7 +676,14 @@ struct Traced<'lab> {
 }
 
 impl<'lab> Traced<'lab> {
-    fn spawn(lab: &'lab Lab, node: &Node, label: &str, bounding_set: &str, program: &str, args: &[&str]) -> Self {
+    fn spawn(
+        lab: &'lab Lab,
+        node: &Node,
+        label: &str,
+        bounding_set: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Self {
         let trace = lab.dir().join(format!("{label}.strace"));
         let bounding_set = format!("--bounding-set={bounding_set}");
         let mut full = vec![
@@ -595,7 +707,8 @@ impl<'lab> Traced<'lab> {
     /// The traced program's pid: strace's only child.
     fn pid(&self) -> i32 {
         let strace = self.daemon.pid();
-        let children = fs::read_to_string(format!("/proc/{strace}/task/{strace}/children")).unwrap_or_default();
+        let children = fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
+            .unwrap_or_default();
         match children.split_whitespace().collect::<Vec<_>>()[..] {
             [one] => one.parse().expect("a pid"),
             ref other => panic!("strace has one child, not {other:?}"),
@@ -604,8 +717,12 @@ impl<'lab> Traced<'lab> {
 
     /// The permitted capabilities of the traced program (/proc/PID/status).
     fn capabilities(&self) -> u64 {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read /proc/PID/status");
-        let line = status.lines().find(|l| l.starts_with("CapPrm:")).expect("a CapPrm line");
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("CapPrm:"))
+            .expect("a CapPrm line");
         u64::from_str_radix(line["CapPrm:".len()..].trim(), 16).expect("hex capabilities")
     }
 
@@ -618,7 +735,10 @@ impl<'lab> Traced<'lab> {
         unsafe { libc::kill(pid, libc::SIGTERM) };
         // strace exits once the program has, with the program's status.
         let status = self.daemon.wait_exit();
-        assert!(status.success(), "the traced program exits 0 after SIGTERM, not {status}");
+        assert!(
+            status.success(),
+            "the traced program exits 0 after SIGTERM, not {status}"
+        );
         let text = fs::read_to_string(&self.trace).expect("read strace's count");
         system_calls(&text)
     }
@@ -640,7 +760,10 @@ fn assert_within_filter(daemon: &str, unit: &str, used: &BTreeSet<String>) {
     let allowed = allowed_system_calls(&UnitRoot::new().dump(unit));
     eprintln!("{daemon} called {used:?}");
     let refused: Vec<&String> = used.difference(&allowed).collect();
-    assert!(refused.is_empty(), "{daemon} made calls that {unit}'s SystemCallFilter= refuses: {refused:?}");
+    assert!(
+        refused.is_empty(),
+        "{daemon} made calls that {unit}'s SystemCallFilter= refuses: {refused:?}"
+    );
 }
 
 #[test]
@@ -650,11 +773,24 @@ fn meshd_with_cap_net_admin_alone_works_and_stays_inside_its_system_call_filter(
     let _meshd_b = lab.start_meshd_with_peers(1, &[0]);
     let files = static_node(&lab, 0, &[1]);
 
-    let meshd = Traced::spawn(&lab, a, "meshd-a", "-all,+net_admin", MESHD, &run_args(&files));
-    eventually("confined meshd answers on its API socket", START_STOP_DEADLINE, || {
-        api_answers(&files.socket)
-    });
-    assert_eq!(meshd.capabilities(), CAP_NET_ADMIN, "meshd holds CAP_NET_ADMIN and nothing else");
+    let meshd = Traced::spawn(
+        &lab,
+        a,
+        "meshd-a",
+        "-all,+net_admin",
+        MESHD,
+        &run_args(&files),
+    );
+    eventually(
+        "confined meshd answers on its API socket",
+        START_STOP_DEADLINE,
+        || api_answers(&files.socket),
+    );
+    assert_eq!(
+        meshd.capabilities(),
+        CAP_NET_ADMIN,
+        "meshd holds CAP_NET_ADMIN and nothing else"
+    );
     a.pings(b.overlay);
     b.pings(a.overlay);
     observe_env_file(&files.env, a).expect("the env file is written");
@@ -674,20 +810,53 @@ fn rendezvous_and_joined_node_without_extra_capabilities_stay_inside_their_filte
     assert_success(
         &host.exec(
             MESH_RENDEZVOUS,
-            &["--state-dir", state_dir, "init", "--listen", &listen, "--public-addr", &public, "--cidr", MESH_CIDR],
+            &[
+                "--state-dir",
+                state_dir,
+                "init",
+                "--listen",
+                &listen,
+                "--public-addr",
+                &public,
+                "--cidr",
+                MESH_CIDR,
+            ],
         ),
         "mesh-rendezvous init",
     );
-    let rendezvous = Traced::spawn(&lab, host, "mesh-rendezvous", "-all", MESH_RENDEZVOUS, &["--state-dir", state_dir, "serve"]);
+    let rendezvous = Traced::spawn(
+        &lab,
+        host,
+        "mesh-rendezvous",
+        "-all",
+        MESH_RENDEZVOUS,
+        &["--state-dir", state_dir, "serve"],
+    );
     let admin = state.join("admin.sock");
-    eventually("mesh-rendezvous accepts on its admin socket", START_STOP_DEADLINE, || {
-        UnixStream::connect(&admin).map(drop).map_err(|e| e.to_string())
-    });
-    assert_eq!(rendezvous.capabilities(), 0, "mesh-rendezvous holds no capability");
-    let out = host.exec(MESH_RENDEZVOUS, &["--state-dir", state_dir, "token", "create", "--uses", "1"]);
+    eventually(
+        "mesh-rendezvous accepts on its admin socket",
+        START_STOP_DEADLINE,
+        || {
+            UnixStream::connect(&admin)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+    );
+    assert_eq!(
+        rendezvous.capabilities(),
+        0,
+        "mesh-rendezvous holds no capability"
+    );
+    let out = host.exec(
+        MESH_RENDEZVOUS,
+        &["--state-dir", state_dir, "token", "create", "--uses", "1"],
+    );
     assert_success(&out, "mesh-rendezvous token create");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().find(|l| l.starts_with("meshd join ")).expect("a join line");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("meshd join "))
+        .expect("a join line");
     let node = lab.join(1, &JoinLine(line.to_owned()));
     let socket = node.state_dir.join("meshd.sock");
     let env = node.env_file();
@@ -698,16 +867,30 @@ fn rendezvous_and_joined_node_without_extra_capabilities_stay_inside_their_filte
         "meshd-b",
         "-all,+net_admin",
         MESHD,
-        &["run", "--state-dir", path_str(&node.state_dir), "--env-file", path_str(&env)],
+        &[
+            "run",
+            "--state-dir",
+            path_str(&node.state_dir),
+            "--env-file",
+            path_str(&env),
+        ],
     );
-    eventually("the joined node answers on its API socket", START_STOP_DEADLINE, || api_answers(&socket));
+    eventually(
+        "the joined node answers on its API socket",
+        START_STOP_DEADLINE,
+        || api_answers(&socket),
+    );
     let env = observe_env_file(&env, machine).expect("the env file is written");
     assert!(env.ipv4.is_some() && env.ipv6.is_some(), "{env:?}");
     let meshd_calls = meshd.stop();
     let rendezvous_calls = rendezvous.stop();
 
     assert_within_filter("meshd", "meshd.service", &meshd_calls);
-    assert_within_filter("mesh-rendezvous", "mesh-rendezvous.service", &rendezvous_calls);
+    assert_within_filter(
+        "mesh-rendezvous",
+        "mesh-rendezvous.service",
+        &rendezvous_calls,
+    );
 }
 
 fn path_str(path: &Path) -> &str {

@@ -22,7 +22,9 @@ fuzz_target!(|data: &[u8]| {
             let frame = encode(&hello);
             assert_eq!(decode_hello(frame.get(4..).unwrap_or_default()), Ok(hello));
         }
-        Err(HelloError::Version { theirs }) => assert_ne!(theirs, Some(u64::from(PROTOCOL_VERSION))),
+        Err(HelloError::Version { theirs }) => {
+            assert_ne!(theirs, Some(u64::from(PROTOCOL_VERSION)))
+        }
         Err(HelloError::Malformed(message)) => assert!(message.len() <= MAX_MESSAGE, "{message}"),
     }
 });

@@ -21,7 +21,11 @@ const OFFLINE_HOLDER: &str = "an offline mesh-rendezvous edit of registry.json";
 const OFFLINE_EDIT_PATIENCE: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
-#[command(name = "mesh-rendezvous", version, about = "Admission, addresses and peer maps for a meshd mesh")]
+#[command(
+    name = "mesh-rendezvous",
+    version,
+    about = "Admission, addresses and peer maps for a meshd mesh"
+)]
 struct Cli {
     /// Where the mesh's keys, certificate and registry live.
     #[arg(long, global = true, default_value = DEFAULT_STATE_DIR)]
@@ -77,7 +81,9 @@ enum TokenCommand {
         #[arg(long)]
         json: bool,
     },
-    Revoke { id: String },
+    Revoke {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -130,7 +136,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let dir = cli.state_dir.as_path();
     match cli.command {
-        Command::Init { listen, public_addr, cidr } => {
+        Command::Init {
+            listen,
+            public_addr,
+            cidr,
+        } => {
             let mesh = setup::init(dir, listen, &public_addr, cidr, &mut rand::rngs::OsRng)?;
             println!("mesh {} created in {}", mesh.id, dir.display());
             println!("  IPv4 {}  IPv6 {}", mesh.ipv4, mesh.ipv6);
@@ -153,7 +163,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(server::serve(loaded, meshd::cli::shutdown_signal()))?;
         }
         Command::Token(TokenCommand::Create { ttl, uses }) => {
-            let request = AdminRequest::CreateToken { ttl_secs: ttl.as_secs(), max_uses: uses };
+            let request = AdminRequest::CreateToken {
+                ttl_secs: ttl.as_secs(),
+                max_uses: uses,
+            };
             match admin_request(dir, request)? {
                 AdminResponse::Token { token, .. } => {
                     let loaded = setup::load(dir)?;
@@ -166,36 +179,66 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 other => unexpected(other)?,
             }
         }
-        Command::Token(TokenCommand::List { json }) => match admin_request(dir, AdminRequest::ListTokens)? {
-            AdminResponse::Tokens { tokens } if json => println!("{}", serde_json::to_string_pretty(&tokens)?),
-            AdminResponse::Tokens { tokens } => {
-                println!("{:<10} {:<10} {:<6} {:<22} CREATED", "ID", "STATUS", "USES", "EXPIRES");
-                for t in tokens {
-                    let uses = match t.max_uses {
-                        Some(max) => format!("{}/{max}", t.uses),
-                        None => t.uses.to_string(),
-                    };
-                    println!("{:<10} {:<10} {:<6} {:<22} {}", t.id, t.status, uses, time(t.expires_at), time(t.created_at));
+        Command::Token(TokenCommand::List { json }) => {
+            match admin_request(dir, AdminRequest::ListTokens)? {
+                AdminResponse::Tokens { tokens } if json => {
+                    println!("{}", serde_json::to_string_pretty(&tokens)?)
                 }
-            }
-            other => unexpected(other)?,
-        },
-        Command::Token(TokenCommand::Revoke { id }) => match admin_request(dir, AdminRequest::RevokeToken { id })? {
-            AdminResponse::Done { message } => println!("{message}"),
-            other => unexpected(other)?,
-        },
-        Command::Nodes(NodesCommand::List { json }) => match admin_request(dir, AdminRequest::ListNodes)? {
-            AdminResponse::Nodes { nodes } if json => println!("{}", serde_json::to_string_pretty(&nodes)?),
-            AdminResponse::Nodes { nodes } => {
-                println!("{:<20} {:<15} {:<8} {:<10} LAST SEEN", "NAME", "IPV4", "ONLINE", "KEY");
-                for n in nodes {
-                    let key: String = n.public_key.chars().take(8).collect();
-                    let online = if n.online { "yes" } else { "no" };
-                    println!("{:<20} {:<15} {:<8} {:<10} {}", n.name, n.ipv4, online, key, time(n.last_seen));
+                AdminResponse::Tokens { tokens } => {
+                    println!(
+                        "{:<10} {:<10} {:<6} {:<22} CREATED",
+                        "ID", "STATUS", "USES", "EXPIRES"
+                    );
+                    for t in tokens {
+                        let uses = match t.max_uses {
+                            Some(max) => format!("{}/{max}", t.uses),
+                            None => t.uses.to_string(),
+                        };
+                        println!(
+                            "{:<10} {:<10} {:<6} {:<22} {}",
+                            t.id,
+                            t.status,
+                            uses,
+                            time(t.expires_at),
+                            time(t.created_at)
+                        );
+                    }
                 }
+                other => unexpected(other)?,
             }
-            other => unexpected(other)?,
-        },
+        }
+        Command::Token(TokenCommand::Revoke { id }) => {
+            match admin_request(dir, AdminRequest::RevokeToken { id })? {
+                AdminResponse::Done { message } => println!("{message}"),
+                other => unexpected(other)?,
+            }
+        }
+        Command::Nodes(NodesCommand::List { json }) => {
+            match admin_request(dir, AdminRequest::ListNodes)? {
+                AdminResponse::Nodes { nodes } if json => {
+                    println!("{}", serde_json::to_string_pretty(&nodes)?)
+                }
+                AdminResponse::Nodes { nodes } => {
+                    println!(
+                        "{:<20} {:<15} {:<8} {:<10} LAST SEEN",
+                        "NAME", "IPV4", "ONLINE", "KEY"
+                    );
+                    for n in nodes {
+                        let key: String = n.public_key.chars().take(8).collect();
+                        let online = if n.online { "yes" } else { "no" };
+                        println!(
+                            "{:<20} {:<15} {:<8} {:<10} {}",
+                            n.name,
+                            n.ipv4,
+                            online,
+                            key,
+                            time(n.last_seen)
+                        );
+                    }
+                }
+                other => unexpected(other)?,
+            }
+        }
         Command::Nodes(NodesCommand::Remove { node, release }) => {
             match admin_request(dir, AdminRequest::RemoveNode { node, release })? {
                 AdminResponse::Done { message } => println!("{message}"),
@@ -208,17 +251,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 other => unexpected(other)?,
             }
         }
-        Command::Addresses(AddressesCommand::List { json }) => match admin_request(dir, AdminRequest::ListAddresses)? {
-            AdminResponse::Addresses { addresses } if json => println!("{}", serde_json::to_string_pretty(&addresses)?),
-            AdminResponse::Addresses { addresses } => {
-                println!("{:<15} {:<40} {:<12} {:<20} REMOVED", "IPV4", "IPV6", "STATUS", "NODE");
-                for a in addresses {
-                    let removed = a.removed_at.map_or_else(|| "-".to_owned(), time);
-                    println!("{:<15} {:<40} {:<12} {:<20} {removed}", a.ipv4, a.ipv6, a.status, a.name);
+        Command::Addresses(AddressesCommand::List { json }) => {
+            match admin_request(dir, AdminRequest::ListAddresses)? {
+                AdminResponse::Addresses { addresses } if json => {
+                    println!("{}", serde_json::to_string_pretty(&addresses)?)
                 }
+                AdminResponse::Addresses { addresses } => {
+                    println!(
+                        "{:<15} {:<40} {:<12} {:<20} REMOVED",
+                        "IPV4", "IPV6", "STATUS", "NODE"
+                    );
+                    for a in addresses {
+                        let removed = a.removed_at.map_or_else(|| "-".to_owned(), time);
+                        println!(
+                            "{:<15} {:<40} {:<12} {:<20} {removed}",
+                            a.ipv4, a.ipv6, a.status, a.name
+                        );
+                    }
+                }
+                other => unexpected(other)?,
             }
-            other => unexpected(other)?,
-        },
+        }
         Command::Addresses(AddressesCommand::Release { address, all: _ }) => {
             match admin_request(dir, AdminRequest::ReleaseAddresses { address })? {
                 AdminResponse::Done { message } => println!("{message}"),
@@ -272,8 +325,15 @@ fn admin_request(dir: &Path, request: AdminRequest) -> anyhow::Result<AdminRespo
                 ),
                 Err(other) => return Err(other.into()),
             };
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            Ok(admin::apply_offline(dir, request, now, &mut rand::rngs::OsRng)?)
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            Ok(admin::apply_offline(
+                dir,
+                request,
+                now,
+                &mut rand::rngs::OsRng,
+            )?)
         }
         Err(e) => Err(e.into()),
     }

@@ -11,10 +11,17 @@ use ipnet::IpNet;
 use meshd::control::{client, render, PeerInfo, Request, Response, StatusInfo};
 use meshd::identity::PrivateKey;
 use meshd::kube::env::{MeshEnv, DEFAULT_ENV_FILE};
-use meshd::kube::generate::{self as kube, CalicoInstall, CalicoOptions, Encapsulation, KubeadmOptions, Mesh, Overrides, Stack};
+use meshd::kube::generate::{
+    self as kube, CalicoInstall, CalicoOptions, Encapsulation, KubeadmOptions, Mesh, Overrides,
+    Stack,
+};
 
 #[derive(Parser)]
-#[command(name = "meshctl", version, about = "Inspect and operate the local meshd")]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Inspect and operate the local meshd"
+)]
 struct Cli {
     /// meshd's local API socket.
     #[arg(long, global = true, env = "MESHD_SOCKET", default_value = meshd::config::DEFAULT_SOCKET)]
@@ -107,7 +114,11 @@ enum KubeCommand {
         #[arg(long, value_enum, default_value_t = EncapsulationArg::Vxlan)]
         encapsulation: EncapsulationArg,
         /// IP pool CIDR (repeat for dual stack).
-        #[arg(long = "pod-cidr", value_name = "CIDR", default_value = "192.168.0.0/16")]
+        #[arg(
+            long = "pod-cidr",
+            value_name = "CIDR",
+            default_value = "192.168.0.0/16"
+        )]
         pod_cidrs: Vec<IpNet>,
     },
     /// kubeadm init config: API server, kubelet and etcd on the overlay address.
@@ -116,7 +127,11 @@ enum KubeCommand {
         #[arg(long)]
         control_plane_endpoint: Option<String>,
         /// networking.podSubnet (repeat for dual stack).
-        #[arg(long = "pod-cidr", value_name = "CIDR", default_value = "10.244.0.0/16")]
+        #[arg(
+            long = "pod-cidr",
+            value_name = "CIDR",
+            default_value = "10.244.0.0/16"
+        )]
         pod_cidrs: Vec<IpNet>,
     },
     /// kubespray hosts.yml for the whole mesh.
@@ -157,7 +172,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Kube(args) => kube_command(&cli.socket, args, &mut out)?,
         Command::Genkey => {
-            writeln!(out, "{}", PrivateKey::generate(&mut rand::rngs::OsRng).to_base64())?;
+            writeln!(
+                out,
+                "{}",
+                PrivateKey::generate(&mut rand::rngs::OsRng).to_base64()
+            )?;
         }
         Command::Pubkey => {
             let mut text = String::new();
@@ -169,7 +188,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             writeln!(out, "{}", key.public_key())?;
         }
         Command::Peers { json } => match client::request("meshd", &cli.socket, Request::Peers)? {
-            Response::Peers { peers } if json => writeln!(out, "{}", serde_json::to_string_pretty(&peers)?)?,
+            Response::Peers { peers } if json => {
+                writeln!(out, "{}", serde_json::to_string_pretty(&peers)?)?
+            }
             Response::Peers { peers } => write!(out, "{}", render::peers_table(&peers))?,
             other => unexpected(other)?,
         },
@@ -180,7 +201,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if i > 0 {
                     std::thread::sleep(std::time::Duration::from_secs(1));
                 }
-                let reply = match client::request("meshd", &cli.socket, Request::Ping { peer: peer.clone() })? {
+                let reply = match client::request(
+                    "meshd",
+                    &cli.socket,
+                    Request::Ping { peer: peer.clone() },
+                )? {
                     Response::Pong(reply) => reply,
                     other => return unexpected(other),
                 };
@@ -199,11 +224,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("no answer from {peer} to {count} probe(s)");
             }
         }
-        Command::Netcheck { json } => match client::request("meshd", &cli.socket, Request::Netcheck)? {
-            Response::Netcheck(n) if json => writeln!(out, "{}", serde_json::to_string_pretty(&n)?)?,
-            Response::Netcheck(n) => write!(out, "{}", render::netcheck(&n))?,
-            other => unexpected(other)?,
-        },
+        Command::Netcheck { json } => {
+            match client::request("meshd", &cli.socket, Request::Netcheck)? {
+                Response::Netcheck(n) if json => {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&n)?)?
+                }
+                Response::Netcheck(n) => write!(out, "{}", render::netcheck(&n))?,
+                other => unexpected(other)?,
+            }
+        }
         Command::Status { json } => match client::request("meshd", &cli.socket, Request::Status)? {
             Response::Status(s) if json => writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?,
             Response::Status(s) => write!(out, "{}", render::status(&s))?,
@@ -220,7 +249,9 @@ const MAX_INPUT: u64 = 16 << 20;
 fn read_input(path: &std::path::Path) -> anyhow::Result<String> {
     let mut text = String::new();
     let read = if path.as_os_str() == "-" {
-        std::io::stdin().take(MAX_INPUT + 1).read_to_string(&mut text)
+        std::io::stdin()
+            .take(MAX_INPUT + 1)
+            .read_to_string(&mut text)
     } else {
         std::fs::File::open(path).and_then(|f| f.take(MAX_INPUT + 1).read_to_string(&mut text))
     };
@@ -231,14 +262,21 @@ fn read_input(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(text)
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, what: &str) -> anyhow::Result<T> {
+fn parse_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    what: &str,
+) -> anyhow::Result<T> {
     let text = read_input(path)?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not `{what}` output", path.display()))
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not `{what}` output", path.display()))
 }
 
 /// The mesh from files, or from meshd (with the MTU from its env file).
 fn kube_mesh(socket: &std::path::Path, args: &KubeArgs, with_peers: bool) -> anyhow::Result<Mesh> {
-    let mut overrides = Overrides { node_name: args.node_name.clone(), mtu: args.mtu };
+    let mut overrides = Overrides {
+        node_name: args.node_name.clone(),
+        mtu: args.mtu,
+    };
     let (status, peers): (StatusInfo, Vec<PeerInfo>) = match &args.status_json {
         Some(file) => {
             let peers = match &args.peers_json {
@@ -276,7 +314,10 @@ fn kube_mesh(socket: &std::path::Path, args: &KubeArgs, with_peers: bool) -> any
 
 /// The Node as `kubectl get node NAME -o json` prints it.
 fn kubectl_node(name: &str) -> anyhow::Result<String> {
-    let output = match std::process::Command::new("kubectl").args(["get", "node", name, "-o", "json"]).output() {
+    let output = match std::process::Command::new("kubectl")
+        .args(["get", "node", name, "-o", "json"])
+        .output()
+    {
         Ok(output) => output,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!("kubectl is not on PATH: pass --node-json FILE (from `kubectl get node {name} -o json`)")
@@ -285,22 +326,43 @@ fn kubectl_node(name: &str) -> anyhow::Result<String> {
     };
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        bail!("kubectl get node {name}: {}", stderr.lines().next().unwrap_or("failed").trim());
+        bail!(
+            "kubectl get node {name}: {}",
+            stderr.lines().next().unwrap_or("failed").trim()
+        );
     }
     String::from_utf8(output.stdout).context("kubectl printed something that is not UTF-8")
 }
 
-fn kube_command(socket: &std::path::Path, args: KubeArgs, out: &mut impl Write) -> anyhow::Result<()> {
+fn kube_command(
+    socket: &std::path::Path,
+    args: KubeArgs,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     let with_peers = matches!(args.command, KubeCommand::KubesprayInventory { .. });
     let mesh = kube_mesh(socket, &args, with_peers)?;
-    let stack = if args.dual_stack { Stack::Dual } else { Stack::Ipv4 };
+    let stack = if args.dual_stack {
+        Stack::Dual
+    } else {
+        Stack::Ipv4
+    };
     let local = &mesh.local;
     match args.command {
-        KubeCommand::KubeletDropin { kubelet } => write!(out, "{}", kube::kubelet_dropin(local, stack, &kubelet)?)?,
+        KubeCommand::KubeletDropin { kubelet } => {
+            write!(out, "{}", kube::kubelet_dropin(local, stack, &kubelet)?)?
+        }
         KubeCommand::Flannel => write!(out, "{}", kube::flannel(local)?)?,
-        KubeCommand::Calico { manifest, encapsulation, pod_cidrs } => {
+        KubeCommand::Calico {
+            manifest,
+            encapsulation,
+            pod_cidrs,
+        } => {
             let options = CalicoOptions {
-                install: if manifest { CalicoInstall::Manifest } else { CalicoInstall::Operator },
+                install: if manifest {
+                    CalicoInstall::Manifest
+                } else {
+                    CalicoInstall::Operator
+                },
                 encapsulation: match encapsulation {
                     EncapsulationArg::Vxlan => Encapsulation::Vxlan,
                     EncapsulationArg::Ipip => Encapsulation::Ipip,
@@ -309,8 +371,14 @@ fn kube_command(socket: &std::path::Path, args: KubeArgs, out: &mut impl Write) 
             };
             write!(out, "{}", kube::calico(local, stack, &options)?)?;
         }
-        KubeCommand::Kubeadm { control_plane_endpoint, pod_cidrs } => {
-            let options = KubeadmOptions { control_plane_endpoint, pod_cidrs };
+        KubeCommand::Kubeadm {
+            control_plane_endpoint,
+            pod_cidrs,
+        } => {
+            let options = KubeadmOptions {
+                control_plane_endpoint,
+                pod_cidrs,
+            };
             write!(out, "{}", kube::kubeadm(local, stack, &options)?)?;
         }
         KubeCommand::KubesprayInventory { control_plane } => {

@@ -116,15 +116,35 @@ fn run(command: Command) -> anyhow::Result<()> {
             let token = match (token, token_file) {
                 (Some(token), _) => token,
                 (None, Some(file)) => meshd::join::read_token(&file)?,
-                (None, None) => anyhow::bail!("give the join token with --token-file FILE (or - for stdin) or --token"),
+                (None, None) => anyhow::bail!(
+                    "give the join token with --token-file FILE (or - for stdin) or --token"
+                ),
             };
-            let options =
-                JoinOptions { server, token, ca_hash, state_dir, name, listen_port, advertise_endpoint, interface, socket };
+            let options = JoinOptions {
+                server,
+                token,
+                ca_hash,
+                state_dir,
+                name,
+                listen_port,
+                advertise_endpoint,
+                interface,
+                socket,
+            };
             let path = meshd::join::join(&options, &mut rand::rngs::OsRng)?;
             println!("enrolled: {} written", path.display());
-            println!("start the node with: meshd run --state-dir {}", options.state_dir.display());
+            println!(
+                "start the node with: meshd run --state-dir {}",
+                options.state_dir.display()
+            );
         }
-        Command::Run { config, state_dir, socket, metrics, env_file } => {
+        Command::Run {
+            config,
+            state_dir,
+            socket,
+            metrics,
+            env_file,
+        } => {
             let path = match (config, state_dir) {
                 (Some(path), _) => path,
                 (None, Some(dir)) => dir.join(CONFIG_FILE),
@@ -139,7 +159,12 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .build()
                 .context("cannot start the async runtime")?;
             let notify = meshd::systemd::NotifySocket::from_env();
-            let options = meshd::dataplane::RunOptions { socket, metrics, env_file, notify };
+            let options = meshd::dataplane::RunOptions {
+                socket,
+                metrics,
+                env_file,
+                notify,
+            };
             runtime.block_on(meshd::dataplane::run(config, options, shutdown_signal()))?;
         }
     }

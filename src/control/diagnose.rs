@@ -30,7 +30,9 @@ pub struct Side<'a> {
 /// Why traffic between `this` node and `peer` goes through the relay, what
 /// was tried, and what would make it direct.
 pub fn relay_reason(this: Side<'_>, peer: Side<'_>, candidates: &[CandidateStatus]) -> String {
-    use NatMapping::{EndpointDependent as Edm, EndpointIndependent as Eim, None as Public, Unknown};
+    use NatMapping::{
+        EndpointDependent as Edm, EndpointIndependent as Eim, None as Public, Unknown,
+    };
     let mut out = String::new();
     let _ = match (this.nat, peer.nat) {
         (Edm, Edm) => write!(
@@ -194,11 +196,22 @@ mod tests {
     use super::*;
 
     fn side(name: &str, nat: NatMapping) -> Side<'_> {
-        Side { name, nat, port: 51820 }
+        Side {
+            name,
+            nat,
+            port: 51820,
+        }
     }
 
     fn silent(addr: &str, source: Source) -> CandidateStatus {
-        CandidateStatus { addr: addr.parse().unwrap(), source, alive: false, rtt: None, pings: 12, pongs: 0 }
+        CandidateStatus {
+            addr: addr.parse().unwrap(),
+            source,
+            alive: false,
+            rtt: None,
+            pings: 12,
+            pongs: 0,
+        }
     }
 
     #[test]
@@ -206,7 +219,10 @@ mod tests {
         let reason = relay_reason(
             side("this node", NatMapping::EndpointDependent),
             side("node-sym2", NatMapping::EndpointDependent),
-            &[silent("203.0.113.42:60260", Source::Observed), silent("10.42.0.2:51820", Source::Local)],
+            &[
+                silent("203.0.113.42:60260", Source::Observed),
+                silent("10.42.0.2:51820", Source::Local),
+            ],
         );
         assert_eq!(
             reason,
@@ -225,7 +241,10 @@ mod tests {
             side("node-sym1", NatMapping::EndpointDependent),
             &[],
         );
-        assert!(reason.starts_with("node-sym1's NAT is endpoint-dependent"), "{reason}");
+        assert!(
+            reason.starts_with("node-sym1's NAT is endpoint-dependent"),
+            "{reason}"
+        );
         assert!(reason.contains("the peer announced no address"), "{reason}");
         assert!(reason.ends_with("forward UDP 51820 on node-sym1's router to it and start its meshd with --advertise-endpoint PUBLIC-IP:51820"), "{reason}");
     }
@@ -234,10 +253,22 @@ mod tests {
     fn netcheck_tells_cone_from_symmetric_from_public() {
         let at = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
         let cone = netcheck_verdict(at("203.0.113.30:51820"), at("203.0.113.30:51820"), &[]);
-        assert_eq!((cone.0, cone.1), (NatMapping::EndpointIndependent, "likely"));
+        assert_eq!(
+            (cone.0, cone.1),
+            (NatMapping::EndpointIndependent, "likely")
+        );
         let symmetric = netcheck_verdict(at("203.0.113.41:3947"), at("203.0.113.41:60260"), &[]);
-        assert_eq!((symmetric.0, symmetric.1), (NatMapping::EndpointDependent, "unlikely"));
-        assert!(symmetric.2.contains("203.0.113.41:3947 and 203.0.113.41:60260"), "{}", symmetric.2);
+        assert_eq!(
+            (symmetric.0, symmetric.1),
+            (NatMapping::EndpointDependent, "unlikely")
+        );
+        assert!(
+            symmetric
+                .2
+                .contains("203.0.113.41:3947 and 203.0.113.41:60260"),
+            "{}",
+            symmetric.2
+        );
         let public = netcheck_verdict(
             at("203.0.113.11:51820"),
             at("203.0.113.11:51820"),
@@ -251,10 +282,20 @@ mod tests {
 
     #[test]
     fn unknown_behaviour_says_so_and_long_lists_are_cut() {
-        let many: Vec<CandidateStatus> =
-            (1..=6).map(|i| silent(&format!("198.51.100.{i}:51820"), Source::Learned)).collect();
-        let reason = relay_reason(side("this node", NatMapping::Unknown), side("node-b", NatMapping::EndpointIndependent), &many);
-        assert!(reason.contains("not known yet (this node: not known yet, node-b: endpoint-independent (cone))"), "{reason}");
+        let many: Vec<CandidateStatus> = (1..=6)
+            .map(|i| silent(&format!("198.51.100.{i}:51820"), Source::Learned))
+            .collect();
+        let reason = relay_reason(
+            side("this node", NatMapping::Unknown),
+            side("node-b", NatMapping::EndpointIndependent),
+            &many,
+        );
+        assert!(
+            reason.contains(
+                "not known yet (this node: not known yet, node-b: endpoint-independent (cone))"
+            ),
+            "{reason}"
+        );
         assert!(reason.contains("and 2 more"), "{reason}");
     }
 }

@@ -157,7 +157,10 @@ impl Exposition {
         self.text.push(' ');
         self.text.push_str(kind.as_str());
         self.text.push('\n');
-        Family { text: &mut self.text, name }
+        Family {
+            text: &mut self.text,
+            name,
+        }
     }
 
     pub fn finish(self) -> String {
@@ -174,7 +177,11 @@ pub struct Family<'a> {
 impl Family<'_> {
     /// One sample. Label names are the caller's constants; label values
     /// may be anything (a peer's name) and are escaped.
-    pub fn sample(&mut self, labels: &[(&'static str, &str)], value: impl Into<Value>) -> &mut Self {
+    pub fn sample(
+        &mut self,
+        labels: &[(&'static str, &str)],
+        value: impl Into<Value>,
+    ) -> &mut Self {
         self.text.push_str(self.name);
         if !labels.is_empty() {
             self.text.push('{');
@@ -232,17 +239,25 @@ pub fn render_node(status: &StatusInfo, peers: &[PeerInfo], now_unix: u64) -> St
     let mut out = Exposition::new();
     let node_key = short_key(&status.public_key);
     let node_address = status.overlay_ips.first().map_or("", String::as_str);
-    out.family("meshd_info", Kind::Gauge, "This node: its name, short public key and first overlay address; always 1.")
-        .sample(
-            &[
-                ("node", status.name.as_deref().unwrap_or(&node_key)),
-                ("public_key", &node_key),
-                ("address", node_address),
-            ],
-            1u64,
-        );
-    out.family("meshd_peers", Kind::Gauge, "Peers this node has, configured or from the rendezvous.")
-        .sample(&[], status.peers);
+    out.family(
+        "meshd_info",
+        Kind::Gauge,
+        "This node: its name, short public key and first overlay address; always 1.",
+    )
+    .sample(
+        &[
+            ("node", status.name.as_deref().unwrap_or(&node_key)),
+            ("public_key", &node_key),
+            ("address", node_address),
+        ],
+        1u64,
+    );
+    out.family(
+        "meshd_peers",
+        Kind::Gauge,
+        "Peers this node has, configured or from the rendezvous.",
+    )
+    .sample(&[], status.peers);
     let mut connected = out.family(
         "meshd_rendezvous_connected",
         Kind::Gauge,
@@ -259,12 +274,20 @@ pub fn render_node(status: &StatusInfo, peers: &[PeerInfo], now_unix: u64) -> St
     if let Some(ms) = status.rendezvous.as_ref().and_then(|r| r.rtt_ms) {
         rtt.sample(&[], seconds(ms));
     }
-    let mut drops = out.family("meshd_dropped_packets_total", Kind::Counter, "Packets this node dropped, by reason.");
+    let mut drops = out.family(
+        "meshd_dropped_packets_total",
+        Kind::Counter,
+        "Packets this node dropped, by reason.",
+    );
     for (reason, count) in &status.drops {
         drops.sample(&[("reason", reason)], *count);
     }
-    out.family("meshd_cookie_replies_sent_total", Kind::Counter, "WireGuard cookie replies sent while under load.")
-        .sample(&[], status.cookie_replies_sent);
+    out.family(
+        "meshd_cookie_replies_sent_total",
+        Kind::Counter,
+        "WireGuard cookie replies sent while under load.",
+    )
+    .sample(&[], status.cookie_replies_sent);
     let io = &status.io;
     let ops = io.ops();
     let mut calls = out.family(
@@ -275,16 +298,27 @@ pub fn render_node(status: &StatusInfo, peers: &[PeerInfo], now_unix: u64) -> St
     for op in &ops {
         calls.sample(&[("op", op.name)], op.calls);
     }
-    let mut packets = out.family("meshd_io_packets_total", Kind::Counter, "Packets the packet path's system calls carried, by operation.");
+    let mut packets = out.family(
+        "meshd_io_packets_total",
+        Kind::Counter,
+        "Packets the packet path's system calls carried, by operation.",
+    );
     for op in &ops {
         packets.sample(&[("op", op.name)], op.packets);
     }
-    out.family("meshd_io_errors_total", Kind::Counter, "Failed TUN writes and UDP sends (each a lost packet or batch).")
-        .sample(&[("op", "tun_write")], io.tun_write_errors)
-        .sample(&[("op", "udp_send")], io.udp_send_errors);
+    out.family(
+        "meshd_io_errors_total",
+        Kind::Counter,
+        "Failed TUN writes and UDP sends (each a lost packet or batch).",
+    )
+    .sample(&[("op", "tun_write")], io.tun_write_errors)
+    .sample(&[("op", "udp_send")], io.udp_send_errors);
 
     let labels: Vec<PeerLabels> = peers.iter().map(peer_labels).collect();
-    let by_peer = PerPeer { peers, labels: &labels };
+    let by_peer = PerPeer {
+        peers,
+        labels: &labels,
+    };
     by_peer.family(
         &mut out,
         "meshd_peer_rx_bytes_total",
@@ -349,7 +383,12 @@ pub fn render_node(status: &StatusInfo, peers: &[PeerInfo], now_unix: u64) -> St
     for (peer, labels) in peers.iter().zip(&labels) {
         for name in PATHS {
             path.sample(
-                &[("peer", &labels.peer), ("public_key", &labels.key), ("address", &labels.address), ("path", name)],
+                &[
+                    ("peer", &labels.peer),
+                    ("public_key", &labels.key),
+                    ("address", &labels.address),
+                    ("path", name),
+                ],
                 peer.path == name,
             );
         }
@@ -400,7 +439,14 @@ impl PerPeer<'_> {
         let mut family = out.family(name, kind, help);
         for (peer, labels) in self.peers.iter().zip(self.labels) {
             if let Some(v) = value(peer) {
-                family.sample(&[("peer", &labels.peer), ("public_key", &labels.key), ("address", &labels.address)], v);
+                family.sample(
+                    &[
+                        ("peer", &labels.peer),
+                        ("public_key", &labels.key),
+                        ("address", &labels.address),
+                    ],
+                    v,
+                );
             }
         }
     }
@@ -443,15 +489,31 @@ fn reject_label(reason: RejectReason) -> &'static str {
 /// the relay header.
 pub fn render_rendezvous(metrics: &RendezvousMetrics) -> String {
     let mut out = Exposition::new();
-    out.family("mesh_rendezvous_nodes", Kind::Gauge, "Nodes registered in the mesh.").sample(&[], metrics.nodes.len());
-    out.family("mesh_rendezvous_nodes_connected", Kind::Gauge, "Registered nodes connected now.")
-        .sample(&[], metrics.nodes.iter().filter(|n| n.online).count());
-    let mut connected =
-        out.family("mesh_rendezvous_node_connected", Kind::Gauge, "1 while the node is connected, 0 otherwise.");
+    out.family(
+        "mesh_rendezvous_nodes",
+        Kind::Gauge,
+        "Nodes registered in the mesh.",
+    )
+    .sample(&[], metrics.nodes.len());
+    out.family(
+        "mesh_rendezvous_nodes_connected",
+        Kind::Gauge,
+        "Registered nodes connected now.",
+    )
+    .sample(&[], metrics.nodes.iter().filter(|n| n.online).count());
+    let mut connected = out.family(
+        "mesh_rendezvous_node_connected",
+        Kind::Gauge,
+        "1 while the node is connected, 0 otherwise.",
+    );
     for node in &metrics.nodes {
         let address = node.ipv4.to_string();
         connected.sample(
-            &[("node", &node.name), ("public_key", &node.public_key.short()), ("address", &address)],
+            &[
+                ("node", &node.name),
+                ("public_key", &node.public_key.short()),
+                ("address", &address),
+            ],
             node.online,
         );
     }
@@ -464,8 +526,12 @@ pub fn render_rendezvous(metrics: &RendezvousMetrics) -> String {
         failures.sample(&[("reason", reject_label(*reason))], *count);
     }
     let admission = &metrics.admission;
-    out.family("mesh_rendezvous_admissions_pending", Kind::Gauge, "Connections in admission now.")
-        .sample(&[], admission.pending);
+    out.family(
+        "mesh_rendezvous_admissions_pending",
+        Kind::Gauge,
+        "Connections in admission now.",
+    )
+    .sample(&[], admission.pending);
     out.family(
         "mesh_rendezvous_connections_refused_total",
         Kind::Counter,
@@ -480,16 +546,29 @@ pub fn render_rendezvous(metrics: &RendezvousMetrics) -> String {
     )
     .sample(&[], admission.validations);
     let stats = &metrics.relay.stats;
-    out.family("mesh_rendezvous_relay_packets_total", Kind::Counter, "Packets relayed between nodes.")
-        .sample(&[], stats.forwarded.packets);
-    out.family("mesh_rendezvous_relay_bytes_total", Kind::Counter, "Payload bytes relayed between nodes.")
-        .sample(&[], stats.forwarded.bytes);
+    out.family(
+        "mesh_rendezvous_relay_packets_total",
+        Kind::Counter,
+        "Packets relayed between nodes.",
+    )
+    .sample(&[], stats.forwarded.packets);
+    out.family(
+        "mesh_rendezvous_relay_bytes_total",
+        Kind::Counter,
+        "Payload bytes relayed between nodes.",
+    )
+    .sample(&[], stats.forwarded.bytes);
     let pairs: Vec<(String, String, u64, u64)> = metrics
         .relay
         .pairs
         .iter()
         .map(|((from, to), s)| {
-            (Ipv4Addr::from(from.get()).to_string(), Ipv4Addr::from(to.get()).to_string(), s.packets, s.bytes)
+            (
+                Ipv4Addr::from(from.get()).to_string(),
+                Ipv4Addr::from(to.get()).to_string(),
+                s.packets,
+                s.bytes,
+            )
         })
         .collect();
     let mut packets = out.family(
@@ -523,8 +602,12 @@ pub fn render_rendezvous(metrics: &RendezvousMetrics) -> String {
 /// The registry's write and rate-limit counters.
 fn render_registry_counters(out: &mut Exposition, metrics: &RendezvousMetrics) {
     let counters = &metrics.registry;
-    out.family("mesh_rendezvous_store_writes_total", Kind::Counter, "Saves of the registry to its store.")
-        .sample(&[], metrics.store_writes);
+    out.family(
+        "mesh_rendezvous_store_writes_total",
+        Kind::Counter,
+        "Saves of the registry to its store.",
+    )
+    .sample(&[], metrics.store_writes);
     let mut over = out.family(
         "mesh_rendezvous_messages_over_rate_total",
         Kind::Counter,
@@ -619,7 +702,8 @@ pub enum Asked {
 /// line matters; headers are skipped.
 pub fn parse_head(received: &[u8]) -> Option<Asked> {
     let Some(end) = head_end(received) else {
-        return (received.len() >= MAX_REQUEST_HEAD).then_some(Asked::Refused(Status::HeadTooLarge));
+        return (received.len() >= MAX_REQUEST_HEAD)
+            .then_some(Asked::Refused(Status::HeadTooLarge));
     };
     let head = received.get(..end).unwrap_or_default();
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
@@ -628,7 +712,8 @@ pub fn parse_head(received: &[u8]) -> Option<Asked> {
         return Some(Asked::Refused(Status::BadRequest));
     };
     let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Some(Asked::Refused(Status::BadRequest));
     };
@@ -647,8 +732,14 @@ pub fn parse_head(received: &[u8]) -> Option<Asked> {
 
 /// Where the head ends: after the first empty line (CRLF or bare LF).
 fn head_end(received: &[u8]) -> Option<usize> {
-    let crlf = received.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    let lf = received.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = received
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4);
+    let lf = received
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| i + 2);
     match (crlf, lf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -658,9 +749,21 @@ fn head_end(received: &[u8]) -> Option<usize> {
 /// A whole response: status line, headers, `body` (the metrics for 200,
 /// else the status's explanation). The connection closes after it.
 pub fn response(status: Status, body: &str) -> Vec<u8> {
-    let body = if status == Status::Ok { body } else { status.explanation() };
-    let content_type = if status == Status::Ok { CONTENT_TYPE } else { "text/plain; charset=utf-8" };
-    let allow = if status == Status::MethodNotAllowed { "Allow: GET\r\n" } else { "" };
+    let body = if status == Status::Ok {
+        body
+    } else {
+        status.explanation()
+    };
+    let content_type = if status == Status::Ok {
+        CONTENT_TYPE
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    let allow = if status == Status::MethodNotAllowed {
+        "Allow: GET\r\n"
+    } else {
+        ""
+    };
     format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{body}",
         status.code(),
@@ -673,12 +776,17 @@ pub fn response(status: Status, body: &str) -> Vec<u8> {
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     #[error("cannot serve metrics on {addr}: {source}{hint}", hint = bind_hint(source))]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 fn bind_hint(e: &std::io::Error) -> &'static str {
     match e.kind() {
-        std::io::ErrorKind::AddrInUse => " (another process listens there; choose another metrics address)",
+        std::io::ErrorKind::AddrInUse => {
+            " (another process listens there; choose another metrics address)"
+        }
         std::io::ErrorKind::AddrNotAvailable => " (not an address of this host)",
         _ => "",
     }
@@ -691,7 +799,9 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     pub async fn bind(addr: SocketAddr) -> Result<Self, MetricsError> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| MetricsError::Bind { addr, source })?;
         Ok(Self { listener })
     }
 
@@ -719,7 +829,11 @@ impl MetricsServer {
     {
         // The rendezvous's admission table, without Retry: every TCP
         // client has completed its handshake, so its address is real.
-        let limits = Limits { per_source: MAX_PER_SOURCE, validate_above: usize::MAX, max: MAX_CONNECTIONS };
+        let limits = Limits {
+            per_source: MAX_PER_SOURCE,
+            validate_above: usize::MAX,
+            max: MAX_CONNECTIONS,
+        };
         let mut serving = Pending::new(limits);
         let (done_tx, mut done) = mpsc::unbounded_channel::<Source>();
         loop {
@@ -744,7 +858,10 @@ impl MetricsServer {
             }
             let (render, done_tx) = (render.clone(), done_tx.clone());
             tokio::spawn(async move {
-                if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, render)).await.is_err() {
+                if tokio::time::timeout(CONNECTION_DEADLINE, handle(stream, render))
+                    .await
+                    .is_err()
+                {
                     tracing::debug!(%peer, "metrics client timed out");
                 }
                 let _ = done_tx.send(source);
@@ -765,7 +882,9 @@ where
             if let Some(asked) = parse_head(&received) {
                 return Some(asked);
             }
-            let room = MAX_REQUEST_HEAD.saturating_sub(received.len()).min(chunk.len());
+            let room = MAX_REQUEST_HEAD
+                .saturating_sub(received.len())
+                .min(chunk.len());
             let buf = chunk.get_mut(..room)?;
             match stream.read(buf).await {
                 Ok(0) | Err(_) => return None,
@@ -773,7 +892,9 @@ where
             }
         }
     };
-    let Ok(Some(asked)) = tokio::time::timeout(HEAD_DEADLINE, head).await else { return };
+    let Ok(Some(asked)) = tokio::time::timeout(HEAD_DEADLINE, head).await else {
+        return;
+    };
     let answer = match asked {
         Asked::Metrics => match render().await {
             Some(text) => response(Status::Ok, &text),
@@ -798,7 +919,9 @@ async fn node_text(asks: &mpsc::Sender<Ask>) -> Option<String> {
     let Response::Peers { peers } = ask(asks, Request::Peers).await? else {
         return None;
     };
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     Some(render_node(&status, &peers, now))
 }
 
@@ -832,7 +955,10 @@ mod tests {
             interface: "mesh0".into(),
             listen_port: 51820,
             peers: 2,
-            rendezvous: Some(RendezvousInfo { connected: true, rtt_ms: Some(12.5) }),
+            rendezvous: Some(RendezvousInfo {
+                connected: true,
+                rtt_ms: Some(12.5),
+            }),
             drops: BTreeMap::from([("no_route".to_owned(), 3), ("bad_packet".to_owned(), 1)]),
             cookie_replies_sent: 0,
             io: IoCounters {
@@ -961,10 +1087,15 @@ meshd_peer_path{peer="YCZ0bo7Q",public_key="YCZ0bo7Q",address="100.72.0.3",path=
 
     #[test]
     fn a_node_without_a_rendezvous_lists_the_family_without_a_sample() {
-        let status = StatusInfo { rendezvous: None, ..status() };
+        let status = StatusInfo {
+            rendezvous: None,
+            ..status()
+        };
         let text = render_node(&status, &[], 0);
         assert!(
-            text.contains("# TYPE meshd_rendezvous_connected gauge\n# HELP meshd_rendezvous_rtt_seconds"),
+            text.contains(
+                "# TYPE meshd_rendezvous_connected gauge\n# HELP meshd_rendezvous_rtt_seconds"
+            ),
             "{text}"
         );
         assert!(!text.contains("\nmeshd_rendezvous_connected "), "{text}");
@@ -982,12 +1113,18 @@ meshd_peer_path{peer="YCZ0bo7Q",public_key="YCZ0bo7Q",address="100.72.0.3",path=
             last_seen: 0,
             candidates: vec![],
         };
-        let (a, b) = (NodeId::new(0x6448_0001).unwrap(), NodeId::new(0x6448_0002).unwrap());
+        let (a, b) = (
+            NodeId::new(0x6448_0001).unwrap(),
+            NodeId::new(0x6448_0002).unwrap(),
+        );
         let mut table = RelayTable::new(RelayLimits::default());
         table.connect(a, ConnId(1));
         table.connect(b, ConnId(2));
         let frame = |to: NodeId, len: usize| {
-            let header = crate::wire::relay::RelayHeader { kind: crate::wire::relay::RelayKind::Packet, node: to };
+            let header = crate::wire::relay::RelayHeader {
+                kind: crate::wire::relay::RelayKind::Packet,
+                node: to,
+            };
             let mut out = Vec::new();
             crate::wire::relay::encode_frame(header, &vec![4; len], &mut out).unwrap();
             bytes::Bytes::from(out)
@@ -999,9 +1136,17 @@ meshd_peer_path{peer="YCZ0bo7Q",public_key="YCZ0bo7Q",address="100.72.0.3",path=
         table.handle_frame(ConnId(2), frame(b, 40), now);
         table.count_drops(DropReason::InboundFull, 7);
         RendezvousMetrics {
-            nodes: vec![node(KEY_A, "node-a", 1, true), node(KEY_B, "say \"hi\"\\\n", 2, false)],
+            nodes: vec![
+                node(KEY_A, "node-a", 1, true),
+                node(KEY_B, "say \"hi\"\\\n", 2, false),
+            ],
             admission_failures: vec![(RejectReason::BadToken, 2), (RejectReason::BadProof, 1)],
-            admission: AdmissionCounts { pending: 3, refused_per_source: 40, refused_table_full: 0, validations: 5 },
+            admission: AdmissionCounts {
+                pending: 3,
+                refused_per_source: 40,
+                refused_table_full: 0,
+                validations: 5,
+            },
             relay: RelaySnapshot::of(&table),
             registry: Counters::default(),
             store_writes: 5,
@@ -1092,8 +1237,11 @@ mesh_rendezvous_candidates_refused_total{reason="claimed_observed"} 0
     type Sample = (String, Vec<(String, String)>, f64);
 
     fn is_name(s: &str, colon: bool) -> bool {
-        s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
+        s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
     }
 
     /// One line as Prometheus's text parser reads it: `Ok(None)` for a
@@ -1106,12 +1254,17 @@ mesh_rendezvous_candidates_refused_total{reason="claimed_observed"} 0
             let mut words = comment.splitn(3, ' ');
             return match (words.next(), words.next(), words.next()) {
                 (Some("HELP"), Some(name), Some(_)) if is_name(name, true) => Ok(None),
-                (Some("TYPE"), Some(name), Some("counter" | "gauge")) if is_name(name, true) => Ok(None),
+                (Some("TYPE"), Some(name), Some("counter" | "gauge")) if is_name(name, true) => {
+                    Ok(None)
+                }
                 _ => Err(format!("not a HELP or TYPE comment: {line:?}")),
             };
         }
         let chars: Vec<char> = line.chars().collect();
-        let mut i = chars.iter().take_while(|c| c.is_ascii_alphanumeric() || **c == '_' || **c == ':').count();
+        let mut i = chars
+            .iter()
+            .take_while(|c| c.is_ascii_alphanumeric() || **c == '_' || **c == ':')
+            .count();
         let name: String = chars[..i].iter().collect();
         if !is_name(&name, true) {
             return Err(format!("bad metric name in {line:?}"));
@@ -1121,7 +1274,10 @@ mesh_rendezvous_candidates_refused_total{reason="claimed_observed"} 0
             i += 1;
             loop {
                 let start = i;
-                while chars.get(i).is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_') {
+                while chars
+                    .get(i)
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_')
+                {
                     i += 1;
                 }
                 let label: String = chars[start..i].iter().collect();
@@ -1142,7 +1298,9 @@ mesh_rendezvous_candidates_refused_total{reason="claimed_observed"} 0
                             i += 2;
                         }
                         Some('"') => break,
-                        Some('\n') | None => return Err(format!("unterminated label value in {line:?}")),
+                        Some('\n') | None => {
+                            return Err(format!("unterminated label value in {line:?}"))
+                        }
                         Some(c) => {
                             value.push(*c);
                             i += 1;
@@ -1169,14 +1327,18 @@ mesh_rendezvous_candidates_refused_total{reason="claimed_observed"} 0
             "NaN" => f64::NAN,
             "+Inf" => f64::INFINITY,
             "-Inf" => f64::NEG_INFINITY,
-            v => v.parse::<f64>().map_err(|e| format!("value {v:?} in {line:?}: {e}"))?,
+            v => v
+                .parse::<f64>()
+                .map_err(|e| format!("value {v:?} in {line:?}: {e}"))?,
         };
         Ok(Some((name, labels, value)))
     }
 
     fn parse(text: &str) -> Vec<Sample> {
         assert!(text.ends_with('\n'), "the text ends with a line feed");
-        text.lines().filter_map(|line| parse_line(line).unwrap_or_else(|e| panic!("{e}\n{text}"))).collect()
+        text.lines()
+            .filter_map(|line| parse_line(line).unwrap_or_else(|e| panic!("{e}\n{text}")))
+            .collect()
     }
 
     #[test]
@@ -1186,29 +1348,46 @@ mesh_rendezvous_candidates_refused_total{reason="claimed_observed"} 0
         peers[0].name = Some(awkward.into());
         let mut status = status();
         status.drops.insert("odd\"reason".into(), 9);
-        for text in [render_node(&status, &peers, 1_700_000_000), render_rendezvous(&rendezvous_metrics())] {
+        for text in [
+            render_node(&status, &peers, 1_700_000_000),
+            render_rendezvous(&rendezvous_metrics()),
+        ] {
             let samples = parse(&text);
             assert!(samples.len() > 10, "{text}");
             for (name, ..) in &samples {
-                assert!(text.contains(&format!("# TYPE {name} ")), "{name} has a TYPE line");
+                assert!(
+                    text.contains(&format!("# TYPE {name} ")),
+                    "{name} has a TYPE line"
+                );
             }
         }
         let samples = parse(&render_node(&status, &peers, 0));
-        let rx = samples.iter().find(|(name, ..)| name == "meshd_peer_rx_bytes_total").unwrap();
+        let rx = samples
+            .iter()
+            .find(|(name, ..)| name == "meshd_peer_rx_bytes_total")
+            .unwrap();
         assert_eq!(rx.1[0], ("peer".to_owned(), awkward.to_owned()));
         assert_eq!(rx.2, 2048.0);
-        assert!(samples
-            .iter()
-            .any(|(_, labels, v)| labels == &[("reason".to_owned(), "odd\"reason".to_owned())] && *v == 9.0));
+        assert!(samples.iter().any(|(_, labels, v)| labels
+            == &[("reason".to_owned(), "odd\"reason".to_owned())]
+            && *v == 9.0));
         let named = parse(&render_rendezvous(&rendezvous_metrics()));
-        assert!(named.iter().any(|(_, labels, _)| labels.iter().any(|(_, v)| v == "say \"hi\"\\\n")));
+        assert!(named
+            .iter()
+            .any(|(_, labels, _)| labels.iter().any(|(_, v)| v == "say \"hi\"\\\n")));
     }
 
     #[test]
     fn no_key_appears_beyond_its_short_prefix() {
-        for text in [render_node(&status(), &peers(), 0), render_rendezvous(&rendezvous_metrics())] {
+        for text in [
+            render_node(&status(), &peers(), 0),
+            render_rendezvous(&rendezvous_metrics()),
+        ] {
             for key in [KEY_A, KEY_B, KEY_C] {
-                assert!(!text.contains(&key[..9]), "{key} is cut to 8 characters:\n{text}");
+                assert!(
+                    !text.contains(&key[..9]),
+                    "{key} is cut to 8 characters:\n{text}"
+                );
             }
         }
     }
@@ -1233,21 +1412,50 @@ mesh_rendezvous_candidates_refused_total{reason="claimed_observed"} 0
     #[test]
     fn only_get_of_the_metrics_path_is_served_and_everything_else_gets_its_status() {
         let cases: [(&[u8], Asked); 12] = [
-            (b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n", Asked::Metrics),
+            (
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+                Asked::Metrics,
+            ),
             (b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n", Asked::Metrics),
             (b"GET /metrics HTTP/1.1\n\n", Asked::Metrics),
             (b"GET / HTTP/1.1\r\n\r\n", Asked::Refused(Status::NotFound)),
-            (b"GET /metrics/ HTTP/1.1\r\n\r\n", Asked::Refused(Status::NotFound)),
-            (b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", Asked::Refused(Status::MethodNotAllowed)),
-            (b"HEAD /metrics HTTP/1.1\r\n\r\n", Asked::Refused(Status::MethodNotAllowed)),
-            (b"get /metrics HTTP/1.1\r\n\r\n", Asked::Refused(Status::MethodNotAllowed)),
+            (
+                b"GET /metrics/ HTTP/1.1\r\n\r\n",
+                Asked::Refused(Status::NotFound),
+            ),
+            (
+                b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+                Asked::Refused(Status::MethodNotAllowed),
+            ),
+            (
+                b"HEAD /metrics HTTP/1.1\r\n\r\n",
+                Asked::Refused(Status::MethodNotAllowed),
+            ),
+            (
+                b"get /metrics HTTP/1.1\r\n\r\n",
+                Asked::Refused(Status::MethodNotAllowed),
+            ),
             (b"GET /metrics\r\n\r\n", Asked::Refused(Status::BadRequest)),
-            (b"GET  /metrics HTTP/1.1\r\n\r\n", Asked::Refused(Status::BadRequest)),
-            (b"GET http://x/metrics HTTP/1.1\r\n\r\n", Asked::Refused(Status::BadRequest)),
-            (b"\xff\xfe /metrics HTTP/1.1\r\n\r\n", Asked::Refused(Status::BadRequest)),
+            (
+                b"GET  /metrics HTTP/1.1\r\n\r\n",
+                Asked::Refused(Status::BadRequest),
+            ),
+            (
+                b"GET http://x/metrics HTTP/1.1\r\n\r\n",
+                Asked::Refused(Status::BadRequest),
+            ),
+            (
+                b"\xff\xfe /metrics HTTP/1.1\r\n\r\n",
+                Asked::Refused(Status::BadRequest),
+            ),
         ];
         for (head, expected) in cases {
-            assert_eq!(parse_head(head), Some(expected), "{:?}", String::from_utf8_lossy(head));
+            assert_eq!(
+                parse_head(head),
+                Some(expected),
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
         }
     }
 
@@ -1259,7 +1467,10 @@ mesh_rendezvous_candidates_refused_total{reason="claimed_observed"} 0
         long.resize(MAX_REQUEST_HEAD - 1, b'a');
         assert_eq!(parse_head(&long), None);
         long.push(b'a');
-        assert_eq!(parse_head(&long), Some(Asked::Refused(Status::HeadTooLarge)));
+        assert_eq!(
+            parse_head(&long),
+            Some(Asked::Refused(Status::HeadTooLarge))
+        );
     }
 
     #[test]
@@ -1276,12 +1487,23 @@ mesh_rendezvous_candidates_refused_total{reason="claimed_observed"} 0
             "HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain; charset=utf-8\r\n\
              Content-Length: 19\r\nAllow: GET\r\nConnection: close\r\n\r\nonly GET is served\n"
         );
-        for status in [Status::BadRequest, Status::NotFound, Status::HeadTooLarge, Status::Unavailable] {
+        for status in [
+            Status::BadRequest,
+            Status::NotFound,
+            Status::HeadTooLarge,
+            Status::Unavailable,
+        ] {
             let text = String::from_utf8(response(status, "")).unwrap();
             let body = status.explanation();
-            assert!(text.starts_with(&format!("HTTP/1.1 {} ", status.code())), "{text}");
             assert!(
-                text.ends_with(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())),
+                text.starts_with(&format!("HTTP/1.1 {} ", status.code())),
+                "{text}"
+            );
+            assert!(
+                text.ends_with(&format!(
+                    "Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )),
                 "{text}"
             );
         }
@@ -1298,7 +1520,9 @@ mesh_rendezvous_candidates_refused_total{reason="claimed_observed"} 0
 
     #[tokio::test]
     async fn the_server_answers_a_scrape_refuses_the_rest_and_says_when_it_has_no_numbers() {
-        let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
         let addr = server.local_addr().unwrap();
         let scrapes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = scrapes.clone();
@@ -1307,16 +1531,27 @@ mesh_rendezvous_candidates_refused_total{reason="claimed_observed"} 0
             async move { (n == 0).then(|| "x 1\n".to_owned()) }
         }));
         let ok = request(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.ends_with("\r\n\r\nx 1\n"), "{ok}");
+        assert!(
+            ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.ends_with("\r\n\r\nx 1\n"),
+            "{ok}"
+        );
         let unavailable = request(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await;
         assert!(unavailable.starts_with("HTTP/1.1 503 "), "{unavailable}");
-        let post = request(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello").await;
+        let post = request(
+            addr,
+            b"POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+        )
+        .await;
         assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
         let elsewhere = request(addr, b"GET /secrets HTTP/1.1\r\n\r\n").await;
         assert!(elsewhere.starts_with("HTTP/1.1 404 "), "{elsewhere}");
         let huge = request(addr, &[b'A'; 3 * MAX_REQUEST_HEAD]).await;
         assert!(huge.starts_with("HTTP/1.1 431 "), "{huge}");
-        assert_eq!(scrapes.load(std::sync::atomic::Ordering::SeqCst), 2, "only the two scrapes rendered");
+        assert_eq!(
+            scrapes.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "only the two scrapes rendered"
+        );
         task.abort();
     }
 }

@@ -100,7 +100,10 @@ pub struct Envelope<T> {
 
 impl<T> Envelope<T> {
     pub fn new(body: T) -> Self {
-        Self { version: API_VERSION, body }
+        Self {
+            version: API_VERSION,
+            body,
+        }
     }
 }
 
@@ -216,7 +219,9 @@ impl From<&PeerStatus> for PeerInfo {
             tx_packets: p.counters.tx_packets,
             handshakes: p.counters.handshakes,
             persistent_keepalive: p.persistent_keepalive,
-            online: p.last_handshake.is_some_and(|d| d.as_secs() < ONLINE_WITHIN),
+            online: p
+                .last_handshake
+                .is_some_and(|d| d.as_secs() < ONLINE_WITHIN),
             nat: NatMapping::Unknown,
             candidates: p.candidates.iter().map(CandidateInfo::from).collect(),
             relay_reason: None,
@@ -291,12 +296,37 @@ impl IoCounters {
     /// The four operations with their calls and packets: one list for
     /// every view, so none misses one.
     pub fn ops(&self) -> [IoOp; 4] {
-        let op = |name, label, calls, packets| IoOp { name, label, calls, packets };
+        let op = |name, label, calls, packets| IoOp {
+            name,
+            label,
+            calls,
+            packets,
+        };
         [
-            op("tun_read", "TUN read", self.tun_reads, self.tun_read_packets),
-            op("tun_write", "TUN write", self.tun_writes, self.tun_written_packets),
-            op("udp_send", "UDP send", self.udp_sends, self.udp_sent_datagrams),
-            op("udp_receive", "UDP receive", self.udp_receives, self.udp_received_datagrams),
+            op(
+                "tun_read",
+                "TUN read",
+                self.tun_reads,
+                self.tun_read_packets,
+            ),
+            op(
+                "tun_write",
+                "TUN write",
+                self.tun_writes,
+                self.tun_written_packets,
+            ),
+            op(
+                "udp_send",
+                "UDP send",
+                self.udp_sends,
+                self.udp_sent_datagrams,
+            ),
+            op(
+                "udp_receive",
+                "UDP receive",
+                self.udp_receives,
+                self.udp_received_datagrams,
+            ),
         ]
     }
 }
@@ -323,12 +353,20 @@ mod tests {
 
     #[test]
     fn a_peer_from_an_older_meshd_without_packet_counters_reads_as_zero() {
-        let mut v = serde_json::to_value(PeerInfo { rx_packets: 5, handshakes: 2, ..PeerInfo::default() }).unwrap();
+        let mut v = serde_json::to_value(PeerInfo {
+            rx_packets: 5,
+            handshakes: 2,
+            ..PeerInfo::default()
+        })
+        .unwrap();
         for field in ["rx_packets", "tx_packets", "handshakes"] {
             v.as_object_mut().unwrap().remove(field);
         }
         let back: PeerInfo = serde_json::from_value(v).unwrap();
-        assert_eq!((back.rx_packets, back.tx_packets, back.handshakes), (0, 0, 0));
+        assert_eq!(
+            (back.rx_packets, back.tx_packets, back.handshakes),
+            (0, 0, 0)
+        );
     }
 
     #[test]
@@ -354,12 +392,25 @@ mod tests {
             relay_reason: Some("both sides are behind endpoint-dependent NAT".into()),
         };
         let v = serde_json::to_value(&info).unwrap();
-        for field in
-            [
-            "name", "public_key", "overlay_ips", "allowed_ips", "endpoint", "path", "rtt_ms", "last_handshake", "rx_bytes",
-            "tx_bytes", "rx_packets", "tx_packets", "handshakes", "online", "nat", "candidates", "relay_reason",
-        ]
-        {
+        for field in [
+            "name",
+            "public_key",
+            "overlay_ips",
+            "allowed_ips",
+            "endpoint",
+            "path",
+            "rtt_ms",
+            "last_handshake",
+            "rx_bytes",
+            "tx_bytes",
+            "rx_packets",
+            "tx_packets",
+            "handshakes",
+            "online",
+            "nat",
+            "candidates",
+            "relay_reason",
+        ] {
             assert!(v.get(field).is_some(), "missing {field}");
         }
         assert!(v["endpoint"].is_null());

@@ -7,7 +7,17 @@ use super::{IoCounters, NetcheckInfo, PeerInfo, PingInfo, RendezvousInfo, Status
 /// `meshctl peers`: one line per peer, aligned columns, then for every
 /// relayed peer the reason it is relayed.
 pub fn peers_table(peers: &[PeerInfo]) -> String {
-    let header = ["NAME", "ADDRESS", "PEER", "PATH", "RTT", "HANDSHAKE", "RX", "TX", "STATUS"];
+    let header = [
+        "NAME",
+        "ADDRESS",
+        "PEER",
+        "PATH",
+        "RTT",
+        "HANDSHAKE",
+        "RX",
+        "TX",
+        "STATUS",
+    ];
     let rows: Vec<[String; 9]> = peers
         .iter()
         .map(|p| {
@@ -24,7 +34,8 @@ pub fn peers_table(peers: &[PeerInfo]) -> String {
                     (Some(endpoint), _) => format!("direct {endpoint}"),
                     (None, path) => path.to_owned(),
                 },
-                p.rtt_ms.map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
+                p.rtt_ms
+                    .map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
                 p.last_handshake.map_or_else(|| "never".into(), ago),
                 bytes(p.rx_bytes),
                 bytes(p.tx_bytes),
@@ -82,12 +93,20 @@ pub fn status(s: &StatusInfo) -> String {
         let _ = writeln!(out, "seen at:     {}", s.seen_at.join(", "));
     }
     match &s.rendezvous {
-        Some(RendezvousInfo { connected: true, rtt_ms }) => {
+        Some(RendezvousInfo {
+            connected: true,
+            rtt_ms,
+        }) => {
             let rtt = rtt_ms.map_or_else(String::new, |ms| format!(", rtt {ms:.1}ms"));
             let _ = writeln!(out, "rendezvous:  connected{rtt}");
         }
-        Some(RendezvousInfo { connected: false, .. }) => {
-            let _ = writeln!(out, "rendezvous:  not connected (tunnels stay up; reconnecting)");
+        Some(RendezvousInfo {
+            connected: false, ..
+        }) => {
+            let _ = writeln!(
+                out,
+                "rendezvous:  not connected (tunnels stay up; reconnecting)"
+            );
         }
         None => {}
     }
@@ -120,7 +139,10 @@ fn batching(io: &IoCounters) -> Option<String> {
     }
     let mut line = format!("{} packets per call", parts.join(", "));
     if io.tun_write_errors + io.udp_send_errors > 0 {
-        line += &format!(" (failed: {} TUN writes, {} UDP sends)", io.tun_write_errors, io.udp_send_errors);
+        line += &format!(
+            " (failed: {} TUN writes, {} UDP sends)",
+            io.tun_write_errors, io.udp_send_errors
+        );
     }
     Some(line)
 }
@@ -155,7 +177,11 @@ pub fn netcheck(n: &NetcheckInfo) -> String {
     let _ = writeln!(
         out,
         "QUIC (UDP):         {}{}",
-        if n.quic_connected { "connected" } else { "not connected" },
+        if n.quic_connected {
+            "connected"
+        } else {
+            "not connected"
+        },
         ms(n.quic_rtt_ms)
     );
     let _ = writeln!(out, "seen by QUIC port:  {}", or_dash(&n.quic_seen_at));
@@ -163,9 +189,17 @@ pub fn netcheck(n: &NetcheckInfo) -> String {
         Some(at) => format!("{at}{}", ms(n.reflector_rtt_ms)),
         None => "no answer".into(),
     };
-    let _ = writeln!(out, "seen by check port: {answered} (port {})", or_dash(&n.reflector));
+    let _ = writeln!(
+        out,
+        "seen by check port: {answered} (port {})",
+        or_dash(&n.reflector)
+    );
     let _ = writeln!(out, "NAT mapping:        {}", n.mapping.describe());
-    let _ = writeln!(out, "seen by peers:      {}", n.mapping_from_peers.describe());
+    let _ = writeln!(
+        out,
+        "seen by peers:      {}",
+        n.mapping_from_peers.describe()
+    );
     let _ = writeln!(out, "hole punching:      {}", n.hole_punching);
     let _ = writeln!(out, "\n{}.", n.explanation);
     out
@@ -207,7 +241,12 @@ mod tests {
             public_key: key.into(),
             allowed_ips: vec!["100.72.0.2/32".into()],
             endpoint: endpoint.map(Into::into),
-            path: if endpoint.is_some() { "direct" } else { "relay" }.into(),
+            path: if endpoint.is_some() {
+                "direct"
+            } else {
+                "relay"
+            }
+            .into(),
             rtt_ms: endpoint.map(|_| 0.42),
             last_handshake: hs,
             rx_bytes: rx,
@@ -219,15 +258,29 @@ mod tests {
             online: hs.is_some(),
             nat: crate::wire::control::NatMapping::Unknown,
             candidates: vec![],
-            relay_reason: endpoint.is_none().then(|| "both sides are behind endpoint-dependent (symmetric) NAT".into()),
+            relay_reason: endpoint
+                .is_none()
+                .then(|| "both sides are behind endpoint-dependent (symmetric) NAT".into()),
         }
     }
 
     #[test]
     fn peers_table_renders_fixed_input() {
         let peers = [
-            peer("hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=", Some("192.0.2.2:51820"), Some(42), 2048, 100),
-            peer("3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=", None, None, 0, 0),
+            peer(
+                "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=",
+                Some("192.0.2.2:51820"),
+                Some(42),
+                2048,
+                100,
+            ),
+            peer(
+                "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=",
+                None,
+                None,
+                0,
+                0,
+            ),
         ];
         let expected = "\
 NAME    ADDRESS     PEER      PATH                    RTT    HANDSHAKE  RX       TX     STATUS
@@ -248,15 +301,31 @@ node-b  100.72.0.2  hSDwCYkw  direct 192.0.2.2:51820  0.4ms  42s ago    2.0 KiB 
             endpoint: None,
             rtt_ms: Some(4.25),
         };
-        assert_eq!(ping_line(&relayed, None), "pong from node-b (100.72.0.2) via relay in 4.2ms\n");
-        let direct = PingInfo { path: Some("direct".into()), endpoint: Some("203.0.113.12:51820".into()), rtt_ms: Some(1.0), ..relayed.clone() };
+        assert_eq!(
+            ping_line(&relayed, None),
+            "pong from node-b (100.72.0.2) via relay in 4.2ms\n"
+        );
+        let direct = PingInfo {
+            path: Some("direct".into()),
+            endpoint: Some("203.0.113.12:51820".into()),
+            rtt_ms: Some(1.0),
+            ..relayed.clone()
+        };
         assert_eq!(
             ping_line(&direct, Some("relay")),
             "pong from node-b (100.72.0.2) via direct 203.0.113.12:51820 in 1.0ms\n\
              path upgraded: relay -> direct 203.0.113.12:51820\n"
         );
-        let lost = PingInfo { path: None, rtt_ms: None, endpoint: None, ..relayed };
-        assert_eq!(ping_line(&lost, Some("relay")), "no answer from node-b (100.72.0.2) within 2s\n");
+        let lost = PingInfo {
+            path: None,
+            rtt_ms: None,
+            endpoint: None,
+            ..relayed
+        };
+        assert_eq!(
+            ping_line(&lost, Some("relay")),
+            "no answer from node-b (100.72.0.2) within 2s\n"
+        );
     }
 
     #[test]
@@ -290,7 +359,11 @@ a new port per destination.
 
     #[test]
     fn status_shows_packets_per_call_once_there_is_traffic() {
-        let mut s = StatusInfo { public_key: "k".into(), interface: "mesh0".into(), ..StatusInfo::default() };
+        let mut s = StatusInfo {
+            public_key: "k".into(),
+            interface: "mesh0".into(),
+            ..StatusInfo::default()
+        };
         assert!(!status(&s).contains("batching"));
         s.io = IoCounters {
             tun_reads: 10,

@@ -45,17 +45,27 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot create API socket directory {path}: {source}")]
-    Directory { path: PathBuf, source: std::io::Error },
+    Directory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("another meshd is already answering on {path}; stop it or choose another --socket")]
     InUse { path: PathBuf },
     #[error("{path} exists and is not a socket; remove it or choose another --socket")]
     NotASocket { path: PathBuf },
     #[error("cannot bind API socket {path}: {source}")]
-    Bind { path: PathBuf, source: std::io::Error },
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("socket-group {group:?} does not exist on this host (create it with `groupadd {group}`, or remove socket-group)")]
     UnknownGroup { group: String },
     #[error("cannot give API socket {path} to group {group:?}: {source}")]
-    Chown { path: PathBuf, group: String, source: std::io::Error },
+    Chown {
+        path: PathBuf,
+        group: String,
+        source: std::io::Error,
+    },
 }
 
 /// The bound API socket. Dropping it removes the socket file.
@@ -69,37 +79,62 @@ impl ApiSocket {
     /// meshd but never one a live meshd answers on.
     pub async fn bind(path: &Path) -> Result<Self, ServerError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|source| ServerError::Directory { path: dir.to_owned(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| ServerError::Directory {
+                path: dir.to_owned(),
+                source,
+            })?;
         }
         match std::fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_socket() => {
                 if UnixStream::connect(path).await.is_ok() {
-                    return Err(ServerError::InUse { path: path.to_owned() });
+                    return Err(ServerError::InUse {
+                        path: path.to_owned(),
+                    });
                 }
                 let _ = std::fs::remove_file(path);
             }
-            Ok(_) => return Err(ServerError::NotASocket { path: path.to_owned() }),
+            Ok(_) => {
+                return Err(ServerError::NotASocket {
+                    path: path.to_owned(),
+                })
+            }
             Err(_) => {}
         }
-        let bind_err = |source| ServerError::Bind { path: path.to_owned(), source };
+        let bind_err = |source| ServerError::Bind {
+            path: path.to_owned(),
+            source,
+        };
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-        Ok(Self { listener, path: path.to_owned() })
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+        })
     }
 
     /// As [`ApiSocket::bind`], and with a `group` whose members may use the
     /// socket too: it is handed to that group with mode 0660.
     pub async fn bind_for_group(path: &Path, group: Option<&str>) -> Result<Self, ServerError> {
         let socket = Self::bind(path).await?;
-        let Some(group) = group else { return Ok(socket) };
+        let Some(group) = group else {
+            return Ok(socket);
+        };
         let gid = match nix::unistd::Group::from_name(group) {
             Ok(Some(g)) => g.gid,
-            Ok(None) | Err(_) => return Err(ServerError::UnknownGroup { group: group.to_owned() }),
+            Ok(None) | Err(_) => {
+                return Err(ServerError::UnknownGroup {
+                    group: group.to_owned(),
+                })
+            }
         };
-        let chown_err = |source| ServerError::Chown { path: path.to_owned(), group: group.to_owned(), source };
+        let chown_err = |source| ServerError::Chown {
+            path: path.to_owned(),
+            group: group.to_owned(),
+            source,
+        };
         std::os::unix::fs::chown(path, None, Some(gid.as_raw())).map_err(chown_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(chown_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(chown_err)?;
         Ok(socket)
     }
 
@@ -116,7 +151,8 @@ impl ApiSocket {
                 if asks.send((request, tx)).await.is_err() {
                     return Response::error("meshd is shutting down".into());
                 }
-                rx.await.unwrap_or_else(|_| Response::error("meshd is shutting down".into()))
+                rx.await
+                    .unwrap_or_else(|_| Response::error("meshd is shutting down".into()))
             }
         })
         .await
@@ -131,7 +167,14 @@ impl ApiSocket {
         Fut: Future<Output = Resp> + Send,
     {
         let answer = move |stream| handle(stream, handler);
-        serve_connections(&self.listener, "API socket", MAX_CONNECTIONS, CONNECTION_DEADLINE, answer).await
+        serve_connections(
+            &self.listener,
+            "API socket",
+            MAX_CONNECTIONS,
+            CONNECTION_DEADLINE,
+            answer,
+        )
+        .await
     }
 }
 
@@ -176,7 +219,9 @@ pub(super) async fn serve_connections<L, F, Fut>(
 {
     let limit = Arc::new(Semaphore::new(limit));
     loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else { return };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept_stream().await {
             Ok(stream) => stream,
             Err(e) => {
@@ -188,7 +233,10 @@ pub(super) async fn serve_connections<L, F, Fut>(
         let handle = handle.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if tokio::time::timeout(deadline, handle(stream)).await.is_err() {
+            if tokio::time::timeout(deadline, handle(stream))
+                .await
+                .is_err()
+            {
                 tracing::debug!("{what} client timed out");
             }
         });
@@ -218,7 +266,9 @@ where
         Ok(request) => handler(request).await,
         Err(message) => Resp::error(message),
     };
-    let Ok(mut out) = serde_json::to_vec(&Envelope::new(response)) else { return };
+    let Ok(mut out) = serde_json::to_vec(&Envelope::new(response)) else {
+        return;
+    };
     out.push(b'\n');
     let _ = write.write_all(&out).await;
 }
@@ -233,7 +283,11 @@ pub(crate) fn parse<Req: DeserializeOwned>(line: &[u8]) -> Result<Req, String> {
         serde_json::from_slice(line).map_err(|e| format!("request is not JSON: {e}"))?;
     match value.get("version").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(API_VERSION) => {}
-        Some(v) => return Err(format!("API version {v} is not supported; this meshd speaks {API_VERSION}")),
+        Some(v) => {
+            return Err(format!(
+                "API version {v} is not supported; this meshd speaks {API_VERSION}"
+            ))
+        }
         None => return Err("request has no version field".into()),
     }
     serde_json::from_value::<Envelope<Req>>(value)
@@ -254,16 +308,21 @@ mod tests {
         assert_eq!(std::fs::metadata(&private).unwrap().mode() & 0o777, 0o600);
 
         // The process's own group: always ours to hand a file to.
-        let own = nix::unistd::Group::from_gid(nix::unistd::getgid()).unwrap().unwrap();
+        let own = nix::unistd::Group::from_gid(nix::unistd::getgid())
+            .unwrap()
+            .unwrap();
         let shared = dir.path().join("shared.sock");
-        let _s = ApiSocket::bind_for_group(&shared, Some(&own.name)).await.unwrap();
+        let _s = ApiSocket::bind_for_group(&shared, Some(&own.name))
+            .await
+            .unwrap();
         let meta = std::fs::metadata(&shared).unwrap();
         assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, own.gid.as_raw()));
 
-        let err = ApiSocket::bind_for_group(&dir.path().join("x.sock"), Some("no-such-group-meshd"))
-            .await
-            .err()
-            .expect("an unknown group is refused");
+        let err =
+            ApiSocket::bind_for_group(&dir.path().join("x.sock"), Some("no-such-group-meshd"))
+                .await
+                .err()
+                .expect("an unknown group is refused");
         assert!(err.to_string().contains("no-such-group-meshd"), "{err}");
     }
 
@@ -271,9 +330,18 @@ mod tests {
     fn bad_requests_get_clear_errors() {
         let parse = parse::<Request>;
         assert!(parse(b"hello").unwrap_err().contains("not JSON"));
-        assert!(parse(br#"{"request":"peers"}"#).unwrap_err().contains("version"));
-        assert!(parse(br#"{"version":99,"request":"peers"}"#).unwrap_err().contains("99"));
-        assert!(parse(br#"{"version":1,"request":"dance"}"#).unwrap_err().contains("unknown request"));
-        assert_eq!(parse(br#"{"version":1,"request":"peers"}"#), Ok(Request::Peers));
+        assert!(parse(br#"{"request":"peers"}"#)
+            .unwrap_err()
+            .contains("version"));
+        assert!(parse(br#"{"version":99,"request":"peers"}"#)
+            .unwrap_err()
+            .contains("99"));
+        assert!(parse(br#"{"version":1,"request":"dance"}"#)
+            .unwrap_err()
+            .contains("unknown request"));
+        assert_eq!(
+            parse(br#"{"version":1,"request":"peers"}"#),
+            Ok(Request::Peers)
+        );
     }
 }

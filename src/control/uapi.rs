@@ -108,7 +108,10 @@ impl Refusal {
     pub fn ends_connection(self) -> bool {
         match self {
             Refusal::SetNotSupported | Refusal::Unavailable => false,
-            Refusal::SetTooLong | Refusal::UnknownOperation | Refusal::TrailingGet | Refusal::LineTooLong => true,
+            Refusal::SetTooLong
+            | Refusal::UnknownOperation
+            | Refusal::TrailingGet
+            | Refusal::LineTooLong => true,
         }
     }
 }
@@ -222,7 +225,10 @@ pub fn format_get<'a>(
     peers: impl IntoIterator<Item = PeerView<'a>>,
     now: SystemTime,
 ) -> String {
-    let now = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let mut out = String::with_capacity(1024);
     // PrivateKey only leaves as base64 (for key files); UAPI wants hex.
     if let Ok(bytes) = B64.decode(private_key.to_base64()) {
@@ -245,8 +251,16 @@ pub fn format_get<'a>(
         line(&mut out, "last_handshake_time_nsec", 0);
         line(&mut out, "tx_bytes", peer.tx_bytes);
         line(&mut out, "rx_bytes", peer.rx_bytes);
-        line(&mut out, "persistent_keepalive_interval", peer.persistent_keepalive.unwrap_or(0));
-        for net in peer.allowed_ips.iter().filter_map(|n| n.parse::<IpNet>().ok()) {
+        line(
+            &mut out,
+            "persistent_keepalive_interval",
+            peer.persistent_keepalive.unwrap_or(0),
+        );
+        for net in peer
+            .allowed_ips
+            .iter()
+            .filter_map(|n| n.parse::<IpNet>().ok())
+        {
             line(&mut out, "allowed_ip", net);
         }
     }
@@ -271,13 +285,19 @@ impl Display for Hex<'_> {
 #[derive(Debug, thiserror::Error)]
 pub enum UapiError {
     #[error("cannot create the WireGuard socket directory {path}: {source}")]
-    Directory { path: PathBuf, source: std::io::Error },
+    Directory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("another WireGuard implementation answers on {path}; `wg` will show it, not meshd")]
     InUse { path: PathBuf },
     #[error("{path} exists and is not a socket; remove it so that `wg` can reach meshd")]
     NotASocket { path: PathBuf },
     #[error("cannot bind the WireGuard socket {path}: {source}")]
-    Bind { path: PathBuf, source: std::io::Error },
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The bound UAPI socket. Dropping it removes the socket file, unless
@@ -303,7 +323,10 @@ impl UapiSocket {
             .recursive(true)
             .mode(0o755)
             .create(dir)
-            .map_err(|source| UapiError::Directory { path: dir.to_owned(), source })?;
+            .map_err(|source| UapiError::Directory {
+                path: dir.to_owned(),
+                source,
+            })?;
         match std::fs::symlink_metadata(&path) {
             Ok(meta) if meta.file_type().is_socket() => {
                 if UnixStream::connect(&path).await.is_ok() {
@@ -314,16 +337,26 @@ impl UapiSocket {
             Ok(_) => return Err(UapiError::NotASocket { path }),
             Err(_) => {}
         }
-        let bind_err = |source| UapiError::Bind { path: path.clone(), source };
+        let bind_err = |source| UapiError::Bind {
+            path: path.clone(),
+            source,
+        };
         let listener = match UnixListener::bind(&path) {
             Ok(listener) => listener,
             // Another process bound it between our check and our bind.
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(UapiError::InUse { path }),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                return Err(UapiError::InUse { path })
+            }
             Err(e) => return Err(bind_err(e)),
         };
         let meta = std::fs::symlink_metadata(&path).map_err(bind_err)?;
-        let socket = Self { listener, file_id: (meta.dev(), meta.ino()), path: path.clone() };
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        let socket = Self {
+            listener,
+            file_id: (meta.dev(), meta.ino()),
+            path: path.clone(),
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(bind_err)?;
         Ok(socket)
     }
 
@@ -335,14 +368,21 @@ impl UapiSocket {
     pub async fn serve(self, private_key: PrivateKey, asks: mpsc::Sender<Ask>) {
         let private_key = Arc::new(private_key);
         let answer = move |stream| async move { handle(stream, &private_key, &asks).await };
-        serve_connections(&self.listener, "WireGuard UAPI socket", MAX_CONNECTIONS, CONNECTION_DEADLINE, answer)
-            .await
+        serve_connections(
+            &self.listener,
+            "WireGuard UAPI socket",
+            MAX_CONNECTIONS,
+            CONNECTION_DEADLINE,
+            answer,
+        )
+        .await
     }
 }
 
 impl Drop for UapiSocket {
     fn drop(&mut self) {
-        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file_id);
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file_id);
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -356,7 +396,11 @@ async fn handle(stream: UnixStream, private_key: &PrivateKey, asks: &mpsc::Sende
     let mut line = Vec::new();
     loop {
         line.clear();
-        match (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await {
+        match (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await
+        {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -389,12 +433,19 @@ async fn answer_get(private_key: &PrivateKey, asks: &mpsc::Sender<Ask>) -> Resul
     let Response::Peers { peers } = ask(asks, Request::Peers).await? else {
         return Err(Refusal::Unavailable);
     };
-    Ok(format_get(private_key, status.listen_port, peers.iter().map(PeerView::from), SystemTime::now()))
+    Ok(format_get(
+        private_key,
+        status.listen_port,
+        peers.iter().map(PeerView::from),
+        SystemTime::now(),
+    ))
 }
 
 async fn ask(asks: &mpsc::Sender<Ask>, request: Request) -> Result<Response, Refusal> {
     let (tx, rx) = oneshot::channel();
-    asks.send((request, tx)).await.map_err(|_| Refusal::Unavailable)?;
+    asks.send((request, tx))
+        .await
+        .map_err(|_| Refusal::Unavailable)?;
     rx.await.map_err(|_| Refusal::Unavailable)
 }
 
@@ -438,7 +489,12 @@ mod tests {
     #[test]
     fn get_answer_lists_the_device_then_each_peer_as_wireguard_go_does() {
         let allowed = allowed();
-        let text = format_get(&private_key(), 51820, [peer(&allowed)], at(1_700_000_000) + Duration::from_millis(400));
+        let text = format_get(
+            &private_key(),
+            51820,
+            [peer(&allowed)],
+            at(1_700_000_000) + Duration::from_millis(400),
+        );
         let expected = format!(
             "private_key={PRIVATE}\n\
              listen_port=51820\n\
@@ -461,24 +517,44 @@ mod tests {
     #[test]
     fn a_peer_without_handshake_or_direct_path_reports_zero_time_and_no_endpoint() {
         let allowed = allowed();
-        let quiet = PeerView { endpoint: None, last_handshake: None, persistent_keepalive: None, ..peer(&allowed) };
+        let quiet = PeerView {
+            endpoint: None,
+            last_handshake: None,
+            persistent_keepalive: None,
+            ..peer(&allowed)
+        };
         let text = format_get(&private_key(), 51820, [quiet], at(1_700_000_000));
         assert!(!text.contains("endpoint="), "{text}");
-        assert!(text.contains("last_handshake_time_sec=0\nlast_handshake_time_nsec=0\n"), "{text}");
+        assert!(
+            text.contains("last_handshake_time_sec=0\nlast_handshake_time_nsec=0\n"),
+            "{text}"
+        );
         assert!(text.contains("persistent_keepalive_interval=0\n"), "{text}");
     }
 
     #[test]
     fn a_node_without_peers_reports_only_itself() {
         let text = format_get(&private_key(), 51820, [], at(1));
-        assert_eq!(text, format!("private_key={PRIVATE}\nlisten_port=51820\nerrno=0\n\n"));
+        assert_eq!(
+            text,
+            format!("private_key={PRIVATE}\nlisten_port=51820\nerrno=0\n\n")
+        );
     }
 
     #[test]
     fn values_that_would_break_the_protocol_are_left_out() {
-        let (allowed, odd_allowed) = (allowed(), vec!["10.0.0.0/8\nerrno=0".to_owned(), "10.1.0.0/16".to_owned()]);
-        let odd = PeerView { endpoint: Some("1.2.3.4:5\nprivate_key=00"), ..peer(&odd_allowed) };
-        let bad_key = PeerView { public_key: "not a key", ..peer(&allowed) };
+        let (allowed, odd_allowed) = (
+            allowed(),
+            vec!["10.0.0.0/8\nerrno=0".to_owned(), "10.1.0.0/16".to_owned()],
+        );
+        let odd = PeerView {
+            endpoint: Some("1.2.3.4:5\nprivate_key=00"),
+            ..peer(&odd_allowed)
+        };
+        let bad_key = PeerView {
+            public_key: "not a key",
+            ..peer(&allowed)
+        };
         let text = format_get(&private_key(), 51820, [odd, bad_key], at(1_700_000_000));
         assert!(!text.contains("endpoint="), "{text}");
         assert_eq!(text.matches("allowed_ip=").count(), 1, "{text}");
@@ -517,17 +593,39 @@ mod tests {
         let steps = push_all(&[b"set=1\n", b"private_key=00\n", b"listen_port=1\n", b"\n"]);
         assert_eq!(steps.last(), Some(&Step::Refuse(Refusal::SetNotSupported)));
         assert!(steps[..3].iter().all(|s| *s == Step::NeedLine));
-        assert_eq!(Refusal::SetNotSupported.reply(), format!("errno=-{}\n\n", libc::EOPNOTSUPP));
+        assert_eq!(
+            Refusal::SetNotSupported.reply(),
+            format!("errno=-{}\n\n", libc::EOPNOTSUPP)
+        );
         assert!(!Refusal::SetNotSupported.ends_connection());
     }
 
     #[test]
     fn garbage_is_refused_and_ends_the_connection() {
-        for garbage in [&b"hello\n"[..], b"\n", b"get=2\n", b"GET=1\n", b"get=1", b"\x00\xff\n"] {
-            assert_eq!(push_all(&[garbage]), [Step::Refuse(Refusal::UnknownOperation)], "{garbage:?}");
+        for garbage in [
+            &b"hello\n"[..],
+            b"\n",
+            b"get=2\n",
+            b"GET=1\n",
+            b"get=1",
+            b"\x00\xff\n",
+        ] {
+            assert_eq!(
+                push_all(&[garbage]),
+                [Step::Refuse(Refusal::UnknownOperation)],
+                "{garbage:?}"
+            );
         }
-        assert_eq!(push_all(&[b"get=1\n", b"x\n"])[1], Step::Refuse(Refusal::TrailingGet));
-        for refusal in [Refusal::UnknownOperation, Refusal::TrailingGet, Refusal::LineTooLong, Refusal::SetTooLong] {
+        assert_eq!(
+            push_all(&[b"get=1\n", b"x\n"])[1],
+            Step::Refuse(Refusal::TrailingGet)
+        );
+        for refusal in [
+            Refusal::UnknownOperation,
+            Refusal::TrailingGet,
+            Refusal::LineTooLong,
+            Refusal::SetTooLong,
+        ] {
             assert!(refusal.ends_connection(), "{refusal:?}");
             assert!(refusal.errno() != 0, "{refusal:?}");
         }
@@ -537,7 +635,10 @@ mod tests {
     fn oversized_lines_are_refused_in_any_state() {
         let long = vec![b'a'; MAX_LINE + 1];
         assert_eq!(push_all(&[&long]), [Step::Refuse(Refusal::LineTooLong)]);
-        assert_eq!(push_all(&[b"set=1\n", &long])[1], Step::Refuse(Refusal::LineTooLong));
+        assert_eq!(
+            push_all(&[b"set=1\n", &long])[1],
+            Step::Refuse(Refusal::LineTooLong)
+        );
         let mut longest = vec![b'a'; MAX_LINE - 1];
         longest.push(b'\n');
         assert_eq!(push_all(&[b"set=1\n", &longest])[1], Step::NeedLine);
@@ -550,12 +651,18 @@ mod tests {
         for _ in 0..MAX_SET_LINES {
             assert_eq!(parser.push_line(b"allowed_ip=10.0.0.0/8\n"), Step::NeedLine);
         }
-        assert_eq!(parser.push_line(b"allowed_ip=10.0.0.0/8\n"), Step::Refuse(Refusal::SetTooLong));
+        assert_eq!(
+            parser.push_line(b"allowed_ip=10.0.0.0/8\n"),
+            Step::Refuse(Refusal::SetTooLong)
+        );
     }
 
     #[test]
     fn a_failed_get_reports_eio_as_wg_reads_it() {
-        assert_eq!(Refusal::Unavailable.reply(), format!("errno={}\n\n", libc::EIO));
+        assert_eq!(
+            Refusal::Unavailable.reply(),
+            format!("errno={}\n\n", libc::EIO)
+        );
     }
 
     #[test]

@@ -36,11 +36,20 @@ pub struct NodeCache {
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is corrupt ({source}); delete it to re-learn everything from the rendezvous")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub fn path(state_dir: &Path) -> PathBuf {
@@ -87,7 +96,9 @@ impl Writer {
             let mut closed_now = false;
             // Ends once the sender is gone and nothing new is waiting.
             while changes.changed().await.is_ok() {
-                let Some(cache) = changes.borrow_and_update().clone() else { continue };
+                let Some(cache) = changes.borrow_and_update().clone() else {
+                    continue;
+                };
                 let dir = state_dir.clone();
                 match tokio::task::spawn_blocking(move || save(&dir, &cache)).await {
                     Ok(Ok(())) => {
@@ -104,7 +115,12 @@ impl Writer {
                 }
             }
         });
-        Self { latest, closing: Some(closing), task, writes }
+        Self {
+            latest,
+            closing: Some(closing),
+            task,
+            writes,
+        }
     }
 
     /// Hands over the cache to write; replaces one not written yet.
@@ -147,7 +163,9 @@ mod tests {
                 ipv6: "fd00:1::/48".parse().unwrap(),
             },
             node: entry(1),
-            peers: (0..peers).map(|n| entry(u8::try_from(n % 200).unwrap_or(0) + 2)).collect(),
+            peers: (0..peers)
+                .map(|n| entry(u8::try_from(n % 200).unwrap_or(0) + 2))
+                .collect(),
         }
     }
 
@@ -166,7 +184,11 @@ mod tests {
         assert!(writes <= 1, "{writes} writes before the interval ended");
         let total = counter.load(Ordering::Relaxed);
         assert!((1..=2).contains(&total), "{total} writes for 2,001 updates");
-        assert_eq!(load(dir.path()).unwrap(), Some(sample(3)), "the latest map is on disk once closed");
+        assert_eq!(
+            load(dir.path()).unwrap(),
+            Some(sample(3)),
+            "the latest map is on disk once closed"
+        );
     }
 
     #[test]
@@ -174,7 +196,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(load(dir.path()).unwrap(), None);
         let cache = NodeCache {
-            mesh: MeshInfo { id: "m".into(), ipv4: "100.72.0.0/16".parse().unwrap(), ipv6: "fd00:1::/48".parse().unwrap() },
+            mesh: MeshInfo {
+                id: "m".into(),
+                ipv4: "100.72.0.0/16".parse().unwrap(),
+                ipv6: "fd00:1::/48".parse().unwrap(),
+            },
             node: NodeEntry {
                 public_key: crate::identity::PrivateKey::from_bytes([1; 32]).public_key(),
                 name: "a".into(),
@@ -189,6 +215,9 @@ mod tests {
         assert_eq!(load(dir.path()).unwrap(), Some(cache));
         std::fs::write(path(dir.path()), b"{").unwrap();
         let err = load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("cache.json") && err.contains("delete it"), "{err}");
+        assert!(
+            err.contains("cache.json") && err.contains("delete it"),
+            "{err}"
+        );
     }
 }

@@ -13,9 +13,17 @@ use nix::net::if_::InterfaceFlags;
 
 use crate::wire::control::{Candidate, CandidateKind, MAX_CANDIDATES};
 
-pub fn gather(port: u16, mesh_interface: &str, mesh_nets: &[IpNet], advertised: Option<SocketAddr>) -> Vec<Candidate> {
+pub fn gather(
+    port: u16,
+    mesh_interface: &str,
+    mesh_nets: &[IpNet],
+    advertised: Option<SocketAddr>,
+) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = advertised
-        .map(|addr| Candidate { addr, kind: CandidateKind::Advertised })
+        .map(|addr| Candidate {
+            addr,
+            kind: CandidateKind::Advertised,
+        })
         .into_iter()
         .collect();
     let Ok(addrs) = getifaddrs() else {
@@ -40,7 +48,10 @@ pub fn gather(port: u16, mesh_interface: &str, mesh_nets: &[IpNet], advertised: 
         if !useful(ip) || mesh_nets.iter().any(|n| n.contains(&ip)) {
             continue;
         }
-        let candidate = Candidate { addr: SocketAddr::new(ip, port), kind: CandidateKind::Local };
+        let candidate = Candidate {
+            addr: SocketAddr::new(ip, port),
+            kind: CandidateKind::Local,
+        };
         if !out.contains(&candidate) && out.len() < MAX_CANDIDATES {
             out.push(candidate);
         }
@@ -50,9 +61,14 @@ pub fn gather(port: u16, mesh_interface: &str, mesh_nets: &[IpNet], advertised: 
 
 fn useful(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(a) => !(a.is_loopback() || a.is_link_local() || a.is_unspecified() || a.is_multicast()),
+        IpAddr::V4(a) => {
+            !(a.is_loopback() || a.is_link_local() || a.is_unspecified() || a.is_multicast())
+        }
         IpAddr::V6(a) => {
-            !(a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.is_unicast_link_local())
+            !(a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || a.is_unicast_link_local())
         }
     }
 }

@@ -60,7 +60,11 @@ pub enum DataplaneError {
         "the mesh prefix {mesh} overlaps the host route {route} on {ifname}; \
          choose another mesh prefix or remove that route"
     )]
-    RouteConflict { mesh: IpNet, route: IpNet, ifname: String },
+    RouteConflict {
+        mesh: IpNet,
+        route: IpNet,
+        ifname: String,
+    },
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -74,7 +78,10 @@ pub enum DataplaneError {
     #[error(transparent)]
     Rendezvous(#[from] ClientError),
     #[error("cannot read the join token {path}: {source}")]
-    Token { path: PathBuf, source: std::io::Error },
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("packet I/O failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -107,16 +114,25 @@ pub struct RunOptions {
 
 /// Runs a node from `config` until `shutdown` completes, then removes what
 /// it added to the host.
-pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Output = ()>) -> Result<(), DataplaneError> {
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DataplaneError> {
     let private_key = read_private_key(&config.private_key_file)?;
     // For `wg showconf`, over the 0600 UAPI socket only; never logged.
     let uapi_key = private_key.clone();
-    let udp = Arc::new(
-        udp::UdpSocket::bind(config.listen_port)
-            .map_err(|source| DataplaneError::Udp { port: config.listen_port, source })?,
-    );
+    let udp = Arc::new(udp::UdpSocket::bind(config.listen_port).map_err(|source| {
+        DataplaneError::Udp {
+            port: config.listen_port,
+            source,
+        }
+    })?);
     let listen_port = udp.local_port()?;
-    let state_dir = config.state_dir.clone().filter(|_| config.rendezvous.is_some());
+    let state_dir = config
+        .state_dir
+        .clone()
+        .filter(|_| config.rendezvous.is_some());
     let cached = match &state_dir {
         Some(dir) => cache::load(dir)?,
         None => None,
@@ -127,10 +143,16 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
     let link = Link::open(&config.interface).await?;
     let now = Instant::now();
     let mut node = Node::new(
-        NodeConfig { private_key: private_key.clone(), addresses: config.addresses.clone(), mtu: config.mtu },
+        NodeConfig {
+            private_key: private_key.clone(),
+            addresses: config.addresses.clone(),
+            mtu: config.mtu,
+        },
         rand::random(),
         now,
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default(),
     );
     for peer in &config.peers {
         node.add_peer(peer.clone(), now)?;
@@ -142,7 +164,10 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
     let (relay_conn_tx, relay_conn) = tokio::sync::watch::channel(None);
     let (relay_frames_tx, relay_frames) = mpsc::channel(driver::RELAY_INBOX);
     let (nat_tx, nat) = tokio::sync::watch::channel(NatMapping::Unknown);
-    let relay_link = client::RelayLink { connection: relay_conn_tx, frames: relay_frames_tx };
+    let relay_link = client::RelayLink {
+        connection: relay_conn_tx,
+        frames: relay_frames_tx,
+    };
     let quic_source = Arc::new(quic::QuicSource::default());
     let (quic, session) = match (&config.rendezvous, &state_dir) {
         (Some(rendezvous), Some(dir)) => {
@@ -156,20 +181,32 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
             let client_config = client::ClientConfig {
                 server: rendezvous.address.clone(),
                 pin: rendezvous.ca_hash,
-                name: name.clone().unwrap_or_else(|| private_key.public_key().short()),
+                name: name
+                    .clone()
+                    .unwrap_or_else(|| private_key.public_key().short()),
                 listen_port,
                 token: read_join_token(dir)?,
             };
             let (interface, advertised) = (config.interface.clone(), config.advertise_endpoint);
-            let mesh_nets: Vec<IpNet> = cached.iter().flat_map(|c| [IpNet::V4(c.mesh.ipv4), IpNet::V6(c.mesh.ipv6)]).collect();
-            let gather = move || candidates::gather(listen_port, &interface, &mesh_nets, advertised);
+            let mesh_nets: Vec<IpNet> = cached
+                .iter()
+                .flat_map(|c| [IpNet::V4(c.mesh.ipv4), IpNet::V6(c.mesh.ipv6)])
+                .collect();
+            let gather =
+                move || candidates::gather(listen_port, &interface, &mesh_nets, advertised);
             let admitted_before = cached.is_some();
             let task = tokio::spawn(client::run(
                 endpoint,
                 client_config,
                 private_key,
                 gather,
-                client::Channels { updates: updates_tx, punches, relay: relay_link, nat, quic_source: quic_source.clone() },
+                client::Channels {
+                    updates: updates_tx,
+                    punches,
+                    relay: relay_link,
+                    nat,
+                    quic_source: quic_source.clone(),
+                },
                 admitted_before,
             ));
             (Some(quic_tx), Some(task))
@@ -179,8 +216,10 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
 
     let (ask_tx, asks) = mpsc::channel(16);
     let (commands_tx, commands) = mpsc::channel(256);
-    let underlay_ips =
-        candidates::gather(listen_port, &config.interface, &[], None).into_iter().map(|c| c.addr.ip()).collect();
+    let underlay_ips = candidates::gather(listen_port, &config.interface, &[], None)
+        .into_iter()
+        .map(|c| c.addr.ip())
+        .collect();
     let info = NodeInfo {
         name: name.clone(),
         interface: config.interface.clone(),
@@ -231,7 +270,9 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
         cache_writer: agent_state_dir.map(|dir| cache::Writer::spawn(dir, cache::WRITE_EVERY)),
         cache: None,
     };
-    let result = agent.run(cached, updates, session, &mut driver_task, shutdown).await;
+    let result = agent
+        .run(cached, updates, session, &mut driver_task, shutdown)
+        .await;
     if let Some(writer) = agent.cache_writer.take() {
         // The last peer map reaches the disk before meshd exits.
         writer.close().await;
@@ -320,7 +361,9 @@ impl Agent {
             self.welcome(cache).await?;
         }
         if self.info.addresses.is_empty() {
-            self.notifier.notify(&Notice::Status("waiting for the rendezvous to assign an overlay address".into()));
+            self.notifier.notify(&Notice::Status(
+                "waiting for the rendezvous to assign an overlay address".into(),
+            ));
         }
         tokio::pin!(shutdown);
         loop {
@@ -346,8 +389,16 @@ impl Agent {
 
     async fn update(&mut self, update: Update) -> Result<(), DataplaneError> {
         match update {
-            Update::Welcome { node, mesh, observed, peers } => {
-                let _ = self.commands.send(DriverCommand::SeenByRendezvous(observed)).await;
+            Update::Welcome {
+                node,
+                mesh,
+                observed,
+                peers,
+            } => {
+                let _ = self
+                    .commands
+                    .send(DriverCommand::SeenByRendezvous(observed))
+                    .await;
                 if let Some(dir) = &self.state_dir {
                     // Registered: the token has done its job.
                     let _ = std::fs::remove_file(dir.join(JOIN_TOKEN_FILE));
@@ -363,7 +414,10 @@ impl Agent {
                     cache.peers.push(entry.clone());
                 }
                 self.save_cache();
-                let _ = self.commands.send(DriverCommand::UpsertPeer(mesh_peer(&entry))).await;
+                let _ = self
+                    .commands
+                    .send(DriverCommand::UpsertPeer(mesh_peer(&entry)))
+                    .await;
             }
             Update::Remove(key) => {
                 if let Some(cache) = &mut self.cache {
@@ -375,7 +429,9 @@ impl Agent {
             Update::Punch(peer) => {
                 let _ = self.commands.send(DriverCommand::Punch(peer)).await;
             }
-            Update::Disconnected => tracing::info!("rendezvous unreachable; tunnels stay up, reconnecting"),
+            Update::Disconnected => {
+                tracing::info!("rendezvous unreachable; tunnels stay up, reconnecting")
+            }
         }
         Ok(())
     }
@@ -383,13 +439,23 @@ impl Agent {
     /// A full view of the mesh (from the rendezvous or the cache).
     async fn welcome(&mut self, cache: cache::NodeCache) -> Result<(), DataplaneError> {
         let addresses = vec![
-            IpNet::new(IpAddr::V4(cache.node.ipv4), cache.mesh.ipv4.prefix_len()).map_err(std::io::Error::other)?,
-            IpNet::new(IpAddr::V6(cache.node.ipv6), cache.mesh.ipv6.prefix_len()).map_err(std::io::Error::other)?,
+            IpNet::new(IpAddr::V4(cache.node.ipv4), cache.mesh.ipv4.prefix_len())
+                .map_err(std::io::Error::other)?,
+            IpNet::new(IpAddr::V6(cache.node.ipv6), cache.mesh.ipv6.prefix_len())
+                .map_err(std::io::Error::other)?,
         ];
         self.info.name = Some(cache.node.name.clone());
-        if self.info.addresses != addresses.iter().map(ToString::to_string).collect::<Vec<_>>() {
+        if self.info.addresses
+            != addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        {
             if !self.info.addresses.is_empty() {
-                tracing::warn!(?addresses, "the rendezvous assigned new overlay addresses; moving mesh0");
+                tracing::warn!(
+                    ?addresses,
+                    "the rendezvous assigned new overlay addresses; moving mesh0"
+                );
             }
             self.bring_up(addresses).await?;
         }
@@ -409,7 +475,10 @@ impl Agent {
             addresses: addresses.clone(),
             routes: netlink::routes_for(
                 &addresses,
-                self.config.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()),
+                self.config
+                    .peers
+                    .iter()
+                    .flat_map(|p| p.allowed_ips.iter().copied()),
             ),
         };
         if self.env_written {
@@ -421,10 +490,16 @@ impl Agent {
         }
         self.link.apply(&desired).await?;
         self.info.addresses = addresses.iter().map(ToString::to_string).collect();
-        let _ = self.commands.send(DriverCommand::SetInfo(self.info.clone())).await;
+        let _ = self
+            .commands
+            .send(DriverCommand::SetInfo(self.info.clone()))
+            .await;
         tracing::info!(interface = %self.config.interface, ?addresses, "mesh interface up");
         let first = self.asks.is_some();
-        match env_file::write(&self.env_file, &MeshEnv::new(&addresses, &self.config.interface, self.config.mtu)) {
+        match env_file::write(
+            &self.env_file,
+            &MeshEnv::new(&addresses, &self.config.interface, self.config.mtu),
+        ) {
             Ok(()) => self.env_written = true,
             // kubelet cannot start without it: refuse to start rather than
             // report ready.
@@ -440,11 +515,20 @@ impl Agent {
                 tracing::info!(addr = %metrics.local_addr().unwrap_or(addr), "serving Prometheus metrics at /metrics");
                 self.metrics = Some(tokio::spawn(metrics.serve_node(asks.clone())));
             }
-            let api = ApiSocket::bind_for_group(&self.socket, self.config.socket_group.as_deref()).await?;
+            let api = ApiSocket::bind_for_group(&self.socket, self.config.socket_group.as_deref())
+                .await?;
             self.api = Some(tokio::spawn(api.serve_asks(asks)));
         }
-        let status = format!("{} up: {}", self.config.interface, self.info.addresses.join(" "));
-        self.notifier.notify(&if first { Notice::Ready { status } } else { Notice::Status(status) });
+        let status = format!(
+            "{} up: {}",
+            self.config.interface,
+            self.info.addresses.join(" ")
+        );
+        self.notifier.notify(&if first {
+            Notice::Ready { status }
+        } else {
+            Notice::Status(status)
+        });
         Ok(())
     }
 
@@ -459,7 +543,11 @@ impl Agent {
 
 /// Opens the WireGuard UAPI socket for `wg show`. Without it the node
 /// still works, so a failure is a warning, not an error.
-async fn serve_uapi(config: &Config, key: PrivateKey, asks: mpsc::Sender<Ask>) -> Option<JoinHandle<()>> {
+async fn serve_uapi(
+    config: &Config,
+    key: PrivateKey,
+    asks: mpsc::Sender<Ask>,
+) -> Option<JoinHandle<()>> {
     match UapiSocket::bind(&config.uapi_dir, &config.interface).await {
         Ok(socket) => {
             tracing::debug!(path = %socket.path().display(), "answering wg(8) on the WireGuard UAPI socket");
@@ -478,7 +566,10 @@ fn mesh_peer(entry: &NodeEntry) -> MeshPeer {
         spec: PeerSpec {
             public_key: entry.public_key,
             endpoint: choose_endpoint(&entry.candidates),
-            allowed_ips: vec![IpNet::from(IpAddr::V4(entry.ipv4)), IpNet::from(IpAddr::V6(entry.ipv6))],
+            allowed_ips: vec![
+                IpNet::from(IpAddr::V4(entry.ipv4)),
+                IpNet::from(IpAddr::V6(entry.ipv6)),
+            ],
             persistent_keepalive: Some(MESH_KEEPALIVE),
         },
         name: entry.name.clone(),
@@ -502,10 +593,14 @@ fn mesh_peer(entry: &NodeEntry) -> MeshPeer {
 /// The endpoint to try first: a configured public address, else what the
 /// rendezvous observed, else a local address.
 fn choose_endpoint(candidates: &[Candidate]) -> Option<SocketAddr> {
-    [CandidateKind::Advertised, CandidateKind::Observed, CandidateKind::Local]
-        .iter()
-        .find_map(|kind| candidates.iter().find(|c| c.kind == *kind))
-        .map(|c| c.addr)
+    [
+        CandidateKind::Advertised,
+        CandidateKind::Observed,
+        CandidateKind::Local,
+    ]
+    .iter()
+    .find_map(|kind| candidates.iter().find(|c| c.kind == *kind))
+    .map(|c| c.addr)
 }
 
 fn read_join_token(dir: &Path) -> Result<Option<String>, DataplaneError> {
@@ -518,7 +613,11 @@ fn read_join_token(dir: &Path) -> Result<Option<String>, DataplaneError> {
 }
 
 fn hostname() -> Option<String> {
-    nix::unistd::gethostname().ok()?.into_string().ok().filter(|h| !h.is_empty())
+    nix::unistd::gethostname()
+        .ok()?
+        .into_string()
+        .ok()
+        .filter(|h| !h.is_empty())
 }
 
 /// DESIGN.md: meshd refuses to start when a host route already claims part
@@ -534,7 +633,11 @@ async fn check_route_conflicts(interface: &str, addresses: &[IpNet]) -> Result<(
             // A wider route (a default, or a /10 that covers us) loses to
             // our more specific one; only a route inside the mesh steals traffic.
             if mesh.contains(&route) {
-                return Err(DataplaneError::RouteConflict { mesh, route, ifname });
+                return Err(DataplaneError::RouteConflict {
+                    mesh,
+                    route,
+                    ifname,
+                });
             }
         }
     }

@@ -64,7 +64,13 @@ impl SharedSocket {
     /// The adapter, and the sender the driver feeds it with.
     pub fn new(udp: Arc<UdpSocket>) -> (Arc<Self>, mpsc::Sender<QuicDatagram>) {
         let (tx, rx) = mpsc::channel(INBOX);
-        (Arc::new(Self { udp, inbox: Mutex::new(rx) }), tx)
+        (
+            Arc::new(Self {
+                udp,
+                inbox: Mutex::new(rx),
+            }),
+            tx,
+        )
     }
 }
 
@@ -76,7 +82,9 @@ impl fmt::Debug for SharedSocket {
 
 impl AsyncUdpSocket for SharedSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        Box::pin(Writable { udp: self.udp.clone() })
+        Box::pin(Writable {
+            udp: self.udp.clone(),
+        })
     }
 
     /// quinn may hand over several equal-sized QUIC packets at once (the
@@ -91,11 +99,18 @@ impl AsyncUdpSocket for SharedSocket {
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         let dst = transmit.destination;
-        let Some(size) = transmit.segment_size.filter(|&s| s < transmit.contents.len()) else {
+        let Some(size) = transmit
+            .segment_size
+            .filter(|&s| s < transmit.contents.len())
+        else {
             return self.udp.try_send_to(transmit.contents, dst).map(|_| ());
         };
-        let segment_len = u16::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        match self.udp.try_send_segments(&[IoSlice::new(transmit.contents)], segment_len, dst) {
+        let segment_len =
+            u16::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        match self
+            .udp
+            .try_send_segments(&[IoSlice::new(transmit.contents)], segment_len, dst)
+        {
             Err(e) if e.kind() == io::ErrorKind::Unsupported => {
                 // GSO just turned out unavailable: one by one. A WouldBlock
                 // half-way makes quinn send the whole transmit again; QUIC
@@ -109,7 +124,12 @@ impl AsyncUdpSocket for SharedSocket {
         }
     }
 
-    fn poll_recv(&self, cx: &mut Context, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
         let Ok(mut inbox) = self.inbox.lock() else {
             return Poll::Ready(Err(io::Error::other("QUIC inbox lock poisoned")));
         };
@@ -118,7 +138,9 @@ impl AsyncUdpSocket for SharedSocket {
             let datagram = if n == 0 {
                 match inbox.poll_recv(cx) {
                     Poll::Ready(Some(d)) => d,
-                    Poll::Ready(None) => return Poll::Ready(Err(io::Error::other("meshd driver stopped"))),
+                    Poll::Ready(None) => {
+                        return Poll::Ready(Err(io::Error::other("meshd driver stopped")))
+                    }
                     Poll::Pending => return Poll::Pending,
                 }
             } else {
@@ -128,7 +150,9 @@ impl AsyncUdpSocket for SharedSocket {
                 }
             };
             // A datagram larger than quinn's buffer is not a QUIC packet we sent for.
-            let Some(dst) = bufs[n].get_mut(..datagram.data.len()) else { continue };
+            let Some(dst) = bufs[n].get_mut(..datagram.data.len()) else {
+                continue;
+            };
             dst.copy_from_slice(&datagram.data);
             meta[n] = RecvMeta {
                 addr: self.udp.native_addr(datagram.from),
@@ -166,11 +190,23 @@ mod tests {
     fn only_the_rendezvous_address_feeds_the_quic_endpoint() {
         let source = QuicSource::default();
         let rendezvous: SocketAddr = "203.0.113.9:7443".parse().unwrap();
-        assert!(!source.admits(rendezvous), "nothing before a session resolved the rendezvous");
+        assert!(
+            !source.admits(rendezvous),
+            "nothing before a session resolved the rendezvous"
+        );
         source.set(rendezvous);
         assert!(source.admits(rendezvous));
-        assert!(source.admits("[::ffff:203.0.113.9]:7443".parse().unwrap()), "as a dual-stack socket reports it");
-        assert!(!source.admits("203.0.113.9:7444".parse().unwrap()), "another port");
-        assert!(!source.admits("198.51.100.1:7443".parse().unwrap()), "another host");
+        assert!(
+            source.admits("[::ffff:203.0.113.9]:7443".parse().unwrap()),
+            "as a dual-stack socket reports it"
+        );
+        assert!(
+            !source.admits("203.0.113.9:7444".parse().unwrap()),
+            "another port"
+        );
+        assert!(
+            !source.admits("198.51.100.1:7443".parse().unwrap()),
+            "another host"
+        );
     }
 }

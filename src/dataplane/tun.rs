@@ -28,7 +28,9 @@ pub enum TunError {
 pub fn open(name: &str) -> Result<Tun, TunError> {
     match build(name, true) {
         Ok(tun) => Ok(tun),
-        Err(e @ (TunError::NoDevice { .. } | TunError::Permission { .. } | TunError::Busy { .. })) => Err(e),
+        Err(
+            e @ (TunError::NoDevice { .. } | TunError::Permission { .. } | TunError::Busy { .. }),
+        ) => Err(e),
         Err(e) => {
             tracing::info!(error = %e, "TUN offloads unavailable; one packet per read");
             build(name, false)

@@ -71,7 +71,12 @@ impl UdpSocket {
         let gro = setsockopt(&socket, sockopt::UdpGroSegment, &true).is_ok();
         tracing::debug!(gso, gro, "UDP offloads");
         let inner = tokio::net::UdpSocket::from_std(socket.into())?;
-        Ok(Self { inner, dual_stack, gso: AtomicBool::new(gso), gro })
+        Ok(Self {
+            inner,
+            dual_stack,
+            gso: AtomicBool::new(gso),
+            gro,
+        })
     }
 
     /// Whether sends may carry several datagrams ([`UdpSocket::try_send_segments`]).
@@ -84,7 +89,11 @@ impl UdpSocket {
     pub fn try_recv_batch(&self, buf: &mut [u8]) -> io::Result<Received> {
         if !self.gro {
             let (len, from) = self.try_recv_from(buf)?;
-            return Ok(Received { len, from, stride: len });
+            return Ok(Received {
+                len,
+                from,
+                stride: len,
+            });
         }
         self.inner.try_io(tokio::io::Interest::READABLE, || {
             let mut iov = [io::IoSliceMut::new(buf)];
@@ -110,7 +119,11 @@ impl UdpSocket {
                 .as_ref()
                 .and_then(storage_to_addr)
                 .ok_or_else(|| io::Error::other("datagram without a source address"))?;
-            Ok(Received { len, from: canonical(from), stride })
+            Ok(Received {
+                len,
+                from: canonical(from),
+                stride,
+            })
         })
     }
 
@@ -118,14 +131,26 @@ impl UdpSocket {
     /// last must be `segment_len` bytes, the last at most that. Returns
     /// `Unsupported` (and never tries again) if the kernel refuses GSO: the
     /// caller then sends the segments one by one.
-    pub fn try_send_segments(&self, segments: &[IoSlice<'_>], segment_len: u16, dst: SocketAddr) -> io::Result<usize> {
+    pub fn try_send_segments(
+        &self,
+        segments: &[IoSlice<'_>],
+        segment_len: u16,
+        dst: SocketAddr,
+    ) -> io::Result<usize> {
         if !self.gso() {
             return Err(io::ErrorKind::Unsupported.into());
         }
         let addr = SockaddrStorage::from(self.socket_addr(dst));
         let result = self.inner.try_io(tokio::io::Interest::WRITABLE, || {
             let cmsg = [ControlMessage::UdpGsoSegments(&segment_len)];
-            sendmsg(self.inner.as_raw_fd(), segments, &cmsg, MsgFlags::empty(), Some(&addr)).map_err(io::Error::from)
+            sendmsg(
+                self.inner.as_raw_fd(),
+                segments,
+                &cmsg,
+                MsgFlags::empty(),
+                Some(&addr),
+            )
+            .map_err(io::Error::from)
         });
         match result {
             // EIO: the device cannot checksum-offload GSO; EINVAL: no GSO.
@@ -166,7 +191,10 @@ impl UdpSocket {
         self.inner.send_to(buf, self.socket_addr(dst)).await
     }
 
-    pub fn poll_send_ready(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    pub fn poll_send_ready(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         self.inner.poll_send_ready(cx)
     }
 
@@ -197,7 +225,9 @@ impl UdpSocket {
 /// be shorter), at most [`MAX_GSO_SEGMENTS`] and [`MAX_GSO_BYTES`] in all.
 /// At least 1 for a non-empty slice.
 pub fn gso_run<T>(items: &[T], dst_and_len: impl Fn(&T) -> (SocketAddr, usize)) -> usize {
-    let Some((dst, segment)) = items.first().map(&dst_and_len) else { return 0 };
+    let Some((dst, segment)) = items.first().map(&dst_and_len) else {
+        return 0;
+    };
     let mut total = segment;
     let mut n = 1;
     for item in &items[1..] {
@@ -225,7 +255,14 @@ fn storage_to_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = s.as_sockaddr_in() {
         return Some(SocketAddr::from((v4.ip(), v4.port())));
     }
-    s.as_sockaddr_in6().map(|v6| SocketAddr::V6(SocketAddrV6::new(v6.ip(), v6.port(), v6.flowinfo(), v6.scope_id())))
+    s.as_sockaddr_in6().map(|v6| {
+        SocketAddr::V6(SocketAddrV6::new(
+            v6.ip(),
+            v6.port(),
+            v6.flowinfo(),
+            v6.scope_id(),
+        ))
+    })
 }
 
 fn dual_stack_socket(port: u16) -> io::Result<Socket> {
@@ -286,8 +323,16 @@ mod tests {
         let b: SocketAddr = "192.0.2.2:51820".parse().unwrap();
         let run = |items: &[(SocketAddr, usize)]| gso_run(items, |&(d, l)| (d, l));
         assert_eq!(run(&[]), 0);
-        assert_eq!(run(&[(a, 1400), (a, 1400), (a, 600), (a, 1400)]), 3, "the shorter one ends the run");
-        assert_eq!(run(&[(a, 1400), (a, 1400), (b, 1400)]), 2, "another destination ends it");
+        assert_eq!(
+            run(&[(a, 1400), (a, 1400), (a, 600), (a, 1400)]),
+            3,
+            "the shorter one ends the run"
+        );
+        assert_eq!(
+            run(&[(a, 1400), (a, 1400), (b, 1400)]),
+            2,
+            "another destination ends it"
+        );
         assert_eq!(run(&[(a, 600), (a, 1400)]), 1, "a longer one cannot follow");
         assert_eq!(run(&vec![(a, 100); 100]), MAX_GSO_SEGMENTS);
         assert_eq!(run(&vec![(a, 1400); 100]), MAX_GSO_BYTES / 1400);

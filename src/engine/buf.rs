@@ -34,7 +34,11 @@ impl PacketBuf {
     /// buffer back with [`crate::engine::Node::recycle_vec`].
     #[inline]
     pub fn into_framed(self) -> (Vec<u8>, usize) {
-        let PacketBuf { mut data, start, len } = self;
+        let PacketBuf {
+            mut data,
+            start,
+            len,
+        } = self;
         data.truncate(start + len);
         (data, start)
     }
@@ -51,7 +55,11 @@ impl PacketBuf {
 
     /// Builds a buffer outside any pool (tests, the simulation).
     pub fn from_slice(bytes: &[u8]) -> Self {
-        Self { data: bytes.to_vec(), start: 0, len: bytes.len() }
+        Self {
+            data: bytes.to_vec(),
+            start: 0,
+            len: bytes.len(),
+        }
     }
 }
 
@@ -72,7 +80,11 @@ pub(crate) struct BufPool {
 
 impl BufPool {
     pub(crate) fn new(buf_len: usize, max_free: usize) -> Self {
-        Self { free: Vec::new(), buf_len, max_free }
+        Self {
+            free: Vec::new(),
+            buf_len,
+            max_free,
+        }
     }
 
     /// A whole buffer to write into; [`BufPool::finish`] sets its length.
@@ -91,7 +103,11 @@ impl BufPool {
     pub(crate) fn finish_at(&self, data: Vec<u8>, start: usize, len: usize) -> PacketBuf {
         debug_assert!(start + len <= data.len());
         let start = start.min(data.len());
-        PacketBuf { len: len.min(data.len() - start), start, data }
+        PacketBuf {
+            len: len.min(data.len() - start),
+            start,
+            data,
+        }
     }
 
     /// Keeps a buffer for reuse. One that was cut or grown (a packet handed

@@ -63,7 +63,9 @@ fn unreachable_v4(original: &[u8], out: &mut [u8]) -> Option<usize> {
         }
     }
 
-    let quote = original.len().min(IPV4_MAX_ERROR - IPV4_HEADER - ICMP_HEADER);
+    let quote = original
+        .len()
+        .min(IPV4_MAX_ERROR - IPV4_HEADER - ICMP_HEADER);
     let total = IPV4_HEADER + ICMP_HEADER + quote;
     let out = out.get_mut(..total)?;
     out.fill(0);
@@ -163,7 +165,11 @@ mod tests {
         let n = unreachable(&orig, &mut out).unwrap();
         let msg = &out[..n];
         assert_eq!(msg[9], 1);
-        assert_eq!(&msg[12..16], &[100, 72, 0, 9], "from the unreachable address");
+        assert_eq!(
+            &msg[12..16],
+            &[100, 72, 0, 9],
+            "from the unreachable address"
+        );
         assert_eq!(&msg[16..20], &[100, 72, 0, 1], "back to the sender");
         assert_eq!((msg[20], msg[21]), (3, 1));
         assert_eq!(&msg[28..], &orig[..]);

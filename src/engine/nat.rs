@@ -62,11 +62,17 @@ impl MappingObserver {
         }
         self.observations.retain(|o| o.observer != observer);
         if self.observations.len() >= MAX_OBSERVERS {
-            if let Some(oldest) = (0..self.observations.len()).min_by_key(|&i| self.observations[i].at) {
+            if let Some(oldest) =
+                (0..self.observations.len()).min_by_key(|&i| self.observations[i].at)
+            {
                 self.observations.remove(oldest);
             }
         }
-        self.observations.push(Observation { observer, seen_at, at: now });
+        self.observations.push(Observation {
+            observer,
+            seen_at,
+            at: now,
+        });
     }
 
     /// The mapping behaviour the fresh observations show. `local` are the
@@ -81,7 +87,11 @@ impl MappingObserver {
         if fresh.iter().any(|a| local.contains(&a.ip())) {
             return NatMapping::None;
         }
-        let differs = fresh.iter().any(|a| fresh.iter().any(|b| a.ip() == b.ip() && a.port() != b.port()));
+        let differs = fresh.iter().any(|a| {
+            fresh
+                .iter()
+                .any(|b| a.ip() == b.ip() && a.port() != b.port())
+        });
         match fresh.len() {
             _ if differs => NatMapping::EndpointDependent,
             0 | 1 => NatMapping::Unknown,
@@ -145,7 +155,10 @@ mod tests {
         let now = Instant::now();
         let mut o = MappingObserver::new();
         o.observe(Observer::Rendezvous, addr("203.0.113.11:51820"), now);
-        assert_eq!(o.mapping(&["203.0.113.11".parse().unwrap()], now), NatMapping::None);
+        assert_eq!(
+            o.mapping(&["203.0.113.11".parse().unwrap()], now),
+            NatMapping::None
+        );
     }
 
     #[test]
@@ -154,10 +167,18 @@ mod tests {
         let mut o = MappingObserver::new();
         o.observe(Observer::Rendezvous, addr("203.0.113.50:9915"), now);
         o.observe(peer(2), addr("192.168.50.12:51820"), now);
-        assert_eq!(o.mapping(&[], now), NatMapping::Unknown, "a LAN peer sees us from inside");
+        assert_eq!(
+            o.mapping(&[], now),
+            NatMapping::Unknown,
+            "a LAN peer sees us from inside"
+        );
         o.observe(peer(1), addr("203.0.113.50:51820"), now);
         assert_eq!(o.mapping(&[], now), NatMapping::EndpointDependent);
-        assert_eq!(o.mapping(&[], now + OBSERVATION_TTL), NatMapping::Unknown, "all expired");
+        assert_eq!(
+            o.mapping(&[], now + OBSERVATION_TTL),
+            NatMapping::Unknown,
+            "all expired"
+        );
     }
 
     #[test]
@@ -168,9 +189,16 @@ mod tests {
         o.observe(Observer::Rendezvous, addr("203.0.113.41:2000"), now);
         assert_eq!(o.seen_at(now).len(), 1);
         for n in 0..100 {
-            o.observe(peer(n), addr("203.0.113.41:2000"), now + Duration::from_millis(u64::from(n)));
+            o.observe(
+                peer(n),
+                addr("203.0.113.41:2000"),
+                now + Duration::from_millis(u64::from(n)),
+            );
         }
         assert!(o.observations.len() <= MAX_OBSERVERS);
-        assert_eq!(o.mapping(&[], now + Duration::from_secs(1)), NatMapping::EndpointIndependent);
+        assert_eq!(
+            o.mapping(&[], now + Duration::from_secs(1)),
+            NatMapping::EndpointIndependent
+        );
     }
 }

@@ -27,10 +27,13 @@ use ipnet::IpNet;
 use super::buf::{BufPool, PacketBuf, TUN_HEADROOM};
 use super::icmp;
 use super::paths::{self, CandidateStatus, Path, PathSet, PathStatus};
-use super::peer::{Admitted, Decapsulated, Encapsulated, Gate, Peer, PeerCounters, Source, Ticked, MSG_HANDSHAKE_INIT};
-use crate::wire::probe::{self, ProbeKey, ProbeKind, TxId, PROBE_LEN};
+use super::peer::{
+    Admitted, Decapsulated, Encapsulated, Gate, Peer, PeerCounters, Source, Ticked,
+    MSG_HANDSHAKE_INIT,
+};
 use super::routing::AllowedIps;
 use crate::identity::{PrivateKey, PublicKey};
+use crate::wire::probe::{self, ProbeKey, ProbeKind, TxId, PROBE_LEN};
 use crate::wire::{classify, DatagramKind};
 
 /// boringtun's timers want a tick about every 250 ms (its own device's
@@ -131,9 +134,19 @@ impl Outputs {
 
     /// Seals a probe from `sender` into a pooled buffer and queues it `via`.
     /// False only if a pool buffer could not hold a probe (it always can).
-    fn send_probe(&mut self, key: &ProbeKey, kind: ProbeKind, tx: TxId, sender: &PublicKey, via: Via) -> bool {
+    fn send_probe(
+        &mut self,
+        key: &ProbeKey,
+        kind: ProbeKind,
+        tx: TxId,
+        sender: &PublicKey,
+        via: Via,
+    ) -> bool {
         let mut buf = self.pool.take();
-        let Some(out) = buf.get_mut(..PROBE_LEN).and_then(|b| <&mut [u8; PROBE_LEN]>::try_from(b).ok()) else {
+        let Some(out) = buf
+            .get_mut(..PROBE_LEN)
+            .and_then(|b| <&mut [u8; PROBE_LEN]>::try_from(b).ok())
+        else {
             self.pool.give_back(buf);
             return false;
         };
@@ -150,7 +163,10 @@ pub enum Event {
     /// initiation was answered (the session is used once its data arrives).
     HandshakeCompleted { peer: PublicKey },
     /// An authenticated packet from `peer` came from a new address (roaming).
-    EndpointChanged { peer: PublicKey, endpoint: SocketAddr },
+    EndpointChanged {
+        peer: PublicKey,
+        endpoint: SocketAddr,
+    },
     /// The session with `peer` is gone and its keys erased: handshakes went
     /// unanswered for REKEY_ATTEMPT_TIME, or none succeeded for
     /// REJECT_AFTER_TIME × 3. Emitted once per expiry, not on every tick.
@@ -162,9 +178,16 @@ pub enum Event {
     PunchWanted { peer: PublicKey },
     /// An authenticated pong from `peer` says it saw our socket at
     /// `seen_at`: an observation of our NAT's mapping (see [`super::nat`]).
-    SeenAt { peer: PublicKey, seen_at: SocketAddr },
+    SeenAt {
+        peer: PublicKey,
+        seen_at: SocketAddr,
+    },
     /// The answer to a [`Node::ping`]: which path it came back on, how fast.
-    PingReply { peer: PublicKey, path: Path, rtt: Duration },
+    PingReply {
+        peer: PublicKey,
+        path: Path,
+        rtt: Duration,
+    },
 }
 
 impl Event {
@@ -308,10 +331,16 @@ impl DropReason {
     fn from_wireguard(e: &WireGuardError) -> Self {
         match e {
             WireGuardError::InvalidMac => DropReason::InvalidMac,
-            WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength => DropReason::Malformed,
+            WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength => {
+                DropReason::Malformed
+            }
             WireGuardError::DuplicateCounter => DropReason::Replayed,
-            WireGuardError::InvalidAeadTag | WireGuardError::InvalidCounter => DropReason::DecryptFailed,
-            WireGuardError::NoCurrentSession | WireGuardError::ConnectionExpired => DropReason::NoSession,
+            WireGuardError::InvalidAeadTag | WireGuardError::InvalidCounter => {
+                DropReason::DecryptFailed
+            }
+            WireGuardError::NoCurrentSession | WireGuardError::ConnectionExpired => {
+                DropReason::NoSession
+            }
             WireGuardError::WrongIndex => DropReason::UnknownIndex,
             WireGuardError::DestinationBufferTooSmall => DropReason::Oversized,
             WireGuardError::UnexpectedPacket
@@ -352,7 +381,9 @@ impl NodeStats {
 
     /// Every reason with its count, for metrics and the API.
     pub fn drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL.iter().map(|r| (*r, self.drops[*r as usize]))
+        DropReason::ALL
+            .iter()
+            .map(|r| (*r, self.drops[*r as usize]))
     }
 }
 
@@ -438,7 +469,10 @@ impl Node {
             },
             relay_available: false,
             rng,
-            epoch: (now, u64::try_from(unix_time.as_millis()).unwrap_or(u64::MAX)),
+            epoch: (
+                now,
+                u64::try_from(unix_time.as_millis()).unwrap_or(u64::MAX),
+            ),
             mesh_prefixes: config.addresses.iter().map(IpNet::trunc).collect(),
             user_pings: Vec::new(),
             now,
@@ -602,9 +636,15 @@ impl Node {
         // share of handshakes is counted per peer the relay vouches for.
         let (source_ip, source) = match origin {
             Via::Udp(from) => (from.ip(), Source::Addr(from.ip())),
-            Via::Relay(peer) => (IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), Source::Relayed(peer)),
+            Via::Relay(peer) => (
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                Source::Relayed(peer),
+            ),
         };
-        let id = match self.gate.admit(source_ip, source, datagram, &mut self.cookie) {
+        let id = match self
+            .gate
+            .admit(source_ip, source, datagram, &mut self.cookie)
+        {
             Admitted::FromKey(key) => match self.by_key.get(&key) {
                 Some(id) => *id,
                 None => return self.drop_packet(DropReason::UnknownPeer),
@@ -644,7 +684,9 @@ impl Node {
                     self.out.pool.give_back(buf);
                     return count_drop(&mut self.stats, DropReason::SourceNotAllowed);
                 }
-                self.out.tun.push_back(self.out.pool.finish_at(buf, TUN_HEADROOM, len));
+                self.out
+                    .tun
+                    .push_back(self.out.pool.finish_at(buf, TUN_HEADROOM, len));
                 true
             }
             Decapsulated::Network { len, authenticated } => {
@@ -652,7 +694,9 @@ impl Node {
                     peer.counters.handshakes += 1;
                     peer.expired = false;
                     peer.pings_seen.restart();
-                    self.out.events.push_back(Event::HandshakeCompleted { peer: peer.key });
+                    self.out
+                        .events
+                        .push_back(Event::HandshakeCompleted { peer: peer.key });
                 }
                 let reply = self.out.pool.finish_at(buf, TUN_HEADROOM, len);
                 send_packet(&mut self.out, peer, origin, reply);
@@ -688,7 +732,10 @@ impl Node {
                 if peer.endpoint != Some(from) {
                     tracing::debug!(peer = %peer.key.short(), %from, "endpoint changed");
                     peer.endpoint = Some(from);
-                    self.out.events.push_back(Event::EndpointChanged { peer: peer.key, endpoint: from });
+                    self.out.events.push_back(Event::EndpointChanged {
+                        peer: peer.key,
+                        endpoint: from,
+                    });
                 }
             }
             (Via::Relay(_), _) => {}
@@ -727,7 +774,9 @@ impl Node {
         }
         self.next_tick = now + TIMER_TICK;
         for slot in 0..self.peers.len() {
-            let Some(mut peer) = self.peers[slot].take() else { continue };
+            let Some(mut peer) = self.peers[slot].take() else {
+                continue;
+            };
             let mut buf = self.out.pool.take();
             match peer.tick(&mut buf) {
                 Ticked::Nothing => self.out.pool.give_back(buf),
@@ -742,7 +791,9 @@ impl Node {
                     if !peer.expired {
                         peer.expired = true;
                         tracing::debug!(peer = %peer.key.short(), "session keys erased");
-                        self.out.events.push_back(Event::SessionExpired { peer: peer.key });
+                        self.out
+                            .events
+                            .push_back(Event::SessionExpired { peer: peer.key });
                     }
                 }
                 Ticked::Error(e) => {
@@ -797,7 +848,10 @@ impl Node {
 
     pub fn peer_status(&self, key: &PublicKey) -> Option<PeerStatus> {
         let id = self.by_key.get(key)?;
-        self.peers.get(id.0 as usize)?.as_ref().map(|p| status_of(p, self.now))
+        self.peers
+            .get(id.0 as usize)?
+            .as_ref()
+            .map(|p| status_of(p, self.now))
     }
 
     /// Every peer, in no particular order.
@@ -808,27 +862,39 @@ impl Node {
     /// Sends the probes that are due to `peer`, re-evaluates its path, and
     /// asks for a punch when nothing direct answers.
     fn probe_peer(&mut self, peer: &mut Peer, now: Instant, force: bool) {
-        let (Some(paths), Some(key)) = (peer.paths.as_mut(), peer.probe_key.as_ref()) else { return };
+        let (Some(paths), Some(key)) = (peer.paths.as_mut(), peer.probe_key.as_ref()) else {
+            return;
+        };
         if force {
             peer.last_forced = Some(now);
         }
         let rng = &mut self.rng;
         let pings = paths.due_pings(now, force, || rand::Rng::gen(rng));
-        let ping = ProbeKind::Ping { sent_ms: Some(unix_ms(self.epoch, now)) };
+        let ping = ProbeKind::Ping {
+            sent_ms: Some(unix_ms(self.epoch, now)),
+        };
         for (to, tx) in pings {
-            self.out.send_probe(key, ping, tx, &self.public_key, Via::Udp(to));
+            self.out
+                .send_probe(key, ping, tx, &self.public_key, Via::Udp(to));
         }
         if let Some(path) = paths.select(now) {
             tracing::debug!(peer = %peer.key.short(), ?path, "path changed");
             if let Path::Direct(addr) = path {
                 peer.endpoint = Some(addr);
             }
-            self.out.events.push_back(Event::PathChanged { peer: peer.key, path });
+            self.out.events.push_back(Event::PathChanged {
+                peer: peer.key,
+                path,
+            });
         }
-        let punch_due = peer.last_punch.is_none_or(|t| now.saturating_duration_since(t) >= PUNCH_INTERVAL);
+        let punch_due = peer
+            .last_punch
+            .is_none_or(|t| now.saturating_duration_since(t) >= PUNCH_INTERVAL);
         if !paths.has_live_direct(now) && punch_due {
             peer.last_punch = Some(now);
-            self.out.events.push_back(Event::PunchWanted { peer: peer.key });
+            self.out
+                .events
+                .push_back(Event::PunchWanted { peer: peer.key });
         }
     }
 
@@ -860,7 +926,11 @@ impl Node {
                     let observed = match origin {
                         Via::Udp(from) => {
                             // Unconfirmed until a ping of ours is answered from it.
-                            if let Some(paths) = peer.paths.as_mut().filter(|_| may_be_endpoint(&self.mesh_prefixes, from)) {
+                            if let Some(paths) = peer
+                                .paths
+                                .as_mut()
+                                .filter(|_| may_be_endpoint(&self.mesh_prefixes, from))
+                            {
                                 paths.learn(from, now);
                             }
                             from
@@ -869,7 +939,13 @@ impl Node {
                         Via::Relay(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
                     };
                     if let Some(key) = peer.probe_key.as_ref() {
-                        self.out.send_probe(key, ProbeKind::Pong { observed }, probe.tx, &self.public_key, origin);
+                        self.out.send_probe(
+                            key,
+                            ProbeKind::Pong { observed },
+                            probe.tx,
+                            &self.public_key,
+                            origin,
+                        );
                     }
                 }
                 ProbeKind::Pong { observed } => {
@@ -882,15 +958,25 @@ impl Node {
                             Via::Relay(_) => Path::Relay,
                         };
                         let rtt = now.saturating_duration_since(ping.sent);
-                        self.out.events.push_back(Event::PingReply { peer: peer.key, path, rtt });
+                        self.out.events.push_back(Event::PingReply {
+                            peer: peer.key,
+                            path,
+                            rtt,
+                        });
                     }
                     // Only from the address pinged: the relay proves no path.
                     let answered = match origin {
-                        Via::Udp(from) => peer.paths.as_mut().is_some_and(|p| p.on_pong(probe.tx, from, now)),
+                        Via::Udp(from) => peer
+                            .paths
+                            .as_mut()
+                            .is_some_and(|p| p.on_pong(probe.tx, from, now)),
                         Via::Relay(_) => false,
                     };
                     if answered {
-                        self.out.events.push_back(Event::SeenAt { peer: peer.key, seen_at: observed });
+                        self.out.events.push_back(Event::SeenAt {
+                            peer: peer.key,
+                            seen_at: observed,
+                        });
                         // Re-evaluate at once: an upgrade should not wait a tick.
                         self.probe_peer(&mut peer, now, false);
                     } else if user_ping.is_none() {
@@ -909,8 +995,12 @@ impl Node {
     /// (and reported by [`Event::PathChanged`]) while the user watches.
     /// Returns false for an unknown peer or one with nowhere to send.
     pub fn ping(&mut self, key: &PublicKey, now: Instant) -> bool {
-        let Some(&id) = self.by_key.get(key) else { return false };
-        let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else { return false };
+        let Some(&id) = self.by_key.get(key) else {
+            return false;
+        };
+        let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else {
+            return false;
+        };
         let via = match peer.paths.as_ref().and_then(PathSet::current) {
             Some(Path::Direct(addr)) => Some(Via::Udp(addr)),
             Some(Path::Relay) => Some(Via::Relay(peer.key)),
@@ -919,13 +1009,20 @@ impl Node {
         let sent = match (via, peer.probe_key.as_ref()) {
             (Some(via), Some(key)) => {
                 let tx = rand::Rng::gen(&mut self.rng);
-                let ping = ProbeKind::Ping { sent_ms: Some(unix_ms(self.epoch, now)) };
+                let ping = ProbeKind::Ping {
+                    sent_ms: Some(unix_ms(self.epoch, now)),
+                };
                 let sent = self.out.send_probe(key, ping, tx, &self.public_key, via);
                 if sent {
                     if self.user_pings.len() >= MAX_USER_PINGS {
                         self.user_pings.remove(0);
                     }
-                    self.user_pings.push(UserPing { tx, peer: peer.key, via, sent: now });
+                    self.user_pings.push(UserPing {
+                        tx,
+                        peer: peer.key,
+                        via,
+                        sent: now,
+                    });
                 }
                 sent
             }
@@ -938,10 +1035,21 @@ impl Node {
 
     /// Gives a peer from the peer map its candidate endpoints; from now on
     /// probes choose its path (see [`super::paths`]).
-    pub fn set_candidates(&mut self, key: &PublicKey, candidates: Vec<(SocketAddr, paths::Source)>, now: Instant) {
-        let Some(&id) = self.by_key.get(key) else { return };
-        let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else { return };
-        let candidates = candidates.into_iter().filter(|(addr, _)| may_be_endpoint(&self.mesh_prefixes, *addr));
+    pub fn set_candidates(
+        &mut self,
+        key: &PublicKey,
+        candidates: Vec<(SocketAddr, paths::Source)>,
+        now: Instant,
+    ) {
+        let Some(&id) = self.by_key.get(key) else {
+            return;
+        };
+        let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else {
+            return;
+        };
+        let candidates = candidates
+            .into_iter()
+            .filter(|(addr, _)| may_be_endpoint(&self.mesh_prefixes, *addr));
         let paths = peer.paths.get_or_insert_with(PathSet::new);
         paths.set_relay_available(self.relay_available);
         paths.set_candidates(candidates);
@@ -953,7 +1061,9 @@ impl Node {
     pub fn set_relay_available(&mut self, available: bool, now: Instant) {
         self.relay_available = available;
         for slot in 0..self.peers.len() {
-            let Some(mut peer) = self.peers[slot].take() else { continue };
+            let Some(mut peer) = self.peers[slot].take() else {
+                continue;
+            };
             if let Some(paths) = peer.paths.as_mut() {
                 paths.set_relay_available(available);
             }
@@ -966,16 +1076,21 @@ impl Node {
     /// Ignored (returns false) when a full round went to it within
     /// [`PUNCH_COOLDOWN`]: those probes are already on their way.
     pub fn punch(&mut self, key: &PublicKey, now: Instant) -> bool {
-        let Some(&id) = self.by_key.get(key) else { return false };
-        let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else { return false };
-        let recent = peer.last_forced.is_some_and(|t| now.saturating_duration_since(t) < PUNCH_COOLDOWN);
+        let Some(&id) = self.by_key.get(key) else {
+            return false;
+        };
+        let Some(mut peer) = self.peers.get_mut(id.0 as usize).and_then(Option::take) else {
+            return false;
+        };
+        let recent = peer
+            .last_forced
+            .is_some_and(|t| now.saturating_duration_since(t) < PUNCH_COOLDOWN);
         if !recent {
             self.probe_peer(&mut peer, now, true);
         }
         self.peers[id.0 as usize] = Some(peer);
         !recent
     }
-
 
     /// The next datagram for the relay. Call after every `handle_*` until
     /// `None`; pass the payload back to [`Node::recycle`] once sent.
@@ -994,10 +1109,15 @@ impl Node {
             return;
         }
         let mut buf = self.out.pool.take();
-        match buf.get_mut(TUN_HEADROOM..).and_then(|room| icmp::unreachable(packet, room)) {
+        match buf
+            .get_mut(TUN_HEADROOM..)
+            .and_then(|room| icmp::unreachable(packet, room))
+        {
             Some(len) => {
                 self.stats.icmp_unreachable_sent += 1;
-                self.out.tun.push_back(self.out.pool.finish_at(buf, TUN_HEADROOM, len));
+                self.out
+                    .tun
+                    .push_back(self.out.pool.finish_at(buf, TUN_HEADROOM, len));
             }
             None => self.out.pool.give_back(buf),
         }
@@ -1008,14 +1128,16 @@ impl Node {
 /// ([`super::paths::is_routable_endpoint`]) outside the mesh's own
 /// prefixes, which only ever exist inside the tunnel.
 fn may_be_endpoint(mesh_prefixes: &[IpNet], addr: SocketAddr) -> bool {
-    super::paths::is_routable_endpoint(addr) && !mesh_prefixes.iter().any(|net| net.contains(&addr.ip()))
+    super::paths::is_routable_endpoint(addr)
+        && !mesh_prefixes.iter().any(|net| net.contains(&addr.ip()))
 }
 
 /// `now` on the wall clock, in milliseconds since the Unix epoch, from the
 /// node's `epoch`: monotonic for the life of the node, whatever the system
 /// clock does meanwhile.
 fn unix_ms(epoch: (Instant, u64), now: Instant) -> u64 {
-    let since = u64::try_from(now.saturating_duration_since(epoch.0).as_millis()).unwrap_or(u64::MAX);
+    let since =
+        u64::try_from(now.saturating_duration_since(epoch.0).as_millis()).unwrap_or(u64::MAX);
     epoch.1.saturating_add(since)
 }
 
@@ -1051,7 +1173,11 @@ fn status_of(peer: &Peer, now: Instant) -> PeerStatus {
         persistent_keepalive: peer.persistent_keepalive,
         last_handshake: peer.last_handshake(),
         counters: peer.counters,
-        candidates: peer.paths.as_ref().map(|p| p.candidates(now)).unwrap_or_default(),
+        candidates: peer
+            .paths
+            .as_ref()
+            .map(|p| p.candidates(now))
+            .unwrap_or_default(),
     }
 }
 

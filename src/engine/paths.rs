@@ -94,7 +94,17 @@ struct Candidate {
 impl Candidate {
     fn new(addr: SocketAddr, source: Source) -> Self {
         let (last_ping, pending, last_pong, rtt, learnt_at) = (None, Vec::new(), None, None, None);
-        Self { addr, source, last_ping, pending, last_pong, rtt, pings: 0, pongs: 0, learnt_at }
+        Self {
+            addr,
+            source,
+            last_ping,
+            pending,
+            last_pong,
+            rtt,
+            pings: 0,
+            pongs: 0,
+            learnt_at,
+        }
     }
 
     /// A learnt address no ping of ours has been answered from yet.
@@ -111,11 +121,13 @@ impl Candidate {
         if self.unconfirmed() {
             return self.pings >= UNCONFIRMED_PINGS && self.pending.is_empty();
         }
-        self.last_pong.is_some_and(|t| now.saturating_duration_since(t) >= LEARNED_TTL)
+        self.last_pong
+            .is_some_and(|t| now.saturating_duration_since(t) >= LEARNED_TTL)
     }
 
     fn alive(&self, now: Instant) -> bool {
-        self.last_pong.is_some_and(|t| now.saturating_duration_since(t) < DEAD_AFTER)
+        self.last_pong
+            .is_some_and(|t| now.saturating_duration_since(t) < DEAD_AFTER)
     }
 
     /// Lower is better: RTT, with a same-subnet private address (RFC 1918,
@@ -163,7 +175,10 @@ pub struct CandidateStatus {
 /// What the path state of a peer looks like to the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathStatus {
-    Direct { addr: SocketAddr, rtt: Option<Duration> },
+    Direct {
+        addr: SocketAddr,
+        rtt: Option<Duration>,
+    },
     Relay,
     /// No live path and no relay: packets go to the best guess.
     Unknown,
@@ -183,7 +198,14 @@ pub struct PathSet {
 
 impl PathSet {
     pub fn new() -> Self {
-        Self { candidates: Vec::new(), relay_available: false, current: None, budget: PROBE_BURST, budget_at: None, over_budget: 0 }
+        Self {
+            candidates: Vec::new(),
+            relay_available: false,
+            current: None,
+            budget: PROBE_BURST,
+            budget_at: None,
+            over_budget: 0,
+        }
     }
 
     /// Replaces the announced candidates, keeping what is known about
@@ -196,7 +218,10 @@ impl PathSet {
                 continue;
             }
             let kept = self.candidates.iter().find(|c| c.addr == addr).cloned();
-            next.push(kept.map_or_else(|| Candidate::new(addr, source), |c| Candidate { source, ..c }));
+            next.push(kept.map_or_else(
+                || Candidate::new(addr, source),
+                |c| Candidate { source, ..c },
+            ));
         }
         for c in &self.candidates {
             if c.source == Source::Learned && !next.iter().any(|n| n.addr == c.addr) {
@@ -242,17 +267,24 @@ impl PathSet {
     /// Candidates to ping now, each with the tx id to use (from `next_tx`,
     /// which must be unpredictable: see the module doc). Forgets learnt
     /// addresses that went stale, and holds the peer to its probe budget.
-    pub fn due_pings(&mut self, now: Instant, force: bool, mut next_tx: impl FnMut() -> TxId) -> Vec<(SocketAddr, TxId)> {
+    pub fn due_pings(
+        &mut self,
+        now: Instant,
+        force: bool,
+        mut next_tx: impl FnMut() -> TxId,
+    ) -> Vec<(SocketAddr, TxId)> {
         let active = match self.current {
             Some(Path::Direct(addr)) if self.is_alive(addr, now) => Some(addr),
             _ => None,
         };
         self.refill_budget(now);
         for c in &mut self.candidates {
-            c.pending.retain(|(_, at)| now.saturating_duration_since(*at) < PING_TIMEOUT);
+            c.pending
+                .retain(|(_, at)| now.saturating_duration_since(*at) < PING_TIMEOUT);
         }
         // The path in use stays, however stale its address looks.
-        self.candidates.retain(|c| !c.stale(now) || active == Some(c.addr));
+        self.candidates
+            .retain(|c| !c.stale(now) || active == Some(c.addr));
         let mut out = Vec::new();
         for c in &mut self.candidates {
             let interval = match active {
@@ -260,7 +292,9 @@ impl PathSet {
                 Some(_) => IDLE_PROBE,
                 None => UPGRADE_PROBE,
             };
-            let due = force || c.last_ping.is_none_or(|t| now.saturating_duration_since(t) >= interval);
+            let due = force
+                || c.last_ping
+                    .is_none_or(|t| now.saturating_duration_since(t) >= interval);
             if !due {
                 continue;
             }
@@ -299,11 +333,16 @@ impl PathSet {
     /// (it may be a recording replayed by a third party), nor does a stale
     /// or repeated one.
     pub fn on_pong(&mut self, tx: TxId, from: SocketAddr, now: Instant) -> bool {
-        let Some(c) = self.candidates.iter_mut().find(|c| c.addr == from && c.pending.iter().any(|(t, _)| *t == tx))
+        let Some(c) = self
+            .candidates
+            .iter_mut()
+            .find(|c| c.addr == from && c.pending.iter().any(|(t, _)| *t == tx))
         else {
             return false;
         };
-        let Some(i) = c.pending.iter().position(|(t, _)| *t == tx) else { return false };
+        let Some(i) = c.pending.iter().position(|(t, _)| *t == tx) else {
+            return false;
+        };
         let (_, sent) = c.pending.remove(i);
         let sample = now.saturating_duration_since(sent);
         c.rtt = Some(match c.rtt {
@@ -316,7 +355,9 @@ impl PathSet {
     }
 
     fn is_alive(&self, addr: SocketAddr, now: Instant) -> bool {
-        self.candidates.iter().any(|c| c.addr == addr && c.alive(now))
+        self.candidates
+            .iter()
+            .any(|c| c.addr == addr && c.alive(now))
     }
 
     /// Re-evaluates the path; returns the new one when it changed.
@@ -327,12 +368,17 @@ impl PathSet {
             .filter(|c| c.alive(now))
             .min_by(|a, b| a.score().total_cmp(&b.score()));
         let current_live = match self.current {
-            Some(Path::Direct(addr)) => self.candidates.iter().find(|c| c.addr == addr && c.alive(now)),
+            Some(Path::Direct(addr)) => self
+                .candidates
+                .iter()
+                .find(|c| c.addr == addr && c.alive(now)),
             _ => None,
         };
         let next = match (best, current_live) {
             // Keep a live path unless another is clearly better.
-            (Some(b), Some(cur)) if b.score() >= cur.score() * SWITCH_MARGIN => Path::Direct(cur.addr),
+            (Some(b), Some(cur)) if b.score() >= cur.score() * SWITCH_MARGIN => {
+                Path::Direct(cur.addr)
+            }
             (Some(b), _) => Path::Direct(b.addr),
             (None, _) if self.relay_available => Path::Relay,
             // Nothing proven and no relay: the best guess, so a network
@@ -351,7 +397,11 @@ impl PathSet {
     }
 
     fn first_guess(&self) -> Option<SocketAddr> {
-        self.candidates.iter().filter(|c| !c.unconfirmed()).min_by_key(|c| c.source).map(|c| c.addr)
+        self.candidates
+            .iter()
+            .filter(|c| !c.unconfirmed())
+            .min_by_key(|c| c.source)
+            .map(|c| c.addr)
     }
 
     pub fn current(&self) -> Option<Path> {
@@ -474,7 +524,13 @@ mod tests {
     }
 
     /// Pings every due candidate and answers the ones in `reachable` after `rtt`.
-    fn round(p: &mut PathSet, now: Instant, reachable: &[SocketAddr], rtt: Duration, tx: &mut impl FnMut() -> TxId) {
+    fn round(
+        p: &mut PathSet,
+        now: Instant,
+        reachable: &[SocketAddr],
+        rtt: Duration,
+        tx: &mut impl FnMut() -> TxId,
+    ) {
         for (to, id) in p.due_pings(now, false, &mut *tx) {
             if reachable.contains(&to) {
                 p.on_pong(id, to, now + rtt);
@@ -485,8 +541,14 @@ mod tests {
     #[test]
     fn without_relay_the_first_candidate_is_the_guess() {
         let mut p = PathSet::new();
-        p.set_candidates([(addr("198.51.100.1:51820"), Source::Observed), (addr("203.0.113.9:51820"), Source::Advertised)]);
-        assert_eq!(p.select(Instant::now()), Some(Path::Direct(addr("203.0.113.9:51820"))));
+        p.set_candidates([
+            (addr("198.51.100.1:51820"), Source::Observed),
+            (addr("203.0.113.9:51820"), Source::Advertised),
+        ]);
+        assert_eq!(
+            p.select(Instant::now()),
+            Some(Path::Direct(addr("203.0.113.9:51820")))
+        );
     }
 
     #[test]
@@ -497,23 +559,42 @@ mod tests {
         p.set_relay_available(true);
         p.set_candidates([(addr("198.51.100.1:51820"), Source::Observed)]);
         assert_eq!(p.select(t0), Some(Path::Relay));
-        round(&mut p, t0, &[addr("198.51.100.1:51820")], Duration::from_millis(20), &mut tx);
-        assert_eq!(p.select(t0 + Duration::from_millis(20)), Some(Path::Direct(addr("198.51.100.1:51820"))));
+        round(
+            &mut p,
+            t0,
+            &[addr("198.51.100.1:51820")],
+            Duration::from_millis(20),
+            &mut tx,
+        );
+        assert_eq!(
+            p.select(t0 + Duration::from_millis(20)),
+            Some(Path::Direct(addr("198.51.100.1:51820")))
+        );
     }
 
     #[test]
     fn the_lowest_rtt_wins_and_a_private_address_wins_a_near_tie() {
         let t0 = Instant::now();
         let mut tx = counter();
-        let (public, private, slow) =
-            (addr("198.51.100.1:51820"), addr("10.0.0.5:51820"), addr("203.0.113.7:51820"));
+        let (public, private, slow) = (
+            addr("198.51.100.1:51820"),
+            addr("10.0.0.5:51820"),
+            addr("203.0.113.7:51820"),
+        );
         let mut p = PathSet::new();
-        p.set_candidates([(public, Source::Observed), (private, Source::Local), (slow, Source::Advertised)]);
+        p.set_candidates([
+            (public, Source::Observed),
+            (private, Source::Local),
+            (slow, Source::Advertised),
+        ]);
         for (to, id) in p.due_pings(t0, false, &mut tx) {
             let rtt = if to == slow { 40 } else { 10 };
             p.on_pong(id, to, t0 + Duration::from_millis(rtt));
         }
-        assert_eq!(p.select(t0 + Duration::from_millis(50)), Some(Path::Direct(private)));
+        assert_eq!(
+            p.select(t0 + Duration::from_millis(50)),
+            Some(Path::Direct(private))
+        );
     }
 
     #[test]
@@ -525,7 +606,10 @@ mod tests {
         p.set_relay_available(true);
         p.set_candidates([(direct, Source::Observed)]);
         round(&mut p, t0, &[direct], Duration::from_millis(5), &mut tx);
-        assert_eq!(p.select(t0 + Duration::from_millis(5)), Some(Path::Direct(direct)));
+        assert_eq!(
+            p.select(t0 + Duration::from_millis(5)),
+            Some(Path::Direct(direct))
+        );
         // The path dies: pings go unanswered.
         let mut now = t0;
         let mut switched_at = None;
@@ -575,9 +659,15 @@ mod tests {
         p.set_relay_available(true);
         p.set_candidates([(dead, Source::Observed)]);
         let pings = p.due_pings(t0, false, &mut tx);
-        assert!(!p.on_pong(pings[0].1, elsewhere, t0), "answered from an address never pinged");
+        assert!(
+            !p.on_pong(pings[0].1, elsewhere, t0),
+            "answered from an address never pinged"
+        );
         assert_eq!(p.select(t0), Some(Path::Relay));
-        assert!(p.on_pong(pings[0].1, dead, t0), "still outstanding for the address pinged");
+        assert!(
+            p.on_pong(pings[0].1, dead, t0),
+            "still outstanding for the address pinged"
+        );
     }
 
     #[test]
@@ -589,7 +679,10 @@ mod tests {
         p.set_candidates([(addr("198.51.100.1:51820"), Source::Observed)]);
         assert_eq!(p.candidates.len(), 2);
         for port in 0..100 {
-            p.learn(SocketAddr::new("198.51.100.9".parse().unwrap(), 1000 + port), t0);
+            p.learn(
+                SocketAddr::new("198.51.100.9".parse().unwrap(), 1000 + port),
+                t0,
+            );
         }
         assert!(p.candidates.len() <= 1 + MAX_UNCONFIRMED);
     }
@@ -598,15 +691,22 @@ mod tests {
     fn a_learnt_address_is_unconfirmed_until_answered_from_and_then_forgotten_if_silent() {
         let t0 = Instant::now();
         let mut tx = counter();
-        let (announced, spoofed, real) =
-            (addr("198.51.100.1:51820"), addr("203.0.113.66:4444"), addr("198.51.100.1:40000"));
+        let (announced, spoofed, real) = (
+            addr("198.51.100.1:51820"),
+            addr("203.0.113.66:4444"),
+            addr("198.51.100.1:40000"),
+        );
         let mut p = PathSet::new();
         p.set_relay_available(true);
         p.set_candidates([(announced, Source::Observed)]);
         p.learn(spoofed, t0);
         p.learn(real, t0);
         let shown = |p: &PathSet, now| p.candidates(now).iter().map(|c| c.addr).collect::<Vec<_>>();
-        assert_eq!(shown(&p, t0), [announced], "unconfirmed addresses are not shown");
+        assert_eq!(
+            shown(&p, t0),
+            [announced],
+            "unconfirmed addresses are not shown"
+        );
         // Only `real` answers; a few rounds later `spoofed` is gone.
         let mut now = t0;
         for _ in 0..8 {
@@ -614,7 +714,10 @@ mod tests {
             now += UPGRADE_PROBE + PING_TIMEOUT;
         }
         assert_eq!(shown(&p, now), [announced, real]);
-        assert!(p.candidates.iter().all(|c| c.addr != spoofed), "an address never answered from is forgotten");
+        assert!(
+            p.candidates.iter().all(|c| c.addr != spoofed),
+            "an address never answered from is forgotten"
+        );
         // `real` falls silent: forgotten after LEARNED_TTL.
         let silent_since = now;
         while now < silent_since + LEARNED_TTL + UPGRADE_PROBE * 2 {
@@ -628,15 +731,28 @@ mod tests {
     fn endpoints_that_cannot_be_a_peer_are_refused() {
         let t0 = Instant::now();
         let mut p = PathSet::new();
-        let refused = ["127.0.0.1:51820", "169.254.1.1:51820", "0.0.0.0:51820", "224.0.0.1:51820",
-            "255.255.255.255:51820", "198.51.100.1:0", "[::1]:51820", "[fe80::1]:51820", "[ff02::1]:51820",
-            "[::ffff:127.0.0.1]:51820", "[::]:51820"];
+        let refused = [
+            "127.0.0.1:51820",
+            "169.254.1.1:51820",
+            "0.0.0.0:51820",
+            "224.0.0.1:51820",
+            "255.255.255.255:51820",
+            "198.51.100.1:0",
+            "[::1]:51820",
+            "[fe80::1]:51820",
+            "[ff02::1]:51820",
+            "[::ffff:127.0.0.1]:51820",
+            "[::]:51820",
+        ];
         p.set_candidates(refused.iter().map(|a| (addr(a), Source::Observed)));
         for a in refused {
             assert!(!p.learn(addr(a), t0), "{a} learnt");
         }
         assert!(p.candidates.is_empty());
-        p.set_candidates([(addr("[2001:db8::1]:51820"), Source::Local), (addr("10.0.0.1:51820"), Source::Local)]);
+        p.set_candidates([
+            (addr("[2001:db8::1]:51820"), Source::Local),
+            (addr("10.0.0.1:51820"), Source::Local),
+        ]);
         assert_eq!(p.candidates.len(), 2);
     }
 
@@ -645,13 +761,21 @@ mod tests {
         let t0 = Instant::now();
         let mut tx = counter();
         let mut p = PathSet::new();
-        p.set_candidates((0..MAX_CANDIDATES as u16).map(|i| (addr(&format!("198.51.100.1:{}", 1000 + i)), Source::Local)));
+        p.set_candidates(
+            (0..MAX_CANDIDATES as u16)
+                .map(|i| (addr(&format!("198.51.100.1:{}", 1000 + i)), Source::Local)),
+        );
         // A thousand forced rounds within one second: a punch storm.
         let mut sent = 0;
         for i in 0..1000u64 {
-            sent += p.due_pings(t0 + Duration::from_millis(i), true, &mut tx).len();
+            sent += p
+                .due_pings(t0 + Duration::from_millis(i), true, &mut tx)
+                .len();
         }
-        assert!(sent <= (PROBE_BURST + PROBE_RATE) as usize, "{sent} pings in a second");
+        assert!(
+            sent <= (PROBE_BURST + PROBE_RATE) as usize,
+            "{sent} pings in a second"
+        );
         assert!(p.over_budget > 0);
     }
 
@@ -662,13 +786,22 @@ mod tests {
         assert!(w.accept(Some(t), [1; 12]));
         assert!(!w.accept(Some(t), [1; 12]), "the same ping twice");
         assert!(w.accept(Some(t + 5_000), [2; 12]));
-        assert!(w.accept(Some(t + 1), [3; 12]), "a ping of an earlier round, a few seconds late");
-        assert!(!w.accept(Some(t - 60_000), [4; 12]), "a recording a minute old");
+        assert!(
+            w.accept(Some(t + 1), [3; 12]),
+            "a ping of an earlier round, a few seconds late"
+        );
+        assert!(
+            !w.accept(Some(t - 60_000), [4; 12]),
+            "a recording a minute old"
+        );
         // Ids are forgotten after a while, and so are the times they covered.
         for i in 0..PING_WINDOW_IDS as u64 {
             assert!(w.accept(Some(t + 6_000 + i), [(i as u8).wrapping_add(10); 12]));
         }
-        assert!(!w.accept(Some(t + 5_000), [2; 12]), "forgotten id, but sent before the floor");
+        assert!(
+            !w.accept(Some(t + 5_000), [2; 12]),
+            "forgotten id, but sent before the floor"
+        );
         // A peer that restarted with its clock an hour back: after the new
         // session its pings count again.
         assert!(!w.accept(Some(t - 3_600_000), [200; 12]));

@@ -125,14 +125,23 @@ impl Gate {
     }
 
     /// `cookie_dst` needs 64 bytes.
-    pub(crate) fn admit(&mut self, from: IpAddr, source: Source, datagram: &[u8], cookie_dst: &mut [u8]) -> Admitted {
+    pub(crate) fn admit(
+        &mut self,
+        from: IpAddr,
+        source: Source,
+        datagram: &[u8],
+        cookie_dst: &mut [u8],
+    ) -> Admitted {
         let packet = match self.limiter.verify_packet(Some(from), datagram, cookie_dst) {
             Err(TunnResult::WriteToNetwork(cookie)) => return Admitted::CookieReply(cookie.len()),
             Err(TunnResult::Err(e)) => return Admitted::Rejected(e),
             Err(_) => return Admitted::Rejected(WireGuardError::UnexpectedPacket),
             Ok(packet) => packet,
         };
-        let handshake = matches!(packet, Packet::HandshakeInit(_) | Packet::HandshakeResponse(_));
+        let handshake = matches!(
+            packet,
+            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
+        );
         if handshake && !self.within_share(source) {
             return Admitted::Throttled;
         }
@@ -140,10 +149,12 @@ impl Gate {
             // The DH in parse_handshake_anon runs only after MAC1, the rate
             // limiter and the source's share passed: that ordering is the
             // flood defence.
-            Packet::HandshakeInit(p) => match parse_handshake_anon(&self.secret, &self.public, &p) {
-                Ok(half) => Admitted::FromKey(PublicKey::from_bytes(half.peer_static_public)),
-                Err(e) => Admitted::Rejected(e),
-            },
+            Packet::HandshakeInit(p) => {
+                match parse_handshake_anon(&self.secret, &self.public, &p) {
+                    Ok(half) => Admitted::FromKey(PublicKey::from_bytes(half.peer_static_public)),
+                    Err(e) => Admitted::Rejected(e),
+                }
+            }
             Packet::HandshakeResponse(p) => Admitted::ForSlot(p.receiver_idx >> 8),
             Packet::PacketCookieReply(p) => Admitted::ForSlot(p.receiver_idx >> 8),
             Packet::PacketData(p) => Admitted::ForSlot(p.receiver_idx >> 8),
@@ -166,11 +177,19 @@ pub(crate) enum Encapsulated {
 #[derive(Debug)]
 pub(crate) enum Decapsulated {
     /// An inner packet of `len` bytes from inner source `src`.
-    Tunnel { len: usize, src: IpAddr },
+    Tunnel {
+        len: usize,
+        src: IpAddr,
+    },
     /// A reply to send back: handshake response, keepalive, or cookie reply.
-    Network { len: usize, authenticated: bool },
+    Network {
+        len: usize,
+        authenticated: bool,
+    },
     /// Consumed with nothing to emit (keepalive, cookie reply).
-    Done { authenticated: bool },
+    Done {
+        authenticated: bool,
+    },
     Error(WireGuardError),
 }
 
@@ -276,11 +295,22 @@ impl Peer {
     /// Decapsulates with the real source address, so the (shared) rate
     /// limiter can demand a cookie from it under load.
     #[inline]
-    pub(crate) fn decapsulate(&mut self, from: IpAddr, datagram: &[u8], dst: &mut [u8]) -> Decapsulated {
+    pub(crate) fn decapsulate(
+        &mut self,
+        from: IpAddr,
+        datagram: &[u8],
+        dst: &mut [u8],
+    ) -> Decapsulated {
         let msg_type = datagram.first().copied().unwrap_or(0);
         match self.tunn.decapsulate(Some(from), datagram, dst) {
-            TunnResult::WriteToTunnelV4(p, src) => Decapsulated::Tunnel { len: p.len(), src: src.into() },
-            TunnResult::WriteToTunnelV6(p, src) => Decapsulated::Tunnel { len: p.len(), src: src.into() },
+            TunnResult::WriteToTunnelV4(p, src) => Decapsulated::Tunnel {
+                len: p.len(),
+                src: src.into(),
+            },
+            TunnResult::WriteToTunnelV6(p, src) => Decapsulated::Tunnel {
+                len: p.len(),
+                src: src.into(),
+            },
             TunnResult::WriteToNetwork(out) => {
                 // A cookie reply proves nothing about the sender; a handshake
                 // response (to an init) or a keepalive (after a response) means
@@ -288,11 +318,16 @@ impl Peer {
                 let reply_type = out.first().copied().unwrap_or(0);
                 let authenticated = reply_type != MSG_COOKIE_REPLY
                     && matches!(msg_type, MSG_HANDSHAKE_INIT | MSG_HANDSHAKE_RESP);
-                Decapsulated::Network { len: out.len(), authenticated }
+                Decapsulated::Network {
+                    len: out.len(),
+                    authenticated,
+                }
             }
             // Done after a data message is a valid keepalive; after a cookie
             // reply it is not an authenticated packet.
-            TunnResult::Done => Decapsulated::Done { authenticated: msg_type == MSG_DATA },
+            TunnResult::Done => Decapsulated::Done {
+                authenticated: msg_type == MSG_DATA,
+            },
             TunnResult::Err(e) => Decapsulated::Error(e),
         }
     }

@@ -79,7 +79,10 @@ fn mask_v6(addr: u128, len: u8) -> u128 {
 
 impl<T: Copy> Default for AllowedIps<T> {
     fn default() -> Self {
-        Self { v4: PrefixTable::new(), v6: PrefixTable::new() }
+        Self {
+            v4: PrefixTable::new(),
+            v6: PrefixTable::new(),
+        }
     }
 }
 
@@ -87,8 +90,12 @@ impl<T: Copy + PartialEq> AllowedIps<T> {
     /// Routes `net` to `value`, returning the previous owner of exactly `net`.
     pub fn insert(&mut self, net: IpNet, value: T) -> Option<T> {
         match net.trunc() {
-            IpNet::V4(n) => self.v4.insert(n.prefix_len(), u32::from(n.network()), value),
-            IpNet::V6(n) => self.v6.insert(n.prefix_len(), u128::from(n.network()), value),
+            IpNet::V4(n) => self
+                .v4
+                .insert(n.prefix_len(), u32::from(n.network()), value),
+            IpNet::V6(n) => self
+                .v6
+                .insert(n.prefix_len(), u128::from(n.network()), value),
         }
     }
 

@@ -12,9 +12,15 @@ use super::{KeyError, PrivateKey};
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     #[error("cannot read private key file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write private key file {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "private key file {path} is readable by group or others (mode {mode:04o}); \
          fix it with `chmod 600 {path}`"
@@ -27,24 +33,35 @@ pub enum KeyFileError {
 /// Reads a private key file, refusing one that group or others can read: a
 /// WireGuard key that leaked once is leaked for good.
 pub fn read_private_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
-    let read_err = |source| KeyFileError::Read { path: path.to_owned(), source };
+    let read_err = |source| KeyFileError::Read {
+        path: path.to_owned(),
+        source,
+    };
     let meta = fs::metadata(path).map_err(read_err)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(KeyFileError::TooOpen { path: path.to_owned(), mode });
+        return Err(KeyFileError::TooOpen {
+            path: path.to_owned(),
+            mode,
+        });
     }
     let text = fs::read_to_string(path).map_err(read_err)?;
-    text.trim()
-        .parse()
-        .map_err(|source| KeyFileError::Invalid { path: path.to_owned(), source })
+    text.trim().parse().map_err(|source| KeyFileError::Invalid {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Writes `key` to `path` with mode 0600: into a temporary file in the same
 /// directory, synced, then renamed over `path`, so a crash leaves either the
 /// old file or the new one, never a torn or world-readable one.
 pub fn write_private_key(path: &Path, key: &PrivateKey) -> Result<(), KeyFileError> {
-    write_atomic(path, format!("{}\n", key.to_base64()).as_bytes(), 0o600)
-        .map_err(|source| KeyFileError::Write { path: path.to_owned(), source })
+    write_atomic(path, format!("{}\n", key.to_base64()).as_bytes(), 0o600).map_err(|source| {
+        KeyFileError::Write {
+            path: path.to_owned(),
+            source,
+        }
+    })
 }
 
 /// Atomic write with a fixed mode (the file never exists with a wider one).
@@ -53,7 +70,10 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let result = (|| {
         let mut f = fs::OpenOptions::new()
@@ -85,7 +105,10 @@ mod tests {
         write_private_key(&path, &key).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(read_private_key(&path).unwrap().to_base64(), key.to_base64());
+        assert_eq!(
+            read_private_key(&path).unwrap().to_base64(),
+            key.to_base64()
+        );
     }
 
     #[test]
@@ -105,6 +128,9 @@ mod tests {
         let path = dir.path().join("private.key");
         write_atomic(&path, b"hello\n", 0o600).unwrap();
         let err = read_private_key(&path).unwrap_err().to_string();
-        assert!(err.contains("private.key") && err.contains("base64"), "{err}");
+        assert!(
+            err.contains("private.key") && err.contains("base64"),
+            "{err}"
+        );
     }
 }

@@ -169,8 +169,14 @@ mod tests {
     fn base64_round_trips_and_rejects_bad_input() {
         let public = PrivateKey::from_bytes(ALICE_PRIVATE).public_key();
         assert_eq!(public.to_string().parse::<PublicKey>(), Ok(public));
-        assert!(matches!("not base64!".parse::<PublicKey>(), Err(KeyError::Base64(_))));
-        assert_eq!("AAAA".parse::<PublicKey>(), Err(KeyError::Length { len: 3 }));
+        assert!(matches!(
+            "not base64!".parse::<PublicKey>(),
+            Err(KeyError::Base64(_))
+        ));
+        assert_eq!(
+            "AAAA".parse::<PublicKey>(),
+            Err(KeyError::Length { len: 3 })
+        );
     }
 
     #[test]

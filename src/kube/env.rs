@@ -43,7 +43,11 @@ pub enum EnvError {
     #[error("`{key}` is missing")]
     Missing { key: &'static str },
     #[error("`{key}`: {value:?} is not {expected}")]
-    Value { key: &'static str, value: String, expected: &'static str },
+    Value {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("cannot write the environment file {path}: {source}; check `env-file` in the config")]
     Write { path: PathBuf, source: io::Error },
     #[error("cannot remove the environment file {path}: {source}")]
@@ -106,19 +110,33 @@ impl MeshEnv {
                 continue;
             }
             let Some((key, value)) = trimmed.split_once('=') else {
-                return Err(EnvError::Line { line, text: raw.to_owned() });
+                return Err(EnvError::Line {
+                    line,
+                    text: raw.to_owned(),
+                });
             };
             let key = key.trim();
-            let value = unquote(value.trim()).ok_or_else(|| EnvError::Unterminated { line, key: key.to_owned() })?;
+            let value = unquote(value.trim()).ok_or_else(|| EnvError::Unterminated {
+                line,
+                key: key.to_owned(),
+            })?;
             match key {
                 IP => ipv4 = Some(parse_optional(IP, &value, "an IPv4 address")?),
                 IP6 => ipv6 = Some(parse_optional(IP6, &value, "an IPv6 address")?),
                 IFACE if value.is_empty() => {
-                    return Err(EnvError::Value { key: IFACE, value, expected: "an interface name" })
+                    return Err(EnvError::Value {
+                        key: IFACE,
+                        value,
+                        expected: "an interface name",
+                    })
                 }
                 IFACE => interface = Some(value),
                 MTU => {
-                    let parsed = value.parse().map_err(|_| EnvError::Value { key: MTU, value, expected: "an MTU" })?;
+                    let parsed = value.parse().map_err(|_| EnvError::Value {
+                        key: MTU,
+                        value,
+                        expected: "an MTU",
+                    })?;
                     mtu = Some(parsed);
                 }
                 _ => {}
@@ -141,7 +159,11 @@ fn parse_optional<T: std::str::FromStr>(
     if value.is_empty() {
         return Ok(None);
     }
-    value.parse().map(Some).map_err(|_| EnvError::Value { key, value: value.to_owned(), expected })
+    value.parse().map(Some).map_err(|_| EnvError::Value {
+        key,
+        value: value.to_owned(),
+        expected,
+    })
 }
 
 /// Characters that mean the same to systemd and sh(1) unquoted.
@@ -194,22 +216,36 @@ fn unquote(value: &str) -> Option<String> {
 /// Replaces the file at `path` with `env`, atomically, mode 0644; creates
 /// its directory if needed (under systemd, `RuntimeDirectory=` has).
 pub fn write(path: &Path, env: &MeshEnv) -> Result<(), EnvError> {
-    let error = |source| EnvError::Write { path: path.to_owned(), source };
+    let error = |source| EnvError::Write {
+        path: path.to_owned(),
+        source,
+    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| error(io::Error::new(io::ErrorKind::InvalidInput, "the path names no file")))?;
+    let name = path.file_name().ok_or_else(|| {
+        error(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the path names no file",
+        ))
+    })?;
     fs::create_dir_all(dir).map_err(error)?;
     // Same directory, so the rename cannot cross file systems; the pid keeps
     // two meshd (on one host, different interfaces) out of each other's way.
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     // A meshd killed mid-write with this pid left it; it holds nothing.
     let _ = fs::remove_file(&tmp);
     let result = (|| {
-        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(MODE).open(&tmp)?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(MODE)
+            .open(&tmp)?;
         // The creation mode went through the umask; the file must be 0644.
         file.set_permissions(fs::Permissions::from_mode(MODE))?;
         file.write_all(env.render().as_bytes())?;
@@ -229,7 +265,10 @@ pub fn remove(path: &Path) -> Result<(), EnvError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(EnvError::Remove { path: path.to_owned(), source }),
+        Err(source) => Err(EnvError::Remove {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
@@ -242,13 +281,21 @@ mod tests {
     }
 
     fn dual_stack() -> MeshEnv {
-        MeshEnv::new(&[net("100.72.0.7/16"), net("fd5a:1f00:2b3c::7/48")], "mesh0", 1380)
+        MeshEnv::new(
+            &[net("100.72.0.7/16"), net("fd5a:1f00:2b3c::7/48")],
+            "mesh0",
+            1380,
+        )
     }
 
     #[test]
     fn the_file_names_the_first_address_of_each_family_without_its_prefix() {
         let env = MeshEnv::new(
-            &[net("fd5a:1f00:2b3c::7/48"), net("100.72.0.7/16"), net("100.73.0.7/16")],
+            &[
+                net("fd5a:1f00:2b3c::7/48"),
+                net("100.72.0.7/16"),
+                net("100.73.0.7/16"),
+            ],
             "mesh0",
             1380,
         );
@@ -262,7 +309,12 @@ mod tests {
         let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(
             lines,
-            ["MESH_IP=100.72.0.7", "MESH_IP6=fd5a:1f00:2b3c::7", "MESH_IFACE=mesh0", "MESH_MTU=1380"]
+            [
+                "MESH_IP=100.72.0.7",
+                "MESH_IP6=fd5a:1f00:2b3c::7",
+                "MESH_IFACE=mesh0",
+                "MESH_MTU=1380"
+            ]
         );
     }
 
@@ -276,14 +328,23 @@ mod tests {
 
     #[test]
     fn what_is_rendered_parses_back() {
-        assert_eq!(MeshEnv::parse(&dual_stack().render()).unwrap(), dual_stack());
+        assert_eq!(
+            MeshEnv::parse(&dual_stack().render()).unwrap(),
+            dual_stack()
+        );
     }
 
     #[test]
     fn an_odd_interface_name_is_quoted_and_parses_back() {
-        let env = MeshEnv { interface: "m\"e$h`\\0".into(), ..dual_stack() };
+        let env = MeshEnv {
+            interface: "m\"e$h`\\0".into(),
+            ..dual_stack()
+        };
         let text = env.render();
-        assert!(text.contains("MESH_IFACE=\"m\\\"e\\$h\\`\\\\0\"\n"), "{text}");
+        assert!(
+            text.contains("MESH_IFACE=\"m\\\"e\\$h\\`\\\\0\"\n"),
+            "{text}"
+        );
         assert_eq!(MeshEnv::parse(&text).unwrap(), env);
     }
 
@@ -292,14 +353,23 @@ mod tests {
         let text = dual_stack().render();
         let last = text.find("MESH_MTU=").unwrap();
         for cut in 0..last {
-            assert!(MeshEnv::parse(&text[..cut]).is_err(), "{:?} parses", &text[..cut]);
+            assert!(
+                MeshEnv::parse(&text[..cut]).is_err(),
+                "{:?} parses",
+                &text[..cut]
+            );
         }
     }
 
     #[test]
     fn bad_values_are_named() {
-        let err = MeshEnv::parse("MESH_IP=100.72.0.300\nMESH_IP6=\nMESH_IFACE=mesh0\nMESH_MTU=1380\n").unwrap_err();
-        assert!(err.to_string().contains("MESH_IP") && err.to_string().contains("100.72.0.300"), "{err}");
+        let err =
+            MeshEnv::parse("MESH_IP=100.72.0.300\nMESH_IP6=\nMESH_IFACE=mesh0\nMESH_MTU=1380\n")
+                .unwrap_err();
+        assert!(
+            err.to_string().contains("MESH_IP") && err.to_string().contains("100.72.0.300"),
+            "{err}"
+        );
         let err = MeshEnv::parse("MESH_IP=\nMESH_IP6=\nMESH_IFACE=mesh0\n").unwrap_err();
         assert!(err.to_string().contains("MESH_MTU"), "{err}");
         let err = MeshEnv::parse("MESH_IP\n").unwrap_err();
@@ -317,7 +387,10 @@ mod tests {
 
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o644);
-        assert_eq!(MeshEnv::parse(&fs::read_to_string(&path).unwrap()).unwrap(), dual_stack());
+        assert_eq!(
+            MeshEnv::parse(&fs::read_to_string(&path).unwrap()).unwrap(),
+            dual_stack()
+        );
     }
 
     #[test]
@@ -329,8 +402,14 @@ mod tests {
 
         write(&path, &moved).unwrap();
 
-        assert_eq!(MeshEnv::parse(&fs::read_to_string(&path).unwrap()).unwrap(), moved);
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(
+            MeshEnv::parse(&fs::read_to_string(&path).unwrap()).unwrap(),
+            moved
+        );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, ["env"]);
     }
 

@@ -55,12 +55,18 @@ pub enum KubeError {
     NoName,
     #[error("this node has no overlay IPv4 address: is meshd joined to a mesh? (meshctl status)")]
     NoOverlayIpv4,
-    #[error("--dual-stack needs an overlay IPv6 address and this node has none: drop --dual-stack")]
+    #[error(
+        "--dual-stack needs an overlay IPv6 address and this node has none: drop --dual-stack"
+    )]
     NoOverlayIpv6,
     #[error("meshd reported no interface name")]
     NoInterface,
     #[error("MTU {mtu} leaves no room for {encapsulation} ({overhead} bytes of headers): raise mesh0's MTU")]
-    MtuTooSmall { mtu: u16, encapsulation: &'static str, overhead: u16 },
+    MtuTooSmall {
+        mtu: u16,
+        encapsulation: &'static str,
+        overhead: u16,
+    },
     #[error("pod CIDR {cidr} contains this node's overlay address {overlay}: pick a pod CIDR outside the mesh")]
     PodCidrOverlapsMesh { cidr: IpNet, overlay: IpAddr },
     #[error("--control-plane {name}: no mesh node has that name (known: {known})")]
@@ -70,7 +76,11 @@ pub enum KubeError {
     #[error("{origin}: not a Kubernetes Node: {reason}")]
     NodeJson { origin: String, reason: String },
     #[error("{origin} describes node {found}, but this node is {expected}: pass --node-name {found} if that is this node")]
-    WrongNode { origin: String, found: String, expected: String },
+    WrongNode {
+        origin: String,
+        found: String,
+        expected: String,
+    },
     #[error("writing YAML: {0}")]
     Yaml(#[from] serde_norway::Error),
 }
@@ -110,7 +120,10 @@ impl MeshNode {
     fn addresses(&self, stack: Stack) -> Result<Vec<IpAddr>, KubeError> {
         match stack {
             Stack::Ipv4 => Ok(vec![self.ipv4.into()]),
-            Stack::Dual => Ok(vec![self.ipv4.into(), self.ipv6.ok_or(KubeError::NoOverlayIpv6)?.into()]),
+            Stack::Dual => Ok(vec![
+                self.ipv4.into(),
+                self.ipv6.ok_or(KubeError::NoOverlayIpv6)?.into(),
+            ]),
         }
     }
 }
@@ -145,8 +158,16 @@ impl Mesh {
     /// The mesh as `meshctl status --json` and `meshctl peers --json` show
     /// it. The MTU is, in order: the override, meshd's (an older meshd
     /// reports none), the default 1380.
-    pub fn from_api(status: &StatusInfo, peers: &[PeerInfo], overrides: &Overrides) -> Result<Self, KubeError> {
-        let name = overrides.node_name.clone().or_else(|| status.name.clone()).ok_or(KubeError::NoName)?;
+    pub fn from_api(
+        status: &StatusInfo,
+        peers: &[PeerInfo],
+        overrides: &Overrides,
+    ) -> Result<Self, KubeError> {
+        let name = overrides
+            .node_name
+            .clone()
+            .or_else(|| status.name.clone())
+            .ok_or(KubeError::NoName)?;
         let (ipv4, ipv6) = overlay_addresses(&status.overlay_ips);
         if status.interface.is_empty() {
             return Err(KubeError::NoInterface);
@@ -159,7 +180,10 @@ impl Mesh {
                 reachable: seen_by_rendezvous(&status.seen_at).map(|ip| (ip, Reach::Observed)),
             },
             interface: status.interface.clone(),
-            mtu: overrides.mtu.or(Some(status.mtu).filter(|&m| m != 0)).unwrap_or(DEFAULT_MTU),
+            mtu: overrides
+                .mtu
+                .or(Some(status.mtu).filter(|&m| m != 0))
+                .unwrap_or(DEFAULT_MTU),
         };
         let mut notes = Vec::new();
         let mut members = Vec::new();
@@ -174,9 +198,18 @@ impl Mesh {
                 notes.push(format!("left out {name}: it has no overlay IPv4 address"));
                 continue;
             };
-            members.push(MeshNode { name, ipv4, ipv6, reachable: best_candidate(peer) });
+            members.push(MeshNode {
+                name,
+                ipv4,
+                ipv6,
+                reachable: best_candidate(peer),
+            });
         }
-        Ok(Self { local, peers: members, notes })
+        Ok(Self {
+            local,
+            peers: members,
+            notes,
+        })
     }
 
     fn nodes(&self) -> impl Iterator<Item = &MeshNode> {
@@ -187,7 +220,10 @@ impl Mesh {
 /// The first IPv4 and the first IPv6 among `ips`; entries that are not an
 /// address (a newer meshd may add prefixes) are passed over.
 fn overlay_addresses(ips: &[String]) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
-    let parsed: Vec<IpAddr> = ips.iter().filter_map(|s| s.split('/').next()?.parse().ok()).collect();
+    let parsed: Vec<IpAddr> = ips
+        .iter()
+        .filter_map(|s| s.split('/').next()?.parse().ok())
+        .collect();
     let v4 = parsed.iter().find_map(|ip| match ip {
         IpAddr::V4(a) => Some(*a),
         IpAddr::V6(_) => None,
@@ -209,7 +245,11 @@ fn seen_by_rendezvous(seen_at: &[String]) -> Option<IpAddr> {
             Some((addr.parse::<SocketAddr>().ok()?.ip(), by))
         })
         .collect();
-    parsed.iter().find(|(_, by)| by.starts_with("(rendezvous")).or(parsed.first()).map(|(ip, _)| *ip)
+    parsed
+        .iter()
+        .find(|(_, by)| by.starts_with("(rendezvous"))
+        .or(parsed.first())
+        .map(|(ip, _)| *ip)
 }
 
 /// A peer's address to reach it on: advertised, else observed, else local;
@@ -239,7 +279,10 @@ fn comments(lines: &[String]) -> String {
 
 /// A word as a POSIX shell reads it back unchanged.
 fn shell_word(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._-:/=,@+".contains(c)) {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-:/=,@+".contains(c))
+    {
         s.to_owned()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
@@ -247,7 +290,10 @@ fn shell_word(s: &str) -> String {
 }
 
 fn join(ips: &[IpAddr]) -> String {
-    ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn inner_mtu(mtu: u16, encapsulation: &'static str, overhead: u16) -> Result<u16, KubeError> {
@@ -256,7 +302,11 @@ fn inner_mtu(mtu: u16, encapsulation: &'static str, overhead: u16) -> Result<u16
     const MIN: u16 = 576;
     match mtu.checked_sub(overhead) {
         Some(inner) if inner >= MIN => Ok(inner),
-        _ => Err(KubeError::MtuTooSmall { mtu, encapsulation, overhead }),
+        _ => Err(KubeError::MtuTooSmall {
+            mtu,
+            encapsulation,
+            overhead,
+        }),
     }
 }
 
@@ -266,7 +316,10 @@ fn check_pod_cidrs(local: &Local, cidrs: &[IpNet]) -> Result<(), KubeError> {
         .collect();
     for cidr in cidrs {
         if let Some(ip) = overlay.iter().find(|ip| cidr.contains(*ip)) {
-            return Err(KubeError::PodCidrOverlapsMesh { cidr: *cidr, overlay: *ip });
+            return Err(KubeError::PodCidrOverlapsMesh {
+                cidr: *cidr,
+                overlay: *ip,
+            });
         }
     }
     Ok(())
@@ -287,8 +340,15 @@ fn check_pod_cidrs(local: &Local, cidrs: &[IpNet]) -> Result<(), KubeError> {
 pub fn kubelet_dropin(local: &Local, stack: Stack, kubelet: &str) -> Result<String, KubeError> {
     let ips = local.node.addresses(stack)?;
     let mut out = comments(&[
-        format!("kubelet on the mesh: node {} uses {} ({}).", local.node.name, join(&ips), local.interface),
-        format!("Install as {DROPIN_PATH}, then: systemctl daemon-reload && systemctl restart kubelet"),
+        format!(
+            "kubelet on the mesh: node {} uses {} ({}).",
+            local.node.name,
+            join(&ips),
+            local.interface
+        ),
+        format!(
+            "Install as {DROPIN_PATH}, then: systemctl daemon-reload && systemctl restart kubelet"
+        ),
         "Written by meshctl kube kubelet-dropin.".to_owned(),
     ]);
     out.push_str("[Unit]\nAfter=meshd.service\nWants=meshd.service\n\n[Service]\n");
@@ -344,12 +404,23 @@ struct EnvVar {
 
 impl EnvVar {
     fn new(name: &str, value: impl ToString) -> Self {
-        Self { name: name.to_owned(), value: value.to_string() }
+        Self {
+            name: name.to_owned(),
+            value: value.to_string(),
+        }
     }
 }
 
 fn daemonset_patch(container: Container) -> DaemonSetPatch {
-    DaemonSetPatch { spec: DaemonSetSpec { template: PodTemplate { spec: PodSpec { containers: vec![container] } } } }
+    DaemonSetPatch {
+        spec: DaemonSetSpec {
+            template: PodTemplate {
+                spec: PodSpec {
+                    containers: vec![container],
+                },
+            },
+        },
+    }
 }
 
 // ---------------------------------------------------------------- flannel
@@ -366,7 +437,11 @@ pub fn flannel(local: &Local) -> Result<String, KubeError> {
     let patch = daemonset_patch(Container {
         name: "kube-flannel".into(),
         // kube-flannel.yml's own args, then ours: the list is replaced whole.
-        args: vec!["--ip-masq".into(), "--kube-subnet-mgr".into(), format!("--iface={iface}")],
+        args: vec![
+            "--ip-masq".into(),
+            "--kube-subnet-mgr".into(),
+            format!("--iface={iface}"),
+        ],
         env: vec![],
     });
     let mut out = comments(&[
@@ -518,13 +593,19 @@ pub fn calico(local: &Local, stack: Stack, options: &CalicoOptions) -> Result<St
             let installation = Installation {
                 api_version: "operator.tigera.io/v1".into(),
                 kind: "Installation".into(),
-                metadata: Metadata { name: "default".into() },
+                metadata: Metadata {
+                    name: "default".into(),
+                },
                 spec: InstallationSpec {
                     calico_network: CalicoNetwork {
                         bgp: bgp.into(),
                         mtu,
-                        node_address_autodetection_v4: Autodetection { interface: iface.clone() },
-                        node_address_autodetection_v6: dual.then(|| Autodetection { interface: iface.clone() }),
+                        node_address_autodetection_v4: Autodetection {
+                            interface: iface.clone(),
+                        },
+                        node_address_autodetection_v6: dual.then(|| Autodetection {
+                            interface: iface.clone(),
+                        }),
                         ip_pools: pools,
                     },
                 },
@@ -548,7 +629,11 @@ pub fn calico(local: &Local, stack: Stack, options: &CalicoOptions) -> Result<St
                 Encapsulation::Vxlan => env.push(EnvVar::new("FELIX_VXLANMTU", mtu)),
                 Encapsulation::Ipip => env.push(EnvVar::new("FELIX_IPINIPMTU", mtu)),
             }
-            let patch = daemonset_patch(Container { name: "calico-node".into(), args: vec![], env });
+            let patch = daemonset_patch(Container {
+                name: "calico-node".into(),
+                args: vec![],
+                env,
+            });
             let mut out = comments(&[
                 head,
                 "A patch of a manifest install's calico-node (env merges by name).".into(),
@@ -612,7 +697,10 @@ struct Arg {
 
 impl Arg {
     fn new(name: &str, value: String) -> Self {
-        Self { name: name.to_owned(), value }
+        Self {
+            name: name.to_owned(),
+            value,
+        }
     }
 }
 
@@ -674,7 +762,11 @@ pub fn kubeadm(local: &Local, stack: Stack, options: &KubeadmOptions) -> Result<
     check_pod_cidrs(local, &options.pod_cidrs)?;
     let primary = IpAddr::V4(local.node.ipv4);
     let name = &local.node.name;
-    let client_urls = ips.iter().map(|ip| format!("https://{}:2379", url_host(*ip))).collect::<Vec<_>>().join(",");
+    let client_urls = ips
+        .iter()
+        .map(|ip| format!("https://{}:2379", url_host(*ip)))
+        .collect::<Vec<_>>()
+        .join(",");
     // Peer URLs on the IPv4 address alone: kubeadm writes
     // `--initial-cluster` from the advertise address, and etcd refuses to
     // start when this member's advertised peer URLs differ from it.
@@ -691,7 +783,10 @@ pub fn kubeadm(local: &Local, stack: Stack, options: &KubeadmOptions) -> Result<
     let init = InitConfiguration {
         api_version: KUBEADM_API.into(),
         kind: "InitConfiguration".into(),
-        local_api_endpoint: ApiEndpoint { advertise_address: primary.to_string(), bind_port: 6443 },
+        local_api_endpoint: ApiEndpoint {
+            advertise_address: primary.to_string(),
+            bind_port: 6443,
+        },
         node_registration: NodeRegistration {
             name: name.clone(),
             kubelet_extra_args: vec![Arg::new("node-ip", join(&ips))],
@@ -702,14 +797,23 @@ pub fn kubeadm(local: &Local, stack: Stack, options: &KubeadmOptions) -> Result<
         kind: "ClusterConfiguration".into(),
         control_plane_endpoint: options.control_plane_endpoint.clone(),
         networking: Networking {
-            pod_subnet: (!options.pod_cidrs.is_empty())
-                .then(|| options.pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")),
+            pod_subnet: (!options.pod_cidrs.is_empty()).then(|| {
+                options
+                    .pod_cidrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
         },
         api_server: ApiServer { cert_sans: sans },
         etcd: Etcd {
             local: LocalEtcd {
                 extra_args: vec![
-                    Arg::new("listen-client-urls", format!("https://127.0.0.1:2379,{client_urls}")),
+                    Arg::new(
+                        "listen-client-urls",
+                        format!("https://127.0.0.1:2379,{client_urls}"),
+                    ),
                     Arg::new("advertise-client-urls", client_urls),
                     Arg::new("listen-peer-urls", peer_url.clone()),
                     Arg::new("initial-advertise-peer-urls", peer_url),
@@ -720,7 +824,10 @@ pub fn kubeadm(local: &Local, stack: Stack, options: &KubeadmOptions) -> Result<
         },
     };
     let mut out = comments(&[
-        format!("kubeadm on the mesh: node {name}, API server and etcd on {}.", join(&ips)),
+        format!(
+            "kubeadm on the mesh: node {name}, API server and etcd on {}.",
+            join(&ips)
+        ),
         "Use: meshctl kube kubeadm > kubeadm.yaml && kubeadm init --config kubeadm.yaml".into(),
     ]);
     let mut yaml = Vec::new();
@@ -796,14 +903,19 @@ struct Empty {}
 /// `access_ip` and `etcd_address` on its overlay address, `ansible_host`
 /// where Ansible can reach it. `control_plane` names the control-plane
 /// (and etcd) nodes; empty means this node alone. Every node is a worker.
-pub fn kubespray_inventory(mesh: &Mesh, stack: Stack, control_plane: &[String]) -> Result<Inventory, KubeError> {
+pub fn kubespray_inventory(
+    mesh: &Mesh,
+    stack: Stack,
+    control_plane: &[String],
+) -> Result<Inventory, KubeError> {
     let mut notes = mesh.notes.clone();
     let mut hosts = BTreeMap::new();
     for node in mesh.nodes() {
         let ips = node.addresses(stack).map_err(|e| match e {
             KubeError::NoOverlayIpv6 if node.name != mesh.local.node.name => KubeError::NodeJson {
                 origin: format!("node {}", node.name),
-                reason: "--dual-stack needs an overlay IPv6 address on every node, and it has none".into(),
+                reason: "--dual-stack needs an overlay IPv6 address on every node, and it has none"
+                    .into(),
             },
             other => other,
         })?;
@@ -816,10 +928,18 @@ pub fn kubespray_inventory(mesh: &Mesh, stack: Stack, control_plane: &[String]) 
         }
         let v4 = node.ipv4.to_string();
         let v6 = ips.get(1).map(ToString::to_string);
-        let vars =
-            HostVars { ansible_host, ip: v4.clone(), access_ip: v4.clone(), etcd_address: v4, access_ip6: v6.clone(), ip6: v6 };
+        let vars = HostVars {
+            ansible_host,
+            ip: v4.clone(),
+            access_ip: v4.clone(),
+            etcd_address: v4,
+            access_ip6: v6.clone(),
+            ip6: v6,
+        };
         if hosts.insert(node.name.clone(), vars).is_some() {
-            return Err(KubeError::DuplicateName { name: node.name.clone() });
+            return Err(KubeError::DuplicateName {
+                name: node.name.clone(),
+            });
         }
     }
     let control: BTreeSet<String> = if control_plane.is_empty() {
@@ -842,11 +962,20 @@ pub fn kubespray_inventory(mesh: &Mesh, stack: Stack, control_plane: &[String]) 
     let members = |names: &mut dyn Iterator<Item = &String>| -> BTreeMap<String, Empty> {
         names.map(|n| (n.clone(), Empty {})).collect()
     };
-    let hosts_group = |names: BTreeMap<String, Empty>| Group { hosts: Some(names), children: None };
+    let hosts_group = |names: BTreeMap<String, Empty>| Group {
+        hosts: Some(names),
+        children: None,
+    };
     let children = BTreeMap::from([
-        ("kube_control_plane".to_owned(), hosts_group(members(&mut control.iter()))),
+        (
+            "kube_control_plane".to_owned(),
+            hosts_group(members(&mut control.iter())),
+        ),
         ("etcd".to_owned(), hosts_group(members(&mut control.iter()))),
-        ("kube_node".to_owned(), hosts_group(members(&mut hosts.keys()))),
+        (
+            "kube_node".to_owned(),
+            hosts_group(members(&mut hosts.keys())),
+        ),
         (
             "k8s_cluster".to_owned(),
             Group {
@@ -859,7 +988,9 @@ pub fn kubespray_inventory(mesh: &Mesh, stack: Stack, control_plane: &[String]) 
         ),
         ("calico_rr".to_owned(), hosts_group(BTreeMap::new())),
     ]);
-    let file = InventoryFile { all: InventoryAll { hosts, children } };
+    let file = InventoryFile {
+        all: InventoryAll { hosts, children },
+    };
     let mut yaml = comments(&[
         "kubespray inventory of the mesh: ip/access_ip/etcd_address are overlay addresses,".into(),
         "ansible_host where Ansible reaches each node (advertised, else observed, else local address).".into(),
@@ -911,16 +1042,27 @@ struct NodeAddress {
 /// Reads `kubectl get node NAME -o json`; `origin` (a file name, or
 /// "kubectl") names the input in the error.
 pub fn parse_node(text: &str, origin: &str) -> Result<NodeView, KubeError> {
-    let bad = |reason: String| KubeError::NodeJson { origin: origin.to_owned(), reason };
+    let bad = |reason: String| KubeError::NodeJson {
+        origin: origin.to_owned(),
+        reason,
+    };
     let node: NodeJson = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
     match node.kind.as_deref() {
         Some("Node") | None => {}
-        Some(other) => return Err(bad(format!("kind is {other}; pass one Node (kubectl get node NAME -o json)"))),
+        Some(other) => {
+            return Err(bad(format!(
+                "kind is {other}; pass one Node (kubectl get node NAME -o json)"
+            )))
+        }
     }
     let addresses = node.status.and_then(|s| s.addresses).unwrap_or_default();
     Ok(NodeView {
         name: node.metadata.name,
-        internal_ips: addresses.into_iter().filter(|a| a.kind == "InternalIP").map(|a| a.address).collect(),
+        internal_ips: addresses
+            .into_iter()
+            .filter(|a| a.kind == "InternalIP")
+            .map(|a| a.address)
+            .collect(),
         annotations: node.metadata.annotations.unwrap_or_default(),
     })
 }
@@ -939,14 +1081,23 @@ pub enum Verdict {
     Matches { value: String },
     /// Kubernetes uses something else; `fix` are commands that fix it
     /// (alternatives, one per line).
-    Mismatch { found: String, expected: String, fix: Vec<String> },
+    Mismatch {
+        found: String,
+        expected: String,
+        fix: Vec<String>,
+    },
     /// Nothing to compare: that component does not run on the node.
     Absent { why: String },
 }
 
 /// Compares `node` with this node's overlay addresses. Errors only when
 /// `node` is another node than this one.
-pub fn check(node: &NodeView, origin: &str, local: &Local, stack: Stack) -> Result<Vec<Finding>, KubeError> {
+pub fn check(
+    node: &NodeView,
+    origin: &str,
+    local: &Local,
+    stack: Stack,
+) -> Result<Vec<Finding>, KubeError> {
     if node.name != local.node.name {
         return Err(KubeError::WrongNode {
             origin: origin.to_owned(),
@@ -968,7 +1119,12 @@ pub fn check(node: &NodeView, origin: &str, local: &Local, stack: Stack) -> Resu
                 Stack::Dual => " --dual-stack",
             }
         )];
-        findings.push(compare(subject, first.map(String::as_str), *expected, kubelet_fix));
+        findings.push(compare(
+            subject,
+            first.map(String::as_str),
+            *expected,
+            kubelet_fix,
+        ));
     }
     let flannel_fix = vec![format!(
         "meshctl kube flannel > {FLANNEL_PATCH_FILE} && kubectl -n kube-flannel patch ds kube-flannel-ds --patch-file {FLANNEL_PATCH_FILE}"
@@ -984,12 +1140,28 @@ pub fn check(node: &NodeView, origin: &str, local: &Local, stack: Stack) -> Resu
     };
     for expected in &ips {
         let (public, overwrite, calico, family, var) = match expected {
-            IpAddr::V4(_) => (FLANNEL_PUBLIC_IP, FLANNEL_PUBLIC_IP_OVERWRITE, CALICO_IPV4, "V4", "IP_AUTODETECTION_METHOD"),
-            IpAddr::V6(_) => {
-                (FLANNEL_PUBLIC_IPV6, FLANNEL_PUBLIC_IPV6_OVERWRITE, CALICO_IPV6, "V6", "IP6_AUTODETECTION_METHOD")
-            }
+            IpAddr::V4(_) => (
+                FLANNEL_PUBLIC_IP,
+                FLANNEL_PUBLIC_IP_OVERWRITE,
+                CALICO_IPV4,
+                "V4",
+                "IP_AUTODETECTION_METHOD",
+            ),
+            IpAddr::V6(_) => (
+                FLANNEL_PUBLIC_IPV6,
+                FLANNEL_PUBLIC_IPV6_OVERWRITE,
+                CALICO_IPV6,
+                "V6",
+                "IP6_AUTODETECTION_METHOD",
+            ),
         };
-        findings.push(annotation(node, public, *expected, flannel_fix.clone(), "flannel does not run on this node"));
+        findings.push(annotation(
+            node,
+            public,
+            *expected,
+            flannel_fix.clone(),
+            "flannel does not run on this node",
+        ));
         findings.push(annotation(
             node,
             overwrite,
@@ -999,7 +1171,13 @@ pub fn check(node: &NodeView, origin: &str, local: &Local, stack: Stack) -> Resu
             )],
             "not set (with --iface on the mesh it is not needed)",
         ));
-        findings.push(annotation(node, calico, *expected, calico_fix(family, var), "calico does not run on this node"));
+        findings.push(annotation(
+            node,
+            calico,
+            *expected,
+            calico_fix(family, var),
+            "calico does not run on this node",
+        ));
     }
     Ok(findings)
 }
@@ -1012,17 +1190,35 @@ fn same_family(address: &str, ip: IpAddr) -> bool {
     }
 }
 
-fn annotation(node: &NodeView, key: &str, expected: IpAddr, fix: Vec<String>, absent: &str) -> Finding {
+fn annotation(
+    node: &NodeView,
+    key: &str,
+    expected: IpAddr,
+    fix: Vec<String>,
+    absent: &str,
+) -> Finding {
     match node.annotations.get(key) {
         // calico writes the address with its prefix (100.72.0.5/16).
-        Some(value) => compare(key.to_owned(), Some(value.split('/').next().unwrap_or(value)), expected, fix),
-        None => Finding { subject: key.to_owned(), verdict: Verdict::Absent { why: absent.to_owned() } },
+        Some(value) => compare(
+            key.to_owned(),
+            Some(value.split('/').next().unwrap_or(value)),
+            expected,
+            fix,
+        ),
+        None => Finding {
+            subject: key.to_owned(),
+            verdict: Verdict::Absent {
+                why: absent.to_owned(),
+            },
+        },
     }
 }
 
 fn compare(subject: String, found: Option<&str>, expected: IpAddr, fix: Vec<String>) -> Finding {
     let verdict = match found {
-        Some(f) if f.parse::<IpAddr>().is_ok_and(|a| a == expected) => Verdict::Matches { value: f.to_owned() },
+        Some(f) if f.parse::<IpAddr>().is_ok_and(|a| a == expected) => Verdict::Matches {
+            value: f.to_owned(),
+        },
         other => Verdict::Mismatch {
             found: other.unwrap_or("none").to_owned(),
             expected: expected.to_string(),
@@ -1034,7 +1230,10 @@ fn compare(subject: String, found: Option<&str>, expected: IpAddr, fix: Vec<Stri
 
 /// How many findings disagree with the mesh.
 pub fn mismatches(findings: &[Finding]) -> usize {
-    findings.iter().filter(|f| matches!(f.verdict, Verdict::Mismatch { .. })).count()
+    findings
+        .iter()
+        .filter(|f| matches!(f.verdict, Verdict::Mismatch { .. }))
+        .count()
 }
 
 /// The findings as lines for a person: `ok`, `MISMATCH` with its fixes, `-`.
@@ -1046,8 +1245,15 @@ pub fn render_check(node: &str, findings: &[Finding]) -> String {
             Verdict::Matches { value } => {
                 let _ = writeln!(out, "ok        {subject}: {value}");
             }
-            Verdict::Mismatch { found, expected, fix } => {
-                let _ = writeln!(out, "MISMATCH  {subject}: {found}, the overlay address is {expected}");
+            Verdict::Mismatch {
+                found,
+                expected,
+                fix,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "MISMATCH  {subject}: {found}, the overlay address is {expected}"
+                );
                 for line in fix {
                     let _ = writeln!(out, "          fix: {line}");
                 }
@@ -1081,7 +1287,10 @@ mod tests {
             interface: "mesh0".into(),
             listen_port: 51820,
             addresses: vec!["100.72.0.5/16".into(), "fd7a:1:2::5/48".into()],
-            seen_at: vec!["198.51.100.9:40000 (node-b)".into(), "203.0.113.5:51820 (rendezvous)".into()],
+            seen_at: vec![
+                "198.51.100.9:40000 (node-b)".into(),
+                "203.0.113.5:51820 (rendezvous)".into(),
+            ],
             ..StatusInfo::default()
         }
     }
@@ -1122,11 +1331,22 @@ mod tests {
             peer(
                 Some("node-c"),
                 &["100.72.0.7", "fd7a:1:2::7"],
-                vec![candidate("10.1.0.7:51820", "local"), candidate("198.51.100.7:3000", "observed")],
+                vec![
+                    candidate("10.1.0.7:51820", "local"),
+                    candidate("198.51.100.7:3000", "observed"),
+                ],
             ),
-            peer(Some("node-d"), &["100.72.0.8", "fd7a:1:2::8"], vec![candidate("10.2.0.8:51820", "local")]),
+            peer(
+                Some("node-d"),
+                &["100.72.0.8", "fd7a:1:2::8"],
+                vec![candidate("10.2.0.8:51820", "local")],
+            ),
             peer(Some("node-e"), &["100.72.0.9", "fd7a:1:2::9"], vec![]),
-            peer(None, &["100.72.0.10"], vec![candidate("192.0.2.10:51820", "advertised")]),
+            peer(
+                None,
+                &["100.72.0.10"],
+                vec![candidate("192.0.2.10:51820", "advertised")],
+            ),
         ]
     }
 
@@ -1140,7 +1360,9 @@ mod tests {
 
     /// The YAML documents after the leading comments.
     fn documents(text: &str) -> Vec<Value> {
-        serde_norway::Deserializer::from_str(text).map(|d| Value::deserialize(d).unwrap()).collect()
+        serde_norway::Deserializer::from_str(text)
+            .map(|d| Value::deserialize(d).unwrap())
+            .collect()
     }
 
     fn document(text: &str) -> Value {
@@ -1162,15 +1384,29 @@ mod tests {
                 section = name.to_owned();
                 continue;
             }
-            let (key, value) = line.split_once('=').unwrap_or_else(|| panic!("not key=value: {line}"));
+            let (key, value) = line
+                .split_once('=')
+                .unwrap_or_else(|| panic!("not key=value: {line}"));
             assert!(!section.is_empty(), "{key} outside any section");
-            entries.push((section.clone(), key.trim().to_owned(), value.trim().to_owned()));
+            entries.push((
+                section.clone(),
+                key.trim().to_owned(),
+                value.trim().to_owned(),
+            ));
         }
         entries
     }
 
-    fn ini_values<'a>(entries: &'a [(String, String, String)], section: &str, key: &str) -> Vec<&'a str> {
-        entries.iter().filter(|(s, k, _)| s == section && k == key).map(|(_, _, v)| v.as_str()).collect()
+    fn ini_values<'a>(
+        entries: &'a [(String, String, String)],
+        section: &str,
+        key: &str,
+    ) -> Vec<&'a str> {
+        entries
+            .iter()
+            .filter(|(s, k, _)| s == section && k == key)
+            .map(|(_, _, v)| v.as_str())
+            .collect()
     }
 
     fn str_at<'a>(v: &'a Value, path: &[&str]) -> &'a str {
@@ -1178,14 +1414,20 @@ mod tests {
         for key in path {
             at = &at[*key];
         }
-        at.as_str().unwrap_or_else(|| panic!("{path:?} is not a string: {at:?}"))
+        at.as_str()
+            .unwrap_or_else(|| panic!("{path:?} is not a string: {at:?}"))
     }
 
     fn args(list: &Value) -> BTreeMap<String, String> {
         list.as_sequence()
             .unwrap()
             .iter()
-            .map(|a| (a["name"].as_str().unwrap().to_owned(), a["value"].as_str().unwrap().to_owned()))
+            .map(|a| {
+                (
+                    a["name"].as_str().unwrap().to_owned(),
+                    a["value"].as_str().unwrap().to_owned(),
+                )
+            })
             .collect()
     }
 
@@ -1198,17 +1440,32 @@ mod tests {
         assert_eq!(mesh.local.node.ipv4, Ipv4Addr::new(100, 72, 0, 5));
         assert_eq!(mesh.local.node.ipv6, Some("fd7a:1:2::5".parse().unwrap()));
         assert_eq!(mesh.local.interface, "mesh0");
-        assert_eq!(mesh.local.node.reachable, Some(("203.0.113.5".parse().unwrap(), Reach::Observed)));
+        assert_eq!(
+            mesh.local.node.reachable,
+            Some(("203.0.113.5".parse().unwrap(), Reach::Observed))
+        );
         let names: Vec<&str> = mesh.peers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["node-b", "node-c", "node-d", "node-e"]);
-        assert_eq!(mesh.notes, ["left out static peer 3p7bfXt9: it has no name"]);
+        assert_eq!(
+            mesh.notes,
+            ["left out static peer 3p7bfXt9: it has no name"]
+        );
     }
 
     #[test]
     fn the_mtu_is_the_default_unless_overridden() {
         assert_eq!(local().mtu, 1380);
-        let overrides = Overrides { mtu: Some(1420), ..Overrides::default() };
-        assert_eq!(Mesh::from_api(&status(), &[], &overrides).unwrap().local.mtu, 1420);
+        let overrides = Overrides {
+            mtu: Some(1420),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Mesh::from_api(&status(), &[], &overrides)
+                .unwrap()
+                .local
+                .mtu,
+            1420
+        );
     }
 
     #[test]
@@ -1227,20 +1484,41 @@ mod tests {
 
     #[test]
     fn a_node_without_a_name_or_overlay_ipv4_is_refused_with_what_to_do() {
-        let unnamed = StatusInfo { name: None, ..status() };
+        let unnamed = StatusInfo {
+            name: None,
+            ..status()
+        };
         let e = Mesh::from_api(&unnamed, &[], &Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("--node-name"), "{e}");
-        let named = Overrides { node_name: Some("k8s-a".into()), ..Overrides::default() };
-        assert_eq!(Mesh::from_api(&unnamed, &[], &named).unwrap().local.node.name, "k8s-a");
-        let v6_only = StatusInfo { overlay_ips: vec!["fd7a:1:2::5".into()], ..status() };
+        let named = Overrides {
+            node_name: Some("k8s-a".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Mesh::from_api(&unnamed, &[], &named)
+                .unwrap()
+                .local
+                .node
+                .name,
+            "k8s-a"
+        );
+        let v6_only = StatusInfo {
+            overlay_ips: vec!["fd7a:1:2::5".into()],
+            ..status()
+        };
         let e = Mesh::from_api(&v6_only, &[], &Overrides::default()).unwrap_err();
         assert!(matches!(e, KubeError::NoOverlayIpv4), "{e}");
     }
 
     #[test]
     fn dual_stack_without_an_overlay_ipv6_is_refused() {
-        let v4_only = StatusInfo { overlay_ips: vec!["100.72.0.5".into()], ..status() };
-        let local = Mesh::from_api(&v4_only, &[], &Overrides::default()).unwrap().local;
+        let v4_only = StatusInfo {
+            overlay_ips: vec!["100.72.0.5".into()],
+            ..status()
+        };
+        let local = Mesh::from_api(&v4_only, &[], &Overrides::default())
+            .unwrap()
+            .local;
         let e = kubelet_dropin(&local, Stack::Dual, "/usr/bin/kubelet").unwrap_err();
         assert!(matches!(e, KubeError::NoOverlayIpv6), "{e}");
     }
@@ -1252,12 +1530,23 @@ mod tests {
         let text = kubelet_dropin(&local(), Stack::Ipv4, "/usr/bin/kubelet").unwrap();
         let entries = ini(&text);
         assert_eq!(ini_values(&entries, "Unit", "After"), ["meshd.service"]);
-        assert_eq!(ini_values(&entries, "Service", "EnvironmentFile"), ["/run/meshd/env"]);
+        assert_eq!(
+            ini_values(&entries, "Service", "EnvironmentFile"),
+            ["/run/meshd/env"]
+        );
         let exec = ini_values(&entries, "Service", "ExecStart");
         assert_eq!(exec.len(), 2, "{text}");
         assert_eq!(exec[0], "", "the first ExecStart= clears kubeadm's");
-        assert!(exec[1].starts_with("/usr/bin/kubelet $KUBELET_KUBECONFIG_ARGS"), "{}", exec[1]);
-        assert!(exec[1].ends_with(" --node-ip=100.72.0.5"), "node-ip comes last, so it wins: {}", exec[1]);
+        assert!(
+            exec[1].starts_with("/usr/bin/kubelet $KUBELET_KUBECONFIG_ARGS"),
+            "{}",
+            exec[1]
+        );
+        assert!(
+            exec[1].ends_with(" --node-ip=100.72.0.5"),
+            "node-ip comes last, so it wins: {}",
+            exec[1]
+        );
     }
 
     #[test]
@@ -1265,8 +1554,16 @@ mod tests {
         let text = kubelet_dropin(&local(), Stack::Dual, "/usr/local/bin/kubelet").unwrap();
         let entries = ini(&text);
         let exec = ini_values(&entries, "Service", "ExecStart");
-        assert!(exec[1].starts_with("/usr/local/bin/kubelet "), "{}", exec[1]);
-        assert!(exec[1].ends_with(" --node-ip=100.72.0.5,fd7a:1:2::5"), "{}", exec[1]);
+        assert!(
+            exec[1].starts_with("/usr/local/bin/kubelet "),
+            "{}",
+            exec[1]
+        );
+        assert!(
+            exec[1].ends_with(" --node-ip=100.72.0.5,fd7a:1:2::5"),
+            "{}",
+            exec[1]
+        );
     }
 
     // ---------------------------------------------------------- flannel
@@ -1275,25 +1572,45 @@ mod tests {
     fn the_flannel_patch_adds_iface_to_the_kube_flannel_container() {
         let text = flannel(&local()).unwrap();
         let patch = document(&text);
-        let containers = patch["spec"]["template"]["spec"]["containers"].as_sequence().unwrap();
+        let containers = patch["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .unwrap();
         assert_eq!(containers.len(), 1);
         assert_eq!(str_at(&containers[0], &["name"]), "kube-flannel");
-        let args: Vec<&str> = containers[0]["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        let args: Vec<&str> = containers[0]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
         assert_eq!(args, ["--ip-masq", "--kube-subnet-mgr", "--iface=mesh0"]);
-        assert!(text.contains("kubectl -n kube-flannel patch ds kube-flannel-ds --patch-file"), "{text}");
+        assert!(
+            text.contains("kubectl -n kube-flannel patch ds kube-flannel-ds --patch-file"),
+            "{text}"
+        );
         assert!(text.contains("1380 - 50 = 1330"), "{text}");
     }
 
     #[test]
     fn a_mesh_mtu_too_small_for_vxlan_is_refused() {
-        let small = Local { mtu: 600, ..local() };
-        assert!(matches!(flannel(&small), Err(KubeError::MtuTooSmall { mtu: 600, .. })));
+        let small = Local {
+            mtu: 600,
+            ..local()
+        };
+        assert!(matches!(
+            flannel(&small),
+            Err(KubeError::MtuTooSmall { mtu: 600, .. })
+        ));
     }
 
     // ----------------------------------------------------------- calico
 
     fn calico_options(install: CalicoInstall, encapsulation: Encapsulation) -> CalicoOptions {
-        CalicoOptions { install, encapsulation, pod_cidrs: vec!["192.168.0.0/16".parse().unwrap()] }
+        CalicoOptions {
+            install,
+            encapsulation,
+            pod_cidrs: vec!["192.168.0.0/16".parse().unwrap()],
+        }
     }
 
     #[test]
@@ -1305,13 +1622,20 @@ mod tests {
         assert_eq!(str_at(&doc, &["metadata", "name"]), "default");
         let net = &doc["spec"]["calicoNetwork"];
         assert_eq!(net["mtu"].as_u64(), Some(1330));
-        assert_eq!(str_at(net, &["nodeAddressAutodetectionV4", "interface"]), "mesh0");
+        assert_eq!(
+            str_at(net, &["nodeAddressAutodetectionV4", "interface"]),
+            "mesh0"
+        );
         assert!(net.get("nodeAddressAutodetectionV6").is_none());
         assert_eq!(str_at(net, &["bgp"]), "Disabled");
         let pools = net["ipPools"].as_sequence().unwrap();
         assert_eq!(pools.len(), 1);
         assert_eq!(str_at(&pools[0], &["cidr"]), "192.168.0.0/16");
-        assert_eq!(str_at(&pools[0], &["encapsulation"]), "VXLAN", "never CrossSubnet: one subnet on mesh0");
+        assert_eq!(
+            str_at(&pools[0], &["encapsulation"]),
+            "VXLAN",
+            "never CrossSubnet: one subnet on mesh0"
+        );
     }
 
     #[test]
@@ -1320,7 +1644,10 @@ mod tests {
         opts.pod_cidrs.push("fd10::/48".parse().unwrap());
         let doc = document(&calico(&local(), Stack::Dual, &opts).unwrap());
         let net = &doc["spec"]["calicoNetwork"];
-        assert_eq!(str_at(net, &["nodeAddressAutodetectionV6", "interface"]), "mesh0");
+        assert_eq!(
+            str_at(net, &["nodeAddressAutodetectionV6", "interface"]),
+            "mesh0"
+        );
         assert_eq!(net["mtu"].as_u64(), Some(1360), "IP-in-IP costs 20 bytes");
         assert_eq!(str_at(net, &["bgp"]), "Enabled");
         let pools = net["ipPools"].as_sequence().unwrap();
@@ -1338,8 +1665,14 @@ mod tests {
         let env = args(&container["env"]);
         assert_eq!(env["IP_AUTODETECTION_METHOD"], "interface=mesh0");
         assert_eq!(env["IP6_AUTODETECTION_METHOD"], "interface=mesh0");
-        assert_eq!(env["FELIX_VXLANMTU"], "1330", "env values stay strings in YAML");
-        assert!(text.contains("kubectl -n kube-system patch ds calico-node --patch-file"), "{text}");
+        assert_eq!(
+            env["FELIX_VXLANMTU"], "1330",
+            "env values stay strings in YAML"
+        );
+        assert!(
+            text.contains("kubectl -n kube-system patch ds calico-node --patch-file"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1366,39 +1699,96 @@ mod tests {
         let (init, cluster) = (&docs[0], &docs[1]);
         assert_eq!(str_at(init, &["apiVersion"]), "kubeadm.k8s.io/v1beta4");
         assert_eq!(str_at(init, &["kind"]), "InitConfiguration");
-        assert_eq!(str_at(init, &["localAPIEndpoint", "advertiseAddress"]), "100.72.0.5");
+        assert_eq!(
+            str_at(init, &["localAPIEndpoint", "advertiseAddress"]),
+            "100.72.0.5"
+        );
         assert_eq!(str_at(init, &["nodeRegistration", "name"]), "node-a");
-        assert_eq!(args(&init["nodeRegistration"]["kubeletExtraArgs"])["node-ip"], "100.72.0.5");
+        assert_eq!(
+            args(&init["nodeRegistration"]["kubeletExtraArgs"])["node-ip"],
+            "100.72.0.5"
+        );
 
         assert_eq!(str_at(cluster, &["kind"]), "ClusterConfiguration");
         assert!(cluster.get("controlPlaneEndpoint").is_none());
-        assert_eq!(str_at(cluster, &["networking", "podSubnet"]), "10.244.0.0/16");
-        let sans: Vec<&str> =
-            cluster["apiServer"]["certSANs"].as_sequence().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+        assert_eq!(
+            str_at(cluster, &["networking", "podSubnet"]),
+            "10.244.0.0/16"
+        );
+        let sans: Vec<&str> = cluster["apiServer"]["certSANs"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
         assert_eq!(sans, ["100.72.0.5", "node-a"]);
         let etcd = args(&cluster["etcd"]["local"]["extraArgs"]);
-        assert_eq!(etcd["listen-client-urls"], "https://127.0.0.1:2379,https://100.72.0.5:2379");
+        assert_eq!(
+            etcd["listen-client-urls"],
+            "https://127.0.0.1:2379,https://100.72.0.5:2379"
+        );
         assert_eq!(etcd["advertise-client-urls"], "https://100.72.0.5:2379");
         assert_eq!(etcd["listen-peer-urls"], "https://100.72.0.5:2380");
-        assert_eq!(etcd["initial-advertise-peer-urls"], "https://100.72.0.5:2380");
-        assert_eq!(cluster["etcd"]["local"]["peerCertSANs"][0].as_str(), Some("100.72.0.5"));
+        assert_eq!(
+            etcd["initial-advertise-peer-urls"],
+            "https://100.72.0.5:2380"
+        );
+        assert_eq!(
+            cluster["etcd"]["local"]["peerCertSANs"][0].as_str(),
+            Some("100.72.0.5")
+        );
     }
 
     #[test]
     fn the_kubeadm_config_takes_a_control_plane_endpoint_into_its_cert_sans() {
-        let docs = documents(&kubeadm(&local(), Stack::Dual, &kubeadm_options(Some("k8s.example.com:6443"))).unwrap());
+        let docs = documents(
+            &kubeadm(
+                &local(),
+                Stack::Dual,
+                &kubeadm_options(Some("k8s.example.com:6443")),
+            )
+            .unwrap(),
+        );
         let cluster = &docs[1];
-        assert_eq!(str_at(cluster, &["controlPlaneEndpoint"]), "k8s.example.com:6443");
-        let sans: Vec<&str> =
-            cluster["apiServer"]["certSANs"].as_sequence().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
-        assert_eq!(sans, ["100.72.0.5", "fd7a:1:2::5", "node-a", "k8s.example.com"]);
-        assert_eq!(args(&docs[0]["nodeRegistration"]["kubeletExtraArgs"])["node-ip"], "100.72.0.5,fd7a:1:2::5");
+        assert_eq!(
+            str_at(cluster, &["controlPlaneEndpoint"]),
+            "k8s.example.com:6443"
+        );
+        let sans: Vec<&str> = cluster["apiServer"]["certSANs"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            sans,
+            ["100.72.0.5", "fd7a:1:2::5", "node-a", "k8s.example.com"]
+        );
+        assert_eq!(
+            args(&docs[0]["nodeRegistration"]["kubeletExtraArgs"])["node-ip"],
+            "100.72.0.5,fd7a:1:2::5"
+        );
         let etcd = args(&cluster["etcd"]["local"]["extraArgs"]);
-        assert_eq!(etcd["advertise-client-urls"], "https://100.72.0.5:2379,https://[fd7a:1:2::5]:2379");
-        assert_eq!(etcd["listen-peer-urls"], "https://100.72.0.5:2380", "kubeadm's --initial-cluster has one URL");
-        assert_eq!(etcd["initial-advertise-peer-urls"], "https://100.72.0.5:2380");
-        let etcd_sans = cluster["etcd"]["local"]["serverCertSANs"].as_sequence().unwrap();
-        assert_eq!(etcd_sans.len(), 3, "the overlay addresses and the name: {etcd_sans:?}");
+        assert_eq!(
+            etcd["advertise-client-urls"],
+            "https://100.72.0.5:2379,https://[fd7a:1:2::5]:2379"
+        );
+        assert_eq!(
+            etcd["listen-peer-urls"], "https://100.72.0.5:2380",
+            "kubeadm's --initial-cluster has one URL"
+        );
+        assert_eq!(
+            etcd["initial-advertise-peer-urls"],
+            "https://100.72.0.5:2380"
+        );
+        let etcd_sans = cluster["etcd"]["local"]["serverCertSANs"]
+            .as_sequence()
+            .unwrap();
+        assert_eq!(
+            etcd_sans.len(),
+            3,
+            "the overlay addresses and the name: {etcd_sans:?}"
+        );
     }
 
     #[test]
@@ -1418,7 +1808,11 @@ mod tests {
         let hosts = doc["all"]["hosts"].as_mapping().unwrap();
         assert_eq!(hosts.len(), 5);
         let host = |name: &str| &doc["all"]["hosts"][name];
-        for (name, ip) in [("node-a", "100.72.0.5"), ("node-b", "100.72.0.6"), ("node-e", "100.72.0.9")] {
+        for (name, ip) in [
+            ("node-a", "100.72.0.5"),
+            ("node-b", "100.72.0.6"),
+            ("node-e", "100.72.0.9"),
+        ] {
             for field in ["ip", "access_ip", "etcd_address"] {
                 assert_eq!(str_at(host(name), &[field]), ip, "{name} {field}");
             }
@@ -1429,7 +1823,14 @@ mod tests {
         assert_eq!(str_at(host("node-c"), &["ansible_host"]), "198.51.100.7");
         assert_eq!(str_at(host("node-d"), &["ansible_host"]), "10.2.0.8");
         assert!(host("node-e").get("ansible_host").is_none());
-        assert!(inventory.notes.iter().any(|n| n.starts_with("node-e: no reachable address")), "{:?}", inventory.notes);
+        assert!(
+            inventory
+                .notes
+                .iter()
+                .any(|n| n.starts_with("node-e: no reachable address")),
+            "{:?}",
+            inventory.notes
+        );
     }
 
     fn group(doc: &Value, name: &str) -> Vec<String> {
@@ -1446,7 +1847,10 @@ mod tests {
         let doc = document(&kubespray_inventory(&mesh(), Stack::Ipv4, &[]).unwrap().yaml);
         assert_eq!(group(&doc, "kube_control_plane"), ["node-a"]);
         assert_eq!(group(&doc, "etcd"), ["node-a"]);
-        assert_eq!(group(&doc, "kube_node"), ["node-a", "node-b", "node-c", "node-d", "node-e"]);
+        assert_eq!(
+            group(&doc, "kube_node"),
+            ["node-a", "node-b", "node-c", "node-d", "node-e"]
+        );
         let k8s: Vec<&str> = doc["all"]["children"]["k8s_cluster"]["children"]
             .as_mapping()
             .unwrap()
@@ -1458,13 +1862,27 @@ mod tests {
 
     #[test]
     fn the_kubespray_control_plane_can_be_named_and_an_unknown_name_is_refused() {
-        let chosen = ["node-b".to_owned(), "node-c".to_owned(), "node-d".to_owned()];
-        let doc = document(&kubespray_inventory(&mesh(), Stack::Dual, &chosen).unwrap().yaml);
+        let chosen = [
+            "node-b".to_owned(),
+            "node-c".to_owned(),
+            "node-d".to_owned(),
+        ];
+        let doc = document(
+            &kubespray_inventory(&mesh(), Stack::Dual, &chosen)
+                .unwrap()
+                .yaml,
+        );
         assert_eq!(group(&doc, "kube_control_plane"), chosen);
         assert_eq!(group(&doc, "etcd"), chosen);
-        assert_eq!(str_at(&doc["all"]["hosts"]["node-c"], &["ip6"]), "fd7a:1:2::7");
+        assert_eq!(
+            str_at(&doc["all"]["hosts"]["node-c"], &["ip6"]),
+            "fd7a:1:2::7"
+        );
         let e = kubespray_inventory(&mesh(), Stack::Ipv4, &["node-z".to_owned()]).unwrap_err();
-        assert!(e.to_string().contains("node-z") && e.to_string().contains("node-a, node-b"), "{e}");
+        assert!(
+            e.to_string().contains("node-z") && e.to_string().contains("node-a, node-b"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1472,14 +1890,19 @@ mod tests {
         let mut twins = peers();
         twins[1].name = Some("node-b".into());
         let mesh = Mesh::from_api(&status(), &twins, &Overrides::default()).unwrap();
-        assert!(matches!(kubespray_inventory(&mesh, Stack::Ipv4, &[]), Err(KubeError::DuplicateName { .. })));
+        assert!(matches!(
+            kubespray_inventory(&mesh, Stack::Ipv4, &[]),
+            Err(KubeError::DuplicateName { .. })
+        ));
     }
 
     // ------------------------------------------------------------ check
 
     fn node_json(internal_ip: &str, annotations: &[(&str, &str)]) -> String {
-        let annotations: serde_json::Map<String, serde_json::Value> =
-            annotations.iter().map(|(k, v)| ((*k).to_owned(), (*v).into())).collect();
+        let annotations: serde_json::Map<String, serde_json::Value> = annotations
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+            .collect();
         serde_json::json!({
             "apiVersion": "v1",
             "kind": "Node",
@@ -1494,83 +1917,160 @@ mod tests {
     }
 
     fn findings(json: &str) -> Vec<Finding> {
-        check(&parse_node(json, "node.json").unwrap(), "node.json", &local(), Stack::Ipv4).unwrap()
+        check(
+            &parse_node(json, "node.json").unwrap(),
+            "node.json",
+            &local(),
+            Stack::Ipv4,
+        )
+        .unwrap()
     }
 
     fn verdict<'a>(findings: &'a [Finding], subject: &str) -> &'a Verdict {
-        &findings.iter().find(|f| f.subject == subject).unwrap_or_else(|| panic!("no {subject}")).verdict
+        &findings
+            .iter()
+            .find(|f| f.subject == subject)
+            .unwrap_or_else(|| panic!("no {subject}"))
+            .verdict
     }
 
     #[test]
     fn a_node_on_the_overlay_address_matches_everywhere() {
         let json = node_json(
             "100.72.0.5",
-            &[(FLANNEL_PUBLIC_IP, "100.72.0.5"), (CALICO_IPV4, "100.72.0.5/16")],
+            &[
+                (FLANNEL_PUBLIC_IP, "100.72.0.5"),
+                (CALICO_IPV4, "100.72.0.5/16"),
+            ],
         );
         let findings = findings(&json);
         assert_eq!(mismatches(&findings), 0, "{findings:?}");
-        assert!(matches!(verdict(&findings, "InternalIP (IPv4)"), Verdict::Matches { .. }));
-        assert!(matches!(verdict(&findings, CALICO_IPV4), Verdict::Matches { value } if value == "100.72.0.5"));
-        assert!(matches!(verdict(&findings, FLANNEL_PUBLIC_IP_OVERWRITE), Verdict::Absent { .. }));
-        assert!(render_check("node-a", &findings).ends_with("node node-a: Kubernetes uses the overlay addresses\n"));
+        assert!(matches!(
+            verdict(&findings, "InternalIP (IPv4)"),
+            Verdict::Matches { .. }
+        ));
+        assert!(
+            matches!(verdict(&findings, CALICO_IPV4), Verdict::Matches { value } if value == "100.72.0.5")
+        );
+        assert!(matches!(
+            verdict(&findings, FLANNEL_PUBLIC_IP_OVERWRITE),
+            Verdict::Absent { .. }
+        ));
+        assert!(render_check("node-a", &findings)
+            .ends_with("node node-a: Kubernetes uses the overlay addresses\n"));
     }
 
     #[test]
     fn a_private_internal_ip_is_a_mismatch_fixed_by_the_kubelet_dropin() {
         let findings = findings(&node_json("10.0.0.4", &[]));
         assert_eq!(mismatches(&findings), 1);
-        let Verdict::Mismatch { found, expected, fix } = verdict(&findings, "InternalIP (IPv4)") else {
+        let Verdict::Mismatch {
+            found,
+            expected,
+            fix,
+        } = verdict(&findings, "InternalIP (IPv4)")
+        else {
             panic!("{findings:?}")
         };
-        assert_eq!((found.as_str(), expected.as_str()), ("10.0.0.4", "100.72.0.5"));
-        assert!(fix[0].contains("meshctl kube kubelet-dropin >") && fix[0].contains("systemctl restart kubelet"), "{fix:?}");
+        assert_eq!(
+            (found.as_str(), expected.as_str()),
+            ("10.0.0.4", "100.72.0.5")
+        );
+        assert!(
+            fix[0].contains("meshctl kube kubelet-dropin >")
+                && fix[0].contains("systemctl restart kubelet"),
+            "{fix:?}"
+        );
         let text = render_check("node-a", &findings);
-        assert!(text.contains("MISMATCH  InternalIP (IPv4): 10.0.0.4, the overlay address is 100.72.0.5"), "{text}");
-        assert!(text.contains("fix: on node-a: meshctl kube kubelet-dropin"), "{text}");
+        assert!(
+            text.contains(
+                "MISMATCH  InternalIP (IPv4): 10.0.0.4, the overlay address is 100.72.0.5"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("fix: on node-a: meshctl kube kubelet-dropin"),
+            "{text}"
+        );
     }
 
     #[test]
     fn flannel_on_the_public_address_is_a_mismatch_fixed_by_the_flannel_patch() {
-        let findings = findings(&node_json("100.72.0.5", &[(FLANNEL_PUBLIC_IP, "203.0.113.5")]));
-        let Verdict::Mismatch { found, fix, .. } = verdict(&findings, FLANNEL_PUBLIC_IP) else { panic!("{findings:?}") };
+        let findings = findings(&node_json(
+            "100.72.0.5",
+            &[(FLANNEL_PUBLIC_IP, "203.0.113.5")],
+        ));
+        let Verdict::Mismatch { found, fix, .. } = verdict(&findings, FLANNEL_PUBLIC_IP) else {
+            panic!("{findings:?}")
+        };
         assert_eq!(found, "203.0.113.5");
-        assert!(fix[0].contains("meshctl kube flannel >") && fix[0].contains("kubectl -n kube-flannel patch ds"), "{fix:?}");
+        assert!(
+            fix[0].contains("meshctl kube flannel >")
+                && fix[0].contains("kubectl -n kube-flannel patch ds"),
+            "{fix:?}"
+        );
     }
 
     #[test]
     fn a_public_ip_overwrite_elsewhere_is_a_mismatch_fixed_by_removing_it() {
         let json = node_json(
             "100.72.0.5",
-            &[(FLANNEL_PUBLIC_IP, "203.0.113.5"), (FLANNEL_PUBLIC_IP_OVERWRITE, "203.0.113.5")],
+            &[
+                (FLANNEL_PUBLIC_IP, "203.0.113.5"),
+                (FLANNEL_PUBLIC_IP_OVERWRITE, "203.0.113.5"),
+            ],
         );
         let findings = findings(&json);
         assert_eq!(mismatches(&findings), 2);
-        let Verdict::Mismatch { fix, .. } = verdict(&findings, FLANNEL_PUBLIC_IP_OVERWRITE) else { panic!() };
-        assert!(fix[0].starts_with("kubectl annotate node node-a flannel.alpha.coreos.com/public-ip-overwrite-"), "{fix:?}");
+        let Verdict::Mismatch { fix, .. } = verdict(&findings, FLANNEL_PUBLIC_IP_OVERWRITE) else {
+            panic!()
+        };
+        assert!(
+            fix[0].starts_with(
+                "kubectl annotate node node-a flannel.alpha.coreos.com/public-ip-overwrite-"
+            ),
+            "{fix:?}"
+        );
     }
 
     #[test]
     fn calico_on_another_address_is_a_mismatch_with_operator_and_manifest_fixes() {
         let findings = findings(&node_json("100.72.0.5", &[(CALICO_IPV4, "10.0.0.4/24")]));
-        let Verdict::Mismatch { found, fix, .. } = verdict(&findings, CALICO_IPV4) else { panic!("{findings:?}") };
+        let Verdict::Mismatch { found, fix, .. } = verdict(&findings, CALICO_IPV4) else {
+            panic!("{findings:?}")
+        };
         assert_eq!(found, "10.0.0.4");
-        assert!(fix[0].contains("kubectl patch installation default") && fix[0].contains("nodeAddressAutodetectionV4"), "{fix:?}");
-        assert!(fix[1].contains("set env ds/calico-node IP_AUTODETECTION_METHOD=interface=mesh0"), "{fix:?}");
+        assert!(
+            fix[0].contains("kubectl patch installation default")
+                && fix[0].contains("nodeAddressAutodetectionV4"),
+            "{fix:?}"
+        );
+        assert!(
+            fix[1].contains("set env ds/calico-node IP_AUTODETECTION_METHOD=interface=mesh0"),
+            "{fix:?}"
+        );
     }
 
     #[test]
     fn a_node_without_addresses_or_with_garbage_is_a_mismatch_not_a_panic() {
         let json = r#"{"kind":"Node","metadata":{"name":"node-a","annotations":{"projectcalico.org/IPv4Address":"///"}}}"#;
         let findings = findings(json);
-        assert!(matches!(verdict(&findings, "InternalIP (IPv4)"), Verdict::Mismatch { found, .. } if found == "none"));
-        assert!(matches!(verdict(&findings, CALICO_IPV4), Verdict::Mismatch { .. }));
+        assert!(
+            matches!(verdict(&findings, "InternalIP (IPv4)"), Verdict::Mismatch { found, .. } if found == "none")
+        );
+        assert!(matches!(
+            verdict(&findings, CALICO_IPV4),
+            Verdict::Mismatch { .. }
+        ));
     }
 
     #[test]
     fn dual_stack_checks_the_ipv6_internal_ip_too() {
         let mut node = parse_node(&node_json("100.72.0.5", &[]), "node.json").unwrap();
         let findings = check(&node, "node.json", &local(), Stack::Dual).unwrap();
-        assert!(matches!(verdict(&findings, "InternalIP (IPv6)"), Verdict::Mismatch { found, .. } if found == "none"));
+        assert!(
+            matches!(verdict(&findings, "InternalIP (IPv6)"), Verdict::Mismatch { found, .. } if found == "none")
+        );
         node.internal_ips.push("fd7a:1:2::5".into());
         let findings = check(&node, "node.json", &local(), Stack::Dual).unwrap();
         assert_eq!(mismatches(&findings), 0, "{findings:?}");
@@ -1583,8 +2083,14 @@ mod tests {
             ("{not json", "key must be a string"),
             (r#"{"kind":"Node"}"#, "missing field `metadata`"),
             (r#"{"kind":"Node","metadata":{"name":7}}"#, "invalid type"),
-            (r#"{"kind":"NodeList","metadata":{"name":""},"items":[]}"#, "kind is NodeList"),
-            (r#"{"kind":"Node","metadata":{"name":"a"},"status":{"addresses":[{"type":1}]}}"#, "invalid type"),
+            (
+                r#"{"kind":"NodeList","metadata":{"name":""},"items":[]}"#,
+                "kind is NodeList",
+            ),
+            (
+                r#"{"kind":"Node","metadata":{"name":"a"},"status":{"addresses":[{"type":1}]}}"#,
+                "invalid type",
+            ),
         ] {
             let e = parse_node(text, "node.json").unwrap_err().to_string();
             assert!(e.starts_with("node.json: not a Kubernetes Node: "), "{e}");
@@ -1595,7 +2101,10 @@ mod tests {
 
     #[test]
     fn the_node_of_another_name_is_refused() {
-        let node = NodeView { name: "node-b".into(), ..parse_node(&node_json("100.72.0.6", &[]), "x").unwrap() };
+        let node = NodeView {
+            name: "node-b".into(),
+            ..parse_node(&node_json("100.72.0.6", &[]), "x").unwrap()
+        };
         let e = check(&node, "node.json", &local(), Stack::Ipv4).unwrap_err();
         assert!(e.to_string().contains("--node-name node-b"), "{e}");
     }

@@ -55,15 +55,27 @@ pub const SHARE_UNIT: usize = 1500;
 enum Input {
     /// Registered nodes at start-up, so "offline" is told from "unknown".
     Register(NodeId),
-    Connect { node: NodeId, conn: ConnId, connection: quinn::Connection },
+    Connect {
+        node: NodeId,
+        conn: ConnId,
+        connection: quinn::Connection,
+    },
     /// The connection's inlet is gone; `dropped` datagrams it refused were
     /// not reported yet.
-    Disconnect { conn: ConnId, dropped: u64 },
+    Disconnect {
+        conn: ConnId,
+        dropped: u64,
+    },
     Remove(NodeId),
     /// One frame, holding its part of its connection's share until the
     /// relay task has dealt with it; `dropped_before` datagrams refused
     /// since the connection's last frame.
-    Frame { conn: ConnId, frame: Bytes, share: OwnedSemaphorePermit, dropped_before: u64 },
+    Frame {
+        conn: ConnId,
+        frame: Bytes,
+        share: OwnedSemaphorePermit,
+        dropped_before: u64,
+    },
     /// The table's counters, for metrics.
     Snapshot(oneshot::Sender<RelaySnapshot>),
 }
@@ -80,7 +92,10 @@ pub struct RelaySnapshot {
 
 impl RelaySnapshot {
     pub fn of(table: &RelayTable) -> Self {
-        Self { stats: table.stats().clone(), pairs: table.pair_stats().collect() }
+        Self {
+            stats: table.stats().clone(),
+            pairs: table.pair_stats().collect(),
+        }
     }
 }
 
@@ -118,7 +133,11 @@ impl Relay {
     /// now on, and the returned inlet carries its frames to the relay.
     /// Dropping the inlet disconnects `conn`.
     pub fn connect(&self, node: NodeId, conn: ConnId, connection: quinn::Connection) -> Inlet {
-        let _ = self.inputs.send(Input::Connect { node, conn, connection });
+        let _ = self.inputs.send(Input::Connect {
+            node,
+            conn,
+            connection,
+        });
         self.inlet(conn)
     }
 
@@ -155,14 +174,23 @@ impl Inlet {
     /// A frame out of a DATAGRAM: queued if the connection's share has
     /// room, else dropped and counted.
     pub fn datagram(&mut self, frame: Bytes) {
-        let StreamInlet { conn, inputs, share } = &self.streams;
+        let StreamInlet {
+            conn,
+            inputs,
+            share,
+        } = &self.streams;
         let Ok(share) = share.clone().try_acquire_many_owned(cost(&frame)) else {
             tracing::trace!(%conn, "relay inlet full; datagram dropped");
             self.dropped += 1;
             return;
         };
         let dropped_before = std::mem::take(&mut self.dropped);
-        let _ = inputs.send(Input::Frame { conn: *conn, frame, share, dropped_before });
+        let _ = inputs.send(Input::Frame {
+            conn: *conn,
+            frame,
+            share,
+            dropped_before,
+        });
     }
 
     /// A handle for a task that reads one of the connection's relay streams.
@@ -174,7 +202,10 @@ impl Inlet {
 impl Drop for Inlet {
     fn drop(&mut self) {
         let StreamInlet { conn, inputs, .. } = &self.streams;
-        let _ = inputs.send(Input::Disconnect { conn: *conn, dropped: self.dropped });
+        let _ = inputs.send(Input::Disconnect {
+            conn: *conn,
+            dropped: self.dropped,
+        });
     }
 }
 
@@ -194,7 +225,14 @@ impl StreamInlet {
         let Ok(share) = self.share.clone().acquire_many_owned(cost(&frame)).await else {
             return false;
         };
-        self.inputs.send(Input::Frame { conn: self.conn, frame, share, dropped_before: 0 }).is_ok()
+        self.inputs
+            .send(Input::Frame {
+                conn: self.conn,
+                frame,
+                share,
+                dropped_before: 0,
+            })
+            .is_ok()
     }
 }
 
@@ -202,7 +240,9 @@ impl StreamInlet {
 /// most 55 for the largest frame, so every frame fits an empty share.
 fn cost(frame: &Bytes) -> u32 {
     let units = frame.len().div_ceil(SHARE_UNIT).max(1);
-    u32::try_from(units).unwrap_or(INBOUND_SHARE).min(INBOUND_SHARE)
+    u32::try_from(units)
+        .unwrap_or(INBOUND_SHARE)
+        .min(INBOUND_SHARE)
 }
 
 struct Destination {
@@ -217,9 +257,19 @@ async fn run(mut inputs: mpsc::UnboundedReceiver<Input>, limits: RelayLimits) {
     while let Some(input) = inputs.recv().await {
         match input {
             Input::Register(node) => table.register(node),
-            Input::Connect { node, conn, connection } => {
+            Input::Connect {
+                node,
+                conn,
+                connection,
+            } => {
                 table.connect(node, conn);
-                conns.insert(conn, Destination { connection, streams: Arc::new(Semaphore::new(STREAM_QUEUE)) });
+                conns.insert(
+                    conn,
+                    Destination {
+                        connection,
+                        streams: Arc::new(Semaphore::new(STREAM_QUEUE)),
+                    },
+                );
             }
             Input::Disconnect { conn, dropped } => {
                 table.count_drops(DropReason::InboundFull, dropped);
@@ -227,7 +277,12 @@ async fn run(mut inputs: mpsc::UnboundedReceiver<Input>, limits: RelayLimits) {
                 conns.remove(&conn);
             }
             Input::Remove(node) => table.remove(node),
-            Input::Frame { conn, frame, share, dropped_before } => {
+            Input::Frame {
+                conn,
+                frame,
+                share,
+                dropped_before,
+            } => {
                 table.count_drops(DropReason::InboundFull, dropped_before);
                 match table.handle_frame(conn, frame, Instant::now()) {
                     Command::Forward { to, frame } => match conns.get(&to) {
@@ -273,7 +328,10 @@ mod tests {
     use crate::wire::relay::{encode_frame, RelayHeader, RelayKind, MAX_FRAME_LEN};
 
     fn frame(payload_len: usize) -> Bytes {
-        let header = RelayHeader { kind: RelayKind::Packet, node: NodeId::new(7).unwrap() };
+        let header = RelayHeader {
+            kind: RelayKind::Packet,
+            node: NodeId::new(7).unwrap(),
+        };
         let mut out = Vec::new();
         encode_frame(header, &vec![4; payload_len], &mut out).unwrap();
         out.into()
@@ -284,7 +342,12 @@ mod tests {
     fn queued(inbox: &mut mpsc::UnboundedReceiver<Input>) -> Vec<(ConnId, u64)> {
         let mut frames = Vec::new();
         while let Ok(input) = inbox.try_recv() {
-            if let Input::Frame { conn, dropped_before, .. } = input {
+            if let Input::Frame {
+                conn,
+                dropped_before,
+                ..
+            } = input
+            {
                 frames.push((conn, dropped_before));
             }
         }
@@ -305,7 +368,11 @@ mod tests {
         let waiting = queued(&mut inbox);
         assert_eq!(waiting.len(), share + 1);
         assert!(waiting[..share].iter().all(|f| *f == (ConnId(1), 0)));
-        assert_eq!(waiting[share], (ConnId(2), 0), "the other connection's frame still gets in");
+        assert_eq!(
+            waiting[share],
+            (ConnId(2), 0),
+            "the other connection's frame still gets in"
+        );
 
         // Once the relay has dealt with them (the frames and their shares
         // dropped above), the flooder gets in again, reporting what it lost.
@@ -314,7 +381,8 @@ mod tests {
     }
 
     #[test]
-    fn a_large_frame_takes_more_of_the_share_and_a_stream_frame_waits_for_room_instead_of_being_dropped() {
+    fn a_large_frame_takes_more_of_the_share_and_a_stream_frame_waits_for_room_instead_of_being_dropped(
+    ) {
         let (relay, mut inbox) = Relay::unstarted();
         let mut inlet = relay.inlet(ConnId(1));
         let streams = inlet.streams();
@@ -323,7 +391,10 @@ mod tests {
         let (big, small) = (cost(&frame(5_000)), cost(&frame(2_000)));
         assert!(big > 1 && small > 1, "both take more than one unit");
         let fit = INBOUND_SHARE / big;
-        assert!(INBOUND_SHARE - fit * big < small, "the rest cannot take a 2 KB frame");
+        assert!(
+            INBOUND_SHARE - fit * big < small,
+            "the rest cannot take a 2 KB frame"
+        );
         for _ in 0..fit + 13 {
             inlet.datagram(frame(5_000));
         }
@@ -331,9 +402,16 @@ mod tests {
         assert_eq!(held.len(), fit as usize);
 
         let mut stream_frame = Box::pin(streams.frame(frame(2_000)));
-        assert!((&mut stream_frame).now_or_never().is_none(), "a full share holds the stream frame back");
+        assert!(
+            (&mut stream_frame).now_or_never().is_none(),
+            "a full share holds the stream frame back"
+        );
         drop(held);
-        assert_eq!(stream_frame.now_or_never(), Some(true), "room again: the stream frame is queued");
+        assert_eq!(
+            stream_frame.now_or_never(),
+            Some(true),
+            "room again: the stream frame is queued"
+        );
         assert_eq!(queued(&mut inbox), vec![(ConnId(1), 0)]);
     }
 
@@ -346,7 +424,16 @@ mod tests {
         }
         drop(inlet);
         let last = std::iter::from_fn(|| inbox.try_recv().ok()).last();
-        assert!(matches!(last, Some(Input::Disconnect { conn: ConnId(3), dropped: 5 })), "{last:?}");
+        assert!(
+            matches!(
+                last,
+                Some(Input::Disconnect {
+                    conn: ConnId(3),
+                    dropped: 5
+                })
+            ),
+            "{last:?}"
+        );
     }
 
     #[tokio::test]
@@ -370,7 +457,10 @@ mod tests {
         assert_eq!(of_len(HEADER_LEN + 1), 1);
         assert_eq!(of_len(SHARE_UNIT), 1);
         assert_eq!(of_len(SHARE_UNIT + 1), 2);
-        assert_eq!(of_len(MAX_FRAME_LEN) as usize, MAX_FRAME_LEN.div_ceil(SHARE_UNIT));
+        assert_eq!(
+            of_len(MAX_FRAME_LEN) as usize,
+            MAX_FRAME_LEN.div_ceil(SHARE_UNIT)
+        );
         // A full-size mesh0 packet (1380) in WireGuard (32) and relay headers is one unit.
         assert_eq!(of_len(1380 + 32 + HEADER_LEN), 1);
         assert!(of_len(MAX_FRAME_LEN) <= INBOUND_SHARE);

@@ -9,7 +9,11 @@ use tokio::sync::Semaphore;
 use crate::wire::relay::{stream_frame_len, stream_prefix, MAX_FRAME_LEN};
 
 /// One frame on a fresh unidirectional stream: length prefix, then frame.
-pub fn send_on_stream(connection: &quinn::Connection, streams: &Arc<Semaphore>, frame: Bytes) -> bool {
+pub fn send_on_stream(
+    connection: &quinn::Connection,
+    streams: &Arc<Semaphore>,
+    frame: Bytes,
+) -> bool {
     let Ok(permit) = streams.clone().try_acquire_owned() else {
         return false;
     };

@@ -128,12 +128,20 @@ impl RelayLimits {
     pub const DEFAULT_BURST: Duration = Duration::from_millis(100);
 
     /// Limits with the destination rates equal to the source rates.
-    pub fn new(bytes_per_sec: u64, packets_per_sec: u64, burst: Duration) -> Result<Self, LimitsError> {
+    pub fn new(
+        bytes_per_sec: u64,
+        packets_per_sec: u64,
+        burst: Duration,
+    ) -> Result<Self, LimitsError> {
         if bytes_per_sec == 0 {
-            return Err(LimitsError::Zero { what: "bytes per second" });
+            return Err(LimitsError::Zero {
+                what: "bytes per second",
+            });
         }
         if packets_per_sec == 0 {
-            return Err(LimitsError::Zero { what: "packets per second" });
+            return Err(LimitsError::Zero {
+                what: "packets per second",
+            });
         }
         if burst.is_zero() {
             return Err(LimitsError::Zero { what: "burst" });
@@ -149,14 +157,26 @@ impl RelayLimits {
 
     /// These limits with other rates towards one node (from all sources
     /// together) than from one node.
-    pub fn with_destination(self, bytes_per_sec: u64, packets_per_sec: u64) -> Result<Self, LimitsError> {
+    pub fn with_destination(
+        self,
+        bytes_per_sec: u64,
+        packets_per_sec: u64,
+    ) -> Result<Self, LimitsError> {
         if bytes_per_sec == 0 {
-            return Err(LimitsError::Zero { what: "destination bytes per second" });
+            return Err(LimitsError::Zero {
+                what: "destination bytes per second",
+            });
         }
         if packets_per_sec == 0 {
-            return Err(LimitsError::Zero { what: "destination packets per second" });
+            return Err(LimitsError::Zero {
+                what: "destination packets per second",
+            });
         }
-        Ok(Self { destination_bytes_per_sec: bytes_per_sec, destination_packets_per_sec: packets_per_sec, ..self })
+        Ok(Self {
+            destination_bytes_per_sec: bytes_per_sec,
+            destination_packets_per_sec: packets_per_sec,
+            ..self
+        })
     }
 
     pub fn bytes_per_sec(&self) -> u64 {
@@ -188,7 +208,11 @@ impl RelayLimits {
 
     /// What may be sent to one node.
     fn destination_budget(&self) -> Budget {
-        Budget::full(self.destination_bytes_per_sec, self.destination_packets_per_sec, self.burst)
+        Budget::full(
+            self.destination_bytes_per_sec,
+            self.destination_packets_per_sec,
+            self.burst,
+        )
     }
 }
 
@@ -333,7 +357,9 @@ impl RelayStats {
 
     /// Every reason with its count, for metrics.
     pub fn drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL.iter().map(|r| (*r, self.drops[*r as usize]))
+        DropReason::ALL
+            .iter()
+            .map(|r| (*r, self.drops[*r as usize]))
     }
 }
 
@@ -351,7 +377,12 @@ struct TokenBucket {
 impl TokenBucket {
     fn full(rate_per_sec: u64, capacity: u64) -> Self {
         let capacity_nanos = u128::from(capacity) * NANOS_PER_SEC;
-        Self { rate_per_sec, capacity_nanos, nanos: capacity_nanos, last: None }
+        Self {
+            rate_per_sec,
+            capacity_nanos,
+            nanos: capacity_nanos,
+            last: None,
+        }
     }
 
     fn refill(&mut self, now: Instant) {
@@ -359,7 +390,9 @@ impl TokenBucket {
             // A clock that steps back refills nothing and keeps the later mark.
             Some(last) if now <= last => {}
             Some(last) => {
-                let added = (now - last).as_nanos().saturating_mul(u128::from(self.rate_per_sec));
+                let added = (now - last)
+                    .as_nanos()
+                    .saturating_mul(u128::from(self.rate_per_sec));
                 self.nanos = self.nanos.saturating_add(added).min(self.capacity_nanos);
                 self.last = Some(now);
             }
@@ -372,7 +405,9 @@ impl TokenBucket {
     }
 
     fn take(&mut self, tokens: u64) {
-        self.nanos = self.nanos.saturating_sub(u128::from(tokens) * NANOS_PER_SEC);
+        self.nanos = self
+            .nanos
+            .saturating_sub(u128::from(tokens) * NANOS_PER_SEC);
     }
 }
 
@@ -388,7 +423,10 @@ impl Budget {
     /// packet could never pass.
     fn full(bytes_per_sec: u64, packets_per_sec: u64, burst: Duration) -> Self {
         Self {
-            bytes: TokenBucket::full(bytes_per_sec, burst_of(bytes_per_sec, burst).max(MAX_PAYLOAD as u64)),
+            bytes: TokenBucket::full(
+                bytes_per_sec,
+                burst_of(bytes_per_sec, burst).max(MAX_PAYLOAD as u64),
+            ),
             packets: TokenBucket::full(packets_per_sec, burst_of(packets_per_sec, burst).max(1)),
         }
     }
@@ -445,22 +483,36 @@ impl NodeState {
     /// Refills this node's budget and `source`'s share of it to `now`
     /// (forgetting sources quiet for [`SENDER_ACTIVE`]); the share's index if
     /// both can pay for a payload of `len` bytes.
-    fn can_receive(&mut self, limits: &RelayLimits, source: NodeId, len: u64, now: Instant) -> Option<usize> {
+    fn can_receive(
+        &mut self,
+        limits: &RelayLimits,
+        source: NodeId,
+        len: u64,
+        now: Instant,
+    ) -> Option<usize> {
         // A clock that steps back keeps everyone (saturating: zero elapsed).
-        self.senders.retain(|s| s.source == source || now.saturating_duration_since(s.last) <= SENDER_ACTIVE);
+        self.senders.retain(|s| {
+            s.source == source || now.saturating_duration_since(s.last) <= SENDER_ACTIVE
+        });
         let index = match self.senders.iter().position(|s| s.source == source) {
             Some(index) => index,
             None => {
                 // A newcomer starts with a full share, so it gets through as
                 // soon as the destination's budget has room.
-                self.senders.push(Share { source, bytes_nanos: u128::MAX, packets_nanos: u128::MAX, last: now });
+                self.senders.push(Share {
+                    source,
+                    bytes_nanos: u128::MAX,
+                    packets_nanos: u128::MAX,
+                    last: now,
+                });
                 self.senders.len() - 1
             }
         };
         let senders = self.senders.len() as u128;
         let bytes_rate = u128::from(limits.destination_bytes_per_sec) / senders;
         let packets_rate = u128::from(limits.destination_packets_per_sec) / senders;
-        let bytes_cap = (self.received.bytes.capacity_nanos / senders).max(MAX_PAYLOAD as u128 * NANOS_PER_SEC);
+        let bytes_cap =
+            (self.received.bytes.capacity_nanos / senders).max(MAX_PAYLOAD as u128 * NANOS_PER_SEC);
         let packets_cap = (self.received.packets.capacity_nanos / senders).max(NANOS_PER_SEC);
         let can_pay = self.received.can_pay(len, now);
         let uncontended = self.received.bytes.nanos >= self.received.bytes.capacity_nanos / 2
@@ -468,14 +520,18 @@ impl NodeState {
         let share = self.senders.get_mut(index)?;
         if now > share.last {
             let elapsed = (now - share.last).as_nanos();
-            share.bytes_nanos = share.bytes_nanos.saturating_add(elapsed.saturating_mul(bytes_rate));
-            share.packets_nanos = share.packets_nanos.saturating_add(elapsed.saturating_mul(packets_rate));
+            share.bytes_nanos = share
+                .bytes_nanos
+                .saturating_add(elapsed.saturating_mul(bytes_rate));
+            share.packets_nanos = share
+                .packets_nanos
+                .saturating_add(elapsed.saturating_mul(packets_rate));
             share.last = now;
         }
         share.bytes_nanos = share.bytes_nanos.min(bytes_cap);
         share.packets_nanos = share.packets_nanos.min(packets_cap);
-        let share_can_pay =
-            share.bytes_nanos >= u128::from(len) * NANOS_PER_SEC && share.packets_nanos >= NANOS_PER_SEC;
+        let share_can_pay = share.bytes_nanos >= u128::from(len) * NANOS_PER_SEC
+            && share.packets_nanos >= NANOS_PER_SEC;
         (can_pay && (uncontended || share_can_pay)).then_some(index)
     }
 
@@ -483,7 +539,9 @@ impl NodeState {
     fn receive(&mut self, share: usize, len: u64) {
         self.received.pay(len);
         if let Some(share) = self.senders.get_mut(share) {
-            share.bytes_nanos = share.bytes_nanos.saturating_sub(u128::from(len) * NANOS_PER_SEC);
+            share.bytes_nanos = share
+                .bytes_nanos
+                .saturating_sub(u128::from(len) * NANOS_PER_SEC);
             share.packets_nanos = share.packets_nanos.saturating_sub(NANOS_PER_SEC);
         }
     }
@@ -522,7 +580,9 @@ impl RelayTable {
     /// each node it admits later. Registering again changes nothing.
     pub fn register(&mut self, node: NodeId) {
         let limits = self.limits;
-        self.nodes.entry(node).or_insert_with(|| NodeState::new(&limits));
+        self.nodes
+            .entry(node)
+            .or_insert_with(|| NodeState::new(&limits));
     }
 
     /// `node` was admitted on `conn` (registering it if need be). A previous
@@ -570,7 +630,8 @@ impl RelayTable {
         for state in self.nodes.values_mut() {
             state.senders.retain(|share| share.source != node);
         }
-        self.pairs.retain(|(src, dst), _| *src != node && *dst != node);
+        self.pairs
+            .retain(|(src, dst), _| *src != node && *dst != node);
     }
 
     /// The node admitted on `conn`, if any.
@@ -629,10 +690,16 @@ impl RelayTable {
         if let Some(sender) = self.nodes.get_mut(&source) {
             sender.sent.pay(len);
         }
-        self.pairs.entry((source, destination)).or_default().add(payload_len);
+        self.pairs
+            .entry((source, destination))
+            .or_default()
+            .add(payload_len);
         self.stats.forwarded.add(payload_len);
         tracing::trace!(%source, %destination, %to, len = payload_len, "relay frame forwarded");
-        Command::Forward { to, frame: with_source(frame, header.kind, source) }
+        Command::Forward {
+            to,
+            frame: with_source(frame, header.kind, source),
+        }
     }
 
     /// Counts a frame the shell dropped after the table forwarded it
@@ -670,7 +737,9 @@ impl RelayTable {
 /// The frame with its header naming `source`: in place when the shell
 /// handed over the only reference to the bytes, else in a copy.
 fn with_source(frame: Bytes, kind: relay::RelayKind, source: NodeId) -> Bytes {
-    let mut out = frame.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+    let mut out = frame
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
     if let Some(header) = out.first_chunk_mut::<HEADER_LEN>() {
         relay::encode_header(kind, source, header);
     }
@@ -689,7 +758,15 @@ mod tests {
     /// What node `from` writes to reach `to`.
     fn frame_to(to: u32, payload: &[u8]) -> Bytes {
         let mut out = Vec::new();
-        encode_frame(RelayHeader { kind: RelayKind::Packet, node: node(to) }, payload, &mut out).unwrap();
+        encode_frame(
+            RelayHeader {
+                kind: RelayKind::Packet,
+                node: node(to),
+            },
+            payload,
+            &mut out,
+        )
+        .unwrap();
         out.into()
     }
 
@@ -720,7 +797,10 @@ mod tests {
     }
 
     fn source(id: u32) -> RelayHeader {
-        RelayHeader { kind: RelayKind::Packet, node: node(id) }
+        RelayHeader {
+            kind: RelayKind::Packet,
+            node: node(id),
+        }
     }
 
     #[test]
@@ -742,12 +822,18 @@ mod tests {
         // Node 1 sends on its own connection; whatever it writes, node 2
         // receives a frame naming node 1, the owner of connection 1.
         for dst in [2, 3] {
-            let (_, header, _) = forwarded(table.handle_frame(ConnId(1), frame_to(dst, &payload(64)), now));
+            let (_, header, _) =
+                forwarded(table.handle_frame(ConnId(1), frame_to(dst, &payload(64)), now));
             assert_eq!(header.node, node(1));
         }
         // A connection nobody was admitted on cannot relay at all.
         let cmd = table.handle_frame(ConnId(99), frame_to(2, &payload(64)), now);
-        assert_eq!(cmd, Command::Drop { reason: DropReason::NotAdmitted });
+        assert_eq!(
+            cmd,
+            Command::Drop {
+                reason: DropReason::NotAdmitted
+            }
+        );
     }
 
     #[test]
@@ -758,7 +844,11 @@ mod tests {
         let kept = frame.clone();
         let (_, header, _) = forwarded(table.handle_frame(ConnId(1), frame, now));
         assert_eq!(header.node, node(1));
-        assert_eq!(parse(&kept).unwrap().0.node, node(2), "the caller's bytes are untouched");
+        assert_eq!(
+            parse(&kept).unwrap().0.node,
+            node(2),
+            "the caller's bytes are untouched"
+        );
     }
 
     #[test]
@@ -767,12 +857,18 @@ mod tests {
         let mut table = table_with(2, RelayLimits::default());
         table.connect(node(2), ConnId(20));
         let cmd = table.handle_frame(ConnId(2), frame_to(1, &payload(64)), now);
-        assert_eq!(cmd, Command::Drop { reason: DropReason::NotAdmitted });
+        assert_eq!(
+            cmd,
+            Command::Drop {
+                reason: DropReason::NotAdmitted
+            }
+        );
         table.disconnect(ConnId(2));
         assert_eq!(table.conn_of(node(2)), Some(ConnId(20)));
         let (to, _, _) = forwarded(table.handle_frame(ConnId(1), frame_to(2, &payload(64)), now));
         assert_eq!(to, ConnId(20));
-        let (_, header, _) = forwarded(table.handle_frame(ConnId(20), frame_to(1, &payload(64)), now));
+        let (_, header, _) =
+            forwarded(table.handle_frame(ConnId(20), frame_to(1, &payload(64)), now));
         assert_eq!(header, source(2));
     }
 
@@ -783,25 +879,35 @@ mod tests {
         table.register(node(5));
         assert_eq!(
             table.handle_frame(ConnId(1), frame_to(4, &payload(64)), now),
-            Command::Drop { reason: DropReason::UnknownDestination }
+            Command::Drop {
+                reason: DropReason::UnknownDestination
+            }
         );
         assert_eq!(
             table.handle_frame(ConnId(1), frame_to(5, &payload(64)), now),
-            Command::Drop { reason: DropReason::DestinationOffline }
+            Command::Drop {
+                reason: DropReason::DestinationOffline
+            }
         );
         table.disconnect(ConnId(2));
         assert_eq!(
             table.handle_frame(ConnId(1), frame_to(2, &payload(64)), now),
-            Command::Drop { reason: DropReason::DestinationOffline }
+            Command::Drop {
+                reason: DropReason::DestinationOffline
+            }
         );
         assert_eq!(
             table.handle_frame(ConnId(2), frame_to(1, &payload(64)), now),
-            Command::Drop { reason: DropReason::NotAdmitted },
+            Command::Drop {
+                reason: DropReason::NotAdmitted
+            },
             "a disconnected node cannot send either"
         );
         assert_eq!(
             table.handle_frame(ConnId(1), frame_to(1, &payload(64)), now),
-            Command::Drop { reason: DropReason::SelfAddressed }
+            Command::Drop {
+                reason: DropReason::SelfAddressed
+            }
         );
         let stats = table.stats();
         assert_eq!(stats.dropped(DropReason::UnknownDestination), 1);
@@ -821,15 +927,23 @@ mod tests {
         table.remove(node(2));
         assert_eq!(
             table.handle_frame(ConnId(1), frame_to(2, &payload(64)), now),
-            Command::Drop { reason: DropReason::UnknownDestination }
+            Command::Drop {
+                reason: DropReason::UnknownDestination
+            }
         );
         assert_eq!(
             table.handle_frame(ConnId(2), frame_to(1, &payload(64)), now),
-            Command::Drop { reason: DropReason::NotAdmitted }
+            Command::Drop {
+                reason: DropReason::NotAdmitted
+            }
         );
         let pairs: Vec<_> = table.pair_stats().map(|(pair, _)| pair).collect();
         assert_eq!(pairs, vec![(node(3), node(1))]);
-        assert_eq!(table.stats().forwarded.packets, 2, "totals keep what was forwarded");
+        assert_eq!(
+            table.stats().forwarded.packets,
+            2,
+            "totals keep what was forwarded"
+        );
     }
 
     #[test]
@@ -857,7 +971,12 @@ mod tests {
         // And node 1's bucket refills with time: 10 ms buys 10 packets.
         let later = start + Duration::from_millis(10);
         let refilled = (0..100)
-            .filter(|_| matches!(table.handle_frame(ConnId(1), frame_to(3, &p), later), Command::Forward { .. }))
+            .filter(|_| {
+                matches!(
+                    table.handle_frame(ConnId(1), frame_to(3, &p), later),
+                    Command::Forward { .. }
+                )
+            })
             .count();
         assert_eq!(refilled, 10);
         assert_eq!(table.stats().dropped(DropReason::RateLimited), 900 + 90);
@@ -877,11 +996,19 @@ mod tests {
         for ms in 0..1_000u64 {
             let now = start + Duration::from_millis(ms);
             for _ in 0..10 {
-                if matches!(table.handle_frame(ConnId(1), frame_to(3, &p), now), Command::Forward { .. }) {
+                if matches!(
+                    table.handle_frame(ConnId(1), frame_to(3, &p), now),
+                    Command::Forward { .. }
+                ) {
                     flooder += 1;
                 }
             }
-            if ms % 4 == 0 && matches!(table.handle_frame(ConnId(2), frame_to(3, &p), now), Command::Forward { .. }) {
+            if ms % 4 == 0
+                && matches!(
+                    table.handle_frame(ConnId(2), frame_to(3, &p), now),
+                    Command::Forward { .. }
+                )
+            {
                 other += 1;
             }
         }
@@ -895,7 +1022,8 @@ mod tests {
     }
 
     #[test]
-    fn three_sources_each_within_their_limit_are_held_to_the_destinations_limit_and_others_are_not_affected() {
+    fn three_sources_each_within_their_limit_are_held_to_the_destinations_limit_and_others_are_not_affected(
+    ) {
         // 1 000 packets/s with a 100 ms burst: 100 packets at once, from one
         // node and, by default, towards one node.
         let limits = RelayLimits::new(1_000_000, 1_000, Duration::from_millis(100)).unwrap();
@@ -918,12 +1046,17 @@ mod tests {
         }
         assert_eq!(to_4, 100, "node 4 receives one burst, whoever sends it");
         assert_eq!(table.stats().dropped(DropReason::DestinationLimited), 80);
-        assert_eq!(table.stats().dropped(DropReason::RateLimited), 0, "no source was over its own limit");
+        assert_eq!(
+            table.stats().dropped(DropReason::RateLimited),
+            0,
+            "no source was over its own limit"
+        );
         // At the same instant the same sources still reach node 5: what node 4
         // refused cost them nothing.
         for _ in 0..30 {
             for src in 1..=3u32 {
-                let (to, header, _) = forwarded(table.handle_frame(ConnId(src.into()), frame_to(5, &p), start));
+                let (to, header, _) =
+                    forwarded(table.handle_frame(ConnId(src.into()), frame_to(5, &p), start));
                 assert_eq!((to, header), (ConnId(5), source(src)));
             }
         }
@@ -933,7 +1066,10 @@ mod tests {
         let refilled = (0..30u32)
             .filter(|i| {
                 let src = ConnId((1 + i % 3).into());
-                matches!(table.handle_frame(src, frame_to(4, &p), later), Command::Forward { .. })
+                matches!(
+                    table.handle_frame(src, frame_to(4, &p), later),
+                    Command::Forward { .. }
+                )
             })
             .count();
         assert_eq!(refilled, 10);
@@ -947,17 +1083,31 @@ mod tests {
             .unwrap()
             .with_destination(100_000, 500)
             .unwrap();
-        assert_eq!((limits.destination_bytes_per_sec(), limits.destination_packets_per_sec()), (100_000, 500));
+        assert_eq!(
+            (
+                limits.destination_bytes_per_sec(),
+                limits.destination_packets_per_sec()
+            ),
+            (100_000, 500)
+        );
         let start = Instant::now();
         let mut table = table_with(3, limits);
         let small = (0..100)
-            .filter(|_| matches!(table.handle_frame(ConnId(1), frame_to(2, &payload(10)), start), Command::Forward { .. }))
+            .filter(|_| {
+                matches!(
+                    table.handle_frame(ConnId(1), frame_to(2, &payload(10)), start),
+                    Command::Forward { .. }
+                )
+            })
             .count();
         assert_eq!(small, 50, "100 ms of 500 packets/s");
         // Node 3's budget in bytes: MAX_PAYLOAD (65 535) pays for six 10 000-byte packets.
         let large = (0..20)
             .filter(|_| {
-                matches!(table.handle_frame(ConnId(1), frame_to(3, &payload(10_000)), start), Command::Forward { .. })
+                matches!(
+                    table.handle_frame(ConnId(1), frame_to(3, &payload(10_000)), start),
+                    Command::Forward { .. }
+                )
             })
             .count();
         assert_eq!(large, 6);
@@ -974,13 +1124,23 @@ mod tests {
         let p = payload(100);
         // Node 1 tries 1 000 packets to node 3: 100 pass (its own burst).
         let flood = (0..1_000)
-            .filter(|_| matches!(table.handle_frame(ConnId(1), frame_to(3, &p), start), Command::Forward { .. }))
+            .filter(|_| {
+                matches!(
+                    table.handle_frame(ConnId(1), frame_to(3, &p), start),
+                    Command::Forward { .. }
+                )
+            })
             .count();
         assert_eq!(flood, 100);
         assert_eq!(table.stats().dropped(DropReason::RateLimited), 900);
         // Node 3's budget of 150 paid for node 1's 100 only: 50 left for node 2.
         let rest = (0..100)
-            .filter(|_| matches!(table.handle_frame(ConnId(2), frame_to(3, &p), start), Command::Forward { .. }))
+            .filter(|_| {
+                matches!(
+                    table.handle_frame(ConnId(2), frame_to(3, &p), start),
+                    Command::Forward { .. }
+                )
+            })
             .count();
         assert_eq!(rest, 50);
         assert_eq!(table.stats().dropped(DropReason::DestinationLimited), 50);
@@ -994,12 +1154,21 @@ mod tests {
         let start = Instant::now();
         let mut table = table_with(2, limits);
         let outcomes: Vec<bool> = (0..10)
-            .map(|_| matches!(table.handle_frame(ConnId(1), frame_to(2, &payload(20_000)), start), Command::Forward { .. }))
+            .map(|_| {
+                matches!(
+                    table.handle_frame(ConnId(1), frame_to(2, &payload(20_000)), start),
+                    Command::Forward { .. }
+                )
+            })
             .collect();
         // MAX_PAYLOAD (65 535) of burst pays for three 20 000-byte packets.
         assert_eq!(outcomes.iter().filter(|f| **f).count(), 3);
         assert!(matches!(
-            table.handle_frame(ConnId(1), frame_to(2, &payload(MAX_PAYLOAD)), start + Duration::from_secs(7)),
+            table.handle_frame(
+                ConnId(1),
+                frame_to(2, &payload(MAX_PAYLOAD)),
+                start + Duration::from_secs(7)
+            ),
             Command::Forward { .. }
         ));
     }
@@ -1009,15 +1178,22 @@ mod tests {
         let limits = RelayLimits::new(1_000_000, 10, Duration::from_millis(100)).unwrap();
         let start = Instant::now() + Duration::from_secs(10);
         let mut table = table_with(2, limits);
-        assert!(matches!(table.handle_frame(ConnId(1), frame_to(2, &payload(64)), start), Command::Forward { .. }));
+        assert!(matches!(
+            table.handle_frame(ConnId(1), frame_to(2, &payload(64)), start),
+            Command::Forward { .. }
+        ));
         let earlier = start - Duration::from_secs(5);
         assert_eq!(
             table.handle_frame(ConnId(1), frame_to(2, &payload(64)), earlier),
-            Command::Drop { reason: DropReason::RateLimited }
+            Command::Drop {
+                reason: DropReason::RateLimited
+            }
         );
         assert_eq!(
             table.handle_frame(ConnId(1), frame_to(2, &payload(64)), start),
-            Command::Drop { reason: DropReason::RateLimited }
+            Command::Drop {
+                reason: DropReason::RateLimited
+            }
         );
     }
 
@@ -1047,8 +1223,13 @@ mod tests {
             let conn = ConnId(next() % 5);
             match table.handle_frame(conn, bytes.into(), now) {
                 Command::Forward { to, frame } => {
-                    let (header, _) = parse(&frame).unwrap_or_else(|e| panic!("seed {seed:#x} round {round}: {e}"));
-                    assert_eq!(Some(header.node), table.node_of(conn), "seed {seed:#x} round {round}");
+                    let (header, _) = parse(&frame)
+                        .unwrap_or_else(|e| panic!("seed {seed:#x} round {round}: {e}"));
+                    assert_eq!(
+                        Some(header.node),
+                        table.node_of(conn),
+                        "seed {seed:#x} round {round}"
+                    );
                     assert!(table.node_of(to).is_some());
                 }
                 Command::Drop { .. } => {}
@@ -1057,11 +1238,17 @@ mod tests {
         }
         let stats = table.stats();
         assert_eq!(commands, rounds);
-        assert_eq!(stats.forwarded.packets + stats.dropped_total(), rounds, "every frame is accounted for");
+        assert_eq!(
+            stats.forwarded.packets + stats.dropped_total(),
+            rounds,
+            "every frame is accounted for"
+        );
         assert!(stats.dropped(DropReason::Malformed) > 0);
         assert_eq!(
             table.handle_frame(ConnId(1), Bytes::from_static(&[0x11, 0, 0, 0]), now),
-            Command::Drop { reason: DropReason::Malformed }
+            Command::Drop {
+                reason: DropReason::Malformed
+            }
         );
     }
 
@@ -1069,7 +1256,14 @@ mod tests {
     fn pair_counters_add_up() {
         let now = Instant::now();
         let mut table = table_with(3, RelayLimits::default());
-        let sends: [(u32, u32, usize); 6] = [(1, 2, 100), (1, 2, 200), (2, 1, 50), (3, 2, 1420), (1, 3, 7), (1, 2, 300)];
+        let sends: [(u32, u32, usize); 6] = [
+            (1, 2, 100),
+            (1, 2, 200),
+            (2, 1, 50),
+            (3, 2, 1420),
+            (1, 3, 7),
+            (1, 2, 300),
+        ];
         for (from, to, len) in sends {
             forwarded(table.handle_frame(ConnId(from.into()), frame_to(to, &payload(len)), now));
         }
@@ -1079,10 +1273,34 @@ mod tests {
         assert_eq!(
             pairs,
             vec![
-                ((node(1), node(2)), PairStats { packets: 3, bytes: 600 }),
-                ((node(1), node(3)), PairStats { packets: 1, bytes: 7 }),
-                ((node(2), node(1)), PairStats { packets: 1, bytes: 50 }),
-                ((node(3), node(2)), PairStats { packets: 1, bytes: 1420 }),
+                (
+                    (node(1), node(2)),
+                    PairStats {
+                        packets: 3,
+                        bytes: 600
+                    }
+                ),
+                (
+                    (node(1), node(3)),
+                    PairStats {
+                        packets: 1,
+                        bytes: 7
+                    }
+                ),
+                (
+                    (node(2), node(1)),
+                    PairStats {
+                        packets: 1,
+                        bytes: 50
+                    }
+                ),
+                (
+                    (node(3), node(2)),
+                    PairStats {
+                        packets: 1,
+                        bytes: 1420
+                    }
+                ),
             ]
         );
         let total = pairs.iter().fold(PairStats::default(), |mut sum, (_, s)| {
@@ -1091,7 +1309,13 @@ mod tests {
             sum
         });
         assert_eq!(total, table.stats().forwarded);
-        assert_eq!(total, PairStats { packets: 6, bytes: 2077 });
+        assert_eq!(
+            total,
+            PairStats {
+                packets: 6,
+                bytes: 2077
+            }
+        );
     }
 
     #[test]
@@ -1102,23 +1326,55 @@ mod tests {
         table.count_drops(DropReason::InboundFull, 2);
         table.count_drops(DropReason::Malformed, 0);
         let drops: Vec<_> = table.stats().drops().filter(|(_, n)| *n > 0).collect();
-        assert_eq!(drops, vec![(DropReason::QueueFull, 1), (DropReason::InboundFull, 42)]);
+        assert_eq!(
+            drops,
+            vec![(DropReason::QueueFull, 1), (DropReason::InboundFull, 42)]
+        );
         assert_eq!(table.stats().dropped_total(), 43);
     }
 
     #[test]
     fn limits_that_would_stop_all_relaying_are_refused() {
         let second = Duration::from_secs(1);
-        assert_eq!(RelayLimits::new(0, 1, second), Err(LimitsError::Zero { what: "bytes per second" }));
-        assert_eq!(RelayLimits::new(1, 0, second), Err(LimitsError::Zero { what: "packets per second" }));
-        assert_eq!(RelayLimits::new(1, 1, Duration::ZERO), Err(LimitsError::Zero { what: "burst" }));
-        let limits = RelayLimits::new(1, 1, second).unwrap();
-        assert_eq!(limits.with_destination(0, 1), Err(LimitsError::Zero { what: "destination bytes per second" }));
-        assert_eq!(limits.with_destination(1, 0), Err(LimitsError::Zero { what: "destination packets per second" }));
-        let defaults = RelayLimits::default();
-        assert_eq!((defaults.bytes_per_sec(), defaults.packets_per_sec()), (100_000_000, 100_000));
         assert_eq!(
-            (defaults.destination_bytes_per_sec(), defaults.destination_packets_per_sec()),
+            RelayLimits::new(0, 1, second),
+            Err(LimitsError::Zero {
+                what: "bytes per second"
+            })
+        );
+        assert_eq!(
+            RelayLimits::new(1, 0, second),
+            Err(LimitsError::Zero {
+                what: "packets per second"
+            })
+        );
+        assert_eq!(
+            RelayLimits::new(1, 1, Duration::ZERO),
+            Err(LimitsError::Zero { what: "burst" })
+        );
+        let limits = RelayLimits::new(1, 1, second).unwrap();
+        assert_eq!(
+            limits.with_destination(0, 1),
+            Err(LimitsError::Zero {
+                what: "destination bytes per second"
+            })
+        );
+        assert_eq!(
+            limits.with_destination(1, 0),
+            Err(LimitsError::Zero {
+                what: "destination packets per second"
+            })
+        );
+        let defaults = RelayLimits::default();
+        assert_eq!(
+            (defaults.bytes_per_sec(), defaults.packets_per_sec()),
+            (100_000_000, 100_000)
+        );
+        assert_eq!(
+            (
+                defaults.destination_bytes_per_sec(),
+                defaults.destination_packets_per_sec()
+            ),
             (100_000_000, 100_000),
             "a node may receive what one node may send"
         );
@@ -1126,7 +1382,13 @@ mod tests {
 
     #[test]
     fn commands_print_frame_lengths_not_contents() {
-        let cmd = Command::Forward { to: ConnId(2), frame: frame_to(2, &payload(64)) };
-        assert_eq!(format!("{cmd:?}"), "Forward { to: conn#2, frame: 69 bytes }");
+        let cmd = Command::Forward {
+            to: ConnId(2),
+            frame: frame_to(2, &payload(64)),
+        };
+        assert_eq!(
+            format!("{cmd:?}"),
+            "Forward { to: conn#2, frame: 69 bytes }"
+        );
     }
 }

@@ -19,9 +19,14 @@ pub use crate::control::server::{ApiSocket as AdminSocket, ServerError as AdminE
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum AdminRequest {
-    CreateToken { ttl_secs: u64, max_uses: Option<u32> },
+    CreateToken {
+        ttl_secs: u64,
+        max_uses: Option<u32>,
+    },
     ListTokens,
-    RevokeToken { id: String },
+    RevokeToken {
+        id: String,
+    },
     ListNodes,
     /// By name, full public key, or an unambiguous key prefix. Its
     /// addresses stay quarantined unless `release`.
@@ -31,23 +36,42 @@ pub enum AdminRequest {
         release: bool,
     },
     /// Gives a node (as for `RemoveNode`) another name.
-    RenameNode { node: String, name: String },
+    RenameNode {
+        node: String,
+        name: String,
+    },
     /// Every overlay address held: by a node, or quarantined.
     ListAddresses,
     /// Releases one quarantined address (with its removed node's other
     /// one), or every one when `None`.
-    ReleaseAddresses { address: Option<IpAddr> },
+    ReleaseAddresses {
+        address: Option<IpAddr>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "snake_case")]
 pub enum AdminResponse {
-    Token { token: String, id: String, expires_at: u64 },
-    Tokens { tokens: Vec<TokenInfo> },
-    Nodes { nodes: Vec<NodeStatusInfo> },
-    Addresses { addresses: Vec<AddressInfo> },
-    Done { message: String },
-    Error { message: String },
+    Token {
+        token: String,
+        id: String,
+        expires_at: u64,
+    },
+    Tokens {
+        tokens: Vec<TokenInfo>,
+    },
+    Nodes {
+        nodes: Vec<NodeStatusInfo>,
+    },
+    Addresses {
+        addresses: Vec<AddressInfo>,
+    },
+    Done {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 impl ErrorResponse for AdminResponse {
@@ -117,7 +141,12 @@ impl From<NodeStatus> for NodeStatusInfo {
 }
 
 /// Applies one request. The caller executes the registry's commands after.
-pub fn apply<R: RngCore + CryptoRng>(registry: &mut Registry, request: AdminRequest, now_unix: u64, rng: &mut R) -> AdminResponse {
+pub fn apply<R: RngCore + CryptoRng>(
+    registry: &mut Registry,
+    request: AdminRequest,
+    now_unix: u64,
+    rng: &mut R,
+) -> AdminResponse {
     match request {
         AdminRequest::CreateToken { ttl_secs, max_uses } => {
             let mut secret = [0u8; 32];
@@ -126,8 +155,14 @@ pub fn apply<R: RngCore + CryptoRng>(registry: &mut Registry, request: AdminRequ
             rng.fill_bytes(&mut id);
             let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
             match registry.create_token(secret, id.clone(), ttl_secs, max_uses, now_unix) {
-                Ok(token) => AdminResponse::Token { token, id, expires_at: now_unix.saturating_add(ttl_secs) },
-                Err(e) => AdminResponse::Error { message: e.to_string() },
+                Ok(token) => AdminResponse::Token {
+                    token,
+                    id,
+                    expires_at: now_unix.saturating_add(ttl_secs),
+                },
+                Err(e) => AdminResponse::Error {
+                    message: e.to_string(),
+                },
             }
         }
         AdminRequest::ListTokens => AdminResponse::Tokens {
@@ -145,12 +180,18 @@ pub fn apply<R: RngCore + CryptoRng>(registry: &mut Registry, request: AdminRequ
         },
         AdminRequest::RevokeToken { id } => {
             if registry.revoke_token(&id) {
-                AdminResponse::Done { message: format!("token {id} revoked") }
+                AdminResponse::Done {
+                    message: format!("token {id} revoked"),
+                }
             } else {
-                AdminResponse::Error { message: format!("no token with id {id:?} (see `token list`)") }
+                AdminResponse::Error {
+                    message: format!("no token with id {id:?} (see `token list`)"),
+                }
             }
         }
-        AdminRequest::ListNodes => AdminResponse::Nodes { nodes: registry.nodes().into_iter().map(Into::into).collect() },
+        AdminRequest::ListNodes => AdminResponse::Nodes {
+            nodes: registry.nodes().into_iter().map(Into::into).collect(),
+        },
         AdminRequest::RemoveNode { node, release } => match find_node(registry, &node) {
             Ok(key) => {
                 registry.remove_node(&key, release, now_unix);
@@ -159,14 +200,20 @@ pub fn apply<R: RngCore + CryptoRng>(registry: &mut Registry, request: AdminRequ
                 } else {
                     "its addresses stay quarantined until `addresses release`"
                 };
-                AdminResponse::Done { message: format!("node {node} ({}) removed; {addresses}", key.short()) }
+                AdminResponse::Done {
+                    message: format!("node {node} ({}) removed; {addresses}", key.short()),
+                }
             }
             Err(message) => AdminResponse::Error { message },
         },
         AdminRequest::RenameNode { node, name } => match find_node(registry, &node) {
             Ok(key) => match registry.rename_node(&key, &name) {
-                Ok(()) => AdminResponse::Done { message: format!("node {} is now called {name}", key.short()) },
-                Err(e) => AdminResponse::Error { message: e.to_string() },
+                Ok(()) => AdminResponse::Done {
+                    message: format!("node {} is now called {name}", key.short()),
+                },
+                Err(e) => AdminResponse::Error {
+                    message: e.to_string(),
+                },
             },
             Err(message) => AdminResponse::Error { message },
         },
@@ -180,17 +227,28 @@ pub fn apply<R: RngCore + CryptoRng>(registry: &mut Registry, request: AdminRequ
                 removed_at: None,
             });
             let held = registry.quarantined().iter().map(AddressInfo::from);
-            AdminResponse::Addresses { addresses: in_use.chain(held).collect() }
+            AdminResponse::Addresses {
+                addresses: in_use.chain(held).collect(),
+            }
         }
-        AdminRequest::ReleaseAddresses { address: Some(address) } => match registry.release_address(address) {
+        AdminRequest::ReleaseAddresses {
+            address: Some(address),
+        } => match registry.release_address(address) {
             Ok(q) => AdminResponse::Done {
-                message: format!("released {} and {} (held for removed node {})", q.ipv4, q.ipv6, q.name),
+                message: format!(
+                    "released {} and {} (held for removed node {})",
+                    q.ipv4, q.ipv6, q.name
+                ),
             },
-            Err(e) => AdminResponse::Error { message: e.to_string() },
+            Err(e) => AdminResponse::Error {
+                message: e.to_string(),
+            },
         },
         AdminRequest::ReleaseAddresses { address: None } => {
             let count = registry.release_all_addresses();
-            AdminResponse::Done { message: format!("released the addresses of {count} removed nodes") }
+            AdminResponse::Done {
+                message: format!("released the addresses of {count} removed nodes"),
+            }
         }
     }
 }
@@ -201,10 +259,15 @@ fn find_node(registry: &Registry, query: &str) -> Result<PublicKey, String> {
     if let Some(named) = nodes.iter().find(|n| n.name == query) {
         return Ok(named.public_key);
     }
-    let matches: Vec<&NodeStatus> = nodes.iter().filter(|n| n.public_key.to_string().starts_with(query)).collect();
+    let matches: Vec<&NodeStatus> = nodes
+        .iter()
+        .filter(|n| n.public_key.to_string().starts_with(query))
+        .collect();
     match matches.as_slice() {
         [one] => Ok(one.public_key),
-        [] => Err(format!("no node named {query:?} or with a key starting so (see `nodes list`)")),
+        [] => Err(format!(
+            "no node named {query:?} or with a key starting so (see `nodes list`)"
+        )),
         many => Err(format!(
             "{query:?} matches {} nodes; use the full public key",
             many.len()

@@ -20,14 +20,29 @@ const DOMAIN: &[u8] = b"meshd admission v1";
 /// Node side: the proof to put in the hello.
 pub fn proof(node_private: &PrivateKey, server_public: &PublicKey, exporter: &[u8; 32]) -> Proof {
     let node_public = node_private.public_key();
-    let shared = node_private.to_dalek().diffie_hellman(&server_public.to_dalek());
-    Proof(mac(shared.as_bytes()).chain_update(transcript(exporter, &node_public)).finalize().into_bytes().into())
+    let shared = node_private
+        .to_dalek()
+        .diffie_hellman(&server_public.to_dalek());
+    Proof(
+        mac(shared.as_bytes())
+            .chain_update(transcript(exporter, &node_public))
+            .finalize()
+            .into_bytes()
+            .into(),
+    )
 }
 
 /// Server side: whether `proof` was made by the holder of `node_public`'s
 /// private key for this connection. Constant time in the MAC comparison.
-pub fn verify(server_private: &PrivateKey, node_public: &PublicKey, exporter: &[u8; 32], proof: &Proof) -> bool {
-    let shared = server_private.to_dalek().diffie_hellman(&node_public.to_dalek());
+pub fn verify(
+    server_private: &PrivateKey,
+    node_public: &PublicKey,
+    exporter: &[u8; 32],
+    proof: &Proof,
+) -> bool {
+    let shared = server_private
+        .to_dalek()
+        .diffie_hellman(&node_public.to_dalek());
     // A low-order public key makes the shared secret all zeros, which
     // anyone can compute: such a key proves nothing.
     if !shared.was_contributory() {
@@ -68,8 +83,14 @@ mod tests {
     fn a_proof_does_not_transfer_to_another_connection_or_key() {
         let (node, server, other) = (key(1), key(2), key(3));
         let p = proof(&node, &server.public_key(), &[7u8; 32]);
-        assert!(!verify(&server, &node.public_key(), &[8u8; 32], &p), "other connection");
-        assert!(!verify(&server, &other.public_key(), &[7u8; 32], &p), "other key");
+        assert!(
+            !verify(&server, &node.public_key(), &[8u8; 32], &p),
+            "other connection"
+        );
+        assert!(
+            !verify(&server, &other.public_key(), &[7u8; 32], &p),
+            "other key"
+        );
     }
 
     #[test]
@@ -77,7 +98,13 @@ mod tests {
         let server = key(2);
         // The all-zero point: X25519 with it is all zeros for every scalar.
         let zero = PublicKey::from_bytes([0u8; 32]);
-        let forged = Proof(mac(&[0u8; 32]).chain_update(transcript(&[7u8; 32], &zero)).finalize().into_bytes().into());
+        let forged = Proof(
+            mac(&[0u8; 32])
+                .chain_update(transcript(&[7u8; 32], &zero))
+                .finalize()
+                .into_bytes()
+                .into(),
+        );
         assert!(!verify(&server, &zero, &[7u8; 32], &forged));
     }
 }

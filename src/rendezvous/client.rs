@@ -17,11 +17,11 @@ use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls::{self, CertHash};
 use crate::dataplane::quic::QuicSource;
 use crate::identity::{PrivateKey, PublicKey};
-use crate::wire::untrusted::bounded;
 use crate::wire::control::{
-    Candidate, Hello, MeshInfo, NatMapping, NodeEntry, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
-    MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
+    Candidate, Hello, MeshInfo, NatMapping, NodeEntry, NodeMessage, RejectReason, ServerHello,
+    ServerMessage, MAX_FRAME, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
+use crate::wire::untrusted::bounded;
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// The longest wait between sessions. A rendezvous that refused a node
@@ -70,7 +70,12 @@ pub struct ClientConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Update {
     /// Admitted: our own entry, the mesh, and the full peer map.
-    Welcome { node: NodeEntry, mesh: MeshInfo, observed: SocketAddr, peers: Vec<NodeEntry> },
+    Welcome {
+        node: NodeEntry,
+        mesh: MeshInfo,
+        observed: SocketAddr,
+        peers: Vec<NodeEntry>,
+    },
     Upsert(NodeEntry),
     Remove(PublicKey),
     /// This peer is probing us now: probe it back (hole punching).
@@ -89,7 +94,11 @@ pub enum ClientError {
     )]
     CertificateMismatch { server: String },
     #[error("the rendezvous at {server} refused this node ({reason:?}): {message}")]
-    Rejected { server: String, reason: RejectReason, message: String },
+    Rejected {
+        server: String,
+        reason: RejectReason,
+        message: String,
+    },
     #[error("the rendezvous at {server} broke the protocol: {reason}")]
     Protocol { server: String, reason: String },
     #[error("connection to the rendezvous at {server} lost: {source}")]
@@ -100,7 +109,10 @@ impl ClientError {
     /// Whether retrying can help. A refused node stays refused until an
     /// operator acts (new token, re-added node, matching versions).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, ClientError::Rejected { .. } | ClientError::CertificateMismatch { .. })
+        matches!(
+            self,
+            ClientError::Rejected { .. } | ClientError::CertificateMismatch { .. }
+        )
     }
 }
 
@@ -121,7 +133,15 @@ pub async fn run(
     let mut backoff = BACKOFF_MIN;
     loop {
         let mut welcomed = false;
-        let result = session(&endpoint, &config, &key, candidates(), &mut channels, &mut welcomed).await;
+        let result = session(
+            &endpoint,
+            &config,
+            &key,
+            candidates(),
+            &mut channels,
+            &mut welcomed,
+        )
+        .await;
         channels.relay.connection.send_replace(None);
         let updates = &channels.updates;
         if welcomed {
@@ -131,7 +151,10 @@ pub async fn run(
             backoff = BACKOFF_MIN;
         }
         if updates.is_closed() {
-            return ClientError::Protocol { server: config.server.clone(), reason: "meshd is shutting down".into() };
+            return ClientError::Protocol {
+                server: config.server.clone(),
+                reason: "meshd is shutting down".into(),
+            };
         }
         match result {
             Err(e) if e.is_permanent() && !admitted => return e,
@@ -143,7 +166,10 @@ pub async fn run(
             Ok(()) => tracing::info!(retry_in = ?backoff, "rendezvous closed the session"),
         }
         if welcomed && updates.send(Update::Disconnected).await.is_err() {
-            return ClientError::Protocol { server: config.server.clone(), reason: "meshd is shutting down".into() };
+            return ClientError::Protocol {
+                server: config.server.clone(),
+                reason: "meshd is shutting down".into(),
+            };
         }
         // Full jitter in [backoff/2, backoff]: a restarted rendezvous is not
         // hit by every node in the same instant.
@@ -162,8 +188,15 @@ async fn session(
     channels: &mut Channels,
     welcomed: &mut bool,
 ) -> Result<(), ClientError> {
-    let Channels { updates, punches, relay, nat, quic_source } = channels;
-    let (mut session, welcome) = admit_from(endpoint, config, key, candidates, Some(quic_source)).await?;
+    let Channels {
+        updates,
+        punches,
+        relay,
+        nat,
+        quic_source,
+    } = channels;
+    let (mut session, welcome) =
+        admit_from(endpoint, config, key, candidates, Some(quic_source)).await?;
     *welcomed = true;
     if updates.send(welcome).await.is_err() {
         return Ok(());
@@ -249,9 +282,18 @@ async fn admit_from(
     source: Option<&QuicSource>,
 ) -> Result<(Session, Update), ClientError> {
     let server = config.server.as_str();
-    let connect_err = |reason: String| ClientError::Connect { server: server.to_owned(), reason };
-    let lost = |source: StreamError| ClientError::Lost { server: server.to_owned(), source };
-    let protocol = |reason: String| ClientError::Protocol { server: server.to_owned(), reason };
+    let connect_err = |reason: String| ClientError::Connect {
+        server: server.to_owned(),
+        reason,
+    };
+    let lost = |source: StreamError| ClientError::Lost {
+        server: server.to_owned(),
+        source,
+    };
+    let protocol = |reason: String| ClientError::Protocol {
+        server: server.to_owned(),
+        reason,
+    };
 
     let client_config = tls::client_config(config.pin).map_err(|e| connect_err(e.to_string()))?;
     let address = resolve(server).await.map_err(connect_err)?;
@@ -264,7 +306,10 @@ async fn admit_from(
             .map_err(|e| connect_err(e.to_string()))?
             .await
             .map_err(|e| connection_error(server, &e))?;
-        let (mut send, recv) = connection.accept_bi().await.map_err(|e| connection_error(server, &e))?;
+        let (mut send, recv) = connection
+            .accept_bi()
+            .await
+            .map_err(|e| connection_error(server, &e))?;
         let mut frames = FrameReader::new(recv, MAX_FRAME_UNADMITTED);
 
         let server_hello: ServerHello = frames.next().await.map_err(lost)?;
@@ -294,22 +339,49 @@ async fn admit_from(
     };
     let (connection, send, frames, welcome) = tokio::time::timeout(HANDSHAKE_DEADLINE, setup)
         .await
-        .map_err(|_| connect_err(format!("no answer within {HANDSHAKE_DEADLINE:?} (is UDP to it blocked?)")))??;
+        .map_err(|_| {
+            connect_err(format!(
+                "no answer within {HANDSHAKE_DEADLINE:?} (is UDP to it blocked?)"
+            ))
+        })??;
 
     match welcome {
-        ServerMessage::Welcome { node, mesh, observed, peers } => {
+        ServerMessage::Welcome {
+            node,
+            mesh,
+            observed,
+            peers,
+        } => {
             tracing::info!(
                 ipv4 = %node.ipv4, ipv6 = %node.ipv6, %observed, peers = peers.len(),
                 "admitted by the rendezvous"
             );
-            let session = Session { server: server.to_owned(), connection, send, frames };
-            Ok((session, Update::Welcome { node, mesh, observed, peers }))
+            let session = Session {
+                server: server.to_owned(),
+                connection,
+                send,
+                frames,
+            };
+            Ok((
+                session,
+                Update::Welcome {
+                    node,
+                    mesh,
+                    observed,
+                    peers,
+                },
+            ))
         }
-        ServerMessage::Rejected { reason, message } => {
-            Err(ClientError::Rejected { server: server.to_owned(), reason, message })
-        }
+        ServerMessage::Rejected { reason, message } => Err(ClientError::Rejected {
+            server: server.to_owned(),
+            reason,
+            message,
+        }),
         // Not the whole message: a peer map is megabytes.
-        other => Err(protocol(format!("expected a welcome, got {}", bounded(&format!("{other:?}"))))),
+        other => Err(protocol(format!(
+            "expected a welcome, got {}",
+            bounded(&format!("{other:?}"))
+        ))),
     }
 }
 
@@ -318,14 +390,20 @@ impl Session {
     pub async fn request_punch(&mut self, peer: PublicKey) -> Result<(), ClientError> {
         write_frame(&mut self.send, &NodeMessage::Punch { peer })
             .await
-            .map_err(|source| ClientError::Lost { server: self.server.clone(), source })
+            .map_err(|source| ClientError::Lost {
+                server: self.server.clone(),
+                source,
+            })
     }
 
     /// Tells the rendezvous how this node's NAT maps, for its peers.
     pub async fn report_nat(&mut self, mapping: NatMapping) -> Result<(), ClientError> {
         write_frame(&mut self.send, &NodeMessage::Nat { mapping })
             .await
-            .map_err(|source| ClientError::Lost { server: self.server.clone(), source })
+            .map_err(|source| ClientError::Lost {
+                server: self.server.clone(),
+                source,
+            })
     }
 
     /// The QUIC connection, for the relay.
@@ -344,7 +422,10 @@ impl Session {
             Err(source) => {
                 return Err(match self.connection.close_reason() {
                     Some(reason) => connection_error(&self.server, &reason),
-                    None => ClientError::Lost { server: server(), source },
+                    None => ClientError::Lost {
+                        server: server(),
+                        source,
+                    },
                 })
             }
         };
@@ -352,12 +433,15 @@ impl Session {
             ServerMessage::PeerUpsert { peer } => Ok(Some(Update::Upsert(peer))),
             ServerMessage::PeerRemove { public_key } => Ok(Some(Update::Remove(public_key))),
             ServerMessage::Punch { peer } => Ok(Some(Update::Punch(peer))),
-            ServerMessage::Rejected { reason, message } => {
-                Err(ClientError::Rejected { server: server(), reason, message })
-            }
-            ServerMessage::Welcome { .. } => {
-                Err(ClientError::Protocol { server: server(), reason: "a second welcome".into() })
-            }
+            ServerMessage::Rejected { reason, message } => Err(ClientError::Rejected {
+                server: server(),
+                reason,
+                message,
+            }),
+            ServerMessage::Welcome { .. } => Err(ClientError::Protocol {
+                server: server(),
+                reason: "a second welcome".into(),
+            }),
         }
     }
 }
@@ -383,10 +467,14 @@ fn connection_error(server: &str, e: &quinn::ConnectionError) -> ClientError {
         quinn::ConnectionError::TransportError(t) if is_certificate_alert(t.code) => {
             ClientError::CertificateMismatch { server }
         }
-        quinn::ConnectionError::TimedOut => {
-            ClientError::Connect { server, reason: "timed out (is UDP to it blocked?)".into() }
-        }
-        other => ClientError::Connect { server, reason: other.to_string() },
+        quinn::ConnectionError::TimedOut => ClientError::Connect {
+            server,
+            reason: "timed out (is UDP to it blocked?)".into(),
+        },
+        other => ClientError::Connect {
+            server,
+            reason: other.to_string(),
+        },
     }
 }
 
@@ -394,5 +482,7 @@ fn connection_error(server: &str, e: &quinn::ConnectionError) -> ClientError {
 /// certificate_expired, certificate_unknown, unknown_ca, and access_denied,
 /// which rustls sends when an application verifier (our pin) says no.
 fn is_certificate_alert(code: quinn::TransportErrorCode) -> bool {
-    [42u8, 43, 44, 45, 46, 48, 49].iter().any(|alert| code == quinn::TransportErrorCode::crypto(*alert))
+    [42u8, 43, 44, 45, 46, 48, 49]
+        .iter()
+        .any(|alert| code == quinn::TransportErrorCode::crypto(*alert))
 }

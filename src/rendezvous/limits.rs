@@ -17,7 +17,11 @@ pub enum MessageKind {
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 3] = [MessageKind::Candidates, MessageKind::Nat, MessageKind::Punch];
+    pub const ALL: [MessageKind; 3] = [
+        MessageKind::Candidates,
+        MessageKind::Nat,
+        MessageKind::Punch,
+    ];
 
     /// Its `type` on the wire.
     pub fn as_str(self) -> &'static str {
@@ -101,11 +105,16 @@ pub struct Bucket {
 
 impl Bucket {
     pub fn full(rate: Rate, now: Instant) -> Self {
-        Self { tokens: rate.burst, mark: now }
+        Self {
+            tokens: rate.burst,
+            mark: now,
+        }
     }
 
     fn refill(&mut self, rate: Rate, now: Instant) {
-        let Some(elapsed) = now.checked_duration_since(self.mark) else { return };
+        let Some(elapsed) = now.checked_duration_since(self.mark) else {
+            return;
+        };
         let every = rate.every.as_nanos().max(1);
         let earned = elapsed.as_nanos() / every;
         if earned == 0 {

@@ -32,7 +32,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { per_source: 8, validate_above: 32, max: 256 }
+        Self {
+            per_source: 8,
+            validate_above: 32,
+            max: 256,
+        }
     }
 }
 
@@ -95,7 +99,11 @@ pub struct Pending {
 
 impl Pending {
     pub fn new(limits: Limits) -> Self {
-        Self { limits, by_source: HashMap::new(), counts: AdmissionCounts::default() }
+        Self {
+            limits,
+            by_source: HashMap::new(),
+            counts: AdmissionCounts::default(),
+        }
     }
 
     /// Decides about a connection from `source`; `validated` is whether
@@ -152,7 +160,11 @@ mod tests {
     }
 
     fn limits() -> Limits {
-        Limits { per_source: 2, validate_above: 4, max: 6 }
+        Limits {
+            per_source: 2,
+            validate_above: 4,
+            max: 6,
+        }
     }
 
     #[test]
@@ -161,8 +173,14 @@ mod tests {
         let attacker = source("192.0.2.66:1000");
         assert_eq!(pending.offer(attacker, false), Decision::Admit);
         assert_eq!(pending.offer(attacker, false), Decision::Admit);
-        assert_eq!(pending.offer(attacker, false), Decision::Refuse(Refusal::PerSource));
-        assert_eq!(pending.offer(source("192.0.2.1:51820"), false), Decision::Admit);
+        assert_eq!(
+            pending.offer(attacker, false),
+            Decision::Refuse(Refusal::PerSource)
+        );
+        assert_eq!(
+            pending.offer(source("192.0.2.1:51820"), false),
+            Decision::Admit
+        );
         assert_eq!(pending.counts().refused_per_source, 1);
     }
 
@@ -181,7 +199,10 @@ mod tests {
     fn ports_of_one_address_and_addresses_of_one_ipv6_64_are_one_source() {
         assert_eq!(source("192.0.2.1:1"), source("192.0.2.1:2"));
         assert_eq!(source("[::ffff:192.0.2.1]:1"), source("192.0.2.1:2"));
-        assert_eq!(source("[2001:db8:1:2::1]:1"), source("[2001:db8:1:2:ffff::9]:2"));
+        assert_eq!(
+            source("[2001:db8:1:2::1]:1"),
+            source("[2001:db8:1:2:ffff::9]:2")
+        );
         assert_ne!(source("[2001:db8:1:2::1]:1"), source("[2001:db8:1:3::1]:1"));
     }
 
@@ -189,7 +210,10 @@ mod tests {
     fn past_the_threshold_unvalidated_addresses_are_asked_to_validate() {
         let mut pending = Pending::new(limits());
         for i in 1..=4 {
-            assert_eq!(pending.offer(source(&format!("192.0.2.{i}:1")), false), Decision::Admit);
+            assert_eq!(
+                pending.offer(source(&format!("192.0.2.{i}:1")), false),
+                Decision::Admit
+            );
         }
         let newcomer = source("192.0.2.9:1");
         assert_eq!(pending.offer(newcomer, false), Decision::Validate);
@@ -201,15 +225,25 @@ mod tests {
     fn the_table_stays_bounded_for_validated_sources_too() {
         let mut pending = Pending::new(limits());
         for i in 1..=6 {
-            assert_eq!(pending.offer(source(&format!("192.0.2.{i}:1")), true), Decision::Admit);
+            assert_eq!(
+                pending.offer(source(&format!("192.0.2.{i}:1")), true),
+                Decision::Admit
+            );
         }
-        assert_eq!(pending.offer(source("192.0.2.9:1"), true), Decision::Refuse(Refusal::TableFull));
+        assert_eq!(
+            pending.offer(source("192.0.2.9:1"), true),
+            Decision::Refuse(Refusal::TableFull)
+        );
         assert_eq!(pending.counts().refused_table_full, 1);
     }
 
     #[test]
     fn refusals_leave_no_entry_behind_and_stray_dones_change_nothing() {
-        let mut pending = Pending::new(Limits { per_source: 1, validate_above: 9, max: 1 });
+        let mut pending = Pending::new(Limits {
+            per_source: 1,
+            validate_above: 9,
+            max: 1,
+        });
         pending.offer(source("192.0.2.1:1"), true);
         for i in 2..100 {
             pending.offer(source(&format!("192.0.2.{i}:1")), true);

@@ -21,8 +21,13 @@ pub struct Reflector {
 impl Reflector {
     /// Binds the port next to the QUIC `listen` address.
     pub async fn bind(listen: SocketAddr) -> std::io::Result<Self> {
-        let addr = SocketAddr::new(listen.ip(), listen.port().wrapping_add(reflect::PORT_OFFSET));
-        Ok(Self { socket: UdpSocket::bind(addr).await? })
+        let addr = SocketAddr::new(
+            listen.ip(),
+            listen.port().wrapping_add(reflect::PORT_OFFSET),
+        );
+        Ok(Self {
+            socket: UdpSocket::bind(addr).await?,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

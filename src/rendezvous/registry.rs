@@ -66,16 +66,16 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-pub use super::limits::{Limits, MessageKind, Rate};
 use super::limits::Bucket;
+pub use super::limits::{Limits, MessageKind, Rate};
 use crate::identity::PublicKey;
 use crate::ipam;
-use crate::wire::endpoint::{self, Unusable};
-use crate::wire::untrusted::Untrusted;
 use crate::wire::control::{
     Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeEntry, RejectReason, ServerMessage,
     MAX_CANDIDATES, MAX_NAME, PROTOCOL_VERSION,
 };
+use crate::wire::endpoint::{self, Unusable};
+use crate::wire::untrusted::Untrusted;
 
 /// Longest token id accepted.
 pub const MAX_TOKEN_ID: usize = 32;
@@ -413,12 +413,18 @@ pub struct Counters {
 impl Counters {
     /// Messages dropped for being over their rate, by kind.
     pub fn over_rate(&self) -> impl Iterator<Item = (MessageKind, u64)> + '_ {
-        MessageKind::ALL.iter().copied().zip(self.over_rate.iter().copied())
+        MessageKind::ALL
+            .iter()
+            .copied()
+            .zip(self.over_rate.iter().copied())
     }
 
     /// Announced candidates dropped, by reason.
     pub fn candidates_refused(&self) -> impl Iterator<Item = (CandidateRefusal, u64)> + '_ {
-        CandidateRefusal::ALL.iter().copied().zip(self.refused.iter().copied())
+        CandidateRefusal::ALL
+            .iter()
+            .copied()
+            .zip(self.refused.iter().copied())
     }
 
     fn refuse(&mut self, why: CandidateRefusal) {
@@ -452,7 +458,11 @@ struct Refusal {
 
 impl Refusal {
     fn new(reason: RejectReason, message: impl Into<String>, cause: impl Into<String>) -> Self {
-        Self { reason, message: message.into(), cause: cause.into() }
+        Self {
+            reason,
+            message: message.into(),
+            cause: cause.into(),
+        }
     }
 }
 
@@ -588,9 +598,15 @@ impl Registry {
                 self.count_rejection(refusal.reason);
                 self.push(Command::Send {
                     conn,
-                    msg: ServerMessage::Rejected { reason: refusal.reason, message: refusal.message },
+                    msg: ServerMessage::Rejected {
+                        reason: refusal.reason,
+                        message: refusal.message,
+                    },
                 });
-                self.push(Command::Close { conn, reason: CloseReason::Rejected(refusal.reason) });
+                self.push(Command::Close {
+                    conn,
+                    reason: CloseReason::Rejected(refusal.reason),
+                });
                 return;
             }
         };
@@ -615,9 +631,13 @@ impl Registry {
         if let Some(old) = self.online.insert(key, conn) {
             self.sessions.remove(&old);
             tracing::debug!(node = %key.short(), %old, new = %conn, "connection superseded");
-            self.push(Command::Close { conn: old, reason: CloseReason::Superseded });
+            self.push(Command::Close {
+                conn: old,
+                reason: CloseReason::Superseded,
+            });
         }
-        self.sessions.insert(conn, Session::new(key, observed, &self.limits, now.instant));
+        self.sessions
+            .insert(conn, Session::new(key, observed, &self.limits, now.instant));
         if joined {
             self.persist();
         } else {
@@ -707,22 +727,34 @@ impl Registry {
             return;
         }
         let rate = self.limits.punch_pair;
-        let Some(session) = self.sessions.get_mut(&conn) else { return };
+        let Some(session) = self.sessions.get_mut(&conn) else {
+            return;
+        };
         if session.key == *peer {
             return;
         }
-        let Some(&target) = self.online.get(peer) else { return };
+        let Some(&target) = self.online.get(peer) else {
+            return;
+        };
         if session.pairs.len() >= MAX_PUNCH_PAIRS {
-            session.pairs.retain(|_, bucket| !bucket.is_full(rate, now.instant));
+            session
+                .pairs
+                .retain(|_, bucket| !bucket.is_full(rate, now.instant));
         }
-        let bucket = session.pairs.entry(*peer).or_insert_with(|| Bucket::full(rate, now.instant));
+        let bucket = session
+            .pairs
+            .entry(*peer)
+            .or_insert_with(|| Bucket::full(rate, now.instant));
         if !bucket.take(rate, now.instant) {
             tracing::debug!(%conn, peer = %peer.short(), "punch over the pair's rate; dropped");
             self.counters.punch_pair_limited = self.counters.punch_pair_limited.saturating_add(1);
             return;
         }
         let from = session.key;
-        self.push(Command::Send { conn: target, msg: ServerMessage::Punch { peer: from } });
+        self.push(Command::Send {
+            conn: target,
+            msg: ServerMessage::Punch { peer: from },
+        });
     }
 
     /// The shell's connection ended (for any reason, including one this
@@ -750,7 +782,9 @@ impl Registry {
             tracing::trace!(%conn, %kind, "message from a connection that is not admitted");
             return false;
         };
-        let Some(bucket) = session.buckets.get_mut(kind_index(kind)) else { return false };
+        let Some(bucket) = session.buckets.get_mut(kind_index(kind)) else {
+            return false;
+        };
         if bucket.take(rate, now.instant) {
             return true;
         }
@@ -765,7 +799,10 @@ impl Registry {
         );
         self.counters.closed_flooding = self.counters.closed_flooding.saturating_add(1);
         self.handle_disconnect(conn, now);
-        self.push(Command::Close { conn, reason: CloseReason::Flooding });
+        self.push(Command::Close {
+            conn,
+            reason: CloseReason::Flooding,
+        });
         false
     }
 
@@ -798,12 +835,18 @@ impl Registry {
                     message: "this node was removed from the mesh".into(),
                 },
             });
-            self.push(Command::Close { conn, reason: CloseReason::Removed });
+            self.push(Command::Close {
+                conn,
+                reason: CloseReason::Removed,
+            });
         }
         let msg = ServerMessage::PeerRemove { public_key: *key };
         let conns: Vec<ConnId> = self.online.values().copied().collect();
         for conn in conns {
-            self.push(Command::Send { conn, msg: msg.clone() });
+            self.push(Command::Send {
+                conn,
+                msg: msg.clone(),
+            });
         }
         true
     }
@@ -842,25 +885,46 @@ impl Registry {
     /// peers hear of it now, the node itself at its next `Welcome`.
     pub fn rename_node(&mut self, key: &PublicKey, name: &str) -> Result<(), RegistryError> {
         if !is_dns_label(name) {
-            return Err(RegistryError::InvalidName { name: name.to_owned() });
+            return Err(RegistryError::InvalidName {
+                name: name.to_owned(),
+            });
         }
-        if self.state.nodes.iter().any(|(k, r)| k != key && r.name == name) {
-            return Err(RegistryError::NameTaken { name: name.to_owned() });
+        if self
+            .state
+            .nodes
+            .iter()
+            .any(|(k, r)| k != key && r.name == name)
+        {
+            return Err(RegistryError::NameTaken {
+                name: name.to_owned(),
+            });
         }
         let Some(record) = self.state.nodes.get_mut(key) else {
-            return Err(RegistryError::UnknownNode { key: key.to_string() });
+            return Err(RegistryError::UnknownNode {
+                key: key.to_string(),
+            });
         };
         if record.name == name {
             return Ok(());
         }
         tracing::info!(node = %key.short(), old = %record.name, new = %name, "node renamed");
         record.name = name.to_owned();
-        let msg = ServerMessage::PeerUpsert { peer: node_entry(key, record) };
+        let msg = ServerMessage::PeerUpsert {
+            peer: node_entry(key, record),
+        };
         self.persist();
         let own = self.online.get(key).copied();
-        let conns: Vec<ConnId> = self.online.values().copied().filter(|c| Some(*c) != own).collect();
+        let conns: Vec<ConnId> = self
+            .online
+            .values()
+            .copied()
+            .filter(|c| Some(*c) != own)
+            .collect();
         for conn in conns {
-            self.push(Command::Send { conn, msg: msg.clone() });
+            self.push(Command::Send {
+                conn,
+                msg: msg.clone(),
+            });
         }
         Ok(())
     }
@@ -950,7 +1014,10 @@ impl Registry {
 
     /// Hellos refused since this registry was made, for every reason.
     pub fn rejections(&self) -> impl Iterator<Item = (RejectReason, u64)> + '_ {
-        REJECT_REASONS.iter().zip(&self.rejections).map(|(reason, count)| (*reason, *count))
+        REJECT_REASONS
+            .iter()
+            .zip(&self.rejections)
+            .map(|(reason, count)| (*reason, *count))
     }
 
     /// Rate limits and refused candidates, counted since this registry was made.
@@ -993,14 +1060,22 @@ impl Registry {
             ));
         }
         if let Err(problem) = check_name(&hello.name) {
-            return Err(Refusal::new(RejectReason::BadHello, problem.clone(), problem));
+            return Err(Refusal::new(
+                RejectReason::BadHello,
+                problem.clone(),
+                problem,
+            ));
         }
         if hello.candidates.len() > MAX_CANDIDATES {
             let problem = format!(
                 "{} candidates announced; at most {MAX_CANDIDATES} are accepted",
                 hello.candidates.len()
             );
-            return Err(Refusal::new(RejectReason::BadHello, problem.clone(), problem));
+            return Err(Refusal::new(
+                RejectReason::BadHello,
+                problem.clone(),
+                problem,
+            ));
         }
         let key = hello.public_key;
         if self.state.removed.contains(&key) {
@@ -1021,7 +1096,9 @@ impl Registry {
         if let Some(token) = self.state.tokens.get_mut(&token_id) {
             token.uses = token.uses.saturating_add(1);
         }
-        let name = unique(&dns_label(&hello.name), |n| self.state.nodes.values().any(|r| r.name == n));
+        let name = unique(&dns_label(&hello.name), |n| {
+            self.state.nodes.values().any(|r| r.name == n)
+        });
         if name != hello.name {
             tracing::info!(node = %key.short(), asked = %Untrusted(&hello.name), %name, "node name adjusted");
         }
@@ -1045,7 +1122,11 @@ impl Registry {
     fn check_token(&self, presented: Option<&str>, now_unix: u64) -> Result<String, Refusal> {
         let refused = |cause: String| Refusal::new(RejectReason::BadToken, TOKEN_REFUSED, cause);
         let Some(presented) = presented else {
-            return Err(Refusal::new(RejectReason::BadToken, TOKEN_MISSING, "no token"));
+            return Err(Refusal::new(
+                RejectReason::BadToken,
+                TOKEN_MISSING,
+                "no token",
+            ));
         };
         let Some((id, secret)) = presented.trim().split_once('.') else {
             return Err(refused("malformed token".into()));
@@ -1058,7 +1139,10 @@ impl Registry {
         let presented_hash = sha256_hex(&secret);
         // subtle compares equal-length slices in constant time; the length
         // (64 hex digits) is no secret.
-        let matches: bool = presented_hash.as_bytes().ct_eq(record.secret_sha256.as_bytes()).into();
+        let matches: bool = presented_hash
+            .as_bytes()
+            .ct_eq(record.secret_sha256.as_bytes())
+            .into();
         if !matches {
             return Err(refused(format!("wrong secret for token {id:?}")));
         }
@@ -1079,7 +1163,12 @@ impl Registry {
     /// quarantine holds back, and likewise for IPv6 (where a collision is a
     /// 2^-80 event, checked all the same).
     fn allocate(&self, key: &PublicKey) -> Result<(Ipv4Addr, Ipv6Addr), Refusal> {
-        let others = self.state.nodes.iter().filter(|(k, _)| *k != key).map(|(_, r)| (r.ipv4, r.ipv6));
+        let others = self
+            .state
+            .nodes
+            .iter()
+            .filter(|(k, _)| *k != key)
+            .map(|(_, r)| (r.ipv4, r.ipv6));
         let held = self.state.quarantine.iter().map(|q| (q.ipv4, q.ipv6));
         let (mut taken4, mut taken6) = (HashSet::new(), HashSet::new());
         for (v4, v6) in others.chain(held) {
@@ -1107,9 +1196,17 @@ impl Registry {
     }
 
     fn broadcast_except(&mut self, except: ConnId, msg: &ServerMessage) {
-        let conns: Vec<ConnId> = self.online.values().copied().filter(|c| *c != except).collect();
+        let conns: Vec<ConnId> = self
+            .online
+            .values()
+            .copied()
+            .filter(|c| *c != except)
+            .collect();
         for conn in conns {
-            self.push(Command::Send { conn, msg: msg.clone() });
+            self.push(Command::Send {
+                conn,
+                msg: msg.clone(),
+            });
         }
     }
 
@@ -1132,7 +1229,11 @@ impl Registry {
     /// "Observed" is the rendezvous's to say, so the node's own claims of
     /// that kind are dropped, as are addresses no peer can use; each
     /// dropped one is counted.
-    fn merge_candidates(&mut self, announced: &[Candidate], observed: SocketAddr) -> Vec<Candidate> {
+    fn merge_candidates(
+        &mut self,
+        announced: &[Candidate],
+        observed: SocketAddr,
+    ) -> Vec<Candidate> {
         let mut all = Vec::with_capacity(announced.len() + 1);
         for c in announced {
             let addr = canonical(c.addr);
@@ -1149,7 +1250,10 @@ impl Registry {
                 None => all.push(Candidate { addr, kind: c.kind }),
             }
         }
-        all.push(Candidate { addr: observed, kind: CandidateKind::Observed });
+        all.push(Candidate {
+            addr: observed,
+            kind: CandidateKind::Observed,
+        });
         all.sort_by_key(|c| c.kind);
         let mut seen = HashSet::new();
         all.retain(|c| seen.insert(c.addr));
@@ -1190,7 +1294,9 @@ fn refuse_candidate(addr: SocketAddr, mesh: &MeshInfo) -> Option<CandidateRefusa
     }
     let in_mesh = match addr.ip() {
         IpAddr::V4(v4) => mesh.ipv4.contains(&v4),
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(mesh.ipv6.contains(&v6), |v4| mesh.ipv4.contains(&v4)),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(mesh.ipv6.contains(&v6), |v4| mesh.ipv4.contains(&v4)),
     };
     in_mesh.then_some(CandidateRefusal::MeshPrefix)
 }
@@ -1204,7 +1310,11 @@ pub fn dns_label(name: &str) -> String {
     let mut label = String::with_capacity(first.len().min(MAX_LABEL));
     for c in first.chars() {
         let c = c.to_ascii_lowercase();
-        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' };
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '-'
+        };
         if c == '-' && (label.is_empty() || label.ends_with('-')) {
             continue;
         }
@@ -1238,7 +1348,10 @@ fn unique(base: &str, taken: impl Fn(&str) -> bool) -> String {
             let suffix = format!("-{n}");
             let keep = base.len().min(MAX_LABEL - suffix.len());
             // A label is ASCII, so any byte index is a character boundary.
-            format!("{}{suffix}", base.get(..keep).unwrap_or(base).trim_end_matches('-'))
+            format!(
+                "{}{suffix}",
+                base.get(..keep).unwrap_or(base).trim_end_matches('-')
+            )
         })
         .find(|candidate| !taken(candidate))
         .unwrap_or_else(|| base.to_owned())
@@ -1263,7 +1376,9 @@ fn check_name(name: &str) -> Result<(), String> {
 fn valid_token_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_TOKEN_ID
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -1289,7 +1404,10 @@ mod tests {
     fn at(unix: u64) -> Now {
         static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
         let start = *START.get_or_init(Instant::now);
-        Now { unix, instant: start + std::time::Duration::from_secs(unix.saturating_sub(NOW)) }
+        Now {
+            unix,
+            instant: start + std::time::Duration::from_secs(unix.saturating_sub(NOW)),
+        }
     }
 
     fn key(n: u8) -> PublicKey {
@@ -1334,14 +1452,21 @@ mod tests {
     /// A registry with an unlimited token, returning the token.
     fn with_token() -> (Registry, String) {
         let mut reg = registry();
-        let token = reg.create_token([7; 32], "abc123".into(), DAY, None, NOW).unwrap();
+        let token = reg
+            .create_token([7; 32], "abc123".into(), DAY, None, NOW)
+            .unwrap();
         drain(&mut reg);
         (reg, token)
     }
 
     /// Admits node `n` on `ConnId(n)` and drains the commands.
     fn join(reg: &mut Registry, n: u8, token: &str) -> Vec<Command> {
-        reg.handle_hello(ConnId(n.into()), &hello(n, Some(token)), observed(n), at(NOW));
+        reg.handle_hello(
+            ConnId(n.into()),
+            &hello(n, Some(token)),
+            observed(n),
+            at(NOW),
+        );
         let cmds = drain(reg);
         let conn = ConnId(n.into());
         assert!(
@@ -1355,9 +1480,10 @@ mod tests {
     fn welcome(cmds: &[Command]) -> (NodeEntry, Vec<NodeEntry>) {
         cmds.iter()
             .find_map(|c| match c {
-                Command::Send { msg: ServerMessage::Welcome { node, peers, .. }, .. } => {
-                    Some((node.clone(), peers.clone()))
-                }
+                Command::Send {
+                    msg: ServerMessage::Welcome { node, peers, .. },
+                    ..
+                } => Some((node.clone(), peers.clone())),
                 _ => None,
             })
             .expect("a welcome")
@@ -1367,9 +1493,18 @@ mod tests {
         let [send, close] = cmds else {
             panic!("expected only Rejected({reason:?}) + Close, got {cmds:?}");
         };
-        assert_eq!(close, &Command::Close { conn, reason: CloseReason::Rejected(reason) });
+        assert_eq!(
+            close,
+            &Command::Close {
+                conn,
+                reason: CloseReason::Rejected(reason)
+            }
+        );
         match send {
-            Command::Send { conn: to, msg: ServerMessage::Rejected { reason: r, message } } => {
+            Command::Send {
+                conn: to,
+                msg: ServerMessage::Rejected { reason: r, message },
+            } => {
                 assert_eq!((*to, *r), (conn, reason));
                 message.clone()
             }
@@ -1384,12 +1519,20 @@ mod tests {
         let cmds = drain(&mut reg);
         assert_eq!(cmds.len(), 2, "{cmds:?}");
         assert_eq!(cmds[0], Command::Persist);
-        let expected_v4 = ipam::ipv4_candidates(&key(1), reg.state().mesh.ipv4).next().unwrap();
+        let expected_v4 = ipam::ipv4_candidates(&key(1), reg.state().mesh.ipv4)
+            .next()
+            .unwrap();
         let expected_v6 = ipam::ipv6_for(&key(1), reg.state().mesh.ipv6);
         match &cmds[1] {
             Command::Send {
                 conn,
-                msg: ServerMessage::Welcome { node, mesh, observed: obs, peers },
+                msg:
+                    ServerMessage::Welcome {
+                        node,
+                        mesh,
+                        observed: obs,
+                        peers,
+                    },
             } => {
                 assert_eq!(*conn, ConnId(1));
                 assert_eq!(node.public_key, key(1));
@@ -1418,9 +1561,10 @@ mod tests {
         let keys: Vec<_> = peers.iter().map(|p| p.public_key).collect();
         assert_eq!(keys, vec![key(1), key(2)]);
         let offline = &peers[1];
-        assert!(offline
-            .candidates
-            .contains(&Candidate { addr: observed(2), kind: CandidateKind::Observed }));
+        assert!(offline.candidates.contains(&Candidate {
+            addr: observed(2),
+            kind: CandidateKind::Observed
+        }));
         assert!(offline.candidates.contains(&Candidate {
             addr: SocketAddr::from(([10, 0, 0, 2], 51820)),
             kind: CandidateKind::Local
@@ -1437,9 +1581,10 @@ mod tests {
         let upserts: Vec<_> = cmds
             .iter()
             .filter_map(|c| match c {
-                Command::Send { conn, msg: ServerMessage::PeerUpsert { peer } } => {
-                    Some((*conn, peer.clone()))
-                }
+                Command::Send {
+                    conn,
+                    msg: ServerMessage::PeerUpsert { peer },
+                } => Some((*conn, peer.clone())),
                 _ => None,
             })
             .collect();
@@ -1449,11 +1594,19 @@ mod tests {
     #[test]
     fn rejections_queue_only_rejected_and_close_and_change_nothing() {
         let mut reg = registry();
-        let unlimited = reg.create_token([1; 32], "open".into(), DAY, None, NOW).unwrap();
-        let expired = reg.create_token([2; 32], "old".into(), 10, None, NOW - 100).unwrap();
-        let revoked = reg.create_token([3; 32], "gone".into(), DAY, None, NOW).unwrap();
+        let unlimited = reg
+            .create_token([1; 32], "open".into(), DAY, None, NOW)
+            .unwrap();
+        let expired = reg
+            .create_token([2; 32], "old".into(), 10, None, NOW - 100)
+            .unwrap();
+        let revoked = reg
+            .create_token([3; 32], "gone".into(), DAY, None, NOW)
+            .unwrap();
         reg.revoke_token("gone");
-        let used = reg.create_token([4; 32], "once".into(), DAY, Some(1), NOW).unwrap();
+        let used = reg
+            .create_token([4; 32], "once".into(), DAY, Some(1), NOW)
+            .unwrap();
         drain(&mut reg);
         join(&mut reg, 1, &used);
         join(&mut reg, 2, &unlimited);
@@ -1462,10 +1615,22 @@ mod tests {
         let wrong_secret = format!("open.{}", URL_SAFE_NO_PAD.encode([9u8; 32]));
 
         let mut cases: Vec<(&str, Hello, RejectReason)> = vec![
-            ("wrong secret", hello(10, Some(&wrong_secret)), RejectReason::BadToken),
-            ("unknown id", hello(10, Some("nosuch.AAAA")), RejectReason::BadToken),
+            (
+                "wrong secret",
+                hello(10, Some(&wrong_secret)),
+                RejectReason::BadToken,
+            ),
+            (
+                "unknown id",
+                hello(10, Some("nosuch.AAAA")),
+                RejectReason::BadToken,
+            ),
             ("no dot", hello(10, Some("garbage")), RejectReason::BadToken),
-            ("bad base64", hello(10, Some("open.!!!")), RejectReason::BadToken),
+            (
+                "bad base64",
+                hello(10, Some("open.!!!")),
+                RejectReason::BadToken,
+            ),
             ("no token", hello(10, None), RejectReason::BadToken),
             ("expired", hello(10, Some(&expired)), RejectReason::BadToken),
             ("revoked", hello(10, Some(&revoked)), RejectReason::BadToken),
@@ -1475,8 +1640,12 @@ mod tests {
         let mut v = hello(10, Some(&unlimited));
         v.version = PROTOCOL_VERSION + 1;
         cases.push(("version", v, RejectReason::Version));
-        for name in [String::new(), "x".repeat(MAX_NAME + 1), "evil\nname".into(), "a\u{7f}".into()]
-        {
+        for name in [
+            String::new(),
+            "x".repeat(MAX_NAME + 1),
+            "evil\nname".into(),
+            "a\u{7f}".into(),
+        ] {
             let mut h = hello(10, Some(&unlimited));
             h.name = name;
             cases.push(("bad name", h, RejectReason::BadHello));
@@ -1509,7 +1678,12 @@ mod tests {
         let (mut reg, token) = with_token();
         join(&mut reg, 1, &token);
         reg.handle_hello(ConnId(2), &hello(2, None), observed(2), at(NOW));
-        reg.handle_hello(ConnId(3), &hello(3, Some("nosuch.AAAA")), observed(3), at(NOW));
+        reg.handle_hello(
+            ConnId(3),
+            &hello(3, Some("nosuch.AAAA")),
+            observed(3),
+            at(NOW),
+        );
         let mut newer = hello(4, Some(&token));
         newer.version = PROTOCOL_VERSION + 1;
         reg.handle_hello(ConnId(4), &newer, observed(4), at(NOW));
@@ -1545,12 +1719,24 @@ mod tests {
     #[test]
     fn a_token_is_expired_from_its_expiry_second_on() {
         let mut reg = registry();
-        let token = reg.create_token([5; 32], "short".into(), 60, None, NOW).unwrap();
+        let token = reg
+            .create_token([5; 32], "short".into(), 60, None, NOW)
+            .unwrap();
         drain(&mut reg);
-        reg.handle_hello(ConnId(1), &hello(1, Some(&token)), observed(1), at(NOW + 60));
+        reg.handle_hello(
+            ConnId(1),
+            &hello(1, Some(&token)),
+            observed(1),
+            at(NOW + 60),
+        );
         let message = assert_rejected_only(&drain(&mut reg), ConnId(1), RejectReason::BadToken);
         assert_eq!(message, TOKEN_EXPIRED);
-        reg.handle_hello(ConnId(2), &hello(1, Some(&token)), observed(1), at(NOW + 59));
+        reg.handle_hello(
+            ConnId(2),
+            &hello(1, Some(&token)),
+            observed(1),
+            at(NOW + 59),
+        );
         assert_eq!(welcome(&drain(&mut reg)).0.public_key, key(1));
     }
 
@@ -1568,19 +1754,42 @@ mod tests {
     #[test]
     fn a_single_use_token_admits_exactly_one_of_twenty_concurrent_joins() {
         let mut reg = registry();
-        let token = reg.create_token([8; 32], "once".into(), DAY, Some(1), NOW).unwrap();
+        let token = reg
+            .create_token([8; 32], "once".into(), DAY, Some(1), NOW)
+            .unwrap();
         drain(&mut reg);
         for n in 1..=20u8 {
-            reg.handle_hello(ConnId(n.into()), &hello(n, Some(&token)), observed(n), at(NOW));
+            reg.handle_hello(
+                ConnId(n.into()),
+                &hello(n, Some(&token)),
+                observed(n),
+                at(NOW),
+            );
         }
         let cmds = drain(&mut reg);
         let welcomes = cmds
             .iter()
-            .filter(|c| matches!(c, Command::Send { msg: ServerMessage::Welcome { .. }, .. }))
+            .filter(|c| {
+                matches!(
+                    c,
+                    Command::Send {
+                        msg: ServerMessage::Welcome { .. },
+                        ..
+                    }
+                )
+            })
             .count();
         let rejects = cmds
             .iter()
-            .filter(|c| matches!(c, Command::Send { msg: ServerMessage::Rejected { .. }, .. }))
+            .filter(|c| {
+                matches!(
+                    c,
+                    Command::Send {
+                        msg: ServerMessage::Rejected { .. },
+                        ..
+                    }
+                )
+            })
             .count();
         assert_eq!((welcomes, rejects), (1, 19));
         assert_eq!(reg.state().nodes.len(), 1);
@@ -1590,7 +1799,9 @@ mod tests {
     #[test]
     fn a_multi_use_token_counts_its_uses() {
         let mut reg = registry();
-        let token = reg.create_token([8; 32], "three".into(), DAY, Some(3), NOW).unwrap();
+        let token = reg
+            .create_token([8; 32], "three".into(), DAY, Some(3), NOW)
+            .unwrap();
         drain(&mut reg);
         for n in 1..=3 {
             join(&mut reg, n, &token);
@@ -1613,7 +1824,10 @@ mod tests {
         reg.handle_hello(ConnId(7), &again, observed(1), at(NOW + 2));
         let (second, _) = welcome(&drain(&mut reg));
         assert_eq!((second.ipv4, second.ipv6), (first.ipv4, first.ipv6));
-        assert_eq!(second.name, "node-1", "the name is bound to the key at first admission");
+        assert_eq!(
+            second.name, "node-1",
+            "the name is bound to the key at first admission"
+        );
         assert_eq!(reg.state().nodes[&key(1)].name, "node-1");
         assert_eq!(reg.state().tokens["abc123"].uses, 1);
         assert_eq!(reg.state().nodes[&key(1)].joined_at, NOW);
@@ -1622,7 +1836,9 @@ mod tests {
     #[test]
     fn a_token_sent_by_a_known_node_is_not_spent() {
         let mut reg = registry();
-        let token = reg.create_token([8; 32], "two".into(), DAY, Some(2), NOW).unwrap();
+        let token = reg
+            .create_token([8; 32], "two".into(), DAY, Some(2), NOW)
+            .unwrap();
         drain(&mut reg);
         join(&mut reg, 1, &token);
         reg.handle_hello(ConnId(9), &hello(1, Some(&token)), observed(1), at(NOW));
@@ -1670,7 +1886,9 @@ mod tests {
     fn collisions_take_the_next_free_address_and_a_full_mesh_refuses_without_spending_the_token() {
         // A /29 has six usable addresses; nine keys must collide.
         let mut reg = Registry::new(RegistryState::new(mesh("10.9.8.0/29")));
-        let token = reg.create_token([8; 32], "many".into(), DAY, Some(7), NOW).unwrap();
+        let token = reg
+            .create_token([8; 32], "many".into(), DAY, Some(7), NOW)
+            .unwrap();
         drain(&mut reg);
         let mut taken = BTreeSet::new();
         for n in 1..=6u8 {
@@ -1713,7 +1931,10 @@ mod tests {
         );
         let (e, _) = welcome(&join(&mut reg, 1, &token));
         assert_ne!(e.ipv6, wanted);
-        assert_eq!(Some(e.ipv6), ipam::ipv6_candidates(&key(1), reg.state().mesh.ipv6).nth(1));
+        assert_eq!(
+            Some(e.ipv6),
+            ipam::ipv6_candidates(&key(1), reg.state().mesh.ipv6).nth(1)
+        );
     }
 
     #[test]
@@ -1735,7 +1956,10 @@ mod tests {
                         message: "this node was removed from the mesh".into(),
                     },
                 },
-                Command::Close { conn: ConnId(2), reason: CloseReason::Removed },
+                Command::Close {
+                    conn: ConnId(2),
+                    reason: CloseReason::Removed
+                },
                 Command::Send {
                     conn: ConnId(1),
                     msg: ServerMessage::PeerRemove { public_key: key(2) }
@@ -1756,7 +1980,10 @@ mod tests {
         // And it is not in later welcomes.
         reg.handle_hello(ConnId(9), &hello(1, None), observed(1), at(NOW));
         let (_, peers) = welcome(&drain(&mut reg));
-        assert_eq!(peers.iter().map(|p| p.public_key).collect::<Vec<_>>(), vec![key(3)]);
+        assert_eq!(
+            peers.iter().map(|p| p.public_key).collect::<Vec<_>>(),
+            vec![key(3)]
+        );
     }
 
     #[test]
@@ -1778,9 +2005,17 @@ mod tests {
         };
         reg.handle_candidates(ConnId(1), vec![new], at(NOW + 10));
         let cmds = drain(&mut reg);
-        let expected = vec![new, Candidate { addr: observed(1), kind: CandidateKind::Observed }];
-        let upsert =
-            |peer| Command::Send { conn: ConnId(2), msg: ServerMessage::PeerUpsert { peer } };
+        let expected = vec![
+            new,
+            Candidate {
+                addr: observed(1),
+                kind: CandidateKind::Observed,
+            },
+        ];
+        let upsert = |peer| Command::Send {
+            conn: ConnId(2),
+            msg: ServerMessage::PeerUpsert { peer },
+        };
         let mut entry = node_entry(&key(1), &reg.state().nodes[&key(1)]);
         entry.candidates.clone_from(&expected);
         assert_eq!(cmds, vec![Command::PersistSoon, upsert(entry)]);
@@ -1800,21 +2035,37 @@ mod tests {
         drain(&mut reg);
         reg.handle_nat(ConnId(1), NatMapping::EndpointDependent, at(NOW + 1));
         let cmds = drain(&mut reg);
-        assert!(cmds.iter().any(|c| matches!(c, Command::PersistSoon)), "{cmds:?}");
+        assert!(
+            cmds.iter().any(|c| matches!(c, Command::PersistSoon)),
+            "{cmds:?}"
+        );
         let upserts: Vec<_> = cmds
             .iter()
             .filter_map(|c| match c {
-                Command::Send { conn, msg: ServerMessage::PeerUpsert { peer } } => Some((*conn, peer.nat)),
+                Command::Send {
+                    conn,
+                    msg: ServerMessage::PeerUpsert { peer },
+                } => Some((*conn, peer.nat)),
                 _ => None,
             })
             .collect();
         assert_eq!(upserts, vec![(ConnId(2), NatMapping::EndpointDependent)]);
         reg.handle_nat(ConnId(1), NatMapping::EndpointDependent, at(NOW + 2));
-        assert!(drain(&mut reg).is_empty(), "the same report again changes nothing");
+        assert!(
+            drain(&mut reg).is_empty(),
+            "the same report again changes nothing"
+        );
         reg.handle_nat(ConnId(42), NatMapping::None, at(NOW + 3));
-        assert!(drain(&mut reg).is_empty(), "a connection that is not admitted is ignored");
+        assert!(
+            drain(&mut reg).is_empty(),
+            "a connection that is not admitted is ignored"
+        );
         let (_, peers) = welcome(&join(&mut reg, 3, &token));
-        assert_eq!(peers[0].nat, NatMapping::EndpointDependent, "a later joiner learns it too");
+        assert_eq!(
+            peers[0].nat,
+            NatMapping::EndpointDependent,
+            "a later joiner learns it too"
+        );
     }
 
     #[test]
@@ -1822,10 +2073,17 @@ mod tests {
         let (mut reg, token) = with_token();
         join(&mut reg, 1, &token);
         let before = reg.state().clone();
-        let c =
-            Candidate { addr: SocketAddr::from(([192, 0, 2, 1], 1)), kind: CandidateKind::Local };
+        let c = Candidate {
+            addr: SocketAddr::from(([192, 0, 2, 1], 1)),
+            kind: CandidateKind::Local,
+        };
         reg.handle_candidates(ConnId(42), vec![c], at(NOW));
-        reg.handle_hello(ConnId(43), &hello(9, Some("bad.token")), observed(9), at(NOW));
+        reg.handle_hello(
+            ConnId(43),
+            &hello(9, Some("bad.token")),
+            observed(9),
+            at(NOW),
+        );
         drain(&mut reg);
         reg.handle_candidates(ConnId(43), vec![c], at(NOW));
         assert!(drain(&mut reg).is_empty());
@@ -1863,7 +2121,10 @@ mod tests {
             },
             local([203, 0, 113, 5], 40000), // same as observed: kept once, as observed
             // Not the node's to say:
-            Candidate { addr: SocketAddr::from(([1, 2, 3, 4], 5)), kind: CandidateKind::Observed },
+            Candidate {
+                addr: SocketAddr::from(([1, 2, 3, 4], 5)),
+                kind: CandidateKind::Observed,
+            },
             local([10, 0, 0, 1], 51820),
             local([0, 0, 0, 0], 51820),
             local([10, 0, 0, 2], 0),
@@ -1877,7 +2138,10 @@ mod tests {
                     addr: SocketAddr::from(([203, 0, 113, 9], 51820)),
                     kind: CandidateKind::Advertised
                 },
-                Candidate { addr: obs, kind: CandidateKind::Observed },
+                Candidate {
+                    addr: obs,
+                    kind: CandidateKind::Observed
+                },
                 local([10, 0, 0, 1], 51820),
                 local([172, 16, 0, 1], 51820),
             ]
@@ -1891,7 +2155,10 @@ mod tests {
         reg.handle_hello(ConnId(1), &hello(1, Some(&token)), mapped, at(NOW));
         let cmds = drain(&mut reg);
         let obs = cmds.iter().find_map(|c| match c {
-            Command::Send { msg: ServerMessage::Welcome { observed, .. }, .. } => Some(*observed),
+            Command::Send {
+                msg: ServerMessage::Welcome { observed, .. },
+                ..
+            } => Some(*observed),
             _ => None,
         });
         assert_eq!(obs, Some(SocketAddr::from(([198, 51, 100, 7], 4000))));
@@ -1904,16 +2171,34 @@ mod tests {
         join(&mut reg, 2, &token);
         reg.handle_hello(ConnId(11), &hello(1, None), observed(1), at(NOW + 1));
         let cmds = drain(&mut reg);
-        assert_eq!(cmds[0], Command::Close { conn: ConnId(1), reason: CloseReason::Superseded });
+        assert_eq!(
+            cmds[0],
+            Command::Close {
+                conn: ConnId(1),
+                reason: CloseReason::Superseded
+            }
+        );
         assert!(cmds.iter().any(|c| matches!(
             c,
-            Command::Send { conn: ConnId(11), msg: ServerMessage::Welcome { .. } }
+            Command::Send {
+                conn: ConnId(11),
+                msg: ServerMessage::Welcome { .. }
+            }
         )));
         assert!(cmds.iter().any(|c| matches!(
             c,
-            Command::Send { conn: ConnId(2), msg: ServerMessage::PeerUpsert { .. } }
+            Command::Send {
+                conn: ConnId(2),
+                msg: ServerMessage::PeerUpsert { .. }
+            }
         )));
-        assert!(!cmds.iter().any(|c| matches!(c, Command::Send { conn: ConnId(1), .. })));
+        assert!(!cmds.iter().any(|c| matches!(
+            c,
+            Command::Send {
+                conn: ConnId(1),
+                ..
+            }
+        )));
 
         // The old connection's end does not take the node offline.
         reg.handle_disconnect(ConnId(1), at(NOW + 2));
@@ -1930,10 +2215,18 @@ mod tests {
         join(&mut reg, 1, &token);
         join(&mut reg, 2, &token);
         reg.handle_disconnect(ConnId(1), at(NOW + 30));
-        assert_eq!(drain(&mut reg), vec![Command::PersistSoon], "presence may be saved late");
+        assert_eq!(
+            drain(&mut reg),
+            vec![Command::PersistSoon],
+            "presence may be saved late"
+        );
         assert!(!reg.is_online(&key(1)));
         assert_eq!(reg.state().nodes[&key(1)].last_seen, NOW + 30);
-        let listed: Vec<_> = reg.nodes().into_iter().map(|n| (n.public_key, n.online)).collect();
+        let listed: Vec<_> = reg
+            .nodes()
+            .into_iter()
+            .map(|n| (n.public_key, n.online))
+            .collect();
         assert_eq!(listed, vec![(key(1), false), (key(2), true)]);
         // A rejected connection's end is nothing.
         reg.handle_disconnect(ConnId(77), at(NOW + 31));
@@ -1952,7 +2245,9 @@ mod tests {
     #[test]
     fn only_the_hash_of_a_token_secret_is_stored() {
         let mut reg = registry();
-        let token = reg.create_token([0xab; 32], "k8s-join".into(), DAY, Some(2), NOW).unwrap();
+        let token = reg
+            .create_token([0xab; 32], "k8s-join".into(), DAY, Some(2), NOW)
+            .unwrap();
         assert_eq!(drain(&mut reg), vec![Command::Persist]);
         let (id, secret) = token.split_once('.').unwrap();
         assert_eq!(id, "k8s-join");
@@ -1974,7 +2269,8 @@ mod tests {
                 Err(RegistryError::InvalidTokenId { id: bad.into() })
             );
         }
-        reg.create_token([1; 32], "dup".into(), DAY, None, NOW).unwrap();
+        reg.create_token([1; 32], "dup".into(), DAY, None, NOW)
+            .unwrap();
         assert_eq!(
             reg.create_token([2; 32], "dup".into(), DAY, None, NOW),
             Err(RegistryError::DuplicateTokenId { id: "dup".into() })
@@ -1994,7 +2290,10 @@ mod tests {
         assert!(reg.revoke_token("abc123"));
         assert!(drain(&mut reg).is_empty());
         assert!(!reg.revoke_token("nosuch"));
-        assert_eq!(reg.tokens().next().map(|t| t.status(NOW)), Some(TokenStatus::Revoked));
+        assert_eq!(
+            reg.tokens().next().map(|t| t.status(NOW)),
+            Some(TokenStatus::Revoked)
+        );
     }
 
     #[test]
@@ -2046,13 +2345,18 @@ mod tests {
 
     fn with_limits(limits: Limits) -> (Registry, String) {
         let mut reg = Registry::with_limits(RegistryState::new(mesh("100.72.0.0/16")), limits);
-        let token = reg.create_token([7; 32], "abc123".into(), DAY, None, NOW).unwrap();
+        let token = reg
+            .create_token([7; 32], "abc123".into(), DAY, None, NOW)
+            .unwrap();
         drain(&mut reg);
         (reg, token)
     }
 
     fn local(port: u16) -> Candidate {
-        Candidate { addr: SocketAddr::from(([192, 0, 2, 1], port)), kind: CandidateKind::Local }
+        Candidate {
+            addr: SocketAddr::from(([192, 0, 2, 1], port)),
+            kind: CandidateKind::Local,
+        }
     }
 
     #[test]
@@ -2069,7 +2373,10 @@ mod tests {
             for cmd in drain(&mut reg) {
                 match cmd {
                     Command::Persist | Command::PersistSoon => saves += 1,
-                    Command::Send { conn: ConnId(2), msg: ServerMessage::PeerUpsert { .. } } => upserts += 1,
+                    Command::Send {
+                        conn: ConnId(2),
+                        msg: ServerMessage::PeerUpsert { .. },
+                    } => upserts += 1,
                     Command::Close { conn, reason } => closes.push((conn, reason)),
                     other => panic!("unexpected {other:?}"),
                 }
@@ -2080,15 +2387,30 @@ mod tests {
         }
         let burst = limits.candidates.burst as usize;
         // One save per message within the rate, and one for going offline.
-        assert_eq!((saves, upserts), (burst + 1, burst), "only the messages within the rate are saved and sent");
+        assert_eq!(
+            (saves, upserts),
+            (burst + 1, burst),
+            "only the messages within the rate are saved and sent"
+        );
         assert_eq!(closes, vec![(ConnId(1), CloseReason::Flooding)]);
-        assert_eq!(handled, burst + limits.tolerance.burst as usize + 1, "closed once past the tolerance");
+        assert_eq!(
+            handled,
+            burst + limits.tolerance.burst as usize + 1,
+            "closed once past the tolerance"
+        );
         assert!(!reg.is_online(&key(1)), "its connection is gone");
         reg.handle_candidates(ConnId(1), vec![local(7)], at(NOW));
         assert!(drain(&mut reg).is_empty(), "and speaks for no one any more");
         let over: Vec<_> = reg.counters().over_rate().collect();
         let dropped = (limits.tolerance.burst + 1).into();
-        assert_eq!(over, vec![(MessageKind::Candidates, dropped), (MessageKind::Nat, 0), (MessageKind::Punch, 0)]);
+        assert_eq!(
+            over,
+            vec![
+                (MessageKind::Candidates, dropped),
+                (MessageKind::Nat, 0),
+                (MessageKind::Punch, 0)
+            ]
+        );
         assert_eq!(reg.counters().closed_flooding, 1);
     }
 
@@ -2098,18 +2420,36 @@ mod tests {
         join(&mut reg, 1, &token);
         join(&mut reg, 2, &token);
         let rate = Limits::default().nat;
-        let mappings = [NatMapping::EndpointDependent, NatMapping::EndpointIndependent];
+        let mappings = [
+            NatMapping::EndpointDependent,
+            NatMapping::EndpointIndependent,
+        ];
         for i in 0..rate.burst {
             reg.handle_nat(ConnId(1), mappings[i as usize % 2], at(NOW));
         }
-        assert_eq!(drain(&mut reg).iter().filter(|c| matches!(c, Command::Send { .. })).count(), rate.burst as usize);
+        assert_eq!(
+            drain(&mut reg)
+                .iter()
+                .filter(|c| matches!(c, Command::Send { .. }))
+                .count(),
+            rate.burst as usize
+        );
         reg.handle_nat(ConnId(1), NatMapping::None, at(NOW));
         assert!(drain(&mut reg).is_empty(), "over the rate: dropped");
-        assert_eq!(reg.state().nodes[&key(1)].nat, mappings[(rate.burst as usize - 1) % 2]);
+        assert_eq!(
+            reg.state().nodes[&key(1)].nat,
+            mappings[(rate.burst as usize - 1) % 2]
+        );
         reg.handle_nat(ConnId(1), NatMapping::None, at(NOW + rate.every.as_secs()));
-        assert!(!drain(&mut reg).is_empty(), "one more once the interval passed");
+        assert!(
+            !drain(&mut reg).is_empty(),
+            "one more once the interval passed"
+        );
         assert_eq!(reg.state().nodes[&key(1)].nat, NatMapping::None);
-        assert!(reg.is_online(&key(1)), "a few over the rate do not close the connection");
+        assert!(
+            reg.is_online(&key(1)),
+            "a few over the rate do not close the connection"
+        );
     }
 
     #[test]
@@ -2119,18 +2459,32 @@ mod tests {
         for n in 1..=3 {
             join(&mut reg, n, &token);
         }
-        let punch =
-            |to: u64, from: u8| Command::Send { conn: ConnId(to), msg: ServerMessage::Punch { peer: key(from) } };
+        let punch = |to: u64, from: u8| Command::Send {
+            conn: ConnId(to),
+            msg: ServerMessage::Punch { peer: key(from) },
+        };
         for _ in 0..5 {
             reg.handle_punch(ConnId(1), &key(2), at(NOW));
         }
         let pair = limits.punch_pair.burst as usize;
-        assert_eq!(drain(&mut reg), vec![punch(2, 1); pair], "the pair's burst, then nothing");
+        assert_eq!(
+            drain(&mut reg),
+            vec![punch(2, 1); pair],
+            "the pair's burst, then nothing"
+        );
         assert_eq!(reg.counters().punch_pair_limited, 5 - pair as u64);
         reg.handle_punch(ConnId(1), &key(3), at(NOW));
-        assert_eq!(drain(&mut reg), vec![punch(3, 1)], "another target has a budget of its own");
+        assert_eq!(
+            drain(&mut reg),
+            vec![punch(3, 1)],
+            "another target has a budget of its own"
+        );
         reg.handle_punch(ConnId(2), &key(1), at(NOW));
-        assert_eq!(drain(&mut reg), vec![punch(1, 2)], "and so has another requester");
+        assert_eq!(
+            drain(&mut reg),
+            vec![punch(1, 2)],
+            "and so has another requester"
+        );
 
         // A storm of 2,000 punches at one target: still the pair's burst
         // (spent above), and the connection closed once past its budget.
@@ -2140,8 +2494,14 @@ mod tests {
             reg.handle_punch(ConnId(1), &key(2), at(NOW));
             for cmd in drain(&mut reg) {
                 match cmd {
-                    Command::Send { msg: ServerMessage::Punch { .. }, .. } => forwarded += 1,
-                    Command::Close { conn: ConnId(1), reason: CloseReason::Flooding } => closed = true,
+                    Command::Send {
+                        msg: ServerMessage::Punch { .. },
+                        ..
+                    } => forwarded += 1,
+                    Command::Close {
+                        conn: ConnId(1),
+                        reason: CloseReason::Flooding,
+                    } => closed = true,
                     Command::PersistSoon => {}
                     other => panic!("unexpected {other:?}"),
                 }
@@ -2187,13 +2547,31 @@ mod tests {
             "[2001:db8::7]:51820",
         ]
         .iter()
-        .map(|a| Candidate { addr: a.parse().unwrap(), kind: CandidateKind::Local })
+        .map(|a| Candidate {
+            addr: a.parse().unwrap(),
+            kind: CandidateKind::Local,
+        })
         .collect();
         reg.handle_candidates(ConnId(1), announced, at(NOW));
         drain(&mut reg);
-        let kept: Vec<String> = reg.state().nodes[&key(1)].candidates.iter().map(|c| c.addr.to_string()).collect();
-        assert_eq!(kept, vec![observed(1).to_string(), "10.1.2.3:51820".into(), "[2001:db8::7]:51820".into()]);
-        let refused: Vec<(&str, u64)> = reg.counters().candidates_refused().map(|(r, n)| (r.as_str(), n)).collect();
+        let kept: Vec<String> = reg.state().nodes[&key(1)]
+            .candidates
+            .iter()
+            .map(|c| c.addr.to_string())
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                observed(1).to_string(),
+                "10.1.2.3:51820".into(),
+                "[2001:db8::7]:51820".into()
+            ]
+        );
+        let refused: Vec<(&str, u64)> = reg
+            .counters()
+            .candidates_refused()
+            .map(|(r, n)| (r.as_str(), n))
+            .collect();
         assert_eq!(
             refused,
             vec![
@@ -2223,7 +2601,12 @@ mod tests {
         }
         let long = "x".repeat(300);
         assert_eq!(dns_label(&long).len(), MAX_LABEL);
-        assert!(is_dns_label("node-2") && !is_dns_label("Node") && !is_dns_label("-a") && !is_dns_label(""));
+        assert!(
+            is_dns_label("node-2")
+                && !is_dns_label("Node")
+                && !is_dns_label("-a")
+                && !is_dns_label("")
+        );
     }
 
     #[test]
@@ -2239,7 +2622,10 @@ mod tests {
         assert_eq!(named(&mut reg, 2, "node-a"), "node-a-2");
         assert_eq!(named(&mut reg, 3, "NODE-A.lab"), "node-a-3");
         assert_eq!(named(&mut reg, 4, &"y".repeat(70)), "y".repeat(MAX_LABEL));
-        assert_eq!(named(&mut reg, 5, &"y".repeat(70)), format!("{}-2", "y".repeat(MAX_LABEL - 2)));
+        assert_eq!(
+            named(&mut reg, 5, &"y".repeat(70)),
+            format!("{}-2", "y".repeat(MAX_LABEL - 2))
+        );
         let names: BTreeSet<String> = reg.nodes().into_iter().map(|n| n.name).collect();
         assert_eq!(names.len(), 5, "{names:?}");
     }
@@ -2252,16 +2638,34 @@ mod tests {
         let mut claim = hello(1, None);
         claim.name = "node-2".into();
         reg.handle_hello(ConnId(11), &claim, observed(1), at(NOW + 1));
-        assert_eq!(welcome(&drain(&mut reg)).0.name, "node-1", "a hello cannot take another's name");
+        assert_eq!(
+            welcome(&drain(&mut reg)).0.name,
+            "node-1",
+            "a hello cannot take another's name"
+        );
 
-        assert_eq!(reg.rename_node(&key(1), "node-2"), Err(RegistryError::NameTaken { name: "node-2".into() }));
-        assert!(matches!(reg.rename_node(&key(1), "Bad Name"), Err(RegistryError::InvalidName { .. })));
-        assert!(drain(&mut reg).is_empty(), "a refused rename changes nothing");
+        assert_eq!(
+            reg.rename_node(&key(1), "node-2"),
+            Err(RegistryError::NameTaken {
+                name: "node-2".into()
+            })
+        );
+        assert!(matches!(
+            reg.rename_node(&key(1), "Bad Name"),
+            Err(RegistryError::InvalidName { .. })
+        ));
+        assert!(
+            drain(&mut reg).is_empty(),
+            "a refused rename changes nothing"
+        );
         reg.rename_node(&key(1), "db-1").unwrap();
         let cmds = drain(&mut reg);
         assert_eq!(cmds[0], Command::Persist);
-        assert!(matches!(&cmds[1..], [Command::Send { conn: ConnId(2), msg: ServerMessage::PeerUpsert { peer } }]
-            if peer.name == "db-1"), "{cmds:?}");
+        assert!(
+            matches!(&cmds[1..], [Command::Send { conn: ConnId(2), msg: ServerMessage::PeerUpsert { peer } }]
+            if peer.name == "db-1"),
+            "{cmds:?}"
+        );
 
         // The operator's rename wins over the next hello too.
         reg.handle_hello(ConnId(12), &hello(1, None), observed(1), at(NOW + 2));
@@ -2280,11 +2684,22 @@ mod tests {
             state.nodes.get_mut(&key(n)).unwrap().name = name.into();
         }
         let mut loaded = Registry::new(state);
-        assert_eq!(drain(&mut loaded), vec![Command::Persist], "the new names are saved");
+        assert_eq!(
+            drain(&mut loaded),
+            vec![Command::Persist],
+            "the new names are saved"
+        );
         let names: Vec<String> = loaded.nodes().into_iter().map(|n| n.name).collect();
-        assert_eq!(names, vec!["node-a", "node-a-2", "node-a-3"], "in key order");
+        assert_eq!(
+            names,
+            vec!["node-a", "node-a-2", "node-a-3"],
+            "in key order"
+        );
         let mut again = Registry::new(loaded.state().clone());
-        assert!(drain(&mut again).is_empty(), "a second load changes nothing");
+        assert!(
+            drain(&mut again).is_empty(),
+            "a second load changes nothing"
+        );
     }
 
     /// A key whose first address choice in `mesh` is `wanted`, as a token
@@ -2303,7 +2718,9 @@ mod tests {
     #[test]
     fn a_removed_nodes_addresses_are_quarantined_until_the_operator_releases_them() {
         let mut reg = Registry::new(RegistryState::new(mesh("10.9.8.0/24")));
-        let token = reg.create_token([8; 32], "many".into(), DAY, None, NOW).unwrap();
+        let token = reg
+            .create_token([8; 32], "many".into(), DAY, None, NOW)
+            .unwrap();
         drain(&mut reg);
         let (victim, _) = welcome(&join(&mut reg, 1, &token));
         assert!(reg.remove_node(&key(1), false, NOW + 5));
@@ -2324,12 +2741,17 @@ mod tests {
         h.public_key = grinder;
         reg.handle_hello(ConnId(20), &h, observed(20), at(NOW + 6));
         let (got, _) = welcome(&drain(&mut reg));
-        assert_ne!(got.ipv4, victim.ipv4, "a ground key does not get the removed node's address");
+        assert_ne!(
+            got.ipv4, victim.ipv4,
+            "a ground key does not get the removed node's address"
+        );
         assert_ne!(got.ipv6, victim.ipv6);
 
         assert_eq!(
             reg.release_address(IpAddr::V4(got.ipv4)),
-            Err(RegistryError::NotQuarantined { address: IpAddr::V4(got.ipv4) })
+            Err(RegistryError::NotQuarantined {
+                address: IpAddr::V4(got.ipv4)
+            })
         );
         let released = reg.release_address(IpAddr::V6(victim.ipv6)).unwrap();
         assert_eq!(released.ipv4, victim.ipv4, "either address releases both");
@@ -2337,7 +2759,10 @@ mod tests {
         assert!(reg.quarantined().is_empty());
         reg.remove_node(&grinder, true, NOW + 7);
         drain(&mut reg);
-        assert!(reg.quarantined().is_empty(), "removed with release: nothing held");
+        assert!(
+            reg.quarantined().is_empty(),
+            "removed with release: nothing held"
+        );
         let mut h = hello(0, Some(&token));
         h.public_key = grinder;
         h.name = "again".into();
@@ -2349,7 +2774,10 @@ mod tests {
     fn a_strangers_token_id_is_logged_bounded() {
         let huge = "x".repeat(15_000);
         let (reg, _) = with_token();
-        let refusal = reg.check_token(Some(&format!("{huge}.secret")), NOW).err().unwrap();
+        let refusal = reg
+            .check_token(Some(&format!("{huge}.secret")), NOW)
+            .err()
+            .unwrap();
         assert!(refusal.cause.len() < 150, "{}", refusal.cause);
     }
 }

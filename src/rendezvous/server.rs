@@ -20,8 +20,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument as _;
 
 use super::admin::{self, AdminRequest, AdminResponse};
-use crate::control::metrics::{self, MetricsError, MetricsServer, RendezvousMetrics};
-use crate::control::server::ErrorResponse as _;
 use super::admission;
 use super::pending::{AdmissionCounts, Decision, Limits, Pending, Source};
 use super::registry::{CloseReason, Command, ConnId, Counters, NodeStatus, Now, Registry};
@@ -29,13 +27,15 @@ use super::setup::{Loaded, SetupError};
 use super::store::{Store, StoreWriter};
 use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls;
-use crate::relay::server::{Inlet, Relay};
-use crate::relay::NodeId;
+use crate::control::metrics::{self, MetricsError, MetricsServer, RendezvousMetrics};
+use crate::control::server::ErrorResponse as _;
 use crate::dataplane::udp::canonical;
 use crate::identity::{PrivateKey, PublicKey};
+use crate::relay::server::{Inlet, Relay};
+use crate::relay::NodeId;
 use crate::wire::control::{
-    decode_hello, Candidate, Hello, HelloError, NatMapping, NodeMessage, RejectReason, ServerHello, ServerMessage,
-    MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
+    decode_hello, Candidate, Hello, HelloError, NatMapping, NodeMessage, RejectReason, ServerHello,
+    ServerMessage, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
 use crate::wire::untrusted::Untrusted;
 
@@ -57,7 +57,10 @@ pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("cannot listen on UDP {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
     #[error(transparent)]
@@ -66,16 +69,39 @@ pub enum ServerError {
 
 /// What connection tasks and the admin socket ask the registry task.
 enum ToRegistry {
-    Hello { conn: ConnId, hello: Box<Hello>, observed: SocketAddr, out: mpsc::Sender<ConnOut> },
-    Candidates { conn: ConnId, candidates: Vec<Candidate> },
-    Nat { conn: ConnId, mapping: NatMapping },
-    Punch { conn: ConnId, peer: PublicKey },
-    Disconnected { conn: ConnId },
-    Admin { request: AdminRequest, reply: oneshot::Sender<AdminResponse> },
+    Hello {
+        conn: ConnId,
+        hello: Box<Hello>,
+        observed: SocketAddr,
+        out: mpsc::Sender<ConnOut>,
+    },
+    Candidates {
+        conn: ConnId,
+        candidates: Vec<Candidate>,
+    },
+    Nat {
+        conn: ConnId,
+        mapping: NatMapping,
+    },
+    Punch {
+        conn: ConnId,
+        peer: PublicKey,
+    },
+    Disconnected {
+        conn: ConnId,
+    },
+    Admin {
+        request: AdminRequest,
+        reply: oneshot::Sender<AdminResponse>,
+    },
     /// A hello the connection task refused before the registry saw it.
-    Refused { reason: RejectReason },
+    Refused {
+        reason: RejectReason,
+    },
     /// The registry's part of a metrics scrape.
-    Metrics { reply: oneshot::Sender<RegistryMetrics> },
+    Metrics {
+        reply: oneshot::Sender<RegistryMetrics>,
+    },
 }
 
 /// How long a presence, candidate or NAT change may wait to be saved: a
@@ -121,9 +147,20 @@ pub struct Server {
 impl Server {
     /// Binds the UDP port and the admin socket.
     pub async fn bind(loaded: Loaded) -> Result<Self, ServerError> {
-        let Loaded { layout, config, cert_der, cert_key_der, server_key, store, state } = loaded;
+        let Loaded {
+            layout,
+            config,
+            cert_der,
+            cert_key_der,
+            server_key,
+            store,
+            state,
+        } = loaded;
         let server_config = tls::server_config(cert_der, cert_key_der)?;
-        let listen_err = |source| ServerError::Listen { addr: config.listen, source };
+        let listen_err = |source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(listen_err)?;
         crate::dataplane::udp::size_buffers(socket2::SockRef::from(&socket));
         let endpoint = quinn::Endpoint::new(
@@ -157,7 +194,16 @@ impl Server {
         if let Some(addr) = metrics.as_ref().and_then(|m| m.local_addr().ok()) {
             tracing::info!(%addr, "serving Prometheus metrics at /metrics");
         }
-        Ok(Self { endpoint, admin_socket, server_key, store, state, relay_limits: config.relay, reflector, metrics })
+        Ok(Self {
+            endpoint,
+            admin_socket,
+            server_key,
+            store,
+            state,
+            relay_limits: config.relay,
+            reflector,
+            metrics,
+        })
     }
 
     /// The bound UDP address (useful with port 0).
@@ -172,7 +218,16 @@ impl Server {
 
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Server { endpoint, admin_socket, server_key, store, state, relay_limits, reflector, metrics } = self;
+        let Server {
+            endpoint,
+            admin_socket,
+            server_key,
+            store,
+            state,
+            relay_limits,
+            reflector,
+            metrics,
+        } = self;
         let reflector = reflector.map(|r| tokio::spawn(r.serve()));
         let mesh_id = state.mesh.id.clone();
         let (relay, relay_task) = Relay::spawn(relay_limits);
@@ -182,15 +237,25 @@ impl Server {
             }
         }
         let (to_registry, inbox) = mpsc::channel(1024);
-        let registry = tokio::spawn(registry_task(Registry::new(state), store, inbox, PERSIST_EVERY));
+        let registry = tokio::spawn(registry_task(
+            Registry::new(state),
+            store,
+            inbox,
+            PERSIST_EVERY,
+        ));
         let admin = tokio::spawn(admin_socket.serve({
             let to_registry = to_registry.clone();
             move |request: AdminRequest| {
                 let to_registry = to_registry.clone();
                 async move {
-                    let shutting_down = || AdminResponse::error("the server is shutting down".into());
+                    let shutting_down =
+                        || AdminResponse::error("the server is shutting down".into());
                     let (reply, answer) = oneshot::channel();
-                    if to_registry.send(ToRegistry::Admin { request, reply }).await.is_err() {
+                    if to_registry
+                        .send(ToRegistry::Admin { request, reply })
+                        .await
+                        .is_err()
+                    {
                         return shutting_down();
                     }
                     answer.await.unwrap_or_else(|_| shutting_down())
@@ -202,7 +267,8 @@ impl Server {
         let metrics = metrics.map(|server| {
             let (to_registry, relay) = (to_registry.clone(), relay.clone());
             tokio::spawn(server.serve(move || {
-                let (to_registry, relay, counts) = (to_registry.clone(), relay.clone(), counts.clone());
+                let (to_registry, relay, counts) =
+                    (to_registry.clone(), relay.clone(), counts.clone());
                 async move { scrape(&to_registry, &relay, &counts).await }
             }))
         });
@@ -244,17 +310,30 @@ impl Server {
                     continue;
                 }
             }
-            let permit = PendingSlot { source, done: done_tx.clone() };
+            let permit = PendingSlot {
+                source,
+                done: done_tx.clone(),
+            };
             next_conn += 1;
             let conn = ConnId(next_conn);
-            let (server_key, mesh_id, to_registry) = (server_key.clone(), mesh_id.clone(), to_registry.clone());
+            let (server_key, mesh_id, to_registry) =
+                (server_key.clone(), mesh_id.clone(), to_registry.clone());
             let relay = relay.clone();
             let span = tracing::debug_span!("conn", id = conn.0, remote = %canonical(incoming.remote_address()));
             tokio::spawn(
                 async move {
-                    connection_task(incoming, conn, &server_key, mesh_id, to_registry, relay, permit).await
+                    connection_task(
+                        incoming,
+                        conn,
+                        &server_key,
+                        mesh_id,
+                        to_registry,
+                        relay,
+                        permit,
+                    )
+                    .await
                 }
-                    .instrument(span),
+                .instrument(span),
             );
         }
         tracing::info!("rendezvous shutting down");
@@ -290,7 +369,12 @@ async fn scrape(
 ) -> Option<String> {
     let (reply, answer) = oneshot::channel();
     to_registry.send(ToRegistry::Metrics { reply }).await.ok()?;
-    let RegistryMetrics { nodes, rejections, counters, store_writes } = answer.await.ok()?;
+    let RegistryMetrics {
+        nodes,
+        rejections,
+        counters,
+        store_writes,
+    } = answer.await.ok()?;
     let relay = relay.snapshot().await?;
     let admission = *admission.borrow();
     Some(metrics::render_rendezvous(&RendezvousMetrics {
@@ -318,7 +402,9 @@ impl Drop for PendingSlot {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Owns the registry: applies inputs one at a time (which is what makes a
@@ -339,7 +425,14 @@ async fn registry_task(
     // When the oldest change not saved yet is to be written.
     let mut save_due: Option<tokio::time::Instant> = None;
     // What the registry queued on its own (a migrated state).
-    execute(&mut registry, &mut conns, &writer, &mut save_due, persist_every).await;
+    execute(
+        &mut registry,
+        &mut conns,
+        &writer,
+        &mut save_due,
+        persist_every,
+    )
+    .await;
     loop {
         let due = async {
             match save_due {
@@ -358,13 +451,23 @@ async fn registry_task(
                 continue;
             }
         };
-        let now = Now { unix: now_unix(), instant: tokio::time::Instant::now().into_std() };
+        let now = Now {
+            unix: now_unix(),
+            instant: tokio::time::Instant::now().into_std(),
+        };
         match input {
-            ToRegistry::Hello { conn, hello, observed, out } => {
+            ToRegistry::Hello {
+                conn,
+                hello,
+                observed,
+                out,
+            } => {
                 conns.insert(conn, out);
                 registry.handle_hello(conn, &hello, observed, now);
             }
-            ToRegistry::Candidates { conn, candidates } => registry.handle_candidates(conn, candidates, now),
+            ToRegistry::Candidates { conn, candidates } => {
+                registry.handle_candidates(conn, candidates, now)
+            }
             ToRegistry::Nat { conn, mapping } => registry.handle_nat(conn, mapping, now),
             ToRegistry::Punch { conn, peer } => registry.handle_punch(conn, &peer, now),
             ToRegistry::Disconnected { conn } => {
@@ -372,11 +475,19 @@ async fn registry_task(
                 registry.handle_disconnect(conn, now);
             }
             ToRegistry::Admin { request, reply } => {
-                let response = admin::apply(&mut registry, request, now.unix, &mut rand::rngs::OsRng);
+                let response =
+                    admin::apply(&mut registry, request, now.unix, &mut rand::rngs::OsRng);
                 // An operator's change is on disk before the operator hears
                 // it is done (a token printed is a token that survives a
                 // crash).
-                execute(&mut registry, &mut conns, &writer, &mut save_due, persist_every).await;
+                execute(
+                    &mut registry,
+                    &mut conns,
+                    &writer,
+                    &mut save_due,
+                    persist_every,
+                )
+                .await;
                 let _ = reply.send(response);
             }
             ToRegistry::Refused { reason } => registry.count_rejection(reason),
@@ -389,10 +500,19 @@ async fn registry_task(
                 });
             }
         }
-        execute(&mut registry, &mut conns, &writer, &mut save_due, persist_every).await;
+        execute(
+            &mut registry,
+            &mut conns,
+            &writer,
+            &mut save_due,
+            persist_every,
+        )
+        .await;
     }
     if save_due.is_some() {
-        writer.save_durable(Arc::new(registry.state().clone())).await;
+        writer
+            .save_durable(Arc::new(registry.state().clone()))
+            .await;
     }
     writer.close().await;
 }
@@ -408,10 +528,15 @@ async fn execute(
     while let Some(command) = registry.poll_command() {
         match command {
             Command::Send { conn, msg } => {
-                let stuck = conns.get(&conn).is_some_and(|tx| tx.try_send(ConnOut::Message(msg)).is_err());
+                let stuck = conns
+                    .get(&conn)
+                    .is_some_and(|tx| tx.try_send(ConnOut::Message(msg)).is_err());
                 if stuck {
                     // Dropping its sender ends the connection task.
-                    tracing::warn!(?conn, "node does not keep up with peer-map updates; disconnecting it");
+                    tracing::warn!(
+                        ?conn,
+                        "node does not keep up with peer-map updates; disconnecting it"
+                    );
                     conns.remove(&conn);
                 }
             }
@@ -423,7 +548,9 @@ async fn execute(
             Command::Persist => {
                 // It saves everything, including what waited to be saved.
                 *save_due = None;
-                writer.save_durable(Arc::new(registry.state().clone())).await;
+                writer
+                    .save_durable(Arc::new(registry.state().clone()))
+                    .await;
             }
             Command::PersistSoon => {
                 save_due.get_or_insert_with(|| tokio::time::Instant::now() + persist_every);
@@ -505,11 +632,18 @@ async fn connection_task(
     .ok()
     .flatten();
     drop(permit);
-    let Some((connection, mut send, mut frames, hello)) = admitted else { return };
+    let Some((connection, mut send, mut frames, hello)) = admitted else {
+        return;
+    };
 
     let (out, mut outbox) = mpsc::channel(CONN_QUEUE);
     let hello_sent = to_registry
-        .send(ToRegistry::Hello { conn, hello: Box::new(hello), observed: remote, out })
+        .send(ToRegistry::Hello {
+            conn,
+            hello: Box::new(hello),
+            observed: remote,
+            out,
+        })
         .await;
     if hello_sent.is_err() {
         return;
@@ -607,8 +741,16 @@ async fn refused(to_registry: &mpsc::Sender<ToRegistry>, reason: RejectReason) {
 
 /// Refuses a node before the registry ever sees it: the reason, then the
 /// close code that names it (proto/control.md §1).
-async fn reject(connection: &quinn::Connection, send: &mut quinn::SendStream, reason: RejectReason, message: &str) {
-    let msg = ServerMessage::Rejected { reason, message: message.to_owned() };
+async fn reject(
+    connection: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    reason: RejectReason,
+    message: &str,
+) {
+    let msg = ServerMessage::Rejected {
+        reason,
+        message: message.to_owned(),
+    };
     if write_frame(send, &msg).await.is_ok() {
         finish(send).await;
     }
@@ -670,7 +812,10 @@ mod tests {
 
     async fn store_writes(to_registry: &mpsc::Sender<ToRegistry>) -> u64 {
         let (reply, answer) = oneshot::channel();
-        to_registry.send(ToRegistry::Metrics { reply }).await.unwrap();
+        to_registry
+            .send(ToRegistry::Metrics { reply })
+            .await
+            .unwrap();
         answer.await.unwrap().store_writes
     }
 
@@ -678,14 +823,20 @@ mod tests {
     async fn a_members_candidate_storm_costs_one_debounced_write_and_closes_the_member() {
         let hour = Duration::from_secs(3600);
         // Nothing refills within the test, so the counts are exact.
-        let limits = Limits { candidates: Rate::new(10, hour), tolerance: Rate::new(50, hour), ..Limits::default() };
+        let limits = Limits {
+            candidates: Rate::new(10, hour),
+            tolerance: Rate::new(50, hour),
+            ..Limits::default()
+        };
         let mesh = MeshInfo {
             id: "test-mesh".into(),
             ipv4: "100.72.0.0/16".parse().unwrap(),
             ipv6: crate::ipam::ula_prefix([1, 2, 3, 4, 5]),
         };
         let mut registry = Registry::with_limits(RegistryState::new(mesh), limits);
-        let token = registry.create_token([7; 32], "storm".into(), 3600, None, now_unix()).unwrap();
+        let token = registry
+            .create_token([7; 32], "storm".into(), 3600, None, now_unix())
+            .unwrap();
         let store = CountingStore::default();
         let (to_registry, inbox) = mpsc::channel(4096);
         // Presence and candidates are saved an hour late: within this test,
@@ -696,7 +847,12 @@ mod tests {
         for n in 1..=2u8 {
             let (out, outbox) = mpsc::channel(CONN_QUEUE);
             let observed = SocketAddr::from(([198, 51, 100, n], 40000));
-            let hello = ToRegistry::Hello { conn: ConnId(n.into()), hello: hello(n, &token), observed, out };
+            let hello = ToRegistry::Hello {
+                conn: ConnId(n.into()),
+                hello: hello(n, &token),
+                observed,
+                out,
+            };
             to_registry.send(hello).await.unwrap();
             outs.push(outbox);
         }
@@ -705,16 +861,38 @@ mod tests {
 
         for i in 0..2_000u16 {
             let addr = SocketAddr::from(([192, 0, 2, 1], 1000 + i % 2));
-            let candidates = vec![Candidate { addr, kind: CandidateKind::Local }];
-            to_registry.send(ToRegistry::Candidates { conn: ConnId(1), candidates }).await.unwrap();
+            let candidates = vec![Candidate {
+                addr,
+                kind: CandidateKind::Local,
+            }];
+            to_registry
+                .send(ToRegistry::Candidates {
+                    conn: ConnId(1),
+                    candidates,
+                })
+                .await
+                .unwrap();
         }
-        assert_eq!(store_writes(&to_registry).await, 3, "no write for the storm yet");
+        assert_eq!(
+            store_writes(&to_registry).await,
+            3,
+            "no write for the storm yet"
+        );
 
         let mut attacker = outs.remove(0);
-        assert!(matches!(attacker.recv().await, Some(ConnOut::Message(ServerMessage::Welcome { .. }))));
+        assert!(matches!(
+            attacker.recv().await,
+            Some(ConnOut::Message(ServerMessage::Welcome { .. }))
+        ));
         // Node 2's join, then the close.
-        assert!(matches!(attacker.recv().await, Some(ConnOut::Message(ServerMessage::PeerUpsert { .. }))));
-        assert!(matches!(attacker.recv().await, Some(ConnOut::Close(CloseReason::Flooding))));
+        assert!(matches!(
+            attacker.recv().await,
+            Some(ConnOut::Message(ServerMessage::PeerUpsert { .. }))
+        ));
+        assert!(matches!(
+            attacker.recv().await,
+            Some(ConnOut::Close(CloseReason::Flooding))
+        ));
         let mut observer = outs.remove(0);
         let mut upserts = 0;
         while let Ok(out) = observer.try_recv() {
@@ -726,9 +904,16 @@ mod tests {
 
         drop(to_registry);
         task.await.unwrap();
-        assert_eq!(store.saves.load(Ordering::SeqCst), 4, "one write for the whole storm, on the way out");
+        assert_eq!(
+            store.saves.load(Ordering::SeqCst),
+            4,
+            "one write for the whole storm, on the way out"
+        );
         let saved = store.last.lock().unwrap().clone().unwrap();
         let node = &saved.nodes[&PublicKey::from_bytes([1; 32])];
-        assert!(node.candidates.iter().any(|c| c.addr.port() == 1001), "the last accepted list is saved: {node:?}");
+        assert!(
+            node.candidates.iter().any(|c| c.addr.port() == 1001),
+            "the last accepted list is saved: {node:?}"
+        );
     }
 }

@@ -44,7 +44,10 @@ pub enum SetupError {
     #[error("{dir} holds no mesh: run `mesh-rendezvous init --state-dir {dir} …` first")]
     NotInitialised { dir: PathBuf },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
     #[error(transparent)]
@@ -143,13 +146,20 @@ mod relay_section {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<RelayLimits, D::Error> {
         let section = RelaySection::deserialize(d)?;
-        let limits =
-            RelayLimits::new(section.bytes_per_second, section.packets_per_second, Duration::from_millis(section.burst_ms))
-                .map_err(serde::de::Error::custom)?;
+        let limits = RelayLimits::new(
+            section.bytes_per_second,
+            section.packets_per_second,
+            Duration::from_millis(section.burst_ms),
+        )
+        .map_err(serde::de::Error::custom)?;
         limits
             .with_destination(
-                section.destination_bytes_per_second.unwrap_or(section.bytes_per_second),
-                section.destination_packets_per_second.unwrap_or(section.packets_per_second),
+                section
+                    .destination_bytes_per_second
+                    .unwrap_or(section.bytes_per_second),
+                section
+                    .destination_packets_per_second
+                    .unwrap_or(section.packets_per_second),
             )
             .map_err(serde::de::Error::custom)
     }
@@ -163,7 +173,9 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_owned() }
+        Self {
+            dir: dir.to_owned(),
+        }
     }
     pub fn config(&self) -> PathBuf {
         self.dir.join("rendezvous.toml")
@@ -214,10 +226,15 @@ pub fn lock(dir: &Path, holder: &str) -> Result<StateLock, SetupError> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let layout = Layout::new(dir);
     if !layout.config().exists() {
-        return Err(SetupError::NotInitialised { dir: dir.to_owned() });
+        return Err(SetupError::NotInitialised {
+            dir: dir.to_owned(),
+        });
     }
     let path = layout.lock();
-    let io = |source| SetupError::Io { path: path.clone(), source };
+    let io = |source| SetupError::Io {
+        path: path.clone(),
+        source,
+    };
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -236,11 +253,21 @@ pub fn lock(dir: &Path, holder: &str) -> Result<StateLock, SetupError> {
         let mut text = String::new();
         let _ = (&file).take(MAX_HOLDER as u64).read_to_string(&mut text);
         let text = text.trim();
-        let holder = if text.is_empty() { "another process".to_owned() } else { text.to_owned() };
-        return Err(SetupError::Locked { dir: dir.to_owned(), holder });
+        let holder = if text.is_empty() {
+            "another process".to_owned()
+        } else {
+            text.to_owned()
+        };
+        return Err(SetupError::Locked {
+            dir: dir.to_owned(),
+            holder,
+        });
     }
     let record = format!("{holder} (pid {})\n", std::process::id());
-    file.set_len(0).and_then(|()| file.rewind()).and_then(|()| file.write_all(record.as_bytes())).map_err(io)?;
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(record.as_bytes()))
+        .map_err(io)?;
     Ok(StateLock { file })
 }
 
@@ -271,10 +298,15 @@ pub fn init<R: RngCore + CryptoRng>(
 ) -> Result<MeshInfo, SetupError> {
     let layout = Layout::new(dir);
     if layout.config().exists() {
-        return Err(SetupError::AlreadyInitialised { dir: dir.to_owned() });
+        return Err(SetupError::AlreadyInitialised {
+            dir: dir.to_owned(),
+        });
     }
     ipam::validate_mesh_cidr(cidr)?;
-    std::fs::create_dir_all(dir).map_err(|source| SetupError::Io { path: dir.to_owned(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| SetupError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
 
     let mut id = [0u8; 8];
     rng.fill_bytes(&mut id);
@@ -316,28 +348,46 @@ pub fn load(dir: &Path) -> Result<Loaded, SetupError> {
     let text = match std::fs::read_to_string(&config_path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(SetupError::NotInitialised { dir: dir.to_owned() })
+            return Err(SetupError::NotInitialised {
+                dir: dir.to_owned(),
+            })
         }
-        Err(source) => return Err(SetupError::Io { path: config_path, source }),
+        Err(source) => {
+            return Err(SetupError::Io {
+                path: config_path,
+                source,
+            })
+        }
     };
     let config: RendezvousConfig = toml::from_str(&text).map_err(|e| SetupError::Config {
         path: config_path.clone(),
         message: e.to_string().trim_end().to_owned(),
     })?;
-    let read = |path: PathBuf| std::fs::read(&path).map_err(|source| SetupError::Io { path, source });
+    let read =
+        |path: PathBuf| std::fs::read(&path).map_err(|source| SetupError::Io { path, source });
     let cert_der = read(layout.cert())?;
     let cert_key_der = read(layout.cert_key())?;
     let server_key = read_private_key(&layout.server_key())?;
     let store = FileStore::new(dir);
-    let state = store
-        .load()?
-        .ok_or_else(|| SetupError::NotInitialised { dir: dir.to_owned() })?;
-    Ok(Loaded { layout, config, cert_der, cert_key_der, server_key, store, state })
+    let state = store.load()?.ok_or_else(|| SetupError::NotInitialised {
+        dir: dir.to_owned(),
+    })?;
+    Ok(Loaded {
+        layout,
+        config,
+        cert_der,
+        cert_key_der,
+        server_key,
+        store,
+        state,
+    })
 }
 
 /// The default mesh prefix.
 pub fn default_cidr() -> Ipv4Net {
-    DEFAULT_CIDR.parse().unwrap_or_else(|_| unreachable!("constant"))
+    DEFAULT_CIDR
+        .parse()
+        .unwrap_or_else(|_| unreachable!("constant"))
 }
 
 #[cfg(test)]
@@ -362,7 +412,10 @@ mod tests {
         let held = lock(dir.path(), "mesh-rendezvous serve").unwrap();
         match lock(dir.path(), "an offline edit") {
             Err(SetupError::Locked { holder, .. }) => {
-                assert_eq!(holder, format!("mesh-rendezvous serve (pid {})", std::process::id()));
+                assert_eq!(
+                    holder,
+                    format!("mesh-rendezvous serve (pid {})", std::process::id())
+                );
             }
             other => panic!("expected the directory to be locked, got {other:?}"),
         }
@@ -376,7 +429,10 @@ mod tests {
     #[test]
     fn an_uninitialised_directory_is_not_locked_but_named() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(lock(dir.path(), "x"), Err(SetupError::NotInitialised { .. })));
+        assert!(matches!(
+            lock(dir.path(), "x"),
+            Err(SetupError::NotInitialised { .. })
+        ));
         assert!(!Layout::new(dir.path()).lock().exists());
     }
 
@@ -388,9 +444,16 @@ mod tests {
 
     #[test]
     fn relay_limits_are_read_from_the_relay_table_and_missing_keys_keep_their_defaults() {
-        let config = parse(&format!("{BASE}[relay]\npackets-per-second = 200\nburst-ms = 50\n")).unwrap();
-        let expected =
-            RelayLimits::new(RelayLimits::DEFAULT_BYTES_PER_SEC, 200, Duration::from_millis(50)).unwrap();
+        let config = parse(&format!(
+            "{BASE}[relay]\npackets-per-second = 200\nburst-ms = 50\n"
+        ))
+        .unwrap();
+        let expected = RelayLimits::new(
+            RelayLimits::DEFAULT_BYTES_PER_SEC,
+            200,
+            Duration::from_millis(50),
+        )
+        .unwrap();
         assert_eq!(config.relay, expected);
     }
 
@@ -398,36 +461,72 @@ mod tests {
     fn destination_relay_limits_follow_the_per_node_ones_unless_set() {
         let config = parse(&format!("{BASE}[relay]\npackets-per-second = 200\n")).unwrap();
         assert_eq!(config.relay.destination_packets_per_sec(), 200);
-        assert_eq!(config.relay.destination_bytes_per_sec(), RelayLimits::DEFAULT_BYTES_PER_SEC);
-        let config = parse(&format!("{BASE}[relay]\ndestination-packets-per-second = 300\n")).unwrap();
-        assert_eq!(config.relay.packets_per_sec(), RelayLimits::DEFAULT_PACKETS_PER_SEC);
+        assert_eq!(
+            config.relay.destination_bytes_per_sec(),
+            RelayLimits::DEFAULT_BYTES_PER_SEC
+        );
+        let config = parse(&format!(
+            "{BASE}[relay]\ndestination-packets-per-second = 300\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.relay.packets_per_sec(),
+            RelayLimits::DEFAULT_PACKETS_PER_SEC
+        );
         assert_eq!(config.relay.destination_packets_per_sec(), 300);
         let text = toml::to_string(&config).unwrap();
-        assert!(text.contains("destination-packets-per-second = 300"), "{text}");
+        assert!(
+            text.contains("destination-packets-per-second = 300"),
+            "{text}"
+        );
         assert!(!text.contains("destination-bytes-per-second"), "{text}");
         assert_eq!(parse(&text).unwrap(), config);
-        let zero = parse(&format!("{BASE}[relay]\ndestination-bytes-per-second = 0\n")).unwrap_err();
-        assert!(zero.contains("destination bytes per second is zero"), "{zero}");
+        let zero = parse(&format!(
+            "{BASE}[relay]\ndestination-bytes-per-second = 0\n"
+        ))
+        .unwrap_err();
+        assert!(
+            zero.contains("destination bytes per second is zero"),
+            "{zero}"
+        );
     }
 
     #[test]
     fn relay_limits_that_would_stop_relaying_or_unknown_relay_keys_are_refused_with_their_line() {
         let zero = parse(&format!("{BASE}[relay]\nbytes-per-second = 0\n")).unwrap_err();
-        assert!(zero.contains("line 3") && zero.contains("bytes per second is zero"), "{zero}");
+        assert!(
+            zero.contains("line 3") && zero.contains("bytes per second is zero"),
+            "{zero}"
+        );
         let unknown = parse(&format!("{BASE}[relay]\npackets-per-sec = 10\n")).unwrap_err();
-        assert!(unknown.contains("unknown field `packets-per-sec`"), "{unknown}");
+        assert!(
+            unknown.contains("unknown field `packets-per-sec`"),
+            "{unknown}"
+        );
         let negative = parse(&format!("{BASE}[relay]\nburst-ms = -1\n")).unwrap_err();
-        assert!(negative.contains("line 4") && negative.contains("expected u64"), "{negative}");
+        assert!(
+            negative.contains("line 4") && negative.contains("expected u64"),
+            "{negative}"
+        );
     }
 
     #[test]
     fn metrics_are_off_unless_an_address_is_given_before_the_relay_table() {
         assert_eq!(parse(BASE).unwrap().metrics_address, None);
-        let config = parse(&format!("{BASE}metrics-address = \"127.0.0.1:9587\"\n[relay]\nburst-ms = 50\n")).unwrap();
-        assert_eq!(config.metrics_address, Some("127.0.0.1:9587".parse().unwrap()));
+        let config = parse(&format!(
+            "{BASE}metrics-address = \"127.0.0.1:9587\"\n[relay]\nburst-ms = 50\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.metrics_address,
+            Some("127.0.0.1:9587".parse().unwrap())
+        );
         assert_eq!(parse(&toml::to_string(&config).unwrap()).unwrap(), config);
         let bad = parse(&format!("{BASE}metrics-address = \"localhost\"\n")).unwrap_err();
-        assert!(bad.contains("line 3") && bad.contains("metrics-address"), "{bad}");
+        assert!(
+            bad.contains("line 3") && bad.contains("metrics-address"),
+            "{bad}"
+        );
         let typo = parse(&format!("{BASE}metrics-adress = \"127.0.0.1:9587\"\n")).unwrap_err();
         assert!(typo.contains("unknown field `metrics-adress`"), "{typo}");
     }
@@ -442,7 +541,10 @@ mod tests {
         };
         let text = toml::to_string(&new).unwrap();
         assert!(!text.contains("relay"), "{text}");
-        let tuned = RendezvousConfig { relay: RelayLimits::new(1_000, 10, Duration::from_millis(20)).unwrap(), ..new };
+        let tuned = RendezvousConfig {
+            relay: RelayLimits::new(1_000, 10, Duration::from_millis(20)).unwrap(),
+            ..new
+        };
         assert_eq!(parse(&toml::to_string(&tuned).unwrap()).unwrap(), tuned);
     }
 }

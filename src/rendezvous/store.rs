@@ -43,7 +43,10 @@ pub enum StoreError {
          away starts an empty registry: every node then needs a new join token and may \
          get a different address"
     )]
-    Corrupt { path: PathBuf, source: serde_json::Error },
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error(
         "registry file {path} has format {found}, but this mesh-rendezvous reads format \
          {FORMAT}; run the version that wrote it"
@@ -86,7 +89,9 @@ pub struct FileStore {
 impl FileStore {
     /// A store for `<state_dir>/registry.json`; touches nothing yet.
     pub fn new(state_dir: &Path) -> Self {
-        Self { path: state_dir.join(FILE_NAME) }
+        Self {
+            path: state_dir.join(FILE_NAME),
+        }
     }
 
     /// The file this store reads and writes.
@@ -100,9 +105,17 @@ impl Store for FileStore {
         let bytes = match fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StoreError::Read { path: self.path.clone(), source }),
+            Err(source) => {
+                return Err(StoreError::Read {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
         };
-        let corrupt = |source| StoreError::Corrupt { path: self.path.clone(), source };
+        let corrupt = |source| StoreError::Corrupt {
+            path: self.path.clone(),
+            source,
+        };
         let header: FileHeader = serde_json::from_slice(&bytes).map_err(corrupt)?;
         if header.format != FORMAT {
             return Err(StoreError::UnsupportedFormat {
@@ -115,13 +128,23 @@ impl Store for FileStore {
     }
 
     fn save(&mut self, state: &RegistryState) -> Result<(), StoreError> {
-        let write_err = |source| StoreError::Write { path: self.path.clone(), source };
-        let mut bytes = serde_json::to_vec_pretty(&FileRef { format: FORMAT, registry: state })
-            .map_err(|e| write_err(io::Error::other(e)))?;
+        let write_err = |source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let mut bytes = serde_json::to_vec_pretty(&FileRef {
+            format: FORMAT,
+            registry: state,
+        })
+        .map_err(|e| write_err(io::Error::other(e)))?;
         bytes.push(b'\n');
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // The state directory holds the mesh's registry: owner only.
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(write_err)?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(write_err)?;
         }
         write_atomic(&self.path, &bytes, 0o600).map_err(write_err)
     }
@@ -185,7 +208,9 @@ impl StoreWriter {
                             ),
                         }
                     }
-                    Err(e) => tracing::error!(error = %e, "the registry writer failed; nothing more is saved"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the registry writer failed; nothing more is saved")
+                    }
                 }
                 for done in waiting {
                     let _ = done.send(());
@@ -204,7 +229,15 @@ impl StoreWriter {
     /// which is logged).
     pub async fn save_durable(&self, state: Arc<RegistryState>) {
         let (done, written) = oneshot::channel();
-        if self.jobs.send(Job { state, done: Some(done) }).await.is_ok() {
+        if self
+            .jobs
+            .send(Job {
+                state,
+                done: Some(done),
+            })
+            .await
+            .is_ok()
+        {
             let _ = written.await;
         }
     }
@@ -236,7 +269,10 @@ pub struct MemoryStore {
 impl MemoryStore {
     /// A store that already holds `state`, as after a restart.
     pub fn with_state(state: RegistryState) -> Self {
-        Self { state: Some(state), saves: 0 }
+        Self {
+            state: Some(state),
+            saves: 0,
+        }
     }
 
     /// The last state saved (or given to [`MemoryStore::with_state`]).
@@ -317,7 +353,10 @@ mod tests {
         store.save(&sample_state()).unwrap();
         assert_eq!(store.load().unwrap(), Some(sample_state()));
         // A second store over the same directory, as after a restart.
-        assert_eq!(FileStore::new(dir.path()).load().unwrap(), Some(sample_state()));
+        assert_eq!(
+            FileStore::new(dir.path()).load().unwrap(),
+            Some(sample_state())
+        );
     }
 
     #[test]
@@ -343,9 +382,12 @@ mod tests {
     fn a_corrupt_file_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::new(dir.path());
-        for garbage in
-            [&b""[..], b"{\"format\": 1, \"registry\": {", b"\xff\xfe", b"{\"format\": 1}"]
-        {
+        for garbage in [
+            &b""[..],
+            b"{\"format\": 1, \"registry\": {",
+            b"\xff\xfe",
+            b"{\"format\": 1}",
+        ] {
             fs::write(store.path(), garbage).unwrap();
             let err = store.load().unwrap_err();
             assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
@@ -359,9 +401,16 @@ mod tests {
     fn a_file_of_another_format_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::new(dir.path());
-        fs::write(store.path(), br#"{"format": 2, "registry": "something new"}"#).unwrap();
+        fs::write(
+            store.path(),
+            br#"{"format": 2, "registry": "something new"}"#,
+        )
+        .unwrap();
         let err = store.load().unwrap_err();
-        assert!(matches!(err, StoreError::UnsupportedFormat { found: 2, .. }), "{err:?}");
+        assert!(
+            matches!(err, StoreError::UnsupportedFormat { found: 2, .. }),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("registry.json"), "{err}");
     }
 
@@ -400,7 +449,10 @@ mod tests {
         // Durable: on disk when save_durable returns, and it is the last.
         assert_eq!(FileStore::new(dir.path()).load().unwrap(), Some(state));
         let writes = writer.writes();
-        assert!((1..=2_001).contains(&writes), "{writes} writes for 2,001 saves");
+        assert!(
+            (1..=2_001).contains(&writes),
+            "{writes} writes for 2,001 saves"
+        );
         writer.close().await;
     }
 
@@ -445,7 +497,10 @@ mod tests {
         let mut registry = crate::rendezvous::registry::Registry::new(state);
         let names: Vec<String> = registry.nodes().into_iter().map(|n| n.name).collect();
         assert_eq!(names, vec!["worker-1", "worker-1-2"]);
-        assert_eq!(registry.poll_command(), Some(crate::rendezvous::registry::Command::Persist));
+        assert_eq!(
+            registry.poll_command(),
+            Some(crate::rendezvous::registry::Command::Persist)
+        );
         // What this version writes, the same version reads back.
         let mut store = store;
         store.save(registry.state()).unwrap();

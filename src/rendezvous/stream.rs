@@ -42,7 +42,10 @@ pub enum StreamError {
 /// Not cancel-safe: a frame half read when the future is dropped is lost,
 /// and the stream is out of step from then on. Use [`FrameReader`] wherever
 /// the read competes with other events.
-pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, max: usize) -> Result<T, StreamError> {
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<T, StreamError> {
     let mut header = [0u8; 4];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -55,7 +58,10 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, max: 
     Ok(decode(&body)?)
 }
 
-pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), StreamError> {
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), StreamError> {
     send.write_all(&encode(msg)).await?;
     Ok(())
 }
@@ -80,7 +86,12 @@ pub struct FrameReader {
 impl FrameReader {
     /// Reads frames of at most `max` body bytes from `recv`.
     pub fn new(recv: quinn::RecvStream, max: usize) -> Self {
-        Self { recv, buf: Vec::new(), body: None, max }
+        Self {
+            recv,
+            buf: Vec::new(),
+            body: None,
+            max,
+        }
     }
 
     /// Changes the limit for frames whose header has not been read yet
@@ -129,7 +140,11 @@ impl FrameReader {
             if self.body.is_some() {
                 return Ok(());
             }
-            let header = self.buf.first_chunk::<HEADER>().copied().unwrap_or_default();
+            let header = self
+                .buf
+                .first_chunk::<HEADER>()
+                .copied()
+                .unwrap_or_default();
             let len = frame_len(header, self.max)?;
             self.body = Some(len);
             // Room for what is announced, within the limit just checked;

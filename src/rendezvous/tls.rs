@@ -95,7 +95,9 @@ impl serde::Serialize for CertHash {
 
 impl<'de> serde::Deserialize<'de> for CertHash {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -103,7 +105,10 @@ impl<'de> serde::Deserialize<'de> for CertHash {
 pub fn generate_certificate() -> Result<(Vec<u8>, Vec<u8>), TlsError> {
     let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])
         .map_err(|e| TlsError::Generate(e.to_string()))?;
-    Ok((certified.cert.der().to_vec(), certified.signing_key.serialize_der()))
+    Ok((
+        certified.cert.der().to_vec(),
+        certified.signing_key.serialize_der(),
+    ))
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -221,7 +226,12 @@ impl ServerCertVerifier for PinnedCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -230,11 +240,18 @@ impl ServerCertVerifier for PinnedCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -246,7 +263,13 @@ mod tests {
     fn cert_hash_round_trips_and_rejects_garbage() {
         let h = CertHash::of(b"certificate");
         assert_eq!(h.to_string().parse::<CertHash>().unwrap(), h);
-        for bad in ["", "sha256:", "md5:00", "sha256:zz", &format!("sha256:{}", "é".repeat(32))] {
+        for bad in [
+            "",
+            "sha256:",
+            "md5:00",
+            "sha256:zz",
+            &format!("sha256:{}", "é".repeat(32)),
+        ] {
             assert!(bad.parse::<CertHash>().is_err(), "{bad}");
         }
     }

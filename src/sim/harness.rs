@@ -350,10 +350,19 @@ impl Sim {
 
     /// A node as meshd starts one: its key, a fresh seed, the clock now.
     fn fresh_node(&mut self, private_key: &PrivateKey, overlay: IpAddr) -> Node {
-        let config = NodeConfig { private_key: private_key.clone(), addresses: vec![IpNet::from(overlay)], mtu: NODE_MTU };
+        let config = NodeConfig {
+            private_key: private_key.clone(),
+            addresses: vec![IpNet::from(overlay)],
+            mtu: NODE_MTU,
+        };
         // The simulated wall clock: the Unix time the run starts at is
         // arbitrary, only its progress matters (ping freshness).
-        Node::new(config, rand::Rng::gen(&mut self.node_rng), self.now(), SIM_EPOCH + self.elapsed())
+        Node::new(
+            config,
+            rand::Rng::gen(&mut self.node_rng),
+            self.now(),
+            SIM_EPOCH + self.elapsed(),
+        )
     }
 
     /// meshd restarts on `id`: same key, address and socket, but a new
@@ -361,7 +370,10 @@ impl Sim {
     /// events start afresh). Configure its peers again, as its peer-map
     /// cache and the rendezvous would.
     pub fn restart(&mut self, id: NodeId) {
-        let (key, overlay) = (self.nodes[id.0].private_key.clone(), self.nodes[id.0].overlay);
+        let (key, overlay) = (
+            self.nodes[id.0].private_key.clone(),
+            self.nodes[id.0].overlay,
+        );
         self.nodes[id.0].node = self.fresh_node(&key, overlay);
         self.nodes[id.0].events.clear();
     }

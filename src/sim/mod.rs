@@ -57,9 +57,9 @@ pub mod packet;
 mod seeds;
 
 pub use clock::SimClock;
-pub use seeds::{for_each_seed, SEEDS};
 pub use harness::{
     NodeId, RelayConfig, Sim, SinkId, TimedOut, TraceEntry, NODE_MTU, RENDEZVOUS_ADDR,
 };
 pub use nat::{Filtering, Mapping, Nat, NatConfig, NatId, NatStats, OneToOne};
 pub use net::{Captured, Datagram, Delivery, HostId, LinkConfig, NetStats, SimNet};
+pub use seeds::{for_each_seed, SEEDS};

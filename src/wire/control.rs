@@ -167,9 +167,17 @@ pub struct MeshInfo {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
     /// Admitted: the node's own entry, the mesh, and every other node.
-    Welcome { node: NodeEntry, mesh: MeshInfo, observed: SocketAddr, peers: Vec<NodeEntry> },
+    Welcome {
+        node: NodeEntry,
+        mesh: MeshInfo,
+        observed: SocketAddr,
+        peers: Vec<NodeEntry>,
+    },
     /// Not admitted; the connection closes after this.
-    Rejected { reason: RejectReason, message: String },
+    Rejected {
+        reason: RejectReason,
+        message: String,
+    },
     /// A node joined, reconnected, or changed its candidates.
     PeerUpsert { peer: NodeEntry },
     /// A node was removed from the mesh.
@@ -256,7 +264,10 @@ pub fn decode_frame<T: for<'de> Deserialize<'de>>(
     max: usize,
 ) -> Result<(T, usize), FrameError> {
     let Some((header, rest)) = buf.split_first_chunk::<4>() else {
-        return Err(FrameError::Malformed(format!("truncated header: {} of 4 bytes", buf.len())));
+        return Err(FrameError::Malformed(format!(
+            "truncated header: {} of 4 bytes",
+            buf.len()
+        )));
     };
     let len = frame_len(*header, max)?;
     let Some(body) = rest.get(..len) else {
@@ -293,7 +304,8 @@ pub fn decode_hello(body: &[u8]) -> Result<Hello, HelloError> {
         version: Option<serde_json::Value>,
     }
     // serde quotes the peer's text in some errors ("unknown variant …").
-    let malformed = |e: serde_json::Error| HelloError::Malformed(super::untrusted::bounded(&e.to_string()));
+    let malformed =
+        |e: serde_json::Error| HelloError::Malformed(super::untrusted::bounded(&e.to_string()));
     if body.trim_ascii_start().first() != Some(&b'{') {
         return Err(HelloError::Malformed("not a JSON object".into()));
     }
@@ -360,7 +372,9 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
             if seen.contains(&key) {
                 // The key is the peer's text: only its length goes in the error.
                 let len = key.len();
-                return Err(serde::de::Error::custom(format!("a key of {len} bytes appears twice in one object")));
+                return Err(serde::de::Error::custom(format!(
+                    "a key of {len} bytes appears twice in one object"
+                )));
             }
             map.next_value::<UniqueKeys>()?;
             seen.insert(key);
@@ -396,7 +410,10 @@ mod tests {
         let header = (MAX_FRAME_UNADMITTED as u32 + 1).to_be_bytes();
         assert_eq!(
             decode_frame::<NodeMessage>(&header, MAX_FRAME_UNADMITTED),
-            Err(FrameError::TooLarge { len: MAX_FRAME_UNADMITTED + 1, max: MAX_FRAME_UNADMITTED })
+            Err(FrameError::TooLarge {
+                len: MAX_FRAME_UNADMITTED + 1,
+                max: MAX_FRAME_UNADMITTED
+            })
         );
     }
 
@@ -422,18 +439,44 @@ mod tests {
     #[test]
     fn a_hello_decodes_with_its_fields() {
         let hello = decode_hello(hello_json().as_bytes()).unwrap();
-        assert_eq!((hello.version, hello.name.as_str(), hello.listen_port), (1, "node-a", 51820));
+        assert_eq!(
+            (hello.version, hello.name.as_str(), hello.listen_port),
+            (1, "node-a", 51820)
+        );
     }
 
     #[test]
     fn a_duplicate_key_is_refused_at_the_top_and_inside_a_candidate() {
-        let twice = hello_json().replace(r#""name":"node-a","#, r#""name":"node-a","name":"node-b","#);
-        assert!(matches!(decode_hello(twice.as_bytes()), Err(HelloError::Malformed(_))), "{twice}");
+        let twice =
+            hello_json().replace(r#""name":"node-a","#, r#""name":"node-a","name":"node-b","#);
+        assert!(
+            matches!(
+                decode_hello(twice.as_bytes()),
+                Err(HelloError::Malformed(_))
+            ),
+            "{twice}"
+        );
         let candidate = r#"{"addr":"192.0.2.1:1","kind":"local","addr":"192.0.2.9:1"}"#;
-        let nested = hello_json().replace(r#""candidates":[]"#, &format!(r#""candidates":[{candidate}]"#));
-        assert!(matches!(decode_hello(nested.as_bytes()), Err(HelloError::Malformed(_))), "{nested}");
-        let unknown = hello_json().replace(r#""version":1,"#, r#""version":1,"extra":1,"extra":2,"#);
-        assert!(matches!(decode_hello(unknown.as_bytes()), Err(HelloError::Malformed(_))), "{unknown}");
+        let nested = hello_json().replace(
+            r#""candidates":[]"#,
+            &format!(r#""candidates":[{candidate}]"#),
+        );
+        assert!(
+            matches!(
+                decode_hello(nested.as_bytes()),
+                Err(HelloError::Malformed(_))
+            ),
+            "{nested}"
+        );
+        let unknown =
+            hello_json().replace(r#""version":1,"#, r#""version":1,"extra":1,"extra":2,"#);
+        assert!(
+            matches!(
+                decode_hello(unknown.as_bytes()),
+                Err(HelloError::Malformed(_))
+            ),
+            "{unknown}"
+        );
     }
 
     #[test]
@@ -445,15 +488,27 @@ mod tests {
     #[test]
     fn the_version_is_read_before_the_rest_of_the_hello() {
         let v2 = r#"{"version":2,"something":"this version cannot read"}"#;
-        assert_eq!(decode_hello(v2.as_bytes()), Err(HelloError::Version { theirs: Some(2) }));
-        assert_eq!(decode_hello(br#"{"name":"x"}"#), Err(HelloError::Version { theirs: None }));
-        assert_eq!(decode_hello(br#"{"version":"1"}"#), Err(HelloError::Version { theirs: None }));
+        assert_eq!(
+            decode_hello(v2.as_bytes()),
+            Err(HelloError::Version { theirs: Some(2) })
+        );
+        assert_eq!(
+            decode_hello(br#"{"name":"x"}"#),
+            Err(HelloError::Version { theirs: None })
+        );
+        assert_eq!(
+            decode_hello(br#"{"version":"1"}"#),
+            Err(HelloError::Version { theirs: None })
+        );
     }
 
     #[test]
     fn what_is_not_one_json_object_is_malformed() {
         for body in [&b""[..], b"[1]", b"{", b"{} {}", b"\xff", b"null"] {
-            assert!(matches!(decode_hello(body), Err(HelloError::Malformed(_))), "{body:?}");
+            assert!(
+                matches!(decode_hello(body), Err(HelloError::Malformed(_))),
+                "{body:?}"
+            );
         }
         let twice = br#"{"version":1,"version":1}"#;
         assert!(matches!(decode_hello(twice), Err(HelloError::Malformed(_))));
@@ -462,8 +517,13 @@ mod tests {
     #[test]
     fn a_refusal_does_not_repeat_the_peers_text() {
         let long = "k".repeat(10_000);
-        let body = hello_json().replace(r#""version":1,"#, &format!(r#""version":1,"{long}":1,"{long}":2,"#));
-        let Err(HelloError::Malformed(message)) = decode_hello(body.as_bytes()) else { panic!("refused") };
+        let body = hello_json().replace(
+            r#""version":1,"#,
+            &format!(r#""version":1,"{long}":1,"{long}":2,"#),
+        );
+        let Err(HelloError::Malformed(message)) = decode_hello(body.as_bytes()) else {
+            panic!("refused")
+        };
         assert!(message.len() < 200, "{message}");
     }
 }

@@ -77,13 +77,21 @@ mod tests {
     #[test]
     fn a_mapped_ipv4_address_is_judged_as_ipv4() {
         assert_eq!(judge("[::ffff:127.0.0.1]:51820"), Some(Unusable::Loopback));
-        assert_eq!(judge("[::ffff:169.254.0.9]:51820"), Some(Unusable::LinkLocal));
+        assert_eq!(
+            judge("[::ffff:169.254.0.9]:51820"),
+            Some(Unusable::LinkLocal)
+        );
         assert_eq!(judge("[::ffff:198.51.100.1]:51820"), None);
     }
 
     #[test]
     fn public_and_private_addresses_are_usable() {
-        for a in ["198.51.100.1:51820", "10.0.0.1:51820", "[2001:db8::1]:51820", "[fd00::1]:51820"] {
+        for a in [
+            "198.51.100.1:51820",
+            "10.0.0.1:51820",
+            "[2001:db8::1]:51820",
+            "[fd00::1]:51820",
+        ] {
             assert_eq!(judge(a), None, "{a}");
         }
     }

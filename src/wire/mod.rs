@@ -54,6 +54,9 @@ mod tests {
         assert_eq!(classify(&[0x41]), DatagramKind::Quic);
         assert_eq!(classify(&[]), DatagramKind::Unknown);
         assert_eq!(classify(&[5, 0, 0, 0]), DatagramKind::Unknown);
-        assert_eq!(classify(&reflect::Reflect::Request { tx: [0; 12] }.encode()), DatagramKind::Reflect);
+        assert_eq!(
+            classify(&reflect::Reflect::Request { tx: [0; 12] }.encode()),
+            DatagramKind::Reflect
+        );
     }
 }

@@ -90,7 +90,9 @@ pub fn is_probe(datagram: &[u8]) -> bool {
 
 /// Reads the unauthenticated header: who claims to have sent it.
 pub fn peek(datagram: &[u8]) -> Result<Probe, ProbeError> {
-    let bytes: &[u8; PROBE_LEN] = datagram.try_into().map_err(|_| ProbeError::Length { len: datagram.len() })?;
+    let bytes: &[u8; PROBE_LEN] = datagram.try_into().map_err(|_| ProbeError::Length {
+        len: datagram.len(),
+    })?;
     if bytes[..4] != MAGIC {
         return Err(ProbeError::Magic);
     }
@@ -99,11 +101,19 @@ pub fn peek(datagram: &[u8]) -> Result<Probe, ProbeError> {
     let mut sender = [0u8; 32];
     sender.copy_from_slice(&bytes[20..52]);
     let kind = match bytes[4] {
-        1 => ProbeKind::Ping { sent_ms: decode_sent(&bytes[52..71]) },
-        2 => ProbeKind::Pong { observed: decode_addr(&bytes[52..71])? },
+        1 => ProbeKind::Ping {
+            sent_ms: decode_sent(&bytes[52..71]),
+        },
+        2 => ProbeKind::Pong {
+            observed: decode_addr(&bytes[52..71])?,
+        },
         other => return Err(ProbeError::Type(other)),
     };
-    Ok(Probe { kind, tx, sender: PublicKey::from_bytes(sender) })
+    Ok(Probe {
+        kind,
+        tx,
+        sender: PublicKey::from_bytes(sender),
+    })
 }
 
 /// The key two nodes share for probes, derived from their static keys.
@@ -131,7 +141,13 @@ impl ProbeKey {
     }
 
     /// Writes a probe into `out` and returns it.
-    pub fn seal<'a>(&self, kind: ProbeKind, tx: TxId, sender: &PublicKey, out: &'a mut [u8; PROBE_LEN]) -> &'a [u8] {
+    pub fn seal<'a>(
+        &self,
+        kind: ProbeKind,
+        tx: TxId,
+        sender: &PublicKey,
+        out: &'a mut [u8; PROBE_LEN],
+    ) -> &'a [u8] {
         out.fill(0);
         out[..4].copy_from_slice(&MAGIC);
         out[8..20].copy_from_slice(&tx);
@@ -149,7 +165,11 @@ impl ProbeKey {
                 encode_addr(observed, &mut out[52..71]);
             }
         }
-        let tag = self.mac().chain_update(&out[..BODY_LEN]).finalize().into_bytes();
+        let tag = self
+            .mac()
+            .chain_update(&out[..BODY_LEN])
+            .finalize()
+            .into_bytes();
         out[BODY_LEN..].copy_from_slice(&tag);
         out
     }
@@ -165,7 +185,8 @@ impl ProbeKey {
     }
 
     fn mac(&self) -> Blake2sMac128 {
-        <Blake2sMac128 as KeyInit>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!("32-byte key"))
+        <Blake2sMac128 as KeyInit>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("32-byte key"))
     }
 }
 
@@ -190,11 +211,17 @@ pub(crate) fn encode_addr(addr: SocketAddr, out: &mut [u8]) {
 
 /// Reads the 19-byte form [`encode_addr`] writes.
 pub(crate) fn decode_addr(bytes: &[u8]) -> Result<SocketAddr, ProbeError> {
-    let octets: [u8; 16] = bytes.get(3..19).and_then(|b| b.try_into().ok()).ok_or(ProbeError::Address)?;
+    let octets: [u8; 16] = bytes
+        .get(3..19)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(ProbeError::Address)?;
     let port = u16::from_be_bytes([bytes[1], bytes[2]]);
     let ip = Ipv6Addr::from(octets);
     match bytes[0] {
-        4 => ip.to_ipv4_mapped().map(|v4| SocketAddr::new(v4.into(), port)).ok_or(ProbeError::Address),
+        4 => ip
+            .to_ipv4_mapped()
+            .map(|v4| SocketAddr::new(v4.into(), port))
+            .ok_or(ProbeError::Address),
         6 => Ok(SocketAddr::new(ip.into(), port)),
         _ => Err(ProbeError::Address),
     }
@@ -205,7 +232,10 @@ mod tests {
     use super::*;
 
     fn keys() -> (PrivateKey, PrivateKey) {
-        (PrivateKey::from_bytes([1; 32]), PrivateKey::from_bytes([2; 32]))
+        (
+            PrivateKey::from_bytes([1; 32]),
+            PrivateKey::from_bytes([2; 32]),
+        )
     }
 
     #[test]
@@ -215,10 +245,24 @@ mod tests {
         let kb = ProbeKey::derive(&b, &a.public_key()).unwrap();
         let observed: SocketAddr = "198.51.100.7:40000".parse().unwrap();
         let mut buf = [0u8; PROBE_LEN];
-        let wire = ka.seal(ProbeKind::Pong { observed }, [9; 12], &a.public_key(), &mut buf).to_vec();
+        let wire = ka
+            .seal(
+                ProbeKind::Pong { observed },
+                [9; 12],
+                &a.public_key(),
+                &mut buf,
+            )
+            .to_vec();
         assert!(is_probe(&wire));
         let probe = kb.open(&wire).unwrap();
-        assert_eq!(probe, Probe { kind: ProbeKind::Pong { observed }, tx: [9; 12], sender: a.public_key() });
+        assert_eq!(
+            probe,
+            Probe {
+                kind: ProbeKind::Pong { observed },
+                tx: [9; 12],
+                sender: a.public_key()
+            }
+        );
     }
 
     #[test]
@@ -229,8 +273,12 @@ mod tests {
         let forged_key = ProbeKey::derive(&mallory, &b.public_key()).unwrap();
         let mut buf = [0u8; PROBE_LEN];
         // Mallory claims to be a.
-        let ping = ProbeKind::Ping { sent_ms: Some(1_700_000_000_000) };
-        let wire = forged_key.seal(ping, [1; 12], &a.public_key(), &mut buf).to_vec();
+        let ping = ProbeKind::Ping {
+            sent_ms: Some(1_700_000_000_000),
+        };
+        let wire = forged_key
+            .seal(ping, [1; 12], &a.public_key(), &mut buf)
+            .to_vec();
         assert_eq!(kb.open(&wire), Err(ProbeError::Mac));
         // A genuine probe with one bit flipped.
         let ka = ProbeKey::derive(&a, &b.public_key()).unwrap();
@@ -249,13 +297,25 @@ mod tests {
         let ka = ProbeKey::derive(&a, &b.public_key()).unwrap();
         let kb = ProbeKey::derive(&b, &a.public_key()).unwrap();
         let mut buf = [0u8; PROBE_LEN];
-        let ping = ProbeKind::Ping { sent_ms: Some(1_764_864_000_123) };
+        let ping = ProbeKind::Ping {
+            sent_ms: Some(1_764_864_000_123),
+        };
         let wire = ka.seal(ping, [4; 12], &a.public_key(), &mut buf).to_vec();
         assert_eq!(kb.open(&wire).unwrap().kind, ping);
         // Release 0.1.0 left bytes 52..71 of a ping zero.
-        let old = ka.seal(ProbeKind::Ping { sent_ms: None }, [4; 12], &a.public_key(), &mut buf).to_vec();
+        let old = ka
+            .seal(
+                ProbeKind::Ping { sent_ms: None },
+                [4; 12],
+                &a.public_key(),
+                &mut buf,
+            )
+            .to_vec();
         assert!(old[52..71].iter().all(|b| *b == 0));
-        assert_eq!(kb.open(&old).unwrap().kind, ProbeKind::Ping { sent_ms: None });
+        assert_eq!(
+            kb.open(&old).unwrap().kind,
+            ProbeKind::Ping { sent_ms: None }
+        );
     }
 
     #[test]
@@ -276,6 +336,9 @@ mod tests {
 
     #[test]
     fn probes_are_neither_wireguard_nor_quic() {
-        assert_eq!(crate::wire::classify(&MAGIC), crate::wire::DatagramKind::Probe);
+        assert_eq!(
+            crate::wire::classify(&MAGIC),
+            crate::wire::DatagramKind::Probe
+        );
     }
 }

@@ -59,7 +59,9 @@ pub enum ReflectError {
 impl Reflect {
     /// Checked parse of untrusted bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, ReflectError> {
-        let bytes: &[u8; REFLECT_LEN] = bytes.try_into().map_err(|_| ReflectError::Length { len: bytes.len() })?;
+        let bytes: &[u8; REFLECT_LEN] = bytes
+            .try_into()
+            .map_err(|_| ReflectError::Length { len: bytes.len() })?;
         if bytes[..4] != MAGIC {
             return Err(ReflectError::Magic);
         }
@@ -117,15 +119,26 @@ mod tests {
         assert_eq!(response.len(), request.len());
         assert_eq!(
             Reflect::parse(&response),
-            Ok(Reflect::Response { tx: [7; 12], observed: "203.0.113.41:3947".parse().unwrap() })
+            Ok(Reflect::Response {
+                tx: [7; 12],
+                observed: "203.0.113.41:3947".parse().unwrap()
+            })
         );
     }
 
     #[test]
     fn responses_and_garbage_get_no_answer_and_never_panic() {
         let from: SocketAddr = "192.0.2.1:1".parse().unwrap();
-        let response = Reflect::Response { tx: [1; 12], observed: from }.encode();
-        assert_eq!(answer(&response, from), None, "a response is never answered: no loops");
+        let response = Reflect::Response {
+            tx: [1; 12],
+            observed: from,
+        }
+        .encode();
+        assert_eq!(
+            answer(&response, from),
+            None,
+            "a response is never answered: no loops"
+        );
         assert_eq!(Reflect::parse(&[]), Err(ReflectError::Length { len: 0 }));
         let mut bad = Reflect::Request { tx: [0; 12] }.encode();
         bad[4] = 9;

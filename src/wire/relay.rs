@@ -187,7 +187,11 @@ pub fn parse(frame: &[u8]) -> Result<(RelayHeader, &[u8]), RelayError> {
 
 /// Appends a whole frame (header, then payload) to `out`: a datagram's
 /// content, or a stream frame's body.
-pub fn encode_frame(header: RelayHeader, payload: &[u8], out: &mut Vec<u8>) -> Result<(), RelayError> {
+pub fn encode_frame(
+    header: RelayHeader,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), RelayError> {
     check_payload(payload.len())?;
     out.reserve(HEADER_LEN + payload.len());
     out.extend_from_slice(&header.to_bytes());
@@ -196,7 +200,11 @@ pub fn encode_frame(header: RelayHeader, payload: &[u8], out: &mut Vec<u8>) -> R
 }
 
 /// Appends a stream frame (length prefix, header, payload) to `out`.
-pub fn encode_stream_frame(header: RelayHeader, payload: &[u8], out: &mut Vec<u8>) -> Result<(), RelayError> {
+pub fn encode_stream_frame(
+    header: RelayHeader,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), RelayError> {
     check_payload(payload.len())?;
     out.reserve(STREAM_PREFIX_LEN + HEADER_LEN + payload.len());
     out.extend_from_slice(&stream_prefix(HEADER_LEN + payload.len())?);
@@ -208,7 +216,9 @@ pub fn encode_stream_frame(header: RelayHeader, payload: &[u8], out: &mut Vec<u8
 pub fn stream_prefix(frame_len: usize) -> Result<[u8; STREAM_PREFIX_LEN], RelayError> {
     match u32::try_from(frame_len) {
         Ok(len) if (HEADER_LEN + 1..=MAX_FRAME_LEN).contains(&frame_len) => Ok(len.to_be_bytes()),
-        _ => Err(RelayError::FrameLength { len: frame_len as u64 }),
+        _ => Err(RelayError::FrameLength {
+            len: frame_len as u64,
+        }),
     }
 }
 
@@ -219,7 +229,9 @@ pub fn stream_frame_len(prefix: [u8; STREAM_PREFIX_LEN]) -> Result<usize, RelayE
     let len = u32::from_be_bytes(prefix);
     match usize::try_from(len) {
         Ok(len) if (HEADER_LEN + 1..=MAX_FRAME_LEN).contains(&len) => Ok(len),
-        _ => Err(RelayError::FrameLength { len: u64::from(len) }),
+        _ => Err(RelayError::FrameLength {
+            len: u64::from(len),
+        }),
     }
 }
 
@@ -248,7 +260,11 @@ pub fn decode_stream_frame(buf: &[u8]) -> Result<Option<StreamFrame<'_>>, RelayE
         return Ok(None);
     };
     let (header, payload) = parse(frame)?;
-    Ok(Some(StreamFrame { header, payload, consumed: STREAM_PREFIX_LEN + len }))
+    Ok(Some(StreamFrame {
+        header,
+        payload,
+        consumed: STREAM_PREFIX_LEN + len,
+    }))
 }
 
 /// Whether a frame with `payload_len` bytes of payload fits one QUIC
@@ -278,7 +294,10 @@ mod tests {
     }
 
     fn packet_to(id: u32) -> RelayHeader {
-        RelayHeader { kind: RelayKind::Packet, node: node(id) }
+        RelayHeader {
+            kind: RelayKind::Packet,
+            node: node(id),
+        }
     }
 
     /// A small deterministic generator: tests need no random source.
@@ -313,15 +332,32 @@ mod tests {
     #[test]
     fn malformed_frames_are_named_errors() {
         assert_eq!(parse(&[]), Err(RelayError::Truncated { len: 0 }));
-        assert_eq!(parse(&[0x11, 0, 0, 1]), Err(RelayError::Truncated { len: 4 }));
-        assert_eq!(parse(&[0x21, 0, 0, 0, 1, 9]), Err(RelayError::Version { version: 2 }));
-        assert_eq!(parse(&[0x00, 0, 0, 0, 1, 9]), Err(RelayError::Version { version: 0 }));
-        assert_eq!(parse(&[0x12, 0, 0, 0, 1, 9]), Err(RelayError::Kind { kind: 2 }));
+        assert_eq!(
+            parse(&[0x11, 0, 0, 1]),
+            Err(RelayError::Truncated { len: 4 })
+        );
+        assert_eq!(
+            parse(&[0x21, 0, 0, 0, 1, 9]),
+            Err(RelayError::Version { version: 2 })
+        );
+        assert_eq!(
+            parse(&[0x00, 0, 0, 0, 1, 9]),
+            Err(RelayError::Version { version: 0 })
+        );
+        assert_eq!(
+            parse(&[0x12, 0, 0, 0, 1, 9]),
+            Err(RelayError::Kind { kind: 2 })
+        );
         assert_eq!(parse(&[0x11, 0, 0, 0, 0, 9]), Err(RelayError::ZeroNodeId));
         assert_eq!(parse(&[0x11, 0, 0, 0, 1]), Err(RelayError::EmptyPayload));
         let mut big = vec![0x11, 0, 0, 0, 1];
         big.resize(HEADER_LEN + MAX_PAYLOAD + 1, 0);
-        assert_eq!(parse(&big), Err(RelayError::PayloadTooLarge { len: MAX_PAYLOAD + 1 }));
+        assert_eq!(
+            parse(&big),
+            Err(RelayError::PayloadTooLarge {
+                len: MAX_PAYLOAD + 1
+            })
+        );
         big.pop();
         assert!(parse(&big).is_ok());
     }
@@ -329,11 +365,16 @@ mod tests {
     #[test]
     fn encoders_refuse_what_the_parser_would_refuse() {
         let mut out = Vec::new();
-        assert_eq!(encode_frame(packet_to(1), &[], &mut out), Err(RelayError::EmptyPayload));
+        assert_eq!(
+            encode_frame(packet_to(1), &[], &mut out),
+            Err(RelayError::EmptyPayload)
+        );
         let big = vec![0u8; MAX_PAYLOAD + 1];
         assert_eq!(
             encode_stream_frame(packet_to(1), &big, &mut out),
-            Err(RelayError::PayloadTooLarge { len: MAX_PAYLOAD + 1 })
+            Err(RelayError::PayloadTooLarge {
+                len: MAX_PAYLOAD + 1
+            })
         );
         assert!(out.is_empty());
     }
@@ -354,7 +395,11 @@ mod tests {
                 }
             }
             if let Ok((header, payload)) = parse(&buf) {
-                assert_eq!(header.to_bytes()[..], buf[..HEADER_LEN], "seed {seed:#x} round {round}");
+                assert_eq!(
+                    header.to_bytes()[..],
+                    buf[..HEADER_LEN],
+                    "seed {seed:#x} round {round}"
+                );
                 assert_eq!(payload.len(), buf.len() - HEADER_LEN);
             }
             let _ = decode_stream_frame(&buf);
@@ -367,11 +412,16 @@ mod tests {
         encode_stream_frame(packet_to(3), b"first", &mut stream).unwrap();
         let big = vec![0x5a; MAX_PAYLOAD];
         encode_stream_frame(packet_to(9), &big, &mut stream).unwrap();
-        assert_eq!(stream[..STREAM_PREFIX_LEN + HEADER_LEN], [0, 0, 0, 10, 0x11, 0, 0, 0, 3]);
+        assert_eq!(
+            stream[..STREAM_PREFIX_LEN + HEADER_LEN],
+            [0, 0, 0, 10, 0x11, 0, 0, 0, 3]
+        );
 
         let first = decode_stream_frame(&stream).unwrap().unwrap();
         assert_eq!((first.header, first.payload), (packet_to(3), &b"first"[..]));
-        let second = decode_stream_frame(&stream[first.consumed..]).unwrap().unwrap();
+        let second = decode_stream_frame(&stream[first.consumed..])
+            .unwrap()
+            .unwrap();
         assert_eq!((second.header, second.payload), (packet_to(9), &big[..]));
         assert_eq!(first.consumed + second.consumed, stream.len());
     }
@@ -389,23 +439,37 @@ mod tests {
     #[test]
     fn an_oversized_stream_length_is_rejected_from_its_prefix_alone() {
         let too_big = (MAX_FRAME_LEN as u32 + 1).to_be_bytes();
-        let err = RelayError::FrameLength { len: MAX_FRAME_LEN as u64 + 1 };
+        let err = RelayError::FrameLength {
+            len: MAX_FRAME_LEN as u64 + 1,
+        };
         assert_eq!(stream_frame_len(too_big), Err(err));
         // Only the four prefix bytes exist: nothing was waited for or allocated.
         assert_eq!(decode_stream_frame(&too_big), Err(err));
         assert_eq!(
             stream_frame_len([0xff; 4]),
-            Err(RelayError::FrameLength { len: u64::from(u32::MAX) })
+            Err(RelayError::FrameLength {
+                len: u64::from(u32::MAX)
+            })
         );
         // A frame needs a header and at least one payload byte.
         for len in 0..=HEADER_LEN as u32 {
             assert_eq!(
                 stream_frame_len(len.to_be_bytes()),
-                Err(RelayError::FrameLength { len: u64::from(len) })
+                Err(RelayError::FrameLength {
+                    len: u64::from(len)
+                })
             );
         }
-        assert_eq!(stream_frame_len((MAX_FRAME_LEN as u32).to_be_bytes()), Ok(MAX_FRAME_LEN));
-        assert_eq!(stream_prefix(MAX_FRAME_LEN + 1), Err(RelayError::FrameLength { len: MAX_FRAME_LEN as u64 + 1 }));
+        assert_eq!(
+            stream_frame_len((MAX_FRAME_LEN as u32).to_be_bytes()),
+            Ok(MAX_FRAME_LEN)
+        );
+        assert_eq!(
+            stream_prefix(MAX_FRAME_LEN + 1),
+            Err(RelayError::FrameLength {
+                len: MAX_FRAME_LEN as u64 + 1
+            })
+        );
     }
 
     #[test]
@@ -413,7 +477,10 @@ mod tests {
         assert!(fits_datagram(1195, Some(1200)));
         assert!(!fits_datagram(1196, Some(1200)));
         assert!(!fits_datagram(1, Some(HEADER_LEN)));
-        assert!(!fits_datagram(1, None), "a peer without datagram support takes the stream");
+        assert!(
+            !fits_datagram(1, None),
+            "a peer without datagram support takes the stream"
+        );
         assert!(!fits_datagram(usize::MAX, Some(usize::MAX)));
     }
 

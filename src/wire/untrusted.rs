@@ -46,7 +46,10 @@ mod tests {
     #[test]
     fn long_text_is_cut_and_says_how_much_was_left_out() {
         let text = "x".repeat(15_000);
-        assert_eq!(bounded(&text), format!("{}…(+{} bytes)", "x".repeat(MAX_CHARS), 15_000 - MAX_CHARS));
+        assert_eq!(
+            bounded(&text),
+            format!("{}…(+{} bytes)", "x".repeat(MAX_CHARS), 15_000 - MAX_CHARS)
+        );
     }
 
     #[test]
@@ -57,6 +60,9 @@ mod tests {
     #[test]
     fn multibyte_text_is_cut_on_a_character_boundary() {
         let text = "é".repeat(100);
-        assert_eq!(bounded(&text), format!("{}…(+72 bytes)", "é".repeat(MAX_CHARS)));
+        assert_eq!(
+            bounded(&text),
+            format!("{}…(+72 bytes)", "é".repeat(MAX_CHARS))
+        );
     }
 }

@@ -668,7 +668,10 @@ pub fn assert_success(out: &Output, what: &str) {
 
 /// `meshctl --socket SOCKET <args…> --json`, parsed; `Err` says which
 /// command failed and why (its stderr, or the output that was not JSON).
-pub fn meshctl_json<T: serde::de::DeserializeOwned>(socket: &Path, args: &[&str]) -> Result<T, String> {
+pub fn meshctl_json<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    args: &[&str],
+) -> Result<T, String> {
     let mut all = vec!["--socket", utf8(socket)];
     all.extend_from_slice(args);
     all.push("--json");

@@ -65,7 +65,11 @@ pub struct Release {
 impl Release {
     /// The binaries of this tree.
     pub fn current() -> Self {
-        Release { name: "current".into(), meshd: MESHD.into(), rendezvous: MESH_RENDEZVOUS.into() }
+        Release {
+            name: "current".into(),
+            meshd: MESHD.into(),
+            rendezvous: MESH_RENDEZVOUS.into(),
+        }
     }
 
     /// The previous release's binaries, from the directory that
@@ -74,7 +78,11 @@ impl Release {
     pub fn previous() -> Option<Self> {
         let dir = PathBuf::from(std::env::var_os("MESHD_PREVIOUS_RELEASE")?);
         let name = fs::read_to_string(dir.join("release")).unwrap_or_else(|_| "previous".into());
-        Some(Release { name: name.trim().to_owned(), meshd: dir.join("meshd"), rendezvous: dir.join("mesh-rendezvous") })
+        Some(Release {
+            name: name.trim().to_owned(),
+            meshd: dir.join("meshd"),
+            rendezvous: dir.join("mesh-rendezvous"),
+        })
     }
 }
 static SWEEP: Once = Once::new();
@@ -102,7 +110,11 @@ impl MeshLab {
     }
 
     /// [`MeshLab::with_mesh_of`], every daemon started from `release`.
-    pub fn with_mesh_of_release(stem: &'static str, nodes: &[&'static str], release: &Release) -> Self {
+    pub fn with_mesh_of_release(
+        stem: &'static str,
+        nodes: &[&'static str],
+        release: &Release,
+    ) -> Self {
         Self::build(stem, nodes, release)
     }
 
@@ -252,7 +264,12 @@ impl MeshLab {
     /// returns once its admin socket answers.
     fn serve_rendezvous(&self, release: &Release) {
         let dir = self.state_dir("rv");
-        self.spawn("rv", "rendezvous", utf8(&release.rendezvous), &["--state-dir", utf8(&dir), "serve"]);
+        self.spawn(
+            "rv",
+            "rendezvous",
+            utf8(&release.rendezvous),
+            &["--state-dir", utf8(&dir), "serve"],
+        );
         let admin = self.state_dir("rv").join("admin.sock");
         eventually(
             "mesh-rendezvous accepts on its admin socket",
@@ -322,7 +339,13 @@ impl MeshLab {
     /// `meshd run` on `node`'s state directory (after `meshd join`).
     fn run_meshd(&self, node: &str, release: &Release) {
         let (state_dir, env_file) = (self.state_dir(node), self.env_file(node));
-        let args = ["run", "--state-dir", utf8(&state_dir), "--env-file", utf8(&env_file)];
+        let args = [
+            "run",
+            "--state-dir",
+            utf8(&state_dir),
+            "--env-file",
+            utf8(&env_file),
+        ];
         self.spawn(node, node, utf8(&release.meshd), &args);
     }
 
@@ -330,18 +353,30 @@ impl MeshLab {
     /// it to exit) and forgets it; its log is kept as `<label>.<n>.log`.
     pub fn stop(&self, label: &str) {
         let mut daemons = self.daemons.borrow_mut();
-        let i = daemons.iter().position(|(l, _)| l == label).unwrap_or_else(|| panic!("no daemon {label}"));
+        let i = daemons
+            .iter()
+            .position(|(l, _)| l == label)
+            .unwrap_or_else(|| panic!("no daemon {label}"));
         let (_, mut child) = daemons.remove(i);
         drop(daemons);
         let pid = child.id().to_string();
         let _ = output("kill", &["-TERM", &pid]);
-        eventually(&format!("{label} exits on SIGTERM"), START_DEADLINE, || match child.try_wait() {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => Err("still running".into()),
-            Err(e) => Err(e.to_string()),
-        });
-        let n = (0..).find(|n| !self.dir.join(format!("{label}.{n}.log")).exists()).unwrap_or(0);
-        let _ = fs::rename(self.log_path(label), self.dir.join(format!("{label}.{n}.log")));
+        eventually(
+            &format!("{label} exits on SIGTERM"),
+            START_DEADLINE,
+            || match child.try_wait() {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err("still running".into()),
+                Err(e) => Err(e.to_string()),
+            },
+        );
+        let n = (0..)
+            .find(|n| !self.dir.join(format!("{label}.{n}.log")).exists())
+            .unwrap_or(0);
+        let _ = fs::rename(
+            self.log_path(label),
+            self.dir.join(format!("{label}.{n}.log")),
+        );
     }
 
     /// Upgrades (or downgrades) the rendezvous in place: stops it and

@@ -225,7 +225,8 @@ impl Node {
     /// rendezvous, a source of its own, with its own share of pending
     /// admissions.
     pub fn on(name: &str, ip: std::net::Ipv4Addr) -> Self {
-        let endpoint = quinn::Endpoint::client(SocketAddr::from((ip, 0))).expect("a client endpoint");
+        let endpoint =
+            quinn::Endpoint::client(SocketAddr::from((ip, 0))).expect("a client endpoint");
         Self {
             name: name.to_owned(),
             key: PrivateKey::generate(&mut rand::rngs::OsRng),
@@ -441,7 +442,8 @@ impl RawConnection {
     pub async fn admit(node: &Node, rendezvous: &Rendezvous, token: &str) -> (Self, ServerMessage) {
         let mut raw = Self::open(&node.endpoint, rendezvous).await;
         let proof = admission::proof(&node.key, &raw.server_hello.server_key, &raw.exporter);
-        raw.send_hello(&hello(node.public_key(), proof, Some(token))).await;
+        raw.send_hello(&hello(node.public_key(), proof, Some(token)))
+            .await;
         let answer = raw.answer().await;
         (raw, answer)
     }

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 mod requests;
 
-use requests::{PendingPing, Reflecting};
+use super::offload::{gro::Coalescer, tso};
 use super::quic::{QuicDatagram, QuicSource};
 use super::tun::Tun;
 use super::udp::{canonical, gso_run, UdpSocket, MAX_GSO_SEGMENTS};
@@ -29,14 +29,14 @@ use crate::control::server::Ask;
 use crate::control::{IoCounters, Response};
 use crate::engine::nat::{MappingObserver, Observer};
 use crate::engine::paths::Source;
-use crate::wire::reflect::Reflect;
-use crate::wire::control::NatMapping;
 use crate::engine::{Event, Node, PeerSpec, Transmit};
-use tun_rs::VIRTIO_NET_HDR_LEN;
-use super::offload::{gro::Coalescer, tso};
 use crate::identity::PublicKey;
+use crate::wire::control::NatMapping;
+use crate::wire::reflect::Reflect;
 use crate::wire::relay::{self, NodeId, RelayKind};
 use crate::wire::{classify, DatagramKind};
+use requests::{PendingPing, Reflecting};
+use tun_rs::VIRTIO_NET_HDR_LEN;
 
 /// Reads from one source per wakeup before the others get a turn.
 const BATCH: usize = 64;
@@ -122,8 +122,6 @@ pub struct Inputs {
 
 /// Relayed frames queued for the driver before they are dropped.
 pub const RELAY_INBOX: usize = 1024;
-
-
 
 pub struct Driver {
     node: Node,
@@ -308,7 +306,9 @@ impl Driver {
             match self.tun.try_recv(read) {
                 Ok(len) => {
                     self.io.tun_reads += 1;
-                    let Some(read) = read.get_mut(..len) else { continue };
+                    let Some(read) = read.get_mut(..len) else {
+                        continue;
+                    };
                     let node = &mut self.node;
                     if !offload {
                         self.io.tun_read_packets += 1;
@@ -369,7 +369,11 @@ impl Driver {
         let mut start = 0;
         while start < batch.len() {
             let run = &batch[start..];
-            let n = if self.udp.gso() { gso_run(run, |t| (t.dst, t.payload.len())) } else { 1 };
+            let n = if self.udp.gso() {
+                gso_run(run, |t| (t.dst, t.payload.len()))
+            } else {
+                1
+            };
             let dst = run[0].dst;
             self.io.udp_sends += 1;
             self.io.udp_sent_datagrams += n as u64;
@@ -380,7 +384,14 @@ impl Driver {
                     *slot = IoSlice::new(t.payload.as_slice());
                 }
                 let segment_len = u16::try_from(run[0].payload.len()).unwrap_or(u16::MAX);
-                match send_segments(&self.udp, &segments[..n.min(MAX_GSO_SEGMENTS)], segment_len, dst).await {
+                match send_segments(
+                    &self.udp,
+                    &segments[..n.min(MAX_GSO_SEGMENTS)],
+                    segment_len,
+                    dst,
+                )
+                .await
+                {
                     Err(e) if e.kind() == io::ErrorKind::Unsupported => {
                         // GSO just turned out unavailable: this run one by one.
                         self.io.udp_sends += n as u64 - 1;
@@ -443,15 +454,22 @@ impl Driver {
 
     /// One datagram of the receive buffer, demultiplexed by its first bytes.
     fn udp_datagram(&mut self, from: SocketAddr, range: std::ops::Range<usize>, now: Instant) {
-        let Some(datagram) = self.buf.get(range) else { return };
+        let Some(datagram) = self.buf.get(range) else {
+            return;
+        };
         match (classify(datagram), &self.inputs.quic) {
             (DatagramKind::Reflect, _) => {
                 let answer = Reflect::parse(datagram);
                 self.reflected(from, answer);
             }
-            (DatagramKind::Quic, Some(_)) if !self.inputs.quic_source.admits(from) => self.quic_foreign += 1,
+            (DatagramKind::Quic, Some(_)) if !self.inputs.quic_source.admits(from) => {
+                self.quic_foreign += 1
+            }
             (DatagramKind::Quic, Some(quic)) => {
-                let d = QuicDatagram { from, data: cut_from_chunk(&mut self.quic_chunk, &[datagram]) };
+                let d = QuicDatagram {
+                    from,
+                    data: cut_from_chunk(&mut self.quic_chunk, &[datagram]),
+                };
                 if quic.try_send(d).is_err() {
                     self.quic_dropped += 1;
                 }
@@ -517,7 +535,8 @@ impl Driver {
     /// One WireGuard packet to `peer` through the relay: a datagram when it
     /// fits, else its own stream, so no packet is dropped for its size.
     fn send_relayed(&mut self, peer: PublicKey, packet: &[u8]) {
-        let (Some(connection), Some(node)) = (&self.relay_connection, self.relay_id_of(&peer)) else {
+        let (Some(connection), Some(node)) = (&self.relay_connection, self.relay_id_of(&peer))
+        else {
             self.relay_dropped += 1;
             return;
         };
@@ -616,15 +635,26 @@ impl Driver {
                 if added {
                     tracing::info!(peer = %key.short(), name = %peer.name, "peer joined");
                 }
-                let port = peer.candidates.iter().find(|(_, s)| *s == Source::Local).map(|(a, _)| a.port());
+                let port = peer
+                    .candidates
+                    .iter()
+                    .find(|(_, s)| *s == Source::Local)
+                    .map(|(a, _)| a.port());
                 self.node.set_candidates(&key, peer.candidates, now);
-                let meta = PeerMeta { name: peer.name, overlay_ips: peer.overlay_ips, nat: peer.nat, port };
+                let meta = PeerMeta {
+                    name: peer.name,
+                    overlay_ips: peer.overlay_ips,
+                    nat: peer.nat,
+                    port,
+                };
                 self.meta.insert(key, meta);
                 if let Some(id) = self.relay_id_of(&key) {
                     self.relay_ids.insert(id, key);
                 }
             }
-            Err(e) => tracing::warn!(peer = %key.short(), error = %e, "cannot add peer from the peer map"),
+            Err(e) => {
+                tracing::warn!(peer = %key.short(), error = %e, "cannot add peer from the peer map")
+            }
         }
     }
 
@@ -648,7 +678,12 @@ async fn send_one(udp: &UdpSocket, datagram: &[u8], dst: SocketAddr) -> io::Resu
 }
 
 /// A GSO send, waiting while the socket buffer is full.
-async fn send_segments(udp: &UdpSocket, segments: &[IoSlice<'_>], segment_len: u16, dst: SocketAddr) -> io::Result<usize> {
+async fn send_segments(
+    udp: &UdpSocket,
+    segments: &[IoSlice<'_>],
+    segment_len: u16,
+    dst: SocketAddr,
+) -> io::Result<usize> {
     loop {
         match udp.try_send_segments(segments, segment_len, dst) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => udp.writable().await?,
@@ -687,6 +722,11 @@ async fn relay_changed(
 fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
-    ) || matches!(e.raw_os_error(), Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH))
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH)
+    )
 }

@@ -11,10 +11,12 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::Driver;
-use crate::dataplane::udp::canonical;
 use crate::control::diagnose::{self, Side};
 use crate::control::server::Ask;
-use crate::control::{millis, NetcheckInfo, PeerInfo, PingInfo, RendezvousInfo, Request, Response, StatusInfo};
+use crate::control::{
+    millis, NetcheckInfo, PeerInfo, PingInfo, RendezvousInfo, Request, Response, StatusInfo,
+};
+use crate::dataplane::udp::canonical;
 use crate::engine::nat::Observer;
 use crate::engine::paths::{Path, PathStatus};
 use crate::identity::PublicKey;
@@ -56,7 +58,9 @@ impl Driver {
 
     pub(super) fn answer(&mut self, (request, reply): Ask) {
         let response = match request {
-            Request::Peers => Response::Peers { peers: self.peer_infos() },
+            Request::Peers => Response::Peers {
+                peers: self.peer_infos(),
+            },
             Request::Status => {
                 let now = Instant::now();
                 let stats = self.node.stats();
@@ -75,7 +79,10 @@ impl Driver {
                             Observer::Rendezvous => format!("{addr} (rendezvous)"),
                             Observer::Reflector => format!("{addr} (rendezvous NAT check)"),
                             Observer::Peer(key) => {
-                                let name = self.meta.get(&key).map_or_else(|| key.short(), |m| m.name.clone());
+                                let name = self
+                                    .meta
+                                    .get(&key)
+                                    .map_or_else(|| key.short(), |m| m.name.clone());
                                 format!("{addr} ({name})")
                             }
                         })
@@ -85,7 +92,12 @@ impl Driver {
                         rtt_ms: self.relay_connection.as_ref().map(|c| millis(c.rtt())),
                     }),
                     name: self.info.name.clone(),
-                    overlay_ips: self.info.addresses.iter().map(|a| a.split('/').next().unwrap_or(a).to_owned()).collect(),
+                    overlay_ips: self
+                        .info
+                        .addresses
+                        .iter()
+                        .map(|a| a.split('/').next().unwrap_or(a).to_owned())
+                        .collect(),
                     public_key: self.node.public_key().to_string(),
                     interface: self.info.interface.clone(),
                     mtu: self.info.mtu,
@@ -95,7 +107,10 @@ impl Driver {
                     drops: stats
                         .drops()
                         .map(|(r, n)| (r.as_str(), n))
-                        .chain([("quic_not_rendezvous", self.quic_foreign), ("quic_queue_full", self.quic_dropped)])
+                        .chain([
+                            ("quic_not_rendezvous", self.quic_foreign),
+                            ("quic_queue_full", self.quic_dropped),
+                        ])
                         .filter(|(_, n)| *n > 0)
                         .map(|(r, n)| (r.to_owned(), n))
                         .collect(),
@@ -121,8 +136,9 @@ impl Driver {
             .map(|p| p.public_key)
             .filter(|key| {
                 let meta = self.meta.get(key);
-                meta.is_some_and(|m| m.name == query || ip.is_some_and(|ip| m.overlay_ips.contains(&ip)))
-                    || (query.len() >= 4 && key.to_string().starts_with(query))
+                meta.is_some_and(|m| {
+                    m.name == query || ip.is_some_and(|ip| m.overlay_ips.contains(&ip))
+                }) || (query.len() >= 4 && key.to_string().starts_with(query))
             })
             .collect();
         match matches.as_slice() {
@@ -139,7 +155,9 @@ impl Driver {
     }
 
     fn display_name(&self, key: &PublicKey) -> String {
-        self.meta.get(key).map_or_else(|| key.short(), |m| m.name.clone())
+        self.meta
+            .get(key)
+            .map_or_else(|| key.short(), |m| m.name.clone())
     }
 
     /// `meshctl ping`: probes the peer now; the reply waits for its pong
@@ -155,7 +173,11 @@ impl Driver {
         let now = Instant::now();
         let info = PingInfo {
             peer: self.display_name(&key),
-            overlay_ip: self.meta.get(&key).and_then(|m| m.overlay_ips.first()).map(ToString::to_string),
+            overlay_ip: self
+                .meta
+                .get(&key)
+                .and_then(|m| m.overlay_ips.first())
+                .map(ToString::to_string),
             ..PingInfo::default()
         };
         if !self.node.ping(&key, now) {
@@ -163,11 +185,18 @@ impl Driver {
             let _ = reply.send(Response::Pong(info));
             return;
         }
-        self.pending_pings.push(PendingPing { peer: key, deadline: now + PING_TIMEOUT, reply, info });
+        self.pending_pings.push(PendingPing {
+            peer: key,
+            deadline: now + PING_TIMEOUT,
+            reply,
+            info,
+        });
     }
 
     pub(super) fn ping_replied(&mut self, peer: PublicKey, path: Path, rtt: std::time::Duration) {
-        let Some(i) = self.pending_pings.iter().position(|p| p.peer == peer) else { return };
+        let Some(i) = self.pending_pings.iter().position(|p| p.peer == peer) else {
+            return;
+        };
         let mut pending = self.pending_pings.swap_remove(i);
         let (name, endpoint) = match path {
             Path::Direct(addr) => ("direct", Some(addr.to_string())),
@@ -183,7 +212,8 @@ impl Driver {
     /// sees us; the reply waits for the answer or [`NETCHECK_TIMEOUT`].
     fn start_netcheck(&mut self, reply: oneshot::Sender<Response>) {
         if self.inputs.nat.is_none() {
-            let message = "this node has no rendezvous (static peers only): nothing to check against".into();
+            let message =
+                "this node has no rendezvous (static peers only): nothing to check against".into();
             let _ = reply.send(Response::Error { message });
             return;
         }
@@ -199,21 +229,40 @@ impl Driver {
 
     /// Sends a NAT check to the rendezvous's second port, if its address is known.
     pub(super) fn send_reflect(&mut self, now: Instant) {
-        let Some(rendezvous) = self.rendezvous_addr else { return };
-        let target = SocketAddr::new(rendezvous.ip(), rendezvous.port().wrapping_add(reflect::PORT_OFFSET));
+        let Some(rendezvous) = self.rendezvous_addr else {
+            return;
+        };
+        let target = SocketAddr::new(
+            rendezvous.ip(),
+            rendezvous.port().wrapping_add(reflect::PORT_OFFSET),
+        );
         let tx: reflect::TxId = rand::random();
         let request = Reflect::Request { tx }.encode();
         if let Err(e) = self.udp.try_send_to(&request, target) {
             tracing::debug!(%target, error = %e, "NAT check not sent");
         }
-        self.reflecting = Some(Reflecting { tx, target, sent: now, retried: false });
+        self.reflecting = Some(Reflecting {
+            tx,
+            target,
+            sent: now,
+            retried: false,
+        });
     }
 
     /// A NAT check answer on the shared socket.
-    pub(super) fn reflected(&mut self, from: SocketAddr, answer: Result<Reflect, reflect::ReflectError>) {
+    pub(super) fn reflected(
+        &mut self,
+        from: SocketAddr,
+        answer: Result<Reflect, reflect::ReflectError>,
+    ) {
         let now = Instant::now();
-        let Ok(Reflect::Response { tx, observed }) = answer else { return };
-        let Some(pending) = self.reflecting.filter(|r| r.tx == tx && canonical(r.target) == canonical(from)) else {
+        let Ok(Reflect::Response { tx, observed }) = answer else {
+            return;
+        };
+        let Some(pending) = self
+            .reflecting
+            .filter(|r| r.tx == tx && canonical(r.target) == canonical(from))
+        else {
             return;
         };
         self.reflecting = None;
@@ -228,9 +277,11 @@ impl Driver {
             return;
         }
         let now = Instant::now();
-        let quic_seen = self.observer.seen_at(now).into_iter().find_map(|(by, addr)| {
-            matches!(by, Observer::Rendezvous).then_some(addr)
-        });
+        let quic_seen = self
+            .observer
+            .seen_at(now)
+            .into_iter()
+            .find_map(|(by, addr)| matches!(by, Observer::Rendezvous).then_some(addr));
         let reflector_seen = self.reflector_seen.map(|(addr, _)| addr);
         let (mapping, punching, explanation) =
             diagnose::netcheck_verdict(quic_seen, reflector_seen, &self.info.underlay_ips);
@@ -239,9 +290,9 @@ impl Driver {
             quic_connected: self.relay_connection.is_some(),
             quic_rtt_ms: self.relay_connection.as_ref().map(|c| millis(c.rtt())),
             quic_seen_at: quic_seen.map(|a| a.to_string()),
-            reflector: self
-                .rendezvous_addr
-                .map(|a| SocketAddr::new(a.ip(), a.port().wrapping_add(reflect::PORT_OFFSET)).to_string()),
+            reflector: self.rendezvous_addr.map(|a| {
+                SocketAddr::new(a.ip(), a.port().wrapping_add(reflect::PORT_OFFSET)).to_string()
+            }),
             reflector_seen_at: reflector_seen.map(|a| a.to_string()),
             reflector_rtt_ms: self.reflector_seen.map(|(_, rtt)| millis(rtt)),
             mapping,
@@ -258,19 +309,27 @@ impl Driver {
     pub(super) fn pending_deadline(&self) -> Option<Instant> {
         let pings = self.pending_pings.iter().map(|p| p.deadline);
         let netchecks = self.pending_netcheck.iter().map(|(d, _)| *d);
-        let retry = self.reflecting.filter(|r| !r.retried).map(|r| r.sent + REFLECT_RETRY);
+        let retry = self
+            .reflecting
+            .filter(|r| !r.retried)
+            .map(|r| r.sent + REFLECT_RETRY);
         pings.chain(netchecks).chain(retry).min()
     }
 
     /// Times out pings and netchecks, and sends a lost NAT check once more.
     pub(super) fn expire_pending(&mut self, now: Instant) {
-        let (expired, waiting): (Vec<PendingPing>, Vec<PendingPing>) =
-            self.pending_pings.drain(..).partition(|p| p.deadline <= now);
+        let (expired, waiting): (Vec<PendingPing>, Vec<PendingPing>) = self
+            .pending_pings
+            .drain(..)
+            .partition(|p| p.deadline <= now);
         self.pending_pings = waiting;
         for p in expired {
             let _ = p.reply.send(Response::Pong(p.info));
         }
-        if let Some(r) = self.reflecting.filter(|r| !r.retried && now >= r.sent + REFLECT_RETRY) {
+        if let Some(r) = self
+            .reflecting
+            .filter(|r| !r.retried && now >= r.sent + REFLECT_RETRY)
+        {
             let request = Reflect::Request { tx: r.tx }.encode();
             let _ = self.udp.try_send_to(&request, r.target);
             self.reflecting = Some(Reflecting { retried: true, ..r });
@@ -280,7 +339,6 @@ impl Driver {
         }
     }
 }
-
 
 /// How long `meshctl ping` waits for one pong.
 const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -305,4 +363,3 @@ pub(super) struct Reflecting {
     sent: Instant,
     retried: bool,
 }
-

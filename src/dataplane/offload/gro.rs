@@ -30,11 +30,13 @@
 //! `CHECKSUM_UNNECESSARY` for the same reason).
 
 use tun_rs::{
-    VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4, VIRTIO_NET_HDR_LEN,
+    VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4,
+    VIRTIO_NET_HDR_LEN,
 };
 
 use super::{
-    be16, be32, fold, pseudo_header, put16, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_PSH, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    be16, be32, fold, pseudo_header, put16, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_PSH,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
 };
 
 /// Streams coalesced at once; a further one flushes the oldest.
@@ -124,7 +126,8 @@ impl Flow {
         self.layout.v6 == layout.v6
             && self.layout.udp == layout.udp
             && own[self.layout.addresses()] == pkt[layout.addresses()]
-            && own[self.layout.ip_len..self.layout.ip_len + 4] == pkt[layout.ip_len..layout.ip_len + 4]
+            && own[self.layout.ip_len..self.layout.ip_len + 4]
+                == pkt[layout.ip_len..layout.ip_len + 4]
     }
 
     /// Whether segment `pkt` (of this stream) can be appended.
@@ -206,7 +209,11 @@ impl Coalescer {
     /// `udp`: join UDP datagrams too; only for a TUN that takes UDP
     /// super-packets (`GSO_UDP_L4`, Linux 6.2 and later).
     pub fn new(udp: bool) -> Self {
-        Self { flows: Vec::with_capacity(MAX_FLOWS), spare: Vec::new(), udp }
+        Self {
+            flows: Vec::with_capacity(MAX_FLOWS),
+            spare: Vec::new(),
+            udp,
+        }
     }
 
     /// Offers the packet at `frame[start..]`; `start` must leave room for
@@ -214,8 +221,12 @@ impl Coalescer {
     /// Writes (through `write`) whatever this packet completes or can't
     /// join; the rest waits for the next packet or [`Self::finish`].
     pub fn push(&mut self, frame: &mut [u8], start: usize, write: &mut impl FnMut(&[u8])) {
-        let Some(header_at) = start.checked_sub(VIRTIO_NET_HDR_LEN) else { return };
-        let Some(pkt) = frame.get(start..) else { return };
+        let Some(header_at) = start.checked_sub(VIRTIO_NET_HDR_LEN) else {
+            return;
+        };
+        let Some(pkt) = frame.get(start..) else {
+            return;
+        };
         match classify(pkt, self.udp) {
             Kind::Segment(layout) => {
                 if let Some(i) = self.flows.iter().position(|f| f.same_stream(pkt, &layout)) {
@@ -248,7 +259,10 @@ impl Coalescer {
         if self.flows.len() == MAX_FLOWS {
             self.flush(0, write);
         }
-        let mut buf = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET));
+        let mut buf = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET));
         buf.clear();
         buf.resize(VIRTIO_NET_HDR_LEN, 0);
         buf.extend_from_slice(pkt);
@@ -256,9 +270,19 @@ impl Coalescer {
         let (next_seq, open) = if layout.udp {
             (0, true)
         } else {
-            (layout.seq(pkt).wrapping_add(payload as u32), layout.flags(pkt) & TCP_PSH == 0)
+            (
+                layout.seq(pkt).wrapping_add(payload as u32),
+                layout.flags(pkt) & TCP_PSH == 0,
+            )
         };
-        self.flows.push(Flow { buf, layout, gso_size: payload, segments: 1, next_seq, open });
+        self.flows.push(Flow {
+            buf,
+            layout,
+            gso_size: payload,
+            segments: 1,
+            next_seq,
+            open,
+        });
     }
 
     fn flush(&mut self, i: usize, write: &mut impl FnMut(&[u8])) {
@@ -277,11 +301,16 @@ fn write_plain(framed: &mut [u8], write: &mut impl FnMut(&[u8])) {
 
 /// `udp`: whether UDP datagrams may join (else they are unjoinable).
 fn classify(pkt: &[u8], udp: bool) -> Kind {
-    let Some(&first) = pkt.first() else { return Kind::Other };
+    let Some(&first) = pkt.first() else {
+        return Kind::Other;
+    };
     let (v6, ip_len, proto) = match first >> 4 {
         4 => {
             // No IP options, a whole (unfragmented) packet.
-            if first & 0x0f != 5 || pkt.len() < 20 || usize::from(be16(pkt, 2)) != pkt.len() || be16(pkt, 6) & 0x3fff != 0
+            if first & 0x0f != 5
+                || pkt.len() < 20
+                || usize::from(be16(pkt, 2)) != pkt.len()
+                || be16(pkt, 6) & 0x3fff != 0
             {
                 return Kind::Other;
             }
@@ -304,7 +333,12 @@ fn classify(pkt: &[u8], udp: bool) -> Kind {
             if l4_len < 20 || pkt.len() < ip_len + l4_len {
                 return Kind::Other;
             }
-            let layout = Layout { v6, udp: false, ip_len, l4_len };
+            let layout = Layout {
+                v6,
+                udp: false,
+                ip_len,
+                l4_len,
+            };
             let flags = layout.flags(pkt);
             let payload = pkt.len() - layout.headers();
             if payload > 0 && (flags == TCP_ACK || flags == TCP_ACK | TCP_PSH) {
@@ -317,7 +351,12 @@ fn classify(pkt: &[u8], udp: bool) -> Kind {
             if pkt.len() < ip_len + 8 || usize::from(be16(pkt, ip_len + 4)) != pkt.len() - ip_len {
                 return Kind::Other;
             }
-            let layout = Layout { v6, udp: true, ip_len, l4_len: 8 };
+            let layout = Layout {
+                v6,
+                udp: true,
+                ip_len,
+                l4_len: 8,
+            };
             if udp && pkt.len() > layout.headers() {
                 Kind::Segment(layout)
             } else {
@@ -454,8 +493,15 @@ mod tests {
         let mut input = w[VIRTIO_NET_HDR_LEN..].to_vec();
         let mut bufs = vec![vec![0u8; 2000]; 128];
         let mut sizes = vec![0; 128];
-        let n = tun_rs::gso_split(&mut input, hdr, &mut bufs, &mut sizes, 0, hdr.gso_type == VIRTIO_NET_HDR_GSO_TCPV6)
-            .unwrap();
+        let n = tun_rs::gso_split(
+            &mut input,
+            hdr,
+            &mut bufs,
+            &mut sizes,
+            0,
+            hdr.gso_type == VIRTIO_NET_HDR_GSO_TCPV6,
+        )
+        .unwrap();
         (0..n).map(|i| bufs[i][..sizes[i]].to_vec()).collect()
     }
 
@@ -468,13 +514,28 @@ mod tests {
     fn a_stream_becomes_one_super_packet_that_splits_back_into_the_same_segments() {
         for v6 in [false, true] {
             let segs: Vec<_> = (0..10u32)
-                .map(|i| segment(v6, 40000, 1000 + i * 1300, &payload(i as usize, 1300), TCP_ACK))
+                .map(|i| {
+                    segment(
+                        v6,
+                        40000,
+                        1000 + i * 1300,
+                        &payload(i as usize, 1300),
+                        TCP_ACK,
+                    )
+                })
                 .collect();
             let out = run(&segs);
             assert_eq!(out.len(), 1, "v6={v6}");
             let hdr = header(&out[0]);
             assert_eq!(hdr.flags, VIRTIO_NET_HDR_F_NEEDS_CSUM);
-            assert_eq!(hdr.gso_type, if v6 { VIRTIO_NET_HDR_GSO_TCPV6 } else { VIRTIO_NET_HDR_GSO_TCPV4 });
+            assert_eq!(
+                hdr.gso_type,
+                if v6 {
+                    VIRTIO_NET_HDR_GSO_TCPV6
+                } else {
+                    VIRTIO_NET_HDR_GSO_TCPV4
+                }
+            );
             assert_eq!(hdr.gso_size, 1300);
             assert_eq!(usize::from(hdr.hdr_len), if v6 { 72 } else { 52 });
             assert_eq!(hdr.csum_start, if v6 { 40 } else { 20 });
@@ -482,7 +543,11 @@ mod tests {
             let pkt = &out[0][VIRTIO_NET_HDR_LEN..];
             if !v6 {
                 assert_eq!(usize::from(be16(pkt, 2)), pkt.len());
-                assert_eq!(tun_rs::checksum(&pkt[..20], 0), 0xffff, "IPv4 header checksum");
+                assert_eq!(
+                    tun_rs::checksum(&pkt[..20], 0),
+                    0xffff,
+                    "IPv4 header checksum"
+                );
             } else {
                 assert_eq!(usize::from(be16(pkt, 4)), pkt.len() - 40);
             }
@@ -493,7 +558,11 @@ mod tests {
             for (b, s) in back.iter().zip(&segs) {
                 assert_eq!(tcp_payload(b), tcp_payload(s));
                 let ip = if v6 { 40 } else { 20 };
-                assert_eq!(b[ip..ip + 16], s[ip..ip + 16], "ports, seq, ack, offset, flags, window");
+                assert_eq!(
+                    b[ip..ip + 16],
+                    s[ip..ip + 16],
+                    "ports, seq, ack, offset, flags, window"
+                );
             }
         }
     }
@@ -518,7 +587,13 @@ mod tests {
             segment(false, 1, 1000, &payload(1, 500), TCP_ACK),
             segment(false, 1, 1500, &p(2), TCP_ACK),
         ];
-        assert_eq!(run(&short).iter().map(|w| split(w).len()).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(
+            run(&short)
+                .iter()
+                .map(|w| split(w).len())
+                .collect::<Vec<_>>(),
+            [2, 1]
+        );
         // PSH: ends it, and is kept on the last segment.
         let psh = vec![
             segment(false, 1, 0, &p(0), TCP_ACK),
@@ -537,8 +612,20 @@ mod tests {
     fn interleaved_streams_are_each_coalesced_in_order() {
         let mut packets = Vec::new();
         for i in 0..6u32 {
-            packets.push(segment(false, 1, i * 1000, &payload(i as usize, 1000), TCP_ACK));
-            packets.push(segment(true, 2, i * 1000, &payload(100 + i as usize, 1000), TCP_ACK));
+            packets.push(segment(
+                false,
+                1,
+                i * 1000,
+                &payload(i as usize, 1000),
+                TCP_ACK,
+            ));
+            packets.push(segment(
+                true,
+                2,
+                i * 1000,
+                &payload(100 + i as usize, 1000),
+                TCP_ACK,
+            ));
         }
         let out = run(&packets);
         assert_eq!(out.len(), 2);
@@ -580,7 +667,9 @@ mod tests {
     #[test]
     fn a_udp_flow_becomes_one_super_packet_where_the_tun_takes_them() {
         for v6 in [false, true] {
-            let mut datagrams: Vec<_> = (0..10).map(|i| datagram(v6, 40000, &payload(i, 1200))).collect();
+            let mut datagrams: Vec<_> = (0..10)
+                .map(|i| datagram(v6, 40000, &payload(i, 1200)))
+                .collect();
             datagrams.push(datagram(v6, 40000, &payload(10, 300)));
             // A shorter datagram ends it: this one goes on its own.
             datagrams.push(datagram(v6, 40000, &payload(11, 1200)));
@@ -588,10 +677,17 @@ mod tests {
             assert_eq!(out.len(), 2, "v6={v6}");
             let hdr = header(&out[0]);
             assert_eq!(hdr.gso_type, VIRTIO_NET_HDR_GSO_UDP_L4);
-            assert_eq!((hdr.gso_size, hdr.csum_offset, hdr.flags), (1200, 6, VIRTIO_NET_HDR_F_NEEDS_CSUM));
+            assert_eq!(
+                (hdr.gso_size, hdr.csum_offset, hdr.flags),
+                (1200, 6, VIRTIO_NET_HDR_F_NEEDS_CSUM)
+            );
             let ip = if v6 { 40 } else { 20 };
             let pkt = &out[0][VIRTIO_NET_HDR_LEN..];
-            assert_eq!(usize::from(be16(pkt, ip + 4)), pkt.len() - ip, "UDP length of the whole");
+            assert_eq!(
+                usize::from(be16(pkt, ip + 4)),
+                pkt.len() - ip,
+                "UDP length of the whole"
+            );
             let back = split(&out[0]);
             assert_eq!(back.len(), 11);
             for (b, d) in back.iter().zip(&datagrams) {
@@ -602,7 +698,10 @@ mod tests {
             // Without USO on the device, each datagram is written as it is.
             let plain = run_with(&datagrams, false);
             assert_eq!(plain.len(), datagrams.len());
-            assert!(plain.iter().zip(&datagrams).all(|(w, d)| w[VIRTIO_NET_HDR_LEN..] == d[..]));
+            assert!(plain
+                .iter()
+                .zip(&datagrams)
+                .all(|(w, d)| w[VIRTIO_NET_HDR_LEN..] == d[..]));
         }
     }
 
@@ -615,10 +714,14 @@ mod tests {
 
     #[test]
     fn super_packets_stay_within_64_kib() {
-        let segs: Vec<_> = (0..120u32).map(|i| segment(false, 1, i * 1300, &payload(i as usize, 1300), TCP_ACK)).collect();
+        let segs: Vec<_> = (0..120u32)
+            .map(|i| segment(false, 1, i * 1300, &payload(i as usize, 1300), TCP_ACK))
+            .collect();
         let out = run(&segs);
         assert!(out.len() >= 3);
-        assert!(out.iter().all(|w| w.len() - VIRTIO_NET_HDR_LEN <= MAX_PACKET));
+        assert!(out
+            .iter()
+            .all(|w| w.len() - VIRTIO_NET_HDR_LEN <= MAX_PACKET));
         assert_eq!(out.iter().map(|w| split(w).len()).sum::<usize>(), 120);
     }
 
@@ -664,16 +767,28 @@ mod tests {
                     continue;
                 }
                 let len = if next(6) == 0 { 1 + next(1299) } else { 1300 } as usize;
-                let flags = if next(10) == 0 { TCP_ACK | TCP_PSH } else { TCP_ACK };
+                let flags = if next(10) == 0 {
+                    TCP_ACK | TCP_PSH
+                } else {
+                    TCP_ACK
+                };
                 if next(20) == 0 {
                     seqs[stream] += 1300; // a lost segment: a gap
                 }
                 let v6 = stream % 2 == 1;
-                packets.push(segment(v6, 1000 + stream as u16, seqs[stream], &payload(packets.len(), len), flags));
+                packets.push(segment(
+                    v6,
+                    1000 + stream as u16,
+                    seqs[stream],
+                    &payload(packets.len(), len),
+                    flags,
+                ));
                 seqs[stream] += len as u32;
             }
             let out = run(&packets);
-            assert!(out.iter().all(|w| w.len() - VIRTIO_NET_HDR_LEN <= MAX_PACKET));
+            assert!(out
+                .iter()
+                .all(|w| w.len() - VIRTIO_NET_HDR_LEN <= MAX_PACKET));
             let back: Vec<Vec<u8>> = out.iter().flat_map(|w| split(w)).collect();
             assert_eq!(back.len(), packets.len());
             // Per stream (and for the other packets), the same packets in
@@ -704,9 +819,24 @@ mod tests {
                 }
                 q
             };
-            for k in [(4, 6, 1000), (6, 6, 1001), (4, 6, 1002), (6, 6, 1003), (4, 17, 9), (4, 1, 9)] {
-                let sent: Vec<_> = packets.iter().filter(|p| key(p) == k).map(|p| strip(p)).collect();
-                let got: Vec<_> = back.iter().filter(|p| key(p) == k).map(|p| strip(p)).collect();
+            for k in [
+                (4, 6, 1000),
+                (6, 6, 1001),
+                (4, 6, 1002),
+                (6, 6, 1003),
+                (4, 17, 9),
+                (4, 1, 9),
+            ] {
+                let sent: Vec<_> = packets
+                    .iter()
+                    .filter(|p| key(p) == k)
+                    .map(|p| strip(p))
+                    .collect();
+                let got: Vec<_> = back
+                    .iter()
+                    .filter(|p| key(p) == k)
+                    .map(|p| strip(p))
+                    .collect();
                 assert_eq!(got, sent, "stream {k:?}");
             }
         }

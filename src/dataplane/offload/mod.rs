@@ -20,7 +20,10 @@ const TCP_CWR: u8 = 0x80;
 /// The unfolded one's-complement sum of a TCP/UDP pseudo-header:
 /// `addresses` is source then destination (8 or 32 bytes).
 fn pseudo_header(addresses: &[u8], proto: u8, len: u16) -> u64 {
-    let words: u64 = addresses.chunks_exact(2).map(|w| u64::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    let words: u64 = addresses
+        .chunks_exact(2)
+        .map(|w| u64::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
     words + u64::from(proto) + u64::from(len)
 }
 

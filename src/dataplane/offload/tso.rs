@@ -10,7 +10,10 @@
 //! callback has consumed by then (the engine encrypts each segment into a
 //! buffer of its own). Only the headers and checksums are written.
 
-use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4, VIRTIO_NET_HDR_LEN};
+use tun_rs::{
+    VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4,
+    VIRTIO_NET_HDR_LEN,
+};
 
 use super::{
     be16, be32, pseudo_header, put16, put32, IPPROTO_TCP, IPPROTO_UDP, TCP_CWR, TCP_FIN, TCP_PSH,
@@ -34,12 +37,17 @@ pub fn split(read: &mut [u8], mut each: impl FnMut(&[u8])) -> Result<usize, Spli
     if read.len() <= VIRTIO_NET_HDR_LEN {
         return Err(SplitError("shorter than its virtio-net header"));
     }
-    let hdr = VirtioNetHdr::decode(&read[..VIRTIO_NET_HDR_LEN]).map_err(|_| SplitError("virtio-net header"))?;
+    let hdr = VirtioNetHdr::decode(&read[..VIRTIO_NET_HDR_LEN])
+        .map_err(|_| SplitError("virtio-net header"))?;
     let pkt = &mut read[VIRTIO_NET_HDR_LEN..];
     let gso_type = hdr.gso_type & !VIRTIO_NET_HDR_GSO_ECN;
     if gso_type == 0 {
         if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-            complete_checksum(pkt, usize::from(hdr.csum_start), usize::from(hdr.csum_offset))?;
+            complete_checksum(
+                pkt,
+                usize::from(hdr.csum_start),
+                usize::from(hdr.csum_offset),
+            )?;
         }
         each(pkt);
         return Ok(1);
@@ -108,7 +116,11 @@ pub fn split(read: &mut [u8], mut each: impl FnMut(&[u8])) -> Result<usize, Spli
             put16(segment, 10, sum);
         }
         if tcp {
-            put32(segment, ip_len + 4, seq.wrapping_add((count * gso_size) as u32));
+            put32(
+                segment,
+                ip_len + 4,
+                seq.wrapping_add((count * gso_size) as u32),
+            );
             let flags = &mut segment[ip_len + 13];
             if count > 0 {
                 // As Linux: CWR only on the first segment.
@@ -238,11 +250,21 @@ mod tests {
     fn super_packets_split_exactly_as_the_reference_does() {
         for v6 in [false, true] {
             for tcp in [true, false] {
-                for (payload, gso) in [(1340 * 48, 1340), (1340 * 10 + 77, 1340), (500, 1340), (1, 1340), (150, 1)] {
+                for (payload, gso) in [
+                    (1340 * 48, 1340),
+                    (1340 * 10 + 77, 1340),
+                    (500, 1340),
+                    (1, 1340),
+                    (150, 1),
+                ] {
                     for flags in [0x10, 0x18, 0x19, 0x98] {
                         let read = super_packet(v6, tcp, payload, gso, flags);
                         let want = reference(&read);
-                        assert_eq!(ours(&read).unwrap(), want, "v6={v6} tcp={tcp} payload={payload} flags={flags:#x}");
+                        assert_eq!(
+                            ours(&read).unwrap(),
+                            want,
+                            "v6={v6} tcp={tcp} payload={payload} flags={flags:#x}"
+                        );
                         if !tcp {
                             break;
                         }
@@ -262,7 +284,10 @@ mod tests {
         assert_eq!(got, want);
         // Without NEEDS_CSUM the packet is passed on untouched.
         read[0] = 0;
-        assert_eq!(ours(&read).unwrap(), vec![read[VIRTIO_NET_HDR_LEN..].to_vec()]);
+        assert_eq!(
+            ours(&read).unwrap(),
+            vec![read[VIRTIO_NET_HDR_LEN..].to_vec()]
+        );
     }
 
     #[test]
@@ -278,13 +303,19 @@ mod tests {
             ours(&r)
         };
         assert!(mutate(1, 0x42).is_err(), "unknown GSO type");
-        assert!(mutate(1, VIRTIO_NET_HDR_GSO_TCPV6).is_err(), "IPv4 packet, IPv6 GSO");
+        assert!(
+            mutate(1, VIRTIO_NET_HDR_GSO_TCPV6).is_err(),
+            "IPv4 packet, IPv6 GSO"
+        );
         let mut zero_gso = good.clone();
         zero_gso[4..6].fill(0);
         assert!(ours(&zero_gso).is_err(), "gso_size 0");
         assert!(mutate(6, 4).is_err(), "csum_start inside the IP header");
         assert!(mutate(VIRTIO_NET_HDR_LEN, 0x75).is_err(), "IP version 7");
-        assert!(mutate(VIRTIO_NET_HDR_LEN + 20 + 12, 0x20).is_err(), "TCP header of 8 bytes");
+        assert!(
+            mutate(VIRTIO_NET_HDR_LEN + 20 + 12, 0x20).is_err(),
+            "TCP header of 8 bytes"
+        );
         assert!(mutate(8, 200).is_err(), "checksum field beyond the headers");
         // Every byte of the header area set to every extreme: never a panic.
         for at in 0..VIRTIO_NET_HDR_LEN + 60 {
