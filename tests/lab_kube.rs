@@ -7,18 +7,17 @@
 //! VXLAN device set up as flannel's vxlan backend does it, carrying pings
 //! of its full MTU and a TCP transfer. Needs root.
 //!
-//! Each test builds its own lab (tests/lab, `LAB_PREFIX` `mlk<pid>-<n>`);
+//! Each test builds its own lab (tests/common/lab.rs, `LAB_PREFIX` `mlk<pid>-<n>`);
 //! everything a test starts inside the lab's namespaces, etcd included, is
 //! stopped and its files removed when the lab is dropped, failed or not.
 
 mod common;
-mod lab;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
+use common::lab::{eventually, MeshLab, REACH_DEADLINE, START_DEADLINE};
 use common::{utf8, Amount};
-use lab::{eventually, MeshLab, REACH_DEADLINE, START_DEADLINE};
 
 /// The prefix of this file's labs.
 const PREFIX: &str = "mlk";

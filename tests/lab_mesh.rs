@@ -4,34 +4,38 @@
 //! other over the overlay, and each pair of nodes ends up on the path the
 //! design promises for its NATs. Needs root.
 //!
-//! Every test builds its own lab with tests/lab's [`MeshLab`] under the
+//! Every test builds its own lab with tests/common's [`MeshLab`] under the
 //! prefix `mlm` (not the `mlt` of tests/lab_topology.rs, the `mlk` of
 //! tests/lab_kube.rs nor the `mt` of tests/common); the lab is removed when
 //! the test ends, failed or not.
 
 mod common;
-mod lab;
 
+use common::lab::{eventually, MeshLab, REACH_DEADLINE, SETTLE_DEADLINE};
+use common::topology::{topology, Kind};
 use common::{output, utf8, Amount, MESHCTL};
-use lab::{eventually, MeshLab, REACH_DEADLINE, SETTLE_DEADLINE};
+use ipnet::Ipv4Net;
+use std::net::{IpAddr, SocketAddr};
 
 /// Every node of the lab, in the order the demo enrols them.
-const ALL_NODES: [&str; 8] = [
-    "pub1", "pub2", "nat11", "cone", "sym1", "sym2", "lan1", "lan2",
-];
-/// Nodes anyone can reach unsolicited: public addresses, and the 1:1 NAT.
-const REACHABLE: [&str; 3] = ["pub1", "pub2", "nat11"];
-/// The private subnet the two lan nodes share.
-const LAN_SUBNET_PREFIX: &str = "192.168.50.";
+fn all_nodes() -> Vec<&'static str> {
+    topology().nodes.iter().map(|n| n.name).collect()
+}
+
+/// Whether anyone can reach `node` unsolicited: a public address, or the
+/// 1:1 NAT.
+fn reachable(node: &str) -> bool {
+    matches!(topology().node(node).kind, Kind::Public | Kind::OneToOne)
+}
 /// The prefix of this file's namespaces.
 const PREFIX: &str = "mlm";
 
 #[test]
 fn every_node_reaches_every_other_and_each_pair_settles_on_its_expected_path() {
-    let lab = MeshLab::with_mesh_of(PREFIX, &ALL_NODES);
+    let lab = MeshLab::with_mesh_of(PREFIX, &all_nodes());
 
-    for from in ALL_NODES {
-        for to in ALL_NODES.iter().copied().filter(|&to| to != from) {
+    for from in all_nodes() {
+        for to in all_nodes().into_iter().filter(|&to| to != from) {
             eventually(
                 &format!("{from} pings {to} over the overlay"),
                 REACH_DEADLINE,
@@ -44,13 +48,14 @@ fn every_node_reaches_every_other_and_each_pair_settles_on_its_expected_path() {
     // directly; two symmetric NATs cannot punch through each other; two
     // nodes on one subnet talk over their private addresses. Cone and
     // symmetric nodes among themselves may end up either way.
-    let expected = |a: &str, b: &str| -> Option<(&str, Option<&str>)> {
-        if REACHABLE.contains(&a) || REACHABLE.contains(&b) {
+    let lan_subnet = topology().private_subnet_of(topology().node("lan1"));
+    let expected = |a: &str, b: &str| -> Option<(&str, Option<Ipv4Net>)> {
+        if reachable(a) || reachable(b) {
             Some(("direct", None))
         } else if [a, b] == ["sym1", "sym2"] || [a, b] == ["sym2", "sym1"] {
             Some(("relay", None))
         } else if [a, b] == ["lan1", "lan2"] || [a, b] == ["lan2", "lan1"] {
-            Some(("direct", Some(LAN_SUBNET_PREFIX)))
+            Some(("direct", Some(lan_subnet)))
         } else {
             None
         }
@@ -60,20 +65,26 @@ fn every_node_reaches_every_other_and_each_pair_settles_on_its_expected_path() {
         SETTLE_DEADLINE,
         || {
             let mut wrong = Vec::new();
-            for from in ALL_NODES {
-                for to in ALL_NODES.iter().copied().filter(|&to| to != from) {
-                    let Some((path, endpoint_prefix)) = expected(from, to) else {
+            for from in all_nodes() {
+                for to in all_nodes().into_iter().filter(|&to| to != from) {
+                    let Some((path, endpoint_net)) = expected(from, to) else {
                         continue;
                     };
                     match lab.path(from, to) {
                         Ok((got, endpoint))
                             if got == path
-                                && endpoint_prefix.is_none_or(|prefix| {
-                                    endpoint.as_deref().is_some_and(|e| e.starts_with(prefix))
+                                && endpoint_net.is_none_or(|net| {
+                                    endpoint
+                                        .as_deref()
+                                        .and_then(|e| e.parse::<SocketAddr>().ok())
+                                        .is_some_and(|e| match e.ip() {
+                                            IpAddr::V4(ip) => net.contains(&ip),
+                                            IpAddr::V6(_) => false,
+                                        })
                                 }) => {}
                         Ok((got, endpoint)) => wrong.push(format!(
                             "{from} -> {to}: {got} via {endpoint:?}, expected {path}{}",
-                            endpoint_prefix.map_or(String::new(), |p| format!(" via {p}x"))
+                            endpoint_net.map_or(String::new(), |net| format!(" via {net}"))
                         )),
                         Err(e) => wrong.push(e),
                     }
@@ -228,7 +239,8 @@ fn blocking_the_direct_path_moves_a_pair_to_the_relay_and_back_without_breaking_
 
     // A firewall between the two, in both directions, for their WireGuard
     // port only: the rendezvous and so the relay stay reachable.
-    let pub2 = "203.0.113.12";
+    let pub2 = topology().node("pub2").address.to_string();
+    let pub2 = pub2.as_str();
     let block = |action: &str| {
         for rule in [["INPUT", "-s"], ["OUTPUT", "-d"]] {
             lab.run_in(

@@ -5,49 +5,36 @@
 //! `deploy/lab/down` leaves nothing behind. No meshd here: plain UDP sockets
 //! opened inside the lab's namespaces. Needs root.
 //!
-//! Every test builds its own lab with the real scripts under its own
-//! `LAB_PREFIX` (`mlt<pid>-<n>`), so the tests run in parallel and never
-//! touch the demo's lab (`mlab`). A guard runs `deploy/lab/down` when the
-//! test ends, failed or not; a run killed before that is swept by the next.
+//! Every test builds its own lab with the real scripts (tests/common's
+//! [`NatLab`]) under its own `LAB_PREFIX` (`mlt<pid>-<n>`), so the tests run
+//! in parallel and never touch the demo's lab (`mlab`); the addresses come
+//! from `deploy/lab/topology`, as the scripts' do. The guard runs
+//! `deploy/lab/down` when the test ends, failed or not; a run killed before
+//! that is swept by the next.
+
+mod common;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Once;
 use std::thread;
 use std::time::Duration;
 
+use common::lab::NatLab;
+use common::topology::topology;
+use common::{assert_success, run};
 use nix::sched::{setns, CloneFlags};
 
-// The lab's addresses, as deploy/lab/common.sh sets them.
-const RENDEZVOUS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
-const RENDEZVOUS_PORT: u16 = 7443;
-const PUB1: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
-const PUB2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 12);
-const NAT11_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
-const NAT11_PRIVATE: Ipv4Addr = Ipv4Addr::new(10, 11, 0, 2);
-const CONE_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
-const SYM1_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 41);
-const SYM2_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 42);
-const LAN_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 50);
-const LAN1: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 11);
-const LAN2: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 12);
+/// Where the internet sees the lab node `name`.
+fn public(name: &str) -> Ipv4Addr {
+    topology().node(name).public
+}
 
-/// Every node of the lab and the address the internet sees it as.
-const NODES: [(&str, Ipv4Addr); 8] = [
-    ("pub1", PUB1),
-    ("pub2", PUB2),
-    ("nat11", NAT11_PUBLIC),
-    ("cone", CONE_PUBLIC),
-    ("sym1", SYM1_PUBLIC),
-    ("sym2", SYM2_PUBLIC),
-    ("lan1", LAN_PUBLIC),
-    ("lan2", LAN_PUBLIC),
-];
+/// The address on the lab node `name`'s own NIC.
+fn address(name: &str) -> Ipv4Addr {
+    topology().node(name).address
+}
 
 /// The port nodes send from, and the ports public hosts listen on.
 const NODE_PORT: u16 = 5000;
@@ -61,116 +48,38 @@ const DEADLINE: Duration = Duration::from_secs(10);
 /// The prefix of this file's namespaces: not `mt`, which tests/common sweeps.
 const PREFIX: &str = "mlt";
 
-static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
-static SWEEP: Once = Once::new();
-
-/// One lab built by `deploy/lab/up`; dropping it runs `deploy/lab/down`.
-struct NatLab {
-    prefix: String,
-    dir: PathBuf,
-    is_up: bool,
+/// A UDP socket on `0.0.0.0:port` inside `machine`'s namespace. It stays in
+/// that namespace whichever thread uses it afterwards.
+fn socket(lab: &NatLab, machine: &str, port: u16) -> UdpSocket {
+    let ns = lab.ns(machine);
+    let path = format!("/run/netns/{ns}");
+    let socket = thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // Moves this short-lived thread only; the socket keeps the
+        // namespace it was created in.
+        setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+            .unwrap_or_else(|e| panic!("bind UDP port {port} in {ns}: {e}"))
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    socket
+        .set_read_timeout(Some(DEADLINE))
+        .expect("set a read timeout");
+    socket
 }
 
-impl NatLab {
-    fn up() -> Self {
-        require_root();
-        SWEEP.call_once(sweep_leftovers);
-        let prefix = format!(
-            "{PREFIX}{}-{}",
-            std::process::id(),
-            LAB_COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        // Guard first, so that a half-built lab is removed too.
-        let lab = NatLab {
-            dir: std::env::temp_dir().join(&prefix),
-            prefix,
-            is_up: true,
-        };
-        let out = lab.script("up");
-        assert_success(&out, "deploy/lab/up");
-        lab
-    }
-
-    /// Runs `deploy/lab/<name>` on this lab.
-    fn script(&self, name: &str) -> Output {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("deploy/lab")
-            .join(name);
-        Command::new(&path)
-            .env("LAB_PREFIX", &self.prefix)
-            .env("LAB_DIR", &self.dir)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()))
-    }
-
-    fn down(&mut self) -> Output {
-        self.is_up = false;
-        self.script("down")
-    }
-
-    /// The namespace of a machine: "inet", "rv", a node or a router.
-    fn ns(&self, machine: &str) -> String {
-        format!("{}-{machine}", self.prefix)
-    }
-
-    /// Names of the namespaces of this lab that exist now.
-    fn namespaces(&self) -> Vec<String> {
-        let mine = format!("{}-", self.prefix);
-        namespace_names()
-            .into_iter()
-            .filter(|name| name.starts_with(&mine))
-            .collect()
-    }
-
-    /// A UDP socket on `0.0.0.0:port` inside `machine`'s namespace. It
-    /// stays in that namespace whichever thread uses it afterwards.
-    fn socket(&self, machine: &str, port: u16) -> UdpSocket {
-        let ns = self.ns(machine);
-        let path = format!("/run/netns/{ns}");
-        let socket = thread::spawn(move || {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // Moves this short-lived thread only; the socket keeps the
-            // namespace it was created in.
-            setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
-            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
-                .unwrap_or_else(|e| panic!("bind UDP port {port} in {ns}: {e}"))
+/// The IPv4 addresses on `machine`'s interfaces.
+fn addresses(lab: &NatLab, machine: &str) -> Vec<Ipv4Addr> {
+    let out = run("ip", &["-n", &lab.ns(machine), "-o", "-4", "addr", "show"]);
+    // "2: eth0    inet 10.11.0.2/24 brd … scope global eth0"
+    out.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            words.next()?.split('/').next()?.parse().ok()
         })
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        socket
-            .set_read_timeout(Some(DEADLINE))
-            .expect("set a read timeout");
-        socket
-    }
-
-    /// The IPv4 addresses on `machine`'s interfaces.
-    fn addresses(&self, machine: &str) -> Vec<Ipv4Addr> {
-        let out = run("ip", &["-n", &self.ns(machine), "-o", "-4", "addr", "show"]);
-        // "2: eth0    inet 10.11.0.2/24 brd … scope global eth0"
-        out.lines()
-            .filter_map(|line| {
-                let mut words = line.split_whitespace();
-                words.find(|w| *w == "inet")?;
-                words.next()?.split('/').next()?.parse().ok()
-            })
-            .collect()
-    }
-}
-
-impl Drop for NatLab {
-    fn drop(&mut self) {
-        if self.is_up {
-            let out = self.down();
-            if !out.status.success() {
-                eprintln!(
-                    "deploy/lab/down failed for {}: {}",
-                    self.prefix,
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-        }
-    }
+        .collect()
 }
 
 /// Sends `payload` to `to` from `socket`.
@@ -232,15 +141,15 @@ fn v4(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
 
 #[test]
 fn the_cone_nat_keeps_one_mapping_for_every_destination() {
-    let lab = NatLab::up();
-    let node = lab.socket("cone", NODE_PORT);
-    let pub1_a = lab.socket("pub1", PORT_A);
-    let pub1_b = lab.socket("pub1", PORT_B);
-    let pub2_a = lab.socket("pub2", PORT_A);
+    let lab = NatLab::up(PREFIX);
+    let node = socket(&lab, "cone", NODE_PORT);
+    let pub1_a = socket(&lab, "pub1", PORT_A);
+    let pub1_b = socket(&lab, "pub1", PORT_B);
+    let pub2_a = socket(&lab, "pub2", PORT_A);
 
-    send(&node, "to pub1:a", v4(PUB1, PORT_A));
-    send(&node, "to pub1:b", v4(PUB1, PORT_B));
-    send(&node, "to pub2:a", v4(PUB2, PORT_A));
+    send(&node, "to pub1:a", v4(public("pub1"), PORT_A));
+    send(&node, "to pub1:b", v4(public("pub1"), PORT_B));
+    send(&node, "to pub2:a", v4(public("pub2"), PORT_A));
     let seen = [
         receive_exactly(&pub1_a, "to pub1:a", "cone -> pub1:a"),
         receive_exactly(&pub1_b, "to pub1:b", "cone -> pub1:b"),
@@ -249,7 +158,7 @@ fn the_cone_nat_keeps_one_mapping_for_every_destination() {
 
     assert_eq!(
         seen[0].ip(),
-        CONE_PUBLIC,
+        public("cone"),
         "the cone node is seen as its router"
     );
     assert!(
@@ -261,13 +170,13 @@ fn the_cone_nat_keeps_one_mapping_for_every_destination() {
 
 #[test]
 fn the_cone_nat_only_lets_in_the_address_and_port_it_sent_to() {
-    let lab = NatLab::up();
-    let node = lab.socket("cone", NODE_PORT);
-    let pub1_a = lab.socket("pub1", PORT_A);
-    let pub1_b = lab.socket("pub1", PORT_B);
-    let pub2_a = lab.socket("pub2", PORT_A);
+    let lab = NatLab::up(PREFIX);
+    let node = socket(&lab, "cone", NODE_PORT);
+    let pub1_a = socket(&lab, "pub1", PORT_A);
+    let pub1_b = socket(&lab, "pub1", PORT_B);
+    let pub2_a = socket(&lab, "pub2", PORT_A);
 
-    send(&node, "hello", v4(PUB1, PORT_A));
+    send(&node, "hello", v4(public("pub1"), PORT_A));
     let (_, mapped) = receive(&pub1_a, "cone -> pub1:a");
     let SocketAddr::V4(mapped) = mapped else {
         panic!("an IPv4 underlay gave the IPv6 source {mapped}")
@@ -283,16 +192,16 @@ fn the_cone_nat_only_lets_in_the_address_and_port_it_sent_to() {
 
 #[test]
 fn the_symmetric_nat_maps_each_destination_to_a_new_port() {
-    let lab = NatLab::up();
-    let pub1_a = lab.socket("pub1", PORT_A);
-    let pub1_b = lab.socket("pub1", PORT_B);
-    let pub2_a = lab.socket("pub2", PORT_A);
+    let lab = NatLab::up(PREFIX);
+    let pub1_a = socket(&lab, "pub1", PORT_A);
+    let pub1_b = socket(&lab, "pub1", PORT_B);
+    let pub2_a = socket(&lab, "pub2", PORT_A);
 
-    for (node_name, public) in [("sym1", SYM1_PUBLIC), ("sym2", SYM2_PUBLIC)] {
-        let node = lab.socket(node_name, NODE_PORT);
-        send(&node, "to pub1:a", v4(PUB1, PORT_A));
-        send(&node, "to pub1:b", v4(PUB1, PORT_B));
-        send(&node, "to pub2:a", v4(PUB2, PORT_A));
+    for (node_name, router_ip) in [("sym1", public("sym1")), ("sym2", public("sym2"))] {
+        let node = socket(&lab, node_name, NODE_PORT);
+        send(&node, "to pub1:a", v4(public("pub1"), PORT_A));
+        send(&node, "to pub1:b", v4(public("pub1"), PORT_B));
+        send(&node, "to pub2:a", v4(public("pub2"), PORT_A));
         let seen = [
             receive_exactly(&pub1_a, "to pub1:a", &format!("{node_name} -> pub1:a")),
             receive_exactly(&pub1_b, "to pub1:b", &format!("{node_name} -> pub1:b")),
@@ -300,8 +209,8 @@ fn the_symmetric_nat_maps_each_destination_to_a_new_port() {
         ];
 
         assert!(
-            seen.iter().all(|s| s.ip() == public),
-            "{node_name} is seen as its router {public}, but was seen as {seen:?}"
+            seen.iter().all(|s| s.ip() == router_ip),
+            "{node_name} is seen as its router {router_ip}, but was seen as {seen:?}"
         );
         // --random-fully draws each port at random, so two of three may
         // coincide by chance (about 1 in 20 000); all three (about 1 in
@@ -317,59 +226,60 @@ fn the_symmetric_nat_maps_each_destination_to_a_new_port() {
 
 #[test]
 fn the_one_to_one_nat_forwards_unsolicited_traffic_to_the_node() {
-    let lab = NatLab::up();
-    let node = lab.socket("nat11", NODE_PORT);
-    let pub1_a = lab.socket("pub1", PORT_A);
-    let pub2_a = lab.socket("pub2", PORT_A);
+    let lab = NatLab::up(PREFIX);
+    let node = socket(&lab, "nat11", NODE_PORT);
+    let pub1_a = socket(&lab, "pub1", PORT_A);
+    let pub2_a = socket(&lab, "pub2", PORT_A);
 
-    let addresses = lab.addresses("nat11");
+    let (nat11_private, nat11_public) = (address("nat11"), public("nat11"));
+    let addresses = addresses(&lab, "nat11");
     assert!(
-        addresses.contains(&NAT11_PRIVATE) && !addresses.contains(&NAT11_PUBLIC),
-        "the 1:1 NAT node has only its private address {NAT11_PRIVATE}, not the \
-         public {NAT11_PUBLIC}, on its interfaces; it has {addresses:?}"
+        addresses.contains(&nat11_private) && !addresses.contains(&nat11_public),
+        "the 1:1 NAT node has only its private address {nat11_private}, not the \
+         public {nat11_public}, on its interfaces; it has {addresses:?}"
     );
 
-    send(&pub1_a, "unsolicited", v4(NAT11_PUBLIC, NODE_PORT));
+    send(&pub1_a, "unsolicited", v4(nat11_public, NODE_PORT));
     let (_, from) = receive(&node, "pub1 -> the 1:1 public address");
     assert_eq!(
         from,
-        SocketAddr::from(v4(PUB1, PORT_A)),
+        SocketAddr::from(v4(public("pub1"), PORT_A)),
         "the node sees the sender as it is"
     );
     send(&node, "reply", from);
     let (_, reply_from) = receive(&pub1_a, "the 1:1 node's reply");
     assert_eq!(
         reply_from,
-        SocketAddr::from(v4(NAT11_PUBLIC, NODE_PORT)),
+        SocketAddr::from(v4(nat11_public, NODE_PORT)),
         "the reply comes from the public address and the node's own port"
     );
 
     // The node speaking first is seen the same way by anyone.
-    send(&node, "hello", v4(PUB2, PORT_A));
+    send(&node, "hello", v4(public("pub2"), PORT_A));
     let (_, seen) = receive(&pub2_a, "1:1 node -> pub2");
-    assert_eq!(seen, SocketAddr::from(v4(NAT11_PUBLIC, NODE_PORT)));
+    assert_eq!(seen, SocketAddr::from(v4(nat11_public, NODE_PORT)));
 }
 
 #[test]
 fn nodes_behind_a_nat_are_unreachable_unsolicited() {
-    let lab = NatLab::up();
-    let pub1_a = lab.socket("pub1", PORT_A);
-    let pub1_b = lab.socket("pub1", PORT_B);
+    let lab = NatLab::up(PREFIX);
+    let pub1_a = socket(&lab, "pub1", PORT_A);
+    let pub1_b = socket(&lab, "pub1", PORT_B);
 
-    for (node_name, public) in [
-        ("cone", CONE_PUBLIC),
-        ("sym1", SYM1_PUBLIC),
-        ("lan1", LAN_PUBLIC),
+    for (node_name, router_ip) in [
+        ("cone", public("cone")),
+        ("sym1", public("sym1")),
+        ("lan1", public("lan1")),
     ] {
         // The node listens, but has sent nothing: there is no mapping yet.
-        let node = lab.socket(node_name, NODE_PORT);
-        let what = format!("unsolicited pub1 -> {node_name}'s router {public}");
-        assert_kept_by_the_router(&pub1_b, v4(public, NODE_PORT), &what);
-        assert_kept_by_the_router(&pub1_b, v4(public, 51820), &what);
+        let node = socket(&lab, node_name, NODE_PORT);
+        let what = format!("unsolicited pub1 -> {node_name}'s router {router_ip}");
+        assert_kept_by_the_router(&pub1_b, v4(router_ip, NODE_PORT), &what);
+        assert_kept_by_the_router(&pub1_b, v4(router_ip, 51820), &what);
 
         // The node's own traffic opens the way back: the first thing it
         // receives is the answer, not the datagrams sent before.
-        send(&node, "hello", v4(PUB1, PORT_A));
+        send(&node, "hello", v4(public("pub1"), PORT_A));
         let (_, mapped) = receive(&pub1_a, &format!("{node_name} -> pub1"));
         send(&pub1_a, "reply", mapped);
         receive_exactly(&node, "reply", &format!("pub1's reply to {node_name}"));
@@ -378,36 +288,36 @@ fn nodes_behind_a_nat_are_unreachable_unsolicited() {
 
 #[test]
 fn the_two_lan_nodes_reach_each_other_on_their_private_subnet() {
-    let lab = NatLab::up();
-    let lan1 = lab.socket("lan1", NODE_PORT);
-    let lan2 = lab.socket("lan2", NODE_PORT);
+    let lab = NatLab::up(PREFIX);
+    let lan1 = socket(&lab, "lan1", NODE_PORT);
+    let lan2 = socket(&lab, "lan2", NODE_PORT);
 
-    send(&lan1, "from lan1", v4(LAN2, NODE_PORT));
+    send(&lan1, "from lan1", v4(address("lan2"), NODE_PORT));
     let (_, from) = receive(&lan2, "lan1 -> lan2");
     assert_eq!(
         from,
-        SocketAddr::from(v4(LAN1, NODE_PORT)),
+        SocketAddr::from(v4(address("lan1"), NODE_PORT)),
         "no NAT between lan1 and lan2"
     );
-    send(&lan2, "from lan2", v4(LAN1, NODE_PORT));
+    send(&lan2, "from lan2", v4(address("lan1"), NODE_PORT));
     let (_, from) = receive(&lan1, "lan2 -> lan1");
-    assert_eq!(from, SocketAddr::from(v4(LAN2, NODE_PORT)));
+    assert_eq!(from, SocketAddr::from(v4(address("lan2"), NODE_PORT)));
 }
 
 #[test]
 fn the_two_lan_nodes_share_one_public_address() {
-    let lab = NatLab::up();
-    let lan1 = lab.socket("lan1", NODE_PORT);
-    let lan2 = lab.socket("lan2", NODE_PORT);
-    let pub1_a = lab.socket("pub1", PORT_A);
+    let lab = NatLab::up(PREFIX);
+    let lan1 = socket(&lab, "lan1", NODE_PORT);
+    let lan2 = socket(&lab, "lan2", NODE_PORT);
+    let pub1_a = socket(&lab, "pub1", PORT_A);
 
-    send(&lan1, "from lan1", v4(PUB1, PORT_A));
+    send(&lan1, "from lan1", v4(public("pub1"), PORT_A));
     let seen1 = receive_exactly(&pub1_a, "from lan1", "lan1 -> pub1");
-    send(&lan2, "from lan2", v4(PUB1, PORT_A));
+    send(&lan2, "from lan2", v4(public("pub1"), PORT_A));
     let seen2 = receive_exactly(&pub1_a, "from lan2", "lan2 -> pub1");
 
-    assert_eq!(seen1.ip(), LAN_PUBLIC);
-    assert_eq!(seen2.ip(), LAN_PUBLIC);
+    assert_eq!(seen1.ip(), public("lan1"));
+    assert_eq!(seen2.ip(), public("lan1"));
     // Same private port, same destination: the router must pick another
     // public port for the second node.
     assert_ne!(seen1.port(), seen2.port(), "two flows, two public ports");
@@ -415,12 +325,14 @@ fn the_two_lan_nodes_share_one_public_address() {
 
 #[test]
 fn every_node_reaches_the_rendezvous_and_hears_its_answer() {
-    let lab = NatLab::up();
-    let rendezvous = lab.socket("rv", RENDEZVOUS_PORT);
+    let lab = NatLab::up(PREFIX);
+    let rendezvous_at = topology().rendezvous;
+    let rendezvous = socket(&lab, "rv", rendezvous_at.port());
 
-    for (node_name, public) in NODES {
-        let node = lab.socket(node_name, 51820);
-        send(&node, node_name, v4(RENDEZVOUS, RENDEZVOUS_PORT));
+    for node in &topology().nodes {
+        let (node_name, seen_as) = (node.name, node.public);
+        let node = socket(&lab, node_name, 51820);
+        send(&node, node_name, rendezvous_at);
         let from = receive_exactly(
             &rendezvous,
             node_name,
@@ -428,8 +340,8 @@ fn every_node_reaches_the_rendezvous_and_hears_its_answer() {
         );
         assert_eq!(
             from.ip(),
-            public,
-            "the rendezvous sees {node_name} as {public}"
+            seen_as,
+            "the rendezvous sees {node_name} as {seen_as}"
         );
         send(&rendezvous, "welcome", from);
         receive_exactly(
@@ -442,7 +354,7 @@ fn every_node_reaches_the_rendezvous_and_hears_its_answer() {
 
 #[test]
 fn up_refuses_to_build_over_a_lab_that_is_up() {
-    let lab = NatLab::up();
+    let lab = NatLab::up(PREFIX);
     let before = lab.namespaces();
 
     let again = lab.script("up");
@@ -455,14 +367,14 @@ fn up_refuses_to_build_over_a_lab_that_is_up() {
 
 #[test]
 fn down_removes_every_namespace() {
-    let mut lab = NatLab::up();
+    let mut lab = NatLab::up(PREFIX);
     assert_eq!(
         lab.namespaces().len(),
-        15,
-        "inet, rv, 8 nodes, 5 routers: {:?}",
+        2 + topology().nodes.len() + topology().routers.len(),
+        "inet, rv, a namespace per node and per router: {:?}",
         lab.namespaces()
     );
-    fs::create_dir_all(&lab.dir).expect("create the lab directory");
+    fs::create_dir_all(lab.dir()).expect("create the lab directory");
 
     let out = lab.down();
 
@@ -472,63 +384,6 @@ fn down_removes_every_namespace() {
         Vec::<String>::new(),
         "no namespace is left"
     );
-    assert!(!lab.dir.exists(), "{} is removed", lab.dir.display());
+    assert!(!lab.dir().exists(), "{} is removed", lab.dir().display());
     assert_success(&lab.script("down"), "a second deploy/lab/down");
-}
-
-/// Panics unless the tests run as root: the lab is not optional.
-fn require_root() {
-    // SAFETY: geteuid has no preconditions and always succeeds.
-    let euid = unsafe { libc::geteuid() };
-    assert!(
-        euid == 0,
-        "needs root: the NAT lab is built of network namespaces (run `sudo -E cargo test`)"
-    );
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{program}`: {e}"));
-    assert_success(&out, &format!("{program} {}", args.join(" ")));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn assert_success(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed with {}:\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn namespace_names() -> Vec<String> {
-    run("ip", &["netns", "list"])
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Removes the namespaces of earlier runs of this file whose test process
-/// is gone (killed before its guards could run `deploy/lab/down`).
-fn sweep_leftovers() {
-    for name in namespace_names() {
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let Some((pid, _)) = rest.split_once('-') else {
-            continue;
-        };
-        if !pid.is_empty()
-            && pid.bytes().all(|b| b.is_ascii_digit())
-            && !Path::new("/proc").join(pid).exists()
-        {
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        }
-    }
 }

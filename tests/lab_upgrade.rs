@@ -14,9 +14,8 @@
 //! Namespaces are prefixed `mlu`.
 
 mod common;
-mod lab;
 
-use lab::{eventually, MeshLab, Release, REACH_DEADLINE};
+use common::lab::{eventually, MeshLab, Release, REACH_DEADLINE};
 
 /// Public nodes (direct to everyone) and two symmetric NATs (relayed
 /// between themselves).

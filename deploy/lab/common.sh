@@ -48,52 +48,35 @@ fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BIN=${MESHD_BIN:-$REPO/target/release}
 
-# The internet. Its own address is every public host's default gateway; as
-# it does not forward, that gateway is a dead end for anything off the lab.
-INTERNET_NET=203.0.113.0/24
-INTERNET_GW=203.0.113.1
-RENDEZVOUS_IP=203.0.113.2
-RENDEZVOUS_PORT=7443
-
-# The nodes meshd runs on, in the order the demo enrols them.
-LAB_NODES=(pub1 pub2 nat11 cone sym1 sym2 lan1 lan2)
-
-# What each node is. NODE_ROUTER is empty for a public node; NODE_IP is the
-# address on the node's own NIC; NODE_PUBLIC is where the internet sees it
-# (the router's public address for the NATed ones).
-declare -A NODE_KIND=(
-    [pub1]=public [pub2]=public
-    [nat11]=one-to-one [cone]=cone [sym1]=symmetric [sym2]=symmetric
-    [lan1]=lan [lan2]=lan
-)
-declare -A NODE_ROUTER=(
-    [pub1]="" [pub2]=""
-    [nat11]=r-nat11 [cone]=r-cone [sym1]=r-sym1 [sym2]=r-sym2
-    [lan1]=r-lan [lan2]=r-lan
-)
-declare -A NODE_IP=(
-    [pub1]=203.0.113.11 [pub2]=203.0.113.12
-    [nat11]=10.11.0.2 [cone]=10.30.0.2 [sym1]=10.41.0.2 [sym2]=10.42.0.2
-    [lan1]=192.168.50.11 [lan2]=192.168.50.12
-)
-declare -A NODE_PUBLIC=(
-    [pub1]=203.0.113.11 [pub2]=203.0.113.12
-    [nat11]=203.0.113.20 [cone]=203.0.113.30 [sym1]=203.0.113.41 [sym2]=203.0.113.42
-    [lan1]=203.0.113.50 [lan2]=203.0.113.50
-)
-
-# The routers: public address on "wan", private address (the gateway of
-# the nodes behind it) on "lan", and the private subnet's prefix length.
-ROUTERS=(r-nat11 r-cone r-sym1 r-sym2 r-lan)
-declare -A ROUTER_WAN=(
-    [r-nat11]=203.0.113.20 [r-cone]=203.0.113.30
-    [r-sym1]=203.0.113.41 [r-sym2]=203.0.113.42 [r-lan]=203.0.113.50
-)
-declare -A ROUTER_LAN=(
-    [r-nat11]=10.11.0.1 [r-cone]=10.30.0.1
-    [r-sym1]=10.41.0.1 [r-sym2]=10.42.0.1 [r-lan]=192.168.50.1
-)
-PRIVATE_PREFIX_LEN=24
+# The lab's machines and addresses come from deploy/lab/topology (the tests
+# read the same file). The internet's own address is every public host's
+# default gateway; as it does not forward, that gateway is a dead end for
+# anything off the lab.
+LAB_NODES=()
+ROUTERS=()
+declare -A NODE_KIND=() NODE_ROUTER=() NODE_IP=() NODE_PUBLIC=() ROUTER_WAN=() ROUTER_LAN=()
+# NODE_KIND: public, one-to-one, cone, symmetric or lan. NODE_ROUTER is empty
+# for a public node; NODE_IP is the address on the node's own NIC;
+# NODE_PUBLIC is where the internet sees it. A router has its public address
+# on "wan" and its private one (the gateway of the nodes behind it) on "lan".
+while read -r record a b c d e; do
+    case "$record" in
+        "" | "#"*) ;;
+        internet) INTERNET_NET=$a INTERNET_GW=$b ;;
+        rendezvous) RENDEZVOUS_IP=$a RENDEZVOUS_PORT=$b ;;
+        private-prefix-len) PRIVATE_PREFIX_LEN=$a ;;
+        router) ROUTERS+=("$a") ROUTER_WAN[$a]=$b ROUTER_LAN[$a]=$c ;;
+        node)
+            LAB_NODES+=("$a")
+            NODE_KIND[$a]=$b NODE_IP[$a]=$d NODE_PUBLIC[$a]=$e
+            if [ "$c" = - ]; then NODE_ROUTER[$a]=""; else NODE_ROUTER[$a]=$c; fi
+            ;;
+        *)
+            echo "deploy/lab/topology: unknown record '$record'" >&2
+            exit 2
+            ;;
+    esac
+done <"$REPO/deploy/lab/topology"
 
 # The namespace of a lab machine: "inet", "rv", a node or a router.
 ns() { echo "$LAB_PREFIX-$1"; }

@@ -1,4 +1,11 @@
-//! Harness for the integration tests that run the real binaries.
+//! Harness for the integration tests that run the real binaries: the one
+//! place the tests build networks, in two shapes.
+//!
+//! - [`Lab`] (this module): a few bare namespaces on one link, for tests of
+//!   one feature between two or three nodes.
+//! - [`lab::MeshLab`] and [`lab::NatLab`]: the NAT lab of `deploy/lab`, built
+//!   by its own scripts, whose machines and addresses the tests read from
+//!   `deploy/lab/topology` ([`topology`]).
 //!
 //! A [`Lab`] is a throwaway set of network namespaces joined by veth pairs.
 //! It owns everything it creates: its `Drop` stops the processes still
@@ -24,6 +31,9 @@
 //! nothing here sleeps to let something happen.
 
 #![allow(dead_code)]
+
+pub mod lab;
+pub mod topology;
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};

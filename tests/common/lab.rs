@@ -15,31 +15,28 @@
 //! Waiting is always "poll for a condition until a deadline" ([`eventually`]);
 //! nothing here sleeps to let something happen. The helpers it shares with
 //! the other namespace tests (commands, polling, TCP transfers) are
-//! tests/common's: a test file using it declares both `mod common;` and
-//! `mod lab;`.
-
-#![allow(dead_code)]
+//! tests/common's, and the lab's machines and addresses come from
+//! `deploy/lab/topology` ([`super::topology`]), the file the scripts build
+//! from. [`NatLab`] is the bare lab (no daemons), for tests of the lab's
+//! routers themselves.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Once;
+use std::sync::Mutex;
 use std::thread;
 use std::time::Duration;
 
-use crate::common::{
-    assert_success, eventually_every, meshctl_json, output, utf8, Amount, TcpTransfer, MESHD,
-    MESH_RENDEZVOUS,
+use super::topology::{topology, Kind};
+use super::{
+    assert_success, eventually_every, meshctl_json, output, require_root, utf8, Amount,
+    TcpTransfer, LISTEN_PORT, MESHD, MESH_RENDEZVOUS,
 };
-
-// The lab's addresses, as deploy/lab/common.sh sets them.
-pub const RENDEZVOUS: &str = "203.0.113.2:7443";
-pub const NAT11_ADVERTISED: &str = "203.0.113.20:51820";
 
 /// How long a daemon may take to come up.
 pub const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -85,13 +82,13 @@ impl Release {
         })
     }
 }
-static SWEEP: Once = Once::new();
+/// The stems whose leftovers this process has swept.
+static SWEPT: Mutex<BTreeSet<&str>> = Mutex::new(BTreeSet::new());
 
 /// One lab built by `deploy/lab/up`, with a rendezvous and meshd on some of
 /// its nodes; dropping it stops them and runs `deploy/lab/down`.
 pub struct MeshLab {
-    prefix: String,
-    dir: PathBuf,
+    lab: NatLab,
     /// Daemons started here, by label ("rendezvous", a node's name, or
     /// whatever a test passed to [`MeshLab::spawn`]).
     daemons: RefCell<Vec<(String, Child)>>,
@@ -119,23 +116,13 @@ impl MeshLab {
     }
 
     fn build(stem: &'static str, nodes: &[&'static str], release: &Release) -> Self {
-        require_root();
-        SWEEP.call_once(|| sweep_leftovers(stem));
-        let prefix = format!(
-            "{stem}{}-{}",
-            std::process::id(),
-            LAB_COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        // Guard first, so that a half-built lab is removed too.
+        // The guard holds the lab first, so that a half-built one is removed too.
         let mut lab = MeshLab {
-            dir: std::env::temp_dir().join(&prefix),
-            prefix,
+            lab: NatLab::up(stem),
             daemons: RefCell::new(Vec::new()),
             overlay: BTreeMap::new(),
         };
-        let out = lab.script("up");
-        assert_success(&out, "deploy/lab/up");
-        fs::create_dir_all(&lab.dir).expect("create the lab directory");
+        fs::create_dir_all(lab.dir()).expect("create the lab directory");
         lab.start_rendezvous(release);
         let join = lab.create_token(nodes.len(), release);
         for &node in nodes {
@@ -148,45 +135,32 @@ impl MeshLab {
         lab
     }
 
-    /// Runs `deploy/lab/<name>` on this lab.
-    fn script(&self, name: &str) -> Output {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("deploy/lab")
-            .join(name);
-        Command::new(&path)
-            .env("LAB_PREFIX", &self.prefix)
-            .env("LAB_DIR", &self.dir)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()))
-    }
-
     /// The lab's directory: state directories, env files, logs; removed by
     /// `deploy/lab/down`.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.lab.dir()
     }
 
     /// The namespace of a machine: "inet", "rv", a node or a router.
     pub fn ns(&self, machine: &str) -> String {
-        format!("{}-{machine}", self.prefix)
+        self.lab.ns(machine)
     }
 
     pub fn state_dir(&self, machine: &str) -> PathBuf {
-        self.dir.join(machine)
+        self.dir().join(machine)
     }
 
     pub fn socket(&self, node: &str) -> PathBuf {
-        self.dir.join(format!("{node}.sock"))
+        self.dir().join(format!("{node}.sock"))
     }
 
     /// Where meshd on `node` writes its env file (`MESH_IP`, `MESH_MTU`…).
     pub fn env_file(&self, node: &str) -> PathBuf {
-        self.dir.join(format!("{node}.env"))
+        self.dir().join(format!("{node}.env"))
     }
 
     pub fn log_path(&self, label: &str) -> PathBuf {
-        self.dir.join(format!("{label}.log"))
+        self.dir().join(format!("{label}.log"))
     }
 
     /// Starts `program args…` in `machine`'s namespace, its output in
@@ -253,7 +227,7 @@ impl MeshLab {
                 "--listen",
                 "0.0.0.0:7443",
                 "--public-addr",
-                RENDEZVOUS,
+                &topology().rendezvous.to_string(),
             ],
         );
         assert_success(&out, "mesh-rendezvous init");
@@ -326,8 +300,10 @@ impl MeshLab {
             utf8(&socket),
         ]);
         // The 1:1-NAT node knows its public address but can't see it on a NIC.
-        if node == "nat11" {
-            args.extend(["--advertise-endpoint", NAT11_ADVERTISED]);
+        let lab_node = topology().node(node);
+        let advertised = format!("{}:{LISTEN_PORT}", lab_node.public);
+        if lab_node.kind == Kind::OneToOne {
+            args.extend(["--advertise-endpoint", &advertised]);
         }
         assert_success(
             &output(utf8(&release.meshd), &args),
@@ -371,11 +347,11 @@ impl MeshLab {
             },
         );
         let n = (0..)
-            .find(|n| !self.dir.join(format!("{label}.{n}.log")).exists())
+            .find(|n| !self.dir().join(format!("{label}.{n}.log")).exists())
             .unwrap_or(0);
         let _ = fs::rename(
             self.log_path(label),
-            self.dir.join(format!("{label}.{n}.log")),
+            self.dir().join(format!("{label}.{n}.log")),
         );
     }
 
@@ -596,10 +572,71 @@ impl MeshLab {
 impl Drop for MeshLab {
     fn drop(&mut self) {
         if thread::panicking() {
-            eprintln!("lab {}: the daemons' logs\n{}", self.prefix, self.logs());
+            eprintln!(
+                "lab {}: the daemons' logs\n{}",
+                self.lab.prefix,
+                self.logs()
+            );
         }
         // `down` stops every daemon running on a state directory of this
         // lab and whatever else is left in its namespaces.
+        self.lab.down();
+        for (_, child) in self.daemons.get_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One lab built by `deploy/lab/up` under its own `LAB_PREFIX`, with no
+/// daemons; dropping it runs `deploy/lab/down`.
+pub struct NatLab {
+    prefix: String,
+    dir: PathBuf,
+    is_up: bool,
+}
+
+impl NatLab {
+    /// Builds a lab named `<stem><pid>-<n>`, first removing the labs of
+    /// this stem that a killed run left behind.
+    pub fn up(stem: &'static str) -> Self {
+        require_root();
+        let first_of_stem = SWEPT.lock().unwrap_or_else(|e| e.into_inner()).insert(stem);
+        if first_of_stem {
+            sweep_leftovers(stem);
+        }
+        let prefix = format!(
+            "{stem}{}-{}",
+            std::process::id(),
+            LAB_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        // Guard first, so that a half-built lab is removed too.
+        let lab = NatLab {
+            dir: std::env::temp_dir().join(&prefix),
+            prefix,
+            is_up: true,
+        };
+        let out = lab.script("up");
+        assert_success(&out, "deploy/lab/up");
+        lab
+    }
+
+    /// Runs `deploy/lab/<name>` on this lab.
+    pub fn script(&self, name: &str) -> Output {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/lab")
+            .join(name);
+        Command::new(&path)
+            .env("LAB_PREFIX", &self.prefix)
+            .env("LAB_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()))
+    }
+
+    /// Runs `deploy/lab/down` (once; the guard does not run it again).
+    pub fn down(&mut self) -> Output {
+        self.is_up = false;
         let out = self.script("down");
         if !out.status.success() {
             eprintln!(
@@ -608,9 +645,33 @@ impl Drop for MeshLab {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        for (_, child) in self.daemons.get_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
+        out
+    }
+
+    /// The lab's directory (`LAB_DIR`), removed by `deploy/lab/down`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The namespace of a machine: "inet", "rv", a node or a router.
+    pub fn ns(&self, machine: &str) -> String {
+        format!("{}-{machine}", self.prefix)
+    }
+
+    /// Names of the namespaces of this lab that exist now.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mine = format!("{}-", self.prefix);
+        namespace_names()
+            .into_iter()
+            .filter(|name| name.starts_with(&mine))
+            .collect()
+    }
+}
+
+impl Drop for NatLab {
+    fn drop(&mut self) {
+        if self.is_up {
+            self.down();
         }
     }
 }
@@ -623,16 +684,6 @@ pub fn eventually<T>(
     attempt: impl FnMut() -> Result<T, String>,
 ) -> T {
     eventually_every(what, within, POLL_INTERVAL, attempt)
-}
-
-/// Panics unless the tests run as root: the lab is not optional.
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions and always succeeds.
-    let euid = unsafe { libc::geteuid() };
-    assert!(
-        euid == 0,
-        "needs root: the NAT lab is built of network namespaces (run `sudo -E cargo test`)"
-    );
 }
 
 fn namespace_names() -> Vec<String> {

@@ -1,0 +1,170 @@
+//! The NAT lab's machines and addresses, read from `deploy/lab/topology`:
+//! the file the lab's scripts build from, so the tests never restate an
+//! address. Pure apart from reading that one file.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+use std::sync::OnceLock;
+
+use ipnet::Ipv4Net;
+
+/// What kind of site a lab node sits in (DESIGN.md, "Lab").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A public address on its own NIC.
+    Public,
+    /// A 1:1 NAT: the router forwards its public address to the node.
+    OneToOne,
+    /// MASQUERADE keeping the source port: endpoint-independent mapping.
+    Cone,
+    /// MASQUERADE with random ports: a new mapping per destination.
+    Symmetric,
+    /// One of two nodes on a shared private subnet behind one router.
+    Lan,
+}
+
+/// One node of the lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabNode {
+    pub name: &'static str,
+    pub kind: Kind,
+    /// The router's machine name; `None` for a public node.
+    pub router: Option<&'static str>,
+    /// The address on the node's own NIC.
+    pub address: Ipv4Addr,
+    /// Where the internet sees it.
+    pub public: Ipv4Addr,
+}
+
+/// One NAT router of the lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Router {
+    pub name: &'static str,
+    /// Its public address.
+    pub wan: Ipv4Addr,
+    /// Its private address: the gateway of the nodes behind it.
+    pub lan: Ipv4Addr,
+}
+
+#[derive(Debug)]
+pub struct Topology {
+    pub internet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub rendezvous: SocketAddrV4,
+    pub private_prefix_len: u8,
+    /// In the file's order (the order the demo enrols them).
+    pub nodes: Vec<LabNode>,
+    pub routers: BTreeMap<&'static str, Router>,
+}
+
+/// The lab's topology, read once per test process.
+pub fn topology() -> &'static Topology {
+    static TOPOLOGY: OnceLock<Topology> = OnceLock::new();
+    TOPOLOGY.get_or_init(|| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/lab/topology");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        Topology::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    })
+}
+
+impl Topology {
+    /// Parses the file's records (see the file for its columns).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (mut internet, mut gateway, mut rendezvous, mut prefix_len) = (None, None, None, None);
+        let (mut nodes, mut routers) = (Vec::new(), BTreeMap::new());
+        for (n, line) in text.lines().enumerate() {
+            let words: Vec<&'static str> = line
+                .split_whitespace()
+                .map(|w| &*Box::leak(w.to_owned().into_boxed_str()))
+                .collect();
+            let at = |what: &str| format!("line {}: {what}: {line:?}", n + 1);
+            let ip = |w: &str| w.parse::<Ipv4Addr>().map_err(|e| at(&e.to_string()));
+            match words.as_slice() {
+                [] => {}
+                [first, ..] if first.starts_with('#') => {}
+                ["internet", net, gw] => {
+                    internet = Some(net.parse().map_err(|e| at(&format!("{e}")))?);
+                    gateway = Some(ip(gw)?);
+                }
+                ["rendezvous", addr, port] => {
+                    let port = port.parse().map_err(|e| at(&format!("{e}")))?;
+                    rendezvous = Some(SocketAddrV4::new(ip(addr)?, port));
+                }
+                ["private-prefix-len", len] => {
+                    prefix_len = Some(len.parse().map_err(|e| at(&format!("{e}")))?);
+                }
+                ["router", name, wan, lan] => {
+                    let router = Router {
+                        name,
+                        wan: ip(wan)?,
+                        lan: ip(lan)?,
+                    };
+                    routers.insert(*name, router);
+                }
+                ["node", name, kind, router, address, public] => nodes.push(LabNode {
+                    name,
+                    kind: match *kind {
+                        "public" => Kind::Public,
+                        "one-to-one" => Kind::OneToOne,
+                        "cone" => Kind::Cone,
+                        "symmetric" => Kind::Symmetric,
+                        "lan" => Kind::Lan,
+                        other => return Err(at(&format!("unknown kind {other}"))),
+                    },
+                    router: (*router != "-").then_some(*router),
+                    address: ip(address)?,
+                    public: ip(public)?,
+                }),
+                _ => return Err(at("not a record")),
+            }
+        }
+        let topology = Topology {
+            internet: internet.ok_or("no internet record")?,
+            gateway: gateway.ok_or("no internet record")?,
+            rendezvous: rendezvous.ok_or("no rendezvous record")?,
+            private_prefix_len: prefix_len.ok_or("no private-prefix-len record")?,
+            nodes,
+            routers,
+        };
+        if let Some(node) = topology
+            .nodes
+            .iter()
+            .find(|n| n.router.is_some_and(|r| !topology.routers.contains_key(r)))
+        {
+            return Err(format!("node {} names an unknown router", node.name));
+        }
+        Ok(topology)
+    }
+
+    /// The lab node called `name`; panics if there is none.
+    pub fn node(&self, name: &str) -> &LabNode {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("the lab has no node {name}"))
+    }
+
+    /// The private subnet `node` sits in behind its router; panics for a
+    /// public node.
+    pub fn private_subnet_of(&self, node: &LabNode) -> Ipv4Net {
+        let router = node
+            .router
+            .and_then(|r| self.routers.get(r))
+            .unwrap_or_else(|| panic!("{} is not behind a router", node.name));
+        Ipv4Net::new(router.lan, self.private_prefix_len)
+            .unwrap_or_else(|e| panic!("private-prefix-len: {e}"))
+            .trunc()
+    }
+
+    /// The only node of `kind` (the lab has one of each but lan and
+    /// symmetric); panics otherwise.
+    pub fn the(&self, kind: Kind) -> &LabNode {
+        let mut of_kind = self.nodes.iter().filter(|n| n.kind == kind);
+        match (of_kind.next(), of_kind.next()) {
+            (Some(node), None) => node,
+            _ => panic!("the lab does not have exactly one {kind:?} node"),
+        }
+    }
+}
