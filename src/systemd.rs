@@ -215,7 +215,30 @@ mod tests {
     }
 
     #[test]
-    fn without_a_socket_notifying_does_nothing() {
-        Notifier::new(None).notify(&Notice::Stopping);
+    fn without_a_socket_the_notifier_opens_nothing_and_notifying_is_a_no_op() {
+        let notifier = Notifier::new(None);
+        assert!(notifier.target.is_none(), "no datagram socket is opened");
+        notifier.notify(&Notice::Stopping);
+        assert!(notifier.target.is_none());
+    }
+
+    #[test]
+    fn a_notify_socket_that_is_gone_costs_a_warning_not_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let notifier = Notifier::new(Some(&NotifySocket::Path(path.clone())));
+        assert!(notifier.target.is_some(), "the socket is only looked up when sending");
+
+        // Nobody listens: the send fails and is logged, and a listener that
+        // comes later gets the next notice, not a stale one.
+        notifier.notify(&Notice::Status("lost".into()));
+        let receiver = UnixDatagram::bind(&path).unwrap();
+        receiver.set_nonblocking(true).unwrap();
+        notifier.notify(&Notice::Status("after".into()));
+
+        let mut buf = [0u8; 256];
+        let n = receiver.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STATUS=after\n");
+        assert!(receiver.recv(&mut buf).is_err(), "nothing else was queued");
     }
 }
