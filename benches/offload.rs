@@ -1,4 +1,4 @@
-//! Criterion benches of meshd's TUN offload code (`src/dataplane/offload`),
+//! Criterion benches of meshd's TUN offload code (`src/offload`),
 //! each next to a baseline measured in the same run:
 //!
 //! - `split`: one TCP super-packet as the kernel hands it over (48
@@ -20,7 +20,7 @@
 use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput};
-use meshd::dataplane::offload::{gro::Coalescer, tso};
+use meshd::offload::{gro::Coalescer, tso};
 use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_LEN};
 
 const SEGMENTS: usize = 48;

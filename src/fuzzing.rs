@@ -21,9 +21,9 @@ use ipnet::IpNet;
 use crate::control::metrics::{self, Asked};
 use crate::control::uapi::{RequestParser, Step, MAX_LINE};
 use crate::control::{Request, MAX_MESSAGE};
-use crate::dataplane::offload::{gro::Coalescer, tso};
 use crate::engine::{Node, NodeConfig, PeerSpec};
 use crate::identity::{PrivateKey, PublicKey};
+use crate::offload::{gro::Coalescer, tso};
 use crate::relay::{Command, RelayLimits, RelayTable};
 use crate::rendezvous::registry::ConnId;
 use crate::wire::control::{self as control_wire, MAX_FRAME, MAX_FRAME_UNADMITTED};
@@ -417,7 +417,7 @@ pub fn engine_datagram(data: &[u8]) {
     }
 }
 
-/// The receive coalescer (`dataplane/offload/gro.rs`). The input is a list
+/// The receive coalescer (`offload/gro.rs`). The input is a list
 /// of packets (two-byte length, then the packet; the first byte of the
 /// input says whether UDP is joined). Every packet is written exactly once,
 /// alone or inside a super-packet, and every write's virtio-net header
@@ -540,7 +540,7 @@ pub fn gro(data: &[u8]) {
     assert_eq!(written, pushed, "every packet is written exactly once");
 }
 
-/// TSO/USO splitting of a TUN read (`dataplane/offload/tso.rs`): the count
+/// TSO/USO splitting of a TUN read (`offload/tso.rs`): the count
 /// returned is the packets handed out, none empty, none longer than the read.
 pub fn tso_split(data: &[u8]) {
     let mut read = data.to_vec();

@@ -47,6 +47,7 @@ pub mod ipam;
 pub mod join;
 pub mod kube;
 pub mod netlink;
+pub mod offload;
 pub mod relay;
 pub mod rendezvous;
 #[cfg(feature = "sim")]

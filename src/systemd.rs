@@ -227,7 +227,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let notifier = Notifier::new(Some(&NotifySocket::Path(path.clone())));
-        assert!(notifier.target.is_some(), "the socket is only looked up when sending");
+        assert!(
+            notifier.target.is_some(),
+            "the socket is only looked up when sending"
+        );
 
         // Nobody listens: the send fails and is logged, and a listener that
         // comes later gets the next notice, not a stale one.

@@ -1,4 +1,4 @@
-//! The receive coalescer (dataplane/offload/gro.rs): every packet written once, virtio headers consistent.
+//! The receive coalescer (offload/gro.rs): every packet written once, virtio headers consistent.
 //! The harness and what it asserts: `meshd::fuzzing::gro`.
 
 #![no_main]

@@ -1,4 +1,4 @@
-//! TSO/USO splitting of a TUN read (dataplane/offload/tso.rs).
+//! TSO/USO splitting of a TUN read (offload/tso.rs).
 //! The harness and what it asserts: `meshd::fuzzing::tso_split`.
 
 #![no_main]

@@ -16,7 +16,6 @@
 pub mod cache;
 pub mod candidates;
 pub mod driver;
-pub mod offload;
 pub mod quic;
 pub mod tun;
 pub mod udp;

@@ -21,7 +21,6 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 mod requests;
 
-use super::offload::{gro::Coalescer, tso};
 use super::quic::{QuicDatagram, QuicSource};
 use super::tun::Tun;
 use super::udp::{canonical, gso_run, UdpSocket, MAX_GSO_SEGMENTS};
@@ -31,6 +30,7 @@ use crate::engine::nat::{MappingObserver, Observer};
 use crate::engine::paths::Source;
 use crate::engine::{Event, Node, PeerSpec, Transmit};
 use crate::identity::PublicKey;
+use crate::offload::{gro::Coalescer, tso};
 use crate::wire::control::NatMapping;
 use crate::wire::reflect::Reflect;
 use crate::wire::relay::{self, NodeId, RelayKind};
