@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The whole meshd test suite, as root on Debian: installs the Debian
 # packages the tests use, then runs
+#   0. the style checks: `cargo fmt --check` and `cargo clippy -D warnings`
+#      (both builds; the rules are rustfmt.toml, clippy.toml and the
+#      [lints] table of Cargo.toml);
 #   1. the plain build: unit tests, CLI tests, and the network-namespace
 #      tests with the real binaries (including interop with wireguard-go);
 #   2. the simulation build (`--features sim`, boringtun on a mock clock):
@@ -64,6 +67,16 @@ fi
 if [ -f "$previous/release" ]; then
     export MESHD_PREVIOUS_RELEASE="$previous"
 fi
+
+# The style the code is held to: formatted, and no clippy warning in either
+# build (the sim build compiles the simulation and its tests).
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    rustup component add rustfmt clippy
+fi
+cargo fmt --all --check
+(cd fuzz && cargo fmt --all --check)
+cargo clippy --locked --all-targets -- -D warnings
+CARGO_TARGET_DIR=target/sim cargo clippy --locked --all-targets --features sim -- -D warnings
 
 cargo test --locked
 # Its own target directory: a sim build of the binaries (mock clock) must
