@@ -13,6 +13,12 @@
 //! replays, so each decapsulation gets a datagram of its own, captured from
 //! the peer before the clock starts). Both are counted inside and checked
 //! outside the timed loop, and the first round trip is compared byte by byte.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "bench code: a broken setup is a panic"
+)]
 
 use std::hint::black_box;
 use std::net::SocketAddr;

@@ -16,6 +16,12 @@
 //! for a short run). Honesty: before timing, each variant's output is
 //! checked (segment count and bytes; one write of all the payload), and every
 //! timed call's result goes through `black_box`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "bench code: a broken setup is a panic"
+)]
 
 use std::hint::black_box;
 

@@ -14,6 +14,10 @@
 //!   80 bits from a hash of the key. Two keys collide with probability about
 //!   2^-80 per pair; [`ipv6_candidates`] still gives the registry alternatives.
 
+// Pure: the clock and randomness are inputs (clippy.toml names what is
+// forbidden).
+#![deny(clippy::disallowed_methods)]
+
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};

@@ -5,6 +5,12 @@
 //! meshd is only ever expected to refuse here. In case it starts anyway,
 //! as root it runs in a fresh, empty network namespace (`unshare --net`) so
 //! that it cannot touch the host's network.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod common;
 

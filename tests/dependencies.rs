@@ -1,6 +1,12 @@
 //! Security floors on the dependency graph, checked in the lockfile so they
 //! hold even where the RustSec advisory database can't be fetched (tests/run.sh
 //! runs `cargo audit` where it can).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 use std::path::Path;
 

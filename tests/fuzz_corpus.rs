@@ -5,6 +5,12 @@
 //!
 //! `MESHD_WRITE_FUZZ_SEEDS=1 cargo test --test fuzz_corpus -- --ignored`
 //! writes the seeds of [`meshd::fuzzing::seeds`] into the corpus.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -21,6 +21,12 @@
 //! No systemd runs here, and a `DESTDIR` install never calls systemctl.
 //! Needs `systemd-analyze` (Debian's `systemd`) and `shellcheck`, which
 //! tests/run.sh installs; no root.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -2,6 +2,12 @@
 //! meshd speaks plain WireGuard: a meshd node and a `wireguard-go` node
 //! configured with `wg`, as any WireGuard user would, carry each other's
 //! traffic. Needs root, `wireguard-go`, `wireguard-tools` and `iputils-ping`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod common;
 

@@ -2,6 +2,12 @@
 //! `meshctl peers --json` files (no meshd, no cluster, no root): every
 //! generator prints YAML that parses back, notes go to stderr, and `check`
 //! fails with the fix on a mismatch and with one line on malformed JSON.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

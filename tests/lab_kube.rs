@@ -10,6 +10,12 @@
 //! Each test builds its own lab (tests/common/lab.rs, `LAB_PREFIX` `mlk<pid>-<n>`);
 //! everything a test starts inside the lab's namespaces, etcd included, is
 //! stopped and its files removed when the lab is dropped, failed or not.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod common;
 

@@ -8,6 +8,12 @@
 //! prefix `mlm` (not the `mlt` of tests/lab_topology.rs, the `mlk` of
 //! tests/lab_kube.rs nor the `mt` of tests/common); the lab is removed when
 //! the test ends, failed or not.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod common;
 

@@ -11,6 +11,12 @@
 //! from `deploy/lab/topology`, as the scripts' do. The guard runs
 //! `deploy/lab/down` when the test ends, failed or not; a run killed before
 //! that is swept by the next.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod common;
 

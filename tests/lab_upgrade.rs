@@ -12,6 +12,12 @@
 //! nothing off as tested.
 //!
 //! Namespaces are prefixed `mlu`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod common;
 

@@ -9,6 +9,12 @@
 //! forwards it, so a scrape after a delivery sees it. meshd's counters are
 //! polled until they grow ([`common::eventually`]); [`quic::DEADLINE`] only
 //! turns a hang into a failure.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 #[cfg(not(feature = "sim"))]
 mod common;

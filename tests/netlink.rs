@@ -4,6 +4,12 @@
 //! Each test runs on its own thread inside a fresh, anonymous network
 //! namespace with no link to the host's; the namespace, its TUN devices,
 //! addresses and routes vanish with the thread, even when the test fails.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 use std::future::Future;
 

@@ -2,6 +2,12 @@
 //! The real `meshd` binary on a lab of network namespaces: nodes with a
 //! static config find each other, carry traffic, survive a restart of one
 //! side and clean up after themselves. Needs root and `iputils-ping`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod common;
 

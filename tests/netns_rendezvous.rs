@@ -5,6 +5,12 @@
 //! They get their addresses and each other from the rendezvous, keep both
 //! across restarts of either side, and keep their tunnels while the
 //! rendezvous is down. Needs root and `iputils-ping`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod common;
 

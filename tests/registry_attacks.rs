@@ -7,6 +7,12 @@
 //!
 //! Nothing here waits on time: every step waits for a message, and
 //! [`quic::DEADLINE`] only turns a hang into a failure.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod quic;
 

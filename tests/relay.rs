@@ -16,6 +16,12 @@
 //! frames reach the receiver in the order it sent them (one connection in,
 //! one relay queue, one connection out). [`quic::DEADLINE`] only turns a
 //! hang into a failure.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod quic;
 

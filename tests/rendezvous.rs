@@ -8,6 +8,12 @@
 //! the library's client ([`client::admit`]); the attacks speak the protocol
 //! by hand. Nothing here waits on time: every step waits for a message, and
 //! [`quic::DEADLINE`] only turns a hang into a failure.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod quic;
 

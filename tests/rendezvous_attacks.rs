@@ -12,6 +12,12 @@
 //! put each piece in a packet of its own), not a wait for something to
 //! happen: every step that depends on the other side waits for a message,
 //! and [`quic::DEADLINE`] only turns a hang into a failure.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod quic;
 

@@ -4,6 +4,12 @@
 //!
 //! Every scenario runs once per seed in [`meshd::sim::SEEDS`]; a failure names its seed,
 //! and `MESHD_SIM_SEED=<seed>` reruns just that one.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;

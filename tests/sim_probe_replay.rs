@@ -7,6 +7,12 @@
 //! The attacker sits on the internet: it has seen every probe two nodes
 //! exchanged and can send anything from any address, but holds no key.
 //! Every scenario runs once per seed in [`meshd::sim::SEEDS`].
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 use std::net::SocketAddr;
 use std::time::Duration;

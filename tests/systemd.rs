@@ -25,6 +25,12 @@
 //!
 //! Unit checks need `systemd-analyze` (Debian's `systemd` package); the
 //! daemon checks need root, `strace` and `setpriv` (util-linux).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod common;
 

@@ -8,6 +8,12 @@
 //! directory shared by every namespace, so each meshd here gets an
 //! interface name of its own (named like the lab's wireguard-go
 //! interfaces, whose leftovers the lab sweeps).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
 
 mod common;
 

@@ -9,6 +9,10 @@
 //! where it sent (port-restricted) can't either. A forwarded port plus
 //! `--advertise-endpoint` on either side always makes the pair direct.
 
+// Pure: the clock and randomness are inputs (clippy.toml names what is
+// forbidden).
+#![deny(clippy::disallowed_methods)]
+
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 

@@ -369,7 +369,12 @@ impl Agent {
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
                 Some(update) = updates.recv() => self.update(update).await?,
-                ended = async { session.as_mut().expect("guarded").await }, if session.is_some() => {
+                Some(ended) = async {
+                    match session.as_mut() {
+                        Some(task) => Some(task.await),
+                        None => None,
+                    }
+                }, if session.is_some() => {
                     session = None;
                     if let Ok(error) = ended {
                         // Refused before ever being admitted: nothing to run.

@@ -3,6 +3,10 @@
 //! Pure (sans-IO): see [`Node`]. `peer.rs` is the only file that touches
 //! boringtun; everything else speaks meshd's own types.
 
+// Pure: the clock and randomness are inputs (clippy.toml names what is
+// forbidden).
+#![deny(clippy::disallowed_methods)]
+
 mod buf;
 pub mod icmp;
 pub mod nat;

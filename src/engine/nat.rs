@@ -112,6 +112,10 @@ impl MappingObserver {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a test starts its clock anywhere"
+)]
 mod tests {
     use super::*;
 

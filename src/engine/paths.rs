@@ -508,6 +508,10 @@ impl Default for PathSet {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a test starts its clock anywhere"
+)]
 mod tests {
     use super::*;
 

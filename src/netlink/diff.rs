@@ -4,6 +4,10 @@
 //! Pure: no socket, no syscall. [`super::Link`] reads a [`LinkState`], asks
 //! [`diff`] what to do and performs the resulting [`Change`]s.
 
+// Pure: the clock and randomness are inputs (clippy.toml names what is
+// forbidden).
+#![deny(clippy::disallowed_methods)]
+
 use std::collections::BTreeSet;
 use std::fmt;
 

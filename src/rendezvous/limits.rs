@@ -4,6 +4,10 @@
 //!
 //! Pure: the time is an input (`now`), read by the shell.
 
+// Pure: the clock and randomness are inputs (clippy.toml names what is
+// forbidden).
+#![deny(clippy::disallowed_methods)]
+
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -156,6 +160,10 @@ impl Bucket {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a test starts its clock anywhere"
+)]
 mod tests {
     use super::*;
 

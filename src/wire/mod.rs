@@ -11,6 +11,10 @@
 //! what a peer's text can put in a log line; [`endpoint`] says which
 //! addresses can never be a node's endpoint.
 
+// Pure: the clock and randomness are inputs (clippy.toml names what is
+// forbidden).
+#![deny(clippy::disallowed_methods)]
+
 pub mod control;
 pub mod endpoint;
 pub mod probe;
