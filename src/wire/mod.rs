@@ -14,6 +14,9 @@
 // Pure: the clock and randomness are inputs (clippy.toml names what is
 // forbidden).
 #![deny(clippy::disallowed_methods)]
+// Untrusted bytes are read through checked accessors (`get`, patterns,
+// fixed-size arrays), never by an index that could panic.
+#![deny(clippy::indexing_slicing)]
 
 pub mod control;
 pub mod endpoint;

@@ -162,7 +162,7 @@ impl ProbeKey {
             }
             ProbeKind::Pong { observed } => {
                 out[4] = 2;
-                encode_addr(observed, &mut out[52..71]);
+                out[52..71].copy_from_slice(&encode_addr(observed));
             }
         }
         let tag = self
@@ -177,9 +177,15 @@ impl ProbeKey {
     /// Verifies a datagram's MAC (constant time) and returns the probe.
     pub fn open(&self, datagram: &[u8]) -> Result<Probe, ProbeError> {
         let probe = peek(datagram)?;
+        // `peek` checked the length: this split cannot fail.
+        let (body, tag) = datagram
+            .split_at_checked(BODY_LEN)
+            .ok_or(ProbeError::Length {
+                len: datagram.len(),
+            })?;
         self.mac()
-            .chain_update(&datagram[..BODY_LEN])
-            .verify_slice(&datagram[BODY_LEN..])
+            .chain_update(body)
+            .verify_slice(tag)
             .map_err(|_| ProbeError::Mac)?;
         Ok(probe)
     }
@@ -197,27 +203,32 @@ fn decode_sent(field: &[u8]) -> Option<u64> {
     (field.first() == Some(&PING_TIMESTAMPED)).then(|| u64::from_be_bytes(ms))
 }
 
-/// family (4 or 6), port, 16 address bytes (IPv4 as v4-mapped).
-/// Writes `addr` in the 19-byte form of probes: family, port, v6 bytes.
-pub(crate) fn encode_addr(addr: SocketAddr, out: &mut [u8]) {
-    out[0] = if addr.is_ipv4() { 4 } else { 6 };
-    out[1..3].copy_from_slice(&addr.port().to_be_bytes());
+/// The length of an address in probes and NAT checks.
+pub(crate) const ADDR_LEN: usize = 19;
+
+/// `addr` in the 19-byte form of probes: family (4 or 6), port, 16 address
+/// bytes (IPv4 as v4-mapped).
+pub(crate) fn encode_addr(addr: SocketAddr) -> [u8; ADDR_LEN] {
     let v6 = match addr.ip() {
         IpAddr::V4(a) => a.to_ipv6_mapped(),
         IpAddr::V6(a) => a,
     };
-    out[3..19].copy_from_slice(&v6.octets());
+    let mut out = [0u8; ADDR_LEN];
+    out[0] = if addr.is_ipv4() { 4 } else { 6 };
+    out[1..3].copy_from_slice(&addr.port().to_be_bytes());
+    out[3..].copy_from_slice(&v6.octets());
+    out
 }
 
 /// Reads the 19-byte form [`encode_addr`] writes.
 pub(crate) fn decode_addr(bytes: &[u8]) -> Result<SocketAddr, ProbeError> {
-    let octets: [u8; 16] = bytes
-        .get(3..19)
-        .and_then(|b| b.try_into().ok())
-        .ok_or(ProbeError::Address)?;
-    let port = u16::from_be_bytes([bytes[1], bytes[2]]);
+    let Some(&[family, port_hi, port_lo, ref octets @ ..]) = bytes.get(..ADDR_LEN) else {
+        return Err(ProbeError::Address);
+    };
+    let octets: [u8; 16] = octets.try_into().map_err(|_| ProbeError::Address)?;
+    let port = u16::from_be_bytes([port_hi, port_lo]);
     let ip = Ipv6Addr::from(octets);
-    match bytes[0] {
+    match family {
         4 => ip
             .to_ipv4_mapped()
             .map(|v4| SocketAddr::new(v4.into(), port))

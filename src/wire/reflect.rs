@@ -88,7 +88,7 @@ impl Reflect {
             Reflect::Response { tx, observed } => {
                 out[4] = TYPE_RESPONSE;
                 out[8..20].copy_from_slice(tx);
-                encode_addr(*observed, &mut out[20..]);
+                out[20..].copy_from_slice(&encode_addr(*observed));
             }
         }
         out
