@@ -19,8 +19,8 @@ use rand::{CryptoRng, RngCore};
 use crate::config::{self, RendezvousConfig};
 use crate::dataplane::{cache, JOIN_TOKEN_FILE};
 use crate::identity::keyfile::{read_private_key, write_atomic, write_private_key, KeyFileError};
+use crate::identity::CertHash;
 use crate::identity::PrivateKey;
-use crate::rendezvous::tls::CertHash;
 
 pub const CONFIG_FILE: &str = "meshd.toml";
 pub const KEY_FILE: &str = "private.key";

@@ -51,5 +51,6 @@ pub mod relay;
 pub mod rendezvous;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod sockets;
 pub mod systemd;
 pub mod wire;

@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use clap::{ArgGroup, Parser, Subcommand};
 use meshd::cli::{init_logging, shutdown_signal, LogFormat};
 use meshd::config::{Config, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFAULT_SOCKET};
+use meshd::identity::CertHash;
 use meshd::join::{JoinOptions, CONFIG_FILE};
-use meshd::rendezvous::tls::CertHash;
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
 

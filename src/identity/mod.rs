@@ -4,6 +4,7 @@
 //! A node *is* its static key: the WireGuard public key names it everywhere
 //! (peer map, API, logs as a short prefix).
 
+pub mod cert_hash;
 pub mod keyfile;
 
 use std::fmt;
@@ -12,6 +13,8 @@ use std::str::FromStr;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use rand::{CryptoRng, RngCore};
+
+pub use cert_hash::{CertHash, CertHashError};
 
 /// Why a key string was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -14,8 +14,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::admission;
 use super::stream::{write_frame, FrameReader, StreamError};
-use super::tls::{self, CertHash};
+use super::tls;
 use crate::dataplane::quic::QuicSource;
+use crate::identity::CertHash;
 use crate::identity::{PrivateKey, PublicKey};
 use crate::wire::control::{
     Candidate, Hello, MeshInfo, NatMapping, NodeEntry, NodeMessage, RejectReason, ServerHello,

@@ -70,6 +70,8 @@ use super::limits::Bucket;
 pub use super::limits::{Limits, MessageKind, Rate};
 use crate::identity::PublicKey;
 use crate::ipam;
+/// Connections as the shell names them (shared with the relay table).
+pub use crate::relay::ConnId;
 use crate::wire::control::{
     Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeEntry, RejectReason, ServerMessage,
     MAX_CANDIDATES, MAX_NAME, PROTOCOL_VERSION,
@@ -91,16 +93,6 @@ const MAX_PUNCH_PAIRS: usize = 256;
 pub struct Now {
     pub unix: u64,
     pub instant: Instant,
-}
-
-/// A QUIC connection in the shell; the shell picks the numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub u64);
-
-impl fmt::Display for ConnId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "conn#{}", self.0)
-    }
 }
 
 /// Everything that must survive a restart of the rendezvous.

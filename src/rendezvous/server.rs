@@ -29,10 +29,10 @@ use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls;
 use crate::control::metrics::{self, MetricsError, MetricsServer, RendezvousMetrics};
 use crate::control::server::ErrorResponse as _;
-use crate::dataplane::udp::canonical;
 use crate::identity::{PrivateKey, PublicKey};
 use crate::relay::server::{Inlet, Relay};
 use crate::relay::NodeId;
+use crate::sockets::canonical;
 use crate::wire::control::{
     decode_hello, Candidate, Hello, HelloError, NatMapping, NodeMessage, RejectReason, ServerHello,
     ServerMessage, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
@@ -162,7 +162,7 @@ impl Server {
             source,
         };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(listen_err)?;
-        crate::dataplane::udp::size_buffers(socket2::SockRef::from(&socket));
+        crate::sockets::size_buffers(socket2::SockRef::from(&socket));
         let endpoint = quinn::Endpoint::new(
             tls::endpoint_config(),
             Some(server_config),

@@ -28,8 +28,9 @@ use serde::{Deserialize, Serialize};
 
 use super::registry::RegistryState;
 use super::store::{FileStore, Store, StoreError};
-use super::tls::{self, CertHash, TlsError};
+use super::tls::{self, TlsError};
 use crate::identity::keyfile::{read_private_key, write_atomic, write_private_key, KeyFileError};
+use crate::identity::CertHash;
 use crate::identity::PrivateKey;
 use crate::ipam::{self, IpamError};
 use crate::relay::RelayLimits;
