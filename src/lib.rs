@@ -47,6 +47,7 @@ pub mod ipam;
 pub mod join;
 pub mod kube;
 pub mod netlink;
+pub mod paths;
 pub mod relay;
 pub mod rendezvous;
 #[cfg(feature = "sim")]

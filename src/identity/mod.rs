@@ -5,6 +5,7 @@
 //! (peer map, API, logs as a short prefix).
 
 pub mod cert_hash;
+pub mod join_token;
 pub mod keyfile;
 
 use std::fmt;
@@ -15,6 +16,7 @@ use base64::Engine as _;
 use rand::{CryptoRng, RngCore};
 
 pub use cert_hash::{CertHash, CertHashError};
+pub use join_token::{JoinToken, JoinTokenError};
 
 /// Why a key string was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -155,7 +155,7 @@ impl Rendezvous {
             pin: self.pin,
             name: node.name.clone(),
             listen_port: LISTEN_PORT,
-            token: token.map(str::to_owned),
+            token: token.map(|t| t.parse().expect("a join token")),
         }
     }
 
