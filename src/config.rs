@@ -12,8 +12,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::engine::PeerSpec;
+use crate::identity::CertHash;
 use crate::identity::PublicKey;
-use crate::rendezvous::tls::CertHash;
 
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 pub const DEFAULT_INTERFACE: &str = "mesh0";

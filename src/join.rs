@@ -2,14 +2,9 @@
 //!
 //! Does file I/O and draws a key. Nothing is sent yet: `meshd run` presents
 //! the token on its first connection, so a token is spent only by a node
-//! that actually comes up. Layout:
-//!
-//! ```text
-//! DIR/meshd.toml    the node's config ([rendezvous] section included)
-//! DIR/private.key   its WireGuard key (created if missing)    0600
-//! DIR/join.token    the join token, deleted once admitted     0600
-//! DIR/cache.json    address and last peer map (written by run)
-//! ```
+//! that actually comes up. The directory's files are named in
+//! [`crate::paths::NodeDir`]; the key is created if missing, the token is
+//! deleted once the node is admitted.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,19 +12,15 @@ use std::path::{Path, PathBuf};
 use rand::{CryptoRng, RngCore};
 
 use crate::config::{self, RendezvousConfig};
-use crate::dataplane::{cache, JOIN_TOKEN_FILE};
 use crate::identity::keyfile::{read_private_key, write_atomic, write_private_key, KeyFileError};
-use crate::identity::PrivateKey;
-use crate::rendezvous::tls::CertHash;
-
-pub const CONFIG_FILE: &str = "meshd.toml";
-pub const KEY_FILE: &str = "private.key";
+use crate::identity::{CertHash, JoinToken, JoinTokenError, PrivateKey};
+use crate::paths::NodeDir;
 
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
     /// The rendezvous, `HOST:PORT`.
     pub server: String,
-    pub token: String,
+    pub token: JoinToken,
     pub ca_hash: CertHash,
     pub state_dir: PathBuf,
     pub name: Option<String>,
@@ -50,15 +41,21 @@ pub enum JoinError {
     },
     #[error(transparent)]
     Key(#[from] KeyFileError),
+    #[error("--token: {0}")]
+    Token(#[from] JoinTokenError),
+    #[error("--token-file: {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: JoinTokenError,
+    },
 }
 
 /// The longest token file read: a token is well under 256 bytes.
 const MAX_TOKEN_FILE: u64 = 4096;
 
 /// The join token from `--token-file FILE`: its first line, without the
-/// line end or surrounding blanks; `-` reads standard input. The token is
-/// checked by [`join`].
-pub fn read_token(file: &Path) -> Result<String, JoinError> {
+/// line end or surrounding blanks; `-` reads standard input.
+pub fn read_token(file: &Path) -> Result<JoinToken, JoinError> {
     use std::io::Read as _;
     let stdin = file == Path::new("-");
     let path = if stdin {
@@ -90,7 +87,9 @@ pub fn read_token(file: &Path) -> Result<String, JoinError> {
             path.display()
         )));
     }
-    Ok(token.to_owned())
+    token
+        .parse()
+        .map_err(|source| JoinError::TokenFile { path, source })
 }
 
 /// Writes the state directory; returns the config path.
@@ -109,17 +108,6 @@ pub fn join<R: RngCore + CryptoRng>(
         interface,
         socket,
     } = options;
-    if !token.contains('.')
-        || token.len() > 256
-        || token.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
-        // Shown only in part: it may be a real token pasted wrongly.
-        let shown: String = token.chars().take(8).collect();
-        return Err(JoinError::Invalid(format!(
-            "the token ({shown:?}…, {} bytes) is not a join token; copy it from `mesh-rendezvous token create`",
-            token.len()
-        )));
-    }
     if server
         .rsplit_once(':')
         .and_then(|(_, p)| p.parse::<u16>().ok())
@@ -138,16 +126,18 @@ pub fn join<R: RngCore + CryptoRng>(
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(io(dir))?;
 
-    let key_path = dir.join(KEY_FILE);
+    let layout = NodeDir::new(dir);
+    let key_path = layout.private_key();
     if key_path.exists() {
         read_private_key(&key_path)?;
     } else {
         write_private_key(&key_path, &PrivateKey::generate(rng))?;
     }
-    let token_path = dir.join(JOIN_TOKEN_FILE);
-    write_atomic(&token_path, format!("{token}\n").as_bytes(), 0o600).map_err(io(&token_path))?;
+    let token_path = layout.join_token();
+    let line = format!("{}\n", token.expose());
+    write_atomic(&token_path, line.as_bytes(), 0o600).map_err(io(&token_path))?;
 
-    let config_path = dir.join(CONFIG_FILE);
+    let config_path = layout.config();
     let rendezvous = RendezvousConfig {
         address: server.clone(),
         ca_hash: *ca_hash,
@@ -155,7 +145,7 @@ pub fn join<R: RngCore + CryptoRng>(
     // A different mesh: what was cached about the old one is wrong now.
     if let Ok(old) = config::Config::load(&config_path) {
         if old.rendezvous.as_ref() != Some(&rendezvous) {
-            let _ = std::fs::remove_file(cache::path(dir));
+            let _ = std::fs::remove_file(layout.cache());
         }
     }
     let mut table = toml::Table::new();
@@ -195,7 +185,7 @@ mod tests {
     fn options(dir: &Path) -> JoinOptions {
         JoinOptions {
             server: "203.0.113.1:7443".into(),
-            token: "abcd.secret".into(),
+            token: "abcd.secret".parse().unwrap(),
             ca_hash: CertHash::of(b"cert"),
             state_dir: dir.to_owned(),
             name: Some("node-a".into()),
@@ -218,15 +208,16 @@ mod tests {
             config.advertise_endpoint,
             Some("198.51.100.7:51820".parse().unwrap())
         );
-        let key = std::fs::read_to_string(state.join(KEY_FILE)).unwrap();
+        let layout = NodeDir::new(&state);
+        let key = std::fs::read_to_string(layout.private_key()).unwrap();
         join(&options(&state), &mut rand::rngs::OsRng).unwrap();
         assert_eq!(
-            std::fs::read_to_string(state.join(KEY_FILE)).unwrap(),
+            std::fs::read_to_string(layout.private_key()).unwrap(),
             key,
             "key kept on re-join"
         );
         assert_eq!(
-            std::fs::read_to_string(state.join(JOIN_TOKEN_FILE)).unwrap(),
+            std::fs::read_to_string(layout.join_token()).unwrap(),
             "abcd.secret\n"
         );
     }
@@ -236,7 +227,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("token");
         std::fs::write(&file, "abcd.secret\r\nignored\n").unwrap();
-        assert_eq!(read_token(&file).unwrap(), "abcd.secret");
+        assert_eq!(read_token(&file).unwrap().expose(), "abcd.secret");
         std::fs::write(&file, "  \n").unwrap();
         let empty = read_token(&file).unwrap_err().to_string();
         assert!(
@@ -250,14 +241,21 @@ mod tests {
     }
 
     #[test]
-    fn bad_tokens_and_servers_are_refused() {
+    fn a_token_file_that_holds_no_join_token_is_refused_naming_the_file_not_the_token() {
         let dir = tempfile::tempdir().unwrap();
-        let mut o = options(dir.path());
-        o.token = "no-dot".into();
-        assert!(join(&o, &mut rand::rngs::OsRng)
-            .unwrap_err()
-            .to_string()
-            .contains("token create"));
+        let file = dir.path().join("token");
+        std::fs::write(&file, "abcd.sec ret-in-the-middle\n").unwrap();
+        let err = read_token(&file).unwrap_err().to_string();
+        assert!(
+            err.contains("token create") && err.contains(&file.display().to_string()),
+            "{err}"
+        );
+        assert!(!err.contains("ret-in-the-middle"), "{err}");
+    }
+
+    #[test]
+    fn bad_servers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
         let mut o = options(dir.path());
         o.server = "no-port".into();
         assert!(join(&o, &mut rand::rngs::OsRng)

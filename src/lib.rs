@@ -48,9 +48,11 @@ pub mod join;
 pub mod kube;
 pub mod netlink;
 pub mod offload;
+pub mod paths;
 pub mod relay;
 pub mod rendezvous;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod sockets;
 pub mod systemd;
 pub mod wire;

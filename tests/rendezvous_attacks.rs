@@ -147,7 +147,11 @@ async fn a_server_message_split_across_packets_reaches_the_node_whole_while_rela
             pin: fake.pin,
             name: "node".into(),
             listen_port: LISTEN_PORT,
-            token: Some("k7q2xw.EBESExQVFhcYGRobHB0eHyAhIiMkJSYnKCkqKywtLi8".into()),
+            token: Some(
+                "k7q2xw.EBESExQVFhcYGRobHB0eHyAhIiMkJSYnKCkqKywtLi8"
+                    .parse()
+                    .expect("a join token"),
+            ),
         };
         let session = tokio::spawn(client::run(
             node.endpoint.clone(),

@@ -1,15 +1,16 @@
 //! `meshd`: the node agent. Thin: arguments → config → [`meshd::dataplane::run`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{ArgGroup, Parser, Subcommand};
 use meshd::cli::{init_logging, shutdown_signal, LogFormat};
 use meshd::config::{Config, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFAULT_SOCKET};
-use meshd::join::{JoinOptions, CONFIG_FILE};
-use meshd::rendezvous::tls::CertHash;
+use meshd::identity::CertHash;
+use meshd::join::JoinOptions;
+use meshd::paths::NodeDir;
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
 
@@ -114,7 +115,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             socket,
         } => {
             let token = match (token, token_file) {
-                (Some(token), _) => token,
+                (Some(token), _) => token.parse().map_err(meshd::join::JoinError::Token)?,
                 (None, Some(file)) => meshd::join::read_token(&file)?,
                 (None, None) => anyhow::bail!(
                     "give the join token with --token-file FILE (or - for stdin) or --token"
@@ -147,9 +148,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let path = match (config, state_dir) {
                 (Some(path), _) => path,
-                (None, Some(dir)) => dir.join(CONFIG_FILE),
+                (None, Some(dir)) => NodeDir::new(&dir).config(),
                 // A node enrolled with the defaults, else a hand-written config.
-                (None, None) => Some(PathBuf::from(DEFAULT_STATE_DIR).join(CONFIG_FILE))
+                (None, None) => Some(NodeDir::new(Path::new(DEFAULT_STATE_DIR)).config())
                     .filter(|p| p.exists())
                     .unwrap_or_else(|| PathBuf::from("/etc/meshd/meshd.toml")),
             };

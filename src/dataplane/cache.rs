@@ -20,7 +20,6 @@ use tokio::task::JoinHandle;
 use crate::identity::keyfile::write_atomic;
 use crate::wire::control::{MeshInfo, NodeEntry};
 
-const FILE: &str = "cache.json";
 /// The cache is written at most this often; what changes meanwhile is
 /// written after, together. A crash loses at most this much of the peer
 /// map, which the rendezvous sends again anyway.
@@ -53,7 +52,7 @@ pub enum CacheError {
 }
 
 pub fn path(state_dir: &Path) -> PathBuf {
-    state_dir.join(FILE)
+    crate::paths::NodeDir::new(state_dir).cache()
 }
 
 /// The cache, or `None` before the node was ever admitted.

@@ -37,9 +37,10 @@ use crate::control::uapi::UapiSocket;
 use crate::engine::paths::Source;
 use crate::engine::{EngineError, Node, NodeConfig, PeerSpec};
 use crate::identity::keyfile::{read_private_key, KeyFileError};
-use crate::identity::PrivateKey;
+use crate::identity::{JoinToken, PrivateKey};
 use crate::kube::env::{self as env_file, EnvError, MeshEnv};
 use crate::netlink::{self, Link, LinkConfig, NetlinkError};
+use crate::paths::NodeDir;
 use crate::rendezvous::client::{self, ClientError, Update};
 use crate::systemd::{Notice, Notifier, NotifySocket};
 use crate::wire::control::{Candidate, CandidateKind, NatMapping, NodeEntry};
@@ -88,8 +89,6 @@ pub enum DataplaneError {
 /// Keepalive towards mesh peers: keeps NAT mappings open on both sides
 /// (WireGuard's recommendation for peers behind NAT).
 pub const MESH_KEEPALIVE: u16 = 25;
-/// `STATE_DIR/join.token`: the token `meshd join` stored, until admission.
-pub const JOIN_TOKEN_FILE: &str = "join.token";
 
 fn port_hint(e: &std::io::Error) -> &'static str {
     match e.kind() {
@@ -405,7 +404,7 @@ impl Agent {
                     .await;
                 if let Some(dir) = &self.state_dir {
                     // Registered: the token has done its job.
-                    let _ = std::fs::remove_file(dir.join(JOIN_TOKEN_FILE));
+                    let _ = std::fs::remove_file(NodeDir::new(dir).join_token());
                 }
                 self.welcome(cache::NodeCache { mesh, node, peers }).await?;
             }
@@ -607,10 +606,17 @@ fn choose_endpoint(candidates: &[Candidate]) -> Option<SocketAddr> {
     .map(|c| c.addr)
 }
 
-fn read_join_token(dir: &Path) -> Result<Option<String>, DataplaneError> {
-    let path = dir.join(JOIN_TOKEN_FILE);
+fn read_join_token(dir: &Path) -> Result<Option<JoinToken>, DataplaneError> {
+    let path = NodeDir::new(dir).join_token();
     match std::fs::read_to_string(&path) {
-        Ok(t) => Ok(Some(t.trim().to_owned())),
+        Ok(t) => t
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| DataplaneError::Token {
+                path,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(DataplaneError::Token { path, source }),
     }

@@ -25,8 +25,8 @@ use nix::sys::socket::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// Kernel socket buffer size asked for (SO_RCVBUFFORCE when permitted).
-const SOCKET_BUFFER: usize = 4 << 20;
+// Shared with the rendezvous; re-exported for the packet loop's callers.
+pub use crate::sockets::{canonical, size_buffers};
 
 /// Most datagrams the kernel segments from one GSO send (UDP_MAX_SEGMENTS).
 pub const MAX_GSO_SEGMENTS: usize = 64;
@@ -272,47 +272,6 @@ fn dual_stack_socket(port: u16) -> io::Result<Socket> {
     Ok(s)
 }
 
-/// Asks for [`SOCKET_BUFFER`]-sized kernel buffers on a UDP socket (the
-/// rendezvous's relay socket too): a burst the kernel drops is a TCP stall
-/// inside the tunnel, the usual cause of low relay ceilings.
-pub fn size_buffers(s: socket2::SockRef<'_>) {
-    // The FORCE options ignore net.core.{r,w}mem_max but need CAP_NET_ADMIN,
-    // which meshd has; without it, take what the sysctl allows.
-    if set_int_option(&s, libc::SO_RCVBUFFORCE, SOCKET_BUFFER).is_err() {
-        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    }
-    if set_int_option(&s, libc::SO_SNDBUFFORCE, SOCKET_BUFFER).is_err() {
-        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
-    }
-}
-
-fn set_int_option(s: &Socket, option: libc::c_int, value: usize) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
-    // SAFETY: a valid socket fd, and a pointer/length pair to a live c_int.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            std::ptr::addr_of!(value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// v4-mapped IPv6 (`::ffff:a.b.c.d`) → plain IPv4, so the engine sees one
-/// spelling per address and roaming comparisons work.
-#[inline]
-pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,14 +295,6 @@ mod tests {
         assert_eq!(run(&[(a, 600), (a, 1400)]), 1, "a longer one cannot follow");
         assert_eq!(run(&vec![(a, 100); 100]), MAX_GSO_SEGMENTS);
         assert_eq!(run(&vec![(a, 1400); 100]), MAX_GSO_BYTES / 1400);
-    }
-
-    #[test]
-    fn v4_mapped_addresses_become_plain_v4() {
-        let mapped: SocketAddr = "[::ffff:192.0.2.1]:51820".parse().unwrap();
-        assert_eq!(canonical(mapped), "192.0.2.1:51820".parse().unwrap());
-        let v6: SocketAddr = "[2001:db8::1]:51820".parse().unwrap();
-        assert_eq!(canonical(v6), v6);
     }
 
     #[tokio::test]

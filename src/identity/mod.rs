@@ -4,6 +4,8 @@
 //! A node *is* its static key: the WireGuard public key names it everywhere
 //! (peer map, API, logs as a short prefix).
 
+pub mod cert_hash;
+pub mod join_token;
 pub mod keyfile;
 
 use std::fmt;
@@ -12,6 +14,9 @@ use std::str::FromStr;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use rand::{CryptoRng, RngCore};
+
+pub use cert_hash::{CertHash, CertHashError};
+pub use join_token::{JoinToken, JoinTokenError};
 
 /// Why a key string was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

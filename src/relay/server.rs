@@ -36,8 +36,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::stream::send_on_stream;
-use super::{Command, DropReason, NodeId, PairStats, RelayLimits, RelayStats, RelayTable};
-use crate::rendezvous::registry::ConnId;
+use super::{Command, ConnId, DropReason, NodeId, PairStats, RelayLimits, RelayStats, RelayTable};
 use crate::wire::relay::{fits_datagram, HEADER_LEN};
 
 /// Stream sends in flight per destination before frames are dropped.

@@ -94,7 +94,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::rendezvous::registry::ConnId;
+use super::ConnId;
 use crate::wire::relay::{self, NodeId, HEADER_LEN, MAX_PAYLOAD};
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;

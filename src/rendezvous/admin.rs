@@ -156,7 +156,7 @@ pub fn apply<R: RngCore + CryptoRng>(
             let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
             match registry.create_token(secret, id.clone(), ttl_secs, max_uses, now_unix) {
                 Ok(token) => AdminResponse::Token {
-                    token,
+                    token: token.expose().to_owned(),
                     id,
                     expires_at: now_unix.saturating_add(ttl_secs),
                 },
@@ -286,13 +286,13 @@ pub fn apply_offline<R: RngCore + CryptoRng>(
     use super::store::Store as _;
     let loaded = super::setup::load(dir)?;
     let mut store = loaded.store;
-    let mut registry = Registry::new(loaded.state);
+    let mut registry = Registry::new(loaded.state, loaded.server_key);
     let response = apply(&mut registry, request, now_unix, rng);
     while let Some(command) = registry.poll_command() {
         match command {
             Command::Persist | Command::PersistSoon => store.save(registry.state())?,
             // No connections exist without a server.
-            Command::Send { .. } | Command::Close { .. } => {}
+            Command::Admitted { .. } | Command::Send { .. } | Command::Close { .. } => {}
         }
     }
     Ok(response)

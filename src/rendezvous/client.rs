@@ -14,8 +14,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::admission;
 use super::stream::{write_frame, FrameReader, StreamError};
-use super::tls::{self, CertHash};
+use super::tls;
 use crate::dataplane::quic::QuicSource;
+use crate::identity::{CertHash, JoinToken};
 use crate::identity::{PrivateKey, PublicKey};
 use crate::wire::control::{
     Candidate, Hello, MeshInfo, NatMapping, NodeEntry, NodeMessage, RejectReason, ServerHello,
@@ -63,7 +64,7 @@ pub struct ClientConfig {
     pub name: String,
     pub listen_port: u16,
     /// The join token, until the node is registered.
-    pub token: Option<String>,
+    pub token: Option<JoinToken>,
 }
 
 /// What the rendezvous told us, for the driver.
@@ -328,7 +329,7 @@ async fn admit_from(
             public_key: key.public_key(),
             name: config.name.clone(),
             listen_port: config.listen_port,
-            token: config.token.clone(),
+            token: config.token.as_ref().map(|t| t.expose().to_owned()),
             candidates,
             proof: admission::proof(key, &server_hello.server_key, &exporter),
         };

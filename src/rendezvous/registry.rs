@@ -2,11 +2,25 @@
 //! peer-map distribution, as a state machine.
 //!
 //! Pure: no socket, clock, random source or file. The quinn shell feeds it
-//! inputs — a verified [`Hello`], a node's candidates, a disconnect, an
-//! operator's request — with the time as `now_unix` (seconds) and any random
-//! token secret as an argument, then drains [`Registry::poll_command`] and
-//! executes the [`Command`]s: send a message on a connection, close one,
-//! persist [`Registry::state`]. Tests are "this input ⇒ these commands".
+//! inputs — a node's hello as it arrived ([`IncomingHello`]), its
+//! candidates, a disconnect, an operator's request — with the time as `now`
+//! and any random token secret as an argument, then drains
+//! [`Registry::poll_command`] and executes the [`Command`]s: admit a
+//! connection, send a message on one, close one, persist
+//! [`Registry::state`]. Tests are "this input ⇒ these commands".
+//!
+//! # Admission
+//!
+//! The registry is the one place that decides who gets in. The shell hands
+//! over what the connection delivered — the decoded hello or why it could
+//! not be decoded, the connection's TLS exporter value, the source address —
+//! and the registry checks, in this order: the protocol version, the
+//! hello's shape, the proof of possession of the key ([`admission`], bound
+//! to this connection by the exporter), the name and candidates, a removed
+//! key, then for a new node the join token ([`JoinToken`]) and a free
+//! address. It answers [`Command::Admitted`] (then the `Welcome`) or a
+//! `Rejected` and a close; the shell starts relaying and reading the node's
+//! messages only on `Admitted`, and no `Welcome` is ever queued without it.
 //!
 //! One registry instance processes one input at a time, so two joins that
 //! race for the last use of a token, or for the same address, are decided by
@@ -14,11 +28,11 @@
 //!
 //! # Join tokens
 //!
-//! A token reads `<id>.<secret>`: the id names the token in `token list` and
-//! `token revoke` and is not secret (like the first half of a kubeadm
-//! token); the secret is 32 random bytes in unpadded base64url. Only the
-//! SHA-256 of the secret is stored, and a presented secret is compared with
-//! it in constant time.
+//! A token reads `<id>.<secret>` ([`JoinToken`] has the one format rule):
+//! the id names the token in `token list` and `token revoke` and is not
+//! secret (like the first half of a kubeadm token); the secret is 32 random
+//! bytes in unpadded base64url. Only the SHA-256 of the secret is stored,
+//! and a presented secret is compared with it in constant time.
 //!
 //! # What a member can make the rendezvous do
 //!
@@ -66,19 +80,22 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::admission;
 use super::limits::Bucket;
 pub use super::limits::{Limits, MessageKind, Rate};
-use crate::identity::PublicKey;
+pub use crate::identity::join_token::MAX_TOKEN_ID;
+use crate::identity::JoinToken;
+use crate::identity::{PrivateKey, PublicKey};
 use crate::ipam;
+/// Connections as the shell names them (shared with the relay table).
+pub use crate::relay::ConnId;
 use crate::wire::control::{
-    Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeEntry, RejectReason, ServerMessage,
-    MAX_CANDIDATES, MAX_NAME, PROTOCOL_VERSION,
+    Candidate, CandidateKind, Hello, HelloError, MeshInfo, NatMapping, NodeEntry, RejectReason,
+    ServerMessage, MAX_CANDIDATES, MAX_NAME, PROTOCOL_VERSION,
 };
 use crate::wire::endpoint::{self, Unusable};
 use crate::wire::untrusted::Untrusted;
 
-/// Longest token id accepted.
-pub const MAX_TOKEN_ID: usize = 32;
 /// Longest node name: a DNS label (RFC 1035 §2.3.4).
 pub const MAX_LABEL: usize = 63;
 /// Punch pairs a connection remembers before forgetting those whose bucket
@@ -91,16 +108,6 @@ const MAX_PUNCH_PAIRS: usize = 256;
 pub struct Now {
     pub unix: u64,
     pub instant: Instant,
-}
-
-/// A QUIC connection in the shell; the shell picks the numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub u64);
-
-impl fmt::Display for ConnId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "conn#{}", self.0)
-    }
 }
 
 /// Everything that must survive a restart of the rendezvous.
@@ -226,12 +233,33 @@ pub struct NodeStatus {
     pub candidates: Vec<Candidate>,
 }
 
+/// A node's hello as its connection delivered it: all the registry needs
+/// to decide the node's admission.
+#[derive(Debug)]
+pub struct IncomingHello {
+    /// The hello, or why its frame is not one ([`crate::wire::control::decode_hello`]).
+    pub hello: Result<Hello, HelloError>,
+    /// The connection's TLS exporter value for [`admission::EXPORTER_LABEL`]:
+    /// the proof in the hello must have been made for it.
+    pub exporter: [u8; 32],
+    /// The source address the connection comes from.
+    pub observed: SocketAddr,
+}
+
 /// What the shell must do, in order.
 // Commands are short-lived (queued, then executed at once), so boxing the
 // message would cost an allocation each for no lasting saving.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
+    /// The connection's node is admitted: from now on the shell reads its
+    /// messages and relays for it (its relay id is its overlay `ipv4`).
+    /// Always queued before the `Welcome` it is told with.
+    Admitted {
+        conn: ConnId,
+        key: PublicKey,
+        ipv4: Ipv4Addr,
+    },
     /// Send `msg` on the connection's control stream.
     Send { conn: ConnId, msg: ServerMessage },
     /// Close the connection (after sending what was queued for it before).
@@ -454,6 +482,8 @@ struct Refusal {
     message: String,
     /// The precise cause, logged but not sent.
     cause: String,
+    /// The node's short key, for the log; `-` when the hello was unreadable.
+    key: String,
 }
 
 impl Refusal {
@@ -462,6 +492,38 @@ impl Refusal {
             reason,
             message: message.into(),
             cause: cause.into(),
+            key: "-".into(),
+        }
+    }
+
+    fn of(mut self, key: &PublicKey) -> Self {
+        self.key = key.short();
+        self
+    }
+}
+
+/// The refusal of a hello of another protocol version (`None`: it names
+/// none a number can say): both versions, so the operator knows which side
+/// to upgrade (proto/control.md §6).
+fn refuse_version(theirs: Option<u64>) -> Refusal {
+    let theirs = theirs.map_or_else(|| "names none".to_owned(), |v| v.to_string());
+    Refusal::new(
+        RejectReason::Version,
+        format!(
+            "this rendezvous speaks protocol version {PROTOCOL_VERSION}, the node {theirs}; \
+             upgrade the older side"
+        ),
+        format!("version {theirs}"),
+    )
+}
+
+/// The refusal of a hello frame that is not one.
+fn refuse_undecodable(error: &HelloError) -> Refusal {
+    match error {
+        HelloError::Version { theirs } => refuse_version(*theirs),
+        // Bounded already: the decoder quotes no more of the peer's text.
+        HelloError::Malformed(_) => {
+            Refusal::new(RejectReason::BadHello, "malformed hello", error.to_string())
         }
     }
 }
@@ -476,6 +538,8 @@ const TOKEN_EXPIRED: &str = "join token expired; ask the operator for a new one"
 #[derive(Debug)]
 pub struct Registry {
     state: RegistryState,
+    /// The rendezvous's static key: the other half of every admission proof.
+    server_key: PrivateKey,
     /// Admitted connections only; a rejected one leaves no trace.
     sessions: HashMap<ConnId, Session>,
     /// Each online node's current connection.
@@ -520,14 +584,17 @@ impl Registry {
     /// A state from before names were labels and unique (v0.1.0) gets them
     /// here, in key order (the first node keeps a shared name), and a
     /// [`Command::Persist`] is queued to save that.
-    pub fn new(state: RegistryState) -> Self {
-        Self::with_limits(state, Limits::default())
+    /// `server_key` is the rendezvous's static key, which nodes prove
+    /// theirs against.
+    pub fn new(state: RegistryState, server_key: PrivateKey) -> Self {
+        Self::with_limits(state, server_key, Limits::default())
     }
 
     /// [`Registry::new`] with other rates.
-    pub fn with_limits(state: RegistryState, limits: Limits) -> Self {
+    pub fn with_limits(state: RegistryState, server_key: PrivateKey, limits: Limits) -> Self {
         let mut registry = Self {
             state,
+            server_key,
             sessions: HashMap::new(),
             online: BTreeMap::new(),
             commands: VecDeque::new(),
@@ -573,28 +640,34 @@ impl Registry {
         &self.state
     }
 
-    /// A node's hello on `conn`, which the shell has already checked for
-    /// proof of possession of `hello.public_key` (the proof needs the TLS
-    /// exporter, which only the shell has): this takes it as given.
-    /// `observed` is the source address the connection comes from.
+    /// A node's hello on `conn`, as the connection delivered it: decides
+    /// the node's admission (see the module docs).
     ///
     /// Queues either a `Rejected` and a close, or (admitted) a persist —
     /// [`Command::Persist`] for a new node, whose address and token use
     /// must be durable before it hears of them, [`Command::PersistSoon`]
-    /// for a known one — the `Welcome` for `conn`, and a `PeerUpsert` for
-    /// every other online node; an older connection of the same node is
-    /// closed as superseded. A second hello on an already admitted
-    /// connection is ignored.
-    pub fn handle_hello(&mut self, conn: ConnId, hello: &Hello, observed: SocketAddr, now: Now) {
+    /// for a known one — then [`Command::Admitted`], the `Welcome` for
+    /// `conn`, and a `PeerUpsert` for every other online node; an older
+    /// connection of the same node is closed as superseded. A second hello
+    /// on an already admitted connection is ignored.
+    pub fn handle_hello(&mut self, conn: ConnId, incoming: IncomingHello, now: Now) {
         if self.sessions.contains_key(&conn) {
             tracing::debug!(%conn, "second hello on an admitted connection ignored");
             return;
         }
-        let key = hello.public_key;
-        let joined = match self.admit(hello, now.unix) {
-            Ok(joined) => joined,
+        let IncomingHello {
+            hello,
+            exporter,
+            observed,
+        } = incoming;
+        let verdict = hello.map_err(|e| refuse_undecodable(&e)).and_then(|hello| {
+            let joined = self.admit(&hello, &exporter, now.unix)?;
+            Ok((hello, joined))
+        });
+        let (hello, joined) = match verdict {
+            Ok(admitted) => admitted,
             Err(refusal) => {
-                tracing::info!(%conn, node = %key.short(), cause = %refusal.cause, "hello rejected");
+                tracing::info!(%conn, node = %refusal.key, cause = %refusal.cause, "hello rejected");
                 self.count_rejection(refusal.reason);
                 self.push(Command::Send {
                     conn,
@@ -613,6 +686,7 @@ impl Registry {
 
         // Admitted: the record exists now. Refresh where the node is; its
         // name stays the one bound to its key.
+        let key = hello.public_key;
         let observed = SocketAddr::new(observed.ip().to_canonical(), observed.port());
         let candidates = self.merge_candidates(&hello.candidates, observed);
         let Some(record) = self.state.nodes.get_mut(&key) else {
@@ -643,6 +717,11 @@ impl Registry {
         } else {
             self.persist_soon();
         }
+        self.push(Command::Admitted {
+            conn,
+            key,
+            ipv4: entry.ipv4,
+        });
 
         let peers = self
             .state
@@ -930,7 +1009,7 @@ impl Registry {
     }
 
     /// Creates a join token and returns it in full (`<id>.<secret>`, the
-    /// only time the secret exists outside the caller). `secret` must come
+    /// only time the secret exists outside the caller; its `Debug` hides it). `secret` must come
     /// from a cryptographic random source; `id` is public, 1 to
     /// [`MAX_TOKEN_ID`] of `[A-Za-z0-9_-]`. Valid for `ttl_secs` from
     /// `now_unix`, for at most `max_uses` joins (`None`: unlimited).
@@ -941,17 +1020,16 @@ impl Registry {
         ttl_secs: u64,
         max_uses: Option<u32>,
         now_unix: u64,
-    ) -> Result<String, RegistryError> {
-        if !valid_token_id(&id) {
+    ) -> Result<JoinToken, RegistryError> {
+        let Some(token) = JoinToken::new(&id, &secret) else {
             return Err(RegistryError::InvalidTokenId { id });
-        }
+        };
         if self.state.tokens.contains_key(&id) {
             return Err(RegistryError::DuplicateTokenId { id });
         }
         if max_uses == Some(0) {
             return Err(RegistryError::ZeroUses);
         }
-        let token = format!("{id}.{}", URL_SAFE_NO_PAD.encode(secret));
         let record = TokenRecord {
             id: id.clone(),
             secret_sha256: sha256_hex(&secret),
@@ -1003,9 +1081,9 @@ impl Registry {
     }
 
     /// Counts a hello refused for `reason`. The registry counts its own
-    /// refusals; the shell reports those it makes before the registry sees
-    /// the hello (a version it cannot read, a malformed hello, a failed
-    /// proof), so that one place has them all.
+    /// refusals; the shell reports the one it makes before there is a
+    /// hello to hand over (a frame over the size limit), so that one place
+    /// has them all.
     pub fn count_rejection(&mut self, reason: RejectReason) {
         if let Some(count) = self.rejections.get_mut(reject_index(reason)) {
             *count = count.saturating_add(1);
@@ -1038,25 +1116,38 @@ impl Registry {
         match cmd {
             Command::Persist => self.persist_queued = false,
             Command::PersistSoon => self.persist_soon_queued = false,
-            Command::Send { .. } | Command::Close { .. } => {}
+            Command::Admitted { .. } | Command::Send { .. } | Command::Close { .. } => {}
         }
         Some(cmd)
     }
 
-    /// Checks the hello and, for a new node, the token and a free address;
-    /// on success the node's record exists (created for a new node, with
-    /// the token's use counted and its name bound), and the answer says
-    /// whether it was created. On failure nothing has changed.
-    fn admit(&mut self, hello: &Hello, now_unix: u64) -> Result<bool, Refusal> {
+    /// Checks the hello, its proof for this connection (`exporter`) and,
+    /// for a new node, the token and a free address; on success the node's
+    /// record exists (created for a new node, with the token's use counted
+    /// and its name bound), and the answer says whether it was created. On
+    /// failure nothing has changed.
+    fn admit(
+        &mut self,
+        hello: &Hello,
+        exporter: &[u8; 32],
+        now_unix: u64,
+    ) -> Result<bool, Refusal> {
+        let key = hello.public_key;
+        self.check_hello(hello, exporter)
+            .and_then(|()| self.admit_key(hello, now_unix))
+            .map_err(|refusal| refusal.of(&key))
+    }
+
+    /// Everything about the hello itself, before any state is looked at.
+    fn check_hello(&self, hello: &Hello, exporter: &[u8; 32]) -> Result<(), Refusal> {
         if hello.version != PROTOCOL_VERSION {
+            return Err(refuse_version(Some(u64::from(hello.version))));
+        }
+        if !admission::verify(&self.server_key, &hello.public_key, exporter, &hello.proof) {
             return Err(Refusal::new(
-                RejectReason::Version,
-                format!(
-                    "this rendezvous speaks protocol version {PROTOCOL_VERSION}, the node {}; \
-                     upgrade the older side",
-                    hello.version
-                ),
-                format!("version {}", hello.version),
+                RejectReason::BadProof,
+                "this node cannot prove it holds its key",
+                "admission proof failed",
             ));
         }
         if let Err(problem) = check_name(&hello.name) {
@@ -1077,6 +1168,12 @@ impl Registry {
                 problem,
             ));
         }
+        Ok(())
+    }
+
+    /// The key's standing: removed, known, or new with a usable token and
+    /// a free address (then its record is made).
+    fn admit_key(&mut self, hello: &Hello, now_unix: u64) -> Result<bool, Refusal> {
         let key = hello.public_key;
         if self.state.removed.contains(&key) {
             return Err(Refusal::new(
@@ -1128,14 +1225,19 @@ impl Registry {
                 "no token",
             ));
         };
-        let Some((id, secret)) = presented.trim().split_once('.') else {
-            return Err(refused("malformed token".into()));
+        // Blanks around it were never part of a token (0.1.0 and 0.2.0
+        // registries trimmed them too).
+        let token: JoinToken = match presented.trim().parse() {
+            Ok(token) => token,
+            Err(e) => return Err(refused(format!("malformed token: {e}"))),
         };
+        let id = token.id();
         let Some(record) = self.state.tokens.get(id) else {
             return Err(refused(format!("unknown token id \"{}\"", Untrusted(id))));
         };
-        // A secret that is not base64 hashes as empty and cannot match.
-        let secret = URL_SAFE_NO_PAD.decode(secret).unwrap_or_default();
+        // A secret that is not 32 bytes of base64 hashes as empty and
+        // cannot match.
+        let secret = URL_SAFE_NO_PAD.decode(token.secret()).unwrap_or_default();
         let presented_hash = sha256_hex(&secret);
         // subtle compares equal-length slices in constant time; the length
         // (64 hex digits) is no secret.
@@ -1373,14 +1475,6 @@ fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn valid_token_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_TOKEN_ID
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 fn sha256_hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     let digest = Sha256::digest(bytes);
@@ -1394,7 +1488,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::control::Proof;
 
     const NOW: u64 = 1_700_000_000;
     const DAY: u64 = 86_400;
@@ -1410,8 +1503,42 @@ mod tests {
         }
     }
 
+    /// The rendezvous's static key in these tests.
+    fn server() -> PrivateKey {
+        PrivateKey::from_bytes([0xa5; 32])
+    }
+
+    /// The TLS exporter value of "the connection" in these tests.
+    const EXPORTER: [u8; 32] = [0x5a; 32];
+
+    fn secret(n: u8) -> PrivateKey {
+        PrivateKey::from_bytes([n; 32])
+    }
+
     fn key(n: u8) -> PublicKey {
-        PublicKey::from_bytes([n; 32])
+        secret(n).public_key()
+    }
+
+    /// A hello from the holder of `secret`, proving it on [`EXPORTER`].
+    fn hello_as(secret: &PrivateKey, name: &str, token: Option<&str>) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            public_key: secret.public_key(),
+            name: name.to_owned(),
+            listen_port: 51820,
+            token: token.map(str::to_owned),
+            candidates: Vec::new(),
+            proof: admission::proof(secret, &server().public_key(), &EXPORTER),
+        }
+    }
+
+    /// `hello` as it arrives on a connection from `observed`.
+    fn arriving(hello: Hello, observed: SocketAddr) -> IncomingHello {
+        IncomingHello {
+            hello: Ok(hello),
+            exporter: EXPORTER,
+            observed,
+        }
     }
 
     fn mesh(cidr: &str) -> MeshInfo {
@@ -1423,21 +1550,16 @@ mod tests {
     }
 
     fn registry() -> Registry {
-        Registry::new(RegistryState::new(mesh("100.72.0.0/16")))
+        Registry::new(RegistryState::new(mesh("100.72.0.0/16")), server())
     }
 
     fn hello(n: u8, token: Option<&str>) -> Hello {
         Hello {
-            version: PROTOCOL_VERSION,
-            public_key: key(n),
-            name: format!("node-{n}"),
-            listen_port: 51820,
-            token: token.map(str::to_owned),
             candidates: vec![Candidate {
                 addr: SocketAddr::from(([10, 0, 0, n], 51820)),
                 kind: CandidateKind::Local,
             }],
-            proof: Proof([0; 32]),
+            ..hello_as(&secret(n), &format!("node-{n}"), token)
         }
     }
 
@@ -1454,7 +1576,9 @@ mod tests {
         let mut reg = registry();
         let token = reg
             .create_token([7; 32], "abc123".into(), DAY, None, NOW)
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         drain(&mut reg);
         (reg, token)
     }
@@ -1463,8 +1587,7 @@ mod tests {
     fn join(reg: &mut Registry, n: u8, token: &str) -> Vec<Command> {
         reg.handle_hello(
             ConnId(n.into()),
-            &hello(n, Some(token)),
-            observed(n),
+            arriving(hello(n, Some(token)), observed(n)),
             at(NOW),
         );
         let cmds = drain(reg);
@@ -1513,17 +1636,29 @@ mod tests {
     }
 
     #[test]
-    fn a_new_node_with_a_good_token_is_persisted_then_welcomed() {
+    fn a_new_node_with_a_good_token_is_persisted_then_admitted_and_welcomed() {
         let (mut reg, token) = with_token();
-        reg.handle_hello(ConnId(1), &hello(1, Some(&token)), observed(1), at(NOW));
+        reg.handle_hello(
+            ConnId(1),
+            arriving(hello(1, Some(&token)), observed(1)),
+            at(NOW),
+        );
         let cmds = drain(&mut reg);
-        assert_eq!(cmds.len(), 2, "{cmds:?}");
+        assert_eq!(cmds.len(), 3, "{cmds:?}");
         assert_eq!(cmds[0], Command::Persist);
         let expected_v4 = ipam::ipv4_candidates(&key(1), reg.state().mesh.ipv4)
             .next()
             .unwrap();
         let expected_v6 = ipam::ipv6_for(&key(1), reg.state().mesh.ipv6);
-        match &cmds[1] {
+        assert_eq!(
+            cmds[1],
+            Command::Admitted {
+                conn: ConnId(1),
+                key: key(1),
+                ipv4: expected_v4
+            }
+        );
+        match &cmds[2] {
             Command::Send {
                 conn,
                 msg:
@@ -1596,17 +1731,25 @@ mod tests {
         let mut reg = registry();
         let unlimited = reg
             .create_token([1; 32], "open".into(), DAY, None, NOW)
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         let expired = reg
             .create_token([2; 32], "old".into(), 10, None, NOW - 100)
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         let revoked = reg
             .create_token([3; 32], "gone".into(), DAY, None, NOW)
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         reg.revoke_token("gone");
         let used = reg
             .create_token([4; 32], "once".into(), DAY, Some(1), NOW)
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         drain(&mut reg);
         join(&mut reg, 1, &used);
         join(&mut reg, 2, &unlimited);
@@ -1661,7 +1804,7 @@ mod tests {
 
         let before = reg.state().clone();
         for (what, h, reason) in cases {
-            reg.handle_hello(ConnId(99), &h, observed(10), at(NOW));
+            reg.handle_hello(ConnId(99), arriving(h.clone(), observed(10)), at(NOW));
             let cmds = drain(&mut reg);
             let message = assert_rejected_only(&cmds, ConnId(99), reason);
             assert!(
@@ -1677,18 +1820,20 @@ mod tests {
     fn refused_hellos_are_counted_by_reason_and_admissions_are_not() {
         let (mut reg, token) = with_token();
         join(&mut reg, 1, &token);
-        reg.handle_hello(ConnId(2), &hello(2, None), observed(2), at(NOW));
+        reg.handle_hello(ConnId(2), arriving(hello(2, None), observed(2)), at(NOW));
         reg.handle_hello(
             ConnId(3),
-            &hello(3, Some("nosuch.AAAA")),
-            observed(3),
+            arriving(hello(3, Some("nosuch.AAAA")), observed(3)),
             at(NOW),
         );
         let mut newer = hello(4, Some(&token));
         newer.version = PROTOCOL_VERSION + 1;
-        reg.handle_hello(ConnId(4), &newer, observed(4), at(NOW));
-        // One the shell refused before the registry saw it.
-        reg.count_rejection(RejectReason::BadProof);
+        reg.handle_hello(ConnId(4), arriving(newer.clone(), observed(4)), at(NOW));
+        let mut elsewhere = arriving(hello(5, Some(&token)), observed(5));
+        elsewhere.exporter = [0x77; 32];
+        reg.handle_hello(ConnId(5), elsewhere, at(NOW));
+        // One the shell refused before there was a hello: a frame too large.
+        reg.count_rejection(RejectReason::BadHello);
         drain(&mut reg);
         let counts: Vec<(RejectReason, u64)> = reg.rejections().collect();
         assert_eq!(
@@ -1698,9 +1843,184 @@ mod tests {
                 (RejectReason::BadProof, 1),
                 (RejectReason::BadToken, 2),
                 (RejectReason::Removed, 0),
-                (RejectReason::BadHello, 0),
+                (RejectReason::BadHello, 1),
             ]
         );
+    }
+
+    #[test]
+    fn a_proven_hello_with_a_good_token_is_admitted_before_it_is_welcomed() {
+        let (mut reg, token) = with_token();
+        join(&mut reg, 1, &token);
+        reg.handle_hello(
+            ConnId(2),
+            arriving(hello(2, Some(&token)), observed(2)),
+            at(NOW),
+        );
+        let cmds = drain(&mut reg);
+        let admitted = cmds
+            .iter()
+            .position(|c| matches!(c, Command::Admitted { conn, key: k, .. } if *conn == ConnId(2) && *k == key(2)));
+        let welcomed = cmds.iter().position(|c| {
+            matches!(c, Command::Send { conn, msg: ServerMessage::Welcome { .. } } if *conn == ConnId(2))
+        });
+        assert!(
+            matches!((admitted, welcomed), (Some(a), Some(w)) if a < w),
+            "{cmds:?}"
+        );
+        let (me, _) = welcome(&cmds);
+        assert!(cmds.contains(&Command::Admitted {
+            conn: ConnId(2),
+            key: key(2),
+            ipv4: me.ipv4
+        }));
+    }
+
+    #[test]
+    fn a_hello_of_another_version_is_rejected_naming_both_versions_whatever_its_proof() {
+        let (mut reg, token) = with_token();
+        // One the shell could not decode: a newer node's hello.
+        let unreadable = IncomingHello {
+            hello: Err(HelloError::Version { theirs: Some(2) }),
+            exporter: EXPORTER,
+            observed: observed(1),
+        };
+        reg.handle_hello(ConnId(1), unreadable, at(NOW));
+        let message = assert_rejected_only(&drain(&mut reg), ConnId(1), RejectReason::Version);
+        assert_eq!(
+            message,
+            "this rendezvous speaks protocol version 1, the node 2; upgrade the older side",
+            "as proto/vectors/rejected_version.hex"
+        );
+        let nameless = IncomingHello {
+            hello: Err(HelloError::Version { theirs: None }),
+            exporter: EXPORTER,
+            observed: observed(1),
+        };
+        reg.handle_hello(ConnId(2), nameless, at(NOW));
+        let message = assert_rejected_only(&drain(&mut reg), ConnId(2), RejectReason::Version);
+        assert!(message.contains("names none"), "{message}");
+        // A decoded one of another version, its proof made for nothing:
+        // the version is what it learns.
+        let mut other = hello(3, Some(&token));
+        other.version = PROTOCOL_VERSION + 1;
+        other.proof = crate::wire::control::Proof([0; 32]);
+        reg.handle_hello(ConnId(3), arriving(other, observed(3)), at(NOW));
+        assert_rejected_only(&drain(&mut reg), ConnId(3), RejectReason::Version);
+        assert_eq!(reg.state().tokens["abc123"].uses, 0);
+    }
+
+    #[test]
+    fn a_malformed_hello_is_rejected_as_bad_hello() {
+        let mut reg = registry();
+        let malformed = IncomingHello {
+            hello: Err(HelloError::Malformed("not a JSON object".into())),
+            exporter: EXPORTER,
+            observed: observed(1),
+        };
+        reg.handle_hello(ConnId(1), malformed, at(NOW));
+        let message = assert_rejected_only(&drain(&mut reg), ConnId(1), RejectReason::BadHello);
+        assert_eq!(message, "malformed hello");
+    }
+
+    #[test]
+    fn a_proof_for_another_connection_another_key_or_a_low_order_key_is_rejected_and_spends_nothing(
+    ) {
+        let (mut reg, token) = with_token();
+        let before = reg.state().clone();
+        // Lifted from another connection: made for another exporter value.
+        let mut replayed = arriving(hello(1, Some(&token)), observed(1));
+        replayed.exporter = [0x77; 32];
+        // Made by node 2's key, claiming node 3's.
+        let mut borrowed = hello(2, Some(&token));
+        borrowed.public_key = key(3);
+        // A key whose shared secret anyone can compute.
+        let mut low_order = hello(4, Some(&token));
+        low_order.public_key = PublicKey::from_bytes([0; 32]);
+        let cases = [
+            ("replayed", replayed),
+            ("borrowed", arriving(borrowed, observed(2))),
+            ("low order", arriving(low_order, observed(4))),
+        ];
+        for (n, (what, incoming)) in (10u64..).zip(cases) {
+            let claimed = incoming.hello.as_ref().map(|h| h.public_key).unwrap();
+            reg.handle_hello(ConnId(n), incoming, at(NOW));
+            let message = assert_rejected_only(&drain(&mut reg), ConnId(n), RejectReason::BadProof);
+            assert!(message.contains("cannot prove"), "{what}: {message}");
+            assert!(!reg.is_online(&claimed), "{what}");
+            assert_eq!(reg.state(), &before, "{what} changed the state");
+        }
+    }
+
+    #[test]
+    fn a_spent_single_use_token_is_rejected_and_its_one_admission_stands() {
+        let mut reg = registry();
+        let once = reg
+            .create_token([4; 32], "once".into(), DAY, Some(1), NOW)
+            .unwrap()
+            .expose()
+            .to_owned();
+        drain(&mut reg);
+        join(&mut reg, 1, &once);
+        reg.handle_hello(
+            ConnId(2),
+            arriving(hello(2, Some(&once)), observed(2)),
+            at(NOW),
+        );
+        let message = assert_rejected_only(&drain(&mut reg), ConnId(2), RejectReason::BadToken);
+        assert_eq!(message, TOKEN_REFUSED);
+        assert!(reg.is_online(&key(1)) && !reg.is_online(&key(2)));
+        assert_eq!(reg.state().tokens["once"].uses, 1);
+    }
+
+    #[test]
+    fn no_welcome_is_ever_queued_without_admitted_before_it() {
+        let (mut reg, token) = with_token();
+        let mut spent = reg
+            .create_token([5; 32], "one".into(), DAY, Some(1), NOW)
+            .unwrap()
+            .expose()
+            .to_owned();
+        drain(&mut reg);
+        let mut replayed = arriving(hello(9, Some(&token)), observed(9));
+        replayed.exporter = [0x77; 32];
+        let mut inputs = vec![
+            arriving(hello(1, Some(&spent)), observed(1)),
+            arriving(hello(2, Some(&spent)), observed(2)),
+            arriving(hello(3, Some(&token)), observed(3)),
+            // Node 1 again, superseding its first connection.
+            arriving(hello(1, None), observed(1)),
+            arriving(hello(4, None), observed(4)),
+            replayed,
+        ];
+        spent.push('x');
+        inputs.push(arriving(hello(5, Some(&spent)), observed(5)));
+        for (n, incoming) in (1u64..).zip(inputs) {
+            reg.handle_hello(ConnId(n), incoming, at(NOW));
+            let cmds = drain(&mut reg);
+            for (i, c) in cmds.iter().enumerate() {
+                if let Command::Send {
+                    conn,
+                    msg: ServerMessage::Welcome { .. },
+                } = c
+                {
+                    assert!(
+                        cmds[..i]
+                            .iter()
+                            .any(|a| matches!(a, Command::Admitted { conn: to, .. } if to == conn)),
+                        "a welcome without an admission: {cmds:?}"
+                    );
+                }
+            }
+            let admitted = cmds
+                .iter()
+                .filter(|c| matches!(c, Command::Admitted { .. }))
+                .count();
+            assert!(admitted <= 1, "{cmds:?}");
+        }
+        assert!(reg.is_online(&key(1)) && reg.is_online(&key(3)));
+        assert!(!reg.is_online(&key(2)) && !reg.is_online(&key(4)));
+        assert!(!reg.is_online(&key(5)) && !reg.is_online(&key(9)));
     }
 
     #[test]
@@ -1708,9 +2028,17 @@ mod tests {
         let (mut reg, _) = with_token();
         let wrong = format!("abc123.{}", URL_SAFE_NO_PAD.encode([9u8; 32]));
         let unknown = format!("zzz999.{}", URL_SAFE_NO_PAD.encode([9u8; 32]));
-        reg.handle_hello(ConnId(1), &hello(1, Some(&wrong)), observed(1), at(NOW));
+        reg.handle_hello(
+            ConnId(1),
+            arriving(hello(1, Some(&wrong)), observed(1)),
+            at(NOW),
+        );
         let a = assert_rejected_only(&drain(&mut reg), ConnId(1), RejectReason::BadToken);
-        reg.handle_hello(ConnId(2), &hello(2, Some(&unknown)), observed(2), at(NOW));
+        reg.handle_hello(
+            ConnId(2),
+            arriving(hello(2, Some(&unknown)), observed(2)),
+            at(NOW),
+        );
         let b = assert_rejected_only(&drain(&mut reg), ConnId(2), RejectReason::BadToken);
         assert_eq!(a, b);
         assert!(!a.contains("abc123"));
@@ -1721,20 +2049,20 @@ mod tests {
         let mut reg = registry();
         let token = reg
             .create_token([5; 32], "short".into(), 60, None, NOW)
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         drain(&mut reg);
         reg.handle_hello(
             ConnId(1),
-            &hello(1, Some(&token)),
-            observed(1),
+            arriving(hello(1, Some(&token)), observed(1)),
             at(NOW + 60),
         );
         let message = assert_rejected_only(&drain(&mut reg), ConnId(1), RejectReason::BadToken);
         assert_eq!(message, TOKEN_EXPIRED);
         reg.handle_hello(
             ConnId(2),
-            &hello(1, Some(&token)),
-            observed(1),
+            arriving(hello(1, Some(&token)), observed(1)),
             at(NOW + 59),
         );
         assert_eq!(welcome(&drain(&mut reg)).0.public_key, key(1));
@@ -1746,7 +2074,11 @@ mod tests {
         join(&mut reg, 1, &token);
         assert!(reg.remove_node(&key(1), false, NOW));
         drain(&mut reg);
-        reg.handle_hello(ConnId(5), &hello(1, Some(&token)), observed(1), at(NOW));
+        reg.handle_hello(
+            ConnId(5),
+            arriving(hello(1, Some(&token)), observed(1)),
+            at(NOW),
+        );
         assert_rejected_only(&drain(&mut reg), ConnId(5), RejectReason::Removed);
         assert_eq!(reg.state().tokens["abc123"].uses, 1);
     }
@@ -1756,13 +2088,14 @@ mod tests {
         let mut reg = registry();
         let token = reg
             .create_token([8; 32], "once".into(), DAY, Some(1), NOW)
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         drain(&mut reg);
         for n in 1..=20u8 {
             reg.handle_hello(
                 ConnId(n.into()),
-                &hello(n, Some(&token)),
-                observed(n),
+                arriving(hello(n, Some(&token)), observed(n)),
                 at(NOW),
             );
         }
@@ -1801,13 +2134,19 @@ mod tests {
         let mut reg = registry();
         let token = reg
             .create_token([8; 32], "three".into(), DAY, Some(3), NOW)
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         drain(&mut reg);
         for n in 1..=3 {
             join(&mut reg, n, &token);
         }
         assert_eq!(reg.state().tokens["three"].status(NOW), TokenStatus::UsedUp);
-        reg.handle_hello(ConnId(4), &hello(4, Some(&token)), observed(4), at(NOW));
+        reg.handle_hello(
+            ConnId(4),
+            arriving(hello(4, Some(&token)), observed(4)),
+            at(NOW),
+        );
         assert_rejected_only(&drain(&mut reg), ConnId(4), RejectReason::BadToken);
     }
 
@@ -1821,7 +2160,7 @@ mod tests {
         drain(&mut reg);
         let mut again = hello(1, None);
         again.name = "renamed".into();
-        reg.handle_hello(ConnId(7), &again, observed(1), at(NOW + 2));
+        reg.handle_hello(ConnId(7), arriving(again.clone(), observed(1)), at(NOW + 2));
         let (second, _) = welcome(&drain(&mut reg));
         assert_eq!((second.ipv4, second.ipv6), (first.ipv4, first.ipv6));
         assert_eq!(
@@ -1838,10 +2177,16 @@ mod tests {
         let mut reg = registry();
         let token = reg
             .create_token([8; 32], "two".into(), DAY, Some(2), NOW)
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         drain(&mut reg);
         join(&mut reg, 1, &token);
-        reg.handle_hello(ConnId(9), &hello(1, Some(&token)), observed(1), at(NOW));
+        reg.handle_hello(
+            ConnId(9),
+            arriving(hello(1, Some(&token)), observed(1)),
+            at(NOW),
+        );
         drain(&mut reg);
         assert_eq!(reg.state().tokens["two"].uses, 1);
     }
@@ -1859,12 +2204,11 @@ mod tests {
         let loaded: RegistryState = serde_json::from_str(&json).unwrap();
         assert_eq!(&loaded, reg.state());
 
-        let mut restarted = Registry::new(loaded);
+        let mut restarted = Registry::new(loaded, server());
         for n in 1..=5u8 {
             restarted.handle_hello(
                 ConnId(100 + u64::from(n)),
-                &hello(n, None),
-                observed(n),
+                arriving(hello(n, None), observed(n)),
                 at(NOW + 60),
             );
             let (e, _) = welcome(&drain(&mut restarted));
@@ -1885,10 +2229,12 @@ mod tests {
     #[test]
     fn collisions_take_the_next_free_address_and_a_full_mesh_refuses_without_spending_the_token() {
         // A /29 has six usable addresses; nine keys must collide.
-        let mut reg = Registry::new(RegistryState::new(mesh("10.9.8.0/29")));
+        let mut reg = Registry::new(RegistryState::new(mesh("10.9.8.0/29")), server());
         let token = reg
             .create_token([8; 32], "many".into(), DAY, Some(7), NOW)
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         drain(&mut reg);
         let mut taken = BTreeSet::new();
         for n in 1..=6u8 {
@@ -1900,7 +2246,11 @@ mod tests {
             assert!(taken.insert(e.ipv4), "node {n} got a taken address");
         }
         assert_eq!(taken.len(), 6);
-        reg.handle_hello(ConnId(7), &hello(7, Some(&token)), observed(7), at(NOW));
+        reg.handle_hello(
+            ConnId(7),
+            arriving(hello(7, Some(&token)), observed(7)),
+            at(NOW),
+        );
         let message = assert_rejected_only(&drain(&mut reg), ConnId(7), RejectReason::BadToken);
         assert!(message.contains("no free overlay address"), "{message}");
         assert_eq!(reg.state().tokens["many"].uses, 6);
@@ -1960,12 +2310,13 @@ mod tests {
                     conn: ConnId(2),
                     reason: CloseReason::Removed
                 },
+                // The others in the order of their keys: key(3) < key(1).
                 Command::Send {
-                    conn: ConnId(1),
+                    conn: ConnId(3),
                     msg: ServerMessage::PeerRemove { public_key: key(2) }
                 },
                 Command::Send {
-                    conn: ConnId(3),
+                    conn: ConnId(1),
                     msg: ServerMessage::PeerRemove { public_key: key(2) }
                 },
             ]
@@ -1978,7 +2329,7 @@ mod tests {
         reg.handle_candidates(ConnId(2), Vec::new(), at(NOW));
         assert!(drain(&mut reg).is_empty());
         // And it is not in later welcomes.
-        reg.handle_hello(ConnId(9), &hello(1, None), observed(1), at(NOW));
+        reg.handle_hello(ConnId(9), arriving(hello(1, None), observed(1)), at(NOW));
         let (_, peers) = welcome(&drain(&mut reg));
         assert_eq!(
             peers.iter().map(|p| p.public_key).collect::<Vec<_>>(),
@@ -2080,8 +2431,7 @@ mod tests {
         reg.handle_candidates(ConnId(42), vec![c], at(NOW));
         reg.handle_hello(
             ConnId(43),
-            &hello(9, Some("bad.token")),
-            observed(9),
+            arriving(hello(9, Some("bad.token")), observed(9)),
             at(NOW),
         );
         drain(&mut reg);
@@ -2152,7 +2502,7 @@ mod tests {
     fn an_ipv4_mapped_observed_address_is_reported_as_ipv4() {
         let (mut reg, token) = with_token();
         let mapped: SocketAddr = "[::ffff:198.51.100.7]:4000".parse().unwrap();
-        reg.handle_hello(ConnId(1), &hello(1, Some(&token)), mapped, at(NOW));
+        reg.handle_hello(ConnId(1), arriving(hello(1, Some(&token)), mapped), at(NOW));
         let cmds = drain(&mut reg);
         let obs = cmds.iter().find_map(|c| match c {
             Command::Send {
@@ -2169,7 +2519,11 @@ mod tests {
         let (mut reg, token) = with_token();
         join(&mut reg, 1, &token);
         join(&mut reg, 2, &token);
-        reg.handle_hello(ConnId(11), &hello(1, None), observed(1), at(NOW + 1));
+        reg.handle_hello(
+            ConnId(11),
+            arriving(hello(1, None), observed(1)),
+            at(NOW + 1),
+        );
         let cmds = drain(&mut reg);
         assert_eq!(
             cmds[0],
@@ -2237,7 +2591,11 @@ mod tests {
     fn a_second_hello_on_an_admitted_connection_is_ignored() {
         let (mut reg, token) = with_token();
         join(&mut reg, 1, &token);
-        reg.handle_hello(ConnId(1), &hello(2, Some(&token)), observed(2), at(NOW));
+        reg.handle_hello(
+            ConnId(1),
+            arriving(hello(2, Some(&token)), observed(2)),
+            at(NOW),
+        );
         assert!(drain(&mut reg).is_empty());
         assert!(!reg.state().nodes.contains_key(&key(2)));
     }
@@ -2247,7 +2605,9 @@ mod tests {
         let mut reg = registry();
         let token = reg
             .create_token([0xab; 32], "k8s-join".into(), DAY, Some(2), NOW)
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         assert_eq!(drain(&mut reg), vec![Command::Persist]);
         let (id, secret) = token.split_once('.').unwrap();
         assert_eq!(id, "k8s-join");
@@ -2344,10 +2704,13 @@ mod tests {
     }
 
     fn with_limits(limits: Limits) -> (Registry, String) {
-        let mut reg = Registry::with_limits(RegistryState::new(mesh("100.72.0.0/16")), limits);
+        let mut reg =
+            Registry::with_limits(RegistryState::new(mesh("100.72.0.0/16")), server(), limits);
         let token = reg
             .create_token([7; 32], "abc123".into(), DAY, None, NOW)
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         drain(&mut reg);
         (reg, token)
     }
@@ -2615,7 +2978,7 @@ mod tests {
         let named = |reg: &mut Registry, n: u8, name: &str| {
             let mut h = hello(n, Some(&token));
             h.name = name.into();
-            reg.handle_hello(ConnId(n.into()), &h, observed(n), at(NOW));
+            reg.handle_hello(ConnId(n.into()), arriving(h.clone(), observed(n)), at(NOW));
             welcome(&drain(reg)).0.name
         };
         assert_eq!(named(&mut reg, 1, "node-a"), "node-a");
@@ -2637,7 +3000,11 @@ mod tests {
         join(&mut reg, 2, &token);
         let mut claim = hello(1, None);
         claim.name = "node-2".into();
-        reg.handle_hello(ConnId(11), &claim, observed(1), at(NOW + 1));
+        reg.handle_hello(
+            ConnId(11),
+            arriving(claim.clone(), observed(1)),
+            at(NOW + 1),
+        );
         assert_eq!(
             welcome(&drain(&mut reg)).0.name,
             "node-1",
@@ -2668,7 +3035,11 @@ mod tests {
         );
 
         // The operator's rename wins over the next hello too.
-        reg.handle_hello(ConnId(12), &hello(1, None), observed(1), at(NOW + 2));
+        reg.handle_hello(
+            ConnId(12),
+            arriving(hello(1, None), observed(1)),
+            at(NOW + 2),
+        );
         assert_eq!(welcome(&drain(&mut reg)).0.name, "db-1");
     }
 
@@ -2683,7 +3054,7 @@ mod tests {
         for (n, name) in [(1, "Node-A"), (2, "node-a"), (3, "node-a.lab")] {
             state.nodes.get_mut(&key(n)).unwrap().name = name.into();
         }
-        let mut loaded = Registry::new(state);
+        let mut loaded = Registry::new(state, server());
         assert_eq!(
             drain(&mut loaded),
             vec![Command::Persist],
@@ -2695,7 +3066,7 @@ mod tests {
             vec!["node-a", "node-a-2", "node-a-3"],
             "in key order"
         );
-        let mut again = Registry::new(loaded.state().clone());
+        let mut again = Registry::new(loaded.state().clone(), server());
         assert!(
             drain(&mut again).is_empty(),
             "a second load changes nothing"
@@ -2704,23 +3075,25 @@ mod tests {
 
     /// A key whose first address choice in `mesh` is `wanted`, as a token
     /// holder would grind one.
-    fn ground_key(wanted: Ipv4Addr, mesh: ipnet::Ipv4Net) -> PublicKey {
+    fn ground_key(wanted: Ipv4Addr, mesh: ipnet::Ipv4Net) -> PrivateKey {
         (0..=u16::MAX)
             .map(|i| {
                 let mut bytes = [0xee; 32];
                 bytes[..2].copy_from_slice(&i.to_be_bytes());
-                PublicKey::from_bytes(bytes)
+                PrivateKey::from_bytes(bytes)
             })
-            .find(|k| ipam::ipv4_candidates(k, mesh).next() == Some(wanted))
+            .find(|k| ipam::ipv4_candidates(&k.public_key(), mesh).next() == Some(wanted))
             .expect("a /24 is quick to grind")
     }
 
     #[test]
     fn a_removed_nodes_addresses_are_quarantined_until_the_operator_releases_them() {
-        let mut reg = Registry::new(RegistryState::new(mesh("10.9.8.0/24")));
+        let mut reg = Registry::new(RegistryState::new(mesh("10.9.8.0/24")), server());
         let token = reg
             .create_token([8; 32], "many".into(), DAY, None, NOW)
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         drain(&mut reg);
         let (victim, _) = welcome(&join(&mut reg, 1, &token));
         assert!(reg.remove_node(&key(1), false, NOW + 5));
@@ -2737,9 +3110,8 @@ mod tests {
         );
 
         let grinder = ground_key(victim.ipv4, reg.state().mesh.ipv4);
-        let mut h = hello(0, Some(&token));
-        h.public_key = grinder;
-        reg.handle_hello(ConnId(20), &h, observed(20), at(NOW + 6));
+        let h = hello_as(&grinder, "node-0", Some(&token));
+        reg.handle_hello(ConnId(20), arriving(h.clone(), observed(20)), at(NOW + 6));
         let (got, _) = welcome(&drain(&mut reg));
         assert_ne!(
             got.ipv4, victim.ipv4,
@@ -2757,16 +3129,14 @@ mod tests {
         assert_eq!(released.ipv4, victim.ipv4, "either address releases both");
         assert_eq!(drain(&mut reg), vec![Command::Persist]);
         assert!(reg.quarantined().is_empty());
-        reg.remove_node(&grinder, true, NOW + 7);
+        reg.remove_node(&grinder.public_key(), true, NOW + 7);
         drain(&mut reg);
         assert!(
             reg.quarantined().is_empty(),
             "removed with release: nothing held"
         );
-        let mut h = hello(0, Some(&token));
-        h.public_key = grinder;
-        h.name = "again".into();
-        reg.handle_hello(ConnId(21), &h, observed(20), at(NOW + 8));
+        let h = hello_as(&grinder, "again", Some(&token));
+        reg.handle_hello(ConnId(21), arriving(h.clone(), observed(20)), at(NOW + 8));
         assert_rejected_only(&drain(&mut reg), ConnId(21), RejectReason::Removed);
     }
 

@@ -3,10 +3,12 @@
 //! Does I/O. One task owns the [`Registry`] and its [`Store`] and executes
 //! the registry's commands; the accept loop asks [`Pending`] whether an
 //! incoming connection may start an admission (per-source cap, Retry under
-//! load); every admitted connection gets a task that runs admission (with
-//! deadlines and a small frame limit) and then shuttles frames between the
-//! node and the registry task. Nothing here decides who
-//! gets in or which address a node has: that is the registry's job. When a
+//! load); every accepted connection gets a task that reads the node's hello
+//! (with deadlines and a small frame limit), hands it to the registry with
+//! the connection's TLS exporter value, and once the registry says
+//! [`Command::Admitted`] shuttles frames between the node and the registry
+//! task and relays for it. Nothing here decides who gets in or which
+//! address a node has: that is the registry's job. When a
 //! metrics address is configured, each scrape asks the registry and relay
 //! tasks for their counters ([`crate::control::metrics`]).
 
@@ -22,20 +24,22 @@ use tracing::Instrument as _;
 use super::admin::{self, AdminRequest, AdminResponse};
 use super::admission;
 use super::pending::{AdmissionCounts, Decision, Limits, Pending, Source};
-use super::registry::{CloseReason, Command, ConnId, Counters, NodeStatus, Now, Registry};
+use super::registry::{
+    CloseReason, Command, ConnId, Counters, IncomingHello, NodeStatus, Now, Registry,
+};
 use super::setup::{Loaded, SetupError};
 use super::store::{Store, StoreWriter};
 use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls;
 use crate::control::metrics::{self, MetricsError, MetricsServer, RendezvousMetrics};
 use crate::control::server::ErrorResponse as _;
-use crate::dataplane::udp::canonical;
 use crate::identity::{PrivateKey, PublicKey};
 use crate::relay::server::{Inlet, Relay};
 use crate::relay::NodeId;
+use crate::sockets::canonical;
 use crate::wire::control::{
-    decode_hello, Candidate, Hello, HelloError, NatMapping, NodeMessage, RejectReason, ServerHello,
-    ServerMessage, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
+    decode_hello, Candidate, NatMapping, NodeMessage, RejectReason, ServerHello, ServerMessage,
+    MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
 use crate::wire::untrusted::Untrusted;
 
@@ -71,8 +75,7 @@ pub enum ServerError {
 enum ToRegistry {
     Hello {
         conn: ConnId,
-        hello: Box<Hello>,
-        observed: SocketAddr,
+        hello: Box<IncomingHello>,
         out: mpsc::Sender<ConnOut>,
     },
     Candidates {
@@ -94,7 +97,8 @@ enum ToRegistry {
         request: AdminRequest,
         reply: oneshot::Sender<AdminResponse>,
     },
-    /// A hello the connection task refused before the registry saw it.
+    /// A hello frame too large to read, so there is no hello to hand over
+    /// (counted with the registry's refusals).
     Refused {
         reason: RejectReason,
     },
@@ -123,6 +127,10 @@ struct RegistryMetrics {
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
 enum ConnOut {
+    /// The registry admitted the node ([`Command::Admitted`]).
+    Admitted {
+        ipv4: std::net::Ipv4Addr,
+    },
     Message(ServerMessage),
     Close(CloseReason),
 }
@@ -162,7 +170,7 @@ impl Server {
             source,
         };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(listen_err)?;
-        crate::dataplane::udp::size_buffers(socket2::SockRef::from(&socket));
+        crate::sockets::size_buffers(socket2::SockRef::from(&socket));
         let endpoint = quinn::Endpoint::new(
             tls::endpoint_config(),
             Some(server_config),
@@ -230,6 +238,8 @@ impl Server {
         } = self;
         let reflector = reflector.map(|r| tokio::spawn(r.serve()));
         let mesh_id = state.mesh.id.clone();
+        // What nodes prove their keys against; the key itself is the registry's.
+        let server_public = server_key.public_key();
         let (relay, relay_task) = Relay::spawn(relay_limits);
         for record in state.nodes.values() {
             if let Some(node) = NodeId::of_overlay(record.ipv4) {
@@ -238,7 +248,7 @@ impl Server {
         }
         let (to_registry, inbox) = mpsc::channel(1024);
         let registry = tokio::spawn(registry_task(
-            Registry::new(state),
+            Registry::new(state, server_key),
             store,
             inbox,
             PERSIST_EVERY,
@@ -273,7 +283,6 @@ impl Server {
             }))
         });
 
-        let server_key = Arc::new(server_key);
         // Connection tasks say here when their admission ended.
         let (done_tx, mut done) = mpsc::unbounded_channel::<Source>();
         let mut next_conn = 0u64;
@@ -316,8 +325,7 @@ impl Server {
             };
             next_conn += 1;
             let conn = ConnId(next_conn);
-            let (server_key, mesh_id, to_registry) =
-                (server_key.clone(), mesh_id.clone(), to_registry.clone());
+            let (mesh_id, to_registry) = (mesh_id.clone(), to_registry.clone());
             let relay = relay.clone();
             let span = tracing::debug_span!("conn", id = conn.0, remote = %canonical(incoming.remote_address()));
             tokio::spawn(
@@ -325,7 +333,7 @@ impl Server {
                     connection_task(
                         incoming,
                         conn,
-                        &server_key,
+                        server_public,
                         mesh_id,
                         to_registry,
                         relay,
@@ -456,14 +464,9 @@ async fn registry_task(
             instant: tokio::time::Instant::now().into_std(),
         };
         match input {
-            ToRegistry::Hello {
-                conn,
-                hello,
-                observed,
-                out,
-            } => {
+            ToRegistry::Hello { conn, hello, out } => {
                 conns.insert(conn, out);
-                registry.handle_hello(conn, &hello, observed, now);
+                registry.handle_hello(conn, *hello, now);
             }
             ToRegistry::Candidates { conn, candidates } => {
                 registry.handle_candidates(conn, candidates, now)
@@ -527,6 +530,13 @@ async fn execute(
 ) {
     while let Some(command) = registry.poll_command() {
         match command {
+            Command::Admitted { conn, key, ipv4 } => {
+                tracing::debug!(%conn, node = %key.short(), %ipv4, "admitted");
+                if let Some(tx) = conns.get(&conn) {
+                    // A fresh connection's queue has room for this.
+                    let _ = tx.try_send(ConnOut::Admitted { ipv4 });
+                }
+            }
             Command::Send { conn, msg } => {
                 let stuck = conns
                     .get(&conn)
@@ -562,7 +572,7 @@ async fn execute(
 async fn connection_task(
     incoming: quinn::Incoming,
     conn: ConnId,
-    server_key: &PrivateKey,
+    server_key: PublicKey,
     mesh_id: String,
     to_registry: mpsc::Sender<ToRegistry>,
     relay: Relay,
@@ -570,16 +580,16 @@ async fn connection_task(
 ) {
     let remote = canonical(incoming.remote_address());
 
-    // Admission, all of it under one deadline and the small frame limit,
-    // the hello under a shorter one once the handshake is done.
-    let admitted = tokio::time::timeout(ADMISSION_DEADLINE, async {
+    // Up to the hello, all of it under one deadline and the small frame
+    // limit, the hello under a shorter one once the handshake is done.
+    let arrived = tokio::time::timeout(ADMISSION_DEADLINE, async {
         let connection = incoming.await.ok()?;
         let (mut send, recv) = connection.open_bi().await.ok()?;
         let mut frames = FrameReader::new(recv, MAX_FRAME_UNADMITTED);
         let hello_msg = ServerHello {
             version: PROTOCOL_VERSION,
             mesh_id,
-            server_key: server_key.public_key(),
+            server_key,
         };
         write_frame(&mut send, &hello_msg).await.ok()?;
         let body = match tokio::time::timeout(HELLO_DEADLINE, frames.next_body()).await {
@@ -598,41 +608,24 @@ async fn connection_task(
                 return None;
             }
         };
-        // The version first: a newer node whose hello v1 can't parse
-        // still learns why it is turned away.
-        let hello: Hello = match decode_hello(&body) {
-            Ok(h) => h,
-            Err(HelloError::Version { theirs }) => {
-                let message = format!("this rendezvous speaks protocol version {PROTOCOL_VERSION}, the node {theirs:?}");
-                refused(&to_registry, RejectReason::Version).await;
-                reject(&connection, &mut send, RejectReason::Version, &message).await;
-                return None;
-            }
-            Err(e @ HelloError::Malformed(_)) => {
-                // Bounded already: the decoder quotes no more of the peer's text.
-                tracing::debug!(error = %e, "bad hello");
-                refused(&to_registry, RejectReason::BadHello).await;
-                reject(&connection, &mut send, RejectReason::BadHello, "malformed hello").await;
-                return None;
-            }
-        };
+        // What binds the hello's proof to this TLS session.
         let mut exporter = [0u8; 32];
-        connection.export_keying_material(&mut exporter, admission::EXPORTER_LABEL, &[]).ok()?;
-        if !admission::verify(server_key, &hello.public_key, &exporter, &hello.proof) {
-            tracing::info!(key = %hello.public_key.short(), "admission proof failed");
-            let message = "this node cannot prove it holds its key";
-            refused(&to_registry, RejectReason::BadProof).await;
-            reject(&connection, &mut send, RejectReason::BadProof, message).await;
-            return None;
-        }
-        frames.set_limit(MAX_NODE_FRAME);
+        connection
+            .export_keying_material(&mut exporter, admission::EXPORTER_LABEL, &[])
+            .ok()?;
+        let hello = IncomingHello {
+            // The registry decides on a hello it cannot read too: a newer
+            // node still learns why it is turned away.
+            hello: decode_hello(&body),
+            exporter,
+            observed: remote,
+        };
         Some((connection, send, frames, hello))
     })
     .await
     .ok()
     .flatten();
-    drop(permit);
-    let Some((connection, mut send, mut frames, hello)) = admitted else {
+    let Some((connection, mut send, mut frames, hello)) = arrived else {
         return;
     };
 
@@ -641,32 +634,40 @@ async fn connection_task(
         .send(ToRegistry::Hello {
             conn,
             hello: Box::new(hello),
-            observed: remote,
             out,
         })
         .await;
     if hello_sent.is_err() {
         return;
     }
-    // Relaying starts once the registry admitted the node: the welcome
-    // names its overlay address, which is its relay id. Until then the
-    // node's datagrams and streams stay unread (quinn bounds both), and
-    // a connection that is never admitted never reaches the relay.
+    // The admission slot is held until the registry has decided.
+    let mut permit = Some(permit);
+    // Reading the node's messages and relaying start once the registry
+    // admitted the node ([`ConnOut::Admitted`]). Until then its frames,
+    // datagrams and streams stay unread (quinn bounds them), and a
+    // connection that is never admitted never reaches the relay.
+    let mut admitted = false;
     let mut inlet: Option<Inlet> = None;
     loop {
         tokio::select! {
             out = outbox.recv() => match out {
-                Some(ConnOut::Message(msg)) => {
-                    if let ServerMessage::Welcome { node, .. } = &msg {
-                        if let Some(id) = NodeId::of_overlay(node.ipv4) {
-                            inlet = Some(relay.connect(id, conn, connection.clone()));
-                        }
+                Some(ConnOut::Admitted { ipv4 }) => {
+                    admitted = true;
+                    permit = None;
+                    frames.set_limit(MAX_NODE_FRAME);
+                    // The overlay address is the node's relay id.
+                    if let Some(id) = NodeId::of_overlay(ipv4) {
+                        inlet = Some(relay.connect(id, conn, connection.clone()));
                     }
+                }
+                Some(ConnOut::Message(msg)) => {
                     if write_frame(&mut send, &msg).await.is_err() {
                         break;
                     }
                 }
                 Some(ConnOut::Close(reason)) => {
+                    // A rejection's message is in the stream: give the
+                    // node a moment to read it, then the close code.
                     finish(&mut send).await;
                     connection.close(reason.code().into(), reason.to_string().as_bytes());
                     break;
@@ -675,7 +676,7 @@ async fn connection_task(
             },
             // Cancel-safe: a frame half read when another branch wins stays
             // in `frames` for the next turn of the loop.
-            frame = frames.next::<NodeMessage>() => match frame {
+            frame = frames.next::<NodeMessage>(), if admitted => match frame {
                 Ok(NodeMessage::Nat { mapping }) => {
                     if to_registry.send(ToRegistry::Nat { conn, mapping }).await.is_err() {
                         break;
@@ -730,32 +731,14 @@ async fn connection_task(
     }
     // Disconnects it from the relay.
     drop(inlet);
+    drop(permit);
     connection.close(0u32.into(), b"bye");
     let _ = to_registry.send(ToRegistry::Disconnected { conn }).await;
 }
 
-/// Tells the registry task of a hello refused here, for its counters.
+/// Tells the registry task of a hello frame refused here, for its counters.
 async fn refused(to_registry: &mpsc::Sender<ToRegistry>, reason: RejectReason) {
     let _ = to_registry.send(ToRegistry::Refused { reason }).await;
-}
-
-/// Refuses a node before the registry ever sees it: the reason, then the
-/// close code that names it (proto/control.md §1).
-async fn reject(
-    connection: &quinn::Connection,
-    send: &mut quinn::SendStream,
-    reason: RejectReason,
-    message: &str,
-) {
-    let msg = ServerMessage::Rejected {
-        reason,
-        message: message.to_owned(),
-    };
-    if write_frame(send, &msg).await.is_ok() {
-        finish(send).await;
-    }
-    let close = CloseReason::Rejected(reason);
-    connection.close(close.code().into(), close.to_string().as_bytes());
 }
 
 /// Ends the stream and gives the node a moment to read what is in it, so a
@@ -772,10 +755,9 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::identity::PublicKey;
     use crate::rendezvous::registry::{Limits, Rate, RegistryState};
     use crate::rendezvous::store::StoreError;
-    use crate::wire::control::{CandidateKind, MeshInfo, Proof};
+    use crate::wire::control::{CandidateKind, Hello, MeshInfo};
 
     /// Counts saves and keeps the last state, shared with the test.
     #[derive(Clone, Default)]
@@ -798,15 +780,28 @@ mod tests {
         }
     }
 
-    fn hello(n: u8, token: &str) -> Box<Hello> {
-        Box::new(Hello {
+    const EXPORTER: [u8; 32] = [0x5a; 32];
+
+    fn server_key() -> PrivateKey {
+        PrivateKey::from_bytes([0xa5; 32])
+    }
+
+    /// Node `n`'s hello, proving its key, as it arrives from `observed`.
+    fn hello(n: u8, token: &str, observed: SocketAddr) -> Box<IncomingHello> {
+        let node = PrivateKey::from_bytes([n; 32]);
+        let hello = Hello {
             version: PROTOCOL_VERSION,
-            public_key: PublicKey::from_bytes([n; 32]),
+            public_key: node.public_key(),
             name: format!("node-{n}"),
             listen_port: 51820,
             token: Some(token.to_owned()),
             candidates: Vec::new(),
-            proof: Proof([0; 32]),
+            proof: admission::proof(&node, &server_key().public_key(), &EXPORTER),
+        };
+        Box::new(IncomingHello {
+            hello: Ok(hello),
+            exporter: EXPORTER,
+            observed,
         })
     }
 
@@ -833,10 +828,12 @@ mod tests {
             ipv4: "100.72.0.0/16".parse().unwrap(),
             ipv6: crate::ipam::ula_prefix([1, 2, 3, 4, 5]),
         };
-        let mut registry = Registry::with_limits(RegistryState::new(mesh), limits);
+        let mut registry = Registry::with_limits(RegistryState::new(mesh), server_key(), limits);
         let token = registry
             .create_token([7; 32], "storm".into(), 3600, None, now_unix())
-            .unwrap();
+            .unwrap()
+            .expose()
+            .to_owned();
         let store = CountingStore::default();
         let (to_registry, inbox) = mpsc::channel(4096);
         // Presence and candidates are saved an hour late: within this test,
@@ -849,8 +846,7 @@ mod tests {
             let observed = SocketAddr::from(([198, 51, 100, n], 40000));
             let hello = ToRegistry::Hello {
                 conn: ConnId(n.into()),
-                hello: hello(n, &token),
-                observed,
+                hello: hello(n, &token, observed),
                 out,
             };
             to_registry.send(hello).await.unwrap();
@@ -882,6 +878,10 @@ mod tests {
         let mut attacker = outs.remove(0);
         assert!(matches!(
             attacker.recv().await,
+            Some(ConnOut::Admitted { .. })
+        ));
+        assert!(matches!(
+            attacker.recv().await,
             Some(ConnOut::Message(ServerMessage::Welcome { .. }))
         ));
         // Node 2's join, then the close.
@@ -910,7 +910,7 @@ mod tests {
             "one write for the whole storm, on the way out"
         );
         let saved = store.last.lock().unwrap().clone().unwrap();
-        let node = &saved.nodes[&PublicKey::from_bytes([1; 32])];
+        let node = &saved.nodes[&PrivateKey::from_bytes([1; 32]).public_key()];
         assert!(
             node.candidates.iter().any(|c| c.addr.port() == 1001),
             "the last accepted list is saved: {node:?}"

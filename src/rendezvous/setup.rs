@@ -1,17 +1,7 @@
 //! The rendezvous state directory: creating a mesh and loading it back.
 //!
-//! Does file I/O and draws randomness (mesh id, keys, certificate). Layout:
-//!
-//! ```text
-//! DIR/rendezvous.toml   listen address, public address, metrics address, [relay] limits
-//! DIR/cert.der          self-signed certificate (nodes pin its SHA-256)
-//! DIR/cert.key          its private key                       0600
-//! DIR/server.key        x25519 static key, admission proofs   0600
-//! DIR/registry.json     nodes, addresses, tokens (the Store)  0600
-//! DIR/admin.sock        the running server's admin socket     0600
-//! DIR/rendezvous.lock   flock: held by `serve` for its life, and by an
-//!                       offline edit of registry.json while it lasts     0600
-//! ```
+//! Does file I/O and draws randomness (mesh id, keys, certificate). The
+//! directory's files are named in [`crate::paths::RendezvousDir`].
 //!
 //! The lock ([`lock`]) keeps two writers of `registry.json` apart: a second
 //! `serve` on the same directory refuses to start, and the CLI, which edits
@@ -28,8 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use super::registry::RegistryState;
 use super::store::{FileStore, Store, StoreError};
-use super::tls::{self, CertHash, TlsError};
+use super::tls::{self, TlsError};
 use crate::identity::keyfile::{read_private_key, write_atomic, write_private_key, KeyFileError};
+use crate::identity::CertHash;
 use crate::identity::PrivateKey;
 use crate::ipam::{self, IpamError};
 use crate::relay::RelayLimits;
@@ -165,37 +156,8 @@ mod relay_section {
     }
 }
 
-/// Paths inside a state directory.
-#[derive(Debug, Clone)]
-pub struct Layout {
-    pub dir: PathBuf,
-}
-
-impl Layout {
-    pub fn new(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_owned(),
-        }
-    }
-    pub fn config(&self) -> PathBuf {
-        self.dir.join("rendezvous.toml")
-    }
-    pub fn cert(&self) -> PathBuf {
-        self.dir.join("cert.der")
-    }
-    pub fn cert_key(&self) -> PathBuf {
-        self.dir.join("cert.key")
-    }
-    pub fn server_key(&self) -> PathBuf {
-        self.dir.join("server.key")
-    }
-    pub fn admin_socket(&self) -> PathBuf {
-        self.dir.join("admin.sock")
-    }
-    pub fn lock(&self) -> PathBuf {
-        self.dir.join("rendezvous.lock")
-    }
-}
+/// Paths inside a state directory (the name this module has always used).
+pub use crate::paths::RendezvousDir as Layout;
 
 /// An exclusive hold on a state directory (`DIR/rendezvous.lock`, flock),
 /// released when dropped or when the process ends, however it ends.

@@ -27,8 +27,6 @@ use tokio::task::JoinHandle;
 use super::registry::RegistryState;
 use crate::identity::keyfile::write_atomic;
 
-/// The file's name inside the state directory.
-pub const FILE_NAME: &str = "registry.json";
 /// The version of the file's layout; bumped on incompatible changes.
 pub const FORMAT: u32 = 1;
 
@@ -90,7 +88,7 @@ impl FileStore {
     /// A store for `<state_dir>/registry.json`; touches nothing yet.
     pub fn new(state_dir: &Path) -> Self {
         Self {
-            path: state_dir.join(FILE_NAME),
+            path: crate::paths::RendezvousDir::new(state_dir).registry(),
         }
     }
 
@@ -494,7 +492,10 @@ mod tests {
         assert!(state.quarantine.is_empty());
         assert_eq!(state.removed.len(), 1);
         assert_eq!(state.tokens["abc"].uses, 1);
-        let mut registry = crate::rendezvous::registry::Registry::new(state);
+        let mut registry = crate::rendezvous::registry::Registry::new(
+            state,
+            crate::identity::PrivateKey::from_bytes([1; 32]),
+        );
         let names: Vec<String> = registry.nodes().into_iter().map(|n| n.name).collect();
         assert_eq!(names, vec!["worker-1", "worker-1-2"]);
         assert_eq!(

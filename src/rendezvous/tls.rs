@@ -5,8 +5,6 @@
 //! SHA-256 of its DER, carried by the join line, like kubeadm's
 //! `--discovery-token-ca-cert-hash`. No CA, no hostname: the pin is the trust.
 
-use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,9 +12,11 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+/// The pin itself lives with the other identities: the node's config and
+/// join line carry it without depending on the rendezvous.
+pub use crate::identity::CertHash;
 use crate::wire::control::ALPN;
 
 /// The name the node asks for; irrelevant to trust, which is the pin.
@@ -40,65 +40,10 @@ const INITIAL_MTU: u16 = 1452;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("bad certificate hash {0:?}: expected sha256:<64 hex digits> as printed by `mesh-rendezvous token create`")]
-    BadHash(String),
     #[error("cannot generate the rendezvous certificate: {0}")]
     Generate(String),
     #[error("TLS configuration: {0}")]
     Config(String),
-}
-
-/// SHA-256 of a certificate's DER: the value a join line pins.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct CertHash(pub [u8; 32]);
-
-impl CertHash {
-    pub fn of(cert_der: &[u8]) -> Self {
-        Self(Sha256::digest(cert_der).into())
-    }
-}
-
-impl fmt::Display for CertHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("sha256:")?;
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
-    }
-}
-
-impl fmt::Debug for CertHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl FromStr for CertHash {
-    type Err = TlsError;
-    fn from_str(s: &str) -> Result<Self, TlsError> {
-        let bad = || TlsError::BadHash(s.to_owned());
-        let hex = s.strip_prefix("sha256:").ok_or_else(bad)?;
-        if hex.len() != 64 || !hex.is_ascii() {
-            return Err(bad());
-        }
-        let mut out = [0u8; 32];
-        for (i, byte) in out.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
-        Ok(Self(out))
-    }
-}
-
-impl serde::Serialize for CertHash {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for CertHash {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
 }
 
 /// A fresh self-signed certificate: (certificate DER, PKCS#8 key DER).

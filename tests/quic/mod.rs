@@ -155,7 +155,7 @@ impl Rendezvous {
             pin: self.pin,
             name: node.name.clone(),
             listen_port: LISTEN_PORT,
-            token: token.map(str::to_owned),
+            token: token.map(|t| t.parse().expect("a join token")),
         }
     }
 
@@ -247,12 +247,26 @@ impl Node {
         self.endpoint.local_addr().expect("the endpoint's address")
     }
 
-    /// Admission with the library's client ([`client::admit`]).
+    /// Admission with the library's client ([`client::admit`]). A token
+    /// the client would not send (it is not a join token at all) goes in a
+    /// hello written by hand, and the server's refusal comes back as the
+    /// client's.
     pub async fn join(
         &self,
         rendezvous: &Rendezvous,
         token: Option<&str>,
     ) -> Result<(Session, Welcomed), ClientError> {
+        if let Some(garbage) = token.filter(|t| t.parse::<meshd::identity::JoinToken>().is_err()) {
+            let (_raw, answer) = RawConnection::admit(self, rendezvous, garbage).await;
+            return match answer {
+                ServerMessage::Rejected { reason, message } => Err(ClientError::Rejected {
+                    server: rendezvous.addr.to_string(),
+                    reason,
+                    message,
+                }),
+                other => panic!("a hello with {garbage:?} answered {other:?}"),
+            };
+        }
         let config = rendezvous.client_config(self, token);
         let (session, update) =
             client::admit(&self.endpoint, &config, &self.key, Vec::new()).await?;
