@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use crate::control::{IoCounters, PingInfo, Request, Response};
 use crate::engine::nat::{MappingObserver, Observer};
 use crate::engine::paths::{Path, Source};
-use crate::engine::{self, EngineError, Event, Node, NodeConfig, PeerSpec};
+use crate::engine::{self, EngineError, Event, Node, NodeConfig, PeerId, PeerSpec};
 use crate::identity::PublicKey;
 use crate::wire::control::{
     Candidate, CandidateKind, MeshInfo, NatMapping, NodeEntry, NodeMessage,
@@ -274,20 +274,31 @@ impl Agent {
     /// A node as meshd starts one: `seed` is for the engine (probe ids) and
     /// the agent (NAT-check ids); `now` and `unix_time` are the clocks now.
     pub fn new(
-        config: AgentConfig,
+        mut config: AgentConfig,
         seed: [u8; 32],
         now: Instant,
         unix_time: Duration,
     ) -> Result<Self, EngineError> {
         let addresses = config.node.addresses.clone();
         let mtu = config.node.mtu;
-        let mut node = Node::new(config.node, seed, now, unix_time);
+        let mut node = Node::new(config.node.clone(), seed, now, unix_time);
         let mut static_peers = HashSet::new();
-        for peer in config.static_peers {
+        for peer in std::mem::take(&mut config.static_peers) {
             static_peers.insert(peer.public_key);
             node.add_peer(peer, now)?;
         }
-        Ok(Self {
+        Ok(Self::with_node(node, config, static_peers, seed, addresses, mtu))
+    }
+
+    fn with_node(
+        node: Node,
+        config: AgentConfig,
+        static_peers: HashSet<PublicKey>,
+        seed: [u8; 32],
+        addresses: Vec<IpNet>,
+        mtu: u16,
+    ) -> Self {
+        Self {
             node,
             rng: StdRng::from_seed(agent_seed(seed)),
             name: config.name,
@@ -315,7 +326,15 @@ impl Agent {
             outbox: VecDeque::new(),
             host: VecDeque::new(),
             answers: VecDeque::new(),
-        })
+        }
+    }
+
+    /// Adds a peer as the config file does: a peer map never removes it.
+    pub fn add_static_peer(&mut self, spec: PeerSpec, now: Instant) -> Result<PeerId, EngineError> {
+        let key = spec.public_key;
+        let id = self.node.add_peer(spec, now)?;
+        self.static_peers.insert(key);
+        Ok(id)
     }
 
     // --- the engine ---------------------------------------------------------
