@@ -287,7 +287,14 @@ impl Agent {
             static_peers.insert(peer.public_key);
             node.add_peer(peer, now)?;
         }
-        Ok(Self::with_node(node, config, static_peers, seed, addresses, mtu))
+        Ok(Self::with_node(
+            node,
+            config,
+            static_peers,
+            seed,
+            addresses,
+            mtu,
+        ))
     }
 
     fn with_node(

@@ -182,12 +182,13 @@ async fn session(
     let (mut session, welcome) =
         admit_from(endpoint, config, key, candidates, Some(quic_source)).await?;
     *welcomed = true;
+    // The agent hears of the session (the relay is up) before the peer map
+    // arrives, so that no peer is guessed direct for a moment.
+    let connection = session.connection().clone();
+    relay.connection.send_replace(Some(connection.clone()));
     if updates.send(welcome).await.is_err() {
         return Ok(());
     }
-    let connection = session.connection().clone();
-    // The agent hears of the session here (and then reports its NAT mapping).
-    relay.connection.send_replace(Some(connection.clone()));
     loop {
         tokio::select! {
             datagram = connection.read_datagram() => match datagram {

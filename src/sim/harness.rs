@@ -128,7 +128,11 @@ impl RelayConfig {
 #[derive(Debug)]
 enum Carried {
     /// A relay frame the table forwarded to connection `to`, from node `from`.
-    Frame { from: usize, to: ConnId, frame: Bytes },
+    Frame {
+        from: usize,
+        to: ConnId,
+        frame: Bytes,
+    },
     /// A message on connection `conn`'s control stream.
     Message { conn: ConnId, msg: ServerMessage },
     /// The rendezvous closed connection `conn`.
@@ -400,7 +404,10 @@ impl Sim {
         let id = NodeId(self.nodes.len());
         // Registered before the start, with the address the test chose.
         let (ipv4, ipv6) = match overlay {
-            IpAddr::V4(v4) => (v4, Ipv6Addr::new(0xfd00, 0x5a, 0, 0, 0, 0, 0, id.0 as u16 + 1)),
+            IpAddr::V4(v4) => (
+                v4,
+                Ipv6Addr::new(0xfd00, 0x5a, 0, 0, 0, 0, 0, id.0 as u16 + 1),
+            ),
             IpAddr::V6(v6) => (Ipv4Addr::from(0x6440_0000 + id.0 as u32 + 1), v6),
         };
         let unix = self.unix_now();
@@ -445,7 +452,12 @@ impl Sim {
     }
 
     /// A node as meshd starts one: its key, a fresh seed, the clock now.
-    fn fresh_agent(&mut self, name: &str, private_key: &PrivateKey, overlay: Option<IpAddr>) -> Agent {
+    fn fresh_agent(
+        &mut self,
+        name: &str,
+        private_key: &PrivateKey,
+        overlay: Option<IpAddr>,
+    ) -> Agent {
         let config = AgentConfig {
             node: NodeConfig {
                 private_key: private_key.clone(),
@@ -639,7 +651,10 @@ impl Sim {
     /// `packet` is written to `id`'s TUN now.
     pub fn send_tun(&mut self, id: NodeId, packet: &[u8]) {
         let now = self.now();
-        self.nodes[id.0].agent.node_mut().handle_tun_packet(packet, now);
+        self.nodes[id.0]
+            .agent
+            .node_mut()
+            .handle_tun_packet(packet, now);
         self.drain(id.0);
     }
 
@@ -836,10 +851,11 @@ impl Sim {
         });
         match self.attached[to.index()] {
             Attached::Node(i) => {
-                self.nodes[i]
-                    .agent
-                    .node_mut()
-                    .handle_datagram(datagram.src, &datagram.payload, now);
+                self.nodes[i].agent.node_mut().handle_datagram(
+                    datagram.src,
+                    &datagram.payload,
+                    now,
+                );
                 self.drain(i);
             }
             Attached::Sink(i) => self.sinks[i].push(datagram),
@@ -1078,6 +1094,9 @@ impl Sim {
                 peers,
             } => {
                 let agent = &mut self.nodes[i].agent;
+                // As the driver does: the relay is up before the peer map
+                // arrives, so no peer is guessed direct for a moment.
+                agent.handle_session_up(RENDEZVOUS_ADDR, None, now);
                 agent.handle_update(
                     Update::Welcome {
                         node,
@@ -1087,8 +1106,6 @@ impl Sim {
                     },
                     now,
                 );
-                // As the driver hears of the connection after the welcome.
-                agent.handle_session_up(RENDEZVOUS_ADDR, None, now);
                 self.drain(i);
                 return;
             }
@@ -1159,7 +1176,8 @@ impl Sim {
             proof: Proof([0; 32]),
         };
         let now = self.registry_now();
-        self.registry_mut().handle_hello(conn, &hello, observed, now);
+        self.registry_mut()
+            .handle_hello(conn, &hello, observed, now);
         self.run_registry(immediate);
     }
 
@@ -1204,9 +1222,9 @@ impl Sim {
     pub fn create_token(&mut self, token_id: &str) -> String {
         let secret: [u8; 32] = self.test_rng.gen();
         let unix = self.unix_now();
-        let token = self
-            .registry_mut()
-            .create_token(secret, token_id.to_owned(), 86_400, None, unix);
+        let token =
+            self.registry_mut()
+                .create_token(secret, token_id.to_owned(), 86_400, None, unix);
         self.run_registry(true);
         match token {
             Ok(token) => token,

@@ -179,6 +179,17 @@ impl Driver {
                 r = self.tun.readable() => r?,
                 r = self.udp.readable() => r?,
                 Some(ask) = self.inputs.asks.recv() => self.answer(ask),
+                Some(connection) = relay_changed(&mut self.inputs.relay_connection) => {
+                    tracing::info!(available = connection.is_some(), max_datagram = ?connection.as_ref().and_then(|c| c.max_datagram_size()), "relay");
+                    let now = Instant::now();
+                    match &connection {
+                        // A new session: the agent checks the NAT from the
+                        // rendezvous's second port too.
+                        Some(c) => self.agent.handle_session_up(canonical(c.remote_address()), Some(c.rtt()), now),
+                        None => self.agent.handle_session_down(now),
+                    }
+                    self.relay_connection = connection;
+                }
                 Some(update) = recv_update(&mut self.inputs.updates) => {
                     self.agent.handle_update(update, Instant::now());
                 }
@@ -193,17 +204,6 @@ impl Driver {
                         };
                         self.agent.handle_relay_frame(&frame, now);
                     }
-                }
-                Some(connection) = relay_changed(&mut self.inputs.relay_connection) => {
-                    tracing::info!(available = connection.is_some(), max_datagram = ?connection.as_ref().and_then(|c| c.max_datagram_size()), "relay");
-                    let now = Instant::now();
-                    match &connection {
-                        // A new session: the agent checks the NAT from the
-                        // rendezvous's second port too.
-                        Some(c) => self.agent.handle_session_up(canonical(c.remote_address()), Some(c.rtt()), now),
-                        None => self.agent.handle_session_down(now),
-                    }
-                    self.relay_connection = connection;
                 }
                 () = tokio::time::sleep_until(deadline.into()) => {
                     tracing::trace!(?reason, "timeout");
