@@ -35,6 +35,7 @@
 //! | [`systemd`] | sd_notify: ready, status, stopping | one datagram each |
 //! | [`sim`] | simulated clock and network (feature `sim`) | none |
 
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod control;

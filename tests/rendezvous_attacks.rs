@@ -127,19 +127,17 @@ async fn a_server_message_split_across_packets_reaches_the_node_whole_while_rela
         let fake = FakeRendezvous::bind().await;
         let node = Node::new("node");
         let (updates_tx, mut updates) = mpsc::channel(16);
-        let (_punch_tx, punches) = mpsc::channel(1);
+        let (_outbox_tx, outbox) = mpsc::channel(1);
         let (relay_conn, _relay_conn_rx) = watch::channel(None);
         // Room for one frame: the rest are dropped, as a full queue would.
         let (relay_frames, _relayed) = mpsc::channel(1);
-        let (_nat_tx, nat) = watch::channel(NatMapping::Unknown);
         let channels = Channels {
             updates: updates_tx,
-            punches,
+            outbox,
             relay: RelayLink {
                 connection: relay_conn,
                 frames: relay_frames,
             },
-            nat,
             quic_source: Arc::new(QuicSource::default()),
         };
         let config = ClientConfig {

@@ -13,24 +13,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::identity::keyfile::write_atomic;
-use crate::wire::control::{MeshInfo, NodeEntry};
 
 /// The cache is written at most this often; what changes meanwhile is
 /// written after, together. A crash loses at most this much of the peer
 /// map, which the rendezvous sends again anyway.
 pub const WRITE_EVERY: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeCache {
-    pub mesh: MeshInfo,
-    pub node: NodeEntry,
-    pub peers: Vec<NodeEntry>,
-}
+/// The type lives with the node agent, which makes it; this module stores it.
+pub use crate::agent::NodeCache;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -145,6 +139,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::control::{MeshInfo, NodeEntry};
 
     fn sample(peers: usize) -> NodeCache {
         let entry = |n: u8| NodeEntry {

@@ -1,10 +1,14 @@
-//! The node's side of the control connection to mesh-rendezvous.
+//! The node's side of the control connection to mesh-rendezvous: the
+//! session transport.
 //!
-//! Does I/O (quinn over meshd's shared UDP socket). [`run`] keeps one
-//! session up for the life of meshd, reconnecting with jittered exponential
-//! backoff; each session proves the node's key, receives the full peer map,
-//! then streams deltas. What it learns goes to the driver as [`Update`]s;
-//! the tunnels never depend on this connection staying up.
+//! Does I/O (quinn over meshd's shared UDP socket), and decides nothing:
+//! [`run`] keeps one session up for the life of meshd, reconnecting with
+//! jittered exponential backoff; each session proves the node's key,
+//! receives the full peer map, then streams deltas. What the rendezvous
+//! says goes to the packet loop as [`Update`]s for the node agent
+//! ([`crate::agent`]); what the agent has to say (punch requests, its NAT
+//! mapping) comes back as [`NodeMessage`]s and goes on the stream as it
+//! is. The tunnels never depend on this connection staying up.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,12 +19,13 @@ use tokio::sync::{mpsc, watch};
 use super::admission;
 use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls;
+pub use crate::agent::Update;
 use crate::dataplane::quic::QuicSource;
 use crate::identity::{CertHash, JoinToken};
 use crate::identity::{PrivateKey, PublicKey};
 use crate::wire::control::{
-    Candidate, Hello, MeshInfo, NatMapping, NodeEntry, NodeMessage, RejectReason, ServerHello,
-    ServerMessage, MAX_FRAME, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
+    Candidate, Hello, NatMapping, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
+    MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
 use crate::wire::untrusted::bounded;
 
@@ -42,14 +47,12 @@ pub struct RelayLink {
 /// How a session talks to the rest of meshd.
 #[derive(Debug)]
 pub struct Channels {
-    /// Peer-map changes, for the node agent.
+    /// What the rendezvous says, for the node agent.
     pub updates: mpsc::Sender<Update>,
-    /// Peers to ask to punch, from the driver.
-    pub punches: mpsc::Receiver<PublicKey>,
+    /// What the node agent says to the rendezvous (punch requests, its NAT
+    /// mapping), written to the stream as it comes.
+    pub outbox: mpsc::Receiver<NodeMessage>,
     pub relay: RelayLink,
-    /// This node's NAT mapping as the driver infers it; reported to the
-    /// rendezvous at the start of every session and whenever it changes.
-    pub nat: watch::Receiver<NatMapping>,
     /// Set to the rendezvous's address before each session connects: the
     /// driver hands the QUIC endpoint datagrams from there only.
     pub quic_source: std::sync::Arc<QuicSource>,
@@ -65,24 +68,6 @@ pub struct ClientConfig {
     pub listen_port: u16,
     /// The join token, until the node is registered.
     pub token: Option<JoinToken>,
-}
-
-/// What the rendezvous told us, for the driver.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Update {
-    /// Admitted: our own entry, the mesh, and the full peer map.
-    Welcome {
-        node: NodeEntry,
-        mesh: MeshInfo,
-        observed: SocketAddr,
-        peers: Vec<NodeEntry>,
-    },
-    Upsert(NodeEntry),
-    Remove(PublicKey),
-    /// This peer is probing us now: probe it back (hole punching).
-    Punch(PublicKey),
-    /// The session ended; tunnels carry on, a new session is being set up.
-    Disconnected,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,22 +176,19 @@ async fn session(
 ) -> Result<(), ClientError> {
     let Channels {
         updates,
-        punches,
+        outbox,
         relay,
-        nat,
         quic_source,
     } = channels;
     let (mut session, welcome) =
         admit_from(endpoint, config, key, candidates, Some(quic_source)).await?;
     *welcomed = true;
-    if updates.send(welcome).await.is_err() {
-        return Ok(());
-    }
+    // The agent hears of the session (the relay is up) before the peer map
+    // arrives, so that no peer is guessed direct for a moment.
     let connection = session.connection().clone();
     relay.connection.send_replace(Some(connection.clone()));
-    let mapping = *nat.borrow_and_update();
-    if !mapping.is_unknown() {
-        session.report_nat(mapping).await?;
+    if updates.send(welcome).await.is_err() {
+        return Ok(());
     }
     loop {
         tokio::select! {
@@ -242,11 +224,7 @@ async fn session(
                 }
                 None => return Ok(()),
             },
-            Some(peer) = punches.recv() => session.request_punch(peer).await?,
-            Ok(()) = nat.changed() => {
-                let mapping = *nat.borrow_and_update();
-                session.report_nat(mapping).await?;
-            }
+            Some(message) = outbox.recv() => session.send(&message).await?,
         }
     }
 }
@@ -387,6 +365,16 @@ async fn admit_from(
 }
 
 impl Session {
+    /// Sends what the node agent has to say.
+    pub async fn send(&mut self, message: &NodeMessage) -> Result<(), ClientError> {
+        write_frame(&mut self.send, message)
+            .await
+            .map_err(|source| ClientError::Lost {
+                server: self.server.clone(),
+                source,
+            })
+    }
+
     /// Asks the rendezvous to have `peer` probe us now.
     pub async fn request_punch(&mut self, peer: PublicKey) -> Result<(), ClientError> {
         write_frame(&mut self.send, &NodeMessage::Punch { peer })

@@ -1,11 +1,15 @@
-//! [`Sim`]: N engine [`Node`]s on one [`SimNet`], driven by one [`SimClock`].
+//! [`Sim`]: N node agents on one [`SimNet`], with the real rendezvous
+//! registry and relay table, driven by one [`SimClock`].
 //!
 //! No I/O. This is quinn-proto's test `Pair` grown to a mesh: the harness
-//! owns the nodes, feeds each the datagrams the network delivers to it,
-//! calls `handle_timeout` when a node's `poll_timeout` deadline comes, and
-//! after every input drains the node's transmits into the network, its TUN
-//! writes into a per-node inbox and its events into a per-node log, handing
-//! every buffer back with `recycle` as a real driver would.
+//! owns each node's [`Agent`] (and through it the engine [`Node`]), feeds
+//! each the datagrams the network delivers to it, calls `handle_timeout`
+//! when an agent's `poll_timeout` deadline comes, and after every input
+//! drains the agent's outputs as the driver does: transmits into the
+//! network, TUN writes into a per-node inbox, events into a per-node log,
+//! relay frames into the relay table, messages into the registry, API
+//! answers and host changes into per-node lists, handing every buffer back
+//! as a real driver would.
 //!
 //! Stepping is event-driven: the clock jumps straight to the next datagram
 //! arrival or node deadline, so minutes of simulated time cost only the
@@ -17,20 +21,27 @@
 //! collect what is sent to them, such as an attacker waiting for cookie
 //! replies.
 //!
-//! The rendezvous is modelled by what nodes see of it: a host at
-//! [`RENDEZVOUS_ADDR`] whose view of each node's address is that node's
-//! observed candidate ([`Sim::introduce`]), a relay that carries every
-//! [`Node::poll_relay`] datagram to the named peer's
-//! [`Node::handle_relayed`] after [`RelayConfig::latency`] (losing
-//! [`RelayConfig::loss`] of them), and punch requests
-//! ([`Event::PunchWanted`]) handed to the other side's [`Node::punch`]
-//! after the same latency.
+//! The rendezvous is the real [`Registry`] and the real [`RelayTable`]
+//! behind a host at [`RENDEZVOUS_ADDR`], with the quinn shell's part played
+//! by the harness: a node's session is a [`ConnId`] whose hello carries its
+//! local address, while the registry learns the address the last NAT on the
+//! way maps it to ([`Sim::observed_addr`]); the registry's commands are
+//! executed as `rendezvous::server` executes them (messages to the
+//! connections they name, closes, persists kept as the state a restart
+//! starts from), and relay frames go through the table. What the
+//! rendezvous sends reaches a node after [`RelayConfig::latency`]; relayed
+//! frames are lost with [`RelayConfig::loss`]. Nodes made with
+//! [`Sim::add_node`] are registered before the simulation starts, with the
+//! overlay address the test chose; [`Sim::join_node`] joins with a token
+//! and gets its address from the registry. The NAT-check port is not
+//! simulated: NAT checks are counted and dropped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use ipnet::IpNet;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -39,9 +50,20 @@ use super::clock::SimClock;
 use super::nat::NatId;
 use super::net::{Datagram, Delivery, HostId, LinkConfig, SimNet};
 use super::packet::{udp_probe, Inner};
-use crate::engine::paths::Source;
+use crate::agent::{Agent, AgentConfig, HostChange, RequestId, ShellStats, Update};
+use crate::control::{Request, Response};
 use crate::engine::{EngineError, Event, Node, NodeConfig, PeerId, PeerSpec};
 use crate::identity::{PrivateKey, PublicKey};
+use crate::relay::table::{self as relay_table, RelayLimits, RelayTable};
+use crate::rendezvous::admission;
+use crate::rendezvous::registry::{
+    dns_label, Command, ConnId, IncomingHello, NodeRecord, Now, Registry, RegistryState,
+};
+use crate::wire::control::{
+    Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeMessage, RejectReason,
+    ServerMessage, PROTOCOL_VERSION,
+};
+use crate::wire::relay::{self, NodeId as RelayId, RelayKind};
 
 /// The inner MTU nodes get (DESIGN.md: `mesh0` defaults to 1380).
 pub const NODE_MTU: u16 = 1380;
@@ -55,6 +77,8 @@ const STREAM_RELAY: u64 = 3;
 /// Each node's own seed (probe ids), apart from the keys so that adding it
 /// changed no scenario's keys.
 const STREAM_NODES: u64 = 4;
+/// The rendezvous's own key (its admission proofs are made for it).
+const STREAM_SERVER: u64 = 5;
 /// The simulated wall clock's Unix time at the start of every run.
 const SIM_EPOCH: Duration = Duration::from_secs(1_764_864_000);
 
@@ -103,17 +127,28 @@ impl RelayConfig {
     }
 }
 
-/// Something the rendezvous carries between two nodes.
+/// Something the rendezvous carries to a node.
 #[derive(Debug)]
 enum Carried {
-    /// A WireGuard datagram through the relay.
-    Packet {
+    /// A relay frame the table forwarded to connection `to`, from node `from`.
+    Frame {
         from: usize,
-        to: usize,
-        payload: Vec<u8>,
+        to: ConnId,
+        frame: Bytes,
     },
-    /// `from` asks `to` to punch.
-    Punch { from: usize, to: usize },
+    /// A message on connection `conn`'s control stream.
+    Message { conn: ConnId, msg: ServerMessage },
+    /// The rendezvous closed connection `conn`.
+    Close { conn: ConnId },
+}
+
+/// The mesh the simulated rendezvous hands out addresses from.
+fn sim_mesh() -> MeshInfo {
+    MeshInfo {
+        id: "sim".into(),
+        ipv4: "100.64.0.0/10".parse().expect("a prefix"),
+        ipv6: "fd00:5a::/48".parse().expect("a prefix"),
+    }
 }
 
 /// A node in a [`Sim`].
@@ -180,12 +215,22 @@ impl std::error::Error for TimedOut {}
 struct SimNode {
     name: String,
     private_key: PrivateKey,
-    node: Node,
+    agent: Agent,
     host: HostId,
+    /// The overlay address probes use: chosen by the test, or (for a node
+    /// that joined) assigned by the registry; unspecified until then.
     overlay: IpAddr,
+    /// The node's session with the rendezvous, while it has one.
+    conn: Option<ConnId>,
     /// Every packet the node wrote to its TUN, oldest first.
     tun: Vec<Vec<u8>>,
     events: Vec<Event>,
+    /// Every change the agent asked of the host, oldest first.
+    host_changes: Vec<HostChange>,
+    /// Answers to local API requests not taken yet.
+    answers: Vec<(RequestId, Response)>,
+    /// Why the rendezvous last refused the node, if it did.
+    rejected: Option<RejectReason>,
 }
 
 /// What a network host is in this simulation.
@@ -215,9 +260,24 @@ pub struct Sim {
     /// What the rendezvous is carrying, by arrival time then send order.
     in_relay: BTreeMap<(Instant, u64), Carried>,
     relay_seq: u64,
-    /// Relayed datagrams lost or addressed to no node.
+    /// Relayed datagrams lost, refused by the relay table or by an agent.
     relay_dropped: u64,
     rendezvous: Option<HostId>,
+    /// The registry, from the first session on; until then the nodes
+    /// registered before the start, in `registry_seed`.
+    registry: Option<Registry>,
+    registry_seed: RegistryState,
+    /// What the registry last asked to persist: a restart starts from it.
+    saved: Option<RegistryState>,
+    relay_table: RelayTable,
+    /// The rendezvous's key: the same across restarts, as on disk.
+    server_key: PrivateKey,
+    /// Which node each connection is (or was) from.
+    conns: HashMap<ConnId, usize>,
+    next_conn: u64,
+    next_request: u64,
+    /// NAT checks the agents sent (the NAT-check port is not simulated).
+    nat_checks: u64,
 }
 
 impl fmt::Debug for Sim {
@@ -266,6 +326,15 @@ impl Sim {
             relay_seq: 0,
             relay_dropped: 0,
             rendezvous: None,
+            registry: None,
+            registry_seed: RegistryState::new(sim_mesh()),
+            saved: None,
+            relay_table: RelayTable::new(RelayLimits::default()),
+            server_key: PrivateKey::generate(&mut stream(STREAM_SERVER)),
+            conns: HashMap::new(),
+            next_conn: 1,
+            next_request: 0,
+            nat_checks: 0,
         }
     }
 
@@ -332,49 +401,108 @@ impl Sim {
     }
 
     fn add_node_on(&mut self, name: &str, overlay: IpAddr, host: HostId) -> NodeId {
+        assert!(
+            self.registry.is_none(),
+            "add nodes before the first rendezvous session; later nodes join with Sim::join_node"
+        );
         let private_key = self.generate_key();
-        let node = self.fresh_node(&private_key, overlay);
+        let agent = self.fresh_agent(name, &private_key, Some(overlay));
         let id = NodeId(self.nodes.len());
+        // Registered before the start, with the address the test chose.
+        let (ipv4, ipv6) = match overlay {
+            IpAddr::V4(v4) => (
+                v4,
+                Ipv6Addr::new(0xfd00, 0x5a, 0, 0, 0, 0, 0, id.0 as u16 + 1),
+            ),
+            IpAddr::V6(v6) => (Ipv4Addr::from(0x6440_0000 + id.0 as u32 + 1), v6),
+        };
+        let unix = self.unix_now();
+        self.registry_seed.nodes.insert(
+            private_key.public_key(),
+            NodeRecord {
+                name: dns_label(name),
+                ipv4,
+                ipv6,
+                joined_at: unix,
+                last_seen: unix,
+                candidates: Vec::new(),
+                nat: NatMapping::Unknown,
+            },
+        );
         self.attach(host, Attached::Node(id.0));
-        self.nodes.push(SimNode {
-            name: name.to_owned(),
-            private_key,
-            node,
-            host,
-            overlay,
-            tun: Vec::new(),
-            events: Vec::new(),
-        });
+        self.push_node(name, private_key, agent, host, overlay);
         id
     }
 
+    fn push_node(
+        &mut self,
+        name: &str,
+        private_key: PrivateKey,
+        agent: Agent,
+        host: HostId,
+        overlay: IpAddr,
+    ) {
+        self.nodes.push(SimNode {
+            name: name.to_owned(),
+            private_key,
+            agent,
+            host,
+            overlay,
+            conn: None,
+            tun: Vec::new(),
+            events: Vec::new(),
+            host_changes: Vec::new(),
+            answers: Vec::new(),
+            rejected: None,
+        });
+    }
+
     /// A node as meshd starts one: its key, a fresh seed, the clock now.
-    fn fresh_node(&mut self, private_key: &PrivateKey, overlay: IpAddr) -> Node {
-        let config = NodeConfig {
-            private_key: private_key.clone(),
-            addresses: vec![IpNet::from(overlay)],
-            mtu: NODE_MTU,
+    fn fresh_agent(
+        &mut self,
+        name: &str,
+        private_key: &PrivateKey,
+        overlay: Option<IpAddr>,
+    ) -> Agent {
+        let config = AgentConfig {
+            node: NodeConfig {
+                private_key: private_key.clone(),
+                addresses: overlay.map(IpNet::from).into_iter().collect(),
+                mtu: NODE_MTU,
+            },
+            static_peers: Vec::new(),
+            name: Some(name.to_owned()),
+            interface: "mesh0".into(),
+            listen_port: 51820,
+            underlay_ips: Vec::new(),
+            rendezvous: true,
         };
         // The simulated wall clock: the Unix time the run starts at is
         // arbitrary, only its progress matters (ping freshness).
-        Node::new(
-            config,
-            rand::Rng::gen(&mut self.node_rng),
-            self.now(),
-            SIM_EPOCH + self.elapsed(),
-        )
+        let seed = rand::Rng::gen(&mut self.node_rng);
+        match Agent::new(config, seed, self.now(), SIM_EPOCH + self.elapsed()) {
+            Ok(agent) => agent,
+            // No static peers, so nothing to refuse.
+            Err(e) => panic!("a fresh agent with no peers failed: {e}"),
+        }
     }
 
     /// meshd restarts on `id`: same key, address and socket, but a new
     /// process that remembers nothing (no peers, sessions or probes; its
-    /// events start afresh). Configure its peers again, as its peer-map
-    /// cache and the rendezvous would.
+    /// events start afresh), and its rendezvous session is gone. Configure
+    /// its peers again, as its peer-map cache and the rendezvous would.
     pub fn restart(&mut self, id: NodeId) {
-        let (key, overlay) = (
+        let now = self.now();
+        if let Some(conn) = self.nodes[id.0].conn.take() {
+            self.connection_lost(conn, now);
+        }
+        let (name, key, overlay) = (
+            self.nodes[id.0].name.clone(),
             self.nodes[id.0].private_key.clone(),
             self.nodes[id.0].overlay,
         );
-        self.nodes[id.0].node = self.fresh_node(&key, overlay);
+        let overlay = (!overlay.is_unspecified()).then_some(overlay);
+        self.nodes[id.0].agent = self.fresh_agent(&name, &key, overlay);
         self.nodes[id.0].events.clear();
     }
 
@@ -403,10 +531,11 @@ impl Sim {
         }
     }
 
-    /// Configures `spec` as a peer of `node`.
+    /// Configures `spec` as a peer of `node`, as its config file would (a
+    /// peer map never removes it).
     pub fn add_peer(&mut self, node: NodeId, spec: PeerSpec) -> Result<PeerId, EngineError> {
         let now = self.now();
-        let result = self.nodes[node.0].node.add_peer(spec, now);
+        let result = self.nodes[node.0].agent.add_static_peer(spec, now);
         self.drain(node.0);
         result
     }
@@ -446,7 +575,12 @@ impl Sim {
     }
 
     pub fn node(&self, id: NodeId) -> &Node {
-        &self.nodes[id.0].node
+        self.nodes[id.0].agent.node()
+    }
+
+    /// `id`'s node agent.
+    pub fn agent(&self, id: NodeId) -> &Agent {
+        &self.nodes[id.0].agent
     }
 
     pub fn name(&self, id: NodeId) -> &str {
@@ -454,7 +588,7 @@ impl Sim {
     }
 
     pub fn public_key(&self, id: NodeId) -> PublicKey {
-        self.nodes[id.0].node.public_key()
+        self.nodes[id.0].agent.node().public_key()
     }
 
     pub fn overlay(&self, id: NodeId) -> IpAddr {
@@ -523,7 +657,10 @@ impl Sim {
     /// `packet` is written to `id`'s TUN now.
     pub fn send_tun(&mut self, id: NodeId, packet: &[u8]) {
         let now = self.now();
-        self.nodes[id.0].node.handle_tun_packet(packet, now);
+        self.nodes[id.0]
+            .agent
+            .node_mut()
+            .handle_tun_packet(packet, now);
         self.drain(id.0);
     }
 
@@ -538,7 +675,7 @@ impl Sim {
     /// outputs: for engine calls the harness has no shortcut for.
     pub fn with_node<R>(&mut self, id: NodeId, f: impl FnOnce(&mut Node, Instant) -> R) -> R {
         let now = self.now();
-        let r = f(&mut self.nodes[id.0].node, now);
+        let r = f(self.nodes[id.0].agent.node_mut(), now);
         self.drain(id.0);
         r
     }
@@ -561,7 +698,8 @@ impl Sim {
         self.relay = relay;
     }
 
-    /// Relayed datagrams lost on the way or addressed to no node so far.
+    /// Relayed datagrams lost on the way, refused by the relay table, or
+    /// from a relay id the receiving agent does not know, so far.
     pub fn relay_dropped(&self) -> u64 {
         self.relay_dropped
     }
@@ -587,24 +725,17 @@ impl Sim {
         }
     }
 
-    /// Does for the connected pair `a`, `b` what the rendezvous does for
-    /// mesh peers: the relay is up for both, and each gets the other's
-    /// candidates, its observed address ([`Sim::observed_addr`]) and its
-    /// own (local) address.
+    /// Both nodes open a session with the rendezvous now, if they have
+    /// none: the registry welcomes each (at once, without the control
+    /// stream's latency) with the peer map of every registered node and
+    /// tells the others, and the relay is up for both. Each then knows the
+    /// other's candidates: its observed address ([`Sim::observed_addr`])
+    /// and its own (local) address.
     pub fn introduce(&mut self, a: NodeId, b: NodeId) {
-        let candidates = |sim: &mut Sim, id: NodeId| {
-            vec![
-                (sim.observed_addr(id), Source::Observed),
-                (sim.addr(id), Source::Local),
-            ]
-        };
-        let (of_a, of_b) = (candidates(self, a), candidates(self, b));
-        for (node, peer, cands) in [(a, b, of_b), (b, a, of_a)] {
-            let key = self.public_key(peer);
-            self.with_node(node, |n, now| {
-                n.set_relay_available(true, now);
-                n.set_candidates(&key, cands, now);
-            });
+        for id in [a, b] {
+            if self.nodes[id.0].conn.is_none() {
+                self.open_session(id, None, true);
+            }
         }
     }
 
@@ -672,7 +803,7 @@ impl Sim {
 
     /// The earliest datagram arrival (network or relay) or node deadline.
     fn next_wakeup(&self) -> Option<Instant> {
-        let timers = self.nodes.iter().map(|n| n.node.poll_timeout().0);
+        let timers = self.nodes.iter().map(|n| n.agent.poll_timeout().0);
         let relay = self.in_relay.keys().next().map(|(at, _)| *at);
         timers.chain(self.net.next_delivery()).chain(relay).min()
     }
@@ -696,9 +827,9 @@ impl Sim {
                 progressed = true;
             }
             for i in 0..self.nodes.len() {
-                if self.nodes[i].node.poll_timeout().0 <= now {
-                    self.nodes[i].node.handle_timeout(now);
-                    let (next, reason) = self.nodes[i].node.poll_timeout();
+                if self.nodes[i].agent.poll_timeout().0 <= now {
+                    self.nodes[i].agent.handle_timeout(now);
+                    let (next, reason) = self.nodes[i].agent.poll_timeout();
                     assert!(
                         next > now,
                         "{} still wants a timeout at {:?} ({reason:?}) after handle_timeout at {:?}",
@@ -726,9 +857,11 @@ impl Sim {
         });
         match self.attached[to.index()] {
             Attached::Node(i) => {
-                self.nodes[i]
-                    .node
-                    .handle_datagram(datagram.src, &datagram.payload, now);
+                self.nodes[i].agent.node_mut().handle_datagram(
+                    datagram.src,
+                    &datagram.payload,
+                    now,
+                );
                 self.drain(i);
             }
             Attached::Sink(i) => self.sinks[i].push(datagram),
@@ -737,34 +870,39 @@ impl Sim {
     }
 
     fn deliver_carried(&mut self, carried: Carried, now: Instant) {
-        let at = self.clock.elapsed();
         match carried {
-            Carried::Packet { from, to, payload } => {
+            Carried::Frame { from, to, frame } => {
+                let Some(i) = self.node_on(to) else {
+                    self.relay_dropped += 1;
+                    return;
+                };
                 self.trace.push(TraceEntry::Relayed {
-                    at,
+                    at: self.clock.elapsed(),
                     from: NodeId(from),
-                    to: NodeId(to),
-                    len: payload.len(),
+                    to: NodeId(i),
+                    len: frame.len().saturating_sub(relay::HEADER_LEN),
                 });
-                let key = self.nodes[from].node.public_key();
-                self.nodes[to].node.handle_relayed(key, &payload, now);
-                self.drain(to);
+                let agent = &mut self.nodes[i].agent;
+                let before = agent.relay_dropped();
+                agent.handle_relay_frame(&frame, now);
+                self.relay_dropped += agent.relay_dropped() - before;
+                self.drain(i);
             }
-            Carried::Punch { from, to } => {
-                self.trace.push(TraceEntry::Punched {
-                    at,
-                    from: NodeId(from),
-                    to: NodeId(to),
-                });
-                let key = self.nodes[from].node.public_key();
-                self.nodes[to].node.punch(&key, now);
-                self.drain(to);
-            }
+            Carried::Message { conn, msg } => self.deliver_message(conn, msg, now),
+            Carried::Close { conn } => self.session_closed(conn, now),
         }
     }
 
+    /// The node whose current session is `conn`.
+    fn node_on(&self, conn: ConnId) -> Option<usize> {
+        let i = *self.conns.get(&conn)?;
+        (self.nodes[i].conn == Some(conn)).then_some(i)
+    }
+
     fn node_with_key(&self, key: &PublicKey) -> Option<usize> {
-        self.nodes.iter().position(|n| n.node.public_key() == *key)
+        self.nodes
+            .iter()
+            .position(|n| n.agent.node().public_key() == *key)
     }
 
     /// Hands `carried` to the rendezvous, to arrive after the relay latency.
@@ -779,31 +917,40 @@ impl Sim {
         let now = self.now();
         let at = self.clock.elapsed();
         let mut relayed = Vec::new();
-        let mut punches = Vec::new();
+        let mut messages = Vec::new();
         let SimNode {
-            node,
+            agent,
             host,
             tun,
             events,
+            host_changes,
+            answers,
+            overlay,
             ..
         } = &mut self.nodes[i];
+        agent.handle_engine_events(now);
+        let node = agent.node_mut();
         while let Some(transmit) = node.poll_transmit() {
             self.net
                 .send(*host, transmit.dst, transmit.payload.as_slice(), now);
-            node.recycle(transmit.payload);
-        }
-        while let Some(transmit) = node.poll_relay() {
-            relayed.push((transmit.peer, transmit.payload.as_slice().to_vec()));
             node.recycle(transmit.payload);
         }
         while let Some(packet) = node.poll_tun() {
             tun.push(packet.as_slice().to_vec());
             node.recycle(packet);
         }
-        while let Some(event) = node.poll_event() {
-            if let Event::PunchWanted { peer } = &event {
-                punches.push(*peer);
-            }
+        let dropped_before = agent.relay_dropped();
+        while let Some(transmit) = agent.poll_relay() {
+            let mut header = [0u8; relay::HEADER_LEN];
+            relay::encode_header(RelayKind::Packet, transmit.to, &mut header);
+            let mut frame = Vec::with_capacity(relay::HEADER_LEN + transmit.payload.len());
+            frame.extend_from_slice(&header);
+            frame.extend_from_slice(transmit.payload.as_slice());
+            relayed.push(Bytes::from(frame));
+            agent.recycle(transmit.payload);
+        }
+        self.relay_dropped += agent.relay_dropped() - dropped_before;
+        while let Some(event) = agent.poll_event() {
             self.trace.push(TraceEntry::Event {
                 at,
                 node: NodeId(i),
@@ -811,24 +958,401 @@ impl Sim {
             });
             events.push(event);
         }
-        for (peer, payload) in relayed {
+        while agent.poll_nat_check().is_some() {
+            self.nat_checks += 1;
+        }
+        while let Some(message) = agent.poll_rendezvous_message() {
+            messages.push(message);
+        }
+        while let Some(change) = agent.poll_host_change() {
+            if let HostChange::Addresses(addresses) = &change {
+                if overlay.is_unspecified() {
+                    if let Some(v4) = addresses.iter().find(|a| a.addr().is_ipv4()) {
+                        *overlay = v4.addr();
+                    }
+                }
+            }
+            host_changes.push(change);
+        }
+        while let Some(answer) = agent.poll_api_answer() {
+            answers.push(answer);
+        }
+        let conn = self.nodes[i].conn;
+        for frame in relayed {
             let lost = self.relay.loss > 0.0 && self.relay_rng.gen_bool(self.relay.loss);
-            match self.node_with_key(&peer) {
-                Some(to) if !lost => self.carry(
-                    Carried::Packet {
-                        from: i,
-                        to,
-                        payload,
+            let Some(conn) = conn.filter(|_| !lost) else {
+                self.relay_dropped += 1;
+                continue;
+            };
+            match self.relay_table.handle_frame(conn, frame, now) {
+                relay_table::Command::Forward { to, frame } => {
+                    self.carry(Carried::Frame { from: i, to, frame }, now);
+                }
+                relay_table::Command::Drop { .. } => self.relay_dropped += 1,
+            }
+        }
+        if let (Some(conn), false) = (conn, messages.is_empty()) {
+            let now = self.registry_now();
+            if let Some(registry) = self.registry.as_mut() {
+                for message in messages {
+                    match message {
+                        NodeMessage::Punch { peer } => registry.handle_punch(conn, &peer, now),
+                        NodeMessage::Nat { mapping } => registry.handle_nat(conn, mapping, now),
+                        NodeMessage::Candidates { candidates } => {
+                            registry.handle_candidates(conn, candidates, now)
+                        }
+                    }
+                }
+            }
+            self.run_registry(false);
+        }
+    }
+
+    // --- the rendezvous --------------------------------------------------------
+
+    fn unix_now(&self) -> u64 {
+        (SIM_EPOCH + self.elapsed()).as_secs()
+    }
+
+    fn registry_now(&self) -> Now {
+        Now {
+            unix: self.unix_now(),
+            instant: self.now(),
+        }
+    }
+
+    /// The registry, made from the nodes registered so far at its first use.
+    fn registry_mut(&mut self) -> &mut Registry {
+        if self.registry.is_none() {
+            let state = self.registry_seed.clone();
+            self.start_registry(state);
+        }
+        match self.registry.as_mut() {
+            Some(registry) => registry,
+            None => unreachable!("started above"),
+        }
+    }
+
+    /// A registry from `state`, and a relay table that knows its nodes, as
+    /// `mesh-rendezvous` starts.
+    fn start_registry(&mut self, state: RegistryState) {
+        let mut table = RelayTable::new(RelayLimits::default());
+        for record in state.nodes.values() {
+            if let Some(id) = RelayId::of_overlay(record.ipv4) {
+                table.register(id);
+            }
+        }
+        self.relay_table = table;
+        self.registry = Some(Registry::new(state, self.server_key.clone()));
+        self.run_registry(true);
+    }
+
+    /// Executes the registry's commands as the quinn shell does. With
+    /// `immediate`, messages reach their nodes now, else after the latency.
+    fn run_registry(&mut self, immediate: bool) {
+        let now = self.now();
+        loop {
+            let Some(command) = self.registry.as_mut().and_then(Registry::poll_command) else {
+                return;
+            };
+            match command {
+                Command::Admitted { conn, ipv4, .. } => {
+                    // As the quinn shell does: the node relays from now on.
+                    if let Some(id) = RelayId::of_overlay(ipv4) {
+                        self.relay_table.connect(id, conn);
+                    }
+                }
+                Command::Send { conn, msg } => {
+                    if immediate {
+                        self.deliver_message(conn, msg, now);
+                    } else {
+                        self.carry(Carried::Message { conn, msg }, now);
+                    }
+                }
+                Command::Close { conn, .. } => {
+                    let registry_now = self.registry_now();
+                    if let Some(registry) = self.registry.as_mut() {
+                        registry.handle_disconnect(conn, registry_now);
+                    }
+                    self.relay_table.disconnect(conn);
+                    if immediate {
+                        self.session_closed(conn, now);
+                    } else {
+                        self.carry(Carried::Close { conn }, now);
+                    }
+                }
+                Command::Persist | Command::PersistSoon => {
+                    self.saved = self.registry.as_ref().map(|r| r.state().clone());
+                }
+            }
+        }
+    }
+
+    /// A message from the rendezvous reaches the node on `conn`.
+    fn deliver_message(&mut self, conn: ConnId, msg: ServerMessage, now: Instant) {
+        let Some(i) = self.node_on(conn) else {
+            return;
+        };
+        let update = match msg {
+            ServerMessage::Welcome {
+                node,
+                mesh,
+                observed,
+                peers,
+            } => {
+                let agent = &mut self.nodes[i].agent;
+                // As the driver does: the relay is up before the peer map
+                // arrives, so no peer is guessed direct for a moment.
+                agent.handle_session_up(RENDEZVOUS_ADDR, None, now);
+                agent.handle_update(
+                    Update::Welcome {
+                        node,
+                        mesh,
+                        observed,
+                        peers,
                     },
                     now,
-                ),
-                Some(_) | None => self.relay_dropped += 1,
+                );
+                self.drain(i);
+                return;
             }
-        }
-        for peer in punches {
-            if let Some(to) = self.node_with_key(&peer) {
-                self.carry(Carried::Punch { from: i, to }, now);
+            ServerMessage::Rejected { reason, .. } => {
+                self.nodes[i].rejected = Some(reason);
+                return;
             }
+            ServerMessage::PeerUpsert { peer } => Update::Upsert(peer),
+            ServerMessage::PeerRemove { public_key } => Update::Remove(public_key),
+            ServerMessage::Punch { peer } => {
+                if let Some(from) = self.node_with_key(&peer) {
+                    self.trace.push(TraceEntry::Punched {
+                        at: self.clock.elapsed(),
+                        from: NodeId(from),
+                        to: NodeId(i),
+                    });
+                }
+                Update::Punch(peer)
+            }
+        };
+        self.nodes[i].agent.handle_update(update, now);
+        self.drain(i);
+    }
+
+    /// The node on `conn` learns that its session ended.
+    fn session_closed(&mut self, conn: ConnId, now: Instant) {
+        let Some(i) = self.node_on(conn) else {
+            return;
+        };
+        self.nodes[i].conn = None;
+        let agent = &mut self.nodes[i].agent;
+        agent.handle_session_down(now);
+        agent.handle_update(Update::Disconnected, now);
+        self.drain(i);
+    }
+
+    /// Connection `conn` is gone from the rendezvous's side (the node
+    /// restarted, or the network ate it).
+    fn connection_lost(&mut self, conn: ConnId, _now: Instant) {
+        let registry_now = self.registry_now();
+        if let Some(registry) = self.registry.as_mut() {
+            registry.handle_disconnect(conn, registry_now);
         }
+        self.relay_table.disconnect(conn);
+        self.run_registry(false);
+    }
+
+    /// `id` opens a session: a hello with its local address (and `token`),
+    /// seen by the rendezvous at [`Sim::observed_addr`].
+    fn open_session(&mut self, id: NodeId, token: Option<String>, immediate: bool) {
+        let observed = self.observed_addr(id);
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        self.conns.insert(conn, id.0);
+        self.nodes[id.0].conn = Some(conn);
+        self.nodes[id.0].rejected = None;
+        // Each connection's TLS exporter value differs; the node proves
+        // its key for this one, as the client does.
+        let mut exporter = [0u8; 32];
+        exporter[..8].copy_from_slice(&conn.0.to_be_bytes());
+        let proof = admission::proof(
+            &self.nodes[id.0].private_key,
+            &self.server_key.public_key(),
+            &exporter,
+        );
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            public_key: self.public_key(id),
+            name: self.nodes[id.0].name.clone(),
+            listen_port: self.addr(id).port(),
+            token,
+            candidates: vec![Candidate {
+                addr: self.addr(id),
+                kind: CandidateKind::Local,
+            }],
+            proof,
+        };
+        let incoming = IncomingHello {
+            hello: Ok(hello),
+            exporter,
+            observed,
+        };
+        let now = self.registry_now();
+        self.registry_mut().handle_hello(conn, incoming, now);
+        self.run_registry(immediate);
+    }
+
+    /// A node that joins with `token` (from [`Sim::create_token`]): it
+    /// starts with no overlay address and gets one from the registry's
+    /// welcome, a control-stream latency later.
+    pub fn join_node(&mut self, name: &str, underlay: SocketAddr, token: &str) -> NodeId {
+        let host = self.net.add_host(underlay);
+        self.join_node_on(name, host, token)
+    }
+
+    /// Like [`Sim::join_node`], behind `nat`.
+    pub fn join_node_behind(
+        &mut self,
+        nat: NatId,
+        name: &str,
+        underlay: SocketAddr,
+        token: &str,
+    ) -> NodeId {
+        let host = self.net.add_host_behind(nat, underlay);
+        self.join_node_on(name, host, token)
+    }
+
+    fn join_node_on(&mut self, name: &str, host: HostId, token: &str) -> NodeId {
+        let private_key = self.generate_key();
+        let agent = self.fresh_agent(name, &private_key, None);
+        let id = NodeId(self.nodes.len());
+        self.attach(host, Attached::Node(id.0));
+        self.push_node(
+            name,
+            private_key,
+            agent,
+            host,
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        );
+        self.open_session(id, Some(token.to_owned()), false);
+        id
+    }
+
+    /// A join token from the registry, as `mesh-rendezvous token create`
+    /// makes one: valid for a day, any number of uses.
+    pub fn create_token(&mut self, token_id: &str) -> String {
+        let secret: [u8; 32] = self.test_rng.gen();
+        let unix = self.unix_now();
+        let token =
+            self.registry_mut()
+                .create_token(secret, token_id.to_owned(), 86_400, None, unix);
+        self.run_registry(true);
+        match token {
+            Ok(token) => token.expose().to_owned(),
+            Err(e) => panic!("the registry refused the token id {token_id:?}: {e}"),
+        }
+    }
+
+    /// `id` opens a session with the rendezvous again (as its client does
+    /// after a backoff); what the registry answers arrives after the latency.
+    pub fn connect_rendezvous(&mut self, id: NodeId) {
+        let now = self.now();
+        if let Some(old) = self.nodes[id.0].conn.take() {
+            self.connection_lost(old, now);
+        }
+        self.open_session(id, None, false);
+    }
+
+    /// `id`'s session with the rendezvous breaks: both sides notice now.
+    pub fn disconnect_rendezvous(&mut self, id: NodeId) {
+        let now = self.now();
+        if let Some(conn) = self.nodes[id.0].conn {
+            self.connection_lost(conn, now);
+            self.session_closed(conn, now);
+        }
+    }
+
+    /// An operator removes `id` from the mesh (`mesh-rendezvous nodes
+    /// remove`): the registry refuses it from now on and tells the others.
+    pub fn remove_node(&mut self, id: NodeId) -> bool {
+        let key = self.public_key(id);
+        let unix = self.unix_now();
+        let relay_id = self
+            .registry_mut()
+            .state()
+            .nodes
+            .get(&key)
+            .and_then(|r| RelayId::of_overlay(r.ipv4));
+        let removed = self.registry_mut().remove_node(&key, false, unix);
+        if let Some(relay_id) = relay_id.filter(|_| removed) {
+            self.relay_table.remove(relay_id);
+        }
+        self.run_registry(false);
+        removed
+    }
+
+    /// mesh-rendezvous restarts: every session ends at once, and the
+    /// registry and relay table start again from the state it last
+    /// persisted. Nodes reconnect with [`Sim::connect_rendezvous`].
+    pub fn restart_rendezvous(&mut self) {
+        let now = self.now();
+        let conns: Vec<ConnId> = self.nodes.iter().filter_map(|n| n.conn).collect();
+        for conn in conns {
+            self.session_closed(conn, now);
+        }
+        let state = self
+            .saved
+            .clone()
+            .or_else(|| self.registry.as_ref().map(|r| r.state().clone()))
+            .unwrap_or_else(|| self.registry_seed.clone());
+        self.start_registry(state);
+    }
+
+    /// The registry, once a session has started it.
+    pub fn registry(&self) -> Option<&Registry> {
+        self.registry.as_ref()
+    }
+
+    pub fn relay_table(&self) -> &RelayTable {
+        &self.relay_table
+    }
+
+    /// Whether `id` has a session with the rendezvous now.
+    pub fn has_session(&self, id: NodeId) -> bool {
+        self.nodes[id.0].conn.is_some()
+    }
+
+    /// Why the rendezvous last refused `id`, if it did.
+    pub fn rejected(&self, id: NodeId) -> Option<RejectReason> {
+        self.nodes[id.0].rejected
+    }
+
+    /// Every host change `id`'s agent asked for so far.
+    pub fn host_changes(&self, id: NodeId) -> &[HostChange] {
+        &self.nodes[id.0].host_changes
+    }
+
+    /// NAT checks the agents sent so far (dropped: not simulated).
+    pub fn nat_checks(&self) -> u64 {
+        self.nat_checks
+    }
+
+    /// A local API request to `id` now. Returns what is answered at once;
+    /// an answer that waits (ping, netcheck) comes with [`Sim::take_answers`].
+    pub fn api(&mut self, id: NodeId, request: Request) -> Vec<Response> {
+        let now = self.now();
+        let request_id = RequestId(self.next_request);
+        self.next_request += 1;
+        self.nodes[id.0]
+            .agent
+            .handle_api(request_id, request, &ShellStats::default(), now);
+        self.drain(id.0);
+        self.take_answers(id)
+    }
+
+    /// The API answers `id` gave since they were last taken.
+    pub fn take_answers(&mut self, id: NodeId) -> Vec<Response> {
+        std::mem::take(&mut self.nodes[id.0].answers)
+            .into_iter()
+            .map(|(_, response)| response)
+            .collect()
     }
 }

@@ -17,13 +17,16 @@
 //! - [`Nat`] (`nat.rs`) puts hosts behind a NAT on that network: RFC 4787
 //!   mapping and filtering behaviours, timeouts, hairpinning, 1:1 NAT,
 //!   several hosts on one private subnet;
-//! - [`Sim`] (`harness.rs`) owns N engine [`crate::engine::Node`]s on that
-//!   network and drives them event by event: it delivers datagrams, fires
-//!   timers at `poll_timeout` deadlines, drains and recycles every output,
-//!   and records a [`TraceEntry`] history that a seed fully determines. It
-//!   also stands in for the rendezvous: observed addresses
-//!   ([`RENDEZVOUS_ADDR`]), a relay with [`RelayConfig`] latency and loss,
-//!   and punch requests passed between peers;
+//! - [`Sim`] (`harness.rs`) owns N node agents ([`crate::agent::Agent`],
+//!   each with its engine [`crate::engine::Node`]) on that network and
+//!   drives them event by event: it delivers datagrams, fires timers at
+//!   `poll_timeout` deadlines, drains and recycles every output, and
+//!   records a [`TraceEntry`] history that a seed fully determines. The
+//!   rendezvous is the real registry and relay table
+//!   ([`crate::rendezvous::registry::Registry`],
+//!   [`crate::relay::table::RelayTable`]) behind [`RENDEZVOUS_ADDR`]:
+//!   joins with a token, peer-map deltas, punch requests, relayed frames
+//!   with [`RelayConfig`] latency and loss, removals and restarts;
 //! - `packet.rs` builds numbered inner UDP probes and ICMP echo requests
 //!   and parses what comes out of a node's TUN, so a test can say exactly
 //!   which packets arrived.

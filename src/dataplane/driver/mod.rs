@@ -1,41 +1,36 @@
-//! meshd's one event loop: TUN, UDP socket, timers, peer-map changes and
-//! API requests in, the engine's outputs out.
+//! meshd's packet loop: TUN, UDP socket, relay frames, rendezvous updates
+//! and API requests in, the node agent's outputs out.
 //!
-//! Does I/O. The loop owns the [`Node`] outright (no lock): each wakeup it
-//! drains a bounded batch from the TUN and from the socket into the engine,
-//! runs due timers, then flushes every queued transmit, TUN write and event,
-//! and hands the buffers back to the engine's pool. QUIC datagrams on the
-//! shared socket are passed to quinn ([`super::quic`]) untouched.
-//! Its answers to the local API, including the ones that wait for the
-//! network (`meshctl ping`, `meshctl netcheck`), are in [`requests`].
+//! Does I/O, and decides nothing: the loop owns the [`Agent`] (and through
+//! it the engine) outright, no lock. Each wakeup it drains a bounded batch
+//! from the TUN and from the socket into the engine, hands everything else
+//! to the agent's `handle_*`, runs due timers, then flushes every queued
+//! transmit, relay frame, TUN write, NAT check, message for the
+//! rendezvous, host change and API answer, and hands the buffers back to
+//! the engine's pool. QUIC datagrams on the shared socket are passed to
+//! quinn ([`super::quic`]) untouched.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::{self, IoSlice};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-mod requests;
-
 use super::quic::{QuicDatagram, QuicSource};
 use super::tun::Tun;
 use super::udp::{canonical, gso_run, UdpSocket, MAX_GSO_SEGMENTS};
+use crate::agent::{Agent, HostChange, RequestId, ShellStats, Update};
 use crate::control::server::Ask;
 use crate::control::{IoCounters, Response};
-use crate::engine::nat::{MappingObserver, Observer};
-use crate::engine::paths::Source;
-use crate::engine::{Event, Node, PeerSpec, Transmit};
-use crate::identity::PublicKey;
+use crate::engine::Transmit;
 use crate::offload::{gro::Coalescer, tso};
-use crate::wire::control::NatMapping;
-use crate::wire::reflect::Reflect;
+use crate::wire::control::NodeMessage;
 use crate::wire::relay::{self, NodeId, RelayKind};
 use crate::wire::{classify, DatagramKind};
-use requests::{PendingPing, Reflecting};
 use tun_rs::VIRTIO_NET_HDR_LEN;
 
 /// Reads from one source per wakeup before the others get a turn.
@@ -50,99 +45,42 @@ const UDP_BUDGET: u64 = 512;
 /// Big enough for any datagram (a UDP payload is at most 65507 bytes).
 const RECV_BUF: usize = 1 << 16;
 
-/// What the driver reports about itself in `meshctl status`.
-#[derive(Debug, Clone)]
-pub struct NodeInfo {
-    pub name: Option<String>,
-    pub interface: String,
-    pub mtu: u16,
-    pub listen_port: u16,
-    pub addresses: Vec<String>,
-    /// Addresses on the node's other interfaces: being seen at one of
-    /// them means there is no NAT.
-    pub underlay_ips: Vec<IpAddr>,
-}
-
-/// A peer from the rendezvous's map, with what the API shows of it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MeshPeer {
-    pub spec: PeerSpec,
-    pub name: String,
-    pub overlay_ips: Vec<IpAddr>,
-    /// Where it may be reached; probes pick among them.
-    pub candidates: Vec<(SocketAddr, Source)>,
-    /// Its NAT's mapping behaviour, as it reported it.
-    pub nat: NatMapping,
-}
-
-/// What the API shows of a mesh peer besides the engine's state.
-#[derive(Debug, Clone)]
-struct PeerMeta {
-    name: String,
-    overlay_ips: Vec<IpAddr>,
-    nat: NatMapping,
-    /// The port of its local candidates: where its meshd listens.
-    port: Option<u16>,
-}
-
-/// Changes to the driver's peers and identity, from the node agent.
-#[derive(Debug)]
-pub enum DriverCommand {
-    /// The full peer map: mesh peers not in it go (static peers stay).
-    ReplacePeers(Vec<MeshPeer>),
-    UpsertPeer(MeshPeer),
-    RemovePeer(PublicKey),
-    /// The peer is probing us: probe it back now.
-    Punch(PublicKey),
-    /// This node's name and addresses as the rendezvous assigned them.
-    SetInfo(NodeInfo),
-    /// The rendezvous sees this node's socket at this address.
-    SeenByRendezvous(SocketAddr),
-}
-
-/// The driver's inputs besides the TUN and the socket.
+/// The driver's inputs besides the TUN and the socket, and where its
+/// outputs other than packets go.
 pub struct Inputs {
     pub asks: mpsc::Receiver<Ask>,
-    pub commands: mpsc::Receiver<DriverCommand>,
+    /// What the rendezvous says; `None` without a rendezvous.
+    pub updates: Option<mpsc::Receiver<Update>>,
     /// Where QUIC datagrams go; `None` without a rendezvous.
     pub quic: Option<mpsc::Sender<QuicDatagram>>,
     /// The one source whose QUIC datagrams go there (the rendezvous).
     pub quic_source: Arc<QuicSource>,
-    /// Punch requests for the rendezvous session; `None` without one.
-    pub punch: Option<mpsc::Sender<PublicKey>>,
+    /// Messages for the rendezvous session (punch requests, NAT mapping);
+    /// `None` without one.
+    pub outbox: Option<mpsc::Sender<NodeMessage>>,
     /// The rendezvous connection while a session is up (for the relay);
     /// `None` without a rendezvous.
     pub relay_connection: Option<watch::Receiver<Option<quinn::Connection>>>,
     /// Frames relayed to us (header naming the source, then the packet).
     pub relay_frames: Option<mpsc::Receiver<Bytes>>,
-    /// Where this node's NAT mapping goes for the rendezvous session;
-    /// `None` without a rendezvous.
-    pub nat: Option<watch::Sender<NatMapping>>,
+    /// Changes for the host (mesh0's addresses, the cache), for the task
+    /// that brought the node up ([`super::lifecycle`]).
+    pub host: mpsc::UnboundedSender<HostChange>,
 }
 
 /// Relayed frames queued for the driver before they are dropped.
 pub const RELAY_INBOX: usize = 1024;
+/// Messages queued for the rendezvous session before they are dropped.
+pub const OUTBOX: usize = 64;
 
 pub struct Driver {
-    node: Node,
+    agent: Agent,
     tun: Tun,
     udp: Arc<UdpSocket>,
     inputs: Inputs,
-    info: NodeInfo,
-    /// Names, overlay addresses and NAT behaviour of mesh peers.
-    meta: HashMap<PublicKey, PeerMeta>,
-    /// Where others see our socket: our NAT's mapping behaviour.
-    observer: MappingObserver,
-    /// The rendezvous's QUIC address, once a session was up.
-    rendezvous_addr: Option<SocketAddr>,
-    /// The NAT check in flight, and where the last answer saw us (and how fast).
-    reflecting: Option<Reflecting>,
-    reflector_seen: Option<(SocketAddr, std::time::Duration)>,
-    pending_pings: Vec<PendingPing>,
-    /// `meshctl netcheck`s waiting, with their deadlines.
-    pending_netcheck: Vec<(Instant, oneshot::Sender<Response>)>,
-    /// Peers from the config file: a peer map never removes them.
-    static_peers: HashSet<PublicKey>,
+    /// API requests waiting for the agent's answer.
+    replies: HashMap<RequestId, oneshot::Sender<Response>>,
+    next_request: u64,
     buf: Vec<u8>,
     /// System calls of the packet path and the packets they carried; the
     /// errors among them are logged at powers of two, so a dead route logs
@@ -155,10 +93,9 @@ pub struct Driver {
     quic_foreign: u64,
     /// The rendezvous connection the relay uses now.
     relay_connection: Option<quinn::Connection>,
-    /// Relay ids (overlay IPv4) of mesh peers, both ways.
-    relay_ids: HashMap<NodeId, PublicKey>,
     /// Bounds oversized relay frames in flight on streams.
     relay_streams: Arc<Semaphore>,
+    /// Relay frames the connection could not take.
     relay_dropped: u64,
     /// The transmits of one flush, kept to reuse the allocation.
     tx_batch: Vec<Transmit>,
@@ -205,29 +142,20 @@ impl TunBuffers {
 }
 
 impl Driver {
-    pub fn new(node: Node, tun: Tun, udp: Arc<UdpSocket>, inputs: Inputs, info: NodeInfo) -> Self {
-        let static_peers = node.peers().map(|p| p.public_key).collect();
+    pub fn new(agent: Agent, tun: Tun, udp: Arc<UdpSocket>, inputs: Inputs) -> Self {
         let tun_buffers = TunBuffers::new(&tun);
         Self {
-            node,
+            agent,
             tun,
             udp,
             inputs,
-            info,
-            meta: HashMap::new(),
-            observer: MappingObserver::new(),
-            rendezvous_addr: None,
-            reflecting: None,
-            reflector_seen: None,
-            pending_pings: Vec::new(),
-            pending_netcheck: Vec::new(),
-            static_peers,
+            replies: HashMap::new(),
+            next_request: 0,
             buf: vec![0; RECV_BUF],
             io: IoCounters::default(),
             quic_dropped: 0,
             quic_foreign: 0,
             relay_connection: None,
-            relay_ids: HashMap::new(),
             relay_streams: Arc::new(Semaphore::new(RELAY_STREAMS)),
             relay_dropped: 0,
             tx_batch: Vec::new(),
@@ -240,41 +168,43 @@ impl Driver {
     /// Runs until `shutdown` completes or the TUN or socket fails for good.
     pub async fn run(&mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         tokio::pin!(shutdown);
-        // Peers configured with a keepalive may already have handshakes queued.
-        self.flush().await;
+        // Peers configured with a keepalive may already have handshakes
+        // queued, and a cached peer map its host changes.
+        self.flush(Instant::now()).await;
         loop {
-            let (deadline, reason) = self.node.poll_timeout();
-            let pending = self.pending_deadline();
+            let (deadline, reason) = self.agent.poll_timeout();
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
                 r = self.tun.readable() => r?,
                 r = self.udp.readable() => r?,
                 Some(ask) = self.inputs.asks.recv() => self.answer(ask),
-                Some(command) = self.inputs.commands.recv() => self.apply(command),
+                Some(connection) = relay_changed(&mut self.inputs.relay_connection) => {
+                    tracing::info!(available = connection.is_some(), max_datagram = ?connection.as_ref().and_then(|c| c.max_datagram_size()), "relay");
+                    let now = Instant::now();
+                    match &connection {
+                        // A new session: the agent checks the NAT from the
+                        // rendezvous's second port too.
+                        Some(c) => self.agent.handle_session_up(canonical(c.remote_address()), Some(c.rtt()), now),
+                        None => self.agent.handle_session_down(now),
+                    }
+                    self.relay_connection = connection;
+                }
+                Some(update) = recv_update(&mut self.inputs.updates) => {
+                    self.agent.handle_update(update, Instant::now());
+                }
                 Some(frame) = recv_frame(&mut self.inputs.relay_frames) => {
-                    self.relayed(frame);
+                    let now = Instant::now();
+                    self.agent.handle_relay_frame(&frame, now);
                     // The rest that is waiting, as one batch: one flush and
                     // coalesced TUN writes for all of them.
                     for _ in 1..UDP_BUDGET {
                         let Some(frame) = self.inputs.relay_frames.as_mut().and_then(|rx| rx.try_recv().ok()) else {
                             break;
                         };
-                        self.relayed(frame);
+                        self.agent.handle_relay_frame(&frame, now);
                     }
                 }
-                Some(connection) = relay_changed(&mut self.inputs.relay_connection) => {
-                    tracing::info!(available = connection.is_some(), max_datagram = ?connection.as_ref().and_then(|c| c.max_datagram_size()), "relay");
-                    let now = Instant::now();
-                    self.node.set_relay_available(connection.is_some(), now);
-                    if let Some(c) = &connection {
-                        // A new session: check the NAT from the rendezvous's second port too.
-                        self.rendezvous_addr = Some(canonical(c.remote_address()));
-                        self.send_reflect(now);
-                    }
-                    self.relay_connection = connection;
-                }
-                () = sleep_until_opt(pending) => self.expire_pending(Instant::now()),
                 () = tokio::time::sleep_until(deadline.into()) => {
                     tracing::trace!(?reason, "timeout");
                 }
@@ -285,10 +215,24 @@ impl Driver {
             self.read_udp()?;
             let now = Instant::now();
             if now >= deadline {
-                self.node.handle_timeout(now);
+                self.agent.handle_timeout(now);
             }
-            self.flush().await;
+            self.flush(now).await;
         }
+    }
+
+    /// Hands an API request to the agent; its answer goes back in [`Driver::flush`].
+    fn answer(&mut self, (request, reply): Ask) {
+        let id = RequestId(self.next_request);
+        self.next_request = self.next_request.wrapping_add(1);
+        self.replies.insert(id, reply);
+        let shell = ShellStats {
+            io: self.io,
+            quic_not_rendezvous: self.quic_foreign,
+            quic_queue_full: self.quic_dropped,
+            rendezvous_rtt: self.relay_connection.as_ref().map(quinn::Connection::rtt),
+        };
+        self.agent.handle_api(id, request, &shell, Instant::now());
     }
 
     /// Reads the TUN: with offloads one read may be a TCP or UDP
@@ -309,7 +253,7 @@ impl Driver {
                     let Some(read) = read.get_mut(..len) else {
                         continue;
                     };
-                    let node = &mut self.node;
+                    let node = self.agent.node_mut();
                     if !offload {
                         self.io.tun_read_packets += 1;
                         node.handle_tun_packet(read, now);
@@ -365,7 +309,8 @@ impl Driver {
     /// as one GSO send, anything else one by one.
     async fn send_transmits(&mut self) {
         let mut batch = std::mem::take(&mut self.tx_batch);
-        batch.extend(std::iter::from_fn(|| self.node.poll_transmit()));
+        let node = self.agent.node_mut();
+        batch.extend(std::iter::from_fn(|| node.poll_transmit()));
         let mut start = 0;
         while start < batch.len() {
             let run = &batch[start..];
@@ -414,8 +359,9 @@ impl Driver {
             }
             start += n;
         }
+        let node = self.agent.node_mut();
         for t in batch.drain(..) {
-            self.node.recycle(t.payload);
+            node.recycle(t.payload);
         }
         self.tx_batch = batch;
     }
@@ -439,7 +385,8 @@ impl Driver {
                 }
             }
         };
-        while let Some(packet) = self.node.poll_tun() {
+        let node = self.agent.node_mut();
+        while let Some(packet) = node.poll_tun() {
             io.tun_written_packets += 1;
             let (mut frame, start) = packet.into_framed();
             if offload {
@@ -447,7 +394,7 @@ impl Driver {
             } else if let Some(bytes) = frame.get(start..) {
                 write(bytes);
             }
-            self.node.recycle_vec(frame);
+            node.recycle_vec(frame);
         }
         gro.finish(&mut write);
     }
@@ -458,10 +405,7 @@ impl Driver {
             return;
         };
         match (classify(datagram), &self.inputs.quic) {
-            (DatagramKind::Reflect, _) => {
-                let answer = Reflect::parse(datagram);
-                self.reflected(from, answer);
-            }
+            (DatagramKind::Reflect, _) => self.agent.handle_reflect_datagram(from, datagram, now),
             (DatagramKind::Quic, Some(_)) if !self.inputs.quic_source.admits(from) => {
                 self.quic_foreign += 1
             }
@@ -474,69 +418,49 @@ impl Driver {
                     self.quic_dropped += 1;
                 }
             }
-            _ => self.node.handle_datagram(from, datagram, now),
+            _ => self.agent.node_mut().handle_datagram(from, datagram, now),
         }
     }
 
-    async fn flush(&mut self) {
+    /// Everything the agent queued: the engine's events (which the agent
+    /// acts on), transmits, relay frames, TUN writes, NAT checks, messages
+    /// for the rendezvous, host changes and API answers.
+    async fn flush(&mut self, now: Instant) {
+        self.agent.handle_engine_events(now);
+        // The agent logged them; nothing else here wants them.
+        while self.agent.poll_event().is_some() {}
         self.send_transmits().await;
-        while let Some(t) = self.node.poll_relay() {
-            self.send_relayed(t.peer, t.payload.as_slice());
-            self.node.recycle(t.payload);
+        while let Some(t) = self.agent.poll_relay() {
+            self.send_relayed(t.to, t.payload.as_slice());
+            self.agent.recycle(t.payload);
         }
         self.write_tun();
-        while let Some(event) = self.node.poll_event() {
-            // Every event concerns one peer: its log lines carry the peer's
-            // span (short key and name), so an operator can follow one peer.
-            let _span = self.peer_span(event.peer()).entered();
-            match event {
-                Event::HandshakeCompleted { peer } => {
-                    tracing::debug!(peer = %peer.short(), "handshake completed");
-                }
-                Event::EndpointChanged { peer, endpoint } => {
-                    tracing::info!(peer = %peer.short(), %endpoint, "peer endpoint changed");
-                }
-                Event::SessionExpired { peer } => {
-                    // Once per expiry (the node says so on the change only).
-                    tracing::info!(
-                        peer = %peer.short(),
-                        "no WireGuard session: handshakes went unanswered for 90 s or none succeeded for 9 minutes; \
-                         keys erased, the next packet for this peer starts a new handshake"
-                    );
-                }
-                Event::PathChanged { peer, path } => {
-                    let name = self.meta.get(&peer).map(|m| m.name.as_str()).unwrap_or("");
-                    tracing::info!(peer = %peer.short(), %name, ?path, "path changed");
-                }
-                Event::PunchWanted { peer } => {
-                    // Best effort: a full queue means requests are already pending.
-                    if let Some(punch) = &self.inputs.punch {
-                        let _ = punch.try_send(peer);
-                    }
-                }
-                Event::SeenAt { peer, seen_at } => self.seen(Observer::Peer(peer), seen_at),
-                Event::PingReply { peer, path, rtt } => self.ping_replied(peer, path, rtt),
+        while let Some(check) = self.agent.poll_nat_check() {
+            if let Err(e) = self.udp.try_send_to(&check.payload, check.dst) {
+                tracing::debug!(target = %check.dst, error = %e, "NAT check not sent");
+            }
+        }
+        while let Some(message) = self.agent.poll_rendezvous_message() {
+            // Best effort: a full queue means requests are already pending.
+            if let Some(outbox) = &self.inputs.outbox {
+                let _ = outbox.try_send(message);
+            }
+        }
+        while let Some(change) = self.agent.poll_host_change() {
+            let _ = self.inputs.host.send(change);
+        }
+        while let Some((id, response)) = self.agent.poll_api_answer() {
+            // The client may have gone; nothing to do then.
+            if let Some(reply) = self.replies.remove(&id) {
+                let _ = reply.send(response);
             }
         }
     }
 
-    /// A frame the rendezvous relayed to us: header naming the source peer.
-    fn relayed(&mut self, frame: Bytes) {
-        let Ok((header, payload)) = relay::parse(&frame) else {
-            self.relay_dropped += 1;
-            return;
-        };
-        match self.relay_ids.get(&header.node) {
-            Some(&peer) => self.node.handle_relayed(peer, payload, Instant::now()),
-            None => self.relay_dropped += 1,
-        }
-    }
-
-    /// One WireGuard packet to `peer` through the relay: a datagram when it
-    /// fits, else its own stream, so no packet is dropped for its size.
-    fn send_relayed(&mut self, peer: PublicKey, packet: &[u8]) {
-        let (Some(connection), Some(node)) = (&self.relay_connection, self.relay_id_of(&peer))
-        else {
+    /// One WireGuard packet to relay node `node`: a datagram when it fits,
+    /// else its own stream, so no packet is dropped for its size.
+    fn send_relayed(&mut self, node: NodeId, packet: &[u8]) {
+        let Some(connection) = &self.relay_connection else {
             self.relay_dropped += 1;
             return;
         };
@@ -559,110 +483,6 @@ impl Driver {
         }
         if !crate::relay::stream::send_on_stream(connection, &self.relay_streams, frame) {
             self.relay_dropped += 1;
-        }
-    }
-
-    /// Records where `observer` sees us, and reports a change of our NAT
-    /// mapping behaviour to the rendezvous session.
-    fn seen(&mut self, observer: Observer, seen_at: SocketAddr) {
-        let now = Instant::now();
-        self.observer.observe(observer, seen_at, now);
-        let mapping = self.nat_mapping(now);
-        if let Some(nat) = &self.inputs.nat {
-            nat.send_if_modified(|reported| {
-                let changed = *reported != mapping;
-                if changed {
-                    tracing::info!(nat = mapping.describe(), "NAT mapping behaviour");
-                    *reported = mapping;
-                }
-                changed
-            });
-        }
-    }
-
-    fn peer_span(&self, peer: &PublicKey) -> tracing::Span {
-        let name = self.meta.get(peer).map_or("", |m| m.name.as_str());
-        tracing::info_span!("peer", key = %peer.short(), %name)
-    }
-
-    fn nat_mapping(&self, now: Instant) -> NatMapping {
-        self.observer.mapping(&self.info.underlay_ips, now)
-    }
-
-    fn relay_id_of(&self, peer: &PublicKey) -> Option<NodeId> {
-        let ips = &self.meta.get(peer)?.overlay_ips;
-        ips.iter().find_map(|ip| match ip {
-            IpAddr::V4(v4) => NodeId::of_overlay(*v4),
-            IpAddr::V6(_) => None,
-        })
-    }
-
-    fn apply(&mut self, command: DriverCommand) {
-        let now = Instant::now();
-        match command {
-            DriverCommand::ReplacePeers(peers) => {
-                let keep: HashSet<PublicKey> = peers.iter().map(|p| p.spec.public_key).collect();
-                let gone: Vec<PublicKey> = self
-                    .node
-                    .peers()
-                    .map(|p| p.public_key)
-                    .filter(|k| !keep.contains(k) && !self.static_peers.contains(k))
-                    .collect();
-                for key in gone {
-                    self.remove_peer(key);
-                }
-                for peer in peers {
-                    self.upsert_peer(peer, now);
-                }
-            }
-            DriverCommand::UpsertPeer(peer) => self.upsert_peer(peer, now),
-            DriverCommand::RemovePeer(key) => self.remove_peer(key),
-            DriverCommand::Punch(key) => {
-                if !self.node.punch(&key, now) {
-                    tracing::debug!(peer = %key.short(), "punch request ignored: probed it moments ago");
-                }
-            }
-            DriverCommand::SetInfo(info) => self.info = info,
-            DriverCommand::SeenByRendezvous(addr) => self.seen(Observer::Rendezvous, addr),
-        }
-    }
-
-    fn upsert_peer(&mut self, peer: MeshPeer, now: Instant) {
-        let key = peer.spec.public_key;
-        let added = self.node.peer_status(&key).is_none();
-        match self.node.upsert_peer(peer.spec, now) {
-            Ok(_) => {
-                if added {
-                    tracing::info!(peer = %key.short(), name = %peer.name, "peer joined");
-                }
-                let port = peer
-                    .candidates
-                    .iter()
-                    .find(|(_, s)| *s == Source::Local)
-                    .map(|(a, _)| a.port());
-                self.node.set_candidates(&key, peer.candidates, now);
-                let meta = PeerMeta {
-                    name: peer.name,
-                    overlay_ips: peer.overlay_ips,
-                    nat: peer.nat,
-                    port,
-                };
-                self.meta.insert(key, meta);
-                if let Some(id) = self.relay_id_of(&key) {
-                    self.relay_ids.insert(id, key);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(peer = %key.short(), error = %e, "cannot add peer from the peer map")
-            }
-        }
-    }
-
-    fn remove_peer(&mut self, key: PublicKey) {
-        if self.node.remove_peer(&key) {
-            self.relay_ids.retain(|_, k| *k != key);
-            let name = self.meta.remove(&key).map(|m| m.name).unwrap_or_default();
-            tracing::info!(peer = %key.short(), %name, "peer left");
         }
     }
 }
@@ -692,9 +512,9 @@ async fn send_segments(
     }
 }
 
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
+async fn recv_update(updates: &mut Option<mpsc::Receiver<Update>>) -> Option<Update> {
+    match updates {
+        Some(updates) => updates.recv().await,
         None => std::future::pending().await,
     }
 }

@@ -1,0 +1,188 @@
+//! What the local API shows of the node and its peers, assembled in one
+//! place: `meshctl peers`, `meshctl status`, `meshctl netcheck`, and the
+//! peer a `meshctl ping` names.
+//!
+//! Pure: reads the agent's state and the engine's, returns API types.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use super::{Agent, ShellStats};
+use crate::control::diagnose::{self, Side};
+use crate::control::{millis, NetcheckInfo, PeerInfo, RendezvousInfo, StatusInfo};
+use crate::engine::nat::Observer;
+use crate::engine::paths::PathStatus;
+use crate::identity::PublicKey;
+use crate::wire::control::NatMapping;
+use crate::wire::reflect;
+
+/// What the API shows of a mesh peer besides the engine's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerMeta {
+    pub name: String,
+    pub overlay_ips: Vec<IpAddr>,
+    pub nat: NatMapping,
+    /// The port of its local candidates: where its meshd listens.
+    pub port: Option<u16>,
+}
+
+impl Agent {
+    /// Every peer as the API shows it, sorted by name; relayed mesh peers
+    /// say why.
+    pub fn peer_infos(&self, now: Instant) -> Vec<PeerInfo> {
+        let this = Side {
+            name: "this node",
+            nat: self.nat_mapping(now),
+            port: self.listen_port,
+        };
+        let mut peers: Vec<PeerInfo> = self
+            .node
+            .peers()
+            .map(|p| {
+                let mut info = PeerInfo::from(&p);
+                if let Some(meta) = self.meta.get(&p.public_key) {
+                    info.name = Some(meta.name.clone());
+                    info.overlay_ips = meta.overlay_ips.iter().map(ToString::to_string).collect();
+                    info.nat = meta.nat;
+                    if p.path == PathStatus::Relay {
+                        let peer = Side {
+                            name: &meta.name,
+                            nat: meta.nat,
+                            port: meta.port.unwrap_or(crate::config::DEFAULT_LISTEN_PORT),
+                        };
+                        info.relay_reason = Some(diagnose::relay_reason(this, peer, &p.candidates));
+                    }
+                }
+                info
+            })
+            .collect();
+        peers.sort_by(|a, b| (&a.name, &a.public_key).cmp(&(&b.name, &b.public_key)));
+        peers
+    }
+
+    /// This node as `meshctl status` shows it.
+    pub fn status_info(&self, shell: &ShellStats, now: Instant) -> StatusInfo {
+        let stats = self.node.stats();
+        let peers = self.peer_infos(now);
+        let count = |f: fn(&PeerInfo) -> bool| peers.iter().filter(|p| f(p)).count();
+        let addresses: Vec<String> = self.addresses.iter().map(ToString::to_string).collect();
+        StatusInfo {
+            peers_direct: count(|p| p.path == "direct"),
+            peers_relayed: count(|p| p.path == "relay"),
+            peers_offline: count(|p| !p.online),
+            nat: self.nat_mapping(now),
+            seen_at: self
+                .observer
+                .seen_at(now)
+                .into_iter()
+                .map(|(by, addr)| match by {
+                    Observer::Rendezvous => format!("{addr} (rendezvous)"),
+                    Observer::Reflector => format!("{addr} (rendezvous NAT check)"),
+                    Observer::Peer(key) => {
+                        let name = self
+                            .meta
+                            .get(&key)
+                            .map_or_else(|| key.short(), |m| m.name.clone());
+                        format!("{addr} ({name})")
+                    }
+                })
+                .collect(),
+            rendezvous: self.has_rendezvous.then(|| RendezvousInfo {
+                connected: self.session.is_some(),
+                rtt_ms: self.session.and_then(|s| s.rtt).map(millis),
+            }),
+            name: self.name.clone(),
+            overlay_ips: self
+                .addresses
+                .iter()
+                .map(|a| a.addr().to_string())
+                .collect(),
+            public_key: self.node.public_key().to_string(),
+            interface: self.interface.clone(),
+            mtu: self.mtu,
+            listen_port: self.listen_port,
+            addresses,
+            peers: peers.len(),
+            drops: stats
+                .drops()
+                .map(|(r, n)| (r.as_str(), n))
+                .chain([
+                    ("quic_not_rendezvous", shell.quic_not_rendezvous),
+                    ("quic_queue_full", shell.quic_queue_full),
+                ])
+                .filter(|(_, n)| *n > 0)
+                .map(|(r, n)| (r.to_owned(), n))
+                .collect(),
+            cookie_replies_sent: stats.cookie_replies_sent,
+            io: shell.io,
+        }
+    }
+
+    /// `meshctl netcheck`'s answer from what is known now.
+    pub(super) fn netcheck_info(&self, now: Instant) -> NetcheckInfo {
+        let quic_seen = self
+            .observer
+            .seen_at(now)
+            .into_iter()
+            .find_map(|(by, addr)| matches!(by, Observer::Rendezvous).then_some(addr));
+        let reflector_seen = self.reflector_seen.map(|(addr, _)| addr);
+        let (mapping, punching, explanation) =
+            diagnose::netcheck_verdict(quic_seen, reflector_seen, &self.underlay_ips);
+        NetcheckInfo {
+            rendezvous: self.rendezvous_addr.map(|a| a.to_string()),
+            quic_connected: self.session.is_some(),
+            quic_rtt_ms: self.session.and_then(|s| s.rtt).map(millis),
+            quic_seen_at: quic_seen.map(|a| a.to_string()),
+            reflector: self.rendezvous_addr.map(|a| {
+                SocketAddr::new(a.ip(), a.port().wrapping_add(reflect::PORT_OFFSET)).to_string()
+            }),
+            reflector_seen_at: reflector_seen.map(|a| a.to_string()),
+            reflector_rtt_ms: self.reflector_seen.map(|(_, rtt)| millis(rtt)),
+            mapping,
+            mapping_from_peers: self.nat_mapping(now),
+            hole_punching: punching.to_owned(),
+            explanation,
+        }
+    }
+
+    /// The peer a user means: its name, an overlay address, or the start
+    /// of its key (at least four characters).
+    pub(super) fn resolve(&self, query: &str) -> Result<PublicKey, String> {
+        let query = query.trim();
+        let ip: Option<IpAddr> = query.parse().ok();
+        let matches: Vec<PublicKey> = self
+            .node
+            .peers()
+            .map(|p| p.public_key)
+            .filter(|key| {
+                let meta = self.meta.get(key);
+                meta.is_some_and(|m| {
+                    m.name == query || ip.is_some_and(|ip| m.overlay_ips.contains(&ip))
+                }) || (query.len() >= 4 && key.to_string().starts_with(query))
+            })
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(format!(
+                "no peer matches '{query}': give a name, an overlay address or the start of a key (see meshctl peers)"
+            )),
+            many => Err(format!(
+                "'{query}' matches {} peers ({}); be more specific",
+                many.len(),
+                many.iter().map(|k| self.display_name(k)).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+
+    /// A peer's name, or its short key for a static peer.
+    pub(super) fn display_name(&self, key: &PublicKey) -> String {
+        self.meta
+            .get(key)
+            .map_or_else(|| key.short(), |m| m.name.clone())
+    }
+
+    /// What the API shows of a mesh peer besides the engine's state.
+    pub fn peer_meta(&self, key: &PublicKey) -> Option<&PeerMeta> {
+        self.meta.get(key)
+    }
+}

@@ -1,0 +1,781 @@
+//! The agent alone: this input ⇒ these outputs, in simulated time (an
+//! `Instant` origin moved by hand; no sleeps).
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use super::*;
+use crate::control::{NetcheckInfo, PeerInfo, StatusInfo};
+use crate::identity::PrivateKey;
+use crate::wire::relay::{encode_header, RelayKind, HEADER_LEN};
+
+const RENDEZVOUS: &str = "198.51.100.1:443";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn key(n: u8) -> PrivateKey {
+    PrivateKey::from_bytes([n; 32])
+}
+
+fn public(n: u8) -> PublicKey {
+    key(n).public_key()
+}
+
+/// Node `n`'s socket: 192.0.2.n:51820, public.
+fn underlay(n: u8) -> SocketAddr {
+    SocketAddr::new(IpAddr::from([192, 0, 2, n]), 51820)
+}
+
+fn mesh() -> MeshInfo {
+    MeshInfo {
+        id: "m".into(),
+        ipv4: "100.72.0.0/16".parse().unwrap(),
+        ipv6: "fd00:1::/48".parse().unwrap(),
+    }
+}
+
+/// Node `n` as the rendezvous lists it: 100.72.0.n, reachable at its socket.
+fn entry(n: u8) -> NodeEntry {
+    NodeEntry {
+        public_key: public(n),
+        name: format!("node-{n}"),
+        ipv4: Ipv4Addr::new(100, 72, 0, n),
+        ipv6: Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, u16::from(n)),
+        candidates: vec![Candidate {
+            addr: underlay(n),
+            kind: CandidateKind::Local,
+        }],
+        nat: NatMapping::Unknown,
+    }
+}
+
+fn welcome(n: u8, peers: &[u8]) -> Update {
+    Update::Welcome {
+        node: entry(n),
+        mesh: mesh(),
+        observed: addr("203.0.113.7:40000"),
+        peers: peers.iter().map(|p| entry(*p)).collect(),
+    }
+}
+
+fn config(n: u8, static_peers: Vec<PeerSpec>) -> AgentConfig {
+    AgentConfig {
+        node: NodeConfig {
+            private_key: key(n),
+            addresses: Vec::new(),
+            mtu: 1380,
+        },
+        static_peers,
+        name: Some(format!("host-{n}")),
+        interface: "mesh0".into(),
+        listen_port: 51820,
+        underlay_ips: vec![underlay(n).ip()],
+        rendezvous: true,
+    }
+}
+
+fn agent(n: u8, now: Instant) -> Agent {
+    Agent::new(
+        config(n, Vec::new()),
+        [n; 32],
+        now,
+        Duration::from_secs(1_764_864_000),
+    )
+    .unwrap()
+}
+
+fn static_peer(n: u8) -> PeerSpec {
+    PeerSpec {
+        public_key: public(n),
+        endpoint: Some(underlay(n)),
+        allowed_ips: vec!["10.99.0.0/24".parse().unwrap()],
+        persistent_keepalive: None,
+    }
+}
+
+fn peer_keys(agent: &Agent) -> Vec<PublicKey> {
+    let mut keys: Vec<PublicKey> = agent.node().peers().map(|p| p.public_key).collect();
+    keys.sort();
+    keys
+}
+
+fn sorted(mut keys: Vec<PublicKey>) -> Vec<PublicKey> {
+    keys.sort();
+    keys
+}
+
+fn host_changes(agent: &mut Agent) -> Vec<HostChange> {
+    std::iter::from_fn(|| agent.poll_host_change()).collect()
+}
+
+fn messages(agent: &mut Agent) -> Vec<NodeMessage> {
+    std::iter::from_fn(|| agent.poll_rendezvous_message()).collect()
+}
+
+fn answers(agent: &mut Agent) -> Vec<(RequestId, Response)> {
+    std::iter::from_fn(|| agent.poll_api_answer()).collect()
+}
+
+fn nat_checks(agent: &mut Agent) -> Vec<NatCheck> {
+    std::iter::from_fn(|| agent.poll_nat_check()).collect()
+}
+
+fn drop_transmits(agent: &mut Agent) -> usize {
+    let mut n = 0;
+    while let Some(t) = agent.node_mut().poll_transmit() {
+        agent.node_mut().recycle(t.payload);
+        n += 1;
+    }
+    n
+}
+
+fn ask(agent: &mut Agent, id: u64, request: Request, now: Instant) -> Vec<(RequestId, Response)> {
+    agent.handle_api(RequestId(id), request, &ShellStats::default(), now);
+    answers(agent)
+}
+
+fn status(agent: &mut Agent, now: Instant) -> StatusInfo {
+    match ask(agent, 99, Request::Status, now).as_slice() {
+        [(_, Response::Status(status))] => (**status).clone(),
+        other => panic!("expected a status, got {other:?}"),
+    }
+}
+
+fn peers(agent: &mut Agent, now: Instant) -> Vec<PeerInfo> {
+    match ask(agent, 98, Request::Peers, now).as_slice() {
+        [(_, Response::Peers { peers })] => peers.clone(),
+        other => panic!("expected peers, got {other:?}"),
+    }
+}
+
+fn netcheck(answers: &[(RequestId, Response)]) -> NetcheckInfo {
+    match answers {
+        [(_, Response::Netcheck(info))] => (**info).clone(),
+        other => panic!("expected one netcheck answer, got {other:?}"),
+    }
+}
+
+/// A small IPv4/UDP packet from `src` to `dst`, as an application writes
+/// it to mesh0.
+fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let payload = b"hello";
+    let total = 20 + 8 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let sum = p[..20]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    p[10..12].copy_from_slice(&(!(folded as u16)).to_be_bytes());
+    p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&9u16.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    p
+}
+
+/// The NAT check answer the rendezvous's second port gives to `check`.
+fn reflect_answer(check: &NatCheck, observed: SocketAddr) -> [u8; REFLECT_LEN] {
+    let Ok(Reflect::Request { tx }) = Reflect::parse(&check.payload) else {
+        panic!("not a NAT check request");
+    };
+    Reflect::Response { tx, observed }.encode()
+}
+
+/// Runs every timeout of `agent` up to `until`, calling `each` after each.
+fn advance(agent: &mut Agent, until: Instant, each: &mut impl FnMut(&mut Agent)) {
+    loop {
+        let (next, _) = agent.poll_timeout();
+        if next > until {
+            return;
+        }
+        agent.handle_timeout(next);
+        each(agent);
+    }
+}
+
+/// Two agents whose sockets reach each other directly: what one sends to
+/// the other's underlay address is handed over at once.
+struct Pair {
+    a: Agent,
+    b: Agent,
+}
+
+impl Pair {
+    fn new(now: Instant) -> Self {
+        let mut a = agent(1, now);
+        let mut b = agent(2, now);
+        a.handle_update(welcome(1, &[2]), now);
+        b.handle_update(welcome(2, &[1]), now);
+        Self { a, b }
+    }
+
+    /// Hands every transmit over until neither has anything left to send.
+    fn pump(&mut self, now: Instant) {
+        loop {
+            let mut moved = false;
+            for (from, to, src) in [(0, 1, underlay(1)), (1, 0, underlay(2))] {
+                let (sender, receiver) = if from == 0 {
+                    (&mut self.a, &mut self.b)
+                } else {
+                    (&mut self.b, &mut self.a)
+                };
+                let _ = to;
+                while let Some(t) = sender.node_mut().poll_transmit() {
+                    receiver
+                        .node_mut()
+                        .handle_datagram(src, t.payload.as_slice(), now);
+                    sender.node_mut().recycle(t.payload);
+                    moved = true;
+                }
+                sender.handle_engine_events(now);
+                receiver.handle_engine_events(now);
+                while let Some(packet) = receiver.node_mut().poll_tun() {
+                    receiver.node_mut().recycle(packet);
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+}
+
+// --- the peer map -------------------------------------------------------------
+
+#[test]
+fn a_welcome_installs_the_peers_and_emits_the_addresses_change() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_update(welcome(1, &[2, 3]), now);
+
+    assert_eq!(peer_keys(&a), sorted(vec![public(2), public(3)]));
+    let changes = host_changes(&mut a);
+    let addresses: Vec<IpNet> = vec![
+        "100.72.0.1/16".parse().unwrap(),
+        "fd00:1::1/48".parse().unwrap(),
+    ];
+    assert_eq!(changes[0], HostChange::Registered);
+    assert_eq!(changes[1], HostChange::Addresses(addresses.clone()));
+    assert!(
+        matches!(&changes[2], HostChange::SaveCache(c) if c.peers.len() == 2),
+        "{changes:?}"
+    );
+    assert_eq!(changes.len(), 3);
+    assert_eq!(a.addresses(), addresses.as_slice());
+    assert_eq!(
+        a.peer_meta(&public(2)).map(|m| m.name.as_str()),
+        Some("node-2")
+    );
+    assert_eq!(
+        a.relay_id_of(&public(3)),
+        NodeId::of_overlay(Ipv4Addr::new(100, 72, 0, 3))
+    );
+}
+
+#[test]
+fn the_same_addresses_again_change_nothing_on_the_host_but_the_cache() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_update(welcome(1, &[2]), now);
+    host_changes(&mut a);
+
+    a.handle_update(welcome(1, &[2, 3]), now);
+
+    let changes = host_changes(&mut a);
+    assert!(
+        !changes
+            .iter()
+            .any(|c| matches!(c, HostChange::Addresses(_))),
+        "{changes:?}"
+    );
+}
+
+#[test]
+fn the_cached_peer_map_installs_peers_without_claiming_registration() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_cached(
+        NodeCache {
+            mesh: mesh(),
+            node: entry(1),
+            peers: vec![entry(2)],
+        },
+        now,
+    );
+    assert_eq!(peer_keys(&a), vec![public(2)]);
+    let changes = host_changes(&mut a);
+    assert!(!changes.contains(&HostChange::Registered), "{changes:?}");
+    assert!(matches!(changes[0], HostChange::Addresses(_)));
+}
+
+#[test]
+fn a_full_peer_map_removes_mesh_peers_not_in_it_but_keeps_static_peers() {
+    let now = Instant::now();
+    let mut a = Agent::new(
+        config(1, vec![static_peer(9)]),
+        [1; 32],
+        now,
+        Duration::ZERO,
+    )
+    .unwrap();
+    a.handle_update(welcome(1, &[2, 3]), now);
+    assert_eq!(peer_keys(&a), sorted(vec![public(2), public(3), public(9)]));
+
+    a.handle_update(welcome(1, &[3]), now);
+
+    assert_eq!(peer_keys(&a), sorted(vec![public(3), public(9)]));
+    assert_eq!(a.relay_id_of(&public(2)), None, "its relay id went with it");
+}
+
+#[test]
+fn an_upsert_adds_or_updates_a_peer_and_a_remove_takes_it_away() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_update(welcome(1, &[2]), now);
+    host_changes(&mut a);
+
+    let mut renamed = entry(3);
+    a.handle_update(Update::Upsert(renamed.clone()), now);
+    renamed.name = "node-3-renamed".into();
+    a.handle_update(Update::Upsert(renamed), now);
+
+    assert_eq!(peer_keys(&a), sorted(vec![public(2), public(3)]));
+    assert_eq!(
+        a.peer_meta(&public(3)).map(|m| m.name.as_str()),
+        Some("node-3-renamed")
+    );
+    let cached = host_changes(&mut a);
+    assert!(
+        matches!(cached.last(), Some(HostChange::SaveCache(c)) if c.peers.len() == 2),
+        "the cache has the peer once: {cached:?}"
+    );
+
+    a.handle_update(Update::Remove(public(2)), now);
+    assert_eq!(peer_keys(&a), vec![public(3)]);
+    assert!(
+        matches!(host_changes(&mut a).last(), Some(HostChange::SaveCache(c)) if c.peers.len() == 1)
+    );
+}
+
+#[test]
+fn an_upsert_of_this_node_itself_is_ignored() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_update(welcome(1, &[2]), now);
+    host_changes(&mut a);
+
+    a.handle_update(Update::Upsert(entry(1)), now);
+
+    assert_eq!(peer_keys(&a), vec![public(2)]);
+    assert_eq!(host_changes(&mut a), vec![]);
+}
+
+// --- the relay ----------------------------------------------------------------
+
+#[test]
+fn a_relay_frame_from_an_unknown_id_is_dropped_and_counted() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_update(welcome(1, &[2]), now);
+    let mut frame = [0u8; HEADER_LEN + 4];
+    let mut header = [0u8; HEADER_LEN];
+    let stranger = NodeId::of_overlay(Ipv4Addr::new(100, 72, 0, 77)).unwrap();
+    encode_header(RelayKind::Packet, stranger, &mut header);
+    frame[..HEADER_LEN].copy_from_slice(&header);
+
+    a.handle_relay_frame(&frame, now);
+    a.handle_relay_frame(b"\xff", now);
+
+    assert_eq!(a.relay_dropped(), 2, "one unknown id, one malformed frame");
+    assert_eq!(
+        a.node().stats().dropped_total(),
+        0,
+        "the engine never saw them"
+    );
+}
+
+#[test]
+fn packets_for_a_relayed_peer_leave_addressed_by_its_relay_id() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_session_up(addr(RENDEZVOUS), None, now);
+    a.handle_update(welcome(1, &[2]), now);
+    // Nothing direct is proven, so traffic (here, a `meshctl ping`'s
+    // probe) takes the relay.
+    let asked = ask(
+        &mut a,
+        1,
+        Request::Ping {
+            peer: "node-2".into(),
+        },
+        now,
+    );
+    assert_eq!(asked, vec![], "the ping waits for its pong");
+
+    let mut relayed = Vec::new();
+    while let Some(t) = a.poll_relay() {
+        relayed.push(t.to);
+        a.recycle(t.payload);
+    }
+
+    let id = NodeId::of_overlay(Ipv4Addr::new(100, 72, 0, 2)).unwrap();
+    assert!(
+        !relayed.is_empty() && relayed.iter().all(|to| *to == id),
+        "{relayed:?}"
+    );
+}
+
+// --- punching -----------------------------------------------------------------
+
+#[test]
+fn a_punch_request_probes_the_peer() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_update(welcome(1, &[2]), now);
+    drop_transmits(&mut a);
+
+    a.handle_update(Update::Punch(public(2)), now + Duration::from_secs(10));
+
+    assert!(drop_transmits(&mut a) > 0, "probes towards node-2");
+}
+
+#[test]
+fn a_peer_without_a_live_direct_path_makes_a_punch_message_while_the_session_is_up() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_session_up(addr(RENDEZVOUS), None, now);
+    assert_eq!(messages(&mut a), vec![], "the NAT mapping is not known yet");
+
+    a.handle_update(Update::Upsert(entry(2)), now);
+
+    assert_eq!(
+        messages(&mut a),
+        vec![NodeMessage::Punch { peer: public(2) }]
+    );
+}
+
+#[test]
+fn without_a_session_no_punch_message_is_queued() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_update(Update::Upsert(entry(2)), now);
+    assert_eq!(messages(&mut a), vec![]);
+}
+
+// --- the NAT mapping --------------------------------------------------------------
+
+#[test]
+fn a_change_of_the_nat_mapping_makes_one_nat_message_not_one_per_observation() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_session_up(addr(RENDEZVOUS), None, now);
+    let first_check = nat_checks(&mut a);
+    // The rendezvous sees us at 203.0.113.7:40000: one observation, unknown.
+    a.handle_update(welcome(1, &[]), now);
+    assert_eq!(messages(&mut a), vec![]);
+
+    // Its NAT-check port sees the same address: endpoint-independent.
+    let answer = reflect_answer(&first_check[0], addr("203.0.113.7:40000"));
+    a.handle_reflect_datagram(first_check[0].dst, &answer, now);
+    assert_eq!(
+        messages(&mut a),
+        vec![NodeMessage::Nat {
+            mapping: NatMapping::EndpointIndependent
+        }]
+    );
+
+    // The same answer to a second check: no change, no message.
+    a.handle_api(RequestId(1), Request::Netcheck, &ShellStats::default(), now);
+    let second = nat_checks(&mut a);
+    let answer = reflect_answer(&second[0], addr("203.0.113.7:40000"));
+    a.handle_reflect_datagram(second[0].dst, &answer, now);
+    assert_eq!(messages(&mut a), vec![]);
+    assert_eq!(a.nat_reported(), NatMapping::EndpointIndependent);
+}
+
+#[test]
+fn the_next_session_hears_the_known_nat_mapping_at_once() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_session_up(addr(RENDEZVOUS), None, now);
+    let check = nat_checks(&mut a);
+    a.handle_update(welcome(1, &[]), now);
+    let answer = reflect_answer(&check[0], addr("203.0.113.7:40000"));
+    a.handle_reflect_datagram(check[0].dst, &answer, now);
+    a.handle_session_down(now);
+    messages(&mut a);
+
+    a.handle_session_up(addr(RENDEZVOUS), None, now);
+
+    assert_eq!(
+        messages(&mut a),
+        vec![NodeMessage::Nat {
+            mapping: NatMapping::EndpointIndependent
+        }]
+    );
+}
+
+#[test]
+fn a_nat_check_answer_from_elsewhere_or_with_another_id_is_ignored() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_session_up(addr(RENDEZVOUS), None, now);
+    let check = nat_checks(&mut a);
+    let answer = reflect_answer(&check[0], addr("203.0.113.7:40000"));
+
+    a.handle_reflect_datagram(addr("198.51.100.66:444"), &answer, now);
+    let other = Reflect::Response {
+        tx: [7; 12],
+        observed: addr("203.0.113.7:40000"),
+    }
+    .encode();
+    a.handle_reflect_datagram(check[0].dst, &other, now);
+    a.handle_reflect_datagram(check[0].dst, b"garbage", now);
+
+    assert!(status(&mut a, now).seen_at.is_empty());
+}
+
+// --- meshctl ping -------------------------------------------------------------------
+
+#[test]
+fn a_ping_is_answered_by_the_pong_with_its_path() {
+    let now = Instant::now();
+    let mut pair = Pair::new(now);
+    pair.pump(now);
+    answers(&mut pair.a);
+
+    pair.a.handle_api(
+        RequestId(5),
+        Request::Ping {
+            peer: "node-2".into(),
+        },
+        &ShellStats::default(),
+        now,
+    );
+    assert_eq!(answers(&mut pair.a), vec![], "it waits for the pong");
+    pair.pump(now);
+
+    match answers(&mut pair.a).as_slice() {
+        [(RequestId(5), Response::Pong(info))] => {
+            assert_eq!(info.peer, "node-2");
+            assert_eq!(info.overlay_ip.as_deref(), Some("100.72.0.2"));
+            assert_eq!(info.path.as_deref(), Some("direct"));
+            assert_eq!(info.endpoint, Some(underlay(2).to_string()));
+        }
+        other => panic!("expected the pong, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_ping_without_a_pong_times_out_with_no_path() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_update(welcome(1, &[2]), now);
+    a.handle_api(
+        RequestId(5),
+        Request::Ping {
+            peer: "100.72.0.2".into(),
+        },
+        &ShellStats::default(),
+        now,
+    );
+    drop_transmits(&mut a);
+    let mut early = Vec::new();
+    let just_before = now + PING_TIMEOUT - Duration::from_millis(1);
+    advance(&mut a, just_before, &mut |a| {
+        early.extend(answers(a));
+        drop_transmits(a);
+    });
+    assert_eq!(early, vec![], "no answer before the ping's deadline");
+    assert_eq!(a.poll_timeout().0, now + PING_TIMEOUT, "wakes for the ping");
+
+    advance(&mut a, now + PING_TIMEOUT, &mut |_| {});
+
+    match answers(&mut a).as_slice() {
+        [(RequestId(5), Response::Pong(info))] => {
+            assert_eq!(info.peer, "node-2");
+            assert_eq!(info.path, None);
+            assert_eq!(info.rtt_ms, None);
+        }
+        other => panic!("expected an empty pong, got {other:?}"),
+    }
+    assert_ne!(a.poll_timeout().1, TimeoutReason::Ping);
+}
+
+#[test]
+fn a_ping_for_no_known_peer_is_an_error_at_once() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_update(welcome(1, &[2]), now);
+    let got = ask(
+        &mut a,
+        5,
+        Request::Ping {
+            peer: "nobody".into(),
+        },
+        now,
+    );
+    assert!(
+        matches!(got.as_slice(), [(RequestId(5), Response::Error { message })] if message.contains("no peer matches 'nobody'")),
+        "{got:?}"
+    );
+}
+
+// --- meshctl netcheck -------------------------------------------------------------------
+
+#[test]
+fn a_netcheck_is_answered_when_the_nat_check_port_answers() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_session_up(addr(RENDEZVOUS), None, now);
+    a.handle_update(welcome(1, &[]), now);
+    nat_checks(&mut a);
+
+    a.handle_api(RequestId(3), Request::Netcheck, &ShellStats::default(), now);
+    let checks = nat_checks(&mut a);
+    assert_eq!(checks.len(), 1);
+    assert_eq!(checks[0].dst, addr("198.51.100.1:444"));
+    assert_eq!(answers(&mut a), vec![]);
+
+    let later = now + Duration::from_millis(30);
+    let answer = reflect_answer(&checks[0], addr("203.0.113.7:40000"));
+    a.handle_reflect_datagram(checks[0].dst, &answer, later);
+
+    let info = netcheck(&answers(&mut a));
+    assert_eq!(info.rendezvous.as_deref(), Some(RENDEZVOUS));
+    assert!(info.quic_connected);
+    assert_eq!(info.quic_seen_at.as_deref(), Some("203.0.113.7:40000"));
+    assert_eq!(info.reflector_seen_at.as_deref(), Some("203.0.113.7:40000"));
+    assert_eq!(info.reflector_rtt_ms, Some(30.0));
+    assert_eq!(info.mapping, NatMapping::EndpointIndependent);
+}
+
+#[test]
+fn an_unanswered_nat_check_is_sent_once_more_and_the_netcheck_times_out() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_session_up(addr(RENDEZVOUS), None, now);
+    nat_checks(&mut a);
+    a.handle_api(RequestId(3), Request::Netcheck, &ShellStats::default(), now);
+    let first = nat_checks(&mut a);
+
+    let ms = Duration::from_millis(1);
+    advance(&mut a, now + REFLECT_RETRY - ms, &mut |_| {});
+    assert_eq!(nat_checks(&mut a), vec![]);
+    advance(&mut a, now + REFLECT_RETRY, &mut |_| {});
+    assert_eq!(nat_checks(&mut a), first, "the same check once more");
+    advance(&mut a, now + NETCHECK_TIMEOUT - ms, &mut |_| {});
+    assert_eq!(answers(&mut a), vec![]);
+    assert_eq!(
+        a.poll_timeout().0,
+        now + NETCHECK_TIMEOUT,
+        "wakes for the netcheck"
+    );
+
+    advance(&mut a, now + NETCHECK_TIMEOUT, &mut |_| {});
+    assert_eq!(nat_checks(&mut a), vec![], "not a third time");
+
+    let info = netcheck(&answers(&mut a));
+    assert_eq!(info.reflector.as_deref(), Some("198.51.100.1:444"));
+    assert_eq!(info.reflector_seen_at, None);
+    assert_eq!(info.mapping, NatMapping::Unknown);
+}
+
+#[test]
+fn a_netcheck_before_any_session_is_answered_at_once() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    let info = netcheck(&ask(&mut a, 3, Request::Netcheck, now));
+    assert_eq!(info.rendezvous, None);
+    assert!(!info.quic_connected);
+}
+
+#[test]
+fn a_netcheck_without_a_rendezvous_is_an_error() {
+    let now = Instant::now();
+    let mut config = config(1, Vec::new());
+    config.rendezvous = false;
+    let mut a = Agent::new(config, [1; 32], now, Duration::ZERO).unwrap();
+    let got = ask(&mut a, 3, Request::Netcheck, now);
+    assert!(
+        matches!(got.as_slice(), [(RequestId(3), Response::Error { .. })]),
+        "{got:?}"
+    );
+}
+
+// --- status -------------------------------------------------------------------------
+
+#[test]
+fn status_counts_direct_relayed_and_offline_peers() {
+    let now = Instant::now();
+    let mut pair = Pair::new(now);
+    // node-3 is listed but never answers; the relay is up for it.
+    pair.a.handle_session_up(addr(RENDEZVOUS), None, now);
+    pair.a.handle_update(Update::Upsert(entry(3)), now);
+    // Traffic to node-2 makes a WireGuard session; probes prove the direct path.
+    let packet = ipv4_udp(Ipv4Addr::new(100, 72, 0, 1), Ipv4Addr::new(100, 72, 0, 2));
+    pair.a.node_mut().handle_tun_packet(&packet, now);
+    pair.pump(now);
+    while let Some(t) = pair.a.poll_relay() {
+        pair.a.recycle(t.payload);
+    }
+
+    let status = status(&mut pair.a, now);
+
+    assert_eq!(status.peers, 2);
+    assert_eq!(status.peers_direct, 1, "{:?}", peers(&mut pair.a, now));
+    assert_eq!(status.peers_relayed, 1);
+    assert_eq!(
+        status.peers_offline, 1,
+        "node-3 never completed a handshake"
+    );
+    assert_eq!(status.name.as_deref(), Some("node-1"));
+    assert_eq!(status.overlay_ips, ["100.72.0.1", "fd00:1::1"]);
+    assert_eq!(status.addresses, ["100.72.0.1/16", "fd00:1::1/48"]);
+    assert_eq!(
+        status.rendezvous,
+        Some(crate::control::RendezvousInfo {
+            connected: true,
+            rtt_ms: None
+        })
+    );
+    let peers = peers(&mut pair.a, now);
+    assert_eq!(
+        peers.iter().map(|p| p.name.as_deref()).collect::<Vec<_>>(),
+        [Some("node-2"), Some("node-3")],
+        "sorted by name"
+    );
+    assert!(peers[1].relay_reason.is_some(), "a relayed peer says why");
+}
+
+#[test]
+fn the_status_shows_what_the_shell_counted() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    let shell = ShellStats {
+        quic_not_rendezvous: 4,
+        rendezvous_rtt: Some(Duration::from_millis(12)),
+        ..ShellStats::default()
+    };
+    a.handle_session_up(addr(RENDEZVOUS), None, now);
+    a.handle_api(RequestId(1), Request::Status, &shell, now);
+    let got = answers(&mut a);
+    let [(_, Response::Status(status))] = got.as_slice() else {
+        panic!("{got:?}");
+    };
+    assert_eq!(status.drops.get("quic_not_rendezvous"), Some(&4));
+    assert!(!status.drops.contains_key("quic_queue_full"));
+    assert_eq!(
+        status.rendezvous.as_ref().and_then(|r| r.rtt_ms),
+        Some(12.0)
+    );
+    assert_eq!(status.name.as_deref(), Some("host-1"), "no welcome yet");
+}
