@@ -505,11 +505,13 @@ meshd_peer_path{peer="YCZ0bo7Q",public_key="YCZ0bo7Q",address="100.72.0.3",path=
                 value("meshd_peer_online", &labels),
                 Some(f64::from(u8::from(peer.online)))
             );
+            // Through Display: the API's path may become a typed value.
+            let current = peer.path.to_string();
             for path in PATHS {
                 let on = value("meshd_peer_path", &[labels[0], ("path", path)]);
                 assert_eq!(
                     on,
-                    Some(f64::from(u8::from(peer.path.to_string() == path))),
+                    Some(f64::from(u8::from(current == path))),
                     "{key} {path}"
                 );
             }
