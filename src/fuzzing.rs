@@ -837,6 +837,20 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
             ("get", b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
             ("post", b"POST /metrics HTTP/1.0\n\n".to_vec()),
             ("not-found", b"GET /?a HTTP/1.1\r\n\r\n".to_vec()),
+            (
+                "leading-crlf",
+                b"\r\nGET /metrics HTTP/1.1\r\n\r\n".to_vec(),
+            ),
+            ("not-http", b"hello\r\n\r\n".to_vec()),
+            ("too-large", {
+                let mut head = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+                head.resize(crate::metrics::http::MAX_REQUEST_HEAD + 64, b'a');
+                head
+            }),
+            (
+                "unfinished",
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\n".to_vec(),
+            ),
         ],
         _ => Vec::new(),
     }
