@@ -195,7 +195,7 @@ fn meshd_counts_each_peers_traffic_and_the_counters_grow_after_a_ping() {
         format!("metrics-address = \"{METRICS}\"\n{config}"),
     )
     .expect("write node a's config");
-    let _meshd_a = lab.start_meshd(0, &files);
+    let meshd_a = lab.start_meshd(0, &files);
     let _meshd_b = lab.start_meshd_with_peers(1, &[0]);
 
     a.pings(b.overlay);
@@ -247,6 +247,51 @@ fn meshd_counts_each_peers_traffic_and_the_counters_grow_after_a_ping() {
         !first.text.contains(&b.key.public[..9]),
         "node b's key appears only cut to 8 characters"
     );
+
+    // The scrape shows the node's state: between two API snapshots taken
+    // around it, every counter lies between the two readings.
+    let before_api = (meshd_a.status(), meshd_a.peers());
+    let during = scrape();
+    let after_api = (meshd_a.status(), meshd_a.peers());
+    let peer_json = |peers: &[serde_json::Value]| {
+        peers
+            .iter()
+            .find(|p| p["public_key"] == b.key.public.as_str())
+            .cloned()
+            .expect("node b in meshctl peers")
+    };
+    let (then, now) = (peer_json(&before_api.1), peer_json(&after_api.1));
+    for (metric, field) in [
+        ("meshd_peer_rx_bytes_total", "rx_bytes"),
+        ("meshd_peer_tx_bytes_total", "tx_bytes"),
+        ("meshd_peer_rx_packets_total", "rx_packets"),
+        ("meshd_peer_tx_packets_total", "tx_packets"),
+        ("meshd_peer_handshakes_total", "handshakes"),
+    ] {
+        let shown = during.value(metric, &peer_b).expect(metric);
+        let (low, high) = (then[field].as_f64(), now[field].as_f64());
+        assert!(
+            low <= Some(shown) && Some(shown) <= high,
+            "{metric} {shown} lies between the API's {field} {low:?} and {high:?}"
+        );
+    }
+    assert_eq!(
+        during.value("meshd_peers", &[]),
+        after_api.0["peers"].as_f64(),
+        "the API's peer count"
+    );
+    // The API lists the reasons that counted something.
+    let drops = after_api.0["drops"].as_object().expect("drops by reason");
+    for (reason, count) in drops {
+        let shown = during
+            .value("meshd_dropped_packets_total", &[("reason", reason)])
+            .unwrap_or_else(|| panic!("drops for {reason} are listed"));
+        let low = before_api.0["drops"][reason].as_f64().unwrap_or(0.0);
+        assert!(
+            (low..=count.as_f64().unwrap_or(f64::MAX)).contains(&shown),
+            "drops for {reason}: {shown} between {low} and {count}"
+        );
+    }
 
     a.pings(b.overlay);
     eventually("node b's counters grow after a ping", DEADLINE, || {
