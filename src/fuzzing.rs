@@ -12,8 +12,9 @@
 //! only in the fuzz workspace, which the main build never sees.
 
 // A harness reports a broken property by panicking: that is what the fuzzer
-// catches. The harnesses are the one place outside tests where that is right.
-#![allow(clippy::panic)]
+// catches (an `expect` is such an assertion). The harnesses are the one
+// place outside tests where that is right.
+#![allow(clippy::panic, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -22,7 +23,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ipnet::IpNet;
 
-use crate::control::metrics::{self, Asked};
 use crate::control::uapi::{RequestParser, Step, MAX_LINE};
 use crate::control::{Request, MAX_MESSAGE};
 use crate::engine::{Node, NodeConfig, PeerSpec};
@@ -596,31 +596,47 @@ pub fn local_api(data: &[u8]) {
     let _ = crate::control::server::parse::<crate::rendezvous::admin::AdminRequest>(line);
 }
 
-/// The metrics endpoint's request head (`control/metrics.rs`), as received
-/// so far: every prefix of the input is a possible read.
+/// The metrics endpoint (`metrics/http.rs`): the input is what a client
+/// sends before it closes its side; hyper reads it, the endpoint answers.
+/// The exchange ends (the client's EOF ends it at the latest), the answer
+/// is HTTP or nothing, and metrics are served only for a `GET`.
 pub fn metrics_head(data: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     let data = data
-        .get(..data.len().min(metrics::MAX_REQUEST_HEAD + 16))
+        .get(..data.len().min(2 * crate::metrics::http::MAX_REQUEST_HEAD))
         .unwrap_or(data);
-    let mut first = None;
-    // Up to 64 reads (each parse is linear in what arrived), the whole last.
-    let step = (data.len() / 64).max(1);
-    for end in (0..data.len()).step_by(step).chain([data.len()]) {
-        let asked = metrics::parse_head(&data[..end]);
-        if first.is_none() {
-            first = asked;
-        }
-        if end >= metrics::MAX_REQUEST_HEAD {
-            assert!(
-                asked.is_some(),
-                "a head of {end} bytes still waits for more"
-            );
-        }
-    }
-    if let Some(Asked::Metrics) = first {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        return;
+    };
+    let answer = runtime.block_on(async {
+        let (mut client, mut server) = tokio::io::duplex(64 << 10);
+        let serving =
+            crate::metrics::http::serve_one(&mut server, || async { Some("x 1\n".to_owned()) });
+        let asking = async {
+            let _ = client.write_all(data).await;
+            let _ = client.shutdown().await;
+            let mut answer = Vec::new();
+            let _ = client.read_to_end(&mut answer).await;
+            answer
+        };
+        let exchange = async { tokio::join!(serving, asking).1 };
+        tokio::time::timeout(crate::metrics::http::CONNECTION_DEADLINE, exchange).await
+    });
+    let answer = answer.expect("the exchange ends once the client has closed its side");
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1."),
+        "not an HTTP answer: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    if answer.starts_with(b"HTTP/1.1 200 ") || answer.starts_with(b"HTTP/1.0 200 ") {
         assert!(
-            data.starts_with(b"GET "),
-            "metrics served for a head that is not a GET"
+            // HTTP/1 allows empty lines before the request line.
+            data.trim_ascii_start().starts_with(b"GET "),
+            "metrics served for a request that is not a GET"
         );
     }
 }
@@ -826,6 +842,20 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
             ("get", b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
             ("post", b"POST /metrics HTTP/1.0\n\n".to_vec()),
             ("not-found", b"GET /?a HTTP/1.1\r\n\r\n".to_vec()),
+            (
+                "leading-crlf",
+                b"\r\nGET /metrics HTTP/1.1\r\n\r\n".to_vec(),
+            ),
+            ("not-http", b"hello\r\n\r\n".to_vec()),
+            ("too-large", {
+                let mut head = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+                head.resize(crate::metrics::http::MAX_REQUEST_HEAD + 64, b'a');
+                head
+            }),
+            (
+                "unfinished",
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\n".to_vec(),
+            ),
         ],
         _ => Vec::new(),
     }

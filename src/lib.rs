@@ -47,6 +47,7 @@ pub mod identity;
 pub mod ipam;
 pub mod join;
 pub mod kube;
+pub mod metrics;
 pub mod netlink;
 pub mod offload;
 pub mod paths;

@@ -1,8 +1,8 @@
 //! Prometheus metrics over HTTP, scraped the way Prometheus would: the
 //! rendezvous on loopback (no root) counts its nodes, the hellos it refused
 //! and the bytes it relayed; meshd in a network namespace (root) counts
-//! each peer's traffic. Every scrape is parsed as Prometheus's text parser
-//! reads it, so a malformed line fails the test.
+//! each peer's traffic. Every scrape is read by a parser that is not ours
+//! (`openmetrics-parser`), so a malformed line fails the test.
 //!
 //! Nothing waits on time: relayed frames are resent until the receiver has
 //! one (datagrams may be lost), and the relay counts a frame before it
@@ -201,7 +201,7 @@ fn meshd_counts_each_peers_traffic_and_the_counters_grow_after_a_ping() {
         format!("metrics-address = \"{METRICS}\"\n{config}"),
     )
     .expect("write node a's config");
-    let _meshd_a = lab.start_meshd(0, &files);
+    let meshd_a = lab.start_meshd(0, &files);
     let _meshd_b = lab.start_meshd_with_peers(1, &[0]);
 
     a.pings(b.overlay);
@@ -254,6 +254,51 @@ fn meshd_counts_each_peers_traffic_and_the_counters_grow_after_a_ping() {
         "node b's key appears only cut to 8 characters"
     );
 
+    // The scrape shows the node's state: between two API snapshots taken
+    // around it, every counter lies between the two readings.
+    let before_api = (meshd_a.status(), meshd_a.peers());
+    let during = scrape();
+    let after_api = (meshd_a.status(), meshd_a.peers());
+    let peer_json = |peers: &[serde_json::Value]| {
+        peers
+            .iter()
+            .find(|p| p["public_key"] == b.key.public.as_str())
+            .cloned()
+            .expect("node b in meshctl peers")
+    };
+    let (then, now) = (peer_json(&before_api.1), peer_json(&after_api.1));
+    for (metric, field) in [
+        ("meshd_peer_rx_bytes_total", "rx_bytes"),
+        ("meshd_peer_tx_bytes_total", "tx_bytes"),
+        ("meshd_peer_rx_packets_total", "rx_packets"),
+        ("meshd_peer_tx_packets_total", "tx_packets"),
+        ("meshd_peer_handshakes_total", "handshakes"),
+    ] {
+        let shown = during.value(metric, &peer_b).expect(metric);
+        let (low, high) = (then[field].as_f64(), now[field].as_f64());
+        assert!(
+            low <= Some(shown) && Some(shown) <= high,
+            "{metric} {shown} lies between the API's {field} {low:?} and {high:?}"
+        );
+    }
+    assert_eq!(
+        during.value("meshd_peers", &[]),
+        after_api.0["peers"].as_f64(),
+        "the API's peer count"
+    );
+    // The API lists the reasons that counted something.
+    let drops = after_api.0["drops"].as_object().expect("drops by reason");
+    for (reason, count) in drops {
+        let shown = during
+            .value("meshd_dropped_packets_total", &[("reason", reason)])
+            .unwrap_or_else(|| panic!("drops for {reason} are listed"));
+        let low = before_api.0["drops"][reason].as_f64().unwrap_or(0.0);
+        assert!(
+            (low..=count.as_f64().unwrap_or(f64::MAX)).contains(&shown),
+            "drops for {reason}: {shown} between {low} and {count}"
+        );
+    }
+
     a.pings(b.overlay);
     eventually("node b's counters grow after a ping", DEADLINE, || {
         let now = scrape();
@@ -275,49 +320,45 @@ fn meshd_counts_each_peers_traffic_and_the_counters_grow_after_a_ping() {
 // Scraping and parsing
 // ---------------------------------------------------------------------------
 
-/// One sample: name, unescaped labels, value.
-type Sample = (String, Vec<(String, String)>, f64);
-
-/// A parsed scrape.
+/// A scrape as Prometheus reads it, by a parser that is not ours
+/// (`openmetrics-parser`'s reader of the text format 0.0.4).
 struct Scrape {
     text: String,
-    samples: Vec<Sample>,
+    exposition: openmetrics_parser::MetricsExposition<
+        openmetrics_parser::PrometheusType,
+        openmetrics_parser::PrometheusValue,
+    >,
 }
 
 impl Scrape {
-    /// Parses the body of a scrape; panics, with the text, on a line that is
-    /// not a comment, a blank or a sample.
+    /// Parses the body of a scrape; panics, with the text, where it is not
+    /// the format.
     fn parse(text: &str) -> Self {
-        assert!(
-            text.ends_with('\n'),
-            "the text ends with a line feed:\n{text}"
-        );
-        let samples: Vec<Sample> = text
-            .lines()
-            .filter_map(|line| parse_line(line).unwrap_or_else(|e| panic!("{e}\n{text}")))
-            .collect();
-        for (name, ..) in &samples {
-            assert!(
-                text.contains(&format!("\n# TYPE {name} ")),
-                "{name} has a TYPE line"
-            );
-        }
+        let exposition = openmetrics_parser::prometheus::parse_prometheus(text)
+            .unwrap_or_else(|e| panic!("not the text format: {e:?}\n{text}"));
         Self {
             text: text.to_owned(),
-            samples,
+            exposition,
         }
     }
 
     /// The value of the one sample of `name` whose labels include `labels`;
     /// `None` if there is none, a panic if there are several.
     fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let mut matching = self.samples.iter().filter(|(n, have, _)| {
-            n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+        use openmetrics_parser::PrometheusValue;
+
+        let family = self.exposition.families.get(name)?;
+        let mut matching = family.iter_samples().filter(|sample| {
+            let set = sample.get_labelset().expect("a sample of a family");
+            labels
+                .iter()
+                .all(|(k, v)| set.get_label_value(k) == Some(*v))
         });
-        let found = matching.next().map(|(_, _, v)| *v);
+        let found = matching.next().map(|sample| match &sample.value {
+            PrometheusValue::Counter(counter) => counter.value.as_f64(),
+            PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => n.as_f64(),
+            other => panic!("{name} is a counter or a gauge, not {other:?}"),
+        });
         assert!(
             matching.next().is_none(),
             "several samples of {name} match {labels:?}:\n{}",
@@ -325,102 +366,6 @@ impl Scrape {
         );
         found
     }
-}
-
-fn is_name(s: &str, colon: bool) -> bool {
-    s.chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
-}
-
-/// One line as Prometheus's text parser reads it: `Ok(None)` for a blank
-/// line or a `# HELP`/`# TYPE` comment, else the sample.
-fn parse_line(line: &str) -> Result<Option<Sample>, String> {
-    if line.is_empty() {
-        return Ok(None);
-    }
-    if let Some(comment) = line.strip_prefix("# ") {
-        let mut words = comment.splitn(3, ' ');
-        return match (words.next(), words.next(), words.next()) {
-            (Some("HELP"), Some(name), Some(_)) if is_name(name, true) => Ok(None),
-            (Some("TYPE"), Some(name), Some("counter" | "gauge")) if is_name(name, true) => {
-                Ok(None)
-            }
-            _ => Err(format!("not a HELP or TYPE comment: {line:?}")),
-        };
-    }
-    let chars: Vec<char> = line.chars().collect();
-    let mut i = chars
-        .iter()
-        .take_while(|c| c.is_ascii_alphanumeric() || **c == '_' || **c == ':')
-        .count();
-    let name: String = chars[..i].iter().collect();
-    if !is_name(&name, true) {
-        return Err(format!("bad metric name in {line:?}"));
-    }
-    let mut labels = Vec::new();
-    if chars.get(i) == Some(&'{') {
-        i += 1;
-        loop {
-            let start = i;
-            while chars
-                .get(i)
-                .is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_')
-            {
-                i += 1;
-            }
-            let label: String = chars[start..i].iter().collect();
-            if !is_name(&label, false) || chars.get(i..i + 2) != Some(&['=', '"'][..]) {
-                return Err(format!("expected label=\"…\" at {start} in {line:?}"));
-            }
-            i += 2;
-            let mut value = String::new();
-            loop {
-                match chars.get(i) {
-                    Some('\\') => {
-                        value.push(match chars.get(i + 1) {
-                            Some('\\') => '\\',
-                            Some('"') => '"',
-                            Some('n') => '\n',
-                            other => return Err(format!("bad escape {other:?} in {line:?}")),
-                        });
-                        i += 2;
-                    }
-                    Some('"') => break,
-                    None => return Err(format!("unterminated label value in {line:?}")),
-                    Some(c) => {
-                        value.push(*c);
-                        i += 1;
-                    }
-                }
-            }
-            labels.push((label, value));
-            i += 1;
-            match chars.get(i) {
-                Some(',') => i += 1,
-                Some('}') => {
-                    i += 1;
-                    break;
-                }
-                _ => return Err(format!("expected ',' or '}}' at {i} in {line:?}")),
-            }
-        }
-    }
-    if chars.get(i) != Some(&' ') {
-        return Err(format!("expected a space before the value in {line:?}"));
-    }
-    let value: String = chars[i + 1..].iter().collect();
-    let value = match value.as_str() {
-        "NaN" => f64::NAN,
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v
-            .parse::<f64>()
-            .map_err(|e| format!("value {v:?} in {line:?}: {e}"))?,
-    };
-    Ok(Some((name, labels, value)))
 }
 
 /// Sends `request` and reads the whole answer (the server closes after one).

@@ -222,7 +222,8 @@ async fn one_source_holding_hundreds_of_pending_connections_does_not_keep_a_memb
         assert!(mesh.info.ipv4.contains(&welcome.node.ipv4));
         let refused = scrape(
             &rendezvous,
-            "mesh_rendezvous_connections_refused_total{reason=\"per_source\"}",
+            "mesh_rendezvous_connections_refused_total",
+            &[("reason", "per_source")],
         )
         .await;
         assert!(
@@ -256,7 +257,12 @@ async fn past_the_threshold_new_addresses_are_validated_with_a_retry_and_a_membe
             .join(&rendezvous, Some(&token))
             .await
             .expect("the member is admitted after a Retry");
-        let retries = scrape(&rendezvous, "mesh_rendezvous_address_validations_total").await;
+        let retries = scrape(
+            &rendezvous,
+            "mesh_rendezvous_address_validations_total",
+            &[],
+        )
+        .await;
         assert!(retries >= 1.0, "Retries sent: {retries}");
         drop(held);
         rendezvous.stop().await;
@@ -458,17 +464,32 @@ fn entry(key: &PrivateKey, name: &str, last: u8) -> NodeEntry {
     }
 }
 
-/// The value of one sample line (`name{labels}` exactly) in a scrape.
-async fn scrape(rendezvous: &Rendezvous, sample: &str) -> f64 {
+/// The value of the one sample of `name` with `labels` in a scrape, read
+/// by a parser that is not ours (`openmetrics-parser`).
+async fn scrape(rendezvous: &Rendezvous, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use openmetrics_parser::PrometheusValue;
+
     let answer = http_get(rendezvous.metrics(), "/metrics").await;
-    answer
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(sample)
-                .and_then(|rest| rest.strip_prefix(' '))
+    let (_, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let exposition = openmetrics_parser::prometheus::parse_prometheus(body)
+        .unwrap_or_else(|e| panic!("not the text format: {e:?}\n{body}"));
+    exposition
+        .families
+        .get(name)
+        .and_then(|family| {
+            family.iter_samples().find(|sample| {
+                let set = sample.get_labelset().expect("a sample of a family");
+                labels
+                    .iter()
+                    .all(|(k, v)| set.get_label_value(k) == Some(*v))
+            })
         })
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {sample} in:\n{answer}"))
+        .map(|sample| match &sample.value {
+            PrometheusValue::Counter(counter) => counter.value.as_f64(),
+            PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => n.as_f64(),
+            other => panic!("{name} is a counter or a gauge, not {other:?}"),
+        })
+        .unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{answer}"))
 }
 
 /// One GET from 127.0.0.1; the whole answer.

@@ -1,4 +1,4 @@
-//! The metrics endpoint's request head (control/metrics.rs), read by read.
+//! The metrics endpoint (metrics/http.rs): what a client sends, answered by hyper.
 //! The harness and what it asserts: `meshd::fuzzing::metrics_head`.
 
 #![no_main]

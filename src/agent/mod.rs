@@ -28,7 +28,10 @@
 
 mod status;
 #[cfg(test)]
-#[allow(clippy::disallowed_methods, reason = "a test starts its clock anywhere")]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a test starts its clock anywhere"
+)]
 mod tests;
 
 use std::collections::{HashMap, HashSet, VecDeque};

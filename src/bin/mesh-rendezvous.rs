@@ -224,7 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "NAME", "IPV4", "ONLINE", "KEY"
                     );
                     for n in nodes {
-                        let key: String = n.public_key.chars().take(8).collect();
+                        let key = meshd::identity::short_key(&n.public_key);
                         let online = if n.online { "yes" } else { "no" };
                         println!(
                             "{:<20} {:<15} {:<8} {:<10} {}",

@@ -29,7 +29,7 @@ pub fn peers_table(peers: &[PeerInfo]) -> String {
                     .or(p.allowed_ips.first())
                     .cloned()
                     .unwrap_or_else(|| "-".into()),
-                p.public_key.chars().take(8).collect(),
+                crate::identity::short_key(&p.public_key),
                 match (&p.endpoint, p.path.as_str()) {
                     (Some(endpoint), _) => format!("direct {endpoint}"),
                     (None, path) => path.to_owned(),

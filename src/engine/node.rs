@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use ipnet::IpNet;
+use strum::{EnumCount, EnumIter, IntoEnumIterator, IntoStaticStr};
 
 use super::buf::{BufPool, PacketBuf, TUN_HEADROOM};
 use super::icmp;
@@ -237,9 +238,15 @@ pub enum EngineError {
 
 /// Why a packet was dropped. Network input is never an error to the caller:
 /// it is counted here and logged at trace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// The counters are an array of [`DropReason::COUNT`] indexed by the
+/// variant, and [`NodeStats::drops`] lists [`DropReason::iter`]: both come
+/// from the enum, so a new variant is counted and listed without more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, EnumCount, EnumIter, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum DropReason {
     /// Not a WireGuard message (nor anything else this node speaks).
+    #[strum(serialize = "not_wireguard")]
     NotWireGuard,
     /// Malformed WireGuard message (wrong length for its type).
     Malformed,
@@ -282,50 +289,10 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
-        DropReason::NotWireGuard,
-        DropReason::Malformed,
-        DropReason::InvalidMac,
-        DropReason::UnknownPeer,
-        DropReason::UnknownIndex,
-        DropReason::HandshakeFailed,
-        DropReason::NoSession,
-        DropReason::DecryptFailed,
-        DropReason::Replayed,
-        DropReason::SourceNotAllowed,
-        DropReason::NoRoute,
-        DropReason::NoEndpoint,
-        DropReason::Oversized,
-        DropReason::HandshakeRateLimited,
-        DropReason::MalformedInner,
-        DropReason::BadProbe,
-        DropReason::ReplayedProbe,
-        DropReason::UnmatchedPong,
-        DropReason::RelayMismatch,
-    ];
-
+    /// A stable name for metrics labels, the API and logs: the variant in
+    /// snake_case.
     pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::NotWireGuard => "not_wireguard",
-            DropReason::Malformed => "malformed",
-            DropReason::InvalidMac => "invalid_mac",
-            DropReason::UnknownPeer => "unknown_peer",
-            DropReason::UnknownIndex => "unknown_index",
-            DropReason::HandshakeFailed => "handshake_failed",
-            DropReason::NoSession => "no_session",
-            DropReason::DecryptFailed => "decrypt_failed",
-            DropReason::Replayed => "replayed",
-            DropReason::SourceNotAllowed => "source_not_allowed",
-            DropReason::NoRoute => "no_route",
-            DropReason::NoEndpoint => "no_endpoint",
-            DropReason::Oversized => "oversized",
-            DropReason::HandshakeRateLimited => "handshake_rate_limited",
-            DropReason::MalformedInner => "malformed_inner",
-            DropReason::BadProbe => "bad_probe",
-            DropReason::ReplayedProbe => "replayed_probe",
-            DropReason::UnmatchedPong => "unmatched_pong",
-            DropReason::RelayMismatch => "relay_mismatch",
-        }
+        self.into()
     }
 
     fn from_wireguard(e: &WireGuardError) -> Self {
@@ -363,7 +330,7 @@ impl fmt::Display for DropReason {
 /// Node-wide counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeStats {
-    drops: [u64; DropReason::ALL.len()],
+    drops: [u64; DropReason::COUNT],
     /// Cookie replies sent because handshakes came in faster than the limit.
     pub cookie_replies_sent: u64,
     /// ICMP unreachable messages written to the TUN.
@@ -381,9 +348,7 @@ impl NodeStats {
 
     /// Every reason with its count, for metrics and the API.
     pub fn drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL
-            .iter()
-            .map(|r| (*r, self.drops[*r as usize]))
+        DropReason::iter().map(|r| (r, self.drops[r as usize]))
     }
 }
 
@@ -1199,3 +1164,58 @@ pub fn inner_destination(packet: &[u8]) -> Option<IpAddr> {
 
 // Keep the minimum buffer assumption checked at compile time.
 const _: () = assert!(1500 + DATA_OVERHEAD + BUF_HEADROOM >= MIN_BUF);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names before the counters came from the enum: metrics and the
+    /// API show them, so they never change.
+    const NAMES: [&str; 19] = [
+        "not_wireguard",
+        "malformed",
+        "invalid_mac",
+        "unknown_peer",
+        "unknown_index",
+        "handshake_failed",
+        "no_session",
+        "decrypt_failed",
+        "replayed",
+        "source_not_allowed",
+        "no_route",
+        "no_endpoint",
+        "oversized",
+        "handshake_rate_limited",
+        "malformed_inner",
+        "bad_probe",
+        "replayed_probe",
+        "unmatched_pong",
+        "relay_mismatch",
+    ];
+
+    #[test]
+    fn every_drop_reason_keeps_its_name_and_is_listed_once_in_declaration_order() {
+        let names: Vec<&str> = DropReason::iter().map(DropReason::as_str).collect();
+        assert_eq!(names, NAMES);
+        assert_eq!(DropReason::COUNT, NAMES.len());
+        for reason in DropReason::iter() {
+            assert_eq!(reason.to_string(), reason.as_str());
+        }
+    }
+
+    #[test]
+    fn every_drop_reason_counts_in_a_slot_of_its_own() {
+        let mut stats = NodeStats::default();
+        for (n, reason) in DropReason::iter().enumerate() {
+            for _ in 0..=n {
+                count_drop(&mut stats, reason);
+            }
+        }
+        for (n, (reason, count)) in stats.drops().enumerate() {
+            assert_eq!(count, n as u64 + 1, "{reason}");
+            assert_eq!(stats.dropped(reason), count);
+        }
+        let total: u64 = (1..=DropReason::COUNT as u64).sum();
+        assert_eq!(stats.dropped_total(), total);
+    }
+}

@@ -28,7 +28,7 @@ impl CertHash {
 impl fmt::Display for CertHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("sha256:")?;
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        f.write_str(&hex::encode(self.0))
     }
 }
 
@@ -42,14 +42,9 @@ impl FromStr for CertHash {
     type Err = CertHashError;
     fn from_str(s: &str) -> Result<Self, CertHashError> {
         let bad = || CertHashError(s.to_owned());
-        let hex = s.strip_prefix("sha256:").ok_or_else(bad)?;
-        if hex.len() != 64 || !hex.is_ascii() {
-            return Err(bad());
-        }
+        let digits = s.strip_prefix("sha256:").ok_or_else(bad)?;
         let mut out = [0u8; 32];
-        for (i, byte) in out.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
+        hex::decode_to_slice(digits, &mut out).map_err(|_| bad())?;
         Ok(Self(out))
     }
 }

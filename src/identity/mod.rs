@@ -34,6 +34,21 @@ fn decode_key(s: &str) -> Result<[u8; 32], KeyError> {
     <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Length { len: bytes.len() })
 }
 
+/// How many characters of a key's base64 form tell nodes apart in logs,
+/// tables and metrics labels.
+pub const SHORT_KEY_LEN: usize = 8;
+
+/// The first [`SHORT_KEY_LEN`] characters of a key as printed (a
+/// [`PublicKey`] or a key string from the API): the prefix `meshctl`, the
+/// logs and the metrics show. Never panics, whatever the text.
+pub fn short_key(key: impl fmt::Display) -> String {
+    let mut text = key.to_string();
+    if let Some((end, _)) = text.char_indices().nth(SHORT_KEY_LEN) {
+        text.truncate(end);
+    }
+    text
+}
+
 /// A node's public key: its identity in the mesh.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublicKey([u8; 32]);
@@ -47,11 +62,10 @@ impl PublicKey {
         &self.0
     }
 
-    /// The first characters of the base64 form, for logs and tables.
+    /// The first characters of the base64 form, for logs and tables
+    /// ([`short_key`]).
     pub fn short(&self) -> String {
-        let mut s = self.to_string();
-        s.truncate(8);
-        s
+        short_key(self)
     }
 
     pub(crate) fn to_dalek(self) -> x25519_dalek::PublicKey {
@@ -156,6 +170,17 @@ mod tests {
         0x5a, 0x0d, 0xbf, 0x3a, 0x0d, 0x26, 0x38, 0x1a, 0xf4, 0xeb, 0xa4, 0xa9, 0x8e, 0xaa, 0x9b,
         0x4e, 0x6a,
     ];
+
+    #[test]
+    fn a_short_key_is_the_first_eight_characters_whether_from_a_key_or_its_text() {
+        let key = PrivateKey::from_bytes(ALICE_PRIVATE).public_key();
+        let text = key.to_string();
+        assert_eq!(key.short(), &text[..8]);
+        assert_eq!(short_key(&text), key.short());
+        assert_eq!(short_key("abc"), "abc");
+        // Text from a file or the API may be anything: cut by characters.
+        assert_eq!(short_key("ééééééééé"), "éééééééé");
+    }
 
     #[test]
     fn public_key_matches_rfc7748_vector() {

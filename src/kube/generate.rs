@@ -188,7 +188,7 @@ impl Mesh {
         let mut notes = Vec::new();
         let mut members = Vec::new();
         for peer in peers {
-            let short_key: String = peer.public_key.chars().take(8).collect();
+            let short_key = crate::identity::short_key(&peer.public_key);
             let Some(name) = peer.name.clone() else {
                 notes.push(format!("left out static peer {short_key}: it has no name"));
                 continue;

@@ -93,6 +93,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use strum::{EnumCount, EnumIter, IntoEnumIterator, IntoStaticStr};
 
 use super::ConnId;
 use crate::wire::relay::{self, NodeId, HEADER_LEN, MAX_PAYLOAD};
@@ -262,8 +263,11 @@ impl fmt::Debug for Command {
     }
 }
 
-/// Why a relay frame was not forwarded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Why a relay frame was not forwarded. The counters are an array of
+/// [`DropReason::COUNT`] indexed by the variant, listed by
+/// [`DropReason::iter`]: both come from the enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumCount, EnumIter, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum DropReason {
     /// From a connection that is not (or no longer) an admitted node's.
     NotAdmitted,
@@ -290,31 +294,9 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
-        DropReason::NotAdmitted,
-        DropReason::Malformed,
-        DropReason::SelfAddressed,
-        DropReason::UnknownDestination,
-        DropReason::DestinationOffline,
-        DropReason::RateLimited,
-        DropReason::DestinationLimited,
-        DropReason::QueueFull,
-        DropReason::InboundFull,
-    ];
-
-    /// A stable name for metrics labels and logs.
+    /// A stable name for metrics labels and logs: the variant in snake_case.
     pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::NotAdmitted => "not_admitted",
-            DropReason::Malformed => "malformed",
-            DropReason::SelfAddressed => "self_addressed",
-            DropReason::UnknownDestination => "unknown_destination",
-            DropReason::DestinationOffline => "destination_offline",
-            DropReason::RateLimited => "rate_limited",
-            DropReason::DestinationLimited => "destination_limited",
-            DropReason::QueueFull => "queue_full",
-            DropReason::InboundFull => "inbound_full",
-        }
+        self.into()
     }
 }
 
@@ -341,7 +323,7 @@ impl PairStats {
 /// Relay-wide counters since the table was made.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RelayStats {
-    drops: [u64; DropReason::ALL.len()],
+    drops: [u64; DropReason::COUNT],
     /// Everything forwarded, including pairs whose nodes were removed since.
     pub forwarded: PairStats,
 }
@@ -357,9 +339,7 @@ impl RelayStats {
 
     /// Every reason with its count, for metrics.
     pub fn drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL
-            .iter()
-            .map(|r| (*r, self.drops[*r as usize]))
+        DropReason::iter().map(|r| (r, self.drops[r as usize]))
     }
 }
 
@@ -750,6 +730,34 @@ fn with_source(frame: Bytes, kind: relay::RelayKind, source: NodeId) -> Bytes {
 mod tests {
     use super::*;
     use crate::wire::relay::{encode_frame, parse, RelayHeader, RelayKind};
+
+    #[test]
+    fn every_drop_reason_keeps_its_name_and_counts_in_a_slot_of_its_own() {
+        // The names metrics have shown since 0.2.0.
+        let names = [
+            "not_admitted",
+            "malformed",
+            "self_addressed",
+            "unknown_destination",
+            "destination_offline",
+            "rate_limited",
+            "destination_limited",
+            "queue_full",
+            "inbound_full",
+        ];
+        let listed: Vec<&str> = DropReason::iter().map(DropReason::as_str).collect();
+        assert_eq!(listed, names);
+        assert_eq!(DropReason::COUNT, names.len());
+        let mut table = RelayTable::new(RelayLimits::default());
+        for (n, reason) in DropReason::iter().enumerate() {
+            table.count_drops(reason, n as u64 + 1);
+        }
+        for (n, (reason, count)) in table.stats().drops().enumerate() {
+            assert_eq!(count, n as u64 + 1, "{reason}");
+            assert_eq!(table.stats().dropped(reason), count);
+            assert_eq!(reason.to_string(), reason.as_str());
+        }
+    }
 
     fn node(id: u32) -> NodeId {
         NodeId::new(id).unwrap()

@@ -153,7 +153,7 @@ pub fn apply<R: RngCore + CryptoRng>(
             rng.fill_bytes(&mut secret);
             let mut id = [0u8; 4];
             rng.fill_bytes(&mut id);
-            let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            let id = hex::encode(id);
             match registry.create_token(secret, id.clone(), ttl_secs, max_uses, now_unix) {
                 Ok(token) => AdminResponse::Token {
                     token: token.expose().to_owned(),

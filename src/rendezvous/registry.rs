@@ -1476,13 +1476,7 @@ fn check_name(name: &str) -> Result<(), String> {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let digest = Sha256::digest(bytes);
-    let mut hex = String::with_capacity(64);
-    for b in digest {
-        let _ = write!(hex, "{b:02x}");
-    }
-    hex
+    hex::encode(Sha256::digest(bytes))
 }
 
 #[cfg(test)]

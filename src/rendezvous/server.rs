@@ -10,7 +10,7 @@
 //! task and relays for it. Nothing here decides who gets in or which
 //! address a node has: that is the registry's job. When a
 //! metrics address is configured, each scrape asks the registry and relay
-//! tasks for their counters ([`crate::control::metrics`]).
+//! tasks for their counters ([`super::metrics`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,6 +23,7 @@ use tracing::Instrument as _;
 
 use super::admin::{self, AdminRequest, AdminResponse};
 use super::admission;
+use super::metrics::{self, RendezvousMetrics};
 use super::pending::{AdmissionCounts, Decision, Limits, Pending, Source};
 use super::registry::{
     CloseReason, Command, ConnId, Counters, IncomingHello, NodeStatus, Now, Registry,
@@ -31,9 +32,9 @@ use super::setup::{Loaded, SetupError};
 use super::store::{Store, StoreWriter};
 use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls;
-use crate::control::metrics::{self, MetricsError, MetricsServer, RendezvousMetrics};
 use crate::control::server::ErrorResponse as _;
 use crate::identity::{PrivateKey, PublicKey};
+use crate::metrics::{MetricsError, MetricsServer};
 use crate::relay::server::{Inlet, Relay};
 use crate::relay::NodeId;
 use crate::sockets::canonical;

@@ -275,7 +275,7 @@ pub fn init<R: RngCore + CryptoRng>(
     let mut global_id = [0u8; 5];
     rng.fill_bytes(&mut global_id);
     let mesh = MeshInfo {
-        id: id.iter().map(|b| format!("{b:02x}")).collect(),
+        id: hex::encode(id),
         ipv4: cidr,
         ipv6: ipam::ula_prefix(global_id),
     };
