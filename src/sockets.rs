@@ -2,7 +2,8 @@
 //! ([`crate::dataplane::udp`]) and the rendezvous's QUIC and relay socket
 //! ([`crate::rendezvous::server`]).
 //!
-//! Does I/O ([`size_buffers`] sets socket options); [`canonical`] is pure.
+//! Does I/O ([`size_buffers`] sets socket options); [`canonical`] and
+//! [`QuicSource`], the filter in front of the node's QUIC endpoint, are pure.
 //! What only the node's packet loop needs (GSO, GRO, batching) stays in
 //! `dataplane::udp`.
 
@@ -55,6 +56,27 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
+/// The one address whose QUIC datagrams reach the node's endpoint: the
+/// rendezvous's, as the session resolved it before connecting. None (no
+/// session tried yet) admits nothing.
+#[derive(Debug, Default)]
+pub struct QuicSource(std::sync::RwLock<Option<SocketAddr>>);
+
+impl QuicSource {
+    /// The rendezvous is at `addr` from now on.
+    pub fn set(&self, addr: SocketAddr) {
+        if let Ok(mut source) = self.0.write() {
+            *source = Some(canonical(addr));
+        }
+    }
+
+    /// Whether a datagram from `from` may reach the QUIC endpoint.
+    pub fn admits(&self, from: SocketAddr) -> bool {
+        let from = canonical(from);
+        self.0.read().is_ok_and(|source| *source == Some(from))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +95,29 @@ mod tests {
         size_buffers(socket2::SockRef::from(&socket));
         let got = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
         assert!(got > 0, "{got}");
+    }
+
+    #[test]
+    fn only_the_rendezvous_address_feeds_the_quic_endpoint() {
+        let source = QuicSource::default();
+        let rendezvous: SocketAddr = "203.0.113.9:7443".parse().unwrap();
+        assert!(
+            !source.admits(rendezvous),
+            "nothing before a session resolved the rendezvous"
+        );
+        source.set(rendezvous);
+        assert!(source.admits(rendezvous));
+        assert!(
+            source.admits("[::ffff:203.0.113.9]:7443".parse().unwrap()),
+            "as a dual-stack socket reports it"
+        );
+        assert!(
+            !source.admits("203.0.113.9:7444".parse().unwrap()),
+            "another port"
+        );
+        assert!(
+            !source.admits("198.51.100.1:7443".parse().unwrap()),
+            "another host"
+        );
     }
 }

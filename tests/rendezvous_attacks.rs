@@ -25,12 +25,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshd::dataplane::quic::QuicSource;
 use meshd::identity::PrivateKey;
 use meshd::rendezvous::admission;
 use meshd::rendezvous::client::{self, Channels, ClientConfig, RelayLink, Update};
 use meshd::rendezvous::stream::{read_frame, write_frame};
 use meshd::rendezvous::tls::{self, CertHash};
+use meshd::sockets::QuicSource;
 use meshd::wire::control::{
     encode, Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeEntry, NodeMessage,
     RejectReason, ServerHello, ServerMessage, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,

@@ -41,6 +41,7 @@ use crate::kube::env::{self as env_file, EnvError, MeshEnv};
 use crate::netlink::{self, Link, LinkConfig, NetlinkError};
 use crate::paths::NodeDir;
 use crate::rendezvous::client::{self, ClientError};
+use crate::sockets::QuicSource;
 use crate::systemd::{Notice, Notifier, NotifySocket};
 
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +179,7 @@ pub async fn run(
         connection: relay_conn_tx,
         frames: relay_frames_tx,
     };
-    let quic_source = Arc::new(quic::QuicSource::default());
+    let quic_source = Arc::new(QuicSource::default());
     let (quic, session) = match (&config.rendezvous, &state_dir) {
         (Some(rendezvous), Some(dir)) => {
             let (socket, quic_tx) = quic::SharedSocket::new(udp.clone());

@@ -7,7 +7,7 @@
 //! port is enough.
 //!
 //! The node's QUIC endpoint talks to its rendezvous and nobody else, so
-//! the driver asks [`QuicSource`] before it queues a datagram: QUIC-looking
+//! the driver asks [`QuicSource`] (in [`crate::sockets`]) before it queues a datagram: QUIC-looking
 //! datagrams from any other address are dropped and counted, and a
 //! stranger's flood can't fill the queue the rendezvous's packets need.
 
@@ -15,7 +15,7 @@ use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use quinn::udp::{RecvMeta, Transmit};
@@ -27,27 +27,6 @@ use super::udp::{UdpSocket, MAX_GSO_SEGMENTS};
 /// QUIC datagrams waiting for quinn; beyond this they are dropped (QUIC
 /// recovers) rather than queued without bound.
 pub const INBOX: usize = 256;
-
-/// The one address whose QUIC datagrams reach the node's endpoint: the
-/// rendezvous's, as the session resolved it before connecting. None (no
-/// session tried yet) admits nothing.
-#[derive(Debug, Default)]
-pub struct QuicSource(RwLock<Option<SocketAddr>>);
-
-impl QuicSource {
-    /// The rendezvous is at `addr` from now on.
-    pub fn set(&self, addr: SocketAddr) {
-        if let Ok(mut source) = self.0.write() {
-            *source = Some(super::udp::canonical(addr));
-        }
-    }
-
-    /// Whether a datagram from `from` may reach the QUIC endpoint.
-    pub fn admits(&self, from: SocketAddr) -> bool {
-        let from = super::udp::canonical(from);
-        self.0.read().is_ok_and(|source| *source == Some(from))
-    }
-}
 
 /// One QUIC datagram the driver demultiplexed.
 pub struct QuicDatagram {
@@ -179,34 +158,5 @@ struct Writable {
 impl UdpPoller for Writable {
     fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
         self.udp.poll_send_ready(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_rendezvous_address_feeds_the_quic_endpoint() {
-        let source = QuicSource::default();
-        let rendezvous: SocketAddr = "203.0.113.9:7443".parse().unwrap();
-        assert!(
-            !source.admits(rendezvous),
-            "nothing before a session resolved the rendezvous"
-        );
-        source.set(rendezvous);
-        assert!(source.admits(rendezvous));
-        assert!(
-            source.admits("[::ffff:203.0.113.9]:7443".parse().unwrap()),
-            "as a dual-stack socket reports it"
-        );
-        assert!(
-            !source.admits("203.0.113.9:7444".parse().unwrap()),
-            "another port"
-        );
-        assert!(
-            !source.admits("198.51.100.1:7443".parse().unwrap()),
-            "another host"
-        );
     }
 }

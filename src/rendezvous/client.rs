@@ -20,9 +20,9 @@ use super::admission;
 use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls;
 pub use crate::agent::Update;
-use crate::dataplane::quic::QuicSource;
 use crate::identity::{CertHash, JoinToken};
 use crate::identity::{PrivateKey, PublicKey};
+use crate::sockets::QuicSource;
 use crate::wire::control::{
     Candidate, Hello, NatMapping, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
     MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,

@@ -20,7 +20,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-use super::quic::{QuicDatagram, QuicSource};
+use super::quic::QuicDatagram;
 use super::tun::Tun;
 use super::udp::{canonical, gso_run, UdpSocket, MAX_GSO_SEGMENTS};
 use crate::agent::{Agent, HostChange, RequestId, ShellStats, Update};
@@ -28,6 +28,7 @@ use crate::control::server::Ask;
 use crate::control::{IoCounters, Response};
 use crate::engine::Transmit;
 use crate::offload::{gro::Coalescer, tso};
+use crate::sockets::QuicSource;
 use crate::wire::control::NodeMessage;
 use crate::wire::relay::{self, NodeId, RelayKind};
 use crate::wire::{classify, DatagramKind};
