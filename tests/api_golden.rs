@@ -14,9 +14,11 @@
 
 use std::path::PathBuf;
 
+use std::str::FromStr;
+
 use meshd::control::{
-    CandidateInfo, Envelope, IoCounters, NetcheckInfo, PeerInfo, PingInfo, RendezvousInfo, Request,
-    Response, StatusInfo,
+    CandidateInfo, CandidateSource, Envelope, HolePunching, IoCounters, NetcheckInfo, PeerInfo,
+    PeerPath, PingInfo, RendezvousInfo, Request, Response, StatusInfo,
 };
 use meshd::wire::control::NatMapping;
 
@@ -27,10 +29,18 @@ const KEY_B: &str = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=";
 const KEY_C: &str = "e06Qm75//kTEZaIgA31gjuNYl9Me+XLwf3SJLLD3PxM=";
 const KEY_D: &str = "D6poTtKIZ7l/Smot7l34zpdOdrcBjj8iocTPJnhXDyA=";
 
-fn candidate(endpoint: &str, source: &str, answered: u64) -> CandidateInfo {
+/// `s` as whatever the field holds: an address, a prefix, a key, a `seen_at`.
+fn v<T: FromStr>(s: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    s.parse().unwrap()
+}
+
+fn candidate(endpoint: &str, source: CandidateSource, answered: u64) -> CandidateInfo {
     CandidateInfo {
-        endpoint: endpoint.into(),
-        source: source.into(),
+        endpoint: v(endpoint),
+        source,
         alive: answered > 0,
         rtt_ms: (answered > 0).then_some(1.25),
         probes_sent: 4,
@@ -44,11 +54,11 @@ fn peers() -> Vec<PeerInfo> {
     vec![
         PeerInfo {
             name: Some("node-b".into()),
-            public_key: KEY_B.into(),
-            overlay_ips: vec!["100.72.0.2".into(), "fd7a:1:2::2".into()],
-            allowed_ips: vec!["100.72.0.2/32".into(), "fd7a:1:2::2/128".into()],
-            endpoint: Some("203.0.113.12:51820".into()),
-            path: "direct".into(),
+            public_key: v(KEY_B),
+            overlay_ips: vec![v("100.72.0.2"), v("fd7a:1:2::2")],
+            allowed_ips: vec![v("100.72.0.2/32"), v("fd7a:1:2::2/128")],
+            endpoint: Some(v("203.0.113.12:51820")),
+            path: PeerPath::Direct,
             rtt_ms: Some(1.25),
             last_handshake: Some(42),
             rx_bytes: 2048,
@@ -60,20 +70,20 @@ fn peers() -> Vec<PeerInfo> {
             online: true,
             nat: NatMapping::EndpointIndependent,
             candidates: vec![
-                candidate("203.0.113.12:51820", "advertised", 4),
-                candidate("[2001:db8::12]:51820", "observed", 0),
-                candidate("10.0.0.12:51820", "local", 0),
-                candidate("198.51.100.12:40000", "learned", 2),
+                candidate("203.0.113.12:51820", CandidateSource::Advertised, 4),
+                candidate("[2001:db8::12]:51820", CandidateSource::Observed, 0),
+                candidate("10.0.0.12:51820", CandidateSource::Local, 0),
+                candidate("198.51.100.12:40000", CandidateSource::Learned, 2),
             ],
             relay_reason: None,
         },
         PeerInfo {
             name: Some("node-sym".into()),
-            public_key: KEY_C.into(),
-            overlay_ips: vec!["100.72.0.3".into(), "fd7a:1:2::3".into()],
-            allowed_ips: vec!["100.72.0.3/32".into(), "fd7a:1:2::3/128".into()],
+            public_key: v(KEY_C),
+            overlay_ips: vec![v("100.72.0.3"), v("fd7a:1:2::3")],
+            allowed_ips: vec![v("100.72.0.3/32"), v("fd7a:1:2::3/128")],
             endpoint: None,
-            path: "relay".into(),
+            path: PeerPath::Relay,
             rtt_ms: None,
             last_handshake: Some(7),
             rx_bytes: 0,
@@ -84,7 +94,11 @@ fn peers() -> Vec<PeerInfo> {
             persistent_keepalive: None,
             online: true,
             nat: NatMapping::EndpointDependent,
-            candidates: vec![candidate("198.51.100.3:60260", "observed", 0)],
+            candidates: vec![candidate(
+                "198.51.100.3:60260",
+                CandidateSource::Observed,
+                0,
+            )],
             relay_reason: Some(
                 "both sides are behind endpoint-dependent (symmetric) NAT; tried \
                  198.51.100.3:60260 (seen by the rendezvous): 4 probes, no answer"
@@ -93,11 +107,11 @@ fn peers() -> Vec<PeerInfo> {
         },
         PeerInfo {
             name: None,
-            public_key: KEY_D.into(),
-            overlay_ips: vec!["10.99.0.1".into()],
-            allowed_ips: vec!["10.99.0.1/32".into(), "192.168.50.0/24".into()],
+            public_key: v(KEY_D),
+            overlay_ips: vec![v("10.99.0.1")],
+            allowed_ips: vec![v("10.99.0.1/32"), v("192.168.50.0/24")],
             endpoint: None,
-            path: "none".into(),
+            path: PeerPath::None,
             rtt_ms: None,
             last_handshake: None,
             rx_bytes: 0,
@@ -119,22 +133,22 @@ fn peers() -> Vec<PeerInfo> {
 fn status() -> StatusInfo {
     StatusInfo {
         name: Some("node-a".into()),
-        public_key: KEY_A.into(),
-        overlay_ips: vec!["100.72.0.1".into(), "fd7a:1:2::1".into()],
+        public_key: v(KEY_A),
+        overlay_ips: vec![v("100.72.0.1"), v("fd7a:1:2::1")],
         interface: "mesh0".into(),
         mtu: 1380,
         listen_port: 51820,
-        addresses: vec!["100.72.0.1/16".into(), "fd7a:1:2::1/48".into()],
+        addresses: vec![v("100.72.0.1/16"), v("fd7a:1:2::1/48")],
         peers: 3,
         peers_direct: 1,
         peers_relayed: 1,
         peers_offline: 1,
         nat: NatMapping::EndpointIndependent,
         seen_at: vec![
-            "203.0.113.1:51820 (rendezvous)".into(),
-            "203.0.113.1:51820 (rendezvous NAT check)".into(),
-            "203.0.113.1:51820 (node-b)".into(),
-            "[2001:db8::1]:51820 (D6poTtKI)".into(),
+            v("203.0.113.1:51820 (rendezvous)"),
+            v("203.0.113.1:51820 (rendezvous NAT check)"),
+            v("203.0.113.1:51820 (node-b)"),
+            v("[2001:db8::1]:51820 (D6poTtKI)"),
         ],
         rendezvous: Some(RendezvousInfo {
             connected: true,
@@ -161,12 +175,12 @@ fn status() -> StatusInfo {
 fn status_static() -> StatusInfo {
     StatusInfo {
         name: None,
-        public_key: KEY_A.into(),
-        overlay_ips: vec!["10.99.0.2".into()],
+        public_key: v(KEY_A),
+        overlay_ips: vec![v("10.99.0.2")],
         interface: "wg-static".into(),
         mtu: 1420,
         listen_port: 51821,
-        addresses: vec!["10.99.0.2/24".into()],
+        addresses: vec![v("10.99.0.2/24")],
         peers: 1,
         peers_direct: 0,
         peers_relayed: 0,
@@ -183,9 +197,9 @@ fn status_static() -> StatusInfo {
 fn pong_direct() -> PingInfo {
     PingInfo {
         peer: "node-b".into(),
-        overlay_ip: Some("100.72.0.2".into()),
-        path: Some("direct".into()),
-        endpoint: Some("[2001:db8::12]:51820".into()),
+        overlay_ip: Some(v("100.72.0.2")),
+        path: Some(PeerPath::Direct),
+        endpoint: Some(v("[2001:db8::12]:51820")),
         rtt_ms: Some(0.42),
     }
 }
@@ -193,8 +207,8 @@ fn pong_direct() -> PingInfo {
 fn pong_relay() -> PingInfo {
     PingInfo {
         peer: "node-sym".into(),
-        overlay_ip: Some("100.72.0.3".into()),
-        path: Some("relay".into()),
+        overlay_ip: Some(v("100.72.0.3")),
+        path: Some(PeerPath::Relay),
         endpoint: None,
         rtt_ms: Some(4.25),
     }
@@ -213,16 +227,16 @@ fn pong_lost() -> PingInfo {
 
 fn netcheck_symmetric() -> NetcheckInfo {
     NetcheckInfo {
-        rendezvous: Some("203.0.113.2:7443".into()),
+        rendezvous: Some(v("203.0.113.2:7443")),
         quic_connected: true,
         quic_rtt_ms: Some(1.5),
-        quic_seen_at: Some("203.0.113.41:3947".into()),
-        reflector: Some("203.0.113.2:7444".into()),
-        reflector_seen_at: Some("203.0.113.41:60260".into()),
+        quic_seen_at: Some(v("203.0.113.41:3947")),
+        reflector: Some(v("203.0.113.2:7444")),
+        reflector_seen_at: Some(v("203.0.113.41:60260")),
         reflector_rtt_ms: Some(0.8),
         mapping: NatMapping::EndpointDependent,
         mapping_from_peers: NatMapping::EndpointDependent,
-        hole_punching: "unlikely".into(),
+        hole_punching: HolePunching::Unlikely,
         explanation: "the rendezvous's two ports see this node at 203.0.113.41:3947 and \
                       203.0.113.41:60260: its NAT picks a new public port for every destination"
             .into(),
@@ -231,28 +245,28 @@ fn netcheck_symmetric() -> NetcheckInfo {
 
 fn netcheck_public() -> NetcheckInfo {
     NetcheckInfo {
-        rendezvous: Some("[2001:db8::2]:7443".into()),
+        rendezvous: Some(v("[2001:db8::2]:7443")),
         quic_connected: true,
         quic_rtt_ms: Some(0.3),
-        quic_seen_at: Some("[2001:db8::11]:51820".into()),
-        reflector: Some("[2001:db8::2]:7444".into()),
-        reflector_seen_at: Some("[2001:db8::11]:51820".into()),
+        quic_seen_at: Some(v("[2001:db8::11]:51820")),
+        reflector: Some(v("[2001:db8::2]:7444")),
+        reflector_seen_at: Some(v("[2001:db8::11]:51820")),
         reflector_rtt_ms: Some(0.25),
         mapping: NatMapping::None,
         mapping_from_peers: NatMapping::None,
-        hole_punching: "not needed".into(),
+        hole_punching: HolePunching::NotNeeded,
         explanation: "an address on its own interface: no NAT".into(),
     }
 }
 
 fn netcheck_cone() -> NetcheckInfo {
     NetcheckInfo {
-        hole_punching: "likely".into(),
+        hole_punching: HolePunching::Likely,
         mapping: NatMapping::EndpointIndependent,
         mapping_from_peers: NatMapping::Unknown,
         explanation: "both rendezvous ports see this node at 203.0.113.30:51820".into(),
-        quic_seen_at: Some("203.0.113.30:51820".into()),
-        reflector_seen_at: Some("203.0.113.30:51820".into()),
+        quic_seen_at: Some(v("203.0.113.30:51820")),
+        reflector_seen_at: Some(v("203.0.113.30:51820")),
         ..netcheck_symmetric()
     }
 }
@@ -269,7 +283,7 @@ fn netcheck_silent() -> NetcheckInfo {
         reflector_rtt_ms: None,
         mapping: NatMapping::Unknown,
         mapping_from_peers: NatMapping::Unknown,
-        hole_punching: "unknown".into(),
+        hole_punching: HolePunching::Unknown,
         explanation: "the rendezvous's NAT-check port (its QUIC port + 1) did not answer".into(),
     }
 }

@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use meshd::control::{CandidateInfo, PeerInfo, StatusInfo};
+use meshd::control::{CandidateInfo, CandidateSource, PeerInfo, StatusInfo};
 use serde::Deserialize as _;
 
 const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
@@ -21,24 +21,34 @@ impl Files {
         let dir = tempfile::tempdir().unwrap();
         let status = StatusInfo {
             name: Some("node-a".into()),
-            public_key: "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=".into(),
-            overlay_ips: vec!["100.72.0.5".into(), "fd7a:1:2::5".into()],
+            public_key: "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
+                .parse()
+                .unwrap(),
+            overlay_ips: vec![
+                "100.72.0.5".parse().unwrap(),
+                "fd7a:1:2::5".parse().unwrap(),
+            ],
             interface: "mesh0".into(),
             listen_port: 51820,
-            addresses: vec!["100.72.0.5/16".into(), "fd7a:1:2::5/48".into()],
-            seen_at: vec!["203.0.113.5:51820 (rendezvous)".into()],
+            addresses: vec![
+                "100.72.0.5/16".parse().unwrap(),
+                "fd7a:1:2::5/48".parse().unwrap(),
+            ],
+            seen_at: vec!["203.0.113.5:51820 (rendezvous)".parse().unwrap()],
             ..StatusInfo::default()
         };
         let peer = |name: &str, ip: &str, candidates: Vec<CandidateInfo>| PeerInfo {
             name: Some(name.into()),
-            public_key: "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=".into(),
-            overlay_ips: vec![ip.into()],
+            public_key: "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08="
+                .parse()
+                .unwrap(),
+            overlay_ips: vec![ip.parse().unwrap()],
             candidates,
             ..PeerInfo::default()
         };
-        let candidate = |endpoint: &str, source: &str| CandidateInfo {
-            endpoint: endpoint.into(),
-            source: source.into(),
+        let candidate = |endpoint: &str, source| CandidateInfo {
+            endpoint: endpoint.parse().unwrap(),
+            source,
             alive: true,
             rtt_ms: None,
             probes_sent: 1,
@@ -48,7 +58,7 @@ impl Files {
             peer(
                 "node-b",
                 "100.72.0.6",
-                vec![candidate("192.0.2.6:51820", "advertised")],
+                vec![candidate("192.0.2.6:51820", CandidateSource::Advertised)],
             ),
             peer("node-c", "100.72.0.7", vec![]),
         ];

@@ -237,8 +237,12 @@ const PATHS: [&str; 3] = ["direct", "relay", "none"];
 /// address).
 pub fn render_node(status: &StatusInfo, peers: &[PeerInfo], now_unix: u64) -> String {
     let mut out = Exposition::new();
-    let node_key = short_key(&status.public_key);
-    let node_address = status.overlay_ips.first().map_or("", String::as_str);
+    let node_key = status.public_key.short();
+    let node_address = status
+        .overlay_ips
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_default();
     out.family(
         "meshd_info",
         Kind::Gauge,
@@ -248,7 +252,7 @@ pub fn render_node(status: &StatusInfo, peers: &[PeerInfo], now_unix: u64) -> St
         &[
             ("node", status.name.as_deref().unwrap_or(&node_key)),
             ("public_key", &node_key),
-            ("address", node_address),
+            ("address", &node_address),
         ],
         1u64,
     );
@@ -389,7 +393,7 @@ pub fn render_node(status: &StatusInfo, peers: &[PeerInfo], now_unix: u64) -> St
                     ("address", &labels.address),
                     ("path", name),
                 ],
-                peer.path == name,
+                peer.path.as_str() == name,
             );
         }
     }
@@ -412,10 +416,14 @@ struct PeerLabels {
 }
 
 fn peer_labels(peer: &PeerInfo) -> PeerLabels {
-    let key = short_key(&peer.public_key);
+    let key = peer.public_key.short();
     PeerLabels {
         peer: peer.name.clone().unwrap_or_else(|| key.clone()),
-        address: peer.overlay_ips.first().cloned().unwrap_or_default(),
+        address: peer
+            .overlay_ips
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         key,
     }
 }
@@ -950,8 +958,8 @@ mod tests {
     fn status() -> StatusInfo {
         StatusInfo {
             name: Some("node-a".into()),
-            public_key: KEY_A.into(),
-            overlay_ips: vec!["100.72.0.1".into(), "fd00::1".into()],
+            public_key: KEY_A.parse().unwrap(),
+            overlay_ips: vec!["100.72.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
             interface: "mesh0".into(),
             listen_port: 51820,
             peers: 2,
@@ -982,9 +990,9 @@ mod tests {
         vec![
             PeerInfo {
                 name: Some("node-b".into()),
-                public_key: KEY_B.into(),
-                overlay_ips: vec!["100.72.0.2".into(), "fd00::2".into()],
-                path: "direct".into(),
+                public_key: KEY_B.parse().unwrap(),
+                overlay_ips: vec!["100.72.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
+                path: crate::control::PeerPath::Direct,
                 rtt_ms: Some(0.42),
                 last_handshake: Some(5),
                 rx_bytes: 2048,
@@ -997,9 +1005,9 @@ mod tests {
             },
             PeerInfo {
                 name: None,
-                public_key: KEY_C.into(),
-                overlay_ips: vec!["100.72.0.3".into()],
-                path: "relay".into(),
+                public_key: KEY_C.parse().unwrap(),
+                overlay_ips: vec!["100.72.0.3".parse().unwrap()],
+                path: crate::control::PeerPath::Relay,
                 ..PeerInfo::default()
             },
         ]

@@ -20,13 +20,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::config::DEFAULT_MTU;
-use crate::control::{PeerInfo, StatusInfo};
+use crate::control::{CandidateSource, PeerInfo, SeenAt, StatusInfo};
 
 /// VXLAN's overhead on an IPv4 underlay: outer IPv4 (20) + UDP (8) + VXLAN
 /// (8) + the inner Ethernet header (14), RFC 7348 §5. The VTEPs sit on the
@@ -150,14 +150,17 @@ pub struct Mesh {
 pub struct Overrides {
     /// The Kubernetes node name, when it is not the mesh name.
     pub node_name: Option<String>,
-    /// mesh0's MTU, when meshd does not report it.
+    /// mesh0's MTU (`--mtu`): wins over the MTU meshd reports.
     pub mtu: Option<u16>,
+    /// mesh0's MTU from elsewhere (meshd's env file), for an older meshd
+    /// whose status reports none; meshd's own report wins over it.
+    pub fallback_mtu: Option<u16>,
 }
 
 impl Mesh {
     /// The mesh as `meshctl status --json` and `meshctl peers --json` show
     /// it. The MTU is, in order: the override, meshd's (an older meshd
-    /// reports none), the default 1380.
+    /// reports none), the fallback, the default 1380.
     pub fn from_api(
         status: &StatusInfo,
         peers: &[PeerInfo],
@@ -183,12 +186,13 @@ impl Mesh {
             mtu: overrides
                 .mtu
                 .or(Some(status.mtu).filter(|&m| m != 0))
+                .or(overrides.fallback_mtu)
                 .unwrap_or(DEFAULT_MTU),
         };
         let mut notes = Vec::new();
         let mut members = Vec::new();
         for peer in peers {
-            let short_key: String = peer.public_key.chars().take(8).collect();
+            let short_key = peer.public_key.short();
             let Some(name) = peer.name.clone() else {
                 notes.push(format!("left out static peer {short_key}: it has no name"));
                 continue;
@@ -217,54 +221,43 @@ impl Mesh {
     }
 }
 
-/// The first IPv4 and the first IPv6 among `ips`; entries that are not an
-/// address (a newer meshd may add prefixes) are passed over.
-fn overlay_addresses(ips: &[String]) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
-    let parsed: Vec<IpAddr> = ips
-        .iter()
-        .filter_map(|s| s.split('/').next()?.parse().ok())
-        .collect();
-    let v4 = parsed.iter().find_map(|ip| match ip {
+/// The first IPv4 and the first IPv6 among `ips`.
+fn overlay_addresses(ips: &[IpAddr]) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+    let v4 = ips.iter().find_map(|ip| match ip {
         IpAddr::V4(a) => Some(*a),
         IpAddr::V6(_) => None,
     });
-    let v6 = parsed.iter().find_map(|ip| match ip {
+    let v6 = ips.iter().find_map(|ip| match ip {
         IpAddr::V6(a) => Some(*a),
         IpAddr::V4(_) => None,
     });
     (v4, v6)
 }
 
-/// This node's public side as the rendezvous sees it: `seen_at` entries
-/// read `203.0.113.41:3947 (rendezvous)`.
-fn seen_by_rendezvous(seen_at: &[String]) -> Option<IpAddr> {
-    let parsed: Vec<(IpAddr, &str)> = seen_at
+/// This node's public side: where the rendezvous (either port) sees it,
+/// else where the first peer does.
+fn seen_by_rendezvous(seen_at: &[SeenAt]) -> Option<IpAddr> {
+    seen_at
         .iter()
-        .filter_map(|s| {
-            let (addr, by) = s.split_once(' ')?;
-            Some((addr.parse::<SocketAddr>().ok()?.ip(), by))
-        })
-        .collect();
-    parsed
-        .iter()
-        .find(|(_, by)| by.starts_with("(rendezvous"))
-        .or(parsed.first())
-        .map(|(ip, _)| *ip)
+        .find(|s| s.by.is_rendezvous())
+        .or(seen_at.first())
+        .map(|s| s.addr.ip())
 }
 
-/// A peer's address to reach it on: advertised, else observed, else local;
-/// IPv4 before IPv6 within one kind; the first listed among equals.
+/// A peer's address to reach it on: advertised, else observed, else local
+/// (never one only learned from its packets); IPv4 before IPv6 within one
+/// kind; the first listed among equals.
 fn best_candidate(peer: &PeerInfo) -> Option<(IpAddr, Reach)> {
     peer.candidates
         .iter()
         .filter_map(|c| {
-            let reach = match c.source.as_str() {
-                "advertised" => Reach::Advertised,
-                "observed" => Reach::Observed,
-                "local" => Reach::Local,
-                _ => return None,
+            let reach = match c.source {
+                CandidateSource::Advertised => Reach::Advertised,
+                CandidateSource::Observed => Reach::Observed,
+                CandidateSource::Local => Reach::Local,
+                CandidateSource::Learned => return None,
             };
-            Some((c.endpoint.parse::<SocketAddr>().ok()?.ip(), reach))
+            Some((c.endpoint.ip(), reach))
         })
         .min_by_key(|(ip, reach)| (*reach, ip.is_ipv6()))
 }
@@ -1282,23 +1275,31 @@ mod tests {
     fn status() -> StatusInfo {
         StatusInfo {
             name: Some("node-a".into()),
-            public_key: "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=".into(),
-            overlay_ips: vec!["100.72.0.5".into(), "fd7a:1:2::5".into()],
+            public_key: "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
+                .parse()
+                .unwrap(),
+            overlay_ips: vec![
+                "100.72.0.5".parse().unwrap(),
+                "fd7a:1:2::5".parse().unwrap(),
+            ],
             interface: "mesh0".into(),
             listen_port: 51820,
-            addresses: vec!["100.72.0.5/16".into(), "fd7a:1:2::5/48".into()],
+            addresses: vec![
+                "100.72.0.5/16".parse().unwrap(),
+                "fd7a:1:2::5/48".parse().unwrap(),
+            ],
             seen_at: vec![
-                "198.51.100.9:40000 (node-b)".into(),
-                "203.0.113.5:51820 (rendezvous)".into(),
+                "198.51.100.9:40000 (node-b)".parse().unwrap(),
+                "203.0.113.5:51820 (rendezvous)".parse().unwrap(),
             ],
             ..StatusInfo::default()
         }
     }
 
-    fn candidate(endpoint: &str, source: &str) -> CandidateInfo {
+    fn candidate(endpoint: &str, source: CandidateSource) -> CandidateInfo {
         CandidateInfo {
-            endpoint: endpoint.into(),
-            source: source.into(),
+            endpoint: endpoint.parse().unwrap(),
+            source,
             alive: true,
             rtt_ms: None,
             probes_sent: 0,
@@ -1309,8 +1310,8 @@ mod tests {
     fn peer(name: Option<&str>, ips: &[&str], candidates: Vec<CandidateInfo>) -> PeerInfo {
         PeerInfo {
             name: name.map(Into::into),
-            public_key: KEY_B.into(),
-            overlay_ips: ips.iter().map(|s| (*s).to_owned()).collect(),
+            public_key: KEY_B.parse().unwrap(),
+            overlay_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             candidates,
             ..PeerInfo::default()
         }
@@ -1322,30 +1323,30 @@ mod tests {
                 Some("node-b"),
                 &["100.72.0.6", "fd7a:1:2::6"],
                 vec![
-                    candidate("10.0.0.6:51820", "local"),
-                    candidate("198.51.100.6:51820", "observed"),
-                    candidate("[2001:db8::6]:51820", "advertised"),
-                    candidate("192.0.2.6:51820", "advertised"),
+                    candidate("10.0.0.6:51820", CandidateSource::Local),
+                    candidate("198.51.100.6:51820", CandidateSource::Observed),
+                    candidate("[2001:db8::6]:51820", CandidateSource::Advertised),
+                    candidate("192.0.2.6:51820", CandidateSource::Advertised),
                 ],
             ),
             peer(
                 Some("node-c"),
                 &["100.72.0.7", "fd7a:1:2::7"],
                 vec![
-                    candidate("10.1.0.7:51820", "local"),
-                    candidate("198.51.100.7:3000", "observed"),
+                    candidate("10.1.0.7:51820", CandidateSource::Local),
+                    candidate("198.51.100.7:3000", CandidateSource::Observed),
                 ],
             ),
             peer(
                 Some("node-d"),
                 &["100.72.0.8", "fd7a:1:2::8"],
-                vec![candidate("10.2.0.8:51820", "local")],
+                vec![candidate("10.2.0.8:51820", CandidateSource::Local)],
             ),
             peer(Some("node-e"), &["100.72.0.9", "fd7a:1:2::9"], vec![]),
             peer(
                 None,
                 &["100.72.0.10"],
-                vec![candidate("192.0.2.10:51820", "advertised")],
+                vec![candidate("192.0.2.10:51820", CandidateSource::Advertised)],
             ),
         ]
     }
@@ -1469,6 +1470,27 @@ mod tests {
     }
 
     #[test]
+    fn meshds_mtu_wins_over_the_env_file_and_the_mtu_option_wins_over_both() {
+        let reported = StatusInfo {
+            mtu: 1420,
+            ..status()
+        };
+        let mtu = |status: &StatusInfo, mtu, fallback_mtu| {
+            let overrides = Overrides {
+                mtu,
+                fallback_mtu,
+                ..Overrides::default()
+            };
+            Mesh::from_api(status, &[], &overrides).unwrap().local.mtu
+        };
+        assert_eq!(mtu(&reported, None, Some(1380)), 1420, "meshd's report");
+        assert_eq!(mtu(&reported, Some(1300), Some(1380)), 1300, "--mtu");
+        // An older meshd reports 0: the env file's, else the default.
+        assert_eq!(mtu(&status(), None, Some(1400)), 1400, "env file");
+        assert_eq!(mtu(&status(), None, None), 1380, "default");
+    }
+
+    #[test]
     fn a_reachable_address_is_advertised_then_observed_then_local_ipv4_first() {
         let reach: Vec<_> = mesh().peers.iter().map(|p| p.reachable).collect();
         assert_eq!(
@@ -1503,7 +1525,7 @@ mod tests {
             "k8s-a"
         );
         let v6_only = StatusInfo {
-            overlay_ips: vec!["fd7a:1:2::5".into()],
+            overlay_ips: vec!["fd7a:1:2::5".parse().unwrap()],
             ..status()
         };
         let e = Mesh::from_api(&v6_only, &[], &Overrides::default()).unwrap_err();
@@ -1513,7 +1535,7 @@ mod tests {
     #[test]
     fn dual_stack_without_an_overlay_ipv6_is_refused() {
         let v4_only = StatusInfo {
-            overlay_ips: vec!["100.72.0.5".into()],
+            overlay_ips: vec!["100.72.0.5".parse().unwrap()],
             ..status()
         };
         let local = Mesh::from_api(&v4_only, &[], &Overrides::default())

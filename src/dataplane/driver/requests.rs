@@ -14,7 +14,8 @@ use super::Driver;
 use crate::control::diagnose::{self, Side};
 use crate::control::server::Ask;
 use crate::control::{
-    millis, NetcheckInfo, PeerInfo, PingInfo, RendezvousInfo, Request, Response, StatusInfo,
+    millis, NetcheckInfo, PeerInfo, PeerPath, PingInfo, RendezvousInfo, Request, Response, SeenAt,
+    SeenBy, StatusInfo,
 };
 use crate::dataplane::udp::canonical;
 use crate::engine::nat::Observer;
@@ -38,7 +39,7 @@ impl Driver {
                 let mut info = PeerInfo::from(&p);
                 if let Some(meta) = self.meta.get(&p.public_key) {
                     info.name = Some(meta.name.clone());
-                    info.overlay_ips = meta.overlay_ips.iter().map(ToString::to_string).collect();
+                    info.overlay_ips = meta.overlay_ips.clone();
                     info.nat = meta.nat;
                     if p.path == PathStatus::Relay {
                         let peer = Side {
@@ -67,24 +68,21 @@ impl Driver {
                 let peers = self.peer_infos();
                 let count = |f: fn(&PeerInfo) -> bool| peers.iter().filter(|p| f(p)).count();
                 Response::Status(Box::new(StatusInfo {
-                    peers_direct: count(|p| p.path == "direct"),
-                    peers_relayed: count(|p| p.path == "relay"),
+                    peers_direct: count(|p| p.path == PeerPath::Direct),
+                    peers_relayed: count(|p| p.path == PeerPath::Relay),
                     peers_offline: count(|p| !p.online),
                     nat: self.nat_mapping(now),
                     seen_at: self
                         .observer
                         .seen_at(now)
                         .into_iter()
-                        .map(|(by, addr)| match by {
-                            Observer::Rendezvous => format!("{addr} (rendezvous)"),
-                            Observer::Reflector => format!("{addr} (rendezvous NAT check)"),
-                            Observer::Peer(key) => {
-                                let name = self
-                                    .meta
-                                    .get(&key)
-                                    .map_or_else(|| key.short(), |m| m.name.clone());
-                                format!("{addr} ({name})")
-                            }
+                        .map(|(by, addr)| SeenAt {
+                            addr,
+                            by: match by {
+                                Observer::Rendezvous => SeenBy::Rendezvous,
+                                Observer::Reflector => SeenBy::Reflector,
+                                Observer::Peer(key) => SeenBy::Peer(self.display_name(&key)),
+                            },
                         })
                         .collect(),
                     rendezvous: self.inputs.nat.is_some().then(|| RendezvousInfo {
@@ -96,13 +94,19 @@ impl Driver {
                         .info
                         .addresses
                         .iter()
-                        .map(|a| a.split('/').next().unwrap_or(a).to_owned())
+                        .filter_map(|a| a.parse::<ipnet::IpNet>().ok())
+                        .map(|a| a.addr())
                         .collect(),
-                    public_key: self.node.public_key().to_string(),
+                    public_key: self.node.public_key(),
                     interface: self.info.interface.clone(),
                     mtu: self.info.mtu,
                     listen_port: self.info.listen_port,
-                    addresses: self.info.addresses.clone(),
+                    addresses: self
+                        .info
+                        .addresses
+                        .iter()
+                        .filter_map(|a| a.parse().ok())
+                        .collect(),
                     peers: peers.len(),
                     drops: stats
                         .drops()
@@ -177,7 +181,7 @@ impl Driver {
                 .meta
                 .get(&key)
                 .and_then(|m| m.overlay_ips.first())
-                .map(ToString::to_string),
+                .copied(),
             ..PingInfo::default()
         };
         if !self.node.ping(&key, now) {
@@ -199,10 +203,10 @@ impl Driver {
         };
         let mut pending = self.pending_pings.swap_remove(i);
         let (name, endpoint) = match path {
-            Path::Direct(addr) => ("direct", Some(addr.to_string())),
-            Path::Relay => ("relay", None),
+            Path::Direct(addr) => (PeerPath::Direct, Some(addr)),
+            Path::Relay => (PeerPath::Relay, None),
         };
-        pending.info.path = Some(name.to_owned());
+        pending.info.path = Some(name);
         pending.info.endpoint = endpoint;
         pending.info.rtt_ms = Some(millis(rtt));
         let _ = pending.reply.send(Response::Pong(pending.info));
@@ -286,18 +290,18 @@ impl Driver {
         let (mapping, punching, explanation) =
             diagnose::netcheck_verdict(quic_seen, reflector_seen, &self.info.underlay_ips);
         let info = NetcheckInfo {
-            rendezvous: self.rendezvous_addr.map(|a| a.to_string()),
+            rendezvous: self.rendezvous_addr,
             quic_connected: self.relay_connection.is_some(),
             quic_rtt_ms: self.relay_connection.as_ref().map(|c| millis(c.rtt())),
-            quic_seen_at: quic_seen.map(|a| a.to_string()),
-            reflector: self.rendezvous_addr.map(|a| {
-                SocketAddr::new(a.ip(), a.port().wrapping_add(reflect::PORT_OFFSET)).to_string()
-            }),
-            reflector_seen_at: reflector_seen.map(|a| a.to_string()),
+            quic_seen_at: quic_seen,
+            reflector: self
+                .rendezvous_addr
+                .map(|a| SocketAddr::new(a.ip(), a.port().wrapping_add(reflect::PORT_OFFSET))),
+            reflector_seen_at: reflector_seen,
             reflector_rtt_ms: self.reflector_seen.map(|(_, rtt)| millis(rtt)),
             mapping,
             mapping_from_peers: self.nat_mapping(now),
-            hole_punching: punching.to_owned(),
+            hole_punching: punching,
             explanation,
         };
         for (_, reply) in self.pending_netcheck.drain(..) {
