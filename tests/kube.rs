@@ -2,15 +2,42 @@
 //! `meshctl peers --json` files (no meshd, no cluster, no root): every
 //! generator prints YAML that parses back, notes go to stderr, and `check`
 //! fails with the fix on a mismatch and with one line on malformed JSON.
+//! Where meshctl asks meshd itself (the MTU's precedence), a fake meshd on a
+//! socket in a temporary directory answers.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use meshd::control::{CandidateInfo, CandidateSource, PeerInfo, StatusInfo};
+use meshd::control::{
+    CandidateInfo, CandidateSource, Envelope, PeerInfo, Request, Response, StatusInfo,
+};
+use meshd::kube::env::MeshEnv;
 use serde::Deserialize as _;
 
 const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
+
+/// This node as `meshctl status --json` shows it (meshd reports no MTU).
+fn status() -> StatusInfo {
+    StatusInfo {
+        name: Some("node-a".into()),
+        public_key: "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
+            .parse()
+            .unwrap(),
+        overlay_ips: vec![
+            "100.72.0.5".parse().unwrap(),
+            "fd7a:1:2::5".parse().unwrap(),
+        ],
+        interface: "mesh0".into(),
+        listen_port: 51820,
+        addresses: vec![
+            "100.72.0.5/16".parse().unwrap(),
+            "fd7a:1:2::5/48".parse().unwrap(),
+        ],
+        seen_at: vec!["203.0.113.5:51820 (rendezvous)".parse().unwrap()],
+        ..StatusInfo::default()
+    }
+}
 
 struct Files {
     dir: tempfile::TempDir,
@@ -19,24 +46,7 @@ struct Files {
 impl Files {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let status = StatusInfo {
-            name: Some("node-a".into()),
-            public_key: "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
-                .parse()
-                .unwrap(),
-            overlay_ips: vec![
-                "100.72.0.5".parse().unwrap(),
-                "fd7a:1:2::5".parse().unwrap(),
-            ],
-            interface: "mesh0".into(),
-            listen_port: 51820,
-            addresses: vec![
-                "100.72.0.5/16".parse().unwrap(),
-                "fd7a:1:2::5/48".parse().unwrap(),
-            ],
-            seen_at: vec!["203.0.113.5:51820 (rendezvous)".parse().unwrap()],
-            ..StatusInfo::default()
-        };
+        let status = status();
         let peer = |name: &str, ip: &str, candidates: Vec<CandidateInfo>| PeerInfo {
             name: Some(name.into()),
             public_key: "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08="
@@ -225,6 +235,75 @@ fn the_mtu_option_sets_the_cni_mtu() {
         "calico --mtu",
     ));
     assert_eq!(docs[0]["spec"]["calicoNetwork"]["mtu"].as_u64(), Some(1370));
+}
+
+/// A meshd that answers `meshctl status` with `status` on `socket`, for
+/// `connections` connections, then stops listening.
+fn fake_meshd(
+    socket: &Path,
+    status: StatusInfo,
+    connections: usize,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{BufRead as _, BufReader};
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(connections) {
+            let mut stream = stream.unwrap();
+            let mut request = String::new();
+            BufReader::new(&stream).read_line(&mut request).unwrap();
+            let request: Envelope<Request> = serde_json::from_str(&request).unwrap();
+            assert_eq!(request.body, Request::Status, "meshctl asks for the status");
+            let response = Envelope::new(Response::Status(Box::new(status.clone())));
+            let line = serde_json::to_string(&response).unwrap() + "\n";
+            stream.write_all(line.as_bytes()).unwrap();
+        }
+    })
+}
+
+/// `meshctl kube ARGS… calico` against `meshd` reporting `reported_mtu`,
+/// with an env file saying MESH_MTU=1280: the calico VXLAN MTU it prints.
+fn calico_mtu_with_meshd(reported_mtu: u16, args: &[&str]) -> u64 {
+    let files = Files::new();
+    let socket = files.path("meshd.sock");
+    let env = MeshEnv::new(&[status().addresses[0]], "mesh0", 1280);
+    let env_file = files.write("env", &env.render());
+    let meshd = fake_meshd(
+        &socket,
+        StatusInfo {
+            mtu: reported_mtu,
+            ..status()
+        },
+        1,
+    );
+    let out = Command::new(MESHCTL)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("kube")
+        .arg("--env-file")
+        .arg(&env_file)
+        .args(args)
+        .arg("calico")
+        .output()
+        .unwrap();
+    meshd.join().unwrap();
+    let docs = yaml_documents(&succeeded(&out, "calico against meshd"));
+    docs[0]["spec"]["calicoNetwork"]["mtu"].as_u64().unwrap()
+}
+
+#[test]
+fn meshds_reported_mtu_wins_over_its_env_file_and_the_mtu_option_over_both() {
+    assert_eq!(calico_mtu_with_meshd(1420, &[]), 1420 - 50, "meshd's MTU");
+    assert_eq!(
+        calico_mtu_with_meshd(1420, &["--mtu", "1300"]),
+        1300 - 50,
+        "--mtu"
+    );
+    // An older meshd reports no MTU (0): the env file's, then.
+    assert_eq!(
+        calico_mtu_with_meshd(0, &[]),
+        1280 - 50,
+        "the env file's MTU"
+    );
 }
 
 #[test]
