@@ -9,11 +9,11 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use meshd::control::{
-    CandidateInfo, CandidateSource, Envelope, PeerInfo, Request, Response, StatusInfo,
-};
+use meshd::control::{CandidateInfo, CandidateSource, PeerInfo, Request, Response, StatusInfo};
 use meshd::kube::env::MeshEnv;
 use serde::Deserialize as _;
+
+mod fake_meshd;
 
 const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
 
@@ -237,29 +237,6 @@ fn the_mtu_option_sets_the_cni_mtu() {
     assert_eq!(docs[0]["spec"]["calicoNetwork"]["mtu"].as_u64(), Some(1370));
 }
 
-/// A meshd that answers `meshctl status` with `status` on `socket`, for
-/// `connections` connections, then stops listening.
-fn fake_meshd(
-    socket: &Path,
-    status: StatusInfo,
-    connections: usize,
-) -> std::thread::JoinHandle<()> {
-    use std::io::{BufRead as _, BufReader};
-    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(connections) {
-            let mut stream = stream.unwrap();
-            let mut request = String::new();
-            BufReader::new(&stream).read_line(&mut request).unwrap();
-            let request: Envelope<Request> = serde_json::from_str(&request).unwrap();
-            assert_eq!(request.body, Request::Status, "meshctl asks for the status");
-            let response = Envelope::new(Response::Status(Box::new(status.clone())));
-            let line = serde_json::to_string(&response).unwrap() + "\n";
-            stream.write_all(line.as_bytes()).unwrap();
-        }
-    })
-}
-
 /// `meshctl kube ARGS… calico` against `meshd` reporting `reported_mtu`,
 /// with an env file saying MESH_MTU=1280: the calico VXLAN MTU it prints.
 fn calico_mtu_with_meshd(reported_mtu: u16, args: &[&str]) -> u64 {
@@ -267,14 +244,13 @@ fn calico_mtu_with_meshd(reported_mtu: u16, args: &[&str]) -> u64 {
     let socket = files.path("meshd.sock");
     let env = MeshEnv::new(&[status().addresses[0]], "mesh0", 1280);
     let env_file = files.write("env", &env.render());
-    let meshd = fake_meshd(
-        &socket,
-        StatusInfo {
+    let meshd = fake_meshd::serve(&socket, 1, move |request| {
+        assert_eq!(request, Request::Status, "meshctl asks for the status");
+        Response::Status(Box::new(StatusInfo {
             mtu: reported_mtu,
             ..status()
-        },
-        1,
-    );
+        }))
+    });
     let out = Command::new(MESHCTL)
         .arg("--socket")
         .arg(&socket)

@@ -1,5 +1,8 @@
 //! `meshctl`: inspect and operate the local meshd. Thin: arguments → API
 //! request (or key helper) → rendered output.
+//!
+//! A reader that stops early (`meshctl peers | head -1`) ends meshctl
+//! quietly with status 0 ([`meshd::cli::Stdout`]).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -8,9 +11,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
+use meshd::config::DEFAULT_ENV_FILE;
 use meshd::control::{client, render, PeerInfo, Request, Response, StatusInfo};
 use meshd::identity::PrivateKey;
-use meshd::kube::env::{MeshEnv, DEFAULT_ENV_FILE};
+use meshd::kube::env::MeshEnv;
 use meshd::kube::generate::{
     self as kube, CalicoInstall, CalicoOptions, Encapsulation, KubeadmOptions, Mesh, Overrides,
     Stack,
@@ -162,6 +166,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.chain().any(meshd::cli::reader_gone) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshctl: {e:#}");
             ExitCode::FAILURE
@@ -170,7 +175,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+    let mut out = meshd::cli::Stdout::lock();
     match cli.command {
         Command::Kube(args) => kube_command(&cli.socket, args, &mut out)?,
         Command::Genkey => {

@@ -25,7 +25,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::DEFAULT_MTU;
+use crate::config::{DEFAULT_ENV_FILE, DEFAULT_MTU};
 use crate::control::{CandidateSource, PeerInfo, SeenAt, StatusInfo};
 
 /// VXLAN's overhead on an IPv4 underlay: outer IPv4 (20) + UDP (8) + VXLAN
@@ -37,8 +37,6 @@ pub const IPIP_OVERHEAD: u16 = 20;
 /// Where the drop-in goes. It sorts after kubeadm's `10-kubeadm.conf`,
 /// whose `ExecStart=` it replaces.
 pub const DROPIN_PATH: &str = "/etc/systemd/system/kubelet.service.d/kubelet-meshd.conf";
-/// The env file meshd writes once `mesh0` is up (see the env module).
-pub const ENV_FILE: &str = "/run/meshd/env";
 /// The file name the printed apply commands use for flannel's patch.
 const FLANNEL_PATCH_FILE: &str = "flannel-mesh.yaml";
 
@@ -345,7 +343,8 @@ pub fn kubelet_dropin(local: &Local, stack: Stack, kubelet: &str) -> Result<Stri
         "Written by meshctl kube kubelet-dropin.".to_owned(),
     ]);
     out.push_str("[Unit]\nAfter=meshd.service\nWants=meshd.service\n\n[Service]\n");
-    let _ = writeln!(out, "EnvironmentFile={ENV_FILE}");
+    // The file meshd writes once `mesh0` is up (see the env module).
+    let _ = writeln!(out, "EnvironmentFile={DEFAULT_ENV_FILE}");
     out.push_str("ExecStart=\n");
     let _ = writeln!(
         out,
