@@ -1,6 +1,7 @@
 //! `meshd.toml` → validated [`Config`].
 //!
-//! Pure apart from [`Config::load`], which reads the file. The vocabulary is
+//! Pure apart from [`Config::load`] and [`Config::load_first`], which read
+//! the file. The vocabulary is
 //! wg-quick's, in kebab-case; unknown keys are rejected with the file, the
 //! line and the key, so a typo never silently falls back to a default.
 
@@ -21,6 +22,11 @@ pub const DEFAULT_INTERFACE: &str = "mesh0";
 /// (40) + UDP (8) + WireGuard (32) with room for the relay header: DESIGN.md "MTU".
 pub const DEFAULT_MTU: u16 = 1380;
 pub const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
+/// A hand-written config; `meshd join` writes one into its state directory.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/meshd/meshd.toml";
+/// Where meshd writes its environment file (`kube::env`) while
+/// the mesh interface is up, unless `env-file` says otherwise.
+pub const DEFAULT_ENV_FILE: &str = "/run/meshd/env";
 /// Where wg(8) looks for userspace WireGuard interfaces' UAPI sockets
 /// (<https://www.wireguard.com/xplatform/>).
 pub const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
@@ -30,11 +36,18 @@ pub const MAX_MTU: u16 = 9000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    /// The cause is the source, not in the message: `{:#}` prints it once.
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "no config file: looked for {}; enrol this node with `meshd join HOST:PORT --token-file \
+         FILE --ca-hash sha256:…` (it writes one into its state directory), or pass --config FILE",
+        list(looked)
+    )]
+    NotFound { looked: Vec<PathBuf> },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config file {path}: `{key}`: {message}")]
@@ -63,7 +76,7 @@ pub struct Config {
     /// `wg show` reads; only tests move it away from [`DEFAULT_UAPI_DIR`].
     pub uapi_dir: PathBuf,
     /// The environment file (`MESH_IP=`…) written while the interface is
-    /// up, for kubelet's `EnvironmentFile=`: [`crate::kube::env`].
+    /// up, for kubelet's `EnvironmentFile=`: `kube::env`.
     pub env_file: PathBuf,
     /// Static peers; a keepalive of 0 is stored as `None` (off), as in wg-quick.
     pub peers: Vec<PeerSpec>,
@@ -150,7 +163,17 @@ fn default_uapi_dir() -> PathBuf {
     PathBuf::from(DEFAULT_UAPI_DIR)
 }
 fn default_env_file() -> PathBuf {
-    PathBuf::from(crate::kube::env::DEFAULT_ENV_FILE)
+    PathBuf::from(DEFAULT_ENV_FILE)
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn list(paths: &[PathBuf]) -> String {
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    match names.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => "nothing".to_owned(),
+    }
 }
 
 impl Config {
@@ -161,6 +184,22 @@ impl Config {
             source,
         })?;
         Self::parse(path, &text)
+    }
+
+    /// Reads and validates the first of `paths` that exists (meshd's
+    /// defaults: the state directory's, then the hand-written one). A file
+    /// that exists but cannot be read is that file's error, not a reason to
+    /// look on; when none exists, the error lists every place it looked.
+    pub fn load_first(paths: &[PathBuf]) -> Result<Self, ConfigError> {
+        for path in paths {
+            match std::fs::metadata(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                _ => return Self::load(path),
+            }
+        }
+        Err(ConfigError::NotFound {
+            looked: paths.to_vec(),
+        })
     }
 
     /// Parses and validates config text; `path` only names the file in errors.
@@ -315,6 +354,58 @@ mod tests {
     use super::*;
 
     const KEY: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+
+    /// The error as `meshd` prints it: with its causes, as anyhow's `{:#}`.
+    fn printed(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            text += &format!(": {c}");
+            cause = c.source();
+        }
+        text
+    }
+
+    #[test]
+    fn with_no_config_anywhere_the_error_lists_every_place_and_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let looked = [
+            dir.path().join("state/meshd.toml"),
+            dir.path().join("etc/meshd.toml"),
+        ];
+        let e = Config::load_first(&looked).unwrap_err();
+        let text = printed(&e);
+        for path in &looked {
+            assert!(text.contains(&path.display().to_string()), "{text}");
+        }
+        assert!(text.contains("meshd join"), "{text}");
+        assert!(text.contains("--config"), "{text}");
+        assert!(!text.contains("os error"), "{text}");
+    }
+
+    #[test]
+    fn the_first_config_that_exists_is_loaded_and_an_unreadable_one_is_named_with_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (
+            dir.path().join("first.toml"),
+            dir.path().join("second.toml"),
+        );
+        std::fs::write(
+            &second,
+            "private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\n",
+        )
+        .unwrap();
+        let config = Config::load_first(&[first.clone(), second.clone()]).unwrap();
+        assert_eq!(config.private_key_file, PathBuf::from("/k"));
+        // A directory where the file should be: it exists, so it is the error.
+        std::fs::create_dir(&first).unwrap();
+        let text = printed(&Config::load_first(&[first.clone(), second]).unwrap_err());
+        assert!(
+            text.starts_with(&format!("cannot read config file {}: ", first.display())),
+            "{text}"
+        );
+        assert_eq!(text.matches("os error").count(), 1, "{text}");
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/meshd/meshd.toml"), text)

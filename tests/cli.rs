@@ -13,6 +13,7 @@
 )]
 
 mod common;
+mod fake_meshd;
 
 use std::fs;
 use std::path::Path;
@@ -21,6 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{output, output_with_stdin, write_private_key, MESHCTL, MESHD};
+use meshd::control::{PeerInfo, Request, Response, StatusInfo};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -289,6 +291,145 @@ fn meshctl_against_a_dead_meshd_says_it_is_not_running() {
             "the error says meshd is not running and where it looked:\n{err}"
         );
     }
+}
+
+/// Runs `program args…` with its stdout a pipe whose reader is gone
+/// already, as `| head -1` leaves it once head has its line.
+fn into_a_closed_pipe(program: &str, args: &[&str]) -> Output {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    let made = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(made, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just created and nothing else owns them.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(reader);
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+#[test]
+fn every_command_ends_quietly_when_its_reader_goes_away() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("meshd.sock");
+    let config = write_config(dir.path(), "");
+    let key: meshd::identity::PublicKey = common::KeyPair::generate()
+        .public
+        .parse()
+        .expect("a generated key parses");
+    let status_json = dir.path().join("status.json");
+    let status = StatusInfo {
+        name: Some("node-a".into()),
+        public_key: key,
+        overlay_ips: vec!["100.72.0.1".parse().expect("an address")],
+        interface: "mesh0".into(),
+        ..StatusInfo::default()
+    };
+    fs::write(
+        &status_json,
+        serde_json::to_string(&status).expect("status JSON"),
+    )
+    .expect("write status.json");
+    let peers = vec![PeerInfo {
+        name: Some("node-b".into()),
+        public_key: key,
+        ..PeerInfo::default()
+    }];
+    let (socket_arg, config_arg, status_arg) = (
+        socket.to_str().expect("utf-8 temp path"),
+        config.to_str().expect("utf-8 temp path"),
+        status_json.to_str().expect("utf-8 temp path"),
+    );
+    let asking_meshd: [&[&str]; 4] = [
+        &["peers"],
+        &["peers", "--json"],
+        &["status"],
+        &["status", "--json"],
+    ];
+    let meshd = fake_meshd::serve(&socket, asking_meshd.len(), move |request| match request {
+        Request::Peers => Response::Peers {
+            peers: peers.clone(),
+        },
+        Request::Status => Response::Status(Box::new(status.clone())),
+        other => panic!("unexpected request {other:?}"),
+    });
+    let mut runs: Vec<(&str, Vec<&str>)> = asking_meshd
+        .iter()
+        .map(|args| (MESHCTL, [&["--socket", socket_arg][..], args].concat()))
+        .collect();
+    runs.extend([
+        (MESHCTL, vec!["genkey"]),
+        (
+            MESHCTL,
+            vec!["kube", "--status-json", status_arg, "flannel"],
+        ),
+        (MESHD, vec!["check-config", "--config", config_arg]),
+    ]);
+    for (program, args) in runs {
+        let what = format!("`{} {}`", Path::new(program).display(), args.join(" "));
+        let out = into_a_closed_pipe(program, &args);
+        assert_eq!(
+            stderr(&out),
+            "",
+            "{what} says nothing about the closed pipe"
+        );
+        assert!(
+            out.status.success(),
+            "{what} ends with status 0, not {}",
+            out.status
+        );
+    }
+    meshd.join().expect("the fake meshd answered every request");
+}
+
+#[test]
+fn meshd_run_on_a_fresh_machine_names_every_place_it_looked_and_what_to_do() {
+    let places = ["/var/lib/meshd/meshd.toml", "/etc/meshd/meshd.toml"];
+    if let Some(found) = places.iter().find(|p| Path::new(p).exists()) {
+        eprintln!("skipped: {found} exists, so this machine is not a fresh one");
+        return;
+    }
+
+    let out = meshd_expecting_exit(&["run"]);
+
+    assert_clear_failure(&out, "meshd run without a config");
+    let err = stderr(&out);
+    for place in places {
+        assert!(err.contains(place), "the error names {place}:\n{err}");
+    }
+    assert!(
+        err.contains("meshd join"),
+        "the error says to enrol with meshd join:\n{err}"
+    );
+    assert!(
+        err.contains("--config"),
+        "the error offers --config:\n{err}"
+    );
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "the error is one line:\n{err}"
+    );
+}
+
+#[test]
+fn a_missing_config_file_is_named_with_its_cause_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("absent.toml");
+
+    let out = meshd_expecting_exit(&["run", "--config", config.to_str().expect("utf-8 temp path")]);
+
+    let err = stderr(&out);
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "the cause is said once:\n{err}"
+    );
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! `meshctl peers --json` files (no meshd, no cluster, no root): every
 //! generator prints YAML that parses back, notes go to stderr, and `check`
 //! fails with the fix on a mismatch and with one line on malformed JSON.
+//! Where meshctl asks meshd itself (the MTU's precedence), a fake meshd on a
+//! socket in a temporary directory answers.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -13,10 +15,35 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use meshd::control::{CandidateInfo, PeerInfo, StatusInfo};
+use meshd::control::{CandidateInfo, CandidateSource, PeerInfo, Request, Response, StatusInfo};
+use meshd::kube::env::MeshEnv;
 use serde::Deserialize as _;
 
+mod fake_meshd;
+
 const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
+
+/// This node as `meshctl status --json` shows it (meshd reports no MTU).
+fn status() -> StatusInfo {
+    StatusInfo {
+        name: Some("node-a".into()),
+        public_key: "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
+            .parse()
+            .unwrap(),
+        overlay_ips: vec![
+            "100.72.0.5".parse().unwrap(),
+            "fd7a:1:2::5".parse().unwrap(),
+        ],
+        interface: "mesh0".into(),
+        listen_port: 51820,
+        addresses: vec![
+            "100.72.0.5/16".parse().unwrap(),
+            "fd7a:1:2::5/48".parse().unwrap(),
+        ],
+        seen_at: vec!["203.0.113.5:51820 (rendezvous)".parse().unwrap()],
+        ..StatusInfo::default()
+    }
+}
 
 struct Files {
     dir: tempfile::TempDir,
@@ -25,26 +52,19 @@ struct Files {
 impl Files {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let status = StatusInfo {
-            name: Some("node-a".into()),
-            public_key: "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=".into(),
-            overlay_ips: vec!["100.72.0.5".into(), "fd7a:1:2::5".into()],
-            interface: "mesh0".into(),
-            listen_port: 51820,
-            addresses: vec!["100.72.0.5/16".into(), "fd7a:1:2::5/48".into()],
-            seen_at: vec!["203.0.113.5:51820 (rendezvous)".into()],
-            ..StatusInfo::default()
-        };
+        let status = status();
         let peer = |name: &str, ip: &str, candidates: Vec<CandidateInfo>| PeerInfo {
             name: Some(name.into()),
-            public_key: "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=".into(),
-            overlay_ips: vec![ip.into()],
+            public_key: "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08="
+                .parse()
+                .unwrap(),
+            overlay_ips: vec![ip.parse().unwrap()],
             candidates,
             ..PeerInfo::default()
         };
-        let candidate = |endpoint: &str, source: &str| CandidateInfo {
-            endpoint: endpoint.into(),
-            source: source.into(),
+        let candidate = |endpoint: &str, source| CandidateInfo {
+            endpoint: endpoint.parse().unwrap(),
+            source,
             alive: true,
             rtt_ms: None,
             probes_sent: 1,
@@ -54,7 +74,7 @@ impl Files {
             peer(
                 "node-b",
                 "100.72.0.6",
-                vec![candidate("192.0.2.6:51820", "advertised")],
+                vec![candidate("192.0.2.6:51820", CandidateSource::Advertised)],
             ),
             peer("node-c", "100.72.0.7", vec![]),
         ];
@@ -221,6 +241,51 @@ fn the_mtu_option_sets_the_cni_mtu() {
         "calico --mtu",
     ));
     assert_eq!(docs[0]["spec"]["calicoNetwork"]["mtu"].as_u64(), Some(1370));
+}
+
+/// `meshctl kube ARGS… calico` against `meshd` reporting `reported_mtu`,
+/// with an env file saying MESH_MTU=1280: the calico VXLAN MTU it prints.
+fn calico_mtu_with_meshd(reported_mtu: u16, args: &[&str]) -> u64 {
+    let files = Files::new();
+    let socket = files.path("meshd.sock");
+    let env = MeshEnv::new(&[status().addresses[0]], "mesh0", 1280);
+    let env_file = files.write("env", &env.render());
+    let meshd = fake_meshd::serve(&socket, 1, move |request| {
+        assert_eq!(request, Request::Status, "meshctl asks for the status");
+        Response::Status(Box::new(StatusInfo {
+            mtu: reported_mtu,
+            ..status()
+        }))
+    });
+    let out = Command::new(MESHCTL)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("kube")
+        .arg("--env-file")
+        .arg(&env_file)
+        .args(args)
+        .arg("calico")
+        .output()
+        .unwrap();
+    meshd.join().unwrap();
+    let docs = yaml_documents(&succeeded(&out, "calico against meshd"));
+    docs[0]["spec"]["calicoNetwork"]["mtu"].as_u64().unwrap()
+}
+
+#[test]
+fn meshds_reported_mtu_wins_over_its_env_file_and_the_mtu_option_over_both() {
+    assert_eq!(calico_mtu_with_meshd(1420, &[]), 1420 - 50, "meshd's MTU");
+    assert_eq!(
+        calico_mtu_with_meshd(1420, &["--mtu", "1300"]),
+        1300 - 50,
+        "--mtu"
+    );
+    // An older meshd reports no MTU (0): the env file's, then.
+    assert_eq!(
+        calico_mtu_with_meshd(0, &[]),
+        1280 - 50,
+        "the env file's MTU"
+    );
 }
 
 #[test]

@@ -44,7 +44,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::control::{IoCounters, PingInfo, Request, Response};
+use crate::control::{IoCounters, PeerPath, PingInfo, Request, Response};
 use crate::engine::nat::{MappingObserver, Observer};
 use crate::engine::paths::{Path, Source};
 use crate::engine::{self, EngineError, Event, Node, NodeConfig, PeerId, PeerSpec};
@@ -707,7 +707,7 @@ impl Agent {
                 .meta
                 .get(&key)
                 .and_then(|m| m.overlay_ips.first())
-                .map(ToString::to_string),
+                .copied(),
             ..PingInfo::default()
         };
         if !self.node.ping(&key, now) {
@@ -729,10 +729,10 @@ impl Agent {
         };
         let mut pending = self.pending_pings.swap_remove(i);
         let (name, endpoint) = match path {
-            Path::Direct(addr) => ("direct", Some(addr.to_string())),
-            Path::Relay => ("relay", None),
+            Path::Direct(addr) => (PeerPath::Direct, Some(addr)),
+            Path::Relay => (PeerPath::Relay, None),
         };
-        pending.info.path = Some(name.to_owned());
+        pending.info.path = Some(name);
         pending.info.endpoint = endpoint;
         pending.info.rtt_ms = Some(crate::control::millis(rtt));
         self.answers

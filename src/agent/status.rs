@@ -9,7 +9,9 @@ use std::time::Instant;
 
 use super::{Agent, ShellStats};
 use crate::control::diagnose::{self, Side};
-use crate::control::{millis, NetcheckInfo, PeerInfo, RendezvousInfo, StatusInfo};
+use crate::control::{
+    millis, NetcheckInfo, PeerInfo, PeerPath, RendezvousInfo, SeenAt, SeenBy, StatusInfo,
+};
 use crate::engine::nat::Observer;
 use crate::engine::paths::PathStatus;
 use crate::identity::PublicKey;
@@ -42,7 +44,7 @@ impl Agent {
                 let mut info = PeerInfo::from(&p);
                 if let Some(meta) = self.meta.get(&p.public_key) {
                     info.name = Some(meta.name.clone());
-                    info.overlay_ips = meta.overlay_ips.iter().map(ToString::to_string).collect();
+                    info.overlay_ips = meta.overlay_ips.clone();
                     info.nat = meta.nat;
                     if p.path == PathStatus::Relay {
                         let peer = Side {
@@ -65,26 +67,22 @@ impl Agent {
         let stats = self.node.stats();
         let peers = self.peer_infos(now);
         let count = |f: fn(&PeerInfo) -> bool| peers.iter().filter(|p| f(p)).count();
-        let addresses: Vec<String> = self.addresses.iter().map(ToString::to_string).collect();
         StatusInfo {
-            peers_direct: count(|p| p.path == "direct"),
-            peers_relayed: count(|p| p.path == "relay"),
+            peers_direct: count(|p| p.path == PeerPath::Direct),
+            peers_relayed: count(|p| p.path == PeerPath::Relay),
             peers_offline: count(|p| !p.online),
             nat: self.nat_mapping(now),
             seen_at: self
                 .observer
                 .seen_at(now)
                 .into_iter()
-                .map(|(by, addr)| match by {
-                    Observer::Rendezvous => format!("{addr} (rendezvous)"),
-                    Observer::Reflector => format!("{addr} (rendezvous NAT check)"),
-                    Observer::Peer(key) => {
-                        let name = self
-                            .meta
-                            .get(&key)
-                            .map_or_else(|| key.short(), |m| m.name.clone());
-                        format!("{addr} ({name})")
-                    }
+                .map(|(by, addr)| SeenAt {
+                    addr,
+                    by: match by {
+                        Observer::Rendezvous => SeenBy::Rendezvous,
+                        Observer::Reflector => SeenBy::Reflector,
+                        Observer::Peer(key) => SeenBy::Peer(self.display_name(&key)),
+                    },
                 })
                 .collect(),
             rendezvous: self.has_rendezvous.then(|| RendezvousInfo {
@@ -92,16 +90,12 @@ impl Agent {
                 rtt_ms: self.session.and_then(|s| s.rtt).map(millis),
             }),
             name: self.name.clone(),
-            overlay_ips: self
-                .addresses
-                .iter()
-                .map(|a| a.addr().to_string())
-                .collect(),
-            public_key: self.node.public_key().to_string(),
+            overlay_ips: self.addresses.iter().map(|a| a.addr()).collect(),
+            public_key: self.node.public_key(),
             interface: self.interface.clone(),
             mtu: self.mtu,
             listen_port: self.listen_port,
-            addresses,
+            addresses: self.addresses.clone(),
             peers: peers.len(),
             drops: stats
                 .drops()
@@ -129,18 +123,18 @@ impl Agent {
         let (mapping, punching, explanation) =
             diagnose::netcheck_verdict(quic_seen, reflector_seen, &self.underlay_ips);
         NetcheckInfo {
-            rendezvous: self.rendezvous_addr.map(|a| a.to_string()),
+            rendezvous: self.rendezvous_addr,
             quic_connected: self.session.is_some(),
             quic_rtt_ms: self.session.and_then(|s| s.rtt).map(millis),
-            quic_seen_at: quic_seen.map(|a| a.to_string()),
-            reflector: self.rendezvous_addr.map(|a| {
-                SocketAddr::new(a.ip(), a.port().wrapping_add(reflect::PORT_OFFSET)).to_string()
-            }),
-            reflector_seen_at: reflector_seen.map(|a| a.to_string()),
+            quic_seen_at: quic_seen,
+            reflector: self
+                .rendezvous_addr
+                .map(|a| SocketAddr::new(a.ip(), a.port().wrapping_add(reflect::PORT_OFFSET))),
+            reflector_seen_at: reflector_seen,
             reflector_rtt_ms: self.reflector_seen.map(|(_, rtt)| millis(rtt)),
             mapping,
             mapping_from_peers: self.nat_mapping(now),
-            hole_punching: punching.to_owned(),
+            hole_punching: punching,
             explanation,
         }
     }

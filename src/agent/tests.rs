@@ -1,7 +1,7 @@
 //! The agent alone: this input ⇒ these outputs, in simulated time (an
 //! `Instant` origin moved by hand; no sleeps).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::*;
 use crate::control::{NetcheckInfo, PeerInfo, StatusInfo};
@@ -566,9 +566,9 @@ fn a_ping_is_answered_by_the_pong_with_its_path() {
     match answers(&mut pair.a).as_slice() {
         [(RequestId(5), Response::Pong(info))] => {
             assert_eq!(info.peer, "node-2");
-            assert_eq!(info.overlay_ip.as_deref(), Some("100.72.0.2"));
-            assert_eq!(info.path.as_deref(), Some("direct"));
-            assert_eq!(info.endpoint, Some(underlay(2).to_string()));
+            assert_eq!(info.overlay_ip, Some("100.72.0.2".parse().unwrap()));
+            assert_eq!(info.path, Some(PeerPath::Direct));
+            assert_eq!(info.endpoint, Some(underlay(2)));
         }
         other => panic!("expected the pong, got {other:?}"),
     }
@@ -650,10 +650,16 @@ fn a_netcheck_is_answered_when_the_nat_check_port_answers() {
     a.handle_reflect_datagram(checks[0].dst, &answer, later);
 
     let info = netcheck(&answers(&mut a));
-    assert_eq!(info.rendezvous.as_deref(), Some(RENDEZVOUS));
+    assert_eq!(info.rendezvous, Some(RENDEZVOUS.parse().unwrap()));
     assert!(info.quic_connected);
-    assert_eq!(info.quic_seen_at.as_deref(), Some("203.0.113.7:40000"));
-    assert_eq!(info.reflector_seen_at.as_deref(), Some("203.0.113.7:40000"));
+    assert_eq!(
+        info.quic_seen_at,
+        Some("203.0.113.7:40000".parse().unwrap())
+    );
+    assert_eq!(
+        info.reflector_seen_at,
+        Some("203.0.113.7:40000".parse().unwrap())
+    );
     assert_eq!(info.reflector_rtt_ms, Some(30.0));
     assert_eq!(info.mapping, NatMapping::EndpointIndependent);
 }
@@ -684,7 +690,7 @@ fn an_unanswered_nat_check_is_sent_once_more_and_the_netcheck_times_out() {
     assert_eq!(nat_checks(&mut a), vec![], "not a third time");
 
     let info = netcheck(&answers(&mut a));
-    assert_eq!(info.reflector.as_deref(), Some("198.51.100.1:444"));
+    assert_eq!(info.reflector, Some("198.51.100.1:444".parse().unwrap()));
     assert_eq!(info.reflector_seen_at, None);
     assert_eq!(info.mapping, NatMapping::Unknown);
 }
@@ -738,8 +744,20 @@ fn status_counts_direct_relayed_and_offline_peers() {
         "node-3 never completed a handshake"
     );
     assert_eq!(status.name.as_deref(), Some("node-1"));
-    assert_eq!(status.overlay_ips, ["100.72.0.1", "fd00:1::1"]);
-    assert_eq!(status.addresses, ["100.72.0.1/16", "fd00:1::1/48"]);
+    assert_eq!(
+        status.overlay_ips,
+        [
+            "100.72.0.1".parse::<IpAddr>().unwrap(),
+            "fd00:1::1".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        status.addresses,
+        [
+            "100.72.0.1/16".parse::<IpNet>().unwrap(),
+            "fd00:1::1/48".parse().unwrap()
+        ]
+    );
     assert_eq!(
         status.rendezvous,
         Some(crate::control::RendezvousInfo {

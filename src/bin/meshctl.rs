@@ -1,5 +1,8 @@
 //! `meshctl`: inspect and operate the local meshd. Thin: arguments → API
 //! request (or key helper) → rendered output.
+//!
+//! A reader that stops early (`meshctl peers | head -1`) ends meshctl
+//! quietly with status 0 ([`meshd::cli::Stdout`]).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -8,9 +11,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
+use meshd::config::DEFAULT_ENV_FILE;
 use meshd::control::{client, render, PeerInfo, Request, Response, StatusInfo};
 use meshd::identity::PrivateKey;
-use meshd::kube::env::{MeshEnv, DEFAULT_ENV_FILE};
+use meshd::kube::env::MeshEnv;
 use meshd::kube::generate::{
     self as kube, CalicoInstall, CalicoOptions, Encapsulation, KubeadmOptions, Mesh, Overrides,
     Stack,
@@ -81,10 +85,12 @@ struct KubeArgs {
     /// This node's Kubernetes name, when it is not its mesh name.
     #[arg(long, global = true)]
     node_name: Option<String>,
-    /// mesh0's MTU [default: MESH_MTU in meshd's env file, else 1380].
+    /// mesh0's MTU [default: the MTU meshd reports; from an older meshd that
+    /// reports none, MESH_MTU in its env file, else 1380].
     #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(576..))]
     mtu: Option<u16>,
-    /// meshd's env file, read for the MTU when asking meshd.
+    /// meshd's env file, read for the MTU when an older meshd does not
+    /// report it.
     #[arg(long, global = true, value_name = "FILE", default_value = DEFAULT_ENV_FILE)]
     env_file: PathBuf,
     /// Dual stack: the overlay IPv6 address too, after the IPv4.
@@ -160,6 +166,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.chain().any(meshd::cli::reader_gone) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshctl: {e:#}");
             ExitCode::FAILURE
@@ -168,7 +175,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+    let mut out = meshd::cli::Stdout::lock();
     match cli.command {
         Command::Kube(args) => kube_command(&cli.socket, args, &mut out)?,
         Command::Genkey => {
@@ -195,7 +202,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             other => unexpected(other)?,
         },
         Command::Ping { peer, count, json } => {
-            let mut previous: Option<String> = None;
+            let mut previous = None;
             let mut answered = 0;
             for i in 0..count {
                 if i > 0 {
@@ -212,7 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if json {
                     writeln!(out, "{}", serde_json::to_string(&reply)?)?;
                 } else {
-                    write!(out, "{}", render::ping_line(&reply, previous.as_deref()))?;
+                    write!(out, "{}", render::ping_line(&reply, previous))?;
                 }
                 out.flush()?;
                 if reply.path.is_some() {
@@ -271,11 +278,12 @@ fn parse_json<T: serde::de::DeserializeOwned>(
         .with_context(|| format!("{} is not `{what}` output", path.display()))
 }
 
-/// The mesh from files, or from meshd (with the MTU from its env file).
+/// The mesh from files, or from meshd.
 fn kube_mesh(socket: &std::path::Path, args: &KubeArgs, with_peers: bool) -> anyhow::Result<Mesh> {
     let mut overrides = Overrides {
         node_name: args.node_name.clone(),
         mtu: args.mtu,
+        fallback_mtu: None,
     };
     let (status, peers): (StatusInfo, Vec<PeerInfo>) = match &args.status_json {
         Some(file) => {
@@ -298,10 +306,10 @@ fn kube_mesh(socket: &std::path::Path, args: &KubeArgs, with_peers: bool) -> any
                 },
                 None => Vec::new(),
             };
-            // The local API does not carry the MTU; the env file meshd
-            // writes once mesh0 is up does.
-            if overrides.mtu.is_none() {
-                overrides.mtu = std::fs::read_to_string(&args.env_file)
+            // meshd reports mesh0's MTU; one older than the `mtu` field
+            // reports 0, and its env file may still say.
+            if overrides.mtu.is_none() && status.mtu == 0 {
+                overrides.fallback_mtu = std::fs::read_to_string(&args.env_file)
                     .ok()
                     .and_then(|text| MeshEnv::parse(&text).ok())
                     .map(|env| env.mtu);

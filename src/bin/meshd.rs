@@ -1,13 +1,16 @@
 //! `meshd`: the node agent. Thin: arguments → config → [`meshd::dataplane::run`].
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{ArgGroup, Parser, Subcommand};
-use meshd::cli::{init_logging, shutdown_signal, LogFormat};
-use meshd::config::{Config, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFAULT_SOCKET};
+use meshd::cli::{init_logging, shutdown_signal, LogFormat, Stdout};
+use meshd::config::{
+    Config, DEFAULT_CONFIG_FILE, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFAULT_SOCKET,
+};
 use meshd::identity::CertHash;
 use meshd::join::JoinOptions;
 use meshd::paths::NodeDir;
@@ -79,7 +82,7 @@ enum Command {
     },
     /// Validate a configuration file and exit.
     CheckConfig {
-        #[arg(long, short, default_value = "/etc/meshd/meshd.toml")]
+        #[arg(long, short, default_value = DEFAULT_CONFIG_FILE)]
         config: PathBuf,
     },
 }
@@ -89,6 +92,8 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
+        // Whoever read our stdout has stopped: nothing left to say.
+        Err(e) if e.chain().any(meshd::cli::reader_gone) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshd: error: {e:#}");
             ExitCode::FAILURE
@@ -100,7 +105,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::CheckConfig { config } => {
             Config::load(&config)?;
-            println!("{}: ok", config.display());
+            writeln!(Stdout::lock(), "{}: ok", config.display())?;
         }
         Command::Join {
             server,
@@ -133,11 +138,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                 socket,
             };
             let path = meshd::join::join(&options, &mut rand::rngs::OsRng)?;
-            println!("enrolled: {} written", path.display());
-            println!(
+            let mut out = Stdout::lock();
+            writeln!(out, "enrolled: {} written", path.display())?;
+            writeln!(
+                out,
                 "start the node with: meshd run --state-dir {}",
                 options.state_dir.display()
-            );
+            )?;
         }
         Command::Run {
             config,
@@ -146,15 +153,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             metrics,
             env_file,
         } => {
-            let path = match (config, state_dir) {
-                (Some(path), _) => path,
-                (None, Some(dir)) => NodeDir::new(&dir).config(),
+            let config = match (config, state_dir) {
+                (Some(path), _) => Config::load(&path)?,
+                (None, Some(dir)) => Config::load(&NodeDir::new(&dir).config())?,
                 // A node enrolled with the defaults, else a hand-written config.
-                (None, None) => Some(NodeDir::new(Path::new(DEFAULT_STATE_DIR)).config())
-                    .filter(|p| p.exists())
-                    .unwrap_or_else(|| PathBuf::from("/etc/meshd/meshd.toml")),
+                (None, None) => Config::load_first(&[
+                    NodeDir::new(Path::new(DEFAULT_STATE_DIR)).config(),
+                    PathBuf::from(DEFAULT_CONFIG_FILE),
+                ])?,
             };
-            let config = Config::load(&path)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -16,6 +16,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
+use super::HolePunching;
 use crate::engine::paths::{CandidateStatus, Source};
 use crate::wire::control::NatMapping;
 
@@ -134,16 +135,16 @@ fn remedy(this: Side<'_>, peer: Side<'_>) -> String {
 
 /// What `meshctl netcheck` concludes from where the rendezvous's two ports
 /// see this node: the mapping behaviour, whether hole punching is likely to
-/// work (`likely`, `unlikely`, `not needed`, `unknown`), and why.
+/// work, and why.
 pub fn netcheck_verdict(
     quic_seen: Option<SocketAddr>,
     reflector_seen: Option<SocketAddr>,
     local: &[IpAddr],
-) -> (NatMapping, &'static str, String) {
+) -> (NatMapping, HolePunching, String) {
     match (quic_seen, reflector_seen) {
         (_, Some(r)) if local.contains(&r.ip()) => (
             NatMapping::None,
-            "not needed",
+            HolePunching::NotNeeded,
             format!(
                 "the rendezvous sees this node at {r}, an address on its own interface: no NAT, peers \
                  reach it directly as long as no firewall drops UDP {}",
@@ -152,7 +153,7 @@ pub fn netcheck_verdict(
         ),
         (Some(q), Some(r)) if q.ip() == r.ip() && q.port() == r.port() => (
             NatMapping::EndpointIndependent,
-            "likely",
+            HolePunching::Likely,
             format!(
                 "both rendezvous ports see this node at {q}: its NAT keeps one public port for every \
                  destination (endpoint-independent), so peers can aim at that address and hole punching \
@@ -161,7 +162,7 @@ pub fn netcheck_verdict(
         ),
         (Some(q), Some(r)) if q.ip() == r.ip() => (
             NatMapping::EndpointDependent,
-            "unlikely",
+            HolePunching::Unlikely,
             format!(
                 "the rendezvous's two ports see this node at {q} and {r}: its NAT picks a new public port \
                  for every destination (endpoint-dependent, \"symmetric\"), so peers behind NAT cannot \
@@ -171,7 +172,7 @@ pub fn netcheck_verdict(
         ),
         (Some(q), Some(r)) => (
             NatMapping::EndpointDependent,
-            "unlikely",
+            HolePunching::Unlikely,
             format!(
                 "the rendezvous's two ports see this node from different public addresses ({q} and {r}): \
                  the traffic leaves through several NATs or addresses, so peers cannot know where to aim"
@@ -179,7 +180,7 @@ pub fn netcheck_verdict(
         ),
         (None, Some(r)) => (
             NatMapping::Unknown,
-            "unknown",
+            HolePunching::Unknown,
             format!(
                 "the NAT-check port sees this node at {r}, but there is no QUIC session to compare it \
                  with: the rendezvous's main port is unreachable (UDP blocked on the way?)"
@@ -187,7 +188,7 @@ pub fn netcheck_verdict(
         ),
         (_, None) => (
             NatMapping::Unknown,
-            "unknown",
+            HolePunching::Unknown,
             "the rendezvous's NAT-check port (its QUIC port + 1) did not answer: UDP to it is blocked on \
              the way or at the rendezvous, or the rendezvous is down"
                 .to_owned(),
@@ -259,12 +260,12 @@ mod tests {
         let cone = netcheck_verdict(at("203.0.113.30:51820"), at("203.0.113.30:51820"), &[]);
         assert_eq!(
             (cone.0, cone.1),
-            (NatMapping::EndpointIndependent, "likely")
+            (NatMapping::EndpointIndependent, HolePunching::Likely)
         );
         let symmetric = netcheck_verdict(at("203.0.113.41:3947"), at("203.0.113.41:60260"), &[]);
         assert_eq!(
             (symmetric.0, symmetric.1),
-            (NatMapping::EndpointDependent, "unlikely")
+            (NatMapping::EndpointDependent, HolePunching::Unlikely)
         );
         assert!(
             symmetric
@@ -278,9 +279,15 @@ mod tests {
             at("203.0.113.11:51820"),
             &["203.0.113.11".parse().unwrap()],
         );
-        assert_eq!((public.0, public.1), (NatMapping::None, "not needed"));
+        assert_eq!(
+            (public.0, public.1),
+            (NatMapping::None, HolePunching::NotNeeded)
+        );
         let silent = netcheck_verdict(at("203.0.113.11:51820"), None, &[]);
-        assert_eq!((silent.0, silent.1), (NatMapping::Unknown, "unknown"));
+        assert_eq!(
+            (silent.0, silent.1),
+            (NatMapping::Unknown, HolePunching::Unknown)
+        );
         assert!(silent.2.contains("did not answer"), "{}", silent.2);
     }
 

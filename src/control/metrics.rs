@@ -50,7 +50,7 @@ struct NodeMetrics {
 impl Collector for NodeMetrics {
     fn encode(&self, mut out: DescriptorEncoder) -> std::fmt::Result {
         let status = &self.status;
-        let node_key = short_key(&status.public_key);
+        let node_key = status.public_key.short();
         let node_address = status
             .overlay_ips
             .first()
@@ -247,7 +247,7 @@ struct PeerLabels {
 
 impl PeerLabels {
     fn of(peer: &PeerInfo) -> Self {
-        let key = short_key(&peer.public_key);
+        let key = peer.public_key.short();
         PeerLabels {
             peer: peer.name.clone().unwrap_or_else(|| key.clone()),
             address: peer
@@ -314,8 +314,8 @@ mod tests {
     fn status() -> StatusInfo {
         StatusInfo {
             name: Some("node-a".into()),
-            public_key: KEY_A.into(),
-            overlay_ips: vec!["100.72.0.1".into(), "fd00::1".into()],
+            public_key: KEY_A.parse().unwrap(),
+            overlay_ips: vec!["100.72.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
             interface: "mesh0".into(),
             listen_port: 51820,
             peers: 2,
@@ -346,9 +346,9 @@ mod tests {
         vec![
             PeerInfo {
                 name: Some("node-b".into()),
-                public_key: KEY_B.into(),
-                overlay_ips: vec!["100.72.0.2".into(), "fd00::2".into()],
-                path: "direct".into(),
+                public_key: KEY_B.parse().unwrap(),
+                overlay_ips: vec!["100.72.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
+                path: crate::control::PeerPath::Direct,
                 rtt_ms: Some(0.42),
                 last_handshake: Some(5),
                 rx_bytes: 2048,
@@ -361,9 +361,9 @@ mod tests {
             },
             PeerInfo {
                 name: None,
-                public_key: KEY_C.into(),
-                overlay_ips: vec!["100.72.0.3".into()],
-                path: "relay".into(),
+                public_key: KEY_C.parse().unwrap(),
+                overlay_ips: vec!["100.72.0.3".parse().unwrap()],
+                path: crate::control::PeerPath::Relay,
                 ..PeerInfo::default()
             },
         ]
@@ -489,7 +489,7 @@ meshd_peer_path{peer="YCZ0bo7Q",public_key="YCZ0bo7Q",address="100.72.0.3",path=
             );
         }
         for peer in &peers {
-            let key = short_key(&peer.public_key);
+            let key = peer.public_key.short();
             let labels = [("public_key", key.as_str())];
             let counters = [
                 ("meshd_peer_rx_bytes_total", peer.rx_bytes),

@@ -14,11 +14,15 @@ pub mod server;
 pub mod uapi;
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::paths::{CandidateStatus, PathStatus, Source};
 use crate::engine::PeerStatus;
+use crate::identity::PublicKey;
 use crate::wire::control::NatMapping;
 
 /// Bumped on any incompatible change of [`Request`] or [`Response`].
@@ -55,12 +59,12 @@ pub enum Response {
 pub struct PingInfo {
     /// The peer's name, or its short key for a static peer.
     pub peer: String,
-    pub overlay_ip: Option<String>,
-    /// `direct` or `relay`: the path the answer came back on; null when
-    /// no answer came in time.
-    pub path: Option<String>,
+    pub overlay_ip: Option<IpAddr>,
+    /// The path the answer came back on ([`PeerPath::Direct`] or
+    /// [`PeerPath::Relay`]); null when no answer came in time.
+    pub path: Option<PeerPath>,
     /// The direct endpoint that answered.
-    pub endpoint: Option<String>,
+    pub endpoint: Option<SocketAddr>,
     pub rtt_ms: Option<f64>,
 }
 
@@ -69,23 +73,23 @@ pub struct PingInfo {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NetcheckInfo {
     /// The rendezvous's QUIC address; null for a node without one.
-    pub rendezvous: Option<String>,
+    pub rendezvous: Option<SocketAddr>,
     /// Whether the QUIC session (control and relay) is up, and its RTT.
     pub quic_connected: bool,
     pub quic_rtt_ms: Option<f64>,
     /// Where the rendezvous's QUIC port sees this node.
-    pub quic_seen_at: Option<String>,
+    pub quic_seen_at: Option<SocketAddr>,
     /// The rendezvous's second port, which answers NAT checks over UDP.
-    pub reflector: Option<String>,
+    pub reflector: Option<SocketAddr>,
     /// Where that port sees this node; null when it did not answer.
-    pub reflector_seen_at: Option<String>,
+    pub reflector_seen_at: Option<SocketAddr>,
     pub reflector_rtt_ms: Option<f64>,
     /// The NAT mapping behaviour the two ports show.
     pub mapping: NatMapping,
     /// What all observations (rendezvous and peers) show.
     pub mapping_from_peers: NatMapping,
-    /// `likely`, `unlikely`, `not needed` or `unknown`.
-    pub hole_punching: String,
+    /// Whether hole punching is likely to work from here.
+    pub hole_punching: HolePunching,
     /// What it all means, in plain words.
     pub explanation: String,
 }
@@ -109,18 +113,17 @@ impl<T> Envelope<T> {
 
 /// One peer as `meshctl peers --json` prints it. Field names are a public
 /// interface: scripts depend on them.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerInfo {
     /// The peer's name in the mesh; null for a static peer.
     pub name: Option<String>,
-    pub public_key: String,
+    pub public_key: PublicKey,
     /// The peer's overlay addresses (its host routes for a static peer).
-    pub overlay_ips: Vec<String>,
-    pub allowed_ips: Vec<String>,
+    pub overlay_ips: Vec<IpAddr>,
+    pub allowed_ips: Vec<IpNet>,
     /// `ip:port` of the direct path, or null (relayed, or unknown).
-    pub endpoint: Option<String>,
-    /// `direct`, `relay` or `none`.
-    pub path: String,
+    pub endpoint: Option<SocketAddr>,
+    pub path: PeerPath,
     /// Round-trip time of the direct path by probes, when measured.
     pub rtt_ms: Option<f64>,
     /// Seconds since the last completed handshake, or null if none.
@@ -150,9 +153,8 @@ pub struct PeerInfo {
 /// One candidate endpoint of a peer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CandidateInfo {
-    pub endpoint: String,
-    /// `advertised`, `observed`, `local` or `learned`.
-    pub source: String,
+    pub endpoint: SocketAddr,
+    pub source: CandidateSource,
     pub alive: bool,
     pub rtt_ms: Option<f64>,
     pub probes_sent: u64,
@@ -162,14 +164,8 @@ pub struct CandidateInfo {
 impl From<&CandidateStatus> for CandidateInfo {
     fn from(c: &CandidateStatus) -> Self {
         Self {
-            endpoint: c.addr.to_string(),
-            source: match c.source {
-                Source::Advertised => "advertised",
-                Source::Observed => "observed",
-                Source::Local => "local",
-                Source::Learned => "learned",
-            }
-            .to_owned(),
+            endpoint: c.addr,
+            source: c.source.into(),
             alive: c.alive,
             rtt_ms: c.rtt.map(millis),
             probes_sent: c.pings,
@@ -190,24 +186,23 @@ impl From<&PeerStatus> for PeerInfo {
     fn from(p: &PeerStatus) -> Self {
         Self {
             name: None,
-            public_key: p.public_key.to_string(),
+            public_key: p.public_key,
             overlay_ips: p
                 .allowed_ips
                 .iter()
                 .filter(|n| n.prefix_len() == n.max_prefix_len())
-                .map(|n| n.addr().to_string())
+                .map(IpNet::addr)
                 .collect(),
-            allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+            allowed_ips: p.allowed_ips.clone(),
             endpoint: match p.path {
-                PathStatus::Direct { addr, .. } => Some(addr.to_string()),
+                PathStatus::Direct { addr, .. } => Some(addr),
                 PathStatus::Relay | PathStatus::Unknown => None,
             },
             path: match p.path {
-                PathStatus::Direct { .. } => "direct",
-                PathStatus::Relay => "relay",
-                PathStatus::Unknown => "none",
-            }
-            .to_owned(),
+                PathStatus::Direct { .. } => PeerPath::Direct,
+                PathStatus::Relay => PeerPath::Relay,
+                PathStatus::Unknown => PeerPath::None,
+            },
             rtt_ms: match p.path {
                 PathStatus::Direct { rtt, .. } => rtt.map(millis),
                 PathStatus::Relay | PathStatus::Unknown => None,
@@ -230,18 +225,19 @@ impl From<&PeerStatus> for PeerInfo {
 }
 
 /// This node as `meshctl status --json` prints it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusInfo {
     pub name: Option<String>,
-    pub public_key: String,
+    pub public_key: PublicKey,
     /// This node's overlay addresses.
-    pub overlay_ips: Vec<String>,
+    pub overlay_ips: Vec<IpAddr>,
     pub interface: String,
     /// mesh0's MTU; 0 from an older meshd that did not say.
     #[serde(default)]
     pub mtu: u16,
     pub listen_port: u16,
-    pub addresses: Vec<String>,
+    /// The overlay addresses with the mesh's prefix length, as on mesh0.
+    pub addresses: Vec<IpNet>,
     pub peers: usize,
     /// Peers by the path they take now, and those with no recent handshake.
     pub peers_direct: usize,
@@ -250,8 +246,9 @@ pub struct StatusInfo {
     /// This node's NAT mapping behaviour, inferred from where the
     /// rendezvous and peers see it.
     pub nat: NatMapping,
-    /// Where others see this node's socket, e.g. `203.0.113.41:3947 (rendezvous)`.
-    pub seen_at: Vec<String>,
+    /// Where others see this node's socket; each one reads
+    /// `203.0.113.41:3947 (rendezvous)` in the JSON.
+    pub seen_at: Vec<SeenAt>,
     /// The rendezvous session; null for a node with static peers only.
     pub rendezvous: Option<RendezvousInfo>,
     /// Dropped packets by reason (only reasons seen at least once).
@@ -339,6 +336,263 @@ pub struct RendezvousInfo {
     pub rtt_ms: Option<f64>,
 }
 
+/// The path a peer's traffic takes now, or the one a ping's answer came
+/// back on. The JSON has the words of [`PeerPath::as_str`]; adding one is
+/// an incompatible change (an older meshctl could not read it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerPath {
+    /// Straight to the peer's endpoint.
+    Direct,
+    /// Through the rendezvous's relay.
+    Relay,
+    /// No path known yet (no handshake, no relay).
+    #[default]
+    None,
+}
+
+impl PeerPath {
+    /// Every path, in the order the metrics list them.
+    pub const ALL: [Self; 3] = [Self::Direct, Self::Relay, Self::None];
+
+    /// The word in the JSON and in the metrics' `path` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Relay => "relay",
+            Self::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for PeerPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a peer's candidate endpoint became known (the engine's [`Source`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CandidateSource {
+    /// The peer's operator configured it (`--advertise-endpoint`).
+    Advertised,
+    /// Where the rendezvous sees the peer.
+    Observed,
+    /// An address on one of the peer's interfaces.
+    Local,
+    /// Where the peer's authenticated packets came from.
+    Learned,
+}
+
+impl CandidateSource {
+    /// The word in the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Advertised => "advertised",
+            Self::Observed => "observed",
+            Self::Local => "local",
+            Self::Learned => "learned",
+        }
+    }
+}
+
+impl fmt::Display for CandidateSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<Source> for CandidateSource {
+    fn from(source: Source) -> Self {
+        match source {
+            Source::Advertised => Self::Advertised,
+            Source::Observed => Self::Observed,
+            Source::Local => Self::Local,
+            Source::Learned => Self::Learned,
+        }
+    }
+}
+
+/// Whether hole punching is likely to work from this node, by what the
+/// rendezvous's two ports see (`meshctl netcheck`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HolePunching {
+    /// The NAT keeps one public port for every destination.
+    Likely,
+    /// The NAT picks a new public port per destination.
+    Unlikely,
+    /// No NAT: the node is seen at an address of its own.
+    #[serde(rename = "not needed")]
+    NotNeeded,
+    /// Not enough answers to tell.
+    #[default]
+    Unknown,
+}
+
+impl HolePunching {
+    /// The words in the JSON and in `meshctl netcheck`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Likely => "likely",
+            Self::Unlikely => "unlikely",
+            Self::NotNeeded => "not needed",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for HolePunching {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where one observer sees this node's socket (its NAT's public side).
+///
+/// The JSON is the string 0.2.0 wrote, `203.0.113.41:3947 (rendezvous)`,
+/// which this type writes and reads: the address, a space, the observer in
+/// brackets (see [`SeenBy`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SeenAt {
+    pub addr: SocketAddr,
+    pub by: SeenBy,
+}
+
+/// Who saw this node at a [`SeenAt`] address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SeenBy {
+    /// The rendezvous's QUIC port: `(rendezvous)`.
+    Rendezvous,
+    /// The rendezvous's NAT-check port: `(rendezvous NAT check)`.
+    Reflector,
+    /// A peer, by its name (its short key for a static peer): `(node-b)`.
+    /// A peer named `rendezvous` reads back as [`SeenBy::Rendezvous`]: the
+    /// words are 0.2.0's and cannot tell them apart.
+    Peer(String),
+}
+
+impl SeenBy {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Rendezvous => "rendezvous",
+            Self::Reflector => "rendezvous NAT check",
+            Self::Peer(name) => name,
+        }
+    }
+
+    /// Whether the rendezvous (either of its ports) is the observer.
+    pub fn is_rendezvous(&self) -> bool {
+        match self {
+            Self::Rendezvous | Self::Reflector => true,
+            Self::Peer(_) => false,
+        }
+    }
+}
+
+impl fmt::Display for SeenAt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.addr, self.by.as_str())
+    }
+}
+
+/// Why a `seen_at` entry does not read as `ADDR (OBSERVER)`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SeenAtError {
+    #[error("{0:?} is not `ADDRESS:PORT (OBSERVER)`")]
+    Form(String),
+    #[error("{0:?} does not start with an address and port")]
+    Addr(String),
+}
+
+impl std::str::FromStr for SeenAt {
+    type Err = SeenAtError;
+
+    fn from_str(s: &str) -> Result<Self, SeenAtError> {
+        let form = || SeenAtError::Form(s.to_owned());
+        // An address and port never holds a space or a bracket-open.
+        let (addr, by) = s.split_once(" (").ok_or_else(form)?;
+        let by = by.strip_suffix(')').ok_or_else(form)?;
+        let addr = addr.parse().map_err(|_| SeenAtError::Addr(s.to_owned()))?;
+        let by = match by {
+            "rendezvous" => SeenBy::Rendezvous,
+            "rendezvous NAT check" => SeenBy::Reflector,
+            "" => return Err(form()),
+            name => SeenBy::Peer(name.to_owned()),
+        };
+        Ok(Self { addr, by })
+    }
+}
+
+impl Serialize for SeenAt {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SeenAt {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The all-zero key stands in for "not set" in a default value (tests and
+/// `..Default::default()`); meshd always fills in a real one.
+fn no_key() -> PublicKey {
+    PublicKey::from_bytes([0; 32])
+}
+
+impl Default for PeerInfo {
+    fn default() -> Self {
+        Self {
+            name: None,
+            public_key: no_key(),
+            overlay_ips: Vec::new(),
+            allowed_ips: Vec::new(),
+            endpoint: None,
+            path: PeerPath::default(),
+            rtt_ms: None,
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            rx_packets: 0,
+            tx_packets: 0,
+            handshakes: 0,
+            persistent_keepalive: None,
+            online: false,
+            nat: NatMapping::default(),
+            candidates: Vec::new(),
+            relay_reason: None,
+        }
+    }
+}
+
+impl Default for StatusInfo {
+    fn default() -> Self {
+        Self {
+            name: None,
+            public_key: no_key(),
+            overlay_ips: Vec::new(),
+            interface: String::new(),
+            mtu: 0,
+            listen_port: 0,
+            addresses: Vec::new(),
+            peers: 0,
+            peers_direct: 0,
+            peers_relayed: 0,
+            peers_offline: 0,
+            nat: NatMapping::default(),
+            seen_at: Vec::new(),
+            rendezvous: None,
+            drops: BTreeMap::new(),
+            cookie_replies_sent: 0,
+            io: IoCounters::default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,11 +627,13 @@ mod tests {
     fn peer_info_has_the_documented_fields() {
         let info = PeerInfo {
             name: Some("a".into()),
-            overlay_ips: vec!["100.72.0.2".into()],
-            public_key: "k".into(),
-            allowed_ips: vec!["100.72.0.2/32".into()],
+            overlay_ips: vec!["100.72.0.2".parse().unwrap()],
+            public_key: "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
+                .parse()
+                .unwrap(),
+            allowed_ips: vec!["100.72.0.2/32".parse().unwrap()],
             endpoint: None,
-            path: "relay".into(),
+            path: PeerPath::Relay,
             rtt_ms: None,
             last_handshake: Some(3),
             rx_bytes: 1,
@@ -415,5 +671,105 @@ mod tests {
         }
         assert!(v["endpoint"].is_null());
         assert_eq!(v["nat"], "endpoint_dependent");
+        assert_eq!(v["path"], "relay");
+        assert_eq!(v["overlay_ips"][0], "100.72.0.2");
+    }
+
+    /// Each word as a JSON string, through serde.
+    fn word<T: Serialize>(value: T) -> String {
+        serde_json::to_value(value)
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[test]
+    fn every_enum_is_written_in_the_words_of_0_2_0_and_reads_back() {
+        for path in PeerPath::ALL {
+            assert_eq!(word(path), path.to_string());
+            assert_eq!(
+                serde_json::from_value::<PeerPath>(word(path).into()).unwrap(),
+                path
+            );
+        }
+        assert_eq!(PeerPath::ALL.map(word), ["direct", "relay", "none"]);
+        let sources = [
+            CandidateSource::Advertised,
+            CandidateSource::Observed,
+            CandidateSource::Local,
+            CandidateSource::Learned,
+        ];
+        assert_eq!(
+            sources.map(word),
+            ["advertised", "observed", "local", "learned"]
+        );
+        for source in sources {
+            assert_eq!(word(source), source.to_string());
+        }
+        let punching = [
+            HolePunching::Likely,
+            HolePunching::Unlikely,
+            HolePunching::NotNeeded,
+            HolePunching::Unknown,
+        ];
+        assert_eq!(
+            punching.map(word),
+            ["likely", "unlikely", "not needed", "unknown"]
+        );
+        for p in punching {
+            assert_eq!(word(p), p.to_string());
+            assert_eq!(
+                serde_json::from_value::<HolePunching>(word(p).into()).unwrap(),
+                p
+            );
+        }
+    }
+
+    #[test]
+    fn seen_at_is_written_as_the_address_and_the_observer_in_brackets() {
+        let at = |by| SeenAt {
+            addr: "203.0.113.41:3947".parse().unwrap(),
+            by,
+        };
+        for (seen, text) in [
+            (at(SeenBy::Rendezvous), "203.0.113.41:3947 (rendezvous)"),
+            (
+                at(SeenBy::Reflector),
+                "203.0.113.41:3947 (rendezvous NAT check)",
+            ),
+            (
+                at(SeenBy::Peer("node-b".into())),
+                "203.0.113.41:3947 (node-b)",
+            ),
+            (
+                at(SeenBy::Peer("D6poTtKI".into())),
+                "203.0.113.41:3947 (D6poTtKI)",
+            ),
+        ] {
+            assert_eq!(word(&seen), text);
+            assert_eq!(serde_json::from_value::<SeenAt>(text.into()).unwrap(), seen);
+        }
+        let v6: SeenAt = "[2001:db8::1]:51820 (node-b)".parse().unwrap();
+        assert_eq!(
+            v6.addr,
+            "[2001:db8::1]:51820".parse::<SocketAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_seen_at_entry_that_is_not_address_and_observer_is_an_error_not_a_panic() {
+        for bad in [
+            "",
+            "203.0.113.41:3947",
+            "203.0.113.41:3947 (rendezvous",
+            "203.0.113.41:3947 ()",
+            "203.0.113.41 (rendezvous)",
+            "not an address (node-b)",
+            " (",
+        ] {
+            assert!(bad.parse::<SeenAt>().is_err(), "{bad:?} reads as a SeenAt");
+            assert!(serde_json::from_value::<SeenAt>(bad.into()).is_err());
+        }
     }
 }

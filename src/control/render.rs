@@ -1,8 +1,8 @@
 //! Human-readable tables for `meshctl`. Pure: data in, text out.
 
-use std::fmt::Write as _;
+use std::fmt::{Display, Write as _};
 
-use super::{IoCounters, NetcheckInfo, PeerInfo, PingInfo, RendezvousInfo, StatusInfo};
+use super::{IoCounters, NetcheckInfo, PeerInfo, PeerPath, PingInfo, RendezvousInfo, StatusInfo};
 
 /// `meshctl peers`: one line per peer, aligned columns, then for every
 /// relayed peer the reason it is relayed.
@@ -26,13 +26,13 @@ pub fn peers_table(peers: &[PeerInfo]) -> String {
                 // The overlay IPv4 when there is one: what operators type.
                 p.overlay_ips
                     .first()
-                    .or(p.allowed_ips.first())
-                    .cloned()
+                    .map(ToString::to_string)
+                    .or_else(|| p.allowed_ips.first().map(ToString::to_string))
                     .unwrap_or_else(|| "-".into()),
-                crate::identity::short_key(&p.public_key),
-                match (&p.endpoint, p.path.as_str()) {
+                p.public_key.short(),
+                match (&p.endpoint, p.path) {
                     (Some(endpoint), _) => format!("direct {endpoint}"),
-                    (None, path) => path.to_owned(),
+                    (None, path) => path.to_string(),
                 },
                 p.rtt_ms
                     .map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
@@ -68,7 +68,7 @@ pub fn peers_table(peers: &[PeerInfo]) -> String {
     }
     for p in peers {
         if let Some(reason) = &p.relay_reason {
-            let name = p.name.as_deref().unwrap_or(&p.public_key);
+            let name = p.name.clone().unwrap_or_else(|| p.public_key.to_string());
             let _ = write!(out, "\n{name} is relayed: {reason}.\n");
         }
     }
@@ -86,11 +86,11 @@ pub fn status(s: &StatusInfo) -> String {
         0 => writeln!(out, "interface:   {}", s.interface),
         mtu => writeln!(out, "interface:   {} (MTU {mtu})", s.interface),
     };
-    let _ = writeln!(out, "addresses:   {}", s.addresses.join(", "));
+    let _ = writeln!(out, "addresses:   {}", list(&s.addresses));
     let _ = writeln!(out, "listen port: {}", s.listen_port);
     let _ = writeln!(out, "NAT:         {}", s.nat.describe());
     if !s.seen_at.is_empty() {
-        let _ = writeln!(out, "seen at:     {}", s.seen_at.join(", "));
+        let _ = writeln!(out, "seen at:     {}", list(&s.seen_at));
     }
     match &s.rendezvous {
         Some(RendezvousInfo {
@@ -147,22 +147,31 @@ fn batching(io: &IoCounters) -> Option<String> {
     Some(line)
 }
 
+/// `a, b, c`.
+fn list(items: &[impl Display]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// One line of `meshctl ping`; `previous` is the path of the last reply,
 /// so that an upgrade from the relay to a direct path is called out.
-pub fn ping_line(p: &PingInfo, previous: Option<&str>) -> String {
+pub fn ping_line(p: &PingInfo, previous: Option<PeerPath>) -> String {
     let who = match &p.overlay_ip {
         Some(ip) => format!("{} ({ip})", p.peer),
         None => p.peer.clone(),
     };
-    let (Some(path), Some(rtt)) = (&p.path, p.rtt_ms) else {
+    let (Some(path), Some(rtt)) = (p.path, p.rtt_ms) else {
         return format!("no answer from {who} within 2s\n");
     };
     let via = match &p.endpoint {
         Some(endpoint) => format!("{path} {endpoint}"),
-        None => path.clone(),
+        None => path.to_string(),
     };
     let mut line = format!("pong from {who} via {via} in {rtt:.1}ms\n");
-    if previous == Some("relay") && path == "direct" {
+    if previous == Some(PeerPath::Relay) && path == PeerPath::Direct {
         line.push_str(&format!("path upgraded: relay -> {via}\n"));
     }
     line
@@ -170,7 +179,8 @@ pub fn ping_line(p: &PingInfo, previous: Option<&str>) -> String {
 
 /// `meshctl netcheck`: key: value lines, then the explanation.
 pub fn netcheck(n: &NetcheckInfo) -> String {
-    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let or_dash =
+        |v: &Option<_>| v.map_or_else(|| "-".into(), |a: std::net::SocketAddr| a.to_string());
     let ms = |v: Option<f64>| v.map_or_else(String::new, |ms| format!(", rtt {ms:.1}ms"));
     let mut out = String::new();
     let _ = writeln!(out, "rendezvous:         {}", or_dash(&n.rendezvous));
@@ -237,16 +247,15 @@ mod tests {
     fn peer(key: &str, endpoint: Option<&str>, hs: Option<u64>, rx: u64, tx: u64) -> PeerInfo {
         PeerInfo {
             name: endpoint.map(|_| "node-b".into()),
-            overlay_ips: vec!["100.72.0.2".into()],
-            public_key: key.into(),
-            allowed_ips: vec!["100.72.0.2/32".into()],
-            endpoint: endpoint.map(Into::into),
+            overlay_ips: vec!["100.72.0.2".parse().unwrap()],
+            public_key: key.parse().unwrap(),
+            allowed_ips: vec!["100.72.0.2/32".parse().unwrap()],
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
             path: if endpoint.is_some() {
-                "direct"
+                PeerPath::Direct
             } else {
-                "relay"
-            }
-            .into(),
+                PeerPath::Relay
+            },
             rtt_ms: endpoint.map(|_| 0.42),
             last_handshake: hs,
             rx_bytes: rx,
@@ -296,8 +305,8 @@ node-b  100.72.0.2  hSDwCYkw  direct 192.0.2.2:51820  0.4ms  42s ago    2.0 KiB 
     fn ping_lines_name_the_path_and_call_out_an_upgrade() {
         let relayed = PingInfo {
             peer: "node-b".into(),
-            overlay_ip: Some("100.72.0.2".into()),
-            path: Some("relay".into()),
+            overlay_ip: Some("100.72.0.2".parse().unwrap()),
+            path: Some(PeerPath::Relay),
             endpoint: None,
             rtt_ms: Some(4.25),
         };
@@ -306,13 +315,13 @@ node-b  100.72.0.2  hSDwCYkw  direct 192.0.2.2:51820  0.4ms  42s ago    2.0 KiB 
             "pong from node-b (100.72.0.2) via relay in 4.2ms\n"
         );
         let direct = PingInfo {
-            path: Some("direct".into()),
-            endpoint: Some("203.0.113.12:51820".into()),
+            path: Some(PeerPath::Direct),
+            endpoint: Some("203.0.113.12:51820".parse().unwrap()),
             rtt_ms: Some(1.0),
             ..relayed.clone()
         };
         assert_eq!(
-            ping_line(&direct, Some("relay")),
+            ping_line(&direct, Some(PeerPath::Relay)),
             "pong from node-b (100.72.0.2) via direct 203.0.113.12:51820 in 1.0ms\n\
              path upgraded: relay -> direct 203.0.113.12:51820\n"
         );
@@ -323,7 +332,7 @@ node-b  100.72.0.2  hSDwCYkw  direct 192.0.2.2:51820  0.4ms  42s ago    2.0 KiB 
             ..relayed
         };
         assert_eq!(
-            ping_line(&lost, Some("relay")),
+            ping_line(&lost, Some(PeerPath::Relay)),
             "no answer from node-b (100.72.0.2) within 2s\n"
         );
     }
@@ -331,16 +340,16 @@ node-b  100.72.0.2  hSDwCYkw  direct 192.0.2.2:51820  0.4ms  42s ago    2.0 KiB 
     #[test]
     fn netcheck_renders_fixed_input() {
         let n = NetcheckInfo {
-            rendezvous: Some("203.0.113.2:7443".into()),
+            rendezvous: Some("203.0.113.2:7443".parse().unwrap()),
             quic_connected: true,
             quic_rtt_ms: Some(1.5),
-            quic_seen_at: Some("203.0.113.41:3947".into()),
-            reflector: Some("203.0.113.2:7444".into()),
-            reflector_seen_at: Some("203.0.113.41:60260".into()),
+            quic_seen_at: Some("203.0.113.41:3947".parse().unwrap()),
+            reflector: Some("203.0.113.2:7444".parse().unwrap()),
+            reflector_seen_at: Some("203.0.113.41:60260".parse().unwrap()),
             reflector_rtt_ms: Some(0.8),
             mapping: crate::wire::control::NatMapping::EndpointDependent,
             mapping_from_peers: crate::wire::control::NatMapping::Unknown,
-            hole_punching: "unlikely".into(),
+            hole_punching: crate::control::HolePunching::Unlikely,
             explanation: "a new port per destination".into(),
         };
         let expected = "\
@@ -360,7 +369,6 @@ a new port per destination.
     #[test]
     fn status_shows_packets_per_call_once_there_is_traffic() {
         let mut s = StatusInfo {
-            public_key: "k".into(),
             interface: "mesh0".into(),
             ..StatusInfo::default()
         };

@@ -24,8 +24,6 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 
-/// Where meshd writes the file unless the config says otherwise.
-pub const DEFAULT_ENV_FILE: &str = "/run/meshd/env";
 /// Readable by kubelet and scripts; it holds nothing secret.
 pub const MODE: u32 = 0o644;
 
