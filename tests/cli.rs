@@ -21,7 +21,7 @@ use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{output, output_with_stdin, write_private_key, MESHCTL, MESHD};
+use common::{output, output_with_stdin, write_private_key, MESHCTL, MESHD, MESH_RENDEZVOUS};
 use meshd::control::{PeerInfo, Request, Response, StatusInfo};
 
 fn stdout(out: &Output) -> String {
@@ -340,10 +340,12 @@ fn every_command_ends_quietly_when_its_reader_goes_away() {
         public_key: key,
         ..PeerInfo::default()
     }];
-    let (socket_arg, config_arg, status_arg) = (
+    let rendezvous_dir = dir.path().join("rendezvous");
+    let (socket_arg, config_arg, status_arg, rendezvous_arg) = (
         socket.to_str().expect("utf-8 temp path"),
         config.to_str().expect("utf-8 temp path"),
         status_json.to_str().expect("utf-8 temp path"),
+        rendezvous_dir.to_str().expect("utf-8 temp path"),
     );
     let asking_meshd: [&[&str]; 4] = [
         &["peers"],
@@ -369,6 +371,18 @@ fn every_command_ends_quietly_when_its_reader_goes_away() {
             vec!["kube", "--status-json", status_arg, "flannel"],
         ),
         (MESHD, vec!["check-config", "--config", config_arg]),
+        (
+            MESH_RENDEZVOUS,
+            vec![
+                "--state-dir",
+                rendezvous_arg,
+                "init",
+                "--listen",
+                "127.0.0.1:0",
+                "--public-addr",
+                "192.0.2.1:7443",
+            ],
+        ),
     ]);
     for (program, args) in runs {
         let what = format!("`{} {}`", Path::new(program).display(), args.join(" "));
@@ -571,7 +585,7 @@ impl Drop for Serving {
 fn rendezvous(state: &Path, args: &[&str]) -> Output {
     let mut all = vec!["--state-dir", state.to_str().expect("a UTF-8 temp path")];
     all.extend_from_slice(args);
-    output(common::MESH_RENDEZVOUS, &all)
+    output(MESH_RENDEZVOUS, &all)
 }
 
 #[test]
@@ -597,7 +611,7 @@ fn a_serving_rendezvous_locks_its_state_directory_against_a_second_server_and_of
         "an offline token create",
     );
 
-    let server = Command::new(common::MESH_RENDEZVOUS)
+    let server = Command::new(MESH_RENDEZVOUS)
         .args(["--state-dir", state.to_str().expect("UTF-8"), "serve"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

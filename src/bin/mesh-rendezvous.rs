@@ -1,6 +1,7 @@
 //! `mesh-rendezvous`: creates a mesh, admits nodes, hands out overlay
 //! addresses and distributes the peer map. Thin: arguments → library.
 
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
+use meshd::cli::{reader_gone, Stdout};
 use meshd::control::client::{self, ClientError};
 use meshd::rendezvous::admin::{self, AdminRequest, AdminResponse};
 use meshd::rendezvous::{server, setup};
@@ -126,6 +128,8 @@ fn main() -> ExitCode {
     meshd::cli::init_logging(meshd::cli::LogFormat::Text);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // `… | head` had all it wanted: not a failure (cli::Stdout).
+        Err(e) if e.chain().any(reader_gone) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mesh-rendezvous: error: {e:#}");
             ExitCode::FAILURE
@@ -142,9 +146,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cidr,
         } => {
             let mesh = setup::init(dir, listen, &public_addr, cidr, &mut rand::rngs::OsRng)?;
-            println!("mesh {} created in {}", mesh.id, dir.display());
-            println!("  IPv4 {}  IPv6 {}", mesh.ipv4, mesh.ipv6);
-            println!("next: mesh-rendezvous serve --state-dir {0}, then mesh-rendezvous token create --state-dir {0}", dir.display());
+            writeln!(
+                Stdout::lock(),
+                "mesh {} created in {}",
+                mesh.id,
+                dir.display()
+            )?;
+            writeln!(Stdout::lock(), "  IPv4 {}  IPv6 {}", mesh.ipv4, mesh.ipv6)?;
+            writeln!(Stdout::lock(), "next: mesh-rendezvous serve --state-dir {0}, then mesh-rendezvous token create --state-dir {0}", dir.display())?;
         }
         Command::Serve { metrics } => {
             // Held until the process ends: no other server and no offline
@@ -154,7 +163,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if metrics.is_some() {
                 loaded.config.metrics_address = metrics;
             }
-            println!("join lines pin this certificate: {}", loaded.cert_hash());
+            writeln!(
+                Stdout::lock(),
+                "join lines pin this certificate: {}",
+                loaded.cert_hash()
+            )?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -170,11 +183,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match admin_request(dir, request)? {
                 AdminResponse::Token { token, .. } => {
                     let loaded = setup::load(dir)?;
-                    println!(
+                    writeln!(
+                        Stdout::lock(),
                         "meshd join {} --token {token} --ca-hash {}",
                         loaded.config.public_addr,
                         loaded.cert_hash()
-                    );
+                    )?;
                 }
                 other => unexpected(other)?,
             }
@@ -182,26 +196,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(TokenCommand::List { json }) => {
             match admin_request(dir, AdminRequest::ListTokens)? {
                 AdminResponse::Tokens { tokens } if json => {
-                    println!("{}", serde_json::to_string_pretty(&tokens)?)
+                    writeln!(Stdout::lock(), "{}", serde_json::to_string_pretty(&tokens)?)?
                 }
                 AdminResponse::Tokens { tokens } => {
-                    println!(
+                    writeln!(
+                        Stdout::lock(),
                         "{:<10} {:<10} {:<6} {:<22} CREATED",
-                        "ID", "STATUS", "USES", "EXPIRES"
-                    );
+                        "ID",
+                        "STATUS",
+                        "USES",
+                        "EXPIRES"
+                    )?;
                     for t in tokens {
                         let uses = match t.max_uses {
                             Some(max) => format!("{}/{max}", t.uses),
                             None => t.uses.to_string(),
                         };
-                        println!(
+                        writeln!(
+                            Stdout::lock(),
                             "{:<10} {:<10} {:<6} {:<22} {}",
                             t.id,
                             t.status,
                             uses,
                             time(t.expires_at),
                             time(t.created_at)
-                        );
+                        )?;
                     }
                 }
                 other => unexpected(other)?,
@@ -209,31 +228,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Token(TokenCommand::Revoke { id }) => {
             match admin_request(dir, AdminRequest::RevokeToken { id })? {
-                AdminResponse::Done { message } => println!("{message}"),
+                AdminResponse::Done { message } => writeln!(Stdout::lock(), "{message}")?,
                 other => unexpected(other)?,
             }
         }
         Command::Nodes(NodesCommand::List { json }) => {
             match admin_request(dir, AdminRequest::ListNodes)? {
                 AdminResponse::Nodes { nodes } if json => {
-                    println!("{}", serde_json::to_string_pretty(&nodes)?)
+                    writeln!(Stdout::lock(), "{}", serde_json::to_string_pretty(&nodes)?)?
                 }
                 AdminResponse::Nodes { nodes } => {
-                    println!(
+                    writeln!(
+                        Stdout::lock(),
                         "{:<20} {:<15} {:<8} {:<10} LAST SEEN",
-                        "NAME", "IPV4", "ONLINE", "KEY"
-                    );
+                        "NAME",
+                        "IPV4",
+                        "ONLINE",
+                        "KEY"
+                    )?;
                     for n in nodes {
                         let key = meshd::identity::short_key(&n.public_key);
                         let online = if n.online { "yes" } else { "no" };
-                        println!(
+                        writeln!(
+                            Stdout::lock(),
                             "{:<20} {:<15} {:<8} {:<10} {}",
                             n.name,
                             n.ipv4,
                             online,
                             key,
                             time(n.last_seen)
-                        );
+                        )?;
                     }
                 }
                 other => unexpected(other)?,
@@ -241,32 +265,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Nodes(NodesCommand::Remove { node, release }) => {
             match admin_request(dir, AdminRequest::RemoveNode { node, release })? {
-                AdminResponse::Done { message } => println!("{message}"),
+                AdminResponse::Done { message } => writeln!(Stdout::lock(), "{message}")?,
                 other => unexpected(other)?,
             }
         }
         Command::Nodes(NodesCommand::Rename { node, name }) => {
             match admin_request(dir, AdminRequest::RenameNode { node, name })? {
-                AdminResponse::Done { message } => println!("{message}"),
+                AdminResponse::Done { message } => writeln!(Stdout::lock(), "{message}")?,
                 other => unexpected(other)?,
             }
         }
         Command::Addresses(AddressesCommand::List { json }) => {
             match admin_request(dir, AdminRequest::ListAddresses)? {
-                AdminResponse::Addresses { addresses } if json => {
-                    println!("{}", serde_json::to_string_pretty(&addresses)?)
-                }
+                AdminResponse::Addresses { addresses } if json => writeln!(
+                    Stdout::lock(),
+                    "{}",
+                    serde_json::to_string_pretty(&addresses)?
+                )?,
                 AdminResponse::Addresses { addresses } => {
-                    println!(
+                    writeln!(
+                        Stdout::lock(),
                         "{:<15} {:<40} {:<12} {:<20} REMOVED",
-                        "IPV4", "IPV6", "STATUS", "NODE"
-                    );
+                        "IPV4",
+                        "IPV6",
+                        "STATUS",
+                        "NODE"
+                    )?;
                     for a in addresses {
                         let removed = a.removed_at.map_or_else(|| "-".to_owned(), time);
-                        println!(
+                        writeln!(
+                            Stdout::lock(),
                             "{:<15} {:<40} {:<12} {:<20} {removed}",
-                            a.ipv4, a.ipv6, a.status, a.name
-                        );
+                            a.ipv4,
+                            a.ipv6,
+                            a.status,
+                            a.name
+                        )?;
                     }
                 }
                 other => unexpected(other)?,
@@ -274,7 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Addresses(AddressesCommand::Release { address, all: _ }) => {
             match admin_request(dir, AdminRequest::ReleaseAddresses { address })? {
-                AdminResponse::Done { message } => println!("{message}"),
+                AdminResponse::Done { message } => writeln!(Stdout::lock(), "{message}")?,
                 other => unexpected(other)?,
             }
         }
