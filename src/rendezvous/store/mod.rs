@@ -13,6 +13,8 @@
 //! never a silent fresh start, which would hand out addresses that existing
 //! nodes already hold.
 
+pub mod kv;
+
 use std::fs;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
