@@ -14,6 +14,7 @@
 //! nodes already hold.
 
 pub mod kv;
+pub mod records;
 
 use std::fs;
 use std::io;
