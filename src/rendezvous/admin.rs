@@ -283,17 +283,28 @@ pub fn apply_offline<R: RngCore + CryptoRng>(
     rng: &mut R,
 ) -> Result<AdminResponse, super::setup::SetupError> {
     use super::registry::Command;
+    use super::store::kv::Outcome;
     use super::store::Store as _;
     let loaded = super::setup::load(dir)?;
     let mut store = loaded.store;
+    let mut local = super::store::LocalStore::new(&loaded.state);
     let mut registry = Registry::new(loaded.state, loaded.server_key);
     let response = apply(&mut registry, request, now_unix, rng);
+    let mut changed = false;
     while let Some(command) = registry.poll_command() {
         match command {
-            Command::Persist | Command::PersistSoon => store.save(registry.state())?,
+            Command::Commit { id, txn } => {
+                let (outcome, fresh) = local.commit(&txn);
+                changed |= matches!(outcome, Outcome::Committed { .. });
+                registry.handle_outcome(id, outcome, &fresh);
+            }
+            Command::PersistSoon => changed = true,
             // No connections exist without a server.
             Command::Admitted { .. } | Command::Send { .. } | Command::Close { .. } => {}
         }
+    }
+    if changed {
+        store.save(registry.state())?;
     }
     Ok(response)
 }

@@ -29,7 +29,8 @@ use super::registry::{
     CloseReason, Command, ConnId, Counters, IncomingHello, NodeStatus, Now, Registry,
 };
 use super::setup::{Loaded, SetupError};
-use super::store::{Store, StoreWriter};
+use super::store::kv::Outcome;
+use super::store::{LocalStore, Store, StoreWriter};
 use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls;
 use crate::control::server::ErrorResponse as _;
@@ -416,13 +417,13 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Owns the registry: applies inputs one at a time (which is what makes a
-/// single-use token admit exactly one node however many race for it) and
-/// executes the resulting commands. Saves go through a [`StoreWriter`], off
-/// this task: a [`Command::Persist`] is waited for before the commands
-/// after it run; a [`Command::PersistSoon`] is written at most
-/// `persist_every` later, together with whatever else changed meanwhile,
-/// and on the way out.
+/// Owns the registry: applies inputs one at a time and executes the
+/// resulting commands. Commits go to the [`LocalStore`] (whose
+/// transactions make a single-use token admit exactly one node however
+/// many race for it); saves go through a [`StoreWriter`], off this task.
+/// What a commit changed is on disk before any command after it runs; a
+/// [`Command::PersistSoon`] is flushed at most `persist_every` later,
+/// together with whatever else changed meanwhile, and on the way out.
 async fn registry_task(
     mut registry: Registry,
     store: impl Store + 'static,
@@ -430,12 +431,14 @@ async fn registry_task(
     persist_every: Duration,
 ) {
     let writer = StoreWriter::spawn(store);
+    let mut local = LocalStore::new(registry.state());
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnOut>> = HashMap::new();
     // When the oldest change not saved yet is to be written.
     let mut save_due: Option<tokio::time::Instant> = None;
     // What the registry queued on its own (a migrated state).
     execute(
         &mut registry,
+        &mut local,
         &mut conns,
         &writer,
         &mut save_due,
@@ -456,7 +459,8 @@ async fn registry_task(
             },
             () = due => {
                 save_due = None;
-                writer.save(Arc::new(registry.state().clone())).await;
+                registry.flush();
+                execute(&mut registry, &mut local, &mut conns, &writer, &mut save_due, persist_every).await;
                 continue;
             }
         };
@@ -486,6 +490,7 @@ async fn registry_task(
                 // crash).
                 execute(
                     &mut registry,
+                    &mut local,
                     &mut conns,
                     &writer,
                     &mut save_due,
@@ -506,6 +511,7 @@ async fn registry_task(
         }
         execute(
             &mut registry,
+            &mut local,
             &mut conns,
             &writer,
             &mut save_due,
@@ -514,22 +520,42 @@ async fn registry_task(
         .await;
     }
     if save_due.is_some() {
-        writer
-            .save_durable(Arc::new(registry.state().clone()))
-            .await;
+        registry.flush();
+        execute(
+            &mut registry,
+            &mut local,
+            &mut conns,
+            &writer,
+            &mut save_due,
+            persist_every,
+        )
+        .await;
     }
     writer.close().await;
 }
 
-/// Runs the registry's queued commands, in order.
+/// Runs the registry's queued commands, in order. Consecutive commits are
+/// saved once, before the first command after them runs.
 async fn execute(
     registry: &mut Registry,
+    local: &mut LocalStore,
     conns: &mut HashMap<ConnId, mpsc::Sender<ConnOut>>,
     writer: &StoreWriter,
     save_due: &mut Option<tokio::time::Instant>,
     persist_every: Duration,
 ) {
-    while let Some(command) = registry.poll_command() {
+    let mut unsaved = false;
+    loop {
+        let command = registry.poll_command();
+        if unsaved && !matches!(command, Some(Command::Commit { .. })) {
+            unsaved = false;
+            writer
+                .save_durable(Arc::new(registry.state().clone()))
+                .await;
+        }
+        let Some(command) = command else {
+            break;
+        };
         match command {
             Command::Admitted { conn, key, ipv4 } => {
                 tracing::debug!(%conn, node = %key.short(), %ipv4, "admitted");
@@ -556,12 +582,14 @@ async fn execute(
                     let _ = tx.try_send(ConnOut::Close(reason));
                 }
             }
-            Command::Persist => {
-                // It saves everything, including what waited to be saved.
-                *save_due = None;
-                writer
-                    .save_durable(Arc::new(registry.state().clone()))
-                    .await;
+            Command::Commit { id, txn } => {
+                let (outcome, fresh) = local.commit(&txn);
+                if let Outcome::Committed { .. } = outcome {
+                    unsaved = true;
+                } else {
+                    tracing::warn!(%id, ?outcome, "commit to the local store refused");
+                }
+                registry.handle_outcome(id, outcome, &fresh);
             }
             Command::PersistSoon => {
                 save_due.get_or_insert_with(|| tokio::time::Instant::now() + persist_every);

@@ -330,10 +330,14 @@ pub fn load(dir: &Path) -> Result<Loaded, SetupError> {
     let cert_der = read(layout.cert())?;
     let cert_key_der = read(layout.cert_key())?;
     let server_key = read_private_key(&layout.server_key())?;
-    let store = FileStore::new(dir);
-    let state = store.load()?.ok_or_else(|| SetupError::NotInitialised {
+    let mut store = FileStore::new(dir);
+    let mut state = store.load()?.ok_or_else(|| SetupError::NotInitialised {
         dir: dir.to_owned(),
     })?;
+    // A v0.1.0 state's names become unique labels, once, on disk.
+    if state.migrate_names() {
+        store.save(&state)?;
+    }
     Ok(Loaded {
         layout,
         config,

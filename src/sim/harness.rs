@@ -59,6 +59,7 @@ use crate::rendezvous::admission;
 use crate::rendezvous::registry::{
     dns_label, Command, ConnId, IncomingHello, NodeRecord, Now, Registry, RegistryState,
 };
+use crate::rendezvous::store::LocalStore;
 use crate::wire::control::{
     Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeMessage, RejectReason,
     ServerMessage, PROTOCOL_VERSION,
@@ -269,6 +270,8 @@ pub struct Sim {
     registry_seed: RegistryState,
     /// What the registry last asked to persist: a restart starts from it.
     saved: Option<RegistryState>,
+    /// The registry's store, as a single `mesh-rendezvous` keeps it.
+    local: Option<LocalStore>,
     relay_table: RelayTable,
     /// The rendezvous's key: the same across restarts, as on disk.
     server_key: PrivateKey,
@@ -329,6 +332,7 @@ impl Sim {
             registry: None,
             registry_seed: RegistryState::new(sim_mesh()),
             saved: None,
+            local: None,
             relay_table: RelayTable::new(RelayLimits::default()),
             server_key: PrivateKey::generate(&mut stream(STREAM_SERVER)),
             conns: HashMap::new(),
@@ -1043,6 +1047,7 @@ impl Sim {
             }
         }
         self.relay_table = table;
+        self.local = Some(LocalStore::new(&state));
         self.registry = Some(Registry::new(state, self.server_key.clone()));
         self.run_registry(true);
     }
@@ -1081,8 +1086,21 @@ impl Sim {
                         self.carry(Carried::Close { conn }, now);
                     }
                 }
-                Command::Persist | Command::PersistSoon => {
-                    self.saved = self.registry.as_ref().map(|r| r.state().clone());
+                Command::Commit { id, txn } => {
+                    let (Some(local), Some(registry)) =
+                        (self.local.as_mut(), self.registry.as_mut())
+                    else {
+                        continue;
+                    };
+                    let (outcome, fresh) = local.commit(&txn);
+                    registry.handle_outcome(id, outcome, &fresh);
+                    self.saved = Some(registry.state().clone());
+                }
+                // Saved at once here: the simulation has no debounce.
+                Command::PersistSoon => {
+                    if let Some(registry) = self.registry.as_mut() {
+                        registry.flush();
+                    }
                 }
             }
         }

@@ -110,6 +110,19 @@ impl Txn {
         self
     }
 
+    /// Every key the transaction compares or writes, once each.
+    pub fn keys(&self) -> Vec<&str> {
+        let mut keys: Vec<&str> = self
+            .compares
+            .iter()
+            .map(Compare::key)
+            .chain(self.ops.iter().map(Op::key))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
     /// Whether no key is written twice (etcd refuses such a transaction).
     pub fn writes_each_key_once(&self) -> bool {
         let mut keys: Vec<&str> = self.ops.iter().map(Op::key).collect();
@@ -234,6 +247,21 @@ impl MemoryKv {
                 key: key.clone(),
                 value: s.value.clone(),
                 revision: s.revision,
+            })
+            .collect()
+    }
+
+    /// What `keys` hold now, as events: a put at the revision that wrote
+    /// it, or a delete at the current revision for a key that is absent —
+    /// what a registry reads after its transaction lost a race.
+    pub fn current<'a>(&self, keys: impl IntoIterator<Item = &'a str>) -> Vec<Event> {
+        keys.into_iter()
+            .map(|key| match self.get(key) {
+                Some(kv) => Event::Put(kv),
+                None => Event::Delete {
+                    key: key.to_owned(),
+                    revision: self.revision,
+                },
             })
             .collect()
     }

@@ -55,6 +55,45 @@ pub enum StoreError {
     UnsupportedFormat { path: PathBuf, found: u32 },
 }
 
+/// The store of a single server: the registry's records in memory, with
+/// the shared store's semantics ([`kv::MemoryKv`]), so that the registry
+/// commits and is answered the same way as over etcd. What is committed
+/// reaches the disk as the file of [`FileStore`], which the shell saves
+/// from the registry's state.
+#[derive(Debug)]
+pub struct LocalStore {
+    kv: kv::MemoryKv,
+}
+
+/// The lease of the one server a local store has.
+const LOCAL_LEASE: kv::LeaseId = kv::LeaseId(1);
+
+impl LocalStore {
+    /// The records of `state`, at revision 1 (as `Registry::new` takes
+    /// them to be).
+    pub fn new(state: &RegistryState) -> Self {
+        let entries = records::records(state)
+            .into_iter()
+            .map(|(key, value)| (key.path(), records::encode(&value)));
+        Self {
+            kv: kv::MemoryKv::with_entries(entries),
+        }
+    }
+
+    /// Commits `txn`; after a conflict, also what its keys hold now.
+    pub fn commit(&mut self, txn: &kv::Txn) -> (kv::Outcome, Vec<kv::Event>) {
+        let outcome = self.kv.txn(txn, LOCAL_LEASE);
+        // Nobody watches a local store.
+        self.kv.compact();
+        match outcome {
+            kv::Outcome::Committed { .. } => (outcome, Vec::new()),
+            kv::Outcome::Conflict | kv::Outcome::Malformed => {
+                (outcome, self.kv.current(txn.keys()))
+            }
+        }
+    }
+}
+
 /// Where the registry state lives between restarts.
 pub trait Store: Send {
     /// The saved state, or `None` if nothing was ever saved (a new mesh).
@@ -495,16 +534,14 @@ mod tests {
         assert!(state.quarantine.is_empty());
         assert_eq!(state.removed.len(), 1);
         assert_eq!(state.tokens["abc"].uses, 1);
-        let mut registry = crate::rendezvous::registry::Registry::new(
+        let mut state = state;
+        assert!(state.migrate_names());
+        let registry = crate::rendezvous::registry::Registry::new(
             state,
             crate::identity::PrivateKey::from_bytes([1; 32]),
         );
         let names: Vec<String> = registry.nodes().into_iter().map(|n| n.name).collect();
         assert_eq!(names, vec!["worker-1", "worker-1-2"]);
-        assert_eq!(
-            registry.poll_command(),
-            Some(crate::rendezvous::registry::Command::Persist)
-        );
         // What this version writes, the same version reads back.
         let mut store = store;
         store.save(registry.state()).unwrap();
