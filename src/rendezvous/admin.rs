@@ -97,6 +97,10 @@ pub struct NodeStatusInfo {
     pub ipv4: String,
     pub ipv6: String,
     pub online: bool,
+    /// The server it is connected to, when online (absent from a 0.3.0
+    /// server's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
     pub last_seen: u64,
 }
 
@@ -135,6 +139,7 @@ impl From<NodeStatus> for NodeStatusInfo {
             ipv4: n.ipv4.to_string(),
             ipv6: n.ipv6.to_string(),
             online: n.online,
+            server: n.server,
             last_seen: n.last_seen,
         }
     }

@@ -248,6 +248,7 @@ mod tests {
             ipv4: Ipv4Addr::new(100, 72, 0, last),
             ipv6: "fd00::1".parse().unwrap(),
             online,
+            server: None,
             joined_at: 0,
             last_seen: 0,
             candidates: vec![],

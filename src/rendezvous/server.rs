@@ -30,6 +30,7 @@ use super::registry::{
 };
 use super::setup::{Loaded, SetupError};
 use super::store::kv::Outcome;
+use super::store::records;
 use super::store::{LocalStore, Store, StoreWriter};
 use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls;
@@ -585,7 +586,7 @@ async fn execute(
             Command::Commit { id, txn } => {
                 let (outcome, fresh) = local.commit(&txn);
                 if let Outcome::Committed { .. } = outcome {
-                    unsaved = true;
+                    unsaved |= txn.ops.iter().any(|op| records::is_durable(op.key()));
                 } else {
                     tracing::warn!(%id, ?outcome, "commit to the local store refused");
                 }

@@ -100,7 +100,7 @@ use super::admission;
 use super::limits::Bucket;
 pub use super::limits::{Limits, MessageKind, Rate};
 use super::store::kv::{Event, KeyValue, Op, Outcome, Revision, Txn};
-use super::store::records::{self, Endpoints, Key, NodeIdentity, Value};
+use super::store::records::{self, Endpoints, Key, NodeIdentity, Presence, Value};
 pub use crate::identity::join_token::MAX_TOKEN_ID;
 use crate::identity::JoinToken;
 use crate::identity::{PrivateKey, PublicKey};
@@ -273,6 +273,8 @@ pub struct NodeStatus {
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
     pub online: bool,
+    /// The server it is connected to, when online.
+    pub server: Option<String>,
     pub joined_at: u64,
     pub last_seen: u64,
     pub candidates: Vec<Candidate>,
@@ -320,6 +322,9 @@ pub enum Command {
     /// these, so one commit carries a burst of changes.
     PersistSoon,
 }
+
+/// What a server is called when it is the mesh's only one.
+pub const DEFAULT_SERVER_NAME: &str = "rendezvous";
 
 /// A transaction the registry asked the shell to commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -658,6 +663,10 @@ pub struct Registry {
     sessions: HashMap<ConnId, Session>,
     /// Each online node's current connection.
     online: BTreeMap<PublicKey, ConnId>,
+    /// This server's name among the mesh's servers.
+    server_name: String,
+    /// Nodes connected to another server, and which.
+    elsewhere: HashMap<PublicKey, String>,
     commands: VecDeque<Command>,
     /// The store revision each record was last written at, as far as this
     /// replica knows: what a change compares to say "nobody changed it
@@ -730,6 +739,8 @@ impl Registry {
             server_key,
             sessions: HashMap::new(),
             online: BTreeMap::new(),
+            server_name: DEFAULT_SERVER_NAME.to_owned(),
+            elsewhere: HashMap::new(),
             commands: VecDeque::new(),
             revisions,
             claims,
@@ -741,6 +752,12 @@ impl Registry {
             limits,
             counters: Counters::default(),
         }
+    }
+
+    /// Names this server among the mesh's servers (in presence records and
+    /// `nodes list`).
+    pub fn set_server_name(&mut self, name: impl Into<String>) {
+        self.server_name = name.into();
     }
 
     /// A registry over the records a shared store holds, at their
@@ -766,6 +783,18 @@ impl Registry {
                 let key = Key::parse(&kv.key)?;
                 match records::decode(&key, &kv.value).ok()? {
                     Value::Holder(holder) => Some((key, holder)),
+                    _ => None,
+                }
+            })
+            .collect();
+        registry.elsewhere = records
+            .iter()
+            .filter_map(|kv| {
+                let Key::Presence(key) = Key::parse(&kv.key)? else {
+                    return None;
+                };
+                match records::decode(&Key::Presence(key), &kv.value).ok()? {
+                    Value::Presence(p) => Some((key, p.server)),
                     _ => None,
                 }
             })
@@ -899,6 +928,16 @@ impl Registry {
         if !joined {
             self.touch(key);
         }
+        self.elsewhere.remove(&key);
+        let presence = Presence {
+            server: self.server_name.clone(),
+            since: now.unix,
+        };
+        let txn = Txn::new().put_leased(
+            Key::Presence(key).path(),
+            records::encode(&Value::Presence(presence)),
+        );
+        self.propose(txn, None);
         self.push(Command::Admitted {
             conn,
             key,
@@ -1094,6 +1133,26 @@ impl Registry {
                 self.state.quarantine.retain(|held| held.ipv4 != ip);
                 None
             }
+            (Key::Presence(k), Some(Value::Presence(p))) => {
+                if p.server == self.server_name {
+                    return None;
+                }
+                // The node connected to another server: that one has it now.
+                if let Some(conn) = self.online.remove(&k) {
+                    tracing::debug!(node = %k.short(), server = %p.server, %conn, "node moved to another server");
+                    self.sessions.remove(&conn);
+                    self.push(Command::Close {
+                        conn,
+                        reason: CloseReason::Superseded,
+                    });
+                }
+                self.elsewhere.insert(k, p.server);
+                None
+            }
+            (Key::Presence(k), None) => {
+                self.elsewhere.remove(&k);
+                None
+            }
             // The mesh never changes; endpoints of a removed node go with
             // it; `decode` gives each key its own kind of value.
             _ => None,
@@ -1287,6 +1346,12 @@ impl Registry {
         };
         if self.online.get(&session.key) == Some(&conn) {
             self.online.remove(&session.key);
+            // Unless another server has the node by now.
+            let presence = Key::Presence(session.key);
+            let txn = Txn::new()
+                .unchanged(presence.path(), self.revision(&presence))
+                .delete(presence.path());
+            self.propose(txn, None);
         }
         if let Some(record) = self.state.nodes.get_mut(&session.key) {
             record.last_seen = now.unix;
@@ -1527,7 +1592,12 @@ impl Registry {
                 name: r.name.clone(),
                 ipv4: r.ipv4,
                 ipv6: r.ipv6,
-                online: self.online.contains_key(key),
+                online: self.online.contains_key(key) || self.elsewhere.contains_key(key),
+                server: if self.online.contains_key(key) {
+                    Some(self.server_name.clone())
+                } else {
+                    self.elsewhere.get(key).cloned()
+                },
                 joined_at: r.joined_at,
                 last_seen: r.last_seen,
                 candidates: r.candidates.clone(),

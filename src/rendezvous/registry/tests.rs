@@ -80,21 +80,24 @@ fn observed(n: u8) -> SocketAddr {
 
 /// The registry's commands until it has none, each commit answered
 /// as committed (a single server's store, which nobody else writes)
-/// and shown as [`committed`].
+/// and shown as [`committed`]; commits of presence alone (which server a
+/// node is on) are left out.
 fn drain(reg: &mut Registry) -> Vec<Command> {
     static REVISION: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(2);
-    std::iter::from_fn(|| {
-        let command = reg.poll_command()?;
-        Some(match command {
-            Command::Commit { id, .. } => {
+    let mut out = Vec::new();
+    while let Some(command) = reg.poll_command() {
+        match command {
+            Command::Commit { id, txn } => {
                 let revision = REVISION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 reg.handle_outcome(id, Outcome::Committed { revision }, &[]);
-                committed()
+                if txn.keys().iter().any(|k| records::is_durable(k)) {
+                    out.push(committed());
+                }
             }
-            other => other,
-        })
-    })
-    .collect()
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// [`drain`] against a real store: commits can conflict, as when joins
@@ -1721,12 +1724,15 @@ impl TwoServers {
             .map(|(key, value)| (key.path(), records::encode(&value)));
         let kv = crate::rendezvous::store::kv::MemoryKv::with_entries(entries);
         let seen = kv.revision();
+        let mut servers = [
+            Registry::new(state.clone(), server()),
+            Registry::new(state, server()),
+        ];
+        servers[0].set_server_name("rv-a");
+        servers[1].set_server_name("rv-b");
         Self {
             kv,
-            servers: [
-                Registry::new(state.clone(), server()),
-                Registry::new(state, server()),
-            ],
+            servers,
             seen: [seen, seen],
         }
     }
@@ -1977,4 +1983,55 @@ fn a_rename_racing_for_a_name_at_two_servers_is_taken_once() {
         "{seen:?}"
     );
     assert_eq!(seen, names(mesh.server(1)), "both servers agree");
+}
+
+#[test]
+fn every_server_sees_which_server_a_node_is_on_and_a_dead_servers_nodes_go_offline() {
+    let (mut mesh, token) = shared_mesh("100.72.0.0/16", None);
+    let on = |mesh: &mut TwoServers, i: usize, n: u8| {
+        let node = mesh
+            .server(i)
+            .nodes()
+            .into_iter()
+            .find(|s| s.public_key == key(n))
+            .unwrap();
+        (node.online, node.server)
+    };
+    mesh.server(0).handle_hello(
+        ConnId(1),
+        arriving(hello(1, Some(&token)), observed(1)),
+        at(NOW),
+    );
+    mesh.run(0);
+    mesh.follow(1);
+    assert_eq!(on(&mut mesh, 1, 1), (true, Some("rv-a".into())));
+    assert_eq!(on(&mut mesh, 0, 1), (true, Some("rv-a".into())));
+
+    // It moves: connected to rv-b, the stale connection at rv-a is closed.
+    mesh.server(1).handle_hello(
+        ConnId(11),
+        arriving(hello(1, None), observed(1)),
+        at(NOW + 1),
+    );
+    mesh.run(1);
+    let told = mesh.follow(0);
+    assert!(
+        told.contains(&Command::Close {
+            conn: ConnId(1),
+            reason: CloseReason::Superseded
+        }),
+        "{told:?}"
+    );
+    // rv-a's disconnect does not take the node's presence at rv-b away.
+    mesh.server(0).handle_disconnect(ConnId(1), at(NOW + 2));
+    mesh.run(0);
+    mesh.follow(1);
+    mesh.follow(0);
+    assert_eq!(on(&mut mesh, 0, 1), (true, Some("rv-b".into())));
+    assert_eq!(on(&mut mesh, 1, 1), (true, Some("rv-b".into())));
+
+    // rv-b dies: its lease ends, and its nodes go offline everywhere else.
+    mesh.kv.expire(crate::rendezvous::store::kv::LeaseId(1));
+    mesh.follow(0);
+    assert_eq!(on(&mut mesh, 0, 1), (false, None));
 }

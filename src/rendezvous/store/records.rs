@@ -19,6 +19,7 @@
 //! | `tokens/<id>`        | [`TokenRecord`]                         |
 //! | `removed/<key hex>`  | `{}`                                    |
 //! | `quarantine/<ipv4>`  | [`Quarantined`]                         |
+//! | `presence/<key hex>` | [`Presence`], on the server's lease     |
 //!
 //! Values are JSON. The file store keeps the same state as one document
 //! ([`RegistryState`]); [`records`] and [`state_from`] convert.
@@ -48,6 +49,9 @@ pub enum Key {
     Token(String),
     Removed(PublicKey),
     Quarantine(Ipv4Addr),
+    /// Which server a node is connected to: written on that server's lease,
+    /// so a dead server's nodes go offline by themselves.
+    Presence(PublicKey),
 }
 
 impl Key {
@@ -71,6 +75,7 @@ impl Key {
             "tokens" => Key::Token(rest.to_owned()),
             "removed" => Key::Removed(parse_key(rest)?),
             "quarantine" => Key::Quarantine(rest.parse().ok()?),
+            "presence" => Key::Presence(parse_key(rest)?),
             _ => return None,
         })
     }
@@ -87,8 +92,15 @@ impl fmt::Display for Key {
             Key::Token(id) => write!(f, "tokens/{id}"),
             Key::Removed(k) => write!(f, "removed/{}", hex::encode(k.as_bytes())),
             Key::Quarantine(ip) => write!(f, "quarantine/{ip}"),
+            Key::Presence(k) => write!(f, "presence/{}", hex::encode(k.as_bytes())),
         }
     }
+}
+
+/// Whether a record outlives the server that wrote it: everything but
+/// presence, which the file of a single server does not keep.
+pub fn is_durable(path: &str) -> bool {
+    !matches!(Key::parse(path), Some(Key::Presence(_)))
 }
 
 fn parse_key(hex_key: &str) -> Option<PublicKey> {
@@ -137,6 +149,13 @@ impl Endpoints {
     }
 }
 
+/// A node connected to a server, since when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub server: String,
+    pub since: u64,
+}
+
 /// A record's value, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
@@ -148,6 +167,7 @@ pub enum Value {
     Token(TokenRecord),
     Removed,
     Quarantine(Quarantined),
+    Presence(Presence),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +206,7 @@ pub fn decode(key: &Key, bytes: &[u8]) -> Result<Value, DecodeError> {
             Value::Removed
         }
         Key::Quarantine(_) => Value::Quarantine(serde_json::from_slice(bytes).map_err(wrap)?),
+        Key::Presence(_) => Value::Presence(serde_json::from_slice(bytes).map_err(wrap)?),
     })
 }
 
@@ -199,6 +220,7 @@ pub fn encode(value: &Value) -> Vec<u8> {
         Value::Token(v) => serde_json::to_vec(v),
         Value::Removed => serde_json::to_vec(&Empty {}),
         Value::Quarantine(v) => serde_json::to_vec(v),
+        Value::Presence(v) => serde_json::to_vec(v),
     };
     // Serializing these plain structs into memory cannot fail.
     json.unwrap_or_default()
@@ -411,6 +433,7 @@ mod tests {
             Key::Token("abc_-1".into()),
             Key::Removed(key(8)),
             Key::Quarantine("100.72.0.6".parse().unwrap()),
+            Key::Presence(key(9)),
         ] {
             assert_eq!(Key::parse(&key.path()), Some(key));
         }
