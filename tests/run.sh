@@ -22,8 +22,12 @@ fi
 # no systemd as PID 1); strace: the system calls the confined daemons make;
 # shellcheck: deploy/install.sh (tests/install.rs); etcd-server and
 # etcd-client: a three-member etcd over overlay addresses, run inside the
-# NAT lab's namespaces only (tests/lab_kube.rs).
-packages=(iproute2 iputils-ping iptables conntrack procps wireguard-go wireguard-tools iperf3 systemd strace shellcheck etcd-server etcd-client)
+# NAT lab's namespaces only (tests/lab_kube.rs), and the store's etcd
+# backend against one- and three-member clusters in namespaces of their own
+# (tests/store_etcd.rs); protobuf-compiler and libprotobuf-dev (protoc and
+# the well-known .proto files it imports): build dependencies of the
+# etcd-client crate, so they come before the first cargo command.
+packages=(iproute2 iputils-ping iptables conntrack procps wireguard-go wireguard-tools iperf3 systemd strace shellcheck etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -13,6 +13,7 @@
 //! never a silent fresh start, which would hand out addresses that existing
 //! nodes already hold.
 
+pub mod etcd;
 pub mod kv;
 pub mod records;
 
