@@ -287,7 +287,13 @@ impl MemoryKv {
         if !holds {
             return Outcome::Conflict;
         }
-        if txn.ops.is_empty() {
+        // As etcd: a transaction that writes nothing (no put, and only
+        // deletes of absent keys) takes no revision.
+        let writes = txn.ops.iter().any(|op| match op {
+            Op::Put { .. } => true,
+            Op::Delete { key } => self.entries.contains_key(key),
+        });
+        if !writes {
             return Outcome::Committed {
                 revision: self.revision,
             };
@@ -451,6 +457,16 @@ mod tests {
         let txn = claim("a", "1").put("b", vec![]).delete("a");
         assert_eq!(kv.txn(&txn, A), Outcome::Malformed);
         assert!(kv.get("a").is_none() && kv.get("b").is_none());
+    }
+
+    #[test]
+    fn a_transaction_that_writes_nothing_takes_no_revision() {
+        let mut kv = MemoryKv::new();
+        kv.txn(&claim("a", "1"), A);
+        let nothing = Txn::new().delete("absent");
+        assert_eq!(kv.txn(&nothing, A), Outcome::Committed { revision: 1 });
+        assert_eq!(kv.revision(), 1);
+        assert!(kv.events_after(1).is_empty());
     }
 
     #[test]
