@@ -424,7 +424,7 @@ fn relative_outcome(outcome: Outcome, base: Revision) -> Outcome {
         Outcome::Committed { revision } => Outcome::Committed {
             revision: revision - base,
         },
-        Outcome::Conflict | Outcome::Malformed => outcome,
+        Outcome::Conflict | Outcome::Malformed | Outcome::Unavailable => outcome,
     }
 }
 
@@ -609,6 +609,7 @@ async fn write_until_committed(store: &EtcdStore, key: &str, after: Revision) ->
                 return held.revision;
             }
             Ok(Outcome::Malformed) => panic!("a claim is well formed"),
+            Ok(Outcome::Unavailable) => panic!("the store answers errors, not this"),
             Err(e) => {
                 assert!(
                     e.is_transient(),

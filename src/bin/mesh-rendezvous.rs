@@ -13,6 +13,7 @@ use ipnet::Ipv4Net;
 use meshd::cli::{reader_gone, Stdout};
 use meshd::control::client::{self, ClientError};
 use meshd::rendezvous::admin::{self, AdminRequest, AdminResponse};
+use meshd::rendezvous::store::etcd::{EtcdConfig, EtcdTls};
 use meshd::rendezvous::{server, setup};
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/mesh-rendezvous";
@@ -46,9 +47,30 @@ enum Command {
         /// HOST:PORT nodes use to reach this server (printed in join lines).
         #[arg(long)]
         public_addr: String,
-        /// IPv4 overlay prefix of the mesh.
+        /// IPv4 overlay prefix of the mesh (of a new one: a server added to
+        /// a mesh in etcd takes the mesh's).
         #[arg(long, default_value = setup::DEFAULT_CIDR)]
         cidr: Ipv4Net,
+        /// This server's name among the mesh's servers (a DNS label).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// Keep the mesh in etcd, shared by several servers: its client
+        /// URLs, comma-separated (http://HOST:2379, or https:// with --etcd-ca).
+        #[arg(long, value_delimiter = ',', requires = "key_prefix")]
+        etcd_endpoints: Vec<String>,
+        /// Where the mesh's keys live in etcd, one prefix per mesh
+        /// (e.g. /meshd/prod/). The first server creates the mesh there;
+        /// the next ones join it.
+        #[arg(long, requires = "etcd_endpoints")]
+        key_prefix: Option<String>,
+        /// CA of etcd's server certificates (TLS to etcd).
+        #[arg(long, requires = "etcd_endpoints")]
+        etcd_ca: Option<PathBuf>,
+        /// Client certificate and key, when etcd asks for one.
+        #[arg(long, requires = "etcd_ca", requires = "etcd_key")]
+        etcd_cert: Option<PathBuf>,
+        #[arg(long, requires = "etcd_cert")]
+        etcd_key: Option<PathBuf>,
     },
     /// Run the server until SIGTERM/SIGINT.
     Serve {
@@ -144,14 +166,57 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             public_addr,
             cidr,
+            server_name,
+            etcd_endpoints,
+            key_prefix,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
         } => {
-            let mesh = setup::init(dir, listen, &public_addr, cidr, &mut rand::rngs::OsRng)?;
-            writeln!(
-                Stdout::lock(),
-                "mesh {} created in {}",
-                mesh.id,
-                dir.display()
-            )?;
+            let store = key_prefix.map(|prefix| {
+                let mut etcd = EtcdConfig::new(etcd_endpoints, prefix);
+                etcd.tls = etcd_ca.map(|ca| EtcdTls {
+                    ca,
+                    cert: etcd_cert,
+                    key: etcd_key,
+                });
+                etcd
+            });
+            if let Some(etcd) = &store {
+                etcd.validate()?;
+            }
+            let options = setup::InitOptions {
+                listen,
+                public_addr,
+                cidr,
+                server_name,
+                store: store.clone(),
+            };
+            let mut mesh = setup::init_with(dir, &options, &mut rand::rngs::OsRng)?;
+            let mut created = true;
+            if let Some(etcd) = &store {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start the async runtime")?;
+                let claimed = runtime.block_on(setup::claim_mesh(etcd, &mesh));
+                let (found, new) = match claimed {
+                    Ok(found) => found,
+                    Err(e) => {
+                        // Not a mesh yet: `init` may be run again.
+                        let _ = std::fs::remove_file(setup::Layout::new(dir).config());
+                        return Err(e.into());
+                    }
+                };
+                mesh = found;
+                created = new;
+            }
+            let verb = if created { "created" } else { "joined" };
+            let place = match &store {
+                Some(etcd) => format!("etcd under {}", etcd.prefix),
+                None => dir.display().to_string(),
+            };
+            writeln!(Stdout::lock(), "mesh {} {verb} in {place}", mesh.id)?;
             writeln!(Stdout::lock(), "  IPv4 {}  IPv6 {}", mesh.ipv4, mesh.ipv6)?;
             writeln!(Stdout::lock(), "next: mesh-rendezvous serve --state-dir {0}, then mesh-rendezvous token create --state-dir {0}", dir.display())?;
         }

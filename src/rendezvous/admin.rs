@@ -291,9 +291,13 @@ pub fn apply_offline<R: RngCore + CryptoRng>(
     use super::store::kv::Outcome;
     use super::store::Store as _;
     let loaded = super::setup::load(dir)?;
-    let mut store = loaded.store;
-    let mut local = super::store::LocalStore::new(&loaded.state);
-    let mut registry = Registry::new(loaded.state, loaded.server_key);
+    let super::setup::Backend::File { mut store, state } = loaded.backend else {
+        return Err(super::setup::SetupError::NeedsServer {
+            dir: dir.to_owned(),
+        });
+    };
+    let mut local = super::store::LocalStore::new(&state);
+    let mut registry = Registry::new(state, loaded.server_key);
     let response = apply(&mut registry, request, now_unix, rng);
     let mut changed = false;
     while let Some(command) = registry.poll_command() {

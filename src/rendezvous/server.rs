@@ -26,16 +26,16 @@ use super::admission;
 use super::metrics::{self, RendezvousMetrics};
 use super::pending::{AdmissionCounts, Decision, Limits, Pending, Source};
 use super::registry::{
-    CloseReason, Command, ConnId, Counters, IncomingHello, NodeStatus, Now, Registry,
+    CloseReason, Command, ConnId, Counters, IncomingHello, Limits as RegistryLimits, NodeStatus,
+    Now, Registry,
 };
-use super::setup::{Loaded, SetupError};
+use super::setup::{Backend, Loaded, SetupError};
 use super::store::kv::Outcome;
-use super::store::records;
-use super::store::{LocalStore, Store, StoreWriter};
+use super::store::session::{News, StoreSession};
 use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls;
 use crate::control::server::ErrorResponse as _;
-use crate::identity::{PrivateKey, PublicKey};
+use crate::identity::PublicKey;
 use crate::metrics::{MetricsError, MetricsServer};
 use crate::relay::server::{Inlet, Relay};
 use crate::relay::NodeId;
@@ -72,6 +72,8 @@ pub enum ServerError {
     Admin(#[from] admin::AdminError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error("the mesh's store: {0}")]
+    Store(#[from] super::store::session::SessionError),
 }
 
 /// What connection tasks and the admin socket ask the registry task.
@@ -147,9 +149,9 @@ pub async fn serve(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result
 pub struct Server {
     endpoint: quinn::Endpoint,
     admin_socket: admin::AdminSocket,
-    server_key: PrivateKey,
-    store: super::store::FileStore,
-    state: super::registry::RegistryState,
+    server_public: PublicKey,
+    registry: Registry,
+    store: StoreSession,
     relay_limits: crate::relay::RelayLimits,
     reflector: Option<super::reflector::Reflector>,
     metrics: Option<MetricsServer>,
@@ -164,9 +166,21 @@ impl Server {
             cert_der,
             cert_key_der,
             server_key,
-            store,
-            state,
+            backend,
         } = loaded;
+        let server_public = server_key.public_key();
+        let (mut registry, store) = match backend {
+            Backend::File { store, state } => {
+                let session = StoreSession::local(store, &state);
+                (Registry::new(state, server_key), session)
+            }
+            Backend::Etcd(etcd) => {
+                let (session, registry) =
+                    StoreSession::etcd(&etcd, server_key, RegistryLimits::default()).await?;
+                (registry, session)
+            }
+        };
+        registry.set_server_name(config.server_name());
         let server_config = tls::server_config(cert_der, cert_key_der)?;
         let listen_err = |source| ServerError::Listen {
             addr: config.listen,
@@ -199,7 +213,8 @@ impl Server {
         tracing::info!(
             listen = %endpoint.local_addr().unwrap_or(config.listen),
             public = %config.public_addr,
-            mesh = %state.mesh.id,
+            mesh = %registry.state().mesh.id,
+            server = %config.server_name(),
             "rendezvous serving"
         );
         if let Some(addr) = metrics.as_ref().and_then(|m| m.local_addr().ok()) {
@@ -208,9 +223,9 @@ impl Server {
         Ok(Self {
             endpoint,
             admin_socket,
-            server_key,
+            server_public,
+            registry,
             store,
-            state,
             relay_limits: config.relay,
             reflector,
             metrics,
@@ -232,30 +247,23 @@ impl Server {
         let Server {
             endpoint,
             admin_socket,
-            server_key,
+            server_public,
+            registry,
             store,
-            state,
             relay_limits,
             reflector,
             metrics,
         } = self;
         let reflector = reflector.map(|r| tokio::spawn(r.serve()));
-        let mesh_id = state.mesh.id.clone();
-        // What nodes prove their keys against; the key itself is the registry's.
-        let server_public = server_key.public_key();
+        let mesh_id = registry.state().mesh.id.clone();
         let (relay, relay_task) = Relay::spawn(relay_limits);
-        for record in state.nodes.values() {
+        for record in registry.state().nodes.values() {
             if let Some(node) = NodeId::of_overlay(record.ipv4) {
                 relay.register(node);
             }
         }
         let (to_registry, inbox) = mpsc::channel(1024);
-        let registry = tokio::spawn(registry_task(
-            Registry::new(state, server_key),
-            store,
-            inbox,
-            PERSIST_EVERY,
-        ));
+        let registry = tokio::spawn(registry_task(registry, store, inbox, PERSIST_EVERY));
         let admin = tokio::spawn(admin_socket.serve({
             let to_registry = to_registry.clone();
             move |request: AdminRequest| {
@@ -419,29 +427,27 @@ fn now_unix() -> u64 {
 }
 
 /// Owns the registry: applies inputs one at a time and executes the
-/// resulting commands. Commits go to the [`LocalStore`] (whose
-/// transactions make a single-use token admit exactly one node however
-/// many race for it); saves go through a [`StoreWriter`], off this task.
-/// What a commit changed is on disk before any command after it runs; a
-/// [`Command::PersistSoon`] is flushed at most `persist_every` later,
-/// together with whatever else changed meanwhile, and on the way out.
+/// resulting commands. Commits go to the store ([`StoreSession`]): a
+/// single server's in memory (whose transactions make a single-use token
+/// admit exactly one node however many race for it) saved off this task,
+/// or etcd, shared with the mesh's other servers, whose changes come back
+/// as news. What a commit changed is durable before any command after it
+/// runs; a [`Command::PersistSoon`] is flushed at most `persist_every`
+/// later, together with whatever else changed meanwhile, and on the way out.
 async fn registry_task(
     mut registry: Registry,
-    store: impl Store + 'static,
+    mut store: StoreSession,
     mut inbox: mpsc::Receiver<ToRegistry>,
     persist_every: Duration,
 ) {
-    let writer = StoreWriter::spawn(store);
-    let mut local = LocalStore::new(registry.state());
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnOut>> = HashMap::new();
     // When the oldest change not saved yet is to be written.
     let mut save_due: Option<tokio::time::Instant> = None;
-    // What the registry queued on its own (a migrated state).
+    // What the registry queued on its own.
     execute(
         &mut registry,
-        &mut local,
+        &mut store,
         &mut conns,
-        &writer,
         &mut save_due,
         persist_every,
     )
@@ -461,7 +467,20 @@ async fn registry_task(
             () = due => {
                 save_due = None;
                 registry.flush();
-                execute(&mut registry, &mut local, &mut conns, &writer, &mut save_due, persist_every).await;
+                execute(&mut registry, &mut store, &mut conns, &mut save_due, persist_every).await;
+                continue;
+            }
+            news = store.next() => {
+                match news {
+                    News::Events(events) => registry.handle_store_events(&events),
+                    News::Snapshot(records, revision) => {
+                        registry.handle_snapshot(&records, revision);
+                        registry.handle_store_back();
+                    }
+                    News::Lost => registry.handle_store_lost(),
+                    News::Back => registry.handle_store_back(),
+                }
+                execute(&mut registry, &mut store, &mut conns, &mut save_due, persist_every).await;
                 continue;
             }
         };
@@ -486,18 +505,27 @@ async fn registry_task(
             ToRegistry::Admin { request, reply } => {
                 let response =
                     admin::apply(&mut registry, request, now.unix, &mut rand::rngs::OsRng);
-                // An operator's change is on disk before the operator hears
-                // it is done (a token printed is a token that survives a
-                // crash).
-                execute(
+                // An operator's change is committed (and on disk) before
+                // the operator hears it is done (a token printed is a token
+                // that survives a crash).
+                let refused = execute(
                     &mut registry,
-                    &mut local,
+                    &mut store,
                     &mut conns,
-                    &writer,
                     &mut save_due,
                     persist_every,
                 )
                 .await;
+                let response = if refused {
+                    AdminResponse::error(
+                        "the store did not take the change (another server changed the same \
+                         records at the same time, or etcd is out of reach); nothing was \
+                         changed: try again"
+                            .into(),
+                    )
+                } else {
+                    response
+                };
                 let _ = reply.send(response);
             }
             ToRegistry::Refused { reason } => registry.count_rejection(reason),
@@ -506,15 +534,14 @@ async fn registry_task(
                     nodes: registry.nodes(),
                     rejections: registry.rejections().collect(),
                     counters: registry.counters().clone(),
-                    store_writes: writer.writes(),
+                    store_writes: store.writes(),
                 });
             }
         }
         execute(
             &mut registry,
-            &mut local,
+            &mut store,
             &mut conns,
-            &writer,
             &mut save_due,
             persist_every,
         )
@@ -524,35 +551,31 @@ async fn registry_task(
         registry.flush();
         execute(
             &mut registry,
-            &mut local,
+            &mut store,
             &mut conns,
-            &writer,
             &mut save_due,
             persist_every,
         )
         .await;
     }
-    writer.close().await;
+    store.close().await;
 }
 
 /// Runs the registry's queued commands, in order. Consecutive commits are
-/// saved once, before the first command after them runs.
+/// made durable once, before the first command after them runs. Whether a
+/// commit did not go through.
 async fn execute(
     registry: &mut Registry,
-    local: &mut LocalStore,
+    store: &mut StoreSession,
     conns: &mut HashMap<ConnId, mpsc::Sender<ConnOut>>,
-    writer: &StoreWriter,
     save_due: &mut Option<tokio::time::Instant>,
     persist_every: Duration,
-) {
-    let mut unsaved = false;
+) -> bool {
+    let mut refused = false;
     loop {
         let command = registry.poll_command();
-        if unsaved && !matches!(command, Some(Command::Commit { .. })) {
-            unsaved = false;
-            writer
-                .save_durable(Arc::new(registry.state().clone()))
-                .await;
+        if !matches!(command, Some(Command::Commit { .. })) {
+            store.settle(registry.state()).await;
         }
         let Some(command) = command else {
             break;
@@ -584,11 +607,10 @@ async fn execute(
                 }
             }
             Command::Commit { id, txn } => {
-                let (outcome, fresh) = local.commit(&txn);
-                if let Outcome::Committed { .. } = outcome {
-                    unsaved |= txn.ops.iter().any(|op| records::is_durable(op.key()));
-                } else {
-                    tracing::warn!(%id, ?outcome, "commit to the local store refused");
+                let (outcome, fresh) = store.commit(&txn).await;
+                if !matches!(outcome, Outcome::Committed { .. }) {
+                    tracing::debug!(%id, ?outcome, "commit not taken");
+                    refused = true;
                 }
                 registry.handle_outcome(id, outcome, &fresh);
             }
@@ -597,6 +619,7 @@ async fn execute(
             }
         }
     }
+    refused
 }
 
 async fn connection_task(
@@ -785,8 +808,9 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::identity::PrivateKey;
     use crate::rendezvous::registry::{Limits, Rate, RegistryState};
-    use crate::rendezvous::store::StoreError;
+    use crate::rendezvous::store::{Store, StoreError};
     use crate::wire::control::{CandidateKind, Hello, MeshInfo};
 
     /// Counts saves and keeps the last state, shared with the test.
@@ -868,7 +892,8 @@ mod tests {
         let (to_registry, inbox) = mpsc::channel(4096);
         // Presence and candidates are saved an hour late: within this test,
         // only on the way out.
-        let task = tokio::spawn(registry_task(registry, store.clone(), inbox, hour));
+        let session = StoreSession::local(store.clone(), registry.state());
+        let task = tokio::spawn(registry_task(registry, session, inbox, hour));
 
         let mut outs = Vec::new();
         for n in 1..=2u8 {

@@ -17,6 +17,7 @@ use rand::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
 
 use super::registry::RegistryState;
+use super::store::etcd::EtcdConfig;
 use super::store::{FileStore, Store, StoreError};
 use super::tls::{self, TlsError};
 use crate::identity::keyfile::{read_private_key, write_atomic, write_private_key, KeyFileError};
@@ -51,6 +52,11 @@ pub enum SetupError {
     Store(#[from] StoreError),
     #[error("{dir} is in use by {holder}")]
     Locked { dir: PathBuf, holder: String },
+    #[error(
+        "the mesh of {dir} lives in etcd: run this against a running server \
+         (`mesh-rendezvous serve --state-dir {dir}`, or any other server of the mesh)"
+    )]
+    NeedsServer { dir: PathBuf },
 }
 
 /// `DIR/rendezvous.toml`.
@@ -70,6 +76,23 @@ pub struct RendezvousConfig {
     /// set them follows the defaults of the running version.
     #[serde(default, skip_serializing_if = "is_default", with = "relay_section")]
     pub relay: RelayLimits,
+    /// This server's name among the mesh's servers (in `nodes list` and
+    /// the store's presence records); `rendezvous` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// `[store]`: the mesh's state in etcd, shared by several servers;
+    /// the file `registry.json` in the state directory when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<EtcdConfig>,
+}
+
+impl RendezvousConfig {
+    /// This server's name among the mesh's servers.
+    pub fn server_name(&self) -> &str {
+        self.server_name
+            .as_deref()
+            .unwrap_or(super::registry::DEFAULT_SERVER_NAME)
+    }
 }
 
 fn is_default(limits: &RelayLimits) -> bool {
@@ -240,8 +263,18 @@ pub struct Loaded {
     pub cert_der: Vec<u8>,
     pub cert_key_der: Vec<u8>,
     pub server_key: PrivateKey,
-    pub store: FileStore,
-    pub state: RegistryState,
+    pub backend: Backend,
+}
+
+/// Where the mesh's state is.
+pub enum Backend {
+    /// The file of a single server, as loaded.
+    File {
+        store: FileStore,
+        state: RegistryState,
+    },
+    /// etcd, shared by the mesh's servers: read when the server starts.
+    Etcd(EtcdConfig),
 }
 
 impl Loaded {
@@ -258,6 +291,51 @@ pub fn init<R: RngCore + CryptoRng>(
     cidr: Ipv4Net,
     rng: &mut R,
 ) -> Result<MeshInfo, SetupError> {
+    let options = InitOptions {
+        listen,
+        public_addr: public_addr.to_owned(),
+        cidr,
+        server_name: None,
+        store: None,
+    };
+    init_with(dir, &options, rng)
+}
+
+/// What `mesh-rendezvous init` is told.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub listen: SocketAddr,
+    pub public_addr: String,
+    pub cidr: Ipv4Net,
+    pub server_name: Option<String>,
+    /// etcd, for a mesh of several servers: the mesh is then created in
+    /// etcd (or an existing one joined) by [`claim_mesh`], not in a file.
+    pub store: Option<EtcdConfig>,
+}
+
+/// [`init`] with every option.
+pub fn init_with<R: RngCore + CryptoRng>(
+    dir: &Path,
+    options: &InitOptions,
+    rng: &mut R,
+) -> Result<MeshInfo, SetupError> {
+    let InitOptions {
+        listen,
+        ref public_addr,
+        cidr,
+        ref server_name,
+        ref store,
+    } = *options;
+    if let Some(name) = server_name {
+        if !super::registry::is_dns_label(name) {
+            return Err(SetupError::Config {
+                path: Layout::new(dir).config(),
+                message: format!(
+                    "server name {name:?} is not a DNS label (a-z, 0-9 and '-', at most 63)"
+                ),
+            });
+        }
+    }
     let layout = Layout::new(dir);
     if layout.config().exists() {
         return Err(SetupError::AlreadyInitialised {
@@ -287,13 +365,17 @@ pub fn init<R: RngCore + CryptoRng>(
     };
     write(layout.cert(), &cert, 0o644)?;
     write(layout.cert_key(), &key, 0o600)?;
-    FileStore::new(dir).save(&RegistryState::new(mesh.clone()))?;
+    if store.is_none() {
+        FileStore::new(dir).save(&RegistryState::new(mesh.clone()))?;
+    }
     // Written last: its presence means the directory is complete.
     let config = RendezvousConfig {
         listen,
         public_addr: public_addr.to_owned(),
         metrics_address: None,
         relay: RelayLimits::default(),
+        server_name: server_name.clone(),
+        store: store.clone(),
     };
     let text = toml::to_string(&config).map_err(|e| SetupError::Config {
         path: layout.config(),
@@ -301,6 +383,44 @@ pub fn init<R: RngCore + CryptoRng>(
     })?;
     write(layout.config(), text.as_bytes(), 0o644)?;
     Ok(mesh)
+}
+
+/// Creates `mesh` in etcd, or, when the prefix holds a mesh already (a
+/// server added to it), the mesh found there: `(mesh, created)`.
+pub async fn claim_mesh(
+    config: &EtcdConfig,
+    mesh: &MeshInfo,
+) -> Result<(MeshInfo, bool), super::store::etcd::EtcdError> {
+    use super::store::kv::{Outcome, Txn};
+    use super::store::records::{self, Key, Value};
+    let store = super::store::etcd::EtcdStore::connect(config).await?;
+    let key = Key::Mesh.path();
+    let txn = Txn::new()
+        .absent(key.clone())
+        .put(key.clone(), records::encode(&Value::Mesh(mesh.clone())));
+    let outcome = store.txn(&txn).await?;
+    let found = match outcome {
+        Outcome::Committed { .. } => (mesh.clone(), true),
+        _ => {
+            let got = store.get(std::slice::from_ref(&key)).await?;
+            let existing = got.into_iter().flatten().next().and_then(|kv| {
+                match records::decode(&Key::Mesh, &kv.value) {
+                    Ok(Value::Mesh(m)) => Some(m),
+                    _ => None,
+                }
+            });
+            match existing {
+                Some(m) => (m, false),
+                None => {
+                    return Err(super::store::etcd::EtcdError::BadMesh {
+                        prefix: config.prefix.clone(),
+                    })
+                }
+            }
+        }
+    };
+    let _ = store.revoke_lease().await;
+    Ok(found)
 }
 
 /// Loads an initialised state directory.
@@ -330,22 +450,27 @@ pub fn load(dir: &Path) -> Result<Loaded, SetupError> {
     let cert_der = read(layout.cert())?;
     let cert_key_der = read(layout.cert_key())?;
     let server_key = read_private_key(&layout.server_key())?;
-    let mut store = FileStore::new(dir);
-    let mut state = store.load()?.ok_or_else(|| SetupError::NotInitialised {
-        dir: dir.to_owned(),
-    })?;
-    // A v0.1.0 state's names become unique labels, once, on disk.
-    if state.migrate_names() {
-        store.save(&state)?;
-    }
+    let backend = match &config.store {
+        Some(etcd) => Backend::Etcd(etcd.clone()),
+        None => {
+            let mut store = FileStore::new(dir);
+            let mut state = store.load()?.ok_or_else(|| SetupError::NotInitialised {
+                dir: dir.to_owned(),
+            })?;
+            // A v0.1.0 state's names become unique labels, once, on disk.
+            if state.migrate_names() {
+                store.save(&state)?;
+            }
+            Backend::File { store, state }
+        }
+    };
     Ok(Loaded {
         layout,
         config,
         cert_der,
         cert_key_der,
         server_key,
-        store,
-        state,
+        backend,
     })
 }
 
@@ -498,15 +623,43 @@ mod tests {
     }
 
     #[test]
+    fn a_store_section_and_a_server_name_are_read_and_written_back() {
+        let text = r#"
+listen = "0.0.0.0:7443"
+public-addr = "rv1.example.com:7443"
+server-name = "rv1"
+
+[store]
+etcd-endpoints = ["10.0.0.1:2379", "10.0.0.2:2379"]
+key-prefix = "/meshd/prod/"
+"#;
+        let config = parse(text).unwrap();
+        assert_eq!(config.server_name(), "rv1");
+        let store = config.store.as_ref().unwrap();
+        assert_eq!(store.endpoints.len(), 2);
+        assert_eq!(store.prefix, "/meshd/prod/");
+        assert_eq!(parse(&toml::to_string(&config).unwrap()).unwrap(), config);
+        let bad = text.replace("/meshd/prod/", "no-slash");
+        let err = parse(&bad).unwrap_err();
+        assert!(err.contains("key-prefix"), "{err}");
+    }
+
+    #[test]
     fn relay_limits_are_left_out_of_a_new_config_and_written_back_when_set() {
         let new = RendezvousConfig {
             listen: "0.0.0.0:7443".parse().unwrap(),
             public_addr: "rv.example.com:7443".into(),
             metrics_address: None,
             relay: RelayLimits::default(),
+            server_name: None,
+            store: None,
         };
         let text = toml::to_string(&new).unwrap();
         assert!(!text.contains("relay"), "{text}");
+        assert!(
+            !text.contains("store") && !text.contains("server-name"),
+            "{text}"
+        );
         let tuned = RendezvousConfig {
             relay: RelayLimits::new(1_000, 10, Duration::from_millis(20)).unwrap(),
             ..new

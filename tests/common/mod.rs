@@ -884,6 +884,53 @@ impl Lab {
         rendezvous
     }
 
+    /// A server of a mesh kept in etcd, on machine `host`, called `name`:
+    /// `mesh-rendezvous init --etcd-endpoints … --key-prefix …` (the first
+    /// server creates the mesh there, the next ones join it), then serving.
+    /// `certificate_of`: the state directory of a server whose certificate
+    /// this one presents, so one pin reaches both.
+    pub fn start_rendezvous_on_etcd(
+        &self,
+        host: usize,
+        name: &str,
+        etcd_endpoints: &[String],
+        key_prefix: &str,
+        certificate_of: Option<&Rendezvous<'_>>,
+    ) -> Rendezvous<'_> {
+        let mut rendezvous = Rendezvous {
+            lab: self,
+            host: self.node(host),
+            state_dir: self.dir().join(format!("rendezvous-{name}")),
+            daemon: None,
+        };
+        let listen = format!("0.0.0.0:{RENDEZVOUS_PORT}");
+        let public = rendezvous.address().to_string();
+        let endpoints = etcd_endpoints.join(",");
+        rendezvous.admin(&[
+            "init",
+            "--listen",
+            &listen,
+            "--public-addr",
+            &public,
+            "--cidr",
+            MESH_CIDR,
+            "--server-name",
+            name,
+            "--etcd-endpoints",
+            &endpoints,
+            "--key-prefix",
+            key_prefix,
+        ]);
+        if let Some(other) = certificate_of {
+            for file in ["cert.der", "cert.key"] {
+                std::fs::copy(other.state_dir.join(file), rendezvous.state_dir.join(file))
+                    .unwrap_or_else(|e| panic!("copy {file}: {e}"));
+            }
+        }
+        rendezvous.start();
+        rendezvous
+    }
+
     /// Enrols machine `i` as `node-<letter>` by running the `join` line it
     /// was given, with a state directory in the lab's directory. meshd is
     /// not started.
@@ -1056,6 +1103,19 @@ impl Rendezvous<'_> {
 pub struct JoinLine(pub String);
 
 impl JoinLine {
+    /// The same line for another server of the mesh.
+    pub fn via(&self, server: &Rendezvous<'_>) -> JoinLine {
+        let mut words: Vec<String> = self.0.split_whitespace().map(str::to_owned).collect();
+        assert_eq!(
+            words.get(1).map(String::as_str),
+            Some("join"),
+            "a join line: {}",
+            self.0
+        );
+        words[2] = server.address().to_string();
+        JoinLine(words.join(" "))
+    }
+
     /// The line's arguments after `meshd`.
     fn meshd_args(&self) -> Vec<&str> {
         let mut words = self.0.split_whitespace();

@@ -681,6 +681,10 @@ pub struct Registry {
     next_proposal: u64,
     /// Nodes whose endpoints changed since the last [`Registry::flush`].
     dirty: BTreeSet<PublicKey>,
+    /// Whether this server holds its session with the store: without it,
+    /// it admits no one (its claims could not be decided) and keeps no
+    /// node (its presence is gone from the store).
+    store_up: bool,
     /// A [`Command::PersistSoon`] is queued and not yet polled: one is
     /// enough.
     persist_soon_queued: bool,
@@ -747,6 +751,7 @@ impl Registry {
             in_flight: HashMap::new(),
             next_proposal: 0,
             dirty: BTreeSet::new(),
+            store_up: true,
             persist_soon_queued: false,
             rejections: [0; REJECT_REASONS.len()],
             limits,
@@ -820,6 +825,14 @@ impl Registry {
     pub fn handle_hello(&mut self, conn: ConnId, incoming: IncomingHello, now: Now) {
         if self.sessions.contains_key(&conn) || self.joining(conn) {
             tracing::debug!(%conn, "second hello on a connection ignored");
+            return;
+        }
+        if !self.store_up {
+            tracing::debug!(%conn, "hello while the store is out of reach; the node is to retry");
+            self.push(Command::Close {
+                conn,
+                reason: CloseReason::Contended,
+            });
             return;
         }
         let IncomingHello {
@@ -1004,7 +1017,7 @@ impl Registry {
                 }
                 self.announce(changes);
             }
-            Outcome::Conflict | Outcome::Malformed => {
+            Outcome::Conflict | Outcome::Malformed | Outcome::Unavailable => {
                 if outcome == Outcome::Malformed {
                     tracing::error!(%id, ?txn, "the store refused a malformed transaction");
                 }
@@ -1013,7 +1026,7 @@ impl Registry {
                 let Some(mut join) = join else {
                     return;
                 };
-                if join.attempt >= JOIN_ATTEMPTS || outcome == Outcome::Malformed {
+                if join.attempt >= JOIN_ATTEMPTS || outcome != Outcome::Conflict {
                     tracing::info!(
                         conn = %join.conn, node = %join.hello.public_key.short(),
                         attempts = join.attempt,
@@ -1030,6 +1043,62 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// This server lost its session with the store (its lease ended, so
+    /// the store no longer says its nodes are here): every node connected
+    /// here is closed to go to a server that has one, and no one is
+    /// admitted until [`Registry::handle_store_back`].
+    pub fn handle_store_lost(&mut self) {
+        if !self.store_up {
+            return;
+        }
+        self.store_up = false;
+        tracing::warn!(
+            nodes = self.online.len(),
+            "lost the session with the store: closing every node's connection, admitting no one"
+        );
+        let conns: Vec<ConnId> = self.online.values().copied().collect();
+        self.online.clear();
+        self.sessions.clear();
+        for conn in conns {
+            self.push(Command::Close {
+                conn,
+                reason: CloseReason::Contended,
+            });
+        }
+    }
+
+    /// The session with the store is back: nodes are admitted again.
+    pub fn handle_store_back(&mut self) {
+        if !self.store_up {
+            tracing::info!("the store is back: admitting nodes again");
+        }
+        self.store_up = true;
+    }
+
+    /// Whether this server holds its session with the store.
+    pub fn store_up(&self) -> bool {
+        self.store_up
+    }
+
+    /// A fresh read of every record (after the store forgot the history a
+    /// watch needed): the replica becomes what the store holds at
+    /// `revision`, and this server's nodes hear of what changed.
+    pub fn handle_snapshot(&mut self, records: &[KeyValue], revision: Revision) {
+        let present: HashSet<&str> = records.iter().map(|kv| kv.key.as_str()).collect();
+        let mut events: Vec<Event> = records.iter().cloned().map(Event::Put).collect();
+        // What the replica holds and the store no longer does.
+        let mut gone: Vec<String> = records::records(&self.state)
+            .into_iter()
+            .map(|(key, _)| key.path())
+            .chain(self.elsewhere.keys().map(|k| Key::Presence(*k).path()))
+            .filter(|path| !present.contains(path.as_str()))
+            .collect();
+        gone.sort_unstable();
+        gone.dedup();
+        events.extend(gone.into_iter().map(|key| Event::Delete { key, revision }));
+        self.handle_store_events(&events);
     }
 
     /// Changes another server made to the store (the shell watches it), in

@@ -536,6 +536,8 @@ pub enum EtcdError {
         endpoints: Endpoints,
         reason: String,
     },
+    #[error("the mesh record under {prefix} in etcd is missing or not one this version reads")]
+    BadMesh { prefix: String },
 }
 
 impl EtcdError {
@@ -551,7 +553,8 @@ impl EtcdError {
             | EtcdError::ReadTls { .. }
             | EtcdError::NoHeader { .. }
             | EtcdError::UnexpectedAnswer { .. }
-            | EtcdError::LeaseRefused { .. } => false,
+            | EtcdError::LeaseRefused { .. }
+            | EtcdError::BadMesh { .. } => false,
         }
     }
 }
@@ -769,8 +772,34 @@ impl EtcdStore {
     /// `keys` (without the prefix), read at one revision; `None` for each
     /// that is absent.
     pub async fn get(&self, keys: &[String]) -> Result<Vec<Option<KeyValue>>, EtcdError> {
+        Ok(self.read(keys).await?.0)
+    }
+
+    /// What `keys` hold now, as [`MemoryKv::current`] gives it: a put at
+    /// the revision that wrote each, or a delete at the read's revision
+    /// for one that is absent — what a registry reads after its
+    /// transaction lost a race.
+    ///
+    /// [`MemoryKv::current`]: super::kv::MemoryKv::current
+    pub async fn current(&self, keys: &[String]) -> Result<Vec<Event>, EtcdError> {
+        let (values, revision) = self.read(keys).await?;
+        Ok(keys
+            .iter()
+            .zip(values)
+            .map(|(key, value)| match value {
+                Some(kv) => Event::Put(kv),
+                None => Event::Delete {
+                    key: key.clone(),
+                    revision,
+                },
+            })
+            .collect())
+    }
+
+    /// `keys` read at one revision, and that revision.
+    async fn read(&self, keys: &[String]) -> Result<(Vec<Option<KeyValue>>, Revision), EtcdError> {
         if keys.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 0));
         }
         let reads: Vec<TxnOp> = keys
             .iter()
@@ -798,7 +827,8 @@ impl EtcdStore {
                 revision: kv.mod_revision(),
             }));
         }
-        Ok(out)
+        let revision = self.header_revision("get", response.header())?;
+        Ok((out, revision))
     }
 
     /// Commits `txn` if every compare holds, as [`MemoryKv::txn`]

@@ -142,6 +142,9 @@ pub enum Outcome {
     /// The transaction writes one key twice, which etcd refuses; nothing
     /// was written. A bug in whoever built it, never a race.
     Malformed,
+    /// The store did not answer: the transaction may or may not have
+    /// committed. What it did, the store's history will tell.
+    Unavailable,
 }
 
 /// A key as stored.

@@ -16,6 +16,7 @@
 pub mod etcd;
 pub mod kv;
 pub mod records;
+pub mod session;
 
 use std::fs;
 use std::io;
@@ -88,7 +89,7 @@ impl LocalStore {
         self.kv.compact();
         match outcome {
             kv::Outcome::Committed { .. } => (outcome, Vec::new()),
-            kv::Outcome::Conflict | kv::Outcome::Malformed => {
+            kv::Outcome::Conflict | kv::Outcome::Malformed | kv::Outcome::Unavailable => {
                 (outcome, self.kv.current(txn.keys()))
             }
         }
