@@ -65,7 +65,11 @@ impl NodeDir {
 ///
 /// ```text
 /// DIR/rendezvous.toml   listen address, public address, metrics address, [relay] limits
-/// DIR/cert.der          self-signed certificate (nodes pin its SHA-256)
+/// DIR/ca.der            the mesh's CA, which nodes pin (absent in a mesh
+///                       made before 0.4.0: cert.der is pinned then)
+/// DIR/ca.key            its private key, on the servers that issue   0600
+/// DIR/cert.der          this server's certificate, issued by the CA
+///                       (or self-signed and pinned, before 0.4.0)
 /// DIR/cert.key          its private key                       0600
 /// DIR/server.key        x25519 static key, admission proofs   0600
 /// DIR/registry.json     nodes, addresses, tokens (the Store)  0600
@@ -92,6 +96,14 @@ impl RendezvousDir {
 
     pub fn config(&self) -> PathBuf {
         self.dir.join("rendezvous.toml")
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.der")
+    }
+
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
     }
 
     pub fn cert(&self) -> PathBuf {

@@ -394,7 +394,7 @@ impl FakeRendezvous {
     async fn bind() -> Self {
         let (cert, cert_key) = tls::generate_certificate().expect("a certificate");
         let pin = CertHash::of(&cert);
-        let config = tls::server_config(cert, cert_key).expect("a server configuration");
+        let config = tls::server_config(vec![cert], cert_key).expect("a server configuration");
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP socket");
         let endpoint = quinn::Endpoint::new(
             tls::endpoint_config(),

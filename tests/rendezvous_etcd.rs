@@ -3,9 +3,8 @@
 //! (Debian's `etcd-server`), with the real binaries on a lab of network
 //! namespaces: etcd runs on the first server's machine, the servers on two
 //! machines of a shared subnet, and meshd nodes join at either. Needs root.
-//!
-//! Until the mesh CA lands, the second server presents the first one's
-//! certificate (copied), so one join line's pin reaches both.
+//! The second server's certificate is issued by the mesh's CA on the
+//! first (`server add`), so one join line's pin reaches both.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

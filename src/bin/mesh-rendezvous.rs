@@ -71,7 +71,14 @@ enum Command {
         etcd_cert: Option<PathBuf>,
         #[arg(long, requires = "etcd_cert")]
         etcd_key: Option<PathBuf>,
+        /// A server added to a mesh: the directory `mesh-rendezvous server
+        /// add` wrote for it (its certificate, and the mesh's pinned one).
+        #[arg(long, value_name = "DIR", requires = "etcd_endpoints")]
+        certificate_from: Option<PathBuf>,
     },
+    /// The mesh's servers.
+    #[command(subcommand)]
+    Server(ServerCommand),
     /// Run the server until SIGTERM/SIGINT.
     Serve {
         /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9587
@@ -129,6 +136,19 @@ enum NodesCommand {
 }
 
 #[derive(Subcommand)]
+enum ServerCommand {
+    /// Issue the certificate of a new server of this mesh (run where the
+    /// mesh CA's key is), into DIR; copy DIR to the new server and run
+    /// `mesh-rendezvous init --certificate-from DIR --etcd-endpoints … --key-prefix …` there.
+    Add {
+        /// The new server's name (a DNS label).
+        name: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum AddressesCommand {
     /// Every overlay address held: by a node, or quarantined after its removal.
     List {
@@ -172,6 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             etcd_ca,
             etcd_cert,
             etcd_key,
+            certificate_from,
         } => {
             let store = key_prefix.map(|prefix| {
                 let mut etcd = EtcdConfig::new(etcd_endpoints, prefix);
@@ -191,6 +212,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cidr,
                 server_name,
                 store: store.clone(),
+                certificate_from,
             };
             let mut mesh = setup::init_with(dir, &options, &mut rand::rngs::OsRng)?;
             let mut created = true;
@@ -219,6 +241,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             writeln!(Stdout::lock(), "mesh {} {verb} in {place}", mesh.id)?;
             writeln!(Stdout::lock(), "  IPv4 {}  IPv6 {}", mesh.ipv4, mesh.ipv6)?;
             writeln!(Stdout::lock(), "next: mesh-rendezvous serve --state-dir {0}, then mesh-rendezvous token create --state-dir {0}", dir.display())?;
+        }
+        Command::Server(ServerCommand::Add { name, out }) => {
+            let pin = setup::add_server(dir, &name, &out)?;
+            writeln!(
+                Stdout::lock(),
+                "server {name}: certificate in {} (the join lines' pin stays {pin})",
+                out.display()
+            )?;
+            writeln!(
+                Stdout::lock(),
+                "next, on {name}: mesh-rendezvous init --certificate-from DIR --server-name {name} \
+                 --etcd-endpoints … --key-prefix … --listen … --public-addr …, then serve"
+            )?;
         }
         Command::Serve { metrics } => {
             // Held until the process ends: no other server and no offline

@@ -160,13 +160,14 @@ pub struct Server {
 impl Server {
     /// Binds the UDP port and the admin socket.
     pub async fn bind(loaded: Loaded) -> Result<Self, ServerError> {
+        let chain = loaded.cert_chain();
         let Loaded {
             layout,
             config,
-            cert_der,
             cert_key_der,
             server_key,
             backend,
+            ..
         } = loaded;
         let server_public = server_key.public_key();
         let (mut registry, store) = match backend {
@@ -181,7 +182,7 @@ impl Server {
             }
         };
         registry.set_server_name(config.server_name());
-        let server_config = tls::server_config(cert_der, cert_key_der)?;
+        let server_config = tls::server_config(chain, cert_key_der)?;
         let listen_err = |source| ServerError::Listen {
             addr: config.listen,
             source,

@@ -9,6 +9,7 @@
 //! the file itself while a server holds the directory.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -52,6 +53,8 @@ pub enum SetupError {
     Store(#[from] StoreError),
     #[error("{dir} is in use by {holder}")]
     Locked { dir: PathBuf, holder: String },
+    #[error("{dir} does not hold the mesh CA's key (ca.key): add servers on the host that does")]
+    NoCaKey { dir: PathBuf },
     #[error(
         "the mesh of {dir} lives in etcd: run this against a running server \
          (`mesh-rendezvous serve --state-dir {dir}`, or any other server of the mesh)"
@@ -262,6 +265,9 @@ pub struct Loaded {
     pub config: RendezvousConfig,
     pub cert_der: Vec<u8>,
     pub cert_key_der: Vec<u8>,
+    /// The mesh's CA, which issued `cert_der`; `None` in a mesh made
+    /// before there was one, whose pinned certificate is `cert_der`.
+    pub ca_der: Option<Vec<u8>>,
     pub server_key: PrivateKey,
     pub backend: Backend,
 }
@@ -278,8 +284,17 @@ pub enum Backend {
 }
 
 impl Loaded {
+    /// What join lines pin: the CA's hash, or the server certificate's in a
+    /// mesh from before the CA.
     pub fn cert_hash(&self) -> CertHash {
-        CertHash::of(&self.cert_der)
+        CertHash::of(self.ca_der.as_deref().unwrap_or(&self.cert_der))
+    }
+
+    /// What the server presents: its certificate, then the CA's.
+    pub fn cert_chain(&self) -> Vec<Vec<u8>> {
+        std::iter::once(self.cert_der.clone())
+            .chain(self.ca_der.clone())
+            .collect()
     }
 }
 
@@ -297,6 +312,7 @@ pub fn init<R: RngCore + CryptoRng>(
         cidr,
         server_name: None,
         store: None,
+        certificate_from: None,
     };
     init_with(dir, &options, rng)
 }
@@ -311,6 +327,10 @@ pub struct InitOptions {
     /// etcd, for a mesh of several servers: the mesh is then created in
     /// etcd (or an existing one joined) by [`claim_mesh`], not in a file.
     pub store: Option<EtcdConfig>,
+    /// A server added to a mesh: the directory `server add` wrote (this
+    /// server's certificate and key, and the mesh's pinned certificate)
+    /// instead of a new CA.
+    pub certificate_from: Option<PathBuf>,
 }
 
 /// [`init`] with every option.
@@ -325,6 +345,7 @@ pub fn init_with<R: RngCore + CryptoRng>(
         cidr,
         ref server_name,
         ref store,
+        ref certificate_from,
     } = *options;
     if let Some(name) = server_name {
         if !super::registry::is_dns_label(name) {
@@ -359,10 +380,28 @@ pub fn init_with<R: RngCore + CryptoRng>(
     };
 
     write_private_key(&layout.server_key(), &PrivateKey::generate(rng))?;
-    let (cert, key) = tls::generate_certificate()?;
     let write = |path: PathBuf, bytes: &[u8], mode| {
         write_atomic(&path, bytes, mode).map_err(|source| SetupError::Io { path, source })
     };
+    let name = server_name
+        .as_deref()
+        .unwrap_or(super::registry::DEFAULT_SERVER_NAME);
+    let (ca, cert, key) = match certificate_from {
+        Some(from) => {
+            let from = Layout::new(from);
+            let read = |path: PathBuf| {
+                std::fs::read(&path).map_err(|source| SetupError::Io { path, source })
+            };
+            (read(from.ca())?, read(from.cert())?, read(from.cert_key())?)
+        }
+        None => {
+            let (ca, ca_key) = tls::generate_ca(&mesh.id)?;
+            write(layout.ca_key(), &ca_key, 0o600)?;
+            let (cert, key) = tls::issue_server_certificate(&ca, &ca_key, name)?;
+            (ca, cert, key)
+        }
+    };
+    write(layout.ca(), &ca, 0o644)?;
     write(layout.cert(), &cert, 0o644)?;
     write(layout.cert_key(), &key, 0o600)?;
     if store.is_none() {
@@ -423,6 +462,48 @@ pub async fn claim_mesh(
     Ok(found)
 }
 
+/// Issues the certificate of a server added to the mesh of `dir` (which
+/// holds the key of the mesh's pinned certificate: the CA's, or a pre-CA
+/// server's own) into `out`, for `init --certificate-from` on that server.
+pub fn add_server(dir: &Path, name: &str, out: &Path) -> Result<CertHash, SetupError> {
+    let layout = Layout::new(dir);
+    if !super::registry::is_dns_label(name) {
+        return Err(SetupError::Config {
+            path: layout.config(),
+            message: format!(
+                "server name {name:?} is not a DNS label (a-z, 0-9 and '-', at most 63)"
+            ),
+        });
+    }
+    let read =
+        |path: PathBuf| std::fs::read(&path).map_err(|source| SetupError::Io { path, source });
+    let (issuer, issuer_key) = if layout.ca().exists() {
+        let key = read(layout.ca_key()).map_err(|_| SetupError::NoCaKey {
+            dir: dir.to_owned(),
+        })?;
+        (read(layout.ca())?, key)
+    } else {
+        (read(layout.cert())?, read(layout.cert_key())?)
+    };
+    let (cert, key) = tls::issue_server_certificate(&issuer, &issuer_key, name)?;
+    let out_layout = Layout::new(out);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out)
+        .map_err(|source| SetupError::Io {
+            path: out.to_owned(),
+            source,
+        })?;
+    let write = |path: PathBuf, bytes: &[u8], mode| {
+        write_atomic(&path, bytes, mode).map_err(|source| SetupError::Io { path, source })
+    };
+    write(out_layout.ca(), &issuer, 0o644)?;
+    write(out_layout.cert(), &cert, 0o644)?;
+    write(out_layout.cert_key(), &key, 0o600)?;
+    Ok(CertHash::of(&issuer))
+}
+
 /// Loads an initialised state directory.
 pub fn load(dir: &Path) -> Result<Loaded, SetupError> {
     let layout = Layout::new(dir);
@@ -449,6 +530,16 @@ pub fn load(dir: &Path) -> Result<Loaded, SetupError> {
         |path: PathBuf| std::fs::read(&path).map_err(|source| SetupError::Io { path, source });
     let cert_der = read(layout.cert())?;
     let cert_key_der = read(layout.cert_key())?;
+    let ca_der = match std::fs::read(layout.ca()) {
+        Ok(der) => Some(der),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(SetupError::Io {
+                path: layout.ca(),
+                source,
+            })
+        }
+    };
     let server_key = read_private_key(&layout.server_key())?;
     let backend = match &config.store {
         Some(etcd) => Backend::Etcd(etcd.clone()),
@@ -469,6 +560,7 @@ pub fn load(dir: &Path) -> Result<Loaded, SetupError> {
         config,
         cert_der,
         cert_key_der,
+        ca_der,
         server_key,
         backend,
     })

@@ -1,9 +1,15 @@
 //! TLS and QUIC transport settings for the control connection, both ends.
 //!
-//! Pure configuration (no I/O) except [`generate_certificate`], which draws
-//! randomness. The rendezvous has a self-signed certificate; nodes pin the
-//! SHA-256 of its DER, carried by the join line, like kubeadm's
-//! `--discovery-token-ca-cert-hash`. No CA, no hostname: the pin is the trust.
+//! Pure configuration (no I/O) except the certificate generators, which
+//! draw randomness. Nodes pin the SHA-256 of one certificate's DER, carried
+//! by the join line, like kubeadm's `--discovery-token-ca-cert-hash`: the
+//! mesh's CA ([`generate_ca`]), which issues each server's certificate
+//! ([`issue_server_certificate`]), so one pin reaches every server of the
+//! mesh. A server presents its certificate and the CA's; a node accepts a
+//! chain whose CA has the pinned hash and which verifies against it, or —
+//! as meshes made before there was a CA have it — a server certificate
+//! whose own hash is pinned (that certificate then issues the certificates
+//! of servers added later). No hostname: the pin is the trust.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +62,49 @@ pub fn generate_certificate() -> Result<(Vec<u8>, Vec<u8>), TlsError> {
     ))
 }
 
+/// A mesh's CA: (certificate DER, PKCS#8 key DER). It signs server
+/// certificates only.
+pub fn generate_ca(mesh_id: &str) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+    let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("meshd mesh {mesh_id} CA"),
+    );
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = rcgen::KeyPair::generate().map_err(generate)?;
+    let cert = params.self_signed(&key).map_err(generate)?;
+    Ok((cert.der().to_vec(), key.serialize_der()))
+}
+
+/// A server's certificate issued by the mesh's pinned certificate
+/// (`issuer_der`, whose key is `issuer_key_der`): (certificate DER,
+/// PKCS#8 key DER), for [`SERVER_NAME`], naming the server.
+pub fn issue_server_certificate(
+    issuer_der: &[u8],
+    issuer_key_der: &[u8],
+    server: &str,
+) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+    let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let issuer_key = rcgen::KeyPair::try_from(issuer_key_der).map_err(generate)?;
+    let issuer = rcgen::Issuer::from_ca_cert_der(&CertificateDer::from(issuer_der), issuer_key)
+        .map_err(generate)?;
+    let mut params =
+        rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()]).map_err(generate)?;
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("mesh-rendezvous {server}"),
+    );
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = rcgen::KeyPair::generate().map_err(generate)?;
+    let cert = params.signed_by(&key, &issuer).map_err(generate)?;
+    Ok((cert.der().to_vec(), key.serialize_der()))
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -78,15 +127,19 @@ pub fn endpoint_config() -> quinn::EndpointConfig {
 /// Length of the connection ids either end chooses.
 const CID_LEN: usize = 4;
 
-/// The rendezvous's QUIC server configuration.
-pub fn server_config(cert_der: Vec<u8>, key_der: Vec<u8>) -> Result<quinn::ServerConfig, TlsError> {
+/// The rendezvous's QUIC server configuration: its certificate, then the
+/// certificate that issued it (the mesh's CA) when there is one.
+pub fn server_config(
+    chain: Vec<Vec<u8>>,
+    key_der: Vec<u8>,
+) -> Result<quinn::ServerConfig, TlsError> {
     let config_err = |e: rustls::Error| TlsError::Config(e.to_string());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(config_err)?
         .with_no_client_auth()
         .with_single_cert(
-            vec![CertificateDer::from(cert_der)],
+            chain.into_iter().map(CertificateDer::from).collect(),
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
         )
         .map_err(config_err)?;
@@ -139,8 +192,9 @@ pub fn client_config(pin: CertHash) -> Result<quinn::ClientConfig, TlsError> {
     Ok(config)
 }
 
-/// Accepts the one certificate whose SHA-256 is pinned; still checks the
-/// handshake signatures, so only the holder of its key can present it.
+/// Accepts the certificate whose SHA-256 is pinned, or one it issued
+/// (presented with it); still checks the handshake signatures, so only the
+/// holder of the server certificate's key can present it.
 #[derive(Debug)]
 struct PinnedCertificate {
     pin: CertHash,
@@ -151,18 +205,36 @@ impl ServerCertVerifier for PinnedCertificate {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if bool::from(CertHash::of(end_entity).0.ct_eq(&self.pin.0)) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
+        let pinned =
+            |cert: &CertificateDer<'_>| bool::from(CertHash::of(cert).0.ct_eq(&self.pin.0));
+        if pinned(end_entity) {
+            return Ok(ServerCertVerified::assertion());
         }
+        let unpinned = || {
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )
+        };
+        // The CA comes with the server's certificate; it is trusted for
+        // its hash, and the server's certificate for its signature.
+        let Some(ca) = intermediates.iter().find(|c| pinned(c)) else {
+            return Err(unpinned());
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone()).map_err(|_| unpinned())?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|_| unpinned())?;
+        let name = ServerName::try_from(SERVER_NAME).map_err(|_| unpinned())?;
+        verifier.verify_server_cert(end_entity, &[], &name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(
@@ -222,7 +294,56 @@ mod tests {
     #[test]
     fn configs_build_from_a_generated_certificate() {
         let (cert, key) = generate_certificate().unwrap();
-        server_config(cert.clone(), key).unwrap();
+        server_config(vec![cert.clone()], key).unwrap();
         client_config(CertHash::of(&cert)).unwrap();
+    }
+
+    fn verify(pin: &[u8], chain: &[&[u8]]) -> Result<ServerCertVerified, rustls::Error> {
+        let verifier = PinnedCertificate {
+            pin: CertHash::of(pin),
+            provider: provider(),
+        };
+        let certs: Vec<CertificateDer<'_>> =
+            chain.iter().map(|c| CertificateDer::from(*c)).collect();
+        let (leaf, rest) = certs.split_first().unwrap();
+        verifier.verify_server_cert(
+            leaf,
+            rest,
+            &ServerName::try_from(SERVER_NAME).unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+    }
+
+    #[test]
+    fn a_server_certificate_issued_by_the_pinned_ca_is_accepted_with_it() {
+        let (ca, ca_key) = generate_ca("m1").unwrap();
+        let (rv1, _) = issue_server_certificate(&ca, &ca_key, "rv1").unwrap();
+        let (rv2, _) = issue_server_certificate(&ca, &ca_key, "rv2").unwrap();
+        verify(&ca, &[&rv1, &ca]).unwrap();
+        verify(&ca, &[&rv2, &ca]).unwrap();
+        // Not without the CA in the chain, whose hash is the trust.
+        assert!(verify(&ca, &[&rv1]).is_err());
+    }
+
+    #[test]
+    fn another_meshs_ca_or_a_self_signed_stranger_is_refused() {
+        let (ca, _) = generate_ca("m1").unwrap();
+        let (other, other_key) = generate_ca("m2").unwrap();
+        let (theirs, _) = issue_server_certificate(&other, &other_key, "rv1").unwrap();
+        // Their CA presented as if it were ours: not the pinned hash.
+        assert!(verify(&ca, &[&theirs, &other]).is_err());
+        // Our CA presented with a certificate it did not issue.
+        assert!(verify(&ca, &[&theirs, &ca]).is_err());
+        let (stranger, _) = generate_certificate().unwrap();
+        assert!(verify(&ca, &[&stranger, &ca]).is_err());
+    }
+
+    #[test]
+    fn a_mesh_from_before_the_ca_adds_servers_issued_by_its_pinned_certificate() {
+        let (old, old_key) = generate_certificate().unwrap();
+        verify(&old, &[&old]).unwrap();
+        let (added, _) = issue_server_certificate(&old, &old_key, "rv2").unwrap();
+        verify(&old, &[&added, &old]).unwrap();
     }
 }

@@ -887,8 +887,8 @@ impl Lab {
     /// A server of a mesh kept in etcd, on machine `host`, called `name`:
     /// `mesh-rendezvous init --etcd-endpoints … --key-prefix …` (the first
     /// server creates the mesh there, the next ones join it), then serving.
-    /// `certificate_of`: the state directory of a server whose certificate
-    /// this one presents, so one pin reaches both.
+    /// `certificate_of`: a server holding the mesh CA's key, which issues
+    /// this one's certificate (`server add`), so one pin reaches both.
     pub fn start_rendezvous_on_etcd(
         &self,
         host: usize,
@@ -906,7 +906,7 @@ impl Lab {
         let listen = format!("0.0.0.0:{RENDEZVOUS_PORT}");
         let public = rendezvous.address().to_string();
         let endpoints = etcd_endpoints.join(",");
-        rendezvous.admin(&[
+        let mut init = vec![
             "init",
             "--listen",
             &listen,
@@ -920,13 +920,14 @@ impl Lab {
             &endpoints,
             "--key-prefix",
             key_prefix,
-        ]);
-        if let Some(other) = certificate_of {
-            for file in ["cert.der", "cert.key"] {
-                std::fs::copy(other.state_dir.join(file), rendezvous.state_dir.join(file))
-                    .unwrap_or_else(|e| panic!("copy {file}: {e}"));
-            }
+        ];
+        // Issued where the CA's key is, as an operator adds a server.
+        let bundle = self.dir().join(format!("server-{name}"));
+        if let Some(issuer) = certificate_of {
+            issuer.admin(&["server", "add", name, "--out", utf8(&bundle)]);
+            init.extend(["--certificate-from", utf8(&bundle)]);
         }
+        rendezvous.admin(&init);
         rendezvous.start();
         rendezvous
     }
