@@ -96,10 +96,23 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct RendezvousConfig {
-    /// `HOST:PORT`, resolved at every connection attempt.
+    /// `HOST:PORT` of the mesh's servers, comma-separated, resolved at
+    /// every connection attempt.
     pub address: String,
     /// SHA-256 of the rendezvous certificate (`sha256:<hex>`).
     pub ca_hash: CertHash,
+}
+
+impl RendezvousConfig {
+    /// The servers `address` names, in order.
+    pub fn servers(&self) -> Vec<String> {
+        self.address
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 #[derive(Deserialize)]

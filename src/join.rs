@@ -18,7 +18,7 @@ use crate::paths::NodeDir;
 
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
-    /// The rendezvous, `HOST:PORT`.
+    /// The mesh's servers, `HOST:PORT`, comma-separated.
     pub server: String,
     pub token: JoinToken,
     pub ca_hash: CertHash,
@@ -108,12 +108,16 @@ pub fn join<R: RngCore + CryptoRng>(
         interface,
         socket,
     } = options;
-    if server
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse::<u16>().ok())
-        .is_none()
-    {
-        return Err(JoinError::Invalid(format!("{server:?} is not HOST:PORT")));
+    let bad = server.split(',').find(|one| {
+        one.trim()
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+    });
+    if let Some(bad) = bad {
+        return Err(JoinError::Invalid(format!(
+            "{bad:?} is not HOST:PORT (several servers: HOST:PORT,HOST:PORT)"
+        )));
     }
     if let Some(name) = name {
         config::validate_node_name(name).map_err(|m| JoinError::Invalid(format!("--name: {m}")))?;
@@ -257,10 +261,15 @@ mod tests {
     fn bad_servers_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut o = options(dir.path());
-        o.server = "no-port".into();
-        assert!(join(&o, &mut rand::rngs::OsRng)
-            .unwrap_err()
-            .to_string()
-            .contains("HOST:PORT"));
+        for bad in ["no-port", "rv1:7443,no-port", "rv1:7443,"] {
+            o.server = bad.into();
+            assert!(
+                join(&o, &mut rand::rngs::OsRng)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("HOST:PORT"),
+                "{bad}"
+            );
+        }
     }
 }

@@ -156,6 +156,8 @@ fn welcome() -> ServerMessage {
         },
         observed: "198.51.100.23:40112".parse().unwrap(),
         peers: vec![node_a(), node_b()],
+        // As a server before 0.4.0 sends it: the vector predates the list.
+        servers: Vec::new(),
     }
 }
 
@@ -603,6 +605,7 @@ fn large_peer_map_needs_the_admitted_limit() {
         mesh,
         observed,
         peers,
+        servers: Vec::new(),
     };
     let frame = encode(&big);
     assert!(frame.len() > MAX_FRAME_UNADMITTED);

@@ -141,7 +141,7 @@ async fn a_server_message_split_across_packets_reaches_the_node_whole_while_rela
             quic_source: Arc::new(QuicSource::default()),
         };
         let config = ClientConfig {
-            server: fake.addr.to_string(),
+            servers: vec![fake.addr.to_string()],
             pin: fake.pin,
             name: "node".into(),
             listen_port: LISTEN_PORT,
@@ -443,6 +443,7 @@ impl FakeRendezvous {
             },
             observed: connection.remote_address(),
             peers: Vec::new(),
+            servers: Vec::new(),
         };
         write_frame(&mut send, &welcome).await.expect("the welcome");
         (connection, send, recv)

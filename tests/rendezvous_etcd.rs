@@ -17,7 +17,9 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::etcd::EtcdCluster;
-use common::{eventually, Lab, MeshNode, OverlayIps, DEADLINE};
+use std::time::{Duration, Instant};
+
+use common::{eventually, Lab, MeshNode, OverlayIps, Rendezvous, DEADLINE};
 
 /// Machines: 0 runs etcd and the first server, 1 the second server, the
 /// others are nodes.
@@ -106,4 +108,63 @@ fn two_servers_on_one_etcd_share_a_mesh_whose_nodes_joined_at_either_reach_each_
     v4.sort_unstable();
     v4.dedup();
     assert_eq!(v4.len(), nodes.len(), "{ips:?}");
+}
+
+/// `Ok` once `rv` lists every one of `nodes` online on `server`.
+fn all_on(rv: &Rendezvous<'_>, nodes: &[MeshNode<'_>], server: &str) -> Result<(), String> {
+    rv.all_online(nodes)?;
+    let seen = servers_of(&rv.try_nodes()?);
+    let elsewhere: Vec<_> = seen
+        .iter()
+        .filter(|(_, s)| s.as_deref() != Some(server))
+        .collect();
+    if elsewhere.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("not on {server}: {elsewhere:?}"))
+    }
+}
+
+/// How long the nodes of a killed server may take to be at another: a
+/// node's session notices in 4 s, and the next server is tried at once.
+const FAILOVER_DEADLINE: Duration = Duration::from_secs(15);
+
+#[test]
+fn the_nodes_of_a_killed_server_move_to_another_within_seconds_and_keep_their_addresses() {
+    let lab = Lab::new(SERVERS.len() + NODES.len());
+    let etcd = etcd_on(&lab, SERVERS[0]);
+    let prefix = "/meshd/failover/";
+    let mut rv1 = lab.start_rendezvous_on_etcd(SERVERS[0], "rv1", &etcd.endpoints(), prefix, None);
+    let rv2 =
+        lab.start_rendezvous_on_etcd(SERVERS[1], "rv2", &etcd.endpoints(), prefix, Some(&rv1));
+    // The join line names both servers; every node starts on the first.
+    let join = rv1.create_token(NODES.len()).via_all(&[&rv1, &rv2]);
+    let nodes: Vec<MeshNode<'_>> = NODES
+        .iter()
+        .map(|&i| lab.join_and_start(i, &join))
+        .collect();
+    eventually("every node is on rv1", DEADLINE, || {
+        all_on(&rv2, &nodes, "rv1")
+    });
+    let before: Vec<OverlayIps> = nodes.iter().map(MeshNode::overlay_ips).collect();
+
+    let killed = Instant::now();
+    rv1.kill();
+    eventually("every node is on rv2", FAILOVER_DEADLINE, || {
+        all_on(&rv2, &nodes, "rv2")
+    });
+    eprintln!(
+        "the nodes of the killed server were on the other {:.1} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+
+    let after: Vec<OverlayIps> = nodes.iter().map(MeshNode::overlay_ips).collect();
+    assert_eq!(before, after, "no node's address changed");
+    for (i, from) in nodes.iter().enumerate() {
+        for (j, to) in after.iter().enumerate() {
+            if i != j {
+                from.pings(to.v4);
+            }
+        }
+    }
 }

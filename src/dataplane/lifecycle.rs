@@ -190,7 +190,7 @@ pub async fn run(
                 Arc::new(quinn::TokioRuntime),
             )?;
             let client_config = client::ClientConfig {
-                server: rendezvous.address.clone(),
+                servers: rendezvous.servers(),
                 pin: rendezvous.ca_hash,
                 name: name
                     .clone()

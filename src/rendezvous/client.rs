@@ -2,9 +2,12 @@
 //! session transport.
 //!
 //! Does I/O (quinn over meshd's shared UDP socket), and decides nothing:
-//! [`run`] keeps one session up for the life of meshd, reconnecting with
-//! jittered exponential backoff; each session proves the node's key,
-//! receives the full peer map, then streams deltas. What the rendezvous
+//! [`run`] keeps one session up for the life of meshd with one of the
+//! mesh's servers ([`Servers`]: the join line's, and those each `Welcome`
+//! lists). A lost session goes on at the next server at once (within
+//! [`FAILOVER_JITTER`]); once every server has been tried, with jittered
+//! exponential backoff. Each session proves the node's key, receives the
+//! full peer map, then streams deltas. What the rendezvous
 //! says goes to the packet loop as [`Update`]s for the node agent
 //! ([`crate::agent`]); what the agent has to say (punch requests, its NAT
 //! mapping) comes back as [`NodeMessage`]s and goes on the stream as it
@@ -35,6 +38,10 @@ const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Connection setup, hello and welcome must all fit in this.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// The wait before the next server after one was lost: short, so a dead
+/// server's nodes are elsewhere within seconds, and random, so they do not
+/// all arrive in the same instant.
+pub const FAILOVER_JITTER: Duration = Duration::from_millis(500);
 
 /// The node's end of the relay: the live connection (or none) for sending,
 /// and the frames the rendezvous relayed to us.
@@ -61,8 +68,9 @@ pub struct Channels {
 /// What the node needs to reach and convince its rendezvous.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `HOST:PORT`, resolved afresh for every session.
-    pub server: String,
+    /// The mesh's servers as the join line names them (`HOST:PORT`,
+    /// resolved afresh for every session), tried in this order.
+    pub servers: Vec<String>,
     pub pin: CertHash,
     pub name: String,
     pub listen_port: u16,
@@ -117,15 +125,19 @@ pub async fn run(
 ) -> ClientError {
     let mut admitted = admitted_before;
     let mut backoff = BACKOFF_MIN;
+    let mut servers = Servers::new(config.servers.clone());
     loop {
         let mut welcomed = false;
+        let server = servers.current().to_owned();
         let result = session(
             &endpoint,
             &config,
+            &server,
             &key,
             candidates(),
             &mut channels,
             &mut welcomed,
+            &mut servers,
         )
         .await;
         channels.relay.connection.send_replace(None);
@@ -138,7 +150,7 @@ pub async fn run(
         }
         if updates.is_closed() {
             return ClientError::Protocol {
-                server: config.server.clone(),
+                server,
                 reason: "meshd is shutting down".into(),
             };
         }
@@ -153,26 +165,106 @@ pub async fn run(
         }
         if welcomed && updates.send(Update::Disconnected).await.is_err() {
             return ClientError::Protocol {
-                server: config.server.clone(),
+                server,
                 reason: "meshd is shutting down".into(),
             };
         }
-        // Full jitter in [backoff/2, backoff]: a restarted rendezvous is not
-        // hit by every node in the same instant.
-        let jittered = rand::thread_rng().gen_range(backoff / 2..=backoff);
-        tokio::time::sleep(jittered).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        // The next server at once; after a whole round, full jitter in
+        // [backoff/2, backoff], so a restarted rendezvous is not hit by
+        // every node in the same instant.
+        let wait = if servers.next() {
+            let wait = rand::thread_rng().gen_range(backoff / 2..=backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            wait
+        } else {
+            rand::thread_rng().gen_range(Duration::ZERO..=FAILOVER_JITTER)
+        };
+        if servers.len() > 1 {
+            tracing::info!(next = %servers.current(), retry_in = ?wait, "trying the next server");
+        }
+        tokio::time::sleep(wait).await;
     }
 }
 
-/// One session: admission, then deltas until the connection ends.
+/// The mesh's servers as a node tries them: the join line's first, then
+/// those `Welcome`s name, in a ring; a session that was welcomed starts a
+/// new round.
+#[derive(Debug, Clone)]
+pub struct Servers {
+    list: Vec<String>,
+    at: usize,
+    /// Servers tried in this round without a welcome.
+    tried: usize,
+}
+
+impl Servers {
+    /// `list` must not be empty (the node's config always names one).
+    pub fn new(list: Vec<String>) -> Self {
+        let mut servers = Self {
+            list: Vec::new(),
+            at: 0,
+            tried: 0,
+        };
+        servers.learn(&list);
+        servers
+    }
+
+    /// The server to try now.
+    pub fn current(&self) -> &str {
+        self.list.get(self.at).map_or("", String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Servers a `Welcome` named, added after those known (none is
+    /// forgotten: the join line's stay, whatever a server says).
+    pub fn learn(&mut self, servers: &[String]) {
+        for server in servers {
+            if !server.is_empty() && !self.list.contains(server) {
+                self.list.push(server.clone());
+            }
+        }
+    }
+
+    /// The current server welcomed the node: a later loss starts a round.
+    pub fn welcomed(&mut self) {
+        self.tried = 0;
+    }
+
+    /// Moves to the next server; `true` when every one has been tried
+    /// since the last welcome (then the caller backs off).
+    pub fn next(&mut self) -> bool {
+        self.tried += 1;
+        if !self.list.is_empty() {
+            self.at = (self.at + 1) % self.list.len();
+        }
+        if self.tried >= self.list.len() {
+            self.tried = 0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One session with `server`: admission, then deltas until the
+/// connection ends.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     endpoint: &quinn::Endpoint,
     config: &ClientConfig,
+    server: &str,
     key: &PrivateKey,
     candidates: Vec<Candidate>,
     channels: &mut Channels,
     welcomed: &mut bool,
+    servers: &mut Servers,
 ) -> Result<(), ClientError> {
     let Channels {
         updates,
@@ -180,9 +272,11 @@ async fn session(
         relay,
         quic_source,
     } = channels;
-    let (mut session, welcome) =
-        admit_from(endpoint, config, key, candidates, Some(quic_source)).await?;
+    let (mut session, welcome, others) =
+        admit_from(endpoint, config, server, key, candidates, Some(quic_source)).await?;
     *welcomed = true;
+    servers.welcomed();
+    servers.learn(&others);
     // The agent hears of the session (the relay is up) before the peer map
     // arrives, so that no peer is guessed direct for a moment.
     let connection = session.connection().clone();
@@ -240,27 +334,30 @@ pub struct Session {
     frames: FrameReader,
 }
 
-/// Connects, proves the node's key and returns the session with its
-/// [`Update::Welcome`].
+/// Connects to the first of the configured servers, proves the node's key
+/// and returns the session with its [`Update::Welcome`].
 pub async fn admit(
     endpoint: &quinn::Endpoint,
     config: &ClientConfig,
     key: &PrivateKey,
     candidates: Vec<Candidate>,
 ) -> Result<(Session, Update), ClientError> {
-    admit_from(endpoint, config, key, candidates, None).await
+    let server = config.servers.first().map_or("", String::as_str);
+    let (session, welcome, _) = admit_from(endpoint, config, server, key, candidates, None).await?;
+    Ok((session, welcome))
 }
 
-/// [`admit`], first pointing `source` (the shared socket's filter) at the
-/// address the rendezvous's name resolves to.
+/// [`admit`] at `server`, first pointing `source` (the shared socket's
+/// filter) at the address its name resolves to; also the mesh's servers
+/// the `Welcome` named.
 async fn admit_from(
     endpoint: &quinn::Endpoint,
     config: &ClientConfig,
+    server: &str,
     key: &PrivateKey,
     candidates: Vec<Candidate>,
     source: Option<&QuicSource>,
-) -> Result<(Session, Update), ClientError> {
-    let server = config.server.as_str();
+) -> Result<(Session, Update, Vec<String>), ClientError> {
     let connect_err = |reason: String| ClientError::Connect {
         server: server.to_owned(),
         reason,
@@ -330,9 +427,10 @@ async fn admit_from(
             mesh,
             observed,
             peers,
+            servers,
         } => {
             tracing::info!(
-                ipv4 = %node.ipv4, ipv6 = %node.ipv6, %observed, peers = peers.len(),
+                %server, ipv4 = %node.ipv4, ipv6 = %node.ipv6, %observed, peers = peers.len(),
                 "admitted by the rendezvous"
             );
             let session = Session {
@@ -349,6 +447,7 @@ async fn admit_from(
                     observed,
                     peers,
                 },
+                servers,
             ))
         }
         ServerMessage::Rejected { reason, message } => Err(ClientError::Rejected {
@@ -474,4 +573,45 @@ fn is_certificate_alert(code: quinn::TransportErrorCode) -> bool {
     [42u8, 43, 44, 45, 46, 48, 49]
         .iter()
         .any(|alert| code == quinn::TransportErrorCode::crypto(*alert))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn servers(list: &[&str]) -> Servers {
+        Servers::new(list.iter().map(|s| (*s).to_owned()).collect())
+    }
+
+    #[test]
+    fn a_lost_server_is_followed_by_the_next_at_once_and_a_whole_round_by_backoff() {
+        let mut s = servers(&["rv1:7443", "rv2:7443", "rv3:7443"]);
+        assert_eq!(s.current(), "rv1:7443");
+        s.welcomed();
+        assert!(!s.next(), "rv1 lost: rv2 next, at once");
+        assert_eq!(s.current(), "rv2:7443");
+        assert!(!s.next(), "rv2 unreachable: rv3 next, at once");
+        assert!(s.next(), "rv3 too: every server tried, back off");
+        assert_eq!(s.current(), "rv1:7443");
+    }
+
+    #[test]
+    fn servers_a_welcome_names_are_added_and_the_join_lines_kept() {
+        let mut s = servers(&["rv1:7443"]);
+        s.learn(&["rv1:7443".into(), "rv2:7443".into(), String::new()]);
+        assert_eq!(s.len(), 2);
+        s.learn(&[]);
+        assert_eq!(s.len(), 2, "a welcome naming none forgets nothing");
+        s.welcomed();
+        assert!(!s.next());
+        assert_eq!(s.current(), "rv2:7443");
+    }
+
+    #[test]
+    fn a_single_server_backs_off_after_each_loss() {
+        let mut s = servers(&["rv:7443"]);
+        s.welcomed();
+        assert!(s.next());
+        assert_eq!(s.current(), "rv:7443");
+    }
 }

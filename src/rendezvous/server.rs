@@ -182,6 +182,7 @@ impl Server {
             }
         };
         registry.set_server_name(config.server_name());
+        registry.announce_server(&config.public_addr, now_unix());
         let server_config = tls::server_config(chain, cert_key_der)?;
         let listen_err = |source| ServerError::Listen {
             addr: config.listen,
@@ -476,10 +477,10 @@ async fn registry_task(
                     News::Events(events) => registry.handle_store_events(&events),
                     News::Snapshot(records, revision) => {
                         registry.handle_snapshot(&records, revision);
-                        registry.handle_store_back();
+                        registry.handle_store_back(now_unix());
                     }
                     News::Lost => registry.handle_store_lost(),
-                    News::Back => registry.handle_store_back(),
+                    News::Back => registry.handle_store_back(now_unix()),
                 }
                 execute(&mut registry, &mut store, &mut conns, &mut save_due, persist_every).await;
                 continue;

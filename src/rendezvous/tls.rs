@@ -27,10 +27,15 @@ use crate::wire::control::ALPN;
 
 /// The name the node asks for; irrelevant to trust, which is the pin.
 pub const SERVER_NAME: &str = "mesh-rendezvous";
-/// Keepalive from nodes: well inside the shortest common NAT UDP timeout
-/// (30 s), so the mapping WireGuard shares with QUIC stays open.
-pub const KEEPALIVE: Duration = Duration::from_secs(10);
+/// The server's idle timeout; a node's is shorter, and QUIC takes the
+/// smaller of the two ends'.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A node's session: a keepalive every second (well inside the shortest
+/// common NAT UDP timeout, so the mapping WireGuard shares with QUIC stays
+/// open), and a server silent for 4 s is gone, so a node whose server dies
+/// is at another within about 5 s (`client::FAILOVER_JITTER`).
+pub const NODE_KEEPALIVE: Duration = Duration::from_secs(1);
+pub const NODE_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Relay streams open at once in each direction (one per oversized frame).
 const RELAY_STREAMS: u32 = 64;
 /// The largest UDP payload a 1500-byte underlay carries over IPv6 (1500 −
@@ -181,12 +186,12 @@ pub fn client_config(pin: CertHash) -> Result<quinn::ClientConfig, TlsError> {
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport
-        .keep_alive_interval(Some(KEEPALIVE))
+        .keep_alive_interval(Some(NODE_KEEPALIVE))
         // The rendezvous opens the control stream (it speaks first), and
         // relay streams for frames too big for a datagram.
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(RELAY_STREAMS.into())
-        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(|_| TlsError::Config("idle timeout".into()))?))
+        .max_idle_timeout(Some(NODE_IDLE_TIMEOUT.try_into().map_err(|_| TlsError::Config("idle timeout".into()))?))
         .initial_mtu(INITIAL_MTU);
     config.transport_config(Arc::new(transport));
     Ok(config)

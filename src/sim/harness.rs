@@ -1117,6 +1117,7 @@ impl Sim {
                 mesh,
                 observed,
                 peers,
+                ..
             } => {
                 let agent = &mut self.nodes[i].agent;
                 // As the driver does: the relay is up before the peer map

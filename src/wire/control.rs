@@ -172,6 +172,11 @@ pub enum ServerMessage {
         mesh: MeshInfo,
         observed: SocketAddr,
         peers: Vec<NodeEntry>,
+        /// Every server of the mesh (`HOST:PORT`), this one first: where
+        /// the node goes when this one is lost. Absent from a server
+        /// before 0.4.0.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        servers: Vec<String>,
     },
     /// Not admitted; the connection closes after this.
     Rejected {

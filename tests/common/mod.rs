@@ -754,6 +754,13 @@ impl Daemon<'_> {
 }
 
 impl Daemon<'_> {
+    /// SIGKILL, as a crash or a machine lost would end it, and reaps it.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("daemon not yet stopped");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Waits for the process to exit on its own (after a signal sent to
     /// one of its children, say); returns its status.
     pub fn wait_exit(&mut self) -> ExitStatus {
@@ -1008,6 +1015,14 @@ impl Rendezvous<'_> {
         self.daemon = Some(daemon);
     }
 
+    /// Kills the server with SIGKILL: a crash, or its machine lost.
+    pub fn kill(&mut self) {
+        self.daemon
+            .take()
+            .expect("the rendezvous is running")
+            .kill();
+    }
+
     /// Sends SIGTERM and waits for the server to exit cleanly.
     pub fn stop(&mut self) {
         let mut daemon = self.daemon.take().expect("the rendezvous is running");
@@ -1106,6 +1121,11 @@ pub struct JoinLine(pub String);
 impl JoinLine {
     /// The same line for another server of the mesh.
     pub fn via(&self, server: &Rendezvous<'_>) -> JoinLine {
+        self.via_all(&[server])
+    }
+
+    /// The same line naming several servers of the mesh, in this order.
+    pub fn via_all(&self, servers: &[&Rendezvous<'_>]) -> JoinLine {
         let mut words: Vec<String> = self.0.split_whitespace().map(str::to_owned).collect();
         assert_eq!(
             words.get(1).map(String::as_str),
@@ -1113,7 +1133,8 @@ impl JoinLine {
             "a join line: {}",
             self.0
         );
-        words[2] = server.address().to_string();
+        let addresses: Vec<String> = servers.iter().map(|s| s.address().to_string()).collect();
+        words[2] = addresses.join(",");
         JoinLine(words.join(" "))
     }
 

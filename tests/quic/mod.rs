@@ -151,7 +151,7 @@ pub struct Rendezvous {
 impl Rendezvous {
     pub fn client_config(&self, node: &Node, token: Option<&str>) -> ClientConfig {
         ClientConfig {
-            server: self.addr.to_string(),
+            servers: vec![self.addr.to_string()],
             pin: self.pin,
             name: node.name.clone(),
             listen_port: LISTEN_PORT,

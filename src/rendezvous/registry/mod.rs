@@ -100,7 +100,7 @@ use super::admission;
 use super::limits::Bucket;
 pub use super::limits::{Limits, MessageKind, Rate};
 use super::store::kv::{Event, KeyValue, Op, Outcome, Revision, Txn};
-use super::store::records::{self, Endpoints, Key, NodeIdentity, Presence, Value};
+use super::store::records::{self, Endpoints, Key, NodeIdentity, Presence, ServerRecord, Value};
 pub use crate::identity::join_token::MAX_TOKEN_ID;
 use crate::identity::JoinToken;
 use crate::identity::{PrivateKey, PublicKey};
@@ -667,6 +667,11 @@ pub struct Registry {
     server_name: String,
     /// Nodes connected to another server, and which.
     elsewhere: HashMap<PublicKey, String>,
+    /// Where nodes reach this server, once announced.
+    public_addr: Option<String>,
+    /// The mesh's running servers (this one included once announced), by
+    /// name: where each is reached.
+    servers: BTreeMap<String, String>,
     commands: VecDeque<Command>,
     /// The store revision each record was last written at, as far as this
     /// replica knows: what a change compares to say "nobody changed it
@@ -745,6 +750,8 @@ impl Registry {
             online: BTreeMap::new(),
             server_name: DEFAULT_SERVER_NAME.to_owned(),
             elsewhere: HashMap::new(),
+            public_addr: None,
+            servers: BTreeMap::new(),
             commands: VecDeque::new(),
             revisions,
             claims,
@@ -763,6 +770,38 @@ impl Registry {
     /// `nodes list`).
     pub fn set_server_name(&mut self, name: impl Into<String>) {
         self.server_name = name.into();
+    }
+
+    /// Announces this server in the store (on its lease): nodes of every
+    /// server learn where it is reached, `public_addr`, at their next
+    /// `Welcome`.
+    pub fn announce_server(&mut self, public_addr: &str, now_unix: u64) {
+        self.public_addr = Some(public_addr.to_owned());
+        self.servers
+            .insert(self.server_name.clone(), public_addr.to_owned());
+        let record = ServerRecord {
+            public_addr: public_addr.to_owned(),
+            since: now_unix,
+        };
+        let txn = Txn::new().put_leased(
+            Key::Server(self.server_name.clone()).path(),
+            records::encode(&Value::Server(record)),
+        );
+        self.propose(txn, None);
+    }
+
+    /// Where nodes reach the mesh's servers, this one first.
+    pub fn servers(&self) -> Vec<String> {
+        let own = self.servers.get(&self.server_name);
+        own.into_iter()
+            .chain(
+                self.servers
+                    .iter()
+                    .filter(|(name, _)| **name != self.server_name)
+                    .map(|(_, addr)| addr),
+            )
+            .cloned()
+            .collect()
     }
 
     /// A registry over the records a shared store holds, at their
@@ -788,6 +827,21 @@ impl Registry {
                 let key = Key::parse(&kv.key)?;
                 match records::decode(&key, &kv.value).ok()? {
                     Value::Holder(holder) => Some((key, holder)),
+                    _ => None,
+                }
+            })
+            .collect();
+        registry.servers = records
+            .iter()
+            .filter_map(|kv| {
+                let key @ Key::Server(_) = Key::parse(&kv.key)? else {
+                    return None;
+                };
+                match (
+                    key,
+                    records::decode(&Key::Server(String::new()), &kv.value).ok()?,
+                ) {
+                    (Key::Server(name), Value::Server(s)) => Some((name, s.public_addr)),
                     _ => None,
                 }
             })
@@ -971,6 +1025,7 @@ impl Registry {
                 mesh: self.state.mesh.clone(),
                 observed,
                 peers,
+                servers: self.servers(),
             },
         });
         self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
@@ -1069,12 +1124,17 @@ impl Registry {
         }
     }
 
-    /// The session with the store is back: nodes are admitted again.
-    pub fn handle_store_back(&mut self) {
-        if !self.store_up {
-            tracing::info!("the store is back: admitting nodes again");
+    /// The session with the store is back: nodes are admitted again, and
+    /// this server is announced again (its record went with its lease).
+    pub fn handle_store_back(&mut self, now_unix: u64) {
+        if self.store_up {
+            return;
         }
+        tracing::info!("the store is back: admitting nodes again");
         self.store_up = true;
+        if let Some(addr) = self.public_addr.clone() {
+            self.announce_server(&addr, now_unix);
+        }
     }
 
     /// Whether this server holds its session with the store.
@@ -1093,6 +1153,11 @@ impl Registry {
             .into_iter()
             .map(|(key, _)| key.path())
             .chain(self.elsewhere.keys().map(|k| Key::Presence(*k).path()))
+            .chain(
+                self.servers
+                    .keys()
+                    .map(|name| Key::Server(name.clone()).path()),
+            )
             .filter(|path| !present.contains(path.as_str()))
             .collect();
         gone.sort_unstable();
@@ -1220,6 +1285,16 @@ impl Registry {
             }
             (Key::Presence(k), None) => {
                 self.elsewhere.remove(&k);
+                None
+            }
+            (Key::Server(name), Some(Value::Server(record))) => {
+                self.servers.insert(name, record.public_addr);
+                None
+            }
+            (Key::Server(name), None) => {
+                if name != self.server_name {
+                    self.servers.remove(&name);
+                }
                 None
             }
             // The mesh never changes; endpoints of a removed node go with

@@ -224,8 +224,10 @@ fn a_new_node_with_a_good_token_is_persisted_then_admitted_and_welcomed() {
                     mesh,
                     observed: obs,
                     peers,
+                    servers,
                 },
         } => {
+            assert!(servers.is_empty(), "a server not announced names none");
             assert_eq!(*conn, ConnId(1));
             assert_eq!(node.public_key, key(1));
             assert_eq!(node.name, "node-1");
@@ -2034,4 +2036,37 @@ fn every_server_sees_which_server_a_node_is_on_and_a_dead_servers_nodes_go_offli
     mesh.kv.expire(crate::rendezvous::store::kv::LeaseId(1));
     mesh.follow(0);
     assert_eq!(on(&mut mesh, 0, 1), (false, None));
+}
+
+#[test]
+fn a_welcome_names_every_running_server_this_one_first_and_a_dead_one_goes() {
+    let (mut mesh, token) = shared_mesh("100.72.0.0/16", None);
+    mesh.server(0).announce_server("rv-a.example:7443", NOW);
+    mesh.server(1).announce_server("rv-b.example:7443", NOW);
+    mesh.run(0);
+    mesh.run(1);
+    mesh.follow(0);
+    mesh.follow(1);
+    assert_eq!(
+        mesh.server(1).servers(),
+        ["rv-b.example:7443", "rv-a.example:7443"]
+    );
+    mesh.server(0).handle_hello(
+        ConnId(1),
+        arriving(hello(1, Some(&token)), observed(1)),
+        at(NOW),
+    );
+    let welcome = mesh.run(0);
+    let servers = welcome.iter().find_map(|c| match c {
+        Command::Send {
+            msg: ServerMessage::Welcome { servers, .. },
+            ..
+        } => Some(servers.clone()),
+        _ => None,
+    });
+    assert_eq!(servers.unwrap(), ["rv-a.example:7443", "rv-b.example:7443"]);
+    // rv-b's lease ends: it is no longer named.
+    mesh.kv.expire(crate::rendezvous::store::kv::LeaseId(1));
+    mesh.follow(0);
+    assert_eq!(mesh.server(0).servers(), ["rv-a.example:7443"]);
 }

@@ -20,6 +20,7 @@
 //! | `removed/<key hex>`  | `{}`                                    |
 //! | `quarantine/<ipv4>`  | [`Quarantined`]                         |
 //! | `presence/<key hex>` | [`Presence`], on the server's lease     |
+//! | `servers/<name>`     | [`ServerRecord`], on its lease          |
 //!
 //! Values are JSON. The file store keeps the same state as one document
 //! ([`RegistryState`]); [`records`] and [`state_from`] convert.
@@ -52,6 +53,8 @@ pub enum Key {
     /// Which server a node is connected to: written on that server's lease,
     /// so a dead server's nodes go offline by themselves.
     Presence(PublicKey),
+    /// A running server and where nodes reach it, on its lease.
+    Server(String),
 }
 
 impl Key {
@@ -76,6 +79,7 @@ impl Key {
             "removed" => Key::Removed(parse_key(rest)?),
             "quarantine" => Key::Quarantine(rest.parse().ok()?),
             "presence" => Key::Presence(parse_key(rest)?),
+            "servers" => Key::Server(rest.to_owned()),
             _ => return None,
         })
     }
@@ -93,14 +97,16 @@ impl fmt::Display for Key {
             Key::Removed(k) => write!(f, "removed/{}", hex::encode(k.as_bytes())),
             Key::Quarantine(ip) => write!(f, "quarantine/{ip}"),
             Key::Presence(k) => write!(f, "presence/{}", hex::encode(k.as_bytes())),
+            Key::Server(name) => write!(f, "servers/{name}"),
         }
     }
 }
 
 /// Whether a record outlives the server that wrote it: everything but
-/// presence, which the file of a single server does not keep.
+/// presence and the server list, which the file of a single server does
+/// not keep.
 pub fn is_durable(path: &str) -> bool {
-    !matches!(Key::parse(path), Some(Key::Presence(_)))
+    !matches!(Key::parse(path), Some(Key::Presence(_) | Key::Server(_)))
 }
 
 fn parse_key(hex_key: &str) -> Option<PublicKey> {
@@ -156,6 +162,14 @@ pub struct Presence {
     pub since: u64,
 }
 
+/// A running server of the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    /// `HOST:PORT`, as join lines name it.
+    pub public_addr: String,
+    pub since: u64,
+}
+
 /// A record's value, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
@@ -168,6 +182,7 @@ pub enum Value {
     Removed,
     Quarantine(Quarantined),
     Presence(Presence),
+    Server(ServerRecord),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +222,7 @@ pub fn decode(key: &Key, bytes: &[u8]) -> Result<Value, DecodeError> {
         }
         Key::Quarantine(_) => Value::Quarantine(serde_json::from_slice(bytes).map_err(wrap)?),
         Key::Presence(_) => Value::Presence(serde_json::from_slice(bytes).map_err(wrap)?),
+        Key::Server(_) => Value::Server(serde_json::from_slice(bytes).map_err(wrap)?),
     })
 }
 
@@ -221,6 +237,7 @@ pub fn encode(value: &Value) -> Vec<u8> {
         Value::Removed => serde_json::to_vec(&Empty {}),
         Value::Quarantine(v) => serde_json::to_vec(v),
         Value::Presence(v) => serde_json::to_vec(v),
+        Value::Server(v) => serde_json::to_vec(v),
     };
     // Serializing these plain structs into memory cannot fail.
     json.unwrap_or_default()
@@ -434,6 +451,7 @@ mod tests {
             Key::Removed(key(8)),
             Key::Quarantine("100.72.0.6".parse().unwrap()),
             Key::Presence(key(9)),
+            Key::Server("rv-2".into()),
         ] {
             assert_eq!(Key::parse(&key.path()), Some(key));
         }
