@@ -172,7 +172,7 @@ pub async fn run(
         // The next server at once; after a whole round, full jitter in
         // [backoff/2, backoff], so a restarted rendezvous is not hit by
         // every node in the same instant.
-        let wait = if servers.next() {
+        let wait = if servers.advance() {
             let wait = rand::thread_rng().gen_range(backoff / 2..=backoff);
             backoff = (backoff * 2).min(BACKOFF_MAX);
             wait
@@ -239,7 +239,7 @@ impl Servers {
 
     /// Moves to the next server; `true` when every one has been tried
     /// since the last welcome (then the caller backs off).
-    pub fn next(&mut self) -> bool {
+    pub fn advance(&mut self) -> bool {
         self.tried += 1;
         if !self.list.is_empty() {
             self.at = (self.at + 1) % self.list.len();
@@ -588,10 +588,10 @@ mod tests {
         let mut s = servers(&["rv1:7443", "rv2:7443", "rv3:7443"]);
         assert_eq!(s.current(), "rv1:7443");
         s.welcomed();
-        assert!(!s.next(), "rv1 lost: rv2 next, at once");
+        assert!(!s.advance(), "rv1 lost: rv2 next, at once");
         assert_eq!(s.current(), "rv2:7443");
-        assert!(!s.next(), "rv2 unreachable: rv3 next, at once");
-        assert!(s.next(), "rv3 too: every server tried, back off");
+        assert!(!s.advance(), "rv2 unreachable: rv3 next, at once");
+        assert!(s.advance(), "rv3 too: every server tried, back off");
         assert_eq!(s.current(), "rv1:7443");
     }
 
@@ -603,7 +603,7 @@ mod tests {
         s.learn(&[]);
         assert_eq!(s.len(), 2, "a welcome naming none forgets nothing");
         s.welcomed();
-        assert!(!s.next());
+        assert!(!s.advance());
         assert_eq!(s.current(), "rv2:7443");
     }
 
@@ -611,7 +611,7 @@ mod tests {
     fn a_single_server_backs_off_after_each_loss() {
         let mut s = servers(&["rv:7443"]);
         s.welcomed();
-        assert!(s.next());
+        assert!(s.advance());
         assert_eq!(s.current(), "rv:7443");
     }
 }
