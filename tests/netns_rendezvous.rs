@@ -270,3 +270,34 @@ fn a_removed_node_disappears_from_every_peer_map() {
     );
     every_node_pings_every_other(others);
 }
+
+#[test]
+fn a_rebuilt_machine_joining_with_a_token_for_its_node_gets_its_name_and_addresses_back() {
+    let lab = lab();
+    let (rendezvous, mut nodes) = mesh(&lab);
+    let before = nodes[0].overlay_ips();
+    let (name, old_key) = (nodes[0].name.clone(), nodes[0].public_key());
+    // The machine is rebuilt: its meshd and its state (its key) are gone.
+    nodes[0].stop();
+    std::fs::remove_dir_all(&nodes[0].state_dir).expect("wipe the node's state");
+
+    let line = rendezvous.create_token_for(&name);
+    let rebuilt = lab.join_and_start(NODES[0], &line);
+    assert_ne!(rebuilt.public_key(), old_key, "a new key");
+    assert_eq!(rebuilt.overlay_ips(), before, "the node's addresses, kept");
+    for other in &nodes[1..] {
+        other.pings(before.v4);
+        rebuilt.pings(other.overlay_ips().v4);
+    }
+    let listed = rendezvous.nodes();
+    assert!(
+        !listed.iter().any(|n| n["public_key"] == old_key.as_str()),
+        "the old key is no longer a node: {listed:?}"
+    );
+    assert!(
+        listed
+            .iter()
+            .any(|n| n["public_key"] == rebuilt.public_key().as_str() && n["name"] == name.as_str()),
+        "the new key holds the name: {listed:?}"
+    );
+}

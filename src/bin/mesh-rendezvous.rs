@@ -105,8 +105,13 @@ enum TokenCommand {
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
         /// How many nodes may join with it (default: any number until it expires).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "for_node")]
         uses: Option<u32>,
+        /// For a rebuilt machine: one join by a new key that takes over this
+        /// node (name or key): its name and overlay addresses; its old key
+        /// is removed.
+        #[arg(long = "for", value_name = "NODE")]
+        for_node: Option<String>,
     },
     List {
         #[arg(long)]
@@ -275,18 +280,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("cannot start the async runtime")?;
             runtime.block_on(server::serve(loaded, meshd::cli::shutdown_signal()))?;
         }
-        Command::Token(TokenCommand::Create { ttl, uses }) => {
+        Command::Token(TokenCommand::Create {
+            ttl,
+            uses,
+            for_node,
+        }) => {
             let request = AdminRequest::CreateToken {
                 ttl_secs: ttl.as_secs(),
                 max_uses: uses,
+                for_node,
             };
             match admin_request(dir, request)? {
-                AdminResponse::Token { token, .. } => {
+                AdminResponse::Token { token, servers, .. } => {
                     let loaded = setup::load(dir)?;
+                    let servers = if servers.is_empty() {
+                        loaded.config.public_addr.clone()
+                    } else {
+                        servers.join(",")
+                    };
                     writeln!(
                         Stdout::lock(),
-                        "meshd join {} --token {token} --ca-hash {}",
-                        loaded.config.public_addr,
+                        "meshd join {servers} --token {token} --ca-hash {}",
                         loaded.cert_hash()
                     )?;
                 }

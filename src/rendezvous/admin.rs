@@ -22,6 +22,11 @@ pub enum AdminRequest {
     CreateToken {
         ttl_secs: u64,
         max_uses: Option<u32>,
+        /// A token for one join by a new key that takes over this node
+        /// (as for `RemoveNode`): its name and addresses; its old key is
+        /// removed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        for_node: Option<String>,
     },
     ListTokens,
     RevokeToken {
@@ -56,6 +61,10 @@ pub enum AdminResponse {
         token: String,
         id: String,
         expires_at: u64,
+        /// The mesh's servers, for the join line (absent from a server
+        /// before 0.4.0, and offline).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        servers: Vec<String>,
     },
     Tokens {
         tokens: Vec<TokenInfo>,
@@ -153,17 +162,33 @@ pub fn apply<R: RngCore + CryptoRng>(
     rng: &mut R,
 ) -> AdminResponse {
     match request {
-        AdminRequest::CreateToken { ttl_secs, max_uses } => {
+        AdminRequest::CreateToken {
+            ttl_secs,
+            max_uses,
+            for_node,
+        } => {
+            let takes_over = match for_node.as_deref().map(|q| find_node(registry, q)) {
+                None => None,
+                Some(Ok(key)) => Some(key),
+                Some(Err(message)) => return AdminResponse::Error { message },
+            };
             let mut secret = [0u8; 32];
             rng.fill_bytes(&mut secret);
             let mut id = [0u8; 4];
             rng.fill_bytes(&mut id);
             let id = hex::encode(id);
-            match registry.create_token(secret, id.clone(), ttl_secs, max_uses, now_unix) {
+            let created = match takes_over {
+                Some(node) => {
+                    registry.create_takeover_token(secret, id.clone(), ttl_secs, node, now_unix)
+                }
+                None => registry.create_token(secret, id.clone(), ttl_secs, max_uses, now_unix),
+            };
+            match created {
                 Ok(token) => AdminResponse::Token {
                     token: token.expose().to_owned(),
                     id,
                     expires_at: now_unix.saturating_add(ttl_secs),
+                    servers: registry.servers(),
                 },
                 Err(e) => AdminResponse::Error {
                     message: e.to_string(),

@@ -1036,14 +1036,19 @@ impl Rendezvous<'_> {
     /// `mesh-rendezvous token create`: a token for `uses` nodes, as the
     /// `meshd join` line it prints.
     pub fn create_token(&self, uses: usize) -> JoinLine {
-        let out = self.admin(&[
-            "token",
-            "create",
-            "--ttl",
-            "1h",
-            "--uses",
-            &uses.to_string(),
-        ]);
+        self.token_line(&["--uses", &uses.to_string()])
+    }
+
+    /// `mesh-rendezvous token create --for NODE`: a token for a rebuilt
+    /// machine, which takes over `node`.
+    pub fn create_token_for(&self, node: &str) -> JoinLine {
+        self.token_line(&["--for", node])
+    }
+
+    fn token_line(&self, extra: &[&str]) -> JoinLine {
+        let mut args = vec!["token", "create", "--ttl", "1h"];
+        args.extend_from_slice(extra);
+        let out = self.admin(&args);
         let line = out
             .lines()
             .find(|l| l.starts_with("meshd join "))

@@ -101,7 +101,11 @@ impl Mesh {
 
     /// A join token, created on the stored state (no server running).
     pub fn token(&self, ttl_secs: u64, max_uses: Option<u32>) -> String {
-        let request = AdminRequest::CreateToken { ttl_secs, max_uses };
+        let request = AdminRequest::CreateToken {
+            ttl_secs,
+            max_uses,
+            for_node: None,
+        };
         match admin::apply_offline(self.path(), request, now_unix(), &mut rand::rngs::OsRng) {
             Ok(AdminResponse::Token { token, .. }) => token,
             other => panic!("creating a token: {other:?}"),

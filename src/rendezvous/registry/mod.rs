@@ -227,6 +227,10 @@ pub struct TokenRecord {
     pub max_uses: Option<u32>,
     pub uses: u32,
     pub revoked: bool,
+    /// A token for a reinstalled node: the new key that joins with it
+    /// takes over this node's name and addresses, and this key is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takes_over: Option<PublicKey>,
 }
 
 /// Whether a token can admit a node now.
@@ -1066,11 +1070,15 @@ impl Registry {
                     .collect();
                 if let Some(join) = join {
                     let key = join.hello.public_key;
-                    // The welcome tells the others itself.
+                    // The welcome tells the others itself, after what else
+                    // changed (a node taken over leaves before its
+                    // successor, with its addresses, arrives).
                     changes.retain(|c| *c != Change::Upsert(key));
+                    self.announce(changes);
                     self.welcome(join.conn, &join.hello, join.observed, true, join.now);
+                } else {
+                    self.announce(changes);
                 }
-                self.announce(changes);
             }
             Outcome::Conflict | Outcome::Malformed | Outcome::Unavailable => {
                 if outcome == Outcome::Malformed {
@@ -1675,6 +1683,18 @@ impl Registry {
         max_uses: Option<u32>,
         now_unix: u64,
     ) -> Result<JoinToken, RegistryError> {
+        self.new_token(secret, id, ttl_secs, max_uses, None, now_unix)
+    }
+
+    fn new_token(
+        &mut self,
+        secret: [u8; 32],
+        id: String,
+        ttl_secs: u64,
+        max_uses: Option<u32>,
+        takes_over: Option<PublicKey>,
+        now_unix: u64,
+    ) -> Result<JoinToken, RegistryError> {
         let Some(token) = JoinToken::new(&id, &secret) else {
             return Err(RegistryError::InvalidTokenId { id });
         };
@@ -1692,6 +1712,7 @@ impl Registry {
             max_uses,
             uses: 0,
             revoked: false,
+            takes_over,
         };
         let path = Key::Token(id).path();
         let txn = Txn::new()
@@ -1699,6 +1720,26 @@ impl Registry {
             .put(path, records::encode(&Value::Token(record)));
         self.propose(txn, None);
         Ok(token)
+    }
+
+    /// [`Registry::create_token`] for one join by a new key that takes over
+    /// `node` (a rebuilt machine): the new key gets its name and overlay
+    /// addresses, and `node`'s key is removed, so kubelet, etcd and
+    /// certificates that know the old addresses keep working.
+    pub fn create_takeover_token(
+        &mut self,
+        secret: [u8; 32],
+        id: String,
+        ttl_secs: u64,
+        node: PublicKey,
+        now_unix: u64,
+    ) -> Result<JoinToken, RegistryError> {
+        if !self.state.nodes.contains_key(&node) {
+            return Err(RegistryError::UnknownNode {
+                key: node.to_string(),
+            });
+        }
+        self.new_token(secret, id, ttl_secs, Some(1), Some(node), now_unix)
     }
 
     /// Revokes a token (once committed); `false` if no token has this id.
@@ -1849,6 +1890,11 @@ impl Registry {
         }
 
         let token = self.check_token(hello.token.as_deref(), now_unix)?;
+        if let Some(old) = token.takes_over {
+            return self
+                .take_over(hello, old, token, observed, now_unix)
+                .map(Some);
+        }
         let (ipv4, ipv6) = self.allocate(&key)?;
         let name = unique(&dns_label(&hello.name), |n| {
             self.claims.contains_key(&Key::Name(n.to_owned()))
@@ -1891,6 +1937,68 @@ impl Registry {
             .put(v6.path(), holder)
             .put(token_key.path(), records::encode(&Value::Token(spent)));
         Ok(Some(txn))
+    }
+
+    /// The transaction of a new key joining with a token for a node it
+    /// takes over: the node's name and addresses pass to the new key, and
+    /// the old key is removed, in one commit.
+    fn take_over(
+        &mut self,
+        hello: &Hello,
+        old: PublicKey,
+        token: TokenRecord,
+        observed: SocketAddr,
+        now_unix: u64,
+    ) -> Result<Txn, Refusal> {
+        let key = hello.public_key;
+        let Some(record) = self.state.nodes.get(&old) else {
+            return Err(Refusal::new(
+                RejectReason::BadToken,
+                TOKEN_REFUSED,
+                format!("token {:?} was for a node that is gone", token.id),
+            ));
+        };
+        let identity = NodeIdentity {
+            name: record.name.clone(),
+            ipv4: record.ipv4,
+            ipv6: record.ipv6,
+            joined_at: now_unix,
+        };
+        tracing::info!(
+            node = %key.short(), old = %old.short(), name = %identity.name,
+            "a new key takes over a node"
+        );
+        let candidates = self.merge_candidates(&hello.candidates, observed);
+        let at = Endpoints {
+            last_seen: now_unix,
+            candidates,
+            nat: NatMapping::Unknown,
+        };
+        let token_key = Key::Token(token.id.clone());
+        let spent = TokenRecord {
+            uses: token.uses.saturating_add(1),
+            ..token
+        };
+        let holder = records::encode(&Value::Holder(key));
+        let (node, previous) = (Key::Node(key), Key::Node(old));
+        let txn = Txn::new()
+            .absent(node.path())
+            .absent(Key::Removed(key).path())
+            .unchanged(previous.path(), self.revision(&previous))
+            .unchanged(token_key.path(), self.revision(&token_key))
+            .delete(previous.path())
+            .delete(Key::Endpoints(old).path())
+            .put(Key::Removed(old).path(), records::encode(&Value::Removed))
+            .put(Key::Name(identity.name.clone()).path(), holder.clone())
+            .put(Key::Address(identity.ipv4.into()).path(), holder.clone())
+            .put(Key::Address(identity.ipv6.into()).path(), holder)
+            .put(node.path(), records::encode(&Value::Node(identity)))
+            .put(
+                Key::Endpoints(key).path(),
+                records::encode(&Value::Endpoints(at)),
+            )
+            .put(token_key.path(), records::encode(&Value::Token(spent)));
+        Ok(txn)
     }
 
     /// The usable token `presented` names, or why not.

@@ -2070,3 +2070,99 @@ fn a_welcome_names_every_running_server_this_one_first_and_a_dead_one_goes() {
     mesh.follow(0);
     assert_eq!(mesh.server(0).servers(), ["rv-a.example:7443"]);
 }
+
+#[test]
+fn a_new_key_with_a_token_for_a_node_takes_over_its_name_and_addresses_and_the_old_key_is_removed()
+{
+    let (mut reg, token) = with_token();
+    let (old, _) = welcome(&join(&mut reg, 1, &token));
+    join(&mut reg, 3, &token);
+    let rebuilt = reg
+        .create_takeover_token([9; 32], "rebuilt".into(), DAY, key(1), NOW)
+        .unwrap()
+        .expose()
+        .to_owned();
+    drain(&mut reg);
+
+    reg.handle_hello(
+        ConnId(2),
+        arriving(hello(2, Some(&rebuilt)), observed(2)),
+        at(NOW + 5),
+    );
+    let cmds = drain(&mut reg);
+    let (new, _) = welcome(&cmds);
+    assert_eq!(new.public_key, key(2));
+    assert_eq!(
+        (new.name.as_str(), new.ipv4, new.ipv6),
+        (old.name.as_str(), old.ipv4, old.ipv6)
+    );
+    // The old key's connection is cut off as removed.
+    assert!(cmds.contains(&Command::Close {
+        conn: ConnId(1),
+        reason: CloseReason::Removed
+    }));
+    // Node 3 hears the old key leave before the new one, with its
+    // addresses, arrives.
+    let to_3: Vec<&ServerMessage> = cmds
+        .iter()
+        .filter_map(|c| match c {
+            Command::Send {
+                conn: ConnId(3),
+                msg,
+            } => Some(msg),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(to_3.as_slice(), [
+            ServerMessage::PeerRemove { public_key },
+            ServerMessage::PeerUpsert { peer },
+        ] if *public_key == key(1) && peer.public_key == key(2)),
+        "{to_3:?}"
+    );
+    assert!(reg.state().removed.contains(&key(1)));
+    assert!(
+        reg.quarantined().is_empty(),
+        "the addresses moved, not held back"
+    );
+
+    // The old key is refused; the token is spent.
+    reg.handle_hello(
+        ConnId(11),
+        arriving(hello(1, None), observed(1)),
+        at(NOW + 6),
+    );
+    assert_rejected_only(&drain(&mut reg), ConnId(11), RejectReason::Removed);
+    reg.handle_hello(
+        ConnId(4),
+        arriving(hello(4, Some(&rebuilt)), observed(4)),
+        at(NOW + 7),
+    );
+    assert_rejected_only(&drain(&mut reg), ConnId(4), RejectReason::BadToken);
+}
+
+#[test]
+fn a_takeover_token_for_a_node_that_is_gone_admits_no_one() {
+    let (mut reg, token) = with_token();
+    join(&mut reg, 1, &token);
+    let rebuilt = reg
+        .create_takeover_token([9; 32], "rebuilt".into(), DAY, key(1), NOW)
+        .unwrap()
+        .expose()
+        .to_owned();
+    drain(&mut reg);
+    assert!(reg.remove_node(&key(1), false, NOW));
+    drain(&mut reg);
+    reg.handle_hello(
+        ConnId(2),
+        arriving(hello(2, Some(&rebuilt)), observed(2)),
+        at(NOW),
+    );
+    assert_rejected_only(&drain(&mut reg), ConnId(2), RejectReason::BadToken);
+    assert_eq!(
+        reg.create_takeover_token([8; 32], "late".into(), DAY, key(1), NOW),
+        Err(RegistryError::UnknownNode {
+            key: key(1).to_string()
+        })
+    );
+}

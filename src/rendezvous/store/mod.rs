@@ -382,6 +382,7 @@ mod tests {
                 max_uses: Some(3),
                 uses: 1,
                 revoked: false,
+                takes_over: None,
             },
         );
         state.removed.insert(PublicKey::from_bytes([9; 32]));

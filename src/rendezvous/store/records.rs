@@ -394,6 +394,7 @@ mod tests {
                 max_uses: Some(1),
                 uses: 1,
                 revoked: false,
+                takes_over: None,
             },
         );
         state.removed.insert(key(2));
