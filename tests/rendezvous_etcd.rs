@@ -168,3 +168,56 @@ fn the_nodes_of_a_killed_server_move_to_another_within_seconds_and_keep_their_ad
         }
     }
 }
+
+/// How long a server cut off from etcd may keep its nodes: its lease's TTL
+/// (10 s by default), then they are at another server within seconds.
+const CUT_OFF_DEADLINE: Duration = Duration::from_secs(30);
+
+#[test]
+fn a_server_cut_off_from_etcd_admits_no_one_and_its_nodes_move_to_a_server_that_can() {
+    // etcd alone on machine 0; the servers on 1 and 2; nodes on 3 and 4.
+    let lab = Lab::new(5);
+    let etcd = etcd_on(&lab, 0);
+    let prefix = "/meshd/cut-off/";
+    let rv1 = lab.start_rendezvous_on_etcd(1, "rv1", &etcd.endpoints(), prefix, None);
+    let rv2 = lab.start_rendezvous_on_etcd(2, "rv2", &etcd.endpoints(), prefix, Some(&rv1));
+    let join = rv1.create_token(3);
+    let nodes: Vec<MeshNode<'_>> = [3, 4]
+        .iter()
+        .map(|&i| lab.join_and_start(i, &join.via_all(&[&rv1, &rv2])))
+        .collect();
+    eventually("both nodes are on rv1", DEADLINE, || {
+        all_on(&rv2, &nodes, "rv1")
+    });
+
+    // rv1 loses etcd (a partition): its packets to etcd are dropped.
+    let etcd_ip = lab.node(0).underlay.to_string();
+    let cut = lab.node(1).exec(
+        "iptables",
+        &[
+            "-A", "OUTPUT", "-d", &etcd_ip, "-p", "tcp", "--dport", "2379", "-j", "DROP",
+        ],
+    );
+    assert!(cut.status.success(), "iptables: {cut:?}");
+    let since = Instant::now();
+    eventually("rv1's nodes are on rv2", CUT_OFF_DEADLINE, || {
+        all_on(&rv2, &nodes, "rv2")
+    });
+    eprintln!(
+        "rv1's nodes were on rv2 {:.1} s after rv1 lost etcd",
+        since.elapsed().as_secs_f64()
+    );
+
+    // rv1 admits no one meanwhile: a node that knows only rv1 is not
+    // admitted (no address is decided without the store).
+    let lone = lab.join(0, &join.via(&rv1));
+    let _lone = lab.spawn(
+        lone.machine,
+        "meshd-lone",
+        common::MESHD,
+        &["run", "--state-dir", common::utf8(&lone.state_dir)],
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    let listed = rv2.nodes();
+    assert_eq!(listed.len(), 2, "no third node was admitted: {listed:?}");
+}
