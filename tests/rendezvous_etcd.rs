@@ -103,6 +103,27 @@ fn two_servers_on_one_etcd_share_a_mesh_whose_nodes_joined_at_either_reach_each_
         );
     }
 
+    // Each server lists both servers, where they are, and their nodes.
+    for rv in [&rv1, &rv2] {
+        let servers: Vec<(String, String, u64)> = rv
+            .servers()
+            .iter()
+            .map(|s| {
+                let text = |k: &str| s[k].as_str().unwrap_or("?").to_owned();
+                (
+                    text("name"),
+                    text("public_addr"),
+                    s["nodes"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        let expected = vec![
+            ("rv1".to_owned(), rv1.address().to_string(), 1),
+            ("rv2".to_owned(), rv2.address().to_string(), 2),
+        ];
+        assert_eq!(servers, expected);
+    }
+
     // Overlay addresses are distinct: claimed once across the servers.
     let mut v4: Vec<_> = ips.iter().map(|ip| ip.v4).collect();
     v4.sort_unstable();

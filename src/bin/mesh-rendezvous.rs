@@ -142,6 +142,12 @@ enum NodesCommand {
 
 #[derive(Subcommand)]
 enum ServerCommand {
+    /// The mesh's running servers, where nodes reach them, and how many
+    /// nodes each has.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
     /// Issue the certificate of a new server of this mesh (run where the
     /// mesh CA's key is), into DIR; copy DIR to the new server and run
     /// `mesh-rendezvous init --certificate-from DIR --etcd-endpoints … --key-prefix …` there.
@@ -246,6 +252,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             writeln!(Stdout::lock(), "mesh {} {verb} in {place}", mesh.id)?;
             writeln!(Stdout::lock(), "  IPv4 {}  IPv6 {}", mesh.ipv4, mesh.ipv6)?;
             writeln!(Stdout::lock(), "next: mesh-rendezvous serve --state-dir {0}, then mesh-rendezvous token create --state-dir {0}", dir.display())?;
+        }
+        Command::Server(ServerCommand::List { json }) => {
+            match admin_request(dir, AdminRequest::ListServers)? {
+                AdminResponse::Servers { servers } if json => writeln!(
+                    Stdout::lock(),
+                    "{}",
+                    serde_json::to_string_pretty(&servers)?
+                )?,
+                AdminResponse::Servers { servers } => {
+                    writeln!(Stdout::lock(), "{:<20} {:<28} NODES", "SERVER", "ADDRESS")?;
+                    for s in servers {
+                        writeln!(
+                            Stdout::lock(),
+                            "{:<20} {:<28} {}",
+                            s.name,
+                            s.public_addr,
+                            s.nodes
+                        )?;
+                    }
+                }
+                other => unexpected(other)?,
+            }
         }
         Command::Server(ServerCommand::Add { name, out }) => {
             let pin = setup::add_server(dir, &name, &out)?;
@@ -352,17 +380,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     writeln!(Stdout::lock(), "{}", serde_json::to_string_pretty(&nodes)?)?
                 }
                 AdminResponse::Nodes { nodes } => {
+                    // Several servers: which one each node is on.
+                    let several = nodes
+                        .iter()
+                        .filter_map(|n| n.server.as_deref())
+                        .any(|s| s != meshd::rendezvous::registry::DEFAULT_SERVER_NAME);
                     writeln!(
                         Stdout::lock(),
                         "{:<20} {:<15} {:<8} {:<10} LAST SEEN",
                         "NAME",
                         "IPV4",
-                        "ONLINE",
+                        if several { "SERVER" } else { "ONLINE" },
                         "KEY"
                     )?;
                     for n in nodes {
                         let key = meshd::identity::short_key(&n.public_key);
-                        let online = if n.online { "yes" } else { "no" };
+                        let online = match (&n.server, n.online) {
+                            (Some(server), true) if several => server.as_str(),
+                            (_, true) => "yes",
+                            (_, false) => "no",
+                        };
                         writeln!(
                             Stdout::lock(),
                             "{:<20} {:<15} {:<8} {:<10} {}",

@@ -47,6 +47,8 @@ pub enum AdminRequest {
     },
     /// Every overlay address held: by a node, or quarantined.
     ListAddresses,
+    /// The mesh's running servers.
+    ListServers,
     /// Releases one quarantined address (with its removed node's other
     /// one), or every one when `None`.
     ReleaseAddresses {
@@ -74,6 +76,9 @@ pub enum AdminResponse {
     },
     Addresses {
         addresses: Vec<AddressInfo>,
+    },
+    Servers {
+        servers: Vec<ServerInfo>,
     },
     Done {
         message: String,
@@ -111,6 +116,16 @@ pub struct NodeStatusInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<String>,
     pub last_seen: u64,
+}
+
+/// A running server as `server list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub name: String,
+    /// Where nodes reach it (`HOST:PORT`).
+    pub public_addr: String,
+    /// Nodes connected to it now.
+    pub nodes: usize,
 }
 
 /// An overlay address pair as `addresses list` shows it.
@@ -194,6 +209,22 @@ pub fn apply<R: RngCore + CryptoRng>(
                     message: e.to_string(),
                 },
             }
+        }
+        AdminRequest::ListServers => {
+            let nodes = registry.nodes();
+            let servers = registry
+                .server_list()
+                .into_iter()
+                .map(|(name, public_addr)| ServerInfo {
+                    nodes: nodes
+                        .iter()
+                        .filter(|n| n.server.as_deref() == Some(name.as_str()))
+                        .count(),
+                    name,
+                    public_addr,
+                })
+                .collect();
+            AdminResponse::Servers { servers }
         }
         AdminRequest::ListTokens => AdminResponse::Tokens {
             tokens: registry

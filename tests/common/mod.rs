@@ -1078,6 +1078,12 @@ impl Rendezvous<'_> {
         self.try_nodes().unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// `mesh-rendezvous server list --json`, parsed.
+    pub fn servers(&self) -> Vec<serde_json::Value> {
+        let out = self.admin(&["server", "list", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("`server list --json`: {e}: {out}"))
+    }
+
     /// `Ok` once `nodes list` shows every one of `nodes` online; otherwise
     /// says which are not.
     pub fn all_online(&self, nodes: &[MeshNode<'_>]) -> Result<(), String> {

@@ -794,6 +794,14 @@ impl Registry {
         self.propose(txn, None);
     }
 
+    /// The mesh's running servers by name, and where each is reached.
+    pub fn server_list(&self) -> Vec<(String, String)> {
+        self.servers
+            .iter()
+            .map(|(name, addr)| (name.clone(), addr.clone()))
+            .collect()
+    }
+
     /// Where nodes reach the mesh's servers, this one first.
     pub fn servers(&self) -> Vec<String> {
         let own = self.servers.get(&self.server_name);
