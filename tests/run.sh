@@ -52,8 +52,8 @@ fi
 # The previous release, for tests/lab_upgrade.rs: a live mesh of it is
 # upgraded one machine at a time to this tree (DESIGN.md, "Rolling
 # upgrades"). Built once from its commit into target/previous/, kept there.
-previous_release="v0.2.0"
-previous_commit=89a28c0
+previous_release="v0.3.0"
+previous_commit=d0424cd
 previous="$PWD/target/previous"
 if [ "$(cat "$previous/release" 2>/dev/null)" != "$previous_release ($previous_commit)" ]; then
     if git cat-file -e "$previous_commit^{commit}" 2>/dev/null; then
