@@ -242,3 +242,136 @@ fn a_server_cut_off_from_etcd_admits_no_one_and_its_nodes_move_to_a_server_that_
     let listed = rv2.nodes();
     assert_eq!(listed.len(), 2, "no third node was admitted: {listed:?}");
 }
+
+#[test]
+fn a_single_use_token_presented_at_two_servers_at_once_admits_exactly_one_node() {
+    let lab = Lab::new(4);
+    let etcd = etcd_on(&lab, 0);
+    let prefix = "/meshd/one-use/";
+    let rv1 = lab.start_rendezvous_on_etcd(0, "rv1", &etcd.endpoints(), prefix, None);
+    let rv2 = lab.start_rendezvous_on_etcd(1, "rv2", &etcd.endpoints(), prefix, Some(&rv1));
+    let once = rv1.create_token(1);
+    // Two machines, each told of a different server, start at once.
+    let a = lab.join(2, &once.via(&rv1));
+    let b = lab.join(3, &once.via(&rv2));
+    let run = |node: &MeshNode<'_>, label: &str| {
+        lab.spawn(
+            node.machine,
+            label,
+            common::MESHD,
+            &["run", "--state-dir", common::utf8(&node.state_dir)],
+        )
+    };
+    let daemons = [run(&a, "meshd-a"), run(&b, "meshd-b")];
+    eventually("one of the two is admitted", DEADLINE, || {
+        let listed = rv2.try_nodes()?;
+        match listed.len() {
+            1 => Ok(()),
+            n => Err(format!("{n} nodes listed: {listed:?}")),
+        }
+    });
+    // The other is refused for good: its meshd says so and exits.
+    eventually("the other meshd gives up", DEADLINE, || {
+        let exited: Vec<usize> = (0..2)
+            .filter(|&i| {
+                let log = daemons[i].log();
+                log.contains("join token not accepted") || log.contains("refused this node")
+            })
+            .collect();
+        if exited.len() == 1 {
+            Ok(())
+        } else {
+            Err(format!("refused: {exited:?}"))
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(rv1.nodes().len(), 1, "still exactly one, at either server");
+    drop(daemons);
+}
+
+#[test]
+fn when_the_etcd_leader_stops_tunnels_stay_up_and_joins_resume_after_the_election() {
+    // etcd members on machines 0, 1 and 2 (the servers on 0 and 1, as on
+    // three VPSs); nodes on 3, 4 and, later, 5.
+    let lab = Lab::new(6);
+    let places: Vec<(String, std::net::Ipv4Addr)> = (0..3)
+        .map(|i| (lab.node(i).ns.clone(), lab.node(i).underlay))
+        .collect();
+    let etcd = EtcdCluster::on(&places);
+    let prefix = "/meshd/election/";
+    let rv1 = lab.start_rendezvous_on_etcd(0, "rv1", &etcd.endpoints(), prefix, None);
+    let rv2 = lab.start_rendezvous_on_etcd(1, "rv2", &etcd.endpoints(), prefix, Some(&rv1));
+    let join = rv1.create_token(3).via_all(&[&rv1, &rv2]);
+    let nodes: Vec<MeshNode<'_>> = [3, 4]
+        .iter()
+        .map(|&i| lab.join_and_start(i, &join))
+        .collect();
+    let ips: Vec<OverlayIps> = nodes.iter().map(MeshNode::overlay_ips).collect();
+    nodes[0].pings(ips[1].v4);
+
+    let leader = etcd.leader();
+    etcd.stop_member(leader);
+    // Through the election: every ping between the nodes is answered.
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        nodes[0]
+            .ping_once(ips[1].v4)
+            .unwrap_or_else(|e| panic!("a tunnel depended on etcd's leader: {e}"));
+    }
+    let new_leader = etcd.leader();
+    assert_ne!(new_leader, leader);
+    // A node joins once etcd has its new leader.
+    let late = lab.join_and_start(5, &join);
+    late.pings(ips[0].v4);
+    eventually("both servers list the three nodes", DEADLINE, || {
+        for rv in [&rv1, &rv2] {
+            let listed = rv.try_nodes()?;
+            if listed.len() != 3 {
+                return Err(format!("{} nodes: {listed:?}", listed.len()));
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn after_everything_restarts_every_node_keeps_its_addresses() {
+    let lab = Lab::new(5);
+    let etcd = etcd_on(&lab, 0);
+    let prefix = "/meshd/restart/";
+    let mut rv1 = lab.start_rendezvous_on_etcd(0, "rv1", &etcd.endpoints(), prefix, None);
+    let mut rv2 = lab.start_rendezvous_on_etcd(1, "rv2", &etcd.endpoints(), prefix, Some(&rv1));
+    let join = rv1.create_token(3).via_all(&[&rv1, &rv2]);
+    let mut nodes: Vec<MeshNode<'_>> = [2, 3, 4]
+        .iter()
+        .map(|&i| lab.join_and_start(i, &join))
+        .collect();
+    let before: Vec<OverlayIps> = nodes.iter().map(MeshNode::overlay_ips).collect();
+
+    for node in &mut nodes {
+        node.stop();
+    }
+    rv1.stop();
+    rv2.stop();
+    etcd.stop_member(0);
+    etcd.start_member(0);
+    etcd.wait_healthy();
+    rv2.start();
+    rv1.start();
+    for node in &mut nodes {
+        node.start();
+    }
+
+    let after: Vec<OverlayIps> = nodes.iter().map(MeshNode::overlay_ips).collect();
+    assert_eq!(before, after);
+    eventually("every node is online again", DEADLINE, || {
+        rv2.all_online(&nodes)
+    });
+    for (i, from) in nodes.iter().enumerate() {
+        for (j, to) in after.iter().enumerate() {
+            if i != j {
+                from.pings(to.v4);
+            }
+        }
+    }
+}
