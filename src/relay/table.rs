@@ -64,6 +64,20 @@
 //! Buckets belong to the node, not the connection: reconnecting does not
 //! refill them.
 //!
+//! # Across servers
+//!
+//! In a mesh of several servers, a node connected to another server is
+//! reached through the link to that server ([`RelayTable::connect_link`],
+//! [`RelayTable::route`]). A frame for it passes the same checks and
+//! budgets here, at the server its source is on, and leaves on the link as a
+//! link frame: a relay header naming the destination, then the frame as a
+//! destination would get it (its header naming the source). The server at
+//! the other end takes the source from that inner header — servers of the
+//! mesh vouch for their own nodes, and the link is authenticated — but only
+//! for a registered node that is not connected to it (a link cannot speak
+//! for a node of the server it reaches, [`DropReason::LinkSpoofed`]), and
+//! delivers it within the destination's budget there.
+//!
 //! The table holds no packets, so it has no queue to bound. The queue in
 //! front of it is the shell's, and every connection has its own bounded
 //! share of it, so a flooder's frames, which its rate limit refuses only
@@ -88,7 +102,7 @@
 //! Pair counters only exist for registered nodes and go when a node is
 //! removed, so they take memory for at most registered² pairs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -291,6 +305,9 @@ pub enum DropReason {
     /// sends faster than the relay forwards (counted by the shell through
     /// [`RelayTable::count_drops`]).
     InboundFull,
+    /// From a link to another server, naming as its source a node that is
+    /// not that server's to speak for (unknown, or connected here).
+    LinkSpoofed,
 }
 
 impl DropReason {
@@ -439,8 +456,10 @@ struct Share {
 /// A registered node.
 #[derive(Debug, Clone)]
 struct NodeState {
-    /// Its current connection, while it is online.
+    /// Its current connection, while it is online here.
     conn: Option<ConnId>,
+    /// The link to the server it is connected to, while it is online there.
+    via: Option<ConnId>,
     /// What it may send through the relay.
     sent: Budget,
     /// What may be relayed to it, from all sources together.
@@ -454,6 +473,7 @@ impl NodeState {
     fn new(limits: &RelayLimits) -> Self {
         Self {
             conn: None,
+            via: None,
             sent: limits.source_budget(),
             received: limits.destination_budget(),
             senders: Vec::new(),
@@ -534,6 +554,8 @@ pub struct RelayTable {
     nodes: HashMap<NodeId, NodeState>,
     /// Admitted connections and whose they are; each is its node's `conn`.
     conns: HashMap<ConnId, NodeId>,
+    /// Links to the mesh's other servers.
+    links: HashSet<ConnId>,
     pairs: BTreeMap<(NodeId, NodeId), PairStats>,
     stats: RelayStats,
 }
@@ -545,6 +567,7 @@ impl RelayTable {
             limits,
             nodes: HashMap::new(),
             conns: HashMap::new(),
+            links: HashSet::new(),
             pairs: BTreeMap::new(),
             stats: RelayStats::default(),
         }
@@ -587,8 +610,33 @@ impl RelayTable {
         }
     }
 
-    /// `conn` closed. Its node goes offline unless it has a newer connection.
+    /// `conn` is a link to another server of the mesh: frames from it are
+    /// link frames, and [`RelayTable::route`] sends nodes' frames to it.
+    pub fn connect_link(&mut self, conn: ConnId) {
+        self.links.insert(conn);
+    }
+
+    /// `node` is connected to another server, reached over `link` (`None`:
+    /// to no server this one has a link to, or to none). A node connected
+    /// here is reached here whatever this says.
+    pub fn route(&mut self, node: NodeId, link: Option<ConnId>) {
+        self.register(node);
+        if let Some(state) = self.nodes.get_mut(&node) {
+            state.via = link.filter(|l| self.links.contains(l));
+        }
+    }
+
+    /// `conn` closed. Its node goes offline unless it has a newer
+    /// connection; a link's nodes are unreachable until routed again.
     pub fn disconnect(&mut self, conn: ConnId) {
+        if self.links.remove(&conn) {
+            for state in self.nodes.values_mut() {
+                if state.via == Some(conn) {
+                    state.via = None;
+                }
+            }
+            return;
+        }
         let Some(node) = self.conns.remove(&conn) else {
             return;
         };
@@ -628,6 +676,9 @@ impl RelayTable {
     /// relay stream (a stream frame's body, without its length prefix).
     /// Returns what to do with it; a drop is already counted.
     pub fn handle_frame(&mut self, from: ConnId, frame: Bytes, now: Instant) -> Command {
+        if self.links.contains(&from) {
+            return self.handle_link_frame(from, frame, now);
+        }
         let Some(&source) = self.conns.get(&from) else {
             return self.drop_frame(from, DropReason::NotAdmitted);
         };
@@ -642,12 +693,15 @@ impl RelayTable {
         if destination == source {
             return self.drop_frame(from, DropReason::SelfAddressed);
         }
-        let to = match self.nodes.get(&destination) {
+        let (to, remote) = match self.nodes.get(&destination) {
             None => return self.drop_frame(from, DropReason::UnknownDestination),
+            Some(NodeState { conn: Some(to), .. }) => (*to, false),
+            Some(NodeState {
+                via: Some(link), ..
+            }) => (*link, true),
             Some(NodeState { conn: None, .. }) => {
                 return self.drop_frame(from, DropReason::DestinationOffline);
             }
-            Some(NodeState { conn: Some(to), .. }) => *to,
         };
         // Both budgets must be able to pay before either does, so a frame
         // one of them refuses costs the other nothing.
@@ -675,11 +729,53 @@ impl RelayTable {
             .or_default()
             .add(payload_len);
         self.stats.forwarded.add(payload_len);
-        tracing::trace!(%source, %destination, %to, len = payload_len, "relay frame forwarded");
-        Command::Forward {
-            to,
-            frame: with_source(frame, header.kind, source),
+        tracing::trace!(%source, %destination, %to, remote, len = payload_len, "relay frame forwarded");
+        let frame = with_source(frame, header.kind, source);
+        let frame = if remote {
+            link_frame(header.kind, destination, &frame)
+        } else {
+            frame
+        };
+        Command::Forward { to, frame }
+    }
+
+    /// A link frame from another server (see the module docs): delivered
+    /// to its destination here, if the source is one that server may speak
+    /// for and the destination's budget here can pay.
+    fn handle_link_frame(&mut self, from: ConnId, frame: Bytes, now: Instant) -> Command {
+        let Ok((outer, inner)) = relay::parse(&frame) else {
+            return self.drop_frame(from, DropReason::Malformed);
+        };
+        let Ok((header, payload)) = relay::parse(inner) else {
+            return self.drop_frame(from, DropReason::Malformed);
+        };
+        let (destination, source, len) = (outer.node, header.node, payload.len());
+        match self.nodes.get(&source) {
+            Some(NodeState { conn: None, .. }) => {}
+            _ => return self.drop_frame(from, DropReason::LinkSpoofed),
         }
+        let to = match self.nodes.get(&destination) {
+            None => return self.drop_frame(from, DropReason::UnknownDestination),
+            Some(NodeState { conn: Some(to), .. }) => *to,
+            Some(NodeState { conn: None, .. }) => {
+                return self.drop_frame(from, DropReason::DestinationOffline);
+            }
+        };
+        let limits = self.limits;
+        let Some(receiver) = self.nodes.get_mut(&destination) else {
+            return self.drop_frame(from, DropReason::UnknownDestination);
+        };
+        let Some(share) = receiver.can_receive(&limits, source, len as u64, now) else {
+            return self.drop_frame(from, DropReason::DestinationLimited);
+        };
+        receiver.receive(share, len as u64);
+        self.pairs
+            .entry((source, destination))
+            .or_default()
+            .add(len);
+        self.stats.forwarded.add(len);
+        let inner = frame.slice(HEADER_LEN..);
+        Command::Forward { to, frame: inner }
     }
 
     /// Counts a frame the shell dropped after the table forwarded it
@@ -714,6 +810,17 @@ impl RelayTable {
     }
 }
 
+/// A frame as it crosses a link: a header naming the destination, then the
+/// frame as the destination gets it.
+fn link_frame(kind: relay::RelayKind, destination: NodeId, frame: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(HEADER_LEN + frame.len());
+    let mut header = [0u8; HEADER_LEN];
+    relay::encode_header(kind, destination, &mut header);
+    out.extend_from_slice(&header);
+    out.extend_from_slice(frame);
+    out.freeze()
+}
+
 /// The frame with its header naming `source`: in place when the shell
 /// handed over the only reference to the bytes, else in a copy.
 fn with_source(frame: Bytes, kind: relay::RelayKind, source: NodeId) -> Bytes {
@@ -744,6 +851,8 @@ mod tests {
             "destination_limited",
             "queue_full",
             "inbound_full",
+            // Since 0.4.0.
+            "link_spoofed",
         ];
         let listed: Vec<&str> = DropReason::iter().map(DropReason::as_str).collect();
         assert_eq!(listed, names);
@@ -821,6 +930,97 @@ mod tests {
         let (to, header, _) = forwarded(table.handle_frame(ConnId(3), frame_to(1, &p), now));
         assert_eq!((to, header), (ConnId(1), source(3)));
         assert_eq!(table.stats().dropped_total(), 0);
+    }
+
+    /// Two servers' tables: nodes 1 and 2 on server a (connections 1, 2),
+    /// node 3 on server b (connection 3); the link between them is
+    /// connection 100 at a and 200 at b, and each routes the other's nodes
+    /// over it.
+    fn two_servers() -> (RelayTable, RelayTable) {
+        let mut a = table_with(2, RelayLimits::default());
+        let mut b = RelayTable::new(RelayLimits::default());
+        b.connect(node(3), ConnId(3));
+        a.connect_link(ConnId(100));
+        b.connect_link(ConnId(200));
+        a.route(node(3), Some(ConnId(100)));
+        for n in [1, 2] {
+            b.route(node(n), Some(ConnId(200)));
+        }
+        (a, b)
+    }
+
+    #[test]
+    fn a_packet_for_a_node_on_another_server_crosses_the_link_and_arrives_naming_its_source() {
+        let now = Instant::now();
+        let (mut a, mut b) = two_servers();
+        let p = payload(1420);
+        let Command::Forward { to, frame } = a.handle_frame(ConnId(1), frame_to(3, &p), now) else {
+            panic!("forwarded to the link");
+        };
+        assert_eq!(to, ConnId(100));
+        let (to, header, body) = forwarded(b.handle_frame(ConnId(200), frame, now));
+        assert_eq!((to, header, body), (ConnId(3), source(1), p.clone()));
+        // And back.
+        let Command::Forward { frame, .. } = b.handle_frame(ConnId(3), frame_to(2, &p), now) else {
+            panic!("forwarded to the link");
+        };
+        let (to, header, _) = forwarded(a.handle_frame(ConnId(100), frame, now));
+        assert_eq!((to, header), (ConnId(2), source(3)));
+    }
+
+    #[test]
+    fn a_link_cannot_speak_for_a_node_of_the_server_it_reaches() {
+        let now = Instant::now();
+        let (_, mut b) = two_servers();
+        // A link frame for node 3 "from" node 3 (b's own) or from a node b
+        // never heard of.
+        for source in [3, 9] {
+            let inner =
+                super::with_source(frame_to(1, &payload(100)), RelayKind::Packet, node(source));
+            let frame = super::link_frame(RelayKind::Packet, node(3), &inner);
+            assert_eq!(
+                b.handle_frame(ConnId(200), frame, now),
+                Command::Drop {
+                    reason: DropReason::LinkSpoofed
+                }
+            );
+        }
+        // Garbage on a link is malformed, not a crash.
+        for junk in [&b"\x10\0\0\0\x03"[..], b"", b"\xff\xff"] {
+            assert_eq!(
+                b.handle_frame(ConnId(200), Bytes::copy_from_slice(junk), now),
+                Command::Drop {
+                    reason: DropReason::Malformed
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_lost_link_leaves_its_nodes_unreachable_until_routed_again() {
+        let now = Instant::now();
+        let (mut a, _) = two_servers();
+        a.disconnect(ConnId(100));
+        assert_eq!(
+            a.handle_frame(ConnId(1), frame_to(3, &payload(100)), now),
+            Command::Drop {
+                reason: DropReason::DestinationOffline
+            }
+        );
+        // A route over a link that is not up is no route.
+        a.route(node(3), Some(ConnId(100)));
+        assert!(matches!(
+            a.handle_frame(ConnId(1), frame_to(3, &payload(100)), now),
+            Command::Drop { .. }
+        ));
+        a.connect_link(ConnId(101));
+        a.route(node(3), Some(ConnId(101)));
+        let Command::Forward { to, .. } =
+            a.handle_frame(ConnId(1), frame_to(3, &payload(100)), now)
+        else {
+            panic!("forwarded over the new link");
+        };
+        assert_eq!(to, ConnId(101));
     }
 
     #[test]
