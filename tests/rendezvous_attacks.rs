@@ -32,8 +32,8 @@ use meshd::rendezvous::stream::{read_frame, write_frame};
 use meshd::rendezvous::tls::{self, CertHash};
 use meshd::sockets::QuicSource;
 use meshd::wire::control::{
-    encode, Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeEntry, NodeMessage,
-    RejectReason, ServerHello, ServerMessage, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
+    encode, Candidate, CandidateKind, Hello, LinkHello, MeshInfo, NatMapping, NodeEntry,
+    NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
 use meshd::wire::relay::NodeId;
 use quic::{
@@ -508,4 +508,67 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
         .await
         .expect("read the answer");
     answer
+}
+
+// ---------------------------------------------------------------------------
+// Links between servers (issue 15)
+// ---------------------------------------------------------------------------
+
+/// A stranger, or a member, that speaks the link protocol (as if it were
+/// another server of the mesh, to inject relay frames "from" any node) is
+/// refused: it holds no server key the store announced. Its link frames
+/// reach no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_claims_to_be_another_server_without_its_key_is_refused() {
+    within_deadline(async {
+        let mesh = Mesh::init();
+        let token = mesh.token(HOUR, None);
+        let rendezvous = mesh.serve().await;
+        let victim = Member::admit(&rendezvous, "victim", &token).await;
+        let victim_id = victim.id;
+
+        for claimed in ["rendezvous", "rv-other", ""] {
+            let stranger = Node::on("stranger", Ipv4Addr::new(127, 0, 0, 9));
+            let config = tls::link_client_config(rendezvous.pin).expect("a link configuration");
+            let connection = stranger
+                .endpoint
+                .connect_with(config, rendezvous.addr, tls::SERVER_NAME)
+                .expect("connect")
+                .await
+                .expect("the QUIC handshake: the stranger pinned the right certificate");
+            let (mut send, mut recv) = connection
+                .accept_bi()
+                .await
+                .expect("the server speaks first");
+            let hello: ServerHello = read_frame(&mut recv, MAX_FRAME_UNADMITTED)
+                .await
+                .expect("a server hello");
+            let mut exporter = [0u8; 32];
+            connection
+                .export_keying_material(&mut exporter, admission::EXPORTER_LABEL, &[])
+                .unwrap();
+            // A proof with a key of its own: valid as a proof, for a key
+            // no server announced.
+            let link_hello = LinkHello {
+                version: PROTOCOL_VERSION,
+                server: claimed.into(),
+                proof: admission::proof(&stranger.key, &hello.server_key, &exporter),
+            };
+            write_frame(&mut send, &link_hello).await.unwrap();
+            // Link frames "from" a node to the victim: none may arrive.
+            let inner = frame(victim_id, b"\x04\0\0\0forged");
+            for _ in 0..10 {
+                let _ = connection.send_datagram(frame(victim_id, &inner));
+            }
+            let closed = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+            assert!(
+                closed.is_ok(),
+                "the server closes a link it cannot verify ({claimed:?})"
+            );
+        }
+        let nothing = tokio::time::timeout(Duration::from_millis(500), victim.receive()).await;
+        assert!(nothing.is_err(), "no forged frame reached the victim");
+        rendezvous.stop().await;
+    })
+    .await;
 }

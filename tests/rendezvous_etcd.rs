@@ -375,3 +375,54 @@ fn after_everything_restarts_every_node_keeps_its_addresses() {
         }
     }
 }
+
+#[test]
+fn two_nodes_on_different_servers_without_a_direct_path_relay_through_both_servers() {
+    let lab = Lab::new(4);
+    let etcd = etcd_on(&lab, 0);
+    let prefix = "/meshd/across/";
+    let rv1 = lab.start_rendezvous_on_etcd(0, "rv1", &etcd.endpoints(), prefix, None);
+    let rv2 = lab.start_rendezvous_on_etcd(1, "rv2", &etcd.endpoints(), prefix, Some(&rv1));
+    // No direct path between the two nodes' machines (as two symmetric
+    // NATs): only the servers reach them.
+    for (from, to) in [(2, 3), (3, 2)] {
+        let peer = lab.node(to).underlay.to_string();
+        let out = lab.node(from).exec(
+            "iptables",
+            &["-A", "OUTPUT", "-d", &peer, "-p", "udp", "-j", "DROP"],
+        );
+        assert!(out.status.success(), "iptables: {out:?}");
+    }
+    let join = rv1.create_token(2);
+    let a = lab.join_and_start(2, &join.via(&rv1));
+    let b = lab.join_and_start(3, &join.via(&rv2));
+    let expected: BTreeMap<String, Option<String>> = [
+        (a.name.clone(), Some("rv1".to_owned())),
+        (b.name.clone(), Some("rv2".to_owned())),
+    ]
+    .into();
+    eventually("each node is on its own server", DEADLINE, || {
+        let seen = servers_of(&rv2.try_nodes()?);
+        if seen == expected {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    });
+    let (ip_a, ip_b) = (a.overlay_ips(), b.overlay_ips());
+    let t = Instant::now();
+    a.pings(ip_b.v4);
+    eprintln!(
+        "first ping through both servers after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    b.pings(ip_a.v4);
+    a.pings(ip_b.v6);
+    let path = a
+        .meshd()
+        .peers()
+        .into_iter()
+        .find(|p| p["public_key"] == b.public_key().as_str())
+        .map(|p| p["path"].clone());
+    assert_eq!(path, Some(serde_json::json!("relay")), "through the relay");
+}

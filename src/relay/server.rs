@@ -66,6 +66,16 @@ enum Input {
         dropped: u64,
     },
     Remove(NodeId),
+    /// A link to another server of the mesh is up on `conn`.
+    Link {
+        conn: ConnId,
+        connection: quinn::Connection,
+    },
+    /// `node` is reached over link `via` (or is not, `None`).
+    Route {
+        node: NodeId,
+        via: Option<ConnId>,
+    },
     /// One frame, holding its part of its connection's share until the
     /// relay task has dealt with it; `dropped_before` datagrams refused
     /// since the connection's last frame.
@@ -138,6 +148,20 @@ impl Relay {
             connection,
         });
         self.inlet(conn)
+    }
+
+    /// A link to another server of the mesh is up on `conn`: link frames
+    /// come in through the returned inlet, and frames for the nodes routed
+    /// over it go out on `connection`. Dropping the inlet takes it down.
+    pub fn link(&self, conn: ConnId, connection: quinn::Connection) -> Inlet {
+        let _ = self.inputs.send(Input::Link { conn, connection });
+        self.inlet(conn)
+    }
+
+    /// `node` is connected to the server link `via` reaches (`None`: to no
+    /// server this one has a link to).
+    pub fn route(&self, node: NodeId, via: Option<ConnId>) {
+        let _ = self.inputs.send(Input::Route { node, via });
     }
 
     /// The relay's counters, once the relay task has dealt with what was
@@ -276,6 +300,17 @@ async fn run(mut inputs: mpsc::UnboundedReceiver<Input>, limits: RelayLimits) {
                 conns.remove(&conn);
             }
             Input::Remove(node) => table.remove(node),
+            Input::Link { conn, connection } => {
+                table.connect_link(conn);
+                conns.insert(
+                    conn,
+                    Destination {
+                        connection,
+                        streams: Arc::new(Semaphore::new(STREAM_QUEUE)),
+                    },
+                );
+            }
+            Input::Route { node, via } => table.route(node, via),
             Input::Frame {
                 conn,
                 frame,
@@ -307,6 +342,7 @@ async fn run(mut inputs: mpsc::UnboundedReceiver<Input>, limits: RelayLimits) {
 /// Sends a frame as a datagram, or on its own stream when too big.
 /// Returns false when the destination's stream queue is full.
 fn send(dest: &Destination, frame: Bytes) -> bool {
+    // The whole frame must fit (a link frame's second header included).
     let payload_len = frame.len().saturating_sub(HEADER_LEN);
     if fits_datagram(payload_len, dest.connection.max_datagram_size()) {
         match dest.connection.send_datagram(frame.clone()) {

@@ -364,8 +364,11 @@ pub fn apply_offline<R: RngCore + CryptoRng>(
                 registry.handle_outcome(id, outcome, &fresh);
             }
             Command::PersistSoon => changed = true,
-            // No connections exist without a server.
-            Command::Admitted { .. } | Command::Send { .. } | Command::Close { .. } => {}
+            // No connections or links exist without a server.
+            Command::Admitted { .. }
+            | Command::Send { .. }
+            | Command::Close { .. }
+            | Command::Route { .. } => {}
         }
     }
     if changed {

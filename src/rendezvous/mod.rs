@@ -10,6 +10,7 @@ pub mod admin;
 pub mod admission;
 pub mod client;
 pub mod limits;
+pub mod links;
 pub mod metrics;
 pub mod pending;
 pub mod reflector;

@@ -12,7 +12,7 @@
 //! metrics address is configured, each scrape asks the registry and relay
 //! tasks for their counters ([`super::metrics`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +23,7 @@ use tracing::Instrument as _;
 
 use super::admin::{self, AdminRequest, AdminResponse};
 use super::admission;
+use super::links::{self, LinkContext, LinkEvent, Links};
 use super::metrics::{self, RendezvousMetrics};
 use super::pending::{AdmissionCounts, Decision, Limits, Pending, Source};
 use super::registry::{
@@ -35,14 +36,14 @@ use super::store::session::{News, StoreSession};
 use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls;
 use crate::control::server::ErrorResponse as _;
-use crate::identity::PublicKey;
+use crate::identity::{CertHash, PrivateKey, PublicKey};
 use crate::metrics::{MetricsError, MetricsServer};
 use crate::relay::server::{Inlet, Relay};
 use crate::relay::NodeId;
 use crate::sockets::canonical;
 use crate::wire::control::{
     decode_hello, Candidate, NatMapping, NodeMessage, RejectReason, ServerHello, ServerMessage,
-    MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
+    LINK_ALPN, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
 use crate::wire::untrusted::Untrusted;
 
@@ -150,6 +151,9 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     admin_socket: admin::AdminSocket,
     server_public: PublicKey,
+    /// For the links to the mesh's other servers.
+    server_key: PrivateKey,
+    pin: CertHash,
     registry: Registry,
     store: StoreSession,
     relay_limits: crate::relay::RelayLimits,
@@ -161,6 +165,7 @@ impl Server {
     /// Binds the UDP port and the admin socket.
     pub async fn bind(loaded: Loaded) -> Result<Self, ServerError> {
         let chain = loaded.cert_chain();
+        let pin = loaded.cert_hash();
         let Loaded {
             layout,
             config,
@@ -173,11 +178,12 @@ impl Server {
         let (mut registry, store) = match backend {
             Backend::File { store, state } => {
                 let session = StoreSession::local(store, &state);
-                (Registry::new(state, server_key), session)
+                (Registry::new(state, server_key.clone()), session)
             }
             Backend::Etcd(etcd) => {
                 let (session, registry) =
-                    StoreSession::etcd(&etcd, server_key, RegistryLimits::default()).await?;
+                    StoreSession::etcd(&etcd, server_key.clone(), RegistryLimits::default())
+                        .await?;
                 (registry, session)
             }
         };
@@ -226,6 +232,8 @@ impl Server {
             endpoint,
             admin_socket,
             server_public,
+            server_key,
+            pin,
             registry,
             store,
             relay_limits: config.relay,
@@ -250,6 +258,8 @@ impl Server {
             endpoint,
             admin_socket,
             server_public,
+            server_key,
+            pin,
             registry,
             store,
             relay_limits,
@@ -265,7 +275,24 @@ impl Server {
             }
         }
         let (to_registry, inbox) = mpsc::channel(1024);
-        let registry = tokio::spawn(registry_task(registry, store, inbox, PERSIST_EVERY));
+        let (keys_tx, keys) = watch::channel(server_keys(&registry));
+        let (events, link_events) = mpsc::channel(64);
+        let link_ctx = Arc::new(LinkContext::new(
+            endpoint.clone(),
+            pin,
+            registry.server_name().to_owned(),
+            mesh_id.clone(),
+            server_key,
+            keys,
+            events,
+            relay.clone(),
+        ));
+        let shell = Shell {
+            links: Links::new(link_ctx.clone()),
+            link_events,
+            keys: keys_tx,
+        };
+        let registry = tokio::spawn(registry_task(registry, store, inbox, PERSIST_EVERY, shell));
         let admin = tokio::spawn(admin_socket.serve({
             let to_registry = to_registry.clone();
             move |request: AdminRequest| {
@@ -339,7 +366,7 @@ impl Server {
             next_conn += 1;
             let conn = ConnId(next_conn);
             let (mesh_id, to_registry) = (mesh_id.clone(), to_registry.clone());
-            let relay = relay.clone();
+            let (relay, link_ctx) = (relay.clone(), link_ctx.clone());
             let span = tracing::debug_span!("conn", id = conn.0, remote = %canonical(incoming.remote_address()));
             tokio::spawn(
                 async move {
@@ -351,6 +378,7 @@ impl Server {
                         to_registry,
                         relay,
                         permit,
+                        link_ctx,
                     )
                     .await
                 }
@@ -375,11 +403,22 @@ impl Server {
         }
         drop(to_registry);
         let _ = registry.await;
+        // The links' context holds a handle on the relay too.
+        drop(link_ctx);
         drop(relay);
         let _ = relay_task.await;
         endpoint.wait_idle().await;
         Ok(())
     }
+}
+
+/// Whether `connection` is another server's link (its ALPN).
+fn is_link(connection: &quinn::Connection) -> bool {
+    connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol)
+        .is_some_and(|alpn| alpn == LINK_ALPN)
 }
 
 /// The text of one metrics scrape; `None` once the server is shutting down.
@@ -441,8 +480,10 @@ async fn registry_task(
     mut store: StoreSession,
     mut inbox: mpsc::Receiver<ToRegistry>,
     persist_every: Duration,
+    mut shell: Shell,
 ) {
     let mut conns: HashMap<ConnId, mpsc::Sender<ConnOut>> = HashMap::new();
+    shell.servers_changed(&registry);
     // When the oldest change not saved yet is to be written.
     let mut save_due: Option<tokio::time::Instant> = None;
     // What the registry queued on its own.
@@ -452,6 +493,7 @@ async fn registry_task(
         &mut conns,
         &mut save_due,
         persist_every,
+        &shell,
     )
     .await;
     loop {
@@ -469,7 +511,11 @@ async fn registry_task(
             () = due => {
                 save_due = None;
                 registry.flush();
-                execute(&mut registry, &mut store, &mut conns, &mut save_due, persist_every).await;
+                execute(&mut registry, &mut store, &mut conns, &mut save_due, persist_every, &shell).await;
+                continue;
+            }
+            Some(event) = shell.link_events.recv() => {
+                shell.links.handle(event, &registry.routes());
                 continue;
             }
             news = store.next() => {
@@ -482,7 +528,8 @@ async fn registry_task(
                     News::Lost => registry.handle_store_lost(),
                     News::Back => registry.handle_store_back(now_unix()),
                 }
-                execute(&mut registry, &mut store, &mut conns, &mut save_due, persist_every).await;
+                shell.servers_changed(&registry);
+                execute(&mut registry, &mut store, &mut conns, &mut save_due, persist_every, &shell).await;
                 continue;
             }
         };
@@ -516,6 +563,7 @@ async fn registry_task(
                     &mut conns,
                     &mut save_due,
                     persist_every,
+                    &shell,
                 )
                 .await;
                 let response = if refused {
@@ -546,6 +594,7 @@ async fn registry_task(
             &mut conns,
             &mut save_due,
             persist_every,
+            &shell,
         )
         .await;
     }
@@ -557,10 +606,39 @@ async fn registry_task(
             &mut conns,
             &mut save_due,
             persist_every,
+            &shell,
         )
         .await;
     }
+    shell.links.close();
     store.close().await;
+}
+
+/// What the registry task keeps of the links to the mesh's other servers.
+struct Shell {
+    links: Links,
+    link_events: mpsc::Receiver<LinkEvent>,
+    /// The running servers' keys, for links accepted here.
+    keys: watch::Sender<BTreeMap<String, PublicKey>>,
+}
+
+impl Shell {
+    /// The servers may have changed: the keys links are checked against,
+    /// and the links this server opens.
+    fn servers_changed(&mut self, registry: &Registry) {
+        self.keys.send_if_modified(|keys| {
+            let now = server_keys(registry);
+            let changed = *keys != now;
+            *keys = now;
+            changed
+        });
+        self.links.reconcile(registry.link_targets());
+    }
+}
+
+/// Every running server's key, by name.
+fn server_keys(registry: &Registry) -> BTreeMap<String, PublicKey> {
+    registry.server_keys()
 }
 
 /// Runs the registry's queued commands, in order. Consecutive commits are
@@ -572,6 +650,7 @@ async fn execute(
     conns: &mut HashMap<ConnId, mpsc::Sender<ConnOut>>,
     save_due: &mut Option<tokio::time::Instant>,
     persist_every: Duration,
+    shell: &Shell,
 ) -> bool {
     let mut refused = false;
     loop {
@@ -619,6 +698,7 @@ async fn execute(
             Command::PersistSoon => {
                 save_due.get_or_insert_with(|| tokio::time::Instant::now() + persist_every);
             }
+            Command::Route { ipv4, server } => shell.links.route(ipv4, server.as_deref()),
         }
     }
     refused
@@ -632,6 +712,7 @@ async fn connection_task(
     to_registry: mpsc::Sender<ToRegistry>,
     relay: Relay,
     permit: PendingSlot,
+    link_ctx: Arc<LinkContext>,
 ) {
     let remote = canonical(incoming.remote_address());
 
@@ -639,6 +720,9 @@ async fn connection_task(
     // limit, the hello under a shorter one once the handshake is done.
     let arrived = tokio::time::timeout(ADMISSION_DEADLINE, async {
         let connection = incoming.await.ok()?;
+        if is_link(&connection) {
+            return Some(Err(connection));
+        }
         let (mut send, recv) = connection.open_bi().await.ok()?;
         let mut frames = FrameReader::new(recv, MAX_FRAME_UNADMITTED);
         let hello_msg = ServerHello {
@@ -675,13 +759,20 @@ async fn connection_task(
             exporter,
             observed: remote,
         };
-        Some((connection, send, frames, hello))
+        Some(Ok((connection, send, frames, hello)))
     })
     .await
     .ok()
     .flatten();
-    let Some((connection, mut send, mut frames, hello)) = arrived else {
-        return;
+    let (connection, mut send, mut frames, hello) = match arrived {
+        Some(Ok(node)) => node,
+        // Another server of the mesh: no admission slot to hold.
+        Some(Err(link)) => {
+            drop(permit);
+            links::accept(link_ctx, link, conn).await;
+            return;
+        }
+        None => return,
     };
 
     let (out, mut outbox) = mpsc::channel(CONN_QUEUE);
@@ -838,6 +929,29 @@ mod tests {
 
     const EXPORTER: [u8; 32] = [0x5a; 32];
 
+    /// A registry task's shell with no other server to link to.
+    fn shell() -> Shell {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (relay, _) = Relay::spawn(crate::relay::RelayLimits::default());
+        let (keys, keys_rx) = watch::channel(BTreeMap::new());
+        let (events, link_events) = mpsc::channel(1);
+        let ctx = LinkContext::new(
+            endpoint,
+            CertHash::of(b"no certificate"),
+            "rendezvous".into(),
+            "test-mesh".into(),
+            server_key(),
+            keys_rx,
+            events,
+            relay,
+        );
+        Shell {
+            links: Links::new(Arc::new(ctx)),
+            link_events,
+            keys,
+        }
+    }
+
     fn server_key() -> PrivateKey {
         PrivateKey::from_bytes([0xa5; 32])
     }
@@ -895,7 +1009,7 @@ mod tests {
         // Presence and candidates are saved an hour late: within this test,
         // only on the way out.
         let session = StoreSession::local(store.clone(), registry.state());
-        let task = tokio::spawn(registry_task(registry, session, inbox, hour));
+        let task = tokio::spawn(registry_task(registry, session, inbox, hour, shell()));
 
         let mut outs = Vec::new();
         for n in 1..=2u8 {

@@ -23,7 +23,7 @@ use subtle::ConstantTimeEq;
 /// The pin itself lives with the other identities: the node's config and
 /// join line carry it without depending on the rendezvous.
 pub use crate::identity::CertHash;
-use crate::wire::control::ALPN;
+use crate::wire::control::{ALPN, LINK_ALPN};
 
 /// The name the node asks for; irrelevant to trust, which is the pin.
 pub const SERVER_NAME: &str = "mesh-rendezvous";
@@ -148,7 +148,8 @@ pub fn server_config(
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der)),
         )
         .map_err(config_err)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Nodes, and the mesh's other servers (links).
+    tls.alpn_protocols = vec![ALPN.to_vec(), LINK_ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -171,8 +172,19 @@ pub fn server_config(
     Ok(config)
 }
 
+/// A server's QUIC client configuration for a link to another server of
+/// the mesh: trusting the pinned certificate as a node does, speaking the
+/// link protocol.
+pub fn link_client_config(pin: CertHash) -> Result<quinn::ClientConfig, TlsError> {
+    client_config_for(pin, LINK_ALPN)
+}
+
 /// A node's QUIC client configuration, trusting exactly the pinned certificate.
 pub fn client_config(pin: CertHash) -> Result<quinn::ClientConfig, TlsError> {
+    client_config_for(pin, ALPN)
+}
+
+fn client_config_for(pin: CertHash, alpn: &[u8]) -> Result<quinn::ClientConfig, TlsError> {
     let provider = provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -180,7 +192,7 @@ pub fn client_config(pin: CertHash) -> Result<quinn::ClientConfig, TlsError> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCertificate { pin, provider }))
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));

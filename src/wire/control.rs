@@ -19,6 +19,8 @@ use crate::identity::PublicKey;
 pub const PROTOCOL_VERSION: u32 = 1;
 /// QUIC ALPN of the control protocol.
 pub const ALPN: &[u8] = b"meshd/1";
+/// ALPN of a link between two servers of one mesh (proto/control.md §14).
+pub const LINK_ALPN: &[u8] = b"meshd-link/1";
 /// Largest frame before admission: a hello is a few hundred bytes.
 pub const MAX_FRAME_UNADMITTED: usize = 16 << 10;
 /// Largest frame once admitted: a full peer map of ~10 000 nodes.
@@ -53,6 +55,17 @@ pub struct Hello {
     pub candidates: Vec<Candidate>,
     /// Proof of possession of `public_key`'s private key, bound to this
     /// QUIC connection: see [`admission_proof`](crate::rendezvous::admission).
+    pub proof: Proof,
+}
+
+/// A server → server, first on a link, after the accepting server's
+/// `ServerHello`: which server of the mesh connects, and its proof of
+/// holding the server key that server announced in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkHello {
+    pub version: u32,
+    /// The connecting server's name.
+    pub server: String,
     pub proof: Proof,
 }
 

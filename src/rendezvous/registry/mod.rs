@@ -108,8 +108,8 @@ use crate::ipam;
 /// Connections as the shell names them (shared with the relay table).
 pub use crate::relay::ConnId;
 use crate::wire::control::{
-    Candidate, CandidateKind, Hello, HelloError, MeshInfo, NatMapping, NodeEntry, RejectReason,
-    ServerMessage, MAX_CANDIDATES, MAX_NAME, PROTOCOL_VERSION,
+    Candidate, CandidateKind, Hello, HelloError, MeshInfo, NatMapping, NodeEntry, Proof,
+    RejectReason, ServerMessage, MAX_CANDIDATES, MAX_NAME, PROTOCOL_VERSION,
 };
 use crate::wire::endpoint::{self, Unusable};
 use crate::wire::untrusted::Untrusted;
@@ -320,6 +320,13 @@ pub enum Command {
     /// it (a node is told its address only once the address is its own),
     /// and nothing of it is applied before it is committed.
     Commit { id: ProposalId, txn: Txn },
+    /// The node with relay id `ipv4` is connected to `server` (another
+    /// server of the mesh), or to none but maybe this one (`None`): the
+    /// relay reaches it over the link to that server.
+    Route {
+        ipv4: Ipv4Addr,
+        server: Option<String>,
+    },
     /// Where nodes are changed in a way a crash may lose without harm
     /// (presence, candidates, NAT: nodes say them again when they
     /// reconnect): call [`Registry::flush`] soon. The shell may debounce
@@ -675,7 +682,7 @@ pub struct Registry {
     public_addr: Option<String>,
     /// The mesh's running servers (this one included once announced), by
     /// name: where each is reached.
-    servers: BTreeMap<String, String>,
+    servers: BTreeMap<String, ServerRecord>,
     commands: VecDeque<Command>,
     /// The store revision each record was last written at, as far as this
     /// replica knows: what a change compares to say "nobody changed it
@@ -781,12 +788,13 @@ impl Registry {
     /// `Welcome`.
     pub fn announce_server(&mut self, public_addr: &str, now_unix: u64) {
         self.public_addr = Some(public_addr.to_owned());
-        self.servers
-            .insert(self.server_name.clone(), public_addr.to_owned());
         let record = ServerRecord {
             public_addr: public_addr.to_owned(),
             since: now_unix,
+            server_key: Some(self.server_key.public_key()),
         };
+        self.servers
+            .insert(self.server_name.clone(), record.clone());
         let txn = Txn::new().put_leased(
             Key::Server(self.server_name.clone()).path(),
             records::encode(&Value::Server(record)),
@@ -798,7 +806,49 @@ impl Registry {
     pub fn server_list(&self) -> Vec<(String, String)> {
         self.servers
             .iter()
-            .map(|(name, addr)| (name.clone(), addr.clone()))
+            .map(|(name, record)| (name.clone(), record.public_addr.clone()))
+            .collect()
+    }
+
+    /// Every running server's key, by name.
+    pub fn server_keys(&self) -> BTreeMap<String, PublicKey> {
+        self.servers
+            .iter()
+            .filter_map(|(name, r)| Some((name.clone(), r.server_key?)))
+            .collect()
+    }
+
+    /// This server's name.
+    pub fn server_name(&self) -> &str {
+        &self.server_name
+    }
+
+    /// The other running servers this one keeps a link to (those whose
+    /// name sorts after its own: of two servers, the first connects), with
+    /// where each is reached and its key.
+    pub fn link_targets(&self) -> Vec<(String, String, PublicKey)> {
+        self.servers
+            .iter()
+            .filter(|(name, _)| **name > self.server_name)
+            .filter_map(|(name, r)| Some((name.clone(), r.public_addr.clone(), r.server_key?)))
+            .collect()
+    }
+
+    /// Whether `proof` on a link's connection (its TLS `exporter`) was made
+    /// by the holder of the key running server `server` announced.
+    pub fn verify_link(&self, server: &str, exporter: &[u8; 32], proof: &Proof) -> bool {
+        let Some(key) = self.servers.get(server).and_then(|r| r.server_key) else {
+            return false;
+        };
+        server != self.server_name && admission::verify(&self.server_key, &key, exporter, proof)
+    }
+
+    /// Where each node connected to another server is: its relay id (its
+    /// overlay IPv4) and that server's name.
+    pub fn routes(&self) -> Vec<(Ipv4Addr, String)> {
+        self.elsewhere
+            .iter()
+            .filter_map(|(key, server)| Some((self.state.nodes.get(key)?.ipv4, server.clone())))
             .collect()
     }
 
@@ -810,9 +860,9 @@ impl Registry {
                 self.servers
                     .iter()
                     .filter(|(name, _)| **name != self.server_name)
-                    .map(|(_, addr)| addr),
+                    .map(|(_, record)| record),
             )
-            .cloned()
+            .map(|record| record.public_addr.clone())
             .collect()
     }
 
@@ -853,7 +903,7 @@ impl Registry {
                     key,
                     records::decode(&Key::Server(String::new()), &kv.value).ok()?,
                 ) {
-                    (Key::Server(name), Value::Server(s)) => Some((name, s.public_addr)),
+                    (Key::Server(name), Value::Server(s)) => Some((name, s)),
                     _ => None,
                 }
             })
@@ -1296,15 +1346,28 @@ impl Registry {
                         reason: CloseReason::Superseded,
                     });
                 }
+                if let Some(record) = self.state.nodes.get(&k) {
+                    self.push(Command::Route {
+                        ipv4: record.ipv4,
+                        server: Some(p.server.clone()),
+                    });
+                }
                 self.elsewhere.insert(k, p.server);
                 None
             }
             (Key::Presence(k), None) => {
-                self.elsewhere.remove(&k);
+                if self.elsewhere.remove(&k).is_some() {
+                    if let Some(record) = self.state.nodes.get(&k) {
+                        self.push(Command::Route {
+                            ipv4: record.ipv4,
+                            server: None,
+                        });
+                    }
+                }
                 None
             }
             (Key::Server(name), Some(Value::Server(record))) => {
-                self.servers.insert(name, record.public_addr);
+                self.servers.insert(name, record);
                 None
             }
             (Key::Server(name), None) => {
@@ -1836,6 +1899,7 @@ impl Registry {
             Command::Admitted { .. }
             | Command::Send { .. }
             | Command::Close { .. }
+            | Command::Route { .. }
             | Command::Commit { .. } => {}
         }
         Some(cmd)

@@ -168,6 +168,9 @@ pub struct ServerRecord {
     /// `HOST:PORT`, as join lines name it.
     pub public_addr: String,
     pub since: u64,
+    /// Its static key: what the other servers' links prove theirs against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_key: Option<PublicKey>,
 }
 
 /// A record's value, decoded.
