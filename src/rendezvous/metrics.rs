@@ -345,6 +345,7 @@ mesh_rendezvous_relay_dropped_packets_total{reason="rate_limited"} 0
 mesh_rendezvous_relay_dropped_packets_total{reason="destination_limited"} 0
 mesh_rendezvous_relay_dropped_packets_total{reason="queue_full"} 0
 mesh_rendezvous_relay_dropped_packets_total{reason="inbound_full"} 7
+mesh_rendezvous_relay_dropped_packets_total{reason="link_spoofed"} 0
 # HELP mesh_rendezvous_store_writes_total Saves of the registry to its store.
 # TYPE mesh_rendezvous_store_writes_total counter
 mesh_rendezvous_store_writes_total 5

@@ -150,7 +150,6 @@ pub async fn serve(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result
 pub struct Server {
     endpoint: quinn::Endpoint,
     admin_socket: admin::AdminSocket,
-    server_public: PublicKey,
     /// For the links to the mesh's other servers.
     server_key: PrivateKey,
     pin: CertHash,
@@ -174,7 +173,6 @@ impl Server {
             backend,
             ..
         } = loaded;
-        let server_public = server_key.public_key();
         let (mut registry, store) = match backend {
             Backend::File { store, state } => {
                 let session = StoreSession::local(store, &state);
@@ -231,7 +229,6 @@ impl Server {
         Ok(Self {
             endpoint,
             admin_socket,
-            server_public,
             server_key,
             pin,
             registry,
@@ -257,7 +254,6 @@ impl Server {
         let Server {
             endpoint,
             admin_socket,
-            server_public,
             server_key,
             pin,
             registry,
@@ -365,22 +361,12 @@ impl Server {
             };
             next_conn += 1;
             let conn = ConnId(next_conn);
-            let (mesh_id, to_registry) = (mesh_id.clone(), to_registry.clone());
+            let to_registry = to_registry.clone();
             let (relay, link_ctx) = (relay.clone(), link_ctx.clone());
             let span = tracing::debug_span!("conn", id = conn.0, remote = %canonical(incoming.remote_address()));
             tokio::spawn(
                 async move {
-                    connection_task(
-                        incoming,
-                        conn,
-                        server_public,
-                        mesh_id,
-                        to_registry,
-                        relay,
-                        permit,
-                        link_ctx,
-                    )
-                    .await
+                    connection_task(incoming, conn, to_registry, relay, permit, link_ctx).await
                 }
                 .instrument(span),
             );
@@ -707,14 +693,14 @@ async fn execute(
 async fn connection_task(
     incoming: quinn::Incoming,
     conn: ConnId,
-    server_key: PublicKey,
-    mesh_id: String,
     to_registry: mpsc::Sender<ToRegistry>,
     relay: Relay,
     permit: PendingSlot,
     link_ctx: Arc<LinkContext>,
 ) {
     let remote = canonical(incoming.remote_address());
+    // What nodes prove their keys against, and the mesh: the links' too.
+    let (server_key, mesh_id) = (link_ctx.server_key.public_key(), link_ctx.mesh_id.clone());
 
     // Up to the hello, all of it under one deadline and the small frame
     // limit, the hello under a shorter one once the handshake is done.

@@ -1096,6 +1096,8 @@ impl Sim {
                     registry.handle_outcome(id, outcome, &fresh);
                     self.saved = Some(registry.state().clone());
                 }
+                // One server: no node is on another.
+                Command::Route { .. } => {}
                 // Saved at once here: the simulation has no debounce.
                 Command::PersistSoon => {
                     if let Some(registry) = self.registry.as_mut() {
