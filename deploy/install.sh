@@ -4,6 +4,8 @@
 # of deploy/ next to target/release/):
 #
 #   deploy/install.sh rendezvous --public-addr rv.example.com:7443
+#   deploy/install.sh rendezvous --public-addr rv2.example.com:7443 --server-name rv2 \
+#       --etcd-endpoints http://10.0.0.1:2379,… --key-prefix /meshd/prod/ --certificate-from rv2-cert/
 #   deploy/install.sh node --join "rv.example.com:7443 --token … --ca-hash sha256:…" --kubelet
 #
 # It installs the binaries to $PREFIX/bin (default /usr/local/bin), the
@@ -35,6 +37,9 @@ usage: $SCRIPT node --join "HOST:PORT --token TOKEN --ca-hash sha256:HASH"|-
        $SCRIPT node --no-join [--kubelet]
        $SCRIPT rendezvous --public-addr HOST:PORT [--listen ADDR:PORT]
                   [--cidr CIDR] [--token-ttl 24h] [--token-uses 10]
+                  [--etcd-endpoints URL[,URL…] --key-prefix PREFIX --server-name NAME
+                   [--etcd-ca FILE [--etcd-cert FILE --etcd-key FILE]]
+                   [--certificate-from DIR]]
        $SCRIPT node|rendezvous --uninstall [--purge]
 
   node         meshd and meshctl, meshd.service, enrolment with the join
@@ -54,6 +59,19 @@ usage: $SCRIPT node --join "HOST:PORT --token TOKEN --ca-hash sha256:HASH"|-
     --listen ADDR:PORT           where it binds (default 0.0.0.0:PORT of --public-addr)
     --cidr CIDR                  overlay IPv4 prefix (default 100.72.0.0/16)
     --token-ttl, --token-uses    of the printed join line (default 24h, 10 nodes)
+   one of several servers of a mesh, its state in etcd (without these: one
+   server, its state in $RENDEZVOUS_STATE/registry.json):
+    --etcd-endpoints URLS        etcd's client URLs, comma-separated
+    --key-prefix PREFIX          the mesh's keys in etcd, e.g. /meshd/prod/; the
+                                 first server creates the mesh there, the next join it
+    --server-name NAME           this server's name in the mesh (a DNS label)
+    --etcd-ca FILE               CA of etcd's certificates (https:// endpoints);
+    --etcd-cert, --etcd-key FILE a client certificate for etcd; the three are
+                                 copied to $RENDEZVOUS_STATE/etcd/, where the
+                                 service's dynamic user can read them
+    --certificate-from DIR       a server added to the mesh: the directory
+                                 \`mesh-rendezvous server add NAME --out DIR\` wrote
+                                 on the first server (which holds the mesh CA's key)
   --uninstall  remove what this script installs (same PREFIX); --purge also
                removes the state directory
   --bin-dir DIR  prebuilt binaries (default: target/release of this checkout,
@@ -93,6 +111,13 @@ LISTEN=
 CIDR=
 TOKEN_TTL=
 TOKEN_USES=
+ETCD_ENDPOINTS=
+KEY_PREFIX=
+ETCD_CA=
+ETCD_CERT=
+ETCD_KEY=
+SERVER_NAME=
+CERTIFICATE_FROM=
 UNINSTALL=0
 PURGE=0
 BIN_DIR=
@@ -130,6 +155,13 @@ while [ $# -gt 0 ]; do
         --cidr) CIDR=$(value "$@"); shift ;;
         --token-ttl) TOKEN_TTL=$(value "$@"); shift ;;
         --token-uses) TOKEN_USES=$(value "$@"); shift ;;
+        --etcd-endpoints) ETCD_ENDPOINTS=$(value "$@"); shift ;;
+        --key-prefix) KEY_PREFIX=$(value "$@"); shift ;;
+        --etcd-ca) ETCD_CA=$(value "$@"); shift ;;
+        --etcd-cert) ETCD_CERT=$(value "$@"); shift ;;
+        --etcd-key) ETCD_KEY=$(value "$@"); shift ;;
+        --server-name) SERVER_NAME=$(value "$@"); shift ;;
+        --certificate-from) CERTIFICATE_FROM=$(value "$@"); shift ;;
         --uninstall) UNINSTALL=1 ;;
         --purge) PURGE=1 ;;
         --bin-dir) BIN_DIR=$(value "$@"); shift ;;
@@ -157,6 +189,13 @@ only_for rendezvous --listen "$LISTEN"
 only_for rendezvous --cidr "$CIDR"
 only_for rendezvous --token-ttl "$TOKEN_TTL"
 only_for rendezvous --token-uses "$TOKEN_USES"
+only_for rendezvous --etcd-endpoints "$ETCD_ENDPOINTS"
+only_for rendezvous --key-prefix "$KEY_PREFIX"
+only_for rendezvous --etcd-ca "$ETCD_CA"
+only_for rendezvous --etcd-cert "$ETCD_CERT"
+only_for rendezvous --etcd-key "$ETCD_KEY"
+only_for rendezvous --server-name "$SERVER_NAME"
+only_for rendezvous --certificate-from "$CERTIFICATE_FROM"
 
 if [ "$PURGE" = 1 ] && [ "$UNINSTALL" = 0 ]; then
     bad_usage "--purge goes with --uninstall"
@@ -171,7 +210,8 @@ if [ "$JOIN" = - ]; then
     IFS= read -r JOIN || [ -n "$JOIN" ] || bad_usage "--join -: no join line on standard input"
 fi
 if [ "$UNINSTALL" = 1 ]; then
-    for given in "$JOIN" "$NAME" "$ADVERTISE" "$PUBLIC_ADDR" "$LISTEN" "$CIDR" "$TOKEN_TTL" "$TOKEN_USES" "$BIN_DIR"; do
+    for given in "$JOIN" "$NAME" "$ADVERTISE" "$PUBLIC_ADDR" "$LISTEN" "$CIDR" "$TOKEN_TTL" "$TOKEN_USES" "$BIN_DIR" \
+        "$ETCD_ENDPOINTS" "$KEY_PREFIX" "$ETCD_CA" "$ETCD_CERT" "$ETCD_KEY" "$SERVER_NAME" "$CERTIFICATE_FROM"; do
         [ -z "$given" ] || bad_usage "--uninstall takes no other options than --purge and --dry-run"
     done
     if [ "$NO_JOIN" = 1 ] || [ "$KUBELET" = 1 ]; then
@@ -234,6 +274,34 @@ else
     TOKEN_USES=${TOKEN_USES:-10}
     [[ $TOKEN_USES =~ ^[1-9][0-9]*$ ]] || bad_usage "--token-uses '$TOKEN_USES' is not a positive number"
     [[ $TOKEN_TTL =~ ^[0-9]+[a-z]+$ ]] || bad_usage "--token-ttl '$TOKEN_TTL' is not a duration such as 30m, 24h or 7d"
+    if [ -n "$ETCD_ENDPOINTS" ] || [ -n "$KEY_PREFIX" ]; then
+        if [ -z "$ETCD_ENDPOINTS" ] || [ -z "$KEY_PREFIX" ]; then
+            bad_usage "--etcd-endpoints and --key-prefix go together: the mesh's etcd and where its keys are"
+        fi
+        [ -n "$SERVER_NAME" ] ||
+            bad_usage "a server of a mesh on etcd needs --server-name NAME, its own among the mesh's servers"
+        [[ $KEY_PREFIX == */ ]] || bad_usage "--key-prefix '$KEY_PREFIX' must end with / (e.g. /meshd/prod/)"
+    else
+        for given in "$ETCD_CA" "$ETCD_CERT" "$ETCD_KEY" "$CERTIFICATE_FROM"; do
+            [ -z "$given" ] ||
+                bad_usage "--etcd-ca, --etcd-cert, --etcd-key and --certificate-from are for a mesh on etcd: add --etcd-endpoints and --key-prefix"
+        done
+    fi
+    if [ -n "$ETCD_CERT$ETCD_KEY" ]; then
+        if [ -z "$ETCD_CERT" ] || [ -z "$ETCD_KEY" ] || [ -z "$ETCD_CA" ]; then
+            bad_usage "--etcd-cert and --etcd-key go together, with --etcd-ca"
+        fi
+    fi
+    for file in "$ETCD_CA" "$ETCD_CERT" "$ETCD_KEY"; do
+        [ -z "$file" ] || [ -f "$file" ] || bad_usage "$file: no such file"
+    done
+    if [ -n "$CERTIFICATE_FROM" ]; then
+        [ -d "$CERTIFICATE_FROM" ] ||
+            bad_usage "--certificate-from $CERTIFICATE_FROM is not a directory (\`mesh-rendezvous server add NAME --out DIR\` writes it)"
+        CERTIFICATE_FROM=$(cd "$CERTIFICATE_FROM" && pwd)
+    fi
+    [ -z "$SERVER_NAME" ] || [[ $SERVER_NAME =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]] ||
+        bad_usage "--server-name '$SERVER_NAME' is not a DNS label (a-z, 0-9 and '-', at most 63)"
 fi
 
 PREFIX=${PREFIX:-/usr/local}
@@ -454,30 +522,70 @@ install_rendezvous() {
     install_file 0755 "$BIN_DIR/mesh-rendezvous" "$PREFIX/bin/mesh-rendezvous"
     install_unit mesh-rendezvous.service
 
+    # etcd's TLS files, copied where the service's dynamic user can read
+    # them (a client key is usually root's alone where it was put).
+    local etcd_ca='' etcd_cert='' etcd_key=''
+    if [ -n "$ETCD_CA" ]; then
+        etcd_ca=$RENDEZVOUS_STATE/etcd/ca.pem
+        install_file 0600 "$ETCD_CA" "$etcd_ca"
+    fi
+    if [ -n "$ETCD_CERT" ]; then
+        etcd_cert=$RENDEZVOUS_STATE/etcd/client.pem etcd_key=$RENDEZVOUS_STATE/etcd/client.key
+        install_file 0600 "$ETCD_CERT" "$etcd_cert"
+        install_file 0600 "$ETCD_KEY" "$etcd_key"
+    fi
+
     if [ -n "$existing" ]; then
         say "the mesh in $RENDEZVOUS_STATE exists: kept"
     else
-        say "creating the mesh in $RENDEZVOUS_STATE"
         local init=(init --listen "$LISTEN" --public-addr "$PUBLIC_ADDR")
         [ -z "$CIDR" ] || init+=(--cidr "$CIDR")
-        act_quietly "$rv" --state-dir "$state" "${init[@]}"
+        [ -z "$SERVER_NAME" ] || init+=(--server-name "$SERVER_NAME")
+        if [ -n "$ETCD_ENDPOINTS" ]; then
+            say "creating this server in $RENDEZVOUS_STATE, the mesh in etcd under $KEY_PREFIX"
+            init+=(--etcd-endpoints "$ETCD_ENDPOINTS" --key-prefix "$KEY_PREFIX")
+            # Read now from DESTDIR; the config names the system's paths.
+            [ -z "$etcd_ca" ] || init+=(--etcd-ca "$DESTDIR$etcd_ca")
+            [ -z "$etcd_cert" ] || init+=(--etcd-cert "$DESTDIR$etcd_cert" --etcd-key "$DESTDIR$etcd_key")
+            [ -z "$CERTIFICATE_FROM" ] || init+=(--certificate-from "$CERTIFICATE_FROM")
+        else
+            say "creating the mesh in $RENDEZVOUS_STATE"
+        fi
+        if [ "$DRY_RUN" = 1 ]; then
+            act "$rv" --state-dir "$state" "${init[@]}"
+        else
+            # "mesh … created in …", or "joined" by a server added to it.
+            local said
+            said=$("$rv" --state-dir "$state" "${init[@]}")
+            echo "    ${said%%$'\n'*}"
+            if [ -n "$DESTDIR" ] && [ -n "$etcd_ca" ]; then
+                local text
+                text=$(<"$state/rendezvous.toml")
+                printf '%s\n' "${text//"$state"/"$RENDEZVOUS_STATE"}" >"$TMP/rendezvous.toml"
+                install -m 0644 "$TMP/rendezvous.toml" "$state/rendezvous.toml"
+            fi
+        fi
         act chmod 0700 "$state" # as the unit's StateDirectoryMode=
     fi
 
-    # The token before the start: with the server stopped it is written to
-    # the registry file, with it running it goes through its admin socket.
-    local line
-    say "creating a join token (valid $TOKEN_TTL, $TOKEN_USES nodes)"
-    if [ "$DRY_RUN" = 1 ]; then
-        act "$rv" --state-dir "$state" token create --ttl "$TOKEN_TTL" --uses "$TOKEN_USES"
-        line="meshd join $PUBLIC_ADDR --token TOKEN --ca-hash sha256:HASH"
-    else
-        line=$("$rv" --state-dir "$state" token create --ttl "$TOKEN_TTL" --uses "$TOKEN_USES")
-        if [ -z "$DESTDIR" ]; then
-            # Files written as root belong to whoever owns the state
-            # directory (the service's dynamic user once it has run).
-            chown -R --reference="$state/" "$state/"
+    local line=''
+    local token=(token create --ttl "$TOKEN_TTL" --uses "$TOKEN_USES")
+    if [ -z "$ETCD_ENDPOINTS" ]; then
+        # The token before the start: with the server stopped it is written
+        # to the registry file, with it running it goes through its admin
+        # socket.
+        say "creating a join token (valid $TOKEN_TTL, $TOKEN_USES nodes)"
+        if [ "$DRY_RUN" = 1 ]; then
+            act "$rv" --state-dir "$state" "${token[@]}"
+            line="meshd join $PUBLIC_ADDR --token TOKEN --ca-hash sha256:HASH"
+        else
+            line=$("$rv" --state-dir "$state" "${token[@]}")
         fi
+    fi
+    if [ "$DRY_RUN" = 0 ] && [ -z "$DESTDIR" ]; then
+        # Files written as root belong to whoever owns the state directory
+        # (the service's dynamic user once it has run).
+        chown -R --reference="$state/" "$state/"
     fi
 
     if [ -n "$DESTDIR" ]; then
@@ -488,7 +596,7 @@ install_rendezvous() {
     else
         act systemctl daemon-reload
         if [ "$CHANGED" = 1 ] && systemctl -q is-active mesh-rendezvous; then
-            say "restarting mesh-rendezvous: its binary or unit changed"
+            say "restarting mesh-rendezvous: its binary, unit or etcd certificates changed"
             act systemctl restart mesh-rendezvous
         fi
         say "starting mesh-rendezvous"
@@ -496,14 +604,46 @@ install_rendezvous() {
             die "mesh-rendezvous did not start: see journalctl -u mesh-rendezvous -n 50"
     fi
 
+    if [ -n "$ETCD_ENDPOINTS" ]; then
+        # The mesh's tokens live in etcd: a running server creates one, and
+        # its join line names every server of the mesh.
+        if [ "$DRY_RUN" = 1 ]; then
+            say "creating a join token (valid $TOKEN_TTL, $TOKEN_USES nodes) once it runs"
+            act "$rv" --state-dir "$state" "${token[@]}"
+            line="meshd join $PUBLIC_ADDR,… --token TOKEN --ca-hash sha256:HASH"
+        elif [ -z "$DESTDIR" ] && systemd_running; then
+            say "creating a join token (valid $TOKEN_TTL, $TOKEN_USES nodes)"
+            local _
+            for _ in $(seq 100); do
+                [ -S "$state/admin.sock" ] && break
+                sleep 0.1
+            done
+            line=$("$rv" --state-dir "$state" "${token[@]}") ||
+                die "no join token: see journalctl -u mesh-rendezvous -n 50"
+        else
+            say "the mesh's tokens are in etcd: once it runs, its join line comes from"
+            echo "    $PREFIX/bin/mesh-rendezvous --state-dir $RENDEZVOUS_STATE ${token[*]}"
+        fi
+    fi
+
     local port=${LISTEN##*:}
-    cat <<EOF
-==> open UDP $port (QUIC: admission, peer maps, relay) and UDP $((port + 1)) (NAT check) to this host
+    echo "==> open UDP $port (QUIC: admission, peer maps, relay) and UDP $((port + 1)) (NAT check) to this host"
+    if [ -n "$line" ]; then
+        cat <<EOF
 ==> join line (valid $TOKEN_TTL, $TOKEN_USES nodes; another: mesh-rendezvous token create --ttl 24h --uses 10):
 $line
 ==> on each node, from a checkout with target/release built or copied:
     sudo deploy/install.sh node --join "${line#meshd join }" --kubelet
 EOF
+    fi
+    if [ -n "$ETCD_ENDPOINTS" ] && [ -z "$CERTIFICATE_FROM" ]; then
+        cat <<EOF
+==> another server of this mesh: here, where the mesh CA's key is,
+    mesh-rendezvous --state-dir $RENDEZVOUS_STATE server add NAME --out DIR
+    then copy DIR to it and there: deploy/install.sh rendezvous --public-addr HOST:PORT \\
+        --server-name NAME --etcd-endpoints $ETCD_ENDPOINTS --key-prefix $KEY_PREFIX --certificate-from DIR
+EOF
+    fi
 }
 
 uninstall_rendezvous() {

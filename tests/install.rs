@@ -13,6 +13,11 @@
 //!   the state directories only and `--purge` nothing;
 //! - `PREFIX` moves the binaries and the units' `ExecStart=` with them;
 //! - bad arguments exit 2 with a usage message and install nothing;
+//! - a server of a mesh on etcd: a dry run hands every etcd option to
+//!   `init` (the TLS files copied into the state directory first), and
+//!   two servers installed against a real etcd member write the `[store]`
+//!   section, the first creating the mesh and the second, with the
+//!   certificate `server add` issued, joining it;
 //! - shellcheck passes on the script.
 //!
 //! The node's enrolment needs no running rendezvous: `meshd join` only
@@ -20,13 +25,17 @@
 //! first connects (tests/netns_rendezvous.rs and the lab cover that part).
 //! No systemd runs here, and a `DESTDIR` install never calls systemctl.
 //! Needs `systemd-analyze` (Debian's `systemd`) and `shellcheck`, which
-//! tests/run.sh installs; no root.
+//! tests/run.sh installs; root only for the etcd test, whose `init` talks to
+//! one etcd member in a private network namespace (tests/common/etcd.rs),
+//! the script run inside it.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
     reason = "test code: a failure is a panic"
 )]
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -87,7 +96,19 @@ impl Setup {
 
     /// `DESTDIR=root [PREFIX=…] deploy/install.sh args…`.
     fn run(&self, prefix: Option<&str>, args: &[&str]) -> Output {
-        let mut command = Command::new(script());
+        self.run_in(None, prefix, args)
+    }
+
+    /// [`Setup::run`], inside the network namespace `ns` when given.
+    fn run_in(&self, ns: Option<&str>, prefix: Option<&str>, args: &[&str]) -> Output {
+        let mut command = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(script());
+                c
+            }
+            None => Command::new(script()),
+        };
         command
             .args(args)
             .env("DESTDIR", self.root())
@@ -105,12 +126,18 @@ impl Setup {
     }
 
     fn install_with_prefix(&self, prefix: Option<&str>, args: &[&str]) -> String {
+        self.install_in(None, prefix, args)
+    }
+
+    /// An install that must succeed, inside the network namespace `ns`
+    /// when given; its stdout.
+    fn install_in(&self, ns: Option<&str>, prefix: Option<&str>, args: &[&str]) -> String {
         let bin = self.bin();
         let mut all = args.to_vec();
         if !args.contains(&"--uninstall") {
             all.extend(["--bin-dir", bin.to_str().expect("a UTF-8 temp path")]);
         }
-        let out = self.run(prefix, &all);
+        let out = self.run_in(ns, prefix, &all);
         assert!(
             out.status.success(),
             "install.sh {} succeeds; it exited {} with\n{}{}",
@@ -895,6 +922,88 @@ fn bad_arguments_exit_2_with_a_usage_message_and_install_nothing() {
             &["rendezvous", "--public-addr", PUBLIC_ADDR, "--kubelet"],
             "--kubelet is for 'install.sh node'",
         ),
+        (
+            &["node", "--no-join", "--key-prefix", "/meshd/x/"],
+            "--key-prefix is for 'install.sh rendezvous'",
+        ),
+        (
+            &[
+                "rendezvous",
+                "--public-addr",
+                PUBLIC_ADDR,
+                "--etcd-endpoints",
+                "http://192.0.2.1:2379",
+            ],
+            "--etcd-endpoints and --key-prefix go together",
+        ),
+        (
+            &[
+                "rendezvous",
+                "--public-addr",
+                PUBLIC_ADDR,
+                "--etcd-endpoints",
+                "http://192.0.2.1:2379",
+                "--key-prefix",
+                "/meshd/x/",
+            ],
+            "needs --server-name NAME",
+        ),
+        (
+            &[
+                "rendezvous",
+                "--public-addr",
+                PUBLIC_ADDR,
+                "--etcd-endpoints",
+                "http://192.0.2.1:2379",
+                "--key-prefix",
+                "/meshd/x",
+                "--server-name",
+                "rv1",
+            ],
+            "must end with /",
+        ),
+        (
+            &[
+                "rendezvous",
+                "--public-addr",
+                PUBLIC_ADDR,
+                "--etcd-ca",
+                "/etc/hostname",
+            ],
+            "are for a mesh on etcd",
+        ),
+        (
+            &[
+                "rendezvous",
+                "--public-addr",
+                PUBLIC_ADDR,
+                "--etcd-endpoints",
+                "https://192.0.2.1:2379",
+                "--key-prefix",
+                "/meshd/x/",
+                "--server-name",
+                "rv1",
+                "--etcd-ca",
+                "/etc/hostname",
+                "--etcd-cert",
+                "/etc/hostname",
+            ],
+            "--etcd-cert and --etcd-key go together",
+        ),
+        (
+            &[
+                "rendezvous",
+                "--public-addr",
+                PUBLIC_ADDR,
+                "--etcd-endpoints",
+                "http://192.0.2.1:2379",
+                "--key-prefix",
+                "/meshd/x/",
+                "--server-name",
+                "Rv_1",
+            ],
+            "is not a DNS label",
+        ),
     ] {
         let out = setup.run(None, args);
         let err = stderr(&out);
@@ -935,6 +1044,192 @@ fn bad_arguments_exit_2_with_a_usage_message_and_install_nothing() {
         BTreeMap::new(),
         "bad arguments installed something"
     );
+}
+
+/// The key prefix of the etcd tests' mesh.
+const KEY_PREFIX: &str = "/meshd/install-test/";
+
+#[test]
+fn a_dry_run_of_a_server_on_etcd_hands_every_etcd_option_to_init() {
+    let setup = Setup::new();
+    let (bin, root) = (setup.bin(), setup.root());
+    let (bin, root) = (bin.to_str().expect("UTF-8"), root.to_str().expect("UTF-8"));
+    let tls = setup.dir.path().join("tls");
+    let certificate = setup.dir.path().join("rv2-certificate");
+    fs::create_dir_all(&tls).expect("create tls");
+    fs::create_dir_all(&certificate).expect("create the certificate directory");
+    for file in ["ca.pem", "client.pem", "client.key"] {
+        fs::write(tls.join(file), file).expect("write a TLS file");
+    }
+    let tls_file = |name: &str| tls.join(name).to_str().expect("UTF-8").to_owned();
+    let endpoints = "https://192.0.2.1:2379,https://192.0.2.2:2379,https://192.0.2.3:2379";
+
+    let out = setup.run(
+        None,
+        &[
+            "rendezvous",
+            "--public-addr",
+            PUBLIC_ADDR,
+            "--etcd-endpoints",
+            endpoints,
+            "--key-prefix",
+            KEY_PREFIX,
+            "--etcd-ca",
+            &tls_file("ca.pem"),
+            "--etcd-cert",
+            &tls_file("client.pem"),
+            "--etcd-key",
+            &tls_file("client.key"),
+            "--server-name",
+            "rv2",
+            "--certificate-from",
+            certificate.to_str().expect("UTF-8"),
+            "--bin-dir",
+            bin,
+            "--dry-run",
+        ],
+    );
+
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = stdout(&out);
+    let etcd = format!("{root}/{RENDEZVOUS_STATE}/etcd");
+    for (from, to) in [
+        ("ca.pem", "ca.pem"),
+        ("client.pem", "client.pem"),
+        ("client.key", "client.key"),
+    ] {
+        let copy = format!(
+            "would run: install -D -m 0600 {} {etcd}/{to}",
+            tls_file(from)
+        );
+        assert!(out.contains(&copy), "the dry run says {copy:?}:\n{out}");
+    }
+    // As `printf %q` quotes it: its commas escaped.
+    let quoted = endpoints.replace(',', "\\,");
+    let init = format!(
+        " --state-dir {root}/{RENDEZVOUS_STATE} init --listen 0.0.0.0:17443 --public-addr {PUBLIC_ADDR} \
+         --server-name rv2 --etcd-endpoints {quoted} --key-prefix {KEY_PREFIX} \
+         --etcd-ca {etcd}/ca.pem --etcd-cert {etcd}/client.pem --etcd-key {etcd}/client.key \
+         --certificate-from {}",
+        certificate.display()
+    );
+    assert!(out.contains(&init), "the dry run says {init:?}:\n{out}");
+    // The mesh's tokens are in etcd: created through the running server.
+    let token = out
+        .find(" token create --ttl 24h --uses 10")
+        .unwrap_or_else(|| panic!("the dry run creates a token:\n{out}"));
+    assert!(token > out.find(" init ").expect("init"), "{out}");
+    assert_eq!(setup.snapshot(), BTreeMap::new(), "a dry run wrote files");
+}
+
+/// `[store]` of the `rendezvous.toml` in `state`, and its `server-name`.
+fn store_section(state: &Path) -> (toml::Table, String) {
+    let text = read(&state.join("rendezvous.toml"));
+    let mut config: toml::Table = text
+        .parse()
+        .unwrap_or_else(|e| panic!("rendezvous.toml is TOML: {e}\n{text}"));
+    let store = match config.remove("store") {
+        Some(toml::Value::Table(store)) => store,
+        other => panic!("rendezvous.toml has a [store] table, not {other:?}:\n{text}"),
+    };
+    let name = config
+        .get("server-name")
+        .and_then(toml::Value::as_str)
+        .unwrap_or_else(|| panic!("rendezvous.toml has a server-name:\n{text}"));
+    (store, name.to_owned())
+}
+
+#[test]
+fn two_servers_install_on_one_etcd_the_first_creating_the_mesh_the_second_joining_it() {
+    let etcd = common::etcd::EtcdCluster::new(1);
+    let ns = etcd.client_ns();
+    let endpoints = etcd.endpoints().join(",");
+    let (first, second) = (Setup::new(), Setup::new());
+    let server = |setup: &Setup, name: &str, port: u16, extra: &[&str]| {
+        let public = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "rendezvous",
+            "--public-addr",
+            &public,
+            "--listen",
+            &public,
+            "--etcd-endpoints",
+            &endpoints,
+            "--key-prefix",
+            KEY_PREFIX,
+            "--server-name",
+            name,
+        ];
+        args.extend_from_slice(extra);
+        setup.install_in(Some(&ns), None, &args)
+    };
+
+    let out = server(&first, "rv1", 17443, &[]);
+    assert!(
+        out.contains(&format!("created in etcd under {KEY_PREFIX}")),
+        "the first server creates the mesh:\n{out}"
+    );
+    assert!(
+        !out.lines().any(|l| l.starts_with("meshd join ")),
+        "no join line without a running server:\n{out}"
+    );
+    assert!(
+        out.contains("token create --ttl 24h --uses 10") && out.contains("server add NAME"),
+        "it says how to get one, and how to add a server:\n{out}"
+    );
+    let state = first.path(RENDEZVOUS_STATE);
+    assert_eq!(mode(&state), 0o700);
+    assert!(
+        !state.join("registry.json").exists(),
+        "the mesh is in etcd, not in a file"
+    );
+    let (store, name) = store_section(&state);
+    assert_eq!(name, "rv1");
+    assert_eq!(
+        store["etcd-endpoints"],
+        toml::Value::Array(vec![toml::Value::String(etcd.endpoints()[0].clone())])
+    );
+    assert_eq!(store["key-prefix"].as_str(), Some(KEY_PREFIX));
+
+    // The second server: its certificate issued by the first, where the
+    // mesh CA's key is.
+    let certificate = second.dir.path().join("rv2-certificate");
+    let added = Command::new(BINARIES[2].1)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["server", "add", "rv2", "--out"])
+        .arg(&certificate)
+        .output()
+        .expect("run mesh-rendezvous server add");
+    assert!(added.status.success(), "server add: {}", stderr(&added));
+    let out = server(
+        &second,
+        "rv2",
+        17453,
+        &["--certificate-from", certificate.to_str().expect("UTF-8")],
+    );
+    assert!(
+        out.contains(&format!("joined in etcd under {KEY_PREFIX}")),
+        "the second server joins the mesh:\n{out}"
+    );
+    let second_state = second.path(RENDEZVOUS_STATE);
+    let (second_store, name) = store_section(&second_state);
+    assert_eq!(name, "rv2");
+    assert_eq!(second_store, store, "one mesh, one store");
+    assert!(
+        same_content(&state.join("ca.der"), &second_state.join("ca.der")),
+        "both pin the mesh's CA"
+    );
+    assert!(
+        !second_state.join("ca.key").exists(),
+        "the CA's key stays on the first server"
+    );
+
+    // Again: nothing changes.
+    let before = first.snapshot();
+    let out = server(&first, "rv1", 17443, &[]);
+    assert!(out.contains("exists: kept"), "{out}");
+    assert_eq!(first.snapshot(), before, "a second install changed files");
 }
 
 #[test]

@@ -7,7 +7,10 @@
 #   - "inet", the internet: a bridge with the documentation range
 #     203.0.113.0/24 (RFC 5737). Public hosts and the public side of every
 #     router hang off it;
-#   - the rendezvous and two public nodes, with a public address on their NIC;
+#   - the rendezvous machine(s) and two public nodes, with a public address
+#     on their NIC. A lab has one rendezvous machine, "rv", unless
+#     LAB_SERVERS asks for more of the topology's (the demo builds both: two
+#     servers of one mesh, sharing an etcd that runs on "rv");
 #   - nodes behind NAT routers, one router namespace per site:
 #       nat11       1:1 NAT, a cloud VM with an elastic IP: the router DNATs
 #                   its public address to the node and SNATs the node's
@@ -30,7 +33,8 @@
 #
 # Everything is named after LAB_PREFIX, so several labs can exist at once
 # (the tests run one per test): set LAB_PREFIX (letters, digits, '_' and
-# '-') and, if you like, LAB_DIR before calling up/down/demo.
+# '-') and, if you like, LAB_DIR before calling up/down/demo. LAB_SERVERS
+# (default 1) is how many of the topology's rendezvous machines `up` builds.
 
 set -euo pipefail
 
@@ -54,7 +58,11 @@ BIN=${MESHD_BIN:-$REPO/target/release}
 # anything off the lab.
 LAB_NODES=()
 ROUTERS=()
+RV_MACHINES=()
 declare -A NODE_KIND=() NODE_ROUTER=() NODE_IP=() NODE_PUBLIC=() ROUTER_WAN=() ROUTER_LAN=()
+declare -A RV_IP=() RV_PORT=()
+# RV_MACHINES: the topology's rendezvous machines in the file's order, each
+# with RV_IP (on its NIC, public) and RV_PORT (mesh-rendezvous's UDP port).
 # NODE_KIND: public, one-to-one, cone, symmetric or lan. NODE_ROUTER is empty
 # for a public node; NODE_IP is the address on the node's own NIC;
 # NODE_PUBLIC is where the internet sees it. A router has its public address
@@ -63,7 +71,7 @@ while read -r record a b c d e; do
     case "$record" in
         "" | "#"*) ;;
         internet) INTERNET_NET=$a INTERNET_GW=$b ;;
-        rendezvous) RENDEZVOUS_IP=$a RENDEZVOUS_PORT=$b ;;
+        rendezvous) RV_MACHINES+=("$a") RV_IP[$a]=$b RV_PORT[$a]=$c ;;
         private-prefix-len) PRIVATE_PREFIX_LEN=$a ;;
         router) ROUTERS+=("$a") ROUTER_WAN[$a]=$b ROUTER_LAN[$a]=$c ;;
         node)
@@ -77,8 +85,23 @@ while read -r record a b c d e; do
             ;;
     esac
 done <"$REPO/deploy/lab/topology"
+if [ "${#RV_MACHINES[@]}" -eq 0 ]; then
+    echo "deploy/lab/topology: no rendezvous record" >&2
+    exit 2
+fi
+# The first rendezvous machine: the only one of most labs.
+RENDEZVOUS_IP=${RV_IP[${RV_MACHINES[0]}]} RENDEZVOUS_PORT=${RV_PORT[${RV_MACHINES[0]}]}
 
-# The namespace of a lab machine: "inet", "rv", a node or a router.
+# The rendezvous machines of this lab: the first LAB_SERVERS of the topology's.
+LAB_SERVERS=${LAB_SERVERS:-1}
+if ! [[ $LAB_SERVERS =~ ^[1-9][0-9]*$ ]] || [ "$LAB_SERVERS" -gt "${#RV_MACHINES[@]}" ]; then
+    echo "LAB_SERVERS='$LAB_SERVERS': the topology has 1 to ${#RV_MACHINES[@]} rendezvous machines" >&2
+    exit 2
+fi
+LAB_RV=("${RV_MACHINES[@]:0:LAB_SERVERS}")
+
+# The namespace of a lab machine: "inet", a rendezvous machine, a node or a
+# router.
 ns() { echo "$LAB_PREFIX-$1"; }
 
 need_root() {

@@ -629,6 +629,8 @@ impl NatLab {
         Command::new(&path)
             .env("LAB_PREFIX", &self.prefix)
             .env("LAB_DIR", &self.dir)
+            // One rendezvous machine, "rv", whatever the caller's environment.
+            .env("LAB_SERVERS", "1")
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()))

@@ -37,6 +37,15 @@ pub struct LabNode {
     pub public: Ipv4Addr,
 }
 
+/// One rendezvous machine of the lab: a public host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RendezvousMachine {
+    /// The machine's (and its namespace's) name.
+    pub name: &'static str,
+    /// Its public address and mesh-rendezvous's port.
+    pub address: SocketAddrV4,
+}
+
 /// One NAT router of the lab.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Router {
@@ -51,7 +60,12 @@ pub struct Router {
 pub struct Topology {
     pub internet: Ipv4Net,
     pub gateway: Ipv4Addr,
+    /// Where the first rendezvous machine's server listens: the only one a
+    /// lab has unless `LAB_SERVERS` asks for more.
     pub rendezvous: SocketAddrV4,
+    /// Every rendezvous machine, in the file's order (the first is
+    /// [`Topology::rendezvous`]'s).
+    pub rendezvous_machines: Vec<RendezvousMachine>,
     pub private_prefix_len: u8,
     /// In the file's order (the order the demo enrols them).
     pub nodes: Vec<LabNode>,
@@ -72,8 +86,9 @@ pub fn topology() -> &'static Topology {
 impl Topology {
     /// Parses the file's records (see the file for its columns).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let (mut internet, mut gateway, mut rendezvous, mut prefix_len) = (None, None, None, None);
-        let (mut nodes, mut routers) = (Vec::new(), BTreeMap::new());
+        let (mut internet, mut gateway, mut prefix_len) = (None, None, None);
+        let (mut nodes, mut routers, mut rendezvous_machines) =
+            (Vec::new(), BTreeMap::new(), Vec::<RendezvousMachine>::new());
         for (n, line) in text.lines().enumerate() {
             let words: Vec<&'static str> = line
                 .split_whitespace()
@@ -88,9 +103,15 @@ impl Topology {
                     internet = Some(net.parse().map_err(|e| at(&format!("{e}")))?);
                     gateway = Some(ip(gw)?);
                 }
-                ["rendezvous", addr, port] => {
+                ["rendezvous", name, addr, port] => {
                     let port = port.parse().map_err(|e| at(&format!("{e}")))?;
-                    rendezvous = Some(SocketAddrV4::new(ip(addr)?, port));
+                    if rendezvous_machines.iter().any(|m| m.name == *name) {
+                        return Err(at(&format!("a second rendezvous machine {name}")));
+                    }
+                    rendezvous_machines.push(RendezvousMachine {
+                        name,
+                        address: SocketAddrV4::new(ip(addr)?, port),
+                    });
                 }
                 ["private-prefix-len", len] => {
                     prefix_len = Some(len.parse().map_err(|e| at(&format!("{e}")))?);
@@ -123,7 +144,11 @@ impl Topology {
         let topology = Topology {
             internet: internet.ok_or("no internet record")?,
             gateway: gateway.ok_or("no internet record")?,
-            rendezvous: rendezvous.ok_or("no rendezvous record")?,
+            rendezvous: rendezvous_machines
+                .first()
+                .ok_or("no rendezvous record")?
+                .address,
+            rendezvous_machines,
             private_prefix_len: prefix_len.ok_or("no private-prefix-len record")?,
             nodes,
             routers,
