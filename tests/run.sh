@@ -13,6 +13,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The suite builds three trees (plain, sim, fuzz) on machines whose disk is
+# bounded: no incremental caches (about 2 GB per tree), and the dev
+# profile's debug info is line tables only (Cargo.toml).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 if [ "$(id -u)" -ne 0 ]; then
     echo "the test suite needs root (network namespaces, TUN devices): run it with sudo" >&2
     exit 1
@@ -61,8 +66,10 @@ if [ "$(cat "$previous/release" 2>/dev/null)" != "$previous_release ($previous_c
         rm -rf "$previous"
         mkdir -p "$previous/src"
         git archive "$previous_commit" | tar -x -C "$previous/src"
-        CARGO_TARGET_DIR="$previous/target" cargo build --locked --bins --manifest-path "$previous/src/Cargo.toml"
+        CARGO_PROFILE_DEV_DEBUG=false CARGO_TARGET_DIR="$previous/target" cargo build --locked --bins --manifest-path "$previous/src/Cargo.toml"
         cp "$previous/target/debug/meshd" "$previous/target/debug/meshctl" "$previous/target/debug/mesh-rendezvous" "$previous/"
+        # Only the three binaries are kept: its build tree is gigabytes.
+        rm -rf "$previous/target" "$previous/src"
         echo "$previous_release ($previous_commit)" >"$previous/release"
     else
         echo "NOTE: commit $previous_commit ($previous_release) is not in this clone; tests/lab_upgrade.rs will say it was skipped"
