@@ -56,24 +56,30 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// The one address whose QUIC datagrams reach the node's endpoint: the
-/// rendezvous's, as the session resolved it before connecting. None (no
-/// session tried yet) admits nothing.
+/// The addresses whose QUIC datagrams reach the node's endpoint: the
+/// rendezvous's, as the session resolved it before connecting (while a
+/// node races its servers' handshakes, each of theirs). None (no session
+/// tried yet) admits nothing.
 #[derive(Debug, Default)]
-pub struct QuicSource(std::sync::RwLock<Option<SocketAddr>>);
+pub struct QuicSource(std::sync::RwLock<Vec<SocketAddr>>);
 
 impl QuicSource {
     /// The rendezvous is at `addr` from now on.
     pub fn set(&self, addr: SocketAddr) {
+        self.set_all(&[addr]);
+    }
+
+    /// The rendezvous is one of `addrs` (a race of handshakes).
+    pub fn set_all(&self, addrs: &[SocketAddr]) {
         if let Ok(mut source) = self.0.write() {
-            *source = Some(canonical(addr));
+            *source = addrs.iter().copied().map(canonical).collect();
         }
     }
 
     /// Whether a datagram from `from` may reach the QUIC endpoint.
     pub fn admits(&self, from: SocketAddr) -> bool {
         let from = canonical(from);
-        self.0.read().is_ok_and(|source| *source == Some(from))
+        self.0.read().is_ok_and(|source| source.contains(&from))
     }
 }
 
@@ -118,6 +124,14 @@ mod tests {
         assert!(
             !source.admits("198.51.100.1:7443".parse().unwrap()),
             "another host"
+        );
+        let other: SocketAddr = "198.51.100.1:7443".parse().unwrap();
+        source.set_all(&[rendezvous, other]);
+        assert!(source.admits(rendezvous) && source.admits(other), "a race");
+        source.set(other);
+        assert!(
+            !source.admits(rendezvous),
+            "the race's loser, once it is over"
         );
     }
 }

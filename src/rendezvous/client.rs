@@ -128,18 +128,19 @@ pub async fn run(
     let mut servers = Servers::new(config.servers.clone());
     loop {
         let mut welcomed = false;
-        let server = servers.current().to_owned();
+        let mut round_over = false;
         let result = session(
             &endpoint,
             &config,
-            &server,
             &key,
             candidates(),
             &mut channels,
             &mut welcomed,
             &mut servers,
+            &mut round_over,
         )
         .await;
+        let server = servers.current().to_owned();
         channels.relay.connection.send_replace(None);
         let updates = &channels.updates;
         if welcomed {
@@ -172,7 +173,7 @@ pub async fn run(
         // The next server at once; after a whole round, full jitter in
         // [backoff/2, backoff], so a restarted rendezvous is not hit by
         // every node in the same instant.
-        let wait = if servers.advance() {
+        let wait = if round_over {
             let wait = rand::thread_rng().gen_range(backoff / 2..=backoff);
             backoff = (backoff * 2).min(BACKOFF_MAX);
             wait
@@ -186,15 +187,19 @@ pub async fn run(
     }
 }
 
-/// The mesh's servers as a node tries them: the join line's first, then
-/// those `Welcome`s name, in a ring; a session that was welcomed starts a
-/// new round.
+/// The mesh's servers as a node tries them: the join line's, then those
+/// `Welcome`s name. Each attempt races the handshakes of every server not
+/// yet tried in this round and takes the first to answer: the reachable
+/// server with the lowest round-trip time (and the least loaded) becomes
+/// the node's home. A server that is lost, or that answered but did not
+/// admit, is left out until the round ends: when every server has been
+/// tried without a welcome (then the caller backs off), or at a welcome.
 #[derive(Debug, Clone)]
 pub struct Servers {
     list: Vec<String>,
     at: usize,
-    /// Servers tried in this round without a welcome.
-    tried: usize,
+    /// Per server of `list`: tried in this round without a welcome.
+    tried: Vec<bool>,
 }
 
 impl Servers {
@@ -203,13 +208,13 @@ impl Servers {
         let mut servers = Self {
             list: Vec::new(),
             at: 0,
-            tried: 0,
+            tried: Vec::new(),
         };
         servers.learn(&list);
         servers
     }
 
-    /// The server to try now.
+    /// The server of the session (the last one chosen).
     pub fn current(&self) -> &str {
         self.list.get(self.at).map_or("", String::as_str)
     }
@@ -222,30 +227,63 @@ impl Servers {
         self.list.is_empty()
     }
 
+    /// The servers the next attempt races: those not tried in this round,
+    /// as indices and names, in the list's order.
+    pub fn candidates(&self) -> Vec<(usize, String)> {
+        self.list
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.tried.get(*i).copied().unwrap_or(false))
+            .map(|(i, s)| (i, s.clone()))
+            .collect()
+    }
+
     /// Servers a `Welcome` named, added after those known (none is
     /// forgotten: the join line's stay, whatever a server says).
     pub fn learn(&mut self, servers: &[String]) {
         for server in servers {
             if !server.is_empty() && !self.list.contains(server) {
                 self.list.push(server.clone());
+                self.tried.push(false);
             }
         }
     }
 
-    /// The current server welcomed the node: a later loss starts a round.
-    pub fn welcomed(&mut self) {
-        self.tried = 0;
+    /// Server `i` answered first: the session is with it.
+    pub fn chose(&mut self, i: usize) {
+        if i < self.list.len() {
+            self.at = i;
+        }
     }
 
-    /// Moves to the next server; `true` when every one has been tried
-    /// since the last welcome (then the caller backs off).
-    pub fn advance(&mut self) -> bool {
-        self.tried += 1;
-        if !self.list.is_empty() {
-            self.at = (self.at + 1) % self.list.len();
+    /// The current server welcomed the node: a new round starts (a later
+    /// loss leaves this server out of the next race only).
+    pub fn welcomed(&mut self) {
+        self.tried.iter_mut().for_each(|t| *t = false);
+    }
+
+    /// The current server was lost, or did not admit: it sits out the rest
+    /// of the round. `true` when every server has been tried since the
+    /// last welcome (then the caller backs off; the next round races all).
+    pub fn failed(&mut self) -> bool {
+        self.fail(self.at)
+    }
+
+    /// No server of the race answered: each of them sits out the round.
+    pub fn all_failed(&mut self, candidates: &[(usize, String)]) -> bool {
+        let mut round_over = false;
+        for (i, _) in candidates {
+            round_over |= self.fail(*i);
         }
-        if self.tried >= self.list.len() {
-            self.tried = 0;
+        round_over
+    }
+
+    fn fail(&mut self, i: usize) -> bool {
+        if let Some(tried) = self.tried.get_mut(i) {
+            *tried = true;
+        }
+        if self.tried.iter().all(|t| *t) {
+            self.welcomed();
             true
         } else {
             false
@@ -253,13 +291,52 @@ impl Servers {
     }
 }
 
-/// One session with `server`: admission, then deltas until the
-/// connection ends.
+/// One session: races the handshakes of the servers not yet tried in
+/// this round ([`Servers::candidates`]), then admission at the first to
+/// answer, then deltas until the connection ends. Sets `round_over` when
+/// every server has now been tried without a welcome.
 #[allow(clippy::too_many_arguments)]
 async fn session(
     endpoint: &quinn::Endpoint,
     config: &ClientConfig,
-    server: &str,
+    key: &PrivateKey,
+    candidates: Vec<Candidate>,
+    channels: &mut Channels,
+    welcomed: &mut bool,
+    servers: &mut Servers,
+    round_over: &mut bool,
+) -> Result<(), ClientError> {
+    let racing = servers.candidates();
+    let (home, connection) =
+        match connect_first(endpoint, config.pin, &racing, Some(&channels.quic_source)).await {
+            Ok(won) => won,
+            Err(e) => {
+                *round_over = servers.all_failed(&racing);
+                return Err(e);
+            }
+        };
+    servers.chose(home);
+    if racing.len() > 1 {
+        tracing::info!(
+            server = %servers.current(),
+            rtt = ?connection.rtt(),
+            "home server: the first of {} to answer",
+            racing.len()
+        );
+    }
+    let result = admit_and_serve(
+        connection, config, key, candidates, channels, welcomed, servers,
+    )
+    .await;
+    *round_over = servers.failed();
+    result
+}
+
+/// Admission on `connection` (to [`Servers::current`]), then deltas until
+/// the connection ends.
+async fn admit_and_serve(
+    connection: quinn::Connection,
+    config: &ClientConfig,
     key: &PrivateKey,
     candidates: Vec<Candidate>,
     channels: &mut Channels,
@@ -270,10 +347,11 @@ async fn session(
         updates,
         outbox,
         relay,
-        quic_source,
+        quic_source: _,
     } = channels;
+    let server = servers.current().to_owned();
     let (mut session, welcome, others) =
-        admit_from(endpoint, config, server, key, candidates, Some(quic_source)).await?;
+        admit_on(connection, config, &server, key, candidates).await?;
     *welcomed = true;
     servers.welcomed();
     servers.learn(&others);
@@ -343,25 +421,100 @@ pub async fn admit(
     candidates: Vec<Candidate>,
 ) -> Result<(Session, Update), ClientError> {
     let server = config.servers.first().map_or("", String::as_str);
-    let (session, welcome, _) = admit_from(endpoint, config, server, key, candidates, None).await?;
+    let (_, connection) =
+        connect_first(endpoint, config.pin, &[(0, server.to_owned())], None).await?;
+    let (session, welcome, _) = admit_on(connection, config, server, key, candidates).await?;
     Ok((session, welcome))
 }
 
-/// [`admit`] at `server`, first pointing `source` (the shared socket's
-/// filter) at the address its name resolves to; also the mesh's servers
-/// the `Welcome` named.
-async fn admit_from(
+/// Resolves every server of `racing` and starts a handshake with each at
+/// once; the first to complete wins (the others are closed as they are
+/// dropped). `source`, the shared socket's filter, admits every racer's
+/// address until then, and the winner's only after. Without a winner
+/// within [`HANDSHAKE_DEADLINE`], the error of the first server in
+/// `racing`'s order.
+async fn connect_first(
     endpoint: &quinn::Endpoint,
+    pin: CertHash,
+    racing: &[(usize, String)],
+    source: Option<&QuicSource>,
+) -> Result<(usize, quinn::Connection), ClientError> {
+    let connect_err = |server: &str, reason: String| ClientError::Connect {
+        server: server.to_owned(),
+        reason,
+    };
+    let first = racing.first().map_or("", |(_, s)| s.as_str());
+    let client_config = tls::client_config(pin).map_err(|e| connect_err(first, e.to_string()))?;
+    let resolved = futures::future::join_all(
+        racing
+            .iter()
+            .map(|(i, server)| async move { (*i, server.as_str(), resolve(server).await) }),
+    )
+    .await;
+    // Per server, in `racing`'s order: its error, once it has one.
+    let mut errors: Vec<Option<ClientError>> = racing.iter().map(|_| None).collect();
+    let mut handshakes = futures::stream::FuturesUnordered::new();
+    let mut addrs = Vec::new();
+    for (slot, (i, server, address)) in resolved.into_iter().enumerate() {
+        let address = match address {
+            Ok(address) => address,
+            Err(reason) => {
+                errors[slot] = Some(connect_err(server, reason));
+                continue;
+            }
+        };
+        addrs.push(address);
+        let client_config = client_config.clone();
+        handshakes.push(async move {
+            let connection = async {
+                endpoint
+                    .connect_with(client_config, address, tls::SERVER_NAME)
+                    .map_err(|e| connect_err(server, e.to_string()))?
+                    .await
+                    .map_err(|e| connection_error(server, &e))
+            };
+            (slot, i, address, connection.await)
+        });
+    }
+    if let Some(source) = source {
+        source.set_all(&addrs);
+    }
+    let deadline = tokio::time::sleep(HANDSHAKE_DEADLINE);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = futures::StreamExt::next(&mut handshakes) => match next {
+                Some((_, i, address, Ok(connection))) => {
+                    if let Some(source) = source {
+                        source.set(address);
+                    }
+                    return Ok((i, connection));
+                }
+                Some((slot, _, _, Err(e))) => errors[slot] = Some(e),
+                None => break,
+            },
+            () = &mut deadline => break,
+        }
+    }
+    let reason = format!("no answer within {HANDSHAKE_DEADLINE:?} (is UDP to it blocked?)");
+    Err(errors
+        .into_iter()
+        .zip(racing)
+        .map(|(e, (_, server))| e.unwrap_or_else(|| connect_err(server, reason.clone())))
+        .next()
+        .unwrap_or_else(|| connect_err(first, "no server to connect to".into())))
+}
+
+/// Admission on a connected `connection` to `server`: the server's hello,
+/// ours with the proof, and its welcome (or refusal); also the mesh's
+/// servers the `Welcome` named.
+async fn admit_on(
+    connection: quinn::Connection,
     config: &ClientConfig,
     server: &str,
     key: &PrivateKey,
     candidates: Vec<Candidate>,
-    source: Option<&QuicSource>,
 ) -> Result<(Session, Update, Vec<String>), ClientError> {
-    let connect_err = |reason: String| ClientError::Connect {
-        server: server.to_owned(),
-        reason,
-    };
     let lost = |source: StreamError| ClientError::Lost {
         server: server.to_owned(),
         source,
@@ -370,18 +523,7 @@ async fn admit_from(
         server: server.to_owned(),
         reason,
     };
-
-    let client_config = tls::client_config(config.pin).map_err(|e| connect_err(e.to_string()))?;
-    let address = resolve(server).await.map_err(connect_err)?;
-    if let Some(source) = source {
-        source.set(address);
-    }
     let setup = async {
-        let connection = endpoint
-            .connect_with(client_config, address, tls::SERVER_NAME)
-            .map_err(|e| connect_err(e.to_string()))?
-            .await
-            .map_err(|e| connection_error(server, &e))?;
         let (mut send, recv) = connection
             .accept_bi()
             .await
@@ -411,14 +553,13 @@ async fn admit_from(
         write_frame(&mut send, &hello).await.map_err(lost)?;
         frames.set_limit(MAX_FRAME);
         let welcome: ServerMessage = frames.next().await.map_err(lost)?;
-        Ok((connection, send, frames, welcome))
+        Ok((send, frames, welcome))
     };
-    let (connection, send, frames, welcome) = tokio::time::timeout(HANDSHAKE_DEADLINE, setup)
+    let (send, frames, welcome) = tokio::time::timeout(HANDSHAKE_DEADLINE, setup)
         .await
-        .map_err(|_| {
-            connect_err(format!(
-                "no answer within {HANDSHAKE_DEADLINE:?} (is UDP to it blocked?)"
-            ))
+        .map_err(|_| ClientError::Connect {
+            server: server.to_owned(),
+            reason: format!("no welcome within {HANDSHAKE_DEADLINE:?} of the handshake"),
         })??;
 
     match welcome {
@@ -583,16 +724,42 @@ mod tests {
         Servers::new(list.iter().map(|s| (*s).to_owned()).collect())
     }
 
+    fn names(candidates: &[(usize, String)]) -> Vec<&str> {
+        candidates.iter().map(|(_, s)| s.as_str()).collect()
+    }
+
     #[test]
-    fn a_lost_server_is_followed_by_the_next_at_once_and_a_whole_round_by_backoff() {
+    fn a_lost_home_sits_out_the_round_and_a_whole_round_ends_in_backoff() {
         let mut s = servers(&["rv1:7443", "rv2:7443", "rv3:7443"]);
-        assert_eq!(s.current(), "rv1:7443");
+        let all = ["rv1:7443", "rv2:7443", "rv3:7443"];
+        assert_eq!(
+            names(&s.candidates()),
+            all,
+            "the first attempt races them all"
+        );
+        s.chose(1);
+        assert_eq!(s.current(), "rv2:7443", "the first to answer");
         s.welcomed();
-        assert!(!s.advance(), "rv1 lost: rv2 next, at once");
-        assert_eq!(s.current(), "rv2:7443");
-        assert!(!s.advance(), "rv2 unreachable: rv3 next, at once");
-        assert!(s.advance(), "rv3 too: every server tried, back off");
-        assert_eq!(s.current(), "rv1:7443");
+        assert!(!s.failed(), "rv2 lost: the others race at once");
+        assert_eq!(names(&s.candidates()), ["rv1:7443", "rv3:7443"]);
+        s.chose(2);
+        assert!(!s.failed(), "rv3 answered but did not admit");
+        assert_eq!(names(&s.candidates()), ["rv1:7443"]);
+        let racing = s.candidates();
+        assert!(s.all_failed(&racing), "rv1 unreachable too: back off");
+        assert_eq!(
+            names(&s.candidates()),
+            all,
+            "the next round races them all again"
+        );
+    }
+
+    #[test]
+    fn a_race_nobody_answers_ends_the_round() {
+        let mut s = servers(&["rv1:7443", "rv2:7443"]);
+        let racing = s.candidates();
+        assert!(s.all_failed(&racing));
+        assert_eq!(s.candidates().len(), 2);
     }
 
     #[test]
@@ -603,15 +770,16 @@ mod tests {
         s.learn(&[]);
         assert_eq!(s.len(), 2, "a welcome naming none forgets nothing");
         s.welcomed();
-        assert!(!s.advance());
-        assert_eq!(s.current(), "rv2:7443");
+        assert!(!s.failed());
+        assert_eq!(names(&s.candidates()), ["rv2:7443"]);
     }
 
     #[test]
     fn a_single_server_backs_off_after_each_loss() {
         let mut s = servers(&["rv:7443"]);
         s.welcomed();
-        assert!(s.advance());
+        assert!(s.failed());
+        assert_eq!(names(&s.candidates()), ["rv:7443"]);
         assert_eq!(s.current(), "rv:7443");
     }
 }

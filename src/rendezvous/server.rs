@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument as _;
 
@@ -42,8 +43,8 @@ use crate::relay::server::{Inlet, Relay};
 use crate::relay::NodeId;
 use crate::sockets::canonical;
 use crate::wire::control::{
-    decode_hello, Candidate, NatMapping, NodeMessage, RejectReason, ServerHello, ServerMessage,
-    LINK_ALPN, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
+    decode_hello, encode, Candidate, NatMapping, NodeMessage, RejectReason, ServerHello,
+    ServerMessage, LINK_ALPN, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
 use crate::wire::untrusted::Untrusted;
 
@@ -128,16 +129,16 @@ struct RegistryMetrics {
     store_writes: u64,
 }
 
-/// What the registry task tells one connection task. Messages are the
-/// common case; boxing them would cost an allocation each.
+/// What the registry task tells one connection task.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
 enum ConnOut {
     /// The registry admitted the node ([`Command::Admitted`]).
     Admitted {
         ipv4: std::net::Ipv4Addr,
     },
-    Message(ServerMessage),
+    /// A message, encoded as a frame (header and body) by the registry
+    /// task: a delta to every node is encoded once and shared.
+    Frame(Bytes),
     Close(CloseReason),
 }
 
@@ -639,6 +640,7 @@ async fn execute(
     shell: &Shell,
 ) -> bool {
     let mut refused = false;
+    let mut last_frame: Option<(ServerMessage, Bytes)> = None;
     loop {
         let command = registry.poll_command();
         if !matches!(command, Some(Command::Commit { .. })) {
@@ -656,9 +658,18 @@ async fn execute(
                 }
             }
             Command::Send { conn, msg } => {
+                // A broadcast is one `Send` per node in a row, all equal.
+                let frame = match &last_frame {
+                    Some((last, frame)) if *last == msg => frame.clone(),
+                    _ => {
+                        let frame = Bytes::from(encode(&msg));
+                        last_frame = Some((msg, frame.clone()));
+                        frame
+                    }
+                };
                 let stuck = conns
                     .get(&conn)
-                    .is_some_and(|tx| tx.try_send(ConnOut::Message(msg)).is_err());
+                    .is_some_and(|tx| tx.try_send(ConnOut::Frame(frame)).is_err());
                 if stuck {
                     // Dropping its sender ends the connection task.
                     tracing::warn!(
@@ -792,8 +803,8 @@ async fn connection_task(
                         inlet = Some(relay.connect(id, conn, connection.clone()));
                     }
                 }
-                Some(ConnOut::Message(msg)) => {
-                    if write_frame(&mut send, &msg).await.is_err() {
+                Some(ConnOut::Frame(frame)) => {
+                    if send.write_all(&frame).await.is_err() {
                         break;
                     }
                 }
@@ -890,7 +901,12 @@ mod tests {
     use crate::identity::PrivateKey;
     use crate::rendezvous::registry::{Limits, Rate, RegistryState};
     use crate::rendezvous::store::{Store, StoreError};
-    use crate::wire::control::{CandidateKind, Hello, MeshInfo};
+    use crate::wire::control::{decode, CandidateKind, Hello, MeshInfo};
+
+    /// The message a frame for a connection carries.
+    fn message(frame: &[u8]) -> ServerMessage {
+        decode(&frame[4..]).expect("a frame the registry task encoded")
+    }
 
     /// Counts saves and keeps the last state, shared with the test.
     #[derive(Clone, Default)]
@@ -1039,12 +1055,12 @@ mod tests {
         ));
         assert!(matches!(
             attacker.recv().await,
-            Some(ConnOut::Message(ServerMessage::Welcome { .. }))
+            Some(ConnOut::Frame(f)) if matches!(message(&f), ServerMessage::Welcome { .. })
         ));
         // Node 2's join, then the close.
         assert!(matches!(
             attacker.recv().await,
-            Some(ConnOut::Message(ServerMessage::PeerUpsert { .. }))
+            Some(ConnOut::Frame(f)) if matches!(message(&f), ServerMessage::PeerUpsert { .. })
         ));
         assert!(matches!(
             attacker.recv().await,
@@ -1053,7 +1069,8 @@ mod tests {
         let mut observer = outs.remove(0);
         let mut upserts = 0;
         while let Ok(out) = observer.try_recv() {
-            if matches!(out, ConnOut::Message(ServerMessage::PeerUpsert { .. })) {
+            if matches!(out, ConnOut::Frame(f) if matches!(message(&f), ServerMessage::PeerUpsert { .. }))
+            {
                 upserts += 1;
             }
         }

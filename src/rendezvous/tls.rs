@@ -32,10 +32,12 @@ pub const SERVER_NAME: &str = "mesh-rendezvous";
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A node's session: a keepalive every second (well inside the shortest
 /// common NAT UDP timeout, so the mapping WireGuard shares with QUIC stays
-/// open), and a server silent for 4 s is gone, so a node whose server dies
-/// is at another within about 5 s (`client::FAILOVER_JITTER`).
+/// open), and a server silent for 3 s (three keepalives unanswered) is
+/// gone, so a node whose server dies is at another within about 4 s
+/// (`client::FAILOVER_JITTER`), and a pair it relayed for is relayed by
+/// another within 5 s.
 pub const NODE_KEEPALIVE: Duration = Duration::from_secs(1);
-pub const NODE_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+pub const NODE_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Relay streams open at once in each direction (one per oversized frame).
 const RELAY_STREAMS: u32 = 64;
 /// The largest UDP payload a 1500-byte underlay carries over IPv6 (1500 −

@@ -1137,6 +1137,12 @@ impl JoinLine {
 
     /// The same line naming several servers of the mesh, in this order.
     pub fn via_all(&self, servers: &[&Rendezvous<'_>]) -> JoinLine {
+        let addresses: Vec<SocketAddr> = servers.iter().map(|s| s.address()).collect();
+        self.via_addrs(&addresses)
+    }
+
+    /// The same line naming servers by address (a forwarder's, say).
+    pub fn via_addrs(&self, addresses: &[SocketAddr]) -> JoinLine {
         let mut words: Vec<String> = self.0.split_whitespace().map(str::to_owned).collect();
         assert_eq!(
             words.get(1).map(String::as_str),
@@ -1144,7 +1150,7 @@ impl JoinLine {
             "a join line: {}",
             self.0
         );
-        let addresses: Vec<String> = servers.iter().map(|s| s.address().to_string()).collect();
+        let addresses: Vec<String> = addresses.iter().map(ToString::to_string).collect();
         words[2] = addresses.join(",");
         JoinLine(words.join(" "))
     }
@@ -1306,6 +1312,96 @@ pub fn in_namespace<T: Send + 'static>(
         setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
         f()
     })
+}
+
+/// A far-away path in a lab without netem: a UDP forwarder in a machine's
+/// namespace that holds every datagram `delay` in each direction on its
+/// way between its clients and `upstream`. Each client gets a socket of its
+/// own towards `upstream`, as a NAT would. Stops when dropped.
+pub struct DelayProxy {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl DelayProxy {
+    pub fn start(ns: &str, listen: SocketAddr, upstream: SocketAddr, delay: Duration) -> Self {
+        use std::net::UdpSocket;
+        // Sockets stay in the namespace they were made in.
+        let front = in_namespace(ns, move || {
+            UdpSocket::bind(listen).expect("bind the forwarder")
+        })
+        .join()
+        .expect("forwarder socket");
+        let tick = Some(Duration::from_millis(50));
+        front.set_read_timeout(tick).expect("timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        // Datagrams on their way, each with the moment it may go on; one
+        // sender thread per direction keeps them in order.
+        type Queue = mpsc::Sender<(Instant, Vec<u8>, SocketAddr)>;
+        fn sender(socket: Arc<UdpSocket>) -> (Queue, thread::JoinHandle<()>) {
+            let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>, SocketAddr)>();
+            let thread = thread::spawn(move || {
+                for (due, datagram, to) in rx {
+                    thread::sleep(due.saturating_duration_since(Instant::now()));
+                    let _ = socket.send_to(&datagram, to);
+                }
+            });
+            (tx, thread)
+        }
+        let front = Arc::new(front);
+        let (to_clients, back_thread) = sender(front.clone());
+        let mut threads = vec![back_thread];
+        let (stop_in, front_in) = (stop.clone(), front.clone());
+        let ns = ns.to_owned();
+        threads.push(thread::spawn(move || {
+            let mut uplinks: std::collections::HashMap<SocketAddr, Queue> = Default::default();
+            let mut buf = vec![0u8; 65_535];
+            while !stop_in.load(Ordering::Relaxed) {
+                let Ok((n, client)) = front_in.recv_from(&mut buf) else {
+                    continue;
+                };
+                let uplink = uplinks.entry(client).or_insert_with(|| {
+                    let back = in_namespace(&ns, move || {
+                        UdpSocket::bind(SocketAddr::new(listen.ip(), 0)).expect("bind uplink")
+                    })
+                    .join()
+                    .expect("uplink socket");
+                    back.set_read_timeout(tick).expect("timeout");
+                    let back = Arc::new(back);
+                    let (tx, _) = sender(back.clone());
+                    let (stop, to_clients) = (stop_in.clone(), to_clients.clone());
+                    thread::spawn(move || {
+                        let mut buf = vec![0u8; 65_535];
+                        while !stop.load(Ordering::Relaxed) {
+                            if let Ok((n, _)) = back.recv_from(&mut buf) {
+                                let item = (Instant::now() + delay, buf[..n].to_vec(), client);
+                                if to_clients.send(item).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    });
+                    tx
+                });
+                let _ = uplink.send((Instant::now() + delay, buf[..n].to_vec(), upstream));
+            }
+        }));
+        Self {
+            addr: listen,
+            stop,
+            threads,
+        }
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..).rev() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Deterministic bytes (splitmix64), so both ends can be checked against

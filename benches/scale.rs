@@ -1,0 +1,662 @@
+//! The control plane at scale: N simulated nodes over real QUIC, from this
+//! one process, against real `mesh-rendezvous` processes (the release
+//! build), with one server on the file store and with two servers sharing
+//! a real etcd (Debian's `etcd-server`).
+//!
+//! Each simulated node is what meshd is to its rendezvous: its own key and
+//! UDP socket (a source address of its own, 127.N.N.N, as nodes behind
+//! different NATs have), the hello with its proof and token, a candidate,
+//! and a session kept open that reads every peer-map delta. Measured:
+//!
+//! - joins per second, `--concurrency` admissions in flight, each node
+//!   keeping its session (so every join is a delta to every member);
+//! - the time one change (a further node joining) takes to reach every
+//!   member: from its hello to the last member reading its entry;
+//! - each server's resident memory (now and peak) and CPU time, read from
+//!   /proc; this process's own CPU, since both share the machine.
+//!
+//! ```text
+//! cargo bench --bench scale -- [--nodes 1000,5000] [--store file,etcd] [--concurrency 64]
+//! ```
+//!
+//! Root is not needed. Figures: BENCHMARKS.md, "The control plane at scale".
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a benchmark harness: a failed step ends the run with its message"
+)]
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use meshd::agent::Update;
+use meshd::identity::{CertHash, JoinToken, PrivateKey, PublicKey};
+use meshd::rendezvous::client::{admit, ClientConfig, Session};
+use meshd::wire::control::{Candidate, CandidateKind};
+use tokio::sync::Semaphore;
+
+/// The server measured, unless `--rendezvous` names another build.
+const RENDEZVOUS: &str = env!("CARGO_BIN_EXE_mesh-rendezvous");
+static BINARY: OnceLock<std::path::PathBuf> = OnceLock::new();
+
+fn rendezvous_binary() -> &'static Path {
+    BINARY.get().map_or(Path::new(RENDEZVOUS), |p| p.as_path())
+}
+/// Room for 65,000 nodes: the default /20 holds 4,094.
+const CIDR: &str = "10.96.0.0/16";
+/// Admission attempts per simulated node (a busy server may time one out).
+const ATTEMPTS: usize = 3;
+/// How long the deltas of the join phase may take to arrive before the
+/// run goes on without them (and says how many were missing).
+const SETTLE_LIMIT: Duration = Duration::from_secs(300);
+/// Changes measured after the joins: each a further node joining.
+const PROBES: usize = 3;
+/// How long the sessions are kept idle to measure what keeping them costs.
+const IDLE: Duration = Duration::from_secs(10);
+
+#[derive(Parser)]
+#[command(about = "Control-plane scale: simulated nodes against real mesh-rendezvous servers")]
+struct Args {
+    /// Mesh sizes to run, one fresh mesh each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000])]
+    nodes: Vec<usize>,
+    /// Stores: one server on the file store, two servers on etcd.
+    #[arg(long, value_delimiter = ',', default_values = ["file", "etcd"])]
+    store: Vec<Store>,
+    /// Admissions in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Another `mesh-rendezvous` to measure (a baseline build); the
+    /// simulated nodes stay this tree's.
+    #[arg(long, value_name = "PATH")]
+    rendezvous: Option<std::path::PathBuf>,
+    /// Passed by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Store {
+    File,
+    Etcd,
+}
+
+fn main() {
+    let args = Args::parse();
+    let binary = args.rendezvous.clone().unwrap_or_else(|| RENDEZVOUS.into());
+    BINARY.set(binary).unwrap();
+    raise_fd_limit();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut rows = Vec::new();
+    for &store in &args.store {
+        if store == Store::Etcd && !Path::new("/usr/bin/etcd").exists() {
+            eprintln!("etcd runs skipped: /usr/bin/etcd is missing (apt-get install etcd-server)");
+            continue;
+        }
+        for &n in &args.nodes {
+            eprintln!("== {n} nodes, {store:?} store");
+            let mesh = Mesh::start(store);
+            let row = runtime.block_on(run(&mesh, n, args.concurrency));
+            eprintln!("{}", row.markdown());
+            rows.push(row);
+        }
+    }
+    println!("\n| store | nodes | joins/s (all / last 10%) | join p50 / p99 | one change to every member (3 runs) | deltas read | server RSS now / peak | server CPU joins / idle 10 s | harness CPU |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for row in &rows {
+        println!("{}", row.markdown());
+    }
+}
+
+/// What one run measured.
+struct Row {
+    store: Store,
+    nodes: usize,
+    joins_per_s: f64,
+    last_tenth_per_s: f64,
+    join_p50: Duration,
+    join_p99: Duration,
+    reach: Vec<Duration>,
+    deltas: u64,
+    deltas_expected: u64,
+    rss: Vec<(u64, u64)>,
+    cpu_joins: f64,
+    cpu_idle: f64,
+    harness_cpu: f64,
+}
+
+impl Row {
+    fn markdown(&self) -> String {
+        let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
+        let reach: Vec<String> = self.reach.iter().map(|d| ms(*d)).collect();
+        let rss: Vec<String> = self
+            .rss
+            .iter()
+            .map(|(now, peak)| format!("{} / {} MiB", now >> 20, peak >> 20))
+            .collect();
+        format!(
+            "| {:?} ({} server{}) | {} | {:.0} / {:.0} | {} / {} | {} | {} of {} | {} | {:.1} s / {:.1} s | {:.1} s |",
+            self.store,
+            self.rss.len(),
+            if self.rss.len() == 1 { "" } else { "s" },
+            self.nodes,
+            self.joins_per_s,
+            self.last_tenth_per_s,
+            ms(self.join_p50),
+            ms(self.join_p99),
+            reach.join(", "),
+            self.deltas,
+            self.deltas_expected,
+            rss.join("; "),
+            self.cpu_joins,
+            self.cpu_idle,
+            self.harness_cpu,
+        )
+    }
+}
+
+/// What the simulated nodes share: the deltas they read, and the change
+/// being timed.
+#[derive(Default)]
+struct Watch {
+    deltas: AtomicU64,
+    probing: AtomicBool,
+    /// The key whose arrival is timed, and when each member read it.
+    probe: Mutex<Option<(PublicKey, Vec<Instant>)>>,
+    sessions: AtomicUsize,
+}
+
+impl Watch {
+    fn saw(&self, key: &PublicKey) {
+        self.deltas.fetch_add(1, Ordering::Relaxed);
+        if !self.probing.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut probe = self.probe.lock().unwrap();
+        if let Some((watched, seen)) = probe.as_mut() {
+            if watched == key {
+                seen.push(Instant::now());
+            }
+        }
+    }
+}
+
+async fn run(mesh: &Mesh, n: usize, concurrency: usize) -> Row {
+    let watch = Arc::new(Watch::default());
+    let cpu_before: Vec<f64> = mesh.servers.iter().map(|s| cpu_seconds(s.pid())).collect();
+    let harness_before = cpu_seconds(std::process::id());
+
+    // Joins: `concurrency` in flight, each node then keeps its session.
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let done_at = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let start = Instant::now();
+    let mut joins = Vec::with_capacity(n);
+    for i in 0..n {
+        let permit = gate.clone().acquire_owned().await.unwrap();
+        let (watch, latencies, done_at) = (watch.clone(), latencies.clone(), done_at.clone());
+        let server = mesh.server_for(i);
+        let join = mesh.join.clone();
+        joins.push(tokio::spawn(async move {
+            let began = Instant::now();
+            let session = Node::new(i).join(&server, &join).await;
+            latencies.lock().unwrap().push(began.elapsed());
+            done_at.lock().unwrap().push(Instant::now());
+            drop(permit);
+            keep(session, watch).await;
+        }));
+    }
+    gate.acquire_many(concurrency as u32)
+        .await
+        .unwrap()
+        .forget();
+    let elapsed = start.elapsed();
+    let mut done_at = std::mem::take(&mut *done_at.lock().unwrap());
+    done_at.sort();
+    let tenth = n / 10;
+    let last_tenth_per_s = match (done_at.get(n - tenth - 1), done_at.last()) {
+        (Some(from), Some(to)) if tenth > 0 => tenth as f64 / (*to - *from).as_secs_f64(),
+        _ => f64::NAN,
+    };
+    let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
+    latencies.sort();
+    eprintln!("  {n} joined in {elapsed:.1?}");
+
+    // Every member reads the entry of every node that joined after it.
+    let expected = (n as u64) * (n as u64 - 1) / 2;
+    let settle = Instant::now();
+    let mut last = (0, Instant::now());
+    while settle.elapsed() < SETTLE_LIMIT {
+        let deltas = watch.deltas.load(Ordering::Relaxed);
+        if deltas >= expected {
+            break;
+        }
+        if deltas != last.0 {
+            last = (deltas, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(20) {
+            eprintln!("  deltas stopped at {deltas} of {expected}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "  deltas settled {:.1?} after the last join",
+        settle.elapsed()
+    );
+    let cpu_joins: f64 = mesh
+        .servers
+        .iter()
+        .zip(&cpu_before)
+        .map(|(s, before)| cpu_seconds(s.pid()) - before)
+        .sum();
+    let deltas = watch.deltas.load(Ordering::Relaxed);
+
+    // One change reaching every member: a further node joins at the first server.
+    let mut reach = Vec::new();
+    for p in 0..PROBES {
+        let node = Node::new(n + p);
+        *watch.probe.lock().unwrap() = Some((node.key.public_key(), Vec::with_capacity(n)));
+        watch.probing.store(true, Ordering::Relaxed);
+        let sent = Instant::now();
+        let session = node.join(&mesh.servers[0].public, &mesh.join).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let seen = watch
+                .probe
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map_or(0, |(_, s)| s.len());
+            if seen >= n || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        watch.probing.store(false, Ordering::Relaxed);
+        let (_, seen) = watch.probe.lock().unwrap().take().unwrap();
+        if seen.len() < n {
+            eprintln!(
+                "  probe {p}: only {} of {n} members read it within 60 s",
+                seen.len()
+            );
+        }
+        let last = seen.iter().max().map_or(Duration::MAX, |t| *t - sent);
+        eprintln!("  probe {p}: every member read it {last:.1?} after its hello");
+        reach.push(last);
+        drop(session);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    // What keeping the sessions costs.
+    let idle_before: f64 = mesh.servers.iter().map(|s| cpu_seconds(s.pid())).sum();
+    tokio::time::sleep(IDLE).await;
+    let cpu_idle = mesh
+        .servers
+        .iter()
+        .map(|s| cpu_seconds(s.pid()))
+        .sum::<f64>()
+        - idle_before;
+    let rss = mesh.servers.iter().map(|s| memory(s.pid())).collect();
+    let harness_cpu = cpu_seconds(std::process::id()) - harness_before;
+    eprintln!(
+        "  sessions open: {} of {n}",
+        watch.sessions.load(Ordering::Relaxed)
+    );
+    for join in joins {
+        join.abort();
+    }
+    Row {
+        store: mesh.store,
+        nodes: n,
+        joins_per_s: n as f64 / elapsed.as_secs_f64(),
+        last_tenth_per_s,
+        join_p50: latencies
+            .get(latencies.len() / 2)
+            .copied()
+            .unwrap_or_default(),
+        join_p99: latencies
+            .get(latencies.len() * 99 / 100)
+            .copied()
+            .unwrap_or_default(),
+        reach,
+        deltas,
+        deltas_expected: expected,
+        rss,
+        cpu_joins,
+        cpu_idle,
+        harness_cpu,
+    }
+}
+
+/// Reads the session until it ends, counting deltas.
+async fn keep(session: (Session, quinn::Endpoint), watch: Arc<Watch>) {
+    let (mut session, _endpoint) = session;
+    watch.sessions.fetch_add(1, Ordering::Relaxed);
+    while let Ok(Some(update)) = session.next().await {
+        if let Update::Upsert(entry) = update {
+            watch.saw(&entry.public_key);
+        }
+    }
+    watch.sessions.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// One simulated node: a key, a name and a source address of its own.
+struct Node {
+    index: usize,
+    key: PrivateKey,
+    source: Ipv4Addr,
+}
+
+impl Node {
+    fn new(index: usize) -> Self {
+        let [_, _, b, c] = u32::try_from(index + 1).unwrap().to_be_bytes();
+        let [_, a] = u16::try_from((index + 1) >> 16).unwrap().to_be_bytes();
+        Self {
+            index,
+            key: PrivateKey::generate(&mut rand::rngs::OsRng),
+            // 127.0.0.0/8 is local as a whole: no address to add.
+            source: Ipv4Addr::new(127, 1 + a, b, c),
+        }
+    }
+
+    async fn join(&self, server: &str, join: &JoinLine) -> (Session, quinn::Endpoint) {
+        let config = ClientConfig {
+            servers: vec![server.to_owned()],
+            pin: join.pin,
+            name: format!("n{}", self.index),
+            listen_port: 51820,
+            token: Some(join.token.clone()),
+        };
+        let candidate = Candidate {
+            addr: SocketAddr::new(
+                Ipv4Addr::from(0x0a40_0000 | self.index as u32).into(),
+                51820,
+            ),
+            kind: CandidateKind::Local,
+        };
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            let endpoint = quinn::Endpoint::client(SocketAddr::new(self.source.into(), 0)).unwrap();
+            match admit(&endpoint, &config, &self.key, vec![candidate]).await {
+                Ok((session, _welcome)) => return (session, endpoint),
+                Err(e) => last = Some(e),
+            }
+        }
+        panic!("node {} not admitted: {}", self.index, last.unwrap());
+    }
+}
+
+#[derive(Clone)]
+struct JoinLine {
+    token: JoinToken,
+    pin: CertHash,
+}
+
+/// The servers of one mesh, as processes, and etcd when it is on etcd.
+struct Mesh {
+    store: Store,
+    _dir: tempfile::TempDir,
+    _etcd: Option<Process>,
+    servers: Vec<Server>,
+    join: JoinLine,
+}
+
+struct Server {
+    public: String,
+    process: Process,
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.process.0.id()
+    }
+}
+
+/// A child process killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Mesh {
+    fn start(store: Store) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (etcd, endpoints) = match store {
+            Store::File => (None, None),
+            Store::Etcd => {
+                let (process, endpoint) = start_etcd(dir.path());
+                (Some(process), Some(endpoint))
+            }
+        };
+        let count = if store == Store::File { 1 } else { 2 };
+        let mut servers: Vec<Server> = Vec::new();
+        for s in 0..count {
+            let state = dir.path().join(format!("rv{s}"));
+            let port = free_udp_port();
+            let listen = format!("127.0.0.1:{port}");
+            let name = format!("rv{s}");
+            let mut init = vec![
+                "init".to_owned(),
+                "--listen".into(),
+                listen.clone(),
+                "--public-addr".into(),
+                listen.clone(),
+                "--cidr".into(),
+                CIDR.into(),
+                "--server-name".into(),
+                name.clone(),
+            ];
+            if let Some(endpoint) = &endpoints {
+                init.extend([
+                    "--etcd-endpoints".into(),
+                    endpoint.clone(),
+                    "--key-prefix".into(),
+                    "/meshd/scale/".into(),
+                ]);
+            }
+            if s > 0 {
+                let bundle = dir.path().join(format!("bundle-{name}"));
+                let first = dir.path().join("rv0");
+                rendezvous(&first, &["server", "add", &name, "--out", path(&bundle)]);
+                init.extend(["--certificate-from".into(), path(&bundle).to_owned()]);
+            }
+            let init: Vec<&str> = init.iter().map(String::as_str).collect();
+            rendezvous(&state, &init);
+            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
+            let child = Command::new(rendezvous_binary())
+                .arg("--state-dir")
+                .arg(&state)
+                .arg("serve")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            servers.push(Server {
+                public: listen,
+                process: Process(child),
+            });
+        }
+        let join = token(&dir.path().join("rv0"));
+        Self {
+            store,
+            _dir: dir,
+            _etcd: etcd,
+            servers,
+            join,
+        }
+    }
+
+    /// Nodes are spread over the servers in turn.
+    fn server_for(&self, i: usize) -> String {
+        self.servers[i % self.servers.len()].public.clone()
+    }
+}
+
+/// A token for any number of joins, from the running first server (the
+/// second is up by the time it answers: an etcd mesh's servers announce
+/// themselves within a second).
+fn token(state: &Path) -> JoinLine {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new(rendezvous_binary())
+            .arg("--state-dir")
+            .arg(state)
+            .args(["token", "create", "--ttl", "2h"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let line = String::from_utf8(out.stdout).unwrap();
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let after = |flag: &str| {
+                let at = words.iter().position(|w| *w == flag).unwrap();
+                words[at + 1]
+            };
+            std::thread::sleep(Duration::from_secs(1));
+            return JoinLine {
+                token: after("--token").parse().unwrap(),
+                pin: after("--ca-hash").parse().unwrap(),
+            };
+        }
+        assert!(
+            Instant::now() < deadline,
+            "token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn rendezvous(state: &Path, args: &[&str]) {
+    let out = Command::new(rendezvous_binary())
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mesh-rendezvous {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One etcd member on loopback, as Debian ships it (fsync on).
+fn start_etcd(dir: &Path) -> (Process, String) {
+    let client = format!("http://127.0.0.1:{}", free_tcp_port());
+    let peer = format!("http://127.0.0.1:{}", free_tcp_port());
+    let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
+    let child = Command::new("/usr/bin/etcd")
+        .args(["--name", "scale", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--initial-cluster", &format!("scale={peer}")])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let process = Process(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let health = format!("{client}/health");
+    while Command::new("etcdctl")
+        .args(["--endpoints", &client, "endpoint", "health"])
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "etcd at {health} never became healthy"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (process, client)
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A process's user + system CPU time, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    let ticks = *TICKS.get_or_init(|| {
+        let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(100.0)
+    });
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses: utime and
+    // stime are the 12th and 13th (proc(5)).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (field(11) + field(12)) / ticks
+}
+
+/// A process's resident memory now and at its peak, in bytes.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            << 10
+    };
+    (kib("VmRSS:"), kib("VmHWM:"))
+}
+
+/// Every simulated node holds a UDP socket: lift the soft limit on open
+/// files to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+}
