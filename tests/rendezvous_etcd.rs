@@ -303,6 +303,85 @@ fn a_single_use_token_presented_at_two_servers_at_once_admits_exactly_one_node()
 }
 
 #[test]
+fn concurrent_joins_at_two_servers_never_share_an_address_or_a_name() {
+    // A /29 holds six nodes and each key's first candidate is one of six,
+    // so four keys joining at once mostly want some address another wants;
+    // all four ask for the same name.
+    let lab = Lab::new(6);
+    let etcd = etcd_on(&lab, 0);
+    let prefix = "/meshd/racing-joins/";
+    let rv1 =
+        lab.start_rendezvous_on_etcd_in("100.72.9.0/29", 0, "rv1", &etcd.endpoints(), prefix, None);
+    let rv2 = lab.start_rendezvous_on_etcd_in(
+        "100.72.9.0/29",
+        1,
+        "rv2",
+        &etcd.endpoints(),
+        prefix,
+        Some(&rv1),
+    );
+    let join = rv1.create_token(4);
+    let servers = [&rv1, &rv2];
+    let nodes: Vec<MeshNode<'_>> = (2..6)
+        .map(|i| lab.join_as(i, &join.via(servers[i % 2]), "racer"))
+        .collect();
+    let daemons: Vec<_> = nodes
+        .iter()
+        .map(|node| {
+            lab.spawn(
+                node.machine,
+                &format!("meshd-{}", node.machine.name),
+                common::MESHD,
+                &["run", "--state-dir", common::utf8(&node.state_dir)],
+            )
+        })
+        .collect();
+    let listed = eventually("all four are admitted", DEADLINE, || {
+        let listed = rv2.try_nodes()?;
+        if listed.len() == 4 {
+            Ok(listed)
+        } else {
+            Err(format!("{} nodes listed: {listed:?}", listed.len()))
+        }
+    });
+    let distinct = |field: &str| -> std::collections::BTreeSet<String> {
+        listed
+            .iter()
+            .map(|n| n[field].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    eprintln!(
+        "four joins at once: names and servers {:?}",
+        servers_of(&listed)
+    );
+    assert_eq!(distinct("ipv4").len(), 4, "four addresses: {listed:?}");
+    assert_eq!(distinct("name").len(), 4, "four names: {listed:?}");
+    assert!(
+        distinct("name").contains("racer"),
+        "one of them has the name it asked for: {listed:?}"
+    );
+    let servers_used: std::collections::BTreeSet<_> =
+        servers_of(&listed).into_values().flatten().collect();
+    assert_eq!(servers_used.len(), 2, "joined at both servers: {listed:?}");
+    // Each node has the name and address the mesh lists for it.
+    for node in &nodes {
+        let status: serde_json::Value = eventually("meshd answers", DEADLINE, || {
+            common::meshctl_json(node.socket_path(), &["status"])
+        });
+        let (name, ipv4) = (&status["name"], &status["overlay_ips"][0]);
+        assert!(
+            listed
+                .iter()
+                .any(|n| &n["name"] == name && &n["ipv4"] == ipv4),
+            "{} is {name} at {ipv4}, as the mesh lists: {listed:?}",
+            node.machine.name
+        );
+    }
+    assert_eq!(rv1.nodes(), rv2.nodes(), "both servers list the same nodes");
+    drop(daemons);
+}
+
+#[test]
 fn when_the_etcd_leader_stops_tunnels_stay_up_and_joins_resume_after_the_election() {
     // etcd members on machines 0, 1 and 2 (the servers on 0 and 1, as on
     // three VPSs); nodes on 3, 4 and, later, 5.

@@ -904,6 +904,27 @@ impl Lab {
         key_prefix: &str,
         certificate_of: Option<&Rendezvous<'_>>,
     ) -> Rendezvous<'_> {
+        self.start_rendezvous_on_etcd_in(
+            MESH_CIDR,
+            host,
+            name,
+            etcd_endpoints,
+            key_prefix,
+            certificate_of,
+        )
+    }
+
+    /// [`Lab::start_rendezvous_on_etcd`] for a mesh whose IPv4 prefix is
+    /// `cidr` (the first server of a mesh creates it with that prefix).
+    pub fn start_rendezvous_on_etcd_in(
+        &self,
+        cidr: &str,
+        host: usize,
+        name: &str,
+        etcd_endpoints: &[String],
+        key_prefix: &str,
+        certificate_of: Option<&Rendezvous<'_>>,
+    ) -> Rendezvous<'_> {
         let mut rendezvous = Rendezvous {
             lab: self,
             host: self.node(host),
@@ -920,7 +941,7 @@ impl Lab {
             "--public-addr",
             &public,
             "--cidr",
-            MESH_CIDR,
+            cidr,
             "--server-name",
             name,
             "--etcd-endpoints",
@@ -943,9 +964,16 @@ impl Lab {
     /// was given, with a state directory in the lab's directory. meshd is
     /// not started.
     pub fn join(&self, i: usize, join: &JoinLine) -> MeshNode<'_> {
+        self.join_as(i, join, &format!("node-{}", self.node(i).name))
+    }
+
+    /// [`Lab::join`] asking for the name `name` (the rendezvous may give
+    /// another: names are unique in a mesh). The state directory is named
+    /// after the machine.
+    pub fn join_as(&self, i: usize, join: &JoinLine, name: &str) -> MeshNode<'_> {
         let machine = self.node(i);
-        let name = format!("node-{}", machine.name);
-        let state_dir = self.dir().join(&name);
+        let name = name.to_owned();
+        let state_dir = self.dir().join(format!("node-{}", machine.name));
         let socket = state_dir.join("meshd.sock");
         let mut args = join.meshd_args();
         let (dir, sock) = (utf8(&state_dir), utf8(&socket));
@@ -1227,6 +1255,11 @@ impl MeshNode<'_> {
     pub fn restart(&mut self) {
         self.stop();
         self.start();
+    }
+
+    /// meshd's API socket, whether or not this handle started it.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
     }
 
     pub fn meshd(&self) -> &Meshd<'_> {
