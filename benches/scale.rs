@@ -373,6 +373,7 @@ impl Node {
             name: format!("n{}", self.index),
             listen_port: 51820,
             token: Some(join.token.clone()),
+            routes: Vec::new(),
         };
         let candidate = Candidate {
             addr: SocketAddr::new(

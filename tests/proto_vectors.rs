@@ -91,6 +91,7 @@ fn hello() -> Hello {
             cand("203.0.113.7:51820", CandidateKind::Advertised),
         ],
         proof: Proof(hex(PROOF_HEX).try_into().unwrap()),
+        routes: Vec::new(),
     }
 }
 
@@ -115,6 +116,7 @@ fn node_c() -> NodeEntry {
             cand("203.0.113.7:51820", CandidateKind::Advertised),
         ],
         nat: NatMapping::Unknown,
+        routes: Vec::new(),
     }
 }
 
@@ -129,6 +131,7 @@ fn node_a() -> NodeEntry {
             cand("192.0.2.10:51820", CandidateKind::Observed),
         ],
         nat: NatMapping::Unknown,
+        routes: Vec::new(),
     }
 }
 
@@ -143,6 +146,7 @@ fn node_b() -> NodeEntry {
             cand("[2001:db8:2::b]:51820", CandidateKind::Observed),
         ],
         nat: NatMapping::Unknown,
+        routes: Vec::new(),
     }
 }
 
@@ -158,6 +162,7 @@ fn welcome() -> ServerMessage {
         peers: vec![node_a(), node_b()],
         // As a server before 0.4.0 sends it: the vector predates the list.
         servers: Vec::new(),
+        routes: Vec::new(),
     }
 }
 
@@ -606,6 +611,7 @@ fn large_peer_map_needs_the_admitted_limit() {
         observed,
         peers,
         servers: Vec::new(),
+        routes: Vec::new(),
     };
     let frame = encode(&big);
     assert!(frame.len() > MAX_FRAME_UNADMITTED);

@@ -150,6 +150,7 @@ async fn a_server_message_split_across_packets_reaches_the_node_whole_while_rela
                     .parse()
                     .expect("a join token"),
             ),
+            routes: Vec::new(),
         };
         let session = tokio::spawn(client::run(
             node.endpoint.clone(),
@@ -444,6 +445,7 @@ impl FakeRendezvous {
             observed: connection.remote_address(),
             peers: Vec::new(),
             servers: Vec::new(),
+            routes: Vec::new(),
         };
         write_frame(&mut send, &welcome).await.expect("the welcome");
         (connection, send, recv)
@@ -462,6 +464,7 @@ fn entry(key: &PrivateKey, name: &str, last: u8) -> NodeEntry {
             kind: CandidateKind::Local,
         }],
         nat: NatMapping::Unknown,
+        routes: Vec::new(),
     }
 }
 

@@ -50,7 +50,7 @@ use crate::engine::paths::{Path, Source};
 use crate::engine::{self, EngineError, Event, Node, NodeConfig, PeerId, PeerSpec};
 use crate::identity::PublicKey;
 use crate::wire::control::{
-    Candidate, CandidateKind, MeshInfo, NatMapping, NodeEntry, NodeMessage,
+    Candidate, CandidateKind, MeshInfo, NatMapping, NodeEntry, NodeMessage, RouteDecision,
 };
 use crate::wire::reflect::{self, Reflect, REFLECT_LEN};
 use crate::wire::relay::{self, NodeId};
@@ -79,8 +79,12 @@ pub enum Update {
         mesh: MeshInfo,
         observed: SocketAddr,
         peers: Vec<NodeEntry>,
+        /// What the mesh decided about each prefix this node advertised.
+        routes: Vec<RouteDecision>,
     },
     Upsert(NodeEntry),
+    /// The mesh's decisions about this node's advertised prefixes changed.
+    Routes(Vec<RouteDecision>),
     Remove(PublicKey),
     /// This peer is probing us now: probe it back (hole punching).
     Punch(PublicKey),
@@ -243,6 +247,8 @@ pub struct Agent {
     static_peers: HashSet<PublicKey>,
     /// What the rendezvous told us last, for the cache.
     cache: Option<NodeCache>,
+    /// What the mesh decided about each prefix this node advertises.
+    route_decisions: Vec<RouteDecision>,
     /// Where others see our socket: our NAT's mapping behaviour.
     observer: MappingObserver,
     /// The mapping the rendezvous was (or will be) told.
@@ -327,6 +333,7 @@ impl Agent {
             relay_ids: HashMap::new(),
             static_peers,
             cache: None,
+            route_decisions: Vec::new(),
             observer: MappingObserver::new(),
             nat_reported: NatMapping::Unknown,
             session: None,
@@ -443,7 +450,9 @@ impl Agent {
                 mesh,
                 observed,
                 peers,
+                routes,
             } => {
+                self.route_decisions = routes;
                 self.seen(Observer::Rendezvous, observed, now);
                 self.host.push_back(HostChange::Registered);
                 self.welcome(NodeCache { mesh, node, peers }, now);
@@ -466,6 +475,7 @@ impl Agent {
                 self.save_cache();
                 self.remove_peer(key);
             }
+            Update::Routes(routes) => self.route_decisions = routes,
             Update::Punch(peer) => {
                 if !self.node.punch(&peer, now) {
                     tracing::debug!(peer = %peer.short(), "punch request ignored: probed it moments ago");

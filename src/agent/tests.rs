@@ -47,6 +47,7 @@ fn entry(n: u8) -> NodeEntry {
             kind: CandidateKind::Local,
         }],
         nat: NatMapping::Unknown,
+        routes: Vec::new(),
     }
 }
 
@@ -56,6 +57,7 @@ fn welcome(n: u8, peers: &[u8]) -> Update {
         mesh: mesh(),
         observed: addr("203.0.113.7:40000"),
         peers: peers.iter().map(|p| entry(*p)).collect(),
+        routes: Vec::new(),
     }
 }
 

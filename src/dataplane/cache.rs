@@ -149,6 +149,7 @@ mod tests {
             ipv6: "fd00:1::5".parse().unwrap(),
             candidates: vec![],
             nat: crate::wire::control::NatMapping::Unknown,
+            routes: vec![],
         };
         NodeCache {
             mesh: MeshInfo {
@@ -202,6 +203,7 @@ mod tests {
                 ipv6: "fd00:1::5".parse().unwrap(),
                 candidates: vec![],
                 nat: crate::wire::control::NatMapping::Unknown,
+                routes: vec![],
             },
             peers: vec![],
         };

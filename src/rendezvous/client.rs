@@ -16,6 +16,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
@@ -76,6 +77,8 @@ pub struct ClientConfig {
     pub listen_port: u16,
     /// The join token, until the node is registered.
     pub token: Option<JoinToken>,
+    /// Prefixes behind this node it asks the mesh to route to it.
+    pub routes: Vec<IpNet>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -549,6 +552,7 @@ async fn admit_on(
             token: config.token.as_ref().map(|t| t.expose().to_owned()),
             candidates,
             proof: admission::proof(key, &server_hello.server_key, &exporter),
+            routes: config.routes.clone(),
         };
         write_frame(&mut send, &hello).await.map_err(lost)?;
         frames.set_limit(MAX_FRAME);
@@ -569,6 +573,7 @@ async fn admit_on(
             observed,
             peers,
             servers,
+            routes,
         } => {
             tracing::info!(
                 %server, ipv4 = %node.ipv4, ipv6 = %node.ipv6, %observed, peers = peers.len(),
@@ -587,6 +592,7 @@ async fn admit_on(
                     mesh,
                     observed,
                     peers,
+                    routes,
                 },
                 servers,
             ))
@@ -662,6 +668,7 @@ impl Session {
             ServerMessage::PeerUpsert { peer } => Ok(Some(Update::Upsert(peer))),
             ServerMessage::PeerRemove { public_key } => Ok(Some(Update::Remove(public_key))),
             ServerMessage::Punch { peer } => Ok(Some(Update::Punch(peer))),
+            ServerMessage::Routes { routes } => Ok(Some(Update::Routes(routes))),
             ServerMessage::Rejected { reason, message } => Err(ClientError::Rejected {
                 server: server(),
                 reason,

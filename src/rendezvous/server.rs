@@ -969,6 +969,7 @@ mod tests {
             token: Some(token.to_owned()),
             candidates: Vec::new(),
             proof: admission::proof(&node, &server_key().public_key(), &EXPORTER),
+            routes: Vec::new(),
         };
         Box::new(IncomingHello {
             hello: Ok(hello),

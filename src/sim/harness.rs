@@ -1119,6 +1119,7 @@ impl Sim {
                 mesh,
                 observed,
                 peers,
+                routes,
                 ..
             } => {
                 let agent = &mut self.nodes[i].agent;
@@ -1131,6 +1132,7 @@ impl Sim {
                         mesh,
                         observed,
                         peers,
+                        routes,
                     },
                     now,
                 );
@@ -1143,6 +1145,7 @@ impl Sim {
             }
             ServerMessage::PeerUpsert { peer } => Update::Upsert(peer),
             ServerMessage::PeerRemove { public_key } => Update::Remove(public_key),
+            ServerMessage::Routes { routes } => Update::Routes(routes),
             ServerMessage::Punch { peer } => {
                 if let Some(from) = self.node_with_key(&peer) {
                     self.trace.push(TraceEntry::Punched {
@@ -1210,6 +1213,7 @@ impl Sim {
                 kind: CandidateKind::Local,
             }],
             proof,
+            routes: Vec::new(),
         };
         let incoming = IncomingHello {
             hello: Ok(hello),

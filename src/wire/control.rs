@@ -10,7 +10,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::identity::PublicKey;
@@ -29,6 +29,8 @@ pub const MAX_FRAME: usize = 8 << 20;
 pub const MAX_NAME: usize = 253;
 /// Most candidate endpoints a node may announce.
 pub const MAX_CANDIDATES: usize = 16;
+/// Most prefixes a node may advertise.
+pub const MAX_ROUTES: usize = 32;
 
 /// Server → node, first message on the stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +58,10 @@ pub struct Hello {
     /// Proof of possession of `public_key`'s private key, bound to this
     /// QUIC connection: see [`admission_proof`](crate::rendezvous::admission).
     pub proof: Proof,
+    /// Prefixes behind the node (its pod CIDR) that it asks the mesh to
+    /// route to it (proto/control.md §15). Absent from a node before 0.5.0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<IpNet>,
 }
 
 /// A server → server, first on a link, after the accepting server's
@@ -129,6 +135,52 @@ pub struct NodeEntry {
     /// left out of the message while unknown.
     #[serde(default, skip_serializing_if = "NatMapping::is_unknown")]
     pub nat: NatMapping,
+    /// Prefixes behind the node that the mesh accepted: peers route them to
+    /// it and take them as sources from it only. Absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<IpNet>,
+}
+
+/// What the mesh decided about one prefix a node advertised.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteDecision {
+    pub prefix: IpNet,
+    #[serde(flatten)]
+    pub status: RouteStatus,
+}
+
+/// Whether an advertised prefix is routed to its node, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum RouteStatus {
+    /// Peers route it to the node.
+    Accepted,
+    /// Outside the mesh's routable ranges: waits for
+    /// `mesh-rendezvous routes approve NODE PREFIX`.
+    AwaitingApproval,
+    /// Overlaps a prefix that `node` held first.
+    Overlaps { node: String, prefix: IpNet },
+    /// Overlaps the mesh's own overlay prefixes.
+    OverlapsMesh,
+    /// Not a network address (host bits set) or a default route.
+    Invalid,
+}
+
+impl RouteStatus {
+    /// Plain words for operators.
+    pub fn describe(&self) -> String {
+        match self {
+            RouteStatus::Accepted => "accepted".into(),
+            RouteStatus::AwaitingApproval => "outside the mesh's routable ranges: waits for \
+                 `mesh-rendezvous routes approve NODE PREFIX`"
+                .into(),
+            RouteStatus::Overlaps { node, prefix } => {
+                format!("overlaps {prefix}, which {node} holds")
+            }
+            RouteStatus::OverlapsMesh => "overlaps the mesh's overlay addresses".into(),
+            RouteStatus::Invalid => "not a network (host bits set) or a default route".into(),
+        }
+    }
 }
 
 /// How a node's NAT maps its UDP socket to public addresses (RFC 4787
@@ -190,6 +242,10 @@ pub enum ServerMessage {
         /// before 0.4.0.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         servers: Vec<String>,
+        /// What became of each prefix the node's hello advertised. Absent
+        /// when it advertised none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        routes: Vec<RouteDecision>,
     },
     /// Not admitted; the connection closes after this.
     Rejected {
@@ -203,6 +259,10 @@ pub enum ServerMessage {
     /// `peer` cannot reach this node directly and is probing it now: probe
     /// `peer`'s candidates at once, so both NATs open at the same moment.
     Punch { peer: PublicKey },
+    /// What the mesh decided about this node's advertised prefixes changed
+    /// (an operator approved one, a holder left). Sent only to nodes that
+    /// advertised prefixes, so only to nodes that know it.
+    Routes { routes: Vec<RouteDecision> },
 }
 
 /// Node → server once admitted.

@@ -160,6 +160,7 @@ impl Rendezvous {
             name: node.name.clone(),
             listen_port: LISTEN_PORT,
             token: token.map(|t| t.parse().expect("a join token")),
+            routes: Vec::new(),
         }
     }
 
@@ -294,6 +295,7 @@ pub fn welcomed(update: Update) -> Welcomed {
             mesh,
             observed,
             peers,
+            ..
         } => Welcomed {
             node,
             mesh,
@@ -412,6 +414,7 @@ pub fn hello(public_key: PublicKey, proof: Proof, token: Option<&str>) -> Hello 
         token: token.map(str::to_owned),
         candidates: Vec::new(),
         proof,
+        routes: Vec::new(),
     }
 }
 

@@ -1088,6 +1088,7 @@ impl Registry {
                 observed,
                 peers,
                 servers: self.servers(),
+                routes: Vec::new(),
             },
         });
         self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
@@ -2222,6 +2223,7 @@ fn node_entry(key: &PublicKey, record: &NodeRecord) -> NodeEntry {
         ipv4: record.ipv4,
         ipv6: record.ipv6,
         candidates: record.candidates.clone(),
+        routes: Vec::new(),
         nat: record.nat,
     }
 }

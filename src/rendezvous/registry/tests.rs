@@ -40,6 +40,7 @@ fn hello_as(secret: &PrivateKey, name: &str, token: Option<&str>) -> Hello {
         token: token.map(str::to_owned),
         candidates: Vec::new(),
         proof: admission::proof(secret, &server().public_key(), &EXPORTER),
+        routes: Vec::new(),
     }
 }
 
@@ -225,6 +226,7 @@ fn a_new_node_with_a_good_token_is_persisted_then_admitted_and_welcomed() {
                     observed: obs,
                     peers,
                     servers,
+                    ..
                 },
         } => {
             assert!(servers.is_empty(), "a server not announced names none");
