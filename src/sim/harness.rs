@@ -138,7 +138,7 @@ enum Carried {
         frame: Bytes,
     },
     /// A message on connection `conn`'s control stream.
-    Message { conn: ConnId, msg: ServerMessage },
+    Message { conn: ConnId, msg: Box<ServerMessage> },
     /// The rendezvous closed connection `conn`.
     Close { conn: ConnId },
 }
@@ -892,7 +892,7 @@ impl Sim {
                 self.relay_dropped += agent.relay_dropped() - before;
                 self.drain(i);
             }
-            Carried::Message { conn, msg } => self.deliver_message(conn, msg, now),
+            Carried::Message { conn, msg } => self.deliver_message(conn, *msg, now),
             Carried::Close { conn } => self.session_closed(conn, now),
         }
     }
@@ -1071,7 +1071,7 @@ impl Sim {
                     if immediate {
                         self.deliver_message(conn, msg, now);
                     } else {
-                        self.carry(Carried::Message { conn, msg }, now);
+                        self.carry(Carried::Message { conn, msg: Box::new(msg) }, now);
                     }
                 }
                 Command::Close { conn, .. } => {
