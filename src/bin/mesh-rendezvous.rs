@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use meshd::cli::{reader_gone, Stdout};
 use meshd::control::client::{self, ClientError};
 use meshd::rendezvous::admin::{self, AdminRequest, AdminResponse};
@@ -95,6 +95,25 @@ enum Command {
     /// Overlay addresses, and those of removed nodes held back from new ones.
     #[command(subcommand)]
     Addresses(AddressesCommand),
+    /// Prefixes behind nodes (pod CIDRs): what each node advertises, and
+    /// whether its peers route it.
+    #[command(subcommand)]
+    Routes(RoutesCommand),
+}
+
+#[derive(Subcommand)]
+enum RoutesCommand {
+    /// Every advertised prefix, whether it is routed, and why not.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Route PREFIX to NODE (by name or key) although it lies outside the
+    /// routable ranges of rendezvous.toml; it still must not overlap an
+    /// earlier prefix of another node.
+    Approve { node: String, prefix: IpNet },
+    /// Take back an approval: the prefix waits again.
+    Unapprove { node: String, prefix: IpNet },
 }
 
 #[derive(Subcommand)]
@@ -454,6 +473,69 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         )?;
                     }
                 }
+                other => unexpected(other)?,
+            }
+        }
+        Command::Routes(RoutesCommand::List { json }) => {
+            match admin_request(dir, AdminRequest::ListRoutes)? {
+                AdminResponse::Routes { nodes } if json => {
+                    writeln!(Stdout::lock(), "{}", serde_json::to_string_pretty(&nodes)?)?
+                }
+                AdminResponse::Routes { nodes } => {
+                    let mut out = Stdout::lock();
+                    writeln!(
+                        out,
+                        "{:<20} {:<24} {:<20} STATUS",
+                        "NODE", "PREFIX", "SINCE"
+                    )?;
+                    for node in nodes {
+                        for route in &node.routes {
+                            writeln!(
+                                out,
+                                "{:<20} {:<24} {:<20} {}",
+                                node.name,
+                                route.decision.prefix.to_string(),
+                                time(route.since),
+                                route.decision.status.describe()
+                            )?;
+                        }
+                        for approved in node
+                            .approved
+                            .iter()
+                            .filter(|p| !node.routes.iter().any(|r| r.decision.prefix == **p))
+                        {
+                            writeln!(
+                                out,
+                                "{:<20} {:<24} {:<20} approved, not advertised",
+                                node.name,
+                                approved.to_string(),
+                                "-"
+                            )?;
+                        }
+                    }
+                }
+                other => unexpected(other)?,
+            }
+        }
+        Command::Routes(RoutesCommand::Approve { node, prefix }) => {
+            let request = AdminRequest::ApproveRoute {
+                node,
+                prefix,
+                withdraw: false,
+            };
+            match admin_request(dir, request)? {
+                AdminResponse::Done { message } => writeln!(Stdout::lock(), "{message}")?,
+                other => unexpected(other)?,
+            }
+        }
+        Command::Routes(RoutesCommand::Unapprove { node, prefix }) => {
+            let request = AdminRequest::ApproveRoute {
+                node,
+                prefix,
+                withdraw: true,
+            };
+            match admin_request(dir, request)? {
+                AdminResponse::Done { message } => writeln!(Stdout::lock(), "{message}")?,
                 other => unexpected(other)?,
             }
         }

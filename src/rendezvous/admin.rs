@@ -10,7 +10,9 @@ use std::net::IpAddr;
 use rand::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
 
-use super::registry::{NodeStatus, Quarantined, Registry};
+use ipnet::IpNet;
+
+use super::registry::{NodeRoutes, NodeStatus, Quarantined, Registry};
 use crate::control::server::ErrorResponse;
 use crate::identity::PublicKey;
 
@@ -54,6 +56,16 @@ pub enum AdminRequest {
     ReleaseAddresses {
         address: Option<IpAddr>,
     },
+    /// Every node's advertised prefixes and what became of each.
+    ListRoutes,
+    /// Routes `prefix` (outside the routable ranges) to `node` (as for
+    /// `RemoveNode`), or with `withdraw` takes that approval back.
+    ApproveRoute {
+        node: String,
+        prefix: IpNet,
+        #[serde(default)]
+        withdraw: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +91,9 @@ pub enum AdminResponse {
     },
     Servers {
         servers: Vec<ServerInfo>,
+    },
+    Routes {
+        nodes: Vec<NodeRoutes>,
     },
     Done {
         message: String,
@@ -305,6 +320,30 @@ pub fn apply<R: RngCore + CryptoRng>(
                 message: e.to_string(),
             },
         },
+        AdminRequest::ListRoutes => AdminResponse::Routes {
+            nodes: registry.route_report(),
+        },
+        AdminRequest::ApproveRoute {
+            node,
+            prefix,
+            withdraw,
+        } => match find_node(registry, &node) {
+            Ok(key) => match registry.approve_route(&key, prefix, !withdraw) {
+                Ok(()) if withdraw => AdminResponse::Done {
+                    message: format!("{prefix} is no longer approved for {node}"),
+                },
+                Ok(()) => AdminResponse::Done {
+                    message: format!(
+                        "{prefix} approved for {node}: its peers route it once it advertises it \
+                         and no earlier prefix of another node overlaps it (see `routes list`)"
+                    ),
+                },
+                Err(e) => AdminResponse::Error {
+                    message: e.to_string(),
+                },
+            },
+            Err(message) => AdminResponse::Error { message },
+        },
         AdminRequest::ReleaseAddresses { address: None } => {
             let count = registry.release_all_addresses();
             AdminResponse::Done {
@@ -354,6 +393,7 @@ pub fn apply_offline<R: RngCore + CryptoRng>(
     };
     let mut local = super::store::LocalStore::new(&state);
     let mut registry = Registry::new(state, loaded.server_key);
+    registry.set_routable(loaded.config.routes.routable.clone());
     let response = apply(&mut registry, request, now_unix, rng);
     let mut changed = false;
     while let Some(command) = registry.poll_command() {

@@ -187,6 +187,7 @@ impl Server {
             }
         };
         registry.set_server_name(config.server_name());
+        registry.set_routable(config.routes.routable.clone());
         registry.announce_server(&config.public_addr, now_unix());
         let server_config = tls::server_config(chain, cert_key_der)?;
         let listen_err = |source| ServerError::Listen {

@@ -13,7 +13,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use rand::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
 
@@ -87,6 +87,60 @@ pub struct RendezvousConfig {
     /// the file `registry.json` in the state directory when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<EtcdConfig>,
+    /// `[routes]`: where the prefixes nodes advertise (their pod CIDRs)
+    /// are routed without an operator's approval.
+    #[serde(default, skip_serializing_if = "RoutesConfig::is_empty")]
+    pub routes: RoutesConfig,
+}
+
+/// `[routes]` in `rendezvous.toml`:
+///
+/// ```toml
+/// [routes]
+/// # The cluster's pod CIDRs: a node's prefix inside one is routed to it
+/// # unless another node's overlaps it; any other prefix waits for
+/// # `mesh-rendezvous routes approve NODE PREFIX`. The same on every server.
+/// routable = ["10.244.0.0/16", "fd10:244::/56"]
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    rename_all = "kebab-case",
+    deny_unknown_fields,
+    try_from = "RoutesSection"
+)]
+pub struct RoutesConfig {
+    pub routable: Vec<IpNet>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RoutesSection {
+    #[serde(default)]
+    routable: Vec<IpNet>,
+}
+
+impl TryFrom<RoutesSection> for RoutesConfig {
+    type Error = String;
+
+    fn try_from(section: RoutesSection) -> Result<Self, String> {
+        for range in &section.routable {
+            if range.trunc() != *range {
+                return Err(format!(
+                    "routable range {range} has host bits set: did you mean {}?",
+                    range.trunc()
+                ));
+            }
+        }
+        Ok(Self {
+            routable: section.routable,
+        })
+    }
+}
+
+impl RoutesConfig {
+    fn is_empty(&self) -> bool {
+        self.routable.is_empty()
+    }
 }
 
 impl RendezvousConfig {
@@ -415,6 +469,7 @@ pub fn init_with<R: RngCore + CryptoRng>(
         relay: RelayLimits::default(),
         server_name: server_name.clone(),
         store: store.clone(),
+        routes: RoutesConfig::default(),
     };
     let text = toml::to_string(&config).map_err(|e| SetupError::Config {
         path: layout.config(),
@@ -694,6 +749,23 @@ mod tests {
     }
 
     #[test]
+    fn routable_ranges_are_read_written_back_and_refused_with_host_bits() {
+        assert!(parse(BASE).unwrap().routes.routable.is_empty());
+        let config = parse(&format!(
+            "{BASE}[routes]\nroutable = [\"10.244.0.0/16\", \"fd10:244::/56\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(config.routes.routable.len(), 2);
+        assert_eq!(parse(&toml::to_string(&config).unwrap()).unwrap(), config);
+        let host = parse(&format!("{BASE}[routes]\nroutable = [\"10.244.1.1/16\"]\n")).unwrap_err();
+        assert!(host.contains("did you mean 10.244.0.0/16"), "{host}");
+        let typo = parse(&format!("{BASE}[routes]\nroutables = []\n")).unwrap_err();
+        assert!(typo.contains("unknown field `routables`"), "{typo}");
+        let bad = parse(&format!("{BASE}[routes]\nroutable = [\"10.244/16\"]\n")).unwrap_err();
+        assert!(bad.contains("line 4"), "{bad}");
+    }
+
+    #[test]
     fn metrics_are_off_unless_an_address_is_given_before_the_relay_table() {
         assert_eq!(parse(BASE).unwrap().metrics_address, None);
         let config = parse(&format!(
@@ -745,6 +817,7 @@ key-prefix = "/meshd/prod/"
             relay: RelayLimits::default(),
             server_name: None,
             store: None,
+            routes: RoutesConfig::default(),
         };
         let text = toml::to_string(&new).unwrap();
         assert!(!text.contains("relay"), "{text}");

@@ -138,7 +138,10 @@ enum Carried {
         frame: Bytes,
     },
     /// A message on connection `conn`'s control stream.
-    Message { conn: ConnId, msg: Box<ServerMessage> },
+    Message {
+        conn: ConnId,
+        msg: Box<ServerMessage>,
+    },
     /// The rendezvous closed connection `conn`.
     Close { conn: ConnId },
 }
@@ -431,6 +434,8 @@ impl Sim {
                 last_seen: unix,
                 candidates: Vec::new(),
                 nat: NatMapping::Unknown,
+                routes: Vec::new(),
+                approved_routes: Vec::new(),
             },
         );
         self.attach(host, Attached::Node(id.0));
@@ -1071,7 +1076,13 @@ impl Sim {
                     if immediate {
                         self.deliver_message(conn, msg, now);
                     } else {
-                        self.carry(Carried::Message { conn, msg: Box::new(msg) }, now);
+                        self.carry(
+                            Carried::Message {
+                                conn,
+                                msg: Box::new(msg),
+                            },
+                            now,
+                        );
                     }
                 }
                 Command::Close { conn, .. } => {

@@ -92,6 +92,7 @@ use std::time::Instant;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -109,7 +110,8 @@ use crate::ipam;
 pub use crate::relay::ConnId;
 use crate::wire::control::{
     Candidate, CandidateKind, Hello, HelloError, MeshInfo, NatMapping, NodeEntry, Proof,
-    RejectReason, ServerMessage, MAX_CANDIDATES, MAX_NAME, PROTOCOL_VERSION,
+    RejectReason, RouteDecision, ServerMessage, MAX_CANDIDATES, MAX_NAME, MAX_ROUTES,
+    PROTOCOL_VERSION,
 };
 use crate::wire::endpoint::{self, Unusable};
 use crate::wire::untrusted::Untrusted;
@@ -212,6 +214,23 @@ pub struct NodeRecord {
     /// The NAT mapping behaviour the node last reported.
     #[serde(default, skip_serializing_if = "NatMapping::is_unknown")]
     pub nat: NatMapping,
+    /// The prefixes the node advertises (its pod CIDR), from its last
+    /// hello; whether peers route them to it is [`routes::RouteTable`]'s
+    /// decision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<AdvertisedRoute>,
+    /// Prefixes outside the routable ranges that an operator approved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approved_routes: Vec<IpNet>,
+}
+
+/// A prefix a node advertises, and since when (unix seconds, kept while the
+/// node keeps advertising it): of two overlapping prefixes the older one is
+/// routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvertisedRoute {
+    pub prefix: IpNet,
+    pub since: u64,
 }
 
 /// A join token, as stored: the secret itself is never kept.
@@ -282,6 +301,24 @@ pub struct NodeStatus {
     pub joined_at: u64,
     pub last_seen: u64,
     pub candidates: Vec<Candidate>,
+}
+
+/// A node's advertised prefixes as `routes list` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRoutes {
+    pub public_key: PublicKey,
+    pub name: String,
+    pub routes: Vec<RouteReport>,
+    /// Prefixes an operator approved for it (advertised or not).
+    pub approved: Vec<IpNet>,
+}
+
+/// One advertised prefix: what became of it, advertised since when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteReport {
+    #[serde(flatten)]
+    pub decision: RouteDecision,
+    pub since: u64,
 }
 
 /// A node's hello as its connection delivered it: all the registry needs
@@ -465,6 +502,11 @@ pub enum RegistryError {
     UnknownNode { key: String },
     #[error("{address} is not quarantined (see `addresses list`)")]
     NotQuarantined { address: IpAddr },
+    #[error(
+        "{prefix} is not a prefix a node can stand behind (host bits set, a default route, \
+         loopback, link-local or multicast)"
+    )]
+    InvalidRoute { prefix: IpNet },
 }
 
 /// An admitted connection, with what it may still send.
@@ -709,6 +751,14 @@ pub struct Registry {
     rejections: [u64; REJECT_REASONS.len()],
     limits: Limits,
     counters: Counters,
+    /// Where advertised prefixes may be routed without approval (the same
+    /// on every server of the mesh).
+    routable: Vec<IpNet>,
+    /// What became of every node's advertised prefixes.
+    routes: RouteTable,
+    /// Records that routes are decided on changed since they were last
+    /// decided.
+    routes_stale: bool,
 }
 
 /// Every [`RejectReason`], in the order metrics list them.
@@ -774,7 +824,115 @@ impl Registry {
             rejections: [0; REJECT_REASONS.len()],
             limits,
             counters: Counters::default(),
+            routable: Vec::new(),
+            routes: RouteTable::default(),
+            routes_stale: false,
         }
+        .with_routes_decided()
+    }
+
+    fn with_routes_decided(mut self) -> Self {
+        self.routes = RouteTable::decide(&self.state.nodes, &self.state.mesh, &self.routable);
+        self
+    }
+
+    /// The ranges advertised prefixes may be routed in without an
+    /// operator's approval (`[routes] routable` in rendezvous.toml; the
+    /// same on every server, or servers decide differently).
+    pub fn set_routable(&mut self, ranges: Vec<IpNet>) {
+        self.routable = ranges;
+        self.redecide_routes(None);
+    }
+
+    /// Decides every advertised prefix again: nodes whose routed prefixes
+    /// changed are announced to their peers, and this server's nodes whose
+    /// decisions changed hear of them (but `welcoming`, whose `Welcome`
+    /// carries them).
+    fn redecide_routes(&mut self, welcoming: Option<PublicKey>) {
+        let table = RouteTable::decide(&self.state.nodes, &self.state.mesh, &self.routable);
+        let changes = self.routes.changes(&table);
+        if changes == routes::RouteChanges::default() {
+            return;
+        }
+        self.routes = table;
+        for key in changes.decisions {
+            if Some(key) == welcoming {
+                continue;
+            }
+            if let Some(conn) = self.online.get(&key).copied() {
+                let routes = self.routes.decisions(&key).to_vec();
+                self.push(Command::Send {
+                    conn,
+                    msg: ServerMessage::Routes { routes },
+                });
+            }
+        }
+        let announce = changes
+            .accepted
+            .into_iter()
+            .filter(|key| Some(*key) != welcoming)
+            .map(Change::Upsert)
+            .collect();
+        self.announce(announce);
+    }
+
+    /// Every node's advertised prefixes, what became of each, and since
+    /// when it was advertised: `mesh-rendezvous routes list`.
+    pub fn route_report(&self) -> Vec<NodeRoutes> {
+        self.state
+            .nodes
+            .iter()
+            .filter(|(_, r)| !r.routes.is_empty() || !r.approved_routes.is_empty())
+            .map(|(key, record)| NodeRoutes {
+                public_key: *key,
+                name: record.name.clone(),
+                routes: record
+                    .routes
+                    .iter()
+                    .zip(self.routes.decisions(key))
+                    .map(|(advertised, decision)| RouteReport {
+                        since: advertised.since,
+                        decision: decision.clone(),
+                    })
+                    .collect(),
+                approved: record.approved_routes.clone(),
+            })
+            .collect()
+    }
+
+    /// Approves (or with `approve: false` withdraws the approval of) a
+    /// prefix outside the routable ranges for one node; the node's peers
+    /// route it once committed, if no older prefix overlaps it.
+    pub fn approve_route(
+        &mut self,
+        key: &PublicKey,
+        prefix: IpNet,
+        approve: bool,
+    ) -> Result<(), RegistryError> {
+        if routes::is_invalid(&prefix) {
+            return Err(RegistryError::InvalidRoute { prefix });
+        }
+        let Some(record) = self.state.nodes.get(key) else {
+            return Err(RegistryError::UnknownNode {
+                key: key.to_string(),
+            });
+        };
+        let mut identity = NodeIdentity::of(record);
+        identity.approved_routes.retain(|p| *p != prefix);
+        if approve {
+            identity.approved_routes.push(prefix);
+            identity.approved_routes.sort_unstable();
+        }
+        if identity.approved_routes == record.approved_routes {
+            return Ok(());
+        }
+        tracing::info!(node = %key.short(), name = %record.name, %prefix, approve, "route approval changed");
+        let node = Key::Node(*key);
+        let txn = Txn::new()
+            .unchanged(node.path(), self.revision(&node))
+            .put(node.path(), records::encode(&Value::Node(identity)));
+        self.propose(txn, None);
+        Ok(())
     }
 
     /// Names this server among the mesh's servers (in presence records and
@@ -1028,6 +1186,9 @@ impl Registry {
             record.candidates = candidates;
         }
         record.last_seen = now.unix;
+        let advertised = advertised_routes(&record.routes, &hello.routes, now.unix);
+        let routes_changed = advertised != record.routes;
+        record.routes = advertised;
         if joined {
             tracing::info!(
                 node = %key.short(), name = %record.name, ipv4 = %record.ipv4,
@@ -1042,7 +1203,13 @@ impl Registry {
                 "a known node keeps its bound name"
             );
         }
-        let entry = node_entry(&key, record);
+        if routes_changed {
+            self.redecide_routes(Some(key));
+        }
+        let Some(record) = self.state.nodes.get(&key) else {
+            return;
+        };
+        let entry = node_entry(&key, record, &self.routes);
 
         if let Some(old) = self.online.insert(key, conn) {
             self.sessions.remove(&old);
@@ -1054,7 +1221,7 @@ impl Registry {
         }
         self.sessions
             .insert(conn, Session::new(key, observed, &self.limits, now.instant));
-        if !joined {
+        if !joined || routes_changed {
             self.touch(key);
         }
         self.elsewhere.remove(&key);
@@ -1078,7 +1245,7 @@ impl Registry {
             .nodes
             .iter()
             .filter(|(k, _)| **k != key)
-            .map(|(k, r)| node_entry(k, r))
+            .map(|(k, r)| node_entry(k, r, &self.routes))
             .collect();
         self.push(Command::Send {
             conn,
@@ -1088,7 +1255,7 @@ impl Registry {
                 observed,
                 peers,
                 servers: self.servers(),
-                routes: Vec::new(),
+                routes: self.routes.decisions(&key).to_vec(),
             },
         });
         self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
@@ -1134,9 +1301,11 @@ impl Registry {
                     // successor, with its addresses, arrives).
                     changes.retain(|c| *c != Change::Upsert(key));
                     self.announce(changes);
+                    self.redecide_routes_if_stale();
                     self.welcome(join.conn, &join.hello, join.observed, true, join.now);
                 } else {
                     self.announce(changes);
+                    self.redecide_routes_if_stale();
                 }
             }
             Outcome::Conflict | Outcome::Malformed | Outcome::Unavailable => {
@@ -1145,6 +1314,7 @@ impl Registry {
                 }
                 let changes = fresh.iter().filter_map(|e| self.apply_event(e)).collect();
                 self.announce(changes);
+                self.redecide_routes_if_stale();
                 let Some(mut join) = join else {
                     return;
                 };
@@ -1240,6 +1410,15 @@ impl Registry {
     pub fn handle_store_events(&mut self, events: &[Event]) {
         let changes = events.iter().filter_map(|e| self.apply_event(e)).collect();
         self.announce(changes);
+        self.redecide_routes_if_stale();
+    }
+
+    /// After records that routes are decided on changed (a node's
+    /// prefixes or approvals, a node gone).
+    fn redecide_routes_if_stale(&mut self) {
+        if std::mem::take(&mut self.routes_stale) {
+            self.redecide_routes(None);
+        }
     }
 
     /// Applies one record's new value (or its deletion) to the replica.
@@ -1273,19 +1452,34 @@ impl Registry {
             (Key::Node(k), Some(Value::Node(identity))) => match self.state.nodes.get_mut(&k) {
                 Some(record) if NodeIdentity::of(record) == identity => None,
                 Some(record) => {
+                    if record.approved_routes != identity.approved_routes {
+                        record.approved_routes = identity.approved_routes;
+                        self.routes_stale = true;
+                    }
+                    // The name orders nothing, but `Overlaps` names holders.
+                    self.routes_stale |= record.name != identity.name && !record.routes.is_empty();
+                    let renamed = record.name != identity.name
+                        || record.ipv4 != identity.ipv4
+                        || record.ipv6 != identity.ipv6
+                        || record.joined_at != identity.joined_at;
                     record.name = identity.name;
                     record.ipv4 = identity.ipv4;
                     record.ipv6 = identity.ipv6;
                     record.joined_at = identity.joined_at;
-                    Some(Change::Upsert(k))
+                    renamed.then_some(Change::Upsert(k))
                 }
                 None => {
+                    self.routes_stale |= !identity.approved_routes.is_empty();
                     let record = records::node_record(identity, None);
                     self.state.nodes.insert(k, record);
                     Some(Change::Upsert(k))
                 }
             },
-            (Key::Node(k), None) => self.state.nodes.remove(&k).map(|_| Change::Removed(k)),
+            (Key::Node(k), None) => {
+                let record = self.state.nodes.remove(&k)?;
+                self.routes_stale |= !record.routes.is_empty();
+                Some(Change::Removed(k))
+            }
             (Key::Endpoints(k), Some(Value::Endpoints(at))) => {
                 // Where a node connected here is, this server knows best.
                 if self.online.contains_key(&k) {
@@ -1293,6 +1487,10 @@ impl Registry {
                 }
                 let record = self.state.nodes.get_mut(&k)?;
                 let moved = record.candidates != at.candidates || record.nat != at.nat;
+                if record.routes != at.routes {
+                    record.routes = at.routes;
+                    self.routes_stale = true;
+                }
                 record.candidates = at.candidates;
                 record.nat = at.nat;
                 record.last_seen = record.last_seen.max(at.last_seen);
@@ -1396,7 +1594,7 @@ impl Registry {
                         continue;
                     };
                     let msg = ServerMessage::PeerUpsert {
-                        peer: node_entry(&key, record),
+                        peer: node_entry(&key, record, &self.routes),
                     };
                     let own = self.online.get(&key).copied();
                     self.broadcast_except_opt(own, &msg);
@@ -1486,7 +1684,7 @@ impl Registry {
             return;
         }
         record.candidates = merged;
-        let entry = node_entry(&key, record);
+        let entry = node_entry(&key, record, &self.routes);
         self.touch(key);
         self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
     }
@@ -1509,7 +1707,7 @@ impl Registry {
             return;
         }
         record.nat = mapping;
-        let entry = node_entry(&key, record);
+        let entry = node_entry(&key, record, &self.routes);
         self.touch(key);
         self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
     }
@@ -1925,6 +2123,17 @@ impl Registry {
                 problem,
             ));
         }
+        if hello.routes.len() > MAX_ROUTES {
+            let problem = format!(
+                "{} routes advertised; at most {MAX_ROUTES} are accepted",
+                hello.routes.len()
+            );
+            return Err(Refusal::new(
+                RejectReason::BadHello,
+                problem.clone(),
+                problem,
+            ));
+        }
         if hello.candidates.len() > MAX_CANDIDATES {
             let problem = format!(
                 "{} candidates announced; at most {MAX_CANDIDATES} are accepted",
@@ -1978,11 +2187,13 @@ impl Registry {
             ipv4,
             ipv6,
             joined_at: now_unix,
+            approved_routes: Vec::new(),
         };
         let at = Endpoints {
             last_seen: now_unix,
             candidates,
             nat: NatMapping::Unknown,
+            routes: Vec::new(),
         };
         let token_key = Key::Token(token.id.clone());
         let spent = TokenRecord {
@@ -2036,6 +2247,8 @@ impl Registry {
             ipv4: record.ipv4,
             ipv6: record.ipv6,
             joined_at: now_unix,
+            // The rebuilt machine stands where the old one stood.
+            approved_routes: record.approved_routes.clone(),
         };
         tracing::info!(
             node = %key.short(), old = %old.short(), name = %identity.name,
@@ -2046,6 +2259,7 @@ impl Registry {
             last_seen: now_unix,
             candidates,
             nat: NatMapping::Unknown,
+            routes: Vec::new(),
         };
         let token_key = Key::Token(token.id.clone());
         let spent = TokenRecord {
@@ -2216,16 +2430,41 @@ impl Registry {
     }
 }
 
-fn node_entry(key: &PublicKey, record: &NodeRecord) -> NodeEntry {
+fn node_entry(key: &PublicKey, record: &NodeRecord, routes: &RouteTable) -> NodeEntry {
     NodeEntry {
         public_key: *key,
         name: record.name.clone(),
         ipv4: record.ipv4,
         ipv6: record.ipv6,
         candidates: record.candidates.clone(),
-        routes: Vec::new(),
+        routes: routes.accepted(key).to_vec(),
         nat: record.nat,
     }
+}
+
+/// A hello's prefixes as the record keeps them: each once, in the order
+/// advertised, with the time it was first advertised (kept from `before`
+/// while the node keeps advertising it).
+fn advertised_routes(
+    before: &[AdvertisedRoute],
+    hello: &[IpNet],
+    now_unix: u64,
+) -> Vec<AdvertisedRoute> {
+    let mut routes: Vec<AdvertisedRoute> = Vec::with_capacity(hello.len());
+    for prefix in hello {
+        if routes.iter().any(|r| r.prefix == *prefix) {
+            continue;
+        }
+        let since = before
+            .iter()
+            .find(|r| r.prefix == *prefix)
+            .map_or(now_unix, |r| r.since);
+        routes.push(AdvertisedRoute {
+            prefix: *prefix,
+            since,
+        });
+    }
+    routes
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
@@ -2331,3 +2570,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests;
+
+pub mod routes;
+use routes::RouteTable;

@@ -841,6 +841,8 @@ fn an_ipv6_collision_takes_the_next_alternative() {
             last_seen: NOW,
             candidates: Vec::new(),
             nat: NatMapping::Unknown,
+            routes: Vec::new(),
+            approved_routes: Vec::new(),
         },
     );
     let (e, _) = welcome(&join(&mut reg, 1, &token));
@@ -931,7 +933,7 @@ fn a_candidate_change_is_saved_soon_and_announced_to_the_others() {
         conn: ConnId(2),
         msg: ServerMessage::PeerUpsert { peer },
     };
-    let mut entry = node_entry(&key(1), &reg.state().nodes[&key(1)]);
+    let mut entry = node_entry(&key(1), &reg.state().nodes[&key(1)], &RouteTable::default());
     entry.candidates.clone_from(&expected);
     assert_eq!(cmds, vec![Command::PersistSoon, upsert(entry)]);
     assert_eq!(reg.state().nodes[&key(1)].candidates, expected);
@@ -2167,4 +2169,280 @@ fn a_takeover_token_for_a_node_that_is_gone_admits_no_one() {
             key: key(1).to_string()
         })
     );
+}
+
+// --- prefixes behind nodes --------------------------------------------------
+
+use crate::wire::control::RouteStatus;
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+/// Node `n`'s hello advertising `routes`, on `ConnId(conn)`, at `unix`.
+fn advertise(
+    reg: &mut Registry,
+    n: u8,
+    conn: u64,
+    routes: &[&str],
+    token: &str,
+    unix: u64,
+) -> Vec<Command> {
+    let hello = Hello {
+        routes: routes.iter().map(|r| net(r)).collect(),
+        ..hello(n, Some(token))
+    };
+    reg.handle_hello(ConnId(conn), arriving(hello, observed(n)), at(unix));
+    drain(reg)
+}
+
+fn decisions_in_welcome(cmds: &[Command]) -> Vec<RouteDecision> {
+    cmds.iter()
+        .find_map(|c| match c {
+            Command::Send {
+                msg: ServerMessage::Welcome { routes, .. },
+                ..
+            } => Some(routes.clone()),
+            _ => None,
+        })
+        .expect("a welcome")
+}
+
+/// The `Routes` messages sent to `conn`.
+fn routes_told(cmds: &[Command], conn: u64) -> Vec<Vec<RouteDecision>> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Send {
+                conn: to,
+                msg: ServerMessage::Routes { routes },
+            } if *to == ConnId(conn) => Some(routes.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The routes of `peer` in the upserts sent to `conn`.
+fn upserted_routes(cmds: &[Command], conn: u64, peer: u8) -> Vec<Vec<IpNet>> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Send {
+                conn: to,
+                msg: ServerMessage::PeerUpsert { peer: entry },
+            } if *to == ConnId(conn) && entry.public_key == key(peer) => Some(entry.routes.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn decision(prefix: &str, status: RouteStatus) -> RouteDecision {
+    RouteDecision {
+        prefix: net(prefix),
+        status,
+    }
+}
+
+fn with_pod_range() -> (Registry, String) {
+    let (mut reg, token) = with_token();
+    reg.set_routable(vec![net("10.244.0.0/16")]);
+    assert!(drain(&mut reg).is_empty());
+    (reg, token)
+}
+
+#[test]
+fn advertised_prefixes_are_decided_in_the_welcome_and_routed_by_peers() {
+    let (mut reg, token) = with_pod_range();
+    join(&mut reg, 1, &token);
+    let cmds = advertise(
+        &mut reg,
+        2,
+        2,
+        &["10.244.2.0/24", "192.168.0.0/24", "10.244.2.0/24"],
+        &token,
+        NOW,
+    );
+    assert_eq!(
+        decisions_in_welcome(&cmds),
+        [
+            decision("10.244.2.0/24", RouteStatus::Accepted),
+            decision("192.168.0.0/24", RouteStatus::AwaitingApproval),
+        ]
+    );
+    assert_eq!(upserted_routes(&cmds, 1, 2), [vec![net("10.244.2.0/24")]]);
+    // A peer joining later learns them in its welcome.
+    let cmds = join(&mut reg, 3, &token);
+    let (_, peers) = welcome(&cmds);
+    let two = peers.iter().find(|p| p.public_key == key(2)).unwrap();
+    assert_eq!(two.routes, [net("10.244.2.0/24")]);
+    // The same prefixes again change nothing.
+    let cmds = advertise(
+        &mut reg,
+        2,
+        12,
+        &["10.244.2.0/24", "192.168.0.0/24"],
+        &token,
+        NOW + 60,
+    );
+    assert!(routes_told(&cmds, 12).is_empty());
+    assert_eq!(
+        upserted_routes(&cmds, 1, 2).len(),
+        1,
+        "one upsert for the reconnect: {cmds:?}"
+    );
+    assert_eq!(
+        reg.state().nodes[&key(2)].routes[0].since,
+        NOW,
+        "kept since first advertised"
+    );
+}
+
+#[test]
+fn an_overlapping_prefix_is_refused_naming_its_holder_and_routed_once_withdrawn() {
+    let (mut reg, token) = with_pod_range();
+    join(&mut reg, 1, &token);
+    advertise(&mut reg, 2, 2, &["10.244.2.0/24"], &token, NOW);
+    let cmds = advertise(&mut reg, 3, 3, &["10.244.0.0/20"], &token, NOW + 1);
+    let refused = RouteStatus::Overlaps {
+        node: "node-2".into(),
+        prefix: net("10.244.2.0/24"),
+    };
+    assert_eq!(
+        decisions_in_welcome(&cmds),
+        [decision("10.244.0.0/20", refused.clone())]
+    );
+    assert!(upserted_routes(&cmds, 1, 3).iter().all(Vec::is_empty));
+    assert!(refused.describe().contains("node-2"));
+
+    // Node 2 comes back without the prefix: node 3's is routed, and node 3
+    // hears of it.
+    let cmds = advertise(&mut reg, 2, 12, &[], &token, NOW + 2);
+    assert_eq!(
+        routes_told(&cmds, 3),
+        [vec![decision("10.244.0.0/20", RouteStatus::Accepted)]]
+    );
+    assert_eq!(upserted_routes(&cmds, 1, 3), [vec![net("10.244.0.0/20")]]);
+    assert_eq!(upserted_routes(&cmds, 1, 2), [Vec::<IpNet>::new()]);
+    // Node 2 asks again: node 3 holds it now.
+    let cmds = advertise(&mut reg, 2, 22, &["10.244.2.0/24"], &token, NOW + 3);
+    assert!(matches!(
+        &decisions_in_welcome(&cmds)[0].status,
+        RouteStatus::Overlaps { node, .. } if node == "node-3"
+    ));
+}
+
+#[test]
+fn an_operator_approves_a_prefix_outside_the_routable_ranges() {
+    let (mut reg, token) = with_pod_range();
+    join(&mut reg, 1, &token);
+    advertise(&mut reg, 2, 2, &["192.168.0.0/24"], &token, NOW);
+    assert!(reg
+        .approve_route(&key(2), net("192.168.0.1/24"), true)
+        .is_err());
+    assert!(reg
+        .approve_route(&key(9), net("192.168.0.0/24"), true)
+        .is_err());
+    reg.approve_route(&key(2), net("192.168.0.0/24"), true)
+        .unwrap();
+    let cmds = drain(&mut reg);
+    assert_eq!(
+        routes_told(&cmds, 2),
+        [vec![decision("192.168.0.0/24", RouteStatus::Accepted)]]
+    );
+    assert_eq!(upserted_routes(&cmds, 1, 2), [vec![net("192.168.0.0/24")]]);
+    let report = reg.route_report();
+    assert_eq!(report[0].approved, [net("192.168.0.0/24")]);
+    assert_eq!(report[0].routes[0].since, NOW);
+    // Approving twice changes nothing; withdrawing the approval withdraws
+    // the route.
+    reg.approve_route(&key(2), net("192.168.0.0/24"), true)
+        .unwrap();
+    assert!(drain(&mut reg).is_empty());
+    reg.approve_route(&key(2), net("192.168.0.0/24"), false)
+        .unwrap();
+    let cmds = drain(&mut reg);
+    assert_eq!(upserted_routes(&cmds, 1, 2), [Vec::<IpNet>::new()]);
+}
+
+#[test]
+fn more_routes_than_allowed_are_a_bad_hello() {
+    let (mut reg, token) = with_pod_range();
+    let routes: Vec<String> = (0..=MAX_ROUTES)
+        .map(|i| format!("10.244.{i}.0/24"))
+        .collect();
+    let routes: Vec<&str> = routes.iter().map(String::as_str).collect();
+    let cmds = advertise(&mut reg, 2, 2, &routes, &token, NOW);
+    let message = assert_rejected_only(&cmds, ConnId(2), RejectReason::BadHello);
+    assert!(message.contains("routes"), "{message}");
+}
+
+#[test]
+fn routes_survive_a_restart_with_their_decisions() {
+    let (mut reg, token) = with_pod_range();
+    advertise(&mut reg, 2, 2, &["10.244.2.0/24"], &token, NOW);
+    reg.flush();
+    drain(&mut reg);
+    let json = serde_json::to_string(reg.state()).unwrap();
+    let state: RegistryState = serde_json::from_str(&json).unwrap();
+    let mut again = Registry::new(state, server());
+    again.set_routable(vec![net("10.244.0.0/16")]);
+    drain(&mut again);
+    let cmds = join(&mut again, 1, &token);
+    let (_, peers) = welcome(&cmds);
+    assert_eq!(peers[0].routes, [net("10.244.2.0/24")]);
+}
+
+#[test]
+fn two_servers_decide_overlapping_prefixes_alike() {
+    let (mut mesh, token) = shared_mesh("100.72.0.0/16", None);
+    for i in 0..2 {
+        mesh.server(i).set_routable(vec![net("10.244.0.0/16")]);
+    }
+    // Node 1 on server a, node 2 on server b; node 3 on b advertises first,
+    // node 4 on a a moment later, overlapping.
+    for (i, n) in [(0, 1u8), (1, 2), (1, 3), (0, 4)] {
+        let routes = match n {
+            3 => vec![net("10.244.8.0/24")],
+            4 => vec![net("10.244.8.0/22")],
+            _ => Vec::new(),
+        };
+        let hello = Hello {
+            routes,
+            ..hello(n, Some(&token))
+        };
+        mesh.server(i).handle_hello(
+            ConnId(n.into()),
+            arriving(hello, observed(n)),
+            at(NOW + u64::from(n)),
+        );
+        mesh.run(i);
+        mesh.server(i).flush();
+        mesh.run(i);
+        mesh.follow(0);
+        mesh.follow(1);
+    }
+    for i in 0..2 {
+        let report = mesh.server(i).route_report();
+        let by_name: BTreeMap<&str, &RouteStatus> = report
+            .iter()
+            .map(|n| (n.name.as_str(), &n.routes[0].decision.status))
+            .collect();
+        assert_eq!(by_name["node-3"], &RouteStatus::Accepted, "server {i}");
+        assert!(
+            matches!(by_name["node-4"], RouteStatus::Overlaps { node, .. } if node == "node-3"),
+            "server {i}"
+        );
+    }
+    // Node 3 withdraws at server b: node 4, on server a, is told its
+    // prefix is routed now, and node 1 routes it.
+    let hello = hello(3, None);
+    mesh.server(1)
+        .handle_hello(ConnId(13), arriving(hello, observed(3)), at(NOW + 10));
+    mesh.run(1);
+    mesh.server(1).flush();
+    mesh.run(1);
+    let cmds = mesh.follow(0);
+    assert_eq!(
+        routes_told(&cmds, 4),
+        [vec![decision("10.244.8.0/22", RouteStatus::Accepted)]]
+    );
+    assert_eq!(upserted_routes(&cmds, 1, 4), [vec![net("10.244.8.0/22")]]);
 }

@@ -370,6 +370,8 @@ mod tests {
                     kind: CandidateKind::Observed,
                 }],
                 nat: crate::wire::control::NatMapping::Unknown,
+                routes: Vec::new(),
+                approved_routes: Vec::new(),
             },
         );
         state.tokens.insert(

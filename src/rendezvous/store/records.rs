@@ -33,10 +33,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::PublicKey;
-use crate::rendezvous::registry::{NodeRecord, Quarantined, RegistryState, TokenRecord};
+use crate::rendezvous::registry::{
+    AdvertisedRoute, NodeRecord, Quarantined, RegistryState, TokenRecord,
+};
 use crate::wire::control::{Candidate, MeshInfo, NatMapping};
 
 /// A record's key, relative to the mesh's prefix.
@@ -123,6 +126,10 @@ pub struct NodeIdentity {
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
     pub joined_at: u64,
+    /// Prefixes outside the routable ranges that an operator approved for
+    /// this node (`mesh-rendezvous routes approve`). Absent before v0.5.0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approved_routes: Vec<IpNet>,
 }
 
 /// Where a node is, as the server it is connected to last saw it.
@@ -132,6 +139,9 @@ pub struct Endpoints {
     pub candidates: Vec<Candidate>,
     #[serde(default, skip_serializing_if = "NatMapping::is_unknown")]
     pub nat: NatMapping,
+    /// The prefixes the node advertises. Absent before v0.5.0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<AdvertisedRoute>,
 }
 
 impl NodeIdentity {
@@ -141,6 +151,7 @@ impl NodeIdentity {
             ipv4: record.ipv4,
             ipv6: record.ipv6,
             joined_at: record.joined_at,
+            approved_routes: record.approved_routes.clone(),
         }
     }
 }
@@ -151,6 +162,7 @@ impl Endpoints {
             last_seen: record.last_seen,
             candidates: record.candidates.clone(),
             nat: record.nat,
+            routes: record.routes.clone(),
         }
     }
 }
@@ -343,6 +355,7 @@ pub fn node_record(identity: NodeIdentity, endpoints: Option<Endpoints>) -> Node
         last_seen: identity.joined_at,
         candidates: Vec::new(),
         nat: NatMapping::Unknown,
+        routes: Vec::new(),
     });
     NodeRecord {
         name: identity.name,
@@ -352,6 +365,8 @@ pub fn node_record(identity: NodeIdentity, endpoints: Option<Endpoints>) -> Node
         last_seen: endpoints.last_seen,
         candidates: endpoints.candidates,
         nat: endpoints.nat,
+        routes: endpoints.routes,
+        approved_routes: identity.approved_routes,
     }
 }
 
@@ -385,6 +400,8 @@ mod tests {
                     kind: CandidateKind::Observed,
                 }],
                 nat: NatMapping::EndpointIndependent,
+                routes: Vec::new(),
+                approved_routes: Vec::new(),
             },
         );
         state.tokens.insert(
