@@ -30,8 +30,8 @@ use meshd::identity::{PrivateKey, PublicKey};
 use meshd::rendezvous::admission;
 use meshd::wire::control::{
     decode, decode_frame, encode, Candidate, CandidateKind, FrameError, Hello, MeshInfo,
-    NatMapping, NodeEntry, NodeMessage, Proof, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
-    MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
+    NatMapping, NodeEntry, NodeMessage, Proof, RejectReason, RouteDecision, RouteStatus,
+    ServerHello, ServerMessage, MAX_FRAME, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -198,6 +198,50 @@ fn peer_upsert_nat() -> ServerMessage {
     ServerMessage::PeerUpsert { peer }
 }
 
+fn net(s: &str) -> ipnet::IpNet {
+    s.parse().unwrap()
+}
+
+/// A reconnect advertising the node's pod CIDRs.
+fn hello_routes() -> Hello {
+    Hello {
+        routes: vec![net("10.244.3.0/24"), net("fd10:244:0:3::/64")],
+        ..hello_registered()
+    }
+}
+
+/// A peer with an accepted pod CIDR.
+fn peer_upsert_routes() -> ServerMessage {
+    let ServerMessage::PeerUpsert { mut peer } = peer_upsert() else {
+        unreachable!("peer_upsert is an upsert")
+    };
+    peer.routes = vec![net("10.244.1.0/24")];
+    ServerMessage::PeerUpsert { peer }
+}
+
+/// What became of a node's prefixes, one of each kind that carries data.
+fn routes() -> ServerMessage {
+    ServerMessage::Routes {
+        routes: vec![
+            RouteDecision {
+                prefix: net("10.244.3.0/24"),
+                status: RouteStatus::Accepted,
+            },
+            RouteDecision {
+                prefix: net("192.168.40.0/24"),
+                status: RouteStatus::AwaitingApproval,
+            },
+            RouteDecision {
+                prefix: net("10.244.0.0/20"),
+                status: RouteStatus::Overlaps {
+                    node: "node-a".into(),
+                    held: net("10.244.1.0/24"),
+                },
+            },
+        ],
+    }
+}
+
 fn peer_remove() -> ServerMessage {
     ServerMessage::PeerRemove {
         public_key: key(PEER_A),
@@ -279,6 +323,8 @@ fn hello_vector_decodes_and_reencodes_byte_for_byte() {
         MAX_FRAME_UNADMITTED,
         &hello_registered(),
     );
+    // Prefixes behind the node (0.5.0); absent when there are none.
+    golden("hello_routes", MAX_FRAME_UNADMITTED, &hello_routes());
 }
 
 #[test]
@@ -299,6 +345,15 @@ fn peer_delta_vectors_decode_and_reencode_byte_for_byte() {
     golden("peer_remove", MAX_FRAME, &peer_remove());
     // A node's NAT behaviour rides its entry, and is absent while unknown.
     golden("peer_upsert_nat", MAX_FRAME, &peer_upsert_nat());
+    // Accepted prefixes ride the entry too, absent when there are none.
+    golden("peer_upsert_routes", MAX_FRAME, &peer_upsert_routes());
+}
+
+#[test]
+fn routes_vector_decodes_and_reencodes_byte_for_byte() {
+    // `prefix` is the decision's own prefix; an overlap names the other
+    // node's as `held`, never as a second `prefix` key.
+    golden("routes", MAX_FRAME, &routes());
 }
 
 #[test]
@@ -647,7 +702,7 @@ fn framed(body: &[u8]) -> Vec<u8> {
     f
 }
 
-const ALL: [&str; 11] = [
+const ALL: [&str; 14] = [
     "server_hello",
     "hello",
     "hello_registered",
@@ -659,6 +714,9 @@ const ALL: [&str; 11] = [
     "peer_upsert_nat",
     "candidates",
     "nat",
+    "hello_routes",
+    "peer_upsert_routes",
+    "routes",
 ];
 
 #[test]

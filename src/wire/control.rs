@@ -158,8 +158,9 @@ pub enum RouteStatus {
     /// Outside the mesh's routable ranges: waits for
     /// `mesh-rendezvous routes approve NODE PREFIX`.
     AwaitingApproval,
-    /// Overlaps a prefix that `node` held first.
-    Overlaps { node: String, prefix: IpNet },
+    /// Overlaps the prefix `held` that `node` advertised first (not
+    /// `prefix`: that names the decision's own prefix).
+    Overlaps { node: String, held: IpNet },
     /// Overlaps the mesh's own overlay prefixes.
     OverlapsMesh,
     /// Not a network address (host bits set) or a default route.
@@ -174,8 +175,8 @@ impl RouteStatus {
             RouteStatus::AwaitingApproval => "outside the mesh's routable ranges: waits for \
                  `mesh-rendezvous routes approve NODE PREFIX`"
                 .into(),
-            RouteStatus::Overlaps { node, prefix } => {
-                format!("overlaps {prefix}, which {node} holds")
+            RouteStatus::Overlaps { node, held } => {
+                format!("overlaps {held}, which {node} advertised first")
             }
             RouteStatus::OverlapsMesh => "overlaps the mesh's overlay addresses".into(),
             RouteStatus::Invalid => "not a network (host bits set) or a default route".into(),

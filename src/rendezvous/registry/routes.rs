@@ -138,7 +138,7 @@ impl RouteTable {
                     node: nodes
                         .get(&holder)
                         .map_or_else(|| holder.short(), |r| r.name.clone()),
-                    prefix: theirs,
+                    held: theirs,
                 },
                 None => {
                     held.insert(slot(&prefix), (key, prefix));
@@ -368,7 +368,7 @@ mod tests {
             status(&table, 3, "10.244.3.0/24"),
             RouteStatus::Overlaps {
                 node: "early".into(),
-                prefix: net("10.244.3.0/24")
+                held: net("10.244.3.0/24")
             }
         );
         // A later, larger prefix containing an accepted one.
@@ -376,7 +376,7 @@ mod tests {
             status(&table, 1, "10.244.0.0/20"),
             RouteStatus::Overlaps {
                 node: "early".into(),
-                prefix: net("10.244.3.0/24")
+                held: net("10.244.3.0/24")
             }
         );
         // A node's own prefixes may overlap each other.

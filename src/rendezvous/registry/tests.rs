@@ -2303,7 +2303,7 @@ fn an_overlapping_prefix_is_refused_naming_its_holder_and_routed_once_withdrawn(
     let cmds = advertise(&mut reg, 3, 3, &["10.244.0.0/20"], &token, NOW + 1);
     let refused = RouteStatus::Overlaps {
         node: "node-2".into(),
-        prefix: net("10.244.2.0/24"),
+        held: net("10.244.2.0/24"),
     };
     assert_eq!(
         decisions_in_welcome(&cmds),
