@@ -323,7 +323,7 @@ fn hello_vector_decodes_and_reencodes_byte_for_byte() {
         MAX_FRAME_UNADMITTED,
         &hello_registered(),
     );
-    // Prefixes behind the node (0.5.0); absent when there are none.
+    // Prefixes behind the node (0.4.0); absent when there are none.
     golden("hello_routes", MAX_FRAME_UNADMITTED, &hello_routes());
 }
 

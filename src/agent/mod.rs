@@ -26,6 +26,7 @@
 // forbidden).
 #![deny(clippy::disallowed_methods)]
 
+pub mod learned;
 mod status;
 #[cfg(test)]
 #[allow(

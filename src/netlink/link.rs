@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType, RouteVia,
 };
 use rtnetlink::{AddressMessageBuilder, Handle, LinkGetRequest, LinkUnspec, RouteMessageBuilder};
 use tokio::task::JoinHandle;
@@ -83,7 +83,7 @@ impl Link {
         let routes = main_routes(handle)
             .await?
             .into_iter()
-            .filter_map(|(net, oif)| (oif == Some(self.index)).then_some(net))
+            .filter_map(|r| (r.oif == Some(self.index)).then_some(r.prefix))
             .collect();
 
         Ok(LinkState {
@@ -245,7 +245,7 @@ pub async fn overlapping_routes(
     let overlapping: Vec<(IpNet, u32)> = main_routes(&conn.handle)
         .await?
         .into_iter()
-        .filter_map(|(route, oif)| Some((route, oif?)))
+        .filter_map(|r| Some((r.prefix, r.oif?)))
         .filter(|&(route, oif)| {
             route.prefix_len() > 0
                 && Some(oif) != except_ifindex
@@ -320,9 +320,22 @@ async fn fetch_link(request: LinkGetRequest, ifname: &str) -> Result<LinkMessage
     }
 }
 
-/// Unicast IPv4 and IPv6 routes of the main table, each with its output
-/// interface (`None` for multipath routes). Malformed entries are skipped.
-async fn main_routes(handle: &Handle) -> Result<Vec<(IpNet, Option<u32>)>, NetlinkError> {
+/// A unicast route of the main table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelRoute {
+    pub prefix: IpNet,
+    /// The output interface (`None` for multipath routes).
+    pub oif: Option<u32>,
+    /// The next hop (`RTA_GATEWAY`, or `RTA_VIA` of an IPv4 route through
+    /// an IPv6 next hop); `None` for a route straight onto the link.
+    pub gateway: Option<IpAddr>,
+    /// Who installed it (`RTPROT_*`: 2 kernel, 3 boot, 4 static, 12 BIRD…).
+    pub protocol: u8,
+}
+
+/// Unicast IPv4 and IPv6 routes of the main table. Malformed entries are
+/// skipped.
+pub(super) async fn main_routes(handle: &Handle) -> Result<Vec<KernelRoute>, NetlinkError> {
     let mut routes = Vec::new();
     for query in [
         RouteMessageBuilder::<Ipv4Addr>::new().build(),
@@ -342,12 +355,24 @@ async fn main_routes(handle: &Handle) -> Result<Vec<(IpNet, Option<u32>)>, Netli
             if table_of(&msg) == u32::from(RouteHeader::RT_TABLE_MAIN)
                 && msg.header.kind == RouteType::Unicast
             {
-                if let Some(net) = destination_of(&msg) {
+                if let Some(prefix) = destination_of(&msg) {
                     let oif = msg.attributes.iter().find_map(|a| match a {
                         RouteAttribute::Oif(i) => Some(*i),
                         _ => None,
                     });
-                    routes.push((net, oif));
+                    let gateway = msg.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Gateway(RouteAddress::Inet(v4))
+                        | RouteAttribute::Via(RouteVia::Inet(v4)) => Some(IpAddr::V4(*v4)),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(v6))
+                        | RouteAttribute::Via(RouteVia::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+                        _ => None,
+                    });
+                    routes.push(KernelRoute {
+                        prefix,
+                        oif,
+                        gateway,
+                        protocol: u8::from(msg.header.protocol),
+                    });
                 }
             }
         }

@@ -14,14 +14,19 @@
 //!   changes on [`Link::teardown`]. [`overlapping_routes`] (I/O) finds host
 //!   routes that collide with the mesh prefix, so meshd can refuse to start
 //!   and say which route is in the way.
+//! - [`RouteWatch`] (I/O, in `watch.rs`) reads the routes others install
+//!   on the interface with their gateways (flannel host-gw, BIRD), and says
+//!   when the routing table changed.
 //!
 //! Everything here needs CAP_NET_ADMIN except reading state.
 
 mod diff;
 mod link;
+mod watch;
 
 pub use diff::{diff, routes_for, Change, ChangeOn, LinkConfig, LinkState, Owned};
-pub use link::{overlapping_routes, Link};
+pub use link::{overlapping_routes, KernelRoute, Link};
+pub use watch::RouteWatch;
 
 /// Errors of the netlink layer.
 #[derive(Debug, thiserror::Error)]

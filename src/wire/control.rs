@@ -59,7 +59,7 @@ pub struct Hello {
     /// QUIC connection: see [`admission_proof`](crate::rendezvous::admission).
     pub proof: Proof,
     /// Prefixes behind the node (its pod CIDR) that it asks the mesh to
-    /// route to it (proto/control.md §15). Absent from a node before 0.5.0.
+    /// route to it (proto/control.md §15). Absent from a node before 0.4.0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<IpNet>,
 }

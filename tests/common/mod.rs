@@ -32,6 +32,7 @@
 
 #![allow(dead_code)]
 
+pub mod cni;
 pub mod etcd;
 pub mod lab;
 pub mod topology;

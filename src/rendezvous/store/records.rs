@@ -127,7 +127,7 @@ pub struct NodeIdentity {
     pub ipv6: Ipv6Addr,
     pub joined_at: u64,
     /// Prefixes outside the routable ranges that an operator approved for
-    /// this node (`mesh-rendezvous routes approve`). Absent before v0.5.0.
+    /// this node (`mesh-rendezvous routes approve`). Absent before v0.4.0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approved_routes: Vec<IpNet>,
 }
@@ -139,7 +139,7 @@ pub struct Endpoints {
     pub candidates: Vec<Candidate>,
     #[serde(default, skip_serializing_if = "NatMapping::is_unknown")]
     pub nat: NatMapping,
-    /// The prefixes the node advertises. Absent before v0.5.0.
+    /// The prefixes the node advertises. Absent before v0.4.0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<AdvertisedRoute>,
 }
