@@ -27,7 +27,9 @@ fi
 # no systemd as PID 1); strace: the system calls the confined daemons make;
 # shellcheck: deploy/install.sh (tests/install.rs); etcd-server and
 # etcd-client: a three-member etcd over overlay addresses, run inside the
-# NAT lab's namespaces only (tests/lab_kube.rs), and the store's etcd
+# NAT lab's namespaces only (tests/lab_kube.rs), a three-member etcd on lab
+# machines that keeps the mesh of two rendezvous servers in the NAT lab
+# (tests/lab_servers.rs), and the store's etcd
 # backend against one- and three-member clusters in namespaces of their own
 # (tests/store_etcd.rs); protobuf-compiler and libprotobuf-dev (protoc and
 # the well-known .proto files it imports): build dependencies of the

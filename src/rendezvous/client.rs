@@ -184,7 +184,10 @@ pub async fn run(
             rand::thread_rng().gen_range(Duration::ZERO..=FAILOVER_JITTER)
         };
         if servers.len() > 1 {
-            tracing::info!(next = %servers.current(), retry_in = ?wait, "trying the next server");
+            // The servers the next attempt races: not the one just lost
+            // (it sits out the round), unless the round is over.
+            let next: Vec<String> = servers.candidates().into_iter().map(|(_, s)| s).collect();
+            tracing::info!(?next, retry_in = ?wait, "trying the next server");
         }
         tokio::time::sleep(wait).await;
     }
@@ -577,7 +580,7 @@ async fn admit_on(
         } => {
             tracing::info!(
                 %server, ipv4 = %node.ipv4, ipv6 = %node.ipv6, %observed, peers = peers.len(),
-                "admitted by the rendezvous"
+                ?servers, "admitted by the rendezvous"
             );
             let session = Session {
                 server: server.to_owned(),

@@ -3,6 +3,12 @@
 //! as `deploy/lab/demo` does it, and helpers to run things inside the
 //! nodes' namespaces. Needs root; does I/O (namespaces, processes, files).
 //!
+//! A [`MeshLab`] has one rendezvous server, "rv", on its file store
+//! ([`MeshLab::with_mesh_of`]), or one on each rendezvous machine of the
+//! topology, "rv" and "rv2", sharing the mesh in an etcd whose members run
+//! on lab machines ([`MeshLab::with_servers_on_etcd`], tests/common/etcd.rs's
+//! [`EtcdCluster`]); each server is the lab daemon labelled by its machine.
+//!
 //! Every [`MeshLab`] is its own lab built by `deploy/lab/up` under its own
 //! `LAB_PREFIX` (`<stem><pid>-<n>`, the stem chosen by the test file so that
 //! test binaries running at once never share a name), with the daemons'
@@ -32,10 +38,11 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::Duration;
 
+use super::etcd::EtcdCluster;
 use super::topology::{topology, Kind};
 use super::{
-    assert_success, eventually_every, meshctl_json, output, require_root, utf8, Amount,
-    TcpTransfer, LISTEN_PORT, MESHD, MESH_RENDEZVOUS,
+    assert_success, eventually_every, init_on_etcd_args, meshctl_json, output, require_root,
+    server_add_args, utf8, Amount, JoinLine, TcpTransfer, LISTEN_PORT, MESHD, MESH_RENDEZVOUS,
 };
 
 /// How long a daemon may take to come up.
@@ -89,11 +96,16 @@ static SWEPT: Mutex<BTreeSet<&str>> = Mutex::new(BTreeSet::new());
 /// its nodes; dropping it stops them and runs `deploy/lab/down`.
 pub struct MeshLab {
     lab: NatLab,
-    /// Daemons started here, by label ("rendezvous", a node's name, or
-    /// whatever a test passed to [`MeshLab::spawn`]).
+    /// Daemons started here, by label (a server's machine, "rv" or "rv2",
+    /// a node's name, or whatever a test passed to [`MeshLab::spawn`]).
     daemons: RefCell<Vec<(String, Child)>>,
     /// The nodes running meshd and their overlay IPv4 addresses.
     overlay: BTreeMap<&'static str, Ipv4Addr>,
+    /// The mesh's store when it is kept in etcd, its members in lab
+    /// namespaces. `deploy/lab/down` stops the servers (by their state
+    /// directories) before it ends what else runs in the namespaces, etcd
+    /// among it, so the servers never outlive their store.
+    etcd: Option<EtcdCluster>,
 }
 
 impl MeshLab {
@@ -116,23 +128,102 @@ impl MeshLab {
     }
 
     fn build(stem: &'static str, nodes: &[&'static str], release: &Release) -> Self {
-        // The guard holds the lab first, so that a half-built one is removed too.
-        let mut lab = MeshLab {
-            lab: NatLab::up(stem),
-            daemons: RefCell::new(Vec::new()),
-            overlay: BTreeMap::new(),
-        };
-        fs::create_dir_all(lab.dir()).expect("create the lab directory");
+        let mut lab = Self::empty(NatLab::up(stem));
         lab.start_rendezvous(release);
         let join = lab.create_token(nodes.len(), release);
         for &node in nodes {
             lab.start_meshd(node, &join, release);
         }
-        for &node in nodes {
-            let ip = lab.wait_for_overlay_ip(node);
-            lab.overlay.insert(node, ip);
-        }
+        lab.wait_for_overlay_ips(nodes);
         lab
+    }
+
+    /// A lab with every rendezvous machine of the topology ("rv", "rv2")
+    /// serving one mesh kept in a three-member etcd, one member on each of
+    /// `etcd_on` (machines of the lab, on their NIC's address), as
+    /// `deploy/lab/demo` builds it: the first server creates the mesh,
+    /// issues the others' certificates (`server add`) and the token. Each
+    /// of `homes` (node, server) joins with the token's line naming only
+    /// that server, so that it homes there (it learns the others from its
+    /// welcome). Returns once every node has its overlay address.
+    pub fn with_servers_on_etcd(
+        stem: &'static str,
+        etcd_on: &[&'static str],
+        homes: &[(&'static str, &'static str)],
+    ) -> Self {
+        let release = Release::current();
+        let servers: Vec<&'static str> = topology()
+            .rendezvous_machines
+            .iter()
+            .map(|m| m.name)
+            .collect();
+        let mut lab = Self::empty(NatLab::up_with_servers(stem, servers.len()));
+        let places: Vec<(String, Ipv4Addr)> = etcd_on
+            .iter()
+            .map(|m| (lab.ns(m), topology().address_of(m)))
+            .collect();
+        let etcd = lab.etcd.insert(EtcdCluster::on(&places));
+        let endpoints = etcd.endpoints();
+        // A key prefix of the lab's own: its etcd is, too, but a name says
+        // whose keys they are.
+        let key_prefix = format!("/meshd/{}/", lab.lab.prefix);
+        let first = servers[0];
+        for &server in &servers {
+            let public = topology().rendezvous_machine(server).address.to_string();
+            let mut init = init_on_etcd_args(&public, server, &endpoints, &key_prefix);
+            if server != first {
+                let bundle = lab.dir().join(format!("server-{server}"));
+                lab.rendezvous_admin(first, &server_add_args(server, &bundle), &release)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                init.extend(["--certificate-from".to_owned(), utf8(&bundle).to_owned()]);
+            }
+            let init: Vec<&str> = init.iter().map(String::as_str).collect();
+            lab.rendezvous_admin(server, &init, &release)
+                .unwrap_or_else(|e| panic!("{e}"));
+            lab.serve_rendezvous(server, &release);
+        }
+        // Each server announces itself in etcd as it starts; the token's
+        // join line names those announced.
+        eventually(
+            "every server of the mesh is announced",
+            START_DEADLINE,
+            || {
+                let listed = lab.rendezvous_json(first, &["server", "list", "--json"])?;
+                match listed.as_array().map(Vec::len) {
+                    Some(n) if n == servers.len() => Ok(()),
+                    _ => Err(format!("server list: {listed}")),
+                }
+            },
+        );
+        let join = lab.create_token(homes.len(), &release);
+        for &(node, home) in homes {
+            let home = topology().rendezvous_machine(home).address;
+            lab.start_meshd(node, &join.via_addrs(&[home.into()]), &release);
+        }
+        let nodes: Vec<&'static str> = homes.iter().map(|&(node, _)| node).collect();
+        lab.wait_for_overlay_ips(&nodes);
+        lab
+    }
+
+    /// A mesh lab of `lab`, with nothing running yet and its directory made.
+    /// The guard holds the lab first, so that a half-built one is removed too.
+    fn empty(lab: NatLab) -> Self {
+        let lab = MeshLab {
+            lab,
+            daemons: RefCell::new(Vec::new()),
+            overlay: BTreeMap::new(),
+            etcd: None,
+        };
+        fs::create_dir_all(lab.dir()).expect("create the lab directory");
+        lab
+    }
+
+    /// Waits until each of `nodes` has its overlay address, and keeps them.
+    fn wait_for_overlay_ips(&mut self, nodes: &[&'static str]) {
+        for &node in nodes {
+            let ip = self.wait_for_overlay_ip(node);
+            self.overlay.insert(node, ip);
+        }
     }
 
     /// The lab's directory: state directories, env files, logs; removed by
@@ -231,25 +322,26 @@ impl MeshLab {
             ],
         );
         assert_success(&out, "mesh-rendezvous init");
-        self.serve_rendezvous(release);
+        self.serve_rendezvous("rv", release);
     }
 
-    /// `mesh-rendezvous serve` on the lab's rendezvous state directory;
-    /// returns once its admin socket answers.
-    fn serve_rendezvous(&self, release: &Release) {
-        let dir = self.state_dir("rv");
+    /// `mesh-rendezvous serve` on the state directory of the server on
+    /// `machine` ("rv", "rv2"), as the daemon labelled `machine`; returns
+    /// once its admin socket answers.
+    fn serve_rendezvous(&self, machine: &str, release: &Release) {
+        let dir = self.state_dir(machine);
         self.spawn(
-            "rv",
-            "rendezvous",
+            machine,
+            machine,
             utf8(&release.rendezvous),
             &["--state-dir", utf8(&dir), "serve"],
         );
-        let admin = self.state_dir("rv").join("admin.sock");
+        let admin = dir.join("admin.sock");
         eventually(
-            "mesh-rendezvous accepts on its admin socket",
+            &format!("mesh-rendezvous on {machine} accepts on its admin socket"),
             START_DEADLINE,
             || {
-                self.assert_running("rendezvous");
+                self.assert_running(machine);
                 UnixStream::connect(&admin)
                     .map(drop)
                     .map_err(|e| format!("{}: {e}", admin.display()))
@@ -257,40 +349,69 @@ impl MeshLab {
         );
     }
 
-    /// `mesh-rendezvous token create` for `uses` nodes: the arguments of
-    /// the `meshd join` line it prints, after `meshd`.
-    fn create_token(&self, uses: usize, release: &Release) -> Vec<String> {
-        let dir = self.state_dir("rv");
+    /// `mesh-rendezvous --state-dir <its state dir> args…` for the server
+    /// on `machine`, run in that machine's namespace (a server on etcd
+    /// reaches its store from there); its stdout, or `Err` saying why not.
+    pub fn rendezvous_admin(
+        &self,
+        machine: &str,
+        args: &[&str],
+        release: &Release,
+    ) -> Result<String, String> {
+        let dir = self.state_dir(machine);
+        let mut all = vec![utf8(&release.rendezvous), "--state-dir", utf8(&dir)];
+        all.extend_from_slice(args);
+        let out = self.exec_in(machine, &all);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "`mesh-rendezvous {}` on {machine} failed with {}: {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// [`MeshLab::rendezvous_admin`] of this tree's build, its output
+    /// parsed as JSON (`nodes list --json`, `server list --json`).
+    pub fn rendezvous_json(
+        &self,
+        machine: &str,
+        args: &[&str],
+    ) -> Result<serde_json::Value, String> {
+        let out = self.rendezvous_admin(machine, args, &Release::current())?;
+        serde_json::from_str(&out).map_err(|e| {
+            format!(
+                "`mesh-rendezvous {}` printed no JSON ({e}): {out}",
+                args.join(" ")
+            )
+        })
+    }
+
+    /// `mesh-rendezvous token create` on "rv" for `uses` nodes: the
+    /// `meshd join` line it prints.
+    fn create_token(&self, uses: usize, release: &Release) -> JoinLine {
         let uses = uses.to_string();
-        let out = output(
-            utf8(&release.rendezvous),
-            &[
-                "--state-dir",
-                utf8(&dir),
-                "token",
-                "create",
-                "--ttl",
-                "1h",
-                "--uses",
-                &uses,
-            ],
-        );
-        assert_success(&out, "mesh-rendezvous token create");
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let args = ["token", "create", "--ttl", "1h", "--uses", &uses];
+        let stdout = self
+            .rendezvous_admin("rv", &args, release)
+            .unwrap_or_else(|e| panic!("{e}"));
         let line = stdout
             .lines()
             .find(|l| l.starts_with("meshd join "))
             .unwrap_or_else(|| panic!("`token create` prints a `meshd join` line: {stdout}"));
-        line.split_whitespace().skip(1).map(str::to_owned).collect()
+        JoinLine(line.to_owned())
     }
 
     /// `meshd join` with the token's line, then `meshd run --state-dir …
     /// --env-file …`.
-    fn start_meshd(&mut self, node: &str, join: &[String], release: &Release) {
+    fn start_meshd(&mut self, node: &str, join: &JoinLine, release: &Release) {
         let state_dir = self.state_dir(node);
         let socket = self.socket(node);
         let name = format!("node-{node}");
-        let mut args: Vec<&str> = join.iter().map(String::as_str).collect();
+        let mut args = join.meshd_args();
         args.extend([
             "--state-dir",
             utf8(&state_dir),
@@ -328,6 +449,16 @@ impl MeshLab {
     /// Stops the daemon `label` as systemd would (SIGTERM, then waits for
     /// it to exit) and forgets it; its log is kept as `<label>.<n>.log`.
     pub fn stop(&self, label: &str) {
+        self.signal_and_forget(label, "TERM");
+    }
+
+    /// Kills the daemon `label` with SIGKILL, as a crash or the loss of its
+    /// machine ends it, and forgets it; its log is kept as `<label>.<n>.log`.
+    pub fn kill(&self, label: &str) {
+        self.signal_and_forget(label, "KILL");
+    }
+
+    fn signal_and_forget(&self, label: &str, signal: &str) {
         let mut daemons = self.daemons.borrow_mut();
         let i = daemons
             .iter()
@@ -336,9 +467,9 @@ impl MeshLab {
         let (_, mut child) = daemons.remove(i);
         drop(daemons);
         let pid = child.id().to_string();
-        let _ = output("kill", &["-TERM", &pid]);
+        let _ = output("kill", &[&format!("-{signal}"), &pid]);
         eventually(
-            &format!("{label} exits on SIGTERM"),
+            &format!("{label} exits on SIG{signal}"),
             START_DEADLINE,
             || match child.try_wait() {
                 Ok(Some(_)) => Ok(()),
@@ -355,11 +486,11 @@ impl MeshLab {
         );
     }
 
-    /// Upgrades (or downgrades) the rendezvous in place: stops it and
-    /// serves the same state directory with `release`.
+    /// Upgrades (or downgrades) the rendezvous on "rv" in place: stops it
+    /// and serves the same state directory with `release`.
     pub fn restart_rendezvous(&self, release: &Release) {
-        self.stop("rendezvous");
-        self.serve_rendezvous(release);
+        self.stop("rv");
+        self.serve_rendezvous("rv", release);
     }
 
     /// Upgrades meshd on `node` in place: stops it and runs `release` on
@@ -552,6 +683,11 @@ impl MeshLab {
         TcpTransfer::start(what, &from, &to, address, amount, seed, REACH_DEADLINE)
     }
 
+    /// The log of the daemon `label` so far.
+    pub fn log(&self, label: &str) -> String {
+        fs::read_to_string(self.log_path(label)).unwrap_or_default()
+    }
+
     /// The last lines of every daemon's log.
     fn logs(&self) -> String {
         let mut all = String::new();
@@ -593,13 +729,22 @@ impl Drop for MeshLab {
 pub struct NatLab {
     prefix: String,
     dir: PathBuf,
+    /// How many of the topology's rendezvous machines it has (`LAB_SERVERS`).
+    servers: usize,
     is_up: bool,
 }
 
 impl NatLab {
-    /// Builds a lab named `<stem><pid>-<n>`, first removing the labs of
-    /// this stem that a killed run left behind.
+    /// Builds a lab named `<stem><pid>-<n>` with one rendezvous machine,
+    /// "rv", first removing the labs of this stem that a killed run left
+    /// behind.
     pub fn up(stem: &'static str) -> Self {
+        Self::up_with_servers(stem, 1)
+    }
+
+    /// [`NatLab::up`] with the first `servers` rendezvous machines of the
+    /// topology ("rv", then "rv2").
+    pub fn up_with_servers(stem: &'static str, servers: usize) -> Self {
         require_root();
         let first_of_stem = SWEPT.lock().unwrap_or_else(|e| e.into_inner()).insert(stem);
         if first_of_stem {
@@ -614,6 +759,7 @@ impl NatLab {
         let lab = NatLab {
             dir: std::env::temp_dir().join(&prefix),
             prefix,
+            servers,
             is_up: true,
         };
         let out = lab.script("up");
@@ -629,8 +775,8 @@ impl NatLab {
         Command::new(&path)
             .env("LAB_PREFIX", &self.prefix)
             .env("LAB_DIR", &self.dir)
-            // One rendezvous machine, "rv", whatever the caller's environment.
-            .env("LAB_SERVERS", "1")
+            // The lab's rendezvous machines, whatever the caller's environment.
+            .env("LAB_SERVERS", self.servers.to_string())
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()))

@@ -932,30 +932,16 @@ impl Lab {
             state_dir: self.dir().join(format!("rendezvous-{name}")),
             daemon: None,
         };
-        let listen = format!("0.0.0.0:{RENDEZVOUS_PORT}");
         let public = rendezvous.address().to_string();
-        let endpoints = etcd_endpoints.join(",");
-        let mut init = vec![
-            "init",
-            "--listen",
-            &listen,
-            "--public-addr",
-            &public,
-            "--cidr",
-            cidr,
-            "--server-name",
-            name,
-            "--etcd-endpoints",
-            &endpoints,
-            "--key-prefix",
-            key_prefix,
-        ];
+        let mut init = init_on_etcd_args(&public, name, etcd_endpoints, key_prefix);
+        init.extend(["--cidr".to_owned(), cidr.to_owned()]);
         // Issued where the CA's key is, as an operator adds a server.
         let bundle = self.dir().join(format!("server-{name}"));
         if let Some(issuer) = certificate_of {
-            issuer.admin(&["server", "add", name, "--out", utf8(&bundle)]);
-            init.extend(["--certificate-from", utf8(&bundle)]);
+            issuer.admin(&server_add_args(name, &bundle));
+            init.extend(["--certificate-from".to_owned(), utf8(&bundle).to_owned()]);
         }
+        let init: Vec<&str> = init.iter().map(String::as_str).collect();
         rendezvous.admin(&init);
         rendezvous.start();
         rendezvous
@@ -999,6 +985,40 @@ impl Lab {
         node.start();
         node
     }
+}
+
+/// `mesh-rendezvous init` for the server `name` of a mesh kept in etcd,
+/// listening on every address at [`RENDEZVOUS_PORT`] and reached by the
+/// nodes at `public_addr`: the first server of a mesh under `key_prefix`
+/// creates it there, the next ones (given `--certificate-from` the bundle
+/// of [`server_add_args`]) join it.
+pub fn init_on_etcd_args(
+    public_addr: &str,
+    name: &str,
+    etcd_endpoints: &[String],
+    key_prefix: &str,
+) -> Vec<String> {
+    [
+        "init",
+        "--listen",
+        &format!("0.0.0.0:{RENDEZVOUS_PORT}"),
+        "--public-addr",
+        public_addr,
+        "--server-name",
+        name,
+        "--etcd-endpoints",
+        &etcd_endpoints.join(","),
+        "--key-prefix",
+        key_prefix,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// `mesh-rendezvous server add NAME --out BUNDLE`, run where the mesh CA's
+/// key is: the certificate bundle that the new server's `init` takes.
+pub fn server_add_args<'a>(name: &'a str, bundle: &'a Path) -> [&'a str; 5] {
+    ["server", "add", name, "--out", utf8(bundle)]
 }
 
 pub fn utf8(path: &Path) -> &str {

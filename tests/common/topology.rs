@@ -183,6 +183,22 @@ impl Topology {
             .trunc()
     }
 
+    /// The rendezvous machine called `name`.
+    pub fn rendezvous_machine(&self, name: &str) -> &RendezvousMachine {
+        self.rendezvous_machines
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("the lab has no rendezvous machine {name}"))
+    }
+
+    /// The address on the NIC of `machine`, a rendezvous machine or a node.
+    pub fn address_of(&self, machine: &str) -> Ipv4Addr {
+        match self.rendezvous_machines.iter().find(|m| m.name == machine) {
+            Some(m) => *m.address.ip(),
+            None => self.node(machine).address,
+        }
+    }
+
     /// The only node of `kind` (the lab has one of each but lan and
     /// symmetric); panics otherwise.
     pub fn the(&self, kind: Kind) -> &LabNode {
