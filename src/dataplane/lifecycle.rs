@@ -197,7 +197,7 @@ pub async fn run(
                     .unwrap_or_else(|| private_key.public_key().short()),
                 listen_port,
                 token: read_join_token(dir)?,
-                routes: Vec::new(),
+                routes: config.routes.clone(),
             };
             let (interface, advertised) = (config.interface.clone(), config.advertise_endpoint);
             let gather =

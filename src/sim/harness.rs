@@ -138,7 +138,10 @@ enum Carried {
         frame: Bytes,
     },
     /// A message on connection `conn`'s control stream.
-    Message { conn: ConnId, msg: Box<ServerMessage> },
+    Message {
+        conn: ConnId,
+        msg: Box<ServerMessage>,
+    },
     /// The rendezvous closed connection `conn`.
     Close { conn: ConnId },
 }
@@ -1071,7 +1074,13 @@ impl Sim {
                     if immediate {
                         self.deliver_message(conn, msg, now);
                     } else {
-                        self.carry(Carried::Message { conn, msg: Box::new(msg) }, now);
+                        self.carry(
+                            Carried::Message {
+                                conn,
+                                msg: Box::new(msg),
+                            },
+                            now,
+                        );
                     }
                 }
                 Command::Close { conn, .. } => {
