@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::engine::PeerSpec;
 use crate::identity::CertHash;
 use crate::identity::PublicKey;
+use crate::wire::control::MAX_ROUTES;
 
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 pub const DEFAULT_INTERFACE: &str = "mesh0";
@@ -90,6 +91,10 @@ pub struct Config {
     /// `127.0.0.1:9586`; off when absent.
     pub metrics_address: Option<SocketAddr>,
     pub rendezvous: Option<RendezvousConfig>,
+    /// Prefixes behind this node (its pod CIDR) that it asks the mesh to
+    /// route to it: network addresses, no default route, at most
+    /// [`MAX_ROUTES`], each once. Needs a `[rendezvous]`, which decides.
+    pub routes: Vec<IpNet>,
 }
 
 /// `[rendezvous]`: the mesh server this node joined.
@@ -141,6 +146,35 @@ struct RawConfig {
     advertise_endpoint: Option<SocketAddr>,
     metrics_address: Option<SocketAddr>,
     rendezvous: Option<RendezvousConfig>,
+    #[serde(default)]
+    routes: AdvertisedRoutes,
+}
+
+/// `routes = [...]`, checked while parsing so that an error points at the
+/// line and column of the prefix at fault.
+#[derive(Default)]
+struct AdvertisedRoutes(Vec<IpNet>);
+
+impl<'de> Deserialize<'de> for AdvertisedRoutes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let nets = Vec::<RoutePrefix>::deserialize(d)?;
+        let nets: Vec<IpNet> = nets.into_iter().map(|RoutePrefix(net)| net).collect();
+        validate_routes(&nets).map_err(D::Error::custom)?;
+        Ok(Self(nets))
+    }
+}
+
+/// One advertised prefix, checked by [`validate_route`].
+struct RoutePrefix(IpNet);
+
+impl<'de> Deserialize<'de> for RoutePrefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let net = IpNet::deserialize(d)?;
+        validate_route(&net).map_err(D::Error::custom)?;
+        Ok(Self(net))
+    }
 }
 
 #[derive(Deserialize)]
@@ -258,6 +292,14 @@ impl Config {
         if let Some(name) = &raw.name {
             validate_node_name(name).map_err(|m| invalid("name", m))?;
         }
+        if !raw.routes.0.is_empty() && raw.rendezvous.is_none() {
+            return Err(invalid(
+                "routes",
+                "prefixes are advertised through a [rendezvous], which this file has none of; \
+                 with static peers only, list the prefix in each peer's `allowed-ips` instead"
+                    .into(),
+            ));
+        }
         if raw.env_file.file_name().is_none() {
             return Err(invalid(
                 "env-file",
@@ -326,6 +368,7 @@ impl Config {
             advertise_endpoint: raw.advertise_endpoint,
             metrics_address: raw.metrics_address,
             rendezvous: raw.rendezvous,
+            routes: raw.routes.0,
         })
     }
 }
@@ -342,6 +385,43 @@ pub fn validate_node_name(name: &str) -> Result<(), String> {
         return Err(format!(
             "{name:?} must not contain spaces or control characters"
         ));
+    }
+    Ok(())
+}
+
+/// A prefix this node may advertise (`routes`, `--advertise-routes`): a
+/// network address with its host bits clear, and not a default route (a
+/// node that claimed every address would take the mesh's underlay traffic
+/// into the tunnel).
+pub fn validate_route(net: &IpNet) -> Result<(), String> {
+    if net.trunc() != *net {
+        return Err(format!(
+            "{net} has host bits set; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    if net.prefix_len() == 0 {
+        return Err(format!(
+            "{net} is a default route; advertise the prefixes behind this node (its pod CIDR), \
+             not every address"
+        ));
+    }
+    Ok(())
+}
+
+/// The prefixes a node advertises, together: at most [`MAX_ROUTES`] (what
+/// the rendezvous accepts in a hello), each once.
+pub fn validate_routes(nets: &[IpNet]) -> Result<(), String> {
+    if nets.len() > MAX_ROUTES {
+        return Err(format!(
+            "{} prefixes; a node advertises at most {MAX_ROUTES} (merge adjacent ones)",
+            nets.len()
+        ));
+    }
+    for (i, net) in nets.iter().enumerate() {
+        if nets[..i].contains(net) {
+            return Err(format!("{net} is listed twice"));
+        }
     }
     Ok(())
 }
@@ -577,6 +657,101 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("ca-hash") && err.contains("sha256:"), "{err}");
+    }
+
+    const RENDEZVOUS: &str =
+        "state-dir = \"/var/lib/meshd\"\n[rendezvous]\naddress = \"rv.example:7443\"\n\
+         ca-hash = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\n";
+
+    /// A rendezvous node whose `routes` line is line 2.
+    fn with_routes(routes: &str) -> Result<Config, ConfigError> {
+        parse(&format!(
+            "private-key-file = \"/k\"\nroutes = {routes}\n{RENDEZVOUS}"
+        ))
+    }
+
+    #[test]
+    fn advertised_routes_are_read_in_order() {
+        let c = with_routes(r#"["10.244.3.0/24", "fd00:244:3::/64", "192.168.7.0/24"]"#).unwrap();
+        let want: Vec<IpNet> = ["10.244.3.0/24", "fd00:244:3::/64", "192.168.7.0/24"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(c.routes, want);
+        let none = parse(&format!("private-key-file = \"/k\"\n{RENDEZVOUS}")).unwrap();
+        assert!(none.routes.is_empty());
+    }
+
+    #[test]
+    fn an_advertised_route_that_is_no_prefix_is_named_with_its_line() {
+        for bad in [r#"["10.244.3.0/33"]"#, r#"["pods"]"#, r#""10.244.3.0/24""#] {
+            let err = with_routes(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("/etc/meshd/meshd.toml") && err.contains("line 2"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_advertised_route_with_host_bits_says_which_network_was_meant() {
+        let err = with_routes(r#"["10.244.3.0/24", "10.244.4.1/24"]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2")
+                && err.contains("10.244.4.1/24 has host bits set")
+                && err.contains("10.244.4.0/24"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_default_route_or_a_prefix_twice_is_refused() {
+        let err = with_routes(r#"["0.0.0.0/0"]"#).unwrap_err().to_string();
+        assert!(
+            err.contains("default route") && err.contains("line 2"),
+            "{err}"
+        );
+        let err = with_routes(r#"["::/0"]"#).unwrap_err().to_string();
+        assert!(err.contains("default route"), "{err}");
+        let err = with_routes(r#"["10.244.3.0/24", "10.244.3.0/24"]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("listed twice") && err.contains("line 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn at_most_max_routes_prefixes_are_advertised() {
+        let list = |n: usize| {
+            let nets: Vec<String> = (0..n).map(|i| format!("\"10.{i}.0.0/16\"")).collect();
+            format!("[{}]", nets.join(", "))
+        };
+        assert_eq!(
+            with_routes(&list(MAX_ROUTES)).unwrap().routes.len(),
+            MAX_ROUTES
+        );
+        let err = with_routes(&list(MAX_ROUTES + 1)).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2") && err.contains(&format!("at most {MAX_ROUTES}")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn routes_without_a_rendezvous_are_refused_and_the_error_says_what_to_do_instead() {
+        let err = parse(
+            "private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\nroutes = [\"10.244.3.0/24\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`routes`") && err.contains("[rendezvous]") && err.contains("allowed-ips"),
+            "{err}"
+        );
     }
 
     #[test]

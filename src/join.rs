@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use rand::{CryptoRng, RngCore};
 
 use crate::config::{self, RendezvousConfig};
@@ -28,6 +29,9 @@ pub struct JoinOptions {
     pub advertise_endpoint: Option<SocketAddr>,
     pub interface: String,
     pub socket: PathBuf,
+    /// Prefixes behind this node to advertise (`--advertise-routes`),
+    /// written as `routes` in the config so that `meshd run` sends them.
+    pub routes: Vec<IpNet>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +111,7 @@ pub fn join<R: RngCore + CryptoRng>(
         advertise_endpoint,
         interface,
         socket,
+        routes,
     } = options;
     let bad = server.split(',').find(|one| {
         one.trim()
@@ -122,6 +127,11 @@ pub fn join<R: RngCore + CryptoRng>(
     if let Some(name) = name {
         config::validate_node_name(name).map_err(|m| JoinError::Invalid(format!("--name: {m}")))?;
     }
+    let bad_routes = |m| JoinError::Invalid(format!("--advertise-routes: {m}"));
+    for net in routes {
+        config::validate_route(net).map_err(bad_routes)?;
+    }
+    config::validate_routes(routes).map_err(bad_routes)?;
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| JoinError::Io { path, source }
@@ -167,6 +177,10 @@ pub fn join<R: RngCore + CryptoRng>(
     if let Some(endpoint) = advertise_endpoint {
         set("advertise-endpoint", endpoint.to_string().into());
     }
+    if !routes.is_empty() {
+        let list = routes.iter().map(|r| r.to_string().into()).collect();
+        set("routes", toml::Value::Array(list));
+    }
     set(
         "rendezvous",
         toml::Value::try_from(&rendezvous).map_err(|e| JoinError::Invalid(e.to_string()))?,
@@ -197,6 +211,7 @@ mod tests {
             advertise_endpoint: Some("198.51.100.7:51820".parse().unwrap()),
             interface: "mesh0".into(),
             socket: "/run/meshd/meshd.sock".into(),
+            routes: vec!["10.244.3.0/24".parse().unwrap()],
         }
     }
 
@@ -212,6 +227,10 @@ mod tests {
             config.advertise_endpoint,
             Some("198.51.100.7:51820".parse().unwrap())
         );
+        assert_eq!(
+            config.routes,
+            vec!["10.244.3.0/24".parse::<IpNet>().unwrap()]
+        );
         let layout = NodeDir::new(&state);
         let key = std::fs::read_to_string(layout.private_key()).unwrap();
         join(&options(&state), &mut rand::rngs::OsRng).unwrap();
@@ -224,6 +243,36 @@ mod tests {
             std::fs::read_to_string(layout.join_token()).unwrap(),
             "abcd.secret\n"
         );
+    }
+
+    #[test]
+    fn advertised_routes_are_checked_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        for (routes, words) in [
+            (vec!["10.244.3.1/24"], "host bits"),
+            (vec!["0.0.0.0/0"], "default route"),
+            (vec!["10.244.3.0/24", "10.244.3.0/24"], "twice"),
+        ] {
+            let options = JoinOptions {
+                routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
+                ..options(&state)
+            };
+            let err = join(&options, &mut rand::rngs::OsRng)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("--advertise-routes: ") && err.contains(words),
+                "{routes:?}: {err}"
+            );
+            assert!(!state.exists(), "nothing written for {routes:?}");
+        }
+        let none = JoinOptions {
+            routes: Vec::new(),
+            ..options(&state)
+        };
+        let path = join(&none, &mut rand::rngs::OsRng).unwrap();
+        assert!(config::Config::load(&path).unwrap().routes.is_empty());
     }
 
     #[test]

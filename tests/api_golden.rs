@@ -11,6 +11,8 @@
 //! built below must serialize to the golden bytes, the golden bytes must read
 //! back into the same values, and [`v0_2_0`], a frozen copy of the 0.2.0
 //! types, must read what this release writes and write it back unchanged.
+//! What 0.5.0 added (prefixes behind nodes: `routes`) has golden files of
+//! its own, written by 0.5.0; 0.2.0 reads its peers without the new field.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -23,10 +25,11 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use meshd::control::{
-    CandidateInfo, CandidateSource, Envelope, HolePunching, IoCounters, NetcheckInfo, PeerInfo,
-    PeerPath, PingInfo, RendezvousInfo, Request, Response, StatusInfo,
+    AdvertisedRoute, CandidateInfo, CandidateSource, Envelope, HolePunching, IoCounters,
+    NetcheckInfo, PeerInfo, PeerPath, PeerRoutes, PingInfo, RendezvousInfo, Request, Response,
+    RoutesInfo, StatusInfo,
 };
-use meshd::wire::control::NatMapping;
+use meshd::wire::control::{NatMapping, RouteStatus};
 
 /// RFC 7748 §6.1 Alice and Bob, as in proto/vectors.
 const KEY_A: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
@@ -82,6 +85,7 @@ fn peers() -> Vec<PeerInfo> {
                 candidate("198.51.100.12:40000", CandidateSource::Learned, 2),
             ],
             relay_reason: None,
+            routes: vec![],
         },
         PeerInfo {
             name: Some("node-sym".into()),
@@ -110,6 +114,7 @@ fn peers() -> Vec<PeerInfo> {
                  198.51.100.3:60260 (seen by the rendezvous): 4 probes, no answer"
                     .into(),
             ),
+            routes: vec![],
         },
         PeerInfo {
             name: None,
@@ -130,6 +135,7 @@ fn peers() -> Vec<PeerInfo> {
             nat: NatMapping::Unknown,
             candidates: vec![],
             relay_reason: None,
+            routes: vec![],
         },
     ]
 }
@@ -331,6 +337,74 @@ fn responses() -> Vec<(&'static str, Response)> {
     ]
 }
 
+/// The peers of [`peers`], node-b with prefixes behind it (0.5.0).
+fn peers_with_routes() -> Vec<PeerInfo> {
+    let mut peers = peers();
+    if let Some(b) = peers.first_mut() {
+        b.routes = vec![v("10.244.2.0/24"), v("fd00:244:2::/64")];
+        b.allowed_ips.extend(b.routes.clone());
+    }
+    peers
+}
+
+/// node-a's prefixes, one for each decision, and the peers' (0.5.0).
+fn routes() -> RoutesInfo {
+    let advertised =
+        |prefix: &str, decision: Option<RouteStatus>, explanation: &str| AdvertisedRoute {
+            prefix: v(prefix),
+            decision,
+            explanation: explanation.into(),
+        };
+    RoutesInfo {
+        advertised: vec![
+            advertised("10.244.1.0/24", Some(RouteStatus::Accepted), "accepted"),
+            advertised(
+                "10.244.0.0/16",
+                Some(RouteStatus::Overlaps {
+                    node: "node-b".into(),
+                    prefix: v("10.244.2.0/24"),
+                }),
+                "overlaps 10.244.2.0/24, which node-b holds",
+            ),
+            advertised(
+                "192.168.7.0/24",
+                Some(RouteStatus::AwaitingApproval),
+                "outside the mesh's routable ranges: waiting for approval (on the rendezvous: \
+                 mesh-rendezvous routes approve node-a 192.168.7.0/24)",
+            ),
+            advertised(
+                "100.72.9.0/24",
+                Some(RouteStatus::OverlapsMesh),
+                "overlaps the mesh's overlay addresses",
+            ),
+            advertised(
+                "10.245.0.0/24",
+                None,
+                "no decision yet: waiting for the rendezvous",
+            ),
+        ],
+        peers: vec![PeerRoutes {
+            name: Some("node-b".into()),
+            public_key: v(KEY_B),
+            routes: vec![v("10.244.2.0/24"), v("fd00:244:2::/64")],
+        }],
+    }
+}
+
+/// Golden files of 0.5.0's additions, with the response each holds.
+fn responses_0_5_0() -> Vec<(&'static str, Response)> {
+    vec![
+        (
+            "peers_routes",
+            Response::Peers {
+                peers: peers_with_routes(),
+            },
+        ),
+        ("routes", Response::Routes(Box::new(routes()))),
+        ("routes_empty", Response::Routes(Box::default())),
+    ]
+}
+
 fn requests() -> Vec<Request> {
     vec![
         Request::Peers,
@@ -367,6 +441,28 @@ fn every_response_is_written_byte_for_byte_as_meshd_0_2_0_wrote_it() {
 fn every_request_is_written_byte_for_byte_as_meshctl_0_2_0_wrote_it() {
     let written: String = requests().into_iter().map(line).collect();
     assert_eq!(written, golden("requests"));
+}
+
+#[test]
+fn what_0_5_0_added_is_written_byte_for_byte_and_reads_back() {
+    for (name, response) in responses_0_5_0() {
+        assert_eq!(line(&response), golden(name), "{name}.json");
+        let back: Envelope<Response> = serde_json::from_str(&golden(name)).unwrap();
+        assert_eq!(back.body, response, "{name}.json");
+    }
+    assert_eq!(line(Request::Routes), golden("requests_0_5_0"));
+    let back: Envelope<Request> = serde_json::from_str(&golden("requests_0_5_0")).unwrap();
+    assert_eq!(back.body, Request::Routes);
+}
+
+#[test]
+fn meshctl_0_2_0_reads_peers_with_routes_as_the_peers_it_knew() {
+    let old: Envelope<v0_2_0::Response> = serde_json::from_str(&golden("peers_routes")).unwrap();
+    let v0_2_0::Response::Peers { peers } = old.body else {
+        panic!("peers_routes.json is not a peers answer to 0.2.0");
+    };
+    assert_eq!(peers.len(), 3);
+    assert!(peers[0].allowed_ips.contains(&"10.244.2.0/24".to_owned()));
 }
 
 #[test]

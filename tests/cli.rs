@@ -275,6 +275,7 @@ fn meshctl_against_a_dead_meshd_says_it_is_not_running() {
         &["status"][..],
         &["ping", "node-b", "-c", "1"],
         &["netcheck"],
+        &["routes"],
     ] {
         let mut args = vec!["--socket", socket];
         args.extend_from_slice(command);

@@ -7,7 +7,8 @@
 //! static peers a peer map never removes, the [`MappingObserver`] and the
 //! NAT mapping reported to the rendezvous, the `meshctl ping`/`netcheck`
 //! state machines and the rendezvous NAT check (`wire::reflect`) with
-//! their deadlines, and the overlay addresses mesh0 should have.
+//! their deadlines, the overlay addresses mesh0 should have, and the
+//! prefixes behind peers (their accepted routes) that mesh0 routes.
 //!
 //! Inputs are `handle_*(…, now)`: what the rendezvous says ([`Update`]),
 //! the session coming up and going down, local API requests, NAT-check
@@ -35,7 +36,7 @@ mod status;
 )]
 mod tests;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -52,6 +53,7 @@ use crate::engine::{self, EngineError, Event, Node, NodeConfig, PeerId, PeerSpec
 use crate::identity::PublicKey;
 use crate::wire::control::{
     Candidate, CandidateKind, MeshInfo, NatMapping, NodeEntry, NodeMessage, RouteDecision,
+    RouteStatus, MAX_ROUTES,
 };
 use crate::wire::reflect::{self, Reflect, REFLECT_LEN};
 use crate::wire::relay::{self, NodeId};
@@ -117,6 +119,8 @@ pub struct AgentConfig {
     pub underlay_ips: Vec<IpAddr>,
     /// Whether a rendezvous is configured (else: static peers only).
     pub rendezvous: bool,
+    /// Prefixes behind this node that the hello advertises (`routes`).
+    pub routes: Vec<IpNet>,
 }
 
 /// A local API request, numbered by the shell, which keeps its reply
@@ -160,6 +164,10 @@ pub enum HostChange {
     SaveCache(NodeCache),
     /// The rendezvous admitted this node: the join token has done its job.
     Registered,
+    /// mesh0 routes these prefixes behind peers (their accepted routes):
+    /// every one now, sorted, each once. Sent whenever the set changes,
+    /// including the first time a cached or new peer map has any.
+    Routes(Vec<IpNet>),
 }
 
 impl fmt::Display for HostChange {
@@ -176,6 +184,16 @@ impl fmt::Display for HostChange {
                 write!(f, "cache the peer map ({} peers)", cache.peers.len())
             }
             HostChange::Registered => f.write_str("registered: forget the join token"),
+            HostChange::Routes(routes) if routes.is_empty() => {
+                f.write_str("no prefixes behind peers")
+            }
+            HostChange::Routes(routes) => {
+                f.write_str("prefixes behind peers")?;
+                for r in routes {
+                    write!(f, " {r}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -198,6 +216,8 @@ struct MeshPeer {
     spec: PeerSpec,
     name: String,
     overlay_ips: Vec<IpAddr>,
+    /// The prefixes behind it that the mesh accepted (in its allowed IPs).
+    routes: Vec<IpNet>,
     /// Where it may be reached; probes pick among them.
     candidates: Vec<(SocketAddr, Source)>,
     /// Its NAT's mapping behaviour, as it reported it.
@@ -248,8 +268,15 @@ pub struct Agent {
     static_peers: HashSet<PublicKey>,
     /// What the rendezvous told us last, for the cache.
     cache: Option<NodeCache>,
-    /// What the mesh decided about each prefix this node advertises.
+    /// The prefixes this node advertises (the hello's routes).
+    advertised: Vec<IpNet>,
+    /// What the mesh decided about each prefix this node advertises, and
+    /// whether a welcome said so since meshd started.
     route_decisions: Vec<RouteDecision>,
+    welcomed: bool,
+    /// The prefixes behind peers that mesh0 routes (the last
+    /// [`HostChange::Routes`]).
+    peer_routes: Vec<IpNet>,
     /// Where others see our socket: our NAT's mapping behaviour.
     observer: MappingObserver,
     /// The mapping the rendezvous was (or will be) told.
@@ -334,7 +361,10 @@ impl Agent {
             relay_ids: HashMap::new(),
             static_peers,
             cache: None,
+            advertised: config.routes,
             route_decisions: Vec::new(),
+            welcomed: false,
+            peer_routes: Vec::new(),
             observer: MappingObserver::new(),
             nat_reported: NatMapping::Unknown,
             session: None,
@@ -453,7 +483,11 @@ impl Agent {
                 peers,
                 routes,
             } => {
+                for d in routes.iter().filter(|d| d.status != RouteStatus::Accepted) {
+                    tracing::warn!(prefix = %d.prefix, reason = %d.status.describe(), "the mesh does not route an advertised prefix here");
+                }
                 self.route_decisions = routes;
+                self.welcomed = true;
                 self.seen(Observer::Rendezvous, observed, now);
                 self.host.push_back(HostChange::Registered);
                 self.welcome(NodeCache { mesh, node, peers }, now);
@@ -467,7 +501,10 @@ impl Agent {
                     cache.peers.push(entry.clone());
                 }
                 self.save_cache();
-                self.upsert_peer(mesh_peer(&entry), now);
+                let mesh = self.cache.as_ref().map(|c| &c.mesh);
+                let peer = mesh_peer(&entry, mesh);
+                self.upsert_peer(peer, now);
+                self.update_peer_routes();
             }
             Update::Remove(key) => {
                 if let Some(cache) = &mut self.cache {
@@ -475,8 +512,14 @@ impl Agent {
                 }
                 self.save_cache();
                 self.remove_peer(key);
+                self.update_peer_routes();
             }
-            Update::Routes(routes) => self.route_decisions = routes,
+            Update::Routes(routes) => {
+                for d in &routes {
+                    tracing::info!(prefix = %d.prefix, decision = %d.status.describe(), "the mesh decided on an advertised prefix");
+                }
+                self.route_decisions = routes;
+            }
             Update::Punch(peer) => {
                 if !self.node.punch(&peer, now) {
                     tracing::debug!(peer = %peer.short(), "punch request ignored: probed it moments ago");
@@ -692,6 +735,7 @@ impl Agent {
                 peers: self.peer_infos(now),
             },
             Request::Status => Response::Status(Box::new(self.status_info(shell, now))),
+            Request::Routes => Response::Routes(Box::new(self.routes_info())),
             Request::Ping { peer } => return self.start_ping(id, &peer, now),
             Request::Netcheck => return self.start_netcheck(id, now),
         };
@@ -858,7 +902,11 @@ impl Agent {
             self.addresses = addresses.clone();
             self.host.push_back(HostChange::Addresses(addresses));
         }
-        let peers: Vec<MeshPeer> = cache.peers.iter().map(mesh_peer).collect();
+        let peers: Vec<MeshPeer> = cache
+            .peers
+            .iter()
+            .map(|e| mesh_peer(e, Some(&cache.mesh)))
+            .collect();
         let keep: HashSet<PublicKey> = peers.iter().map(|p| p.spec.public_key).collect();
         let gone: Vec<PublicKey> = self
             .node
@@ -873,7 +921,25 @@ impl Agent {
             self.upsert_peer(peer, now);
         }
         self.cache = Some(cache);
+        self.update_peer_routes();
         self.save_cache();
+    }
+
+    /// Tells the host about the prefixes behind peers when their union
+    /// changed: a peer's accepted routes came, went or moved.
+    fn update_peer_routes(&mut self) {
+        let routes: Vec<IpNet> = self
+            .meta
+            .values()
+            .flat_map(|m| m.routes.iter().copied())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if routes != self.peer_routes {
+            tracing::info!(?routes, "prefixes behind peers changed");
+            self.peer_routes = routes.clone();
+            self.host.push_back(HostChange::Routes(routes));
+        }
     }
 
     fn upsert_peer(&mut self, peer: MeshPeer, now: Instant) {
@@ -893,6 +959,7 @@ impl Agent {
                 let meta = PeerMeta {
                     name: peer.name,
                     overlay_ips: peer.overlay_ips,
+                    routes: peer.routes,
                     nat: peer.nat,
                     port,
                 };
@@ -922,20 +989,29 @@ impl Agent {
     }
 }
 
-/// A peer-map entry as the engine wants it.
-fn mesh_peer(entry: &NodeEntry) -> MeshPeer {
+/// A peer-map entry as the engine wants it: its allowed IPs are its
+/// overlay addresses and the prefixes behind it that the mesh accepted, so
+/// cryptokey routing sends their traffic to it and takes them as sources
+/// from it alone (WireGuard paper §2).
+fn mesh_peer(entry: &NodeEntry, mesh: Option<&MeshInfo>) -> MeshPeer {
+    let routes = accepted_routes(entry, mesh);
+    let allowed_ips = [
+        IpNet::from(IpAddr::V4(entry.ipv4)),
+        IpNet::from(IpAddr::V6(entry.ipv6)),
+    ]
+    .into_iter()
+    .chain(routes.iter().copied())
+    .collect();
     MeshPeer {
         spec: PeerSpec {
             public_key: entry.public_key,
             endpoint: choose_endpoint(&entry.candidates),
-            allowed_ips: vec![
-                IpNet::from(IpAddr::V4(entry.ipv4)),
-                IpNet::from(IpAddr::V6(entry.ipv6)),
-            ],
+            allowed_ips,
             persistent_keepalive: Some(MESH_KEEPALIVE),
         },
         name: entry.name.clone(),
         overlay_ips: vec![IpAddr::V4(entry.ipv4), IpAddr::V6(entry.ipv6)],
+        routes,
         nat: entry.nat,
         candidates: entry
             .candidates
@@ -950,6 +1026,34 @@ fn mesh_peer(entry: &NodeEntry) -> MeshPeer {
             })
             .collect(),
     }
+}
+
+/// The prefixes the rendezvous accepted for a peer, as this node routes
+/// them: host bits cleared, each once, at most [`MAX_ROUTES`]. The
+/// rendezvous checked them; what could still hurt this host is skipped all
+/// the same: a default route (it would pull the underlay into mesh0) and
+/// one that overlaps the mesh's overlay prefixes (it would take other
+/// peers' addresses).
+fn accepted_routes(entry: &NodeEntry, mesh: Option<&MeshInfo>) -> Vec<IpNet> {
+    let overlay: Vec<IpNet> = mesh
+        .map(|m| vec![IpNet::V4(m.ipv4), IpNet::V6(m.ipv6)])
+        .unwrap_or_default();
+    let mut routes: Vec<IpNet> = Vec::new();
+    for net in entry.routes.iter().map(IpNet::trunc) {
+        let overlaps_mesh = overlay.iter().any(|o| o.contains(&net) || net.contains(o));
+        if net.prefix_len() == 0 || overlaps_mesh {
+            tracing::debug!(peer = %entry.public_key.short(), prefix = %net, "accepted route skipped: a default route or inside the mesh's overlay prefixes");
+            continue;
+        }
+        if routes.len() == MAX_ROUTES {
+            tracing::debug!(peer = %entry.public_key.short(), "more than {MAX_ROUTES} accepted routes; the rest skipped");
+            break;
+        }
+        if !routes.contains(&net) {
+            routes.push(net);
+        }
+    }
+    routes
 }
 
 /// The endpoint to try first: a configured public address, else what the

@@ -1,21 +1,24 @@
 //! What the local API shows of the node and its peers, assembled in one
-//! place: `meshctl peers`, `meshctl status`, `meshctl netcheck`, and the
-//! peer a `meshctl ping` names.
+//! place: `meshctl peers`, `meshctl status`, `meshctl netcheck`,
+//! `meshctl routes`, and the peer a `meshctl ping` names.
 //!
 //! Pure: reads the agent's state and the engine's, returns API types.
 
 use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
 use std::time::Instant;
 
 use super::{Agent, ShellStats};
 use crate::control::diagnose::{self, Side};
 use crate::control::{
-    millis, NetcheckInfo, PeerInfo, PeerPath, RendezvousInfo, SeenAt, SeenBy, StatusInfo,
+    millis, AdvertisedRoute, NetcheckInfo, PeerInfo, PeerPath, PeerRoutes, RendezvousInfo,
+    RoutesInfo, SeenAt, SeenBy, StatusInfo,
 };
 use crate::engine::nat::Observer;
 use crate::engine::paths::PathStatus;
 use crate::identity::PublicKey;
-use crate::wire::control::NatMapping;
+use crate::wire::control::{NatMapping, RouteStatus};
 use crate::wire::reflect;
 
 /// What the API shows of a mesh peer besides the engine's state.
@@ -23,6 +26,8 @@ use crate::wire::reflect;
 pub struct PeerMeta {
     pub name: String,
     pub overlay_ips: Vec<IpAddr>,
+    /// The prefixes behind it that the mesh accepted.
+    pub routes: Vec<IpNet>,
     pub nat: NatMapping,
     /// The port of its local candidates: where its meshd listens.
     pub port: Option<u16>,
@@ -45,6 +50,7 @@ impl Agent {
                 if let Some(meta) = self.meta.get(&p.public_key) {
                     info.name = Some(meta.name.clone());
                     info.overlay_ips = meta.overlay_ips.clone();
+                    info.routes = meta.routes.clone();
                     info.nat = meta.nat;
                     if p.path == PathStatus::Relay {
                         let peer = Side {
@@ -109,6 +115,70 @@ impl Agent {
                 .collect(),
             cookie_replies_sent: stats.cookie_replies_sent,
             io: shell.io,
+        }
+    }
+
+    /// `meshctl routes`: each prefix this node advertises with what the
+    /// mesh decided, then every peer with prefixes behind it, by name.
+    pub fn routes_info(&self) -> RoutesInfo {
+        let name = self.name.as_deref().unwrap_or("NODE");
+        let decided = |prefix: &IpNet| {
+            self.route_decisions
+                .iter()
+                .find(|d| d.prefix == *prefix)
+                .map(|d| d.status.clone())
+        };
+        // What this node asks for, in its order, then any decision on a
+        // prefix it no longer asks for (the rendezvous has not caught up).
+        let advertised = self
+            .advertised
+            .iter()
+            .map(|prefix| (*prefix, decided(prefix)))
+            .chain(
+                self.route_decisions
+                    .iter()
+                    .filter(|d| !self.advertised.contains(&d.prefix))
+                    .map(|d| (d.prefix, Some(d.status.clone()))),
+            )
+            .map(|(prefix, decision)| AdvertisedRoute {
+                explanation: self.route_explanation(name, prefix, decision.as_ref()),
+                prefix,
+                decision,
+            })
+            .collect();
+        let mut peers: Vec<PeerRoutes> = self
+            .meta
+            .iter()
+            .filter(|(_, m)| !m.routes.is_empty())
+            .map(|(key, m)| PeerRoutes {
+                name: Some(m.name.clone()),
+                public_key: *key,
+                routes: m.routes.clone(),
+            })
+            .collect();
+        peers.sort_by(|a, b| (&a.name, &a.public_key).cmp(&(&b.name, &b.public_key)));
+        RoutesInfo { advertised, peers }
+    }
+
+    /// What a decision on one of this node's prefixes means, in words an
+    /// operator can act on.
+    fn route_explanation(
+        &self,
+        name: &str,
+        prefix: IpNet,
+        decision: Option<&RouteStatus>,
+    ) -> String {
+        match decision {
+            Some(RouteStatus::AwaitingApproval) => format!(
+                "outside the mesh's routable ranges: waiting for approval \
+                 (on the rendezvous: mesh-rendezvous routes approve {name} {prefix})"
+            ),
+            Some(status) => status.describe(),
+            None if !self.has_rendezvous => "no rendezvous to advertise it to".into(),
+            None if self.welcomed => "no decision: the rendezvous said nothing about it \
+                 (one older than 0.5.0 does not route prefixes)"
+                .into(),
+            None => "no decision yet: waiting for the rendezvous".into(),
         }
     }
 

@@ -74,6 +74,7 @@ fn config(n: u8, static_peers: Vec<PeerSpec>) -> AgentConfig {
         listen_port: 51820,
         underlay_ips: vec![underlay(n).ip()],
         rendezvous: true,
+        routes: Vec::new(),
     }
 }
 
@@ -798,4 +799,334 @@ fn the_status_shows_what_the_shell_counted() {
         Some(12.0)
     );
     assert_eq!(status.name.as_deref(), Some("host-1"), "no welcome yet");
+}
+
+// --- prefixes behind nodes ------------------------------------------------------
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+/// Node `n` with pod CIDRs the mesh accepted.
+fn entry_with_routes(n: u8, routes: &[&str]) -> NodeEntry {
+    NodeEntry {
+        routes: routes.iter().map(|r| net(r)).collect(),
+        ..entry(n)
+    }
+}
+
+fn welcome_with(n: u8, peers: Vec<NodeEntry>, decisions: Vec<RouteDecision>) -> Update {
+    Update::Welcome {
+        node: entry(n),
+        mesh: mesh(),
+        observed: addr("203.0.113.7:40000"),
+        peers,
+        routes: decisions,
+    }
+}
+
+fn route_changes(agent: &mut Agent) -> Vec<Vec<IpNet>> {
+    host_changes(agent)
+        .into_iter()
+        .filter_map(|c| match c {
+            HostChange::Routes(routes) => Some(routes),
+            _ => None,
+        })
+        .collect()
+}
+
+fn routes_info(agent: &mut Agent, now: Instant) -> crate::control::RoutesInfo {
+    match ask(agent, 97, Request::Routes, now).as_slice() {
+        [(_, Response::Routes(info))] => (**info).clone(),
+        other => panic!("expected routes, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_peers_accepted_routes_become_its_allowed_ips_beside_its_overlay_addresses() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    let b = entry_with_routes(2, &["10.244.2.0/24", "fd00:244:2::/64"]);
+    a.handle_update(welcome_with(1, vec![b, entry(3)], Vec::new()), now);
+
+    let allowed = a.node().peer_status(&public(2)).unwrap().allowed_ips;
+    assert_eq!(
+        allowed,
+        vec![
+            net("100.72.0.2/32"),
+            net("fd00:1::2/128"),
+            net("10.244.2.0/24"),
+            net("fd00:244:2::/64"),
+        ]
+    );
+    let infos = peers(&mut a, now);
+    let b = infos.iter().find(|p| p.public_key == public(2)).unwrap();
+    assert_eq!(b.routes, vec![net("10.244.2.0/24"), net("fd00:244:2::/64")]);
+    assert_eq!(b.overlay_ips.len(), 2, "a pod CIDR is no overlay address");
+    let c = infos.iter().find(|p| p.public_key == public(3)).unwrap();
+    assert!(c.routes.is_empty());
+}
+
+#[test]
+fn the_union_of_peers_prefixes_goes_to_the_host_sorted_once_and_only_when_it_changes() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_update(welcome(1, &[2]), now);
+    assert_eq!(
+        route_changes(&mut a),
+        Vec::<Vec<IpNet>>::new(),
+        "no prefixes, no change"
+    );
+
+    a.handle_update(
+        Update::Upsert(entry_with_routes(3, &["10.244.3.0/24"])),
+        now,
+    );
+    a.handle_update(
+        Update::Upsert(entry_with_routes(2, &["10.244.4.0/24", "10.244.2.0/24"])),
+        now,
+    );
+    assert_eq!(
+        route_changes(&mut a),
+        vec![
+            vec![net("10.244.3.0/24")],
+            vec![
+                net("10.244.2.0/24"),
+                net("10.244.3.0/24"),
+                net("10.244.4.0/24")
+            ],
+        ]
+    );
+
+    // A peer-map update that moves no prefix: a new peer, a rename, the
+    // same map again.
+    a.handle_update(Update::Upsert(entry(4)), now);
+    let renamed = NodeEntry {
+        name: "node-3-renamed".into(),
+        ..entry_with_routes(3, &["10.244.3.0/24"])
+    };
+    a.handle_update(Update::Upsert(renamed), now);
+    assert_eq!(route_changes(&mut a), Vec::<Vec<IpNet>>::new());
+
+    // Withdrawn by the mesh, then the peer gone.
+    a.handle_update(
+        Update::Upsert(entry_with_routes(2, &["10.244.2.0/24"])),
+        now,
+    );
+    assert_eq!(
+        route_changes(&mut a),
+        vec![vec![net("10.244.2.0/24"), net("10.244.3.0/24")]]
+    );
+    assert_eq!(
+        a.node().peer_status(&public(2)).unwrap().allowed_ips.len(),
+        3,
+        "the withdrawn prefix left its allowed IPs"
+    );
+    a.handle_update(Update::Remove(public(3)), now);
+    assert_eq!(route_changes(&mut a), vec![vec![net("10.244.2.0/24")]]);
+
+    // A full map without the last prefix clears them all.
+    a.handle_update(welcome(1, &[2, 4]), now);
+    assert_eq!(route_changes(&mut a), vec![Vec::<IpNet>::new()]);
+}
+
+#[test]
+fn the_cached_peer_map_routes_its_prefixes_at_start_after_the_addresses() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_cached(
+        NodeCache {
+            mesh: mesh(),
+            node: entry(1),
+            peers: vec![entry_with_routes(2, &["10.244.2.0/24"])],
+        },
+        now,
+    );
+    let changes = host_changes(&mut a);
+    let addresses = changes
+        .iter()
+        .position(|c| matches!(c, HostChange::Addresses(_)));
+    let routes = changes
+        .iter()
+        .position(|c| *c == HostChange::Routes(vec![net("10.244.2.0/24")]));
+    assert!(
+        matches!((addresses, routes), (Some(a), Some(r)) if a < r),
+        "{changes:?}"
+    );
+    assert!(
+        matches!(changes.last(), Some(HostChange::SaveCache(c)) if c.peers[0].routes == vec![net("10.244.2.0/24")]),
+        "the cache keeps the prefixes: {changes:?}"
+    );
+}
+
+#[test]
+fn a_default_route_or_one_inside_the_overlay_prefixes_is_not_routed_to_a_peer() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    let b = entry_with_routes(
+        2,
+        &[
+            "0.0.0.0/0",
+            "100.72.9.0/24",
+            "100.0.0.0/8",
+            "10.244.2.7/24",
+            "10.244.2.0/24",
+        ],
+    );
+    a.handle_update(welcome_with(1, vec![b], Vec::new()), now);
+    assert_eq!(route_changes(&mut a), vec![vec![net("10.244.2.0/24")]]);
+    assert_eq!(
+        a.peer_meta(&public(2)).map(|m| m.routes.clone()),
+        Some(vec![net("10.244.2.0/24")])
+    );
+}
+
+/// Hands `from`'s datagrams to `to` as if sent from `from_addr`; whether
+/// there were any.
+fn carry(from: &mut Agent, to: &mut Agent, from_addr: SocketAddr, now: Instant) -> bool {
+    let mut moved = false;
+    while let Some(t) = from.node_mut().poll_transmit() {
+        to.node_mut()
+            .handle_datagram(from_addr, t.payload.as_slice(), now);
+        from.node_mut().recycle(t.payload);
+        moved = true;
+    }
+    moved
+}
+
+#[test]
+fn a_packet_from_a_peers_prefix_is_delivered_and_one_from_elsewhere_is_dropped_and_counted() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    let mut b = agent(2, now);
+    a.handle_update(
+        welcome_with(
+            1,
+            vec![entry_with_routes(2, &["10.244.2.0/24"])],
+            Vec::new(),
+        ),
+        now,
+    );
+    b.handle_update(welcome(2, &[1]), now);
+    let pod_b = Ipv4Addr::new(10, 244, 2, 5);
+    let spoofed = Ipv4Addr::new(10, 244, 9, 5);
+    let overlay_a = Ipv4Addr::new(100, 72, 0, 1);
+
+    // b writes two packets to its mesh0: one from its pod, one from a pod
+    // that is not its own. Each side's datagrams reach the other until
+    // both are quiet (the handshake, then the data).
+    b.node_mut()
+        .handle_tun_packet(&ipv4_udp(pod_b, overlay_a), now);
+    b.node_mut()
+        .handle_tun_packet(&ipv4_udp(spoofed, overlay_a), now);
+    let mut delivered = Vec::new();
+    for _ in 0..10 {
+        let moved =
+            carry(&mut b, &mut a, underlay(2), now) | carry(&mut a, &mut b, underlay(1), now);
+        while let Some(p) = a.node_mut().poll_tun() {
+            let s = p.as_slice();
+            delivered.push(Ipv4Addr::new(s[12], s[13], s[14], s[15]));
+            a.node_mut().recycle(p);
+        }
+        if !moved {
+            break;
+        }
+    }
+
+    assert_eq!(delivered, vec![pod_b]);
+    assert_eq!(
+        status(&mut a, now).drops.get("source_not_allowed"),
+        Some(&1),
+        "the spoofed packet is counted by its reason"
+    );
+}
+
+#[test]
+fn the_meshs_decisions_from_the_welcome_and_later_are_kept_and_shown() {
+    let now = Instant::now();
+    let mut config = config(1, Vec::new());
+    config.routes = vec![
+        net("10.244.1.0/24"),
+        net("192.168.7.0/24"),
+        net("10.244.0.0/16"),
+    ];
+    let mut a = Agent::new(config, [1; 32], now, Duration::ZERO).unwrap();
+
+    let before = routes_info(&mut a, now);
+    assert_eq!(before.advertised.len(), 3);
+    assert!(before.advertised.iter().all(|r| r.decision.is_none()));
+    assert!(
+        before.advertised[0]
+            .explanation
+            .contains("waiting for the rendezvous"),
+        "{before:?}"
+    );
+
+    let decisions = vec![
+        RouteDecision {
+            prefix: net("10.244.1.0/24"),
+            status: RouteStatus::Accepted,
+        },
+        RouteDecision {
+            prefix: net("192.168.7.0/24"),
+            status: RouteStatus::AwaitingApproval,
+        },
+        RouteDecision {
+            prefix: net("10.244.0.0/16"),
+            status: RouteStatus::Overlaps {
+                node: "node-2".into(),
+                prefix: net("10.244.2.0/24"),
+            },
+        },
+    ];
+    a.handle_update(
+        welcome_with(1, vec![entry_with_routes(2, &["10.244.2.0/24"])], decisions),
+        now,
+    );
+    let info = routes_info(&mut a, now);
+    let prefixes: Vec<IpNet> = info.advertised.iter().map(|r| r.prefix).collect();
+    assert_eq!(
+        prefixes,
+        vec![
+            net("10.244.1.0/24"),
+            net("192.168.7.0/24"),
+            net("10.244.0.0/16")
+        ]
+    );
+    assert_eq!(info.advertised[0].decision, Some(RouteStatus::Accepted));
+    assert_eq!(
+        info.advertised[1].explanation,
+        "outside the mesh's routable ranges: waiting for approval (on the rendezvous: \
+         mesh-rendezvous routes approve node-1 192.168.7.0/24)"
+    );
+    assert!(
+        info.advertised[2].explanation.contains("10.244.2.0/24")
+            && info.advertised[2].explanation.contains("node-2"),
+        "{info:?}"
+    );
+    assert_eq!(info.peers.len(), 1);
+    assert_eq!(info.peers[0].name.as_deref(), Some("node-2"));
+    assert_eq!(info.peers[0].routes, vec![net("10.244.2.0/24")]);
+
+    // The operator approved one; the rendezvous says so later.
+    a.handle_update(
+        Update::Routes(vec![
+            RouteDecision {
+                prefix: net("10.244.1.0/24"),
+                status: RouteStatus::Accepted,
+            },
+            RouteDecision {
+                prefix: net("192.168.7.0/24"),
+                status: RouteStatus::Accepted,
+            },
+        ]),
+        now,
+    );
+    let info = routes_info(&mut a, now);
+    assert_eq!(info.advertised[1].decision, Some(RouteStatus::Accepted));
+    assert_eq!(info.advertised[2].decision, None);
+    assert!(
+        info.advertised[2].explanation.contains("older than 0.5.0"),
+        "{info:?}"
+    );
 }

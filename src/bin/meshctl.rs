@@ -63,6 +63,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prefixes behind nodes (pod CIDRs): this node's, with what the mesh
+    /// decided on each, and those routed to each peer.
+    Routes {
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a new private key (like `wg genkey`).
     Genkey,
     /// Read a private key on stdin, print its public key (like `wg pubkey`).
@@ -240,6 +246,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 other => unexpected(other)?,
             }
         }
+        Command::Routes { json } => match client::request("meshd", &cli.socket, Request::Routes)? {
+            Response::Routes(r) if json => writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?,
+            Response::Routes(r) => write!(out, "{}", render::routes(&r))?,
+            Response::Error { message } if message.starts_with("unknown request") => bail!(
+                "meshd: {message}\nthis meshd is older than meshctl and does not route prefixes; upgrade it"
+            ),
+            other => unexpected(other)?,
+        },
         Command::Status { json } => match client::request("meshd", &cli.socket, Request::Status)? {
             Response::Status(s) if json => writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?,
             Response::Status(s) => write!(out, "{}", render::status(&s))?,

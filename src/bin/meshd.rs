@@ -79,6 +79,11 @@ enum Command {
         interface: String,
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Prefixes behind this node (its pod CIDR) to ask the mesh to
+        /// route here, comma-separated; the rendezvous decides
+        /// (`meshctl routes` shows what it said).
+        #[arg(long, value_name = "CIDR,…", value_delimiter = ',')]
+        advertise_routes: Vec<ipnet::IpNet>,
     },
     /// Validate a configuration file and exit.
     CheckConfig {
@@ -118,6 +123,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             advertise_endpoint,
             interface,
             socket,
+            advertise_routes,
         } => {
             let token = match (token, token_file) {
                 (Some(token), _) => token.parse().map_err(meshd::join::JoinError::Token)?,
@@ -136,6 +142,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 advertise_endpoint,
                 interface,
                 socket,
+                routes: advertise_routes,
             };
             let path = meshd::join::join(&options, &mut rand::rngs::OsRng)?;
             let mut out = Stdout::lock();

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::paths::{CandidateStatus, PathStatus, Source};
 use crate::engine::PeerStatus;
 use crate::identity::PublicKey;
-use crate::wire::control::NatMapping;
+use crate::wire::control::{NatMapping, RouteStatus};
 
 /// Bumped on any incompatible change of [`Request`] or [`Response`].
 pub const API_VERSION: u32 = 1;
@@ -42,6 +42,10 @@ pub enum Request {
     Ping { peer: String },
     /// Reachability of the rendezvous and this node's NAT behaviour.
     Netcheck,
+    /// The prefixes this node advertises, with the mesh's decisions, and
+    /// the prefixes behind each peer. meshd before 0.5.0 answers
+    /// [`Response::Error`] ("unknown request").
+    Routes,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,7 +55,41 @@ pub enum Response {
     Status(Box<StatusInfo>),
     Pong(PingInfo),
     Netcheck(Box<NetcheckInfo>),
+    Routes(Box<RoutesInfo>),
     Error { message: String },
+}
+
+/// `meshctl routes --json`: prefixes behind nodes (pod CIDRs), routed over
+/// mesh0 without encapsulation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutesInfo {
+    /// The prefixes this node advertises (`routes`, `--advertise-routes`),
+    /// in the config's order, each with the mesh's decision.
+    pub advertised: Vec<AdvertisedRoute>,
+    /// The peers with prefixes behind them that the mesh accepted, by name:
+    /// mesh0 routes these to them, and takes them as sources from them only.
+    pub peers: Vec<PeerRoutes>,
+}
+
+/// One prefix this node advertises.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvertisedRoute {
+    pub prefix: IpNet,
+    /// What the rendezvous decided (`{"status": "accepted"}`,
+    /// `{"status": "overlaps", "node": …, "prefix": …}`, …); null while it
+    /// has not said.
+    pub decision: Option<RouteStatus>,
+    /// The decision in words, with what to do about a refusal.
+    pub explanation: String,
+}
+
+/// A peer's prefixes that the mesh accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRoutes {
+    /// The peer's name in the mesh.
+    pub name: Option<String>,
+    pub public_key: PublicKey,
+    pub routes: Vec<IpNet>,
 }
 
 /// The answer to one `meshctl ping`.
@@ -148,6 +186,10 @@ pub struct PeerInfo {
     pub candidates: Vec<CandidateInfo>,
     /// For a relayed peer: why, what was tried, what would make it direct.
     pub relay_reason: Option<String>,
+    /// Prefixes behind the peer that the mesh accepted (its pod CIDR),
+    /// also in `allowed_ips`. Absent when none, and from meshd before 0.5.0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<IpNet>,
 }
 
 /// One candidate endpoint of a peer.
@@ -220,6 +262,7 @@ impl From<&PeerStatus> for PeerInfo {
             nat: NatMapping::Unknown,
             candidates: p.candidates.iter().map(CandidateInfo::from).collect(),
             relay_reason: None,
+            routes: Vec::new(),
         }
     }
 }
@@ -565,6 +608,7 @@ impl Default for PeerInfo {
             nat: NatMapping::default(),
             candidates: Vec::new(),
             relay_reason: None,
+            routes: Vec::new(),
         }
     }
 }
@@ -646,6 +690,7 @@ mod tests {
             nat: NatMapping::EndpointDependent,
             candidates: vec![],
             relay_reason: Some("both sides are behind endpoint-dependent NAT".into()),
+            routes: vec!["10.244.3.0/24".parse().unwrap()],
         };
         let v = serde_json::to_value(&info).unwrap();
         for field in [
@@ -666,6 +711,7 @@ mod tests {
             "nat",
             "candidates",
             "relay_reason",
+            "routes",
         ] {
             assert!(v.get(field).is_some(), "missing {field}");
         }

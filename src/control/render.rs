@@ -2,7 +2,10 @@
 
 use std::fmt::{Display, Write as _};
 
-use super::{IoCounters, NetcheckInfo, PeerInfo, PeerPath, PingInfo, RendezvousInfo, StatusInfo};
+use super::{
+    IoCounters, NetcheckInfo, PeerInfo, PeerPath, PingInfo, RendezvousInfo, RoutesInfo, StatusInfo,
+};
+use crate::wire::control::RouteStatus;
 
 /// `meshctl peers`: one line per peer, aligned columns, then for every
 /// relayed peer the reason it is relayed.
@@ -71,6 +74,61 @@ pub fn peers_table(peers: &[PeerInfo]) -> String {
             let name = p.name.clone().unwrap_or_else(|| p.public_key.to_string());
             let _ = write!(out, "\n{name} is relayed: {reason}.\n");
         }
+    }
+    out
+}
+
+/// `meshctl routes`: this node's prefixes with the mesh's decision on
+/// each, then the prefixes routed to each peer.
+pub fn routes(r: &RoutesInfo) -> String {
+    let mut out = String::new();
+    if r.advertised.is_empty() {
+        out.push_str("this node advertises no prefixes (routes in meshd.toml, or meshd join --advertise-routes)\n");
+    } else {
+        out.push_str("advertised by this node:\n");
+        let width = r
+            .advertised
+            .iter()
+            .map(|a| a.prefix.to_string().len())
+            .max()
+            .unwrap_or(0);
+        for a in &r.advertised {
+            let state = match &a.decision {
+                Some(RouteStatus::Accepted) => "accepted",
+                Some(RouteStatus::AwaitingApproval) | None => "pending",
+                Some(
+                    RouteStatus::Overlaps { .. } | RouteStatus::OverlapsMesh | RouteStatus::Invalid,
+                ) => "refused",
+            };
+            let prefix = a.prefix.to_string();
+            match a.decision {
+                Some(RouteStatus::Accepted) => {
+                    let _ = writeln!(out, "  {prefix:<width$}  {state}");
+                }
+                _ => {
+                    let _ = writeln!(out, "  {prefix:<width$}  {state}: {}", a.explanation);
+                }
+            }
+        }
+    }
+    if r.peers.is_empty() {
+        out.push_str("no peer has prefixes behind it\n");
+        return out;
+    }
+    out.push_str("routed to peers:\n");
+    let rows: Vec<(String, String)> = r
+        .peers
+        .iter()
+        .flat_map(|p| {
+            let name = p.name.clone().unwrap_or_else(|| p.public_key.short());
+            p.routes
+                .iter()
+                .map(move |net| (net.to_string(), name.clone()))
+        })
+        .collect();
+    let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    for (net, name) in rows {
+        let _ = writeln!(out, "  {net:<width$}  {name}");
     }
     out
 }
@@ -270,7 +328,58 @@ mod tests {
             relay_reason: endpoint
                 .is_none()
                 .then(|| "both sides are behind endpoint-dependent (symmetric) NAT".into()),
+            routes: vec![],
         }
+    }
+
+    #[test]
+    fn routes_show_each_decision_and_each_peer_prefix() {
+        use crate::control::{AdvertisedRoute, PeerRoutes};
+        let net = |s: &str| s.parse().unwrap();
+        let info = RoutesInfo {
+            advertised: vec![
+                AdvertisedRoute {
+                    prefix: net("10.244.3.0/24"),
+                    decision: Some(RouteStatus::Accepted),
+                    explanation: "accepted".into(),
+                },
+                AdvertisedRoute {
+                    prefix: net("10.244.0.0/16"),
+                    decision: Some(RouteStatus::Overlaps {
+                        node: "node-b".into(),
+                        prefix: net("10.244.1.0/24"),
+                    }),
+                    explanation: "overlaps 10.244.1.0/24, which node-b holds".into(),
+                },
+                AdvertisedRoute {
+                    prefix: net("192.168.7.0/24"),
+                    decision: Some(RouteStatus::AwaitingApproval),
+                    explanation: "waiting for approval".into(),
+                },
+            ],
+            peers: vec![PeerRoutes {
+                name: Some("node-b".into()),
+                public_key: "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08="
+                    .parse()
+                    .unwrap(),
+                routes: vec![net("10.244.1.0/24"), net("fd00:244:1::/64")],
+            }],
+        };
+        let expected = "\
+advertised by this node:
+  10.244.3.0/24   accepted
+  10.244.0.0/16   refused: overlaps 10.244.1.0/24, which node-b holds
+  192.168.7.0/24  pending: waiting for approval
+routed to peers:
+  10.244.1.0/24    node-b
+  fd00:244:1::/64  node-b
+";
+        assert_eq!(routes(&info), expected);
+        let empty = routes(&RoutesInfo::default());
+        assert!(
+            empty.contains("advertises no prefixes") && empty.contains("no peer"),
+            "{empty}"
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! What the node decides is the agent's ([`crate::agent`]); the packet loop
 //! ([`super::driver`]) hands its host changes here: new overlay addresses
 //! (link, env file, and the first time the sockets and `READY=1`), the
-//! peer-map cache to save, the join token to forget.
+//! prefixes behind peers (routes on the link, through the netlink diff),
+//! the peer-map cache to save, the join token to forget.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -152,6 +153,7 @@ pub async fn run(
             listen_port,
             underlay_ips,
             rendezvous: has_rendezvous,
+            routes: config.routes.clone(),
         },
         rand::random(),
         now,
@@ -197,7 +199,7 @@ pub async fn run(
                     .unwrap_or_else(|| private_key.public_key().short()),
                 listen_port,
                 token: read_join_token(dir)?,
-                routes: Vec::new(),
+                routes: config.routes.clone(),
             };
             let (interface, advertised) = (config.interface.clone(), config.advertise_endpoint);
             let gather =
@@ -254,6 +256,7 @@ pub async fn run(
         state_dir,
         link,
         addresses: Vec::new(),
+        peer_routes: Vec::new(),
         asks: Some(ask_tx),
         api: None,
         uapi_key: Some(uapi_key),
@@ -328,6 +331,9 @@ struct Host {
     link: Link,
     /// The overlay addresses mesh0 has.
     addresses: Vec<IpNet>,
+    /// The prefixes behind mesh peers (their accepted routes) that mesh0
+    /// routes, besides the static peers' allowed IPs.
+    peer_routes: Vec<IpNet>,
     /// Handed to the API socket once the interface is up.
     asks: Option<mpsc::Sender<Ask>>,
     api: Option<JoinHandle<()>>,
@@ -406,25 +412,45 @@ impl Host {
                     let _ = std::fs::remove_file(NodeDir::new(dir).join_token());
                 }
             }
+            HostChange::Routes(routes) => {
+                self.peer_routes = routes;
+                // Before mesh0 has an address, bring_up installs them.
+                if !self.addresses.is_empty() {
+                    let desired = self.desired(self.addresses.clone());
+                    // Routes are added and removed by the diff; one the
+                    // kernel refuses costs that prefix, not the node.
+                    if let Err(e) = self.link.apply(&desired).await {
+                        tracing::warn!(error = %e, "cannot route the prefixes behind peers over mesh0");
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// What mesh0 should look like with `addresses`: routes for the static
+    /// peers' allowed IPs and the prefixes behind mesh peers.
+    fn desired(&self, addresses: Vec<IpNet>) -> LinkConfig {
+        let static_ips = self
+            .config
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().copied());
+        LinkConfig {
+            ifname: self.config.interface.clone(),
+            mtu: self.config.mtu,
+            routes: netlink::routes_for(
+                &addresses,
+                static_ips.chain(self.peer_routes.iter().copied()),
+            ),
+            addresses,
+        }
     }
 
     /// Configures the link for `addresses` and, the first time, opens the API.
     async fn bring_up(&mut self, addresses: Vec<IpNet>) -> Result<(), DataplaneError> {
         check_route_conflicts(&self.config.interface, &addresses).await?;
-        let desired = LinkConfig {
-            ifname: self.config.interface.clone(),
-            mtu: self.config.mtu,
-            addresses: addresses.clone(),
-            routes: netlink::routes_for(
-                &addresses,
-                self.config
-                    .peers
-                    .iter()
-                    .flat_map(|p| p.allowed_ips.iter().copied()),
-            ),
-        };
+        let desired = self.desired(addresses.clone());
         if self.env_written {
             // Moving: the file must never name an address mesh0 no longer has.
             if let Err(e) = env_file::remove(&self.env_file) {

@@ -485,6 +485,7 @@ impl Sim {
             listen_port: 51820,
             underlay_ips: Vec::new(),
             rendezvous: true,
+            routes: Vec::new(),
         };
         // The simulated wall clock: the Unix time the run starts at is
         // arbitrary, only its progress matters (ping freshness).
