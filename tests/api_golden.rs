@@ -11,8 +11,8 @@
 //! built below must serialize to the golden bytes, the golden bytes must read
 //! back into the same values, and [`v0_2_0`], a frozen copy of the 0.2.0
 //! types, must read what this release writes and write it back unchanged.
-//! What 0.5.0 added (prefixes behind nodes: `routes`) has golden files of
-//! its own, written by 0.5.0; 0.2.0 reads its peers without the new field.
+//! What 0.4.0 added (prefixes behind nodes: `routes`) has golden files of
+//! its own, written by 0.4.0; 0.2.0 reads its peers without the new field.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -337,7 +337,7 @@ fn responses() -> Vec<(&'static str, Response)> {
     ]
 }
 
-/// The peers of [`peers`], node-b with prefixes behind it (0.5.0).
+/// The peers of [`peers`], node-b with prefixes behind it (0.4.0).
 fn peers_with_routes() -> Vec<PeerInfo> {
     let mut peers = peers();
     if let Some(b) = peers.first_mut() {
@@ -347,7 +347,7 @@ fn peers_with_routes() -> Vec<PeerInfo> {
     peers
 }
 
-/// node-a's prefixes, one for each decision, and the peers' (0.5.0).
+/// node-a's prefixes, one for each decision, and the peers' (0.4.0).
 fn routes() -> RoutesInfo {
     let advertised =
         |prefix: &str, decision: Option<RouteStatus>, explanation: &str| AdvertisedRoute {
@@ -362,9 +362,9 @@ fn routes() -> RoutesInfo {
                 "10.244.0.0/16",
                 Some(RouteStatus::Overlaps {
                     node: "node-b".into(),
-                    prefix: v("10.244.2.0/24"),
+                    held: v("10.244.2.0/24"),
                 }),
-                "overlaps 10.244.2.0/24, which node-b holds",
+                "overlaps 10.244.2.0/24, which node-b advertised first",
             ),
             advertised(
                 "192.168.7.0/24",
@@ -391,8 +391,8 @@ fn routes() -> RoutesInfo {
     }
 }
 
-/// Golden files of 0.5.0's additions, with the response each holds.
-fn responses_0_5_0() -> Vec<(&'static str, Response)> {
+/// Golden files of 0.4.0's additions, with the response each holds.
+fn responses_0_4_0() -> Vec<(&'static str, Response)> {
     vec![
         (
             "peers_routes",
@@ -444,14 +444,14 @@ fn every_request_is_written_byte_for_byte_as_meshctl_0_2_0_wrote_it() {
 }
 
 #[test]
-fn what_0_5_0_added_is_written_byte_for_byte_and_reads_back() {
-    for (name, response) in responses_0_5_0() {
+fn what_0_4_0_added_is_written_byte_for_byte_and_reads_back() {
+    for (name, response) in responses_0_4_0() {
         assert_eq!(line(&response), golden(name), "{name}.json");
         let back: Envelope<Response> = serde_json::from_str(&golden(name)).unwrap();
         assert_eq!(back.body, response, "{name}.json");
     }
-    assert_eq!(line(Request::Routes), golden("requests_0_5_0"));
-    let back: Envelope<Request> = serde_json::from_str(&golden("requests_0_5_0")).unwrap();
+    assert_eq!(line(Request::Routes), golden("requests_0_4_0"));
+    let back: Envelope<Request> = serde_json::from_str(&golden("requests_0_4_0")).unwrap();
     assert_eq!(back.body, Request::Routes);
 }
 

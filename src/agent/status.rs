@@ -176,7 +176,7 @@ impl Agent {
             Some(status) => status.describe(),
             None if !self.has_rendezvous => "no rendezvous to advertise it to".into(),
             None if self.welcomed => "no decision: the rendezvous said nothing about it \
-                 (one older than 0.5.0 does not route prefixes)"
+                 (one older than 0.4.0 does not route prefixes)"
                 .into(),
             None => "no decision yet: waiting for the rendezvous".into(),
         }

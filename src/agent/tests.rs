@@ -1075,7 +1075,7 @@ fn the_meshs_decisions_from_the_welcome_and_later_are_kept_and_shown() {
             prefix: net("10.244.0.0/16"),
             status: RouteStatus::Overlaps {
                 node: "node-2".into(),
-                prefix: net("10.244.2.0/24"),
+                held: net("10.244.2.0/24"),
             },
         },
     ];
@@ -1126,7 +1126,7 @@ fn the_meshs_decisions_from_the_welcome_and_later_are_kept_and_shown() {
     assert_eq!(info.advertised[1].decision, Some(RouteStatus::Accepted));
     assert_eq!(info.advertised[2].decision, None);
     assert!(
-        info.advertised[2].explanation.contains("older than 0.5.0"),
+        info.advertised[2].explanation.contains("older than 0.4.0"),
         "{info:?}"
     );
 }

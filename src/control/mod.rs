@@ -43,7 +43,7 @@ pub enum Request {
     /// Reachability of the rendezvous and this node's NAT behaviour.
     Netcheck,
     /// The prefixes this node advertises, with the mesh's decisions, and
-    /// the prefixes behind each peer. meshd before 0.5.0 answers
+    /// the prefixes behind each peer. meshd before 0.4.0 answers
     /// [`Response::Error`] ("unknown request").
     Routes,
 }
@@ -187,7 +187,7 @@ pub struct PeerInfo {
     /// For a relayed peer: why, what was tried, what would make it direct.
     pub relay_reason: Option<String>,
     /// Prefixes behind the peer that the mesh accepted (its pod CIDR),
-    /// also in `allowed_ips`. Absent when none, and from meshd before 0.5.0.
+    /// also in `allowed_ips`. Absent when none, and from meshd before 0.4.0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<IpNet>,
 }

@@ -347,9 +347,9 @@ mod tests {
                     prefix: net("10.244.0.0/16"),
                     decision: Some(RouteStatus::Overlaps {
                         node: "node-b".into(),
-                        prefix: net("10.244.1.0/24"),
+                        held: net("10.244.1.0/24"),
                     }),
-                    explanation: "overlaps 10.244.1.0/24, which node-b holds".into(),
+                    explanation: "overlaps 10.244.1.0/24, which node-b advertised first".into(),
                 },
                 AdvertisedRoute {
                     prefix: net("192.168.7.0/24"),
@@ -368,7 +368,7 @@ mod tests {
         let expected = "\
 advertised by this node:
   10.244.3.0/24   accepted
-  10.244.0.0/16   refused: overlaps 10.244.1.0/24, which node-b holds
+  10.244.0.0/16   refused: overlaps 10.244.1.0/24, which node-b advertised first
   192.168.7.0/24  pending: waiting for approval
 routed to peers:
   10.244.1.0/24    node-b
