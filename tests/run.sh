@@ -33,8 +33,10 @@ fi
 # backend against one- and three-member clusters in namespaces of their own
 # (tests/store_etcd.rs); protobuf-compiler and libprotobuf-dev (protoc and
 # the well-known .proto files it imports): build dependencies of the
-# etcd-client crate, so they come before the first cargo command.
-packages=(iproute2 iputils-ping iptables conntrack procps wireguard-go wireguard-tools iperf3 systemd strace shellcheck etcd-server etcd-client protobuf-compiler libprotobuf-dev)
+# etcd-client crate, so they come before the first cargo command;
+# containernetworking-plugins: the CNI `bridge` and `host-local` plugins
+# that make the pods of tests/lab_pods.rs.
+packages=(iproute2 iputils-ping iptables conntrack procps wireguard-go wireguard-tools iperf3 systemd strace shellcheck etcd-server etcd-client protobuf-compiler libprotobuf-dev containernetworking-plugins)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
