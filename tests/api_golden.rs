@@ -24,6 +24,7 @@ use std::path::PathBuf;
 
 use std::str::FromStr;
 
+use meshd::agent::learned::{Unusable, UnusableWhy};
 use meshd::control::{
     AdvertisedRoute, CandidateInfo, CandidateSource, Envelope, HolePunching, IoCounters,
     NetcheckInfo, PeerInfo, PeerPath, PeerRoutes, PingInfo, RendezvousInfo, Request, Response,
@@ -86,6 +87,7 @@ fn peers() -> Vec<PeerInfo> {
             ],
             relay_reason: None,
             routes: vec![],
+            learned_routes: vec![],
         },
         PeerInfo {
             name: Some("node-sym".into()),
@@ -115,6 +117,7 @@ fn peers() -> Vec<PeerInfo> {
                     .into(),
             ),
             routes: vec![],
+            learned_routes: vec![],
         },
         PeerInfo {
             name: None,
@@ -136,6 +139,7 @@ fn peers() -> Vec<PeerInfo> {
             candidates: vec![],
             relay_reason: None,
             routes: vec![],
+            learned_routes: vec![],
         },
     ]
 }
@@ -387,6 +391,16 @@ fn routes() -> RoutesInfo {
             name: Some("node-b".into()),
             public_key: v(KEY_B),
             routes: vec![v("10.244.2.0/24"), v("fd00:244:2::/64")],
+        }],
+        learned: vec![PeerRoutes {
+            name: Some("node-sym".into()),
+            public_key: v(KEY_C),
+            routes: vec![v("10.245.3.0/24")],
+        }],
+        unusable: vec![Unusable {
+            prefix: v("10.245.9.0/24"),
+            gateway: None,
+            why: UnusableWhy::NoGateway,
         }],
     }
 }

@@ -277,6 +277,9 @@ pub struct Agent {
     /// The prefixes behind peers that mesh0 routes (the last
     /// [`HostChange::Routes`]).
     peer_routes: Vec<IpNet>,
+    /// What the kernel's routes on mesh0 say about peers' prefixes
+    /// ([`learned`]), as last read.
+    learned: learned::Learned,
     /// Where others see our socket: our NAT's mapping behaviour.
     observer: MappingObserver,
     /// The mapping the rendezvous was (or will be) told.
@@ -365,6 +368,7 @@ impl Agent {
             route_decisions: Vec::new(),
             welcomed: false,
             peer_routes: Vec::new(),
+            learned: learned::Learned::default(),
             observer: MappingObserver::new(),
             nat_reported: NatMapping::Unknown,
             session: None,
@@ -502,7 +506,7 @@ impl Agent {
                 }
                 self.save_cache();
                 let mesh = self.cache.as_ref().map(|c| &c.mesh);
-                let peer = mesh_peer(&entry, mesh);
+                let peer = self.with_learned(mesh_peer(&entry, mesh));
                 self.upsert_peer(peer, now);
                 self.update_peer_routes();
             }
@@ -905,7 +909,7 @@ impl Agent {
         let peers: Vec<MeshPeer> = cache
             .peers
             .iter()
-            .map(|e| mesh_peer(e, Some(&cache.mesh)))
+            .map(|e| self.with_learned(mesh_peer(e, Some(&cache.mesh))))
             .collect();
         let keep: HashSet<PublicKey> = peers.iter().map(|p| p.spec.public_key).collect();
         let gone: Vec<PublicKey> = self
@@ -923,6 +927,75 @@ impl Agent {
         self.cache = Some(cache);
         self.update_peer_routes();
         self.save_cache();
+    }
+
+    /// The routes through mesh0 as the kernel has them now (the shell reads
+    /// them at start and whenever the routing table changes): a route via a
+    /// peer's overlay address makes its prefix that peer's — it is routed
+    /// to the peer and taken as a source from it — and one that names no
+    /// peer is listed with why ([`learned`]). Only what changed is touched.
+    pub fn handle_kernel_routes(&mut self, routes: &[crate::netlink::KernelRoute], now: Instant) {
+        let mesh: Vec<IpNet> = self
+            .cache
+            .as_ref()
+            .map(|c| vec![IpNet::V4(c.mesh.ipv4), IpNet::V6(c.mesh.ipv6)])
+            .unwrap_or_default();
+        // What meshd routes itself: every peer's allowed IPs.
+        let mine: Vec<IpNet> = self
+            .node
+            .peers()
+            .flat_map(|p| p.allowed_ips)
+            .map(|n| n.trunc())
+            .collect();
+        let by_address: HashMap<IpAddr, PublicKey> = self
+            .meta
+            .iter()
+            .flat_map(|(key, m)| m.overlay_ips.iter().map(move |ip| (*ip, *key)))
+            .collect();
+        let new = learned::learn(routes, &mine, &mesh, |ip| by_address.get(&ip).copied());
+        for u in new
+            .unusable
+            .iter()
+            .filter(|u| !self.learned.unusable.contains(u))
+        {
+            tracing::warn!(prefix = %u.prefix, gateway = ?u.gateway, "a route on mesh0 names no peer: {}", u.why.describe());
+        }
+        let changed: BTreeSet<PublicKey> = self
+            .learned
+            .by_peer
+            .keys()
+            .chain(new.by_peer.keys())
+            .filter(|k| self.learned.by_peer.get(k) != new.by_peer.get(k))
+            .copied()
+            .collect();
+        self.learned = new;
+        for key in changed {
+            let prefixes = self
+                .learned
+                .by_peer
+                .get(&key)
+                .map_or(&[][..], Vec::as_slice);
+            tracing::info!(peer = %key.short(), ?prefixes, "prefixes learned from the routing table");
+            let Some(cache) = &self.cache else { continue };
+            let Some(entry) = cache.peers.iter().find(|e| e.public_key == key) else {
+                continue;
+            };
+            let peer = self.with_learned(mesh_peer(entry, Some(&cache.mesh)));
+            self.upsert_peer(peer, now);
+        }
+    }
+
+    /// `peer` with the prefixes learned for it in its allowed IPs (not in
+    /// its routes: the kernel routes them already).
+    fn with_learned(&self, mut peer: MeshPeer) -> MeshPeer {
+        if let Some(prefixes) = self.learned.by_peer.get(&peer.spec.public_key) {
+            for prefix in prefixes {
+                if !peer.spec.allowed_ips.contains(prefix) {
+                    peer.spec.allowed_ips.push(*prefix);
+                }
+            }
+        }
+        peer
     }
 
     /// Tells the host about the prefixes behind peers when their union

@@ -51,6 +51,9 @@ impl Agent {
                     info.name = Some(meta.name.clone());
                     info.overlay_ips = meta.overlay_ips.clone();
                     info.routes = meta.routes.clone();
+                    if let Some(learned) = self.learned.by_peer.get(&p.public_key) {
+                        info.learned_routes = learned.clone();
+                    }
                     info.nat = meta.nat;
                     if p.path == PathStatus::Relay {
                         let peer = Side {
@@ -157,7 +160,23 @@ impl Agent {
             })
             .collect();
         peers.sort_by(|a, b| (&a.name, &a.public_key).cmp(&(&b.name, &b.public_key)));
-        RoutesInfo { advertised, peers }
+        let mut learned: Vec<PeerRoutes> = self
+            .learned
+            .by_peer
+            .iter()
+            .map(|(key, routes)| PeerRoutes {
+                name: self.meta.get(key).map(|m| m.name.clone()),
+                public_key: *key,
+                routes: routes.clone(),
+            })
+            .collect();
+        learned.sort_by(|a, b| (&a.name, &a.public_key).cmp(&(&b.name, &b.public_key)));
+        RoutesInfo {
+            advertised,
+            peers,
+            learned,
+            unusable: self.learned.unusable.clone(),
+        }
     }
 
     /// What a decision on one of this node's prefixes means, in words an

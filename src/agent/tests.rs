@@ -1130,3 +1130,74 @@ fn the_meshs_decisions_from_the_welcome_and_later_are_kept_and_shown() {
         "{info:?}"
     );
 }
+
+/// A kernel route on mesh0.
+fn kernel_route(prefix: &str, gateway: Option<&str>) -> crate::netlink::KernelRoute {
+    crate::netlink::KernelRoute {
+        prefix: net(prefix),
+        oif: Some(7),
+        gateway: gateway.map(|g| g.parse().unwrap()),
+        // RTPROT_BIRD
+        protocol: 12,
+    }
+}
+
+#[test]
+fn routes_via_a_peers_overlay_address_are_learned_as_its_prefixes_and_forgotten_when_gone() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_update(welcome(1, &[2, 3]), now);
+    host_changes(&mut a);
+    let routes = [
+        kernel_route("10.245.2.0/24", Some("100.72.0.2")),
+        kernel_route("fd10:245:0:2::/64", Some("fd00:1::2")),
+        kernel_route("10.245.9.0/24", None),
+    ];
+    a.handle_kernel_routes(&routes, now);
+    let allowed = a.node().peer_status(&public(2)).unwrap().allowed_ips;
+    assert!(allowed.contains(&net("10.245.2.0/24")) && allowed.contains(&net("fd10:245:0:2::/64")));
+    assert!(!a
+        .node()
+        .peer_status(&public(3))
+        .unwrap()
+        .allowed_ips
+        .contains(&net("10.245.2.0/24")));
+    // The kernel routes them already: no route change for the host.
+    assert!(route_changes(&mut a).is_empty());
+    let info = routes_info(&mut a, now);
+    assert_eq!(info.learned.len(), 1);
+    assert_eq!(info.learned[0].name.as_deref(), Some("node-2"));
+    assert_eq!(info.unusable.len(), 1);
+    assert_eq!(info.unusable[0].prefix, net("10.245.9.0/24"));
+    let infos = peers(&mut a, now);
+    let b = infos.iter().find(|p| p.public_key == public(2)).unwrap();
+    assert_eq!(b.learned_routes.len(), 2);
+    // A later peer-map update keeps what was learned.
+    a.handle_update(Update::Upsert(entry(2)), now);
+    let allowed = a.node().peer_status(&public(2)).unwrap().allowed_ips;
+    assert!(allowed.contains(&net("10.245.2.0/24")));
+
+    // BIRD withdraws it: the prefix is no longer the peer's.
+    a.handle_kernel_routes(&[], now);
+    let allowed = a.node().peer_status(&public(2)).unwrap().allowed_ips;
+    assert_eq!(allowed, vec![net("100.72.0.2/32"), net("fd00:1::2/128")]);
+    assert!(routes_info(&mut a, now).learned.is_empty());
+}
+
+#[test]
+fn meshds_own_routes_on_mesh0_are_neither_learned_nor_listed_as_unusable() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    let b = entry_with_routes(2, &["10.244.2.0/24"]);
+    a.handle_update(welcome_with(1, vec![b], Vec::new()), now);
+    let routes = [
+        kernel_route("10.244.2.0/24", None),
+        kernel_route("100.72.0.0/16", None),
+    ];
+    a.handle_kernel_routes(&routes, now);
+    let info = routes_info(&mut a, now);
+    assert!(
+        info.learned.is_empty() && info.unusable.is_empty(),
+        "{info:?}"
+    );
+}

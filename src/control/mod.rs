@@ -69,6 +69,15 @@ pub struct RoutesInfo {
     /// The peers with prefixes behind them that the mesh accepted, by name:
     /// mesh0 routes these to them, and takes them as sources from them only.
     pub peers: Vec<PeerRoutes>,
+    /// The peers with prefixes the cluster routes to them on mesh0 (a
+    /// kernel route via the peer's overlay address: flannel host-gw, BGP),
+    /// by name: taken as theirs too. Absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub learned: Vec<PeerRoutes>,
+    /// Routes on mesh0 that name no peer, with why: traffic to them goes
+    /// nowhere. Absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unusable: Vec<crate::agent::learned::Unusable>,
 }
 
 /// One prefix this node advertises.
@@ -190,6 +199,10 @@ pub struct PeerInfo {
     /// also in `allowed_ips`. Absent when none, and from meshd before 0.4.0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<IpNet>,
+    /// Prefixes the cluster routes to the peer on mesh0 (a kernel route via
+    /// its overlay address), also in `allowed_ips`. Absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub learned_routes: Vec<IpNet>,
 }
 
 /// One candidate endpoint of a peer.
@@ -263,6 +276,7 @@ impl From<&PeerStatus> for PeerInfo {
             candidates: p.candidates.iter().map(CandidateInfo::from).collect(),
             relay_reason: None,
             routes: Vec::new(),
+            learned_routes: Vec::new(),
         }
     }
 }
@@ -609,6 +623,7 @@ impl Default for PeerInfo {
             candidates: Vec::new(),
             relay_reason: None,
             routes: Vec::new(),
+            learned_routes: Vec::new(),
         }
     }
 }
@@ -691,6 +706,7 @@ mod tests {
             candidates: vec![],
             relay_reason: Some("both sides are behind endpoint-dependent NAT".into()),
             routes: vec!["10.244.3.0/24".parse().unwrap()],
+            learned_routes: vec!["10.245.3.0/24".parse().unwrap()],
         };
         let v = serde_json::to_value(&info).unwrap();
         for field in [
@@ -712,6 +728,7 @@ mod tests {
             "candidates",
             "relay_reason",
             "routes",
+            "learned_routes",
         ] {
             assert!(v.get(field).is_some(), "missing {field}");
         }

@@ -111,13 +111,41 @@ pub fn routes(r: &RoutesInfo) -> String {
             }
         }
     }
-    if r.peers.is_empty() {
+    if r.peers.is_empty() && r.learned.is_empty() {
         out.push_str("no peer has prefixes behind it\n");
-        return out;
     }
-    out.push_str("routed to peers:\n");
-    let rows: Vec<(String, String)> = r
-        .peers
+    peer_prefixes(&mut out, "routed to peers:", &r.peers);
+    peer_prefixes(
+        &mut out,
+        "learned from the routing table (routes via a peer's overlay address):",
+        &r.learned,
+    );
+    if !r.unusable.is_empty() {
+        out.push_str("routes on mesh0 that name no peer (their traffic goes nowhere):\n");
+        let width = r
+            .unusable
+            .iter()
+            .map(|u| u.prefix.to_string().len())
+            .max()
+            .unwrap_or(0);
+        for u in &r.unusable {
+            let prefix = u.prefix.to_string();
+            let via = u.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+            let _ = writeln!(out, "  {prefix:<width$}{via}  {}", u.why.describe());
+        }
+    }
+    out
+}
+
+/// A table of prefixes and the peers they lead to, under `title`; nothing
+/// when there are none.
+fn peer_prefixes(out: &mut String, title: &str, peers: &[crate::control::PeerRoutes]) {
+    if peers.is_empty() {
+        return;
+    }
+    out.push_str(title);
+    out.push('\n');
+    let rows: Vec<(String, String)> = peers
         .iter()
         .flat_map(|p| {
             let name = p.name.clone().unwrap_or_else(|| p.public_key.short());
@@ -130,7 +158,6 @@ pub fn routes(r: &RoutesInfo) -> String {
     for (net, name) in rows {
         let _ = writeln!(out, "  {net:<width$}  {name}");
     }
-    out
 }
 
 /// `meshctl status`: key: value lines.
@@ -329,6 +356,7 @@ mod tests {
                 .is_none()
                 .then(|| "both sides are behind endpoint-dependent (symmetric) NAT".into()),
             routes: vec![],
+            learned_routes: vec![],
         }
     }
 
@@ -364,6 +392,18 @@ mod tests {
                     .unwrap(),
                 routes: vec![net("10.244.1.0/24"), net("fd00:244:1::/64")],
             }],
+            learned: vec![PeerRoutes {
+                name: Some("node-c".into()),
+                public_key: "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
+                    .parse()
+                    .unwrap(),
+                routes: vec![net("10.245.2.0/24")],
+            }],
+            unusable: vec![crate::agent::learned::Unusable {
+                prefix: net("10.245.9.0/24"),
+                gateway: None,
+                why: crate::agent::learned::UnusableWhy::NoGateway,
+            }],
         };
         let expected = "\
 advertised by this node:
@@ -373,6 +413,10 @@ advertised by this node:
 routed to peers:
   10.244.1.0/24    node-b
   fd00:244:1::/64  node-b
+learned from the routing table (routes via a peer's overlay address):
+  10.245.2.0/24  node-c
+routes on mesh0 that name no peer (their traffic goes nowhere):
+  10.245.9.0/24  no gateway, so it names no peer: route it via the peer's overlay address (BIRD: `direct;` on the BGP session)
 ";
         assert_eq!(routes(&info), expected);
         let empty = routes(&RoutesInfo::default());

@@ -23,7 +23,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot};
@@ -224,6 +224,10 @@ pub async fn run(
 
     let (ask_tx, asks) = mpsc::channel(16);
     let (host_tx, host_changes) = mpsc::unbounded_channel();
+    // Routes the cluster installs on mesh0 (flannel host-gw, BGP) name
+    // peers' prefixes: read now and on every change.
+    let (kernel_routes_tx, kernel_routes) = mpsc::channel(4);
+    let route_watch = tokio::spawn(watch_routes(link.index(), kernel_routes_tx));
     let inputs = driver::Inputs {
         asks,
         updates: has_rendezvous.then_some(updates),
@@ -233,6 +237,7 @@ pub async fn run(
         relay_connection: has_rendezvous.then_some(relay_conn),
         relay_frames: has_rendezvous.then_some(relay_frames),
         host: host_tx,
+        kernel_routes: Some(kernel_routes),
     };
     let mut driver = driver::Driver::new(agent, tun, udp, inputs);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -273,6 +278,7 @@ pub async fn run(
             shutdown,
         )
         .await;
+    route_watch.abort();
     if let Some(writer) = host.cache_writer.take() {
         // The last peer map reaches the disk before meshd exits.
         writer.close().await;
@@ -568,4 +574,45 @@ async fn check_route_conflicts(interface: &str, addresses: &[IpNet]) -> Result<(
         }
     }
     Ok(())
+}
+
+/// How long a burst of route changes (a BGP session coming up installs
+/// many at once) may last before the routes are read again.
+const ROUTES_SETTLE: Duration = Duration::from_millis(200);
+/// Routes are read again this often even without an announcement (a
+/// netlink socket drops announcements when its buffer overflows).
+const ROUTES_REREAD: Duration = Duration::from_secs(30);
+
+/// Sends the routes through `ifindex` to the driver: now, after every
+/// change the kernel announces, and every [`ROUTES_REREAD`]. Ends when the
+/// driver is gone; a netlink failure is logged and ends only the watch
+/// (peers keep what they had).
+async fn watch_routes(ifindex: u32, tx: mpsc::Sender<Vec<netlink::KernelRoute>>) {
+    let mut watch = match netlink::RouteWatch::open(ifindex) {
+        Ok(watch) => watch,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the routing table: routes others install on mesh0 are not learned");
+            return;
+        }
+    };
+    loop {
+        match watch.routes().await {
+            Ok(routes) => {
+                if tx.send(routes).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the routes on mesh0"),
+        }
+        tokio::select! {
+            alive = watch.changed() => {
+                if !alive {
+                    tracing::warn!("the routing table watch ended: routes others install on mesh0 are no longer followed");
+                    return;
+                }
+                tokio::time::sleep(ROUTES_SETTLE).await;
+            }
+            () = tokio::time::sleep(ROUTES_REREAD) => {}
+        }
+    }
 }

@@ -67,6 +67,9 @@ pub struct Inputs {
     /// Changes for the host (mesh0's addresses, the cache), for the task
     /// that brought the node up ([`super::lifecycle`]).
     pub host: mpsc::UnboundedSender<HostChange>,
+    /// The routes through mesh0, whenever the routing table changed
+    /// ([`crate::netlink::RouteWatch`]); `None` without a watch.
+    pub kernel_routes: Option<mpsc::Receiver<Vec<crate::netlink::KernelRoute>>>,
 }
 
 /// Relayed frames queued for the driver before they are dropped.
@@ -191,10 +194,13 @@ impl Driver {
                     }
                     self.relay_connection = connection;
                 }
-                Some(update) = recv_update(&mut self.inputs.updates) => {
+                Some(update) = recv_opt(&mut self.inputs.updates) => {
                     self.agent.handle_update(update, Instant::now());
                 }
-                Some(frame) = recv_frame(&mut self.inputs.relay_frames) => {
+                Some(routes) = recv_opt(&mut self.inputs.kernel_routes) => {
+                    self.agent.handle_kernel_routes(&routes, Instant::now());
+                }
+                Some(frame) = recv_opt(&mut self.inputs.relay_frames) => {
                     let now = Instant::now();
                     self.agent.handle_relay_frame(&frame, now);
                     // The rest that is waiting, as one batch: one flush and
@@ -513,16 +519,10 @@ async fn send_segments(
     }
 }
 
-async fn recv_update(updates: &mut Option<mpsc::Receiver<Update>>) -> Option<Update> {
-    match updates {
-        Some(updates) => updates.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn recv_frame(frames: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
-    match frames {
-        Some(frames) => frames.recv().await,
+/// The next item of a channel that may not exist (then never).
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
