@@ -9,7 +9,11 @@
 //! another node's, or outside the routable range, is refused and says so
 //! until an operator approves it; a node cannot send from a pod address
 //! that is not its own; prefixes survive a meshd restart while the
-//! rendezvous is down. Needs root.
+//! rendezvous is down. And with no routes in meshd at all: BIRD (Debian's
+//! `bird2`) on each node speaks iBGP to the others over overlay addresses
+//! and exports its pod CIDR, as calico does; meshd learns the routes BIRD
+//! installs on mesh0, pods reach each other, and stopping BIRD on one node
+//! withdraws its prefix everywhere. Needs root.
 //!
 //! The lab is built by tests/common's [`MeshLab`] under the prefix `mlp`
 //! (not the `mlm`, `mls`, `mlt`, `mlk` nor `mlu` of the other lab tests);
@@ -329,4 +333,119 @@ fn pods_of_every_nat_reach_each_other_over_advertised_routes() {
         .map(|n| (n, pods[n].clone()))
         .collect();
     assert_pods_reach_each_other(&lab, &survivors);
+}
+
+/// The pod CIDR BIRD exports for the `i`th node of [`PODS`].
+fn bgp_pod_cidr(i: usize) -> Ipv4Net {
+    format!("10.245.{}.0/24", i + 1).parse().unwrap()
+}
+
+/// BIRD's configuration on `node`: iBGP with every other node over the
+/// overlay, `direct` so that a route's gateway is the peer's overlay
+/// address (what meshd learns), exporting the pods' bridge subnet and
+/// installing what it hears in the kernel.
+fn bird_config(lab: &MeshLab, node: &str, nodes: &[&str]) -> String {
+    let me = lab.overlay(node);
+    let mut config = format!(
+        "router id {me};\n\
+         protocol device {{}}\n\
+         protocol direct {{ ipv4; interface \"cni0\"; }}\n\
+         protocol kernel {{ ipv4 {{ import none; export where source = RTS_BGP; }}; }}\n"
+    );
+    for peer in nodes.iter().filter(|p| **p != node) {
+        let neighbor = lab.overlay(peer);
+        config.push_str(&format!(
+            "protocol bgp to_{peer} {{\n  local {me} as 64512;\n  neighbor {neighbor} as 64512;\n  \
+             direct;\n  hold time 9;\n  keepalive time 3;\n  \
+             ipv4 {{ import all; export where source = RTS_DEVICE; next hop self; }};\n}}\n"
+        ));
+    }
+    config
+}
+
+/// Whether `node`'s meshd routes `prefix` to `peer` because the routing
+/// table says so.
+fn learned_by(lab: &MeshLab, node: &str, peer: &str, prefix: &str) -> Result<bool, String> {
+    let peers = lab.meshctl(node, "peers")?;
+    let name = format!("node-{peer}");
+    let entry = peers
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == name.as_str())
+        .ok_or_else(|| format!("{node} does not know {peer}"))?;
+    Ok(entry["learned_routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|r| r == prefix))
+}
+
+#[test]
+fn pods_reach_each_other_over_routes_bird_installs_with_no_meshd_configuration() {
+    let nodes: Vec<&str> = PODS.iter().map(|(n, _)| *n).collect();
+    let lab = MeshLab::with_mesh_of(PREFIX, &nodes);
+    let cni_dir = lab.dir().join("cni");
+    let pods: BTreeMap<&str, Pod> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let mtu = lab.mesh_mtu(node);
+            let pod_ns = lab.ns(&pod_machine(node));
+            let pod = add_pod(&lab.ns(node), &pod_ns, bgp_pod_cidr(i), mtu, &cni_dir);
+            (*node, pod)
+        })
+        .collect();
+    for node in &nodes {
+        let dir = lab.state_dir(node);
+        fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("bird.conf");
+        fs::write(&config, bird_config(&lab, node, &nodes)).unwrap();
+        let socket = dir.join("bird.ctl");
+        let (config, socket) = (config.to_str().unwrap(), socket.to_str().unwrap());
+        lab.spawn(
+            node,
+            &format!("bird-{node}"),
+            "bird",
+            &["-f", "-c", config, "-s", socket],
+        );
+    }
+
+    // BIRD's routes reach every kernel with a peer as gateway, and meshd
+    // takes them as that peer's.
+    for (i, node) in nodes.iter().enumerate() {
+        let cidr = bgp_pod_cidr(i).to_string();
+        for peer in nodes.iter().filter(|p| *p != node) {
+            eventually(
+                &format!("{peer} learns {cidr} of {node} from BIRD"),
+                SETTLE_DEADLINE,
+                || match learned_by(&lab, peer, node, &cidr)? {
+                    true => Ok(()),
+                    false => Err("not learned".into()),
+                },
+            );
+        }
+    }
+    assert_pods_reach_each_other(&lab, &pods);
+    for node in &nodes {
+        let routes = lab.meshctl(node, "routes").unwrap();
+        assert!(routes.get("unusable").is_none(), "{node}: {routes}");
+    }
+
+    // BIRD stops on nat11: its prefix goes from every peer, and its pod is
+    // out of reach.
+    let nat11 = bgp_pod_cidr(1).to_string();
+    lab.stop("bird-nat11");
+    for peer in nodes.iter().filter(|p| **p != "nat11") {
+        eventually(
+            &format!("{peer} forgets nat11's {nat11}"),
+            SETTLE_DEADLINE,
+            || match learned_by(&lab, peer, "nat11", &nat11)? {
+                false if !kernel_routes(&lab, peer, &nat11) => Ok(()),
+                _ => Err("still routed".into()),
+            },
+        );
+    }
+    let gone = lab.ping_address(&pod_machine("pub1"), IpAddr::V4(pods["nat11"].ip), &[]);
+    assert!(gone.is_err(), "nat11's pod is reachable without a route");
 }
