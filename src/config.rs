@@ -95,6 +95,11 @@ pub struct Config {
     /// route to it: network addresses, no default route, at most
     /// [`MAX_ROUTES`], each once. Needs a `[rendezvous]`, which decides.
     pub routes: Vec<IpNet>,
+    /// flannel's `subnet.env` (`/run/flannel/subnet.env`): its
+    /// `FLANNEL_SUBNET` and `FLANNEL_IPV6_SUBNET` are advertised beside
+    /// `routes`, followed as flannel writes and rewrites the file. Needs a
+    /// `[rendezvous]`.
+    pub advertise_flannel_subnet: Option<PathBuf>,
 }
 
 /// `[rendezvous]`: the mesh server this node joined.
@@ -148,6 +153,7 @@ struct RawConfig {
     rendezvous: Option<RendezvousConfig>,
     #[serde(default)]
     routes: AdvertisedRoutes,
+    advertise_flannel_subnet: Option<PathBuf>,
 }
 
 /// `routes = [...]`, checked while parsing so that an error points at the
@@ -292,6 +298,13 @@ impl Config {
         if let Some(name) = &raw.name {
             validate_node_name(name).map_err(|m| invalid("name", m))?;
         }
+        if raw.advertise_flannel_subnet.is_some() && raw.rendezvous.is_none() {
+            return Err(invalid(
+                "advertise-flannel-subnet",
+                "prefixes are advertised through a [rendezvous], which this file has none of"
+                    .into(),
+            ));
+        }
         if !raw.routes.0.is_empty() && raw.rendezvous.is_none() {
             return Err(invalid(
                 "routes",
@@ -369,6 +382,7 @@ impl Config {
             metrics_address: raw.metrics_address,
             rendezvous: raw.rendezvous,
             routes: raw.routes.0,
+            advertise_flannel_subnet: raw.advertise_flannel_subnet,
         })
     }
 }
@@ -737,6 +751,27 @@ mod tests {
         let err = with_routes(&list(MAX_ROUTES + 1)).unwrap_err().to_string();
         assert!(
             err.contains("line 2") && err.contains(&format!("at most {MAX_ROUTES}")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn flannels_subnet_file_is_followed_only_with_a_rendezvous() {
+        let c = parse(&format!(
+            "private-key-file = \"/k\"\nadvertise-flannel-subnet = \"/run/flannel/subnet.env\"\n{RENDEZVOUS}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.advertise_flannel_subnet.as_deref(),
+            Some(Path::new("/run/flannel/subnet.env"))
+        );
+        let err = parse(
+            "private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\nadvertise-flannel-subnet = \"/x\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`advertise-flannel-subnet`") && err.contains("[rendezvous]"),
             "{err}"
         );
     }

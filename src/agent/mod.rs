@@ -88,6 +88,10 @@ pub enum Update {
     Upsert(NodeEntry),
     /// The mesh's decisions about this node's advertised prefixes changed.
     Routes(Vec<RouteDecision>),
+    /// The prefixes this node advertises from the next hello on: the
+    /// config's `routes` and what flannel gave it
+    /// (`advertise-flannel-subnet`).
+    Advertised(Vec<IpNet>),
     Remove(PublicKey),
     /// This peer is probing us now: probe it back (hole punching).
     Punch(PublicKey),
@@ -518,6 +522,10 @@ impl Agent {
                 self.remove_peer(key);
                 self.update_peer_routes();
             }
+            Update::Advertised(routes) => {
+                tracing::info!(?routes, "advertising");
+                self.advertised = routes;
+            }
             Update::Routes(routes) => {
                 for d in &routes {
                     tracing::info!(prefix = %d.prefix, decision = %d.status.describe(), "the mesh decided on an advertised prefix");
@@ -896,6 +904,8 @@ impl Agent {
         .flatten()
         .collect();
         self.name = Some(cache.node.name.clone());
+        self.node
+            .set_mesh_prefixes(&[IpNet::V4(cache.mesh.ipv4), IpNet::V6(cache.mesh.ipv6)]);
         if self.addresses != addresses {
             if !self.addresses.is_empty() {
                 tracing::warn!(

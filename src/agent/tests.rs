@@ -1201,3 +1201,59 @@ fn meshds_own_routes_on_mesh0_are_neither_learned_nor_listed_as_unusable() {
         "{info:?}"
     );
 }
+
+#[test]
+fn an_address_inside_the_mesh_or_a_peers_prefix_is_never_an_endpoint() {
+    // Node 2 announces its pod bridge (inside its own accepted prefix) and
+    // an overlay address as local candidates; sent there, WireGuard packets
+    // would travel inside the tunnel they are meant to carry.
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    let mut two = entry_with_routes(2, &["10.244.2.0/24"]);
+    two.candidates = vec![
+        Candidate {
+            addr: addr("10.244.2.1:51820"),
+            kind: CandidateKind::Local,
+        },
+        Candidate {
+            addr: addr("100.72.0.2:51820"),
+            kind: CandidateKind::Local,
+        },
+        Candidate {
+            addr: underlay(2),
+            kind: CandidateKind::Observed,
+        },
+    ];
+    a.handle_update(
+        welcome_with(1, vec![two.clone(), entry(3)], Vec::new()),
+        now,
+    );
+    let tried: Vec<SocketAddr> = peers(&mut a, now)
+        .into_iter()
+        .find(|p| p.public_key == public(2))
+        .unwrap()
+        .candidates
+        .iter()
+        .map(|c| c.endpoint)
+        .collect();
+    assert_eq!(tried, vec![underlay(2)]);
+    // Node 3's prefix comes to cover an address node 2 announced earlier:
+    // forgotten.
+    let mut two = entry(2);
+    two.candidates.push(Candidate {
+        addr: addr("10.77.0.9:51820"),
+        kind: CandidateKind::Local,
+    });
+    a.handle_update(Update::Upsert(two), now);
+    let count = |a: &mut Agent| {
+        peers(a, now)
+            .into_iter()
+            .find(|p| p.public_key == public(2))
+            .unwrap()
+            .candidates
+            .len()
+    };
+    assert_eq!(count(&mut a), 2);
+    a.handle_update(Update::Upsert(entry_with_routes(3, &["10.77.0.0/16"])), now);
+    assert_eq!(count(&mut a), 1);
+}

@@ -201,6 +201,11 @@ pub async fn run(
                 token: read_join_token(dir)?,
                 routes: config.routes.clone(),
             };
+            let extra_routes = config.advertise_flannel_subnet.clone().map(|path| {
+                let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+                tokio::spawn(follow_flannel_subnet(path, tx));
+                rx
+            });
             let (interface, advertised) = (config.interface.clone(), config.advertise_endpoint);
             let gather =
                 move || candidates::gather(listen_port, &interface, &mesh_nets, advertised);
@@ -214,6 +219,7 @@ pub async fn run(
                     outbox,
                     relay: relay_link,
                     quic_source: quic_source.clone(),
+                    extra_routes,
                 },
                 started_from_cache,
             ));
@@ -613,6 +619,53 @@ async fn watch_routes(ifindex: u32, tx: mpsc::Sender<Vec<netlink::KernelRoute>>)
                 tokio::time::sleep(ROUTES_SETTLE).await;
             }
             () = tokio::time::sleep(ROUTES_REREAD) => {}
+        }
+    }
+}
+
+/// How often flannel's `subnet.env` is read again.
+const FLANNEL_REREAD: Duration = Duration::from_secs(2);
+
+/// Follows flannel's `subnet.env` at `path`: the subnets in it, whenever
+/// they change (none while the file is missing: flannel has not given this
+/// node one yet, or took it back). Ends when nobody listens.
+async fn follow_flannel_subnet(path: PathBuf, tx: tokio::sync::watch::Sender<Vec<IpNet>>) {
+    let mut complained = false;
+    loop {
+        let subnets = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => match crate::kube::flannel::subnets(&text) {
+                Ok(subnets) => Some(subnets),
+                Err(e) => {
+                    if !complained {
+                        tracing::warn!(file = %path.display(), error = %e, "flannel's subnet file is not understood; advertising what it said before");
+                    }
+                    complained = true;
+                    None
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Vec::new()),
+            Err(e) => {
+                if !complained {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read flannel's subnet file");
+                }
+                complained = true;
+                None
+            }
+        };
+        if let Some(subnets) = subnets {
+            complained = false;
+            tx.send_if_modified(|current| {
+                let changed = *current != subnets;
+                if changed {
+                    tracing::info!(file = %path.display(), ?subnets, "flannel's subnet for this node");
+                    current.clone_from(&subnets);
+                }
+                changed
+            });
+        }
+        tokio::select! {
+            () = tx.closed() => return,
+            () = tokio::time::sleep(FLANNEL_REREAD) => {}
         }
     }
 }

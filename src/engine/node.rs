@@ -499,6 +499,7 @@ impl Node {
         tracing::debug!(peer = %spec.public_key.short(), slot, "peer added");
         self.by_key.insert(spec.public_key, id);
         self.peers[slot as usize] = Some(peer);
+        self.forget_endpoints_in_the_mesh();
         Ok(id)
     }
 
@@ -513,7 +514,8 @@ impl Node {
         let Some(peer) = self.peers.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return self.add_peer(spec, now);
         };
-        if peer.allowed_ips != spec.allowed_ips {
+        let moved = peer.allowed_ips != spec.allowed_ips;
+        if moved {
             self.routes.remove_value(id);
             for net in &spec.allowed_ips {
                 self.routes.insert(*net, id);
@@ -527,7 +529,47 @@ impl Node {
             tracing::debug!(peer = %peer.key.short(), endpoint = ?spec.endpoint, "endpoint from peer map");
             peer.endpoint = spec.endpoint;
         }
+        if moved {
+            self.forget_endpoints_in_the_mesh();
+        }
         Ok(id)
+    }
+
+    /// More of the address space is the mesh's than this node's own
+    /// addresses say (the mesh's prefixes, once the rendezvous told them):
+    /// never an endpoint from now on.
+    pub fn set_mesh_prefixes(&mut self, prefixes: &[IpNet]) {
+        let mut changed = false;
+        for net in prefixes.iter().map(IpNet::trunc) {
+            if !self.mesh_prefixes.contains(&net) {
+                self.mesh_prefixes.push(net);
+                changed = true;
+            }
+        }
+        if changed {
+            self.forget_endpoints_in_the_mesh();
+        }
+    }
+
+    /// Forgets, for every mesh peer, the candidates and the direct path that
+    /// now lie inside the mesh ([`may_be_endpoint`]): a peer's prefix was
+    /// added, or the mesh's prefixes became known. Static peers keep what
+    /// their operator configured.
+    fn forget_endpoints_in_the_mesh(&mut self) {
+        let (prefixes, routes) = (&self.mesh_prefixes, &self.routes);
+        for peer in self.peers.iter_mut().flatten() {
+            let Some(paths) = peer.paths.as_mut() else {
+                continue;
+            };
+            paths.forget_unless(|addr| may_be_endpoint(prefixes, routes, addr));
+            if peer
+                .endpoint
+                .is_some_and(|e| !may_be_endpoint(prefixes, routes, e))
+            {
+                tracing::info!(peer = %peer.key.short(), endpoint = ?peer.endpoint, "endpoint lies inside the mesh now: forgotten");
+                peer.endpoint = None;
+            }
+        }
     }
 
     /// Removes a peer, its routes and its sessions. Returns whether it existed.
@@ -686,7 +728,7 @@ impl Node {
             // A peer with candidate paths: where it sent from is one more
             // candidate (peer-reflexive), proven by probes before use.
             (Via::Udp(from), Some(paths)) => {
-                if may_be_endpoint(&self.mesh_prefixes, from) {
+                if may_be_endpoint(&self.mesh_prefixes, &self.routes, from) {
                     paths.learn(from, now);
                 }
             }
@@ -891,11 +933,9 @@ impl Node {
                     let observed = match origin {
                         Via::Udp(from) => {
                             // Unconfirmed until a ping of ours is answered from it.
-                            if let Some(paths) = peer
-                                .paths
-                                .as_mut()
-                                .filter(|_| may_be_endpoint(&self.mesh_prefixes, from))
-                            {
+                            if let Some(paths) = peer.paths.as_mut().filter(|_| {
+                                may_be_endpoint(&self.mesh_prefixes, &self.routes, from)
+                            }) {
                                 paths.learn(from, now);
                             }
                             from
@@ -1014,7 +1054,7 @@ impl Node {
         };
         let candidates = candidates
             .into_iter()
-            .filter(|(addr, _)| may_be_endpoint(&self.mesh_prefixes, *addr));
+            .filter(|(addr, _)| may_be_endpoint(&self.mesh_prefixes, &self.routes, *addr));
         let paths = peer.paths.get_or_insert_with(PathSet::new);
         paths.set_relay_available(self.relay_available);
         paths.set_candidates(candidates);
@@ -1092,9 +1132,16 @@ impl Node {
 /// Whether `addr` may be a peer's endpoint: a routable address
 /// ([`super::paths::is_routable_endpoint`]) outside the mesh's own
 /// prefixes, which only ever exist inside the tunnel.
-fn may_be_endpoint(mesh_prefixes: &[IpNet], addr: SocketAddr) -> bool {
+/// Whether a mesh peer may be reached at `addr`: not an address nobody can
+/// use, not in the mesh's overlay prefixes, and not one that cryptokey
+/// routing sends into the tunnel (a peer's address, or a prefix behind a
+/// peer such as its pod CIDR, whose bridge address the peer announces as
+/// a local candidate): WireGuard packets to it would be carried by the
+/// tunnel they are meant to carry.
+fn may_be_endpoint(mesh_prefixes: &[IpNet], routes: &AllowedIps<PeerId>, addr: SocketAddr) -> bool {
     super::paths::is_routable_endpoint(addr)
         && !mesh_prefixes.iter().any(|net| net.contains(&addr.ip()))
+        && routes.lookup(addr.ip()).is_none()
 }
 
 /// `now` on the wall clock, in milliseconds since the Unix epoch, from the

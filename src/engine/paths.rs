@@ -408,6 +408,18 @@ impl PathSet {
         self.current
     }
 
+    /// Forgets every candidate `keep` refuses (an address that now lies
+    /// inside the mesh: traffic to it would enter the tunnel it carries),
+    /// and the direct path if it was one of them.
+    pub fn forget_unless(&mut self, keep: impl Fn(SocketAddr) -> bool) {
+        self.candidates.retain(|c| keep(c.addr));
+        if let Some(Path::Direct(addr)) = self.current {
+            if !keep(addr) {
+                self.current = None;
+            }
+        }
+    }
+
     pub fn status(&self, now: Instant) -> PathStatus {
         match self.current {
             Some(Path::Direct(addr)) => {

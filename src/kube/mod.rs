@@ -6,4 +6,5 @@
 //! `meshctl kube …` prints.
 
 pub mod env;
+pub mod flannel;
 pub mod generate;

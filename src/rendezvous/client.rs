@@ -29,7 +29,7 @@ use crate::identity::{PrivateKey, PublicKey};
 use crate::sockets::QuicSource;
 use crate::wire::control::{
     Candidate, Hello, NatMapping, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
-    MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
+    MAX_FRAME_UNADMITTED, MAX_ROUTES, PROTOCOL_VERSION,
 };
 use crate::wire::untrusted::bounded;
 
@@ -64,6 +64,10 @@ pub struct Channels {
     /// Set to the rendezvous's address before each session connects: the
     /// driver hands the QUIC endpoint datagrams from there only.
     pub quic_source: std::sync::Arc<QuicSource>,
+    /// Prefixes to advertise beside [`ClientConfig::routes`], as they
+    /// change (flannel's subnet); a change starts a new session, whose
+    /// hello carries them. `None`: the config's only.
+    pub extra_routes: Option<tokio::sync::watch::Receiver<Vec<IpNet>>>,
 }
 
 /// What the node needs to reach and convince its rendezvous.
@@ -129,7 +133,25 @@ pub async fn run(
     let mut admitted = admitted_before;
     let mut backoff = BACKOFF_MIN;
     let mut servers = Servers::new(config.servers.clone());
+    let base_routes = config.routes.clone();
     loop {
+        if let Some(extra) = &mut channels.extra_routes {
+            let routes = advertised_routes(&base_routes, &extra.borrow_and_update());
+            if routes != config.routes {
+                config.routes = routes.clone();
+                if channels
+                    .updates
+                    .send(Update::Advertised(routes))
+                    .await
+                    .is_err()
+                {
+                    return ClientError::Protocol {
+                        server: servers.current().to_owned(),
+                        reason: "meshd is shutting down".into(),
+                    };
+                }
+            }
+        }
         let mut welcomed = false;
         let mut round_over = false;
         let result = session(
@@ -354,6 +376,7 @@ async fn admit_and_serve(
         outbox,
         relay,
         quic_source: _,
+        extra_routes,
     } = channels;
     let server = servers.current().to_owned();
     let (mut session, welcome, others) =
@@ -403,8 +426,41 @@ async fn admit_and_serve(
                 None => return Ok(()),
             },
             Some(message) = outbox.recv() => session.send(&message).await?,
+            Ok(()) = routes_changed(extra_routes) => {
+                tracing::info!("the prefixes to advertise changed: a new session carries them");
+                return Ok(());
+            }
         }
     }
+}
+
+/// Waits for the extra prefixes to change; never without them.
+async fn routes_changed(
+    extra: &mut Option<tokio::sync::watch::Receiver<Vec<IpNet>>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match extra {
+        Some(extra) => extra.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The config's prefixes, then the extra ones not among them, at most
+/// [`MAX_ROUTES`] (the rendezvous refuses a longer hello).
+fn advertised_routes(base: &[IpNet], extra: &[IpNet]) -> Vec<IpNet> {
+    let mut routes = base.to_vec();
+    for net in extra {
+        if !routes.contains(net) {
+            routes.push(*net);
+        }
+    }
+    if routes.len() > MAX_ROUTES {
+        tracing::warn!(
+            advertised = routes.len(),
+            "more than {MAX_ROUTES} prefixes to advertise: the rest are left out"
+        );
+        routes.truncate(MAX_ROUTES);
+    }
+    routes
 }
 
 /// An admitted control connection.
