@@ -436,3 +436,78 @@ fn a_status_file_that_is_not_status_json_is_named() {
         stderr(&out)
     );
 }
+
+#[test]
+fn native_setups_print_yaml_that_parses_back_and_say_what_meshd_needs() {
+    let files = Files::new();
+    let text = succeeded(
+        &files.kube(&[
+            "flannel",
+            "--backend",
+            "host-gw",
+            "--pod-cidr",
+            "10.244.0.0/16",
+        ]),
+        "flannel host-gw",
+    );
+    assert_eq!(yaml_documents(&text).len(), 1, "{text}");
+    assert!(
+        text.contains(r#"\"Backend\":{\"Type\":\"host-gw\"}"#),
+        "{text}"
+    );
+    let text = succeeded(
+        &files.kube(&[
+            "calico",
+            "--no-encapsulation",
+            "--pod-cidr",
+            "10.244.0.0/16",
+            "--node-pod-cidr",
+            "10.244.3.0/24",
+        ]),
+        "calico --no-encapsulation",
+    );
+    let docs = yaml_documents(&text);
+    assert_eq!(docs.len(), 2, "{text}");
+    assert_eq!(docs[1]["spec"]["cidr"].as_str(), Some("10.244.3.0/24"));
+    assert!(text.contains(r#"routes = ["10.244.3.0/24"]"#), "{text}");
+}
+
+#[test]
+fn native_setups_refuse_flags_that_do_not_belong() {
+    let files = Files::new();
+    for (args, words) in [
+        (
+            &[
+                "calico",
+                "--no-encapsulation",
+                "--encapsulation",
+                "ipip",
+                "--node-pod-cidr",
+                "10.244.3.0/24",
+            ][..],
+            "cannot be used with",
+        ),
+        (&["calico", "--no-encapsulation"][..], "--node-pod-cidr"),
+        (
+            &["calico", "--node-pod-cidr", "192.168.3.0/24"][..],
+            "--no-encapsulation",
+        ),
+        (
+            &["flannel", "--pod-cidr", "10.244.0.0/16"][..],
+            "--pod-cidr is for --backend host-gw",
+        ),
+        (
+            &[
+                "calico",
+                "--no-encapsulation",
+                "--node-pod-cidr",
+                "10.9.0.0/24",
+            ][..],
+            "is not inside any --pod-cidr (192.168.0.0/16)",
+        ),
+    ] {
+        let out = files.kube(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr(&out).contains(words), "{args:?}: {}", stderr(&out));
+    }
+}

@@ -16,8 +16,8 @@ use meshd::control::{client, render, PeerInfo, Request, Response, StatusInfo};
 use meshd::identity::PrivateKey;
 use meshd::kube::env::MeshEnv;
 use meshd::kube::generate::{
-    self as kube, CalicoInstall, CalicoOptions, Encapsulation, KubeadmOptions, Mesh, Overrides,
-    Stack,
+    self as kube, CalicoInstall, CalicoOptions, Encapsulation, FlannelBackend, KubeadmOptions,
+    Mesh, Overrides, Stack,
 };
 
 #[derive(Parser)]
@@ -114,24 +114,47 @@ enum KubeCommand {
         #[arg(long, default_value = "/usr/bin/kubelet")]
         kubelet: String,
     },
-    /// Patch for the kube-flannel DaemonSet: --iface=mesh0 (MTU follows mesh0).
-    Flannel,
+    /// Patch for the kube-flannel DaemonSet: --iface=mesh0 (MTU follows
+    /// mesh0); with --backend host-gw, net-conf.json too.
+    Flannel {
+        /// vxlan: VXLAN inside mesh0; host-gw: pod subnets routed natively
+        /// over mesh0 (meshd learns flannel's routes).
+        #[arg(long, value_enum, default_value_t = FlannelBackendArg::Vxlan)]
+        backend: FlannelBackendArg,
+        /// The cluster's pod network, net-conf.json's Network (with
+        /// --dual-stack, repeat for IPv6Network) [default: 10.244.0.0/16].
+        /// host-gw only.
+        #[arg(long = "pod-cidr", value_name = "CIDR")]
+        pod_cidrs: Vec<IpNet>,
+    },
     /// calico on mesh0 with its MTU: the operator's Installation, or --manifest.
     Calico {
         /// A patch of a manifest install's calico-node DaemonSet instead.
         #[arg(long)]
         manifest: bool,
-        /// Between nodes over mesh0; never CrossSubnet or none, as meshd
-        /// forwards overlay addresses only.
+        /// Between nodes over mesh0; never CrossSubnet.
         #[arg(long, value_enum, default_value_t = EncapsulationArg::Vxlan)]
         encapsulation: EncapsulationArg,
-        /// IP pool CIDR (repeat for dual stack).
+        /// No IPIP or VXLAN, BGP off: this node's pods in an IP pool of its
+        /// own (--node-pod-cidr), advertised to the mesh by meshd.
+        #[arg(long, conflicts_with = "encapsulation", requires = "node_pod_cidrs")]
+        no_encapsulation: bool,
+        /// IP pool CIDR (repeat for dual stack); with --no-encapsulation,
+        /// the cluster's pod network the node's pool lies in.
         #[arg(
             long = "pod-cidr",
             value_name = "CIDR",
             default_value = "192.168.0.0/16"
         )]
         pod_cidrs: Vec<IpNet>,
+        /// This node's pod CIDR: its IP pool and the prefix it advertises
+        /// (repeat for dual stack). --no-encapsulation only.
+        #[arg(
+            long = "node-pod-cidr",
+            value_name = "CIDR",
+            requires = "no_encapsulation"
+        )]
+        node_pod_cidrs: Vec<IpNet>,
     },
     /// kubeadm init config: API server, kubelet and etcd on the overlay address.
     Kubeadm {
@@ -160,6 +183,12 @@ enum KubeCommand {
         #[arg(long, value_name = "FILE")]
         node_json: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FlannelBackendArg {
+    Vxlan,
+    HostGw,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -373,11 +402,27 @@ fn kube_command(
         KubeCommand::KubeletDropin { kubelet } => {
             write!(out, "{}", kube::kubelet_dropin(local, stack, &kubelet)?)?
         }
-        KubeCommand::Flannel => write!(out, "{}", kube::flannel(local)?)?,
+        KubeCommand::Flannel { backend, pod_cidrs } => {
+            let backend = match backend {
+                FlannelBackendArg::Vxlan if !pod_cidrs.is_empty() => {
+                    bail!(
+                        "--pod-cidr is for --backend host-gw: VXLAN needs no net-conf.json change"
+                    )
+                }
+                FlannelBackendArg::Vxlan => FlannelBackend::Vxlan,
+                FlannelBackendArg::HostGw if pod_cidrs.is_empty() => FlannelBackend::HostGw {
+                    pod_cidrs: vec!["10.244.0.0/16".parse()?],
+                },
+                FlannelBackendArg::HostGw => FlannelBackend::HostGw { pod_cidrs },
+            };
+            write!(out, "{}", kube::flannel(local, stack, &backend)?)?
+        }
         KubeCommand::Calico {
             manifest,
             encapsulation,
+            no_encapsulation,
             pod_cidrs,
+            node_pod_cidrs,
         } => {
             let options = CalicoOptions {
                 install: if manifest {
@@ -386,10 +431,12 @@ fn kube_command(
                     CalicoInstall::Operator
                 },
                 encapsulation: match encapsulation {
+                    _ if no_encapsulation => Encapsulation::None,
                     EncapsulationArg::Vxlan => Encapsulation::Vxlan,
                     EncapsulationArg::Ipip => Encapsulation::Ipip,
                 },
                 pod_cidrs,
+                node_pod_cidrs,
             };
             write!(out, "{}", kube::calico(local, stack, &options)?)?;
         }

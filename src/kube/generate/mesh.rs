@@ -4,6 +4,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use ipnet::IpNet;
+
 use super::{KubeError, Stack};
 use crate::config::DEFAULT_MTU;
 use crate::control::{CandidateSource, PeerInfo, SeenAt, StatusInfo};
@@ -49,6 +51,9 @@ pub struct Local {
     pub node: MeshNode,
     pub interface: String,
     pub mtu: u16,
+    /// The mesh's overlay prefixes (the networks of mesh0's addresses);
+    /// the overlay addresses alone when meshd reports no prefix.
+    pub overlay_prefixes: Vec<IpNet>,
 }
 
 /// This node and its peers.
@@ -90,7 +95,16 @@ impl Mesh {
         if status.interface.is_empty() {
             return Err(KubeError::NoInterface);
         }
+        let mut overlay_prefixes: Vec<IpNet> = status.addresses.iter().map(IpNet::trunc).collect();
+        if overlay_prefixes.is_empty() {
+            overlay_prefixes = status
+                .overlay_ips
+                .iter()
+                .map(|&ip| IpNet::from(ip))
+                .collect();
+        }
         let local = Local {
+            overlay_prefixes,
             node: MeshNode {
                 name,
                 ipv4: ipv4.ok_or(KubeError::NoOverlayIpv4)?,

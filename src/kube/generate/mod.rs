@@ -40,7 +40,7 @@ use ipnet::IpNet;
 
 pub use calico::{calico, CalicoInstall, CalicoOptions, Encapsulation};
 pub use check::{check, mismatches, parse_node, render_check, Finding, NodeView, Verdict};
-pub use flannel::flannel;
+pub use flannel::{flannel, FlannelBackend};
 pub use kubeadm::{kubeadm, KubeadmOptions};
 pub use kubelet::{kubelet_dropin, DROPIN_PATH};
 pub use kubespray::{kubespray_inventory, Inventory};
@@ -73,6 +73,24 @@ pub enum KubeError {
     },
     #[error("pod CIDR {cidr} contains this node's overlay address {overlay}: pick a pod CIDR outside the mesh")]
     PodCidrOverlapsMesh { cidr: IpNet, overlay: IpAddr },
+    #[error("{flag} {cidr} overlaps the mesh's overlay prefix {prefix}: pick a pod CIDR outside the mesh")]
+    PodCidrOverlapsOverlay {
+        flag: &'static str,
+        cidr: IpNet,
+        prefix: IpNet,
+    },
+    #[error("{flag} {cidr}: {reason}")]
+    BadPodCidr {
+        flag: &'static str,
+        cidr: IpNet,
+        reason: String,
+    },
+    #[error("--node-pod-cidr {cidr} is not inside any --pod-cidr ({pod_cidrs}): give this node a share of the cluster's pod network")]
+    NodePodCidrOutside { cidr: IpNet, pod_cidrs: String },
+    #[error("{flag}: {reason}")]
+    PodCidrFamilies { flag: &'static str, reason: String },
+    #[error("{name:?} is not a Kubernetes node name (lower-case letters, digits, '-' and '.'): pass --node-name")]
+    NotANodeName { name: String },
     #[error("--control-plane {name}: no mesh node has that name (known: {known})")]
     UnknownControlPlane { name: String, known: String },
     #[error("two mesh nodes are named {name}: kubespray needs unique host names (rename one with meshd join --name)")]
@@ -87,6 +105,8 @@ pub enum KubeError {
     },
     #[error("writing YAML: {0}")]
     Yaml(#[from] serde_norway::Error),
+    #[error("writing JSON: {0}")]
+    Json(#[source] serde_json::Error),
 }
 
 /// Single stack (the overlay IPv4) or dual stack (IPv4 and the overlay
@@ -124,6 +144,13 @@ fn join(ips: &[IpAddr]) -> String {
         .join(",")
 }
 
+fn join_nets(nets: &[IpNet]) -> String {
+    nets.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn inner_mtu(mtu: u16, encapsulation: &'static str, overhead: u16) -> Result<u16, KubeError> {
     // IPv4's minimum datagram every host must take (RFC 791): below it the
     // pod network is useless.
@@ -135,6 +162,71 @@ fn inner_mtu(mtu: u16, encapsulation: &'static str, overhead: u16) -> Result<u16
             encapsulation,
             overhead,
         }),
+    }
+}
+
+/// Pod CIDRs routed natively over mesh0 (prefixes behind nodes): each a
+/// network address (as meshd's `routes` want it) that stays clear of the
+/// mesh's overlay prefixes, which meshd refuses to route to a peer.
+fn check_native_pod_cidrs(
+    local: &Local,
+    flag: &'static str,
+    cidrs: &[IpNet],
+) -> Result<(), KubeError> {
+    for cidr in cidrs {
+        crate::config::validate_route(cidr).map_err(|reason| KubeError::BadPodCidr {
+            flag,
+            cidr: *cidr,
+            reason,
+        })?;
+        if let Some(prefix) = local
+            .overlay_prefixes
+            .iter()
+            .find(|p| p.contains(&cidr.network()) || cidr.contains(&p.network()))
+        {
+            return Err(KubeError::PodCidrOverlapsOverlay {
+                flag,
+                cidr: *cidr,
+                prefix: *prefix,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// At most one CIDR per family, and IPv6 only with `--dual-stack`.
+fn check_families(flag: &'static str, cidrs: &[IpNet], stack: Stack) -> Result<(), KubeError> {
+    let v4 = cidrs.iter().filter(|c| matches!(c, IpNet::V4(_))).count();
+    let v6 = cidrs.len() - v4;
+    let reason = if v4 > 1 || v6 > 1 {
+        "one CIDR per address family"
+    } else if v6 == 1 && stack == Stack::Ipv4 {
+        "an IPv6 CIDR needs --dual-stack"
+    } else {
+        return Ok(());
+    };
+    Err(KubeError::PodCidrFamilies {
+        flag,
+        reason: reason.to_owned(),
+    })
+}
+
+/// A name Kubernetes accepts for a Node (an RFC 1123 subdomain), safe to
+/// quote in a label selector.
+fn check_node_name(name: &str) -> Result<(), KubeError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(KubeError::NotANodeName {
+            name: name.to_owned(),
+        })
     }
 }
 

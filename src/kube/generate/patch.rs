@@ -26,13 +26,41 @@ struct PodSpec {
     containers: Vec<Container>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub(super) struct Container {
     pub(super) name: String,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub(super) args: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub(super) env: Vec<EnvVar>,
+    /// A probe merges into the container's as a map; its `command` list
+    /// is replaced whole.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(super) liveness_probe: Option<ExecProbe>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(super) readiness_probe: Option<ExecProbe>,
+}
+
+/// A probe that runs a command in the container.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct ExecProbe {
+    exec: ExecAction,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ExecAction {
+    command: Vec<String>,
+}
+
+impl ExecProbe {
+    pub(super) fn new(command: &[&str]) -> Self {
+        Self {
+            exec: ExecAction {
+                command: command.iter().map(|&c| c.to_owned()).collect(),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

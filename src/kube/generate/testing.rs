@@ -132,3 +132,14 @@ pub(super) fn args(list: &Value) -> BTreeMap<String, String> {
         })
         .collect()
 }
+
+/// The JSON of the `-p '…'` argument on the comment line containing
+/// `command`.
+pub(super) fn patch_argument(text: &str, command: &str) -> serde_json::Value {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('#') && l.contains(command))
+        .unwrap_or_else(|| panic!("no {command:?} line:\n{text}"));
+    let quoted = line.split(" -p ").nth(1).unwrap();
+    serde_json::from_str(quoted.trim().trim_matches('\'')).unwrap()
+}
