@@ -117,8 +117,20 @@ fn wait_for_decision(lab: &MeshLab, node: &str, prefix: &str, expected: &str) ->
     )
 }
 
-/// The prefixes `node` routes to `peer`, as its `meshctl peers --json` says.
+/// The prefixes `node` routes to `peer` because the mesh accepted them, as
+/// its `meshctl peers --json` says.
 fn peer_routes(lab: &MeshLab, node: &str, peer: &str) -> Result<Vec<String>, String> {
+    peer_prefixes(lab, node, peer, "routes")
+}
+
+/// `field` (`routes`, `learned_routes`) of `node`'s peer `peer` in its
+/// `meshctl peers --json`.
+fn peer_prefixes(
+    lab: &MeshLab,
+    node: &str,
+    peer: &str,
+    field: &str,
+) -> Result<Vec<String>, String> {
     let peers = lab.meshctl(node, "peers")?;
     let name = format!("node-{peer}");
     let entry = peers
@@ -127,7 +139,7 @@ fn peer_routes(lab: &MeshLab, node: &str, peer: &str) -> Result<Vec<String>, Str
         .flatten()
         .find(|p| p["name"] == name.as_str())
         .ok_or_else(|| format!("{node} does not know {peer}: {peers}"))?;
-    Ok(entry["routes"]
+    Ok(entry[field]
         .as_array()
         .into_iter()
         .flatten()
@@ -371,18 +383,8 @@ fn bird_config(lab: &MeshLab, node: &str, nodes: &[&str]) -> String {
 /// Whether `node`'s meshd routes `prefix` to `peer` because the routing
 /// table says so.
 fn learned_by(lab: &MeshLab, node: &str, peer: &str, prefix: &str) -> Result<bool, String> {
-    let peers = lab.meshctl(node, "peers")?;
-    let name = format!("node-{peer}");
-    let entry = peers
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["name"] == name.as_str())
-        .ok_or_else(|| format!("{node} does not know {peer}"))?;
-    Ok(entry["learned_routes"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(peer_prefixes(lab, node, peer, "learned_routes")?
+        .iter()
         .any(|r| r == prefix))
 }
 
