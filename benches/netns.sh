@@ -21,6 +21,24 @@
 #                        1330) over the bare veth: the baseline of the next
 #   meshd-vxlan          the same VXLAN over meshd's mesh0, as flannel runs
 #                        on a mesh node (pod traffic is UDP to meshd)
+#   veth-pods            pod to pod: a pod on each node (its own namespace,
+#                        made by the real CNI bridge + host-local plugins
+#                        from /usr/lib/cni: a veth on the node's bridge
+#                        cni0), pod CIDRs 10.244.1.0/24 on a and
+#                        10.244.2.0/24 on b, routed between the nodes over
+#                        the bare veth (10.244.2.0/24 via b's underlay
+#                        address, as flannel's host-gw does): the baseline
+#                        of the next two
+#   meshd-pods-vxlan     the same pods over a flannel-style VXLAN on
+#                        meshd's mesh0, routed the way flannel's vxlan
+#                        backend routes them (10.244.2.0/24 via 10.244.2.0
+#                        dev vx0 onlink, a permanent neighbour and an fdb
+#                        entry for the peer's VTEP); pod MTU 1330
+#   meshd-pods           the same pods routed natively over mesh0: each
+#                        static peer's allowed-ips holds its pod CIDR, and
+#                        meshd routes that prefix over mesh0; pod MTU 1380.
+#                        Printed with the ratios meshd-pods ÷ meshd and
+#                        meshd-pods ÷ meshd-pods-vxlan of the same run
 #
 # and meshd's resident memory: idle with one peer, after the transfers, and
 # idle with 1000 configured peers (random keys, /32 allowed IPs, no
@@ -32,8 +50,9 @@
 #
 # Namespaces are named mb<pid>-<role> and have no link to the host's own
 # namespace (both veth ends are created inside them); the underlay is the
-# documentation range 192.0.2.0/24, the overlay 100.72.0.0/16. Everything the
-# run creates is removed on any exit, Ctrl-C included.
+# documentation range 192.0.2.0/24, the overlay 100.72.0.0/16, the pods
+# 10.244.0.0/16. Everything the run creates is removed on any exit, Ctrl-C
+# included.
 #
 # Usage: sudo benches/netns.sh [--runs N] [--seconds S] [--only NAME...]
 #                              [--no-install] [--bin DIR] [--logs DIR] [--idle-wait S]
@@ -54,7 +73,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-ALL_TUNNELS=(veth meshd wireguard-go boringtun nebula meshd-relay meshd-relay-default veth-vxlan meshd-vxlan)
+ALL_TUNNELS=(veth meshd wireguard-go boringtun nebula meshd-relay meshd-relay-default veth-vxlan meshd-vxlan
+    veth-pods meshd-pods-vxlan meshd-pods)
 
 RUNS=3
 SECONDS_PER_RUN=10
@@ -180,6 +200,7 @@ boringtun_bin() {
 # --- namespaces ----------------------------------------------------------
 
 A=${PREFIX}a B=${PREFIX}b R=${PREFIX}r S=${PREFIX}s
+POD_A=${PREFIX}pa POD_B=${PREFIX}pb # the pods on a and b
 A_IP=192.0.2.1 B_IP=192.0.2.2 R_IP=192.0.2.3
 A_OV=100.72.0.1 B_OV=100.72.0.2
 MTU=1380
@@ -323,8 +344,10 @@ ping_avg() { # ping_avg FROM_NS TO: average RTT in ms of 20 pings
 }
 
 # measure NAME FROM_NS TO_IP NOTE PID...: iperf3 b ← a through TO_IP, with the
-# CPU of each PID; appends a result line.
+# CPU of each PID; appends a result line and keeps the median in
+# MEDIANS[NAME]. The iperf3 server runs in namespace b, or in TO_NS if set.
 RESULTS=()
+declare -A MEDIANS=()
 BASELINE=""
 LAST_MED=""
 VXLAN_BASELINE=""
@@ -333,7 +356,7 @@ measure() {
     local name=$1 from=$2 to=$3 note=$4
     shift 4
     local pids=("$@") to_ns
-    to_ns=$B
+    to_ns=${TO_NS:-$B}
     if ! wait_for 30 "$name to carry a ping" in_ns "$from" ping -n -c 1 -W 1 "$to"; then
         skip "$name" "no ping through the tunnel within 30 s"
         return
@@ -395,6 +418,7 @@ measure() {
         BASELINE_PING=$rtt
     fi
     LAST_MED=$med
+    MEDIANS[$name]=$med
     local ratio="–" added="–"
     if [ -n "$BASELINE" ]; then
         ratio=$(awk -v m="$med" -v b="$BASELINE" 'BEGIN {printf "%.3f", m / b}')
@@ -423,7 +447,8 @@ meshd_ready() { # meshd_ready SOCKET
     "$BIN/meshctl" --socket "$1" status --json >/dev/null 2>&1
 }
 
-# meshd_config NAME ADDRESS [PEER_NAME PEER_ENDPOINT PEER_OVERLAY]: a static config
+# meshd_config NAME ADDRESS [PEER_NAME PEER_ENDPOINT PEER_OVERLAY [PEER_PREFIX]]:
+# a static config; PEER_PREFIX (a pod CIDR) joins the peer's allowed-ips.
 meshd_config() {
     local name=$1 address=$2
     cat >"$WORK/$name.toml" <<EOF
@@ -436,12 +461,14 @@ socket = "$WORK/$name.sock"
 uapi-dir = "$WORK/uapi-$name"
 EOF
     if [ $# -ge 5 ]; then
+        local allowed="\"$5/32\""
+        [ -n "${6:-}" ] && allowed+=", \"$6\""
         cat >>"$WORK/$name.toml" <<EOF
 
 [[peer]]
 public-key = "$(cat "$WORK/$3.pub")"
 endpoint = "$4"
-allowed-ips = ["$5/32"]
+allowed-ips = [$allowed]
 EOF
     fi
 }
@@ -461,8 +488,9 @@ bench_veth() {
     measure veth "$A" "$B_IP" "kernel only"
 }
 
-# meshd_pair NAME: meshd on a and b (static config, each the other's peer),
-# their pids in PA and PB; skips NAME and fails if either can't be had.
+# meshd_pair NAME [A_PODS B_PODS]: meshd on a and b (static config, each
+# the other's peer, with the pod CIDR behind it if given), their pids in PA
+# and PB; skips NAME and fails if either can't be had.
 PA="" PB=""
 meshd_pair() {
     if [ ! -x "$BIN/meshd" ]; then
@@ -472,8 +500,8 @@ meshd_pair() {
     pair_up
     keypair ma
     keypair mb
-    meshd_config ma $A_OV mb "$B_IP:$PORT" $B_OV
-    meshd_config mb $B_OV ma "$A_IP:$PORT" $A_OV
+    meshd_config ma $A_OV mb "$B_IP:$PORT" $B_OV "${3:-}"
+    meshd_config mb $B_OV ma "$A_IP:$PORT" $A_OV "${2:-}"
     start_meshd "$A" ma || { skip "$1" "meshd did not start"; return 1; }
     PA=$SPAWNED
     start_meshd "$B" mb || { skip "$1" "meshd did not start"; return 1; }
@@ -488,7 +516,7 @@ bench_meshd() {
     MESHD_RSS_IDLE=$(rss_kb "$pa")
     measure meshd "$A" $B_OV "static config" "$pa" "$pb"
     MESHD_RSS_AFTER=$(rss_kb "$pa")
-    RESULTS[-1]="${RESULTS[-1]% |}$(drop_note meshd "$A" "$B") |"
+    RESULTS[-1]="${RESULTS[-1]% |}$(drop_note meshd "$A" "$B")$(batching_note) |"
 }
 
 # vxlan_up DEV A_LOCAL B_LOCAL: a flannel-style VXLAN between a and b over DEV.
@@ -513,9 +541,150 @@ bench_meshd_vxlan() {
     meshd_pair meshd-vxlan || return 0
     vxlan_up mesh0 $A_OV $B_OV
     measure meshd-vxlan "$A" $B_VX "VXLAN over meshd's mesh0" "$PA" "$PB"
+    RESULTS[-1]="${RESULTS[-1]% |}$(batching_note) |"
     if [ -n "$VXLAN_BASELINE" ]; then
         RESULTS[-1]="${RESULTS[-1]% |}; $(awk -v m="$LAST_MED" -v b="$VXLAN_BASELINE" 'BEGIN {printf "%.3f", m / b}') × veth-vxlan |"
     fi
+}
+
+# --- pods ----------------------------------------------------------------
+
+# Pod CIDRs of nodes a and b; the bridge (the pods' gateway) holds the first
+# address of each, flannel's VTEP the network address.
+A_PODS=10.244.1.0/24 B_PODS=10.244.2.0/24
+A_VTEP=10.244.1.0 B_VTEP=10.244.2.0
+A_VTEP_MAC=02:0a:f4:01:00:00 B_VTEP_MAC=02:0a:f4:02:00:00
+CNI_BIN=/usr/lib/cni
+POD_IP="" POD_B_IP=""
+
+need_cni() { # need_cni NAME: whether the CNI plugins are there; skips NAME if not
+    need_debian "$CNI_BIN/bridge" containernetworking-plugins && [ -x "$CNI_BIN/host-local" ] && return 0
+    skip "$1" "the CNI plugins (containernetworking-plugins) can't be installed"
+    return 1
+}
+
+# add_pod NODE_NS POD_NS SUBNET MTU: makes POD_NS a pod of NODE_NS the way a
+# container runtime does: the bridge plugin, CNI_COMMAND=ADD, the network
+# configuration on stdin, run in the node's namespace (a veth from the
+# node's bridge cni0 to the pod's eth0, an address from host-local, a
+# default route through the bridge). The pod's address in POD_IP.
+add_pod() {
+    local node=$1 pod=$2 subnet=$3 mtu=$4 result
+    new_ns "$pod"
+    result=$(in_ns "$node" env CNI_COMMAND=ADD CNI_CONTAINERID="$pod" CNI_NETNS="/run/netns/$pod" \
+        CNI_IFNAME=eth0 CNI_PATH=$CNI_BIN $CNI_BIN/bridge <<EOF
+{
+  "cniVersion": "1.0.0",
+  "name": "pods",
+  "type": "bridge",
+  "bridge": "cni0",
+  "isGateway": true,
+  "ipMasq": false,
+  "mtu": $mtu,
+  "ipam": {
+    "type": "host-local",
+    "ranges": [[{"subnet": "$subnet"}]],
+    "routes": [{"dst": "0.0.0.0/0"}],
+    "dataDir": "$WORK/cni/$node"
+  }
+}
+EOF
+    ) || { log "the CNI bridge plugin failed in $node: $result"; return 1; }
+    POD_IP=$(jq -r '.ips[0].address // empty' <<<"$result")
+    POD_IP=${POD_IP%/*}
+    [ -n "$POD_IP" ] || { log "no address in the bridge plugin's result: $result"; return 1; }
+}
+
+# pods_up MTU: a pod on a (A_PODS) and one on b (B_PODS), interface MTU MTU;
+# b's pod's address in POD_B_IP. The nodes forward.
+pods_up() {
+    rm -rf "$WORK/cni"
+    add_pod "$A" "$POD_A" $A_PODS "$1" || return 1
+    add_pod "$B" "$POD_B" $B_PODS "$1" || return 1
+    POD_B_IP=$POD_IP
+    in_ns "$A" sysctl -qw net.ipv4.ip_forward=1
+    in_ns "$B" sysctl -qw net.ipv4.ip_forward=1
+}
+
+# flannel_vxlan_up: what flannel's vxlan backend sets up on a and b, its
+# VXLAN device on mesh0: a VTEP per node with no learning and its pod
+# CIDR's network address, and for the other node a route to its pod CIDR
+# through its VTEP address (onlink), a permanent neighbour entry for that
+# address and a forwarding entry sending its VTEP's MAC to its overlay IP.
+flannel_vxlan_up() {
+    local side ns local_ov vtep mac peer_pods peer_vtep peer_mac peer_ov
+    for side in a b; do
+        if [ $side = a ]; then
+            ns=$A local_ov=$A_OV vtep=$A_VTEP mac=$A_VTEP_MAC
+            peer_pods=$B_PODS peer_vtep=$B_VTEP peer_mac=$B_VTEP_MAC peer_ov=$B_OV
+        else
+            ns=$B local_ov=$B_OV vtep=$B_VTEP mac=$B_VTEP_MAC
+            peer_pods=$A_PODS peer_vtep=$A_VTEP peer_mac=$A_VTEP_MAC peer_ov=$A_OV
+        fi
+        ip -n "$ns" link add vx0 address $mac type vxlan id 1 local "$local_ov" dstport 8472 nolearning dev mesh0
+        ip -n "$ns" addr add "$vtep/32" dev vx0
+        ip -n "$ns" link set vx0 mtu $((MTU - 50)) up
+        ip -n "$ns" route add "$peer_pods" via "$peer_vtep" dev vx0 onlink
+        ip -n "$ns" neigh add "$peer_vtep" lladdr $peer_mac dev vx0 nud permanent
+        bridge -n "$ns" fdb add $peer_mac dev vx0 dst "$peer_ov" self permanent
+    done
+}
+
+batching_note() { # batching_note: "; packets per call a: …; b: …" from meshctl status
+    local side line out=""
+    for side in a b; do
+        line=$("$BIN/meshctl" --socket "$WORK/m$side.sock" status 2>/dev/null | sed -n 's/^batching: *//p')
+        [ -n "$line" ] && out+="; $side: ${line/ packets per call/}"
+    done
+    [ -n "$out" ] && echo "; packets per call$out"
+    return 0
+}
+
+ratio() { # ratio A B: MEDIANS[A] / MEDIANS[B], or "–" if either is missing
+    if [ -n "${MEDIANS[$1]:-}" ] && [ -n "${MEDIANS[$2]:-}" ]; then
+        awk -v m="${MEDIANS[$1]}" -v b="${MEDIANS[$2]}" 'BEGIN {printf "%.3f", (b > 0 ? m / b : 0)}'
+    else
+        echo "–"
+    fi
+}
+
+bench_veth_pods() {
+    need_cni veth-pods || return 0
+    pair_up
+    pods_up $MTU || { skip veth-pods "the CNI plugins made no pods"; return 0; }
+    ip -n "$A" route add $B_PODS via $B_IP
+    ip -n "$B" route add $A_PODS via $A_IP
+    TO_NS=$POD_B measure veth-pods "$POD_A" "$POD_B_IP" \
+        "pod to pod (CNI bridge), pod CIDRs routed over the bare veth; pod MTU $MTU"
+}
+
+bench_meshd_pods_vxlan() {
+    need_cni meshd-pods-vxlan || return 0
+    meshd_pair meshd-pods-vxlan || return 0
+    pods_up $((MTU - 50)) || { skip meshd-pods-vxlan "the CNI plugins made no pods"; return 0; }
+    flannel_vxlan_up
+    TO_NS=$POD_B measure meshd-pods-vxlan "$POD_A" "$POD_B_IP" \
+        "pod to pod (CNI bridge) over flannel-style VXLAN on mesh0; pod MTU $((MTU - 50))" "$PA" "$PB"
+    RESULTS[-1]="${RESULTS[-1]% |}$(drop_note meshd "$A" "$B")$(batching_note) |"
+}
+
+bench_meshd_pods() {
+    need_cni meshd-pods || return 0
+    meshd_pair meshd-pods $A_PODS $B_PODS || return 0
+    # meshd routes each static peer's allowed prefixes over mesh0 itself.
+    if ! wait_for 20 "meshd's routes to the pod CIDRs" \
+        sh -c "ip -n '$A' route show $B_PODS dev mesh0 | grep -q . && ip -n '$B' route show $A_PODS dev mesh0 | grep -q ."; then
+        skip meshd-pods "meshd installed no route to the peer's pod CIDR on mesh0"
+        return 0
+    fi
+    local route
+    route=$(ip -n "$A" route show $B_PODS)
+    route=${route%% }
+    pods_up $MTU || { skip meshd-pods "the CNI plugins made no pods"; return 0; }
+    TO_NS=$POD_B measure meshd-pods "$POD_A" "$POD_B_IP" \
+        "pod to pod (CNI bridge), pod CIDRs in allowed-ips, meshd's route on a: $route; pod MTU $MTU" "$PA" "$PB"
+    RESULTS[-1]="${RESULTS[-1]% |}$(drop_note meshd "$A" "$B")$(batching_note)"
+    RESULTS[-1]+="; $(ratio meshd-pods meshd) × meshd, $(ratio meshd-pods meshd-pods-vxlan) × meshd-pods-vxlan |"
 }
 
 # wg_configure NS IFACE KEY LOCAL_OVERLAY PEER_KEY PEER_IP PEER_OVERLAY: configures
@@ -756,6 +925,9 @@ for tunnel in "${ALL_TUNNELS[@]}"; do
         meshd-relay-default) bench_relay meshd-relay-default default ;;
         veth-vxlan) bench_veth_vxlan ;;
         meshd-vxlan) bench_meshd_vxlan ;;
+        veth-pods) bench_veth_pods ;;
+        meshd-pods-vxlan) bench_meshd_pods_vxlan ;;
+        meshd-pods) bench_meshd_pods ;;
     esac
     kill_namespaces
 done
@@ -774,6 +946,15 @@ if [ ${#RESULTS[@]} -gt 0 ]; then
     echo "| tunnel | Gbit/s (median) | runs (Gbit/s) | × veth | TCP retransmits per run (median) | daemon CPU a / b (% of a core) | machine busy (% of all CPUs) | ping avg (ms) | added RTT (ms) | note |"
     echo "|---|---:|---|---:|---:|---|---:|---:|---:|---|"
     printf '%s\n' "${RESULTS[@]}"
+fi
+if selected meshd-pods; then
+    echo
+    echo "| pod traffic, same run | ratio | target |"
+    echo "|---|---:|---:|"
+    echo "| meshd-pods ÷ meshd (pods over native routes ÷ node to node) | $(ratio meshd-pods meshd) | ≥ 0.9 |"
+    echo "| meshd-pods ÷ meshd-pods-vxlan (native routes ÷ flannel VXLAN on mesh0) | $(ratio meshd-pods meshd-pods-vxlan) | ≥ 2 |"
+    echo "| meshd-pods ÷ veth-pods | $(ratio meshd-pods veth-pods) | – |"
+    echo "| veth-pods ÷ veth | $(ratio veth-pods veth) | – |"
 fi
 if selected meshd || selected rss; then
     echo
