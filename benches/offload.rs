@@ -4,6 +4,10 @@
 //! - `split`: one TCP super-packet as the kernel hands it over (48
 //!   segments of 1340 bytes, IPv4, checksum left to us) cut into segments:
 //!   meshd's in-place `tso::split` against tun-rs's copying `gso_split`.
+//! - `split-tunnel`: the same super-packet inside a VXLAN tunnel (outer
+//!   IPv4 and UDP with a checksum, VXLAN, inner Ethernet), as the kernel
+//!   hands it over with UDP-tunnel GSO, against the plain one of the first
+//!   group: the cost of giving every segment its outer headers.
 //! - `coalesce`: 48 decrypted segments of one TCP stream (one 64 KiB
 //!   super-packet's worth), in buffers of the
 //!   engine's pool size, turned into TUN writes: `gro::Coalescer` (one
@@ -26,7 +30,7 @@
 use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput};
-use meshd::offload::{gro::Coalescer, tso};
+use meshd::offload::{gro::Coalescer, tso, VnetHeader};
 use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_LEN};
 
 const SEGMENTS: usize = 48;
@@ -94,7 +98,8 @@ fn split_benches(c: &mut Criterion) {
     let read = super_packet();
     // Checked once, untimed: both cut it into the same 48 segments.
     let mut ours = Vec::new();
-    tso::split(&mut read.clone(), |s| ours.push(s.to_vec())).expect("a valid super-packet");
+    tso::split(&mut read.clone(), VnetHeader::Legacy, |s| ours.push(s.to_vec()))
+        .expect("a valid super-packet");
     let mut bufs = vec![vec![0u8; 1500]; 64];
     let mut sizes = vec![0; 64];
     let n = tun_rs::gso_split(
@@ -118,7 +123,8 @@ fn split_benches(c: &mut Criterion) {
             || read.clone(),
             |r| {
                 let mut bytes = 0;
-                let count = tso::split(r, |s| bytes += black_box(s).len()).expect("valid");
+                let count = tso::split(r, VnetHeader::Legacy, |s| bytes += black_box(s).len())
+                    .expect("valid");
                 black_box((count, bytes))
             },
             BatchSize::SmallInput,
@@ -139,13 +145,85 @@ fn split_benches(c: &mut Criterion) {
     group.finish();
 }
 
+/// VXLAN's header and the inner Ethernet header.
+const TUNNEL: usize = 8 + 14;
+
+/// [`super_packet`] inside a VXLAN tunnel over IPv4, behind the 24-byte
+/// header: outer IPv4, outer UDP (checksum asked for), VXLAN, Ethernet.
+fn tunnel_super_packet() -> Vec<u8> {
+    let plain = super_packet();
+    let inner = &plain[VIRTIO_NET_HDR_LEN..];
+    let inner_nh = 20 + 8 + TUNNEL;
+    let total = inner_nh + inner.len();
+    let mut hdr = header(&plain);
+    hdr.flags |= 8; // UDP_TUNNEL_CSUM
+    hdr.gso_type |= 0x20; // UDP tunnel over IPv4
+    hdr.hdr_len += inner_nh as u16;
+    hdr.csum_start += inner_nh as u16;
+    let mut read = vec![0u8; VnetHeader::Tunnel.size()];
+    hdr.encode(&mut read).expect("ten bytes");
+    read[20..22].copy_from_slice(&20u16.to_ne_bytes());
+    read[22..24].copy_from_slice(&(inner_nh as u16).to_ne_bytes());
+    let mut outer = [0u8; 28];
+    outer[0] = 0x45;
+    outer[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    outer[6] = 0x40;
+    outer[8] = 64;
+    outer[9] = 17;
+    outer[12..20].copy_from_slice(&[100, 64, 0, 1, 100, 64, 0, 2]);
+    outer[20..22].copy_from_slice(&51000u16.to_be_bytes());
+    outer[22..24].copy_from_slice(&8472u16.to_be_bytes());
+    outer[24..26].copy_from_slice(&((total - 20) as u16).to_be_bytes());
+    read.extend(outer);
+    read.extend([8, 0, 0, 0, 0, 0, 1, 0]);
+    read.extend([2, 0, 0, 0, 0, 0xbb, 2, 0, 0, 0, 0, 0xaa, 8, 0]);
+    read.extend_from_slice(inner);
+    read
+}
+
+fn tunnel_split_benches(c: &mut Criterion) {
+    let plain = super_packet();
+    let read = tunnel_super_packet();
+    // Checked once, untimed: the same 48 segments, each behind its own
+    // 50 bytes of outer headers.
+    let mut inner = Vec::new();
+    tso::split(&mut plain.clone(), VnetHeader::Legacy, |s| inner.push(s.to_vec()))
+        .expect("a valid super-packet");
+    let mut ours = Vec::new();
+    tso::split(&mut read.clone(), VnetHeader::Tunnel, |s| ours.push(s.to_vec()))
+        .expect("a valid tunnel super-packet");
+    assert_eq!(ours.len(), SEGMENTS);
+    assert!(ours.iter().zip(&inner).all(|(o, i)| o[20 + 8 + TUNNEL..] == i[..]));
+
+    let mut group = c.benchmark_group("split-tunnel");
+    group.throughput(Throughput::Bytes((SEGMENTS * MSS) as u64));
+    for (name, read, header) in [
+        ("meshd tso::split, VXLAN super-packet", &read, VnetHeader::Tunnel),
+        ("meshd tso::split, plain super-packet (baseline)", &plain, VnetHeader::Legacy),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_batched_ref(
+                || read.clone(),
+                |r| {
+                    let mut bytes = 0;
+                    let count =
+                        tso::split(r, header, |s| bytes += black_box(s).len()).expect("valid");
+                    black_box((count, bytes))
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
 fn header(read: &[u8]) -> VirtioNetHdr {
     VirtioNetHdr::decode(&read[..VIRTIO_NET_HDR_LEN]).expect("ten bytes")
 }
 
 fn coalesce_benches(c: &mut Criterion) {
     let mut frames = decrypted_segments();
-    let mut coalescer = Coalescer::new(true);
+    let mut coalescer = Coalescer::new(true, VnetHeader::Legacy);
     // Checked once, untimed: one write holding every payload byte.
     let mut writes = Vec::new();
     for f in &mut frames {
@@ -184,6 +262,7 @@ fn coalesce_benches(c: &mut Criterion) {
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     split_benches(&mut c);
+    tunnel_split_benches(&mut c);
     coalesce_benches(&mut c);
     c.final_summary();
 }

@@ -27,7 +27,7 @@ use crate::control::uapi::{RequestParser, Step, MAX_LINE};
 use crate::control::{Request, MAX_MESSAGE};
 use crate::engine::{Node, NodeConfig, PeerSpec};
 use crate::identity::{PrivateKey, PublicKey};
-use crate::offload::{gro::Coalescer, tso};
+use crate::offload::{gro::Coalescer, tso, VnetHeader};
 use crate::relay::{Command, RelayLimits, RelayTable};
 use crate::rendezvous::registry::ConnId;
 use crate::wire::control::{self as control_wire, MAX_FRAME, MAX_FRAME_UNADMITTED};
@@ -423,7 +423,8 @@ pub fn engine_datagram(data: &[u8]) {
 
 /// The receive coalescer (`offload/gro.rs`). The input is a list
 /// of packets (two-byte length, then the packet; the first byte of the
-/// input says whether UDP is joined). Every packet is written exactly once,
+/// input says whether UDP is joined, bit 0, and whether the virtio-net
+/// header is the 24-byte tunnel one, bit 1). Every packet is written exactly once,
 /// alone or inside a super-packet, and every write's virtio-net header
 /// agrees with its packet.
 pub fn gro(data: &[u8]) {
@@ -434,18 +435,28 @@ pub fn gro(data: &[u8]) {
     let Some((&mode, mut rest)) = data.split_first() else {
         return;
     };
-    let mut coalescer = Coalescer::new(mode & 1 == 1);
+    let header = if mode & 2 == 2 {
+        VnetHeader::Tunnel
+    } else {
+        VnetHeader::Legacy
+    };
+    let hl = header.size();
+    let mut coalescer = Coalescer::new(mode & 1 == 1, header);
     let mut inputs: HashMap<Vec<u8>, usize> = HashMap::new();
     let mut pushed = 0usize;
     let mut written = 0usize;
     let mut check = |out: &[u8], inputs: &mut HashMap<Vec<u8>, usize>| {
-        assert!(out.len() > VIRTIO_NET_HDR_LEN, "a write without a packet");
+        assert!(out.len() > hl, "a write without a packet");
         let hdr = VirtioNetHdr::decode(&out[..VIRTIO_NET_HDR_LEN])
             .unwrap_or_else(|_| panic!("virtio header"));
-        let pkt = &out[VIRTIO_NET_HDR_LEN..];
+        assert!(
+            out[VIRTIO_NET_HDR_LEN..hl].iter().all(|&b| b == 0),
+            "the tunnel header's own fields are zero"
+        );
+        let pkt = &out[hl..];
         if hdr.gso_type == 0 {
             assert!(
-                out[..VIRTIO_NET_HDR_LEN].iter().all(|&b| b == 0),
+                out[..hl].iter().all(|&b| b == 0),
                 "a plain write's header is all zero"
             );
             // A packet written alone is written as it came.
@@ -526,10 +537,10 @@ pub fn gro(data: &[u8]) {
         *inputs.entry(pkt.to_vec()).or_default() += 1;
         pushed += 1;
         frame.clear();
-        frame.resize(VIRTIO_NET_HDR_LEN, 0xee);
+        frame.resize(hl, 0xee);
         frame.extend_from_slice(pkt);
         let mut outs: Vec<Vec<u8>> = Vec::new();
-        coalescer.push(&mut frame, VIRTIO_NET_HDR_LEN, &mut |out: &[u8]| {
+        coalescer.push(&mut frame, hl, &mut |out: &[u8]| {
             outs.push(out.to_vec())
         });
         for out in outs {
@@ -544,22 +555,25 @@ pub fn gro(data: &[u8]) {
     assert_eq!(written, pushed, "every packet is written exactly once");
 }
 
-/// TSO/USO splitting of a TUN read (`offload/tso.rs`): the count
-/// returned is the packets handed out, none empty, none longer than the read.
+/// TSO/USO splitting of a TUN read (`offload/tso.rs`), the read taken
+/// behind either virtio-net header: the count returned is the packets
+/// handed out, none empty, none longer than the read.
 pub fn tso_split(data: &[u8]) {
-    let mut read = data.to_vec();
-    let mut handed = 0usize;
-    let max = data.len();
-    let result = tso::split(&mut read, |pkt| {
-        assert!(
-            !pkt.is_empty() && pkt.len() <= max,
-            "a {}-byte packet out of a {max}-byte read",
-            pkt.len()
-        );
-        handed += 1;
-    });
-    if let Ok(count) = result {
-        assert_eq!(count, handed, "split's count is what it handed out");
+    for header in [VnetHeader::Legacy, VnetHeader::Tunnel] {
+        let mut read = data.to_vec();
+        let mut handed = 0usize;
+        let max = data.len();
+        let result = tso::split(&mut read, header, |pkt| {
+            assert!(
+                !pkt.is_empty() && pkt.len() <= max,
+                "a {}-byte packet out of a {max}-byte read",
+                pkt.len()
+            );
+            handed += 1;
+        });
+        if let Ok(count) = result {
+            assert_eq!(count, handed, "split's count is what it handed out");
+        }
     }
 }
 

@@ -132,7 +132,7 @@ pub async fn run(
     };
     let name = config.name.clone().or_else(hostname);
 
-    let tun = tun::open(&config.interface)?;
+    let (tun, vnet_header) = tun::open(&config.interface)?;
     let link = Link::open(&config.interface).await?;
     let now = Instant::now();
     let underlay_ips = candidates::gather(listen_port, &config.interface, &[], None)
@@ -245,7 +245,7 @@ pub async fn run(
         host: host_tx,
         kernel_routes: Some(kernel_routes),
     };
-    let mut driver = driver::Driver::new(agent, tun, udp, inputs);
+    let mut driver = driver::Driver::new(agent, tun, vnet_header, udp, inputs);
     let (stop, stopped) = oneshot::channel::<()>();
     let mut driver_task = tokio::spawn(async move {
         let result = driver

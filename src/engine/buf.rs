@@ -7,9 +7,9 @@
 use std::fmt;
 
 /// Bytes kept free in front of every packet bound for the TUN, so the
-/// driver can prepend the virtio-net header (10 bytes) of an offloading TUN
-/// device in place, without a copy.
-pub const TUN_HEADROOM: usize = 16;
+/// driver can prepend the virtio-net header of an offloading TUN device
+/// (10 bytes, or 24 with UDP-tunnel GSO) in place, without a copy.
+pub const TUN_HEADROOM: usize = 24;
 
 /// One packet's bytes: a pooled buffer and the range in use.
 pub struct PacketBuf {

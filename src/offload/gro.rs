@@ -35,8 +35,8 @@ use tun_rs::{
 };
 
 use super::{
-    be16, be32, fold, pseudo_header, put16, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_PSH,
-    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    be16, be32, fold, pseudo_header, put16, VnetHeader, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
+    TCP_PSH, VIRTIO_NET_HDR_F_NEEDS_CSUM,
 };
 
 /// Streams coalesced at once; a further one flushes the oldest.
@@ -58,6 +58,8 @@ pub struct Coalescer {
     spare: Vec<Vec<u8>>,
     /// UDP datagrams are joined too (the TUN takes `GSO_UDP_L4`).
     udp: bool,
+    /// The virtio-net header in front of every write.
+    header: VnetHeader,
 }
 
 /// Where a TCP or UDP packet's headers are.
@@ -107,6 +109,8 @@ struct Flow {
     /// Room for the virtio-net header, the first segment's headers, then
     /// the payload of every segment.
     buf: Vec<u8>,
+    /// Where the packet starts in `buf` (the virtio-net header's size).
+    at: usize,
     layout: Layout,
     gso_size: usize,
     segments: u16,
@@ -117,7 +121,7 @@ struct Flow {
 
 impl Flow {
     fn packet(&self) -> &[u8] {
-        &self.buf[VIRTIO_NET_HDR_LEN..]
+        &self.buf[self.at..]
     }
 
     /// Whether `pkt` belongs to this flow's stream (same direction).
@@ -157,7 +161,7 @@ impl Flow {
         self.next_seq = self.next_seq.wrapping_add(payload.len() as u32);
         let psh = !layout.udp && layout.flags(pkt) & TCP_PSH != 0;
         if psh {
-            let at = VIRTIO_NET_HDR_LEN + self.layout.ip_len + 13;
+            let at = self.at + self.layout.ip_len + 13;
             self.buf[at] |= TCP_PSH;
         }
         if psh || payload.len() < self.gso_size {
@@ -170,8 +174,8 @@ impl Flow {
         let l = self.layout;
         let mut hdr = VirtioNetHdr::default();
         if self.segments > 1 {
-            let total = self.buf.len() - VIRTIO_NET_HDR_LEN;
-            let pkt = &mut self.buf[VIRTIO_NET_HDR_LEN..];
+            let total = self.buf.len() - self.at;
+            let pkt = &mut self.buf[self.at..];
             if l.v6 {
                 put16(pkt, 4, (total - 40) as u16);
             } else {
@@ -200,19 +204,22 @@ impl Flow {
             hdr.csum_start = l.ip_len as u16;
             hdr.csum_offset = csum_offset as u16;
         }
-        // Ten bytes into a ten-byte slice: can't fail.
+        // Ten bytes into at least ten: can't fail. A longer header's other
+        // fields stay zero (the buffer is zeroed when a flow starts).
         let _ = hdr.encode(&mut self.buf[..VIRTIO_NET_HDR_LEN]);
     }
 }
 
 impl Coalescer {
     /// `udp`: join UDP datagrams too; only for a TUN that takes UDP
-    /// super-packets (`GSO_UDP_L4`, Linux 6.2 and later).
-    pub fn new(udp: bool) -> Self {
+    /// super-packets (`GSO_UDP_L4`, Linux 6.2 and later). `header`: the
+    /// virtio-net header the device was given.
+    pub fn new(udp: bool, header: VnetHeader) -> Self {
         Self {
             flows: Vec::with_capacity(MAX_FLOWS),
             spare: Vec::new(),
             udp,
+            header,
         }
     }
 
@@ -221,7 +228,7 @@ impl Coalescer {
     /// Writes (through `write`) whatever this packet completes or can't
     /// join; the rest waits for the next packet or [`Self::finish`].
     pub fn push(&mut self, frame: &mut [u8], start: usize, write: &mut impl FnMut(&[u8])) {
-        let Some(header_at) = start.checked_sub(VIRTIO_NET_HDR_LEN) else {
+        let Some(header_at) = start.checked_sub(self.header.size()) else {
             return;
         };
         let Some(pkt) = frame.get(start..) else {
@@ -242,9 +249,9 @@ impl Coalescer {
                 if let Some(i) = self.flows.iter().position(|f| f.same_stream(pkt, &layout)) {
                     self.flush(i, write);
                 }
-                write_plain(&mut frame[header_at..], write);
+                write_plain(&mut frame[header_at..], start - header_at, write);
             }
-            Kind::Other => write_plain(&mut frame[header_at..], write),
+            Kind::Other => write_plain(&mut frame[header_at..], start - header_at, write),
         }
     }
 
@@ -259,12 +266,13 @@ impl Coalescer {
         if self.flows.len() == MAX_FLOWS {
             self.flush(0, write);
         }
+        let at = self.header.size();
         let mut buf = self
             .spare
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET));
+            .unwrap_or_else(|| Vec::with_capacity(at + MAX_PACKET));
         buf.clear();
-        buf.resize(VIRTIO_NET_HDR_LEN, 0);
+        buf.resize(at, 0);
         buf.extend_from_slice(pkt);
         let payload = pkt.len() - layout.headers();
         let (next_seq, open) = if layout.udp {
@@ -277,6 +285,7 @@ impl Coalescer {
         };
         self.flows.push(Flow {
             buf,
+            at,
             layout,
             gso_size: payload,
             segments: 1,
@@ -293,9 +302,10 @@ impl Coalescer {
     }
 }
 
-/// Writes a packet as it is, behind an all-zero virtio-net header.
-fn write_plain(framed: &mut [u8], write: &mut impl FnMut(&[u8])) {
-    framed[..VIRTIO_NET_HDR_LEN].fill(0);
+/// Writes a packet as it is, behind an all-zero virtio-net header of
+/// `header_len` bytes.
+fn write_plain(framed: &mut [u8], header_len: usize, write: &mut impl FnMut(&[u8])) {
+    framed[..header_len].fill(0);
     write(framed);
 }
 
@@ -464,7 +474,7 @@ mod tests {
     }
 
     fn run_with(packets: &[Vec<u8>], udp: bool) -> Vec<Vec<u8>> {
-        let mut c = Coalescer::new(udp);
+        let mut c = Coalescer::new(udp, VnetHeader::Legacy);
         let mut out = Vec::new();
         let mut write = |w: &[u8]| out.push(w.to_vec());
         for p in packets {
@@ -867,9 +877,41 @@ mod tests {
             assert_eq!(&out[0][VIRTIO_NET_HDR_LEN..], &case[..]);
         }
         // No headroom for the header: nothing written.
-        let mut c = Coalescer::new(true);
+        let mut c = Coalescer::new(true, VnetHeader::Legacy);
         let mut n = 0;
         c.push(&mut good.clone(), 4, &mut |_| n += 1);
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn behind_the_tunnel_header_writes_carry_24_bytes_the_last_14_zero() {
+        let mut c = Coalescer::new(true, VnetHeader::Tunnel);
+        let mut out = Vec::new();
+        let mut write = |w: &[u8]| out.push(w.to_vec());
+        let segs: Vec<_> = (0..4u32)
+            .map(|i| segment(false, 40000, 1 + i * 1300, &payload(i as usize, 1300), TCP_ACK))
+            .collect();
+        let lone = segment(false, 40001, 7, &[], TCP_ACK);
+        for p in segs.iter().chain([&lone]) {
+            let mut f = vec![0xee; 24];
+            f.extend_from_slice(p);
+            c.push(&mut f, 24, &mut write);
+        }
+        c.finish(&mut write);
+        assert_eq!(out.len(), 2);
+        for w in &out {
+            assert!(w[VIRTIO_NET_HDR_LEN..24].iter().all(|&b| b == 0));
+        }
+        // The bare ACK, alone, behind an all-zero header.
+        assert_eq!(out[0], [&[0u8; 24][..], &lone[..]].concat());
+        // The stream: the same super-packet as behind the legacy header.
+        let legacy = run(&segs);
+        assert_eq!(legacy.len(), 1);
+        assert_eq!(out[1][..VIRTIO_NET_HDR_LEN], legacy[0][..VIRTIO_NET_HDR_LEN]);
+        assert_eq!(out[1][24..], legacy[0][VIRTIO_NET_HDR_LEN..]);
+        // Too little headroom for 24 bytes: nothing written.
+        let mut n = 0;
+        c.push(&mut framed(&segs[0]), 16, &mut |_| n += 1);
         assert_eq!(n, 0);
     }
 }

@@ -1,6 +1,7 @@
 //! The TUN device's offloads, done by hand where the kernel hands them to
-//! userspace: [`tso`] cuts the super-packets meshd reads into segments,
-//! [`gro`] joins the TCP segments meshd writes into super-packets.
+//! userspace: [`tso`] cuts the super-packets meshd reads into segments
+//! (TCP, UDP, and both inside a UDP tunnel such as VXLAN), [`gro`] joins
+//! the TCP segments and UDP datagrams meshd writes into super-packets.
 //!
 //! Pure: bytes in, bytes out, each write's virtio-net header included.
 
@@ -11,9 +12,42 @@
 pub mod gro;
 pub mod tso;
 
+/// The virtio-net header in front of every TUN read and write; the device
+/// is told its length (`TUNSETVNETHDRSZ`) and the kernel reads and writes
+/// exactly that many bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VnetHeader {
+    /// `struct virtio_net_hdr`, 10 bytes: TSO and USO.
+    Legacy,
+    /// `struct virtio_net_hdr_v1_hash_tunnel`, 24 bytes: the legacy fields,
+    /// `num_buffers` and the hash report (unused by a TUN), then the offsets
+    /// of the outer transport header and the inner network header, which a
+    /// UDP-tunnel super-packet (`VIRTIO_NET_HDR_GSO_UDP_TUNNEL_*`) needs.
+    Tunnel,
+}
+
+impl VnetHeader {
+    /// Its length in bytes.
+    pub const fn size(self) -> usize {
+        match self {
+            Self::Legacy => tun_rs::VIRTIO_NET_HDR_LEN,
+            Self::Tunnel => 24,
+        }
+    }
+}
+
 /// virtio-net header flag: the transport checksum field holds the
 /// pseudo-header sum and the rest is still to be added (`CHECKSUM_PARTIAL`).
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+/// virtio-net header flag: the outer UDP header of a UDP-tunnel
+/// super-packet needs its checksum (`SKB_GSO_UDP_TUNNEL_CSUM`).
+const VIRTIO_NET_HDR_F_UDP_TUNNEL_CSUM: u8 = 8;
+/// GSO type bits: the super-packet is inside a UDP tunnel over IPv4 / IPv6.
+const VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4: u8 = 0x20;
+const VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6: u8 = 0x40;
+/// Where the tunnel offsets sit in [`VnetHeader::Tunnel`].
+const VNET_OUTER_TH_OFFSET: usize = 20;
+const VNET_INNER_NH_OFFSET: usize = 22;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const TCP_FIN: u8 = 0x01;

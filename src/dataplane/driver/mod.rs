@@ -27,12 +27,11 @@ use crate::agent::{Agent, HostChange, RequestId, ShellStats, Update};
 use crate::control::server::Ask;
 use crate::control::{IoCounters, Response};
 use crate::engine::Transmit;
-use crate::offload::{gro::Coalescer, tso};
+use crate::offload::{gro::Coalescer, tso, VnetHeader};
 use crate::sockets::QuicSource;
 use crate::wire::control::NodeMessage;
 use crate::wire::relay::{self, NodeId, RelayKind};
 use crate::wire::{classify, DatagramKind};
-use tun_rs::VIRTIO_NET_HDR_LEN;
 
 /// Reads from one source per wakeup before the others get a turn.
 const BATCH: usize = 64;
@@ -80,6 +79,8 @@ pub const OUTBOX: usize = 64;
 pub struct Driver {
     agent: Agent,
     tun: Tun,
+    /// The virtio-net header in front of each TUN read and write.
+    vnet_header: VnetHeader,
     udp: Arc<UdpSocket>,
     inputs: Inputs,
     /// API requests waiting for the agent's answer.
@@ -136,21 +137,28 @@ struct TunBuffers {
 }
 
 impl TunBuffers {
-    fn new(tun: &Tun) -> Self {
+    fn new(tun: &Tun, header: VnetHeader) -> Self {
         Self {
-            read: vec![0; VIRTIO_NET_HDR_LEN + usize::from(u16::MAX)],
+            read: vec![0; header.size() + usize::from(u16::MAX)],
             // UDP too where the device takes UDP super-packets.
-            gro: Coalescer::new(tun.udp_gso()),
+            gro: Coalescer::new(tun.udp_gso(), header),
         }
     }
 }
 
 impl Driver {
-    pub fn new(agent: Agent, tun: Tun, udp: Arc<UdpSocket>, inputs: Inputs) -> Self {
-        let tun_buffers = TunBuffers::new(&tun);
+    pub fn new(
+        agent: Agent,
+        tun: Tun,
+        vnet_header: VnetHeader,
+        udp: Arc<UdpSocket>,
+        inputs: Inputs,
+    ) -> Self {
+        let tun_buffers = TunBuffers::new(&tun, vnet_header);
         Self {
             agent,
             tun,
+            vnet_header,
             udp,
             inputs,
             replies: HashMap::new(),
@@ -266,7 +274,8 @@ impl Driver {
                         node.handle_tun_packet(read, now);
                         continue;
                     }
-                    match tso::split(read, |packet| node.handle_tun_packet(packet, now)) {
+                    let header = self.vnet_header;
+                    match tso::split(read, header, |packet| node.handle_tun_packet(packet, now)) {
                         Ok(n) => self.io.tun_read_packets += n as u64,
                         // A read the kernel should never produce: that packet
                         // is lost, the device is fine.
