@@ -98,8 +98,10 @@ fn split_benches(c: &mut Criterion) {
     let read = super_packet();
     // Checked once, untimed: both cut it into the same 48 segments.
     let mut ours = Vec::new();
-    tso::split(&mut read.clone(), VnetHeader::Legacy, |s| ours.push(s.to_vec()))
-        .expect("a valid super-packet");
+    tso::split(&mut read.clone(), VnetHeader::Legacy, |s| {
+        ours.push(s.to_vec())
+    })
+    .expect("a valid super-packet");
     let mut bufs = vec![vec![0u8; 1500]; 64];
     let mut sizes = vec![0; 64];
     let n = tun_rs::gso_split(
@@ -187,19 +189,34 @@ fn tunnel_split_benches(c: &mut Criterion) {
     // Checked once, untimed: the same 48 segments, each behind its own
     // 50 bytes of outer headers.
     let mut inner = Vec::new();
-    tso::split(&mut plain.clone(), VnetHeader::Legacy, |s| inner.push(s.to_vec()))
-        .expect("a valid super-packet");
+    tso::split(&mut plain.clone(), VnetHeader::Legacy, |s| {
+        inner.push(s.to_vec())
+    })
+    .expect("a valid super-packet");
     let mut ours = Vec::new();
-    tso::split(&mut read.clone(), VnetHeader::Tunnel, |s| ours.push(s.to_vec()))
-        .expect("a valid tunnel super-packet");
+    tso::split(&mut read.clone(), VnetHeader::Tunnel, |s| {
+        ours.push(s.to_vec())
+    })
+    .expect("a valid tunnel super-packet");
     assert_eq!(ours.len(), SEGMENTS);
-    assert!(ours.iter().zip(&inner).all(|(o, i)| o[20 + 8 + TUNNEL..] == i[..]));
+    assert!(ours
+        .iter()
+        .zip(&inner)
+        .all(|(o, i)| o[20 + 8 + TUNNEL..] == i[..]));
 
     let mut group = c.benchmark_group("split-tunnel");
     group.throughput(Throughput::Bytes((SEGMENTS * MSS) as u64));
     for (name, read, header) in [
-        ("meshd tso::split, VXLAN super-packet", &read, VnetHeader::Tunnel),
-        ("meshd tso::split, plain super-packet (baseline)", &plain, VnetHeader::Legacy),
+        (
+            "meshd tso::split, VXLAN super-packet",
+            &read,
+            VnetHeader::Tunnel,
+        ),
+        (
+            "meshd tso::split, plain super-packet (baseline)",
+            &plain,
+            VnetHeader::Legacy,
+        ),
     ] {
         group.bench_function(name, |b| {
             b.iter_batched_ref(

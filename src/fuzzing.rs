@@ -540,9 +540,7 @@ pub fn gro(data: &[u8]) {
         frame.resize(hl, 0xee);
         frame.extend_from_slice(pkt);
         let mut outs: Vec<Vec<u8>> = Vec::new();
-        coalescer.push(&mut frame, hl, &mut |out: &[u8]| {
-            outs.push(out.to_vec())
-        });
+        coalescer.push(&mut frame, hl, &mut |out: &[u8]| outs.push(out.to_vec()));
         for out in outs {
             check(&out, &mut inputs);
         }

@@ -136,6 +136,80 @@ fn fifty_megabytes_over_tcp_arrive_byte_identical_and_batched() {
     assert_eq!(receiver["tun_write_errors"], 0, "{receiver}");
 }
 
+/// Whether this kernel's TUN takes UDP-tunnel GSO (Linux 6.18 and later).
+fn kernel_has_udp_tunnel_gso() -> bool {
+    let release = common::run("uname", &["-r"]);
+    let mut numbers = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    (major, minor) >= (6, 18)
+}
+
+#[test]
+fn vxlan_over_mesh0_arrives_byte_identical_and_is_read_in_tunnel_super_packets() {
+    // Flannel's default backend, by hand: a VXLAN device on each node whose
+    // underlay is mesh0, and a TCP stream between the VXLAN addresses.
+    let lab = Lab::new(2);
+    let meshd = lab.start_meshd_full_mesh(&[0, 1]);
+    lab.node(0).pings(lab.node(1).overlay);
+    let inner = |i: usize| format!("10.250.0.{}", i + 1);
+    for (i, peer) in [(0, 1), (1, 0)] {
+        let node = lab.node(i);
+        let (local, remote) = (node.overlay.to_string(), lab.node(peer).overlay.to_string());
+        let mtu = (common::MTU - 50).to_string();
+        for args in [
+            vec![
+                "link", "add", "vx0", "type", "vxlan", "id", "1", "dev", MESH_IFACE, "local",
+                &local, "remote", &remote, "dstport", "8472",
+            ],
+            vec!["addr", "add", &format!("{}/24", inner(i)), "dev", "vx0"],
+            vec!["link", "set", "vx0", "mtu", &mtu, "up"],
+        ] {
+            let out = node.exec("ip", &args);
+            assert!(
+                out.status.success(),
+                "ip {args:?} in node {}: {out:?}",
+                node.name
+            );
+        }
+    }
+    let before = meshd[0].status()["io"].clone();
+    common::assert_tcp_transfer_to(
+        lab.node(0),
+        lab.node(1),
+        inner(1).parse::<std::net::Ipv4Addr>().unwrap(),
+        20 * MB,
+        0x7678_6c61,
+    );
+    let after = meshd[0].status()["io"].clone();
+    let delta = |key: &str| after[key].as_u64().unwrap_or(0) - before[key].as_u64().unwrap_or(0);
+    let per_read = delta("tun_read_packets") as f64 / delta("tun_reads").max(1) as f64;
+    eprintln!("sender's TUN reads during the VXLAN stream: {per_read:.2} packets per read");
+
+    // meshd says what it asked the kernel for, and never claims more.
+    let log = meshd[0].daemon.log();
+    let claimed = log.contains("udp_tunnel_gso=true");
+    if kernel_has_udp_tunnel_gso() {
+        assert!(
+            claimed,
+            "a 6.18 kernel's TUN takes UDP-tunnel GSO; meshd's log:\n{log}"
+        );
+        // The sender reads whole VXLAN super-packets: without UDP-tunnel
+        // GSO the kernel cuts them first and this is 1.0.
+        assert!(
+            per_read >= 2.0,
+            "sender's TUN reads during the VXLAN stream: {per_read:.2} packets per read, want ≥ 2 (before: {before}, after: {after})"
+        );
+    } else {
+        assert!(
+            log.contains("udp_tunnel_gso=false"),
+            "an older kernel: meshd says it runs without UDP-tunnel GSO; its log:\n{log}"
+        );
+    }
+}
+
 #[test]
 fn restarting_one_meshd_recovers_the_tunnel_without_touching_the_other() {
     let lab = Lab::new(2);

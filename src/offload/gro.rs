@@ -35,8 +35,8 @@ use tun_rs::{
 };
 
 use super::{
-    be16, be32, fold, pseudo_header, put16, VnetHeader, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
-    TCP_PSH, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    be16, be32, fold, pseudo_header, put16, VnetHeader, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_PSH,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
 };
 
 /// Streams coalesced at once; a further one flushes the oldest.
@@ -889,7 +889,15 @@ mod tests {
         let mut out = Vec::new();
         let mut write = |w: &[u8]| out.push(w.to_vec());
         let segs: Vec<_> = (0..4u32)
-            .map(|i| segment(false, 40000, 1 + i * 1300, &payload(i as usize, 1300), TCP_ACK))
+            .map(|i| {
+                segment(
+                    false,
+                    40000,
+                    1 + i * 1300,
+                    &payload(i as usize, 1300),
+                    TCP_ACK,
+                )
+            })
             .collect();
         let lone = segment(false, 40001, 7, &[], TCP_ACK);
         for p in segs.iter().chain([&lone]) {
@@ -907,7 +915,10 @@ mod tests {
         // The stream: the same super-packet as behind the legacy header.
         let legacy = run(&segs);
         assert_eq!(legacy.len(), 1);
-        assert_eq!(out[1][..VIRTIO_NET_HDR_LEN], legacy[0][..VIRTIO_NET_HDR_LEN]);
+        assert_eq!(
+            out[1][..VIRTIO_NET_HDR_LEN],
+            legacy[0][..VIRTIO_NET_HDR_LEN]
+        );
         assert_eq!(out[1][24..], legacy[0][VIRTIO_NET_HDR_LEN..]);
         // Too little headroom for 24 bytes: nothing written.
         let mut n = 0;

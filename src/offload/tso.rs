@@ -68,7 +68,9 @@ impl Outer {
             head.get(VNET_OUTER_TH_OFFSET..VNET_OUTER_TH_OFFSET + 2),
             head.get(VNET_INNER_NH_OFFSET..VNET_INNER_NH_OFFSET + 2),
         ) else {
-            return Err(SplitError("UDP-tunnel GSO behind a header without its offsets"));
+            return Err(SplitError(
+                "UDP-tunnel GSO behind a header without its offsets",
+            ));
         };
         // The kernel writes the header in the host's byte order (a TUN's
         // legacy header) unless told otherwise, as tun-rs reads the rest.
@@ -204,7 +206,11 @@ pub fn split(
     let mut template = [0u8; MAX_HEADERS];
     template[..hdr_len].copy_from_slice(&pkt[..hdr_len]);
     let template = &template[..hdr_len];
-    let addresses = if v6 { nh + 8..nh + 40 } else { nh + 12..nh + 20 };
+    let addresses = if v6 {
+        nh + 8..nh + 40
+    } else {
+        nh + 12..nh + 20
+    };
     let proto = if tcp { IPPROTO_TCP } else { IPPROTO_UDP };
     let seq = be32(template, th + 4);
     let id = be16(template, nh + 4);
@@ -539,8 +545,7 @@ mod tests {
                 put16(&mut seg, th + 6, 0);
                 if csum {
                     let addresses = if v6 { 8..40 } else { 12..20 };
-                    let pseudo =
-                        pseudo_header(&seg[addresses], IPPROTO_UDP, (total - th) as u16);
+                    let pseudo = pseudo_header(&seg[addresses], IPPROTO_UDP, (total - th) as u16);
                     let sum = !tun_rs::checksum(&seg[th..], pseudo);
                     put16(&mut seg, th + 6, if sum == 0 { u16::MAX } else { sum });
                 }
@@ -567,7 +572,8 @@ mod tests {
                 for tunnel in [&VXLAN[..], &odd_tunnel[..]] {
                     for inner_v6 in [false, true] {
                         for tcp in [true, false] {
-                            for (payload, gso) in [(1280 * 40, 1280), (1280 * 3 + 5, 1280), (90, 1280)]
+                            for (payload, gso) in
+                                [(1280 * 40, 1280), (1280 * 3 + 5, 1280), (90, 1280)]
                             {
                                 let mut inner = super_packet(inner_v6, tcp, payload, gso, 0x18);
                                 if inner_v6 {
@@ -608,22 +614,50 @@ mod tests {
         let good = tunnel_read(false, true, &VXLAN, &inner);
         assert!(ours_tunnel(&good).is_ok());
         // Behind the 10-byte header there are no tunnel offsets.
-        let legacy = [&good[..VIRTIO_NET_HDR_LEN], &good[VnetHeader::Tunnel.size()..]].concat();
+        let legacy = [
+            &good[..VIRTIO_NET_HDR_LEN],
+            &good[VnetHeader::Tunnel.size()..],
+        ]
+        .concat();
         assert!(ours(&legacy).is_err(), "UDP-tunnel GSO in a legacy header");
         let mutate = |at: usize, v: u8| {
             let mut r = good.clone();
             r[at] = v;
             ours_tunnel(&r)
         };
-        assert!(mutate(1, good[1] | VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6).is_err(), "both tunnel bits");
-        assert!(mutate(1, VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6 | 1).is_err(), "outer IPv4 as IPv6");
-        assert!(mutate(1, VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4).is_err(), "tunnel without an inner GSO type");
+        assert!(
+            mutate(1, good[1] | VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6).is_err(),
+            "both tunnel bits"
+        );
+        assert!(
+            mutate(1, VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV6 | 1).is_err(),
+            "outer IPv4 as IPv6"
+        );
+        assert!(
+            mutate(1, VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4).is_err(),
+            "tunnel without an inner GSO type"
+        );
         assert!(mutate(0, 0).is_err(), "without NEEDS_CSUM");
-        assert!(mutate(VNET_OUTER_TH_OFFSET, 8).is_err(), "outer UDP inside the outer IP header");
-        assert!(mutate(VNET_INNER_NH_OFFSET, 24).is_err(), "inner IP inside the outer UDP header");
-        assert!(mutate(VNET_INNER_NH_OFFSET, 60).is_err(), "inner IP header where there is none");
-        assert!(mutate(6, 60).is_err(), "inner transport inside the inner IP header");
-        assert!(mutate(VNET_INNER_NH_OFFSET + 1, 0xff).is_err(), "inner IP past the read");
+        assert!(
+            mutate(VNET_OUTER_TH_OFFSET, 8).is_err(),
+            "outer UDP inside the outer IP header"
+        );
+        assert!(
+            mutate(VNET_INNER_NH_OFFSET, 24).is_err(),
+            "inner IP inside the outer UDP header"
+        );
+        assert!(
+            mutate(VNET_INNER_NH_OFFSET, 60).is_err(),
+            "inner IP header where there is none"
+        );
+        assert!(
+            mutate(6, 60).is_err(),
+            "inner transport inside the inner IP header"
+        );
+        assert!(
+            mutate(VNET_INNER_NH_OFFSET + 1, 0xff).is_err(),
+            "inner IP past the read"
+        );
         // Every byte of the headers set to every extreme: never a panic.
         for at in 0..VnetHeader::Tunnel.size() + 120 {
             for v in [0, 1, 0x7f, 0x80, 0xff] {
