@@ -49,7 +49,7 @@ pub const FAILOVER_JITTER: Duration = Duration::from_millis(500);
 /// for this long, without the backoff growing: a restarted server is back
 /// within seconds, and its nodes with it, spread over the window.
 const GOING_AWAY_GRACE: Duration = Duration::from_secs(60);
-const GOING_AWAY_RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(3));
+const GOING_AWAY_RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(2));
 
 /// How long a node waits before its next session: the policy of [`run`],
 /// on its own so that load tests reconnect exactly as meshd does.

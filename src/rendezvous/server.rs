@@ -124,7 +124,7 @@ enum ToRegistry {
 /// and save, and then for the close frames to leave: SIGTERM to exit stays
 /// within a few seconds however many nodes are connected.
 const SHUTDOWN_SAVE: Duration = Duration::from_secs(3);
-const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
+const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
 
 /// How long a presence, candidate or NAT change may wait to be saved: a
 /// storm of them costs one write per interval. What a node is told and

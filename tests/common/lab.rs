@@ -328,7 +328,7 @@ impl MeshLab {
     /// `mesh-rendezvous serve` on the state directory of the server on
     /// `machine` ("rv", "rv2"), as the daemon labelled `machine`; returns
     /// once its admin socket answers.
-    fn serve_rendezvous(&self, machine: &str, release: &Release) {
+    pub fn serve_rendezvous(&self, machine: &str, release: &Release) {
         let dir = self.state_dir(machine);
         self.spawn(
             machine,
