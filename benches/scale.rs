@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 #[path = "../tests/common/simnodes.rs"]
+#[allow(dead_code, reason = "the namespace runner is for the lab tests")]
 mod simnodes;
 use simnodes::{live, JoinLine, Node, Watch};
 use tokio::sync::Semaphore;
