@@ -99,6 +99,35 @@ impl MappingObserver {
         }
     }
 
+    /// Whether the NAT keeps one port for the rendezvous's two ports (its
+    /// QUIC port and its NAT-check port, which only ever answer) while a
+    /// peer saw another port of the same address. A symmetric NAT gives
+    /// the two rendezvous ports two ports; this NAT gave a peer another one
+    /// because the peer's packet reached the router before this node had
+    /// sent to the peer, and the router kept it as a flow of its own in the
+    /// way of this node's mapping (Linux MASQUERADE without a firewall).
+    pub fn remapped_for_peers(&self, now: Instant) -> bool {
+        let fresh = |o: &&Observation| now.saturating_duration_since(o.at) < OBSERVATION_TTL;
+        let seen_by = |who: Observer| {
+            self.observations
+                .iter()
+                .filter(fresh)
+                .find(|o| o.observer == who)
+                .map(|o| o.seen_at)
+        };
+        let (Some(quic), Some(check)) =
+            (seen_by(Observer::Rendezvous), seen_by(Observer::Reflector))
+        else {
+            return false;
+        };
+        quic == check
+            && self.observations.iter().filter(fresh).any(|o| {
+                matches!(o.observer, Observer::Peer(_))
+                    && o.seen_at.ip() == quic.ip()
+                    && o.seen_at.port() != quic.port()
+            })
+    }
+
     /// Where the observers saw us, most recent first: for diagnostics.
     pub fn seen_at(&self, now: Instant) -> Vec<(Observer, SocketAddr)> {
         let mut fresh: Vec<&Observation> = self
@@ -182,6 +211,29 @@ mod tests {
             o.mapping(&[], now + OBSERVATION_TTL),
             NatMapping::Unknown,
             "all expired"
+        );
+    }
+
+    #[test]
+    fn one_port_for_both_rendezvous_ports_and_another_for_a_peer_is_a_remapped_cone() {
+        let now = Instant::now();
+        let mut o = MappingObserver::new();
+        o.observe(Observer::Rendezvous, addr("203.0.113.31:51820"), now);
+        o.observe(Observer::Reflector, addr("203.0.113.31:51820"), now);
+        o.observe(peer(1), addr("203.0.113.31:51820"), now);
+        assert!(!o.remapped_for_peers(now), "every observer agrees: a cone");
+        o.observe(peer(2), addr("203.0.113.31:2095"), now);
+        assert!(o.remapped_for_peers(now));
+        assert_eq!(o.mapping(&[], now), NatMapping::EndpointDependent);
+        // A symmetric NAT: the rendezvous's two ports already disagree.
+        let mut s = MappingObserver::new();
+        s.observe(Observer::Rendezvous, addr("203.0.113.41:3947"), now);
+        s.observe(Observer::Reflector, addr("203.0.113.41:11230"), now);
+        s.observe(peer(2), addr("203.0.113.41:60260"), now);
+        assert!(!s.remapped_for_peers(now));
+        assert!(
+            !o.remapped_for_peers(now + OBSERVATION_TTL),
+            "old observations do not count"
         );
     }
 
