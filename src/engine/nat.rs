@@ -84,6 +84,14 @@ impl MappingObserver {
             .filter(|o| now.saturating_duration_since(o.at) < OBSERVATION_TTL)
             .map(|o| o.seen_at)
             .collect();
+        // The mapping in question is IPv4's where anyone saw us over IPv4:
+        // a peer that reaches a dual-stack node at its own global IPv6
+        // address says nothing of the NAT its IPv4 sits behind.
+        let over_ipv4 = fresh.iter().any(SocketAddr::is_ipv4);
+        let fresh: Vec<SocketAddr> = fresh
+            .into_iter()
+            .filter(|a| a.is_ipv4() == over_ipv4)
+            .collect();
         if fresh.iter().any(|a| local.contains(&a.ip())) {
             return NatMapping::None;
         }
@@ -192,6 +200,21 @@ mod tests {
             o.mapping(&["203.0.113.11".parse().unwrap()], now),
             NatMapping::None
         );
+    }
+
+    #[test]
+    fn a_peer_seeing_us_at_our_own_ipv6_address_says_nothing_of_the_ipv4_nat() {
+        let now = Instant::now();
+        let own6: IpAddr = "2001:db8:43::2".parse().unwrap();
+        let mut o = MappingObserver::new();
+        o.observe(Observer::Rendezvous, addr("203.0.113.43:3947"), now);
+        o.observe(Observer::Reflector, addr("203.0.113.43:11230"), now);
+        o.observe(peer(1), addr("[2001:db8:43::2]:51820"), now);
+        assert_eq!(o.mapping(&[own6], now), NatMapping::EndpointDependent);
+        // With only IPv6 seen, IPv6 is what there is to judge.
+        let mut v6 = MappingObserver::new();
+        v6.observe(peer(1), addr("[2001:db8:43::2]:51820"), now);
+        assert_eq!(v6.mapping(&[own6], now), NatMapping::None);
     }
 
     #[test]
