@@ -41,6 +41,7 @@ impl Agent {
             name: "this node",
             nat: self.nat_mapping(now),
             port: self.listen_port,
+            remapped: self.observer.remapped_for_peers(now),
         };
         let mut peers: Vec<PeerInfo> = self
             .node
@@ -60,6 +61,7 @@ impl Agent {
                             name: &meta.name,
                             nat: meta.nat,
                             port: meta.port.unwrap_or(crate::config::DEFAULT_LISTEN_PORT),
+                            remapped: false,
                         };
                         info.relay_reason = Some(diagnose::relay_reason(this, peer, &p.candidates));
                     }

@@ -30,6 +30,13 @@ pub struct Side<'a> {
     pub nat: NatMapping,
     /// The UDP port meshd listens on there.
     pub port: u16,
+    /// Known of this node only: its NAT keeps one public port for the
+    /// rendezvous's two ports, yet peers saw it at others. Its router took a
+    /// peer's packet that arrived before this node had sent to that peer as
+    /// one for itself, and the conntrack entry that left moved this node's
+    /// mapping for the peer to another port: Linux MASQUERADE with no
+    /// firewall ([`crate::engine::nat::MappingObserver::remapped_for_peers`]).
+    pub remapped: bool,
 }
 
 /// Why traffic between `this` node and `peer` goes through the relay, what
@@ -39,6 +46,28 @@ pub fn relay_reason(this: Side<'_>, peer: Side<'_>, candidates: &[CandidateStatu
         EndpointDependent as Edm, EndpointIndependent as Eim, None as Public, Unknown,
     };
     let mut out = String::new();
+    if this.remapped {
+        let _ = write!(
+            out,
+            "{}'s NAT keeps one public port for the rendezvous's two ports (endpoint-independent), \
+             yet peers see it at other ports: its router takes a peer's probe that arrives before \
+             {} has sent to that peer as a packet for itself, and the conntrack entry that leaves \
+             moves {}'s own mapping for that peer to another port, which {}'s NAT does not admit \
+             (Linux MASQUERADE with no firewall does this; a router that drops unsolicited inbound \
+             on its WAN side does not)",
+            this.name, this.name, this.name, peer.name
+        );
+        out.push_str("; ");
+        tried(&mut out, candidates);
+        let _ = write!(
+            out,
+            "; to make it direct, drop unsolicited inbound on the WAN side of {}'s router \
+             (iptables -A INPUT -i WAN -m conntrack --ctstate NEW -j DROP), or {}",
+            this.name,
+            forward_port(this)
+        );
+        return out;
+    }
     let _ = match (this.nat, peer.nat) {
         (Edm, Edm) => write!(
             out,
@@ -112,14 +141,17 @@ fn tried(out: &mut String, candidates: &[CandidateStatus]) {
     }
 }
 
+/// What always makes a pair direct: a forwarded port, advertised.
+fn forward_port(side: Side<'_>) -> String {
+    format!(
+        "forward UDP {} on {}'s router to it and start its meshd with --advertise-endpoint \
+         PUBLIC-IP:{}",
+        side.port, side.name, side.port
+    )
+}
+
 fn remedy(this: Side<'_>, peer: Side<'_>) -> String {
-    let forward = |side: Side<'_>| {
-        format!(
-            "forward UDP {} on {}'s router to it and start its meshd with --advertise-endpoint \
-             PUBLIC-IP:{}",
-            side.port, side.name, side.port
-        )
-    };
+    let forward = forward_port;
     match (this.nat, peer.nat) {
         // Fix the side that breaks punching; when both do, either will do.
         (NatMapping::EndpointDependent, NatMapping::EndpointDependent) => {
@@ -205,6 +237,7 @@ mod tests {
             name,
             nat,
             port: 51820,
+            remapped: false,
         }
     }
 
@@ -252,6 +285,34 @@ mod tests {
         );
         assert!(reason.contains("the peer announced no address"), "{reason}");
         assert!(reason.ends_with("forward UDP 51820 on node-sym1's router to it and start its meshd with --advertise-endpoint PUBLIC-IP:51820"), "{reason}");
+    }
+
+    #[test]
+    fn a_nat_that_moved_this_nodes_mapping_for_peers_is_named_with_its_fix() {
+        let this = Side {
+            remapped: true,
+            ..side("this node", NatMapping::EndpointDependent)
+        };
+        let reason = relay_reason(
+            this,
+            side("node-cone", NatMapping::EndpointIndependent),
+            &[silent("203.0.113.30:51820", Source::Observed)],
+        );
+        assert!(
+            reason.starts_with(
+                "this node's NAT keeps one public port for the rendezvous's two ports"
+            ),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("Linux MASQUERADE with no firewall"),
+            "{reason}"
+        );
+        assert!(reason.contains("tried 203.0.113.30:51820"), "{reason}");
+        assert!(
+            reason.contains("drop unsolicited inbound on the WAN side of this node's router"),
+            "{reason}"
+        );
     }
 
     #[test]
