@@ -394,14 +394,7 @@ async fn restart_under_load(mesh: &mut Mesh, n: usize, watch: &Watch) -> Restart
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut times: Vec<Duration> = watch
-        .readmitted
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|t| *t - sigterm)
-        .collect();
-    times.sort();
+    let times = watch.back_since(sigterm);
     let at = |q: usize| {
         times
             .get((times.len() * q / 100).min(times.len().saturating_sub(1)))

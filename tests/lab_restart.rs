@@ -82,14 +82,7 @@ fn a_rendezvous_restarted_under_300_nodes_exits_at_once_and_has_them_and_the_rel
             n => Err(format!("{n} of {SIMULATED} back")),
         },
     );
-    let mut back: Vec<Duration> = watch
-        .readmitted
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|t| *t - sigterm)
-        .collect();
-    back.sort();
+    let back = watch.back_since(sigterm);
     let all_back = *back.last().unwrap();
     eprintln!(
         "SIGTERM to exit {exit:.2?}; new server serving at {served:.2?}; sym1→sym2 again at \

@@ -501,6 +501,8 @@ async fn registry_task(
     shell.servers_changed(&registry);
     // When the oldest change not saved yet is to be written.
     let mut save_due: Option<tokio::time::Instant> = None;
+    // Who waits for the sessions to be closed and the state saved.
+    let mut shutdown: Option<oneshot::Sender<()>> = None;
     // What the registry queued on its own.
     execute(
         &mut registry,
@@ -595,29 +597,11 @@ async fn registry_task(
             }
             ToRegistry::Refused { reason } => registry.count_rejection(reason),
             ToRegistry::Shutdown { reply } => {
+                // The closes, then one save of everything: both run below.
                 registry.handle_shutdown();
-                execute(
-                    &mut registry,
-                    &mut store,
-                    &mut conns,
-                    &mut save_due,
-                    persist_every,
-                    &shell,
-                )
-                .await;
                 registry.flush();
                 save_due = None;
-                execute(
-                    &mut registry,
-                    &mut store,
-                    &mut conns,
-                    &mut save_due,
-                    persist_every,
-                    &shell,
-                )
-                .await;
-                let _ = reply.send(());
-                continue;
+                shutdown = Some(reply);
             }
             ToRegistry::Metrics { reply } => {
                 let _ = reply.send(RegistryMetrics {
@@ -637,6 +621,9 @@ async fn registry_task(
             &shell,
         )
         .await;
+        if let Some(reply) = shutdown.take() {
+            let _ = reply.send(());
+        }
     }
     if save_due.is_some() {
         registry.flush();

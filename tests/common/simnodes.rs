@@ -37,6 +37,19 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// How long after `since` each node came back, soonest first.
+    pub fn back_since(&self, since: Instant) -> Vec<std::time::Duration> {
+        let mut back: Vec<_> = self
+            .readmitted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.saturating_duration_since(since))
+            .collect();
+        back.sort();
+        back
+    }
+
     pub fn saw(&self, key: &PublicKey) {
         self.deltas.fetch_add(1, Ordering::Relaxed);
         if !self.probing.load(Ordering::Relaxed) {

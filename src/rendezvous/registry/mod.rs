@@ -1379,15 +1379,7 @@ impl Registry {
             nodes = self.online.len(),
             "lost the session with the store: closing every node's connection, admitting no one"
         );
-        let conns: Vec<ConnId> = self.online.values().copied().collect();
-        self.online.clear();
-        self.sessions.clear();
-        for conn in conns {
-            self.push(Command::Close {
-                conn,
-                reason: CloseReason::Contended,
-            });
-        }
+        self.close_every_session(CloseReason::Contended);
     }
 
     /// The server is going away (SIGTERM: a shutdown or a restart): every
@@ -1406,14 +1398,17 @@ impl Registry {
             nodes = self.online.len(),
             "going away: closing every node's session (they come back shortly)"
         );
+        self.close_every_session(CloseReason::GoingAway);
+    }
+
+    /// Closes every node connected here with `reason`; none is online here
+    /// any more.
+    fn close_every_session(&mut self, reason: CloseReason) {
         let conns: Vec<ConnId> = self.online.values().copied().collect();
         self.online.clear();
         self.sessions.clear();
         for conn in conns {
-            self.push(Command::Close {
-                conn,
-                reason: CloseReason::GoingAway,
-            });
+            self.push(Command::Close { conn, reason });
         }
     }
 
