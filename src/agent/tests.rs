@@ -58,6 +58,7 @@ fn welcome(n: u8, peers: &[u8]) -> Update {
         observed: addr("203.0.113.7:40000"),
         peers: peers.iter().map(|p| entry(*p)).collect(),
         routes: Vec::new(),
+        paths: false,
     }
 }
 
@@ -822,6 +823,7 @@ fn welcome_with(n: u8, peers: Vec<NodeEntry>, decisions: Vec<RouteDecision>) -> 
         observed: addr("203.0.113.7:40000"),
         peers,
         routes: decisions,
+        paths: false,
     }
 }
 

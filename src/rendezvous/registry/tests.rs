@@ -1266,6 +1266,7 @@ fn no_refill() -> Limits {
         nat: Rate::new(d.nat.burst, hour),
         punch: Rate::new(d.punch.burst, hour),
         punch_pair: Rate::new(d.punch_pair.burst, hour),
+        paths: Rate::new(d.paths.burst, hour),
         tolerance: Rate::new(d.tolerance.burst, hour),
     }
 }
@@ -1338,7 +1339,8 @@ fn a_candidate_storm_is_held_to_its_rate_and_the_flooder_is_closed() {
         vec![
             (MessageKind::Candidates, dropped),
             (MessageKind::Nat, 0),
-            (MessageKind::Punch, 0)
+            (MessageKind::Punch, 0),
+            (MessageKind::Paths, 0)
         ]
     );
     assert_eq!(reg.counters().closed_flooding, 1);
