@@ -73,8 +73,11 @@ fn cell_of_peer(peer: &serde_json::Value) -> Result<String, String> {
     }
 }
 
+/// What each side says of each ordered pair: (from, to) → cell.
+type Cells = BTreeMap<(String, String), String>;
+
 /// (from, to) → cell, from every node's own `meshctl peers --json`.
-fn what_nodes_say(lab: &MeshLab) -> Result<BTreeMap<(String, String), String>, String> {
+fn what_nodes_say(lab: &MeshLab) -> Result<Cells, String> {
     let mut said = BTreeMap::new();
     for from in NODES {
         let peers = lab.meshctl(from, "peers")?;
@@ -89,9 +92,7 @@ fn what_nodes_say(lab: &MeshLab) -> Result<BTreeMap<(String, String), String>, S
 }
 
 /// (from, to) → cell, from `mesh-rendezvous paths --json`, with the matrix.
-fn what_the_matrix_says(
-    lab: &MeshLab,
-) -> Result<(BTreeMap<(String, String), String>, serde_json::Value), String> {
+fn what_the_matrix_says(lab: &MeshLab) -> Result<(Cells, serde_json::Value), String> {
     let matrix = lab.rendezvous_json("rv", &["paths", "--json"])?;
     let mut said = BTreeMap::new();
     for cell in matrix["paths"].as_array().into_iter().flatten() {

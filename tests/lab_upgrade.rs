@@ -71,28 +71,40 @@ fn a_mesh_of_the_previous_release_upgrades_one_machine_at_a_time_without_losing_
     lab.restart_meshd("pub1", &current);
     every_pair_reaches(&lab, "pub1 upgraded under the old rendezvous");
     expected_paths(&lab, "pub1 upgraded under the old rendezvous");
-    let admissions = lab.log("pub1").matches("admitted by the rendezvous").count();
-    assert_eq!(admissions, 1, "pub1's session was never ended:\n{}", lab.log("pub1"));
+    let admissions = lab
+        .log("pub1")
+        .matches("admitted by the rendezvous")
+        .count();
+    assert_eq!(
+        admissions,
+        1,
+        "pub1's session was never ended:\n{}",
+        lab.log("pub1")
+    );
 
     // The rendezvous: it reads the previous release's state directory.
     lab.restart_rendezvous(&current);
     every_pair_reaches(&lab, "rendezvous upgraded");
     expected_paths(&lab, "rendezvous upgraded");
     // The new node reports its paths; the old ones have no row.
-    eventually("the new rendezvous has pub1's paths", REACH_DEADLINE, || {
-        let matrix = lab.rendezvous_json("rv", &["paths", "--json"])?;
-        let from: Vec<&str> = matrix["paths"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c["from"].as_str())
-            .collect();
-        if from.len() == NODES.len() - 1 && from.iter().all(|f| *f == "node-pub1") {
-            Ok(())
-        } else {
-            Err(format!("{matrix}"))
-        }
-    });
+    eventually(
+        "the new rendezvous has pub1's paths",
+        REACH_DEADLINE,
+        || {
+            let matrix = lab.rendezvous_json("rv", &["paths", "--json"])?;
+            let from: Vec<&str> = matrix["paths"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["from"].as_str())
+                .collect();
+            if from.len() == NODES.len() - 1 && from.iter().all(|f| *f == "node-pub1") {
+                Ok(())
+            } else {
+                Err(format!("{matrix}"))
+            }
+        },
+    );
 
     // Then the other nodes, one at a time; a mixed pair must keep working
     // both ways (a new node's timed pings to an old one, an old one's to a

@@ -138,6 +138,10 @@ impl PathReporter {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a test starts its clock anywhere"
+)]
 mod tests {
     use super::*;
     use crate::identity::{PrivateKey, PublicKey};
