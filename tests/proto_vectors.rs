@@ -30,9 +30,9 @@ use meshd::identity::{PrivateKey, PublicKey};
 use meshd::rendezvous::admission;
 use meshd::wire::control::{
     decode, decode_frame, encode, Candidate, CandidateKind, FrameError, Hello, MeshInfo,
-    NatMapping, NodeEntry, NodeMessage, PathEntry, PathList, PathState, Proof, RejectReason,
-    RouteDecision, RouteStatus, ServerHello, ServerMessage, FEATURE_PATHS, MAX_FRAME,
-    MAX_FRAME_UNADMITTED, MAX_PATH_PEERS, PROTOCOL_VERSION,
+    NatMapping, NodeEntry, NodeMessage, PathEntry, PathState, Proof, RejectReason, RouteDecision,
+    RouteStatus, ServerHello, ServerMessage, FEATURE_PATHS, MAX_FRAME, MAX_FRAME_UNADMITTED,
+    MAX_PATH_PEERS, PROTOCOL_VERSION,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -432,13 +432,16 @@ fn a_path_entry_this_version_cannot_read_is_skipped_and_counted() {
         path: PathState::Relay,
         rtt_us: None,
     });
-    assert_eq!(
-        peers,
-        PathList {
-            entries: expected,
-            unreadable: 4
-        }
-    );
+    assert_eq!((&peers.entries, peers.unreadable), (&expected, 4));
+    // What was skipped is not written back: the message re-encodes to what
+    // it could read, which reads back equal to it.
+    let read = NodeMessage::Paths { peers };
+    let (again, _) = decode_frame::<NodeMessage>(&encode(&read), MAX_FRAME).unwrap();
+    assert_eq!(again, read);
+    let NodeMessage::Paths { peers: again } = again else {
+        unreachable!()
+    };
+    assert_eq!((again.entries, again.unreadable), (expected, 0));
     // Not an array at all is a malformed message.
     let mut v = body_of("paths");
     v["peers"] = serde_json::json!({"peer": PEER_A});

@@ -351,12 +351,22 @@ pub struct PathEntry {
 /// bad key, a path word it does not know, a wrong type) is skipped and
 /// counted in `unreadable`, so one such entry costs the report nothing
 /// else; it is written back without them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct PathList {
     pub entries: Vec<PathEntry>,
     /// Entries skipped while reading.
     pub unreadable: usize,
 }
+
+/// Two lists are equal when they say the same: what was skipped while
+/// reading one is not part of it (it is not written back either).
+impl PartialEq for PathList {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl Eq for PathList {}
 
 impl From<Vec<PathEntry>> for PathList {
     fn from(entries: Vec<PathEntry>) -> Self {
