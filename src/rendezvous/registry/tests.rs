@@ -2448,3 +2448,56 @@ fn two_servers_decide_overlapping_prefixes_alike() {
     );
     assert_eq!(upserted_routes(&cmds, 1, 4), [vec![net("10.244.8.0/22")]]);
 }
+
+// -----------------------------------------------------------------------
+// Path reports
+// -----------------------------------------------------------------------
+
+#[test]
+fn a_path_report_is_kept_in_memory_sent_nowhere_and_gone_with_its_connection() {
+    use crate::wire::control::{PathEntry, PathState, FEATURE_PATHS};
+    let (mut reg, token) = with_token();
+    let cmds = join(&mut reg, 1, &token);
+    let features = cmds.iter().find_map(|c| match c {
+        Command::Send {
+            msg: ServerMessage::Welcome { features, .. },
+            ..
+        } => Some(features.clone()),
+        _ => None,
+    });
+    assert_eq!(features, Some(vec![FEATURE_PATHS.to_owned()]));
+    join(&mut reg, 2, &token);
+
+    let report = vec![PathEntry {
+        peer: key(2),
+        path: PathState::Relay,
+        rtt_us: None,
+    }];
+    reg.handle_paths(ConnId(1), report.into(), at(NOW));
+    assert_eq!(drain(&mut reg), vec![], "nothing saved, nothing sent");
+    let matrix = reg.path_matrix();
+    let cells: Vec<(&str, &str, PathState)> = matrix
+        .paths
+        .iter()
+        .map(|c| (c.from.as_str(), c.to.as_str(), c.path))
+        .collect();
+    let (n1, n2) = (&matrix.nodes[0].name, &matrix.nodes[1].name);
+    let (from, to) = if matrix.nodes[0].public_key == key(1) {
+        (n1.as_str(), n2.as_str())
+    } else {
+        (n2.as_str(), n1.as_str())
+    };
+    assert_eq!(cells, [(from, to, PathState::Relay)]);
+    assert_eq!(
+        (matrix.pairs, matrix.pairs_reported, matrix.pairs_direct),
+        (1, 1, 0)
+    );
+
+    // From a connection that is not admitted: ignored.
+    reg.handle_paths(ConnId(9), vec![].into(), at(NOW));
+    assert_eq!(reg.path_matrix().paths.len(), 1);
+    // The node leaves: its report goes with it.
+    reg.handle_disconnect(ConnId(1), at(NOW));
+    drain(&mut reg);
+    assert!(reg.path_matrix().paths.is_empty());
+}
