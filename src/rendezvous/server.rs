@@ -43,7 +43,7 @@ use crate::relay::server::{Inlet, Relay};
 use crate::relay::NodeId;
 use crate::sockets::canonical;
 use crate::wire::control::{
-    decode_hello, encode, Candidate, NatMapping, NodeMessage, RejectReason, ServerHello,
+    decode_hello, encode, Candidate, NatMapping, NodeMessage, PathList, RejectReason, ServerHello,
     ServerMessage, LINK_ALPN, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
 };
 use crate::wire::untrusted::Untrusted;
@@ -96,6 +96,10 @@ enum ToRegistry {
     Punch {
         conn: ConnId,
         peer: PublicKey,
+    },
+    Paths {
+        conn: ConnId,
+        peers: PathList,
     },
     Disconnected {
         conn: ConnId,
@@ -563,6 +567,7 @@ async fn registry_task(
                 registry.handle_candidates(conn, candidates, now)
             }
             ToRegistry::Nat { conn, mapping } => registry.handle_nat(conn, mapping, now),
+            ToRegistry::Paths { conn, peers } => registry.handle_paths(conn, peers, now),
             ToRegistry::Punch { conn, peer } => registry.handle_punch(conn, &peer, now),
             ToRegistry::Disconnected { conn } => {
                 conns.remove(&conn);
@@ -875,6 +880,11 @@ async fn connection_task(
                 }
                 Ok(NodeMessage::Punch { peer }) => {
                     if to_registry.send(ToRegistry::Punch { conn, peer }).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(NodeMessage::Paths { peers }) => {
+                    if to_registry.send(ToRegistry::Paths { conn, peers }).await.is_err() {
                         break;
                     }
                 }

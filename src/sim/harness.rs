@@ -62,7 +62,7 @@ use crate::rendezvous::registry::{
 use crate::rendezvous::store::LocalStore;
 use crate::wire::control::{
     Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeMessage, RejectReason,
-    ServerMessage, PROTOCOL_VERSION,
+    ServerMessage, FEATURE_PATHS, PROTOCOL_VERSION,
 };
 use crate::wire::relay::{self, NodeId as RelayId, RelayKind};
 
@@ -1011,6 +1011,7 @@ impl Sim {
                         NodeMessage::Candidates { candidates } => {
                             registry.handle_candidates(conn, candidates, now)
                         }
+                        NodeMessage::Paths { peers } => registry.handle_paths(conn, peers, now),
                     }
                 }
             }
@@ -1132,6 +1133,7 @@ impl Sim {
                 observed,
                 peers,
                 routes,
+                features,
                 ..
             } => {
                 let agent = &mut self.nodes[i].agent;
@@ -1145,6 +1147,7 @@ impl Sim {
                         observed,
                         peers,
                         routes,
+                        paths: features.iter().any(|f| f == FEATURE_PATHS),
                     },
                     now,
                 );

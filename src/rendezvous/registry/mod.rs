@@ -100,6 +100,7 @@ use subtle::ConstantTimeEq;
 use super::admission;
 use super::limits::Bucket;
 pub use super::limits::{Limits, MessageKind, Rate};
+use super::paths::{self as path_matrix, PathMatrix, PathRefusal, PathReport};
 use super::store::kv::{Event, KeyValue, Op, Outcome, Revision, Txn};
 use super::store::records::{self, Endpoints, Key, NodeIdentity, Presence, ServerRecord, Value};
 pub use crate::identity::join_token::MAX_TOKEN_ID;
@@ -109,9 +110,9 @@ use crate::ipam;
 /// Connections as the shell names them (shared with the relay table).
 pub use crate::relay::ConnId;
 use crate::wire::control::{
-    Candidate, CandidateKind, Hello, HelloError, MeshInfo, NatMapping, NodeEntry, Proof,
-    RejectReason, RouteDecision, ServerMessage, MAX_CANDIDATES, MAX_NAME, MAX_ROUTES,
-    PROTOCOL_VERSION,
+    Candidate, CandidateKind, Hello, HelloError, MeshInfo, NatMapping, NodeEntry, PathList, Proof,
+    RejectReason, RouteDecision, ServerMessage, FEATURE_PATHS, MAX_CANDIDATES, MAX_NAME,
+    MAX_ROUTES, PROTOCOL_VERSION,
 };
 use crate::wire::endpoint::{self, Unusable};
 use crate::wire::untrusted::Untrusted;
@@ -615,6 +616,8 @@ pub struct Counters {
     pub joins_contended: u64,
     /// Announced candidates dropped, as [`CandidateRefusal::ALL`].
     refused: [u64; CandidateRefusal::ALL.len()],
+    /// Entries of path reports dropped, as [`PathRefusal::ALL`].
+    path_entries: [u64; PathRefusal::ALL.len()],
 }
 
 impl Counters {
@@ -632,6 +635,14 @@ impl Counters {
             .iter()
             .copied()
             .zip(self.refused.iter().copied())
+    }
+
+    /// Entries of path reports dropped (or their RTT), by reason.
+    pub fn path_entries_dropped(&self) -> impl Iterator<Item = (PathRefusal, u64)> + '_ {
+        PathRefusal::ALL
+            .iter()
+            .copied()
+            .zip(self.path_entries.iter().copied())
     }
 
     fn refuse(&mut self, why: CandidateRefusal) {
@@ -652,6 +663,7 @@ fn kind_index(kind: MessageKind) -> usize {
         MessageKind::Candidates => 0,
         MessageKind::Nat => 1,
         MessageKind::Punch => 2,
+        MessageKind::Paths => 3,
     }
 }
 
@@ -769,6 +781,9 @@ pub struct Registry {
     /// Records that routes are decided on changed since they were last
     /// decided.
     routes_stale: bool,
+    /// The latest path report of each node connected here (memory only:
+    /// see [`path_matrix`]).
+    path_reports: BTreeMap<PublicKey, PathReport>,
 }
 
 /// Every [`RejectReason`], in the order metrics list them.
@@ -838,6 +853,7 @@ impl Registry {
             routable: Vec::new(),
             routes: RouteTable::default(),
             routes_stale: false,
+            path_reports: BTreeMap::new(),
         }
         .with_routes_decided()
     }
@@ -1280,6 +1296,7 @@ impl Registry {
                 peers,
                 servers: self.servers(),
                 routes: self.routes.decisions(&key).to_vec(),
+                features: vec![FEATURE_PATHS.to_owned()],
             },
         });
         // A node back with nothing new (a restarted server's nodes coming
@@ -1803,6 +1820,40 @@ impl Registry {
         });
     }
 
+    /// An admitted node's paths to its peers. Within the rate
+    /// ([`Limits::paths`]), the report is checked ([`path_matrix::check`]:
+    /// members only, once each, at most
+    /// [`MAX_PATH_PEERS`](crate::wire::control::MAX_PATH_PEERS), what does
+    /// not pass dropped and counted) and replaces the node's previous one,
+    /// in memory only; nothing is saved or sent on.
+    pub fn handle_paths(&mut self, conn: ConnId, peers: PathList, now: Now) {
+        if !self.within_rate(conn, MessageKind::Paths, now) {
+            return;
+        }
+        let Some(key) = self.sessions.get(&conn).map(|s| s.key) else {
+            return;
+        };
+        let nodes = &self.state.nodes;
+        let peers = path_matrix::check(
+            &key,
+            peers,
+            |k| nodes.contains_key(k),
+            &mut self.counters.path_entries,
+        );
+        self.path_reports.insert(
+            key,
+            PathReport {
+                at: now.unix,
+                peers,
+            },
+        );
+    }
+
+    /// The mesh's paths as the reports of the nodes connected here say.
+    pub fn path_matrix(&self) -> PathMatrix {
+        path_matrix::assemble(&self.server_name, &self.nodes(), &self.path_reports)
+    }
+
     /// The shell's connection ended (for any reason, including one this
     /// registry asked for). An admitted node goes offline; its peers keep
     /// its last candidates, so nothing is broadcast.
@@ -1819,6 +1870,8 @@ impl Registry {
         };
         if self.online.get(&session.key) == Some(&conn) {
             self.online.remove(&session.key);
+            // What it said is stale from now on; its next session reports again.
+            self.path_reports.remove(&session.key);
             // Unless another server has the node by now.
             let presence = Key::Presence(session.key);
             let txn = Txn::new()

@@ -1267,6 +1267,7 @@ fn no_refill() -> Limits {
         nat: Rate::new(d.nat.burst, hour),
         punch: Rate::new(d.punch.burst, hour),
         punch_pair: Rate::new(d.punch_pair.burst, hour),
+        paths: Rate::new(d.paths.burst, hour),
         tolerance: Rate::new(d.tolerance.burst, hour),
     }
 }
@@ -1339,7 +1340,8 @@ fn a_candidate_storm_is_held_to_its_rate_and_the_flooder_is_closed() {
         vec![
             (MessageKind::Candidates, dropped),
             (MessageKind::Nat, 0),
-            (MessageKind::Punch, 0)
+            (MessageKind::Punch, 0),
+            (MessageKind::Paths, 0)
         ]
     );
     assert_eq!(reg.counters().closed_flooding, 1);
@@ -2530,4 +2532,57 @@ fn a_reconnect_is_sent_to_peers_only_when_the_entry_changed() {
     assert_eq!(upserts_to_2(&cmds), 1, "{cmds:?}");
     let (me, _) = welcome(&cmds);
     assert!(me.candidates.iter().any(|c| c.addr == moved), "{me:?}");
+}
+
+// -----------------------------------------------------------------------
+// Path reports
+// -----------------------------------------------------------------------
+
+#[test]
+fn a_path_report_is_kept_in_memory_sent_nowhere_and_gone_with_its_connection() {
+    use crate::wire::control::{PathEntry, PathState, FEATURE_PATHS};
+    let (mut reg, token) = with_token();
+    let cmds = join(&mut reg, 1, &token);
+    let features = cmds.iter().find_map(|c| match c {
+        Command::Send {
+            msg: ServerMessage::Welcome { features, .. },
+            ..
+        } => Some(features.clone()),
+        _ => None,
+    });
+    assert_eq!(features, Some(vec![FEATURE_PATHS.to_owned()]));
+    join(&mut reg, 2, &token);
+
+    let report = vec![PathEntry {
+        peer: key(2),
+        path: PathState::Relay,
+        rtt_us: None,
+    }];
+    reg.handle_paths(ConnId(1), report.into(), at(NOW));
+    assert_eq!(drain(&mut reg), vec![], "nothing saved, nothing sent");
+    let matrix = reg.path_matrix();
+    let cells: Vec<(&str, &str, PathState)> = matrix
+        .paths
+        .iter()
+        .map(|c| (c.from.as_str(), c.to.as_str(), c.path))
+        .collect();
+    let (n1, n2) = (&matrix.nodes[0].name, &matrix.nodes[1].name);
+    let (from, to) = if matrix.nodes[0].public_key == key(1) {
+        (n1.as_str(), n2.as_str())
+    } else {
+        (n2.as_str(), n1.as_str())
+    };
+    assert_eq!(cells, [(from, to, PathState::Relay)]);
+    assert_eq!(
+        (matrix.pairs, matrix.pairs_reported, matrix.pairs_direct),
+        (1, 1, 0)
+    );
+
+    // From a connection that is not admitted: ignored.
+    reg.handle_paths(ConnId(9), vec![].into(), at(NOW));
+    assert_eq!(reg.path_matrix().paths.len(), 1);
+    // The node leaves: its report goes with it.
+    reg.handle_disconnect(ConnId(1), at(NOW));
+    drain(&mut reg);
+    assert!(reg.path_matrix().paths.is_empty());
 }
