@@ -350,6 +350,14 @@ pub enum Command {
     },
     /// Send `msg` on the connection's control stream.
     Send { conn: ConnId, msg: ServerMessage },
+    /// The peer-map changes since the last [`Registry::flush_deltas`]
+    /// (`PeerUpsert`/`PeerRemove`, the latest per node), each for every
+    /// node connected here but the one it is about: one write per member
+    /// per tick, however many changes the tick had.
+    PeerDeltas {
+        members: Vec<(ConnId, PublicKey)>,
+        deltas: Vec<(PublicKey, ServerMessage)>,
+    },
     /// Close the connection (after sending what was queued for it before).
     Close { conn: ConnId, reason: CloseReason },
     /// Commit `txn` to the store, then answer [`Registry::handle_outcome`]
@@ -753,6 +761,9 @@ pub struct Registry {
     /// The server is shutting down ([`Registry::handle_shutdown`]): no
     /// one is admitted any more.
     going_away: bool,
+    /// Peer-map changes not yet sent: the latest per node they are about
+    /// (a `PeerUpsert` or a `PeerRemove`). See [`Registry::flush_deltas`].
+    deltas: BTreeMap<PublicKey, ServerMessage>,
     /// A [`Command::PersistSoon`] is queued and not yet polled: one is
     /// enough.
     persist_soon_queued: bool,
@@ -831,6 +842,7 @@ impl Registry {
             dirty: BTreeSet::new(),
             store_up: true,
             going_away: false,
+            deltas: BTreeMap::new(),
             persist_soon_queued: false,
             rejections: [0; REJECT_REASONS.len()],
             limits,
@@ -1286,7 +1298,7 @@ impl Registry {
         // back, a reconnect after a lost session) costs its peers nothing:
         // they keep its entry while it is away.
         if told.as_ref() != Some(&entry) {
-            self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
+            self.announce_delta(ServerMessage::PeerUpsert { peer: entry });
         }
     }
 
@@ -1647,8 +1659,7 @@ impl Registry {
                     let msg = ServerMessage::PeerUpsert {
                         peer: node_entry(&key, record, &self.routes),
                     };
-                    let own = self.online.get(&key).copied();
-                    self.broadcast_except_opt(own, &msg);
+                    self.announce_delta(msg);
                 }
                 Change::Removed(key) => self.cut_off(key),
             }
@@ -1673,7 +1684,7 @@ impl Registry {
                 reason: CloseReason::Removed,
             });
         }
-        self.broadcast_except_opt(None, &ServerMessage::PeerRemove { public_key: key });
+        self.announce_delta(ServerMessage::PeerRemove { public_key: key });
     }
 
     /// The revision this replica last saw `key` written at (0: never,
@@ -1737,7 +1748,7 @@ impl Registry {
         record.candidates = merged;
         let entry = node_entry(&key, record, &self.routes);
         self.touch(key);
-        self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
+        self.announce_delta(ServerMessage::PeerUpsert { peer: entry });
     }
 
     /// An admitted node reports its NAT's mapping behaviour. Within the rate
@@ -1760,7 +1771,7 @@ impl Registry {
         record.nat = mapping;
         let entry = node_entry(&key, record, &self.routes);
         self.touch(key);
-        self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
+        self.announce_delta(ServerMessage::PeerUpsert { peer: entry });
     }
 
     /// An admitted node asks `peer` to probe it now (hole punching). Passed
@@ -2148,6 +2159,7 @@ impl Registry {
             Command::PersistSoon => self.persist_soon_queued = false,
             Command::Admitted { .. }
             | Command::Send { .. }
+            | Command::PeerDeltas { .. }
             | Command::Close { .. }
             | Command::Route { .. }
             | Command::Commit { .. } => {}
@@ -2414,22 +2426,43 @@ impl Registry {
         }
     }
 
-    fn broadcast_except(&mut self, except: ConnId, msg: &ServerMessage) {
-        self.broadcast_except_opt(Some(except), msg);
+    /// A change of the peer map, for every node connected here but the
+    /// one it is about: kept until [`Registry::flush_deltas`], the latest
+    /// per node.
+    fn announce_delta(&mut self, msg: ServerMessage) {
+        let subject = match &msg {
+            ServerMessage::PeerUpsert { peer } => peer.public_key,
+            ServerMessage::PeerRemove { public_key } => *public_key,
+            _ => return,
+        };
+        self.deltas.insert(subject, msg);
     }
 
-    fn broadcast_except_opt(&mut self, except: Option<ConnId>, msg: &ServerMessage) {
-        let conns: Vec<ConnId> = self
+    /// Whether peer-map changes wait for [`Registry::flush_deltas`]; the
+    /// shell flushes them a short tick after the first.
+    pub fn has_deltas(&self) -> bool {
+        !self.deltas.is_empty()
+    }
+
+    /// Queues the peer-map changes gathered since the last flush as one
+    /// [`Command::PeerDeltas`]: a burst of joins or reconnects costs each
+    /// member one write per tick, not one per change. Also done before any
+    /// other message to a node, which must not overtake them (a punch names
+    /// a peer whose new candidates may be among them).
+    pub fn flush_deltas(&mut self) {
+        if self.deltas.is_empty() {
+            return;
+        }
+        let deltas: Vec<(PublicKey, ServerMessage)> =
+            std::mem::take(&mut self.deltas).into_iter().collect();
+        let members: Vec<(ConnId, PublicKey)> = self
             .online
-            .values()
-            .copied()
-            .filter(|c| Some(*c) != except)
+            .iter()
+            .map(|(key, conn)| (*conn, *key))
             .collect();
-        for conn in conns {
-            self.push(Command::Send {
-                conn,
-                msg: msg.clone(),
-            });
+        if !members.is_empty() {
+            self.commands
+                .push_back(Command::PeerDeltas { members, deltas });
         }
     }
 
@@ -2477,6 +2510,12 @@ impl Registry {
     }
 
     fn push(&mut self, cmd: Command) {
+        // A direct message must not overtake the peer-map changes before
+        // it; a welcome carries the whole map, so it may.
+        if matches!(&cmd, Command::Send { msg, .. } if !matches!(msg, ServerMessage::Welcome { .. }))
+        {
+            self.flush_deltas();
+        }
         self.commands.push_back(cmd);
     }
 }
