@@ -28,8 +28,8 @@ use super::links::{self, LinkContext, LinkEvent, Links};
 use super::metrics::{self, RendezvousMetrics};
 use super::pending::{AdmissionCounts, Decision, Limits, Pending, Source};
 use super::registry::{
-    CloseReason, Command, ConnId, Counters, IncomingHello, Limits as RegistryLimits, NodeStatus,
-    Now, Registry,
+    CloseReason, Command, ConnId, Counters, Delta, DeltaMember, IncomingHello,
+    Limits as RegistryLimits, NodeStatus, Now, Registry,
 };
 use super::setup::{Backend, Loaded, SetupError};
 use super::store::kv::Outcome;
@@ -665,43 +665,40 @@ async fn registry_task(
 
 /// One tick's peer-map changes to every member: each change encoded once,
 /// and each member's share written as one buffer — the same buffer for
-/// every member none of the changes is about. The members whose queue was
-/// full, to be disconnected.
+/// every member that wants them all (none is about it, and it was not
+/// welcomed with some of them). The members whose queue was full, to be
+/// disconnected.
 fn send_deltas(
     conns: &HashMap<ConnId, mpsc::Sender<ConnOut>>,
-    members: &[(ConnId, PublicKey)],
-    deltas: &[(PublicKey, ServerMessage)],
+    members: &[DeltaMember],
+    deltas: &[Delta],
 ) -> Vec<ConnId> {
-    let frames: Vec<(PublicKey, Vec<u8>)> = deltas
-        .iter()
-        .map(|(subject, msg)| (*subject, encode(msg)))
-        .collect();
-    let joined = |except: Option<&PublicKey>| -> Bytes {
-        let mut all = BytesMut::with_capacity(frames.iter().map(|(_, f)| f.len()).sum());
-        for (subject, frame) in &frames {
-            if Some(subject) != except {
+    let frames: Vec<Vec<u8>> = deltas.iter().map(|d| encode(&d.msg)).collect();
+    let joined = |member: Option<&DeltaMember>| -> Bytes {
+        let mut all = BytesMut::with_capacity(frames.iter().map(Vec::len).sum());
+        for (delta, frame) in deltas.iter().zip(&frames) {
+            if member.is_none_or(|m| m.wants(delta)) {
                 all.extend_from_slice(frame);
             }
         }
         all.freeze()
     };
     let everyone = joined(None);
-    let subjects: std::collections::HashSet<&PublicKey> = frames.iter().map(|(s, _)| s).collect();
     let mut stuck = Vec::new();
-    for (conn, key) in members {
-        let Some(tx) = conns.get(conn) else {
+    for member in members {
+        let Some(tx) = conns.get(&member.conn) else {
             continue;
         };
-        let share = if subjects.contains(key) {
-            joined(Some(key))
-        } else {
+        let share = if deltas.iter().all(|d| member.wants(d)) {
             everyone.clone()
+        } else {
+            joined(Some(member))
         };
         if share.is_empty() {
             continue;
         }
         if tx.try_send(ConnOut::Frame(share)).is_err() {
-            stuck.push(*conn);
+            stuck.push(member.conn);
         }
     }
     stuck

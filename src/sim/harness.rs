@@ -1075,18 +1075,16 @@ impl Sim {
             };
             match command {
                 Command::PeerDeltas { members, deltas } => {
-                    for (conn, key) in members {
-                        for (subject, msg) in &deltas {
-                            if *subject == key {
-                                continue;
-                            }
+                    for member in members {
+                        for delta in deltas.iter().filter(|d| member.wants(d)) {
+                            let (conn, msg) = (member.conn, delta.msg.clone());
                             if immediate {
-                                self.deliver_message(conn, msg.clone(), now);
+                                self.deliver_message(conn, msg, now);
                             } else {
                                 self.carry(
                                     Carried::Message {
                                         conn,
-                                        msg: Box::new(msg.clone()),
+                                        msg: Box::new(msg),
                                     },
                                     now,
                                 );

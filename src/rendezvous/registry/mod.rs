@@ -355,8 +355,8 @@ pub enum Command {
     /// node connected here but the one it is about: one write per member
     /// per tick, however many changes the tick had.
     PeerDeltas {
-        members: Vec<(ConnId, PublicKey)>,
-        deltas: Vec<(PublicKey, ServerMessage)>,
+        members: Vec<DeltaMember>,
+        deltas: Vec<Delta>,
     },
     /// Close the connection (after sending what was queued for it before).
     Close { conn: ConnId, reason: CloseReason },
@@ -377,6 +377,33 @@ pub enum Command {
     /// reconnect): call [`Registry::flush`] soon. The shell may debounce
     /// these, so one commit carries a burst of changes.
     PersistSoon,
+}
+
+/// One change in a [`Command::PeerDeltas`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// The node it is about, which is not sent it.
+    pub subject: PublicKey,
+    /// When it was made, in the registry's order of changes.
+    pub seq: u64,
+    pub msg: ServerMessage,
+}
+
+/// A node a [`Command::PeerDeltas`] goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaMember {
+    pub conn: ConnId,
+    pub key: PublicKey,
+    /// It was welcomed during the tick, with every change up to this one
+    /// in its welcome: those are not sent again.
+    pub knows: u64,
+}
+
+impl DeltaMember {
+    /// Whether `delta` is for this member.
+    pub fn wants(&self, delta: &Delta) -> bool {
+        delta.subject != self.key && delta.seq > self.knows
+    }
 }
 
 /// What a server is called when it is the mesh's only one.
@@ -763,7 +790,12 @@ pub struct Registry {
     going_away: bool,
     /// Peer-map changes not yet sent: the latest per node they are about
     /// (a `PeerUpsert` or a `PeerRemove`). See [`Registry::flush_deltas`].
-    deltas: BTreeMap<PublicKey, ServerMessage>,
+    deltas: BTreeMap<PublicKey, (u64, ServerMessage)>,
+    /// The number of the latest peer-map change.
+    delta_seq: u64,
+    /// Connections welcomed since the last flush, with the latest change
+    /// their welcome included.
+    welcomed_in_tick: HashMap<ConnId, u64>,
     /// A [`Command::PersistSoon`] is queued and not yet polled: one is
     /// enough.
     persist_soon_queued: bool,
@@ -843,6 +875,8 @@ impl Registry {
             store_up: true,
             going_away: false,
             deltas: BTreeMap::new(),
+            delta_seq: 0,
+            welcomed_in_tick: HashMap::new(),
             persist_soon_queued: false,
             rejections: [0; REJECT_REASONS.len()],
             limits,
@@ -1283,6 +1317,9 @@ impl Registry {
             .filter(|(k, _)| **k != key)
             .map(|(k, r)| node_entry(k, r, &self.routes))
             .collect();
+        // Its welcome has every change so far: the tick's are not sent
+        // to it again.
+        self.welcomed_in_tick.insert(conn, self.delta_seq);
         self.push(Command::Send {
             conn,
             msg: ServerMessage::Welcome {
@@ -2435,7 +2472,8 @@ impl Registry {
             ServerMessage::PeerRemove { public_key } => *public_key,
             _ => return,
         };
-        self.deltas.insert(subject, msg);
+        self.delta_seq += 1;
+        self.deltas.insert(subject, (self.delta_seq, msg));
     }
 
     /// Whether peer-map changes wait for [`Registry::flush_deltas`]; the
@@ -2453,12 +2491,19 @@ impl Registry {
         if self.deltas.is_empty() {
             return;
         }
-        let deltas: Vec<(PublicKey, ServerMessage)> =
-            std::mem::take(&mut self.deltas).into_iter().collect();
-        let members: Vec<(ConnId, PublicKey)> = self
+        let deltas: Vec<Delta> = std::mem::take(&mut self.deltas)
+            .into_iter()
+            .map(|(subject, (seq, msg))| Delta { subject, seq, msg })
+            .collect();
+        let welcomed = std::mem::take(&mut self.welcomed_in_tick);
+        let members: Vec<DeltaMember> = self
             .online
             .iter()
-            .map(|(key, conn)| (*conn, *key))
+            .map(|(key, conn)| DeltaMember {
+                conn: *conn,
+                key: *key,
+                knows: welcomed.get(conn).copied().unwrap_or(0),
+            })
             .collect();
         if !members.is_empty() {
             self.commands

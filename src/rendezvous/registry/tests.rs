@@ -94,19 +94,13 @@ fn next_command(reg: &mut Registry) -> Option<Command> {
 
 /// A tick's [`Command::PeerDeltas`] as the sends they make, member by
 /// member, each member's in order.
-fn expand_deltas(
-    members: Vec<(ConnId, PublicKey)>,
-    deltas: &[(PublicKey, ServerMessage)],
-    out: &mut Vec<Command>,
-) {
-    for (conn, key) in members {
-        for (subject, msg) in deltas {
-            if *subject != key {
-                out.push(Command::Send {
-                    conn,
-                    msg: msg.clone(),
-                });
-            }
+fn expand_deltas(members: Vec<DeltaMember>, deltas: &[Delta], out: &mut Vec<Command>) {
+    for member in members {
+        for delta in deltas.iter().filter(|d| member.wants(d)) {
+            out.push(Command::Send {
+                conn: member.conn,
+                msg: delta.msg.clone(),
+            });
         }
     }
 }
@@ -2598,10 +2592,10 @@ fn changes_of_one_tick_reach_each_member_once_the_latest_per_node_never_its_own(
     assert_eq!(members.len(), 3, "every member");
     let about: Vec<(PublicKey, NatMapping)> = deltas
         .iter()
-        .map(|(subject, msg)| match msg {
+        .map(|d| match &d.msg {
             ServerMessage::PeerUpsert { peer } => {
-                assert_eq!(peer.public_key, *subject);
-                (*subject, peer.nat)
+                assert_eq!(peer.public_key, d.subject);
+                (d.subject, peer.nat)
             }
             other => panic!("{other:?}"),
         })
@@ -2621,10 +2615,7 @@ fn changes_of_one_tick_reach_each_member_once_the_latest_per_node_never_its_own(
 }
 
 /// Who hears of whom, from one batch.
-fn drain_batch(
-    members: Vec<(ConnId, PublicKey)>,
-    deltas: &[(PublicKey, ServerMessage)],
-) -> BTreeMap<ConnId, Vec<PublicKey>> {
+fn drain_batch(members: Vec<DeltaMember>, deltas: &[Delta]) -> BTreeMap<ConnId, Vec<PublicKey>> {
     let mut out = Vec::new();
     expand_deltas(members, deltas, &mut out);
     let mut heard: BTreeMap<ConnId, Vec<PublicKey>> = BTreeMap::new();
@@ -2683,7 +2674,7 @@ fn a_member_back_in_the_middle_of_a_tick_misses_nothing() {
     }
     reg.handle_nat(ConnId(1), NatMapping::EndpointIndependent, at(NOW));
     // Node 2 reconnects before the tick: its welcome has node 1's latest,
-    // and the tick's change reaches its new connection too.
+    // so the tick's change is not sent to it again.
     reg.handle_disconnect(ConnId(2), at(NOW));
     reg.handle_hello(
         ConnId(12),
@@ -2694,9 +2685,22 @@ fn a_member_back_in_the_middle_of_a_tick_misses_nothing() {
     let (_, peers) = welcome(&cmds);
     let one = peers.iter().find(|p| p.public_key == key(1)).unwrap();
     assert_eq!(one.nat, NatMapping::EndpointIndependent, "in the welcome");
+    assert!(
+        !cmds.iter().any(|c| matches!(
+            c,
+            Command::Send {
+                conn: ConnId(12),
+                msg: ServerMessage::PeerUpsert { .. }
+            }
+        )),
+        "the map is sent once: {cmds:?}"
+    );
+    // A change after its welcome, in the same tick, does reach it.
+    reg.handle_nat(ConnId(1), NatMapping::EndpointDependent, at(NOW + 2));
+    let cmds = drain(&mut reg);
     assert!(cmds.iter().any(|c| matches!(c,
         Command::Send { conn: ConnId(12), msg: ServerMessage::PeerUpsert { peer } }
-        if peer.public_key == key(1) && peer.nat == NatMapping::EndpointIndependent)));
+        if peer.public_key == key(1) && peer.nat == NatMapping::EndpointDependent)));
     assert!(
         !cmds.iter().any(|c| matches!(
             c,
