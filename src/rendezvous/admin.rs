@@ -416,6 +416,7 @@ pub fn apply_offline<R: RngCore + CryptoRng>(
             // No connections or links exist without a server.
             Command::Admitted { .. }
             | Command::Send { .. }
+            | Command::PeerDeltas { .. }
             | Command::Close { .. }
             | Command::Route { .. } => {}
         }

@@ -1064,10 +1064,35 @@ impl Sim {
     fn run_registry(&mut self, immediate: bool) {
         let now = self.now();
         loop {
-            let Some(command) = self.registry.as_mut().and_then(Registry::poll_command) else {
+            let Some(command) = self.registry.as_mut().and_then(|registry| {
+                registry.poll_command().or_else(|| {
+                    // The quinn shell flushes peer-map changes a short
+                    // tick later; here the tick is this turn's end.
+                    registry.flush_deltas();
+                    registry.poll_command()
+                })
+            }) else {
                 return;
             };
             match command {
+                Command::PeerDeltas { members, deltas } => {
+                    for member in members {
+                        for delta in deltas.iter().filter(|d| member.wants(d)) {
+                            let (conn, msg) = (member.conn, delta.msg.clone());
+                            if immediate {
+                                self.deliver_message(conn, msg, now);
+                            } else {
+                                self.carry(
+                                    Carried::Message {
+                                        conn,
+                                        msg: Box::new(msg),
+                                    },
+                                    now,
+                                );
+                            }
+                        }
+                    }
+                }
                 Command::Admitted { conn, ipv4, .. } => {
                     // As the quinn shell does: the node relays from now on.
                     if let Some(id) = RelayId::of_overlay(ipv4) {
