@@ -381,6 +381,7 @@ impl Node {
                 51820,
             ),
             kind: CandidateKind::Local,
+            mapped: None,
         };
         let mut last = None;
         for _ in 0..ATTEMPTS {

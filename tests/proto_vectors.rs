@@ -67,6 +67,7 @@ fn cand(addr: &str, kind: CandidateKind) -> Candidate {
     Candidate {
         addr: addr.parse().unwrap(),
         kind,
+        mapped: None,
     }
 }
 
