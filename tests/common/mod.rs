@@ -35,6 +35,7 @@
 pub mod cni;
 pub mod etcd;
 pub mod lab;
+pub mod portmap;
 pub mod topology;
 
 use std::fmt::Write as _;

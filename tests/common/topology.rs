@@ -22,6 +22,9 @@ pub enum Kind {
     Symmetric,
     /// One of two nodes on a shared private subnet behind one router.
     Lan,
+    /// Symmetric NAT on a router that maps ports while miniupnpd runs there
+    /// (NAT-PMP, PCP, UPnP IGD; [`super::portmap`]).
+    Upnp,
 }
 
 /// One node of the lab.
@@ -132,6 +135,7 @@ impl Topology {
                         "cone" => Kind::Cone,
                         "symmetric" => Kind::Symmetric,
                         "lan" => Kind::Lan,
+                        "upnp" => Kind::Upnp,
                         other => return Err(at(&format!("unknown kind {other}"))),
                     },
                     router: (*router != "-").then_some(*router),
