@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::lab::{eventually, MeshLab, SETTLE_DEADLINE};
 use common::portmap::{
-    leases, start_miniupnpd, stop_miniupnpd, upnp_router, upnpc_list, StunResponder,
-    MAX_LIFETIME_S,
+    leases, start_miniupnpd, stop_miniupnpd, upnp_router, upnpc_list, StunResponder, MAX_LIFETIME_S,
 };
 use common::topology::topology;
 
@@ -100,7 +99,10 @@ fn the_node_behind_miniupnpd_goes_direct_through_its_mapping_renews_it_and_remov
         stun.answered()
     );
     assert_eq!(external.ip(), wan, "the router's public address");
-    assert_eq!(protocol, "pcp", "PCP is preferred when the router answers it");
+    assert_eq!(
+        protocol, "pcp",
+        "PCP is preferred when the router answers it"
+    );
     let netcheck = lab.meshctl(node, "netcheck").unwrap();
     let answered = &netcheck["port_mapping"]["answered"];
     println!("netcheck on {node}: the gateway answered {answered}");
@@ -113,12 +115,16 @@ fn the_node_behind_miniupnpd_goes_direct_through_its_mapping_renews_it_and_remov
 
     // miniupnpd lists the mapping, over UPnP and in its lease file.
     let internal = SocketAddr::from((topology().node(node).address, 51820));
-    let lease = eventually("miniupnpd's lease file lists the mapping", SETTLE_DEADLINE, || {
-        leases(&lab)
-            .into_iter()
-            .find(|l| l.internal == internal && l.protocol == "UDP")
-            .ok_or_else(|| format!("leases: {:?}", leases(&lab)))
-    });
+    let lease = eventually(
+        "miniupnpd's lease file lists the mapping",
+        SETTLE_DEADLINE,
+        || {
+            leases(&lab)
+                .into_iter()
+                .find(|l| l.internal == internal && l.protocol == "UDP")
+                .ok_or_else(|| format!("leases: {:?}", leases(&lab)))
+        },
+    );
     assert_eq!(lease.external_port, external.port());
     let listed = upnpc_list(&lab, node);
     println!("upnpc -l: {listed:?}; lease {lease:?}");
@@ -175,15 +181,19 @@ fn the_node_behind_miniupnpd_goes_direct_through_its_mapping_renews_it_and_remov
     // meshd's exit removes it from the router.
     let t = Instant::now();
     lab.stop(node);
-    eventually("the mapping is gone from the router", Duration::from_secs(10), || {
-        let rules = lab.run_in(router, &["iptables-legacy-save", "-t", "nat"]);
-        match leases(&lab).iter().any(|l| l.internal == internal)
-            || rules.contains(&internal.ip().to_string())
-        {
-            true => Err(format!("leases {:?}, rules:\n{rules}", leases(&lab))),
-            false => Ok(()),
-        }
-    });
+    eventually(
+        "the mapping is gone from the router",
+        Duration::from_secs(10),
+        || {
+            let rules = lab.run_in(router, &["iptables-legacy-save", "-t", "nat"]);
+            match leases(&lab).iter().any(|l| l.internal == internal)
+                || rules.contains(&internal.ip().to_string())
+            {
+                true => Err(format!("leases {:?}, rules:\n{rules}", leases(&lab))),
+                false => Ok(()),
+            }
+        },
+    );
     println!("removed {:.1?} after meshd was told to stop", t.elapsed());
     assert!(upnpc_list(&lab, node).is_empty(), "upnpc -l lists nothing");
 }

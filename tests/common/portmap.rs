@@ -290,14 +290,17 @@ pub fn upnpc_list(lab: &MeshLab, node: &str) -> Vec<String> {
     let log = lab.log(MINIUPNPD);
     let port = log
         .lines()
+        .rev()
         .filter_map(|l| l.split("HTTP listening on port ").nth(1))
-        .filter_map(|p| p.trim().parse::<u16>().ok())
-        .last()
+        .find_map(|p| p.trim().parse::<u16>().ok())
         .expect("miniupnpd says where it listens for HTTP");
     let router = topology().routers[upnp_router().0].lan;
     let url = format!("http://{router}:{port}/rootDesc.xml");
     let out = lab.exec_in(node, &["timeout", "20", "upnpc", "-u", &url, "-l"]);
-    println!("upnpc -u {url} -l:\n{}", String::from_utf8_lossy(&out.stdout));
+    println!(
+        "upnpc -u {url} -l:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| {
