@@ -13,10 +13,15 @@
 //! - the time one change (a further node joining) takes to reach every
 //!   member: from its hello to the last member reading its entry;
 //! - each server's resident memory (now and peak) and CPU time, read from
-//!   /proc; this process's own CPU, since both share the machine.
+//!   /proc; this process's own CPU, since both share the machine;
+//! - with `--restart` (one server on its file store): the server restarted
+//!   under its N nodes, each reconnecting exactly as meshd does
+//!   (`client::Reconnect`): SIGTERM to exit, then the time until every node
+//!   is admitted again, admission p50/p99 counted from the SIGTERM, failed
+//!   attempts, the deltas it caused, and the new server's CPU and memory.
 //!
 //! ```text
-//! cargo bench --bench scale -- [--nodes 1000,5000] [--store file,etcd] [--concurrency 64]
+//! cargo bench --bench scale -- [--nodes 1000,5000] [--store file,etcd] [--concurrency 64] [--restart]
 //! ```
 //!
 //! Root is not needed. Figures: BENCHMARKS.md, "The control plane at scale".
@@ -28,18 +33,18 @@
     reason = "a benchmark harness: a failed step ends the run with its message"
 )]
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use meshd::agent::Update;
-use meshd::identity::{CertHash, JoinToken, PrivateKey, PublicKey};
-use meshd::rendezvous::client::{admit, ClientConfig, Session};
-use meshd::wire::control::{Candidate, CandidateKind};
+#[path = "../tests/common/simnodes.rs"]
+#[allow(dead_code, reason = "the namespace runner is for the lab tests")]
+mod simnodes;
+use simnodes::{live, JoinLine, Node, Watch};
 use tokio::sync::Semaphore;
 
 /// The server measured, unless `--rendezvous` names another build.
@@ -51,8 +56,6 @@ fn rendezvous_binary() -> &'static Path {
 }
 /// Room for 65,000 nodes: the default /20 holds 4,094.
 const CIDR: &str = "10.96.0.0/16";
-/// Admission attempts per simulated node (a busy server may time one out).
-const ATTEMPTS: usize = 3;
 /// How long the deltas of the join phase may take to arrive before the
 /// run goes on without them (and says how many were missing).
 const SETTLE_LIMIT: Duration = Duration::from_secs(300);
@@ -60,6 +63,8 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(300);
 const PROBES: usize = 3;
 /// How long the sessions are kept idle to measure what keeping them costs.
 const IDLE: Duration = Duration::from_secs(10);
+/// How long a restart's nodes may take to be back before the run goes on.
+const RESTART_LIMIT: Duration = Duration::from_secs(300);
 
 #[derive(Parser)]
 #[command(about = "Control-plane scale: simulated nodes against real mesh-rendezvous servers")]
@@ -77,6 +82,10 @@ struct Args {
     /// simulated nodes stay this tree's.
     #[arg(long, value_name = "PATH")]
     rendezvous: Option<std::path::PathBuf>,
+    /// After the other measurements, restart the server (file store only)
+    /// and measure how its nodes come back.
+    #[arg(long)]
+    restart: bool,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -103,7 +112,8 @@ fn main() {
         for &n in &args.nodes {
             eprintln!("== {n} nodes, {store:?} store");
             let mesh = Mesh::start(store);
-            let row = runtime.block_on(run(&mesh, n, args.concurrency));
+            let mut mesh = mesh;
+            let row = runtime.block_on(run(&mut mesh, n, args.concurrency, args.restart));
             eprintln!("{}", row.markdown());
             rows.push(row);
         }
@@ -112,6 +122,54 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
         println!("{}", row.markdown());
+    }
+    let restarts: Vec<&Restart> = rows.iter().filter_map(|r| r.restart.as_ref()).collect();
+    if !restarts.is_empty() {
+        println!("\n| nodes | SIGTERM to exit | all back (from SIGTERM) | admission p50 / p99 | failed attempts | deltas sent | new server CPU / RSS |");
+        println!("|---|---|---|---|---|---|---|");
+        for r in restarts {
+            println!("{}", r.markdown());
+        }
+    }
+}
+
+/// What a restart under load measured.
+struct Restart {
+    nodes: usize,
+    exit: Duration,
+    back: usize,
+    all_back: Option<Duration>,
+    p50: Duration,
+    p99: Duration,
+    failed: u64,
+    deltas: u64,
+    cpu: f64,
+    rss: u64,
+}
+
+impl Restart {
+    fn markdown(&self) -> String {
+        let s = |d: Duration| format!("{:.1} s", d.as_secs_f64());
+        format!(
+            "| {} | {} | {} | {} / {} | {} | {} | {:.1} s / {} MiB |",
+            self.nodes,
+            s(self.exit),
+            self.all_back.map_or_else(
+                || format!(
+                    "{} of {} within {}",
+                    self.back,
+                    self.nodes,
+                    s(RESTART_LIMIT)
+                ),
+                s
+            ),
+            s(self.p50),
+            s(self.p99),
+            self.failed,
+            self.deltas,
+            self.cpu,
+            self.rss >> 20,
+        )
     }
 }
 
@@ -130,6 +188,7 @@ struct Row {
     cpu_joins: f64,
     cpu_idle: f64,
     harness_cpu: f64,
+    restart: Option<Restart>,
 }
 
 impl Row {
@@ -162,33 +221,7 @@ impl Row {
     }
 }
 
-/// What the simulated nodes share: the deltas they read, and the change
-/// being timed.
-#[derive(Default)]
-struct Watch {
-    deltas: AtomicU64,
-    probing: AtomicBool,
-    /// The key whose arrival is timed, and when each member read it.
-    probe: Mutex<Option<(PublicKey, Vec<Instant>)>>,
-    sessions: AtomicUsize,
-}
-
-impl Watch {
-    fn saw(&self, key: &PublicKey) {
-        self.deltas.fetch_add(1, Ordering::Relaxed);
-        if !self.probing.load(Ordering::Relaxed) {
-            return;
-        }
-        let mut probe = self.probe.lock().unwrap();
-        if let Some((watched, seen)) = probe.as_mut() {
-            if watched == key {
-                seen.push(Instant::now());
-            }
-        }
-    }
-}
-
-async fn run(mesh: &Mesh, n: usize, concurrency: usize) -> Row {
+async fn run(mesh: &mut Mesh, n: usize, concurrency: usize, restart: bool) -> Row {
     let watch = Arc::new(Watch::default());
     let cpu_before: Vec<f64> = mesh.servers.iter().map(|s| cpu_seconds(s.pid())).collect();
     let harness_before = cpu_seconds(std::process::id());
@@ -206,11 +239,12 @@ async fn run(mesh: &Mesh, n: usize, concurrency: usize) -> Row {
         let join = mesh.join.clone();
         joins.push(tokio::spawn(async move {
             let began = Instant::now();
-            let session = Node::new(i).join(&server, &join).await;
+            let node = Node::new(i);
+            let session = node.join(&server, &join).await;
             latencies.lock().unwrap().push(began.elapsed());
             done_at.lock().unwrap().push(Instant::now());
             drop(permit);
-            keep(session, watch).await;
+            live(node, session, &server, &join, watch).await;
         }));
     }
     gate.acquire_many(concurrency as u32)
@@ -309,6 +343,11 @@ async fn run(mesh: &Mesh, n: usize, concurrency: usize) -> Row {
         "  sessions open: {} of {n}",
         watch.sessions.load(Ordering::Relaxed)
     );
+    let restart = if restart && mesh.store == Store::File {
+        Some(restart_under_load(mesh, n, &watch).await)
+    } else {
+        None
+    };
     for join in joins {
         join.abort();
     }
@@ -332,73 +371,53 @@ async fn run(mesh: &Mesh, n: usize, concurrency: usize) -> Row {
         cpu_joins,
         cpu_idle,
         harness_cpu,
+        restart,
     }
 }
 
-/// Reads the session until it ends, counting deltas.
-async fn keep(session: (Session, quinn::Endpoint), watch: Arc<Watch>) {
-    let (mut session, _endpoint) = session;
-    watch.sessions.fetch_add(1, Ordering::Relaxed);
-    while let Ok(Some(update)) = session.next().await {
-        if let Update::Upsert(entry) = update {
-            watch.saw(&entry.public_key);
+/// SIGTERM to the (only) server while its `n` nodes are connected, a new
+/// server on the same state directory at once, as systemd's restart does,
+/// and every node back.
+async fn restart_under_load(mesh: &mut Mesh, n: usize, watch: &Watch) -> Restart {
+    watch.readmitted.lock().unwrap().clear();
+    watch.failed.store(0, Ordering::Relaxed);
+    let deltas_before = watch.deltas.load(Ordering::Relaxed);
+    let sigterm = Instant::now();
+    let exit = mesh.servers[0].terminate();
+    eprintln!("  SIGTERM to exit: {exit:.1?}");
+    mesh.servers[0].start_again();
+    let mut back = 0;
+    while sigterm.elapsed() < RESTART_LIMIT {
+        back = watch.readmitted.lock().unwrap().len();
+        if back >= n {
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    watch.sessions.fetch_sub(1, Ordering::Relaxed);
-}
-
-/// One simulated node: a key, a name and a source address of its own.
-struct Node {
-    index: usize,
-    key: PrivateKey,
-    source: Ipv4Addr,
-}
-
-impl Node {
-    fn new(index: usize) -> Self {
-        let [_, _, b, c] = u32::try_from(index + 1).unwrap().to_be_bytes();
-        let [_, a] = u16::try_from((index + 1) >> 16).unwrap().to_be_bytes();
-        Self {
-            index,
-            key: PrivateKey::generate(&mut rand::rngs::OsRng),
-            // 127.0.0.0/8 is local as a whole: no address to add.
-            source: Ipv4Addr::new(127, 1 + a, b, c),
-        }
+    let times = watch.back_since(sigterm);
+    let at = |q: usize| {
+        times
+            .get((times.len() * q / 100).min(times.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let all_back = (times.len() >= n).then(|| at(100));
+    eprintln!("  back: {} of {n} ({all_back:?} for all)", times.len());
+    // Late deltas of the reconnections, if any, have a moment to arrive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let server = &mesh.servers[0];
+    Restart {
+        nodes: n,
+        exit,
+        back,
+        all_back,
+        p50: at(50),
+        p99: at(99),
+        failed: watch.failed.load(Ordering::Relaxed),
+        deltas: watch.deltas.load(Ordering::Relaxed) - deltas_before,
+        cpu: cpu_seconds(server.pid()),
+        rss: memory(server.pid()).0,
     }
-
-    async fn join(&self, server: &str, join: &JoinLine) -> (Session, quinn::Endpoint) {
-        let config = ClientConfig {
-            servers: vec![server.to_owned()],
-            pin: join.pin,
-            name: format!("n{}", self.index),
-            listen_port: 51820,
-            token: Some(join.token.clone()),
-            routes: Vec::new(),
-        };
-        let candidate = Candidate {
-            addr: SocketAddr::new(
-                Ipv4Addr::from(0x0a40_0000 | self.index as u32).into(),
-                51820,
-            ),
-            kind: CandidateKind::Local,
-            mapped: None,
-        };
-        let mut last = None;
-        for _ in 0..ATTEMPTS {
-            let endpoint = quinn::Endpoint::client(SocketAddr::new(self.source.into(), 0)).unwrap();
-            match admit(&endpoint, &config, &self.key, vec![candidate]).await {
-                Ok((session, _welcome)) => return (session, endpoint),
-                Err(e) => last = Some(e),
-            }
-        }
-        panic!("node {} not admitted: {}", self.index, last.unwrap());
-    }
-}
-
-#[derive(Clone)]
-struct JoinLine {
-    token: JoinToken,
-    pin: CertHash,
 }
 
 /// The servers of one mesh, as processes, and etcd when it is on etcd.
@@ -412,12 +431,61 @@ struct Mesh {
 
 struct Server {
     public: String,
+    state: std::path::PathBuf,
+    log: std::path::PathBuf,
     process: Process,
 }
 
 impl Server {
     fn pid(&self) -> u32 {
         self.process.0.id()
+    }
+
+    /// `mesh-rendezvous serve` on `state`, its log appended to `log`.
+    fn spawn(state: &Path, log: &Path) -> Process {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(rendezvous_binary())
+            .arg("--state-dir")
+            .arg(state)
+            .arg("serve")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Process(child)
+    }
+
+    /// SIGTERM, as systemd stops it; how long it took to exit (killed
+    /// after 60 s, like a unit's stop timeout).
+    fn terminate(&mut self) -> Duration {
+        let sent = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM");
+        loop {
+            if self.process.0.try_wait().unwrap().is_some() {
+                return sent.elapsed();
+            }
+            if sent.elapsed() > Duration::from_secs(60) {
+                eprintln!("  the server did not exit within 60 s of SIGTERM: killed");
+                let _ = self.process.0.kill();
+                let _ = self.process.0.wait();
+                return sent.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A new server process on the same state directory.
+    fn start_again(&mut self) {
+        self.process = Self::spawn(&self.state, &self.log);
     }
 }
 
@@ -475,19 +543,12 @@ impl Mesh {
             }
             let init: Vec<&str> = init.iter().map(String::as_str).collect();
             rendezvous(&state, &init);
-            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
-            let child = Command::new(rendezvous_binary())
-                .arg("--state-dir")
-                .arg(&state)
-                .arg("serve")
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
+            let log = dir.path().join(format!("{name}.log"));
             servers.push(Server {
                 public: listen,
-                process: Process(child),
+                process: Server::spawn(&state, &log),
+                state,
+                log,
             });
         }
         let join = token(&dir.path().join("rv0"));
@@ -519,17 +580,8 @@ fn token(state: &Path) -> JoinLine {
             .output()
             .unwrap();
         if out.status.success() {
-            let line = String::from_utf8(out.stdout).unwrap();
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let after = |flag: &str| {
-                let at = words.iter().position(|w| *w == flag).unwrap();
-                words[at + 1]
-            };
             std::thread::sleep(Duration::from_secs(1));
-            return JoinLine {
-                token: after("--token").parse().unwrap(),
-                pin: after("--ca-hash").parse().unwrap(),
-            };
+            return JoinLine::parse(&String::from_utf8(out.stdout).unwrap());
         }
         assert!(
             Instant::now() < deadline,

@@ -12,8 +12,9 @@
 //! back into the same values, and [`v0_2_0`], a frozen copy of the 0.2.0
 //! types, must read what this release writes and write it back unchanged.
 //! What 0.4.0 added (prefixes behind nodes: `routes`; port mapping:
-//! `port_mapping` and the `mapped` candidate source) has golden files of
-//! its own, written by 0.4.0; 0.2.0 reads them without the new fields.
+//! `port_mapping` and the `mapped` candidate source; the family of a
+//! direct path: `family`) has golden files of its own, written by 0.4.0;
+//! 0.2.0 reads them without the new fields.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -27,7 +28,7 @@ use std::str::FromStr;
 
 use meshd::agent::learned::{Unusable, UnusableWhy};
 use meshd::control::{
-    AdvertisedRoute, CandidateInfo, CandidateSource, Envelope, HolePunching, IoCounters,
+    AdvertisedRoute, CandidateInfo, CandidateSource, Envelope, Family, HolePunching, IoCounters,
     NetcheckInfo, PeerInfo, PeerPath, PeerRoutes, PingInfo, PortMappingInfo, RendezvousInfo,
     Request, Response, RoutesInfo, StatusInfo,
 };
@@ -70,6 +71,7 @@ fn peers() -> Vec<PeerInfo> {
             allowed_ips: vec![v("100.72.0.2/32"), v("fd7a:1:2::2/128")],
             endpoint: Some(v("203.0.113.12:51820")),
             path: PeerPath::Direct,
+            family: None,
             rtt_ms: Some(1.25),
             last_handshake: Some(42),
             rx_bytes: 2048,
@@ -97,6 +99,7 @@ fn peers() -> Vec<PeerInfo> {
             allowed_ips: vec![v("100.72.0.3/32"), v("fd7a:1:2::3/128")],
             endpoint: None,
             path: PeerPath::Relay,
+            family: None,
             rtt_ms: None,
             last_handshake: Some(7),
             rx_bytes: 0,
@@ -127,6 +130,7 @@ fn peers() -> Vec<PeerInfo> {
             allowed_ips: vec![v("10.99.0.1/32"), v("192.168.50.0/24")],
             endpoint: None,
             path: PeerPath::None,
+            family: None,
             rtt_ms: None,
             last_handshake: None,
             rx_bytes: 0,
@@ -357,6 +361,42 @@ fn peers_with_routes() -> Vec<PeerInfo> {
     peers
 }
 
+/// The peers of [`peers`] as this meshd writes them, with the family of
+/// each direct path, and one more peer direct over IPv6 (0.4.0).
+fn peers_with_families() -> Vec<PeerInfo> {
+    let mut peers = peers();
+    if let Some(b) = peers.first_mut() {
+        b.family = Some(Family::Ipv4);
+    }
+    peers.push(PeerInfo {
+        name: Some("node-v6".into()),
+        public_key: v(KEY_A),
+        overlay_ips: vec![v("100.72.0.4"), v("fd7a:1:2::4")],
+        allowed_ips: vec![v("100.72.0.4/32"), v("fd7a:1:2::4/128")],
+        endpoint: Some(v("[2001:db8:44::2]:51820")),
+        path: PeerPath::Direct,
+        family: Some(Family::Ipv6),
+        rtt_ms: Some(1.25),
+        last_handshake: Some(3),
+        rx_bytes: 512,
+        tx_bytes: 256,
+        rx_packets: 4,
+        tx_packets: 4,
+        handshakes: 1,
+        persistent_keepalive: Some(25),
+        online: true,
+        nat: NatMapping::EndpointDependent,
+        candidates: vec![
+            candidate("[2001:db8:44::2]:51820", CandidateSource::Local, 4),
+            candidate("203.0.113.44:40512", CandidateSource::Observed, 0),
+        ],
+        relay_reason: None,
+        routes: vec![],
+        learned_routes: vec![],
+    });
+    peers
+}
+
 /// node-a's prefixes, one for each decision, and the peers' (0.4.0).
 fn routes() -> RoutesInfo {
     let advertised =
@@ -479,6 +519,12 @@ fn responses_0_4_0() -> Vec<(&'static str, Response)> {
         ),
         ("routes", Response::Routes(Box::new(routes()))),
         ("routes_empty", Response::Routes(Box::default())),
+        (
+            "peers_family",
+            Response::Peers {
+                peers: peers_with_families(),
+            },
+        ),
     ]
 }
 
@@ -555,6 +601,17 @@ fn meshctl_0_2_0_reads_port_mapping_as_the_status_netcheck_and_peers_it_knew() {
             assert_eq!(peers[0].candidates[0].source, "mapped");
         }
     }
+}
+
+#[test]
+fn meshctl_0_2_0_reads_peers_with_a_family_as_the_peers_it_knew() {
+    let old: Envelope<v0_2_0::Response> = serde_json::from_str(&golden("peers_family")).unwrap();
+    let v0_2_0::Response::Peers { peers } = old.body else {
+        panic!("peers_family.json is not a peers answer to 0.2.0");
+    };
+    assert_eq!(peers.len(), 4);
+    assert_eq!(peers[3].endpoint.as_deref(), Some("[2001:db8:44::2]:51820"));
+    assert_eq!(peers[3].path, "direct");
 }
 
 #[test]

@@ -1,8 +1,13 @@
 #![cfg(not(feature = "sim"))]
 //! The NAT lab of `deploy/lab` behaves as DESIGN.md says: each kind of NAT
-//! maps and filters like its name, the 1:1 NAT forwards unsolicited traffic,
-//! the two LAN nodes share a subnet, every node reaches the rendezvous, and
-//! `deploy/lab/down` leaves nothing behind. No meshd here: plain UDP sockets
+//! maps and filters like its name, every NAT router but the firewall-less
+//! one drops unsolicited inbound silently while that one takes it for
+//! itself (and moves its node's mapping), the 1:1 NAT forwards unsolicited
+//! traffic, the two LAN nodes share a subnet, the hairpinning router loops
+//! its public ports back, the short-lived router forgets mappings in 30 s,
+//! IPv6 exists only where the topology gives it and its routers let in only
+//! answers, every node reaches the rendezvous, and `deploy/lab/down`
+//! leaves nothing behind. No meshd here: plain UDP sockets
 //! opened inside the lab's namespaces. Needs root.
 //!
 //! Every test builds its own lab with the real scripts (tests/common's
@@ -29,7 +34,7 @@ use std::time::Duration;
 
 use common::lab::NatLab;
 use common::topology::topology;
-use common::{assert_success, run};
+use common::{assert_success, output, run};
 use nix::sched::{setns, CloneFlags};
 
 /// Where the internet sees the lab node `name`.
@@ -141,6 +146,57 @@ fn assert_kept_by_the_router(socket: &UdpSocket, to: SocketAddrV4, what: &str) {
     }
 }
 
+/// Sends an unsolicited datagram from `socket` to `to` and proves that
+/// nothing answers it, not even the router's port unreachable: a router
+/// that drops unsolicited inbound on its WAN side, as real routers do.
+/// (That it was not forwarded either is shown by the node's first
+/// datagram being the later answer.)
+fn assert_dropped_silently(socket: &UdpSocket, to: SocketAddrV4, what: &str) {
+    socket.connect(to).expect("connect a UDP socket");
+    socket
+        .set_read_timeout(Some(SILENCE))
+        .expect("set a read timeout");
+    socket
+        .send(what.as_bytes())
+        .expect("send an unsolicited datagram");
+    let mut buf = [0u8; 1500];
+    match socket.recv(&mut buf) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => panic!(
+            "{what}: the router answered port unreachable: it took the datagram for itself \
+             instead of dropping it on its WAN side"
+        ),
+        Err(e) => panic!("{what}: expected silence, got {e}"),
+        Ok(len) => panic!(
+            "{what}: expected silence, got an answer {:?}",
+            String::from_utf8_lossy(&buf[..len])
+        ),
+    }
+    socket
+        .set_read_timeout(Some(DEADLINE))
+        .expect("set a read timeout");
+}
+
+/// How long a dropped datagram is waited for (its port unreachable would
+/// come back within milliseconds).
+const SILENCE: Duration = Duration::from_secs(1);
+
+/// `router`'s conntrack entries for UDP.
+fn udp_flows(lab: &NatLab, router: &str) -> String {
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &lab.ns(router),
+            "conntrack",
+            "-L",
+            "-p",
+            "udp",
+        ],
+    )
+}
+
 fn v4(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
 }
@@ -190,8 +246,8 @@ fn the_cone_nat_only_lets_in_the_address_and_port_it_sent_to() {
 
     // Port-restricted: another host, or another port of the same host,
     // cannot use the mapping.
-    assert_kept_by_the_router(&pub2_a, mapped, "pub2 -> the cone's mapping");
-    assert_kept_by_the_router(&pub1_b, mapped, "pub1:b -> the cone's mapping");
+    assert_dropped_silently(&pub2_a, mapped, "pub2 -> the cone's mapping");
+    assert_dropped_silently(&pub1_b, mapped, "pub1:b -> the cone's mapping");
     send(&pub1_a, "reply", mapped);
     receive_exactly(&node, "reply", "pub1:a's reply through the cone NAT");
 }
@@ -203,7 +259,9 @@ fn the_symmetric_nat_maps_each_destination_to_a_new_port() {
     let pub1_b = socket(&lab, "pub1", PORT_B);
     let pub2_a = socket(&lab, "pub2", PORT_A);
 
-    for (node_name, router_ip) in [("sym1", public("sym1")), ("sym2", public("sym2"))] {
+    // The port-mapping router, without miniupnpd, is one of them.
+    for node_name in ["sym1", "sym2", "upnp"] {
+        let router_ip = public(node_name);
         let node = socket(&lab, node_name, NODE_PORT);
         send(&node, "to pub1:a", v4(public("pub1"), PORT_A));
         send(&node, "to pub1:b", v4(public("pub1"), PORT_B));
@@ -272,16 +330,18 @@ fn nodes_behind_a_nat_are_unreachable_unsolicited() {
     let pub1_a = socket(&lab, "pub1", PORT_A);
     let pub1_b = socket(&lab, "pub1", PORT_B);
 
-    for (node_name, router_ip) in [
-        ("cone", public("cone")),
-        ("sym1", public("sym1")),
-        ("lan1", public("lan1")),
-    ] {
+    for node_name in ["cone", "sym1", "lan1", "cgn", "v6a", "bare", "upnp"] {
+        let router_ip = public(node_name);
         // The node listens, but has sent nothing: there is no mapping yet.
         let node = socket(&lab, node_name, NODE_PORT);
         let what = format!("unsolicited pub1 -> {node_name}'s router {router_ip}");
-        assert_kept_by_the_router(&pub1_b, v4(router_ip, NODE_PORT), &what);
-        assert_kept_by_the_router(&pub1_b, v4(router_ip, 51820), &what);
+        if topology().router_of(node_name).kind == "masquerade-bare" {
+            assert_kept_by_the_router(&pub1_b, v4(router_ip, NODE_PORT), &what);
+            assert_kept_by_the_router(&pub1_b, v4(router_ip, 51820), &what);
+        } else {
+            assert_dropped_silently(&pub1_b, v4(router_ip, NODE_PORT), &what);
+            assert_dropped_silently(&pub1_b, v4(router_ip, 51820), &what);
+        }
 
         // The node's own traffic opens the way back: the first thing it
         // receives is the answer, not the datagrams sent before.
@@ -290,6 +350,203 @@ fn nodes_behind_a_nat_are_unreachable_unsolicited() {
         send(&pub1_a, "reply", mapped);
         receive_exactly(&node, "reply", &format!("pub1's reply to {node_name}"));
     }
+}
+
+#[test]
+fn the_firewall_less_masquerade_moves_its_nodes_mapping_for_a_peer_whose_datagram_came_first() {
+    let lab = NatLab::up(PREFIX);
+    let (bare_public, cone_public) = (public("bare"), public("cone"));
+
+    // The cone's datagram reaches the bare router first, with TTL 2: its
+    // own router forwards it with TTL 1, and the bare router, the next hop,
+    // takes it for itself (a router checks the TTL only of what it
+    // forwards). It keeps the flow.
+    let cone = socket(&lab, "cone", NODE_PORT);
+    cone.set_ttl(2).expect("set the TTL");
+    send(&cone, "first", v4(bare_public, NODE_PORT));
+    let unsolicited =
+        format!("src={cone_public} dst={bare_public} sport={NODE_PORT} dport={NODE_PORT}");
+    let flows = udp_flows(&lab, "r-bare");
+    assert!(
+        flows.lines().any(|l| l.contains(&unsolicited)),
+        "the bare router keeps {unsolicited}: {flows}"
+    );
+    // bare's own datagram to the cone then leaves from another port, which
+    // the cone's NAT (it sent to port NODE_PORT) drops.
+    let bare = socket(&lab, "bare", NODE_PORT);
+    send(&bare, "second", v4(cone_public, NODE_PORT));
+    cone.set_read_timeout(Some(SILENCE))
+        .expect("set a read timeout");
+    let mut buf = [0u8; 1500];
+    match cone.recv_from(&mut buf) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("bare's datagram reached the cone through a mapping that moved: {other:?}"),
+    }
+    let flows = udp_flows(&lab, "r-bare");
+    let bare_flow = flows
+        .lines()
+        .find(|l| l.contains(&format!("src={} dst={cone_public}", address("bare"))))
+        .unwrap_or_else(|| panic!("bare's flow to the cone: {flows}"));
+    assert!(
+        !bare_flow.contains(&format!("dport={NODE_PORT} mark")),
+        "bare's mapping towards the cone moved off port {NODE_PORT}: {bare_flow}"
+    );
+
+    // The other order, on fresh ports: bare first, with TTL 1, dies in its
+    // own router before the NAT maps it; with TTL 2 it opens the mapping and
+    // dies at the cone's firewall; the cone's answer then reaches bare.
+    let (bare, cone) = (socket(&lab, "bare", PORT_A), socket(&lab, "cone", PORT_A));
+    bare.set_ttl(1).expect("set the TTL");
+    send(&bare, "ttl 1", v4(cone_public, PORT_A));
+    let flows = udp_flows(&lab, "r-bare");
+    assert!(
+        !flows
+            .lines()
+            .any(|l| l.contains(&format!("sport={PORT_A}"))),
+        "a TTL 1 datagram leaves no mapping: {flows}"
+    );
+    bare.set_ttl(2).expect("set the TTL");
+    send(&bare, "ttl 2", v4(cone_public, PORT_A));
+    send(&cone, "answer", v4(bare_public, PORT_A));
+    receive_exactly(
+        &bare,
+        "answer",
+        "the cone's datagram through bare's mapping",
+    );
+}
+
+#[test]
+fn the_hairpinning_router_loops_its_public_ports_back_and_the_other_does_not() {
+    let lab = NatLab::up(PREFIX);
+    let rendezvous_at = topology().rendezvous;
+    let rendezvous = socket(&lab, "rv", rendezvous_at.port());
+    for (a, b, hairpins) in [("hair1", "hair2", true), ("lan1", "lan2", false)] {
+        let (sa, sb) = (socket(&lab, a, 51820), socket(&lab, b, 51820));
+        // Where the internet sees b's port 51820.
+        send(&sb, b, rendezvous_at);
+        let seen_b = receive_exactly(&rendezvous, b, &format!("{b} -> rendezvous"));
+        let SocketAddr::V4(seen_b) = seen_b else {
+            panic!("{seen_b}")
+        };
+        if hairpins {
+            send(&sa, "hairpin", seen_b);
+            let from = receive_exactly(&sb, "hairpin", &format!("{a} -> {b}'s public address"));
+            assert_eq!(
+                from.ip(),
+                public(a),
+                "the hairpinned datagram comes from {a}'s public address"
+            );
+        } else {
+            assert_kept_by_the_router(&sa, seen_b, &format!("{a} -> {b}'s public address"));
+        }
+    }
+}
+
+#[test]
+fn only_the_short_lived_router_forgets_udp_mappings_in_30_s() {
+    let lab = NatLab::up(PREFIX);
+    for router in topology().routers.values() {
+        let timeout = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &lab.ns(router.name),
+                "sysctl",
+                "-n",
+                "net.netfilter.nf_conntrack_udp_timeout_stream",
+            ],
+        );
+        let expected = router.udp_timeout.map_or(120, |t| t.as_secs());
+        assert_eq!(timeout.trim(), expected.to_string(), "{}", router.name);
+    }
+}
+
+#[test]
+fn ipv6_exists_only_on_the_dual_stack_sites_and_lets_in_only_answers() {
+    let lab = NatLab::up(PREFIX);
+    let global6 = |machine: &str| {
+        run(
+            "ip",
+            &[
+                "-n",
+                &lab.ns(machine),
+                "-6",
+                "-o",
+                "addr",
+                "show",
+                "scope",
+                "global",
+            ],
+        )
+    };
+    for node in &topology().nodes {
+        let addresses = global6(node.name);
+        match node.address6 {
+            Some(a) => assert!(
+                addresses.contains(&a.to_string()),
+                "{}: {addresses}",
+                node.name
+            ),
+            None => assert!(addresses.trim().is_empty(), "{}: {addresses}", node.name),
+        }
+    }
+    let (a, b) = (
+        topology().node("v6a").address6.unwrap(),
+        topology().node("v6b").address6.unwrap(),
+    );
+    let ping6 = |from: &str, to: std::net::Ipv6Addr| {
+        output(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &lab.ns(from),
+                "ping",
+                "-6",
+                "-n",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                &to.to_string(),
+            ],
+        )
+        .status
+        .success()
+    };
+    // A home router's IPv6 firewall: nothing comes in unasked…
+    assert!(!ping6("v6a", b), "v6b's router let in an unsolicited ping");
+    assert!(!ping6("pub1", b), "pub1 has no IPv6 route at all");
+    // …while an answer does (UDP both ways, as meshd's probes).
+    let sa = socket6(&lab, "v6a", NODE_PORT);
+    let sb = socket6(&lab, "v6b", NODE_PORT);
+    sa.send_to(b"open", (b, NODE_PORT)).expect("send over IPv6");
+    sb.send_to(b"through", (a, NODE_PORT))
+        .expect("send over IPv6");
+    let mut buf = [0u8; 64];
+    let (len, from) = sa
+        .recv_from(&mut buf)
+        .expect("v6b's datagram through the hole v6a opened");
+    assert_eq!(&buf[..len], b"through");
+    assert_eq!(from, SocketAddr::from((b, NODE_PORT)), "no NAT for IPv6");
+}
+
+/// A UDP socket on `[::]:port` inside `machine`'s namespace.
+fn socket6(lab: &NatLab, machine: &str, port: u16) -> UdpSocket {
+    let path = format!("/run/netns/{}", lab.ns(machine));
+    let socket = thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        setns(&file, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+        UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, port))
+            .unwrap_or_else(|e| panic!("bind UDP [::]:{port}: {e}"))
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    socket
+        .set_read_timeout(Some(DEADLINE))
+        .expect("set a read timeout");
+    socket
 }
 
 #[test]

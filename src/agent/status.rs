@@ -50,6 +50,7 @@ impl Agent {
                 },
                 None => SideMapping::Unknown,
             },
+            remapped: self.observer.remapped_for_peers(now),
         };
         let mut peers: Vec<PeerInfo> = self
             .node
@@ -74,6 +75,7 @@ impl Agent {
                                 .iter()
                                 .find(|c| c.source == Source::Mapped)
                                 .map_or(SideMapping::Unknown, |c| SideMapping::Mapped(c.addr)),
+                            remapped: false,
                         };
                         info.relay_reason = Some(diagnose::relay_reason(this, peer, &p.candidates));
                     }

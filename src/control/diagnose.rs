@@ -32,6 +32,13 @@ pub struct Side<'a> {
     pub port: u16,
     /// What port mapping on its gateway gave.
     pub mapping: SideMapping<'a>,
+    /// Known of this node only: its NAT keeps one public port for the
+    /// rendezvous's two ports, yet peers saw it at others. Its router took a
+    /// peer's packet that arrived before this node had sent to that peer as
+    /// one for itself, and the conntrack entry that left moved this node's
+    /// mapping for the peer to another port: Linux MASQUERADE with no
+    /// firewall ([`crate::engine::nat::MappingObserver::remapped_for_peers`]).
+    pub remapped: bool,
 }
 
 /// What port mapping (PCP, NAT-PMP, UPnP IGD) on a side's gateway gave, as
@@ -56,6 +63,28 @@ pub fn relay_reason(this: Side<'_>, peer: Side<'_>, candidates: &[CandidateStatu
         EndpointDependent as Edm, EndpointIndependent as Eim, None as Public, Unknown,
     };
     let mut out = String::new();
+    if this.remapped {
+        let _ = write!(
+            out,
+            "{}'s NAT keeps one public port for the rendezvous's two ports (endpoint-independent), \
+             yet peers see it at other ports: its router takes a peer's probe that arrives before \
+             {} has sent to that peer as a packet for itself, and the conntrack entry that leaves \
+             moves {}'s own mapping for that peer to another port, which {}'s NAT does not admit \
+             (Linux MASQUERADE with no firewall does this; a router that drops unsolicited inbound \
+             on its WAN side does not)",
+            this.name, this.name, this.name, peer.name
+        );
+        out.push_str("; ");
+        tried(&mut out, candidates);
+        let _ = write!(
+            out,
+            "; to make it direct, drop unsolicited inbound on the WAN side of {}'s router \
+             (iptables -A INPUT -i WAN -m conntrack --ctstate NEW -j DROP), or {}",
+            this.name,
+            forward_port(this)
+        );
+        return out;
+    }
     let _ = match (this.nat, peer.nat) {
         (Edm, Edm) => write!(
             out,
@@ -130,38 +159,41 @@ fn tried(out: &mut String, candidates: &[CandidateStatus]) {
     }
 }
 
+/// What makes `side` reachable whoever sends: its router forwarding one
+/// public port to it, mapped by meshd itself (NAT-PMP, PCP or UPnP IGD) or
+/// forwarded by hand and advertised, which always makes a pair direct.
+fn forward_port(side: Side<'_>) -> String {
+    let by_hand = format!(
+        "forward UDP {} on {}'s router to it and start its meshd with --advertise-endpoint \
+         PUBLIC-IP:{}",
+        side.port, side.name, side.port
+    );
+    let routers = "NAT-PMP, PCP or UPnP IGD";
+    match side.mapping {
+        SideMapping::Mapped(addr) => format!(
+            "let {addr}, the port {}'s router mapped for it, through the firewalls on the way \
+             (or {by_hand})",
+            side.name
+        ),
+        SideMapping::Failed(why) => format!(
+            "{}'s router answers port mapping but mapped nothing ({why}): let it map UDP {} \
+             (or {by_hand})",
+            side.name, side.port
+        ),
+        SideMapping::NoAnswer => format!(
+            "turn on {routers} on {}'s router, which answers none of them now (meshd maps \
+             its port itself), or {by_hand}",
+            side.name
+        ),
+        SideMapping::Unknown => format!(
+            "turn on {routers} on {}'s router (meshd maps its port itself), or {by_hand}",
+            side.name
+        ),
+    }
+}
+
 fn remedy(this: Side<'_>, peer: Side<'_>) -> String {
-    // Port mapping helps the side whose NAT breaks punching: its router
-    // then forwards one public port to it, whoever sends.
-    let forward = |side: Side<'_>| {
-        let by_hand = format!(
-            "forward UDP {} on {}'s router to it and start its meshd with --advertise-endpoint \
-             PUBLIC-IP:{}",
-            side.port, side.name, side.port
-        );
-        let routers = "NAT-PMP, PCP or UPnP IGD";
-        match side.mapping {
-            SideMapping::Mapped(addr) => format!(
-                "let {addr}, the port {}'s router mapped for it, through the firewalls on the way \
-                 (or {by_hand})",
-                side.name
-            ),
-            SideMapping::Failed(why) => format!(
-                "{}'s router answers port mapping but mapped nothing ({why}): let it map UDP {} \
-                 (or {by_hand})",
-                side.name, side.port
-            ),
-            SideMapping::NoAnswer => format!(
-                "turn on {routers} on {}'s router, which answers none of them now (meshd maps \
-                 its port itself), or {by_hand}",
-                side.name
-            ),
-            SideMapping::Unknown => format!(
-                "turn on {routers} on {}'s router (meshd maps its port itself), or {by_hand}",
-                side.name
-            ),
-        }
-    };
+    let forward = forward_port;
     match (this.nat, peer.nat) {
         // Fix the side that breaks punching; when both do, either will do.
         (NatMapping::EndpointDependent, NatMapping::EndpointDependent) => {
@@ -248,6 +280,7 @@ mod tests {
             nat,
             port: 51820,
             mapping: SideMapping::Unknown,
+            remapped: false,
         }
     }
 
@@ -344,6 +377,34 @@ mod tests {
         );
         assert!(reason.contains("the peer announced no address"), "{reason}");
         assert!(reason.ends_with("turn on NAT-PMP, PCP or UPnP IGD on node-sym1's router (meshd maps its port itself), or forward UDP 51820 on node-sym1's router to it and start its meshd with --advertise-endpoint PUBLIC-IP:51820"), "{reason}");
+    }
+
+    #[test]
+    fn a_nat_that_moved_this_nodes_mapping_for_peers_is_named_with_its_fix() {
+        let this = Side {
+            remapped: true,
+            ..side("this node", NatMapping::EndpointDependent)
+        };
+        let reason = relay_reason(
+            this,
+            side("node-cone", NatMapping::EndpointIndependent),
+            &[silent("203.0.113.30:51820", Source::Observed)],
+        );
+        assert!(
+            reason.starts_with(
+                "this node's NAT keeps one public port for the rendezvous's two ports"
+            ),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("Linux MASQUERADE with no firewall"),
+            "{reason}"
+        );
+        assert!(reason.contains("tried 203.0.113.30:51820"), "{reason}");
+        assert!(
+            reason.contains("drop unsolicited inbound on the WAN side of this node's router"),
+            "{reason}"
+        );
     }
 
     #[test]

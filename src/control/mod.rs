@@ -175,6 +175,10 @@ pub struct PeerInfo {
     /// `ip:port` of the direct path, or null (relayed, or unknown).
     pub endpoint: Option<SocketAddr>,
     pub path: PeerPath,
+    /// The address family of the direct path. Absent when there is none,
+    /// and from meshd before 0.4.0 (the endpoint says it too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<Family>,
     /// Round-trip time of the direct path by probes, when measured.
     pub rtt_ms: Option<f64>,
     /// Seconds since the last completed handshake, or null if none.
@@ -261,6 +265,10 @@ impl From<&PeerStatus> for PeerInfo {
                 PathStatus::Direct { .. } => PeerPath::Direct,
                 PathStatus::Relay => PeerPath::Relay,
                 PathStatus::Unknown => PeerPath::None,
+            },
+            family: match p.path {
+                PathStatus::Direct { addr, .. } => Some(Family::of(addr)),
+                PathStatus::Relay | PathStatus::Unknown => None,
             },
             rtt_ms: match p.path {
                 PathStatus::Direct { rtt, .. } => rtt.map(millis),
@@ -456,6 +464,42 @@ impl fmt::Display for PeerPath {
     }
 }
 
+/// The address family of an underlay path: a dual-stack pair may go
+/// direct over either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    /// The family of `addr`; an IPv4 address mapped into IPv6 is IPv4.
+    pub fn of(addr: SocketAddr) -> Self {
+        match addr.ip().to_canonical() {
+            IpAddr::V4(_) => Self::Ipv4,
+            IpAddr::V6(_) => Self::Ipv6,
+        }
+    }
+
+    /// The word in the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ipv4 => "IPv4",
+            Self::Ipv6 => "IPv6",
+        })
+    }
+}
+
 /// How a peer's candidate endpoint became known (the engine's [`Source`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -642,6 +686,7 @@ impl Default for PeerInfo {
             allowed_ips: Vec::new(),
             endpoint: None,
             path: PeerPath::default(),
+            family: None,
             rtt_ms: None,
             last_handshake: None,
             rx_bytes: 0,
@@ -726,6 +771,7 @@ mod tests {
             allowed_ips: vec!["100.72.0.2/32".parse().unwrap()],
             endpoint: None,
             path: PeerPath::Relay,
+            family: None,
             rtt_ms: None,
             last_handshake: Some(3),
             rx_bytes: 1,

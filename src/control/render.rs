@@ -3,8 +3,8 @@
 use std::fmt::{Display, Write as _};
 
 use super::{
-    IoCounters, NetcheckInfo, PeerInfo, PeerPath, PingInfo, PortMappingInfo, RendezvousInfo,
-    RoutesInfo, StatusInfo,
+    Family, IoCounters, NetcheckInfo, PeerInfo, PeerPath, PingInfo, PortMappingInfo,
+    RendezvousInfo, RoutesInfo, StatusInfo,
 };
 #[cfg(test)]
 use crate::wire::control::MappingProtocol;
@@ -37,7 +37,12 @@ pub fn peers_table(peers: &[PeerInfo]) -> String {
                     .unwrap_or_else(|| "-".into()),
                 p.public_key.short(),
                 match (&p.endpoint, p.path) {
-                    (Some(endpoint), _) => format!("direct {endpoint}"),
+                    // The family from the endpoint where an older meshd
+                    // did not say.
+                    (Some(endpoint), _) => format!(
+                        "direct {} {endpoint}",
+                        p.family.unwrap_or_else(|| Family::of(*endpoint))
+                    ),
                     (None, path) => path.to_string(),
                 },
                 p.rtt_ms
@@ -373,6 +378,7 @@ mod tests {
             } else {
                 PeerPath::Relay
             },
+            family: None,
             rtt_ms: endpoint.map(|_| 0.42),
             last_handshake: hs,
             rx_bytes: rx,
@@ -477,13 +483,30 @@ routes on mesh0 that name no peer (their traffic goes nowhere):
             ),
         ];
         let expected = "\
-NAME    ADDRESS     PEER      PATH                    RTT    HANDSHAKE  RX       TX     STATUS
-node-b  100.72.0.2  hSDwCYkw  direct 192.0.2.2:51820  0.4ms  42s ago    2.0 KiB  100 B  online
--       100.72.0.2  3p7bfXt9  relay                   -      never      0 B      0 B    offline
+NAME    ADDRESS     PEER      PATH                         RTT    HANDSHAKE  RX       TX     STATUS
+node-b  100.72.0.2  hSDwCYkw  direct IPv4 192.0.2.2:51820  0.4ms  42s ago    2.0 KiB  100 B  online
+-       100.72.0.2  3p7bfXt9  relay                        -      never      0 B      0 B    offline
 
 3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08= is relayed: both sides are behind endpoint-dependent (symmetric) NAT.
 ";
         assert_eq!(peers_table(&peers), expected);
+    }
+
+    #[test]
+    fn a_direct_path_shows_its_family() {
+        let mut v6 = peer(
+            "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=",
+            Some("[2001:db8:44::2]:51820"),
+            Some(1),
+            0,
+            0,
+        );
+        v6.family = Some(Family::Ipv6);
+        assert!(
+            peers_table(&[v6]).contains("direct IPv6 [2001:db8:44::2]:51820"),
+            "{}",
+            peers_table(&[])
+        );
     }
 
     #[test]

@@ -84,6 +84,14 @@ impl MappingObserver {
             .filter(|o| now.saturating_duration_since(o.at) < OBSERVATION_TTL)
             .map(|o| o.seen_at)
             .collect();
+        // The mapping in question is IPv4's where anyone saw us over IPv4:
+        // a peer that reaches a dual-stack node at its own global IPv6
+        // address says nothing of the NAT its IPv4 sits behind.
+        let over_ipv4 = fresh.iter().any(SocketAddr::is_ipv4);
+        let fresh: Vec<SocketAddr> = fresh
+            .into_iter()
+            .filter(|a| a.is_ipv4() == over_ipv4)
+            .collect();
         if fresh.iter().any(|a| local.contains(&a.ip())) {
             return NatMapping::None;
         }
@@ -97,6 +105,35 @@ impl MappingObserver {
             0 | 1 => NatMapping::Unknown,
             _ => NatMapping::EndpointIndependent,
         }
+    }
+
+    /// Whether the NAT keeps one port for the rendezvous's two ports (its
+    /// QUIC port and its NAT-check port, which only ever answer) while a
+    /// peer saw another port of the same address. A symmetric NAT gives
+    /// the two rendezvous ports two ports; this NAT gave a peer another one
+    /// because the peer's packet reached the router before this node had
+    /// sent to the peer, and the router kept it as a flow of its own in the
+    /// way of this node's mapping (Linux MASQUERADE without a firewall).
+    pub fn remapped_for_peers(&self, now: Instant) -> bool {
+        let fresh = |o: &&Observation| now.saturating_duration_since(o.at) < OBSERVATION_TTL;
+        let seen_by = |who: Observer| {
+            self.observations
+                .iter()
+                .filter(fresh)
+                .find(|o| o.observer == who)
+                .map(|o| o.seen_at)
+        };
+        let (Some(quic), Some(check)) =
+            (seen_by(Observer::Rendezvous), seen_by(Observer::Reflector))
+        else {
+            return false;
+        };
+        quic == check
+            && self.observations.iter().filter(fresh).any(|o| {
+                matches!(o.observer, Observer::Peer(_))
+                    && o.seen_at.ip() == quic.ip()
+                    && o.seen_at.port() != quic.port()
+            })
     }
 
     /// Where the observers saw us, most recent first: for diagnostics.
@@ -166,6 +203,21 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_seeing_us_at_our_own_ipv6_address_says_nothing_of_the_ipv4_nat() {
+        let now = Instant::now();
+        let own6: IpAddr = "2001:db8:43::2".parse().unwrap();
+        let mut o = MappingObserver::new();
+        o.observe(Observer::Rendezvous, addr("203.0.113.43:3947"), now);
+        o.observe(Observer::Reflector, addr("203.0.113.43:11230"), now);
+        o.observe(peer(1), addr("[2001:db8:43::2]:51820"), now);
+        assert_eq!(o.mapping(&[own6], now), NatMapping::EndpointDependent);
+        // With only IPv6 seen, IPv6 is what there is to judge.
+        let mut v6 = MappingObserver::new();
+        v6.observe(peer(1), addr("[2001:db8:43::2]:51820"), now);
+        assert_eq!(v6.mapping(&[own6], now), NatMapping::None);
+    }
+
+    #[test]
     fn private_observations_and_old_ones_do_not_count() {
         let now = Instant::now();
         let mut o = MappingObserver::new();
@@ -182,6 +234,29 @@ mod tests {
             o.mapping(&[], now + OBSERVATION_TTL),
             NatMapping::Unknown,
             "all expired"
+        );
+    }
+
+    #[test]
+    fn one_port_for_both_rendezvous_ports_and_another_for_a_peer_is_a_remapped_cone() {
+        let now = Instant::now();
+        let mut o = MappingObserver::new();
+        o.observe(Observer::Rendezvous, addr("203.0.113.31:51820"), now);
+        o.observe(Observer::Reflector, addr("203.0.113.31:51820"), now);
+        o.observe(peer(1), addr("203.0.113.31:51820"), now);
+        assert!(!o.remapped_for_peers(now), "every observer agrees: a cone");
+        o.observe(peer(2), addr("203.0.113.31:2095"), now);
+        assert!(o.remapped_for_peers(now));
+        assert_eq!(o.mapping(&[], now), NatMapping::EndpointDependent);
+        // A symmetric NAT: the rendezvous's two ports already disagree.
+        let mut s = MappingObserver::new();
+        s.observe(Observer::Rendezvous, addr("203.0.113.41:3947"), now);
+        s.observe(Observer::Reflector, addr("203.0.113.41:11230"), now);
+        s.observe(peer(2), addr("203.0.113.41:60260"), now);
+        assert!(!s.remapped_for_peers(now));
+        assert!(
+            !o.remapped_for_peers(now + OBSERVATION_TTL),
+            "old observations do not count"
         );
     }
 

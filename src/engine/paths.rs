@@ -132,12 +132,16 @@ impl Candidate {
             .is_some_and(|t| now.saturating_duration_since(t) < DEAD_AFTER)
     }
 
-    /// Lower is better: RTT, with a same-subnet private address (RFC 1918,
-    /// ULA) winning a near-tie, since traffic should stay in the VPC.
+    /// Lower is better: RTT, with a private address on the peer's own
+    /// interface (RFC 1918, ULA: the same VPC or LAN) winning unless the
+    /// other path is more than twice as fast, since traffic should stay in
+    /// the VPC. Two nodes behind one router that hairpins reach each other
+    /// at its public address too, a path through the router that jitter
+    /// alone would otherwise make look as fast.
     fn score(&self) -> f64 {
         let rtt = self.rtt.map_or(f64::MAX, |r| r.as_secs_f64());
         if is_private(self.addr.ip()) && self.source == Source::Local {
-            rtt * 0.9 - 0.000_2
+            rtt * 0.5 - 0.001
         } else {
             rtt
         }
@@ -612,6 +616,75 @@ mod tests {
         assert_eq!(
             p.select(t0 + Duration::from_millis(50)),
             Some(Path::Direct(private))
+        );
+    }
+
+    #[test]
+    fn a_private_address_beats_a_hairpin_that_looks_as_fast_and_takes_over_from_it() {
+        let t0 = Instant::now();
+        let mut tx = counter();
+        let (hairpin, private) = (addr("203.0.113.51:51821"), addr("192.168.51.11:51820"));
+        let mut p = PathSet::new();
+        p.set_relay_available(true);
+        // The hairpin answered first, and a little faster.
+        p.set_candidates([(hairpin, Source::Observed)]);
+        round(&mut p, t0, &[hairpin], Duration::from_millis(3), &mut tx);
+        assert_eq!(p.select(t0), Some(Path::Direct(hairpin)));
+        p.set_candidates([(hairpin, Source::Observed), (private, Source::Local)]);
+        let t1 = t0 + IDLE_PROBE;
+        for (to, id) in p.due_pings(t1, true, &mut tx) {
+            let rtt = if to == private { 4 } else { 3 };
+            p.on_pong(id, to, t1 + Duration::from_millis(rtt));
+        }
+        assert_eq!(
+            p.select(t1 + Duration::from_millis(5)),
+            Some(Path::Direct(private))
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_peer_takes_the_faster_family_and_falls_back_to_the_other() {
+        let t0 = Instant::now();
+        let mut tx = counter();
+        let (v4, v6) = (addr("203.0.113.44:40512"), addr("[2001:db8:44::2]:51820"));
+        let mut p = PathSet::new();
+        p.set_relay_available(true);
+        p.set_candidates([(v4, Source::Observed), (v6, Source::Local)]);
+        for (to, id) in p.due_pings(t0, false, &mut tx) {
+            let rtt = if to == v6 { 2 } else { 9 };
+            p.on_pong(id, to, t0 + Duration::from_millis(rtt));
+        }
+        assert_eq!(
+            p.select(t0 + Duration::from_millis(10)),
+            Some(Path::Direct(v6))
+        );
+        // IPv6 breaks; IPv4 keeps answering: within DEAD_AFTER, IPv4.
+        let mut now = t0;
+        let mut fell_back = None;
+        while now < t0 + Duration::from_secs(20) {
+            now += Duration::from_millis(500);
+            round(&mut p, now, &[v4], Duration::from_millis(9), &mut tx);
+            if p.select(now + Duration::from_millis(9)) == Some(Path::Direct(v4)) {
+                fell_back = Some(now);
+                break;
+            }
+        }
+        let fell_back = fell_back.expect("falls back to IPv4");
+        assert!(fell_back - t0 <= DEAD_AFTER + Duration::from_secs(1));
+        // IPv6 heals: the upgrade probing finds it and it wins again.
+        let mut back = false;
+        for _ in 0..40 {
+            now += Duration::from_millis(500);
+            round(&mut p, now, &[v4, v6], Duration::from_millis(2), &mut tx);
+            if p.current() == Some(Path::Direct(v6)) {
+                back = true;
+                break;
+            }
+            p.select(now + Duration::from_millis(2));
+        }
+        assert!(
+            back || p.current() == Some(Path::Direct(v6)),
+            "back on IPv6"
         );
     }
 

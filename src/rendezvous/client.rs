@@ -14,13 +14,14 @@
 //! is. The tunnels never depend on this connection staying up.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
 use super::admission;
+use super::registry::CloseReason;
 use super::stream::{write_frame, FrameReader, StreamError};
 use super::tls;
 pub use crate::agent::Update;
@@ -43,6 +44,71 @@ const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// server's nodes are elsewhere within seconds, and random, so they do not
 /// all arrive in the same instant.
 pub const FAILOVER_JITTER: Duration = Duration::from_millis(500);
+/// After a server said it is going away (close code 5: a restart or a
+/// shutdown), sessions are retried every [`GOING_AWAY_RETRY`] (jittered)
+/// for this long, without the backoff growing: a restarted server is back
+/// within seconds, and its nodes with it, spread over the window.
+const GOING_AWAY_GRACE: Duration = Duration::from_secs(60);
+const GOING_AWAY_RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(2));
+
+/// How long a node waits before its next session: the policy of [`run`],
+/// on its own so that load tests reconnect exactly as meshd does.
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    backoff: Duration,
+    /// Until when a server's going away keeps retries short.
+    going_away_until: Option<Instant>,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self {
+            backoff: BACKOFF_MIN,
+            going_away_until: None,
+        }
+    }
+}
+
+impl Reconnect {
+    /// The session that just ended was welcomed: the next failure starts
+    /// the backoff again from its minimum.
+    pub fn welcomed(&mut self) {
+        self.backoff = BACKOFF_MIN;
+    }
+
+    /// A refusal that retrying soon cannot help (the operator must act).
+    pub fn refused(&mut self) {
+        self.backoff = BACKOFF_MAX;
+    }
+
+    /// The wait before the next session, after one ended with `ended`.
+    /// `round_over`: every server was tried in this round (else the next
+    /// one is raced at once, after [`FAILOVER_JITTER`]).
+    pub fn next_wait(
+        &mut self,
+        ended: &Result<(), ClientError>,
+        round_over: bool,
+        now: Instant,
+        rng: &mut impl Rng,
+    ) -> Duration {
+        if matches!(ended, Err(ClientError::GoingAway { .. })) {
+            self.going_away_until = Some(now + GOING_AWAY_GRACE);
+            self.backoff = BACKOFF_MIN;
+        }
+        if !round_over {
+            return rng.gen_range(Duration::ZERO..=FAILOVER_JITTER);
+        }
+        if self.going_away_until.is_some_and(|until| now < until) {
+            let (low, high) = GOING_AWAY_RETRY;
+            return rng.gen_range(low..=high);
+        }
+        // Full jitter in [backoff/2, backoff], so a rendezvous that lost
+        // its nodes is not hit by every one in the same instant.
+        let wait = rng.gen_range(self.backoff / 2..=self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        wait
+    }
+}
 
 /// The node's end of the relay: the live connection (or none) for sending,
 /// and the frames the rendezvous relayed to us.
@@ -108,6 +174,8 @@ pub enum ClientError {
     Protocol { server: String, reason: String },
     #[error("connection to the rendezvous at {server} lost: {source}")]
     Lost { server: String, source: StreamError },
+    #[error("the rendezvous at {server} is going away (a restart or a shutdown)")]
+    GoingAway { server: String },
 }
 
 impl ClientError {
@@ -135,7 +203,7 @@ pub async fn run(
     admitted_before: bool,
 ) -> ClientError {
     let mut admitted = admitted_before;
-    let mut backoff = BACKOFF_MIN;
+    let mut reconnect = Reconnect::default();
     let mut servers = Servers::new(config.servers.clone());
     let base_routes = config.routes.clone();
     loop {
@@ -176,7 +244,7 @@ pub async fn run(
             admitted = true;
             // Registered now: the token has done its job.
             config.token = None;
-            backoff = BACKOFF_MIN;
+            reconnect.welcomed();
         }
         if updates.is_closed() {
             return ClientError::Protocol {
@@ -184,14 +252,21 @@ pub async fn run(
                 reason: "meshd is shutting down".into(),
             };
         }
-        match result {
-            Err(e) if e.is_permanent() && !admitted => return e,
+        match &result {
+            Err(e) if e.is_permanent() && !admitted => {
+                if let Err(e) = result {
+                    return e;
+                }
+            }
             Err(e) if e.is_permanent() => {
                 tracing::error!(error = %e, "rendezvous refuses this node; existing tunnels stay up");
-                backoff = BACKOFF_MAX;
+                reconnect.refused();
             }
-            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "rendezvous session ended"),
-            Ok(()) => tracing::info!(retry_in = ?backoff, "rendezvous closed the session"),
+            Err(e @ ClientError::GoingAway { .. }) => {
+                tracing::info!(error = %e, "reconnecting shortly")
+            }
+            Err(e) => tracing::warn!(error = %e, "rendezvous session ended"),
+            Ok(()) => tracing::info!("rendezvous closed the session"),
         }
         if welcomed && updates.send(Update::Disconnected).await.is_err() {
             return ClientError::Protocol {
@@ -199,21 +274,15 @@ pub async fn run(
                 reason: "meshd is shutting down".into(),
             };
         }
-        // The next server at once; after a whole round, full jitter in
-        // [backoff/2, backoff], so a restarted rendezvous is not hit by
-        // every node in the same instant.
-        let wait = if round_over {
-            let wait = rand::thread_rng().gen_range(backoff / 2..=backoff);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            wait
-        } else {
-            rand::thread_rng().gen_range(Duration::ZERO..=FAILOVER_JITTER)
-        };
+        let wait =
+            reconnect.next_wait(&result, round_over, Instant::now(), &mut rand::thread_rng());
         if servers.len() > 1 {
             // The servers the next attempt races: not the one just lost
             // (it sits out the round), unless the round is over.
             let next: Vec<String> = servers.candidates().into_iter().map(|(_, s)| s).collect();
             tracing::info!(?next, retry_in = ?wait, "trying the next server");
+        } else {
+            tracing::info!(retry_in = ?wait, "next session");
         }
         tokio::time::sleep(wait).await;
     }
@@ -784,6 +853,11 @@ async fn resolve(server: &str) -> Result<SocketAddr, String> {
 fn connection_error(server: &str, e: &quinn::ConnectionError) -> ClientError {
     let server = server.to_owned();
     match e {
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == CloseReason::GoingAway.code().into() =>
+        {
+            ClientError::GoingAway { server }
+        }
         // A failed pin surfaces as a TLS certificate alert (RFC 8446 §6.2).
         quinn::ConnectionError::TransportError(t) if is_certificate_alert(t.code) => {
             ClientError::CertificateMismatch { server }
@@ -873,5 +947,66 @@ mod tests {
         assert!(s.failed());
         assert_eq!(names(&s.candidates()), ["rv:7443"]);
         assert_eq!(s.current(), "rv:7443");
+    }
+
+    fn going_away() -> Result<(), ClientError> {
+        Err(ClientError::GoingAway {
+            server: "rv:7443".into(),
+        })
+    }
+
+    fn lost() -> Result<(), ClientError> {
+        Err(ClientError::Connect {
+            server: "rv:7443".into(),
+            reason: "timed out".into(),
+        })
+    }
+
+    #[test]
+    fn failures_back_off_with_jitter_up_to_the_cap_and_a_welcome_resets_it() {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+        let now = Instant::now();
+        let mut r = Reconnect::default();
+        let waits: Vec<Duration> = (0..8)
+            .map(|_| r.next_wait(&lost(), true, now, &mut rng))
+            .collect();
+        let mut cap = BACKOFF_MIN;
+        for w in &waits {
+            assert!(
+                *w >= cap / 2 && *w <= cap,
+                "{w:?} outside [{:?}, {cap:?}]",
+                cap / 2
+            );
+            cap = (cap * 2).min(BACKOFF_MAX);
+        }
+        r.welcomed();
+        assert!(r.next_wait(&lost(), true, now, &mut rng) <= BACKOFF_MIN);
+        // Another server to race: at once, whatever the backoff.
+        assert!(r.next_wait(&lost(), false, now, &mut rng) <= FAILOVER_JITTER);
+    }
+
+    #[test]
+    fn a_server_going_away_brings_its_nodes_back_within_seconds_for_a_minute() {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(9);
+        let now = Instant::now();
+        let mut r = Reconnect::default();
+        // A node deep in its backoff when the server says it is going away.
+        for _ in 0..6 {
+            r.next_wait(&lost(), true, now, &mut rng);
+        }
+        let (low, high) = GOING_AWAY_RETRY;
+        let first = r.next_wait(&going_away(), true, now, &mut rng);
+        assert!(first >= low && first <= high, "{first:?}");
+        // The server is still restarting: attempts fail, and stay short.
+        let mut at = now;
+        while at < now + GOING_AWAY_GRACE - high {
+            let w = r.next_wait(&lost(), true, at, &mut rng);
+            assert!(w >= low && w <= high, "{w:?} at {:?}", at - now);
+            at += w + HANDSHAKE_DEADLINE;
+        }
+        // After the grace, the backoff is back, from its minimum.
+        let later = now + GOING_AWAY_GRACE + Duration::from_secs(1);
+        assert!(r.next_wait(&lost(), true, later, &mut rng) <= BACKOFF_MIN);
+        assert!(r.next_wait(&lost(), true, later, &mut rng) <= BACKOFF_MIN * 2);
     }
 }

@@ -113,7 +113,18 @@ enum ToRegistry {
     Metrics {
         reply: oneshot::Sender<RegistryMetrics>,
     },
+    /// The server is going away: close every node's session as such, save
+    /// once, then answer.
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
+
+/// How long shutting down waits for the registry to close the sessions
+/// and save, and then for the close frames to leave: SIGTERM to exit stays
+/// within a few seconds however many nodes are connected.
+const SHUTDOWN_SAVE: Duration = Duration::from_secs(3);
+const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
 
 /// How long a presence, candidate or NAT change may wait to be saved: a
 /// storm of them costs one write per interval. What a node is told and
@@ -374,7 +385,21 @@ impl Server {
             );
         }
         tracing::info!("rendezvous shutting down");
-        endpoint.close(0u32.into(), b"rendezvous shutting down");
+        // Nodes hear that the server is going away (close code 5), so they
+        // come back within seconds rather than after their backoff; no new
+        // connection is taken meanwhile.
+        endpoint.set_server_config(None);
+        let (reply, saved) = oneshot::channel();
+        if to_registry
+            .send(ToRegistry::Shutdown { reply })
+            .await
+            .is_ok()
+            && tokio::time::timeout(SHUTDOWN_SAVE, saved).await.is_err()
+        {
+            tracing::warn!(after = ?SHUTDOWN_SAVE, "the registry did not finish closing sessions and saving; exiting anyway");
+        }
+        let going_away = CloseReason::GoingAway;
+        endpoint.close(going_away.code().into(), going_away.to_string().as_bytes());
         // Wait for the admin task to drop its socket, so a server started
         // next on the same directory never has its socket file removed.
         admin.abort();
@@ -395,7 +420,9 @@ impl Server {
         drop(link_ctx);
         drop(relay);
         let _ = relay_task.await;
-        endpoint.wait_idle().await;
+        // The close frames leave with the endpoint's next turns; a peer
+        // that never acknowledges them must not hold the exit up.
+        let _ = tokio::time::timeout(SHUTDOWN_DRAIN, endpoint.wait_idle()).await;
         Ok(())
     }
 }
@@ -474,6 +501,8 @@ async fn registry_task(
     shell.servers_changed(&registry);
     // When the oldest change not saved yet is to be written.
     let mut save_due: Option<tokio::time::Instant> = None;
+    // Who waits for the sessions to be closed and the state saved.
+    let mut shutdown: Option<oneshot::Sender<()>> = None;
     // What the registry queued on its own.
     execute(
         &mut registry,
@@ -567,6 +596,13 @@ async fn registry_task(
                 let _ = reply.send(response);
             }
             ToRegistry::Refused { reason } => registry.count_rejection(reason),
+            ToRegistry::Shutdown { reply } => {
+                // The closes, then one save of everything: both run below.
+                registry.handle_shutdown();
+                registry.flush();
+                save_due = None;
+                shutdown = Some(reply);
+            }
             ToRegistry::Metrics { reply } => {
                 let _ = reply.send(RegistryMetrics {
                     nodes: registry.nodes(),
@@ -585,6 +621,9 @@ async fn registry_task(
             &shell,
         )
         .await;
+        if let Some(reply) = shutdown.take() {
+            let _ = reply.send(());
+        }
     }
     if save_due.is_some() {
         registry.flush();
@@ -811,8 +850,11 @@ async fn connection_task(
                 }
                 Some(ConnOut::Close(reason)) => {
                     // A rejection's message is in the stream: give the
-                    // node a moment to read it, then the close code.
-                    finish(&mut send).await;
+                    // node a moment to read it, then the close code. A
+                    // server going away has nothing more to say.
+                    if reason != CloseReason::GoingAway {
+                        finish(&mut send).await;
+                    }
                     connection.close(reason.code().into(), reason.to_string().as_bytes());
                     break;
                 }

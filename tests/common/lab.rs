@@ -349,7 +349,7 @@ impl MeshLab {
     /// `mesh-rendezvous serve` on the state directory of the server on
     /// `machine` ("rv", "rv2"), as the daemon labelled `machine`; returns
     /// once its admin socket answers.
-    fn serve_rendezvous(&self, machine: &str, release: &Release) {
+    pub fn serve_rendezvous(&self, machine: &str, release: &Release) {
         let dir = self.state_dir(machine);
         self.spawn(
             machine,
@@ -581,16 +581,23 @@ impl MeshLab {
         meshctl_json(&self.socket(node), args)
     }
 
-    /// What `from` reports about its peer `to`: (path, endpoint).
-    pub fn path(&self, from: &str, to: &str) -> Result<(String, Option<String>), String> {
+    /// What `from` reports about its peer `to` in `meshctl peers --json`.
+    pub fn peer(&self, from: &str, to: &str) -> Result<serde_json::Value, String> {
         let peers = self.meshctl(from, "peers")?;
         let name = format!("node-{to}");
-        let peer = peers
+        peers
             .as_array()
             .into_iter()
             .flatten()
             .find(|p| p["name"] == name.as_str())
-            .ok_or_else(|| format!("{from} does not list {name} among its peers"))?;
+            .cloned()
+            .ok_or_else(|| format!("{from} does not list {name} among its peers"))
+    }
+
+    /// What `from` reports about its peer `to`: (path, endpoint).
+    pub fn path(&self, from: &str, to: &str) -> Result<(String, Option<String>), String> {
+        let name = format!("node-{to}");
+        let peer = self.peer(from, to)?;
         let path = peer["path"]
             .as_str()
             .ok_or_else(|| format!("{from}'s peer {name} has no path: {peer}"))?;

@@ -3,11 +3,12 @@
 //! address. Pure apart from reading that one file.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::path::Path;
 use std::sync::OnceLock;
+use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 /// What kind of site a lab node sits in (DESIGN.md, "Lab").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +23,12 @@ pub enum Kind {
     Symmetric,
     /// One of two nodes on a shared private subnet behind one router.
     Lan,
+    /// Behind Linux MASQUERADE with no firewall (the hard case).
+    MasqueradeBare,
+    /// Behind a home router behind a carrier-grade NAT.
+    DoubleNat,
+    /// IPv4 behind a NAT, and a public IPv6 address of its own.
+    DualStack,
     /// Symmetric NAT on a router that maps ports while miniupnpd runs there
     /// (NAT-PMP, PCP, UPnP IGD; [`super::portmap`]).
     Upnp,
@@ -38,6 +45,8 @@ pub struct LabNode {
     pub address: Ipv4Addr,
     /// Where the internet sees it.
     pub public: Ipv4Addr,
+    /// Its public IPv6 address, for a dual-stack node.
+    pub address6: Option<Ipv6Addr>,
 }
 
 /// One rendezvous machine of the lab: a public host.
@@ -53,16 +62,27 @@ pub struct RendezvousMachine {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Router {
     pub name: &'static str,
-    /// Its public address.
+    /// How it maps and filters ("cone", "symmetric", "masquerade-bare"…:
+    /// deploy/lab/topology lists them).
+    pub kind: &'static str,
+    /// "inet", or the router whose LAN its WAN side is on.
+    pub uplink: &'static str,
+    /// Its address on the uplink: public for a router on "inet".
     pub wan: Ipv4Addr,
     /// Its private address: the gateway of the nodes behind it.
     pub lan: Ipv4Addr,
+    /// How long its UDP mappings live without traffic, when set short.
+    pub udp_timeout: Option<Duration>,
+    /// Its IPv6 address on the internet and the /64 it routes to its LAN.
+    pub ipv6: Option<(Ipv6Addr, Ipv6Net)>,
 }
 
 #[derive(Debug)]
 pub struct Topology {
     pub internet: Ipv4Net,
     pub gateway: Ipv4Addr,
+    /// The internet's IPv6 prefix, where some routers have IPv6.
+    pub internet6: Option<Ipv6Net>,
     /// Where the first rendezvous machine's server listens: the only one a
     /// lab has unless `LAB_SERVERS` asks for more.
     pub rendezvous: SocketAddrV4,
@@ -90,6 +110,9 @@ impl Topology {
     /// Parses the file's records (see the file for its columns).
     pub fn parse(text: &str) -> Result<Self, String> {
         let (mut internet, mut gateway, mut prefix_len) = (None, None, None);
+        let mut internet6 = None;
+        let (mut udp_timeouts, mut routers6, mut nodes6) =
+            (Vec::new(), Vec::new(), BTreeMap::new());
         let (mut nodes, mut routers, mut rendezvous_machines) =
             (Vec::new(), BTreeMap::new(), Vec::<RendezvousMachine>::new());
         for (n, line) in text.lines().enumerate() {
@@ -119,13 +142,33 @@ impl Topology {
                 ["private-prefix-len", len] => {
                     prefix_len = Some(len.parse().map_err(|e| at(&format!("{e}")))?);
                 }
-                ["router", name, wan, lan] => {
+                ["internet6", net, _gw] => {
+                    internet6 = Some(net.parse().map_err(|e| at(&format!("{e}")))?);
+                }
+                ["router", name, kind, uplink, wan, lan] => {
                     let router = Router {
                         name,
+                        kind,
+                        uplink,
                         wan: ip(wan)?,
                         lan: ip(lan)?,
+                        udp_timeout: None,
+                        ipv6: None,
                     };
                     routers.insert(*name, router);
+                }
+                ["udp-timeout", router, seconds] => {
+                    let seconds = seconds.parse().map_err(|e| at(&format!("{e}")))?;
+                    udp_timeouts.push((*router, Duration::from_secs(seconds)));
+                }
+                ["router6", router, wan, prefix] => {
+                    let wan: Ipv6Addr = wan.parse().map_err(|e| at(&format!("{e}")))?;
+                    let prefix: Ipv6Net = prefix.parse().map_err(|e| at(&format!("{e}")))?;
+                    routers6.push((*router, (wan, prefix)));
+                }
+                ["node6", node, address] => {
+                    let address: Ipv6Addr = address.parse().map_err(|e| at(&format!("{e}")))?;
+                    nodes6.insert(*node, address);
                 }
                 ["node", name, kind, router, address, public] => nodes.push(LabNode {
                     name,
@@ -135,19 +178,43 @@ impl Topology {
                         "cone" => Kind::Cone,
                         "symmetric" => Kind::Symmetric,
                         "lan" => Kind::Lan,
+                        "masquerade-bare" => Kind::MasqueradeBare,
+                        "double-nat" => Kind::DoubleNat,
+                        "dual-stack" => Kind::DualStack,
                         "upnp" => Kind::Upnp,
                         other => return Err(at(&format!("unknown kind {other}"))),
                     },
                     router: (*router != "-").then_some(*router),
                     address: ip(address)?,
                     public: ip(public)?,
+                    address6: None,
                 }),
                 _ => return Err(at("not a record")),
             }
         }
+        for (name, timeout) in udp_timeouts {
+            let router = routers
+                .get_mut(name)
+                .ok_or(format!("udp-timeout names an unknown router {name}"))?;
+            router.udp_timeout = Some(timeout);
+        }
+        for (name, ipv6) in routers6 {
+            let router = routers
+                .get_mut(name)
+                .ok_or(format!("router6 names an unknown router {name}"))?;
+            router.ipv6 = Some(ipv6);
+        }
+        for (name, address) in nodes6 {
+            let node = nodes
+                .iter_mut()
+                .find(|n| n.name == name)
+                .ok_or(format!("node6 names an unknown node {name}"))?;
+            node.address6 = Some(address);
+        }
         let topology = Topology {
             internet: internet.ok_or("no internet record")?,
             gateway: gateway.ok_or("no internet record")?,
+            internet6,
             rendezvous: rendezvous_machines
                 .first()
                 .ok_or("no rendezvous record")?
@@ -185,6 +252,19 @@ impl Topology {
         Ipv4Net::new(router.lan, self.private_prefix_len)
             .unwrap_or_else(|e| panic!("private-prefix-len: {e}"))
             .trunc()
+    }
+
+    /// The router called `name`; panics if there is none.
+    pub fn router(&self, name: &str) -> &Router {
+        self.routers
+            .get(name)
+            .unwrap_or_else(|| panic!("the lab has no router {name}"))
+    }
+
+    /// The router `node` sits behind; panics for a public node.
+    pub fn router_of(&self, node: &str) -> &Router {
+        let router = self.node(node).router;
+        self.router(router.unwrap_or_else(|| panic!("{node} is not behind a router")))
     }
 
     /// The rendezvous machine called `name`.

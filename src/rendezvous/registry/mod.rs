@@ -448,6 +448,9 @@ pub enum CloseReason {
     /// The node's join lost its race for the store's records too often;
     /// it is to come back later, like after any lost connection.
     Contended,
+    /// The server is going away (shutting down or restarting): the node is
+    /// to come back after a short jitter, not its backoff.
+    GoingAway,
 }
 
 impl CloseReason {
@@ -458,6 +461,7 @@ impl CloseReason {
             CloseReason::Removed => 2,
             CloseReason::Flooding => 3,
             CloseReason::Contended => 4,
+            CloseReason::GoingAway => 5,
             CloseReason::Rejected(RejectReason::Version) => 10,
             CloseReason::Rejected(RejectReason::BadProof) => 11,
             CloseReason::Rejected(RejectReason::BadToken) => 12,
@@ -475,6 +479,9 @@ impl fmt::Display for CloseReason {
             CloseReason::Removed => f.write_str("node removed"),
             CloseReason::Flooding => f.write_str("too many messages"),
             CloseReason::Contended => f.write_str("the join lost its race for the store; retry"),
+            CloseReason::GoingAway => {
+                f.write_str("the rendezvous is going away; come back shortly")
+            }
         }
     }
 }
@@ -743,6 +750,9 @@ pub struct Registry {
     /// it admits no one (its claims could not be decided) and keeps no
     /// node (its presence is gone from the store).
     store_up: bool,
+    /// The server is shutting down ([`Registry::handle_shutdown`]): no
+    /// one is admitted any more.
+    going_away: bool,
     /// A [`Command::PersistSoon`] is queued and not yet polled: one is
     /// enough.
     persist_soon_queued: bool,
@@ -820,6 +830,7 @@ impl Registry {
             next_proposal: 0,
             dirty: BTreeSet::new(),
             store_up: true,
+            going_away: false,
             persist_soon_queued: false,
             rejections: [0; REJECT_REASONS.len()],
             limits,
@@ -1101,6 +1112,13 @@ impl Registry {
             tracing::debug!(%conn, "second hello on a connection ignored");
             return;
         }
+        if self.going_away {
+            self.push(Command::Close {
+                conn,
+                reason: CloseReason::GoingAway,
+            });
+            return;
+        }
         if !self.store_up {
             tracing::debug!(%conn, "hello while the store is out of reach; the node is to retry");
             self.push(Command::Close {
@@ -1178,6 +1196,12 @@ impl Registry {
         now: Now,
     ) {
         let key = hello.public_key;
+        // What every member was last told of this node: its entry as the
+        // record says before this hello (each change is sent as it happens).
+        let told = (!joined)
+            .then(|| self.state.nodes.get(&key))
+            .flatten()
+            .map(|record| node_entry(&key, record, &self.routes));
         let candidates = (!joined).then(|| self.merge_candidates(&hello.candidates, observed));
         let Some(record) = self.state.nodes.get_mut(&key) else {
             return;
@@ -1258,7 +1282,12 @@ impl Registry {
                 routes: self.routes.decisions(&key).to_vec(),
             },
         });
-        self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
+        // A node back with nothing new (a restarted server's nodes coming
+        // back, a reconnect after a lost session) costs its peers nothing:
+        // they keep its entry while it is away.
+        if told.as_ref() != Some(&entry) {
+            self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
+        }
     }
 
     /// Sends `txn` to the store; `join` goes on once it is answered.
@@ -1350,14 +1379,36 @@ impl Registry {
             nodes = self.online.len(),
             "lost the session with the store: closing every node's connection, admitting no one"
         );
+        self.close_every_session(CloseReason::Contended);
+    }
+
+    /// The server is going away (SIGTERM: a shutdown or a restart): every
+    /// node connected here is closed with [`CloseReason::GoingAway`], which
+    /// tells it to come back shortly, and no one is admitted any more. Its
+    /// presence is not written away node by node (thousands of commits on
+    /// the way out): a single server's presence is not saved, and on etcd
+    /// it goes with this server's lease. Persist with [`Registry::flush`]
+    /// after this, once.
+    pub fn handle_shutdown(&mut self) {
+        if self.going_away {
+            return;
+        }
+        self.going_away = true;
+        tracing::info!(
+            nodes = self.online.len(),
+            "going away: closing every node's session (they come back shortly)"
+        );
+        self.close_every_session(CloseReason::GoingAway);
+    }
+
+    /// Closes every node connected here with `reason`; none is online here
+    /// any more.
+    fn close_every_session(&mut self, reason: CloseReason) {
         let conns: Vec<ConnId> = self.online.values().copied().collect();
         self.online.clear();
         self.sessions.clear();
         for conn in conns {
-            self.push(Command::Close {
-                conn,
-                reason: CloseReason::Contended,
-            });
+            self.push(Command::Close { conn, reason });
         }
     }
 

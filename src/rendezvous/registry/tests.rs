@@ -1118,7 +1118,8 @@ fn a_second_connection_of_the_same_node_supersedes_the_first() {
             msg: ServerMessage::Welcome { .. }
         }
     )));
-    assert!(cmds.iter().any(|c| matches!(
+    // Back with nothing new: its peers keep the entry they have.
+    assert!(!cmds.iter().any(|c| matches!(
         c,
         Command::Send {
             conn: ConnId(2),
@@ -2298,10 +2299,9 @@ fn advertised_prefixes_are_decided_in_the_welcome_and_routed_by_peers() {
         NOW + 60,
     );
     assert!(routes_told(&cmds, 12).is_empty());
-    assert_eq!(
-        upserted_routes(&cmds, 1, 2).len(),
-        1,
-        "one upsert for the reconnect: {cmds:?}"
+    assert!(
+        upserted_routes(&cmds, 1, 2).is_empty(),
+        "a reconnect with nothing new is not sent to peers: {cmds:?}"
     );
     assert_eq!(
         reg.state().nodes[&key(2)].routes[0].since,
@@ -2460,4 +2460,89 @@ fn two_servers_decide_overlapping_prefixes_alike() {
         [vec![decision("10.244.8.0/22", RouteStatus::Accepted)]]
     );
     assert_eq!(upserted_routes(&cmds, 1, 4), [vec![net("10.244.8.0/22")]]);
+}
+
+#[test]
+fn going_away_closes_every_session_as_such_writes_no_presence_and_admits_no_one() {
+    let (mut reg, token) = with_token();
+    for n in 1..=3 {
+        join(&mut reg, n, &token);
+    }
+    reg.handle_shutdown();
+    let cmds = drain(&mut reg);
+    let mut closed: Vec<ConnId> = cmds
+        .iter()
+        .filter_map(|c| match c {
+            Command::Close {
+                conn,
+                reason: CloseReason::GoingAway,
+            } => Some(*conn),
+            _ => None,
+        })
+        .collect();
+    closed.sort();
+    assert_eq!(closed, [ConnId(1), ConnId(2), ConnId(3)]);
+    assert_eq!(cmds.len(), 3, "only the closes: {cmds:?}");
+    // The connections ending afterwards cost nothing: no presence write,
+    // nothing broadcast, nobody left to tell.
+    for n in 1..=3 {
+        reg.handle_disconnect(ConnId(n), at(NOW + 1));
+    }
+    let mut commits = 0;
+    while let Some(command) = reg.poll_command() {
+        assert!(
+            matches!(command, Command::PersistSoon),
+            "after going away, a disconnect queued {command:?}"
+        );
+        commits += 1;
+    }
+    assert_eq!(commits, 0);
+    // A hello now is sent away the same way.
+    reg.handle_hello(
+        ConnId(9),
+        arriving(hello(1, None), observed(1)),
+        at(NOW + 2),
+    );
+    let cmds = drain(&mut reg);
+    assert!(
+        matches!(
+            cmds.as_slice(),
+            [Command::Close {
+                conn: ConnId(9),
+                reason: CloseReason::GoingAway
+            }]
+        ),
+        "{cmds:?}"
+    );
+    assert_eq!(CloseReason::GoingAway.code(), 5);
+}
+
+#[test]
+fn a_reconnect_is_sent_to_peers_only_when_the_entry_changed() {
+    let (mut reg, token) = with_token();
+    join(&mut reg, 1, &token);
+    join(&mut reg, 2, &token);
+    let upserts_to_2 = |cmds: &[Command]| {
+        cmds.iter()
+            .filter(|c| {
+                matches!(c, Command::Send { conn: ConnId(2), msg: ServerMessage::PeerUpsert { peer } } if peer.public_key == key(1))
+            })
+            .count()
+    };
+    // The same node, same candidates, same address seen: nothing to tell.
+    reg.handle_disconnect(ConnId(1), at(NOW + 1));
+    drain(&mut reg);
+    reg.handle_hello(
+        ConnId(21),
+        arriving(hello(1, None), observed(1)),
+        at(NOW + 2),
+    );
+    assert_eq!(upserts_to_2(&drain(&mut reg)), 0);
+    // Back from another public address (its router's changed): told.
+    let moved = SocketAddr::from(([198, 51, 100, 99], 40000));
+    reg.handle_hello(ConnId(22), arriving(hello(1, None), moved), at(NOW + 3));
+    let cmds = drain(&mut reg);
+    assert_eq!(upserts_to_2(&cmds), 1, "{cmds:?}");
+    let (me, _) = welcome(&cmds);
+    assert!(me.candidates.iter().any(|c| c.addr == moved), "{me:?}");
 }

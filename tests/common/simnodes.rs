@@ -1,0 +1,268 @@
+//! Simulated nodes for load: what meshd is to its rendezvous, many times
+//! over from one process. Each has its own key, a source address of its
+//! own (127.N.N.N: loopback as a whole is local, so in any namespace with
+//! `lo` up), one UDP socket for all its sessions (meshd's QUIC shares its
+//! WireGuard socket), the hello with its proof and token, and a session
+//! kept open that reads every peer-map delta; when a session ends, the
+//! next is made exactly as meshd makes it (`client::Reconnect`).
+//!
+//! Shared by `benches/scale.rs` (through `#[path]`) and the tests.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use meshd::agent::Update;
+use meshd::identity::{CertHash, JoinToken, PrivateKey, PublicKey};
+use meshd::rendezvous::client::{admit, ClientConfig, ClientError, Reconnect, Session};
+use meshd::wire::control::{Candidate, CandidateKind};
+
+/// Admission attempts of a first join (a busy server may time one out).
+const ATTEMPTS: usize = 3;
+
+/// What the simulated nodes share: the deltas they read, and the change
+/// being timed.
+#[derive(Default)]
+pub struct Watch {
+    pub deltas: AtomicU64,
+    pub probing: AtomicBool,
+    /// The key whose arrival is timed, and when each member read it.
+    pub probe: Mutex<Option<(PublicKey, Vec<Instant>)>>,
+    pub sessions: AtomicUsize,
+    /// Admissions after the first (nodes coming back), when each was.
+    pub readmitted: Mutex<Vec<Instant>>,
+    /// Reconnection attempts that failed.
+    pub failed: AtomicU64,
+}
+
+impl Watch {
+    /// How long after `since` each node came back, soonest first.
+    pub fn back_since(&self, since: Instant) -> Vec<std::time::Duration> {
+        let mut back: Vec<_> = self
+            .readmitted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.saturating_duration_since(since))
+            .collect();
+        back.sort();
+        back
+    }
+
+    pub fn saw(&self, key: &PublicKey) {
+        self.deltas.fetch_add(1, Ordering::Relaxed);
+        if !self.probing.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut probe = self.probe.lock().unwrap();
+        if let Some((watched, seen)) = probe.as_mut() {
+            if watched == key {
+                seen.push(Instant::now());
+            }
+        }
+    }
+}
+
+/// Reads the session until it ends, counting deltas; how it ended.
+pub async fn keep(session: (Session, quinn::Endpoint), watch: &Watch) -> Result<(), ClientError> {
+    let (mut session, _endpoint) = session;
+    watch.sessions.fetch_add(1, Ordering::Relaxed);
+    let ended = loop {
+        match session.next().await {
+            Ok(Some(Update::Upsert(entry))) => watch.saw(&entry.public_key),
+            Ok(Some(_)) => {}
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    watch.sessions.fetch_sub(1, Ordering::Relaxed);
+    ended
+}
+
+/// A node for the rest of the run: its session kept, and when it ends,
+/// sessions again as meshd makes them (`client::Reconnect`).
+pub async fn live(
+    node: Node,
+    first: (Session, quinn::Endpoint),
+    server: &str,
+    join: &JoinLine,
+    watch: Arc<Watch>,
+) {
+    let mut session = Some(first);
+    let mut reconnect = Reconnect::default();
+    loop {
+        let mut ended = match session.take() {
+            Some(s) => keep(s, &watch).await,
+            None => Ok(()),
+        };
+        loop {
+            let wait = reconnect.next_wait(&ended, true, Instant::now(), &mut rand::thread_rng());
+            tokio::time::sleep(wait).await;
+            match node.try_join(server, join).await {
+                Ok(s) => {
+                    watch.readmitted.lock().unwrap().push(Instant::now());
+                    reconnect.welcomed();
+                    session = Some(s);
+                    break;
+                }
+                Err(e) => {
+                    watch.failed.fetch_add(1, Ordering::Relaxed);
+                    ended = Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// One simulated node: a key, a name and a source address of its own,
+/// and one UDP socket for all its sessions (meshd's QUIC shares its
+/// WireGuard socket, so the rendezvous sees it at one address throughout).
+pub struct Node {
+    pub index: usize,
+    pub key: PrivateKey,
+    endpoint: quinn::Endpoint,
+}
+
+impl Node {
+    pub fn new(index: usize) -> Self {
+        let [_, _, b, c] = u32::try_from(index + 1).unwrap().to_be_bytes();
+        let [_, a] = u16::try_from((index + 1) >> 16).unwrap().to_be_bytes();
+        // 127.0.0.0/8 is local as a whole: no address to add.
+        let source = Ipv4Addr::new(127, 1 + a, b, c);
+        Self {
+            index,
+            key: PrivateKey::generate(&mut rand::rngs::OsRng),
+            endpoint: quinn::Endpoint::client(SocketAddr::new(source.into(), 0)).unwrap(),
+        }
+    }
+
+    pub async fn join(&self, server: &str, join: &JoinLine) -> (Session, quinn::Endpoint) {
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            match self.try_join(server, join).await {
+                Ok(session) => return session,
+                Err(e) => last = Some(e),
+            }
+        }
+        panic!("node {} not admitted: {}", self.index, last.unwrap());
+    }
+
+    /// One admission attempt.
+    pub async fn try_join(
+        &self,
+        server: &str,
+        join: &JoinLine,
+    ) -> Result<(Session, quinn::Endpoint), ClientError> {
+        let config = ClientConfig {
+            servers: vec![server.to_owned()],
+            pin: join.pin,
+            name: format!("n{}", self.index),
+            listen_port: 51820,
+            token: Some(join.token.clone()),
+            routes: Vec::new(),
+        };
+        let candidate = Candidate {
+            addr: SocketAddr::new(
+                Ipv4Addr::from(0x0a40_0000 | self.index as u32).into(),
+                51820,
+            ),
+            kind: CandidateKind::Local,
+            mapped: None,
+        };
+        let endpoint = self.endpoint.clone();
+        let (session, _welcome) = admit(&endpoint, &config, &self.key, vec![candidate]).await?;
+        Ok((session, endpoint))
+    }
+}
+
+#[derive(Clone)]
+pub struct JoinLine {
+    pub token: JoinToken,
+    pub pin: CertHash,
+}
+
+/// `n` simulated nodes run from a thread of their own inside the network
+/// namespace `ns` (their sockets are made there), joining `server` with
+/// `join` at most `concurrency` at a time and then living on (sessions kept,
+/// reconnecting as meshd does) until this is dropped.
+pub struct InNamespace {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InNamespace {
+    pub fn start(
+        ns: &str,
+        n: usize,
+        concurrency: usize,
+        server: &str,
+        join: &JoinLine,
+        watch: Arc<Watch>,
+    ) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ns, server, join) = (ns.to_owned(), server.to_owned(), join.clone());
+        let thread = std::thread::spawn(move || {
+            let netns = std::fs::File::open(format!("/run/netns/{ns}"))
+                .unwrap_or_else(|e| panic!("namespace {ns}: {e}"));
+            nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns {ns}: {e}"));
+            // One thread: every socket is made by this thread, so in `ns`.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                let gate = Arc::new(tokio::sync::Semaphore::new(concurrency));
+                let mut nodes = Vec::with_capacity(n);
+                for i in 0..n {
+                    let permit = gate.clone().acquire_owned().await.expect("open");
+                    let (server, join, watch) = (server.clone(), join.clone(), watch.clone());
+                    nodes.push(tokio::spawn(async move {
+                        let node = Node::new(i);
+                        let session = node.join(&server, &join).await;
+                        drop(permit);
+                        live(node, session, &server, &join, watch).await;
+                    }));
+                }
+                let _ = stopped.await;
+                for node in nodes {
+                    node.abort();
+                }
+            });
+        });
+        Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for InNamespace {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl JoinLine {
+    /// The token and pin of a `meshd join … --token T --ca-hash H` line.
+    pub fn parse(line: &str) -> Self {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let after = |flag: &str| {
+            let at = words
+                .iter()
+                .position(|w| *w == flag)
+                .unwrap_or_else(|| panic!("{flag} in {line:?}"));
+            words[at + 1]
+        };
+        Self {
+            token: after("--token").parse().expect("a token"),
+            pin: after("--ca-hash").parse().expect("a pin"),
+        }
+    }
+}
