@@ -30,8 +30,9 @@ use meshd::identity::{PrivateKey, PublicKey};
 use meshd::rendezvous::admission;
 use meshd::wire::control::{
     decode, decode_frame, encode, Candidate, CandidateKind, FrameError, Hello, MeshInfo,
-    NatMapping, NodeEntry, NodeMessage, Proof, RejectReason, RouteDecision, RouteStatus,
-    ServerHello, ServerMessage, MAX_FRAME, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
+    NatMapping, NodeEntry, NodeMessage, PathEntry, PathState, Proof, RejectReason, RouteDecision,
+    RouteStatus, ServerHello, ServerMessage, FEATURE_PATHS, MAX_FRAME, MAX_FRAME_UNADMITTED,
+    MAX_PATH_PEERS, PROTOCOL_VERSION,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -164,6 +165,7 @@ fn welcome() -> ServerMessage {
         // As a server before 0.4.0 sends it: the vector predates the list.
         servers: Vec::new(),
         routes: Vec::new(),
+        features: Vec::new(),
     }
 }
 
@@ -264,6 +266,29 @@ fn nat() -> NodeMessage {
     }
 }
 
+fn paths() -> NodeMessage {
+    NodeMessage::Paths {
+        peers: vec![
+            PathEntry {
+                peer: key(PEER_B),
+                path: PathState::DirectV6,
+                rtt_us: Some(840),
+            },
+            PathEntry {
+                peer: key(PEER_A),
+                path: PathState::Relay,
+                rtt_us: None,
+            },
+            PathEntry {
+                peer: key(NODE_PUBLIC),
+                path: PathState::Down,
+                rtt_us: None,
+            },
+        ]
+        .into(),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Reading the vector files.
 
@@ -361,6 +386,103 @@ fn routes_vector_decodes_and_reencodes_byte_for_byte() {
 fn candidates_vector_decodes_and_reencodes_byte_for_byte() {
     golden("candidates", RENDEZVOUS_NODE_FRAME, &candidates());
     golden("nat", RENDEZVOUS_NODE_FRAME, &nat());
+}
+
+#[test]
+fn paths_vector_decodes_and_reencodes_byte_for_byte() {
+    golden("paths", RENDEZVOUS_NODE_FRAME, &paths());
+}
+
+#[test]
+fn a_full_path_report_fits_the_rendezvous_frame_limit() {
+    // The longest words, the largest RTT: the node never sends more.
+    let peers: Vec<PathEntry> = (0..MAX_PATH_PEERS)
+        .map(|_| PathEntry {
+            peer: key(PEER_A),
+            path: PathState::DirectV6,
+            rtt_us: Some(u32::MAX),
+        })
+        .collect();
+    let frame = encode(&NodeMessage::Paths {
+        peers: peers.into(),
+    });
+    assert!(frame.len() < RENDEZVOUS_NODE_FRAME, "{} bytes", frame.len());
+}
+
+#[test]
+fn a_path_entry_this_version_cannot_read_is_skipped_and_counted() {
+    let mut v = body_of("paths");
+    let peers = v["peers"].as_array_mut().unwrap();
+    peers.push(serde_json::json!({"peer": PEER_A, "path": "direct_v5"}));
+    peers.push(serde_json::json!({"peer": "not a key", "path": "relay"}));
+    peers.push(serde_json::json!({"peer": PEER_A, "path": "relay", "rtt_us": -1}));
+    peers.push(serde_json::json!(17));
+    peers.push(serde_json::json!({"peer": PEER_A, "path": "relay", "future": [1]}));
+    let NodeMessage::Paths { peers } = decode::<NodeMessage>(&serde_json::to_vec(&v).unwrap())
+        .expect("one unreadable entry does not make the message unreadable")
+    else {
+        panic!("not paths")
+    };
+    let NodeMessage::Paths { peers: golden } = paths() else {
+        unreachable!()
+    };
+    let mut expected = golden.entries.clone();
+    // Unknown fields are ignored, as everywhere.
+    expected.push(PathEntry {
+        peer: key(PEER_A),
+        path: PathState::Relay,
+        rtt_us: None,
+    });
+    assert_eq!((&peers.entries, peers.unreadable), (&expected, 4));
+    // What was skipped is not written back: the message re-encodes to what
+    // it could read, which reads back equal to it.
+    let read = NodeMessage::Paths { peers };
+    let (again, _) = decode_frame::<NodeMessage>(&encode(&read), MAX_FRAME).unwrap();
+    assert_eq!(again, read);
+    let NodeMessage::Paths { peers: again } = again else {
+        unreachable!()
+    };
+    assert_eq!((again.entries, again.unreadable), (expected, 0));
+    // Not an array at all is a malformed message.
+    let mut v = body_of("paths");
+    v["peers"] = serde_json::json!({"peer": PEER_A});
+    assert!(decode::<NodeMessage>(&serde_json::to_vec(&v).unwrap()).is_err());
+}
+
+#[test]
+fn a_welcome_names_its_features_and_a_node_before_them_ignores_the_field() {
+    let ServerMessage::Welcome {
+        node,
+        mesh,
+        observed,
+        peers,
+        servers,
+        routes,
+        ..
+    } = welcome()
+    else {
+        unreachable!()
+    };
+    let newer = ServerMessage::Welcome {
+        node,
+        mesh,
+        observed,
+        peers,
+        servers,
+        routes,
+        features: vec![FEATURE_PATHS.to_owned(), "from_the_future".to_owned()],
+    };
+    let body = serde_json::to_value(&newer).unwrap();
+    assert_eq!(
+        body["features"],
+        serde_json::json!(["paths", "from_the_future"])
+    );
+    assert_eq!(
+        decode::<ServerMessage>(&serde_json::to_vec(&body).unwrap()).unwrap(),
+        newer
+    );
+    // The vector, from a server without features, has no such field.
+    assert!(body_of("welcome").get("features").is_none());
 }
 
 #[test]
@@ -668,6 +790,7 @@ fn large_peer_map_needs_the_admitted_limit() {
         peers,
         servers: Vec::new(),
         routes: Vec::new(),
+        features: Vec::new(),
     };
     let frame = encode(&big);
     assert!(frame.len() > MAX_FRAME_UNADMITTED);
@@ -703,7 +826,7 @@ fn framed(body: &[u8]) -> Vec<u8> {
     f
 }
 
-const ALL: [&str; 14] = [
+const ALL: [&str; 15] = [
     "server_hello",
     "hello",
     "hello_registered",
@@ -718,6 +841,7 @@ const ALL: [&str; 14] = [
     "hello_routes",
     "peer_upsert_routes",
     "routes",
+    "paths",
 ];
 
 #[test]

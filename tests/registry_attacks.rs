@@ -2,8 +2,9 @@
 //! would, over real QUIC on loopback: a storm of candidate messages is held
 //! to its rate, costs a bounded number of store writes and peer-map
 //! updates, and ends with the storming connection closed; a taken name is
-//! not shared; a removed node's address is not handed out again. No root
-//! needed.
+//! not shared; a removed node's address is not handed out again; a
+//! hostile path report is cut down to what is true of members, and a storm
+//! of reports closes the member. No root needed.
 //!
 //! Nothing here waits on time: every step waits for a message, and
 //! [`quic::DEADLINE`] only turns a hang into a failure.
@@ -22,8 +23,11 @@ use meshd::identity::PublicKey;
 use meshd::rendezvous::admin::{AdminRequest, AdminResponse};
 use meshd::rendezvous::client::{Session, Update};
 use meshd::rendezvous::stream::write_frame;
-use meshd::wire::control::{Candidate, CandidateKind, NodeMessage, ServerMessage};
+use meshd::wire::control::{
+    Candidate, CandidateKind, NodeMessage, PathState, ServerMessage, FEATURE_PATHS,
+};
 use quic::{within_deadline, Member, Mesh, Node, RawConnection, HOUR};
+use serde_json::json;
 
 /// The storm: 2,000 candidate lists, each different from the one before.
 const STORM: usize = 2_000;
@@ -154,6 +158,149 @@ async fn a_removed_nodes_address_is_quarantined_until_released() {
         rendezvous.stop().await;
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_path_report_is_cut_to_members_and_a_report_storm_closes_the_member() {
+    within_deadline(async {
+        let mesh = Mesh::with_metrics();
+        let token = mesh.token(HOUR, None);
+        let rendezvous = mesh.serve().await;
+        let peer = Member::admit(&rendezvous, "peer", &token).await;
+        let attacker = Node::new("attacker");
+        let (mut raw, answer) = RawConnection::admit(&attacker, &rendezvous, &token).await;
+        let ServerMessage::Welcome { features, .. } = answer else {
+            panic!("the attacker is a member: {answer:?}")
+        };
+        assert_eq!(
+            features,
+            [FEATURE_PATHS],
+            "the server says it takes path reports"
+        );
+
+        // Written by hand: one true entry, then a second word on the same
+        // peer, a key that is no member, the attacker itself, entries this
+        // version cannot read, and far more entries than any node sends.
+        let (me, them) = (
+            attacker.public_key().to_string(),
+            peer.node.public_key().to_string(),
+        );
+        let stranger = Node::new("stranger").public_key().to_string();
+        let mut entries = vec![
+            json!({"peer": them, "path": "direct_v4", "rtt_us": 700}),
+            json!({"peer": them, "path": "relay"}),
+            json!({"peer": stranger, "path": "relay"}),
+            json!({"peer": me, "path": "direct_v6"}),
+            json!("garbage"),
+            json!({"peer": them, "path": "teleport"}),
+        ];
+        entries.extend((0..600).map(|_| json!({"peer": stranger, "path": "down"})));
+        let report = json!({"type": "paths", "peers": entries});
+        write_frame(&mut raw.send, &report)
+            .await
+            .expect("the report goes out");
+
+        let matrix = loop {
+            match rendezvous.admin(AdminRequest::ListPaths).await {
+                AdminResponse::Paths { matrix } if !matrix.paths.is_empty() => break matrix,
+                AdminResponse::Paths { .. } => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                other => panic!("paths: {other:?}"),
+            }
+        };
+        let cells: Vec<(&str, &str, PathState, Option<f64>)> = matrix
+            .paths
+            .iter()
+            .map(|c| (c.from.as_str(), c.to.as_str(), c.path, c.rtt_ms))
+            .collect();
+        // (The hand-made hello names its node "hand-written".)
+        assert_eq!(
+            cells,
+            [("hand-written", "peer", PathState::DirectV4, Some(0.7))],
+            "only what is true of a member stays"
+        );
+        let scrape = scrape(&rendezvous).await;
+        let dropped = |reason: &str| {
+            metric(
+                &scrape,
+                &format!("mesh_rendezvous_path_entries_dropped_total{{reason=\"{reason}\"}}"),
+            )
+        };
+        // 606 entries, 2 unreadable; of the other 604 the first 512 are
+        // looked at: one kept, one duplicate, the rest strangers or itself.
+        assert_eq!(
+            ["unreadable", "too_many", "unknown_peer", "duplicate"].map(dropped),
+            [2, 604 - 512, 512 - 2, 1],
+            "{scrape}"
+        );
+
+        // A storm of reports: over the rate, dropped, and closed as flooding.
+        let small = json!({"type": "paths", "peers": [{"peer": them, "path": "relay"}]});
+        let mut sent = 0;
+        while write_frame(&mut raw.send, &small).await.is_ok() && sent < 10_000 {
+            sent += 1;
+        }
+        match raw.connection.closed().await {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(
+                    close.error_code,
+                    quinn::VarInt::from_u32(3),
+                    "closed as flooding: {close:?}"
+                );
+            }
+            other => panic!("the rendezvous closes a member storming reports, got {other}"),
+        }
+        let over = metric(
+            &scrape_of(&rendezvous).await,
+            "mesh_rendezvous_messages_over_rate_total{kind=\"paths\"}",
+        );
+        eprintln!("sent {sent} reports; {over} over the rate");
+        assert!(
+            over > 0 && over <= 51,
+            "{over} reports over the rate before the close"
+        );
+        // Its report went with its connection: nothing stale stays.
+        match rendezvous.admin(AdminRequest::ListPaths).await {
+            AdminResponse::Paths { matrix } => {
+                assert!(matrix.paths.is_empty(), "{:?}", matrix.paths)
+            }
+            other => panic!("paths: {other:?}"),
+        }
+        rendezvous.stop().await;
+    })
+    .await;
+}
+
+async fn scrape(rendezvous: &quic::Rendezvous) -> String {
+    scrape_of(rendezvous).await
+}
+
+/// The value of the sample `name{labels}` in a scrape, 0 when absent.
+fn metric(scrape: &str, sample: &str) -> u64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A whole scrape of the rendezvous's metrics.
+async fn scrape_of(rendezvous: &quic::Rendezvous) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(rendezvous.metrics())
+        .await
+        .expect("connect to the metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: rv\r\n\r\n")
+        .await
+        .expect("send a scrape");
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .await
+        .expect("read the scrape");
+    answer
 }
 
 async fn join_as(rendezvous: &quic::Rendezvous, name: &str, token: &str) -> (Node, quic::Welcomed) {

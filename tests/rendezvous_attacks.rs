@@ -449,6 +449,7 @@ impl FakeRendezvous {
             peers: Vec::new(),
             servers: Vec::new(),
             routes: Vec::new(),
+            features: Vec::new(),
         };
         write_frame(&mut send, &welcome).await.expect("the welcome");
         (connection, send, recv)

@@ -28,6 +28,7 @@
 #![deny(clippy::disallowed_methods)]
 
 pub mod learned;
+pub mod path_report;
 mod status;
 #[cfg(test)]
 #[allow(
@@ -58,6 +59,7 @@ use crate::wire::control::{
 use crate::wire::reflect::{self, Reflect, REFLECT_LEN};
 use crate::wire::relay::{self, NodeId};
 
+pub use path_report::PATH_REPORT_EVERY;
 pub use status::PeerMeta;
 
 /// Keepalive towards mesh peers: keeps NAT mappings open on both sides
@@ -84,6 +86,8 @@ pub enum Update {
         peers: Vec<NodeEntry>,
         /// What the mesh decided about each prefix this node advertised.
         routes: Vec<RouteDecision>,
+        /// The server takes path reports ([`path_report`]).
+        paths: bool,
     },
     Upsert(NodeEntry),
     /// The mesh's decisions about this node's advertised prefixes changed.
@@ -212,6 +216,8 @@ pub enum TimeoutReason {
     Netcheck,
     /// The NAT check in flight is sent once more if still unanswered.
     NatCheckRetry,
+    /// Time to look whether the paths to peers changed, for the rendezvous.
+    PathReport,
 }
 
 /// A peer from the rendezvous's map, as the engine and the API want it.
@@ -288,6 +294,8 @@ pub struct Agent {
     observer: MappingObserver,
     /// The mapping the rendezvous was (or will be) told.
     nat_reported: NatMapping,
+    /// When to tell the rendezvous about our paths to peers.
+    path_reporter: path_report::PathReporter,
     session: Option<SessionUp>,
     /// The rendezvous's QUIC address, once a session was up.
     rendezvous_addr: Option<SocketAddr>,
@@ -378,6 +386,7 @@ impl Agent {
             learned: learned::Learned::default(),
             observer: MappingObserver::new(),
             nat_reported: NatMapping::Unknown,
+            path_reporter: path_report::PathReporter::default(),
             session: None,
             rendezvous_addr: None,
             reflecting: None,
@@ -494,6 +503,7 @@ impl Agent {
                 observed,
                 peers,
                 routes,
+                paths,
             } => {
                 for d in routes.iter().filter(|d| d.status != RouteStatus::Accepted) {
                     tracing::warn!(prefix = %d.prefix, reason = %d.status.describe(), "the mesh does not route an advertised prefix here");
@@ -503,6 +513,7 @@ impl Agent {
                 self.seen(Observer::Rendezvous, observed, now);
                 self.host.push_back(HostChange::Registered);
                 self.welcome(NodeCache { mesh, node, peers }, now);
+                self.path_reporter.welcomed(paths, now);
             }
             Update::Upsert(entry) => {
                 if let Some(cache) = &mut self.cache {
@@ -543,6 +554,7 @@ impl Agent {
             }
             Update::Disconnected => {
                 tracing::info!("rendezvous unreachable; tunnels stay up, reconnecting");
+                self.path_reporter.disconnected();
             }
         }
         self.handle_engine_events(now);
@@ -876,7 +888,11 @@ impl Agent {
             .reflecting
             .filter(|r| !r.retried)
             .map(|r| (r.sent + REFLECT_RETRY, TimeoutReason::NatCheckRetry));
-        for candidate in pings.chain(netchecks).chain(retry) {
+        let report = self
+            .path_reporter
+            .deadline()
+            .map(|d| (d, TimeoutReason::PathReport));
+        for candidate in pings.chain(netchecks).chain(retry).chain(report) {
             if candidate.0 < next.0 {
                 next = candidate;
             }
@@ -911,7 +927,26 @@ impl Agent {
         if self.pending_netchecks.iter().any(|(d, _)| *d <= now) {
             self.finish_netchecks(now);
         }
+        self.report_paths(now);
         self.handle_engine_events(now);
+    }
+
+    /// Tells the rendezvous our path to every mesh peer, when it takes such
+    /// reports, the interval has passed and a path changed.
+    fn report_paths(&mut self, now: Instant) {
+        let (node, meta) = (&self.node, &self.meta);
+        let report = self.path_reporter.poll(now, || {
+            node.peers()
+                .filter(|p| meta.contains_key(&p.public_key))
+                .map(|p| path_report::entry_of(&p))
+                .collect()
+        });
+        if let Some(peers) = report {
+            tracing::debug!(peers = peers.len(), "reporting paths to the rendezvous");
+            self.send_to_rendezvous(NodeMessage::Paths {
+                peers: peers.into(),
+            });
+        }
     }
 
     // --- the peer map -------------------------------------------------------

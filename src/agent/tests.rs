@@ -59,6 +59,7 @@ fn welcome(n: u8, peers: &[u8]) -> Update {
         observed: addr("203.0.113.7:40000"),
         peers: peers.iter().map(|p| entry(*p)).collect(),
         routes: Vec::new(),
+        paths: false,
     }
 }
 
@@ -823,6 +824,7 @@ fn welcome_with(n: u8, peers: Vec<NodeEntry>, decisions: Vec<RouteDecision>) -> 
         observed: addr("203.0.113.7:40000"),
         peers,
         routes: decisions,
+        paths: false,
     }
 }
 
@@ -1261,4 +1263,71 @@ fn an_address_inside_the_mesh_or_a_peers_prefix_is_never_an_endpoint() {
     assert_eq!(count(&mut a), 2);
     a.handle_update(Update::Upsert(entry_with_routes(3, &["10.77.0.0/16"])), now);
     assert_eq!(count(&mut a), 1);
+}
+
+#[test]
+fn paths_are_reported_only_to_a_server_that_takes_them_and_only_when_changed() {
+    use crate::wire::control::{PathEntry, PathState};
+    let now = Instant::now();
+    let with_paths = |paths| match welcome(1, &[2, 3]) {
+        Update::Welcome {
+            node,
+            mesh,
+            observed,
+            peers,
+            routes,
+            ..
+        } => Update::Welcome {
+            node,
+            mesh,
+            observed,
+            peers,
+            routes,
+            paths,
+        },
+        other => other,
+    };
+    let paths_sent = |a: &mut Agent| -> Vec<Vec<PathEntry>> {
+        messages(a)
+            .into_iter()
+            .filter_map(|m| match m {
+                NodeMessage::Paths { peers } => Some(peers.entries),
+                _ => None,
+            })
+            .collect()
+    };
+
+    // A server before 0.4.0: nothing, however long.
+    let mut old = agent(1, now);
+    old.handle_session_up(addr(RENDEZVOUS), None, now);
+    old.handle_update(with_paths(false), now);
+    advance(&mut old, now + Duration::from_secs(30), &mut |_| {});
+    assert_eq!(paths_sent(&mut old), Vec::<Vec<PathEntry>>::new());
+
+    // A server that takes them: one report at once, every mesh peer down
+    // (no handshake yet), sorted by key.
+    let mut a = agent(1, now);
+    a.handle_session_up(addr(RENDEZVOUS), None, now);
+    a.handle_update(with_paths(true), now);
+    assert_eq!(a.poll_timeout(), (now, TimeoutReason::PathReport));
+    a.handle_timeout(now);
+    let mut expected: Vec<PathEntry> = [2, 3]
+        .map(|n| PathEntry {
+            peer: public(n),
+            path: PathState::Down,
+            rtt_us: None,
+        })
+        .into();
+    expected.sort_by_key(|e| e.peer);
+    assert_eq!(paths_sent(&mut a), vec![expected]);
+    // Nothing changed: nothing more, however long.
+    advance(&mut a, now + Duration::from_secs(30), &mut |_| {});
+    assert_eq!(paths_sent(&mut a), Vec::<Vec<PathEntry>>::new());
+    // A new session: its server hears again; a lost one stops the reports.
+    a.handle_update(Update::Disconnected, now + Duration::from_secs(30));
+    assert_ne!(a.poll_timeout().1, TimeoutReason::PathReport);
+    let later = now + Duration::from_secs(31);
+    a.handle_update(with_paths(true), later);
+    a.handle_timeout(later);
+    assert_eq!(paths_sent(&mut a).len(), 1);
 }

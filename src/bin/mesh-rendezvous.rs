@@ -14,7 +14,7 @@ use meshd::cli::{reader_gone, Stdout};
 use meshd::control::client::{self, ClientError};
 use meshd::rendezvous::admin::{self, AdminRequest, AdminResponse};
 use meshd::rendezvous::store::etcd::{EtcdConfig, EtcdTls};
-use meshd::rendezvous::{server, setup};
+use meshd::rendezvous::{paths, server, setup};
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/mesh-rendezvous";
 /// Who holds the state directory's lock, as its lock file says.
@@ -99,6 +99,19 @@ enum Command {
     /// whether its peers route it.
     #[command(subcommand)]
     Routes(RoutesCommand),
+    /// The mesh's paths at a glance: for every pair of nodes, direct over
+    /// IPv4 or IPv6, relayed or down, with the RTT, as each side reports it
+    /// (rows: from, columns: to), and the share of pairs that go direct.
+    /// Each server has the reports of the nodes connected to it.
+    Paths {
+        /// The matrix as JSON.
+        #[arg(long, conflicts_with = "dot")]
+        json: bool,
+        /// A Graphviz graph (`| dot -Tsvg > mesh.svg`): direct edges solid,
+        /// relayed ones dashed and red.
+        #[arg(long)]
+        dot: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -517,6 +530,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 other => unexpected(other)?,
             }
         }
+        Command::Paths { json, dot } => match admin_request(dir, AdminRequest::ListPaths)? {
+            AdminResponse::Paths { matrix } if json => {
+                writeln!(Stdout::lock(), "{}", serde_json::to_string_pretty(&matrix)?)?
+            }
+            AdminResponse::Paths { matrix } if dot => {
+                write!(Stdout::lock(), "{}", paths::render_dot(&matrix))?
+            }
+            AdminResponse::Paths { matrix } => {
+                write!(Stdout::lock(), "{}", paths::render_table(&matrix))?
+            }
+            other => unexpected(other)?,
+        },
         Command::Routes(RoutesCommand::Approve { node, prefix }) => {
             let request = AdminRequest::ApproveRoute {
                 node,

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use ipnet::IpNet;
 
+use super::paths::PathMatrix;
 use super::registry::{NodeRoutes, NodeStatus, Quarantined, Registry};
 use crate::control::server::ErrorResponse;
 use crate::identity::PublicKey;
@@ -58,6 +59,8 @@ pub enum AdminRequest {
     },
     /// Every node's advertised prefixes and what became of each.
     ListRoutes,
+    /// The mesh's paths as the nodes connected to this server report them.
+    ListPaths,
     /// Routes `prefix` (outside the routable ranges) to `node` (as for
     /// `RemoveNode`), or with `withdraw` takes that approval back.
     ApproveRoute {
@@ -94,6 +97,9 @@ pub enum AdminResponse {
     },
     Routes {
         nodes: Vec<NodeRoutes>,
+    },
+    Paths {
+        matrix: Box<PathMatrix>,
     },
     Done {
         message: String,
@@ -323,6 +329,9 @@ pub fn apply<R: RngCore + CryptoRng>(
         AdminRequest::ListRoutes => AdminResponse::Routes {
             nodes: registry.route_report(),
         },
+        AdminRequest::ListPaths => AdminResponse::Paths {
+            matrix: Box::new(registry.path_matrix()),
+        },
         AdminRequest::ApproveRoute {
             node,
             prefix,
@@ -407,6 +416,7 @@ pub fn apply_offline<R: RngCore + CryptoRng>(
             // No connections or links exist without a server.
             Command::Admitted { .. }
             | Command::Send { .. }
+            | Command::PeerDeltas { .. }
             | Command::Close { .. }
             | Command::Route { .. } => {}
         }

@@ -29,8 +29,8 @@ use crate::identity::{CertHash, JoinToken};
 use crate::identity::{PrivateKey, PublicKey};
 use crate::sockets::QuicSource;
 use crate::wire::control::{
-    Candidate, Hello, NatMapping, NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME,
-    MAX_FRAME_UNADMITTED, MAX_ROUTES, PROTOCOL_VERSION,
+    Candidate, Hello, NatMapping, NodeMessage, RejectReason, ServerHello, ServerMessage,
+    FEATURE_PATHS, MAX_FRAME, MAX_FRAME_UNADMITTED, MAX_ROUTES, PROTOCOL_VERSION,
 };
 use crate::wire::untrusted::bounded;
 
@@ -728,6 +728,7 @@ async fn admit_on(
             peers,
             servers,
             routes,
+            features,
         } => {
             tracing::info!(
                 %server, ipv4 = %node.ipv4, ipv6 = %node.ipv6, %observed, peers = peers.len(),
@@ -747,6 +748,7 @@ async fn admit_on(
                     observed,
                     peers,
                     routes,
+                    paths: features.iter().any(|f| f == FEATURE_PATHS),
                 },
                 servers,
             ))

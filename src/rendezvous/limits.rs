@@ -18,13 +18,15 @@ pub enum MessageKind {
     Candidates,
     Nat,
     Punch,
+    Paths,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 3] = [
+    pub const ALL: [MessageKind; 4] = [
         MessageKind::Candidates,
         MessageKind::Nat,
         MessageKind::Punch,
+        MessageKind::Paths,
     ];
 
     /// Its `type` on the wire.
@@ -33,6 +35,7 @@ impl MessageKind {
             MessageKind::Candidates => "candidates",
             MessageKind::Nat => "nat",
             MessageKind::Punch => "punch",
+            MessageKind::Paths => "paths",
         }
     }
 }
@@ -70,6 +73,9 @@ pub struct Limits {
     /// `punch` messages from one node towards one peer: each makes the peer
     /// probe every candidate of the requester.
     pub punch_pair: Rate,
+    /// `paths` reports: a node sends one when a path changed, at most
+    /// every [`PATH_REPORT_EVERY`](crate::agent::PATH_REPORT_EVERY).
+    pub paths: Rate,
     /// Messages over their rate that a connection may send before it is
     /// closed ([`CloseReason::Flooding`](super::registry::CloseReason)).
     pub tolerance: Rate,
@@ -82,6 +88,7 @@ impl Default for Limits {
             nat: Rate::new(10, Duration::from_secs(2)),
             punch: Rate::new(100, Duration::from_millis(20)),
             punch_pair: Rate::new(2, Duration::from_secs(5)),
+            paths: Rate::new(3, Duration::from_secs(4)),
             tolerance: Rate::new(50, Duration::from_secs(1)),
         }
     }
@@ -94,6 +101,7 @@ impl Limits {
             MessageKind::Candidates => self.candidates,
             MessageKind::Nat => self.nat,
             MessageKind::Punch => self.punch,
+            MessageKind::Paths => self.paths,
         }
     }
 }

@@ -226,6 +226,15 @@ impl RendezvousMetrics {
             counters
                 .candidates_refused()
                 .map(|(reason, count)| ([("reason", reason.as_str())], count.into())),
+        )?;
+        family(
+            out,
+            "mesh_rendezvous_path_entries_dropped_total",
+            Kind::Counter,
+            "Entries of nodes' path reports dropped (bad_rtt: the entry kept without its RTT), by reason.",
+            counters
+                .path_entries_dropped()
+                .map(|(reason, count)| ([("reason", reason.as_str())], count.into())),
         )
     }
 }
@@ -354,6 +363,7 @@ mesh_rendezvous_store_writes_total 5
 mesh_rendezvous_messages_over_rate_total{kind="candidates"} 0
 mesh_rendezvous_messages_over_rate_total{kind="nat"} 0
 mesh_rendezvous_messages_over_rate_total{kind="punch"} 0
+mesh_rendezvous_messages_over_rate_total{kind="paths"} 0
 # HELP mesh_rendezvous_punches_pair_limited_total Punches dropped by the rate per (requester, target) pair.
 # TYPE mesh_rendezvous_punches_pair_limited_total counter
 mesh_rendezvous_punches_pair_limited_total 0
@@ -370,6 +380,13 @@ mesh_rendezvous_candidates_refused_total{reason="multicast"} 0
 mesh_rendezvous_candidates_refused_total{reason="broadcast"} 0
 mesh_rendezvous_candidates_refused_total{reason="mesh_prefix"} 0
 mesh_rendezvous_candidates_refused_total{reason="claimed_observed"} 0
+# HELP mesh_rendezvous_path_entries_dropped_total Entries of nodes' path reports dropped (bad_rtt: the entry kept without its RTT), by reason.
+# TYPE mesh_rendezvous_path_entries_dropped_total counter
+mesh_rendezvous_path_entries_dropped_total{reason="unreadable"} 0
+mesh_rendezvous_path_entries_dropped_total{reason="too_many"} 0
+mesh_rendezvous_path_entries_dropped_total{reason="unknown_peer"} 0
+mesh_rendezvous_path_entries_dropped_total{reason="duplicate"} 0
+mesh_rendezvous_path_entries_dropped_total{reason="bad_rtt"} 0
 "#;
         assert_eq!(text, expected);
     }

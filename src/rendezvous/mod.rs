@@ -12,6 +12,7 @@ pub mod client;
 pub mod limits;
 pub mod links;
 pub mod metrics;
+pub mod paths;
 pub mod pending;
 pub mod reflector;
 pub mod registry;

@@ -62,7 +62,7 @@ use crate::rendezvous::registry::{
 use crate::rendezvous::store::LocalStore;
 use crate::wire::control::{
     Candidate, CandidateKind, Hello, MeshInfo, NatMapping, NodeMessage, RejectReason,
-    ServerMessage, PROTOCOL_VERSION,
+    ServerMessage, FEATURE_PATHS, PROTOCOL_VERSION,
 };
 use crate::wire::relay::{self, NodeId as RelayId, RelayKind};
 
@@ -1011,6 +1011,7 @@ impl Sim {
                         NodeMessage::Candidates { candidates } => {
                             registry.handle_candidates(conn, candidates, now)
                         }
+                        NodeMessage::Paths { peers } => registry.handle_paths(conn, peers, now),
                     }
                 }
             }
@@ -1063,10 +1064,35 @@ impl Sim {
     fn run_registry(&mut self, immediate: bool) {
         let now = self.now();
         loop {
-            let Some(command) = self.registry.as_mut().and_then(Registry::poll_command) else {
+            let Some(command) = self.registry.as_mut().and_then(|registry| {
+                registry.poll_command().or_else(|| {
+                    // The quinn shell flushes peer-map changes a short
+                    // tick later; here the tick is this turn's end.
+                    registry.flush_deltas();
+                    registry.poll_command()
+                })
+            }) else {
                 return;
             };
             match command {
+                Command::PeerDeltas { members, deltas } => {
+                    for member in members {
+                        for delta in deltas.iter().filter(|d| member.wants(d)) {
+                            let (conn, msg) = (member.conn, delta.msg.clone());
+                            if immediate {
+                                self.deliver_message(conn, msg, now);
+                            } else {
+                                self.carry(
+                                    Carried::Message {
+                                        conn,
+                                        msg: Box::new(msg),
+                                    },
+                                    now,
+                                );
+                            }
+                        }
+                    }
+                }
                 Command::Admitted { conn, ipv4, .. } => {
                     // As the quinn shell does: the node relays from now on.
                     if let Some(id) = RelayId::of_overlay(ipv4) {
@@ -1132,6 +1158,7 @@ impl Sim {
                 observed,
                 peers,
                 routes,
+                features,
                 ..
             } => {
                 let agent = &mut self.nodes[i].agent;
@@ -1145,6 +1172,7 @@ impl Sim {
                         observed,
                         peers,
                         routes,
+                        paths: features.iter().any(|f| f == FEATURE_PATHS),
                     },
                     now,
                 );

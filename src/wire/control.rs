@@ -8,6 +8,7 @@
 //! checked against a limit *before* anything is allocated, and the limit is
 //! much smaller until the node is admitted.
 
+use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -31,6 +32,15 @@ pub const MAX_NAME: usize = 253;
 pub const MAX_CANDIDATES: usize = 16;
 /// Most prefixes a node may advertise.
 pub const MAX_ROUTES: usize = 32;
+/// Most peers one path report carries (about 80 bytes each: a report of
+/// this many stays well inside the rendezvous's 64 KiB frame limit).
+pub const MAX_PATH_PEERS: usize = 512;
+/// Longest round-trip time a path report may state, in microseconds (60 s).
+pub const MAX_RTT_US: u32 = 60_000_000;
+/// The feature a `Welcome` names when the server takes `paths` reports
+/// (proto/control.md §16). A node sends them to such a server only: one
+/// before 0.4.0 ends the session on a message type it does not know.
+pub const FEATURE_PATHS: &str = "paths";
 
 /// Server → node, first message on the stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -303,6 +313,10 @@ pub enum ServerMessage {
         /// when it advertised none.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         routes: Vec<RouteDecision>,
+        /// Optional node messages this server takes ([`FEATURE_PATHS`]).
+        /// Absent from a server before 0.4.0, which takes none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// Not admitted; the connection closes after this.
     Rejected {
@@ -333,6 +347,126 @@ pub enum NodeMessage {
     /// What this node has learnt of its NAT's mapping behaviour; the
     /// rendezvous passes it on in the node's peer-map entry.
     Nat { mapping: NatMapping },
+    /// The path to each peer as this node sees it now, for the operator's
+    /// picture of the mesh (`mesh-rendezvous paths`). Sent only to a server
+    /// whose `Welcome` names [`FEATURE_PATHS`], when something changed, at
+    /// most every few seconds.
+    Paths { peers: PathList },
+}
+
+/// How a node reaches one peer now (proto/control.md §16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathState {
+    /// Straight to an IPv4 endpoint of the peer.
+    DirectV4,
+    /// Straight to an IPv6 endpoint of the peer.
+    DirectV6,
+    /// Through the rendezvous's relay.
+    Relay,
+    /// No path, or no WireGuard handshake within the last 180 s.
+    Down,
+}
+
+impl PathState {
+    pub const ALL: [PathState; 4] = [Self::DirectV4, Self::DirectV6, Self::Relay, Self::Down];
+
+    /// Its word on the wire and in `mesh-rendezvous paths --json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DirectV4 => "direct_v4",
+            Self::DirectV6 => "direct_v6",
+            Self::Relay => "relay",
+            Self::Down => "down",
+        }
+    }
+
+    pub fn is_direct(self) -> bool {
+        matches!(self, Self::DirectV4 | Self::DirectV6)
+    }
+}
+
+impl fmt::Display for PathState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One peer in a `paths` report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathEntry {
+    pub peer: PublicKey,
+    pub path: PathState,
+    /// The direct path's round-trip time by probes, in microseconds; absent
+    /// when not measured (and for the relay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_us: Option<u32>,
+}
+
+/// The entries of a `paths` report. An entry this version cannot read (a
+/// bad key, a path word it does not know, a wrong type) is skipped and
+/// counted in `unreadable`, so one such entry costs the report nothing
+/// else; it is written back without them.
+#[derive(Debug, Clone, Default)]
+pub struct PathList {
+    pub entries: Vec<PathEntry>,
+    /// Entries skipped while reading.
+    pub unreadable: usize,
+}
+
+/// Two lists are equal when they say the same: what was skipped while
+/// reading one is not part of it (it is not written back either).
+impl PartialEq for PathList {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl Eq for PathList {}
+
+impl From<Vec<PathEntry>> for PathList {
+    fn from(entries: Vec<PathEntry>) -> Self {
+        Self {
+            entries,
+            unreadable: 0,
+        }
+    }
+}
+
+impl Serialize for PathList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.entries.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PathList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = PathList;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array of path entries")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<PathList, A::Error> {
+                let mut list = PathList::default();
+                // Each element as any JSON value first (bounded by the
+                // frame), then as an entry if it is one.
+                while let Some(value) = seq.next_element::<serde_json::Value>()? {
+                    match PathEntry::deserialize(value) {
+                        Ok(entry) => list.entries.push(entry),
+                        Err(_) => list.unreadable = list.unreadable.saturating_add(1),
+                    }
+                }
+                Ok(list)
+            }
+        }
+        d.deserialize_seq(Entries)
+    }
 }
 
 /// Why a node was not admitted. Deliberately coarse: a stranger learns

@@ -100,6 +100,7 @@ use subtle::ConstantTimeEq;
 use super::admission;
 use super::limits::Bucket;
 pub use super::limits::{Limits, MessageKind, Rate};
+use super::paths::{self as path_matrix, PathMatrix, PathRefusal, PathReport};
 use super::store::kv::{Event, KeyValue, Op, Outcome, Revision, Txn};
 use super::store::records::{self, Endpoints, Key, NodeIdentity, Presence, ServerRecord, Value};
 pub use crate::identity::join_token::MAX_TOKEN_ID;
@@ -109,9 +110,9 @@ use crate::ipam;
 /// Connections as the shell names them (shared with the relay table).
 pub use crate::relay::ConnId;
 use crate::wire::control::{
-    Candidate, CandidateKind, Hello, HelloError, MeshInfo, NatMapping, NodeEntry, Proof,
-    RejectReason, RouteDecision, ServerMessage, MAX_CANDIDATES, MAX_NAME, MAX_ROUTES,
-    PROTOCOL_VERSION,
+    Candidate, CandidateKind, Hello, HelloError, MeshInfo, NatMapping, NodeEntry, PathList, Proof,
+    RejectReason, RouteDecision, ServerMessage, FEATURE_PATHS, MAX_CANDIDATES, MAX_NAME,
+    MAX_ROUTES, PROTOCOL_VERSION,
 };
 use crate::wire::endpoint::{self, Unusable};
 use crate::wire::untrusted::Untrusted;
@@ -350,6 +351,14 @@ pub enum Command {
     },
     /// Send `msg` on the connection's control stream.
     Send { conn: ConnId, msg: ServerMessage },
+    /// The peer-map changes since the last [`Registry::flush_deltas`]
+    /// (`PeerUpsert`/`PeerRemove`, the latest per node), each for every
+    /// node connected here but the one it is about: one write per member
+    /// per tick, however many changes the tick had.
+    PeerDeltas {
+        members: Vec<DeltaMember>,
+        deltas: Vec<Delta>,
+    },
     /// Close the connection (after sending what was queued for it before).
     Close { conn: ConnId, reason: CloseReason },
     /// Commit `txn` to the store, then answer [`Registry::handle_outcome`]
@@ -369,6 +378,33 @@ pub enum Command {
     /// reconnect): call [`Registry::flush`] soon. The shell may debounce
     /// these, so one commit carries a burst of changes.
     PersistSoon,
+}
+
+/// One change in a [`Command::PeerDeltas`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// The node it is about, which is not sent it.
+    pub subject: PublicKey,
+    /// When it was made, in the registry's order of changes.
+    pub seq: u64,
+    pub msg: ServerMessage,
+}
+
+/// A node a [`Command::PeerDeltas`] goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaMember {
+    pub conn: ConnId,
+    pub key: PublicKey,
+    /// It was welcomed during the tick, with every change up to this one
+    /// in its welcome: those are not sent again.
+    pub knows: u64,
+}
+
+impl DeltaMember {
+    /// Whether `delta` is for this member.
+    pub fn wants(&self, delta: &Delta) -> bool {
+        delta.subject != self.key && delta.seq > self.knows
+    }
 }
 
 /// What a server is called when it is the mesh's only one.
@@ -615,6 +651,8 @@ pub struct Counters {
     pub joins_contended: u64,
     /// Announced candidates dropped, as [`CandidateRefusal::ALL`].
     refused: [u64; CandidateRefusal::ALL.len()],
+    /// Entries of path reports dropped, as [`PathRefusal::ALL`].
+    path_entries: [u64; PathRefusal::ALL.len()],
 }
 
 impl Counters {
@@ -632,6 +670,14 @@ impl Counters {
             .iter()
             .copied()
             .zip(self.refused.iter().copied())
+    }
+
+    /// Entries of path reports dropped (or their RTT), by reason.
+    pub fn path_entries_dropped(&self) -> impl Iterator<Item = (PathRefusal, u64)> + '_ {
+        PathRefusal::ALL
+            .iter()
+            .copied()
+            .zip(self.path_entries.iter().copied())
     }
 
     fn refuse(&mut self, why: CandidateRefusal) {
@@ -652,6 +698,7 @@ fn kind_index(kind: MessageKind) -> usize {
         MessageKind::Candidates => 0,
         MessageKind::Nat => 1,
         MessageKind::Punch => 2,
+        MessageKind::Paths => 3,
     }
 }
 
@@ -753,6 +800,14 @@ pub struct Registry {
     /// The server is shutting down ([`Registry::handle_shutdown`]): no
     /// one is admitted any more.
     going_away: bool,
+    /// Peer-map changes not yet sent: the latest per node they are about
+    /// (a `PeerUpsert` or a `PeerRemove`). See [`Registry::flush_deltas`].
+    deltas: BTreeMap<PublicKey, (u64, ServerMessage)>,
+    /// The number of the latest peer-map change.
+    delta_seq: u64,
+    /// Connections welcomed since the last flush, with the latest change
+    /// their welcome included.
+    welcomed_in_tick: HashMap<ConnId, u64>,
     /// A [`Command::PersistSoon`] is queued and not yet polled: one is
     /// enough.
     persist_soon_queued: bool,
@@ -769,6 +824,9 @@ pub struct Registry {
     /// Records that routes are decided on changed since they were last
     /// decided.
     routes_stale: bool,
+    /// The latest path report of each node connected here (memory only:
+    /// see [`path_matrix`]).
+    path_reports: BTreeMap<PublicKey, PathReport>,
 }
 
 /// Every [`RejectReason`], in the order metrics list them.
@@ -831,6 +889,9 @@ impl Registry {
             dirty: BTreeSet::new(),
             store_up: true,
             going_away: false,
+            deltas: BTreeMap::new(),
+            delta_seq: 0,
+            welcomed_in_tick: HashMap::new(),
             persist_soon_queued: false,
             rejections: [0; REJECT_REASONS.len()],
             limits,
@@ -838,6 +899,7 @@ impl Registry {
             routable: Vec::new(),
             routes: RouteTable::default(),
             routes_stale: false,
+            path_reports: BTreeMap::new(),
         }
         .with_routes_decided()
     }
@@ -1271,6 +1333,9 @@ impl Registry {
             .filter(|(k, _)| **k != key)
             .map(|(k, r)| node_entry(k, r, &self.routes))
             .collect();
+        // Its welcome has every change so far: the tick's are not sent
+        // to it again.
+        self.welcomed_in_tick.insert(conn, self.delta_seq);
         self.push(Command::Send {
             conn,
             msg: ServerMessage::Welcome {
@@ -1280,13 +1345,14 @@ impl Registry {
                 peers,
                 servers: self.servers(),
                 routes: self.routes.decisions(&key).to_vec(),
+                features: vec![FEATURE_PATHS.to_owned()],
             },
         });
         // A node back with nothing new (a restarted server's nodes coming
         // back, a reconnect after a lost session) costs its peers nothing:
         // they keep its entry while it is away.
         if told.as_ref() != Some(&entry) {
-            self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
+            self.announce_delta(ServerMessage::PeerUpsert { peer: entry });
         }
     }
 
@@ -1647,8 +1713,7 @@ impl Registry {
                     let msg = ServerMessage::PeerUpsert {
                         peer: node_entry(&key, record, &self.routes),
                     };
-                    let own = self.online.get(&key).copied();
-                    self.broadcast_except_opt(own, &msg);
+                    self.announce_delta(msg);
                 }
                 Change::Removed(key) => self.cut_off(key),
             }
@@ -1673,7 +1738,7 @@ impl Registry {
                 reason: CloseReason::Removed,
             });
         }
-        self.broadcast_except_opt(None, &ServerMessage::PeerRemove { public_key: key });
+        self.announce_delta(ServerMessage::PeerRemove { public_key: key });
     }
 
     /// The revision this replica last saw `key` written at (0: never,
@@ -1737,7 +1802,7 @@ impl Registry {
         record.candidates = merged;
         let entry = node_entry(&key, record, &self.routes);
         self.touch(key);
-        self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
+        self.announce_delta(ServerMessage::PeerUpsert { peer: entry });
     }
 
     /// An admitted node reports its NAT's mapping behaviour. Within the rate
@@ -1760,7 +1825,7 @@ impl Registry {
         record.nat = mapping;
         let entry = node_entry(&key, record, &self.routes);
         self.touch(key);
-        self.broadcast_except(conn, &ServerMessage::PeerUpsert { peer: entry });
+        self.announce_delta(ServerMessage::PeerUpsert { peer: entry });
     }
 
     /// An admitted node asks `peer` to probe it now (hole punching). Passed
@@ -1803,6 +1868,40 @@ impl Registry {
         });
     }
 
+    /// An admitted node's paths to its peers. Within the rate
+    /// ([`Limits::paths`]), the report is checked ([`path_matrix::check`]:
+    /// members only, once each, at most
+    /// [`MAX_PATH_PEERS`](crate::wire::control::MAX_PATH_PEERS), what does
+    /// not pass dropped and counted) and replaces the node's previous one,
+    /// in memory only; nothing is saved or sent on.
+    pub fn handle_paths(&mut self, conn: ConnId, peers: PathList, now: Now) {
+        if !self.within_rate(conn, MessageKind::Paths, now) {
+            return;
+        }
+        let Some(key) = self.sessions.get(&conn).map(|s| s.key) else {
+            return;
+        };
+        let nodes = &self.state.nodes;
+        let peers = path_matrix::check(
+            &key,
+            peers,
+            |k| nodes.contains_key(k),
+            &mut self.counters.path_entries,
+        );
+        self.path_reports.insert(
+            key,
+            PathReport {
+                at: now.unix,
+                peers,
+            },
+        );
+    }
+
+    /// The mesh's paths as the reports of the nodes connected here say.
+    pub fn path_matrix(&self) -> PathMatrix {
+        path_matrix::assemble(&self.server_name, &self.nodes(), &self.path_reports)
+    }
+
     /// The shell's connection ended (for any reason, including one this
     /// registry asked for). An admitted node goes offline; its peers keep
     /// its last candidates, so nothing is broadcast.
@@ -1819,6 +1918,8 @@ impl Registry {
         };
         if self.online.get(&session.key) == Some(&conn) {
             self.online.remove(&session.key);
+            // What it said is stale from now on; its next session reports again.
+            self.path_reports.remove(&session.key);
             // Unless another server has the node by now.
             let presence = Key::Presence(session.key);
             let txn = Txn::new()
@@ -2148,6 +2249,7 @@ impl Registry {
             Command::PersistSoon => self.persist_soon_queued = false,
             Command::Admitted { .. }
             | Command::Send { .. }
+            | Command::PeerDeltas { .. }
             | Command::Close { .. }
             | Command::Route { .. }
             | Command::Commit { .. } => {}
@@ -2414,22 +2516,51 @@ impl Registry {
         }
     }
 
-    fn broadcast_except(&mut self, except: ConnId, msg: &ServerMessage) {
-        self.broadcast_except_opt(Some(except), msg);
+    /// A change of the peer map, for every node connected here but the
+    /// one it is about: kept until [`Registry::flush_deltas`], the latest
+    /// per node.
+    fn announce_delta(&mut self, msg: ServerMessage) {
+        let subject = match &msg {
+            ServerMessage::PeerUpsert { peer } => peer.public_key,
+            ServerMessage::PeerRemove { public_key } => *public_key,
+            _ => return,
+        };
+        self.delta_seq += 1;
+        self.deltas.insert(subject, (self.delta_seq, msg));
     }
 
-    fn broadcast_except_opt(&mut self, except: Option<ConnId>, msg: &ServerMessage) {
-        let conns: Vec<ConnId> = self
-            .online
-            .values()
-            .copied()
-            .filter(|c| Some(*c) != except)
+    /// Whether peer-map changes wait for [`Registry::flush_deltas`]; the
+    /// shell flushes them a short tick after the first.
+    pub fn has_deltas(&self) -> bool {
+        !self.deltas.is_empty()
+    }
+
+    /// Queues the peer-map changes gathered since the last flush as one
+    /// [`Command::PeerDeltas`]: a burst of joins or reconnects costs each
+    /// member one write per tick, not one per change. Also done before any
+    /// other message to a node, which must not overtake them (a punch names
+    /// a peer whose new candidates may be among them).
+    pub fn flush_deltas(&mut self) {
+        if self.deltas.is_empty() {
+            return;
+        }
+        let deltas: Vec<Delta> = std::mem::take(&mut self.deltas)
+            .into_iter()
+            .map(|(subject, (seq, msg))| Delta { subject, seq, msg })
             .collect();
-        for conn in conns {
-            self.push(Command::Send {
-                conn,
-                msg: msg.clone(),
-            });
+        let welcomed = std::mem::take(&mut self.welcomed_in_tick);
+        let members: Vec<DeltaMember> = self
+            .online
+            .iter()
+            .map(|(key, conn)| DeltaMember {
+                conn: *conn,
+                key: *key,
+                knows: welcomed.get(conn).copied().unwrap_or(0),
+            })
+            .collect();
+        if !members.is_empty() {
+            self.commands
+                .push_back(Command::PeerDeltas { members, deltas });
         }
     }
 
@@ -2483,6 +2614,12 @@ impl Registry {
     }
 
     fn push(&mut self, cmd: Command) {
+        // A direct message must not overtake the peer-map changes before
+        // it; a welcome carries the whole map, so it may.
+        if matches!(&cmd, Command::Send { msg, .. } if !matches!(msg, ServerMessage::Welcome { .. }))
+        {
+            self.flush_deltas();
+        }
         self.commands.push_back(cmd);
     }
 }

@@ -84,11 +84,34 @@ fn observed(n: u8) -> SocketAddr {
 /// as committed (a single server's store, which nobody else writes)
 /// and shown as [`committed`]; commits of presence alone (which server a
 /// node is on) are left out.
+/// The registry's next command, as the shell runs them: the peer-map
+/// changes of a tick go out once nothing else is queued.
+fn next_command(reg: &mut Registry) -> Option<Command> {
+    reg.poll_command().or_else(|| {
+        reg.flush_deltas();
+        reg.poll_command()
+    })
+}
+
+/// A tick's [`Command::PeerDeltas`] as the sends they make, member by
+/// member, each member's in order.
+fn expand_deltas(members: Vec<DeltaMember>, deltas: &[Delta], out: &mut Vec<Command>) {
+    for member in members {
+        for delta in deltas.iter().filter(|d| member.wants(d)) {
+            out.push(Command::Send {
+                conn: member.conn,
+                msg: delta.msg.clone(),
+            });
+        }
+    }
+}
+
 fn drain(reg: &mut Registry) -> Vec<Command> {
     static REVISION: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(2);
     let mut out = Vec::new();
-    while let Some(command) = reg.poll_command() {
+    while let Some(command) = next_command(reg) {
         match command {
+            Command::PeerDeltas { members, deltas } => expand_deltas(members, &deltas, &mut out),
             Command::Commit { id, txn } => {
                 let revision = REVISION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 reg.handle_outcome(id, Outcome::Committed { revision }, &[]);
@@ -1280,6 +1303,7 @@ fn no_refill() -> Limits {
         nat: Rate::new(d.nat.burst, hour),
         punch: Rate::new(d.punch.burst, hour),
         punch_pair: Rate::new(d.punch_pair.burst, hour),
+        paths: Rate::new(d.paths.burst, hour),
         tolerance: Rate::new(d.tolerance.burst, hour),
     }
 }
@@ -1353,7 +1377,8 @@ fn a_candidate_storm_is_held_to_its_rate_and_the_flooder_is_closed() {
         vec![
             (MessageKind::Candidates, dropped),
             (MessageKind::Nat, 0),
-            (MessageKind::Punch, 0)
+            (MessageKind::Punch, 0),
+            (MessageKind::Paths, 0)
         ]
     );
     assert_eq!(reg.counters().closed_flooding, 1);
@@ -1369,16 +1394,17 @@ fn messages_over_the_rate_are_dropped_and_the_budget_refills() {
         NatMapping::EndpointDependent,
         NatMapping::EndpointIndependent,
     ];
+    // Each in a tick of its own (in one tick, the latest would stand for
+    // them all): every one within the rate is sent.
+    let mut sent = 0;
     for i in 0..rate.burst {
         reg.handle_nat(ConnId(1), mappings[i as usize % 2], at(NOW));
-    }
-    assert_eq!(
-        drain(&mut reg)
+        sent += drain(&mut reg)
             .iter()
             .filter(|c| matches!(c, Command::Send { .. }))
-            .count(),
-        rate.burst as usize
-    );
+            .count();
+    }
+    assert_eq!(sent, rate.burst as usize);
     reg.handle_nat(ConnId(1), NatMapping::None, at(NOW));
     assert!(drain(&mut reg).is_empty(), "over the rate: dropped");
     assert_eq!(
@@ -1768,8 +1794,11 @@ impl TwoServers {
     fn run(&mut self, i: usize) -> Vec<Command> {
         let lease = crate::rendezvous::store::kv::LeaseId(i as i64);
         let mut out = Vec::new();
-        while let Some(command) = self.servers[i].poll_command() {
+        while let Some(command) = next_command(&mut self.servers[i]) {
             match command {
+                Command::PeerDeltas { members, deltas } => {
+                    expand_deltas(members, &deltas, &mut out)
+                }
                 Command::Commit { id, txn } => {
                     let outcome = self.kv.txn(&txn, lease);
                     let fresh = match outcome {
@@ -2545,4 +2574,239 @@ fn a_reconnect_is_sent_to_peers_only_when_the_entry_changed() {
     assert_eq!(upserts_to_2(&cmds), 1, "{cmds:?}");
     let (me, _) = welcome(&cmds);
     assert!(me.candidates.iter().any(|c| c.addr == moved), "{me:?}");
+}
+
+// -----------------------------------------------------------------------
+// Path reports
+// -----------------------------------------------------------------------
+
+#[test]
+fn a_path_report_is_kept_in_memory_sent_nowhere_and_gone_with_its_connection() {
+    use crate::wire::control::{PathEntry, PathState, FEATURE_PATHS};
+    let (mut reg, token) = with_token();
+    let cmds = join(&mut reg, 1, &token);
+    let features = cmds.iter().find_map(|c| match c {
+        Command::Send {
+            msg: ServerMessage::Welcome { features, .. },
+            ..
+        } => Some(features.clone()),
+        _ => None,
+    });
+    assert_eq!(features, Some(vec![FEATURE_PATHS.to_owned()]));
+    join(&mut reg, 2, &token);
+
+    let report = vec![PathEntry {
+        peer: key(2),
+        path: PathState::Relay,
+        rtt_us: None,
+    }];
+    reg.handle_paths(ConnId(1), report.into(), at(NOW));
+    assert_eq!(drain(&mut reg), vec![], "nothing saved, nothing sent");
+    let matrix = reg.path_matrix();
+    let cells: Vec<(&str, &str, PathState)> = matrix
+        .paths
+        .iter()
+        .map(|c| (c.from.as_str(), c.to.as_str(), c.path))
+        .collect();
+    let (n1, n2) = (&matrix.nodes[0].name, &matrix.nodes[1].name);
+    let (from, to) = if matrix.nodes[0].public_key == key(1) {
+        (n1.as_str(), n2.as_str())
+    } else {
+        (n2.as_str(), n1.as_str())
+    };
+    assert_eq!(cells, [(from, to, PathState::Relay)]);
+    assert_eq!(
+        (matrix.pairs, matrix.pairs_reported, matrix.pairs_direct),
+        (1, 1, 0)
+    );
+
+    // From a connection that is not admitted: ignored.
+    reg.handle_paths(ConnId(9), vec![].into(), at(NOW));
+    assert_eq!(reg.path_matrix().paths.len(), 1);
+    // The node leaves: its report goes with it.
+    reg.handle_disconnect(ConnId(1), at(NOW));
+    drain(&mut reg);
+    assert!(reg.path_matrix().paths.is_empty());
+}
+
+// -----------------------------------------------------------------------
+// Peer-map changes, one write per member per tick
+// -----------------------------------------------------------------------
+
+/// Every command queued now, without the shell's tick.
+fn queued(reg: &mut Registry) -> Vec<Command> {
+    std::iter::from_fn(|| reg.poll_command()).collect()
+}
+
+#[test]
+fn changes_of_one_tick_reach_each_member_once_the_latest_per_node_never_its_own() {
+    let (mut reg, token) = with_token();
+    for n in 1..=3 {
+        join(&mut reg, n, &token);
+    }
+    reg.handle_nat(ConnId(1), NatMapping::EndpointDependent, at(NOW));
+    reg.handle_nat(ConnId(1), NatMapping::EndpointIndependent, at(NOW));
+    reg.handle_nat(ConnId(2), NatMapping::None, at(NOW));
+    assert!(
+        !queued(&mut reg)
+            .iter()
+            .any(|c| matches!(c, Command::Send { .. } | Command::PeerDeltas { .. })),
+        "nothing goes out before the tick"
+    );
+    assert!(reg.has_deltas());
+    reg.flush_deltas();
+    let cmds = queued(&mut reg);
+    let [Command::PeerDeltas { members, deltas }] = cmds.as_slice() else {
+        panic!("one batch for the tick: {cmds:?}");
+    };
+    assert_eq!(members.len(), 3, "every member");
+    let about: Vec<(PublicKey, NatMapping)> = deltas
+        .iter()
+        .map(|d| match &d.msg {
+            ServerMessage::PeerUpsert { peer } => {
+                assert_eq!(peer.public_key, d.subject);
+                (d.subject, peer.nat)
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(about.len(), 2, "one change per node: {about:?}");
+    assert!(
+        about.contains(&(key(1), NatMapping::EndpointIndependent)),
+        "the latest"
+    );
+    assert!(about.contains(&(key(2), NatMapping::None)));
+    // As sent: node 1 hears of node 2 only, node 3 of both.
+    let sent = drain_batch(members.clone(), deltas);
+    assert_eq!(sent[&ConnId(1)], [key(2)]);
+    assert_eq!(sent[&ConnId(2)], [key(1)]);
+    assert_eq!(sent[&ConnId(3)].len(), 2);
+    assert!(!reg.has_deltas());
+}
+
+/// Who hears of whom, from one batch.
+fn drain_batch(members: Vec<DeltaMember>, deltas: &[Delta]) -> BTreeMap<ConnId, Vec<PublicKey>> {
+    let mut out = Vec::new();
+    expand_deltas(members, deltas, &mut out);
+    let mut heard: BTreeMap<ConnId, Vec<PublicKey>> = BTreeMap::new();
+    for c in out {
+        if let Command::Send { conn, msg } = c {
+            let about = match msg {
+                ServerMessage::PeerUpsert { peer } => peer.public_key,
+                ServerMessage::PeerRemove { public_key } => public_key,
+                other => panic!("{other:?}"),
+            };
+            heard.entry(conn).or_default().push(about);
+        }
+    }
+    heard
+}
+
+#[test]
+fn a_punch_never_overtakes_the_changes_before_it() {
+    let (mut reg, token) = with_token();
+    for n in 1..=2 {
+        join(&mut reg, n, &token);
+    }
+    // Node 2's new candidates, then its request to punch node 1: node 1
+    // must know them when it is told to punch.
+    let fresh = vec![Candidate {
+        addr: SocketAddr::from(([198, 51, 100, 77], 41000)),
+        kind: CandidateKind::Local,
+        mapped: None,
+    }];
+    reg.handle_candidates(ConnId(2), fresh, at(NOW));
+    reg.handle_punch(ConnId(2), &key(1), at(NOW));
+    let cmds = queued(&mut reg);
+    let batch = cmds
+        .iter()
+        .position(|c| matches!(c, Command::PeerDeltas { .. }))
+        .expect("the change went out with the punch");
+    let punch = cmds
+        .iter()
+        .position(|c| {
+            matches!(
+                c,
+                Command::Send {
+                    msg: ServerMessage::Punch { .. },
+                    ..
+                }
+            )
+        })
+        .expect("a punch");
+    assert!(batch < punch, "{cmds:?}");
+}
+
+#[test]
+fn a_member_back_in_the_middle_of_a_tick_misses_nothing() {
+    let (mut reg, token) = with_token();
+    for n in 1..=2 {
+        join(&mut reg, n, &token);
+    }
+    reg.handle_nat(ConnId(1), NatMapping::EndpointIndependent, at(NOW));
+    // Node 2 reconnects before the tick: its welcome has node 1's latest,
+    // so the tick's change is not sent to it again.
+    reg.handle_disconnect(ConnId(2), at(NOW));
+    reg.handle_hello(
+        ConnId(12),
+        arriving(hello(2, None), observed(2)),
+        at(NOW + 1),
+    );
+    let cmds = drain(&mut reg);
+    let (_, peers) = welcome(&cmds);
+    let one = peers.iter().find(|p| p.public_key == key(1)).unwrap();
+    assert_eq!(one.nat, NatMapping::EndpointIndependent, "in the welcome");
+    assert!(
+        !cmds.iter().any(|c| matches!(
+            c,
+            Command::Send {
+                conn: ConnId(12),
+                msg: ServerMessage::PeerUpsert { .. }
+            }
+        )),
+        "the map is sent once: {cmds:?}"
+    );
+    // A change after its welcome, in the same tick, does reach it.
+    reg.handle_nat(ConnId(1), NatMapping::EndpointDependent, at(NOW + 2));
+    let cmds = drain(&mut reg);
+    assert!(cmds.iter().any(|c| matches!(c,
+        Command::Send { conn: ConnId(12), msg: ServerMessage::PeerUpsert { peer } }
+        if peer.public_key == key(1) && peer.nat == NatMapping::EndpointDependent)));
+    assert!(
+        !cmds.iter().any(|c| matches!(
+            c,
+            Command::Send {
+                conn: ConnId(2),
+                ..
+            }
+        )),
+        "nothing to the old connection"
+    );
+}
+
+#[test]
+fn a_node_removed_after_a_change_in_the_same_tick_ends_removed_at_every_member() {
+    let (mut reg, token) = with_token();
+    for n in 1..=2 {
+        join(&mut reg, n, &token);
+    }
+    reg.handle_nat(ConnId(1), NatMapping::EndpointIndependent, at(NOW));
+    assert!(reg.remove_node(&key(1), false, NOW));
+    let cmds = drain(&mut reg);
+    let to_2: Vec<&ServerMessage> = cmds
+        .iter()
+        .filter_map(|c| match c {
+            Command::Send {
+                conn: ConnId(2),
+                msg,
+            } => Some(msg),
+            _ => None,
+        })
+        .collect();
+    // The removed node's own rejection flushes the tick first, so the
+    // change may still arrive; the removal comes last.
+    assert!(
+        matches!(to_2.last(), Some(ServerMessage::PeerRemove { public_key }) if *public_key == key(1)),
+        "{to_2:?}"
+    );
 }
