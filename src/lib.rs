@@ -32,6 +32,7 @@
 //! |---|---|---|
 //! | [`identity`] | x25519 keys, key files, the join token, the rendezvous's certificate hash | key files only |
 //! | [`paths`] | the node's and the rendezvous's state-directory layout | none |
+//! | [`portmap`] | port mapping on the gateway (PCP, NAT-PMP, UPnP IGD): when to probe, renew, give up; which answers to believe | pure |
 //! | [`config`] | TOML → validated config | reads the file |
 //! | [`wire`] | datagram demultiplexing, control messages, probes, NAT checks, relay frames | pure |
 //! | [`engine`] | peers, routing, sessions, timers, path choice | pure |
@@ -65,6 +66,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod offload;
 pub mod paths;
+pub mod portmap;
 pub mod relay;
 pub mod rendezvous;
 #[cfg(feature = "sim")]

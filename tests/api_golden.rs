@@ -11,9 +11,10 @@
 //! built below must serialize to the golden bytes, the golden bytes must read
 //! back into the same values, and [`v0_2_0`], a frozen copy of the 0.2.0
 //! types, must read what this release writes and write it back unchanged.
-//! What 0.4.0 added (prefixes behind nodes: `routes`; the family of a
+//! What 0.4.0 added (prefixes behind nodes: `routes`; port mapping:
+//! `port_mapping` and the `mapped` candidate source; the family of a
 //! direct path: `family`) has golden files of its own, written by 0.4.0;
-//! 0.2.0 reads its peers without the new fields.
+//! 0.2.0 reads them without the new fields.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -28,10 +29,10 @@ use std::str::FromStr;
 use meshd::agent::learned::{Unusable, UnusableWhy};
 use meshd::control::{
     AdvertisedRoute, CandidateInfo, CandidateSource, Envelope, Family, HolePunching, IoCounters,
-    NetcheckInfo, PeerInfo, PeerPath, PeerRoutes, PingInfo, RendezvousInfo, Request, Response,
-    RoutesInfo, StatusInfo,
+    NetcheckInfo, PeerInfo, PeerPath, PeerRoutes, PingInfo, PortMappingInfo, RendezvousInfo,
+    Request, Response, RoutesInfo, StatusInfo,
 };
-use meshd::wire::control::{NatMapping, RouteStatus};
+use meshd::wire::control::{MappingProtocol, NatMapping, RouteStatus};
 
 /// RFC 7748 §6.1 Alice and Bob, as in proto/vectors.
 const KEY_A: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
@@ -188,6 +189,7 @@ fn status() -> StatusInfo {
             udp_receives: 9,
             udp_received_datagrams: 310,
         },
+        port_mapping: None,
     }
 }
 
@@ -211,6 +213,7 @@ fn status_static() -> StatusInfo {
         drops: Default::default(),
         cookie_replies_sent: 0,
         io: IoCounters::default(),
+        port_mapping: None,
     }
 }
 
@@ -260,6 +263,7 @@ fn netcheck_symmetric() -> NetcheckInfo {
         explanation: "the rendezvous's two ports see this node at 203.0.113.41:3947 and \
                       203.0.113.41:60260: its NAT picks a new public port for every destination"
             .into(),
+        port_mapping: None,
     }
 }
 
@@ -276,6 +280,7 @@ fn netcheck_public() -> NetcheckInfo {
         mapping_from_peers: NatMapping::None,
         hole_punching: HolePunching::NotNeeded,
         explanation: "an address on its own interface: no NAT".into(),
+        port_mapping: None,
     }
 }
 
@@ -305,6 +310,7 @@ fn netcheck_silent() -> NetcheckInfo {
         mapping_from_peers: NatMapping::Unknown,
         hole_punching: HolePunching::Unknown,
         explanation: "the rendezvous's NAT-check port (its QUIC port + 1) did not answer".into(),
+        port_mapping: None,
     }
 }
 
@@ -445,9 +451,66 @@ fn routes() -> RoutesInfo {
     }
 }
 
+/// What a node behind a router that answers PCP and NAT-PMP shows (0.4.0).
+fn port_mapped() -> PortMappingInfo {
+    PortMappingInfo {
+        gateway: Some(v("10.70.0.1")),
+        answered: vec![MappingProtocol::Pcp, MappingProtocol::NatPmp],
+        protocol: Some(MappingProtocol::Pcp),
+        external: Some(v("203.0.113.70:51820")),
+        lifetime_s: Some(60),
+        error: None,
+    }
+}
+
+/// A node whose gateway answers none of the protocols (0.4.0).
+fn port_unmapped() -> PortMappingInfo {
+    PortMappingInfo {
+        gateway: Some(v("10.41.0.1")),
+        answered: vec![],
+        protocol: None,
+        external: None,
+        lifetime_s: None,
+        error: Some("the gateway 10.41.0.1 answers none of PCP, NAT-PMP, UPnP IGD".into()),
+    }
+}
+
+/// node-b reached through the port its router mapped (0.4.0).
+fn peers_mapped() -> Vec<PeerInfo> {
+    let mut peers = peers();
+    if let Some(b) = peers.first_mut() {
+        b.endpoint = Some(v("203.0.113.70:51820"));
+        b.candidates.insert(
+            0,
+            candidate("203.0.113.70:51820", CandidateSource::Mapped, 4),
+        );
+    }
+    peers
+}
+
 /// Golden files of 0.4.0's additions, with the response each holds.
 fn responses_0_4_0() -> Vec<(&'static str, Response)> {
     vec![
+        (
+            "status_port_mapping",
+            Response::Status(Box::new(StatusInfo {
+                port_mapping: Some(port_mapped()),
+                ..status()
+            })),
+        ),
+        (
+            "netcheck_port_mapping",
+            Response::Netcheck(Box::new(NetcheckInfo {
+                port_mapping: Some(port_unmapped()),
+                ..netcheck_symmetric()
+            })),
+        ),
+        (
+            "peers_mapped",
+            Response::Peers {
+                peers: peers_mapped(),
+            },
+        ),
         (
             "peers_routes",
             Response::Peers {
@@ -523,6 +586,21 @@ fn meshctl_0_2_0_reads_peers_with_routes_as_the_peers_it_knew() {
     };
     assert_eq!(peers.len(), 3);
     assert!(peers[0].allowed_ips.contains(&"10.244.2.0/24".to_owned()));
+}
+
+#[test]
+fn meshctl_0_2_0_reads_port_mapping_as_the_status_netcheck_and_peers_it_knew() {
+    for name in [
+        "status_port_mapping",
+        "netcheck_port_mapping",
+        "peers_mapped",
+    ] {
+        let old: Envelope<v0_2_0::Response> = serde_json::from_str(&golden(name))
+            .unwrap_or_else(|e| panic!("0.2.0 cannot read {name}: {e}"));
+        if let v0_2_0::Response::Peers { peers } = old.body {
+            assert_eq!(peers[0].candidates[0].source, "mapped");
+        }
+    }
 }
 
 #[test]

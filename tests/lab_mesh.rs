@@ -59,6 +59,9 @@ fn every_node_reaches_every_other_and_each_pair_settles_on_its_expected_path() {
     // facing any NAT other than the 1:1 is relayed. The firewall-less
     // MASQUERADE facing a cone goes either way, depending on whose probe
     // reaches its router first (tests/lab_nat.rs sets the order each way).
+    // The port-mapping router is a symmetric NAT here: this test runs no
+    // miniupnpd on it (tests/lab_portmap.rs does, and its node goes direct
+    // through the mapping).
     let subnet = |node: &str| topology().private_subnet_of(topology().node(node));
     let site = |node: &str| topology().node(node).router;
     let keeps_one_port = |node: &str| {
@@ -70,7 +73,7 @@ fn every_node_reaches_every_other_and_each_pair_settles_on_its_expected_path() {
     let symmetric = |node: &str| {
         matches!(
             topology().node(node).kind,
-            Kind::Symmetric | Kind::DualStack
+            Kind::Symmetric | Kind::DualStack | Kind::Upnp
         )
     };
     let dual_stack = |node: &str| topology().node(node).kind == Kind::DualStack;
@@ -144,6 +147,7 @@ fn every_node_reaches_every_other_and_each_pair_settles_on_its_expected_path() {
         ("pub1", "none"),
         ("sym1", "endpoint_dependent"),
         ("sym2", "endpoint_dependent"),
+        ("upnp", "endpoint_dependent"),
     ] {
         eventually(
             &format!("{node} knows its NAT is {nat}"),

@@ -402,18 +402,24 @@ fn hold_back(lab: &MeshLab, router: &str, to: &str, action: &str) {
 fn the_firewall_less_masquerade_goes_direct_when_its_node_sends_first() {
     let bare_public = topology().node("bare").public.to_string();
     let cone_public = topology().node("cone").public.to_string();
-    let lab = MeshLab::with_mesh_of(PREFIX, &["bare", "cone"]);
-    // The cone's packets to the bare router wait until bare's own mapping
-    // towards the cone is there (bare's first probes, dropped by the cone's
-    // firewall).
-    hold_back(&lab, "r-cone", &bare_public, "-I");
+    let bare_address = topology().node("bare").address;
+    // The cone's packets to the bare router wait, from before either meshd
+    // starts, until bare's own mapping towards the cone is there (bare's
+    // first probes, dropped by the cone's firewall) and kept port 51820.
+    let (lab, ()) = MeshLab::with_mesh_of_prepared(PREFIX, &["bare", "cone"], |lab| {
+        hold_back(lab, "r-cone", &bare_public, "-I");
+    });
     eventually(
-        "bare has a mapping towards the cone",
+        "bare has a mapping towards the cone on port 51820",
         REACH_DEADLINE,
         || {
             let flows = udp_flows(&lab, "r-bare");
             if flows.lines().any(|l| {
-                l.contains(&format!("dst={cone_public}")) && l.contains("sport=51820 dport=51820")
+                l.contains(&format!(
+                    "src={bare_address} dst={cone_public} sport=51820 dport=51820 "
+                )) && l.contains(&format!(
+                    "src={cone_public} dst={bare_public} sport=51820 dport=51820 "
+                ))
             }) {
                 Ok(())
             } else {
@@ -430,18 +436,20 @@ fn the_firewall_less_masquerade_goes_direct_when_its_node_sends_first() {
 fn the_firewall_less_masquerade_keeps_a_pair_relayed_when_the_peers_probe_arrives_first() {
     let bare_public = topology().node("bare").public.to_string();
     let cone_public = topology().node("cone").public.to_string();
-    let lab = MeshLab::with_mesh_of(PREFIX, &["bare", "cone", "pub1"]);
-    // bare's packets to the cone and to pub1 wait until a probe of each
-    // has reached the bare router: it takes them for itself and keeps the
-    // flows. pub1, public, answers bare from wherever bare's packets come,
-    // so it is the one that can tell bare where its mapping went.
+    // bare's packets to the cone and to pub1 wait, from before any meshd
+    // starts, until a probe of each has reached the bare router: it takes
+    // them for itself and keeps the flows. pub1, public, answers bare from
+    // wherever bare's packets come, so it is the one that can tell bare
+    // where its mapping went.
     let peers_first = [
         ("cone", cone_public.clone()),
         ("pub1", topology().node("pub1").public.to_string()),
     ];
-    for (_, public) in &peers_first {
-        hold_back(&lab, "r-bare", public, "-I");
-    }
+    let (lab, ()) = MeshLab::with_mesh_of_prepared(PREFIX, &["bare", "cone", "pub1"], |lab| {
+        for (_, public) in &peers_first {
+            hold_back(lab, "r-bare", public, "-I");
+        }
+    });
     for (peer, public) in &peers_first {
         let unsolicited = format!("src={public} dst={bare_public} sport=51820 dport=51820");
         eventually(

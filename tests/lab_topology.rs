@@ -259,7 +259,9 @@ fn the_symmetric_nat_maps_each_destination_to_a_new_port() {
     let pub1_b = socket(&lab, "pub1", PORT_B);
     let pub2_a = socket(&lab, "pub2", PORT_A);
 
-    for (node_name, router_ip) in [("sym1", public("sym1")), ("sym2", public("sym2"))] {
+    // The port-mapping router, without miniupnpd, is one of them.
+    for node_name in ["sym1", "sym2", "upnp"] {
+        let router_ip = public(node_name);
         let node = socket(&lab, node_name, NODE_PORT);
         send(&node, "to pub1:a", v4(public("pub1"), PORT_A));
         send(&node, "to pub1:b", v4(public("pub1"), PORT_B));
@@ -328,7 +330,7 @@ fn nodes_behind_a_nat_are_unreachable_unsolicited() {
     let pub1_a = socket(&lab, "pub1", PORT_A);
     let pub1_b = socket(&lab, "pub1", PORT_B);
 
-    for node_name in ["cone", "sym1", "lan1", "cgn", "v6a", "bare"] {
+    for node_name in ["cone", "sym1", "lan1", "cgn", "v6a", "bare", "upnp"] {
         let router_ip = public(node_name);
         // The node listens, but has sent nothing: there is no mapping yet.
         let node = socket(&lab, node_name, NODE_PORT);

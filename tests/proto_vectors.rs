@@ -68,6 +68,7 @@ fn cand(addr: &str, kind: CandidateKind) -> Candidate {
     Candidate {
         addr: addr.parse().unwrap(),
         kind,
+        mapped: None,
     }
 }
 

@@ -50,7 +50,7 @@ async fn a_members_candidate_storm_is_rate_limited_and_closed() {
         for i in 0..STORM {
             let port = 1000 + u16::try_from(i % 2).expect("0 or 1");
             let addr = SocketAddr::from(([192, 0, 2, 1], port));
-            let candidates = vec![Candidate { addr, kind: CandidateKind::Local }];
+            let candidates = vec![Candidate { addr, kind: CandidateKind::Local, mapped: None }];
             if write_frame(&mut raw.send, &NodeMessage::Candidates { candidates }).await.is_err() {
                 break;
             }

@@ -77,6 +77,7 @@ async fn a_node_message_split_across_packets_reaches_the_rendezvous_whole_while_
             candidates: vec![Candidate {
                 addr: moved,
                 kind: CandidateKind::Local,
+                mapped: None,
             }],
         };
         let bytes = encode(&message);
@@ -140,6 +141,7 @@ async fn a_server_message_split_across_packets_reaches_the_node_whole_while_rela
             },
             quic_source: Arc::new(QuicSource::default()),
             extra_routes: None,
+            mapped: None,
         };
         let config = ClientConfig {
             servers: vec![fake.addr.to_string()],
@@ -464,6 +466,7 @@ fn entry(key: &PrivateKey, name: &str, last: u8) -> NodeEntry {
         candidates: vec![Candidate {
             addr: "198.51.100.4:51820".parse().expect("an address"),
             kind: CandidateKind::Local,
+            mapped: None,
         }],
         nat: NatMapping::Unknown,
         routes: Vec::new(),

@@ -36,9 +36,11 @@ fi
 # etcd-client crate, so they come before the first cargo command;
 # containernetworking-plugins: the CNI `bridge` and `host-local` plugins
 # that make the pods of tests/lab_pods.rs; bird2: the BGP daemon whose
-# routes on mesh0 meshd learns there; graphviz: `dot` renders the graph of
+# routes on mesh0 meshd learns there; miniupnpd-iptables: the NAT-PMP, PCP
+# and UPnP IGD router of tests/lab_portmap.rs, and miniupnpc's upnpc, which
+# lists its mappings there; graphviz: `dot` renders the graph of
 # `mesh-rendezvous paths --dot` in tests/lab_paths.rs.
-packages=(iproute2 iputils-ping iptables conntrack procps wireguard-go wireguard-tools iperf3 systemd strace shellcheck etcd-server etcd-client protobuf-compiler libprotobuf-dev containernetworking-plugins bird2 graphviz)
+packages=(iproute2 iputils-ping iptables conntrack procps wireguard-go wireguard-tools iperf3 systemd strace shellcheck etcd-server etcd-client protobuf-compiler libprotobuf-dev containernetworking-plugins bird2 miniupnpd-iptables miniupnpc graphviz)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

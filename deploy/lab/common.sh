@@ -33,7 +33,10 @@
 #       cgn         behind a home router that is itself behind a
 #                   carrier-grade NAT (two layers of NAT);
 #       v6a, v6b    dual stack: IPv4 behind symmetric NATs, a public IPv6
-#                   /64 on each LAN, routed through a stateful firewall.
+#                   /64 on each LAN, routed through a stateful firewall;
+#       upnp        behind a home router that is a symmetric NAT until
+#                   miniupnpd runs there and maps ports (NAT-PMP, PCP, UPnP
+#                   IGD; the tests that need it start it).
 #
 # No namespace has a link to the host's own namespace: both ends of every
 # veth pair are created inside lab namespaces. The internet namespace does
@@ -78,9 +81,9 @@ INTERNET6_NET="" INTERNET6_GW=""
 # RV_MACHINES: the topology's rendezvous machines in the file's order, each
 # with RV_IP (on its NIC, public) and RV_PORT (mesh-rendezvous's UDP port).
 # NODE_KIND: public, one-to-one, cone, symmetric, lan, masquerade-bare,
-# double-nat or dual-stack. NODE_ROUTER is empty for a public node; NODE_IP
-# is the address on the node's own NIC; NODE_PUBLIC is where the internet
-# sees it; NODE_INET6 its IPv6 address, if it has one. A router of
+# double-nat, dual-stack or upnp. NODE_ROUTER is empty for a public node;
+# NODE_IP is the address on the node's own NIC; NODE_PUBLIC is where the
+# internet sees it; NODE_INET6 its IPv6 address, if it has one. A router of
 # ROUTER_KIND has its ROUTER_WAN address on "wan", on the internet or on
 # the LAN of the router ROUTER_UPLINK names, and its private one (the
 # gateway of the machines behind it) on "lan"; ROUTER_INET6 and ROUTER_PREFIX6

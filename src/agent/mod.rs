@@ -302,6 +302,9 @@ pub struct Agent {
     /// The NAT check in flight, and where the last answer saw us (and how fast).
     reflecting: Option<Reflecting>,
     reflector_seen: Option<(SocketAddr, Duration)>,
+    /// What port mapping on the gateway gave, from the port mapper
+    /// (`dataplane::portmap`); `None` for a node without a rendezvous.
+    port_mapping: Option<crate::control::PortMappingInfo>,
     pending_pings: Vec<PendingPing>,
     /// `meshctl netcheck`s waiting, with their deadlines.
     pending_netchecks: Vec<(Instant, RequestId)>,
@@ -388,6 +391,7 @@ impl Agent {
             rendezvous_addr: None,
             reflecting: None,
             reflector_seen: None,
+            port_mapping: None,
             pending_pings: Vec::new(),
             pending_netchecks: Vec::new(),
             relay_dropped: 0,
@@ -584,6 +588,24 @@ impl Agent {
         self.session = None;
         self.node.set_relay_available(false, now);
         self.handle_engine_events(now);
+    }
+
+    /// What the port mapper knows now: which protocols the gateway
+    /// answered and the mapping held (shown by `status` and `netcheck`,
+    /// and in the reasons a pair is relayed).
+    pub fn handle_port_mapping(&mut self, info: crate::control::PortMappingInfo) {
+        if self.port_mapping.as_ref().map(|i| i.external) != Some(info.external) {
+            match info.external {
+                Some(external) => {
+                    tracing::info!(%external, protocol = ?info.protocol, "the gateway maps this node's port")
+                }
+                None if self.port_mapping.is_some() => {
+                    tracing::info!(error = ?info.error, "no port mapping on the gateway")
+                }
+                None => {}
+            }
+        }
+        self.port_mapping = Some(info);
     }
 
     /// The next message for the rendezvous (punch requests, our NAT
@@ -1136,6 +1158,7 @@ fn mesh_peer(entry: &NodeEntry, mesh: Option<&MeshInfo>) -> MeshPeer {
             .iter()
             .map(|c| {
                 let source = match c.kind {
+                    CandidateKind::Advertised if c.mapped.is_some() => Source::Mapped,
                     CandidateKind::Advertised => Source::Advertised,
                     CandidateKind::Observed => Source::Observed,
                     CandidateKind::Local => Source::Local,

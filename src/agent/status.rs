@@ -10,13 +10,13 @@ use ipnet::IpNet;
 use std::time::Instant;
 
 use super::{Agent, ShellStats};
-use crate::control::diagnose::{self, Side};
+use crate::control::diagnose::{self, Side, SideMapping};
 use crate::control::{
     millis, AdvertisedRoute, NetcheckInfo, PeerInfo, PeerPath, PeerRoutes, RendezvousInfo,
     RoutesInfo, SeenAt, SeenBy, StatusInfo,
 };
 use crate::engine::nat::Observer;
-use crate::engine::paths::PathStatus;
+use crate::engine::paths::{PathStatus, Source};
 use crate::identity::PublicKey;
 use crate::wire::control::{NatMapping, RouteStatus};
 use crate::wire::reflect;
@@ -41,6 +41,15 @@ impl Agent {
             name: "this node",
             nat: self.nat_mapping(now),
             port: self.listen_port,
+            mapping: match &self.port_mapping {
+                Some(info) => match (info.external, &info.error) {
+                    (Some(addr), _) => SideMapping::Mapped(addr),
+                    (None, Some(why)) if !info.answered.is_empty() => SideMapping::Failed(why),
+                    (None, _) if info.gateway.is_some() => SideMapping::NoAnswer,
+                    (None, _) => SideMapping::Unknown,
+                },
+                None => SideMapping::Unknown,
+            },
             remapped: self.observer.remapped_for_peers(now),
         };
         let mut peers: Vec<PeerInfo> = self
@@ -61,6 +70,11 @@ impl Agent {
                             name: &meta.name,
                             nat: meta.nat,
                             port: meta.port.unwrap_or(crate::config::DEFAULT_LISTEN_PORT),
+                            mapping: p
+                                .candidates
+                                .iter()
+                                .find(|c| c.source == Source::Mapped)
+                                .map_or(SideMapping::Unknown, |c| SideMapping::Mapped(c.addr)),
                             remapped: false,
                         };
                         info.relay_reason = Some(diagnose::relay_reason(this, peer, &p.candidates));
@@ -120,6 +134,7 @@ impl Agent {
                 .collect(),
             cookie_replies_sent: stats.cookie_replies_sent,
             io: shell.io,
+            port_mapping: self.port_mapping.clone(),
         }
     }
 
@@ -227,6 +242,7 @@ impl Agent {
             mapping_from_peers: self.nat_mapping(now),
             hole_punching: punching,
             explanation,
+            port_mapping: self.port_mapping.clone(),
         }
     }
 

@@ -45,6 +45,7 @@ fn entry(n: u8) -> NodeEntry {
         candidates: vec![Candidate {
             addr: underlay(n),
             kind: CandidateKind::Local,
+            mapped: None,
         }],
         nat: NatMapping::Unknown,
         routes: Vec::new(),
@@ -1216,14 +1217,17 @@ fn an_address_inside_the_mesh_or_a_peers_prefix_is_never_an_endpoint() {
         Candidate {
             addr: addr("10.244.2.1:51820"),
             kind: CandidateKind::Local,
+            mapped: None,
         },
         Candidate {
             addr: addr("100.72.0.2:51820"),
             kind: CandidateKind::Local,
+            mapped: None,
         },
         Candidate {
             addr: underlay(2),
             kind: CandidateKind::Observed,
+            mapped: None,
         },
     ];
     a.handle_update(
@@ -1245,6 +1249,7 @@ fn an_address_inside_the_mesh_or_a_peers_prefix_is_never_an_endpoint() {
     two.candidates.push(Candidate {
         addr: addr("10.77.0.9:51820"),
         kind: CandidateKind::Local,
+        mapped: None,
     });
     a.handle_update(Update::Upsert(two), now);
     let count = |a: &mut Agent| {

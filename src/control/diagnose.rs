@@ -30,6 +30,8 @@ pub struct Side<'a> {
     pub nat: NatMapping,
     /// The UDP port meshd listens on there.
     pub port: u16,
+    /// What port mapping on its gateway gave.
+    pub mapping: SideMapping<'a>,
     /// Known of this node only: its NAT keeps one public port for the
     /// rendezvous's two ports, yet peers saw it at others. Its router took a
     /// peer's packet that arrived before this node had sent to that peer as
@@ -37,6 +39,21 @@ pub struct Side<'a> {
     /// mapping for the peer to another port: Linux MASQUERADE with no
     /// firewall ([`crate::engine::nat::MappingObserver::remapped_for_peers`]).
     pub remapped: bool,
+}
+
+/// What port mapping (PCP, NAT-PMP, UPnP IGD) on a side's gateway gave, as
+/// far as this node knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SideMapping<'a> {
+    /// Not known: a peer that announced no mapped address, or this node
+    /// before its first probe.
+    Unknown,
+    /// The gateway answered none of the protocols.
+    NoAnswer,
+    /// The gateway answered but granted no usable mapping: why.
+    Failed(&'a str),
+    /// Mapped at this address, announced as a candidate.
+    Mapped(SocketAddr),
 }
 
 /// Why traffic between `this` node and `peer` goes through the relay, what
@@ -126,6 +143,7 @@ fn tried(out: &mut String, candidates: &[CandidateStatus]) {
                 Source::Observed => "seen by the rendezvous",
                 Source::Local => "its interface",
                 Source::Learned => "seen in its packets",
+                Source::Mapped => "mapped by its router",
             };
             let answered = match (c.pongs, c.alive) {
                 (0, _) => format!("{} probes, no answer", c.pings),
@@ -141,13 +159,37 @@ fn tried(out: &mut String, candidates: &[CandidateStatus]) {
     }
 }
 
-/// What always makes a pair direct: a forwarded port, advertised.
+/// What makes `side` reachable whoever sends: its router forwarding one
+/// public port to it, mapped by meshd itself (NAT-PMP, PCP or UPnP IGD) or
+/// forwarded by hand and advertised, which always makes a pair direct.
 fn forward_port(side: Side<'_>) -> String {
-    format!(
+    let by_hand = format!(
         "forward UDP {} on {}'s router to it and start its meshd with --advertise-endpoint \
          PUBLIC-IP:{}",
         side.port, side.name, side.port
-    )
+    );
+    let routers = "NAT-PMP, PCP or UPnP IGD";
+    match side.mapping {
+        SideMapping::Mapped(addr) => format!(
+            "let {addr}, the port {}'s router mapped for it, through the firewalls on the way \
+             (or {by_hand})",
+            side.name
+        ),
+        SideMapping::Failed(why) => format!(
+            "{}'s router answers port mapping but mapped nothing ({why}): let it map UDP {} \
+             (or {by_hand})",
+            side.name, side.port
+        ),
+        SideMapping::NoAnswer => format!(
+            "turn on {routers} on {}'s router, which answers none of them now (meshd maps \
+             its port itself), or {by_hand}",
+            side.name
+        ),
+        SideMapping::Unknown => format!(
+            "turn on {routers} on {}'s router (meshd maps its port itself), or {by_hand}",
+            side.name
+        ),
+    }
 }
 
 fn remedy(this: Side<'_>, peer: Side<'_>) -> String {
@@ -237,6 +279,7 @@ mod tests {
             name,
             nat,
             port: 51820,
+            mapping: SideMapping::Unknown,
             remapped: false,
         }
     }
@@ -267,8 +310,57 @@ mod tests {
             "both sides are behind endpoint-dependent (symmetric) NAT: each NAT picks a new port per \
              destination, so neither side can aim at the other; tried 203.0.113.42:60260 (seen by the \
              rendezvous): 12 probes, no answer, 10.42.0.2:51820 (its interface): 12 probes, no answer; \
-             to make it direct, forward UDP 51820 on node-sym2's router to it and start its meshd with \
-             --advertise-endpoint PUBLIC-IP:51820 (or the same on this node)"
+             to make it direct, turn on NAT-PMP, PCP or UPnP IGD on node-sym2's router (meshd maps \
+             its port itself), or forward UDP 51820 on node-sym2's router to it and start its meshd \
+             with --advertise-endpoint PUBLIC-IP:51820 (or the same on this node)"
+        );
+    }
+
+    #[test]
+    fn a_symmetric_side_whose_router_maps_nothing_is_told_to_turn_port_mapping_on() {
+        let this = Side {
+            mapping: SideMapping::NoAnswer,
+            ..side("this node", NatMapping::EndpointDependent)
+        };
+        let reason = relay_reason(
+            this,
+            side("node-cone", NatMapping::EndpointIndependent),
+            &[],
+        );
+        assert!(
+            reason.ends_with(
+                "turn on NAT-PMP, PCP or UPnP IGD on this node's router, which answers none of \
+                 them now (meshd maps its port itself), or forward UDP 51820 on this node's router \
+                 to it and start its meshd with --advertise-endpoint PUBLIC-IP:51820"
+            ),
+            "{reason}"
+        );
+        let refused = Side {
+            mapping: SideMapping::Failed(
+                "the gateway's PCP answer 10.0.0.1:51820 is a private address",
+            ),
+            ..this
+        };
+        let reason = relay_reason(
+            refused,
+            side("node-cone", NatMapping::EndpointIndependent),
+            &[],
+        );
+        assert!(reason.contains("this node's router answers port mapping but mapped nothing (the gateway's PCP answer 10.0.0.1:51820"), "{reason}");
+        let mapped = Side {
+            mapping: SideMapping::Mapped("203.0.113.70:51820".parse().unwrap()),
+            ..this
+        };
+        let reason = relay_reason(
+            mapped,
+            side("node-cone", NatMapping::EndpointIndependent),
+            &[silent("203.0.113.30:51820", Source::Observed)],
+        );
+        assert!(
+            reason.contains(
+                "let 203.0.113.70:51820, the port this node's router mapped for it, through"
+            ),
+            "{reason}"
         );
     }
 
@@ -284,7 +376,7 @@ mod tests {
             "{reason}"
         );
         assert!(reason.contains("the peer announced no address"), "{reason}");
-        assert!(reason.ends_with("forward UDP 51820 on node-sym1's router to it and start its meshd with --advertise-endpoint PUBLIC-IP:51820"), "{reason}");
+        assert!(reason.ends_with("turn on NAT-PMP, PCP or UPnP IGD on node-sym1's router (meshd maps its port itself), or forward UDP 51820 on node-sym1's router to it and start its meshd with --advertise-endpoint PUBLIC-IP:51820"), "{reason}");
     }
 
     #[test]

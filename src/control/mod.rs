@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::paths::{CandidateStatus, PathStatus, Source};
 use crate::engine::PeerStatus;
 use crate::identity::PublicKey;
-use crate::wire::control::{NatMapping, RouteStatus};
+use crate::wire::control::{MappingProtocol, NatMapping, RouteStatus};
 
 /// Bumped on any incompatible change of [`Request`] or [`Response`].
 pub const API_VERSION: u32 = 1;
@@ -139,6 +139,10 @@ pub struct NetcheckInfo {
     pub hole_punching: HolePunching,
     /// What it all means, in plain words.
     pub explanation: String,
+    /// Port mapping on the node's gateway, as in `status`. Absent for a
+    /// node without a rendezvous, and from meshd before 0.4.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mapping: Option<PortMappingInfo>,
 }
 
 /// A message on the socket: the payload with the protocol version.
@@ -322,6 +326,30 @@ pub struct StatusInfo {
     /// How well the packet path batches; zeros from an older meshd.
     #[serde(default)]
     pub io: IoCounters,
+    /// Port mapping on the node's gateway: which protocols answered and
+    /// the address mapped. Absent for a node without a rendezvous, and
+    /// from meshd before 0.4.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mapping: Option<PortMappingInfo>,
+}
+
+/// What the node's default gateway said to port mapping (PCP, NAT-PMP,
+/// UPnP IGD), as `meshctl status` and `netcheck` show it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMappingInfo {
+    /// The default gateway asked; null before the first probe or without one.
+    pub gateway: Option<IpAddr>,
+    /// The protocols it answered on the last probe, preferred first.
+    pub answered: Vec<MappingProtocol>,
+    /// The protocol of the mapping held now; null without one.
+    pub protocol: Option<MappingProtocol>,
+    /// Where the internet reaches this node's UDP port through the mapping,
+    /// announced to peers as a candidate; null without one.
+    pub external: Option<SocketAddr>,
+    /// The lifetime the gateway granted, in seconds (renewed at half).
+    pub lifetime_s: Option<u64>,
+    /// Why there is no mapping, or why the last renewal failed.
+    pub error: Option<String>,
 }
 
 /// The packet path's system calls and the packets they carried: packets per
@@ -484,6 +512,8 @@ pub enum CandidateSource {
     Local,
     /// Where the peer's authenticated packets came from.
     Learned,
+    /// A port the peer's gateway mapped to it (PCP, NAT-PMP, UPnP IGD).
+    Mapped,
 }
 
 impl CandidateSource {
@@ -494,6 +524,7 @@ impl CandidateSource {
             Self::Observed => "observed",
             Self::Local => "local",
             Self::Learned => "learned",
+            Self::Mapped => "mapped",
         }
     }
 }
@@ -511,6 +542,7 @@ impl From<Source> for CandidateSource {
             Source::Observed => Self::Observed,
             Source::Local => Self::Local,
             Source::Learned => Self::Learned,
+            Source::Mapped => Self::Mapped,
         }
     }
 }
@@ -693,6 +725,7 @@ impl Default for StatusInfo {
             drops: BTreeMap::new(),
             cookie_replies_sent: 0,
             io: IoCounters::default(),
+            port_mapping: None,
         }
     }
 }

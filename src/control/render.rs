@@ -3,9 +3,11 @@
 use std::fmt::{Display, Write as _};
 
 use super::{
-    Family, IoCounters, NetcheckInfo, PeerInfo, PeerPath, PingInfo, RendezvousInfo, RoutesInfo,
-    StatusInfo,
+    Family, IoCounters, NetcheckInfo, PeerInfo, PeerPath, PingInfo, PortMappingInfo,
+    RendezvousInfo, RoutesInfo, StatusInfo,
 };
+#[cfg(test)]
+use crate::wire::control::MappingProtocol;
 use crate::wire::control::RouteStatus;
 
 /// `meshctl peers`: one line per peer, aligned columns, then for every
@@ -213,7 +215,33 @@ pub fn status(s: &StatusInfo) -> String {
     if let Some(line) = batching(&s.io) {
         let _ = writeln!(out, "batching:    {line}");
     }
+    if let Some(p) = &s.port_mapping {
+        let _ = writeln!(out, "port map:    {}", port_mapping(p));
+    }
     out
+}
+
+/// One line of what port mapping on the gateway gave.
+pub fn port_mapping(p: &PortMappingInfo) -> String {
+    let answered = if p.answered.is_empty() {
+        "none of PCP, NAT-PMP, UPnP IGD answered".to_owned()
+    } else {
+        format!("{} answered", list(&p.answered))
+    };
+    let gateway = p
+        .gateway
+        .map_or_else(|| "no gateway".to_owned(), |g| format!("gateway {g}"));
+    match (p.external, p.protocol) {
+        (Some(external), Some(protocol)) => format!(
+            "{external} through {protocol}{} ({gateway}; {answered})",
+            p.lifetime_s
+                .map_or_else(String::new, |s| format!(", lifetime {s}s"))
+        ),
+        _ => match &p.error {
+            Some(why) => format!("none: {why} ({gateway}; {answered})"),
+            None => format!("none yet ({gateway}; {answered})"),
+        },
+    }
 }
 
 /// Packets per system call on the packet path (about 1 everywhere means
@@ -302,6 +330,9 @@ pub fn netcheck(n: &NetcheckInfo) -> String {
         n.mapping_from_peers.describe()
     );
     let _ = writeln!(out, "hole punching:      {}", n.hole_punching);
+    if let Some(p) = &n.port_mapping {
+        let _ = writeln!(out, "port mapping:       {}", port_mapping(p));
+    }
     let _ = writeln!(out, "\n{}.", n.explanation);
     out
 }
@@ -528,6 +559,7 @@ node-b  100.72.0.2  hSDwCYkw  direct IPv4 192.0.2.2:51820  0.4ms  42s ago    2.0
             mapping_from_peers: crate::wire::control::NatMapping::Unknown,
             hole_punching: crate::control::HolePunching::Unlikely,
             explanation: "a new port per destination".into(),
+            port_mapping: None,
         };
         let expected = "\
 rendezvous:         203.0.113.2:7443
@@ -562,6 +594,35 @@ a new port per destination.
             status(&s).contains("batching:    TUN read 44.5, UDP send 32.5 packets per call (failed: 0 TUN writes, 2 UDP sends)\n"),
             "{}",
             status(&s)
+        );
+    }
+
+    #[test]
+    fn port_mapping_says_what_answered_and_what_was_mapped() {
+        let mut p = PortMappingInfo {
+            gateway: Some("10.70.0.1".parse().unwrap()),
+            answered: vec![
+                MappingProtocol::Pcp,
+                MappingProtocol::NatPmp,
+                MappingProtocol::Upnp,
+            ],
+            protocol: Some(MappingProtocol::Pcp),
+            external: Some("203.0.113.70:51820".parse().unwrap()),
+            lifetime_s: Some(60),
+            error: None,
+        };
+        assert_eq!(
+            port_mapping(&p),
+            "203.0.113.70:51820 through PCP, lifetime 60s (gateway 10.70.0.1; PCP, NAT-PMP, UPnP IGD answered)"
+        );
+        p = PortMappingInfo {
+            answered: vec![],
+            error: Some("the gateway 10.70.0.1 answers none of PCP, NAT-PMP, UPnP IGD".into()),
+            ..PortMappingInfo::default()
+        };
+        assert_eq!(
+            port_mapping(&p),
+            "none: the gateway 10.70.0.1 answers none of PCP, NAT-PMP, UPnP IGD (no gateway; none of PCP, NAT-PMP, UPnP IGD answered)"
         );
     }
 

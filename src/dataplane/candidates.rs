@@ -23,6 +23,7 @@ pub fn gather(
         .map(|addr| Candidate {
             addr,
             kind: CandidateKind::Advertised,
+            mapped: None,
         })
         .into_iter()
         .collect();
@@ -51,6 +52,7 @@ pub fn gather(
         let candidate = Candidate {
             addr: SocketAddr::new(ip, port),
             kind: CandidateKind::Local,
+            mapped: None,
         };
         if !out.contains(&candidate) && out.len() < MAX_CANDIDATES {
             out.push(candidate);

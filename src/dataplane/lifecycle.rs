@@ -29,7 +29,7 @@ use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{cache, candidates, driver, quic, tun, udp};
+use super::{cache, candidates, driver, portmap, quic, tun, udp};
 use crate::agent::{Agent, AgentConfig, HostChange};
 use crate::config::Config;
 use crate::control::metrics::{MetricsError, MetricsServer};
@@ -182,6 +182,14 @@ pub async fn run(
         frames: relay_frames_tx,
     };
     let quic_source = Arc::new(QuicSource::default());
+    // A mesh node maps its port on the gateway when the gateway lets it
+    // (PCP, NAT-PMP, UPnP IGD) and announces the mapped address; a node
+    // with static peers only has nobody to announce it to.
+    let (port_info_tx, port_info) = mpsc::channel(8);
+    let (mapped_tx, mapped) = tokio::sync::watch::channel(None);
+    let port_mapper = has_rendezvous.then(|| {
+        portmap::PortMapper::spawn(listen_port, mesh_nets.clone(), port_info_tx, mapped_tx)
+    });
     let (quic, session) = match (&config.rendezvous, &state_dir) {
         (Some(rendezvous), Some(dir)) => {
             let (socket, quic_tx) = quic::SharedSocket::new(udp.clone());
@@ -207,8 +215,17 @@ pub async fn run(
                 rx
             });
             let (interface, advertised) = (config.interface.clone(), config.advertise_endpoint);
-            let gather =
-                move || candidates::gather(listen_port, &interface, &mesh_nets, advertised);
+            let mapped_rx_for_client = mapped.clone();
+            let gather = move || {
+                let mut found = candidates::gather(listen_port, &interface, &mesh_nets, advertised);
+                // The gateway's mapping comes first: it is where anyone reaches this node.
+                if let Some(mapped) = *mapped.borrow() {
+                    found.retain(|c| c.addr != mapped.addr);
+                    found.insert(0, mapped);
+                    found.truncate(crate::wire::control::MAX_CANDIDATES);
+                }
+                found
+            };
             let task = tokio::spawn(client::run(
                 endpoint,
                 client_config,
@@ -220,6 +237,7 @@ pub async fn run(
                     relay: relay_link,
                     quic_source: quic_source.clone(),
                     extra_routes,
+                    mapped: Some(mapped_rx_for_client),
                 },
                 started_from_cache,
             ));
@@ -244,6 +262,7 @@ pub async fn run(
         relay_frames: has_rendezvous.then_some(relay_frames),
         host: host_tx,
         kernel_routes: Some(kernel_routes),
+        port_mapping: port_mapper.is_some().then_some(port_info),
     };
     let mut driver = driver::Driver::new(agent, tun, vnet_header, udp, inputs);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -285,6 +304,10 @@ pub async fn run(
         )
         .await;
     route_watch.abort();
+    if let Some(mapper) = port_mapper {
+        // The gateway forgets the mapping now rather than at its expiry.
+        mapper.close().await;
+    }
     if let Some(writer) = host.cache_writer.take() {
         // The last peer map reaches the disk before meshd exits.
         writer.close().await;

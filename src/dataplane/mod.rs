@@ -11,6 +11,7 @@ pub mod cache;
 pub mod candidates;
 pub mod driver;
 pub mod lifecycle;
+pub mod portmap;
 pub mod quic;
 pub mod tun;
 pub mod udp;

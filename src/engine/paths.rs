@@ -66,6 +66,8 @@ pub enum Source {
     /// An authenticated packet or probe from the peer came from here
     /// (peer-reflexive, RFC 8445 §7.3.1.3): the symmetric-NAT case.
     Learned,
+    /// A port the peer's gateway mapped to it (PCP, NAT-PMP, UPnP IGD).
+    Mapped,
 }
 
 /// The path traffic to a peer takes.

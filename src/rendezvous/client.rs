@@ -134,6 +134,10 @@ pub struct Channels {
     /// change (flannel's subnet); a change starts a new session, whose
     /// hello carries them. `None`: the config's only.
     pub extra_routes: Option<tokio::sync::watch::Receiver<Vec<IpNet>>>,
+    /// The address the gateway mapped to this node, as the candidate to
+    /// announce (or none): a change is sent as a `candidates` message.
+    /// `None`: no port mapper.
+    pub mapped: Option<tokio::sync::watch::Receiver<Option<Candidate>>>,
 }
 
 /// What the node needs to reach and convince its rendezvous.
@@ -194,7 +198,7 @@ pub async fn run(
     endpoint: quinn::Endpoint,
     mut config: ClientConfig,
     key: PrivateKey,
-    candidates: impl Fn() -> Vec<Candidate>,
+    candidates: impl Fn() -> Vec<Candidate> + Sync,
     mut channels: Channels,
     admitted_before: bool,
 ) -> ClientError {
@@ -226,7 +230,7 @@ pub async fn run(
             &endpoint,
             &config,
             &key,
-            candidates(),
+            &candidates,
             &mut channels,
             &mut welcomed,
             &mut servers,
@@ -397,7 +401,7 @@ async fn session(
     endpoint: &quinn::Endpoint,
     config: &ClientConfig,
     key: &PrivateKey,
-    candidates: Vec<Candidate>,
+    candidates: &(dyn Fn() -> Vec<Candidate> + Sync),
     channels: &mut Channels,
     welcomed: &mut bool,
     servers: &mut Servers,
@@ -435,7 +439,7 @@ async fn admit_and_serve(
     connection: quinn::Connection,
     config: &ClientConfig,
     key: &PrivateKey,
-    candidates: Vec<Candidate>,
+    candidates: &(dyn Fn() -> Vec<Candidate> + Sync),
     channels: &mut Channels,
     welcomed: &mut bool,
     servers: &mut Servers,
@@ -446,10 +450,15 @@ async fn admit_and_serve(
         relay,
         quic_source: _,
         extra_routes,
+        mapped,
     } = channels;
     let server = servers.current().to_owned();
+    if let Some(mapped) = mapped.as_mut() {
+        // The hello carries the mapping as it is now.
+        mapped.mark_unchanged();
+    }
     let (mut session, welcome, others) =
-        admit_on(connection, config, &server, key, candidates).await?;
+        admit_on(connection, config, &server, key, candidates()).await?;
     *welcomed = true;
     servers.welcomed();
     servers.learn(&others);
@@ -495,11 +504,28 @@ async fn admit_and_serve(
                 None => return Ok(()),
             },
             Some(message) = outbox.recv() => session.send(&message).await?,
+            Ok(()) = mapping_changed(mapped) => {
+                // The gateway mapped this node's port, or the mapping went:
+                // the whole list again (proto/control.md, `candidates`).
+                let candidates = candidates();
+                tracing::debug!(?candidates, "announcing this node's candidates");
+                session.send(&NodeMessage::Candidates { candidates }).await?;
+            }
             Ok(()) = routes_changed(extra_routes) => {
                 tracing::info!("the prefixes to advertise changed: a new session carries them");
                 return Ok(());
             }
         }
+    }
+}
+
+/// Waits for the gateway's mapping to change; never without a port mapper.
+async fn mapping_changed(
+    mapped: &mut Option<tokio::sync::watch::Receiver<Option<Candidate>>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match mapped {
+        Some(mapped) => mapped.changed().await,
+        None => std::future::pending().await,
     }
 }
 

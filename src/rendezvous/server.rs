@@ -1172,6 +1172,7 @@ mod tests {
             let candidates = vec![Candidate {
                 addr,
                 kind: CandidateKind::Local,
+                mapped: None,
             }];
             to_registry
                 .send(ToRegistry::Candidates {

@@ -1251,6 +1251,7 @@ impl Sim {
             candidates: vec![Candidate {
                 addr: self.addr(id),
                 kind: CandidateKind::Local,
+                mapped: None,
             }],
             proof,
             routes: Vec::new(),

@@ -120,6 +120,62 @@ impl<'de> Deserialize<'de> for Proof {
 pub struct Candidate {
     pub addr: SocketAddr,
     pub kind: CandidateKind,
+    /// For an `advertised` address that the node's gateway mapped to it
+    /// (NAT-PMP, PCP or UPnP IGD): the protocol that did. Absent for a
+    /// configured address, and from nodes before 0.4.0; a reader that does
+    /// not know the field sees an advertised address, which it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped: Option<MappingProtocol>,
+}
+
+impl Candidate {
+    /// A candidate of `kind` learnt any way but port mapping.
+    pub fn new(addr: SocketAddr, kind: CandidateKind) -> Self {
+        Self {
+            addr,
+            kind,
+            mapped: None,
+        }
+    }
+}
+
+/// The protocol a node's gateway mapped its UDP port with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MappingProtocol {
+    /// The Port Control Protocol (RFC 6887).
+    Pcp,
+    /// NAT Port Mapping Protocol (RFC 6886).
+    NatPmp,
+    /// UPnP Internet Gateway Device (WANIPConnection's AddPortMapping).
+    Upnp,
+    /// A word this release does not know (a later release's protocol):
+    /// read, never written.
+    #[serde(other)]
+    Other,
+}
+
+impl MappingProtocol {
+    /// The word in the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pcp => "pcp",
+            Self::NatPmp => "nat_pmp",
+            Self::Upnp => "upnp",
+            Self::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for MappingProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Pcp => "PCP",
+            Self::NatPmp => "NAT-PMP",
+            Self::Upnp => "UPnP IGD",
+            Self::Other => "another protocol",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -605,6 +661,7 @@ mod tests {
             candidates: vec![Candidate {
                 addr: "192.0.2.1:51820".parse().unwrap(),
                 kind: CandidateKind::Local,
+                mapped: None,
             }],
         }
     }

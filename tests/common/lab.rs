@@ -127,15 +127,36 @@ impl MeshLab {
         Self::build(stem, nodes, release)
     }
 
+    /// [`MeshLab::with_mesh_of`], with `prepare` run on the bare lab
+    /// before any daemon starts (a service on a lab machine that the nodes
+    /// should find from their first moment); returns what it returned.
+    pub fn with_mesh_of_prepared<T>(
+        stem: &'static str,
+        nodes: &[&'static str],
+        prepare: impl FnOnce(&MeshLab) -> T,
+    ) -> (Self, T) {
+        let release = Release::current();
+        let mut lab = Self::empty(NatLab::up(stem));
+        let prepared = prepare(&lab);
+        lab.start_mesh(nodes, &release);
+        (lab, prepared)
+    }
+
     fn build(stem: &'static str, nodes: &[&'static str], release: &Release) -> Self {
         let mut lab = Self::empty(NatLab::up(stem));
+        lab.start_mesh(nodes, release);
+        lab
+    }
+
+    /// The rendezvous on "rv", one token for all, and meshd on each of `nodes`.
+    fn start_mesh(&mut self, nodes: &[&'static str], release: &Release) {
+        let lab = self;
         lab.start_rendezvous(release);
         let join = lab.create_token(nodes.len(), release);
         for &node in nodes {
             lab.start_meshd(node, &join, release);
         }
         lab.wait_for_overlay_ips(nodes);
-        lab
     }
 
     /// A lab with every rendezvous machine of the topology ("rv", "rv2")

@@ -35,6 +35,7 @@
 pub mod cni;
 pub mod etcd;
 pub mod lab;
+pub mod portmap;
 pub mod simnodes;
 pub mod topology;
 

@@ -168,6 +168,7 @@ impl Node {
                 51820,
             ),
             kind: CandidateKind::Local,
+            mapped: None,
         };
         let endpoint = self.endpoint.clone();
         let (session, _welcome) = admit(&endpoint, &config, &self.key, vec![candidate]).await?;

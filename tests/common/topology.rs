@@ -29,6 +29,9 @@ pub enum Kind {
     DoubleNat,
     /// IPv4 behind a NAT, and a public IPv6 address of its own.
     DualStack,
+    /// Symmetric NAT on a router that maps ports while miniupnpd runs there
+    /// (NAT-PMP, PCP, UPnP IGD; [`super::portmap`]).
+    Upnp,
 }
 
 /// One node of the lab.
@@ -178,6 +181,7 @@ impl Topology {
                         "masquerade-bare" => Kind::MasqueradeBare,
                         "double-nat" => Kind::DoubleNat,
                         "dual-stack" => Kind::DualStack,
+                        "upnp" => Kind::Upnp,
                         other => return Err(at(&format!("unknown kind {other}"))),
                     },
                     router: (*router != "-").then_some(*router),

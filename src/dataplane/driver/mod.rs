@@ -69,6 +69,9 @@ pub struct Inputs {
     /// The routes through mesh0, whenever the routing table changed
     /// ([`crate::netlink::RouteWatch`]); `None` without a watch.
     pub kernel_routes: Option<mpsc::Receiver<Vec<crate::netlink::KernelRoute>>>,
+    /// What the port mapper knows, whenever it changes
+    /// ([`super::portmap`]); `None` without one.
+    pub port_mapping: Option<mpsc::Receiver<crate::control::PortMappingInfo>>,
 }
 
 /// Relayed frames queued for the driver before they are dropped.
@@ -207,6 +210,9 @@ impl Driver {
                 }
                 Some(routes) = recv_opt(&mut self.inputs.kernel_routes) => {
                     self.agent.handle_kernel_routes(&routes, Instant::now());
+                }
+                Some(info) = recv_opt(&mut self.inputs.port_mapping) => {
+                    self.agent.handle_port_mapping(info);
                 }
                 Some(frame) = recv_opt(&mut self.inputs.relay_frames) => {
                     let now = Instant::now();

@@ -184,6 +184,8 @@ fn best_candidate(peer: &PeerInfo) -> Option<(IpAddr, Reach)> {
                 CandidateSource::Advertised => Reach::Advertised,
                 CandidateSource::Observed => Reach::Observed,
                 CandidateSource::Local => Reach::Local,
+                // The public address of its NAT, as the observed one is.
+                CandidateSource::Mapped => Reach::Observed,
                 CandidateSource::Learned => return None,
             };
             Some((c.endpoint.ip(), reach))

@@ -2594,12 +2594,18 @@ impl Registry {
                     tracing::trace!(%addr, reason = why.as_str(), "announced candidate dropped");
                     self.counters.refuse(why);
                 }
-                None => all.push(Candidate { addr, kind: c.kind }),
+                // Only an advertised address can have been mapped.
+                None => all.push(Candidate {
+                    addr,
+                    kind: c.kind,
+                    mapped: c.mapped.filter(|_| c.kind == CandidateKind::Advertised),
+                }),
             }
         }
         all.push(Candidate {
             addr: observed,
             kind: CandidateKind::Observed,
+            mapped: None,
         });
         all.sort_by_key(|c| c.kind);
         let mut seen = HashSet::new();

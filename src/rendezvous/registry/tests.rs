@@ -70,6 +70,7 @@ fn hello(n: u8, token: Option<&str>) -> Hello {
         candidates: vec![Candidate {
             addr: SocketAddr::from(([10, 0, 0, n], 51820)),
             kind: CandidateKind::Local,
+            mapped: None,
         }],
         ..hello_as(&secret(n), &format!("node-{n}"), token)
     }
@@ -282,11 +283,13 @@ fn welcome_lists_every_other_node_with_its_last_known_candidates() {
     let offline = &peers[1];
     assert!(offline.candidates.contains(&Candidate {
         addr: observed(2),
-        kind: CandidateKind::Observed
+        kind: CandidateKind::Observed,
+        mapped: None
     }));
     assert!(offline.candidates.contains(&Candidate {
         addr: SocketAddr::from(([10, 0, 0, 2], 51820)),
-        kind: CandidateKind::Local
+        kind: CandidateKind::Local,
+        mapped: None
     }));
 }
 
@@ -383,6 +386,7 @@ fn rejections_queue_only_rejected_and_close_and_change_nothing() {
         .map(|p| Candidate {
             addr: SocketAddr::from(([10, 0, 0, 1], 1000 + p)),
             kind: CandidateKind::Local,
+            mapped: None,
         })
         .collect();
     cases.push(("too many candidates", many, RejectReason::BadHello));
@@ -942,6 +946,7 @@ fn a_candidate_change_is_saved_soon_and_announced_to_the_others() {
     let new = Candidate {
         addr: SocketAddr::from(([192, 0, 2, 1], 51820)),
         kind: CandidateKind::Advertised,
+        mapped: None,
     };
     reg.handle_candidates(ConnId(1), vec![new], at(NOW + 10));
     let cmds = drain(&mut reg);
@@ -950,6 +955,7 @@ fn a_candidate_change_is_saved_soon_and_announced_to_the_others() {
         Candidate {
             addr: observed(1),
             kind: CandidateKind::Observed,
+            mapped: None,
         },
     ];
     let upsert = |peer| Command::Send {
@@ -1016,6 +1022,7 @@ fn candidates_from_a_connection_that_is_not_admitted_are_ignored() {
     let c = Candidate {
         addr: SocketAddr::from(([192, 0, 2, 1], 1)),
         kind: CandidateKind::Local,
+        mapped: None,
     };
     reg.handle_candidates(ConnId(42), vec![c], at(NOW));
     reg.handle_hello(
@@ -1038,6 +1045,7 @@ fn too_many_candidates_from_an_admitted_node_are_ignored() {
         .map(|p| Candidate {
             addr: SocketAddr::from(([10, 0, 0, 1], 2000 + p)),
             kind: CandidateKind::Local,
+            mapped: None,
         })
         .collect();
     reg.handle_candidates(ConnId(1), many, at(NOW));
@@ -1051,18 +1059,21 @@ fn candidates_are_ordered_advertised_observed_local_without_duplicates() {
     let local = |a: [u8; 4], p| Candidate {
         addr: SocketAddr::from((a, p)),
         kind: CandidateKind::Local,
+        mapped: None,
     };
     let announced = vec![
         local([10, 0, 0, 1], 51820),
         Candidate {
             addr: SocketAddr::from(([203, 0, 113, 9], 51820)),
             kind: CandidateKind::Advertised,
+            mapped: None,
         },
         local([203, 0, 113, 5], 40000), // same as observed: kept once, as observed
         // Not the node's to say:
         Candidate {
             addr: SocketAddr::from(([1, 2, 3, 4], 5)),
             kind: CandidateKind::Observed,
+            mapped: None,
         },
         local([10, 0, 0, 1], 51820),
         local([0, 0, 0, 0], 51820),
@@ -1075,11 +1086,13 @@ fn candidates_are_ordered_advertised_observed_local_without_duplicates() {
         vec![
             Candidate {
                 addr: SocketAddr::from(([203, 0, 113, 9], 51820)),
-                kind: CandidateKind::Advertised
+                kind: CandidateKind::Advertised,
+                mapped: None
             },
             Candidate {
                 addr: obs,
-                kind: CandidateKind::Observed
+                kind: CandidateKind::Observed,
+                mapped: None
             },
             local([10, 0, 0, 1], 51820),
             local([172, 16, 0, 1], 51820),
@@ -1311,6 +1324,7 @@ fn local(port: u16) -> Candidate {
     Candidate {
         addr: SocketAddr::from(([192, 0, 2, 1], port)),
         kind: CandidateKind::Local,
+        mapped: None,
     }
 }
 
@@ -1507,6 +1521,7 @@ fn candidates_nobody_can_use_are_dropped_and_counted() {
     .map(|a| Candidate {
         addr: a.parse().unwrap(),
         kind: CandidateKind::Local,
+        mapped: None,
     })
     .collect();
     reg.handle_candidates(ConnId(1), announced, at(NOW));
@@ -2698,6 +2713,7 @@ fn a_punch_never_overtakes_the_changes_before_it() {
     let fresh = vec![Candidate {
         addr: SocketAddr::from(([198, 51, 100, 77], 41000)),
         kind: CandidateKind::Local,
+        mapped: None,
     }];
     reg.handle_candidates(ConnId(2), fresh, at(NOW));
     reg.handle_punch(ConnId(2), &key(1), at(NOW));

@@ -368,6 +368,7 @@ mod tests {
                 candidates: vec![Candidate {
                     addr: "203.0.113.1:51820".parse().unwrap(),
                     kind: CandidateKind::Observed,
+                    mapped: None,
                 }],
                 nat: crate::wire::control::NatMapping::Unknown,
                 routes: Vec::new(),

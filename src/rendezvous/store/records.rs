@@ -398,6 +398,7 @@ mod tests {
                 candidates: vec![Candidate {
                     addr: "203.0.113.9:51820".parse().unwrap(),
                     kind: CandidateKind::Observed,
+                    mapped: None,
                 }],
                 nat: NatMapping::EndpointIndependent,
                 routes: Vec::new(),
