@@ -1059,6 +1059,22 @@ impl Sim {
         self.run_registry(true);
     }
 
+    /// A message from the registry to the node on `conn`: now, or after
+    /// the latency.
+    fn send_to_node(&mut self, conn: ConnId, msg: ServerMessage, immediate: bool, now: Instant) {
+        if immediate {
+            self.deliver_message(conn, msg, now);
+        } else {
+            self.carry(
+                Carried::Message {
+                    conn,
+                    msg: Box::new(msg),
+                },
+                now,
+            );
+        }
+    }
+
     /// Executes the registry's commands as the quinn shell does. With
     /// `immediate`, messages reach their nodes now, else after the latency.
     fn run_registry(&mut self, immediate: bool) {
@@ -1078,18 +1094,7 @@ impl Sim {
                 Command::PeerDeltas { members, deltas } => {
                     for member in members {
                         for delta in deltas.iter().filter(|d| member.wants(d)) {
-                            let (conn, msg) = (member.conn, delta.msg.clone());
-                            if immediate {
-                                self.deliver_message(conn, msg, now);
-                            } else {
-                                self.carry(
-                                    Carried::Message {
-                                        conn,
-                                        msg: Box::new(msg),
-                                    },
-                                    now,
-                                );
-                            }
+                            self.send_to_node(member.conn, delta.msg.clone(), immediate, now);
                         }
                     }
                 }
@@ -1099,19 +1104,7 @@ impl Sim {
                         self.relay_table.connect(id, conn);
                     }
                 }
-                Command::Send { conn, msg } => {
-                    if immediate {
-                        self.deliver_message(conn, msg, now);
-                    } else {
-                        self.carry(
-                            Carried::Message {
-                                conn,
-                                msg: Box::new(msg),
-                            },
-                            now,
-                        );
-                    }
-                }
+                Command::Send { conn, msg } => self.send_to_node(conn, msg, immediate, now),
                 Command::Close { conn, .. } => {
                     let registry_now = self.registry_now();
                     if let Some(registry) = self.registry.as_mut() {
