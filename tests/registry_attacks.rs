@@ -343,22 +343,8 @@ async fn upserts_of(session: &mut Session, attacker: PublicKey, sentinel: Public
 
 /// `mesh_rendezvous_store_writes_total` from a scrape.
 async fn store_writes(rendezvous: &quic::Rendezvous) -> u64 {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(rendezvous.metrics())
-        .await
-        .expect("connect to the metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: rv\r\n\r\n")
-        .await
-        .expect("send a scrape");
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .await
-        .expect("read the scrape");
-    answer
-        .lines()
-        .find_map(|l| l.strip_prefix("mesh_rendezvous_store_writes_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    metric(
+        &scrape_of(rendezvous).await,
+        "mesh_rendezvous_store_writes_total",
+    )
 }
