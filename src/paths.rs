@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 /// DIR/private.key   its WireGuard key                          0600
 /// DIR/join.token    the join token, deleted once admitted      0600
 /// DIR/cache.json    address and last peer map (written by run)
+/// DIR/port.json     the UDP port run moved to, when another node behind
+///                   the same NAT held the configured one (from 0.4.0)
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeDir {
@@ -28,6 +30,7 @@ impl NodeDir {
     const PRIVATE_KEY: &'static str = "private.key";
     const JOIN_TOKEN: &'static str = "join.token";
     const CACHE: &'static str = "cache.json";
+    const PORT: &'static str = "port.json";
 
     pub fn new(dir: &Path) -> Self {
         Self {
@@ -58,6 +61,11 @@ impl NodeDir {
     /// `cache.json`: what the rendezvous last told the node.
     pub fn cache(&self) -> PathBuf {
         self.dir.join(Self::CACHE)
+    }
+
+    /// `port.json`: the UDP port the node moved to ([`crate::dataplane::port`]).
+    pub fn port(&self) -> PathBuf {
+        self.dir.join(Self::PORT)
     }
 }
 

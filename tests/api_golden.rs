@@ -13,7 +13,8 @@
 //! types, must read what this release writes and write it back unchanged.
 //! What 0.4.0 added (prefixes behind nodes: `routes`; port mapping:
 //! `port_mapping` and the `mapped` candidate source; the family of a
-//! direct path: `family`) has golden files of its own, written by 0.4.0;
+//! direct path: `family`; another node behind the same NAT holding this
+//! node's port: `port_taken`) has golden files of its own, written by 0.4.0;
 //! 0.2.0 reads them without the new fields.
 #![allow(
     clippy::unwrap_used,
@@ -32,7 +33,7 @@ use meshd::control::{
     NetcheckInfo, PeerInfo, PeerPath, PeerRoutes, PingInfo, PortMappingInfo, RendezvousInfo,
     Request, Response, RoutesInfo, StatusInfo,
 };
-use meshd::wire::control::{MappingProtocol, NatMapping, RouteStatus};
+use meshd::wire::control::{MappingProtocol, NatMapping, PortTaken, RouteStatus};
 
 /// RFC 7748 §6.1 Alice and Bob, as in proto/vectors.
 const KEY_A: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
@@ -190,6 +191,7 @@ fn status() -> StatusInfo {
             udp_received_datagrams: 310,
         },
         port_mapping: None,
+        port_taken: None,
     }
 }
 
@@ -214,6 +216,7 @@ fn status_static() -> StatusInfo {
         cookie_replies_sent: 0,
         io: IoCounters::default(),
         port_mapping: None,
+        port_taken: None,
     }
 }
 
@@ -495,6 +498,16 @@ fn responses_0_4_0() -> Vec<(&'static str, Response)> {
             "status_port_mapping",
             Response::Status(Box::new(StatusInfo {
                 port_mapping: Some(port_mapped()),
+                ..status()
+            })),
+        ),
+        (
+            "status_port_taken",
+            Response::Status(Box::new(StatusInfo {
+                port_taken: Some(PortTaken {
+                    by: "node-b".into(),
+                    port: 51821,
+                }),
                 ..status()
             })),
         ),

@@ -30,9 +30,9 @@ use meshd::identity::{PrivateKey, PublicKey};
 use meshd::rendezvous::admission;
 use meshd::wire::control::{
     decode, decode_frame, encode, Candidate, CandidateKind, FrameError, Hello, MeshInfo,
-    NatMapping, NodeEntry, NodeMessage, PathEntry, PathState, Proof, RejectReason, RouteDecision,
-    RouteStatus, ServerHello, ServerMessage, FEATURE_PATHS, MAX_FRAME, MAX_FRAME_UNADMITTED,
-    MAX_PATH_PEERS, PROTOCOL_VERSION,
+    NatMapping, NodeEntry, NodeMessage, PathEntry, PathState, PortTaken, Proof, RejectReason,
+    RouteDecision, RouteStatus, ServerHello, ServerMessage, FEATURE_PATHS, MAX_FRAME,
+    MAX_FRAME_UNADMITTED, MAX_PATH_PEERS, PROTOCOL_VERSION,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -166,6 +166,7 @@ fn welcome() -> ServerMessage {
         servers: Vec::new(),
         routes: Vec::new(),
         features: Vec::new(),
+        port_taken: None,
     }
 }
 
@@ -450,7 +451,7 @@ fn a_path_entry_this_version_cannot_read_is_skipped_and_counted() {
 }
 
 #[test]
-fn a_welcome_names_its_features_and_a_node_before_them_ignores_the_field() {
+fn a_welcome_names_its_features_and_a_taken_port_and_a_node_before_them_ignores_the_fields() {
     let ServerMessage::Welcome {
         node,
         mesh,
@@ -471,6 +472,10 @@ fn a_welcome_names_its_features_and_a_node_before_them_ignores_the_field() {
         servers,
         routes,
         features: vec![FEATURE_PATHS.to_owned(), "from_the_future".to_owned()],
+        port_taken: Some(PortTaken {
+            by: "lan1".into(),
+            port: 51821,
+        }),
     };
     let body = serde_json::to_value(&newer).unwrap();
     assert_eq!(
@@ -481,8 +486,13 @@ fn a_welcome_names_its_features_and_a_node_before_them_ignores_the_field() {
         decode::<ServerMessage>(&serde_json::to_vec(&body).unwrap()).unwrap(),
         newer
     );
+    assert_eq!(
+        body["port_taken"],
+        serde_json::json!({"by": "lan1", "port": 51821})
+    );
     // The vector, from a server without features, has no such field.
     assert!(body_of("welcome").get("features").is_none());
+    assert!(body_of("welcome").get("port_taken").is_none());
 }
 
 #[test]
@@ -791,6 +801,7 @@ fn large_peer_map_needs_the_admitted_limit() {
         servers: Vec::new(),
         routes: Vec::new(),
         features: Vec::new(),
+        port_taken: None,
     };
     let frame = encode(&big);
     assert!(frame.len() > MAX_FRAME_UNADMITTED);

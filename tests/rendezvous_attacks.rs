@@ -450,6 +450,7 @@ impl FakeRendezvous {
             servers: Vec::new(),
             routes: Vec::new(),
             features: Vec::new(),
+            port_taken: None,
         };
         write_frame(&mut send, &welcome).await.expect("the welcome");
         (connection, send, recv)

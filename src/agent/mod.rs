@@ -53,8 +53,8 @@ use crate::engine::paths::{Path, Source};
 use crate::engine::{self, EngineError, Event, Node, NodeConfig, PeerId, PeerSpec};
 use crate::identity::PublicKey;
 use crate::wire::control::{
-    Candidate, CandidateKind, MeshInfo, NatMapping, NodeEntry, NodeMessage, RouteDecision,
-    RouteStatus, MAX_ROUTES,
+    Candidate, CandidateKind, MeshInfo, NatMapping, NodeEntry, NodeMessage, PortTaken,
+    RouteDecision, RouteStatus, MAX_ROUTES,
 };
 use crate::wire::reflect::{self, Reflect, REFLECT_LEN};
 use crate::wire::relay::{self, NodeId};
@@ -88,6 +88,8 @@ pub enum Update {
         routes: Vec<RouteDecision>,
         /// The server takes path reports ([`path_report`]).
         paths: bool,
+        /// Another node behind our NAT holds the public port ours needs.
+        port_taken: Option<PortTaken>,
     },
     Upsert(NodeEntry),
     /// The mesh's decisions about this node's advertised prefixes changed.
@@ -176,6 +178,9 @@ pub enum HostChange {
     /// every one now, sorted, each once. Sent whenever the set changes,
     /// including the first time a cached or new peer map has any.
     Routes(Vec<IpNet>),
+    /// Another node behind our NAT holds the public port ours needs: the
+    /// host moves to the port named, unless something pins ours.
+    PortTaken(PortTaken),
 }
 
 impl fmt::Display for HostChange {
@@ -202,6 +207,11 @@ impl fmt::Display for HostChange {
                 }
                 Ok(())
             }
+            HostChange::PortTaken(taken) => write!(
+                f,
+                "UDP port held by {} behind the same NAT; {} is free",
+                taken.by, taken.port
+            ),
         }
     }
 }
@@ -283,6 +293,8 @@ pub struct Agent {
     /// What the mesh decided about each prefix this node advertises, and
     /// whether a welcome said so since meshd started.
     route_decisions: Vec<RouteDecision>,
+    /// What the last welcome said about our port behind our NAT.
+    port_taken: Option<PortTaken>,
     welcomed: bool,
     /// The prefixes behind peers that mesh0 routes (the last
     /// [`HostChange::Routes`]).
@@ -381,6 +393,7 @@ impl Agent {
             cache: None,
             advertised: config.routes,
             route_decisions: Vec::new(),
+            port_taken: None,
             welcomed: false,
             peer_routes: Vec::new(),
             learned: learned::Learned::default(),
@@ -504,6 +517,7 @@ impl Agent {
                 peers,
                 routes,
                 paths,
+                port_taken,
             } => {
                 for d in routes.iter().filter(|d| d.status != RouteStatus::Accepted) {
                     tracing::warn!(prefix = %d.prefix, reason = %d.status.describe(), "the mesh does not route an advertised prefix here");
@@ -512,6 +526,10 @@ impl Agent {
                 self.welcomed = true;
                 self.seen(Observer::Rendezvous, observed, now);
                 self.host.push_back(HostChange::Registered);
+                if let Some(taken) = &port_taken {
+                    self.host.push_back(HostChange::PortTaken(taken.clone()));
+                }
+                self.port_taken = port_taken;
                 self.welcome(NodeCache { mesh, node, peers }, now);
                 self.path_reporter.welcomed(paths, now);
             }

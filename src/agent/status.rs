@@ -135,6 +135,7 @@ impl Agent {
             cookie_replies_sent: stats.cookie_replies_sent,
             io: shell.io,
             port_mapping: self.port_mapping.clone(),
+            port_taken: self.port_taken.clone(),
         }
     }
 

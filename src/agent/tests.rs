@@ -60,6 +60,7 @@ fn welcome(n: u8, peers: &[u8]) -> Update {
         peers: peers.iter().map(|p| entry(*p)).collect(),
         routes: Vec::new(),
         paths: false,
+        port_taken: None,
     }
 }
 
@@ -301,6 +302,54 @@ fn the_same_addresses_again_change_nothing_on_the_host_but_the_cache() {
             .any(|c| matches!(c, HostChange::Addresses(_))),
         "{changes:?}"
     );
+}
+
+#[test]
+fn a_welcome_saying_our_port_is_taken_asks_the_host_to_move_and_status_says_so() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    let taken = crate::wire::control::PortTaken {
+        by: "node-2".into(),
+        port: 51821,
+    };
+    let Update::Welcome {
+        node,
+        mesh,
+        observed,
+        peers,
+        routes,
+        paths,
+        ..
+    } = welcome(1, &[2])
+    else {
+        unreachable!()
+    };
+    a.handle_update(
+        Update::Welcome {
+            node,
+            mesh,
+            observed,
+            peers,
+            routes,
+            paths,
+            port_taken: Some(taken.clone()),
+        },
+        now,
+    );
+    let changes = host_changes(&mut a);
+    assert_eq!(
+        changes[1],
+        HostChange::PortTaken(taken.clone()),
+        "{changes:?}"
+    );
+    assert_eq!(status(&mut a, now).port_taken, Some(taken));
+
+    // A later welcome that says nothing: the port is ours again.
+    a.handle_update(welcome(1, &[2]), now);
+    assert!(!host_changes(&mut a)
+        .iter()
+        .any(|c| matches!(c, HostChange::PortTaken(_))));
+    assert_eq!(status(&mut a, now).port_taken, None);
 }
 
 #[test]
@@ -825,6 +874,7 @@ fn welcome_with(n: u8, peers: Vec<NodeEntry>, decisions: Vec<RouteDecision>) -> 
         peers,
         routes: decisions,
         paths: false,
+        port_taken: None,
     }
 }
 
@@ -1276,6 +1326,7 @@ fn paths_are_reported_only_to_a_server_that_takes_them_and_only_when_changed() {
             observed,
             peers,
             routes,
+            port_taken,
             ..
         } => Update::Welcome {
             node,
@@ -1284,6 +1335,7 @@ fn paths_are_reported_only_to_a_server_that_takes_them_and_only_when_changed() {
             peers,
             routes,
             paths,
+            port_taken,
         },
         other => other,
     };

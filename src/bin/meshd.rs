@@ -2,6 +2,7 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -180,7 +181,19 @@ fn run(command: Command) -> anyhow::Result<()> {
                 env_file,
                 notify,
             };
-            runtime.block_on(meshd::dataplane::run(config, options, shutdown_signal()))?;
+            let ended =
+                runtime.block_on(meshd::dataplane::run(config, options, shutdown_signal()))?;
+            if ended == meshd::dataplane::Ended::Restart {
+                drop(runtime);
+                // The same command again, as the same process (systemd's
+                // main PID stays): it reads the port the node moved to.
+                let mut args = std::env::args_os();
+                let err = std::process::Command::new("/proc/self/exe")
+                    .arg0(args.next().unwrap_or_else(|| "meshd".into()))
+                    .args(args)
+                    .exec();
+                return Err(anyhow::Error::new(err).context("cannot start meshd again"));
+            }
         }
     }
     Ok(())

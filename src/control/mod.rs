@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::paths::{CandidateStatus, PathStatus, Source};
 use crate::engine::PeerStatus;
 use crate::identity::PublicKey;
-use crate::wire::control::{MappingProtocol, NatMapping, RouteStatus};
+use crate::wire::control::{MappingProtocol, NatMapping, PortTaken, RouteStatus};
 
 /// Bumped on any incompatible change of [`Request`] or [`Response`].
 pub const API_VERSION: u32 = 1;
@@ -331,6 +331,12 @@ pub struct StatusInfo {
     /// from meshd before 0.4.0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_mapping: Option<PortMappingInfo>,
+    /// Another node behind the same NAT holds the public port this
+    /// node's UDP port needs (the rendezvous saw it there), and this node
+    /// stays on its port (`advertise-endpoint` pins it): peers that the
+    /// other node talks to reach this one through the relay only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_taken: Option<PortTaken>,
 }
 
 /// What the node's default gateway said to port mapping (PCP, NAT-PMP,
@@ -726,6 +732,7 @@ impl Default for StatusInfo {
             cookie_replies_sent: 0,
             io: IoCounters::default(),
             port_mapping: None,
+            port_taken: None,
         }
     }
 }

@@ -181,6 +181,13 @@ pub fn status(s: &StatusInfo) -> String {
     };
     let _ = writeln!(out, "addresses:   {}", list(&s.addresses));
     let _ = writeln!(out, "listen port: {}", s.listen_port);
+    if let Some(taken) = &s.port_taken {
+        let _ = writeln!(
+            out,
+            "             held behind the same NAT by {} (the rendezvous sees it there): peers it talks to reach this node through the relay; set listen-port = {} here",
+            taken.by, taken.port
+        );
+    }
     let _ = writeln!(out, "NAT:         {}", s.nat.describe());
     if !s.seen_at.is_empty() {
         let _ = writeln!(out, "seen at:     {}", list(&s.seen_at));

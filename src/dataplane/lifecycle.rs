@@ -29,7 +29,7 @@ use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{cache, candidates, driver, portmap, quic, tun, udp};
+use super::{cache, candidates, driver, port, portmap, quic, tun, udp};
 use crate::agent::{Agent, AgentConfig, HostChange};
 use crate::config::Config;
 use crate::control::metrics::{MetricsError, MetricsServer};
@@ -44,6 +44,7 @@ use crate::paths::NodeDir;
 use crate::rendezvous::client::{self, ClientError};
 use crate::sockets::QuicSource;
 use crate::systemd::{Notice, Notifier, NotifySocket};
+use crate::wire::control::PortTaken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -105,27 +106,32 @@ pub struct RunOptions {
     pub notify: Option<NotifySocket>,
 }
 
+/// How a node's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// `shutdown` completed.
+    Stopped,
+    /// The node moved to another UDP port ([`port`]): run it again, which
+    /// listens there.
+    Restart,
+}
+
 /// Runs a node from `config` until `shutdown` completes, then removes what
 /// it added to the host.
 pub async fn run(
     config: Config,
     options: RunOptions,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), DataplaneError> {
+) -> Result<Ended, DataplaneError> {
     let private_key = read_private_key(&config.private_key_file)?;
     // For `wg showconf`, over the 0600 UAPI socket only; never logged.
     let uapi_key = private_key.clone();
-    let udp = Arc::new(udp::UdpSocket::bind(config.listen_port).map_err(|source| {
-        DataplaneError::Udp {
-            port: config.listen_port,
-            source,
-        }
-    })?);
-    let listen_port = udp.local_port()?;
     let state_dir = config
         .state_dir
         .clone()
         .filter(|_| config.rendezvous.is_some());
+    let udp = Arc::new(bind(&config, movable(&config, state_dir.as_deref()))?);
+    let listen_port = udp.local_port()?;
     let cached = match &state_dir {
         Some(dir) => cache::load(dir)?,
         None => None,
@@ -293,6 +299,8 @@ pub async fn run(
         uapi: None,
         metrics: None,
         cache_writer: host_state_dir.map(|dir| cache::Writer::spawn(dir, cache::WRITE_EVERY)),
+        listen_port,
+        moved: false,
     };
     let result = host
         .run(
@@ -312,7 +320,11 @@ pub async fn run(
         // The last peer map reaches the disk before meshd exits.
         writer.close().await;
     }
-    host.notifier.notify(&Notice::Stopping);
+    // A restart is the same service going on: systemd hears READY=1 from
+    // the new run, not STOPPING=1 from this one.
+    if !matches!(result, Ok(Ended::Restart)) {
+        host.notifier.notify(&Notice::Stopping);
+    }
     // Gone before the address is, so the file never names an address that
     // mesh0 no longer has.
     if host.env_written {
@@ -351,6 +363,37 @@ pub async fn run(
     result
 }
 
+/// The state directory where this node may record a move of its port:
+/// none with an `advertise-endpoint`, whose port something outside
+/// (a port forward, a 1:1 NAT) depends on.
+fn movable<'a>(config: &Config, state_dir: Option<&'a Path>) -> Option<&'a Path> {
+    state_dir.filter(|_| config.advertise_endpoint.is_none())
+}
+
+/// The node's UDP socket, on the port it moved to if it did, else the
+/// configured one.
+fn bind(config: &Config, movable: Option<&Path>) -> Result<udp::UdpSocket, DataplaneError> {
+    let configured = config.listen_port;
+    if let (port, Some(moved)) = port::listen_port(configured, movable) {
+        match udp::UdpSocket::bind(port) {
+            Ok(udp) => {
+                tracing::info!(
+                    port, configured, held_by = %moved.held_by,
+                    "listening on the port this node moved to: another node behind the same NAT holds the configured one"
+                );
+                return Ok(udp);
+            }
+            Err(e) => {
+                tracing::warn!(port, configured, error = %e, "cannot bind the port this node moved to; using the configured one");
+            }
+        }
+    }
+    udp::UdpSocket::bind(configured).map_err(|source| DataplaneError::Udp {
+        port: configured,
+        source,
+    })
+}
+
 /// Applies the agent's host changes to the link, the env file, the
 /// sockets and the cache.
 struct Host {
@@ -378,6 +421,10 @@ struct Host {
     metrics: Option<JoinHandle<()>>,
     /// Writes the cache off the packet loop's thread (this runtime has one).
     cache_writer: Option<cache::Writer>,
+    /// The UDP port the node listens on.
+    listen_port: u16,
+    /// The node moved to another port and must start again.
+    moved: bool,
 }
 
 type DriverTask = JoinHandle<(driver::Driver, std::io::Result<()>)>;
@@ -390,7 +437,7 @@ impl Host {
         mut session: Option<JoinHandle<ClientError>>,
         driver: &mut DriverTask,
         shutdown: impl Future<Output = ()>,
-    ) -> Result<(), DataplaneError> {
+    ) -> Result<Ended, DataplaneError> {
         if !self.config.addresses.is_empty() {
             self.bring_up(self.config.addresses.clone()).await?;
         }
@@ -402,8 +449,13 @@ impl Host {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                () = &mut shutdown => return Ok(()),
-                Some(change) = changes.recv() => self.apply(change).await?,
+                () = &mut shutdown => return Ok(Ended::Stopped),
+                Some(change) = changes.recv() => {
+                    self.apply(change).await?;
+                    if self.moved {
+                        return Ok(Ended::Restart);
+                    }
+                }
                 Some(ended) = async {
                     match session.as_mut() {
                         Some(task) => Some(task.await),
@@ -447,6 +499,7 @@ impl Host {
                     let _ = std::fs::remove_file(NodeDir::new(dir).join_token());
                 }
             }
+            HostChange::PortTaken(taken) => self.move_port(&taken),
             HostChange::Routes(routes) => {
                 self.peer_routes = routes;
                 // Before mesh0 has an address, bring_up installs them.
@@ -461,6 +514,42 @@ impl Host {
             }
         }
         Ok(())
+    }
+
+    /// Another node behind our NAT holds the public port ours needs: the
+    /// move is written down and the node starts again on the new port,
+    /// unless the port is pinned (see [`movable`]) or the move can't be
+    /// recorded, when the node stays (relayed to the peers the other node
+    /// talks to) and says so.
+    fn move_port(&mut self, taken: &PortTaken) {
+        let Some(dir) = movable(&self.config, self.state_dir.as_deref()) else {
+            tracing::warn!(
+                port = self.listen_port, held_by = %taken.by, free = taken.port,
+                "another node behind the same NAT holds this node's port, and advertise-endpoint pins it: peers the other node talks to reach this one through the relay; give one of them another listen-port"
+            );
+            return;
+        };
+        if taken.port <= self.listen_port {
+            return;
+        }
+        let moved = port::Moved {
+            port: taken.port,
+            instead_of: self.config.listen_port,
+            held_by: taken.by.clone(),
+        };
+        match port::save(dir, &moved) {
+            Ok(()) => {
+                tracing::info!(
+                    from = self.listen_port, to = taken.port, held_by = %taken.by,
+                    "another node behind the same NAT holds this node's port: moving to a free one (restarting)"
+                );
+                self.moved = true;
+            }
+            Err(e) => tracing::warn!(
+                error = %e, held_by = %taken.by,
+                "another node behind the same NAT holds this node's port, and the move cannot be recorded: staying"
+            ),
+        }
     }
 
     /// What mesh0 should look like with `addresses`: routes for the static

@@ -11,10 +11,11 @@ pub mod cache;
 pub mod candidates;
 pub mod driver;
 pub mod lifecycle;
+pub mod port;
 pub mod portmap;
 pub mod quic;
 pub mod tun;
 pub mod udp;
 
 pub use crate::agent::MESH_KEEPALIVE;
-pub use lifecycle::{run, DataplaneError, RunOptions};
+pub use lifecycle::{run, DataplaneError, Ended, RunOptions};

@@ -729,6 +729,7 @@ async fn admit_on(
             servers,
             routes,
             features,
+            port_taken,
         } => {
             tracing::info!(
                 %server, ipv4 = %node.ipv4, ipv6 = %node.ipv6, %observed, peers = peers.len(),
@@ -749,6 +750,7 @@ async fn admit_on(
                     peers,
                     routes,
                     paths: features.iter().any(|f| f == FEATURE_PATHS),
+                    port_taken,
                 },
                 servers,
             ))

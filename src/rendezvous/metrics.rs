@@ -220,6 +220,13 @@ impl RendezvousMetrics {
         )?;
         family(
             out,
+            "mesh_rendezvous_ports_taken_total",
+            Kind::Counter,
+            "Welcomes that told a node another node behind the same NAT holds its UDP port.",
+            [(NO_LABELS, counters.ports_taken.into())],
+        )?;
+        family(
+            out,
             "mesh_rendezvous_candidates_refused_total",
             Kind::Counter,
             "Candidates announced by nodes and dropped, by reason.",
@@ -370,6 +377,9 @@ mesh_rendezvous_punches_pair_limited_total 0
 # HELP mesh_rendezvous_connections_closed_flooding_total Node connections closed for sending messages over their rate.
 # TYPE mesh_rendezvous_connections_closed_flooding_total counter
 mesh_rendezvous_connections_closed_flooding_total 0
+# HELP mesh_rendezvous_ports_taken_total Welcomes that told a node another node behind the same NAT holds its UDP port.
+# TYPE mesh_rendezvous_ports_taken_total counter
+mesh_rendezvous_ports_taken_total 0
 # HELP mesh_rendezvous_candidates_refused_total Candidates announced by nodes and dropped, by reason.
 # TYPE mesh_rendezvous_candidates_refused_total counter
 mesh_rendezvous_candidates_refused_total{reason="port_zero"} 0

@@ -1152,6 +1152,7 @@ impl Sim {
                 peers,
                 routes,
                 features,
+                port_taken,
                 ..
             } => {
                 let agent = &mut self.nodes[i].agent;
@@ -1166,6 +1167,7 @@ impl Sim {
                         peers,
                         routes,
                         paths: features.iter().any(|f| f == FEATURE_PATHS),
+                        port_taken,
                     },
                     now,
                 );

@@ -286,6 +286,19 @@ impl NatMapping {
     }
 }
 
+/// Two nodes behind one NAT that listen on the same UDP port share the
+/// public port too: the router keeps it for whichever of them talked to a
+/// peer first and gives the other a new port for that peer, on which the
+/// peer's own router drops everything. The rendezvous sees one node at the
+/// public address and port the other's port needs, and names a free port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortTaken {
+    /// The node seen at the public address and port this node needs.
+    pub by: String,
+    /// A UDP port that no node behind that public address uses.
+    pub port: u16,
+}
+
 /// The mesh's address plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeshInfo {
@@ -317,6 +330,11 @@ pub enum ServerMessage {
         /// Absent from a server before 0.4.0, which takes none.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         features: Vec<String>,
+        /// Another node behind the same public address holds the public
+        /// port this node's UDP port needs there ([`PortTaken`]). Absent
+        /// when none does, and from a server before 0.4.0.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port_taken: Option<PortTaken>,
     },
     /// Not admitted; the connection closes after this.
     Rejected {

@@ -110,9 +110,9 @@ use crate::ipam;
 /// Connections as the shell names them (shared with the relay table).
 pub use crate::relay::ConnId;
 use crate::wire::control::{
-    Candidate, CandidateKind, Hello, HelloError, MeshInfo, NatMapping, NodeEntry, PathList, Proof,
-    RejectReason, RouteDecision, ServerMessage, FEATURE_PATHS, MAX_CANDIDATES, MAX_NAME,
-    MAX_ROUTES, PROTOCOL_VERSION,
+    Candidate, CandidateKind, Hello, HelloError, MeshInfo, NatMapping, NodeEntry, PathList,
+    PortTaken, Proof, RejectReason, RouteDecision, ServerMessage, FEATURE_PATHS, MAX_CANDIDATES,
+    MAX_NAME, MAX_ROUTES, PROTOCOL_VERSION,
 };
 use crate::wire::endpoint::{self, Unusable};
 use crate::wire::untrusted::Untrusted;
@@ -649,6 +649,8 @@ pub struct Counters {
     pub closed_flooding: u64,
     /// Joins closed as [`CloseReason::Contended`].
     pub joins_contended: u64,
+    /// Welcomes that named a [`PortTaken`].
+    pub ports_taken: u64,
     /// Announced candidates dropped, as [`CandidateRefusal::ALL`].
     refused: [u64; CandidateRefusal::ALL.len()],
     /// Entries of path reports dropped, as [`PathRefusal::ALL`].
@@ -1333,6 +1335,15 @@ impl Registry {
             .filter(|(k, _)| **k != key)
             .map(|(k, r)| node_entry(k, r, &self.routes))
             .collect();
+        let port_taken = self.port_taken(&key, observed, hello.listen_port);
+        if let Some(taken) = &port_taken {
+            tracing::info!(
+                node = %key.short(), name = %entry.name, %observed, by = %taken.by,
+                suggested = taken.port,
+                "another node behind the same NAT holds this node's port"
+            );
+            self.counters.ports_taken = self.counters.ports_taken.saturating_add(1);
+        }
         // Its welcome has every change so far: the tick's are not sent
         // to it again.
         self.welcomed_in_tick.insert(conn, self.delta_seq);
@@ -1346,6 +1357,7 @@ impl Registry {
                 servers: self.servers(),
                 routes: self.routes.decisions(&key).to_vec(),
                 features: vec![FEATURE_PATHS.to_owned()],
+                port_taken,
             },
         });
         // A node back with nothing new (a restarted server's nodes coming
@@ -2611,6 +2623,45 @@ impl Registry {
         let mut seen = HashSet::new();
         all.retain(|c| seen.insert(c.addr));
         all
+    }
+
+    /// Whether another node is seen at the public address and port that
+    /// `key`'s UDP port (`listen_port`) needs behind its NAT, and if so
+    /// who, and a port above `listen_port` that no node seen behind that
+    /// address uses (as its public or its local port). One pass over the
+    /// records, which the welcome's peer map makes anyway; records, not
+    /// sessions, so a node on another server of the mesh counts too.
+    fn port_taken(
+        &self,
+        key: &PublicKey,
+        observed: SocketAddr,
+        listen_port: u16,
+    ) -> Option<PortTaken> {
+        let wanted = SocketAddr::new(observed.ip(), listen_port);
+        let mut holder = None;
+        let mut used = HashSet::new();
+        for (k, record) in &self.state.nodes {
+            let seen = record
+                .candidates
+                .iter()
+                .find(|c| c.kind == CandidateKind::Observed);
+            let Some(seen) = seen.filter(|c| k != key && c.addr.ip() == observed.ip()) else {
+                continue;
+            };
+            if seen.addr == wanted {
+                holder = Some(record.name.clone());
+            }
+            used.extend(
+                record
+                    .candidates
+                    .iter()
+                    .filter(|c| matches!(c.kind, CandidateKind::Observed | CandidateKind::Local))
+                    .map(|c| c.addr.port()),
+            );
+        }
+        let by = holder?;
+        let port = (listen_port.checked_add(1)?..=u16::MAX).find(|p| !used.contains(p))?;
+        Some(PortTaken { by, port })
     }
 
     fn push(&mut self, cmd: Command) {

@@ -2810,3 +2810,110 @@ fn a_node_removed_after_a_change_in_the_same_tick_ends_removed_at_every_member()
         "{to_2:?}"
     );
 }
+
+/// What the welcome on `conn` said about the node's port.
+fn port_taken_in(cmds: &[Command], conn: ConnId) -> Option<PortTaken> {
+    cmds.iter()
+        .find_map(|c| match c {
+            Command::Send {
+                conn: to,
+                msg: ServerMessage::Welcome { port_taken, .. },
+            } if *to == conn => Some(port_taken.clone()),
+            _ => None,
+        })
+        .expect("a welcome")
+}
+
+/// Node `n` behind the NAT at 198.51.100.1, listening on `port`, as
+/// seen from the rendezvous at `public_port`.
+fn behind_one_nat(
+    reg: &mut Registry,
+    n: u8,
+    token: &str,
+    port: u16,
+    public_port: u16,
+) -> Option<PortTaken> {
+    let hello = Hello {
+        listen_port: port,
+        candidates: vec![Candidate {
+            addr: SocketAddr::from(([192, 168, 50, n], port)),
+            kind: CandidateKind::Local,
+            mapped: None,
+        }],
+        ..hello(n, Some(token))
+    };
+    let conn = ConnId(n.into());
+    let seen = SocketAddr::from(([198, 51, 100, 1], public_port));
+    reg.handle_hello(conn, arriving(hello, seen), at(NOW));
+    port_taken_in(&drain(reg), conn)
+}
+
+#[test]
+fn a_node_behind_the_nat_of_one_that_holds_its_port_is_told_a_free_one() {
+    let (mut reg, token) = with_token();
+    // node-1 holds the public 51820; node-2, on 51820 too, got 10472.
+    assert_eq!(behind_one_nat(&mut reg, 1, &token, 51820, 51820), None);
+    let taken = behind_one_nat(&mut reg, 2, &token, 51820, 10472);
+    assert_eq!(
+        taken,
+        Some(PortTaken {
+            by: "node-1".into(),
+            port: 51821
+        })
+    );
+    assert_eq!(reg.counters().ports_taken, 1);
+    // node-2 comes back on 51821, as told, and keeps it at the NAT; a
+    // third node on 51820 is told a port that neither of them uses.
+    let hello3 = Hello {
+        listen_port: 51820,
+        candidates: vec![Candidate {
+            addr: SocketAddr::from(([192, 168, 50, 3], 51820)),
+            kind: CandidateKind::Local,
+            mapped: None,
+        }],
+        ..hello(3, Some(&token))
+    };
+    reg.handle_disconnect(ConnId(2), at(NOW));
+    drain(&mut reg);
+    assert_eq!(behind_one_nat(&mut reg, 2, &token, 51821, 51821), None);
+    reg.handle_hello(
+        ConnId(3),
+        arriving(hello3, SocketAddr::from(([198, 51, 100, 1], 30000))),
+        at(NOW),
+    );
+    assert_eq!(
+        port_taken_in(&drain(&mut reg), ConnId(3)),
+        Some(PortTaken {
+            by: "node-1".into(),
+            port: 51822
+        })
+    );
+}
+
+#[test]
+fn two_nodes_seen_at_one_public_endpoint_by_two_servers_move_the_later_one() {
+    // On two servers each node may keep 51820 towards its own server;
+    // the records (which the servers share) show both at one endpoint.
+    let (mut reg, token) = with_token();
+    assert_eq!(behind_one_nat(&mut reg, 1, &token, 51820, 51820), None);
+    assert_eq!(
+        behind_one_nat(&mut reg, 2, &token, 51820, 51820),
+        Some(PortTaken {
+            by: "node-1".into(),
+            port: 51821
+        })
+    );
+}
+
+#[test]
+fn nodes_behind_one_nat_on_their_own_public_ports_keep_their_ports() {
+    // A router that gives each node a public port of its own (a port
+    // forward each, the lab's cone-hairpin), or nodes on distinct ports.
+    let (mut reg, token) = with_token();
+    assert_eq!(behind_one_nat(&mut reg, 1, &token, 51820, 51821), None);
+    assert_eq!(behind_one_nat(&mut reg, 2, &token, 51820, 51822), None);
+    assert_eq!(behind_one_nat(&mut reg, 3, &token, 51823, 51823), None);
+    // A node seen elsewhere at the same port is no sibling.
+    assert_eq!(port_taken_in(&join(&mut reg, 4, &token), ConnId(4)), None);
+    assert_eq!(reg.counters().ports_taken, 0);
+}
