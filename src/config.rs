@@ -87,6 +87,10 @@ pub struct Config {
     pub name: Option<String>,
     /// A public address that reaches this node's UDP port (the 1:1 NAT case).
     pub advertise_endpoint: Option<SocketAddr>,
+    /// Whether a rendezvous-managed node maps its UDP port on its gateway
+    /// (PCP, NAT-PMP, UPnP IGD; `port-mapping = false` turns it off, for a
+    /// network whose owner forbids it or a gateway that misbehaves).
+    pub port_mapping: bool,
     /// Where Prometheus metrics are served over HTTP (`GET /metrics`), e.g.
     /// `127.0.0.1:9586`; off when absent.
     pub metrics_address: Option<SocketAddr>,
@@ -149,6 +153,8 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     name: Option<String>,
     advertise_endpoint: Option<SocketAddr>,
+    #[serde(default = "default_port_mapping")]
+    port_mapping: bool,
     metrics_address: Option<SocketAddr>,
     rendezvous: Option<RendezvousConfig>,
     #[serde(default)]
@@ -200,6 +206,9 @@ enum OneOrMany<T> {
     Many(Vec<T>),
 }
 
+fn default_port_mapping() -> bool {
+    true
+}
 fn default_listen_port() -> u16 {
     DEFAULT_LISTEN_PORT
 }
@@ -379,6 +388,7 @@ impl Config {
             state_dir: raw.state_dir,
             name: raw.name,
             advertise_endpoint: raw.advertise_endpoint,
+            port_mapping: raw.port_mapping,
             metrics_address: raw.metrics_address,
             rendezvous: raw.rendezvous,
             routes: raw.routes.0,
@@ -528,6 +538,19 @@ mod tests {
         assert_eq!(c.uapi_dir, PathBuf::from("/var/run/wireguard"));
         assert_eq!(c.env_file, PathBuf::from("/run/meshd/env"));
         assert_eq!(c.addresses, vec!["100.72.0.1/16".parse::<IpNet>().unwrap()]);
+        assert!(c.port_mapping);
+    }
+
+    #[test]
+    fn port_mapping_can_be_turned_off_and_takes_only_a_boolean() {
+        let base = "private-key-file = \"/k\"\naddress = \"100.72.0.1/16\"\n";
+        assert!(
+            !parse(&format!("{base}port-mapping = false\n"))
+                .unwrap()
+                .port_mapping
+        );
+        let err = parse(&format!("{base}port-mapping = \"no\"\n")).unwrap_err();
+        assert!(err.to_string().contains("port-mapping"), "{err}");
     }
 
     #[test]

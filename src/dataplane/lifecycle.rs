@@ -189,11 +189,15 @@ pub async fn run(
     };
     let quic_source = Arc::new(QuicSource::default());
     // A mesh node maps its port on the gateway when the gateway lets it
-    // (PCP, NAT-PMP, UPnP IGD) and announces the mapped address; a node
-    // with static peers only has nobody to announce it to.
+    // (PCP, NAT-PMP, UPnP IGD) and announces the mapped address, unless
+    // the config turns it off; a node with static peers only has nobody
+    // to announce it to.
     let (port_info_tx, port_info) = mpsc::channel(8);
     let (mapped_tx, mapped) = tokio::sync::watch::channel(None);
-    let port_mapper = has_rendezvous.then(|| {
+    if has_rendezvous && !config.port_mapping {
+        tracing::info!("port mapping off (port-mapping = false)");
+    }
+    let port_mapper = (has_rendezvous && config.port_mapping).then(|| {
         portmap::PortMapper::spawn(listen_port, mesh_nets.clone(), port_info_tx, mapped_tx)
     });
     let (quic, session) = match (&config.rendezvous, &state_dir) {
