@@ -227,6 +227,13 @@ impl RendezvousMetrics {
         )?;
         family(
             out,
+            "mesh_rendezvous_connections_migrated_total",
+            Kind::Counter,
+            "Node connections that moved to a new address (the node's observed address changed).",
+            [(NO_LABELS, counters.migrations.into())],
+        )?;
+        family(
+            out,
             "mesh_rendezvous_candidates_refused_total",
             Kind::Counter,
             "Candidates announced by nodes and dropped, by reason.",
@@ -380,6 +387,9 @@ mesh_rendezvous_connections_closed_flooding_total 0
 # HELP mesh_rendezvous_ports_taken_total Welcomes that told a node another node behind the same NAT holds its UDP port.
 # TYPE mesh_rendezvous_ports_taken_total counter
 mesh_rendezvous_ports_taken_total 0
+# HELP mesh_rendezvous_connections_migrated_total Node connections that moved to a new address (the node's observed address changed).
+# TYPE mesh_rendezvous_connections_migrated_total counter
+mesh_rendezvous_connections_migrated_total 0
 # HELP mesh_rendezvous_candidates_refused_total Candidates announced by nodes and dropped, by reason.
 # TYPE mesh_rendezvous_candidates_refused_total counter
 mesh_rendezvous_candidates_refused_total{reason="port_zero"} 0

@@ -58,6 +58,9 @@ const HELLO_DEADLINE: Duration = Duration::from_secs(4);
 const CONN_QUEUE: usize = 1024;
 /// What a node may send once admitted: candidate lists.
 const MAX_NODE_FRAME: usize = 64 << 10;
+/// How often a node's connection is checked for a new address (quinn
+/// moved it): a roaming node's peers hear of its new address within this.
+const PATH_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -100,6 +103,11 @@ enum ToRegistry {
     Paths {
         conn: ConnId,
         peers: PathList,
+    },
+    /// The node's connection moved to this address.
+    Migrated {
+        conn: ConnId,
+        observed: SocketAddr,
     },
     Disconnected {
         conn: ConnId,
@@ -591,6 +599,9 @@ async fn registry_task(
             ToRegistry::Nat { conn, mapping } => registry.handle_nat(conn, mapping, now),
             ToRegistry::Paths { conn, peers } => registry.handle_paths(conn, peers, now),
             ToRegistry::Punch { conn, peer } => registry.handle_punch(conn, &peer, now),
+            ToRegistry::Migrated { conn, observed } => {
+                registry.handle_migrated(conn, observed, now)
+            }
             ToRegistry::Disconnected { conn } => {
                 conns.remove(&conn);
                 registry.handle_disconnect(conn, now);
@@ -910,6 +921,11 @@ async fn connection_task(
     // connection that is never admitted never reaches the relay.
     let mut admitted = false;
     let mut inlet: Option<Inlet> = None;
+    // Where the node is: quinn moves the connection when the node's
+    // packets come from a new address (and the new path answers).
+    let mut observed = remote;
+    let mut path_check = tokio::time::interval(PATH_CHECK_EVERY);
+    path_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             out = outbox.recv() => match out {
@@ -997,6 +1013,15 @@ async fn connection_task(
                 (Ok(_), None) => {}
                 (Err(_), _) => break,
             },
+            _ = path_check.tick(), if admitted => {
+                let now_at = canonical(connection.remote_address());
+                if now_at != observed {
+                    observed = now_at;
+                    if to_registry.send(ToRegistry::Migrated { conn, observed }).await.is_err() {
+                        break;
+                    }
+                }
+            }
         }
     }
     // Disconnects it from the relay.

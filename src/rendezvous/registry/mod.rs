@@ -651,6 +651,8 @@ pub struct Counters {
     pub joins_contended: u64,
     /// Welcomes that named a [`PortTaken`].
     pub ports_taken: u64,
+    /// Node connections that moved to a new address.
+    pub migrations: u64,
     /// Announced candidates dropped, as [`CandidateRefusal::ALL`].
     refused: [u64; CandidateRefusal::ALL.len()],
     /// Entries of path reports dropped, as [`PathRefusal::ALL`].
@@ -1811,6 +1813,45 @@ impl Registry {
         if merged == record.candidates {
             return;
         }
+        record.candidates = merged;
+        let entry = node_entry(&key, record, &self.routes);
+        self.touch(key);
+        self.announce_delta(ServerMessage::PeerUpsert { peer: entry });
+    }
+
+    /// An admitted node's QUIC connection moved to another address (its
+    /// router got a new public address, or the node a new network): the
+    /// observed candidate follows, is saved soon, and every other online
+    /// node hears it as a peer-map change, so that peers probe the new
+    /// address while the relay bridges the gap. quinn validates a new
+    /// path before it moves a connection there, so `observed` answered
+    /// from where it claims to be. Ignored for a connection not admitted.
+    pub fn handle_migrated(&mut self, conn: ConnId, observed: SocketAddr, now: Now) {
+        let observed = canonical(observed);
+        let Some(session) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        if session.observed == observed {
+            return;
+        }
+        let (key, from) = (session.key, session.observed);
+        session.observed = observed;
+        let Some(record) = self.state.nodes.get_mut(&key) else {
+            return;
+        };
+        tracing::info!(node = %key.short(), name = %record.name, %from, to = %observed, "node's connection moved to a new address");
+        self.counters.migrations = self.counters.migrations.saturating_add(1);
+        let announced: Vec<Candidate> = record
+            .candidates
+            .iter()
+            .filter(|c| c.kind != CandidateKind::Observed)
+            .cloned()
+            .collect();
+        let merged = self.merge_candidates(&announced, observed);
+        let Some(record) = self.state.nodes.get_mut(&key) else {
+            return;
+        };
+        record.last_seen = now.unix;
         record.candidates = merged;
         let entry = node_entry(&key, record, &self.routes);
         self.touch(key);

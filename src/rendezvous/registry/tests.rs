@@ -974,6 +974,57 @@ fn a_candidate_change_is_saved_soon_and_announced_to_the_others() {
 }
 
 #[test]
+fn a_connection_that_moves_to_a_new_address_moves_its_observed_candidate_and_the_others_hear_it() {
+    let (mut reg, token) = with_token();
+    join(&mut reg, 1, &token);
+    join(&mut reg, 2, &token);
+    let local = Candidate {
+        addr: SocketAddr::from(([10, 0, 0, 1], 51820)),
+        kind: CandidateKind::Local,
+        mapped: None,
+    };
+    reg.handle_candidates(ConnId(1), vec![local], at(NOW + 1));
+    drain(&mut reg);
+
+    // The router got a new public address; quinn moved the connection.
+    let moved = SocketAddr::from(([203, 0, 113, 99], 51820));
+    reg.handle_migrated(ConnId(1), moved, at(NOW + 10));
+    let cmds = drain(&mut reg);
+    let expected = vec![
+        Candidate {
+            addr: moved,
+            kind: CandidateKind::Observed,
+            mapped: None,
+        },
+        local,
+    ];
+    assert_eq!(reg.state().nodes[&key(1)].candidates, expected);
+    let mut entry = node_entry(&key(1), &reg.state().nodes[&key(1)], &RouteTable::default());
+    entry.candidates.clone_from(&expected);
+    assert_eq!(
+        cmds,
+        vec![
+            Command::PersistSoon,
+            Command::Send {
+                conn: ConnId(2),
+                msg: ServerMessage::PeerUpsert { peer: entry },
+            }
+        ]
+    );
+    assert_eq!(reg.counters().migrations, 1);
+    // Its next candidate list keeps the new observed address.
+    reg.handle_candidates(ConnId(1), vec![local], at(NOW + 20));
+    assert!(drain(&mut reg).is_empty());
+    assert_eq!(reg.state().nodes[&key(1)].candidates, expected);
+
+    // The same address again, or a connection never admitted: nothing.
+    reg.handle_migrated(ConnId(1), moved, at(NOW + 30));
+    reg.handle_migrated(ConnId(9), moved, at(NOW + 30));
+    assert!(drain(&mut reg).is_empty());
+    assert_eq!(reg.counters().migrations, 1);
+}
+
+#[test]
 fn a_nat_report_reaches_the_other_nodes_once_and_is_kept() {
     let (mut reg, token) = with_token();
     join(&mut reg, 1, &token);
