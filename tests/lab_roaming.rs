@@ -1,0 +1,129 @@
+#![cfg(not(feature = "sim"))]
+//! Networks that change under a running mesh, in the NAT lab of
+//! `deploy/lab` (routers that drop unsolicited inbound on their WAN side,
+//! as real ones do): a cone router gets a new public address and forgets
+//! its NAT table, as after a DHCP or PPPoE renewal. Its node's pairs reach
+//! each other again through the relay within seconds and a pair that was
+//! direct goes direct again by itself, to the new address; a pair with a
+//! symmetric NAT stays relayed and keeps working. Needs root.
+//!
+//! Each test builds its own lab (tests/common's [`MeshLab`], prefix `mlr`),
+//! prints what it measured, and removes the lab when it ends, failed or not.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure is a panic"
+)]
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::lab::{eventually, MeshLab};
+use common::topology::topology;
+
+/// The prefix of this file's labs.
+const PREFIX: &str = "mlr";
+
+/// How soon a moved node's pairs reach each other again (the relay).
+const REACH_AGAIN: Duration = Duration::from_secs(10);
+/// How soon a pair that was direct is direct again.
+const DIRECT_AGAIN: Duration = Duration::from_secs(30);
+
+/// Gives `router` (on the internet) the public address `new` instead of
+/// its own and flushes its NAT table, as a renewed lease does.
+fn renumber(lab: &MeshLab, router: &str, new: Ipv4Addr) {
+    let lab_net = topology().internet;
+    let old = topology().router(router).wan;
+    let prefix = lab_net.prefix_len();
+    lab.run_in(
+        router,
+        &[
+            "ip",
+            "addr",
+            "del",
+            &format!("{old}/{prefix}"),
+            "dev",
+            "wan",
+        ],
+    );
+    lab.run_in(
+        router,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{new}/{prefix}"),
+            "dev",
+            "wan",
+        ],
+    );
+    let gateway = topology().gateway.to_string();
+    lab.run_in(
+        router,
+        &["ip", "route", "replace", "default", "via", &gateway],
+    );
+    lab.run_in(router, &["conntrack", "-F"]);
+}
+
+/// The IP of the endpoint `from` has a direct path to `to` on.
+fn direct_ip(lab: &MeshLab, from: &str, to: &str) -> Result<IpAddr, String> {
+    match lab.path(from, to)? {
+        (path, Some(endpoint)) if path == "direct" => endpoint
+            .parse::<SocketAddr>()
+            .map(|e| e.ip())
+            .map_err(|e| format!("{endpoint}: {e}")),
+        (path, endpoint) => Err(format!("{from} -> {to}: {path} via {endpoint:?}")),
+    }
+}
+
+#[test]
+fn a_router_with_a_new_public_address_has_its_pairs_back_in_seconds_and_direct_again() {
+    let lab = MeshLab::with_mesh_of(PREFIX, &["cone", "cone2", "sym1"]);
+    lab.wait_for_reach("cone", "cone2");
+    lab.wait_for_paths("cone", "cone2", "direct");
+    lab.wait_for_reach("cone", "sym1");
+    lab.wait_for_paths("cone", "sym1", "relay");
+    let old = topology().router("r-cone").wan;
+    assert_eq!(direct_ip(&lab, "cone2", "cone"), Ok(IpAddr::V4(old)));
+
+    // A free public address of the lab's internet.
+    let new = Ipv4Addr::new(203, 0, 113, 130);
+    assert!(topology().internet.contains(&new));
+    renumber(&lab, "r-cone", new);
+    let changed = Instant::now();
+
+    for peer in ["cone2", "sym1"] {
+        eventually(
+            &format!("cone and {peer} reach each other again"),
+            REACH_AGAIN,
+            || {
+                lab.ping_once("cone", peer, &[])?;
+                lab.ping_once(peer, "cone", &[])
+            },
+        );
+        println!("cone <-> {peer} back after {:?}", changed.elapsed());
+    }
+    eventually(
+        "cone and cone2 direct again, cone2 to cone's new address",
+        DIRECT_AGAIN,
+        || {
+            let seen = direct_ip(&lab, "cone2", "cone")?;
+            direct_ip(&lab, "cone", "cone2")?;
+            if seen == IpAddr::V4(new) {
+                Ok(())
+            } else {
+                Err(format!("cone2 reaches cone at {seen}, not {new}"))
+            }
+        },
+    );
+    println!("cone <-> cone2 direct again after {:?}", changed.elapsed());
+    // The symmetric pair went on through the relay.
+    assert_eq!(
+        lab.path("cone", "sym1").map(|p| p.0),
+        Ok("relay".to_owned())
+    );
+    lab.ping_once("sym1", "cone", &[]).unwrap();
+}
