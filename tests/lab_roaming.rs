@@ -127,3 +127,68 @@ fn a_router_with_a_new_public_address_has_its_pairs_back_in_seconds_and_direct_a
     );
     lab.ping_once("sym1", "cone", &[]).unwrap();
 }
+
+#[test]
+fn a_node_with_a_new_lan_address_is_reached_there_directly_by_its_neighbour() {
+    let lab = MeshLab::with_mesh_of(PREFIX, &["lan1", "lan2", "cone"]);
+    let subnet = topology().private_subnet_of(topology().node("lan2"));
+    lab.wait_for_reach("lan1", "lan2");
+    lab.wait_for_paths("lan1", "lan2", "direct");
+    lab.wait_for_reach("lan2", "cone");
+    let old = topology().node("lan2").address;
+    assert_eq!(direct_ip(&lab, "lan1", "lan2"), Ok(IpAddr::V4(old)));
+
+    // A new lease, DHCP-style: the old address goes, a new one comes.
+    let new = Ipv4Addr::from(u32::from(old) + 100);
+    assert!(subnet.contains(&new));
+    let prefix = subnet.prefix_len();
+    lab.run_in(
+        "lan2",
+        &[
+            "ip",
+            "addr",
+            "del",
+            &format!("{old}/{prefix}"),
+            "dev",
+            "eth0",
+        ],
+    );
+    lab.run_in(
+        "lan2",
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{new}/{prefix}"),
+            "dev",
+            "eth0",
+        ],
+    );
+    let gateway = topology().router("r-lan").lan.to_string();
+    lab.run_in(
+        "lan2",
+        &["ip", "route", "replace", "default", "via", &gateway],
+    );
+    let changed = Instant::now();
+
+    for peer in ["lan1", "cone"] {
+        eventually(
+            &format!("lan2 and {peer} reach each other again"),
+            REACH_AGAIN,
+            || {
+                lab.ping_once("lan2", peer, &[])?;
+                lab.ping_once(peer, "lan2", &[])
+            },
+        );
+        println!("lan2 <-> {peer} back after {:?}", changed.elapsed());
+    }
+    eventually(
+        "lan1 reaches lan2 directly at its new address",
+        DIRECT_AGAIN,
+        || match direct_ip(&lab, "lan1", "lan2")? {
+            seen if seen == IpAddr::V4(new) => Ok(()),
+            seen => Err(format!("lan1 reaches lan2 at {seen}, not {new}")),
+        },
+    );
+    println!("lan1 -> lan2 direct at {new} after {:?}", changed.elapsed());
+}

@@ -142,6 +142,7 @@ async fn a_server_message_split_across_packets_reaches_the_node_whole_while_rela
             quic_source: Arc::new(QuicSource::default()),
             extra_routes: None,
             mapped: None,
+            interfaces: None,
         };
         let config = ClientConfig {
             servers: vec![fake.addr.to_string()],

@@ -226,6 +226,8 @@ pub async fn run(
             });
             let (interface, advertised) = (config.interface.clone(), config.advertise_endpoint);
             let mapped_rx_for_client = mapped.clone();
+            let (interfaces_tx, interfaces_rx) = tokio::sync::watch::channel(());
+            tokio::spawn(watch_addresses(interfaces_tx));
             let gather = move || {
                 let mut found = candidates::gather(listen_port, &interface, &mesh_nets, advertised);
                 // The gateway's mapping comes first: it is where anyone reaches this node.
@@ -248,6 +250,7 @@ pub async fn run(
                     quic_source: quic_source.clone(),
                     extra_routes,
                     mapped: Some(mapped_rx_for_client),
+                    interfaces: Some(interfaces_rx),
                 },
                 started_from_cache,
             ));
@@ -709,6 +712,28 @@ const ROUTES_REREAD: Duration = Duration::from_secs(30);
 /// change the kernel announces, and every [`ROUTES_REREAD`]. Ends when the
 /// driver is gone; a netlink failure is logged and ends only the watch
 /// (peers keep what they had).
+/// Marks `tx` whenever the host's addresses or links change, a moment
+/// after the last of a burst (a lease renewal adds and removes several at
+/// once), until nobody listens.
+async fn watch_addresses(tx: tokio::sync::watch::Sender<()>) {
+    let mut watch = match netlink::AddressWatch::open() {
+        Ok(watch) => watch,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the host's addresses: a changed address reaches peers with the next session only");
+            return;
+        }
+    };
+    while watch.changed().await {
+        tokio::time::sleep(ADDRESS_SETTLE).await;
+        if tx.send(()).is_err() {
+            return;
+        }
+    }
+}
+
+/// How long address changes are let settle before candidates are gathered.
+const ADDRESS_SETTLE: Duration = Duration::from_millis(250);
+
 async fn watch_routes(ifindex: u32, tx: mpsc::Sender<Vec<netlink::KernelRoute>>) {
     let mut watch = match netlink::RouteWatch::open(ifindex) {
         Ok(watch) => watch,

@@ -26,7 +26,7 @@ mod watch;
 
 pub use diff::{diff, routes_for, Change, ChangeOn, LinkConfig, LinkState, Owned};
 pub use link::{overlapping_routes, KernelRoute, Link};
-pub use watch::RouteWatch;
+pub use watch::{AddressWatch, RouteWatch};
 
 /// Errors of the netlink layer.
 #[derive(Debug, thiserror::Error)]

@@ -138,6 +138,10 @@ pub struct Channels {
     /// announce (or none): a change is sent as a `candidates` message.
     /// `None`: no port mapper.
     pub mapped: Option<tokio::sync::watch::Receiver<Option<Candidate>>>,
+    /// Marked whenever the host's addresses or links changed (a new
+    /// lease, an interface gone): the candidates are gathered again and
+    /// sent if they differ. `None`: no watch.
+    pub interfaces: Option<tokio::sync::watch::Receiver<()>>,
 }
 
 /// What the node needs to reach and convince its rendezvous.
@@ -451,14 +455,20 @@ async fn admit_and_serve(
         quic_source: _,
         extra_routes,
         mapped,
+        interfaces,
     } = channels;
     let server = servers.current().to_owned();
     if let Some(mapped) = mapped.as_mut() {
         // The hello carries the mapping as it is now.
         mapped.mark_unchanged();
     }
+    if let Some(interfaces) = interfaces.as_mut() {
+        // And the addresses.
+        interfaces.mark_unchanged();
+    }
+    let mut announced = candidates();
     let (mut session, welcome, others) =
-        admit_on(connection, config, &server, key, candidates()).await?;
+        admit_on(connection, config, &server, key, announced.clone()).await?;
     *welcomed = true;
     servers.welcomed();
     servers.learn(&others);
@@ -504,12 +514,20 @@ async fn admit_and_serve(
                 None => return Ok(()),
             },
             Some(message) = outbox.recv() => session.send(&message).await?,
-            Ok(()) = mapping_changed(mapped) => {
+            Ok(()) = changed(mapped) => {
                 // The gateway mapped this node's port, or the mapping went:
                 // the whole list again (proto/control.md, `candidates`).
-                let candidates = candidates();
-                tracing::debug!(?candidates, "announcing this node's candidates");
-                session.send(&NodeMessage::Candidates { candidates }).await?;
+                announced = candidates();
+                tracing::debug!(candidates = ?announced, "announcing this node's candidates");
+                session.send(&NodeMessage::Candidates { candidates: announced.clone() }).await?;
+            }
+            Ok(()) = changed(interfaces) => {
+                let now = candidates();
+                if now != announced {
+                    tracing::info!(candidates = ?now, "this node's addresses changed: announcing its candidates");
+                    announced = now;
+                    session.send(&NodeMessage::Candidates { candidates: announced.clone() }).await?;
+                }
             }
             Ok(()) = routes_changed(extra_routes) => {
                 tracing::info!("the prefixes to advertise changed: a new session carries them");
@@ -519,12 +537,12 @@ async fn admit_and_serve(
     }
 }
 
-/// Waits for the gateway's mapping to change; never without a port mapper.
-async fn mapping_changed(
-    mapped: &mut Option<tokio::sync::watch::Receiver<Option<Candidate>>>,
+/// Waits for `watched` to change; never without one.
+async fn changed<T>(
+    watched: &mut Option<tokio::sync::watch::Receiver<T>>,
 ) -> Result<(), tokio::sync::watch::error::RecvError> {
-    match mapped {
-        Some(mapped) => mapped.changed().await,
+    match watched {
+        Some(watched) => watched.changed().await,
         None => std::future::pending().await,
     }
 }
