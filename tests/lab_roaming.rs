@@ -5,7 +5,9 @@
 //! its NAT table, as after a DHCP or PPPoE renewal. Its node's pairs reach
 //! each other again through the relay within seconds and a pair that was
 //! direct goes direct again by itself, to the new address; a pair with a
-//! symmetric NAT stays relayed and keeps working. Needs root.
+//! symmetric NAT stays relayed and keeps working. And a node's LAN address
+//! changes, DHCP-style: its neighbour reaches it directly at the new one.
+//! Needs root.
 //!
 //! Each test builds its own lab (tests/common's [`MeshLab`], prefix `mlr`),
 //! prints what it measured, and removes the lab when it ends, failed or not.
@@ -191,4 +193,27 @@ fn a_node_with_a_new_lan_address_is_reached_there_directly_by_its_neighbour() {
         },
     );
     println!("lan1 -> lan2 direct at {new} after {:?}", changed.elapsed());
+}
+
+#[test]
+fn a_symmetric_nat_with_a_new_public_address_keeps_its_pair_on_the_relay() {
+    let lab = MeshLab::with_mesh_of(PREFIX, &["sym1", "sym2"]);
+    lab.wait_for_reach("sym1", "sym2");
+    lab.wait_for_paths("sym1", "sym2", "relay");
+
+    renumber(&lab, "r-sym1", Ipv4Addr::new(203, 0, 113, 141));
+    let changed = Instant::now();
+    eventually("sym1 and sym2 reach each other again", REACH_AGAIN, || {
+        lab.ping_once("sym1", "sym2", &[])?;
+        lab.ping_once("sym2", "sym1", &[])
+    });
+    println!("sym1 <-> sym2 back after {:?}", changed.elapsed());
+    assert_eq!(
+        lab.path("sym1", "sym2").map(|p| p.0),
+        Ok("relay".to_owned())
+    );
+    assert_eq!(
+        lab.path("sym2", "sym1").map(|p| p.0),
+        Ok("relay".to_owned())
+    );
 }
