@@ -14,7 +14,8 @@
 //! What 0.4.0 added (prefixes behind nodes: `routes`; port mapping:
 //! `port_mapping` and the `mapped` candidate source; the family of a
 //! direct path: `family`; another node behind the same NAT holding this
-//! node's port: `port_taken`) has golden files of its own, written by 0.4.0;
+//! node's port: `port_taken`; when a peer's addresses last changed:
+//! `addresses_changed_s`) has golden files of its own, written by 0.4.0;
 //! 0.2.0 reads them without the new fields.
 #![allow(
     clippy::unwrap_used,
@@ -92,6 +93,7 @@ fn peers() -> Vec<PeerInfo> {
             relay_reason: None,
             routes: vec![],
             learned_routes: vec![],
+            addresses_changed_s: None,
         },
         PeerInfo {
             name: Some("node-sym".into()),
@@ -123,6 +125,7 @@ fn peers() -> Vec<PeerInfo> {
             ),
             routes: vec![],
             learned_routes: vec![],
+            addresses_changed_s: None,
         },
         PeerInfo {
             name: None,
@@ -146,6 +149,7 @@ fn peers() -> Vec<PeerInfo> {
             relay_reason: None,
             routes: vec![],
             learned_routes: vec![],
+            addresses_changed_s: None,
         },
     ]
 }
@@ -396,6 +400,7 @@ fn peers_with_families() -> Vec<PeerInfo> {
         relay_reason: None,
         routes: vec![],
         learned_routes: vec![],
+        addresses_changed_s: None,
     });
     peers
 }
@@ -491,6 +496,15 @@ fn peers_mapped() -> Vec<PeerInfo> {
     peers
 }
 
+/// node-b's router got a new public address 12 s ago.
+fn peers_moved() -> Vec<PeerInfo> {
+    let mut peers = peers();
+    if let Some(b) = peers.first_mut() {
+        b.addresses_changed_s = Some(12);
+    }
+    peers
+}
+
 /// Golden files of 0.4.0's additions, with the response each holds.
 fn responses_0_4_0() -> Vec<(&'static str, Response)> {
     vec![
@@ -522,6 +536,12 @@ fn responses_0_4_0() -> Vec<(&'static str, Response)> {
             "peers_mapped",
             Response::Peers {
                 peers: peers_mapped(),
+            },
+        ),
+        (
+            "peers_moved",
+            Response::Peers {
+                peers: peers_moved(),
             },
         ),
         (

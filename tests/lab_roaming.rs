@@ -122,6 +122,13 @@ fn a_router_with_a_new_public_address_has_its_pairs_back_in_seconds_and_direct_a
         },
     );
     println!("cone <-> cone2 direct again after {:?}", changed.elapsed());
+    // cone2's `meshctl peers` says that cone moved, and how long ago.
+    let seen = lab.peer("cone2", "cone").unwrap();
+    let ago = seen["addresses_changed_s"].as_u64();
+    assert!(
+        ago.is_some_and(|s| s <= changed.elapsed().as_secs() + 1),
+        "{seen}"
+    );
     // The symmetric pair went on through the relay.
     assert_eq!(
         lab.path("cone", "sym1").map(|p| p.0),

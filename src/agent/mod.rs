@@ -1113,6 +1113,17 @@ impl Agent {
                     .iter()
                     .find(|(_, s)| *s == Source::Local)
                     .map(|(a, _)| a.port());
+                let mut addresses: Vec<_> = peer.candidates.iter().map(|(a, _)| *a).collect();
+                addresses.sort_unstable();
+                addresses.dedup();
+                let addresses_changed = match self.meta.get(&key) {
+                    Some(old) if old.addresses != addresses => {
+                        tracing::info!(peer = %key.short(), name = %peer.name, ?addresses, "peer's addresses changed");
+                        Some(now)
+                    }
+                    Some(old) => old.addresses_changed,
+                    None => None,
+                };
                 self.node.set_candidates(&key, peer.candidates, now);
                 let meta = PeerMeta {
                     name: peer.name,
@@ -1120,6 +1131,8 @@ impl Agent {
                     routes: peer.routes,
                     nat: peer.nat,
                     port,
+                    addresses,
+                    addresses_changed,
                 };
                 self.meta.insert(key, meta);
                 self.relay_ids.retain(|_, k| *k != key);

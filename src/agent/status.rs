@@ -31,6 +31,10 @@ pub struct PeerMeta {
     pub nat: NatMapping,
     /// The port of its local candidates: where its meshd listens.
     pub port: Option<u16>,
+    /// Its candidates' addresses as last heard, sorted.
+    pub addresses: Vec<std::net::SocketAddr>,
+    /// When they last changed, if ever since this node first heard them.
+    pub addresses_changed: Option<Instant>,
 }
 
 impl Agent {
@@ -65,6 +69,9 @@ impl Agent {
                         info.learned_routes = learned.clone();
                     }
                     info.nat = meta.nat;
+                    info.addresses_changed_s = meta
+                        .addresses_changed
+                        .map(|at| now.saturating_duration_since(at).as_secs());
                     if p.path == PathStatus::Relay {
                         let peer = Side {
                             name: &meta.name,

@@ -353,6 +353,38 @@ fn a_welcome_saying_our_port_is_taken_asks_the_host_to_move_and_status_says_so()
 }
 
 #[test]
+fn a_peer_whose_addresses_change_is_shown_as_moved_from_then_on() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_update(welcome(1, &[2]), now);
+    let changed = |a: &Agent, at| {
+        a.peer_infos(at)
+            .into_iter()
+            .find(|p| p.public_key == public(2))
+            .and_then(|p| p.addresses_changed_s)
+    };
+    assert_eq!(changed(&a, now), None, "first heard: no news");
+    // The same addresses with another name change nothing.
+    a.handle_update(
+        Update::Upsert(NodeEntry {
+            name: "renamed".into(),
+            ..entry(2)
+        }),
+        now,
+    );
+    assert_eq!(changed(&a, now), None);
+
+    let later = now + Duration::from_secs(5);
+    let mut moved = entry(2);
+    moved.candidates[0].addr = addr("203.0.113.99:51820");
+    a.handle_update(Update::Upsert(moved.clone()), later);
+    assert_eq!(changed(&a, later + Duration::from_secs(7)), Some(7));
+    // Heard again unchanged: still since then.
+    a.handle_update(Update::Upsert(moved), later + Duration::from_secs(9));
+    assert_eq!(changed(&a, later + Duration::from_secs(10)), Some(10));
+}
+
+#[test]
 fn the_cached_peer_map_installs_peers_without_claiming_registration() {
     let now = Instant::now();
     let mut a = agent(1, now);

@@ -211,6 +211,11 @@ pub struct PeerInfo {
     /// its overlay address), also in `allowed_ips`. Absent when none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub learned_routes: Vec<IpNet>,
+    /// Seconds since the peer's addresses (its candidates) last changed
+    /// while this node knew it: it roamed, its router got a new address.
+    /// Absent when they never changed, and from meshd before 0.4.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses_changed_s: Option<u64>,
 }
 
 /// One candidate endpoint of a peer.
@@ -289,6 +294,7 @@ impl From<&PeerStatus> for PeerInfo {
             relay_reason: None,
             routes: Vec::new(),
             learned_routes: Vec::new(),
+            addresses_changed_s: None,
         }
     }
 }
@@ -707,6 +713,7 @@ impl Default for PeerInfo {
             relay_reason: None,
             routes: Vec::new(),
             learned_routes: Vec::new(),
+            addresses_changed_s: None,
         }
     }
 }
@@ -793,6 +800,7 @@ mod tests {
             relay_reason: Some("both sides are behind endpoint-dependent NAT".into()),
             routes: vec!["10.244.3.0/24".parse().unwrap()],
             learned_routes: vec!["10.245.3.0/24".parse().unwrap()],
+            addresses_changed_s: None,
         };
         let v = serde_json::to_value(&info).unwrap();
         for field in [

@@ -12,6 +12,9 @@ use crate::wire::control::RouteStatus;
 
 /// `meshctl peers`: one line per peer, aligned columns, then for every
 /// relayed peer the reason it is relayed.
+/// How long `meshctl peers` says that a peer's addresses changed.
+const ADDRESS_NEWS: u64 = 3600;
+
 pub fn peers_table(peers: &[PeerInfo]) -> String {
     let header = [
         "NAME",
@@ -50,7 +53,12 @@ pub fn peers_table(peers: &[PeerInfo]) -> String {
                 p.last_handshake.map_or_else(|| "never".into(), ago),
                 bytes(p.rx_bytes),
                 bytes(p.tx_bytes),
-                if p.online { "online" } else { "offline" }.to_owned(),
+                match (p.online, p.addresses_changed_s) {
+                    (true, Some(s)) if s < ADDRESS_NEWS => format!("online, moved {}", ago(s)),
+                    (false, Some(s)) if s < ADDRESS_NEWS => format!("offline, moved {}", ago(s)),
+                    (true, _) => "online".to_owned(),
+                    (false, _) => "offline".to_owned(),
+                },
             ]
         })
         .collect();
@@ -402,7 +410,23 @@ mod tests {
                 .then(|| "both sides are behind endpoint-dependent (symmetric) NAT".into()),
             routes: vec![],
             learned_routes: vec![],
+            addresses_changed_s: None,
         }
+    }
+
+    #[test]
+    fn a_peer_whose_addresses_changed_lately_says_when() {
+        let key = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+        let moved = |s| PeerInfo {
+            addresses_changed_s: s,
+            ..peer(key, Some("203.0.113.9:51820"), Some(3), 0, 0)
+        };
+        let status = |p| peers_table(&[p]).lines().nth(1).unwrap().to_owned();
+        assert!(status(moved(Some(12))).ends_with("online, moved 12s ago"));
+        assert!(status(moved(Some(600))).ends_with("online, moved 10m ago"));
+        // An hour on it is no news.
+        assert!(status(moved(Some(3600))).ends_with("  online"));
+        assert!(status(moved(None)).ends_with("  online"));
     }
 
     #[test]
