@@ -472,10 +472,10 @@ fn a_welcome_names_its_features_and_a_taken_port_and_a_node_before_them_ignores_
         servers,
         routes,
         features: vec![FEATURE_PATHS.to_owned(), "from_the_future".to_owned()],
-        port_taken: Some(PortTaken {
+        port_taken: Some(Box::new(PortTaken {
             by: "lan1".into(),
             port: 51821,
-        }),
+        })),
     };
     let body = serde_json::to_value(&newer).unwrap();
     assert_eq!(

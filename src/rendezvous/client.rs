@@ -768,7 +768,7 @@ async fn admit_on(
                     peers,
                     routes,
                     paths: features.iter().any(|f| f == FEATURE_PATHS),
-                    port_taken,
+                    port_taken: port_taken.map(|taken| *taken),
                 },
                 servers,
             ))

@@ -1167,7 +1167,7 @@ impl Sim {
                         peers,
                         routes,
                         paths: features.iter().any(|f| f == FEATURE_PATHS),
-                        port_taken,
+                        port_taken: port_taken.map(|taken| *taken),
                     },
                     now,
                 );

@@ -334,7 +334,7 @@ pub enum ServerMessage {
         /// port this node's UDP port needs there ([`PortTaken`]). Absent
         /// when none does, and from a server before 0.4.0.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        port_taken: Option<PortTaken>,
+        port_taken: Option<Box<PortTaken>>,
     },
     /// Not admitted; the connection closes after this.
     Rejected {

@@ -1359,7 +1359,7 @@ impl Registry {
                 servers: self.servers(),
                 routes: self.routes.decisions(&key).to_vec(),
                 features: vec![FEATURE_PATHS.to_owned()],
-                port_taken,
+                port_taken: port_taken.map(Box::new),
             },
         });
         // A node back with nothing new (a restarted server's nodes coming

@@ -2869,7 +2869,7 @@ fn port_taken_in(cmds: &[Command], conn: ConnId) -> Option<PortTaken> {
             Command::Send {
                 conn: to,
                 msg: ServerMessage::Welcome { port_taken, .. },
-            } if *to == conn => Some(port_taken.clone()),
+            } if *to == conn => Some(port_taken.as_deref().cloned()),
             _ => None,
         })
         .expect("a welcome")
