@@ -15,7 +15,8 @@
 //! `port_mapping` and the `mapped` candidate source; the family of a
 //! direct path: `family`; another node behind the same NAT holding this
 //! node's port: `port_taken`; when a peer's addresses last changed:
-//! `addresses_changed_s`) has golden files of its own, written by 0.4.0;
+//! `addresses_changed_s`; `advertise-endpoint` not where the rendezvous
+//! sees the node: `advertised_elsewhere`) has golden files of its own, written by 0.4.0;
 //! 0.2.0 reads them without the new fields.
 #![allow(
     clippy::unwrap_used,
@@ -30,9 +31,9 @@ use std::str::FromStr;
 
 use meshd::agent::learned::{Unusable, UnusableWhy};
 use meshd::control::{
-    AdvertisedRoute, CandidateInfo, CandidateSource, Envelope, Family, HolePunching, IoCounters,
-    NetcheckInfo, PeerInfo, PeerPath, PeerRoutes, PingInfo, PortMappingInfo, RendezvousInfo,
-    Request, Response, RoutesInfo, StatusInfo,
+    AdvertisedElsewhere, AdvertisedRoute, CandidateInfo, CandidateSource, Envelope, Family,
+    HolePunching, IoCounters, NetcheckInfo, PeerInfo, PeerPath, PeerRoutes, PingInfo,
+    PortMappingInfo, RendezvousInfo, Request, Response, RoutesInfo, StatusInfo,
 };
 use meshd::wire::control::{MappingProtocol, NatMapping, PortTaken, RouteStatus};
 
@@ -196,6 +197,7 @@ fn status() -> StatusInfo {
         },
         port_mapping: None,
         port_taken: None,
+        advertised_elsewhere: None,
     }
 }
 
@@ -221,6 +223,7 @@ fn status_static() -> StatusInfo {
         io: IoCounters::default(),
         port_mapping: None,
         port_taken: None,
+        advertised_elsewhere: None,
     }
 }
 
@@ -521,6 +524,16 @@ fn responses_0_4_0() -> Vec<(&'static str, Response)> {
                 port_taken: Some(PortTaken {
                     by: "node-b".into(),
                     port: 51821,
+                }),
+                ..status()
+            })),
+        ),
+        (
+            "status_advertised_elsewhere",
+            Response::Status(Box::new(StatusInfo {
+                advertised_elsewhere: Some(AdvertisedElsewhere {
+                    advertised: v("198.51.100.7:51820"),
+                    seen: v("203.0.113.99:51820"),
                 }),
                 ..status()
             })),

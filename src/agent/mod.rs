@@ -71,6 +71,10 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
 pub const NETCHECK_TIMEOUT: Duration = Duration::from_secs(3);
 /// A NAT check unanswered this long is sent once more.
 pub const REFLECT_RETRY: Duration = Duration::from_secs(1);
+/// How often the node asks the NAT-check port again where it is seen, while
+/// a session is up, give or take a sixth (so that a mesh's nodes spread
+/// out): a router's new public address is noticed within this.
+pub const REFLECT_EVERY: Duration = Duration::from_secs(30);
 /// Messages for the rendezvous queued before more are dropped (a punch
 /// request is best effort: a full queue means requests are pending).
 const OUTBOX: usize = 64;
@@ -131,6 +135,9 @@ pub struct AgentConfig {
     pub rendezvous: bool,
     /// Prefixes behind this node that the hello advertises (`routes`).
     pub routes: Vec<IpNet>,
+    /// The public address the config says reaches this node
+    /// (`advertise-endpoint`), checked against where the rendezvous sees it.
+    pub advertise_endpoint: Option<SocketAddr>,
 }
 
 /// A local API request, numbered by the shell, which keeps its reply
@@ -228,6 +235,8 @@ pub enum TimeoutReason {
     NatCheckRetry,
     /// Time to look whether the paths to peers changed, for the rendezvous.
     PathReport,
+    /// Time to ask the NAT-check port again where this node is seen.
+    NatRecheck,
 }
 
 /// A peer from the rendezvous's map, as the engine and the API want it.
@@ -295,6 +304,11 @@ pub struct Agent {
     route_decisions: Vec<RouteDecision>,
     /// What the last welcome said about our port behind our NAT.
     port_taken: Option<PortTaken>,
+    /// `advertise-endpoint` from the config.
+    advertise_endpoint: Option<SocketAddr>,
+    /// When the NAT check is sent again ([`REFLECT_EVERY`]), while a
+    /// session is up.
+    next_reflect: Option<Instant>,
     welcomed: bool,
     /// The prefixes behind peers that mesh0 routes (the last
     /// [`HostChange::Routes`]).
@@ -392,6 +406,8 @@ impl Agent {
             static_peers,
             cache: None,
             advertised: config.routes,
+            advertise_endpoint: config.advertise_endpoint,
+            next_reflect: None,
             route_decisions: Vec::new(),
             port_taken: None,
             welcomed: false,
@@ -525,6 +541,7 @@ impl Agent {
                 self.route_decisions = routes;
                 self.welcomed = true;
                 self.seen(Observer::Rendezvous, observed, now);
+                self.check_advertised(observed);
                 self.host.push_back(HostChange::Registered);
                 if let Some(taken) = &port_taken {
                     self.host.push_back(HostChange::PortTaken(taken.clone()));
@@ -592,6 +609,7 @@ impl Agent {
         self.rendezvous_addr = Some(canonical(rendezvous));
         self.node.set_relay_available(true, now);
         self.send_reflect(now);
+        self.next_reflect = Some(self.reflect_deadline(now));
         if !self.nat_reported.is_unknown() {
             self.send_to_rendezvous(NodeMessage::Nat {
                 mapping: self.nat_reported,
@@ -604,6 +622,7 @@ impl Agent {
     pub fn handle_session_down(&mut self, now: Instant) {
         tracing::info!("relay unavailable");
         self.session = None;
+        self.next_reflect = None;
         self.node.set_relay_available(false, now);
         self.handle_engine_events(now);
     }
@@ -704,8 +723,13 @@ impl Agent {
             return;
         };
         self.reflecting = None;
+        let before = self.reflector_seen.map(|(at, _)| at);
+        if before.is_some_and(|before| before != observed) {
+            tracing::info!(from = ?before, to = %observed, "the NAT-check port sees this node at a new address");
+        }
         self.reflector_seen = Some((observed, now.saturating_duration_since(pending.sent)));
         self.seen(Observer::Reflector, observed, now);
+        self.check_advertised(observed);
         self.finish_netchecks(now);
     }
 
@@ -713,6 +737,32 @@ impl Agent {
     /// `handle_*` until `None`.
     pub fn poll_nat_check(&mut self) -> Option<NatCheck> {
         self.nat_checks.pop_front()
+    }
+
+    /// When the next periodic NAT check is due: [`REFLECT_EVERY`] from
+    /// `now`, give or take a sixth.
+    fn reflect_deadline(&mut self, now: Instant) -> Instant {
+        let spread = REFLECT_EVERY / 6;
+        let jitter = self.rng.gen_range(Duration::ZERO..=spread * 2);
+        now + REFLECT_EVERY - spread + jitter
+    }
+
+    /// Warns when the public address the rendezvous sees this node at is
+    /// not the one `advertise-endpoint` names: peers may be aiming at an
+    /// address that no longer reaches it (a renewed lease, a moved VM).
+    fn check_advertised(&self, seen: SocketAddr) {
+        if let Some(advertised) = self.advertised_elsewhere(seen) {
+            tracing::warn!(
+                %advertised, %seen,
+                "the rendezvous sees this node at another public address than advertise-endpoint names: peers may not reach it there; update advertise-endpoint if the address changed"
+            );
+        }
+    }
+
+    /// `advertise-endpoint` when its IP is not `seen`'s.
+    fn advertised_elsewhere(&self, seen: SocketAddr) -> Option<SocketAddr> {
+        self.advertise_endpoint
+            .filter(|a| canonical(*a).ip() != canonical(seen).ip())
     }
 
     /// Sends a NAT check to the rendezvous's second port, if its address is known.
@@ -910,7 +960,13 @@ impl Agent {
             .path_reporter
             .deadline()
             .map(|d| (d, TimeoutReason::PathReport));
-        for candidate in pings.chain(netchecks).chain(retry).chain(report) {
+        let recheck = self.next_reflect.map(|d| (d, TimeoutReason::NatRecheck));
+        for candidate in pings
+            .chain(netchecks)
+            .chain(retry)
+            .chain(report)
+            .chain(recheck)
+        {
             if candidate.0 < next.0 {
                 next = candidate;
             }
@@ -944,6 +1000,13 @@ impl Agent {
         }
         if self.pending_netchecks.iter().any(|(d, _)| *d <= now) {
             self.finish_netchecks(now);
+        }
+        if self.next_reflect.is_some_and(|d| now >= d) {
+            // One in flight keeps going; the next one is due a period on.
+            if self.reflecting.is_none() {
+                self.send_reflect(now);
+            }
+            self.next_reflect = Some(self.reflect_deadline(now));
         }
         self.report_paths(now);
         self.handle_engine_events(now);

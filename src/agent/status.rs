@@ -12,8 +12,8 @@ use std::time::Instant;
 use super::{Agent, ShellStats};
 use crate::control::diagnose::{self, Side, SideMapping};
 use crate::control::{
-    millis, AdvertisedRoute, NetcheckInfo, PeerInfo, PeerPath, PeerRoutes, RendezvousInfo,
-    RoutesInfo, SeenAt, SeenBy, StatusInfo,
+    millis, AdvertisedElsewhere, AdvertisedRoute, NetcheckInfo, PeerInfo, PeerPath, PeerRoutes,
+    RendezvousInfo, RoutesInfo, SeenAt, SeenBy, StatusInfo,
 };
 use crate::engine::nat::Observer;
 use crate::engine::paths::{PathStatus, Source};
@@ -143,6 +143,22 @@ impl Agent {
             io: shell.io,
             port_mapping: self.port_mapping.clone(),
             port_taken: self.port_taken.clone(),
+            // The NAT-check port's answer is the freshest (asked again
+            // every REFLECT_EVERY), else the rendezvous's at admission.
+            advertised_elsewhere: self
+                .reflector_seen
+                .map(|(seen, _)| seen)
+                .or_else(|| {
+                    self.observer
+                        .seen_at(now)
+                        .into_iter()
+                        .find(|(by, _)| *by == Observer::Rendezvous)
+                        .map(|(_, seen)| seen)
+                })
+                .and_then(|seen| {
+                    self.advertised_elsewhere(seen)
+                        .map(|advertised| AdvertisedElsewhere { advertised, seen })
+                }),
         }
     }
 

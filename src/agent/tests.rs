@@ -78,6 +78,7 @@ fn config(n: u8, static_peers: Vec<PeerSpec>) -> AgentConfig {
         underlay_ips: vec![underlay(n).ip()],
         rendezvous: true,
         routes: Vec::new(),
+        advertise_endpoint: None,
     }
 }
 
@@ -585,6 +586,85 @@ fn a_change_of_the_nat_mapping_makes_one_nat_message_not_one_per_observation() {
     a.handle_reflect_datagram(second[0].dst, &answer, now);
     assert_eq!(messages(&mut a), vec![]);
     assert_eq!(a.nat_reported(), NatMapping::EndpointIndependent);
+}
+
+#[test]
+fn the_nat_check_is_asked_again_every_half_minute_or_so_while_a_session_is_up() {
+    let now = Instant::now();
+    let mut a = agent(1, now);
+    a.handle_session_up(addr(RENDEZVOUS), None, now);
+    let first = nat_checks(&mut a);
+    let answer = reflect_answer(&first[0], addr("203.0.113.7:40000"));
+    a.handle_reflect_datagram(first[0].dst, &answer, now);
+
+    // Between 25 and 35 s on, one more check; none before.
+    let mut turns = 0;
+    let due = loop {
+        let (at, reason) = a.poll_timeout();
+        if reason == TimeoutReason::NatRecheck {
+            break at;
+        }
+        a.handle_timeout(at);
+        assert!(nat_checks(&mut a).is_empty());
+        turns += 1;
+        assert!(turns < 1000 && at < now + Duration::from_secs(35));
+    };
+    let after = due.saturating_duration_since(now);
+    assert!(
+        after >= Duration::from_secs(25) && after <= Duration::from_secs(35),
+        "{after:?}"
+    );
+    a.handle_timeout(due);
+    let again = nat_checks(&mut a);
+    assert_eq!(again.len(), 1);
+    // The router got a new address: the answer says so, and the status.
+    let answer = reflect_answer(&again[0], addr("203.0.113.99:40000"));
+    a.handle_reflect_datagram(again[0].dst, &answer, due);
+    let seen = status(&mut a, due).seen_at;
+    assert!(
+        seen.iter().any(|s| s.addr == addr("203.0.113.99:40000")),
+        "{seen:?}"
+    );
+
+    // No session, no checks.
+    a.handle_session_down(due);
+    assert_ne!(a.poll_timeout().1, TimeoutReason::NatRecheck);
+}
+
+#[test]
+fn status_says_when_the_rendezvous_sees_the_node_elsewhere_than_it_advertises() {
+    let now = Instant::now();
+    let mut a = Agent::new(
+        AgentConfig {
+            advertise_endpoint: Some(addr("198.51.100.7:51820")),
+            ..config(1, Vec::new())
+        },
+        [1; 32],
+        now,
+        Duration::ZERO,
+    )
+    .unwrap();
+    a.handle_session_up(addr(RENDEZVOUS), None, now);
+    let check = nat_checks(&mut a);
+    // Seen where it says: nothing to say.
+    a.handle_update(welcome(1, &[]), now);
+    let answer = reflect_answer(&check[0], addr("198.51.100.7:51820"));
+    a.handle_reflect_datagram(check[0].dst, &answer, now);
+    assert_eq!(status(&mut a, now).advertised_elsewhere, None);
+
+    // Its public address changed; the config did not.
+    a.handle_api(RequestId(1), Request::Netcheck, &ShellStats::default(), now);
+    let check = nat_checks(&mut a);
+    let answer = reflect_answer(&check[0], addr("203.0.113.99:51820"));
+    a.handle_reflect_datagram(check[0].dst, &answer, now);
+    answers(&mut a);
+    assert_eq!(
+        status(&mut a, now).advertised_elsewhere,
+        Some(crate::control::AdvertisedElsewhere {
+            advertised: addr("198.51.100.7:51820"),
+            seen: addr("203.0.113.99:51820"),
+        })
+    );
 }
 
 #[test]

@@ -343,6 +343,18 @@ pub struct StatusInfo {
     /// other node talks to reach this one through the relay only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_taken: Option<PortTaken>,
+    /// `advertise-endpoint` names another public address than the one the
+    /// rendezvous sees this node at. Absent when they agree, without
+    /// `advertise-endpoint`, and from meshd before 0.4.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertised_elsewhere: Option<AdvertisedElsewhere>,
+}
+
+/// `advertise-endpoint` and where the rendezvous sees the node instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvertisedElsewhere {
+    pub advertised: SocketAddr,
+    pub seen: SocketAddr,
 }
 
 /// What the node's default gateway said to port mapping (PCP, NAT-PMP,
@@ -740,6 +752,7 @@ impl Default for StatusInfo {
             io: IoCounters::default(),
             port_mapping: None,
             port_taken: None,
+            advertised_elsewhere: None,
         }
     }
 }

@@ -3,8 +3,8 @@
 use std::fmt::{Display, Write as _};
 
 use super::{
-    Family, IoCounters, NetcheckInfo, PeerInfo, PeerPath, PingInfo, PortMappingInfo,
-    RendezvousInfo, RoutesInfo, StatusInfo,
+    AdvertisedElsewhere, Family, IoCounters, NetcheckInfo, PeerInfo, PeerPath, PingInfo,
+    PortMappingInfo, RendezvousInfo, RoutesInfo, StatusInfo,
 };
 #[cfg(test)]
 use crate::wire::control::MappingProtocol;
@@ -189,6 +189,12 @@ pub fn status(s: &StatusInfo) -> String {
     };
     let _ = writeln!(out, "addresses:   {}", list(&s.addresses));
     let _ = writeln!(out, "listen port: {}", s.listen_port);
+    if let Some(AdvertisedElsewhere { advertised, seen }) = &s.advertised_elsewhere {
+        let _ = writeln!(
+            out,
+            "advertised:  {advertised}, but the rendezvous sees this node at {seen}: peers may not reach it there; update advertise-endpoint if the address changed"
+        );
+    }
     if let Some(taken) = &s.port_taken {
         let _ = writeln!(
             out,

@@ -160,6 +160,7 @@ pub async fn run(
             underlay_ips,
             rendezvous: has_rendezvous,
             routes: config.routes.clone(),
+            advertise_endpoint: config.advertise_endpoint,
         },
         rand::random(),
         now,

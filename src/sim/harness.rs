@@ -486,6 +486,7 @@ impl Sim {
             underlay_ips: Vec::new(),
             rendezvous: true,
             routes: Vec::new(),
+            advertise_endpoint: None,
         };
         // The simulated wall clock: the Unix time the run starts at is
         // arbitrary, only its progress matters (ping freshness).
