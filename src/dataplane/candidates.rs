@@ -1,9 +1,12 @@
 //! This node's own candidate endpoints: where peers might reach it.
 //!
-//! Does I/O (reads interface addresses). Local addresses of every up,
-//! non-loopback interface except the mesh interface itself, with the
-//! node's UDP port; link-local and overlay addresses are useless to peers
-//! and left out. The configured public address comes first.
+//! Does I/O (reads interface addresses and `/sys/class/net`). Local
+//! addresses of every up, non-loopback interface except the mesh interface
+//! itself and tunnels (VXLAN such as flannel's, Geneve, WireGuard, IP-in-IP:
+//! an address there is reached through the tunnel, which may well ride
+//! mesh0, never as an endpoint of its own), with the node's UDP port;
+//! link-local and overlay addresses are useless to peers and left out. The
+//! configured public address comes first.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -35,6 +38,7 @@ pub fn gather(
         if ifa.interface_name == mesh_interface
             || !ifa.flags.contains(InterfaceFlags::IFF_UP)
             || ifa.flags.contains(InterfaceFlags::IFF_LOOPBACK)
+            || is_tunnel(&ifa.interface_name)
         {
             continue;
         }
@@ -60,6 +64,31 @@ pub fn gather(
     }
     out
 }
+
+/// Whether `interface` is a tunnel, as its `DEVTYPE` in sysfs says.
+fn is_tunnel(interface: &str) -> bool {
+    // A name with a slash or `..` is no interface; sysfs is not read for it.
+    if interface.contains('/') || interface == ".." {
+        return false;
+    }
+    let uevent =
+        std::fs::read_to_string(format!("/sys/class/net/{interface}/uevent")).unwrap_or_default();
+    uevent.lines().any(|line| {
+        line.strip_prefix("DEVTYPE=")
+            .is_some_and(|t| TUNNELS.contains(&t))
+    })
+}
+
+/// `DEVTYPE`s of tunnel devices.
+const TUNNELS: &[&str] = &[
+    "vxlan",
+    "geneve",
+    "wireguard",
+    "ipip",
+    "sit",
+    "gre",
+    "gretap",
+];
 
 fn useful(ip: IpAddr) -> bool {
     match ip {
