@@ -94,11 +94,17 @@ fn every_node_reaches_every_other_and_each_pair_settles_on_its_expected_path() {
             None
         }
     };
+    let at_public_address_of = |node: &str, endpoint: &str| {
+        endpoint
+            .parse::<SocketAddr>()
+            .is_ok_and(|e| e.ip() == IpAddr::V4(topology().router_of(node).wan))
+    };
     let settled = eventually(
         "every pair settles on its expected path",
         SETTLE_DEADLINE,
         || {
             let (mut wrong, mut direct, mut relayed) = (Vec::new(), 0, 0);
+            let mut lucky = Vec::new();
             for from in all_nodes() {
                 for to in all_nodes().into_iter().filter(|&to| to != from) {
                     let Some((path, endpoint_net)) = expected(from, to) else {
@@ -123,6 +129,21 @@ fn every_node_reaches_every_other_and_each_pair_settles_on_its_expected_path() {
                                 relayed += 1;
                             }
                         }
+                        // A symmetric NAT picks a random port per
+                        // destination; now and then it picks, for the
+                        // peer, the port the rendezvous already sees it
+                        // at, the one the peer probes, and the pair goes
+                        // direct through the NAT's own public address (seen
+                        // once in CI, sym1 and hair1). Real, and better
+                        // than expected: counted, not failed.
+                        Ok((got, Some(endpoint)))
+                            if path == "relay"
+                                && got == "direct"
+                                && at_public_address_of(to, &endpoint) =>
+                        {
+                            lucky.push(format!("{from} -> {to} via {endpoint}"));
+                            direct += 1;
+                        }
                         Ok((got, endpoint)) => wrong.push(format!(
                             "{from} -> {to}: {got} via {endpoint:?}, expected {path}{}",
                             endpoint_net.map_or(String::new(), |net| format!(" via {net}"))
@@ -132,6 +153,12 @@ fn every_node_reaches_every_other_and_each_pair_settles_on_its_expected_path() {
                 }
             }
             if wrong.is_empty() {
+                if !lucky.is_empty() {
+                    println!(
+                        "direct through a symmetric NAT's port: {}",
+                        lucky.join(", ")
+                    );
+                }
                 Ok((direct, relayed))
             } else {
                 Err(wrong.join("; "))
