@@ -29,11 +29,12 @@ use blake2::digest::Mac;
 use meshd::identity::{PrivateKey, PublicKey};
 use meshd::rendezvous::admission;
 use meshd::wire::control::{
-    decode, decode_frame, encode, Candidate, CandidateKind, FrameError, Hello, MeshInfo,
+    decode, decode_frame, decode_hello, encode, Candidate, CandidateKind, FrameError, Hello, MeshInfo,
     NatMapping, NodeEntry, NodeMessage, PathEntry, PathState, PortTaken, Proof, RejectReason,
     RouteDecision, RouteStatus, ServerHello, ServerMessage, FEATURE_PATHS, MAX_FRAME,
     MAX_FRAME_UNADMITTED, MAX_PATH_PEERS, PROTOCOL_VERSION,
 };
+use meshd::wire::digest::MapDigest;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -94,6 +95,7 @@ fn hello() -> Hello {
         ],
         proof: Proof(hex(PROOF_HEX).try_into().unwrap()),
         routes: Vec::new(),
+        peers_digest: None,
     }
 }
 
@@ -167,6 +169,7 @@ fn welcome() -> ServerMessage {
         routes: Vec::new(),
         features: Vec::new(),
         port_taken: None,
+        peers_unchanged: false,
     }
 }
 
@@ -476,8 +479,10 @@ fn a_welcome_names_its_features_and_a_taken_port_and_a_node_before_them_ignores_
             by: "lan1".into(),
             port: 51821,
         })),
+        peers_unchanged: true,
     };
     let body = serde_json::to_value(&newer).unwrap();
+    assert_eq!(body["peers_unchanged"], serde_json::json!(true));
     assert_eq!(
         body["features"],
         serde_json::json!(["paths", "from_the_future"])
@@ -493,6 +498,27 @@ fn a_welcome_names_its_features_and_a_taken_port_and_a_node_before_them_ignores_
     // The vector, from a server without features, has no such field.
     assert!(body_of("welcome").get("features").is_none());
     assert!(body_of("welcome").get("port_taken").is_none());
+    assert!(body_of("welcome").get("peers_unchanged").is_none());
+}
+
+#[test]
+fn a_hello_offers_the_digest_of_the_map_it_holds_as_64_hex_digits() {
+    let digest: MapDigest = serde_json::from_value(serde_json::json!("01".repeat(32))).unwrap();
+    let offering = Hello {
+        peers_digest: Some(digest),
+        ..hello()
+    };
+    let body = serde_json::to_value(&offering).unwrap();
+    assert_eq!(body["peers_digest"], serde_json::json!("01".repeat(32)));
+    assert_eq!(
+        decode_hello(&serde_json::to_vec(&body).unwrap()).unwrap(),
+        offering
+    );
+    // The vector, from a node on its first session, has none.
+    assert!(body_of("hello").get("peers_digest").is_none());
+    let mut short = body.clone();
+    short["peers_digest"] = serde_json::json!("0101");
+    assert!(decode_hello(&serde_json::to_vec(&short).unwrap()).is_err());
 }
 
 #[test]
@@ -802,6 +828,7 @@ fn large_peer_map_needs_the_admitted_limit() {
         routes: Vec::new(),
         features: Vec::new(),
         port_taken: None,
+        peers_unchanged: false,
     };
     let frame = encode(&big);
     assert!(frame.len() > MAX_FRAME_UNADMITTED);

@@ -452,6 +452,7 @@ impl FakeRendezvous {
             routes: Vec::new(),
             features: Vec::new(),
             port_taken: None,
+            peers_unchanged: false,
         };
         write_frame(&mut send, &welcome).await.expect("the welcome");
         (connection, send, recv)

@@ -32,6 +32,7 @@ use crate::wire::control::{
     Candidate, Hello, NatMapping, NodeMessage, RejectReason, ServerHello, ServerMessage,
     FEATURE_PATHS, MAX_FRAME, MAX_FRAME_UNADMITTED, MAX_ROUTES, PROTOCOL_VERSION,
 };
+use crate::wire::digest::{HeldMap, MapDigest};
 use crate::wire::untrusted::bounded;
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -210,6 +211,9 @@ pub async fn run(
     let mut reconnect = Reconnect::default();
     let mut servers = Servers::new(config.servers.clone());
     let base_routes = config.routes.clone();
+    // The peer map as the rendezvous told it, kept across sessions: the
+    // next welcome leaves it out if it is still the server's.
+    let mut held = HeldMap::default();
     loop {
         if let Some(extra) = &mut channels.extra_routes {
             let routes = advertised_routes(&base_routes, &extra.borrow_and_update());
@@ -239,6 +243,7 @@ pub async fn run(
             &mut welcomed,
             &mut servers,
             &mut round_over,
+            &mut held,
         )
         .await;
         let server = servers.current().to_owned();
@@ -410,6 +415,7 @@ async fn session(
     welcomed: &mut bool,
     servers: &mut Servers,
     round_over: &mut bool,
+    held: &mut HeldMap,
 ) -> Result<(), ClientError> {
     let racing = servers.candidates();
     let (home, connection) =
@@ -430,7 +436,7 @@ async fn session(
         );
     }
     let result = admit_and_serve(
-        connection, config, key, candidates, channels, welcomed, servers,
+        connection, config, key, candidates, channels, welcomed, servers, held,
     )
     .await;
     *round_over = servers.failed();
@@ -438,7 +444,8 @@ async fn session(
 }
 
 /// Admission on `connection` (to [`Servers::current`]), then deltas until
-/// the connection ends.
+/// the connection ends. `held` follows the peer map the agent is given.
+#[allow(clippy::too_many_arguments)]
 async fn admit_and_serve(
     connection: quinn::Connection,
     config: &ClientConfig,
@@ -447,6 +454,7 @@ async fn admit_and_serve(
     channels: &mut Channels,
     welcomed: &mut bool,
     servers: &mut Servers,
+    held: &mut HeldMap,
 ) -> Result<(), ClientError> {
     let Channels {
         updates,
@@ -467,8 +475,22 @@ async fn admit_and_serve(
         interfaces.mark_unchanged();
     }
     let mut announced = candidates();
-    let (mut session, welcome, others) =
-        admit_on(connection, config, &server, key, announced.clone()).await?;
+    let offered = held.digest();
+    let Welcomed {
+        mut session,
+        mut welcome,
+        servers: others,
+        peers_unchanged,
+    } = admit_on(connection, config, &server, key, announced.clone(), offered).await?;
+    if let Update::Welcome { peers, .. } = &mut welcome {
+        if peers_unchanged {
+            // The map held is the server's: the agent gets it again whole.
+            *peers = held.entries();
+            tracing::debug!(peers = peers.len(), "the peer map held is the rendezvous's");
+        } else {
+            held.replace(peers);
+        }
+    }
     *welcomed = true;
     servers.welcomed();
     servers.learn(&others);
@@ -507,6 +529,11 @@ async fn admit_and_serve(
             },
             update = session.next() => match update? {
                 Some(update) => {
+                    match &update {
+                        Update::Upsert(peer) => held.upsert(peer),
+                        Update::Remove(key) => held.remove(key),
+                        _ => {}
+                    }
                     if updates.send(update).await.is_err() {
                         return Ok(());
                     }
@@ -595,11 +622,34 @@ pub async fn admit(
     key: &PrivateKey,
     candidates: Vec<Candidate>,
 ) -> Result<(Session, Update), ClientError> {
+    let admitted = admit_offering(endpoint, config, key, candidates, None).await?;
+    Ok((admitted.session, admitted.welcome))
+}
+
+/// [`admit`], offering the digest of a peer map the node holds: if it is
+/// the server's map for the node, the welcome leaves its `peers` empty
+/// and says so (`peers_unchanged`).
+pub async fn admit_offering(
+    endpoint: &quinn::Endpoint,
+    config: &ClientConfig,
+    key: &PrivateKey,
+    candidates: Vec<Candidate>,
+    peers_digest: Option<MapDigest>,
+) -> Result<Welcomed, ClientError> {
     let server = config.servers.first().map_or("", String::as_str);
     let (_, connection) =
         connect_first(endpoint, config.pin, &[(0, server.to_owned())], None).await?;
-    let (session, welcome, _) = admit_on(connection, config, server, key, candidates).await?;
-    Ok((session, welcome))
+    admit_on(connection, config, server, key, candidates, peers_digest).await
+}
+
+/// An admission: the session, the welcome for the agent, the servers the
+/// welcome named, and whether it left the peer map out because the node
+/// holds it (then the welcome's `peers` is empty).
+pub struct Welcomed {
+    pub session: Session,
+    pub welcome: Update,
+    pub servers: Vec<String>,
+    pub peers_unchanged: bool,
 }
 
 /// Resolves every server of `racing` and starts a handshake with each at
@@ -681,15 +731,16 @@ async fn connect_first(
 }
 
 /// Admission on a connected `connection` to `server`: the server's hello,
-/// ours with the proof, and its welcome (or refusal); also the mesh's
-/// servers the `Welcome` named.
+/// ours with the proof (and the digest of the map held, if any), and its
+/// welcome (or refusal).
 async fn admit_on(
     connection: quinn::Connection,
     config: &ClientConfig,
     server: &str,
     key: &PrivateKey,
     candidates: Vec<Candidate>,
-) -> Result<(Session, Update, Vec<String>), ClientError> {
+    peers_digest: Option<MapDigest>,
+) -> Result<Welcomed, ClientError> {
     let lost = |source: StreamError| ClientError::Lost {
         server: server.to_owned(),
         source,
@@ -725,6 +776,7 @@ async fn admit_on(
             candidates,
             proof: admission::proof(key, &server_hello.server_key, &exporter),
             routes: config.routes.clone(),
+            peers_digest,
         };
         write_frame(&mut send, &hello).await.map_err(lost)?;
         frames.set_limit(MAX_FRAME);
@@ -748,10 +800,14 @@ async fn admit_on(
             routes,
             features,
             port_taken,
+            peers_unchanged,
         } => {
+            if peers_unchanged && peers_digest.is_none() {
+                return Err(protocol("a welcome without the peer map, which this node does not hold".into()));
+            }
             tracing::info!(
                 %server, ipv4 = %node.ipv4, ipv6 = %node.ipv6, %observed, peers = peers.len(),
-                ?servers, "admitted by the rendezvous"
+                peers_unchanged, ?servers, "admitted by the rendezvous"
             );
             let session = Session {
                 server: server.to_owned(),
@@ -759,9 +815,9 @@ async fn admit_on(
                 send,
                 frames,
             };
-            Ok((
+            Ok(Welcomed {
                 session,
-                Update::Welcome {
+                welcome: Update::Welcome {
                     node,
                     mesh,
                     observed,
@@ -771,7 +827,8 @@ async fn admit_on(
                     port_taken: port_taken.map(|taken| *taken),
                 },
                 servers,
-            ))
+                peers_unchanged,
+            })
         }
         ServerMessage::Rejected { reason, message } => Err(ClientError::Rejected {
             server: server.to_owned(),

@@ -234,6 +234,13 @@ impl RendezvousMetrics {
         )?;
         family(
             out,
+            "mesh_rendezvous_welcomes_unchanged_total",
+            Kind::Counter,
+            "Welcomes sent without the peer map, because the node holds the server's map already.",
+            [(NO_LABELS, counters.welcomes_unchanged.into())],
+        )?;
+        family(
+            out,
             "mesh_rendezvous_candidates_refused_total",
             Kind::Counter,
             "Candidates announced by nodes and dropped, by reason.",
@@ -390,6 +397,9 @@ mesh_rendezvous_ports_taken_total 0
 # HELP mesh_rendezvous_connections_migrated_total Node connections that moved to a new address (the node's observed address changed).
 # TYPE mesh_rendezvous_connections_migrated_total counter
 mesh_rendezvous_connections_migrated_total 0
+# HELP mesh_rendezvous_welcomes_unchanged_total Welcomes sent without the peer map, because the node holds the server's map already.
+# TYPE mesh_rendezvous_welcomes_unchanged_total counter
+mesh_rendezvous_welcomes_unchanged_total 0
 # HELP mesh_rendezvous_candidates_refused_total Candidates announced by nodes and dropped, by reason.
 # TYPE mesh_rendezvous_candidates_refused_total counter
 mesh_rendezvous_candidates_refused_total{reason="port_zero"} 0

@@ -1133,6 +1133,7 @@ mod tests {
             candidates: Vec::new(),
             proof: admission::proof(&node, &server_key().public_key(), &EXPORTER),
             routes: Vec::new(),
+            peers_digest: None,
         };
         Box::new(IncomingHello {
             hello: Ok(hello),

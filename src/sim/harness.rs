@@ -1251,6 +1251,7 @@ impl Sim {
             }],
             proof,
             routes: Vec::new(),
+            peers_digest: None,
         };
         let incoming = IncomingHello {
             hello: Ok(hello),

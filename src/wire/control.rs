@@ -15,6 +15,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::identity::PublicKey;
+use super::digest::MapDigest;
 
 /// Bumped on any incompatible change; both hellos carry it.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -72,6 +73,12 @@ pub struct Hello {
     /// route to it (proto/control.md §15). Absent from a node before 0.4.0.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<IpNet>,
+    /// The digest of the peer map the node holds from its last session
+    /// ([`MapDigest`]): a server whose map for it has the same digest
+    /// welcomes it without one (`peers_unchanged`). Absent on a first
+    /// session, and from a node before 0.4.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers_digest: Option<MapDigest>,
 }
 
 /// A server → server, first on a link, after the accepting server's
@@ -335,6 +342,12 @@ pub enum ServerMessage {
         /// when none does, and from a server before 0.4.0.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         port_taken: Option<Box<PortTaken>>,
+        /// `peers` is left empty because the node's hello offered the
+        /// digest of exactly the map the server holds for it: the node
+        /// keeps the map it has. Absent (false) otherwise, and from a
+        /// server before 0.4.0.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        peers_unchanged: bool,
     },
     /// Not admitted; the connection closes after this.
     Rejected {

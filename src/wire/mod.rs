@@ -19,6 +19,7 @@
 #![deny(clippy::indexing_slicing)]
 
 pub mod control;
+pub mod digest;
 pub mod endpoint;
 pub mod probe;
 pub mod reflect;

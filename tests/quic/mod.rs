@@ -415,6 +415,7 @@ pub fn hello(public_key: PublicKey, proof: Proof, token: Option<&str>) -> Hello 
         candidates: Vec::new(),
         proof,
         routes: Vec::new(),
+        peers_digest: None,
     }
 }
 

@@ -114,6 +114,7 @@ use crate::wire::control::{
     PortTaken, Proof, RejectReason, RouteDecision, ServerMessage, FEATURE_PATHS, MAX_CANDIDATES,
     MAX_NAME, MAX_ROUTES, PROTOCOL_VERSION,
 };
+use crate::wire::digest::MapDigest;
 use crate::wire::endpoint::{self, Unusable};
 use crate::wire::untrusted::Untrusted;
 
@@ -653,6 +654,9 @@ pub struct Counters {
     pub ports_taken: u64,
     /// Node connections that moved to a new address.
     pub migrations: u64,
+    /// Welcomes sent without the peer map: the node offered the digest of
+    /// the one it holds, and it was this server's.
+    pub welcomes_unchanged: u64,
     /// Announced candidates dropped, as [`CandidateRefusal::ALL`].
     refused: [u64; CandidateRefusal::ALL.len()],
     /// Entries of path reports dropped, as [`PathRefusal::ALL`].
@@ -812,6 +816,9 @@ pub struct Registry {
     /// Connections welcomed since the last flush, with the latest change
     /// their welcome included.
     welcomed_in_tick: HashMap<ConnId, u64>,
+    /// What the nodes were told of each node, as digests: made at the
+    /// first welcome that needs it, then kept by every change announced.
+    told: Option<Told>,
     /// A [`Command::PersistSoon`] is queued and not yet polled: one is
     /// enough.
     persist_soon_queued: bool,
@@ -896,6 +903,7 @@ impl Registry {
             deltas: BTreeMap::new(),
             delta_seq: 0,
             welcomed_in_tick: HashMap::new(),
+            told: None,
             persist_soon_queued: false,
             rejections: [0; REJECT_REASONS.len()],
             limits,
@@ -1330,13 +1338,23 @@ impl Registry {
             ipv4: entry.ipv4,
         });
 
-        let peers = self
-            .state
-            .nodes
-            .iter()
-            .filter(|(k, _)| **k != key)
-            .map(|(k, r)| node_entry(k, r, &self.routes))
-            .collect();
+        // A node back with the map this server holds for it (a restart's
+        // nodes, a lost session) is not sent it again: at thousands of
+        // nodes the maps are what a restart would spend its time on.
+        let peers_unchanged = hello
+            .peers_digest
+            .is_some_and(|offered| offered == self.told().without(&key));
+        let peers = if peers_unchanged {
+            self.counters.welcomes_unchanged = self.counters.welcomes_unchanged.saturating_add(1);
+            Vec::new()
+        } else {
+            self.state
+                .nodes
+                .iter()
+                .filter(|(k, _)| **k != key)
+                .map(|(k, r)| node_entry(k, r, &self.routes))
+                .collect()
+        };
         let port_taken = self.port_taken(&key, observed, hello.listen_port);
         if let Some(taken) = &port_taken {
             tracing::info!(
@@ -1360,6 +1378,7 @@ impl Registry {
                 routes: self.routes.decisions(&key).to_vec(),
                 features: vec![FEATURE_PATHS.to_owned()],
                 port_taken: port_taken.map(Box::new),
+                peers_unchanged,
             },
         });
         // A node back with nothing new (a restarted server's nodes coming
@@ -2574,8 +2593,18 @@ impl Registry {
     /// per node.
     fn announce_delta(&mut self, msg: ServerMessage) {
         let subject = match &msg {
-            ServerMessage::PeerUpsert { peer } => peer.public_key,
-            ServerMessage::PeerRemove { public_key } => *public_key,
+            ServerMessage::PeerUpsert { peer } => {
+                if let Some(told) = &mut self.told {
+                    told.upsert(peer);
+                }
+                peer.public_key
+            }
+            ServerMessage::PeerRemove { public_key } => {
+                if let Some(told) = &mut self.told {
+                    told.remove(public_key);
+                }
+                *public_key
+            }
             _ => return,
         };
         self.delta_seq += 1;
@@ -2615,6 +2644,14 @@ impl Registry {
             self.commands
                 .push_back(Command::PeerDeltas { members, deltas });
         }
+    }
+
+    /// What the nodes were told, made from the records the first time:
+    /// every change since was announced, so the records are what was told.
+    fn told(&mut self) -> &Told {
+        let (nodes, routes) = (&self.state.nodes, &self.routes);
+        self.told
+            .get_or_insert_with(|| Told::of(nodes.iter().map(|(k, r)| node_entry(k, r, routes))))
     }
 
     fn persist_soon(&mut self) {
@@ -2713,6 +2750,46 @@ impl Registry {
             self.flush_deltas();
         }
         self.commands.push_back(cmd);
+    }
+}
+
+/// The digest of each node's entry as the nodes were told it, and of the
+/// whole map: a welcome compares a node's offer with the whole less the
+/// node's own, without a pass over the map.
+#[derive(Debug, Default)]
+struct Told {
+    entries: HashMap<PublicKey, MapDigest>,
+    total: MapDigest,
+}
+
+impl Told {
+    fn of(entries: impl Iterator<Item = NodeEntry>) -> Self {
+        let mut told = Self::default();
+        for entry in entries {
+            told.upsert(&entry);
+        }
+        told
+    }
+
+    fn upsert(&mut self, entry: &NodeEntry) {
+        self.remove(&entry.public_key);
+        if let Some(digest) = MapDigest::of(entry) {
+            self.total = self.total.plus(digest);
+            self.entries.insert(entry.public_key, digest);
+        }
+    }
+
+    fn remove(&mut self, key: &PublicKey) {
+        if let Some(digest) = self.entries.remove(key) {
+            self.total = self.total.minus(digest);
+        }
+    }
+
+    /// The digest of every entry but `key`'s: the map `key` is welcomed with.
+    fn without(&self, key: &PublicKey) -> MapDigest {
+        self.entries
+            .get(key)
+            .map_or(self.total, |own| self.total.minus(*own))
     }
 }
 

@@ -41,6 +41,7 @@ fn hello_as(secret: &PrivateKey, name: &str, token: Option<&str>) -> Hello {
         candidates: Vec::new(),
         proof: admission::proof(secret, &server().public_key(), &EXPORTER),
         routes: Vec::new(),
+        peers_digest: None,
     }
 }
 
@@ -2967,4 +2968,91 @@ fn nodes_behind_one_nat_on_their_own_public_ports_keep_their_ports() {
     // A node seen elsewhere at the same port is no sibling.
     assert_eq!(port_taken_in(&join(&mut reg, 4, &token), ConnId(4)), None);
     assert_eq!(reg.counters().ports_taken, 0);
+}
+
+/// What `conn` was sent, applied to `held` as the node applies it.
+fn hold(held: &mut crate::wire::digest::HeldMap, cmds: &[Command], conn: ConnId) {
+    for c in cmds {
+        match c {
+            Command::Send { conn: to, msg } if *to == conn => match msg {
+                ServerMessage::Welcome { peers, .. } => held.replace(peers),
+                ServerMessage::PeerUpsert { peer } => held.upsert(peer),
+                ServerMessage::PeerRemove { public_key } => held.remove(public_key),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+}
+
+fn unchanged(cmds: &[Command]) -> bool {
+    cmds.iter().any(|c| {
+        matches!(c, Command::Send { msg: ServerMessage::Welcome { peers_unchanged: true, peers, .. }, .. } if peers.is_empty())
+    })
+}
+
+#[test]
+fn a_node_back_with_the_map_the_server_holds_is_welcomed_without_it_and_any_other_gets_it_whole() {
+    let (mut reg, token) = with_token();
+    let mut held = crate::wire::digest::HeldMap::default();
+    for n in 1..=3 {
+        let cmds = join(&mut reg, n, &token);
+        hold(&mut held, &cmds, ConnId(1));
+    }
+    assert_eq!(held.entries().len(), 2, "node 1 heard of 2 and 3");
+    let back = |reg: &mut Registry, conn: u64, digest: Option<MapDigest>| {
+        let hello = Hello {
+            peers_digest: digest,
+            ..hello(1, None)
+        };
+        reg.handle_hello(ConnId(conn), arriving(hello, observed(1)), at(NOW + 5));
+        drain(reg)
+    };
+
+    let cmds = back(&mut reg, 11, held.digest());
+    assert!(unchanged(&cmds), "the map held is the server's: {cmds:?}");
+    assert_eq!(reg.counters().welcomes_unchanged, 1);
+
+    // Node 2 changes while node 1 misses it (its session is lost first).
+    reg.handle_nat(ConnId(2), NatMapping::EndpointIndependent, at(NOW + 6));
+    drain(&mut reg);
+    let cmds = back(&mut reg, 12, held.digest());
+    assert!(!unchanged(&cmds), "a change missed: the whole map");
+    let (_, peers) = welcome(&cmds);
+    assert_eq!(peers.len(), 2);
+    assert!(peers
+        .iter()
+        .any(|p| p.public_key == key(2) && p.nat == NatMapping::EndpointIndependent));
+    hold(&mut held, &cmds, ConnId(12));
+
+    // A digest that is nobody's map (a forgery, a bug) gets the map too.
+    let forged: MapDigest = serde_json::from_value(serde_json::json!("ab".repeat(32))).unwrap();
+    assert!(!unchanged(&back(&mut reg, 13, Some(forged))));
+    // And the map as held now is the server's again.
+    assert!(unchanged(&back(&mut reg, 14, held.digest())));
+    assert_eq!(reg.counters().welcomes_unchanged, 2);
+}
+
+#[test]
+fn a_restarted_server_welcomes_its_nodes_back_without_the_map_they_hold() {
+    let (mut reg, token) = with_token();
+    let mut held = crate::wire::digest::HeldMap::default();
+    for n in 1..=3 {
+        let cmds = join(&mut reg, n, &token);
+        hold(&mut held, &cmds, ConnId(3));
+    }
+    reg.handle_nat(ConnId(1), NatMapping::EndpointDependent, at(NOW + 1));
+    let cmds = drain(&mut reg);
+    hold(&mut held, &cmds, ConnId(3));
+    reg.flush();
+    drain(&mut reg);
+
+    let mut restarted = Registry::new(reg.state().clone(), server());
+    let hello = Hello {
+        peers_digest: held.digest(),
+        ..hello(3, None)
+    };
+    restarted.handle_hello(ConnId(30), arriving(hello, observed(3)), at(NOW + 9));
+    let cmds = drain(&mut restarted);
+    assert!(unchanged(&cmds), "{cmds:?}");
 }
