@@ -18,10 +18,13 @@
 //!   under its N nodes, each reconnecting exactly as meshd does
 //!   (`client::Reconnect`): SIGTERM to exit, then the time until every node
 //!   is admitted again, admission p50/p99 counted from the SIGTERM, failed
-//!   attempts, the deltas it caused, and the new server's CPU and memory.
+//!   attempts, the deltas it caused, and the new server's CPU and memory;
+//!   one restart per `--restart-offers`: nodes that offer no digest of the
+//!   map they hold (`none`: a node before 0.4.0), then nodes that do
+//!   (`digest`: meshd now), and how many welcomes left the map out.
 //!
 //! ```text
-//! cargo bench --bench scale -- [--nodes 1000,5000] [--store file,etcd] [--concurrency 64] [--restart]
+//! cargo bench --bench scale -- [--nodes 1000,5000] [--store file,etcd] [--concurrency 64] [--restart] [--restart-offers none,digest]
 //! ```
 //!
 //! Root is not needed. Figures: BENCHMARKS.md, "The control plane at scale".
@@ -86,9 +89,21 @@ struct Args {
     /// and measure how its nodes come back.
     #[arg(long)]
     restart: bool,
+    /// What the nodes offer when they come back, one restart each.
+    #[arg(long, value_delimiter = ',', default_values = ["none", "digest"])]
+    restart_offers: Vec<Offer>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+/// What a node coming back offers in its hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Offer {
+    /// Nothing: the welcome carries the whole map (nodes before 0.4.0).
+    None,
+    /// The digest of the map it holds (`Hello.peers_digest`).
+    Digest,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -113,7 +128,12 @@ fn main() {
             eprintln!("== {n} nodes, {store:?} store");
             let mesh = Mesh::start(store);
             let mut mesh = mesh;
-            let row = runtime.block_on(run(&mut mesh, n, args.concurrency, args.restart));
+            let restarts = if args.restart {
+                args.restart_offers.as_slice()
+            } else {
+                &[]
+            };
+            let row = runtime.block_on(run(&mut mesh, n, args.concurrency, restarts));
             eprintln!("{}", row.markdown());
             rows.push(row);
         }
@@ -123,10 +143,10 @@ fn main() {
     for row in &rows {
         println!("{}", row.markdown());
     }
-    let restarts: Vec<&Restart> = rows.iter().filter_map(|r| r.restart.as_ref()).collect();
+    let restarts: Vec<&Restart> = rows.iter().flat_map(|r| &r.restarts).collect();
     if !restarts.is_empty() {
-        println!("\n| nodes | SIGTERM to exit | all back (from SIGTERM) | admission p50 / p99 | failed attempts | deltas sent | new server CPU / RSS |");
-        println!("|---|---|---|---|---|---|---|");
+        println!("\n| nodes | offered | SIGTERM to exit | all back (from SIGTERM) | admission p50 / p99 | failed attempts | welcomes without the map | deltas sent | new server CPU / RSS |");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for r in restarts {
             println!("{}", r.markdown());
         }
@@ -136,6 +156,8 @@ fn main() {
 /// What a restart under load measured.
 struct Restart {
     nodes: usize,
+    offer: Offer,
+    unchanged: u64,
     exit: Duration,
     back: usize,
     all_back: Option<Duration>,
@@ -151,8 +173,12 @@ impl Restart {
     fn markdown(&self) -> String {
         let s = |d: Duration| format!("{:.1} s", d.as_secs_f64());
         format!(
-            "| {} | {} | {} | {} / {} | {} | {} | {:.1} s / {} MiB |",
+            "| {} | {} | {} | {} | {} / {} | {} | {} | {} | {:.1} s / {} MiB |",
             self.nodes,
+            match self.offer {
+                Offer::None => "nothing",
+                Offer::Digest => "map digest",
+            },
             s(self.exit),
             self.all_back.map_or_else(
                 || format!(
@@ -166,6 +192,7 @@ impl Restart {
             s(self.p50),
             s(self.p99),
             self.failed,
+            self.unchanged,
             self.deltas,
             self.cpu,
             self.rss >> 20,
@@ -188,7 +215,7 @@ struct Row {
     cpu_joins: f64,
     cpu_idle: f64,
     harness_cpu: f64,
-    restart: Option<Restart>,
+    restarts: Vec<Restart>,
 }
 
 impl Row {
@@ -221,7 +248,7 @@ impl Row {
     }
 }
 
-async fn run(mesh: &mut Mesh, n: usize, concurrency: usize, restart: bool) -> Row {
+async fn run(mesh: &mut Mesh, n: usize, concurrency: usize, restarts: &[Offer]) -> Row {
     let watch = Arc::new(Watch::default());
     let cpu_before: Vec<f64> = mesh.servers.iter().map(|s| cpu_seconds(s.pid())).collect();
     let harness_before = cpu_seconds(std::process::id());
@@ -240,7 +267,7 @@ async fn run(mesh: &mut Mesh, n: usize, concurrency: usize, restart: bool) -> Ro
         joins.push(tokio::spawn(async move {
             let began = Instant::now();
             let node = Node::new(i);
-            let session = node.join(&server, &join).await;
+            let session = node.join(&server, &join, &watch).await;
             latencies.lock().unwrap().push(began.elapsed());
             done_at.lock().unwrap().push(Instant::now());
             drop(permit);
@@ -299,7 +326,7 @@ async fn run(mesh: &mut Mesh, n: usize, concurrency: usize, restart: bool) -> Ro
         *watch.probe.lock().unwrap() = Some((node.key.public_key(), Vec::with_capacity(n)));
         watch.probing.store(true, Ordering::Relaxed);
         let sent = Instant::now();
-        let session = node.join(&mesh.servers[0].public, &mesh.join).await;
+        let session = node.join(&mesh.servers[0].public, &mesh.join, &watch).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let seen = watch
@@ -343,11 +370,12 @@ async fn run(mesh: &mut Mesh, n: usize, concurrency: usize, restart: bool) -> Ro
         "  sessions open: {} of {n}",
         watch.sessions.load(Ordering::Relaxed)
     );
-    let restart = if restart && mesh.store == Store::File {
-        Some(restart_under_load(mesh, n, &watch).await)
-    } else {
-        None
-    };
+    let mut measured = Vec::new();
+    if mesh.store == Store::File {
+        for &offer in restarts {
+            measured.push(restart_under_load(mesh, n, &watch, offer).await);
+        }
+    }
     for join in joins {
         join.abort();
     }
@@ -371,16 +399,21 @@ async fn run(mesh: &mut Mesh, n: usize, concurrency: usize, restart: bool) -> Ro
         cpu_joins,
         cpu_idle,
         harness_cpu,
-        restart,
+        restarts: measured,
     }
 }
 
 /// SIGTERM to the (only) server while its `n` nodes are connected, a new
 /// server on the same state directory at once, as systemd's restart does,
 /// and every node back.
-async fn restart_under_load(mesh: &mut Mesh, n: usize, watch: &Watch) -> Restart {
+async fn restart_under_load(mesh: &mut Mesh, n: usize, watch: &Watch, offer: Offer) -> Restart {
+    eprintln!("  restart, nodes offering {offer:?}");
     watch.readmitted.lock().unwrap().clear();
     watch.failed.store(0, Ordering::Relaxed);
+    watch.unchanged.store(0, Ordering::Relaxed);
+    watch
+        .offer_digest
+        .store(offer == Offer::Digest, Ordering::Relaxed);
     let deltas_before = watch.deltas.load(Ordering::Relaxed);
     let sigterm = Instant::now();
     let exit = mesh.servers[0].terminate();
@@ -408,6 +441,8 @@ async fn restart_under_load(mesh: &mut Mesh, n: usize, watch: &Watch) -> Restart
     let server = &mesh.servers[0];
     Restart {
         nodes: n,
+        offer,
+        unchanged: watch.unchanged.load(Ordering::Relaxed),
         exit,
         back,
         all_back,

@@ -61,6 +61,8 @@ fn a_rendezvous_restarted_under_300_nodes_exits_at_once_and_has_them_and_the_rel
         },
     );
     let deltas = watch.deltas.load(Ordering::Relaxed);
+    // Coming back, each offers the digest of the map it holds, as meshd does.
+    watch.offer_digest.store(true, Ordering::Relaxed);
 
     // SIGTERM, as systemd stops it, then a new server on the same state.
     let sigterm = Instant::now();
@@ -99,6 +101,31 @@ fn a_rendezvous_restarted_under_300_nodes_exits_at_once_and_has_them_and_the_rel
         all_back <= Duration::from_secs(20),
         "every node back within 20 s of the SIGTERM: {all_back:?}"
     );
+    // Each held the new server's map: none was sent again, to the
+    // simulated nodes nor to the real ones.
+    assert_eq!(
+        watch.unchanged.load(Ordering::Relaxed),
+        watch.readmitted.lock().unwrap().len() as u64,
+        "every simulated node welcomed back without the map it holds"
+    );
+    for node in ["pub1", "sym1", "sym2"] {
+        eventually(
+            &format!("{node} welcomed back without the map it holds"),
+            Duration::from_secs(30),
+            || {
+                let log = lab.log(node);
+                let admissions: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("admitted by the rendezvous"))
+                    .collect();
+                match admissions.as_slice() {
+                    [first, .., last] if !first.contains("peers_unchanged=true")
+                        && last.contains("peers_unchanged=true") => Ok(()),
+                    other => Err(format!("its admissions: {other:?}")),
+                }
+            },
+        );
+    }
     // Nothing changed for anyone: no entry is sent again.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(

@@ -9,14 +9,16 @@
 //! Shared by `benches/scale.rs` (through `#[path]`) and the tests.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use meshd::agent::Update;
 use meshd::identity::{CertHash, JoinToken, PrivateKey, PublicKey};
-use meshd::rendezvous::client::{admit, ClientConfig, ClientError, Reconnect, Session};
-use meshd::wire::control::{Candidate, CandidateKind};
+use meshd::rendezvous::client::{admit_offering, ClientConfig, ClientError, Reconnect, Session};
+use meshd::wire::control::{Candidate, CandidateKind, NodeEntry};
+use meshd::wire::digest::MapDigest;
 
 /// Admission attempts of a first join (a busy server may time one out).
 const ATTEMPTS: usize = 3;
@@ -34,6 +36,49 @@ pub struct Watch {
     pub readmitted: Mutex<Vec<Instant>>,
     /// Reconnection attempts that failed.
     pub failed: AtomicU64,
+    /// Whether nodes coming back offer the digest of the map they hold
+    /// (meshd does); off, they are sent the whole map again.
+    pub offer_digest: AtomicBool,
+    /// The peer map as the nodes were told it.
+    pub held: Mutex<HeldMap>,
+    /// Welcomes that left the map out (`peers_unchanged`).
+    pub unchanged: AtomicU64,
+}
+
+/// The peer map every simulated node holds, kept once for all of them:
+/// each hears every change but its own, so node X holds every entry but
+/// X's, and offers the digest of the whole less its own entry (one map
+/// instead of one per node, which at 5,000 nodes would be 25 million
+/// entries).
+#[derive(Default)]
+pub struct HeldMap {
+    entries: HashMap<PublicKey, (NodeEntry, MapDigest)>,
+    total: MapDigest,
+}
+
+impl HeldMap {
+    pub fn upsert(&mut self, entry: &NodeEntry) {
+        if self.entries.get(&entry.public_key).is_some_and(|(e, _)| e == entry) {
+            return;
+        }
+        self.remove(&entry.public_key);
+        let digest = MapDigest::of(entry).expect("an entry encodes");
+        self.total = self.total.plus(digest);
+        self.entries.insert(entry.public_key, (entry.clone(), digest));
+    }
+
+    pub fn remove(&mut self, key: &PublicKey) {
+        if let Some((_, digest)) = self.entries.remove(key) {
+            self.total = self.total.minus(digest);
+        }
+    }
+
+    /// What `key` holds: every entry but its own.
+    pub fn digest_for(&self, key: &PublicKey) -> MapDigest {
+        self.entries
+            .get(key)
+            .map_or(self.total, |(_, own)| self.total.minus(*own))
+    }
 }
 
 impl Watch {
@@ -70,7 +115,11 @@ pub async fn keep(session: (Session, quinn::Endpoint), watch: &Watch) -> Result<
     watch.sessions.fetch_add(1, Ordering::Relaxed);
     let ended = loop {
         match session.next().await {
-            Ok(Some(Update::Upsert(entry))) => watch.saw(&entry.public_key),
+            Ok(Some(Update::Upsert(entry))) => {
+                watch.held.lock().unwrap().upsert(&entry);
+                watch.saw(&entry.public_key);
+            }
+            Ok(Some(Update::Remove(key))) => watch.held.lock().unwrap().remove(&key),
             Ok(Some(_)) => {}
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
@@ -99,7 +148,7 @@ pub async fn live(
         loop {
             let wait = reconnect.next_wait(&ended, true, Instant::now(), &mut rand::thread_rng());
             tokio::time::sleep(wait).await;
-            match node.try_join(server, join).await {
+            match node.try_join(server, join, &watch).await {
                 Ok(s) => {
                     watch.readmitted.lock().unwrap().push(Instant::now());
                     reconnect.welcomed();
@@ -137,10 +186,15 @@ impl Node {
         }
     }
 
-    pub async fn join(&self, server: &str, join: &JoinLine) -> (Session, quinn::Endpoint) {
+    pub async fn join(
+        &self,
+        server: &str,
+        join: &JoinLine,
+        watch: &Watch,
+    ) -> (Session, quinn::Endpoint) {
         let mut last = None;
         for _ in 0..ATTEMPTS {
-            match self.try_join(server, join).await {
+            match self.try_join(server, join, watch).await {
                 Ok(session) => return session,
                 Err(e) => last = Some(e),
             }
@@ -148,11 +202,13 @@ impl Node {
         panic!("node {} not admitted: {}", self.index, last.unwrap());
     }
 
-    /// One admission attempt.
+    /// One admission attempt; with [`Watch::offer_digest`], offering the
+    /// digest of the map the node holds.
     pub async fn try_join(
         &self,
         server: &str,
         join: &JoinLine,
+        watch: &Watch,
     ) -> Result<(Session, quinn::Endpoint), ClientError> {
         let config = ClientConfig {
             servers: vec![server.to_owned()],
@@ -171,8 +227,24 @@ impl Node {
             mapped: None,
         };
         let endpoint = self.endpoint.clone();
-        let (session, _welcome) = admit(&endpoint, &config, &self.key, vec![candidate]).await?;
-        Ok((session, endpoint))
+        let offering = watch.offer_digest.load(Ordering::Relaxed);
+        let digest = offering.then(|| {
+            watch
+                .held
+                .lock()
+                .unwrap()
+                .digest_for(&self.key.public_key())
+        });
+        let admitted = admit_offering(&endpoint, &config, &self.key, vec![candidate], digest).await?;
+        if admitted.peers_unchanged {
+            watch.unchanged.fetch_add(1, Ordering::Relaxed);
+        } else if let Update::Welcome { peers, .. } = &admitted.welcome {
+            let mut held = watch.held.lock().unwrap();
+            for peer in peers {
+                held.upsert(peer);
+            }
+        }
+        Ok((admitted.session, endpoint))
     }
 }
 
@@ -220,7 +292,7 @@ impl InNamespace {
                     let (server, join, watch) = (server.clone(), join.clone(), watch.clone());
                     nodes.push(tokio::spawn(async move {
                         let node = Node::new(i);
-                        let session = node.join(&server, &join).await;
+                        let session = node.join(&server, &join, &watch).await;
                         drop(permit);
                         live(node, session, &server, &join, watch).await;
                     }));
