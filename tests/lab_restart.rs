@@ -119,8 +119,12 @@ fn a_rendezvous_restarted_under_300_nodes_exits_at_once_and_has_them_and_the_rel
                     .filter(|l| l.contains("admitted by the rendezvous"))
                     .collect();
                 match admissions.as_slice() {
-                    [first, .., last] if !first.contains("peers_unchanged=true")
-                        && last.contains("peers_unchanged=true") => Ok(()),
+                    [first, .., last]
+                        if !first.contains("peers_unchanged=true")
+                            && last.contains("peers_unchanged=true") =>
+                    {
+                        Ok(())
+                    }
                     other => Err(format!("its admissions: {other:?}")),
                 }
             },

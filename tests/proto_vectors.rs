@@ -29,9 +29,9 @@ use blake2::digest::Mac;
 use meshd::identity::{PrivateKey, PublicKey};
 use meshd::rendezvous::admission;
 use meshd::wire::control::{
-    decode, decode_frame, decode_hello, encode, Candidate, CandidateKind, FrameError, Hello, MeshInfo,
-    NatMapping, NodeEntry, NodeMessage, PathEntry, PathState, PortTaken, Proof, RejectReason,
-    RouteDecision, RouteStatus, ServerHello, ServerMessage, FEATURE_PATHS, MAX_FRAME,
+    decode, decode_frame, decode_hello, encode, Candidate, CandidateKind, FrameError, Hello,
+    MeshInfo, NatMapping, NodeEntry, NodeMessage, PathEntry, PathState, PortTaken, Proof,
+    RejectReason, RouteDecision, RouteStatus, ServerHello, ServerMessage, FEATURE_PATHS, MAX_FRAME,
     MAX_FRAME_UNADMITTED, MAX_PATH_PEERS, PROTOCOL_VERSION,
 };
 use meshd::wire::digest::MapDigest;

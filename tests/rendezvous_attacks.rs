@@ -198,6 +198,37 @@ async fn a_server_message_split_across_packets_reaches_the_node_whole_while_rela
     .await;
 }
 
+/// A server (or whoever holds its certificate) that welcomes a node
+/// "without the map" when the node offered none cannot leave it holding an
+/// empty map that looks whole: the node refuses that welcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_without_the_map_to_a_node_that_holds_none_is_refused() {
+    within_deadline(async {
+        let fake = FakeRendezvous::bind().await;
+        let node = Node::new("node");
+        let config = ClientConfig {
+            servers: vec![fake.addr.to_string()],
+            pin: fake.pin,
+            name: "node".into(),
+            listen_port: LISTEN_PORT,
+            token: None,
+            routes: Vec::new(),
+        };
+        let (admitted, _held) = tokio::join!(
+            client::admit(&node.endpoint, &config, &node.key, Vec::new()),
+            fake.admit_saying(&node, true)
+        );
+        match admitted {
+            Err(client::ClientError::Protocol { reason, .. }) => {
+                assert!(reason.contains("does not hold"), "{reason}");
+            }
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("admitted with an empty map it did not ask for"),
+        }
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------
 // Admission under a flood (issue 13, item 2)
 // ---------------------------------------------------------------------------
@@ -424,6 +455,15 @@ impl FakeRendezvous {
         &self,
         node: &Node,
     ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+        self.admit_saying(node, false).await
+    }
+
+    /// [`FakeRendezvous::admit`], its welcome saying `peers_unchanged`.
+    async fn admit_saying(
+        &self,
+        node: &Node,
+        peers_unchanged: bool,
+    ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
         let incoming = self.endpoint.accept().await.expect("the node connects");
         let connection = incoming.await.expect("the handshake");
         let (mut send, mut recv) = connection.open_bi().await.expect("the control stream");
@@ -452,7 +492,7 @@ impl FakeRendezvous {
             routes: Vec::new(),
             features: Vec::new(),
             port_taken: None,
-            peers_unchanged: false,
+            peers_unchanged,
         };
         write_frame(&mut send, &welcome).await.expect("the welcome");
         (connection, send, recv)

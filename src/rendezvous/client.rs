@@ -803,7 +803,9 @@ async fn admit_on(
             peers_unchanged,
         } => {
             if peers_unchanged && peers_digest.is_none() {
-                return Err(protocol("a welcome without the peer map, which this node does not hold".into()));
+                return Err(protocol(
+                    "a welcome without the peer map, which this node does not hold".into(),
+                ));
             }
             tracing::info!(
                 %server, ipv4 = %node.ipv4, ipv6 = %node.ipv6, %observed, peers = peers.len(),

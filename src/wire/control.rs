@@ -14,8 +14,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
-use crate::identity::PublicKey;
 use super::digest::MapDigest;
+use crate::identity::PublicKey;
 
 /// Bumped on any incompatible change; both hellos carry it.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -169,9 +169,9 @@ mod tests {
     }
 
     fn digest(entries: &[NodeEntry]) -> MapDigest {
-        entries
-            .iter()
-            .fold(MapDigest::default(), |d, e| d.plus(MapDigest::of(e).unwrap()))
+        entries.iter().fold(MapDigest::default(), |d, e| {
+            d.plus(MapDigest::of(e).unwrap())
+        })
     }
 
     #[test]
@@ -212,7 +212,13 @@ mod tests {
         let json = serde_json::to_string(&d).unwrap();
         assert_eq!(json.len(), 66);
         assert_eq!(serde_json::from_str::<MapDigest>(&json).unwrap(), d);
-        for bad in ["\"00\"", "\"zz\"", "7", "null", &format!("\"{}\"", "0".repeat(66))] {
+        for bad in [
+            "\"00\"",
+            "\"zz\"",
+            "7",
+            "null",
+            &format!("\"{}\"", "0".repeat(66)),
+        ] {
             assert!(serde_json::from_str::<MapDigest>(bad).is_err(), "{bad}");
         }
     }

@@ -8,8 +8,8 @@
 //!
 //! Shared by `benches/scale.rs` (through `#[path]`) and the tests.
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -58,13 +58,18 @@ pub struct HeldMap {
 
 impl HeldMap {
     pub fn upsert(&mut self, entry: &NodeEntry) {
-        if self.entries.get(&entry.public_key).is_some_and(|(e, _)| e == entry) {
+        if self
+            .entries
+            .get(&entry.public_key)
+            .is_some_and(|(e, _)| e == entry)
+        {
             return;
         }
         self.remove(&entry.public_key);
         let digest = MapDigest::of(entry).expect("an entry encodes");
         self.total = self.total.plus(digest);
-        self.entries.insert(entry.public_key, (entry.clone(), digest));
+        self.entries
+            .insert(entry.public_key, (entry.clone(), digest));
     }
 
     pub fn remove(&mut self, key: &PublicKey) {
@@ -235,7 +240,8 @@ impl Node {
                 .unwrap()
                 .digest_for(&self.key.public_key())
         });
-        let admitted = admit_offering(&endpoint, &config, &self.key, vec![candidate], digest).await?;
+        let admitted =
+            admit_offering(&endpoint, &config, &self.key, vec![candidate], digest).await?;
         if admitted.peers_unchanged {
             watch.unchanged.fetch_add(1, Ordering::Relaxed);
         } else if let Update::Welcome { peers, .. } = &admitted.welcome {
