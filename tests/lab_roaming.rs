@@ -5,9 +5,10 @@
 //! its NAT table, as after a DHCP or PPPoE renewal. Its node's pairs reach
 //! each other again through the relay within seconds and a pair that was
 //! direct goes direct again by itself, to the new address; a pair with a
-//! symmetric NAT stays relayed and keeps working. And a node's LAN address
+//! symmetric NAT stays relayed and keeps working. A node's LAN address
 //! changes, DHCP-style: its neighbour reaches it directly at the new one.
-//! Needs root.
+//! And a node moves from behind its NAT onto a public address: every peer
+//! reaches it directly there, a symmetric NAT's too. Needs root.
 //!
 //! Each test builds its own lab (tests/common's [`MeshLab`], prefix `mlr`),
 //! prints what it measured, and removes the lab when it ends, failed or not.
@@ -223,4 +224,83 @@ fn a_symmetric_nat_with_a_new_public_address_keeps_its_pair_on_the_relay() {
         lab.path("sym2", "sym1").map(|p| p.0),
         Ok("relay".to_owned())
     );
+}
+
+#[test]
+fn a_node_moved_from_behind_a_nat_to_a_public_address_is_reached_there_and_directly() {
+    let lab = MeshLab::with_mesh_of(PREFIX, &["cone", "cone2", "sym1"]);
+    lab.wait_for_reach("cone", "cone2");
+    lab.wait_for_paths("cone", "cone2", "direct");
+    lab.wait_for_reach("cone", "sym1");
+    lab.wait_for_paths("cone", "sym1", "relay");
+
+    // The machine is moved onto the internet (a VM given a public address
+    // on its NIC, a laptop plugged into a public network): a new link with
+    // a public address and the default route, and its LAN link gone.
+    let public = Ipv4Addr::new(203, 0, 113, 131);
+    let internet = topology().internet;
+    assert!(internet.contains(&public));
+    let cone = lab.ns("cone");
+    // Made inside the internet's namespace, its other end straight in the
+    // node's: neither end is ever in the host's namespace.
+    lab.run_in(
+        "inet",
+        &[
+            "ip", "link", "add", "mv-cone", "type", "veth", "peer", "name", "pub0", "netns", &cone,
+        ],
+    );
+    lab.run_in("inet", &["ip", "link", "set", "mv-cone", "master", "br0"]);
+    lab.run_in("inet", &["ip", "link", "set", "mv-cone", "up"]);
+    lab.run_in(
+        "cone",
+        &["sysctl", "-qw", "net.ipv6.conf.pub0.disable_ipv6=1"],
+    );
+    lab.run_in("cone", &["ip", "link", "set", "eth0", "down"]);
+    lab.run_in(
+        "cone",
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{public}/{}", internet.prefix_len()),
+            "dev",
+            "pub0",
+        ],
+    );
+    lab.run_in("cone", &["ip", "link", "set", "pub0", "up"]);
+    let gateway = topology().gateway.to_string();
+    lab.run_in(
+        "cone",
+        &["ip", "route", "replace", "default", "via", &gateway],
+    );
+    let changed = Instant::now();
+
+    for peer in ["cone2", "sym1"] {
+        eventually(
+            &format!("cone and {peer} reach each other again"),
+            REACH_AGAIN,
+            || {
+                lab.ping_once("cone", peer, &[])?;
+                lab.ping_once(peer, "cone", &[])
+            },
+        );
+        println!("cone <-> {peer} back after {:?}", changed.elapsed());
+    }
+    // Every peer reaches a public node directly: the pair that was direct
+    // is direct again, at the public address, and the symmetric NAT's
+    // pair, relayed while cone was behind a NAT too, goes direct.
+    for peer in ["cone2", "sym1"] {
+        eventually(
+            &format!("{peer} reaches cone directly at {public}"),
+            DIRECT_AGAIN,
+            || match direct_ip(&lab, peer, "cone")? {
+                seen if seen == IpAddr::V4(public) => direct_ip(&lab, "cone", peer).map(|_| ()),
+                seen => Err(format!("{peer} reaches cone at {seen}, not {public}")),
+            },
+        );
+        println!(
+            "cone <-> {peer} direct at {public} after {:?}",
+            changed.elapsed()
+        );
+    }
 }
