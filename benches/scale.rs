@@ -21,10 +21,17 @@
 //!   attempts, the deltas it caused, and the new server's CPU and memory;
 //!   one restart per `--restart-offers`: nodes that offer no digest of the
 //!   map they hold (`none`: a node before 0.4.0), then nodes that do
-//!   (`digest`: meshd now), and how many welcomes left the map out.
+//!   (`digest`: meshd now), and how many welcomes left the map out;
+//! - with `--failover` (two servers on etcd): one server killed (SIGKILL:
+//!   no going away) under its half of the N nodes, which go on at the other
+//!   server as meshd does (`client::Servers`): the time from the kill until
+//!   every one of them is admitted there, admission p50/p99, failed
+//!   attempts, welcomes without the map, and the surviving server's CPU
+//!   and memory; one fresh mesh per `--failover-offers`.
 //!
 //! ```text
-//! cargo bench --bench scale -- [--nodes 1000,5000] [--store file,etcd] [--concurrency 64] [--restart] [--restart-offers none,digest]
+//! cargo bench --bench scale -- [--nodes 1000,5000] [--store file,etcd] [--concurrency 64]
+//!     [--restart] [--restart-offers none,digest] [--failover] [--failover-offers none,digest]
 //! ```
 //!
 //! Root is not needed. Figures: BENCHMARKS.md, "The control plane at scale".
@@ -47,7 +54,7 @@ use clap::{Parser, ValueEnum};
 #[path = "../tests/common/simnodes.rs"]
 #[allow(dead_code, reason = "the namespace runner is for the lab tests")]
 mod simnodes;
-use simnodes::{live, JoinLine, Node, Watch};
+use simnodes::{live_on, JoinLine, Node, Watch};
 use tokio::sync::Semaphore;
 
 /// The server measured, unless `--rendezvous` names another build.
@@ -92,6 +99,13 @@ struct Args {
     /// What the nodes offer when they come back, one restart each.
     #[arg(long, value_delimiter = ',', default_values = ["none", "digest"])]
     restart_offers: Vec<Offer>,
+    /// On etcd, kill one of the two servers under load (instead of the
+    /// other measurements' mesh, one fresh mesh per offer).
+    #[arg(long)]
+    failover: bool,
+    /// What the nodes offer at the other server, one mesh each.
+    #[arg(long, value_delimiter = ',', default_values = ["none", "digest"])]
+    failover_offers: Vec<Offer>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -125,40 +139,49 @@ fn main() {
             continue;
         }
         for &n in &args.nodes {
-            eprintln!("== {n} nodes, {store:?} store");
-            let mesh = Mesh::start(store);
-            let mut mesh = mesh;
-            let restarts = if args.restart {
-                args.restart_offers.as_slice()
+            let failovers: Vec<Option<Offer>> = if args.failover && store == Store::Etcd {
+                args.failover_offers.iter().copied().map(Some).collect()
             } else {
-                &[]
+                vec![None]
             };
-            let row = runtime.block_on(run(&mut mesh, n, args.concurrency, restarts));
-            eprintln!("{}", row.markdown());
-            rows.push(row);
+            for failover in failovers {
+                eprintln!("== {n} nodes, {store:?} store");
+                let mut mesh = Mesh::start(store);
+                let restarts = if args.restart {
+                    args.restart_offers.as_slice()
+                } else {
+                    &[]
+                };
+                let row = runtime.block_on(run(&mut mesh, n, args.concurrency, restarts, failover));
+                eprintln!("{}", row.markdown());
+                rows.push(row);
+            }
         }
     }
-    println!("\n| store | nodes | joins/s (all / last 10%) | join p50 / p99 | one change to every member (3 runs) | deltas read | server RSS now / peak | server CPU joins / idle 10 s | harness CPU |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("\n| store | nodes | joins/s (all / last 10%) | join p50 / p99 | failed join attempts | one change to every member (3 runs) | deltas read | server RSS now / peak | server CPU joins / idle 10 s | harness CPU |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
         println!("{}", row.markdown());
     }
     let restarts: Vec<&Restart> = rows.iter().flat_map(|r| &r.restarts).collect();
     if !restarts.is_empty() {
-        println!("\n| nodes | offered | SIGTERM to exit | all back (from SIGTERM) | admission p50 / p99 | failed attempts | welcomes without the map | deltas sent | new server CPU / RSS |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("\n| event | nodes | offered | SIGTERM to exit | all back (from SIGTERM or kill) | admission p50 / p99 | failed attempts | welcomes without the map | deltas sent | new or surviving server CPU / RSS |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         for r in restarts {
             println!("{}", r.markdown());
         }
     }
 }
 
-/// What a restart under load measured.
+/// What a restart (or a failover) under load measured.
 struct Restart {
+    /// "restart" or "failover".
+    event: &'static str,
     nodes: usize,
     offer: Offer,
     unchanged: u64,
-    exit: Duration,
+    /// SIGTERM to exit; none for a kill.
+    exit: Option<Duration>,
     back: usize,
     all_back: Option<Duration>,
     p50: Duration,
@@ -173,13 +196,14 @@ impl Restart {
     fn markdown(&self) -> String {
         let s = |d: Duration| format!("{:.1} s", d.as_secs_f64());
         format!(
-            "| {} | {} | {} | {} | {} / {} | {} | {} | {} | {:.1} s / {} MiB |",
+            "| {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {:.1} s / {} MiB |",
+            self.event,
             self.nodes,
             match self.offer {
                 Offer::None => "nothing",
                 Offer::Digest => "map digest",
             },
-            s(self.exit),
+            self.exit.map_or_else(|| "killed".to_owned(), s),
             self.all_back.map_or_else(
                 || format!(
                     "{} of {} within {}",
@@ -208,6 +232,8 @@ struct Row {
     last_tenth_per_s: f64,
     join_p50: Duration,
     join_p99: Duration,
+    /// Join attempts that failed (and were retried).
+    join_failures: u64,
     reach: Vec<Duration>,
     deltas: u64,
     deltas_expected: u64,
@@ -228,7 +254,7 @@ impl Row {
             .map(|(now, peak)| format!("{} / {} MiB", now >> 20, peak >> 20))
             .collect();
         format!(
-            "| {:?} ({} server{}) | {} | {:.0} / {:.0} | {} / {} | {} | {} of {} | {} | {:.1} s / {:.1} s | {:.1} s |",
+            "| {:?} ({} server{}) | {} | {:.0} / {:.0} | {} / {} | {} | {} | {} of {} | {} | {:.1} s / {:.1} s | {:.1} s |",
             self.store,
             self.rss.len(),
             if self.rss.len() == 1 { "" } else { "s" },
@@ -237,6 +263,7 @@ impl Row {
             self.last_tenth_per_s,
             ms(self.join_p50),
             ms(self.join_p99),
+            self.join_failures,
             reach.join(", "),
             self.deltas,
             self.deltas_expected,
@@ -248,7 +275,13 @@ impl Row {
     }
 }
 
-async fn run(mesh: &mut Mesh, n: usize, concurrency: usize, restarts: &[Offer]) -> Row {
+async fn run(
+    mesh: &mut Mesh,
+    n: usize,
+    concurrency: usize,
+    restarts: &[Offer],
+    failover: Option<Offer>,
+) -> Row {
     let watch = Arc::new(Watch::default());
     let cpu_before: Vec<f64> = mesh.servers.iter().map(|s| cpu_seconds(s.pid())).collect();
     let harness_before = cpu_seconds(std::process::id());
@@ -262,16 +295,16 @@ async fn run(mesh: &mut Mesh, n: usize, concurrency: usize, restarts: &[Offer]) 
     for i in 0..n {
         let permit = gate.clone().acquire_owned().await.unwrap();
         let (watch, latencies, done_at) = (watch.clone(), latencies.clone(), done_at.clone());
-        let server = mesh.server_for(i);
+        let servers = mesh.servers_for(i);
         let join = mesh.join.clone();
         joins.push(tokio::spawn(async move {
             let began = Instant::now();
             let node = Node::new(i);
-            let session = node.join(&server, &join, &watch).await;
+            let session = node.join(&servers[0], &join, &watch).await;
             latencies.lock().unwrap().push(began.elapsed());
             done_at.lock().unwrap().push(Instant::now());
             drop(permit);
-            live(node, session, &server, &join, watch).await;
+            live_on(node, session, servers, &join, watch).await;
         }));
     }
     gate.acquire_many(concurrency as u32)
@@ -288,7 +321,8 @@ async fn run(mesh: &mut Mesh, n: usize, concurrency: usize, restarts: &[Offer]) 
     };
     let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
     latencies.sort();
-    eprintln!("  {n} joined in {elapsed:.1?}");
+    let join_failures = watch.failed.load(Ordering::Relaxed);
+    eprintln!("  {n} joined in {elapsed:.1?} ({join_failures} failed attempts retried)");
 
     // Every member reads the entry of every node that joined after it.
     let expected = (n as u64) * (n as u64 - 1) / 2;
@@ -376,6 +410,9 @@ async fn run(mesh: &mut Mesh, n: usize, concurrency: usize, restarts: &[Offer]) 
             measured.push(restart_under_load(mesh, n, &watch, offer).await);
         }
     }
+    if let Some(offer) = failover {
+        measured.push(failover_under_load(mesh, n, &watch, offer).await);
+    }
     for join in joins {
         join.abort();
     }
@@ -392,6 +429,7 @@ async fn run(mesh: &mut Mesh, n: usize, concurrency: usize, restarts: &[Offer]) 
             .get(latencies.len() * 99 / 100)
             .copied()
             .unwrap_or_default(),
+        join_failures,
         reach,
         deltas,
         deltas_expected: expected,
@@ -408,17 +446,58 @@ async fn run(mesh: &mut Mesh, n: usize, concurrency: usize, restarts: &[Offer]) 
 /// and every node back.
 async fn restart_under_load(mesh: &mut Mesh, n: usize, watch: &Watch, offer: Offer) -> Restart {
     eprintln!("  restart, nodes offering {offer:?}");
+    let deltas_before = arm(watch, offer);
+    let sigterm = Instant::now();
+    let exit = mesh.servers[0].terminate();
+    eprintln!("  SIGTERM to exit: {exit:.1?}");
+    mesh.servers[0].start_again();
+    let mut measured = recovery(watch, n, sigterm, deltas_before, &mesh.servers[0], 0.0).await;
+    measured.exit = Some(exit);
+    measured.offer = offer;
+    measured
+}
+
+/// SIGKILL to the first of two servers on etcd while its half of the `n`
+/// nodes are connected: they go on at the other.
+async fn failover_under_load(mesh: &mut Mesh, n: usize, watch: &Watch, offer: Offer) -> Restart {
+    eprintln!("  failover, nodes offering {offer:?}");
+    let deltas_before = arm(watch, offer);
+    let orphans = n.div_ceil(mesh.servers.len());
+    let survivor = &mesh.servers[1];
+    let cpu_before = cpu_seconds(survivor.pid());
+    let killed = Instant::now();
+    let _ = mesh.servers[0].process.0.kill();
+    let _ = mesh.servers[0].process.0.wait();
+    let survivor = &mesh.servers[1];
+    let mut measured = recovery(watch, orphans, killed, deltas_before, survivor, cpu_before).await;
+    measured.event = "failover";
+    measured.offer = offer;
+    measured
+}
+
+/// Counts from zero what a restart or failover is measured by, and has the
+/// nodes offer `offer` from now on; the deltas read so far.
+fn arm(watch: &Watch, offer: Offer) -> u64 {
     watch.readmitted.lock().unwrap().clear();
     watch.failed.store(0, Ordering::Relaxed);
     watch.unchanged.store(0, Ordering::Relaxed);
     watch
         .offer_digest
         .store(offer == Offer::Digest, Ordering::Relaxed);
-    let deltas_before = watch.deltas.load(Ordering::Relaxed);
-    let sigterm = Instant::now();
-    let exit = mesh.servers[0].terminate();
-    eprintln!("  SIGTERM to exit: {exit:.1?}");
-    mesh.servers[0].start_again();
+    watch.deltas.load(Ordering::Relaxed)
+}
+
+/// How `n` nodes came back after `since`, measured at `server` (whose CPU
+/// time was `cpu_before` then).
+async fn recovery(
+    watch: &Watch,
+    n: usize,
+    since: Instant,
+    deltas_before: u64,
+    server: &Server,
+    cpu_before: f64,
+) -> Restart {
+    let sigterm = since;
     let mut back = 0;
     while sigterm.elapsed() < RESTART_LIMIT {
         back = watch.readmitted.lock().unwrap().len();
@@ -438,19 +517,19 @@ async fn restart_under_load(mesh: &mut Mesh, n: usize, watch: &Watch, offer: Off
     eprintln!("  back: {} of {n} ({all_back:?} for all)", times.len());
     // Late deltas of the reconnections, if any, have a moment to arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let server = &mesh.servers[0];
     Restart {
+        event: "restart",
         nodes: n,
-        offer,
+        offer: Offer::None,
         unchanged: watch.unchanged.load(Ordering::Relaxed),
-        exit,
+        exit: None,
         back,
         all_back,
         p50: at(50),
         p99: at(99),
         failed: watch.failed.load(Ordering::Relaxed),
         deltas: watch.deltas.load(Ordering::Relaxed) - deltas_before,
-        cpu: cpu_seconds(server.pid()),
+        cpu: cpu_seconds(server.pid()) - cpu_before,
         rss: memory(server.pid()).0,
     }
 }
@@ -596,9 +675,13 @@ impl Mesh {
         }
     }
 
-    /// Nodes are spread over the servers in turn.
-    fn server_for(&self, i: usize) -> String {
-        self.servers[i % self.servers.len()].public.clone()
+    /// Nodes are spread over the servers in turn: node `i`'s first, then
+    /// the others, in the order it tries them when its own is lost.
+    fn servers_for(&self, i: usize) -> Vec<String> {
+        let k = self.servers.len();
+        (0..k)
+            .map(|j| self.servers[(i + j) % k].public.clone())
+            .collect()
     }
 }
 

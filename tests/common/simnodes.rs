@@ -16,12 +16,14 @@ use std::time::Instant;
 
 use meshd::agent::Update;
 use meshd::identity::{CertHash, JoinToken, PrivateKey, PublicKey};
-use meshd::rendezvous::client::{admit_offering, ClientConfig, ClientError, Reconnect, Session};
+use meshd::rendezvous::client::{
+    admit_offering, ClientConfig, ClientError, Reconnect, Servers, Session,
+};
 use meshd::wire::control::{Candidate, CandidateKind, NodeEntry};
 use meshd::wire::digest::MapDigest;
 
-/// Admission attempts of a first join (a busy server may time one out).
-const ATTEMPTS: usize = 3;
+/// Admission attempts of a first join (a busy server may time some out).
+const ATTEMPTS: usize = 10;
 
 /// What the simulated nodes share: the deltas they read, and the change
 /// being timed.
@@ -143,6 +145,21 @@ pub async fn live(
     join: &JoinLine,
     watch: Arc<Watch>,
 ) {
+    live_on(node, first, vec![server.to_owned()], join, watch).await;
+}
+
+/// [`live`] in a mesh of several servers, `servers[0]` the node's: a lost
+/// session goes on at the next server in meshd's rounds
+/// (`client::Servers`, `client::Reconnect`). meshd races the handshakes of
+/// every server left in a round; this tries them one at a time, in order.
+pub async fn live_on(
+    node: Node,
+    first: (Session, quinn::Endpoint),
+    servers: Vec<String>,
+    join: &JoinLine,
+    watch: Arc<Watch>,
+) {
+    let mut servers = Servers::new(servers);
     let mut session = Some(first);
     let mut reconnect = Reconnect::default();
     loop {
@@ -150,18 +167,27 @@ pub async fn live(
             Some(s) => keep(s, &watch).await,
             None => Ok(()),
         };
+        let mut round_over = servers.failed();
         loop {
-            let wait = reconnect.next_wait(&ended, true, Instant::now(), &mut rand::thread_rng());
+            let wait =
+                reconnect.next_wait(&ended, round_over, Instant::now(), &mut rand::thread_rng());
             tokio::time::sleep(wait).await;
-            match node.try_join(server, join, &watch).await {
+            let Some((at, server)) = servers.candidates().into_iter().next() else {
+                round_over = true;
+                continue;
+            };
+            servers.chose(at);
+            match node.try_join(&server, join, &watch).await {
                 Ok(s) => {
                     watch.readmitted.lock().unwrap().push(Instant::now());
                     reconnect.welcomed();
+                    servers.welcomed();
                     session = Some(s);
                     break;
                 }
                 Err(e) => {
                     watch.failed.fetch_add(1, Ordering::Relaxed);
+                    round_over = servers.failed();
                     ended = Err(e);
                 }
             }
@@ -191,17 +217,29 @@ impl Node {
         }
     }
 
+    /// Admitted, retrying as meshd does (`client::Reconnect`) after a
+    /// failed attempt (each counted in [`Watch::failed`]): a server busy
+    /// with thousands of joins can miss a node's 10 s welcome deadline.
+    /// Panics after [`ATTEMPTS`] failures.
     pub async fn join(
         &self,
         server: &str,
         join: &JoinLine,
         watch: &Watch,
     ) -> (Session, quinn::Endpoint) {
+        let mut reconnect = Reconnect::default();
         let mut last = None;
         for _ in 0..ATTEMPTS {
             match self.try_join(server, join, watch).await {
                 Ok(session) => return session,
-                Err(e) => last = Some(e),
+                Err(e) => {
+                    watch.failed.fetch_add(1, Ordering::Relaxed);
+                    let ended = Err(e);
+                    let wait =
+                        reconnect.next_wait(&ended, true, Instant::now(), &mut rand::thread_rng());
+                    last = ended.err();
+                    tokio::time::sleep(wait).await;
+                }
             }
         }
         panic!("node {} not admitted: {}", self.index, last.unwrap());
