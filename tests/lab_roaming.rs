@@ -64,11 +64,32 @@ fn renumber(lab: &MeshLab, router: &str, new: Ipv4Addr) {
         ],
     );
     let gateway = topology().gateway.to_string();
-    lab.run_in(
-        router,
-        &["ip", "route", "replace", "default", "via", &gateway],
-    );
+    default_via(lab, router, &gateway);
     lab.run_in(router, &["conntrack", "-F"]);
+}
+
+/// `machine`'s default route via `gateway`.
+fn default_via(lab: &MeshLab, machine: &str, gateway: &str) {
+    lab.run_in(
+        machine,
+        &["ip", "route", "replace", "default", "via", gateway],
+    );
+}
+
+/// `node` and each of `peers` ping each other again within
+/// [`REACH_AGAIN`] of `changed`; how long it took is printed.
+fn reach_again(lab: &MeshLab, node: &str, peers: &[&str], changed: Instant) {
+    for peer in peers {
+        eventually(
+            &format!("{node} and {peer} reach each other again"),
+            REACH_AGAIN,
+            || {
+                lab.ping_once(node, peer, &[])?;
+                lab.ping_once(peer, node, &[])
+            },
+        );
+        println!("{node} <-> {peer} back after {:?}", changed.elapsed());
+    }
 }
 
 /// The IP of the endpoint `from` has a direct path to `to` on.
@@ -98,17 +119,7 @@ fn a_router_with_a_new_public_address_has_its_pairs_back_in_seconds_and_direct_a
     renumber(&lab, "r-cone", new);
     let changed = Instant::now();
 
-    for peer in ["cone2", "sym1"] {
-        eventually(
-            &format!("cone and {peer} reach each other again"),
-            REACH_AGAIN,
-            || {
-                lab.ping_once("cone", peer, &[])?;
-                lab.ping_once(peer, "cone", &[])
-            },
-        );
-        println!("cone <-> {peer} back after {:?}", changed.elapsed());
-    }
+    reach_again(&lab, "cone", &["cone2", "sym1"], changed);
     eventually(
         "cone and cone2 direct again, cone2 to cone's new address",
         DIRECT_AGAIN,
@@ -175,23 +186,10 @@ fn a_node_with_a_new_lan_address_is_reached_there_directly_by_its_neighbour() {
         ],
     );
     let gateway = topology().router("r-lan").lan.to_string();
-    lab.run_in(
-        "lan2",
-        &["ip", "route", "replace", "default", "via", &gateway],
-    );
+    default_via(&lab, "lan2", &gateway);
     let changed = Instant::now();
 
-    for peer in ["lan1", "cone"] {
-        eventually(
-            &format!("lan2 and {peer} reach each other again"),
-            REACH_AGAIN,
-            || {
-                lab.ping_once("lan2", peer, &[])?;
-                lab.ping_once(peer, "lan2", &[])
-            },
-        );
-        println!("lan2 <-> {peer} back after {:?}", changed.elapsed());
-    }
+    reach_again(&lab, "lan2", &["lan1", "cone"], changed);
     eventually(
         "lan1 reaches lan2 directly at its new address",
         DIRECT_AGAIN,
@@ -211,11 +209,7 @@ fn a_symmetric_nat_with_a_new_public_address_keeps_its_pair_on_the_relay() {
 
     renumber(&lab, "r-sym1", Ipv4Addr::new(203, 0, 113, 141));
     let changed = Instant::now();
-    eventually("sym1 and sym2 reach each other again", REACH_AGAIN, || {
-        lab.ping_once("sym1", "sym2", &[])?;
-        lab.ping_once("sym2", "sym1", &[])
-    });
-    println!("sym1 <-> sym2 back after {:?}", changed.elapsed());
+    reach_again(&lab, "sym1", &["sym2"], changed);
     assert_eq!(
         lab.path("sym1", "sym2").map(|p| p.0),
         Ok("relay".to_owned())
@@ -269,23 +263,10 @@ fn a_node_moved_from_behind_a_nat_to_a_public_address_is_reached_there_and_direc
     );
     lab.run_in("cone", &["ip", "link", "set", "pub0", "up"]);
     let gateway = topology().gateway.to_string();
-    lab.run_in(
-        "cone",
-        &["ip", "route", "replace", "default", "via", &gateway],
-    );
+    default_via(&lab, "cone", &gateway);
     let changed = Instant::now();
 
-    for peer in ["cone2", "sym1"] {
-        eventually(
-            &format!("cone and {peer} reach each other again"),
-            REACH_AGAIN,
-            || {
-                lab.ping_once("cone", peer, &[])?;
-                lab.ping_once(peer, "cone", &[])
-            },
-        );
-        println!("cone <-> {peer} back after {:?}", changed.elapsed());
-    }
+    reach_again(&lab, "cone", &["cone2", "sym1"], changed);
     // Every peer reaches a public node directly: the pair that was direct
     // is direct again, at the public address, and the symmetric NAT's
     // pair, relayed while cone was behind a NAT too, goes direct.

@@ -2985,6 +2985,17 @@ fn hold(held: &mut crate::wire::digest::HeldMap, cmds: &[Command], conn: ConnId)
     }
 }
 
+/// Nodes 1 to 3 joined, and the map as the node on `conn` holds it.
+fn three_joined_as_held_by(conn: ConnId) -> (Registry, crate::wire::digest::HeldMap) {
+    let (mut reg, token) = with_token();
+    let mut held = crate::wire::digest::HeldMap::default();
+    for n in 1..=3 {
+        let cmds = join(&mut reg, n, &token);
+        hold(&mut held, &cmds, conn);
+    }
+    (reg, held)
+}
+
 fn unchanged(cmds: &[Command]) -> bool {
     cmds.iter().any(|c| {
         matches!(c, Command::Send { msg: ServerMessage::Welcome { peers_unchanged: true, peers, .. }, .. } if peers.is_empty())
@@ -2993,12 +3004,7 @@ fn unchanged(cmds: &[Command]) -> bool {
 
 #[test]
 fn a_node_back_with_the_map_the_server_holds_is_welcomed_without_it_and_any_other_gets_it_whole() {
-    let (mut reg, token) = with_token();
-    let mut held = crate::wire::digest::HeldMap::default();
-    for n in 1..=3 {
-        let cmds = join(&mut reg, n, &token);
-        hold(&mut held, &cmds, ConnId(1));
-    }
+    let (mut reg, mut held) = three_joined_as_held_by(ConnId(1));
     assert_eq!(held.entries().len(), 2, "node 1 heard of 2 and 3");
     let back = |reg: &mut Registry, conn: u64, digest: Option<MapDigest>| {
         let hello = Hello {
@@ -3035,12 +3041,7 @@ fn a_node_back_with_the_map_the_server_holds_is_welcomed_without_it_and_any_othe
 
 #[test]
 fn a_restarted_server_welcomes_its_nodes_back_without_the_map_they_hold() {
-    let (mut reg, token) = with_token();
-    let mut held = crate::wire::digest::HeldMap::default();
-    for n in 1..=3 {
-        let cmds = join(&mut reg, n, &token);
-        hold(&mut held, &cmds, ConnId(3));
-    }
+    let (mut reg, mut held) = three_joined_as_held_by(ConnId(3));
     reg.handle_nat(ConnId(1), NatMapping::EndpointDependent, at(NOW + 1));
     let cmds = drain(&mut reg);
     hold(&mut held, &cmds, ConnId(3));
