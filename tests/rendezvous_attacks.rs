@@ -229,6 +229,86 @@ async fn a_welcome_without_the_map_to_a_node_that_holds_none_is_refused() {
     .await;
 }
 
+/// A node admitted by the fake rendezvous, whose welcome the test writes as
+/// `pieces` pieces `gap` apart: the node's admission as it ended.
+async fn admit_with_a_welcome_in_pieces(
+    pieces: usize,
+    gap: Duration,
+    stop_after: Option<usize>,
+) -> Result<(), client::ClientError> {
+    let fake = FakeRendezvous::bind().await;
+    let node = Node::new("node");
+    let config = ClientConfig {
+        servers: vec![fake.addr.to_string()],
+        pin: fake.pin,
+        name: "node".into(),
+        listen_port: LISTEN_PORT,
+        token: None,
+        routes: Vec::new(),
+    };
+    let server = async {
+        let (connection, mut send, recv) = fake.hello_of(&node).await;
+        // A map of 2,000 peers: a welcome of a few hundred kilobytes.
+        let mut welcome = welcome_for(&node, &connection, false);
+        if let ServerMessage::Welcome { peers, .. } = &mut welcome {
+            for n in 0..2000u32 {
+                let key = PrivateKey::from_bytes([(n % 251) as u8 + 1; 32]);
+                peers.push(entry(&key, &format!("peer-{n}"), (n % 250) as u8 + 1));
+            }
+        }
+        let bytes = encode(&welcome);
+        let size = bytes.len().div_ceil(pieces);
+        for (i, piece) in bytes.chunks(size).enumerate() {
+            if stop_after.is_some_and(|stop| i == stop) {
+                break;
+            }
+            send.write_all(piece).await.expect("a piece goes out");
+            tokio::time::sleep(gap).await;
+        }
+        (connection, send, recv)
+    };
+    let (admitted, _held) = tokio::join!(
+        client::admit(&node.endpoint, &config, &node.key, Vec::new()),
+        server
+    );
+    admitted.map(|_| ())
+}
+
+/// A large welcome from a busy server (or over a slow link) that takes
+/// longer than the handshake deadline but keeps coming is taken, not
+/// abandoned and asked for again (which would cost the server the whole
+/// map again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_that_keeps_coming_for_longer_than_the_handshake_deadline_is_taken() {
+    within_deadline(async {
+        let started = std::time::Instant::now();
+        let admitted = admit_with_a_welcome_in_pieces(8, Duration::from_secs(2), None).await;
+        assert!(admitted.is_ok(), "{admitted:?}");
+        assert!(
+            started.elapsed() > Duration::from_secs(10),
+            "slower than the handshake deadline"
+        );
+    })
+    .await;
+}
+
+/// A welcome that stops coming is given up 10 s after its last byte: the
+/// node goes on (next server, or again), never waits forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_that_stops_halfway_is_given_up() {
+    within_deadline(async {
+        let started = std::time::Instant::now();
+        match admit_with_a_welcome_in_pieces(4, Duration::from_millis(100), Some(2)).await {
+            Err(client::ClientError::Connect { reason, .. }) => {
+                assert!(reason.contains("stopped after"), "{reason}");
+            }
+            other => panic!("expected the welcome given up, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------
 // Admission under a flood (issue 13, item 2)
 // ---------------------------------------------------------------------------
@@ -464,6 +544,17 @@ impl FakeRendezvous {
         node: &Node,
         peers_unchanged: bool,
     ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+        let (connection, mut send, recv) = self.hello_of(node).await;
+        let welcome = welcome_for(node, &connection, peers_unchanged);
+        write_frame(&mut send, &welcome).await.expect("the welcome");
+        (connection, send, recv)
+    }
+
+    /// Accepts `node` and reads its hello; the welcome is the test's.
+    async fn hello_of(
+        &self,
+        node: &Node,
+    ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
         let incoming = self.endpoint.accept().await.expect("the node connects");
         let connection = incoming.await.expect("the handshake");
         let (mut send, mut recv) = connection.open_bi().await.expect("the control stream");
@@ -479,23 +570,30 @@ impl FakeRendezvous {
             .await
             .expect("the node's hello");
         assert_eq!(hello.public_key, node.public_key());
-        let welcome = ServerMessage::Welcome {
-            node: entry(&node.key, "node", 5),
-            mesh: MeshInfo {
-                id: "0123456789abcdef".into(),
-                ipv4: "100.72.0.0/16".parse().expect("a network"),
-                ipv6: "fd00:1:2::/48".parse().expect("a network"),
-            },
-            observed: connection.remote_address(),
-            peers: Vec::new(),
-            servers: Vec::new(),
-            routes: Vec::new(),
-            features: Vec::new(),
-            port_taken: None,
-            peers_unchanged,
-        };
-        write_frame(&mut send, &welcome).await.expect("the welcome");
         (connection, send, recv)
+    }
+}
+
+/// A welcome for `node` on `connection`, with no peers.
+fn welcome_for(
+    node: &Node,
+    connection: &quinn::Connection,
+    peers_unchanged: bool,
+) -> ServerMessage {
+    ServerMessage::Welcome {
+        node: entry(&node.key, "node", 5),
+        mesh: MeshInfo {
+            id: "0123456789abcdef".into(),
+            ipv4: "100.72.0.0/16".parse().expect("a network"),
+            ipv6: "fd00:1:2::/48".parse().expect("a network"),
+        },
+        observed: connection.remote_address(),
+        peers: Vec::new(),
+        servers: Vec::new(),
+        routes: Vec::new(),
+        features: Vec::new(),
+        port_taken: None,
+        peers_unchanged,
     }
 }
 

@@ -39,8 +39,16 @@ const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// The longest wait between sessions. A rendezvous that refused a node
 /// (busy, or under a flood) sees it again within this, never later.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Connection setup, hello and welcome must all fit in this.
+/// Connection setup, the server's hello and ours must fit in this.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// The welcome after our hello: its first bytes within this, then never
+/// this long without more of it. At tens of thousands of nodes the map is
+/// megabytes, from a server that may be welcoming thousands at once or
+/// over a slow link: it takes longer than a handshake, but it keeps
+/// coming, and starting over would cost the server the whole map again.
+const WELCOME_STALL: Duration = Duration::from_secs(10);
+/// The whole welcome, however steadily it comes.
+const WELCOME_MAX: Duration = Duration::from_secs(120);
 /// The wait before the next server after one was lost: short, so a dead
 /// server's nodes are elsewhere within seconds, and random, so they do not
 /// all arrive in the same instant.
@@ -780,15 +788,15 @@ async fn admit_on(
         };
         write_frame(&mut send, &hello).await.map_err(lost)?;
         frames.set_limit(MAX_FRAME);
-        let welcome: ServerMessage = frames.next().await.map_err(lost)?;
-        Ok((send, frames, welcome))
+        Ok((send, frames))
     };
-    let (send, frames, welcome) = tokio::time::timeout(HANDSHAKE_DEADLINE, setup)
+    let (send, mut frames) = tokio::time::timeout(HANDSHAKE_DEADLINE, setup)
         .await
         .map_err(|_| ClientError::Connect {
             server: server.to_owned(),
-            reason: format!("no welcome within {HANDSHAKE_DEADLINE:?} of the handshake"),
+            reason: format!("no hello exchanged within {HANDSHAKE_DEADLINE:?} of the handshake"),
         })??;
+    let welcome = receive_welcome(&mut frames, server).await?;
 
     match welcome {
         ServerMessage::Welcome {
@@ -842,6 +850,49 @@ async fn admit_on(
             "expected a welcome, got {}",
             bounded(&format!("{other:?}"))
         ))),
+    }
+}
+
+/// The frame after our hello, as long as it keeps coming: see
+/// [`WELCOME_STALL`] and [`WELCOME_MAX`]. Progress is looked at every
+/// second.
+async fn receive_welcome(
+    frames: &mut FrameReader,
+    server: &str,
+) -> Result<ServerMessage, ClientError> {
+    const LOOK: Duration = Duration::from_secs(1);
+    let started = tokio::time::Instant::now();
+    let (mut had, mut moved) = (frames.buffered(), started);
+    loop {
+        // `next` is cancel-safe: what arrived stays in `frames`.
+        if let Ok(read) = tokio::time::timeout(LOOK, frames.next()).await {
+            return read.map_err(|source| ClientError::Lost {
+                server: server.to_owned(),
+                source,
+            });
+        }
+        let now = tokio::time::Instant::now();
+        let have = frames.buffered();
+        if have != had {
+            (had, moved) = (have, now);
+        }
+        let reason = if now - moved >= WELCOME_STALL {
+            if have == 0 {
+                format!("no welcome within {WELCOME_STALL:?} of the hello")
+            } else {
+                format!(
+                    "the welcome stopped after {have} bytes: nothing more for {WELCOME_STALL:?}"
+                )
+            }
+        } else if now - started >= WELCOME_MAX {
+            format!("the welcome took longer than {WELCOME_MAX:?}")
+        } else {
+            continue;
+        };
+        return Err(ClientError::Connect {
+            server: server.to_owned(),
+            reason,
+        });
     }
 }
 

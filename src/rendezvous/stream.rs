@@ -94,6 +94,12 @@ impl FrameReader {
         }
     }
 
+    /// How much of the frame being read has arrived (header included):
+    /// whether a large frame is still coming.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Changes the limit for frames whose header has not been read yet
     /// (admission done: the peer may send larger frames).
     pub fn set_limit(&mut self, max: usize) {
