@@ -463,8 +463,7 @@ async fn failover_under_load(mesh: &mut Mesh, n: usize, watch: &Watch, offer: Of
     eprintln!("  failover, nodes offering {offer:?}");
     let deltas_before = arm(watch, offer);
     let orphans = n.div_ceil(mesh.servers.len());
-    let survivor = &mesh.servers[1];
-    let cpu_before = cpu_seconds(survivor.pid());
+    let cpu_before = cpu_seconds(mesh.servers[1].pid());
     let killed = Instant::now();
     let _ = mesh.servers[0].process.0.kill();
     let _ = mesh.servers[0].process.0.wait();
@@ -497,16 +496,15 @@ async fn recovery(
     server: &Server,
     cpu_before: f64,
 ) -> Restart {
-    let sigterm = since;
     let mut back = 0;
-    while sigterm.elapsed() < RESTART_LIMIT {
+    while since.elapsed() < RESTART_LIMIT {
         back = watch.readmitted.lock().unwrap().len();
         if back >= n {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let times = watch.back_since(sigterm);
+    let times = watch.back_since(since);
     let at = |q: usize| {
         times
             .get((times.len() * q / 100).min(times.len().saturating_sub(1)))

@@ -145,16 +145,12 @@ async fn a_server_message_split_across_packets_reaches_the_node_whole_while_rela
             interfaces: None,
         };
         let config = ClientConfig {
-            servers: vec![fake.addr.to_string()],
-            pin: fake.pin,
-            name: "node".into(),
-            listen_port: LISTEN_PORT,
             token: Some(
                 "k7q2xw.EBESExQVFhcYGRobHB0eHyAhIiMkJSYnKCkqKywtLi8"
                     .parse()
                     .expect("a join token"),
             ),
-            routes: Vec::new(),
+            ..fake.config()
         };
         let session = tokio::spawn(client::run(
             node.endpoint.clone(),
@@ -206,14 +202,7 @@ async fn a_welcome_without_the_map_to_a_node_that_holds_none_is_refused() {
     within_deadline(async {
         let fake = FakeRendezvous::bind().await;
         let node = Node::new("node");
-        let config = ClientConfig {
-            servers: vec![fake.addr.to_string()],
-            pin: fake.pin,
-            name: "node".into(),
-            listen_port: LISTEN_PORT,
-            token: None,
-            routes: Vec::new(),
-        };
+        let config = fake.config();
         let (admitted, _held) = tokio::join!(
             client::admit(&node.endpoint, &config, &node.key, Vec::new()),
             fake.admit_saying(&node, true)
@@ -238,14 +227,7 @@ async fn admit_with_a_welcome_in_pieces(
 ) -> Result<(), client::ClientError> {
     let fake = FakeRendezvous::bind().await;
     let node = Node::new("node");
-    let config = ClientConfig {
-        servers: vec![fake.addr.to_string()],
-        pin: fake.pin,
-        name: "node".into(),
-        listen_port: LISTEN_PORT,
-        token: None,
-        routes: Vec::new(),
-    };
+    let config = fake.config();
     let server = async {
         let (connection, mut send, recv) = fake.hello_of(&node).await;
         // A map of 2,000 peers: a welcome of a few hundred kilobytes.
@@ -525,6 +507,18 @@ impl FakeRendezvous {
             addr,
             pin,
             key: PrivateKey::generate(&mut rand::rngs::OsRng),
+        }
+    }
+
+    /// A registered node's configuration for this rendezvous.
+    fn config(&self) -> ClientConfig {
+        ClientConfig {
+            servers: vec![self.addr.to_string()],
+            pin: self.pin,
+            name: "node".into(),
+            listen_port: LISTEN_PORT,
+            token: None,
+            routes: Vec::new(),
         }
     }
 

@@ -12,10 +12,13 @@
 //! means the whole map is sent, as before: the digest never lets a node
 //! ask for anything but its own welcome.
 
+use std::collections::{BTreeMap, HashMap};
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::control::NodeEntry;
+use crate::identity::PublicKey;
 
 /// The digest of a set of peer-map entries (see the module's text). On
 /// the wire: 64 lowercase hexadecimal digits.
@@ -27,14 +30,7 @@ impl MapDigest {
     /// the entry cannot be encoded, which a `NodeEntry` always can.
     pub fn of(entry: &NodeEntry) -> Option<Self> {
         let json = serde_json::to_vec(entry).ok()?;
-        let hash: [u8; 32] = Sha256::digest(&json).into();
-        let mut lanes = [0u64; 4];
-        for (lane, bytes) in lanes.iter_mut().zip(hash.chunks_exact(8)) {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(bytes);
-            *lane = u64::from_le_bytes(word);
-        }
-        Some(Self(lanes))
+        Some(Self::from_bytes(Sha256::digest(&json).into()))
     }
 
     /// The digest of the set with `other`'s entries added.
@@ -98,13 +94,56 @@ impl<'de> Deserialize<'de> for MapDigest {
     }
 }
 
-/// The entries a node holds, with each one's digest and their sum: what it
-/// offers when it comes back ([`HeldMap::digest`]), and the map it passes
-/// on when the welcome says nothing changed ([`HeldMap::entries`]).
+/// The digest of each node's entry and their sum: the digest of the whole
+/// set, or of the set less one node's entry, without a pass over it. The
+/// server keeps one for what its nodes were told, a node one for what it
+/// holds.
+#[derive(Debug, Default, Clone)]
+pub struct DigestSet {
+    entries: HashMap<PublicKey, MapDigest>,
+    total: MapDigest,
+}
+
+impl DigestSet {
+    /// `entry` in place of the node's earlier one; `false` (and the node
+    /// left out) only if it cannot be encoded, which a `NodeEntry` always can.
+    pub fn upsert(&mut self, entry: &NodeEntry) -> bool {
+        self.remove(&entry.public_key);
+        let Some(digest) = MapDigest::of(entry) else {
+            return false;
+        };
+        self.total = self.total.plus(digest);
+        self.entries.insert(entry.public_key, digest);
+        true
+    }
+
+    /// The node's entry taken out.
+    pub fn remove(&mut self, key: &PublicKey) {
+        if let Some(digest) = self.entries.remove(key) {
+            self.total = self.total.minus(digest);
+        }
+    }
+
+    /// The digest of every entry.
+    pub fn total(&self) -> MapDigest {
+        self.total
+    }
+
+    /// The digest of every entry but `key`'s: the map `key` is welcomed with.
+    pub fn without(&self, key: &PublicKey) -> MapDigest {
+        self.entries
+            .get(key)
+            .map_or(self.total, |own| self.total.minus(*own))
+    }
+}
+
+/// The entries a node holds, and their [`DigestSet`]: what it offers when
+/// it comes back ([`HeldMap::digest`]), and the map it passes on when the
+/// welcome says nothing changed ([`HeldMap::entries`]).
 #[derive(Debug, Default, Clone)]
 pub struct HeldMap {
-    entries: std::collections::BTreeMap<crate::identity::PublicKey, (NodeEntry, MapDigest)>,
-    total: MapDigest,
+    entries: BTreeMap<PublicKey, NodeEntry>,
+    digests: DigestSet,
     /// Set by a whole map (a welcome): until then nothing is offered.
     complete: bool,
 }
@@ -113,7 +152,7 @@ impl HeldMap {
     /// A welcome's whole map replaces what was held.
     pub fn replace(&mut self, peers: &[NodeEntry]) {
         self.entries.clear();
-        self.total = MapDigest::default();
+        self.digests = DigestSet::default();
         self.complete = true;
         for peer in peers {
             self.upsert(peer);
@@ -122,39 +161,32 @@ impl HeldMap {
 
     /// A peer joined or changed.
     pub fn upsert(&mut self, peer: &NodeEntry) {
-        self.remove(&peer.public_key);
-        let Some(digest) = MapDigest::of(peer) else {
-            self.complete = false;
-            return;
-        };
-        self.total = self.total.plus(digest);
-        self.entries.insert(peer.public_key, (peer.clone(), digest));
+        self.complete &= self.digests.upsert(peer);
+        self.entries.insert(peer.public_key, peer.clone());
     }
 
     /// A peer was removed from the mesh.
-    pub fn remove(&mut self, key: &crate::identity::PublicKey) {
-        if let Some((_, digest)) = self.entries.remove(key) {
-            self.total = self.total.minus(digest);
-        }
+    pub fn remove(&mut self, key: &PublicKey) {
+        self.entries.remove(key);
+        self.digests.remove(key);
     }
 
     /// What to offer in a hello: the digest of the whole map held, once
     /// one was received.
     pub fn digest(&self) -> Option<MapDigest> {
-        self.complete.then_some(self.total)
+        self.complete.then_some(self.digests.total())
     }
 
     /// The map held, in key order.
     pub fn entries(&self) -> Vec<NodeEntry> {
-        self.entries.values().map(|(e, _)| e.clone()).collect()
+        self.entries.values().cloned().collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::PublicKey;
-    use crate::wire::control::{NatMapping, NodeEntry};
+    use crate::wire::control::NatMapping;
 
     fn entry(n: u8) -> NodeEntry {
         NodeEntry {

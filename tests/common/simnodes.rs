@@ -20,7 +20,7 @@ use meshd::rendezvous::client::{
     admit_offering, ClientConfig, ClientError, Reconnect, Servers, Session,
 };
 use meshd::wire::control::{Candidate, CandidateKind, NodeEntry};
-use meshd::wire::digest::MapDigest;
+use meshd::wire::digest::{DigestSet, MapDigest};
 
 /// Admission attempts of a first join (a busy server may time some out).
 const ATTEMPTS: usize = 10;
@@ -54,37 +54,28 @@ pub struct Watch {
 /// entries).
 #[derive(Default)]
 pub struct HeldMap {
-    entries: HashMap<PublicKey, (NodeEntry, MapDigest)>,
-    total: MapDigest,
+    entries: HashMap<PublicKey, NodeEntry>,
+    digests: DigestSet,
 }
 
 impl HeldMap {
     pub fn upsert(&mut self, entry: &NodeEntry) {
-        if self
-            .entries
-            .get(&entry.public_key)
-            .is_some_and(|(e, _)| e == entry)
-        {
+        // Every member reads each change: digest it once.
+        if self.entries.get(&entry.public_key) == Some(entry) {
             return;
         }
-        self.remove(&entry.public_key);
-        let digest = MapDigest::of(entry).expect("an entry encodes");
-        self.total = self.total.plus(digest);
-        self.entries
-            .insert(entry.public_key, (entry.clone(), digest));
+        assert!(self.digests.upsert(entry), "an entry encodes");
+        self.entries.insert(entry.public_key, entry.clone());
     }
 
     pub fn remove(&mut self, key: &PublicKey) {
-        if let Some((_, digest)) = self.entries.remove(key) {
-            self.total = self.total.minus(digest);
-        }
+        self.entries.remove(key);
+        self.digests.remove(key);
     }
 
     /// What `key` holds: every entry but its own.
     pub fn digest_for(&self, key: &PublicKey) -> MapDigest {
-        self.entries
-            .get(key)
-            .map_or(self.total, |(_, own)| self.total.minus(*own))
+        self.digests.without(key)
     }
 }
 

@@ -114,7 +114,7 @@ use crate::wire::control::{
     PortTaken, Proof, RejectReason, RouteDecision, ServerMessage, FEATURE_PATHS, MAX_CANDIDATES,
     MAX_NAME, MAX_ROUTES, PROTOCOL_VERSION,
 };
-use crate::wire::digest::MapDigest;
+use crate::wire::digest::DigestSet;
 use crate::wire::endpoint::{self, Unusable};
 use crate::wire::untrusted::Untrusted;
 
@@ -818,7 +818,7 @@ pub struct Registry {
     welcomed_in_tick: HashMap<ConnId, u64>,
     /// What the nodes were told of each node, as digests: made at the
     /// first welcome that needs it, then kept by every change announced.
-    told: Option<Told>,
+    told: Option<DigestSet>,
     /// A [`Command::PersistSoon`] is queued and not yet polled: one is
     /// enough.
     persist_soon_queued: bool,
@@ -2648,10 +2648,15 @@ impl Registry {
 
     /// What the nodes were told, made from the records the first time:
     /// every change since was announced, so the records are what was told.
-    fn told(&mut self) -> &Told {
+    fn told(&mut self) -> &DigestSet {
         let (nodes, routes) = (&self.state.nodes, &self.routes);
-        self.told
-            .get_or_insert_with(|| Told::of(nodes.iter().map(|(k, r)| node_entry(k, r, routes))))
+        self.told.get_or_insert_with(|| {
+            let mut told = DigestSet::default();
+            for (key, record) in nodes {
+                told.upsert(&node_entry(key, record, routes));
+            }
+            told
+        })
     }
 
     fn persist_soon(&mut self) {
@@ -2750,46 +2755,6 @@ impl Registry {
             self.flush_deltas();
         }
         self.commands.push_back(cmd);
-    }
-}
-
-/// The digest of each node's entry as the nodes were told it, and of the
-/// whole map: a welcome compares a node's offer with the whole less the
-/// node's own, without a pass over the map.
-#[derive(Debug, Default)]
-struct Told {
-    entries: HashMap<PublicKey, MapDigest>,
-    total: MapDigest,
-}
-
-impl Told {
-    fn of(entries: impl Iterator<Item = NodeEntry>) -> Self {
-        let mut told = Self::default();
-        for entry in entries {
-            told.upsert(&entry);
-        }
-        told
-    }
-
-    fn upsert(&mut self, entry: &NodeEntry) {
-        self.remove(&entry.public_key);
-        if let Some(digest) = MapDigest::of(entry) {
-            self.total = self.total.plus(digest);
-            self.entries.insert(entry.public_key, digest);
-        }
-    }
-
-    fn remove(&mut self, key: &PublicKey) {
-        if let Some(digest) = self.entries.remove(key) {
-            self.total = self.total.minus(digest);
-        }
-    }
-
-    /// The digest of every entry but `key`'s: the map `key` is welcomed with.
-    fn without(&self, key: &PublicKey) -> MapDigest {
-        self.entries
-            .get(key)
-            .map_or(self.total, |own| self.total.minus(*own))
     }
 }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::wire::digest::MapDigest;
 
 const NOW: u64 = 1_700_000_000;
 const DAY: u64 = 86_400;
