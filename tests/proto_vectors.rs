@@ -29,10 +29,10 @@ use blake2::digest::Mac;
 use meshd::identity::{PrivateKey, PublicKey};
 use meshd::rendezvous::admission;
 use meshd::wire::control::{
-    decode, decode_frame, decode_hello, encode, Candidate, CandidateKind, FrameError, Hello,
-    MeshInfo, NatMapping, NodeEntry, NodeMessage, PathEntry, PathState, PortTaken, Proof,
-    RejectReason, RouteDecision, RouteStatus, ServerHello, ServerMessage, FEATURE_PATHS, MAX_FRAME,
-    MAX_FRAME_UNADMITTED, MAX_PATH_PEERS, PROTOCOL_VERSION,
+    decode, decode_frame, decode_hello, encode, Candidate, CandidateKind, EncodedEntry, FrameError,
+    Hello, MeshInfo, NatMapping, NodeEntry, NodeMessage, PathEntry, PathState, PeerList, PortTaken,
+    Proof, RejectReason, RouteDecision, RouteStatus, ServerHello, ServerMessage, FEATURE_PATHS,
+    MAX_FRAME, MAX_FRAME_UNADMITTED, MAX_PATH_PEERS, PROTOCOL_VERSION,
 };
 use meshd::wire::digest::MapDigest;
 use serde::de::DeserializeOwned;
@@ -163,7 +163,7 @@ fn welcome() -> ServerMessage {
             ipv6: "fd4b:1d7e:3a9c::/48".parse().unwrap(),
         },
         observed: "198.51.100.23:40112".parse().unwrap(),
-        peers: vec![node_a(), node_b()],
+        peers: vec![node_a(), node_b()].into(),
         // As a server before 0.4.0 sends it: the vector predates the list.
         servers: Vec::new(),
         routes: Vec::new(),
@@ -800,6 +800,37 @@ fn frame_of_exactly_the_limit_is_accepted() {
             max: MAX_FRAME_UNADMITTED
         })
     );
+}
+
+/// A server welcomes with each entry's JSON as encoded when it changed:
+/// the same bytes as the entries encoded with the message, and the same
+/// message to the node that decodes them.
+#[test]
+fn a_welcome_of_entries_encoded_beforehand_is_the_same_frame() {
+    let mut spliced = welcome();
+    let ServerMessage::Welcome { peers, .. } = &mut spliced else {
+        unreachable!()
+    };
+    *peers = PeerList::Encoded(
+        [node_a(), node_b()]
+            .iter()
+            .map(|e| EncodedEntry::new(e).unwrap())
+            .collect(),
+    );
+    assert_eq!(encode(&spliced), encode(&welcome()));
+    assert_eq!(spliced, welcome(), "equal whichever form the peers take");
+    let decoded: ServerMessage = decode_frame(&encode(&spliced), MAX_FRAME).unwrap().0;
+    assert_eq!(decoded, welcome());
+    let ServerMessage::Welcome { peers, .. } = decoded else {
+        unreachable!()
+    };
+    assert_eq!(peers.into_entries(), [node_a(), node_b()]);
+    let mut other = welcome();
+    let ServerMessage::Welcome { peers, .. } = &mut other else {
+        unreachable!()
+    };
+    *peers = PeerList::Encoded(vec![EncodedEntry::new(&node_a()).unwrap()]);
+    assert_ne!(other, welcome(), "a missing entry shows");
 }
 
 #[test]

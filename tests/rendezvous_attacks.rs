@@ -33,7 +33,8 @@ use meshd::rendezvous::tls::{self, CertHash};
 use meshd::sockets::QuicSource;
 use meshd::wire::control::{
     encode, Candidate, CandidateKind, Hello, LinkHello, MeshInfo, NatMapping, NodeEntry,
-    NodeMessage, RejectReason, ServerHello, ServerMessage, MAX_FRAME_UNADMITTED, PROTOCOL_VERSION,
+    NodeMessage, PeerList, RejectReason, ServerHello, ServerMessage, MAX_FRAME_UNADMITTED,
+    PROTOCOL_VERSION,
 };
 use meshd::wire::relay::NodeId;
 use quic::{
@@ -233,10 +234,12 @@ async fn admit_with_a_welcome_in_pieces(
         // A map of 2,000 peers: a welcome of a few hundred kilobytes.
         let mut welcome = welcome_for(&node, &connection, false);
         if let ServerMessage::Welcome { peers, .. } = &mut welcome {
-            for n in 0..2000u32 {
-                let key = PrivateKey::from_bytes([(n % 251) as u8 + 1; 32]);
-                peers.push(entry(&key, &format!("peer-{n}"), (n % 250) as u8 + 1));
-            }
+            *peers = (0..2000u32)
+                .map(|n| {
+                    let key = PrivateKey::from_bytes([(n % 251) as u8 + 1; 32]);
+                    entry(&key, &format!("peer-{n}"), (n % 250) as u8 + 1)
+                })
+                .collect();
         }
         let bytes = encode(&welcome);
         let size = bytes.len().div_ceil(pieces);
@@ -582,7 +585,7 @@ fn welcome_for(
             ipv6: "fd00:1:2::/48".parse().expect("a network"),
         },
         observed: connection.remote_address(),
-        peers: Vec::new(),
+        peers: PeerList::default(),
         servers: Vec::new(),
         routes: Vec::new(),
         features: Vec::new(),

@@ -831,7 +831,7 @@ async fn admit_on(
                     node,
                     mesh,
                     observed,
-                    peers,
+                    peers: peers.into_entries(),
                     routes,
                     paths: features.iter().any(|f| f == FEATURE_PATHS),
                     port_taken: port_taken.map(|taken| *taken),

@@ -939,7 +939,9 @@ async fn connection_task(
                     }
                 }
                 Some(ConnOut::Frame(frame)) => {
-                    if send.write_all(&frame).await.is_err() {
+                    // Handed to quinn as it is, not copied: one delta is
+                    // the same buffer for every member.
+                    if send.write_chunk(frame).await.is_err() {
                         break;
                     }
                 }

@@ -1165,7 +1165,7 @@ impl Sim {
                         node,
                         mesh,
                         observed,
-                        peers,
+                        peers: peers.into_entries(),
                         routes,
                         paths: features.iter().any(|f| f == FEATURE_PATHS),
                         port_taken: port_taken.map(|taken| *taken),

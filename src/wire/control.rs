@@ -10,9 +10,11 @@
 
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::digest::MapDigest;
 use crate::identity::PublicKey;
@@ -214,6 +216,113 @@ pub struct NodeEntry {
     pub routes: Vec<IpNet>,
 }
 
+/// One [`NodeEntry`] as the wire carries it, encoded once (a server
+/// encodes each entry when it changes and splices the same JSON into
+/// every welcome).
+#[derive(Debug, Clone)]
+pub struct EncodedEntry(Arc<RawValue>);
+
+impl EncodedEntry {
+    /// `entry`'s JSON. `None` only if it cannot be encoded, which a
+    /// `NodeEntry` always can.
+    pub fn new(entry: &NodeEntry) -> Option<Self> {
+        let json = serde_json::to_string(entry).ok()?;
+        RawValue::from_string(json)
+            .ok()
+            .map(|raw| Self(Arc::from(raw)))
+    }
+
+    /// The JSON, exactly as it goes on the wire.
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The entry again; `None` only for JSON that is not an entry, which
+    /// [`EncodedEntry::new`] never makes.
+    pub fn decode(&self) -> Option<NodeEntry> {
+        serde_json::from_str(self.json()).ok()
+    }
+}
+
+/// A welcome's peer map: the entries as a node decodes them, or as a
+/// server sends them, each entry's JSON encoded when it last changed
+/// ([`EncodedEntry`]), so that a welcome to one of N nodes costs a copy of
+/// the map rather than N encodings. Both are the same JSON array on the
+/// wire, and equal when they hold the same entries.
+#[derive(Debug, Clone)]
+pub enum PeerList {
+    Entries(Vec<NodeEntry>),
+    Encoded(Vec<EncodedEntry>),
+}
+
+impl PeerList {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Entries(entries) => entries.len(),
+            Self::Encoded(encoded) => encoded.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The entries, decoding the encoded ones.
+    pub fn into_entries(self) -> Vec<NodeEntry> {
+        match self {
+            Self::Entries(entries) => entries,
+            Self::Encoded(encoded) => encoded.iter().filter_map(EncodedEntry::decode).collect(),
+        }
+    }
+}
+
+impl Default for PeerList {
+    fn default() -> Self {
+        Self::Entries(Vec::new())
+    }
+}
+
+impl From<Vec<NodeEntry>> for PeerList {
+    fn from(entries: Vec<NodeEntry>) -> Self {
+        Self::Entries(entries)
+    }
+}
+
+impl FromIterator<NodeEntry> for PeerList {
+    fn from_iter<I: IntoIterator<Item = NodeEntry>>(entries: I) -> Self {
+        Self::Entries(entries.into_iter().collect())
+    }
+}
+
+impl PartialEq for PeerList {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Entries(a), Self::Entries(b)) => a == b,
+            (Self::Encoded(a), Self::Encoded(b)) => {
+                a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.json() == b.json())
+            }
+            _ => self.clone().into_entries() == other.clone().into_entries(),
+        }
+    }
+}
+
+impl Eq for PeerList {}
+
+impl Serialize for PeerList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Entries(entries) => entries.serialize(s),
+            Self::Encoded(encoded) => s.collect_seq(encoded.iter().map(|e| &*e.0)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<NodeEntry>::deserialize(d).map(Self::Entries)
+    }
+}
+
 /// What the mesh decided about one prefix a node advertised.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteDecision {
@@ -323,7 +432,7 @@ pub enum ServerMessage {
         node: NodeEntry,
         mesh: MeshInfo,
         observed: SocketAddr,
-        peers: Vec<NodeEntry>,
+        peers: PeerList,
         /// Every server of the mesh (`HOST:PORT`), this one first: where
         /// the node goes when this one is lost. Absent from a server
         /// before 0.4.0.

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::control::NodeEntry;
+use super::control::{EncodedEntry, NodeEntry};
 use crate::identity::PublicKey;
 
 /// The digest of a set of peer-map entries (see the module's text). On
@@ -30,7 +30,12 @@ impl MapDigest {
     /// the entry cannot be encoded, which a `NodeEntry` always can.
     pub fn of(entry: &NodeEntry) -> Option<Self> {
         let json = serde_json::to_vec(entry).ok()?;
-        Some(Self::from_bytes(Sha256::digest(&json).into()))
+        Some(Self::of_json(&json))
+    }
+
+    /// The digest of the entry whose wire JSON is `json`.
+    pub fn of_json(json: &[u8]) -> Self {
+        Self::from_bytes(Sha256::digest(json).into())
     }
 
     /// The digest of the set with `other`'s entries added.
@@ -108,13 +113,23 @@ impl DigestSet {
     /// `entry` in place of the node's earlier one; `false` (and the node
     /// left out) only if it cannot be encoded, which a `NodeEntry` always can.
     pub fn upsert(&mut self, entry: &NodeEntry) -> bool {
-        self.remove(&entry.public_key);
         let Some(digest) = MapDigest::of(entry) else {
+            self.remove(&entry.public_key);
             return false;
         };
-        self.total = self.total.plus(digest);
-        self.entries.insert(entry.public_key, digest);
+        self.insert(entry.public_key, digest);
         true
+    }
+
+    /// The entry `key`'s, already encoded, in place of its earlier one.
+    pub fn upsert_encoded(&mut self, key: PublicKey, entry: &EncodedEntry) {
+        self.insert(key, MapDigest::of_json(entry.json().as_bytes()));
+    }
+
+    fn insert(&mut self, key: PublicKey, digest: MapDigest) {
+        self.remove(&key);
+        self.total = self.total.plus(digest);
+        self.entries.insert(key, digest);
     }
 
     /// The node's entry taken out.

@@ -110,11 +110,10 @@ use crate::ipam;
 /// Connections as the shell names them (shared with the relay table).
 pub use crate::relay::ConnId;
 use crate::wire::control::{
-    Candidate, CandidateKind, Hello, HelloError, MeshInfo, NatMapping, NodeEntry, PathList,
-    PortTaken, Proof, RejectReason, RouteDecision, ServerMessage, FEATURE_PATHS, MAX_CANDIDATES,
-    MAX_NAME, MAX_ROUTES, PROTOCOL_VERSION,
+    Candidate, CandidateKind, EncodedEntry, Hello, HelloError, MeshInfo, NatMapping, NodeEntry,
+    PathList, PeerList, PortTaken, Proof, RejectReason, RouteDecision, ServerMessage,
+    FEATURE_PATHS, MAX_CANDIDATES, MAX_NAME, MAX_ROUTES, PROTOCOL_VERSION,
 };
-use crate::wire::digest::DigestSet;
 use crate::wire::endpoint::{self, Unusable};
 use crate::wire::untrusted::Untrusted;
 
@@ -816,9 +815,9 @@ pub struct Registry {
     /// Connections welcomed since the last flush, with the latest change
     /// their welcome included.
     welcomed_in_tick: HashMap<ConnId, u64>,
-    /// What the nodes were told of each node, as digests: made at the
-    /// first welcome that needs it, then kept by every change announced.
-    told: Option<DigestSet>,
+    /// What the nodes were told of each node, encoded and as digests: made
+    /// at the first welcome, then kept by every change announced.
+    told: Option<Told>,
     /// A [`Command::PersistSoon`] is queued and not yet polled: one is
     /// enough.
     persist_soon_queued: bool,
@@ -1343,17 +1342,12 @@ impl Registry {
         // nodes the maps are what a restart would spend its time on.
         let peers_unchanged = hello
             .peers_digest
-            .is_some_and(|offered| offered == self.told().without(&key));
+            .is_some_and(|offered| offered == self.told().digest_without(&key));
         let peers = if peers_unchanged {
             self.counters.welcomes_unchanged = self.counters.welcomes_unchanged.saturating_add(1);
-            Vec::new()
+            PeerList::default()
         } else {
-            self.state
-                .nodes
-                .iter()
-                .filter(|(k, _)| **k != key)
-                .map(|(k, r)| node_entry(k, r, &self.routes))
-                .collect()
+            self.welcome_peers(&key)
         };
         let port_taken = self.port_taken(&key, observed, hello.listen_port);
         if let Some(taken) = &port_taken {
@@ -2648,15 +2642,44 @@ impl Registry {
 
     /// What the nodes were told, made from the records the first time:
     /// every change since was announced, so the records are what was told.
-    fn told(&mut self) -> &DigestSet {
+    fn told(&mut self) -> &Told {
         let (nodes, routes) = (&self.state.nodes, &self.routes);
         self.told.get_or_insert_with(|| {
-            let mut told = DigestSet::default();
+            let mut told = Told::default();
             for (key, record) in nodes {
                 told.upsert(&node_entry(key, record, routes));
             }
             told
         })
+    }
+
+    /// Every entry but `key`'s, in key order, as the nodes were told them:
+    /// copied, not encoded again.
+    fn welcome_peers(&mut self, key: &PublicKey) -> PeerList {
+        self.told();
+        let (Some(told), nodes, routes) = (&self.told, &self.state.nodes, &self.routes) else {
+            return PeerList::default();
+        };
+        let peers: Vec<EncodedEntry> = nodes
+            .iter()
+            .filter(|(k, _)| *k != key)
+            .filter_map(|(k, record)| {
+                told.get(k)
+                    .cloned()
+                    .or_else(|| EncodedEntry::new(&node_entry(k, record, routes)))
+            })
+            .collect();
+        debug_assert!(
+            nodes
+                .iter()
+                .filter(|(k, _)| *k != key)
+                .zip(&peers)
+                .all(|((k, record), told)| {
+                    told.decode().as_ref() == Some(&node_entry(k, record, routes))
+                }),
+            "every change of a record is announced, so what was told is what the records say"
+        );
+        PeerList::Encoded(peers)
     }
 
     fn persist_soon(&mut self) {
@@ -2901,3 +2924,5 @@ mod tests;
 
 pub mod routes;
 use routes::RouteTable;
+mod told;
+use told::Told;

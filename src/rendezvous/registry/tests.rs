@@ -190,7 +190,7 @@ fn welcome(cmds: &[Command]) -> (NodeEntry, Vec<NodeEntry>) {
             Command::Send {
                 msg: ServerMessage::Welcome { node, peers, .. },
                 ..
-            } => Some((node.clone(), peers.clone())),
+            } => Some((node.clone(), peers.clone().into_entries())),
             _ => None,
         })
         .expect("a welcome")
@@ -2976,7 +2976,7 @@ fn hold(held: &mut crate::wire::digest::HeldMap, cmds: &[Command], conn: ConnId)
     for c in cmds {
         match c {
             Command::Send { conn: to, msg } if *to == conn => match msg {
-                ServerMessage::Welcome { peers, .. } => held.replace(peers),
+                ServerMessage::Welcome { peers, .. } => held.replace(&peers.clone().into_entries()),
                 ServerMessage::PeerUpsert { peer } => held.upsert(peer),
                 ServerMessage::PeerRemove { public_key } => held.remove(public_key),
                 _ => {}
