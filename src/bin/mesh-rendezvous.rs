@@ -333,6 +333,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "join lines pin this certificate: {}",
                 loaded.cert_hash()
             )?;
+            setup::return_large_buffers_at_once();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

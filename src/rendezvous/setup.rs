@@ -256,6 +256,21 @@ impl Drop for StateLock {
     }
 }
 
+/// Gives every buffer of 128 KiB or more its own mapping, returned to the
+/// system when it is freed. A welcome at thousands of nodes is megabytes
+/// and lives until its node has acknowledged it; after such a buffer is
+/// freed, glibc's malloc raises its mapping threshold, later welcomes come
+/// from the heap, and the heap stays as large as the most welcomes ever in
+/// flight at once (measured at 2,000 nodes: 173 MiB resident, 139 MiB with
+/// the threshold fixed). For `serve`, before its threads start.
+pub fn return_large_buffers_at_once() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: sets one of malloc's tuning parameters; takes no pointers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+    }
+}
+
 /// What a lock file says about its holder, at most this long in an error.
 const MAX_HOLDER: usize = 200;
 

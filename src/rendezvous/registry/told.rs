@@ -52,3 +52,52 @@ impl Told {
         self.digests.without(key)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::control::NatMapping;
+
+    fn entry(n: u8, name: &str) -> NodeEntry {
+        NodeEntry {
+            public_key: PublicKey::from_bytes([n; 32]),
+            name: name.into(),
+            ipv4: std::net::Ipv4Addr::new(100, 64, 0, n),
+            ipv6: "fd00::1".parse().unwrap(),
+            candidates: Vec::new(),
+            nat: NatMapping::Unknown,
+            routes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn keeps_the_latest_entry_as_sent_and_the_digest_of_the_rest() {
+        let mut told = Told::default();
+        told.upsert(&entry(1, "one"));
+        told.upsert(&entry(2, "two"));
+        told.upsert(&entry(2, "renamed"));
+        told.upsert(&entry(3, "three"));
+        told.remove(&PublicKey::from_bytes([3; 32]));
+
+        let two = told.get(&PublicKey::from_bytes([2; 32])).unwrap();
+        assert_eq!(
+            two.json(),
+            serde_json::to_string(&entry(2, "renamed")).unwrap()
+        );
+        assert!(told.get(&PublicKey::from_bytes([3; 32])).is_none());
+
+        // What node 1 holds: every entry but its own, as it was told them.
+        let mut held = DigestSet::default();
+        held.upsert(&entry(2, "renamed"));
+        assert_eq!(
+            told.digest_without(&PublicKey::from_bytes([1; 32])),
+            held.total()
+        );
+        held.upsert(&entry(2, "two"));
+        assert_ne!(
+            told.digest_without(&PublicKey::from_bytes([1; 32])),
+            held.total(),
+            "an older entry does not match"
+        );
+    }
+}
