@@ -34,8 +34,9 @@ pub struct Watch {
     /// The key whose arrival is timed, and when each member read it.
     pub probe: Mutex<Option<(PublicKey, Vec<Instant>)>>,
     pub sessions: AtomicUsize,
-    /// Admissions after the first (nodes coming back), when each was.
-    pub readmitted: Mutex<Vec<Instant>>,
+    /// Nodes admitted again (coming back), each with when it first was:
+    /// a node readmitted twice counts once.
+    pub readmitted: Mutex<HashMap<PublicKey, Instant>>,
     /// Reconnection attempts that failed.
     pub failed: AtomicU64,
     /// Whether nodes coming back offer the digest of the map they hold
@@ -86,7 +87,7 @@ impl Watch {
             .readmitted
             .lock()
             .unwrap()
-            .iter()
+            .values()
             .map(|t| t.saturating_duration_since(since))
             .collect();
         back.sort();
@@ -170,7 +171,12 @@ pub async fn live_on(
             servers.chose(at);
             match node.try_join(&server, join, &watch).await {
                 Ok(s) => {
-                    watch.readmitted.lock().unwrap().push(Instant::now());
+                    watch
+                        .readmitted
+                        .lock()
+                        .unwrap()
+                        .entry(node.key.public_key())
+                        .or_insert_with(Instant::now);
                     reconnect.welcomed();
                     servers.welcomed();
                     session = Some(s);

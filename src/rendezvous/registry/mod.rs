@@ -2302,6 +2302,12 @@ impl Registry {
     }
 
     /// Whether `key` has an admitted connection now.
+    /// The nodes with a session here: what a flush of peer-map changes
+    /// writes to.
+    pub fn members(&self) -> usize {
+        self.online.len()
+    }
+
     pub fn is_online(&self, key: &PublicKey) -> bool {
         self.online.contains_key(key)
     }
