@@ -148,27 +148,31 @@ const PERSIST_EVERY: Duration = Duration::from_secs(1);
 /// joins or reconnects costs each member one write per tick, and a single
 /// change reaches every member at most this much later.
 const DELTA_TICK: Duration = Duration::from_millis(20);
-/// While changes keep coming, flushes are this much apart per member (up
-/// to [`MAX_DELTA_SPACING`]). A flush costs the server about 10 µs per
-/// member (quinn's send and acknowledgment, the connection task's turn):
-/// 50 flushes a second would take 5,000 members' server half its CPU, so
-/// during a burst the writes wait, and carry more changes each. A change
-/// after a quiet moment still goes out [`DELTA_TICK`] after it.
+/// While changes keep coming (the last flush less than [`BUSY`] ago),
+/// changes wait this much per member (up to [`MAX_DELTA_SPACING`]) before
+/// they go out. A flush costs the server about 10 µs per member (quinn's
+/// send and acknowledgment, the connection task's turn): 50 flushes a
+/// second would take 5,000 members' server half its CPU, so during a burst
+/// the writes wait, and carry more changes each. A change after a quiet
+/// moment still goes out [`DELTA_TICK`] after it.
 const DELTA_SPACING_PER_MEMBER: Duration = Duration::from_micros(20);
 const MAX_DELTA_SPACING: Duration = Duration::from_millis(100);
+const BUSY: Duration = Duration::from_secs(1);
 
-/// When changes gathered from `now` on go out: [`DELTA_TICK`] later, and
-/// not sooner after the `last` flush than its members' spacing.
+/// When the changes gathered from `now` on go out, the `last` flush having
+/// gone to `members`.
 fn next_flush(
     now: tokio::time::Instant,
     last: Option<tokio::time::Instant>,
     members: usize,
 ) -> tokio::time::Instant {
+    let busy = last.is_some_and(|last| now.saturating_duration_since(last) < BUSY);
+    if !busy {
+        return now + DELTA_TICK;
+    }
     let per_member =
         DELTA_SPACING_PER_MEMBER.saturating_mul(u32::try_from(members).unwrap_or(u32::MAX));
-    let spacing = per_member.min(MAX_DELTA_SPACING);
-    let soonest = now + DELTA_TICK;
-    last.map_or(soonest, |last| soonest.max(last + spacing))
+    now + per_member.clamp(DELTA_TICK, MAX_DELTA_SPACING)
 }
 
 /// The registry task's part of a scrape.
@@ -1087,22 +1091,22 @@ mod tests {
     fn a_change_after_a_quiet_moment_goes_out_a_tick_later_and_a_burst_waits_its_spacing() {
         let now = tokio::time::Instant::now();
         let ms = Duration::from_millis;
-        // Quiet: the last flush long ago, or none yet.
+        // Quiet: no flush yet, or none for a second.
         assert_eq!(next_flush(now, None, 5000), now + DELTA_TICK);
-        assert_eq!(next_flush(now, Some(now - ms(500)), 5000), now + DELTA_TICK);
-        // A burst: the last flush just went out.
-        let last = now - ms(10);
         assert_eq!(
-            next_flush(now, Some(last), 100),
+            next_flush(now, Some(now - ms(1500)), 5000),
+            now + DELTA_TICK
+        );
+        // Busy: a flush went out a moment ago.
+        let last = Some(now - ms(300));
+        assert_eq!(
+            next_flush(now, last, 100),
             now + DELTA_TICK,
             "2 ms for 100 members"
         );
-        assert_eq!(next_flush(now, Some(last), 2000), last + ms(40));
-        assert_eq!(next_flush(now, Some(last), 5000), last + ms(100));
-        assert_eq!(
-            next_flush(now, Some(last), 10_000_000),
-            last + MAX_DELTA_SPACING
-        );
+        assert_eq!(next_flush(now, last, 2000), now + ms(40));
+        assert_eq!(next_flush(now, last, 5000), now + ms(100));
+        assert_eq!(next_flush(now, last, 10_000_000), now + MAX_DELTA_SPACING);
     }
 
     /// The message a frame for a connection carries.
