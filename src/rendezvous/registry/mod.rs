@@ -2646,29 +2646,18 @@ impl Registry {
         }
     }
 
-    /// What the nodes were told, made from the records the first time:
-    /// every change since was announced, so the records are what was told.
+    /// What the nodes were told (see [`told_of`]).
     fn told(&mut self) -> &Told {
-        let (nodes, routes) = (&self.state.nodes, &self.routes);
-        self.told.get_or_insert_with(|| {
-            let mut told = Told::default();
-            for (key, record) in nodes {
-                told.upsert(&node_entry(key, record, routes));
-            }
-            told
-        })
+        told_of(&mut self.told, &self.state.nodes, &self.routes)
     }
 
     /// Every entry but `key`'s, in key order, as the nodes were told them:
     /// copied, not encoded again.
     fn welcome_peers(&mut self, key: &PublicKey) -> PeerList {
-        self.told();
-        let (Some(told), nodes, routes) = (&self.told, &self.state.nodes, &self.routes) else {
-            return PeerList::default();
-        };
-        let peers: Vec<EncodedEntry> = nodes
-            .iter()
-            .filter(|(k, _)| *k != key)
+        let (nodes, routes) = (&self.state.nodes, &self.routes);
+        let told = told_of(&mut self.told, nodes, routes);
+        let others = || nodes.iter().filter(|(k, _)| *k != key);
+        let peers: Vec<EncodedEntry> = others()
             .filter_map(|(k, record)| {
                 told.get(k)
                     .cloned()
@@ -2676,13 +2665,9 @@ impl Registry {
             })
             .collect();
         debug_assert!(
-            nodes
-                .iter()
-                .filter(|(k, _)| *k != key)
-                .zip(&peers)
-                .all(|((k, record), told)| {
-                    told.decode().as_ref() == Some(&node_entry(k, record, routes))
-                }),
+            others().zip(&peers).all(|((k, record), told)| {
+                told.decode().as_ref() == Some(&node_entry(k, record, routes))
+            }),
             "every change of a record is announced, so what was told is what the records say"
         );
         PeerList::Encoded(peers)
@@ -2785,6 +2770,23 @@ impl Registry {
         }
         self.commands.push_back(cmd);
     }
+}
+
+/// What the nodes were told, made from the records the first time it is
+/// needed: every change since was announced, so the records are what was
+/// told.
+fn told_of<'a>(
+    told: &'a mut Option<Told>,
+    nodes: &BTreeMap<PublicKey, NodeRecord>,
+    routes: &RouteTable,
+) -> &'a Told {
+    told.get_or_insert_with(|| {
+        let mut told = Told::default();
+        for (key, record) in nodes {
+            told.upsert(&node_entry(key, record, routes));
+        }
+        told
+    })
 }
 
 fn node_entry(key: &PublicKey, record: &NodeRecord, routes: &RouteTable) -> NodeEntry {
