@@ -226,8 +226,7 @@ impl EncodedEntry {
     /// `entry`'s JSON. `None` only if it cannot be encoded, which a
     /// `NodeEntry` always can.
     pub fn new(entry: &NodeEntry) -> Option<Self> {
-        let json = serde_json::to_string(entry).ok()?;
-        RawValue::from_string(json)
+        serde_json::value::to_raw_value(entry)
             .ok()
             .map(|raw| Self(Arc::from(raw)))
     }

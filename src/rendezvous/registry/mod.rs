@@ -2301,13 +2301,13 @@ impl Registry {
         &self.counters
     }
 
-    /// Whether `key` has an admitted connection now.
     /// The nodes with a session here: what a flush of peer-map changes
     /// writes to.
     pub fn members(&self) -> usize {
         self.online.len()
     }
 
+    /// Whether `key` has an admitted connection now.
     pub fn is_online(&self, key: &PublicKey) -> bool {
         self.online.contains_key(key)
     }
