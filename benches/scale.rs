@@ -10,8 +10,10 @@
 //!
 //! - joins per second, `--concurrency` admissions in flight, each node
 //!   keeping its session (so every join is a delta to every member);
-//! - the time one change (a further node joining) takes to reach every
-//!   member: from its hello to the last member reading its entry;
+//! - the time one change takes to reach every member: a further node
+//!   joining (from its hello to its welcome, and to the last member reading
+//!   its entry), and a member's candidates changing as a roaming node's do
+//!   (from its message to the last other member reading its entry);
 //! - each server's resident memory (now and peak) and CPU time, read from
 //!   /proc; this process's own CPU, since both share the machine;
 //! - with `--restart` (one server on its file store): the server restarted
@@ -43,7 +45,7 @@
     reason = "a benchmark harness: a failed step ends the run with its message"
 )]
 
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -51,6 +53,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use meshd::identity::PublicKey;
+use meshd::wire::control::{Candidate, CandidateKind, NodeMessage};
 #[path = "../tests/common/simnodes.rs"]
 #[allow(dead_code, reason = "the namespace runner is for the lab tests")]
 mod simnodes;
@@ -158,8 +162,8 @@ fn main() {
             }
         }
     }
-    println!("\n| store | nodes | joins/s (all / last 10%) | join p50 / p99 | failed join attempts | one change to every member (3 runs) | deltas read | server RSS now / peak | server CPU joins / idle 10 s | harness CPU |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("\n| store | nodes | joins/s (all / last 10%) | join p50 / p99 | failed join attempts | a further join welcomed (3 runs) | the join read by every member | a member's new candidates read by every other | deltas read | server RSS now / peak | server CPU joins / idle 10 s | harness CPU |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
         println!("{}", row.markdown());
     }
@@ -234,7 +238,11 @@ struct Row {
     join_p99: Duration,
     /// Join attempts that failed (and were retried).
     join_failures: u64,
+    /// A further node's join: welcomed, and read by every member.
+    welcomed: Vec<Duration>,
     reach: Vec<Duration>,
+    /// A member's candidates changing, read by every other member.
+    moved: Vec<Duration>,
     deltas: u64,
     deltas_expected: u64,
     rss: Vec<(u64, u64)>,
@@ -247,14 +255,14 @@ struct Row {
 impl Row {
     fn markdown(&self) -> String {
         let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
-        let reach: Vec<String> = self.reach.iter().map(|d| ms(*d)).collect();
+        let list = |ds: &[Duration]| ds.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ");
         let rss: Vec<String> = self
             .rss
             .iter()
             .map(|(now, peak)| format!("{} / {} MiB", now >> 20, peak >> 20))
             .collect();
         format!(
-            "| {:?} ({} server{}) | {} | {:.0} / {:.0} | {} / {} | {} | {} | {} of {} | {} | {:.1} s / {:.1} s | {:.1} s |",
+            "| {:?} ({} server{}) | {} | {:.0} / {:.0} | {} / {} | {} | {} | {} | {} | {} of {} | {} | {:.1} s / {:.1} s | {:.1} s |",
             self.store,
             self.rss.len(),
             if self.rss.len() == 1 { "" } else { "s" },
@@ -264,7 +272,9 @@ impl Row {
             ms(self.join_p50),
             ms(self.join_p99),
             self.join_failures,
-            reach.join(", "),
+            list(&self.welcomed),
+            list(&self.reach),
+            list(&self.moved),
             self.deltas,
             self.deltas_expected,
             rss.join("; "),
@@ -353,40 +363,52 @@ async fn run(
         .sum();
     let deltas = watch.deltas.load(Ordering::Relaxed);
 
-    // One change reaching every member: a further node joins at the first server.
+    // One change reaching every member: a further node joins at the first
+    // server (admitted, saved, welcomed, then told to every member).
     let mut reach = Vec::new();
+    let mut welcomed = Vec::new();
+    let mut kept = None;
     for p in 0..PROBES {
         let node = Node::new(n + p);
-        *watch.probe.lock().unwrap() = Some((node.key.public_key(), Vec::with_capacity(n)));
-        watch.probing.store(true, Ordering::Relaxed);
-        let sent = Instant::now();
+        let key = node.key.public_key();
+        let sent = arm_probe(&watch, key, n);
         let session = node.join(&mesh.servers[0].public, &mesh.join, &watch).await;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let seen = watch
-                .probe
-                .lock()
-                .unwrap()
-                .as_ref()
-                .map_or(0, |(_, s)| s.len());
-            if seen >= n || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        watch.probing.store(false, Ordering::Relaxed);
-        let (_, seen) = watch.probe.lock().unwrap().take().unwrap();
-        if seen.len() < n {
-            eprintln!(
-                "  probe {p}: only {} of {n} members read it within 60 s",
-                seen.len()
-            );
-        }
-        let last = seen.iter().max().map_or(Duration::MAX, |t| *t - sent);
-        eprintln!("  probe {p}: every member read it {last:.1?} after its hello");
+        welcomed.push(sent.elapsed());
+        let last = probe_reached(&watch, sent, n).await;
+        eprintln!(
+            "  probe {p}: welcomed after {:.1?}, every member read it {last:.1?} after its hello",
+            welcomed[p]
+        );
         reach.push(last);
-        drop(session);
+        // The last one stays, to change its candidates below.
+        if let Some(old) = kept.replace((key, session)) {
+            drop(old);
+        }
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    // A member's candidates change (a roaming node): from its message to
+    // every other member reading its entry. Nothing of it is saved.
+    let mut moved = Vec::new();
+    if let Some((key, (mut session, endpoint))) = kept.take() {
+        for p in 0..PROBES {
+            let candidate = Candidate {
+                addr: SocketAddr::from(([198, 51, 100, 7], 40_000 + p as u16)),
+                kind: CandidateKind::Observed,
+                mapped: None,
+            };
+            let sent = arm_probe(&watch, key, n);
+            session
+                .send(&NodeMessage::Candidates {
+                    candidates: vec![candidate],
+                })
+                .await
+                .unwrap();
+            let last = probe_reached(&watch, sent, n).await;
+            eprintln!("  move {p}: every member read it {last:.1?} after it was sent");
+            moved.push(last);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        drop((session, endpoint));
     }
 
     // What keeping the sessions costs.
@@ -430,7 +452,9 @@ async fn run(
             .copied()
             .unwrap_or_default(),
         join_failures,
+        welcomed,
         reach,
+        moved,
         deltas,
         deltas_expected: expected,
         rss,
@@ -439,6 +463,40 @@ async fn run(
         harness_cpu,
         restarts: measured,
     }
+}
+
+/// Starts timing the arrival of `key`'s entry at `members` members.
+fn arm_probe(watch: &Watch, key: PublicKey, members: usize) -> Instant {
+    *watch.probe.lock().unwrap() = Some((key, Vec::with_capacity(members)));
+    watch.probing.store(true, Ordering::Relaxed);
+    Instant::now()
+}
+
+/// Waits (60 s at most) for `members` members to read the probed entry;
+/// how long after `sent` the last of them did.
+async fn probe_reached(watch: &Watch, sent: Instant, members: usize) -> Duration {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = watch
+            .probe
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |(_, s)| s.len());
+        if seen >= members || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    watch.probing.store(false, Ordering::Relaxed);
+    let (_, seen) = watch.probe.lock().unwrap().take().unwrap();
+    if seen.len() < members {
+        eprintln!(
+            "  only {} of {members} members read it within 60 s",
+            seen.len()
+        );
+    }
+    seen.iter().max().map_or(Duration::MAX, |t| *t - sent)
 }
 
 /// SIGTERM to the (only) server while its `n` nodes are connected, a new

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod admission;
 pub mod client;
+pub mod held;
 pub mod limits;
 pub mod links;
 pub mod metrics;

@@ -270,18 +270,22 @@ impl StoreWriter {
     /// Writes `state` and returns once it is durable (or the write failed,
     /// which is logged).
     pub async fn save_durable(&self, state: Arc<RegistryState>) {
+        let _ = self.queue_durable(state).await.await;
+    }
+
+    /// Queues `state` to be written; what it returns is told once the
+    /// state (or a later one) is durable or the write failed (which is
+    /// logged), or is dropped if the writer is gone.
+    pub async fn queue_durable(&self, state: Arc<RegistryState>) -> oneshot::Receiver<()> {
         let (done, written) = oneshot::channel();
-        if self
+        let _ = self
             .jobs
             .send(Job {
                 state,
                 done: Some(done),
             })
-            .await
-            .is_ok()
-        {
-            let _ = written.await;
-        }
+            .await;
+        written
     }
 
     /// Saves that succeeded so far.

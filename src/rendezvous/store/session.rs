@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::etcd::{EtcdConfig, EtcdError, EtcdStore, WatchItem};
@@ -119,18 +119,27 @@ impl StoreSession {
         }
     }
 
-    /// Makes what was committed durable before anyone hears of it: the
-    /// file of a single server is saved (etcd's commits are durable as
-    /// they are answered).
-    pub async fn settle(&mut self, state: &RegistryState) {
-        if let StoreSession::Local {
+    /// Whether something committed is not durable yet: the file of a
+    /// single server is saved after its commits (etcd's commits are
+    /// durable as they are answered).
+    pub fn unsaved(&self) -> bool {
+        matches!(self, StoreSession::Local { unsaved: true, .. })
+    }
+
+    /// Starts saving `state`, with every commit so far, if one is not
+    /// durable yet; what it returns is told once they are (or the save
+    /// failed, which is logged). `None` if nothing waits to be saved.
+    pub async fn start_save(&mut self, state: &RegistryState) -> Option<oneshot::Receiver<()>> {
+        let StoreSession::Local {
             writer, unsaved, ..
         } = self
-        {
-            if std::mem::take(unsaved) {
-                writer.save_durable(Arc::new(state.clone())).await;
-            }
+        else {
+            return None;
+        };
+        if !std::mem::take(unsaved) {
+            return None;
         }
+        Some(writer.queue_durable(Arc::new(state.clone())).await)
     }
 
     /// Writes to the store so far (file saves, or etcd commits).
