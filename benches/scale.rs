@@ -392,8 +392,8 @@ async fn run(
     if let Some((key, (mut session, endpoint))) = kept.take() {
         for p in 0..PROBES {
             let candidate = Candidate {
-                addr: SocketAddr::from(([198, 51, 100, 7], 40_000 + p as u16)),
-                kind: CandidateKind::Observed,
+                addr: SocketAddr::from(([10, 99, 0, 7], 40_000 + p as u16)),
+                kind: CandidateKind::Local,
                 mapped: None,
             };
             let sent = arm_probe(&watch, key, n);

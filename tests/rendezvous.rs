@@ -25,7 +25,9 @@ use meshd::rendezvous::admission;
 use meshd::rendezvous::client::{self, ClientError, Session, Update};
 use meshd::rendezvous::stream::read_frame;
 use meshd::rendezvous::tls::CertHash;
-use meshd::wire::control::{MeshInfo, NodeEntry, RejectReason, ServerMessage, MAX_FRAME};
+use meshd::wire::control::{
+    CandidateKind, MeshInfo, NodeEntry, RejectReason, ServerMessage, MAX_FRAME,
+};
 use quic::{hello, welcomed, within_deadline, Mesh, Node, RawConnection, HOUR};
 
 // ---------------------------------------------------------------------------
@@ -410,6 +412,48 @@ async fn peers_hear_of_joins_and_removals() {
             nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
             ["node-a"]
         );
+        rendezvous.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_connection_moves_is_announced_at_its_new_address() {
+    within_deadline(async {
+        let mesh = Mesh::init();
+        let token = mesh.token(HOUR, None);
+        let rendezvous = mesh.serve().await;
+        let (a, b) = (Node::new("node-a"), Node::new("node-b"));
+        let (mut a_session, _) = a.join(&rendezvous, Some(&token)).await.expect("A joins");
+        let (_b_session, b_welcome) = b.join(&rendezvous, Some(&token)).await.expect("B joins");
+        assert_eq!(
+            next_update(&mut a_session).await,
+            Update::Upsert(b_welcome.node.clone()),
+            "A hears of B"
+        );
+
+        // B's router hands it a new port: its QUIC session goes on from a
+        // new socket (its keepalive is the first packet from there).
+        let moved = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let new_at = moved.local_addr().unwrap();
+        b.endpoint.rebind(moved).unwrap();
+
+        loop {
+            match next_update(&mut a_session).await {
+                Update::Upsert(entry) if entry.public_key == b.public_key() => {
+                    let observed: Vec<_> = entry
+                        .candidates
+                        .iter()
+                        .filter(|c| c.kind == CandidateKind::Observed)
+                        .map(|c| c.addr)
+                        .collect();
+                    if observed == [new_at] {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
         rendezvous.stop().await;
     })
     .await;

@@ -13,6 +13,7 @@ pub mod held;
 pub mod limits;
 pub mod links;
 pub mod metrics;
+pub mod moves;
 pub mod paths;
 pub mod pending;
 pub mod reflector;

@@ -27,6 +27,7 @@ use super::admission;
 use super::held::Held;
 use super::links::{self, LinkContext, LinkEvent, Links};
 use super::metrics::{self, RendezvousMetrics};
+use super::moves::Moves;
 use super::pending::{AdmissionCounts, Decision, Limits, Pending, Source};
 use super::registry::{
     CloseReason, Command, ConnId, Counters, Delta, DeltaMember, IncomingHello,
@@ -365,6 +366,9 @@ impl Server {
                 }
             }
         }));
+        // Where admitted nodes' connections are, looked at once a second.
+        let moves = Moves::default();
+        let watch_moves = tokio::spawn(watch_moves(moves.clone(), to_registry.clone()));
         let mut pending = Pending::new(Limits::default());
         let (counts_tx, counts) = watch::channel(pending.counts());
         let metrics = metrics.map(|server| {
@@ -419,11 +423,12 @@ impl Server {
             next_conn += 1;
             let conn = ConnId(next_conn);
             let to_registry = to_registry.clone();
-            let (relay, link_ctx) = (relay.clone(), link_ctx.clone());
+            let (relay, link_ctx, moves) = (relay.clone(), link_ctx.clone(), moves.clone());
             let span = tracing::debug_span!("conn", id = conn.0, remote = %canonical(incoming.remote_address()));
             tokio::spawn(
                 async move {
-                    connection_task(incoming, conn, to_registry, relay, permit, link_ctx).await
+                    connection_task(incoming, conn, to_registry, relay, permit, link_ctx, moves)
+                        .await
                 }
                 .instrument(span),
             );
@@ -458,6 +463,8 @@ impl Server {
             reflector.abort();
             let _ = reflector.await;
         }
+        watch_moves.abort();
+        let _ = watch_moves.await;
         drop(to_registry);
         let _ = registry.await;
         // The links' context holds a handle on the relay too.
@@ -468,6 +475,25 @@ impl Server {
         // that never acknowledges them must not hold the exit up.
         let _ = tokio::time::timeout(SHUTDOWN_DRAIN, endpoint.wait_idle()).await;
         Ok(())
+    }
+}
+
+/// Tells the registry, every [`PATH_CHECK_EVERY`], of the nodes whose
+/// connection quinn moved to a new address.
+async fn watch_moves(moves: Moves, to_registry: mpsc::Sender<ToRegistry>) {
+    let mut tick = tokio::time::interval(PATH_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for (conn, observed) in moves.moved() {
+            if to_registry
+                .send(ToRegistry::Migrated { conn, observed })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
     }
 }
 
@@ -934,6 +960,7 @@ async fn connection_task(
     relay: Relay,
     permit: PendingSlot,
     link_ctx: Arc<LinkContext>,
+    moves: Moves,
 ) {
     let remote = canonical(incoming.remote_address());
     // What nodes prove their keys against, and the mesh: the links' too.
@@ -1019,9 +1046,7 @@ async fn connection_task(
     let mut inlet: Option<Inlet> = None;
     // Where the node is: quinn moves the connection when the node's
     // packets come from a new address (and the new path answers).
-    let mut observed = remote;
-    let mut path_check = tokio::time::interval(PATH_CHECK_EVERY);
-    path_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watching = None;
     loop {
         tokio::select! {
             out = outbox.recv() => match out {
@@ -1033,6 +1058,7 @@ async fn connection_task(
                     if let Some(id) = NodeId::of_overlay(ipv4) {
                         inlet = Some(relay.connect(id, conn, connection.clone()));
                     }
+                    watching = Some(moves.watch(conn, connection.clone(), remote));
                 }
                 Some(ConnOut::Frame(frame)) => {
                     // Handed to quinn as it is, not copied: one delta is
@@ -1111,19 +1137,11 @@ async fn connection_task(
                 (Ok(_), None) => {}
                 (Err(_), _) => break,
             },
-            _ = path_check.tick(), if admitted => {
-                let now_at = canonical(connection.remote_address());
-                if now_at != observed {
-                    observed = now_at;
-                    if to_registry.send(ToRegistry::Migrated { conn, observed }).await.is_err() {
-                        break;
-                    }
-                }
-            }
         }
     }
     // Disconnects it from the relay.
     drop(inlet);
+    drop(watching);
     drop(permit);
     connection.close(0u32.into(), b"bye");
     let _ = to_registry.send(ToRegistry::Disconnected { conn }).await;
