@@ -162,7 +162,7 @@ fn main() {
             }
         }
     }
-    println!("\n| store | nodes | joins/s (all / last 10%) | join p50 / p99 | failed join attempts | a further join welcomed (3 runs) | the join read by every member | a member's new candidates read by every other | deltas read | server RSS now / peak | server CPU joins / idle 10 s | harness CPU |");
+    println!("\n| store | nodes | joins/s (all / last 10%) | join p50 / p99 | failed join attempts | a further join welcomed (3 runs) | the join read by every member | a member's new candidates read by every other (server / harness CPU meanwhile) | deltas read | server RSS now / peak | server CPU joins / idle 10 s | harness CPU |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
         println!("{}", row.markdown());
@@ -241,8 +241,9 @@ struct Row {
     /// A further node's join: welcomed, and read by every member.
     welcomed: Vec<Duration>,
     reach: Vec<Duration>,
-    /// A member's candidates changing, read by every other member.
-    moved: Vec<Duration>,
+    /// A member's candidates changing, read by every other member; the
+    /// server's and the harness's CPU seconds meanwhile.
+    moved: Vec<(Duration, (f64, f64))>,
     deltas: u64,
     deltas_expected: u64,
     rss: Vec<(u64, u64)>,
@@ -274,7 +275,16 @@ impl Row {
             self.join_failures,
             list(&self.welcomed),
             list(&self.reach),
-            list(&self.moved),
+            self.moved
+                .iter()
+                .map(|(d, (server, harness))| format!(
+                    "{} ({:.2} s / {:.2} s CPU)",
+                    ms(*d),
+                    server,
+                    harness
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
             self.deltas,
             self.deltas_expected,
             rss.join("; "),
@@ -396,6 +406,8 @@ async fn run(
                 kind: CandidateKind::Local,
                 mapped: None,
             };
+            let server_before = cpu_seconds(mesh.servers[0].pid());
+            let harness_before = cpu_seconds(std::process::id());
             let sent = arm_probe(&watch, key, n);
             session
                 .send(&NodeMessage::Candidates {
@@ -404,8 +416,16 @@ async fn run(
                 .await
                 .unwrap();
             let last = probe_reached(&watch, sent, n).await;
-            eprintln!("  move {p}: every member read it {last:.1?} after it was sent");
-            moved.push(last);
+            // The CPU both spent meanwhile (the sessions' keepalives too).
+            let cpu = (
+                cpu_seconds(mesh.servers[0].pid()) - server_before,
+                cpu_seconds(std::process::id()) - harness_before,
+            );
+            eprintln!(
+                "  move {p}: every member read it {last:.1?} after it was sent; CPU meanwhile: server {:.2} s, harness {:.2} s",
+                cpu.0, cpu.1
+            );
+            moved.push((last, cpu));
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
         drop((session, endpoint));

@@ -1036,77 +1036,120 @@ async fn connection_task(
     if hello_sent.is_err() {
         return;
     }
-    // The admission slot is held until the registry has decided.
-    let mut permit = Some(permit);
-    // Reading the node's messages and relaying start once the registry
-    // admitted the node ([`ConnOut::Admitted`]). Until then its frames,
-    // datagrams and streams stay unread (quinn bounds them), and a
-    // connection that is never admitted never reaches the relay.
-    let mut admitted = false;
-    let mut inlet: Option<Inlet> = None;
-    // Where the node is: quinn moves the connection when the node's
-    // packets come from a new address (and the new path answers).
-    let mut watching = None;
+    // Until the registry has decided, the node holds its admission slot and
+    // only what the registry says is read: its frames, datagrams and
+    // streams stay unread (quinn bounds them), and a connection that is
+    // never admitted never reaches the relay.
+    let admitted = admission(&mut outbox, &mut send, &connection).await;
+    drop(permit);
+    if let Some(ipv4) = admitted {
+        frames.set_limit(MAX_NODE_FRAME);
+        // The overlay address is the node's relay id.
+        let inlet = NodeId::of_overlay(ipv4).map(|id| relay.connect(id, conn, connection.clone()));
+        // Where the node is: quinn moves the connection when the node's
+        // packets come from a new address (and the new path answers).
+        let _watching = moves.watch(conn, connection.clone(), remote);
+        // What the registry sends goes out from a task of its own, so a
+        // peer-map change wakes nothing here, and what the node sends
+        // wakes nothing there.
+        tokio::spawn(write_out(send, outbox, connection.clone()).in_current_span());
+        // Disconnects it from the relay when done.
+        read_node(conn, &connection, frames, inlet, &to_registry).await;
+    }
+    connection.close(0u32.into(), b"bye");
+    let _ = to_registry.send(ToRegistry::Disconnected { conn }).await;
+}
+
+/// What the registry says to a node it has not decided on yet, up to its
+/// admission (the overlay address); `None` if it was turned away, or the
+/// connection is gone.
+async fn admission(
+    outbox: &mut mpsc::Receiver<ConnOut>,
+    send: &mut quinn::SendStream,
+    connection: &quinn::Connection,
+) -> Option<std::net::Ipv4Addr> {
+    loop {
+        match outbox.recv().await? {
+            ConnOut::Admitted { ipv4 } => return Some(ipv4),
+            out => {
+                if !deliver(send, connection, out).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Writes what the registry sends an admitted node, in order, until the
+/// registry closes the session or lets go of it (the node does not keep
+/// up, or left); the connection is closed then, which ends its reading.
+async fn write_out(
+    mut send: quinn::SendStream,
+    mut outbox: mpsc::Receiver<ConnOut>,
+    connection: quinn::Connection,
+) {
+    while let Some(out) = outbox.recv().await {
+        if !deliver(&mut send, &connection, out).await {
+            return;
+        }
+    }
+    connection.close(0u32.into(), b"bye");
+}
+
+/// One thing the registry sends a node; whether the session goes on.
+async fn deliver(
+    send: &mut quinn::SendStream,
+    connection: &quinn::Connection,
+    out: ConnOut,
+) -> bool {
+    match out {
+        // Handed to quinn as it is, not copied: one delta is the same
+        // buffer for every member.
+        ConnOut::Frame(frame) => send.write_chunk(frame).await.is_ok(),
+        ConnOut::Close(reason) => {
+            // A rejection's message is in the stream: give the node a
+            // moment to read it, then the close code. A server going away
+            // has nothing more to say.
+            if reason != CloseReason::GoingAway {
+                finish(send).await;
+            }
+            connection.close(reason.code().into(), reason.to_string().as_bytes());
+            false
+        }
+        // Told once, before anything else.
+        ConnOut::Admitted { .. } => true,
+    }
+}
+
+/// Reads what an admitted node sends, until it leaves or its connection
+/// is closed: its messages to the registry, its relay datagrams and
+/// streams (with `inlet`) to the relay.
+async fn read_node(
+    conn: ConnId,
+    connection: &quinn::Connection,
+    mut frames: FrameReader,
+    mut inlet: Option<Inlet>,
+    to_registry: &mpsc::Sender<ToRegistry>,
+) {
     loop {
         tokio::select! {
-            out = outbox.recv() => match out {
-                Some(ConnOut::Admitted { ipv4 }) => {
-                    admitted = true;
-                    permit = None;
-                    frames.set_limit(MAX_NODE_FRAME);
-                    // The overlay address is the node's relay id.
-                    if let Some(id) = NodeId::of_overlay(ipv4) {
-                        inlet = Some(relay.connect(id, conn, connection.clone()));
-                    }
-                    watching = Some(moves.watch(conn, connection.clone(), remote));
-                }
-                Some(ConnOut::Frame(frame)) => {
-                    // Handed to quinn as it is, not copied: one delta is
-                    // the same buffer for every member.
-                    if send.write_chunk(frame).await.is_err() {
-                        break;
-                    }
-                }
-                Some(ConnOut::Close(reason)) => {
-                    // A rejection's message is in the stream: give the
-                    // node a moment to read it, then the close code. A
-                    // server going away has nothing more to say.
-                    if reason != CloseReason::GoingAway {
-                        finish(&mut send).await;
-                    }
-                    connection.close(reason.code().into(), reason.to_string().as_bytes());
-                    break;
-                }
-                None => break,
-            },
             // Cancel-safe: a frame half read when another branch wins stays
             // in `frames` for the next turn of the loop.
-            frame = frames.next::<NodeMessage>(), if admitted => match frame {
-                Ok(NodeMessage::Nat { mapping }) => {
-                    if to_registry.send(ToRegistry::Nat { conn, mapping }).await.is_err() {
-                        break;
+            frame = frames.next::<NodeMessage>() => {
+                let input = match frame {
+                    Ok(NodeMessage::Nat { mapping }) => ToRegistry::Nat { conn, mapping },
+                    Ok(NodeMessage::Candidates { candidates }) => ToRegistry::Candidates { conn, candidates },
+                    Ok(NodeMessage::Punch { peer }) => ToRegistry::Punch { conn, peer },
+                    Ok(NodeMessage::Paths { peers }) => ToRegistry::Paths { conn, peers },
+                    Err(e) => {
+                        tracing::debug!(error = %Untrusted(&e.to_string()), "node left");
+                        return;
                     }
+                };
+                if to_registry.send(input).await.is_err() {
+                    return;
                 }
-                Ok(NodeMessage::Candidates { candidates }) => {
-                    if to_registry.send(ToRegistry::Candidates { conn, candidates }).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(NodeMessage::Punch { peer }) => {
-                    if to_registry.send(ToRegistry::Punch { conn, peer }).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(NodeMessage::Paths { peers }) => {
-                    if to_registry.send(ToRegistry::Paths { conn, peers }).await.is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %Untrusted(&e.to_string()), "node left");
-                    break;
-                }
-            },
+            }
             datagram = connection.read_datagram(), if inlet.is_some() => match (datagram, inlet.as_mut()) {
                 (Ok(frame), Some(inlet)) => {
                     // Dropped if this connection's share of the relay queue
@@ -1119,7 +1162,7 @@ async fn connection_task(
                     tokio::task::consume_budget().await;
                 }
                 (Ok(_), None) => {}
-                (Err(_), _) => break,
+                (Err(_), _) => return,
             },
             stream = connection.accept_uni(), if inlet.is_some() => match (stream, inlet.as_ref()) {
                 (Ok(mut stream), Some(inlet)) => {
@@ -1135,16 +1178,10 @@ async fn connection_task(
                     });
                 }
                 (Ok(_), None) => {}
-                (Err(_), _) => break,
+                (Err(_), _) => return,
             },
         }
     }
-    // Disconnects it from the relay.
-    drop(inlet);
-    drop(watching);
-    drop(permit);
-    connection.close(0u32.into(), b"bye");
-    let _ = to_registry.send(ToRegistry::Disconnected { conn }).await;
 }
 
 /// Tells the registry task of a hello frame refused here, for its counters.
