@@ -1267,6 +1267,132 @@ mod tests {
         }
     }
 
+    /// A store whose every save waits until the test lets it through,
+    /// and says when one has started.
+    #[derive(Clone)]
+    struct GatedStore {
+        inner: CountingStore,
+        started: std::sync::mpsc::Sender<()>,
+        open: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+    }
+
+    impl Store for GatedStore {
+        fn load(&self) -> Result<Option<RegistryState>, StoreError> {
+            self.inner.load()
+        }
+
+        fn save(&mut self, state: &RegistryState) -> Result<(), StoreError> {
+            let _ = self.started.send(());
+            let _ = self.open.lock().unwrap().recv();
+            self.inner.save(state)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_is_told_before_its_save_and_joins_decided_meanwhile_share_the_next() {
+        let mesh = MeshInfo {
+            id: "test-mesh".into(),
+            ipv4: "100.72.0.0/16".parse().unwrap(),
+            ipv6: crate::ipam::ula_prefix([1, 2, 3, 4, 5]),
+        };
+        let mut registry = Registry::new(RegistryState::new(mesh), server_key());
+        let token = registry
+            .create_token([7; 32], "group".into(), 3600, None, now_unix())
+            .unwrap()
+            .expose()
+            .to_owned();
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (open, gate) = std::sync::mpsc::channel();
+        let inner = CountingStore::default();
+        let store = GatedStore {
+            inner: inner.clone(),
+            started: started_tx,
+            open: Arc::new(Mutex::new(gate)),
+        };
+        let started = Arc::new(Mutex::new(started));
+        let wait_started = move || {
+            let started = started.clone();
+            tokio::task::spawn_blocking(move || {
+                started
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(10))
+                    .expect("a save starts")
+            })
+        };
+        let (to_registry, inbox) = mpsc::channel(64);
+        let session = StoreSession::local(store, registry.state());
+        let hour = Duration::from_secs(3600);
+        let task = tokio::spawn(registry_task(registry, session, inbox, hour, shell()));
+        // The token's save, queued by the registry on its own.
+        wait_started().await.unwrap();
+        open.send(()).unwrap();
+
+        let join = |n: u8| {
+            let (out, outbox) = mpsc::channel(CONN_QUEUE);
+            let observed = SocketAddr::from(([198, 51, 100, n], 40000));
+            let hello = ToRegistry::Hello {
+                conn: ConnId(n.into()),
+                hello: hello(n, &token, observed),
+                out,
+            };
+            (hello, outbox)
+        };
+        // Node 1's join is saved: nothing reaches it meanwhile.
+        let (hello_1, mut out_1) = join(1);
+        to_registry.send(hello_1).await.unwrap();
+        wait_started().await.unwrap();
+        // Nodes 2 and 3 are decided while node 1's save is being written.
+        let (hello_2, mut out_2) = join(2);
+        let (hello_3, mut out_3) = join(3);
+        to_registry.send(hello_2).await.unwrap();
+        to_registry.send(hello_3).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for out in [&mut out_1, &mut out_2, &mut out_3] {
+            assert!(out.try_recv().is_err(), "told before its save");
+        }
+        assert_eq!(
+            inner.saves.load(Ordering::SeqCst),
+            1,
+            "only the token's save"
+        );
+
+        // Node 1's save done: node 1 is admitted and welcomed, 2 and 3
+        // still wait, for one save that holds both.
+        open.send(()).unwrap();
+        assert!(matches!(out_1.recv().await, Some(ConnOut::Admitted { .. })));
+        assert!(matches!(
+            out_1.recv().await,
+            Some(ConnOut::Frame(f)) if matches!(message(&f), ServerMessage::Welcome { .. })
+        ));
+        wait_started().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(out_2.try_recv().is_err(), "node 2 told before its save");
+        assert!(out_3.try_recv().is_err(), "node 3 told before its save");
+        let saved = inner.last.lock().unwrap().clone().unwrap();
+        assert_eq!(saved.nodes.len(), 1, "node 1 on disk");
+
+        open.send(()).unwrap();
+        for out in [&mut out_2, &mut out_3] {
+            assert!(matches!(out.recv().await, Some(ConnOut::Admitted { .. })));
+            assert!(matches!(
+                out.recv().await,
+                Some(ConnOut::Frame(f)) if matches!(message(&f), ServerMessage::Welcome { .. })
+            ));
+        }
+        let saved = inner.last.lock().unwrap().clone().unwrap();
+        assert_eq!(saved.nodes.len(), 3, "nodes 2 and 3 on disk, in one save");
+        assert_eq!(inner.saves.load(Ordering::SeqCst), 3);
+
+        // Nothing durable is left unsaved: the task ends without a save.
+        drop(to_registry);
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the registry task ends")
+            .unwrap();
+        assert_eq!(inner.saves.load(Ordering::SeqCst), 3);
+    }
+
     const EXPORTER: [u8; 32] = [0x5a; 32];
 
     /// A registry task's shell with no other server to link to.
