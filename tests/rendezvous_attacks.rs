@@ -3,7 +3,7 @@
 //! control frame split across packets while other events fire, one source
 //! holding hundreds of pending admissions, many sources past the Retry
 //! threshold, a hello that repeats a key, idle connections to the metrics
-//! endpoint. No root needed.
+//! endpoint, a member that never reads its control stream. No root needed.
 //!
 //! Attackers bind 127.0.0.2 and up, members 127.0.0.1, so the rendezvous
 //! sees them as different sources (all of 127.0.0.0/8 is loopback on
@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshd::identity::PrivateKey;
+use meshd::rendezvous::admin::{AdminRequest, AdminResponse};
 use meshd::rendezvous::admission;
 use meshd::rendezvous::client::{self, Channels, ClientConfig, RelayLink, Update};
 use meshd::rendezvous::stream::{read_frame, write_frame};
@@ -714,6 +715,92 @@ async fn a_connection_that_claims_to_be_another_server_without_its_key_is_refuse
         }
         let nothing = tokio::time::timeout(Duration::from_millis(500), victim.receive()).await;
         assert!(nothing.is_err(), "no forged frame reached the victim");
+        rendezvous.stop().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// A member that reads nothing (issue 19)
+// ---------------------------------------------------------------------------
+
+/// A member with a token that never reads its control stream, behind a
+/// receive window smaller than its welcome: the server's write to it waits
+/// for ever. Once the operator removes it, the server cuts it off (before,
+/// the waiting write held the session, and the removed node stayed
+/// connected for as long as it liked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_reads_nothing_is_cut_off_once_removed() {
+    within_deadline(async {
+        let mesh = Mesh::init();
+        let token = mesh.token(HOUR, None);
+        let rendezvous = mesh.serve().await;
+        // Peers, so that the welcome is larger than the window.
+        let mut peers = Vec::new();
+        for i in 0..6 {
+            let node = Node::new(&format!("peer-{i}"));
+            let (session, _) = node.join(&rendezvous, Some(&token)).await.expect("joins");
+            peers.push((node, session));
+        }
+
+        let silent = Node::new("silent");
+        let mut config = tls::client_config(rendezvous.pin).unwrap();
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .stream_receive_window(512u32.into())
+            .receive_window(4096u32.into())
+            .keep_alive_interval(Some(Duration::from_secs(1)))
+            .max_idle_timeout(Some(Duration::from_secs(30).try_into().unwrap()));
+        config.transport_config(Arc::new(transport));
+        let connection = silent
+            .endpoint
+            .connect_with(config, rendezvous.addr, tls::SERVER_NAME)
+            .unwrap()
+            .await
+            .expect("the QUIC handshake");
+        let (mut send, mut recv) = connection.accept_bi().await.unwrap();
+        let server_hello: ServerHello = read_frame(&mut recv, MAX_FRAME_UNADMITTED)
+            .await
+            .expect("the server's hello");
+        let mut exporter = [0u8; 32];
+        connection
+            .export_keying_material(&mut exporter, admission::EXPORTER_LABEL, &[])
+            .unwrap();
+        let proof = admission::proof(&silent.key, &server_hello.server_key, &exporter);
+        write_frame(
+            &mut send,
+            &quic::hello(silent.public_key(), proof, Some(&token)),
+        )
+        .await
+        .unwrap();
+        let silent_key = silent.public_key().to_string();
+        // Admitted (its welcome waits on its window), and never read.
+        loop {
+            let nodes = rendezvous.nodes().await;
+            if nodes.iter().any(|n| n.public_key == silent_key && n.online) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        match rendezvous
+            .admin(AdminRequest::RemoveNode {
+                node: silent.public_key().to_string(),
+                release: false,
+            })
+            .await
+        {
+            AdminResponse::Done { .. } => {}
+            other => panic!("removing the silent member: {other:?}"),
+        }
+        tokio::time::timeout(Duration::from_secs(10), connection.closed())
+            .await
+            .expect("the server cuts the removed member off");
+        // The others are still served.
+        let late = Node::new("late");
+        late.join(&rendezvous, Some(&token))
+            .await
+            .expect("a node joins after it");
         rendezvous.stop().await;
     })
     .await;

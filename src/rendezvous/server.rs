@@ -58,6 +58,9 @@ const ADMISSION_DEADLINE: Duration = Duration::from_secs(10);
 const HELLO_DEADLINE: Duration = Duration::from_secs(4);
 /// Messages queued for one node before it counts as stuck and is dropped.
 const CONN_QUEUE: usize = 1024;
+/// How often a write that waits on a node reading nothing checks whether
+/// the registry has let go of the node.
+const STALLED_CHECK: Duration = Duration::from_secs(1);
 /// What a node may send once admitted: candidate lists.
 const MAX_NODE_FRAME: usize = 64 << 10;
 /// How often a node's connection is checked for a new address (quinn
@@ -1082,15 +1085,36 @@ async fn admission(
 
 /// Writes what the registry sends an admitted node, in order, until the
 /// registry closes the session or lets go of it (the node does not keep
-/// up, or left); the connection is closed then, which ends its reading.
+/// up, was removed, or left); the connection is closed then, which ends
+/// its reading. A node that reads nothing keeps a write waiting for ever
+/// (quinn's flow control): such a write gives up once the registry has let
+/// go of the node, so a member cannot keep a session the server closed.
 async fn write_out(
     mut send: quinn::SendStream,
     mut outbox: mpsc::Receiver<ConnOut>,
     connection: quinn::Connection,
 ) {
     while let Some(out) = outbox.recv().await {
-        if !deliver(&mut send, &connection, out).await {
-            return;
+        let delivery = deliver(&mut send, &connection, out);
+        tokio::pin!(delivery);
+        let delivered = loop {
+            tokio::select! {
+                biased;
+                delivered = &mut delivery => break Some(delivered),
+                () = tokio::time::sleep(STALLED_CHECK) => {
+                    if outbox.is_closed() {
+                        break None;
+                    }
+                }
+            }
+        };
+        match delivered {
+            Some(true) => {}
+            Some(false) => return,
+            None => {
+                tracing::debug!("the node reads nothing and its session is over; cutting it off");
+                break;
+            }
         }
     }
     connection.close(0u32.into(), b"bye");
