@@ -752,27 +752,10 @@ async fn a_member_that_reads_nothing_is_cut_off_once_removed() {
             .keep_alive_interval(Some(Duration::from_secs(1)))
             .max_idle_timeout(Some(Duration::from_secs(30).try_into().unwrap()));
         config.transport_config(Arc::new(transport));
-        let connection = silent
-            .endpoint
-            .connect_with(config, rendezvous.addr, tls::SERVER_NAME)
-            .unwrap()
-            .await
-            .expect("the QUIC handshake");
-        let (mut send, mut recv) = connection.accept_bi().await.unwrap();
-        let server_hello: ServerHello = read_frame(&mut recv, MAX_FRAME_UNADMITTED)
-            .await
-            .expect("the server's hello");
-        let mut exporter = [0u8; 32];
-        connection
-            .export_keying_material(&mut exporter, admission::EXPORTER_LABEL, &[])
-            .unwrap();
-        let proof = admission::proof(&silent.key, &server_hello.server_key, &exporter);
-        write_frame(
-            &mut send,
-            &quic::hello(silent.public_key(), proof, Some(&token)),
-        )
-        .await
-        .unwrap();
+        let mut raw = RawConnection::open_with(&silent.endpoint, &rendezvous, config).await;
+        let proof = admission::proof(&silent.key, &raw.server_hello.server_key, &raw.exporter);
+        raw.send_hello(&quic::hello(silent.public_key(), proof, Some(&token)))
+            .await;
         let silent_key = silent.public_key().to_string();
         // Admitted (its welcome waits on its window), and never read.
         loop {
@@ -793,7 +776,7 @@ async fn a_member_that_reads_nothing_is_cut_off_once_removed() {
             AdminResponse::Done { .. } => {}
             other => panic!("removing the silent member: {other:?}"),
         }
-        tokio::time::timeout(Duration::from_secs(10), connection.closed())
+        tokio::time::timeout(Duration::from_secs(10), raw.connection.closed())
             .await
             .expect("the server cuts the removed member off");
         // The others are still served.

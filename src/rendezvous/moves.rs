@@ -50,15 +50,6 @@ impl Moves {
         moved
     }
 
-    /// Connections watched.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, Watched>> {
         // The map stays whole whatever panicked while holding it.
         self.watched.lock().unwrap_or_else(PoisonError::into_inner)

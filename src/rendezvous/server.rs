@@ -945,8 +945,8 @@ impl Effects {
         }
     }
 
-    /// A node whose queue is full: dropping its sender ends the
-    /// connection task.
+    /// A node whose queue is full: dropping its sender ends its writer
+    /// (`write_out`), which closes the connection.
     fn disconnect_stuck(&mut self, conn: ConnId) {
         tracing::warn!(
             ?conn,
@@ -1352,23 +1352,13 @@ mod tests {
         wait_started().await.unwrap();
         open.send(()).unwrap();
 
-        let join = |n: u8| {
-            let (out, outbox) = mpsc::channel(CONN_QUEUE);
-            let observed = SocketAddr::from(([198, 51, 100, n], 40000));
-            let hello = ToRegistry::Hello {
-                conn: ConnId(n.into()),
-                hello: hello(n, &token, observed),
-                out,
-            };
-            (hello, outbox)
-        };
         // Node 1's join is saved: nothing reaches it meanwhile.
-        let (hello_1, mut out_1) = join(1);
+        let (hello_1, mut out_1) = arrives(1, &token);
         to_registry.send(hello_1).await.unwrap();
         wait_started().await.unwrap();
         // Nodes 2 and 3 are decided while node 1's save is being written.
-        let (hello_2, mut out_2) = join(2);
-        let (hello_3, mut out_3) = join(3);
+        let (hello_2, mut out_2) = arrives(2, &token);
+        let (hello_3, mut out_3) = arrives(3, &token);
         to_registry.send(hello_2).await.unwrap();
         to_registry.send(hello_3).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1446,6 +1436,19 @@ mod tests {
         PrivateKey::from_bytes([0xa5; 32])
     }
 
+    /// Node `n` arriving with `token` from 198.51.100.`n` on connection
+    /// `n`: its hello for the registry task, and what the task tells it.
+    fn arrives(n: u8, token: &str) -> (ToRegistry, mpsc::Receiver<ConnOut>) {
+        let (out, outbox) = mpsc::channel(CONN_QUEUE);
+        let observed = SocketAddr::from(([198, 51, 100, n], 40000));
+        let hello = ToRegistry::Hello {
+            conn: ConnId(n.into()),
+            hello: hello(n, token, observed),
+            out,
+        };
+        (hello, outbox)
+    }
+
     /// Node `n`'s hello, proving its key, as it arrives from `observed`.
     fn hello(n: u8, token: &str, observed: SocketAddr) -> Box<IncomingHello> {
         let node = PrivateKey::from_bytes([n; 32]);
@@ -1505,13 +1508,7 @@ mod tests {
 
         let mut outs = Vec::new();
         for n in 1..=2u8 {
-            let (out, outbox) = mpsc::channel(CONN_QUEUE);
-            let observed = SocketAddr::from(([198, 51, 100, n], 40000));
-            let hello = ToRegistry::Hello {
-                conn: ConnId(n.into()),
-                hello: hello(n, &token, observed),
-                out,
-            };
+            let (hello, outbox) = arrives(n, &token);
             to_registry.send(hello).await.unwrap();
             outs.push(outbox);
         }

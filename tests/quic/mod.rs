@@ -432,6 +432,15 @@ pub struct RawConnection {
 impl RawConnection {
     pub async fn open(endpoint: &quinn::Endpoint, rendezvous: &Rendezvous) -> Self {
         let config = tls::client_config(rendezvous.pin).expect("a client configuration");
+        Self::open_with(endpoint, rendezvous, config).await
+    }
+
+    /// [`RawConnection::open`] with a QUIC configuration of the test's own.
+    pub async fn open_with(
+        endpoint: &quinn::Endpoint,
+        rendezvous: &Rendezvous,
+        config: quinn::ClientConfig,
+    ) -> Self {
         let connection = endpoint
             .connect_with(config, rendezvous.addr, tls::SERVER_NAME)
             .expect("connect")

@@ -267,12 +267,6 @@ impl StoreWriter {
         let _ = self.jobs.send(Job { state, done: None }).await;
     }
 
-    /// Writes `state` and returns once it is durable (or the write failed,
-    /// which is logged).
-    pub async fn save_durable(&self, state: Arc<RegistryState>) {
-        let _ = self.queue_durable(state).await.await;
-    }
-
     /// Queues `state` to be written; what it returns is told once the
     /// state (or a later one) is durable or the write failed (which is
     /// logged), or is dropped if the writer is gone.
@@ -495,8 +489,8 @@ mod tests {
             state.nodes.values_mut().for_each(|r| r.last_seen = seen);
             writer.save(Arc::new(state.clone())).await;
         }
-        writer.save_durable(Arc::new(state.clone())).await;
-        // Durable: on disk when save_durable returns, and it is the last.
+        let _ = writer.queue_durable(Arc::new(state.clone())).await.await;
+        // Durable: on disk when it is told, and it is the last.
         assert_eq!(FileStore::new(dir.path()).load().unwrap(), Some(state));
         let writes = writer.writes();
         assert!(
