@@ -23,3 +23,4 @@ pub mod setup;
 pub mod store;
 pub mod stream;
 pub mod tls;
+pub mod udp;

@@ -255,11 +255,12 @@ impl Server {
         };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(listen_err)?;
         crate::sockets::size_buffers(socket2::SockRef::from(&socket));
-        let endpoint = quinn::Endpoint::new(
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
             tls::endpoint_config(),
             Some(server_config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
+            super::udp::wrap(runtime.as_ref(), socket).map_err(listen_err)?,
+            runtime,
         )
         .map_err(listen_err)?;
         let admin_socket = admin::AdminSocket::bind(&layout.admin_socket()).await?;
@@ -971,7 +972,10 @@ async fn connection_task(
 
     // Up to the hello, all of it under one deadline and the small frame
     // limit, the hello under a shorter one once the handshake is done.
-    let arrived = tokio::time::timeout(ADMISSION_DEADLINE, async {
+    // Boxed, as the link's task below: the task of every connection lives
+    // as long as the node's session, and without the box it would keep
+    // room for the largest of these steps it has long finished with.
+    let arrived = Box::pin(tokio::time::timeout(ADMISSION_DEADLINE, async {
         let connection = incoming.await.ok()?;
         if is_link(&connection) {
             return Some(Err(connection));
@@ -1013,7 +1017,7 @@ async fn connection_task(
             observed: remote,
         };
         Some(Ok((connection, send, frames, hello)))
-    })
+    }))
     .await
     .ok()
     .flatten();
@@ -1022,7 +1026,7 @@ async fn connection_task(
         // Another server of the mesh: no admission slot to hold.
         Some(Err(link)) => {
             drop(permit);
-            links::accept(link_ctx, link, conn).await;
+            Box::pin(links::accept(link_ctx, link, conn)).await;
             return;
         }
         None => return,

@@ -30,13 +30,22 @@ pub const SERVER_NAME: &str = "mesh-rendezvous";
 /// The server's idle timeout; a node's is shorter, and QUIC takes the
 /// smaller of the two ends'.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// A node's session: a keepalive every second (well inside the shortest
-/// common NAT UDP timeout, so the mapping WireGuard shares with QUIC stays
-/// open), and a server silent for 3 s (three keepalives unanswered) is
-/// gone, so a node whose server dies is at another within about 4 s
-/// (`client::FAILOVER_JITTER`), and a pair it relayed for is relayed by
-/// another within 5 s.
+/// A node's session: a keepalive about every second (well inside the
+/// shortest common NAT UDP timeout, so the mapping WireGuard shares with
+/// QUIC stays open), and a server silent for 3 s (three keepalives
+/// unanswered) is gone, so a node whose server dies is at another within
+/// about 4 s (`client::FAILOVER_JITTER`), and a pair it relayed for is
+/// relayed by another within 5 s.
+///
+/// Each connection draws its interval from `NODE_KEEPALIVE_MIN ..=
+/// NODE_KEEPALIVE`. QUIC restarts the keepalive timer on every packet
+/// received, so one peer-map change sent to every member would otherwise
+/// line up all their keepalives a second later, and again every second
+/// after: a wave of N pings, and N acknowledgements, that a join or a
+/// change arriving meanwhile waits behind. Intervals that differ drift
+/// the members apart within a few seconds.
 pub const NODE_KEEPALIVE: Duration = Duration::from_secs(1);
+pub const NODE_KEEPALIVE_MIN: Duration = Duration::from_millis(800);
 pub const NODE_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Relay streams open at once in each direction (one per oversized frame).
 const RELAY_STREAMS: u32 = 64;
@@ -200,7 +209,7 @@ fn client_config_for(pin: CertHash, alpn: &[u8]) -> Result<quinn::ClientConfig, 
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport
-        .keep_alive_interval(Some(NODE_KEEPALIVE))
+        .keep_alive_interval(Some(keepalive_interval(&mut rand::thread_rng())))
         // The rendezvous opens the control stream (it speaks first), and
         // relay streams for frames too big for a datagram.
         .max_concurrent_bidi_streams(1u32.into())
@@ -209,6 +218,12 @@ fn client_config_for(pin: CertHash, alpn: &[u8]) -> Result<quinn::ClientConfig, 
         .initial_mtu(INITIAL_MTU);
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// One connection's keepalive interval, within `NODE_KEEPALIVE_MIN ..=
+/// NODE_KEEPALIVE`.
+fn keepalive_interval(rng: &mut impl rand::Rng) -> Duration {
+    rng.gen_range(NODE_KEEPALIVE_MIN..=NODE_KEEPALIVE)
 }
 
 /// Accepts the certificate whose SHA-256 is pinned, or one it issued
@@ -294,6 +309,25 @@ impl ServerCertVerifier for PinnedCertificate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keepalive_intervals_stay_in_their_range_and_differ() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(19);
+        let drawn: Vec<Duration> = (0..1000).map(|_| keepalive_interval(&mut rng)).collect();
+        let (low, high) = (drawn.iter().min().unwrap(), drawn.iter().max().unwrap());
+        assert!(
+            *low >= NODE_KEEPALIVE_MIN && *high <= NODE_KEEPALIVE,
+            "{low:?}..{high:?}"
+        );
+        // Spread over most of the range, so members drift apart.
+        assert!(
+            *high - *low > Duration::from_millis(180),
+            "{low:?}..{high:?}"
+        );
+        // Three unanswered keepalives still fit in the idle timeout.
+        assert!(NODE_KEEPALIVE * 3 <= NODE_IDLE_TIMEOUT);
+    }
 
     #[test]
     fn cert_hash_round_trips_and_rejects_garbage() {
