@@ -127,13 +127,7 @@ async fn a_removed_nodes_address_is_quarantined_until_released() {
         let token = mesh.token(HOUR, None);
         let rendezvous = mesh.serve().await;
         let (victim, victim_welcome) = join_as(&rendezvous, "victim", &token).await;
-        let removed = rendezvous
-            .admin(AdminRequest::RemoveNode {
-                node: "victim".into(),
-                release: false,
-            })
-            .await;
-        assert!(matches!(removed, AdminResponse::Done { .. }), "{removed:?}");
+        rendezvous.remove_node("victim").await;
         drop(victim);
 
         let held = addresses(&rendezvous).await;

@@ -20,7 +20,6 @@ mod quic;
 use std::net::IpAddr;
 
 use meshd::identity::PublicKey;
-use meshd::rendezvous::admin::{AdminRequest, AdminResponse};
 use meshd::rendezvous::admission;
 use meshd::rendezvous::client::{self, ClientError, Session, Update};
 use meshd::rendezvous::stream::read_frame;
@@ -379,16 +378,7 @@ async fn peers_hear_of_joins_and_removals() {
             "B's welcome lists A"
         );
 
-        match rendezvous
-            .admin(AdminRequest::RemoveNode {
-                node: b.public_key().to_string(),
-                release: false,
-            })
-            .await
-        {
-            AdminResponse::Done { .. } => {}
-            other => panic!("removing B: {other:?}"),
-        }
+        rendezvous.remove_node(&b.public_key().to_string()).await;
 
         assert_eq!(
             next_update(&mut a_session).await,

@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshd::identity::PrivateKey;
-use meshd::rendezvous::admin::{AdminRequest, AdminResponse};
 use meshd::rendezvous::admission;
 use meshd::rendezvous::client::{self, Channels, ClientConfig, RelayLink, Update};
 use meshd::rendezvous::stream::{read_frame, write_frame};
@@ -766,16 +765,7 @@ async fn a_member_that_reads_nothing_is_cut_off_once_removed() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
-        match rendezvous
-            .admin(AdminRequest::RemoveNode {
-                node: silent.public_key().to_string(),
-                release: false,
-            })
-            .await
-        {
-            AdminResponse::Done { .. } => {}
-            other => panic!("removing the silent member: {other:?}"),
-        }
+        rendezvous.remove_node(&silent_key).await;
         tokio::time::timeout(Duration::from_secs(10), raw.connection.closed())
             .await
             .expect("the server cuts the removed member off");

@@ -1318,17 +1318,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nothing_is_told_before_its_save_and_joins_decided_meanwhile_share_the_next() {
-        let mesh = MeshInfo {
-            id: "test-mesh".into(),
-            ipv4: "100.72.0.0/16".parse().unwrap(),
-            ipv6: crate::ipam::ula_prefix([1, 2, 3, 4, 5]),
-        };
-        let mut registry = Registry::new(RegistryState::new(mesh), server_key());
-        let token = registry
-            .create_token([7; 32], "group".into(), 3600, None, now_unix())
-            .unwrap()
-            .expose()
-            .to_owned();
+        let (registry, token) = registry_with_token(Limits::default(), "group");
         let (started_tx, started) = std::sync::mpsc::channel();
         let (open, gate) = std::sync::mpsc::channel();
         let inner = CountingStore::default();
@@ -1440,6 +1430,23 @@ mod tests {
         PrivateKey::from_bytes([0xa5; 32])
     }
 
+    /// A fresh mesh's registry under `limits`, and a join token of it
+    /// named `name`, valid for an hour.
+    fn registry_with_token(limits: Limits, name: &str) -> (Registry, String) {
+        let mesh = MeshInfo {
+            id: "test-mesh".into(),
+            ipv4: "100.72.0.0/16".parse().unwrap(),
+            ipv6: crate::ipam::ula_prefix([1, 2, 3, 4, 5]),
+        };
+        let mut registry = Registry::with_limits(RegistryState::new(mesh), server_key(), limits);
+        let token = registry
+            .create_token([7; 32], name.into(), 3600, None, now_unix())
+            .unwrap()
+            .expose()
+            .to_owned();
+        (registry, token)
+    }
+
     /// Node `n` arriving with `token` from 198.51.100.`n` on connection
     /// `n`: its hello for the registry task, and what the task tells it.
     fn arrives(n: u8, token: &str) -> (ToRegistry, mpsc::Receiver<ConnOut>) {
@@ -1492,17 +1499,7 @@ mod tests {
             tolerance: Rate::new(50, hour),
             ..Limits::default()
         };
-        let mesh = MeshInfo {
-            id: "test-mesh".into(),
-            ipv4: "100.72.0.0/16".parse().unwrap(),
-            ipv6: crate::ipam::ula_prefix([1, 2, 3, 4, 5]),
-        };
-        let mut registry = Registry::with_limits(RegistryState::new(mesh), server_key(), limits);
-        let token = registry
-            .create_token([7; 32], "storm".into(), 3600, None, now_unix())
-            .unwrap()
-            .expose()
-            .to_owned();
+        let (registry, token) = registry_with_token(limits, "storm");
         let store = CountingStore::default();
         let (to_registry, inbox) = mpsc::channel(4096);
         // Presence and candidates are saved an hour late: within this test,

@@ -180,6 +180,21 @@ impl Rendezvous {
         .expect("the admin socket answers")
     }
 
+    /// Removes `node` (a key or a name) as the operator does, its address
+    /// quarantined; the server must answer that it is done.
+    pub async fn remove_node(&self, node: &str) {
+        match self
+            .admin(AdminRequest::RemoveNode {
+                node: node.to_owned(),
+                release: false,
+            })
+            .await
+        {
+            AdminResponse::Done { .. } => {}
+            other => panic!("removing {node}: {other:?}"),
+        }
+    }
+
     pub async fn nodes(&self) -> Vec<NodeStatusInfo> {
         match self.admin(AdminRequest::ListNodes).await {
             AdminResponse::Nodes { nodes } => nodes,
