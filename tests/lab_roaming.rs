@@ -8,7 +8,9 @@
 //! symmetric NAT stays relayed and keeps working. A node's LAN address
 //! changes, DHCP-style: its neighbour reaches it directly at the new one.
 //! And a node moves from behind its NAT onto a public address: every peer
-//! reaches it directly there, a symmetric NAT's too. Needs root.
+//! reaches it directly there, a symmetric NAT's too. A node left without
+//! a route for a moment (every send refused: "Network is unreachable")
+//! keeps its session with the rendezvous. Needs root.
 //!
 //! Each test builds its own lab (tests/common's [`MeshLab`], prefix `mlr`),
 //! prints what it measured, and removes the lab when it ends, failed or not.
@@ -284,4 +286,37 @@ fn a_node_moved_from_behind_a_nat_to_a_public_address_is_reached_there_and_direc
             changed.elapsed()
         );
     }
+}
+
+#[test]
+fn a_node_without_a_route_for_a_moment_keeps_its_session_with_the_rendezvous() {
+    let lab = MeshLab::with_mesh_of(PREFIX, &["cone", "sym1"]);
+    lab.wait_for_reach("cone", "sym1");
+    lab.wait_for_paths("cone", "sym1", "relay");
+
+    // Its link drops and comes back (Wi-Fi, a cable, a VM's NIC re-plugged):
+    // for two seconds the node has no route, and every send it makes, the
+    // relayed pings' and the QUIC keepalives', is refused by its kernel.
+    let route = lab.run_in("cone", &["ip", "-4", "route", "show", "default"]);
+    let gateway = route
+        .split_whitespace()
+        .skip_while(|w| *w != "via")
+        .nth(1)
+        .unwrap_or_else(|| panic!("cone has no default gateway: {route}"))
+        .to_owned();
+    lab.run_in("cone", &["ip", "route", "del", "default"]);
+    let gone = Instant::now();
+    while gone.elapsed() < Duration::from_secs(2) {
+        assert!(
+            lab.ping_once("cone", "sym1", &[]).is_err(),
+            "cone reached sym1 without a route"
+        );
+    }
+    default_via(&lab, "cone", &gateway);
+    let changed = Instant::now();
+    reach_again(&lab, "cone", &["sym1"], changed);
+    assert_eq!(
+        lab.path("cone", "sym1").map(|p| p.0),
+        Ok("relay".to_owned())
+    );
 }

@@ -10,11 +10,18 @@
 //! the driver asks [`QuicSource`] (in [`crate::sockets`]) before it queues a datagram: QUIC-looking
 //! datagrams from any other address are dropped and counted, and a
 //! stranger's flood can't fill the queue the rendezvous's packets need.
+//!
+//! A send the kernel refuses (no route while a roaming node's network
+//! changes, a firewall's reject) is a lost datagram to quinn, as with
+//! quinn's own sockets: an error handed back would stop the connection's
+//! driver for good, timers and all, and the node would never notice its
+//! session was gone.
 
 use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -37,6 +44,8 @@ pub struct QuicDatagram {
 pub struct SharedSocket {
     udp: Arc<UdpSocket>,
     inbox: Mutex<mpsc::Receiver<QuicDatagram>>,
+    /// Sends the kernel refused, taken as lost.
+    send_errors: AtomicU64,
 }
 
 impl SharedSocket {
@@ -47,9 +56,39 @@ impl SharedSocket {
             Arc::new(Self {
                 udp,
                 inbox: Mutex::new(rx),
+                send_errors: AtomicU64::new(0),
             }),
             tx,
         )
+    }
+
+    /// One transmit on the socket, as one GSO send where it holds several
+    /// packets.
+    fn send(&self, transmit: &Transmit) -> io::Result<()> {
+        let dst = transmit.destination;
+        let Some(size) = transmit
+            .segment_size
+            .filter(|&s| s < transmit.contents.len())
+        else {
+            return self.udp.try_send_to(transmit.contents, dst).map(|_| ());
+        };
+        let segment_len =
+            u16::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        match self
+            .udp
+            .try_send_segments(&[IoSlice::new(transmit.contents)], segment_len, dst)
+        {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                // GSO just turned out unavailable: one by one. A WouldBlock
+                // half-way makes quinn send the whole transmit again; QUIC
+                // discards the duplicates.
+                for packet in transmit.contents.chunks(size) {
+                    self.udp.try_send_to(packet, dst)?;
+                }
+                Ok(())
+            }
+            other => other.map(|_| ()),
+        }
     }
 }
 
@@ -77,29 +116,20 @@ impl AsyncUdpSocket for SharedSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let dst = transmit.destination;
-        let Some(size) = transmit
-            .segment_size
-            .filter(|&s| s < transmit.contents.len())
-        else {
-            return self.udp.try_send_to(transmit.contents, dst).map(|_| ());
-        };
-        let segment_len =
-            u16::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        match self
-            .udp
-            .try_send_segments(&[IoSlice::new(transmit.contents)], segment_len, dst)
-        {
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
-                // GSO just turned out unavailable: one by one. A WouldBlock
-                // half-way makes quinn send the whole transmit again; QUIC
-                // discards the duplicates.
-                for packet in transmit.contents.chunks(size) {
-                    self.udp.try_send_to(packet, dst)?;
+        match self.send(transmit) {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                let count = self.send_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                if count.is_power_of_two() {
+                    tracing::info!(
+                        dst = %transmit.destination,
+                        error = %e,
+                        count,
+                        "QUIC send failed: taken as lost"
+                    );
                 }
                 Ok(())
             }
-            other => other.map(|_| ()),
+            other => other,
         }
     }
 
@@ -158,5 +188,50 @@ struct Writable {
 impl UdpPoller for Writable {
     fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
         self.udp.poll_send_ready(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code: a failure is a panic")]
+
+    use super::*;
+
+    /// A send the kernel refuses must not reach quinn as an error: its
+    /// connection driver would stop for good and the node's session with
+    /// it, silently (seen when a roaming node's link went down before its
+    /// new route came up: "Network is unreachable").
+    #[tokio::test]
+    async fn a_refused_send_is_a_lost_datagram_not_an_error() {
+        let udp = Arc::new(UdpSocket::bind(0).unwrap());
+        let (socket, _inbox) = SharedSocket::new(udp.clone());
+        // tokio sends only once the socket has been seen writable.
+        std::future::poll_fn(|cx| udp.poll_send_ready(cx))
+            .await
+            .unwrap();
+        let transmit = |destination, contents, segment_size| Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: None,
+        };
+        // Broadcast without SO_BROADCAST: the kernel says EACCES.
+        let refused = SocketAddr::from(([255, 255, 255, 255], 9));
+        assert!(socket.send(&transmit(refused, b"x", None)).is_err());
+        socket.try_send(&transmit(refused, b"x", None)).unwrap();
+        socket
+            .try_send(&transmit(refused, &[0; 2400], Some(1200)))
+            .unwrap();
+        assert_eq!(socket.send_errors.load(Ordering::Relaxed), 2);
+
+        // And the socket still sends.
+        let peer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = peer.local_addr().unwrap();
+        socket.try_send(&transmit(to, b"hello", None)).unwrap();
+        let mut buf = [0; 16];
+        let (n, _) = peer.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(socket.send_errors.load(Ordering::Relaxed), 2);
     }
 }

@@ -119,6 +119,12 @@ impl StoreSession {
         }
     }
 
+    /// Whether other servers read what this one writes (etcd): then a
+    /// save is also how they learn of a change.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, StoreSession::Etcd(_))
+    }
+
     /// Whether something committed is not durable yet: the file of a
     /// single server is saved after its commits (etcd's commits are
     /// durable as they are answered).
