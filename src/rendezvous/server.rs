@@ -1289,12 +1289,24 @@ mod tests {
     use crate::rendezvous::store::{Store, StoreError};
     use crate::wire::control::{decode, CandidateKind, Hello, MeshInfo};
 
-    /// Presence and candidates saved an hour late: within a test, only on
-    /// the way out.
-    const SAVED_AN_HOUR_LATE: Persist = Persist {
-        gather: Duration::from_secs(3600),
-        every: Duration::from_secs(3600),
-    };
+    /// The registry task of a single server on `store`, its presence and
+    /// candidates saved an hour late (within a test, only on the way out),
+    /// what it is sent queueing up to `queue`: its inbox and the task.
+    fn spawn_registry_task(
+        registry: Registry,
+        store: impl Store + 'static,
+        queue: usize,
+    ) -> (mpsc::Sender<ToRegistry>, tokio::task::JoinHandle<()>) {
+        let (to_registry, inbox) = mpsc::channel(queue);
+        let session = StoreSession::local(store, registry.state());
+        let hour = Duration::from_secs(3600);
+        let persist = Persist {
+            gather: hour,
+            every: hour,
+        };
+        let task = tokio::spawn(registry_task(registry, session, inbox, persist, shell()));
+        (to_registry, task)
+    }
 
     #[test]
     fn a_change_after_a_quiet_interval_is_saved_at_once_and_a_storm_once_an_interval() {
@@ -1431,15 +1443,7 @@ mod tests {
                     .expect("a save starts")
             })
         };
-        let (to_registry, inbox) = mpsc::channel(64);
-        let session = StoreSession::local(store, registry.state());
-        let task = tokio::spawn(registry_task(
-            registry,
-            session,
-            inbox,
-            SAVED_AN_HOUR_LATE,
-            shell(),
-        ));
+        let (to_registry, task) = spawn_registry_task(registry, store, 64);
         // The token's save, queued by the registry on its own.
         wait_started().await.unwrap();
         open.send(()).unwrap();
@@ -1599,15 +1603,7 @@ mod tests {
         };
         let (registry, token) = registry_with_token(limits, "storm");
         let store = CountingStore::default();
-        let (to_registry, inbox) = mpsc::channel(4096);
-        let session = StoreSession::local(store.clone(), registry.state());
-        let task = tokio::spawn(registry_task(
-            registry,
-            session,
-            inbox,
-            SAVED_AN_HOUR_LATE,
-            shell(),
-        ));
+        let (to_registry, task) = spawn_registry_task(registry, store.clone(), 4096);
 
         let mut outs = Vec::new();
         for n in 1..=2u8 {
