@@ -16,7 +16,8 @@
 //! direct path: `family`; another node behind the same NAT holding this
 //! node's port: `port_taken`; when a peer's addresses last changed:
 //! `addresses_changed_s`; `advertise-endpoint` not where the rendezvous
-//! sees the node: `advertised_elsewhere`) has golden files of its own, written by 0.4.0;
+//! sees the node: `advertised_elsewhere`; QUIC sends the kernel refused:
+//! `quic_send_errors`) has golden files of its own, written by 0.4.0;
 //! 0.2.0 reads them without the new fields.
 #![allow(
     clippy::unwrap_used,
@@ -192,6 +193,7 @@ fn status() -> StatusInfo {
             udp_sends: 4,
             udp_sent_datagrams: 130,
             udp_send_errors: 2,
+            quic_send_errors: 0,
             udp_receives: 9,
             udp_received_datagrams: 310,
         },
@@ -535,6 +537,16 @@ fn responses_0_4_0() -> Vec<(&'static str, Response)> {
                     advertised: v("198.51.100.7:51820"),
                     seen: v("203.0.113.99:51820"),
                 }),
+                ..status()
+            })),
+        ),
+        (
+            "status_quic_send_errors",
+            Response::Status(Box::new(StatusInfo {
+                io: IoCounters {
+                    quic_send_errors: 5,
+                    ..status().io
+                },
                 ..status()
             })),
         ),

@@ -319,4 +319,11 @@ fn a_node_without_a_route_for_a_moment_keeps_its_session_with_the_rendezvous() {
         lab.path("cone", "sym1").map(|p| p.0),
         Ok("relay".to_owned())
     );
+    // The QUIC packets refused meanwhile were counted as lost.
+    let status = lab.meshctl("cone", "status").unwrap();
+    let refused = status["io"]["quic_send_errors"].as_u64();
+    assert!(
+        refused.is_some_and(|n| n > 0),
+        "refused QUIC sends: {refused:?}"
+    );
 }

@@ -136,10 +136,11 @@ impl Collector for NodeMetrics {
             &mut out,
             "meshd_io_errors_total",
             Kind::Counter,
-            "Failed TUN writes and UDP sends (each a lost packet or batch).",
+            "Failed TUN writes, UDP sends and QUIC sends (each a lost packet or batch).",
             [
                 ([("op", "tun_write")], io.tun_write_errors.into()),
                 ([("op", "udp_send")], io.udp_send_errors.into()),
+                ([("op", "quic_send")], io.quic_send_errors.into()),
             ],
         )?;
         self.encode_peers(&mut out)
@@ -334,6 +335,7 @@ mod tests {
                 udp_sends: 4,
                 udp_sent_datagrams: 100,
                 udp_send_errors: 1,
+                quic_send_errors: 2,
                 udp_receives: 5,
                 udp_received_datagrams: 130,
             },
@@ -403,10 +405,11 @@ meshd_io_packets_total{op="tun_read"} 90
 meshd_io_packets_total{op="tun_write"} 120
 meshd_io_packets_total{op="udp_send"} 100
 meshd_io_packets_total{op="udp_receive"} 130
-# HELP meshd_io_errors_total Failed TUN writes and UDP sends (each a lost packet or batch).
+# HELP meshd_io_errors_total Failed TUN writes, UDP sends and QUIC sends (each a lost packet or batch).
 # TYPE meshd_io_errors_total counter
 meshd_io_errors_total{op="tun_write"} 0
 meshd_io_errors_total{op="udp_send"} 1
+meshd_io_errors_total{op="quic_send"} 2
 # HELP meshd_peer_rx_bytes_total Bytes of authenticated WireGuard datagrams received from the peer.
 # TYPE meshd_peer_rx_bytes_total counter
 meshd_peer_rx_bytes_total{peer="node-b",public_key="3p7bfXt9",address="100.72.0.2"} 2048

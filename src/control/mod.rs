@@ -390,8 +390,17 @@ pub struct IoCounters {
     pub udp_sends: u64,
     pub udp_sent_datagrams: u64,
     pub udp_send_errors: u64,
+    /// QUIC packets (the rendezvous session, the relay) the kernel refused
+    /// to send, taken as lost: no route for a moment, a firewall's reject.
+    /// Absent while none (and for meshd before 0.4.0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub quic_send_errors: u64,
     pub udp_receives: u64,
     pub udp_received_datagrams: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One operation of [`IoCounters`], as the metrics and `meshctl status`

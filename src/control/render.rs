@@ -278,10 +278,10 @@ fn batching(io: &IoCounters) -> Option<String> {
         return None;
     }
     let mut line = format!("{} packets per call", parts.join(", "));
-    if io.tun_write_errors + io.udp_send_errors > 0 {
+    if io.tun_write_errors + io.udp_send_errors + io.quic_send_errors > 0 {
         line += &format!(
-            " (failed: {} TUN writes, {} UDP sends)",
-            io.tun_write_errors, io.udp_send_errors
+            " (failed: {} TUN writes, {} UDP sends, {} QUIC sends)",
+            io.tun_write_errors, io.udp_send_errors, io.quic_send_errors
         );
     }
     Some(line)
@@ -625,10 +625,11 @@ a new port per destination.
             udp_sends: 4,
             udp_sent_datagrams: 130,
             udp_send_errors: 2,
+            quic_send_errors: 1,
             ..IoCounters::default()
         };
         assert!(
-            status(&s).contains("batching:    TUN read 44.5, UDP send 32.5 packets per call (failed: 0 TUN writes, 2 UDP sends)\n"),
+            status(&s).contains("batching:    TUN read 44.5, UDP send 32.5 packets per call (failed: 0 TUN writes, 2 UDP sends, 1 QUIC sends)\n"),
             "{}",
             status(&s)
         );

@@ -207,7 +207,7 @@ pub async fn run(
             let endpoint = quinn::Endpoint::new_with_abstract_socket(
                 crate::rendezvous::tls::endpoint_config(),
                 None,
-                socket,
+                socket.clone(),
                 Arc::new(quinn::TokioRuntime),
             )?;
             let client_config = client::ClientConfig {
@@ -255,10 +255,11 @@ pub async fn run(
                 },
                 started_from_cache,
             ));
-            (Some(quic_tx), Some(task))
+            (Some((quic_tx, socket)), Some(task))
         }
         _ => (None, None),
     };
+    let (quic, quic_socket) = quic.unzip();
 
     let (ask_tx, asks) = mpsc::channel(16);
     let (host_tx, host_changes) = mpsc::unbounded_channel();
@@ -270,6 +271,7 @@ pub async fn run(
         asks,
         updates: has_rendezvous.then_some(updates),
         quic,
+        quic_socket,
         quic_source,
         outbox: has_rendezvous.then_some(outbox_tx),
         relay_connection: has_rendezvous.then_some(relay_conn),

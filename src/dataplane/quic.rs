@@ -62,6 +62,11 @@ impl SharedSocket {
         )
     }
 
+    /// Sends the kernel refused since meshd started, taken as lost.
+    pub fn send_errors(&self) -> u64 {
+        self.send_errors.load(Ordering::Relaxed)
+    }
+
     /// One transmit on the socket, as one GSO send where it holds several
     /// packets.
     fn send(&self, transmit: &Transmit) -> io::Result<()> {

@@ -20,7 +20,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-use super::quic::QuicDatagram;
+use super::quic::{QuicDatagram, SharedSocket};
 use super::tun::Tun;
 use super::udp::{canonical, gso_run, UdpSocket, MAX_GSO_SEGMENTS};
 use crate::agent::{Agent, HostChange, RequestId, ShellStats, Update};
@@ -53,6 +53,9 @@ pub struct Inputs {
     pub updates: Option<mpsc::Receiver<Update>>,
     /// Where QUIC datagrams go; `None` without a rendezvous.
     pub quic: Option<mpsc::Sender<QuicDatagram>>,
+    /// quinn's view of the socket, for the sends it had refused; `None`
+    /// without a rendezvous.
+    pub quic_socket: Option<Arc<SharedSocket>>,
     /// The one source whose QUIC datagrams go there (the rendezvous).
     pub quic_source: Arc<QuicSource>,
     /// Messages for the rendezvous session (punch requests, NAT mapping);
@@ -248,7 +251,14 @@ impl Driver {
         self.next_request = self.next_request.wrapping_add(1);
         self.replies.insert(id, reply);
         let shell = ShellStats {
-            io: self.io,
+            io: IoCounters {
+                quic_send_errors: self
+                    .inputs
+                    .quic_socket
+                    .as_ref()
+                    .map_or(0, |s| s.send_errors()),
+                ..self.io
+            },
             quic_not_rendezvous: self.quic_foreign,
             quic_queue_full: self.quic_dropped,
             rendezvous_rtt: self.relay_connection.as_ref().map(quinn::Connection::rtt),
